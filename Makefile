@@ -1,0 +1,23 @@
+# The two commands of the README. Each one sets up .venv on first use (or when pyproject.toml changes).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: quickstart test test-all bench
+quickstart: $(VENV)/.installed
+	$(VENV)/bin/substrate quickstart
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -m ""
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_step.py
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# torch first and pinned, so that nothing pulls a CUDA build
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@

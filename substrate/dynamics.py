@@ -1,0 +1,140 @@
+"""The vector field of the circuit and its derivatives, for one batch of inputs.
+
+    F(u) = -u + W rho(u) + V x + b,        J = dF/du = -I + W diag(rho'(u))
+
+(the ODE is tau du/dt = F(u); J here is the Jacobian of F, without the 1/tau). Every gradient method
+is built from four products, each a Numba kernel in ``_kernels``:
+
+* ``F(u)``,
+* ``jvp(u, v)``   = J v = -v + W (rho'(u) v),
+* ``vjp(u, w)``   = J^T w = -w + rho'(u) (W^T w),
+* ``param_vjp(u, w)`` = (dF/dtheta)^T w: for a weight W_c from pre to post, w_post rho(u_pre)^T summed
+  over the batch (masked; a tied feedback weight adds its transpose to the forward weight's gradient);
+  for a bias, w summed over the batch; for an input projection V, w_post x^T; for the input itself,
+  V^T w_post per sample.
+
+User-facing arrays are (batch, n) in state order (``network.slices`` gives each layer's columns).
+For complex states every product is the plain (holomorphic) transpose, never the conjugate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _kernels as K
+from .errors import SubstrateValueError
+from .network import Network, check_dtype
+
+
+def resolve_dtype(network: Network, dtype=None) -> np.dtype:
+    """The state dtype: the network's by default; complex128 is allowed for a float64 network whose
+    activations are all holomorphic (holomorphic EP nudges a real circuit with complex beta)."""
+    net = network.dtype
+    dtype = net if dtype is None else check_dtype(dtype)
+    if dtype == np.complex128:
+        bad = [x.name for x in network.layers if x.activation not in _holomorphic()]
+        if bad:
+            raise SubstrateValueError(
+                f"dtype=complex128 needs holomorphic activations; layers {bad} use "
+                f"{sorted({network.layer(b).activation for b in bad})} (allowed: {sorted(_holomorphic())})")
+    if not (dtype == net or (net == np.float64 and dtype == np.complex128)):
+        raise SubstrateValueError(
+            f"mismatched dtypes: the network's parameters are {net} but dtype={dtype} was asked; "
+            f"allowed: {net}" + (" or complex128" if net == np.float64 else ""))
+    return dtype
+
+
+def _holomorphic():
+    from .activations import HOLOMORPHIC
+    return HOLOMORPHIC
+
+
+class VectorField:
+    """F and its derivatives for ``network`` driven by inputs ``x`` (the constant drive V x + b is
+    computed here once). ``batch`` is needed only for a network without inputs."""
+
+    def __init__(self, network: Network, x=None, *, batch: int | None = None, dtype=None):
+        self.network = network
+        self.dtype = resolve_dtype(network, dtype)
+        self.packed = network.pack(self.dtype)
+        self.inputs = network.check_inputs(x)
+        self.drive = network.drive(self.inputs, batch, self.dtype)
+        self.batch = self.drive.shape[1]
+        p = self.packed
+        rows = max([1] + [int(v) for v in p.conn[:, [2, 4]].ravel()])
+        self._tmp = np.empty((rows, self.batch), self.dtype)
+
+    def state(self, u, argument: str = "u") -> np.ndarray:
+        """Validate a (batch, n) state and return the engine's (n, batch) C-ordered copy."""
+        u = np.asarray(u)
+        if u.shape != (self.batch, self.network.n):
+            raise SubstrateValueError(
+                f"{argument} has shape {u.shape}, expected (batch, n) = ({self.batch}, {self.network.n})")
+        if u.dtype != self.dtype:
+            if u.dtype.kind in "iu" or (u.dtype.kind == "f" and self.dtype.kind == "c"):
+                u = u.astype(self.dtype)
+            else:
+                raise SubstrateValueError(
+                    f"mismatched dtypes: {argument} is {u.dtype} but the states are {self.dtype}; "
+                    f"pass dtype={u.dtype.name!r} or convert {argument}")
+        if not np.all(np.isfinite(u)):
+            raise SubstrateValueError(f"{argument} contains NaN or Inf")
+        return np.ascontiguousarray(u.T)
+
+    def _args(self):
+        p = self.packed
+        return p.wbuf, p.conn, p.layer_off, p.layer_act
+
+    def __call__(self, u) -> np.ndarray:
+        """F(u)."""
+        ut = self.state(u)
+        out, r = np.empty_like(ut), np.empty_like(ut)
+        p = self.packed
+        K.field(ut, self.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, self._tmp, r, out)
+        return out.T
+
+    def jvp(self, u, v) -> np.ndarray:
+        """J v."""
+        ut, vt = self.state(u), self.state(v, "v")
+        out, d = np.empty_like(ut), np.empty_like(ut)
+        K.jvp(ut, vt, *self._args(), self._tmp, d, out)
+        return out.T
+
+    def vjp(self, u, w) -> np.ndarray:
+        """J^T w."""
+        ut, wt = self.state(u), self.state(w, "w")
+        out, d = np.empty_like(ut), np.empty_like(ut)
+        K.vjp(ut, wt, *self._args(), self._tmp, d, out)
+        return out.T
+
+    def param_vjp(self, u, w) -> dict:
+        """(dF/dtheta)^T w as ``{"weights": {connection name: array}, "biases": {layer: array},
+        "inputs": {input: (batch, size) array}}``; weights and biases summed over the batch, every
+        array of its parameter's shape. Tied connections have no entry: their gradient is added to the
+        forward weight they are tied to."""
+        net, p = self.network, self.packed
+        ut, wt = self.state(u), self.state(w, "w")
+        r = np.empty_like(ut)
+        K.activate(ut, p.layer_off, p.layer_act, r)
+        flat = np.empty_like(p.wbuf)
+        K.weight_vjp(wt, r, p.conn, flat)
+        weights, dx = {}, {}
+        for c in net.connections:
+            post = net.slices[c.post]
+            if c.pre in net.inputs_by_name:
+                g = wt[post] @ self.inputs[c.pre]
+                w_eff = net.effective_weight(c)
+                dx[c.pre] = dx.get(c.pre, 0) + (w_eff.T @ wt[post]).T
+            else:
+                i = p.conn_names.index(c.name)
+                off, _, pn, _, qn = p.conn[i]
+                g = flat[off:off + qn * pn].reshape(qn, pn).copy()
+            if c.mask is not None:
+                g = g * c.mask
+            if c.tied:
+                src = f"{c.post}->{c.pre}"
+                weights[src] = weights.get(src, 0) + g.T
+            else:
+                weights[c.name] = weights.get(c.name, 0) + g
+        biases = {x.name: wt[net.slices[x.name]].sum(axis=1) for x in net.layers}
+        return {"weights": weights, "biases": biases, "inputs": dx}

@@ -1,0 +1,328 @@
+"""Integrators for tau du/dt = F(u) = -u + N(u) (REFERENCES section 2), and the two entry points
+:func:`integrate` (a time span with saved points) and :func:`relax` (to a steady state).
+
+A stepper is data: an explicit Runge-Kutta tableau or the name of an exponential method. One compiled
+kernel, ``_kernels.run``, does the stepping for all of them; the classes below only describe a method.
+
+* ``euler``      u+ = u + h F(u)/tau                                               order 1
+* ``exp_euler``  u+ = e^{-h/tau} u + (1 - e^{-h/tau}) N(u)    (ETD1)                order 1
+* ``etd2rk``     a = e^z u + (1 - e^z) N(u);  u+ = a + (h/tau) phi_2(z) [N(a) - N(u)]  order 2
+* ``etdrk4``     Cox & Matthews (2002) ETDRK4                                      order 4
+* ``rk4``        classical Runge-Kutta                                             order 4
+* ``dopri5``     Dormand-Prince 5(4), adaptive with Hairer's PI step controller     order 5
+
+Exponential methods treat the leak exactly: they are unconditionally stable in it and ETD1 keeps a
+fixed point of F exactly fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _kernels as K
+from .dynamics import VectorField
+from .errors import ConvergenceError, DivergenceError, StepSizeError, SubstrateValueError
+from .network import Network
+
+
+# ------------------------------------------------------------------------------------ steppers
+@dataclass(frozen=True)
+class AbstractStepper:
+    name: str
+    order: int
+    adaptive = False
+
+    def kernel_args(self):
+        """(family, method, a, b, b - b_hat, fsal, adaptive) for ``_kernels.run``."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ExplicitRK(AbstractStepper):
+    """An explicit Runge-Kutta method on du/dt = F(u)/tau, given by its Butcher tableau."""
+
+    a: tuple = ()
+    b: tuple = ()
+    b_hat: tuple | None = None  # embedded lower-order weights (adaptive methods)
+    fsal: bool = False
+
+    @property
+    def adaptive(self):
+        return self.b_hat is not None
+
+    def kernel_args(self):
+        b = np.array(self.b, float)
+        e = b - np.array(self.b_hat, float) if self.adaptive else np.zeros(0)
+        return K.EXPLICIT_RK, 0, np.array(self.a, float).reshape(len(b), len(b)), b, e, self.fsal, self.adaptive
+
+
+@dataclass(frozen=True)
+class ExponentialRK(AbstractStepper):
+    """An exponential Runge-Kutta method: the leak -u/tau integrated exactly, N by quadrature; its
+    coefficients (phi functions of z = -h/tau per neuron) are in ``_kernels.exponential_coefficients``."""
+
+    method: int = K.ETD1
+    stages: int = 1
+
+    def kernel_args(self):
+        s = self.stages
+        return K.EXPONENTIAL, self.method, np.zeros((s, s)), np.zeros(s), np.zeros(0), False, False
+
+
+_DOPRI_A = (
+    (0, 0, 0, 0, 0, 0, 0),
+    (1 / 5, 0, 0, 0, 0, 0, 0),
+    (3 / 40, 9 / 40, 0, 0, 0, 0, 0),
+    (44 / 45, -56 / 15, 32 / 9, 0, 0, 0, 0),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729, 0, 0, 0),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656, 0, 0),
+    (35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0),
+)
+
+METHODS = {
+    m.name: m for m in (
+        ExplicitRK("euler", 1, a=((0,),), b=(1,)),
+        ExplicitRK("rk4", 4, a=((0, 0, 0, 0), (0.5, 0, 0, 0), (0, 0.5, 0, 0), (0, 0, 1, 0)),
+                   b=(1 / 6, 1 / 3, 1 / 3, 1 / 6)),
+        ExplicitRK("dopri5", 5, a=_DOPRI_A, b=_DOPRI_A[-1],
+                   b_hat=(5179 / 57600, 0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40),
+                   fsal=True),
+        ExponentialRK("exp_euler", 1, method=K.ETD1, stages=1),
+        ExponentialRK("etd2rk", 2, method=K.ETD2RK, stages=2),
+        ExponentialRK("etdrk4", 4, method=K.ETDRK4, stages=4),
+    )
+}
+
+
+def get_method(method) -> AbstractStepper:
+    if isinstance(method, AbstractStepper):
+        return method
+    if isinstance(method, str) and method in METHODS:
+        return METHODS[method]
+    raise SubstrateValueError(f"method={method!r} is not a known integrator; allowed: {', '.join(METHODS)}")
+
+
+# ------------------------------------------------------------------------------------ results
+_STATUS = {K.SUCCESS: "success", K.NOT_CONVERGED: "not_converged", K.DIVERGED: "diverged",
+           K.STEP_TOO_SMALL: "step_too_small", K.MAX_STEPS: "max_steps"}
+
+
+@dataclass(frozen=True)
+class Solution:
+    """What an integration produced, and how it went.
+
+    u: states, (len(t), batch, n) for :func:`integrate`, (batch, n) for :func:`relax`.
+    status: ``success`` (integrate reached the end / relax converged), ``not_converged``,
+    ``diverged``, ``step_too_small`` or ``max_steps``; ``failure`` gives the time and step.
+    residual: per sample, max_i |F_i(u)| at the final state (F without the 1/tau).
+    residual_trace: relax only, the largest residual over the batch at every step.
+    """
+
+    t: np.ndarray
+    u: np.ndarray
+    status: str
+    method: str
+    steps: int
+    nfev: int
+    rejected: int
+    residual: np.ndarray
+    t_final: float
+    residual_trace: np.ndarray | None = None
+    message: str = ""
+    slices: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "success"
+
+    converged = ok
+
+    def state(self, layer: str) -> np.ndarray:
+        """The states of one layer (last axis restricted to its neurons)."""
+        return self.u[..., self.slices[layer]]
+
+    def report(self) -> str:
+        return (f"{self.method}: {self.status} at t={self.t_final:.6g} after {self.steps} steps, "
+                f"{self.nfev} field evaluations ({self.rejected} rejected), "
+                f"max residual {np.max(self.residual):.3e}" + (f"; {self.message}" if self.message else ""))
+
+
+# ------------------------------------------------------------------------------------ checks
+def _positive(value, name, allow_none=False, allow_inf=False):
+    if value is None and allow_none:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise SubstrateValueError(f"{name}={value!r} must be a positive number") from None
+    if not (v > 0) or (math.isinf(v) and not allow_inf) or math.isnan(v):
+        raise SubstrateValueError(f"{name}={value!r} must be a positive{'' if allow_inf else ' finite'} number")
+    return v
+
+
+def _nonnegative(value, name):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise SubstrateValueError(f"{name}={value!r} must be a number >= 0") from None
+    if not (v >= 0) or math.isinf(v):
+        raise SubstrateValueError(f"{name}={value!r} must be a finite number >= 0")
+    return v
+
+
+def _count(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise SubstrateValueError(f"{name}={value!r} must be a positive integer")
+    return int(value)
+
+
+def _prepare(network, x, u0, dtype, batch):
+    if not isinstance(network, Network):
+        raise SubstrateValueError(f"network must be a substrate Network, got {type(network).__name__}")
+    if u0 is not None and batch is None and not network.inputs:
+        batch = np.shape(u0)[0] if np.ndim(u0) == 2 else None
+    if u0 is not None and dtype is None and np.iscomplexobj(u0):
+        dtype = np.complex128
+    vf = VectorField(network, x, batch=batch, dtype=dtype)
+    u = np.zeros((network.n, vf.batch), vf.dtype) if u0 is None else vf.state(u0, "u0")
+    return vf, u
+
+
+def _initial_step(vf: VectorField, u, tau_min, order, rtol, atol):
+    """Hairer, Norsett & Wanner's starting step (as in scipy's select_initial_step), on du/dt = F/tau."""
+    tauinv = vf.packed.tauinv.astype(float)[None, :]
+    ub = u.T
+    f0 = vf(ub) * tauinv
+    scale = atol + rtol * np.abs(ub)
+    d0, d1 = np.sqrt(np.mean(np.abs(ub / scale) ** 2)), np.sqrt(np.mean(np.abs(f0 / scale) ** 2))
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    f1 = vf(ub + h0 * f0) * tauinv
+    d2 = np.sqrt(np.mean(np.abs((f1 - f0) / scale) ** 2)) / h0
+    h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / (order + 1))
+    return min(100 * h0, h1, tau_min * 10)
+
+
+def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_save, relax,
+           res_rtol, res_atol, on_failure):
+    family, method, a, b, e, fsal, adaptive = stepper.kernel_args()
+    n, nb = u.shape
+    p = vf.packed
+    if dt is None:
+        if not adaptive:
+            raise SubstrateValueError(f"dt is required for the fixed-step method {stepper.name!r}")
+        dt = _initial_step(vf, u, float(p.tau.min()), stepper.order, rtol, atol)
+    h_min = 1e-12 * max(abs(t0), abs(t_end) if math.isfinite(t_end) else 0.0, float(p.tau.min()))
+    saved = np.empty((len(t_save), n, nb), vf.dtype)
+    residual = np.zeros(nb)
+    res_trace = np.zeros(min(max_steps, 10_000_000) + 1 if relax else 0)
+    u_out = np.empty_like(u)
+    status, t, steps, nfev, rejected = K.run(
+        family, method, a, b, e, fsal, adaptive,
+        u, vf.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, p.tauinv, p.tau,
+        float(t0), float(t_end), float(dt), float(rtol), float(atol), h_min, int(max_steps), float(blowup),
+        t_save, saved, relax, float(res_rtol), float(res_atol), residual, res_trace, u_out)
+    return status, t, steps, nfev, rejected, saved, residual, res_trace, u_out
+
+
+def _finish(sol: Solution, on_failure: str, what: str):
+    if sol.ok or on_failure == "return":
+        return sol
+    err = {"diverged": DivergenceError, "step_too_small": StepSizeError}.get(sol.status, ConvergenceError)
+    raise err(f"{what} failed: {sol.report()}", sol)
+
+
+def _check_on_failure(on_failure):
+    if on_failure not in ("raise", "return"):
+        raise SubstrateValueError(f"on_failure={on_failure!r}; allowed: 'raise', 'return'")
+
+
+# ------------------------------------------------------------------------------------ entry points
+def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt=None, u0=None,
+              dtype=None, batch=None, rtol=1e-6, atol=1e-9, max_steps=10_000_000, blowup=1e10,
+              on_failure="raise") -> Solution:
+    """Integrate tau du/dt = F(u) over ``t_span = (t0, t1)`` and return the states at ``t_eval``
+    (default: t0 and t1), shape (len(t_eval), batch, n).
+
+    x: inputs (array (batch, size) or {input name: array}); u0: initial state (batch, n), zeros by
+    default; dtype: float32, float64 or complex128 (default: the network's). method: a name of
+    ``METHODS`` or a stepper; dt: the step (fixed-step methods) or first step (``dopri5``, chosen
+    automatically when None); rtol/atol: dopri5's error control. Steps land exactly on the t_eval
+    points. A state that turns NaN/Inf or exceeds ``blowup`` in magnitude stops the integration with
+    status ``diverged``: raised as DivergenceError, or returned when ``on_failure="return"``.
+    """
+    stepper = get_method(method)
+    _check_on_failure(on_failure)
+    try:
+        t0, t1 = (float(v) for v in t_span)
+    except (TypeError, ValueError):
+        raise SubstrateValueError(f"t_span={t_span!r} must be a pair (t0, t1) of numbers") from None
+    if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
+        raise SubstrateValueError(f"t_span={t_span!r} must be finite with t1 > t0")
+    t_eval = np.array([t0, t1] if t_eval is None else t_eval, dtype=float)
+    if (t_eval.ndim != 1 or t_eval.size == 0 or np.any(np.diff(t_eval) <= 0)
+            or t_eval[0] < t0 or t_eval[-1] > t1 or not np.all(np.isfinite(t_eval))):
+        raise SubstrateValueError("t_eval must be a non-empty, strictly increasing 1-D array within t_span")
+    dt = _positive(dt, "dt", allow_none=True)
+    rtol, atol = _nonnegative(rtol, "rtol"), _nonnegative(atol, "atol")
+    if stepper.adaptive and rtol == 0 and atol == 0:
+        raise SubstrateValueError("rtol and atol cannot both be 0 for an adaptive method")
+    max_steps = _count(max_steps, "max_steps")
+    blowup = _positive(blowup, "blowup")
+    vf, u = _prepare(network, x, u0, dtype, batch)
+    status, t, steps, nfev, rej, saved, _, _, u_out = _solve(
+        vf, u, stepper, t0=t0, t_end=float(t_eval[-1]), dt=dt, rtol=rtol, atol=atol,
+        max_steps=max_steps, blowup=blowup, t_save=t_eval, relax=False, res_rtol=0.0, res_atol=0.0,
+        on_failure=on_failure)
+    residual = np.max(np.abs(vf(u_out.T)), axis=1) if status != K.DIVERGED else np.full(vf.batch, np.nan)
+    n_ok = int(np.searchsorted(t_eval, t, side="right")) if status != K.SUCCESS else len(t_eval)
+    message = "" if status == K.SUCCESS else (
+        f"stopped at t={t:.6g} (step {steps}); states saved for the first {n_ok} of {len(t_eval)} "
+        "t_eval points, the rest are NaN")
+    saved[n_ok:] = np.nan
+    sol = Solution(t=t_eval, u=saved.transpose(0, 2, 1), status=_STATUS[status], method=stepper.name,
+                   steps=steps, nfev=nfev, rejected=rej, residual=residual, t_final=t,
+                   message=message, slices=network.slices)
+    return _finish(sol, on_failure, "integrate")
+
+
+def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rtol=0.0, u0=None,
+          dtype=None, batch=None, max_time=math.inf, max_steps=100_000, step_rtol=None, step_atol=None,
+          blowup=1e10, on_failure="raise") -> Solution:
+    """Relax the circuit to its equilibrium F(u*) = 0.
+
+    Stops when every sample satisfies max_i |F_i(u)| <= tol + rtol max_i |u_i| (checked at every
+    step, from the step's own first field evaluation), or fails with ``not_converged`` after
+    ``max_time`` or ``max_steps`` (raised as ConvergenceError unless ``on_failure="return"``), or with
+    ``diverged``. ``dt``: the step of a fixed-step method, default tau_min/2 for explicit methods and
+    tau_min for exponential ones; for ``dopri5`` the first step, whose error control uses
+    ``step_rtol``/``step_atol``. Other arguments as in :func:`integrate`.
+    """
+    stepper = get_method(method)
+    _check_on_failure(on_failure)
+    tol, rtol = _nonnegative(tol, "tol"), _nonnegative(rtol, "rtol")
+    if tol == 0 and rtol == 0:
+        raise SubstrateValueError("tol and rtol cannot both be 0: the residual never reaches 0 exactly")
+    dt = _positive(dt, "dt", allow_none=True)
+    max_time = _positive(max_time, "max_time", allow_inf=True)
+    max_steps = _count(max_steps, "max_steps")
+    step_rtol = 0.1 * rtol if step_rtol is None else _nonnegative(step_rtol, "step_rtol")
+    step_atol = 0.1 * tol if step_atol is None else _nonnegative(step_atol, "step_atol")
+    blowup = _positive(blowup, "blowup")
+    vf, u = _prepare(network, x, u0, dtype, batch)
+    if dt is None and not stepper.adaptive:
+        tau_min = float(vf.packed.tau.min())
+        dt = tau_min if isinstance(stepper, ExponentialRK) else 0.5 * tau_min
+    status, t, steps, nfev, rej, _, residual, trace, u_out = _solve(
+        vf, u, stepper, t0=0.0, t_end=max_time, dt=dt, rtol=step_rtol, atol=step_atol,
+        max_steps=max_steps, blowup=blowup, t_save=np.zeros(0), relax=True, res_rtol=rtol,
+        res_atol=tol, on_failure=on_failure)
+    message = "" if status == K.SUCCESS else f"stopped at t={t:.6g} (step {steps})"
+    if status == K.NOT_CONVERGED:
+        message += f"; residual {residual.max():.3e} > tol {tol:g} + rtol {rtol:g} |u|"
+    sol = Solution(t=np.array(t), u=u_out.T, status=_STATUS[status], method=stepper.name, steps=steps,
+                   nfev=nfev, rejected=rej, residual=residual, t_final=t,
+                   residual_trace=trace[:steps + 1], message=message, slices=network.slices)
+    return _finish(sol, on_failure, "relax")

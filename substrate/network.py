@@ -1,0 +1,392 @@
+"""The circuit: layers of leaky neurons and the connections between them (REFERENCES section 1).
+
+    tau_i du_i/dt = F_i(u) = -u_i + sum_j W_ij rho(u_j) + sum_k V_ik x_k + b_i
+
+A :class:`Network` holds state layers (:class:`Layer`), clamped inputs (:class:`Input`) and
+:class:`Connection` s. A connection's weight has shape (post size, pre size), so that the current into
+``post`` is ``weight @ rho(u_pre)``; from an input it is ``weight @ x``. Any topology is allowed:
+forward, feedback, lateral (pre == post, masked diagonal), or a loop from the output back to the first
+hidden layer. A feedback connection can be *tied* (its weight is always the transpose of the forward
+one) or independent.
+
+Parameters are plain NumPy arrays owned by the network (float32, float64 or complex128, one dtype for
+the whole network); the engine copies them into its packed form at every call, so editing them in
+place between calls is safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from . import activations
+from .errors import SubstrateValueError
+
+DTYPES = (np.float32, np.float64, np.complex128)
+_DTYPE_NAMES = "float32, float64, complex128"
+
+
+def check_dtype(dtype, argument: str = "dtype") -> np.dtype:
+    try:
+        d = np.dtype(dtype)
+    except TypeError:
+        d = None
+    if d is None or d.type not in DTYPES:
+        raise SubstrateValueError(f"{argument}={dtype!r} is not supported; allowed: {_DTYPE_NAMES}")
+    return d
+
+
+def _check_name(name, what: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise SubstrateValueError(f"{what} name must be a non-empty string, got {name!r}")
+    return name
+
+
+def _check_size(size, what: str) -> int:
+    if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise SubstrateValueError(f"{what}: size={size!r} must be a positive integer")
+    return int(size)
+
+
+@dataclass(eq=False)
+class Input:
+    """A clamped input of ``size`` units; its projections are computed once per sample."""
+
+    name: str
+    size: int
+
+    def __post_init__(self):
+        _check_name(self.name, "input")
+        self.size = _check_size(self.size, f"input {self.name!r}")
+
+
+@dataclass(eq=False)
+class Layer:
+    """A layer of ``size`` leaky neurons.
+
+    tau: time constant, a positive scalar or one per neuron. activation: one of
+    ``activations.NAMES``. bias: array of shape (size,) or None for zeros.
+    """
+
+    name: str
+    size: int
+    tau: float | np.ndarray = 1.0
+    activation: str = "logistic"
+    bias: np.ndarray | None = None
+
+    def __post_init__(self):
+        _check_name(self.name, "layer")
+        self.size = _check_size(self.size, f"layer {self.name!r}")
+        activations.check_name(self.activation, f"layer {self.name!r}: activation")
+        tau = np.asarray(self.tau, dtype=float) if not np.iscomplexobj(self.tau) else None
+        if tau is None or tau.ndim > 1 or (tau.ndim == 1 and tau.shape != (self.size,)):
+            raise SubstrateValueError(
+                f"layer {self.name!r}: tau must be a positive scalar or a real array of shape "
+                f"({self.size},), got {np.shape(self.tau)}"
+            )
+        if not np.all(np.isfinite(tau)) or np.any(tau <= 0):
+            raise SubstrateValueError(
+                f"layer {self.name!r}: tau must be finite and > 0, got min {np.min(tau)!r}"
+            )
+        self.tau = tau if tau.ndim else float(tau)
+        if self.bias is None:
+            self.bias = np.zeros(self.size)
+        else:
+            self.bias = np.asarray(self.bias)
+            if self.bias.shape != (self.size,):
+                raise SubstrateValueError(
+                    f"layer {self.name!r}: bias has shape {self.bias.shape}, expected ({self.size},)"
+                )
+
+
+@dataclass(eq=False)
+class Connection:
+    """Synapses from ``pre`` (a layer or an input) to ``post`` (a layer).
+
+    weight: array (post size, pre size); None with ``tied=True``, where the weight is the transpose
+    of the connection post -> pre, kept tied at every call. mask: optional 0/1 array of the weight's
+    shape; the effective weight is ``weight * mask``.
+    """
+
+    pre: str
+    post: str
+    weight: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    tied: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.pre}->{self.post}"
+
+
+@dataclass(frozen=True)
+class Packed:
+    """The network in the engine's form for one compute dtype (see ``_kernels`` for the layout)."""
+
+    n: int
+    layer_off: np.ndarray
+    layer_act: np.ndarray
+    tauinv: np.ndarray
+    tau: np.ndarray
+    wbuf: np.ndarray
+    conn: np.ndarray
+    conn_names: tuple
+    bias: np.ndarray
+
+
+class Network:
+    """A circuit of layers, inputs and connections; see the module docstring."""
+
+    def __init__(self, layers: Sequence[Layer], connections: Sequence[Connection] = (),
+                 inputs: Sequence[Input] = ()):
+        self.layers = list(layers)
+        self.inputs = list(inputs)
+        self.connections = list(connections)
+        if not self.layers:
+            raise SubstrateValueError("layers: a network needs at least one layer")
+        for item, kind in [(x, Layer) for x in self.layers] + [(x, Input) for x in self.inputs]:
+            if not isinstance(item, kind):
+                raise SubstrateValueError(f"expected a {kind.__name__}, got {item!r}")
+        names = [x.name for x in self.layers] + [x.name for x in self.inputs]
+        dup = {x for x in names if names.count(x) > 1}
+        if dup:
+            raise SubstrateValueError(f"layer and input names must be unique; repeated: {sorted(dup)}")
+        self._layer = {x.name: x for x in self.layers}
+        self._input = {x.name: x for x in self.inputs}
+        self.inputs_by_name = self._input
+        offsets = np.cumsum([0] + [x.size for x in self.layers])
+        self.slices = {x.name: slice(int(offsets[i]), int(offsets[i + 1]))
+                       for i, x in enumerate(self.layers)}
+        self.n = int(offsets[-1])
+        self._check_connections()
+        self.dtype = self._common_dtype()
+
+    # ---------------------------------------------------------------------------- validation
+    def _check_connections(self):
+        seen = set()
+        for c in self.connections:
+            if not isinstance(c, Connection):
+                raise SubstrateValueError(f"connections: expected a Connection, got {c!r}")
+            if c.post not in self._layer:
+                raise SubstrateValueError(
+                    f"connection {c.name}: post={c.post!r} must be a layer; layers: {list(self._layer)}")
+            if c.pre not in self._layer and c.pre not in self._input:
+                raise SubstrateValueError(
+                    f"connection {c.name}: pre={c.pre!r} is neither a layer nor an input; "
+                    f"known: {list(self._layer) + list(self._input)}")
+            if c.name in seen:
+                raise SubstrateValueError(f"connection {c.name} is given twice")
+            seen.add(c.name)
+            shape = (self._layer[c.post].size, self.size_of(c.pre))
+            if c.tied:
+                if c.pre in self._input:
+                    raise SubstrateValueError(f"connection {c.name}: an input projection cannot be tied")
+                if c.weight is not None:
+                    raise SubstrateValueError(
+                        f"connection {c.name}: tied=True takes its weight from {c.post}->{c.pre}; "
+                        "pass weight=None")
+                src = self.connection(f"{c.post}->{c.pre}", missing_ok=True)
+                if src is None or src.tied:
+                    raise SubstrateValueError(
+                        f"connection {c.name}: tied=True needs an untied connection {c.post}->{c.pre}")
+            else:
+                if c.weight is None:
+                    raise SubstrateValueError(f"connection {c.name}: weight is required unless tied=True")
+                c.weight = np.asarray(c.weight)
+                if c.weight.shape != shape:
+                    raise SubstrateValueError(
+                        f"connection {c.name}: weight has shape {c.weight.shape}, expected {shape} "
+                        "(post size, pre size)")
+            if c.mask is not None:
+                c.mask = np.asarray(c.mask)
+                if c.mask.shape != shape:
+                    raise SubstrateValueError(
+                        f"connection {c.name}: mask has shape {c.mask.shape}, expected {shape}")
+
+    def _common_dtype(self) -> np.dtype:
+        arrays = {f"bias of {x.name}": x.bias for x in self.layers}
+        arrays.update({f"weight of {c.name}": c.weight for c in self.connections if c.weight is not None})
+        dtypes = {}
+        for what, a in arrays.items():
+            if a.dtype.kind in "iub":
+                continue  # integer or boolean arrays adopt the network's dtype
+            d = check_dtype(a.dtype, what)
+            dtypes.setdefault(d, what)
+        if len(dtypes) > 1:
+            listing = ", ".join(f"{w} is {d}" for d, w in dtypes.items())
+            raise SubstrateValueError(f"mismatched dtypes in the network parameters ({listing}); "
+                                      "convert them to one of " + _DTYPE_NAMES)
+        return next(iter(dtypes), np.dtype(np.float64))
+
+    # ---------------------------------------------------------------------------- access
+    def size_of(self, name: str) -> int:
+        return (self._layer.get(name) or self._input[name]).size
+
+    def layer(self, name: str) -> Layer:
+        return self._layer[name]
+
+    def connection(self, name: str, missing_ok: bool = False) -> Connection | None:
+        for c in self.connections:
+            if c.name == name:
+                return c
+        if missing_ok:
+            return None
+        raise SubstrateValueError(f"no connection {name!r}; connections: {[c.name for c in self.connections]}")
+
+    def effective_weight(self, c: Connection) -> np.ndarray:
+        """The weight the circuit sees: tied transposes resolved, mask applied."""
+        w = self.connection(f"{c.post}->{c.pre}").weight.T if c.tied else c.weight
+        return w * c.mask if c.mask is not None else w
+
+    @property
+    def holomorphic(self) -> bool:
+        return all(x.activation in activations.HOLOMORPHIC for x in self.layers)
+
+    @property
+    def tau(self) -> np.ndarray:
+        """Time constants of all n neurons, in state order."""
+        return np.concatenate([np.broadcast_to(x.tau, (x.size,)) for x in self.layers]).astype(float)
+
+    def pack(self, dtype) -> Packed:
+        """Copy the parameters into the engine's flat form in ``dtype`` (complex128 states of a real
+        network see real weights promoted)."""
+        dtype = np.dtype(dtype)
+        rdt = np.float32 if dtype == np.float32 else np.float64
+        state = [c for c in self.connections if c.pre in self._layer]
+        sizes = [self.layer(c.post).size * self.layer(c.pre).size for c in state]
+        wbuf = np.empty(int(sum(sizes)), dtype)
+        conn = np.zeros((len(state), 5), np.int64)
+        off = 0
+        for i, c in enumerate(state):
+            pre, post = self.slices[c.pre], self.slices[c.post]
+            wbuf[off:off + sizes[i]] = self.effective_weight(c).ravel()
+            conn[i] = (off, pre.start, pre.stop - pre.start, post.start, post.stop - post.start)
+            off += sizes[i]
+        layer_off = np.array([0] + [self.slices[x.name].stop for x in self.layers], np.int64)
+        layer_act = np.array([activations.CODES[x.activation] for x in self.layers], np.int64)
+        tau = self.tau
+        return Packed(self.n, layer_off, layer_act, (1.0 / tau).astype(rdt), tau.astype(rdt),
+                      wbuf, conn, tuple(c.name for c in state),
+                      np.concatenate([x.bias for x in self.layers]).astype(dtype))
+
+    def drive(self, x: Mapping[str, np.ndarray] | np.ndarray | None, batch: int | None,
+              dtype) -> np.ndarray:
+        """The constant part of the input current, V x + b, as an (n, B) array: computed once per
+        sample, never per step."""
+        xs = self.check_inputs(x)
+        if batch is None:
+            batch = next(iter(xs.values())).shape[0] if xs else 1
+        drive = np.empty((self.n, batch), dtype)
+        drive[:] = np.concatenate([x.bias for x in self.layers])[:, None]
+        for c in self.connections:
+            if c.pre in self._input:
+                drive[self.slices[c.post]] += self.effective_weight(c) @ xs[c.pre].T
+        return drive
+
+    def check_inputs(self, x) -> dict:
+        """Validate inputs: a dict {input name: (B, size)} or, with one input, the array itself."""
+        if not self.inputs:
+            if x is not None and not (isinstance(x, Mapping) and not x):
+                raise SubstrateValueError("x: this network has no inputs; pass x=None")
+            return {}
+        if not isinstance(x, Mapping):
+            if len(self.inputs) != 1:
+                raise SubstrateValueError(
+                    f"x must be a dict with keys {[i.name for i in self.inputs]}")
+            x = {self.inputs[0].name: x}
+        missing = set(self._input) - set(x)
+        extra = set(x) - set(self._input)
+        if missing or extra:
+            raise SubstrateValueError(
+                f"x: inputs missing {sorted(missing)}, unknown {sorted(extra)}; expected {list(self._input)}")
+        out = {}
+        batch = None
+        for name, a in x.items():
+            a = np.asarray(a)
+            if a.ndim == 1:
+                a = a[None, :]
+            size = self._input[name].size
+            if a.ndim != 2 or a.shape[1] != size:
+                raise SubstrateValueError(f"x[{name!r}] has shape {np.shape(x[name])}, expected (batch, {size})")
+            if a.dtype.kind not in "iufc":
+                raise SubstrateValueError(f"x[{name!r}] has dtype {a.dtype}; expected a numeric array")
+            if not np.all(np.isfinite(a)):
+                raise SubstrateValueError(f"x[{name!r}] contains NaN or Inf")
+            if batch is not None and a.shape[0] != batch:
+                raise SubstrateValueError(f"x: inputs have different batch sizes ({batch} and {a.shape[0]})")
+            batch = a.shape[0]
+            out[name] = a
+        return out
+
+    # ---------------------------------------------------------------------------- builders
+    @classmethod
+    def layered(cls, sizes: Sequence[int], rng: np.random.Generator, *, activation: str = "logistic",
+                tau: float = 1.0, feedback: str = "independent", asymmetry_angle: float = 90.0,
+                lateral: bool = False, loop: bool = False, init_scale: float = 1.0,
+                dtype="float64") -> "Network":
+        """A layered network ``sizes[0]`` (input) -> hidden layers -> ``sizes[-1]`` (output).
+
+        Weights are drawn uniform in +-init_scale/sqrt(fan_in) (PyTorch's default init, as in
+        Laborieux & Zenke). feedback: ``"tied"`` (B = W^T, kept tied), ``"independent"`` (B =
+        sin(a) B_indep + cos(a) W^T with a = asymmetry_angle in degrees, REFERENCES section 4), or
+        ``"none"``. lateral: all-to-all connections inside each hidden layer, diagonal masked out.
+        loop: an independent connection from the output layer back to the first hidden layer.
+        Layer names: ``x`` (input), ``h1``..``hK``, ``y`` (output).
+        """
+        if not isinstance(rng, np.random.Generator):
+            raise SubstrateValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        sizes = [_check_size(s, f"sizes[{i}]") for i, s in enumerate(sizes)]
+        if len(sizes) < 2:
+            raise SubstrateValueError(f"sizes={sizes} needs an input and at least one layer")
+        if feedback not in ("tied", "independent", "none"):
+            raise SubstrateValueError(f"feedback={feedback!r}; allowed: tied, independent, none")
+        if not (np.isfinite(asymmetry_angle) and 0.0 <= asymmetry_angle <= 180.0):
+            raise SubstrateValueError(f"asymmetry_angle={asymmetry_angle!r} must be in [0, 180] degrees")
+        dtype = check_dtype(dtype)
+
+        def uniform(post, pre, shape=None):
+            bound = init_scale / np.sqrt(pre)
+            return rng.uniform(-bound, bound, shape or (post, pre)).astype(dtype)
+
+        names = [f"h{i}" for i in range(1, len(sizes) - 1)] + ["y"]
+        layers = [Layer(nm, sz, tau=tau, activation=activation, bias=uniform(sz, sizes[i], (sz,)))
+                  for i, (nm, sz) in enumerate(zip(names, sizes[1:]))]
+        conns = [Connection("x", names[0], uniform(sizes[1], sizes[0]))]
+        a = np.deg2rad(asymmetry_angle)
+        for i in range(len(names) - 1):
+            pre, post = names[i], names[i + 1]
+            w = uniform(sizes[i + 2], sizes[i + 1])
+            conns.append(Connection(pre, post, w))
+            if feedback == "tied":
+                conns.append(Connection(post, pre, tied=True))
+            elif feedback == "independent":
+                b = uniform(sizes[i + 1], sizes[i + 2])
+                conns.append(Connection(post, pre, (np.sin(a) * b + np.cos(a) * w.T).astype(dtype)))
+        if lateral:
+            for nm, sz in zip(names[:-1], sizes[1:-1]):
+                conns.append(Connection(nm, nm, uniform(sz, sz), mask=1.0 - np.eye(sz)))
+        if loop and len(names) > 1:
+            conns.append(Connection(names[-1], names[0], uniform(sizes[1], sizes[-1])))
+        return cls(layers, conns, inputs=[Input("x", sizes[0])])
+
+    CONFIG_KEYS = {"sizes", "activation", "tau", "feedback", "asymmetry_angle", "lateral", "loop",
+                   "init_scale", "dtype"}
+
+    @classmethod
+    def from_config(cls, config: Mapping, seed: int) -> "Network":
+        """Build :meth:`layered` from a config mapping (keys ``CONFIG_KEYS``) and an integer seed."""
+        unknown = set(config) - cls.CONFIG_KEYS
+        if unknown:
+            raise SubstrateValueError(f"network config: unknown keys {sorted(unknown)}; "
+                                      f"allowed: {sorted(cls.CONFIG_KEYS)}")
+        if "sizes" not in config:
+            raise SubstrateValueError("network config: 'sizes' is required, e.g. [64, 32, 10]")
+        cfg = dict(config)
+        return cls.layered(cfg.pop("sizes"), np.random.default_rng(seed), **cfg)
+
+    def __repr__(self):
+        ls = ", ".join(f"{x.name}[{x.size}, {x.activation}]" for x in self.layers)
+        cs = ", ".join(c.name + (" (tied)" if c.tied else "") for c in self.connections)
+        return f"Network(layers: {ls}; inputs: {[i.name for i in self.inputs]}; connections: {cs})"
