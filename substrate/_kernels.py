@@ -388,7 +388,7 @@ def finish_exponential(s, ecz, hb, u, nl, blowup, layer_off, layer_act, unew, rn
 def run(family, method, a, bw, ew, fsal, adaptive,
         u, drive, wbuf, conn, layer_off, layer_act, tauinv, tau,
         t0, t_end, dt, rtol, atol, h_min, max_steps, blowup,
-        t_save, saved, relax, res_rtol, res_atol, residual, res_trace, u_out):
+        t_save, saved, relax, res_rtol, res_atol, residual, res_trace, t_trace, u_out):
     """Integrate tau du/dt = -u + N(u) from (t0, u) with the stepper described by
     (family, method, a, bw, ew, fsal, adaptive).
 
@@ -400,7 +400,8 @@ def run(family, method, a, bw, ew, fsal, adaptive,
     Steps land exactly on the save times ``t_save`` (states written to ``saved``). With ``relax``
     the loop stops as soon as every sample satisfies the residual test at the current state (checked
     from the first stage of each step, so it costs no extra field evaluation) or when t_end or
-    max_steps is reached; ``res_trace[step]`` records the largest residual over the batch.
+    max_steps is reached; ``res_trace[step]`` records the largest residual over the batch and
+    ``t_trace[step]`` the time.
 
     Returns (status, t, steps, nfev, rejected); the final state is copied into ``u_out``.
     """
@@ -463,6 +464,7 @@ def run(family, method, a, bw, ew, fsal, adaptive,
                     worst = residual[b]
             if step < res_trace.shape[0]:
                 res_trace[step] = worst
+                t_trace[step] = t
             if not (worst == worst and worst <= blowup):
                 status = DIVERGED
                 break

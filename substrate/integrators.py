@@ -118,7 +118,8 @@ class Solution:
     status: ``success`` (integrate reached the end / relax converged), ``not_converged``,
     ``diverged``, ``step_too_small`` or ``max_steps``; ``failure`` gives the time and step.
     residual: per sample, max_i |F_i(u)| at the final state (F without the 1/tau).
-    residual_trace: relax only, the largest residual over the batch at every step.
+    residual_trace, trace_t: relax only, the largest residual over the batch at every step, and the
+    time of that step.
     """
 
     t: np.ndarray
@@ -131,6 +132,7 @@ class Solution:
     residual: np.ndarray
     t_final: float
     residual_trace: np.ndarray | None = None
+    trace_t: np.ndarray | None = None
     message: str = ""
     slices: dict = field(default_factory=dict, repr=False)
 
@@ -218,13 +220,14 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     saved = np.empty((len(t_save), n, nb), vf.dtype)
     residual = np.zeros(nb)
     res_trace = np.zeros(min(max_steps, 10_000_000) + 1 if relax else 0)
+    t_trace = np.zeros_like(res_trace)
     u_out = np.empty_like(u)
     status, t, steps, nfev, rejected = K.run(
         family, method, a, b, e, fsal, adaptive,
         u, vf.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, p.tauinv, p.tau,
         float(t0), float(t_end), float(dt), float(rtol), float(atol), h_min, int(max_steps), float(blowup),
-        t_save, saved, relax, float(res_rtol), float(res_atol), residual, res_trace, u_out)
-    return status, t, steps, nfev, rejected, saved, residual, res_trace, u_out
+        t_save, saved, relax, float(res_rtol), float(res_atol), residual, res_trace, t_trace, u_out)
+    return status, t, steps, nfev, rejected, saved, residual, (t_trace, res_trace), u_out
 
 
 def _finish(sol: Solution, on_failure: str, what: str):
@@ -324,5 +327,5 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
         message += f"; residual {residual.max():.3e} > tol {tol:g} + rtol {rtol:g} |u|"
     sol = Solution(t=np.array(t), u=u_out.T, status=_STATUS[status], method=stepper.name, steps=steps,
                    nfev=nfev, rejected=rej, residual=residual, t_final=t,
-                   residual_trace=trace[:steps + 1], message=message, slices=network.slices)
+                   residual_trace=trace[1][:steps + 1], trace_t=trace[0][:steps + 1], message=message, slices=network.slices)
     return _finish(sol, on_failure, "relax")
