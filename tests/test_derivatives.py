@@ -37,7 +37,7 @@ BATCH = 3
 H = 1e-6  # finite-difference step
 KINK_MARGIN = 0.1
 REL_EXACT = 1e-12  # float64 products against each other / against torch
-REL_FD = 1e-7  # float64 products against central differences
+REL_FD = 1e-8  # float64 products against central differences
 REL_F32 = 1e-5  # float32 against float64
 
 # The fixture network: five state layers (one per activation) and two inputs; sizes all differ so
@@ -167,16 +167,16 @@ def torch_rho(name: str, z: torch.Tensor) -> torch.Tensor:
 
 def as_tensor(a, dtype=None, grad: bool = False) -> torch.Tensor:
     t = torch.tensor(np.asarray(a), dtype=dtype)
-    return t.requires_grad_(grad)
+    return t.requires_grad_() if grad else t
 
 
-def torch_params(net: Network, x: dict, dtype=torch.float64) -> dict:
-    """Leaf tensors (requires_grad) for every parameter of the mirror: the raw weights of untied
-    connections (masks are applied in the mirror), the biases and the inputs."""
+def torch_params(net: Network, x: dict, dtype=torch.float64, grad: bool = False) -> dict:
+    """Tensors for every parameter of the mirror (leaves requiring grad with ``grad``): the raw
+    weights of untied connections (masks are applied in the mirror), the biases and the inputs."""
     return {
-        "weights": {c.name: as_tensor(c.weight, dtype, True) for c in net.connections if not c.tied},
-        "biases": {x_.name: as_tensor(x_.bias, dtype, True) for x_ in net.layers},
-        "inputs": {k: as_tensor(v, dtype, True) for k, v in x.items()},
+        "weights": {c.name: as_tensor(c.weight, dtype, grad) for c in net.connections if not c.tied},
+        "biases": {x_.name: as_tensor(x_.bias, dtype, grad) for x_ in net.layers},
+        "inputs": {k: as_tensor(v, dtype, grad) for k, v in x.items()},
     }
 
 
@@ -217,7 +217,7 @@ def torch_param_vjp(net: Network, x: dict, u: np.ndarray, w: np.ndarray) -> dict
     """(dF/dtheta)^T w for every mirror parameter, in VectorField.param_vjp's layout (plain
     transpose also for complex states, as in torch_state_products)."""
     dtype = torch.complex128 if np.iscomplexobj(u) else torch.float64
-    params = torch_params(net, x, dtype)
+    params = torch_params(net, x, dtype, grad=True)
     f = torch_field(net, params, as_tensor(u, dtype))
     keys = [(group, name) for group in params for name in params[group]]
     grads = torch.autograd.grad(f, [params[g][n] for g, n in keys],

@@ -1,0 +1,132 @@
+"""Bad input is rejected before any compiled code runs, with a message that names the argument and
+what is allowed."""
+
+import numpy as np
+import pytest
+
+import substrate as S
+from substrate import SubstrateValueError as Bad
+
+
+def net_and_x(rng=None, activation="tanh", dtype="float64"):
+    rng = rng or np.random.default_rng(0)
+    net = S.Network.layered([3, 4, 2], rng, activation=activation, dtype=dtype)
+    return net, rng.normal(size=(2, 3)).astype(dtype)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tau=0.0), "tau must be finite and > 0"),
+    (dict(tau=-1.0), "tau must be finite and > 0"),
+    (dict(tau=np.array([1.0, np.nan, 1.0])), "tau must be finite and > 0"),
+    (dict(tau=np.ones(4)), r"tau must be a positive scalar or a real array of shape \(3,\)"),
+    (dict(activation="relu"), r"activation='relu' is not a known activation; allowed: logistic"),
+    (dict(bias=np.zeros(2)), r"bias has shape \(2,\), expected \(3,\)"),
+    (dict(size=0), "size=0 must be a positive integer"),
+])
+def test_layer(kwargs, match):
+    args = dict(name="h", size=3)
+    args.update(kwargs)
+    with pytest.raises(Bad, match=match):
+        S.Layer(**args)
+
+
+def test_connections():
+    h, y = S.Layer("h", 3), S.Layer("y", 2)
+    with pytest.raises(Bad, match=r"connection h->y: weight has shape \(3, 2\), expected \(2, 3\) \(post size, pre size\)"):
+        S.Network([h, y], [S.Connection("h", "y", np.zeros((3, 2)))])
+    with pytest.raises(Bad, match=r"mask has shape"):
+        S.Network([h, y], [S.Connection("h", "y", np.zeros((2, 3)), mask=np.ones((3, 3)))])
+    with pytest.raises(Bad, match="post='x' must be a layer"):
+        S.Network([h, y], [S.Connection("h", "x", np.zeros((2, 3)))], inputs=[S.Input("x", 2)])
+    with pytest.raises(Bad, match="pre='z' is neither a layer nor an input"):
+        S.Network([h, y], [S.Connection("z", "y", np.zeros((2, 3)))])
+    with pytest.raises(Bad, match="tied=True needs an untied connection h->y"):
+        S.Network([h, y], [S.Connection("y", "h", tied=True)])
+    with pytest.raises(Bad, match="names must be unique"):
+        S.Network([h, S.Layer("h", 2)])
+    with pytest.raises(Bad, match="mismatched dtypes in the network parameters"):
+        S.Network([h, y], [S.Connection("h", "y", np.zeros((2, 3), np.float32))])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="leapfrog"), r"method='leapfrog' is not a known integrator; allowed: euler, rk4"),
+    (dict(dt=0.0), "dt=0.0 must be a positive finite number"),
+    (dict(dt=-0.1), "dt=-0.1 must be a positive"),
+    (dict(dt=np.nan), "dt=nan must be a positive"),
+    (dict(dt="big"), "dt='big' must be a positive number"),
+    (dict(t_span=(1.0, 0.0)), "t_span=.* must be finite with t1 > t0"),
+    (dict(t_span=5.0), "t_span=5.0 must be a pair"),
+    (dict(t_eval=[0.5, 0.2]), "t_eval must be a non-empty, strictly increasing"),
+    (dict(t_eval=[0.5, 3.0]), "within t_span"),
+    (dict(max_steps=0), "max_steps=0 must be a positive integer"),
+    (dict(on_failure="ignore"), "on_failure='ignore'; allowed: 'raise', 'return'"),
+    (dict(method="dopri5", rtol=0, atol=0), "rtol and atol cannot both be 0"),
+    (dict(rtol=-1), "rtol=-1 must be a finite number >= 0"),
+    (dict(u0=np.zeros((3, 6))), r"u0 has shape \(3, 6\), expected \(batch, n\) = \(2, 6\)"),
+    (dict(u0=np.full((2, 6), np.inf)), "u0 contains NaN or Inf"),
+    (dict(dtype="int32"), "dtype='int32' is not supported; allowed: float32, float64, complex128"),
+])
+def test_integrate_arguments(kwargs, match):
+    net, x = net_and_x()
+    args = dict(t_span=(0.0, 1.0), method="euler", dt=0.1)
+    args.update(kwargs)
+    with pytest.raises(Bad, match=match):
+        S.integrate(net, x, **args)
+
+
+def test_fixed_step_methods_need_dt():
+    net, x = net_and_x()
+    with pytest.raises(Bad, match="dt is required for the fixed-step method 'rk4'"):
+        S.integrate(net, x, t_span=(0, 1), method="rk4")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tol=0.0), "tol and rtol cannot both be 0"),
+    (dict(tol=-1e-3), "tol=-0.001 must be a finite number >= 0"),
+    (dict(max_time=0), "max_time=0 must be a positive number"),
+    (dict(dt=0), "dt=0 must be a positive"),
+])
+def test_relax_arguments(kwargs, match):
+    net, x = net_and_x()
+    with pytest.raises(Bad, match=match):
+        S.relax(net, x, **kwargs)
+
+
+def test_inputs():
+    net, x = net_and_x()
+    with pytest.raises(Bad, match=r"x\['x'\] has shape \(2, 5\), expected \(batch, 3\)"):
+        S.relax(net, np.zeros((2, 5)))
+    with pytest.raises(Bad, match=r"x\['x'\] contains NaN or Inf"):
+        S.relax(net, np.full((2, 3), np.nan))
+    with pytest.raises(Bad, match=r"x: inputs missing \['x'\], unknown \['z'\]"):
+        S.relax(net, {"z": x})
+    with pytest.raises(Bad, match="this network has no inputs"):
+        S.relax(S.Network([S.Layer("h", 2)]), x)
+
+
+def test_dtypes():
+    net, x = net_and_x(activation="hard_sigmoid")
+    with pytest.raises(Bad, match=r"dtype=complex128 needs holomorphic activations; layers \['h1', 'y'\] use \['hard_sigmoid'\]"):
+        S.relax(net, x, dtype="complex128")
+    with pytest.raises(Bad, match="complex128 needs holomorphic activations"):
+        S.relax(net, x, u0=np.zeros((2, 6), complex))
+    net32, x32 = net_and_x(dtype="float32")
+    with pytest.raises(Bad, match="mismatched dtypes: the network's parameters are float32 but dtype=float64"):
+        S.relax(net32, x32, dtype="float64")
+    with pytest.raises(Bad, match="mismatched dtypes: u0 is float64 but the states are float32"):
+        S.relax(net32, x32, u0=np.zeros((2, 6)))
+    with pytest.raises(Bad, match="mismatched dtypes: the network's parameters are float32 but dtype=complex128"):
+        S.relax(net32, x32, dtype="complex128")
+
+
+def test_builders():
+    with pytest.raises(Bad, match="rng must be a numpy.random.Generator"):
+        S.Network.layered([3, 2], 42)
+    with pytest.raises(Bad, match=r"asymmetry_angle=200 must be in \[0, 180\] degrees"):
+        S.Network.layered([3, 2], np.random.default_rng(0), asymmetry_angle=200)
+    with pytest.raises(Bad, match="feedback='mirror'; allowed: tied, independent, none"):
+        S.Network.layered([3, 2], np.random.default_rng(0), feedback="mirror")
+    with pytest.raises(Bad, match=r"network config: unknown keys \['depth'\]"):
+        S.Network.from_config({"sizes": [3, 2], "depth": 3}, seed=0)
+    with pytest.raises(Bad, match=r"sizes\[1\]: size=0 must be a positive integer"):
+        S.Network.from_config({"sizes": [3, 0]}, seed=0)
