@@ -1,0 +1,618 @@
+"""Cost of one integration step of substrate's engine, against what the same step costs elsewhere.
+
+The problem (from the issue): a 784-500-10 layered network, logistic activations, independent feedback
+weights (asymmetry angle 90 degrees), batch 64, tau = 1, dt = 0.1, 100 explicit Euler steps over
+t in [0, 10]. The input layer x is clamped: its projection V x + b (the *drive*) is computed once per
+call, so a step is
+
+    r = rho(u) = 1 / (1 + exp(2 - 4 u))           (510 x 64 activations: 32,640 exponentials)
+    N = drive + W r                               (W r = two GEMMs: W1 (10x500) @ r_h, B (500x10) @ r_y)
+    u = u + dt (N - u) / tau
+
+with the state stored neurons-major, (n, batch) = (510, 64), as the engine stores it.
+
+What is timed, per step, in float64 and float32:
+
+* ``GEMM bound``: exactly the two matrix products of a step, numpy ``np.dot`` with preallocated
+  ``out=`` arrays in the same layout and dtype, measured in this run. A step cannot be cheaper, so it
+  is the yardstick: every row's ``ratio`` is its time over this bound (same dtype, same threads).
+* ``substrate``: ``substrate.integrate(..., method="euler")`` end to end (packing, drive V x + b,
+  stepping) with ``steps`` and with ``10 * steps`` steps per call; the second amortises the per-call
+  overhead. ``marginal`` is the slope between the two, (T_10s - T_s) / (9 s): the pure stepping cost.
+  The same for ``exp_euler`` (ETD1).
+* ``numpy loop``, ``torch loop``: the same Euler loop written plainly in numpy (preallocated arrays,
+  ``out=``) and in torch (``torch.sigmoid``, ``torch.addmm``, ``no_grad``), drive precomputed.
+* ``torchdiffeq``: ``odeint(method="euler", options=dict(step_size=dt))`` over [0, 10], no grad.
+
+Threads: numpy's and scipy's OpenBLAS (the engine's ``np.dot`` inside Numba calls scipy's BLAS) and
+torch are pinned to the same count with threadpoolctl and ``torch.set_num_threads``; each count in
+``--threads`` gets its own table. The machine may be shared and noisy: every time is taken ``--repeats``
+times and the minimum and the median are reported.
+
+``--breakdown`` (on by default) times the parts of a step one by one: the activation alone (the
+engine's scalar Numba loop, numpy, torch, and a prototype Numba loop with an exponential that LLVM can
+vectorise), the engine's weight product, the engine stepping with the identity activation (a step minus
+its exponentials), and a prototype fused Euler kernel. The prototypes are not part of the engine; they
+show what its step could cost.
+
+Also reported: the first-call cost of the compiled kernels, in a fresh subprocess with an empty
+``NUMBA_CACHE_DIR`` (cold: Numba compiles) and again with the same directory (warm: Numba loads its
+cache); and with ``--quickstart`` the wall time of ``substrate quickstart``.
+
+Run:  .venv/bin/python benchmarks/bench_step.py   (about 2 minutes; ``make bench``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import substrate  # noqa: E402
+from substrate import _kernels as K  # noqa: E402
+
+try:
+    import torch
+except ImportError:  # torch is an optional dependency of substrate
+    torch = None
+try:
+    import torchdiffeq
+except ImportError:
+    torchdiffeq = None
+try:
+    from threadpoolctl import threadpool_info, threadpool_limits
+except ImportError:
+    threadpool_info = threadpool_limits = None
+
+SIZES = (784, 500, 10)
+TAU = 1.0
+DT = 0.1
+DTYPES = ("float64", "float32")
+
+
+# ============================================================================================ timing
+def timeit(fn, repeats, number=1):
+    """(min, median) seconds per call of fn() over ``repeats`` timings of ``number`` calls each,
+    after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - t0) / number)
+    return min(times), float(np.median(times))
+
+
+# ============================================================================================ problem
+class Problem:
+    """The benchmark network in one dtype, its inputs, and the arrays the reference loops use."""
+
+    def __init__(self, dtype, batch):
+        self.dtype = np.dtype(dtype)
+        self.net = substrate.Network.layered(list(SIZES), np.random.default_rng(0), activation="logistic",
+                                             feedback="independent", asymmetry_angle=90.0, tau=TAU,
+                                             dtype=dtype)
+        self.x = np.random.default_rng(1).random((batch, SIZES[0]))
+        self.n_h = SIZES[1]
+        self.W1 = np.ascontiguousarray(self.net.effective_weight(self.net.connection("h1->y")))  # (10, 500)
+        self.B = np.ascontiguousarray(self.net.effective_weight(self.net.connection("y->h1")))   # (500, 10)
+        self.drive = self.net.drive(self.x, None, self.dtype)                                    # (510, B)
+
+    def substrate(self, steps, method="euler"):
+        t1 = steps * DT
+        return substrate.integrate(self.net, self.x, t_span=(0.0, t1), t_eval=[t1], method=method, dt=DT)
+
+
+# ============================================================================================ reference loops
+def gemm_step(p: Problem):
+    """The two matrix products of a step, and nothing else."""
+    n_h = p.n_h
+    r = np.random.default_rng(2).random(p.drive.shape).astype(p.dtype)
+    f = np.empty_like(r)
+    r_h, r_y, f_h, f_y = r[:n_h], r[n_h:], f[:n_h], f[n_h:]
+    W1, B = p.W1, p.B
+
+    def step():
+        np.dot(W1, r_h, out=f_y)
+        np.dot(B, r_y, out=f_h)
+    return step
+
+
+def numpy_euler(p: Problem, steps):
+    n_h, W1, B, drive = p.n_h, p.W1, p.B, p.drive
+    u = np.zeros_like(drive)
+    r = np.empty_like(u)
+    f = np.empty_like(u)
+    for _ in range(steps):
+        np.multiply(u, -4, out=r)
+        r += 2
+        np.exp(r, out=r)
+        r += 1
+        np.reciprocal(r, out=r)              # r = 1 / (1 + exp(2 - 4u))
+        np.dot(B, r[n_h:], out=f[:n_h])
+        np.dot(W1, r[:n_h], out=f[n_h:])     # f = W r
+        f += drive
+        f -= u
+        f *= DT / TAU
+        u += f
+    return u
+
+
+def torch_arrays(p: Problem):
+    return tuple(torch.from_numpy(a) for a in (p.W1, p.B, p.drive))
+
+
+def torch_euler(p: Problem, steps, arrays):
+    W1, B, drive = arrays
+    n_h = p.n_h
+    with torch.no_grad():
+        u = torch.zeros_like(drive)
+        z, r, f = torch.empty_like(u), torch.empty_like(u), torch.empty_like(u)
+        for _ in range(steps):
+            torch.mul(u, 4, out=z)
+            z.sub_(2)
+            torch.sigmoid(z, out=r)
+            torch.addmm(drive[:n_h], B, r[n_h:], out=f[:n_h])
+            torch.addmm(drive[n_h:], W1, r[:n_h], out=f[n_h:])
+            f.sub_(u)
+            u.add_(f, alpha=DT / TAU)
+    return u.numpy()
+
+
+class TorchField(torch.nn.Module if torch is not None else object):
+    """F(u)/tau for torchdiffeq; counts its evaluations."""
+
+    def __init__(self, p: Problem, arrays):
+        super().__init__()
+        self.W1, self.B, self.drive = arrays
+        self.n_h = p.n_h
+        self.nfev = 0
+
+    def forward(self, t, u):
+        self.nfev += 1
+        n_h = self.n_h
+        r = torch.sigmoid(4 * u - 2)
+        f = torch.empty_like(u)
+        torch.addmm(self.drive[:n_h], self.B, r[n_h:], out=f[:n_h])
+        torch.addmm(self.drive[n_h:], self.W1, r[:n_h], out=f[n_h:])
+        return (f - u) / TAU
+
+
+def torchdiffeq_euler(p: Problem, steps, field):
+    t = torch.tensor([0.0, steps * DT], dtype=field.drive.dtype)
+    with torch.no_grad():
+        u = torchdiffeq.odeint(field, torch.zeros_like(field.drive), t, method="euler",
+                               options=dict(step_size=DT))
+    return u[-1].numpy()
+
+
+# ============================================================================================ prototypes
+# Not the engine: what its activation and its Euler step could cost. Numba cannot vectorise a loop that
+# calls exp (llvmlite has no SVML), nor one containing a float division under the default
+# error_model="python" (the division checks for zero and may raise). Below, exp is range-reduced
+# (x = k ln2 + r, |r| <= ln2/2) with a Taylor polynomial for e^r and 2^k built from its bits, and the
+# loops are compiled with error_model="numpy"; LLVM then vectorises them (AVX-512 / AVX2). The only
+# fast-math flag is "contract" (fused multiply-adds), which keeps the NaN comparisons meaningful.
+from numba import njit, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+
+def _bitcast(src, dst):
+    @intrinsic
+    def cast(typingctx, x):
+        if x != src:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], context.get_value_type(dst))
+        return dst(src), codegen
+    return cast
+
+
+_f64_bits, _bits_f64 = _bitcast(types.float64, types.int64), _bitcast(types.int64, types.float64)
+_f32_bits, _bits_f32 = _bitcast(types.float32, types.int32), _bitcast(types.int32, types.float32)
+
+_F64 = dict(log2e=1.4426950408889634, ln2_hi=6.93147180369123816490e-01, ln2_lo=1.90821492927058770002e-10,
+            shift=1.5 * 2.0**52, hi=709.0, lo=-708.0)
+_SHIFT64_BITS = np.float64(_F64["shift"]).view(np.int64).item()
+_C64 = tuple(1.0 / math.factorial(k) for k in range(13))  # Taylor to r^12: < 1 ulp on |r| <= ln2/2
+_F32 = {k: np.float32(v) for k, v in dict(log2e=1.4426950408889634, ln2_hi=0.693359375,
+                                            ln2_lo=-2.12194440e-4, shift=1.5 * 2.0**23, hi=88.0,
+                                            lo=-87.0).items()}
+_SHIFT32_BITS = np.int32(_F32["shift"].view(np.int32))
+_C32 = tuple(np.float32(1.0 / math.factorial(k)) for k in range(8))
+_ONE32, _TWO32, _FOUR32 = np.float32(1.0), np.float32(2.0), np.float32(4.0)
+
+
+def _make_exp64():
+    log2e, ln2_hi, ln2_lo, shift, hi, lo = (_F64[k] for k in ("log2e", "ln2_hi", "ln2_lo", "shift", "hi", "lo"))
+    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12 = _C64
+    sbits = _SHIFT64_BITS
+
+    @njit(inline="always")
+    def vexp(x):
+        x = hi if x > hi else x        # comparisons written so that NaN passes through
+        x = lo if x < lo else x
+        y = x * log2e + shift          # k = round(x / ln2) sits in the low mantissa bits of y
+        kf = y - shift
+        r = (x - kf * ln2_hi) - kf * ln2_lo
+        p = ((((((((((((c12 * r + c11) * r + c10) * r + c9) * r + c8) * r + c7) * r + c6) * r + c5) * r
+                   + c4) * r + c3) * r + c2) * r + c1) * r + c0)
+        return p * _bits_f64((_f64_bits(y) - sbits + 1023) << 52)
+    return vexp
+
+
+def _make_exp32():
+    log2e, ln2_hi, ln2_lo, shift, hi, lo = (_F32[k] for k in ("log2e", "ln2_hi", "ln2_lo", "shift", "hi", "lo"))
+    c0, c1, c2, c3, c4, c5, c6, c7 = _C32
+    sbits = _SHIFT32_BITS
+
+    @njit(inline="always")
+    def vexp(x):
+        x = hi if x > hi else x
+        x = lo if x < lo else x
+        y = x * log2e + shift
+        kf = y - shift
+        r = (x - kf * ln2_hi) - kf * ln2_lo
+        p = (((((((c7 * r + c6) * r + c5) * r + c4) * r + c3) * r + c2) * r + c1) * r + c0)
+        return p * _bits_f32(np.int32((_f32_bits(y) - sbits + 127) << 23))
+    return vexp
+
+
+def _make_prototypes(vexp, one, two, four):
+    @njit(error_model="numpy", fastmath={"contract"})  # contract: FMAs only; NaN/Inf semantics kept
+    def logistic(u, out):
+        for i in range(u.shape[0]):
+            for b in range(u.shape[1]):
+                out[i, b] = one / (one + vexp(two - four * u[i, b]))
+
+    @njit(error_model="numpy", fastmath={"contract"})
+    def euler(u, drive, W1, B, steps, h, blowup):
+        """Fused Euler: per step two GEMMs, then one pass that updates u, checks it and computes the
+        next activations (what ``run`` does in nonleak + rates + finish_rk, in fewer passes)."""
+        n_h = B.shape[0]
+        r = np.empty_like(u)
+        f = np.empty_like(u)
+        logistic(u, r)
+        for _ in range(steps):
+            np.dot(B, r[n_h:], f[:n_h])
+            np.dot(W1, r[:n_h], f[n_h:])
+            bad = False
+            for i in range(u.shape[0]):
+                for b in range(u.shape[1]):
+                    v = u[i, b] + h * (f[i, b] + drive[i, b] - u[i, b])
+                    bad |= not (abs(v) <= blowup)
+                    u[i, b] = v
+                    r[i, b] = one / (one + vexp(two - four * v))
+            if bad:
+                return False
+        return True
+    return logistic, euler
+
+
+PROTOTYPES = {"float64": _make_prototypes(_make_exp64(), 1.0, 2.0, 4.0),
+              "float32": _make_prototypes(_make_exp32(), _ONE32, _TWO32, _FOUR32)}
+
+
+# ============================================================================================ tables
+class Table:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, method, dtype, threads, tmin, tmed, bound=None, note=""):
+        self.rows.append((method, dtype, threads, tmin, tmed, bound, note))
+
+    def print(self, title):
+        print(f"\n{title}")
+        head = f"{'method':<42} {'dtype':<8} {'thr':>3} {'min us/step':>12} {'median':>9} {'ratio':>6} {'(med)':>6}  note"
+        print(head)
+        print("-" * len(head))
+        for method, dtype, threads, tmin, tmed, bound, note in self.rows:
+            ratio = f"{tmin / bound[0]:6.2f} {tmed / bound[1]:6.2f}" if bound else f"{'':6} {'':6}"
+            print(f"{method:<42} {dtype:<8} {threads:>3} {tmin * 1e6:12.1f} {tmed * 1e6:9.1f} {ratio}  {note}")
+        self.rows = []
+
+
+def step_table(args, threads, table):
+    """The main comparison at one thread count; returns the GEMM bounds per dtype."""
+    s, reps = args.steps, args.repeats
+    bounds = {}
+    for dtype in DTYPES:
+        p = Problem(dtype, args.batch)
+        bound = timeit(gemm_step(p), reps, number=2000)
+        bounds[dtype] = bound
+        table.add("GEMM bound (np.dot out=, the 2 products)", dtype, threads, *bound, bound)
+
+        u_ref = numpy_euler(p, s)
+        for method in ("euler", "exp_euler"):
+            sol = p.substrate(s, method)
+            assert sol.steps == s, (sol.steps, s)
+            short = timeit(lambda: p.substrate(s, method), reps)
+            long = timeit(lambda: p.substrate(10 * s, method), reps)
+            marginal = tuple((lt - st) / (9 * s) for st, lt in zip(short, long))
+            err = "" if method != "euler" else f"max|u - numpy| = {np.max(np.abs(sol.u[-1] - u_ref.T)):.1e}"
+            table.add(f"substrate {method}, {s} steps/call", dtype, threads,
+                      *(t / s for t in short), bound, err)
+            table.add(f"substrate {method}, {10 * s} steps/call", dtype, threads,
+                      *(t / (10 * s) for t in long), bound)
+            table.add(f"substrate {method}, marginal step", dtype, threads, *marginal, bound,
+                      f"per-call overhead ~ {(short[0] - s * marginal[0]) * 1e3:.2f} ms")
+
+        t = timeit(lambda: numpy_euler(p, s), reps)
+        table.add("numpy loop", dtype, threads, *(x / s for x in t), bound)
+
+        if torch is not None:
+            arrays = torch_arrays(p)
+            err = np.max(np.abs(torch_euler(p, s, arrays) - u_ref))
+            t = timeit(lambda: torch_euler(p, s, arrays), reps)
+            table.add("torch loop", dtype, threads, *(x / s for x in t), bound, f"max|u - numpy| = {err:.1e}")
+            if torchdiffeq is not None:
+                field = TorchField(p, arrays)
+                err = np.max(np.abs(torchdiffeq_euler(p, s, field) - u_ref))
+                field.nfev = 0
+                torchdiffeq_euler(p, s, field)
+                n = field.nfev  # the steps torchdiffeq actually took
+                t = timeit(lambda: torchdiffeq_euler(p, s, field), reps)
+                table.add("torchdiffeq odeint euler", dtype, threads, *(x / n for x in t), bound,
+                          f"{n} steps; max|u - numpy| = {err:.1e}")
+    return bounds
+
+
+def breakdown_table(args, threads, bounds, table):
+    """Where a step's time goes. An engine Euler step is three kernel calls of ``_kernels.run``:
+    nonleak (N = drive + W r), rates (k = (N - u)/tau) and finish_rk (u + h k, the blow-up check and
+    rho of the new state); each is timed alone on the benchmark's arrays."""
+    reps = args.repeats
+    for dtype in DTYPES:
+        p = Problem(dtype, args.batch)
+        bound = bounds[dtype]
+        u = np.random.default_rng(3).normal(0.5, 1.0, p.drive.shape).astype(dtype)
+        r = np.empty_like(u)
+        pk = p.net.pack(p.dtype)
+        ref = 1.0 / (1.0 + np.exp(2.0 - 4.0 * u.astype(np.float64)))
+
+        # --- the activation alone, 510 x 64
+        table.add("activation: engine (_kernels.activate)", dtype, threads,
+                  *timeit(lambda: K.activate(u, pk.layer_off, pk.layer_act, r), reps, 200), bound,
+                  "scalar exp call per element, not vectorised")
+        r_np = r.copy()
+
+        def numpy_activation():
+            np.multiply(u, -4, out=r_np)
+            np.add(r_np, 2, out=r_np)
+            np.exp(r_np, out=r_np)
+            np.add(r_np, 1, out=r_np)
+            np.reciprocal(r_np, out=r_np)
+        table.add("activation: numpy (5 passes)", dtype, threads, *timeit(numpy_activation, reps, 200), bound,
+                  f"max rel. error vs f64 {np.max(np.abs(r_np - ref) / ref):.1e}")
+        if torch is not None:
+            tu, tz, tr = torch.from_numpy(u), torch.from_numpy(np.empty_like(u)), torch.from_numpy(r_np)
+
+            def torch_activation():
+                torch.mul(tu, 4, out=tz)
+                tz.sub_(2)
+                torch.sigmoid(tz, out=tr)
+            table.add("activation: torch.sigmoid(4u - 2)", dtype, threads,
+                      *timeit(torch_activation, reps, 200), bound,
+                      f"max rel. error vs f64 {np.max(np.abs(r_np - ref) / ref):.1e}")
+        logistic, fused_euler = PROTOTYPES[dtype]
+        logistic(u, r)
+        err = np.max(np.abs(r - ref) / ref)
+        table.add("activation: prototype, vectorised exp", dtype, threads,
+                  *timeit(lambda: logistic(u, r), reps, 200), bound, f"max rel. error vs f64 {err:.1e}")
+
+        # --- the engine's step, kernel by kernel
+        tmp = np.empty((int(pk.conn[:, [2, 4]].max()), u.shape[1]), p.dtype)
+        nl, k, unew, rnew = np.empty_like(u), np.empty((2,) + u.shape, p.dtype), np.empty_like(u), np.empty_like(u)
+        bw, ew = np.ones(1), np.zeros(0)
+        identity = np.full_like(pk.layer_act, K.IDENTITY)
+        parts = {
+            "engine weights_times (W r, + tmp add)": (lambda: K.weights_times(r, pk.wbuf, pk.conn, tmp, nl),
+                                                      "np.dot (scipy BLAS) into tmp, then out[...] += tmp"),
+            "engine nonleak (drive copy + weights_times)": (
+                lambda: K.nonleak(r, p.drive, pk.wbuf, pk.conn, tmp, nl), ""),
+            "engine rates": (lambda: K.rates(nl, u, pk.tauinv, k[0]), ""),
+            "engine finish_rk (update, check, rho)": (
+                lambda: K.finish_rk(DT, bw, ew, u, k, 1, 0.0, 0.0, 1e10, pk.layer_off, pk.layer_act, unew, rnew),
+                ""),
+            "engine finish_rk, identity rho": (
+                lambda: K.finish_rk(DT, bw, ew, u, k, 1, 0.0, 0.0, 1e10, pk.layer_off, identity, unew, rnew),
+                "update + check, no exp"),
+        }
+        got = {}
+        for name, (fn, note) in parts.items():
+            got[name] = timeit(fn, reps, 500)
+            table.add(name, dtype, threads, *got[name], bound, note)
+        total = [sum(got[n][i] for n in ("engine nonleak (drive copy + weights_times)", "engine rates",
+                                         "engine finish_rk (update, check, rho)")) for i in (0, 1)]
+        table.add("  sum: nonleak + rates + finish_rk", dtype, threads, *total, bound,
+                  "compare with 'substrate euler, marginal step'")
+
+        gemm_engine = njit(lambda w, r, c, t1, t2: (np.dot(w[c[0, 0]:c[1, 0]].reshape((c[0, 4], c[0, 2])),
+                                                           r[c[0, 1]:c[0, 1] + c[0, 2]], t1),
+                                                    np.dot(w[c[1, 0]:].reshape((c[1, 4], c[1, 2])),
+                                                           r[c[1, 1]:c[1, 1] + c[1, 2]], t2)))
+        t1, t2 = np.empty((pk.conn[0, 4], u.shape[1]), p.dtype), np.empty((pk.conn[1, 4], u.shape[1]), p.dtype)
+        table.add("the 2 GEMMs via np.dot in Numba", dtype, threads,
+                  *timeit(lambda: gemm_engine(pk.wbuf, r, pk.conn, t1, t2), reps, 2000), bound,
+                  "the engine's BLAS (scipy's OpenBLAS)")
+
+        s = 10 * args.steps
+        lin = Problem(dtype, args.batch)
+        for layer in lin.net.layers:
+            layer.activation = "identity"  # same weights: an engine step minus its exponentials
+        t = timeit(lambda: lin.substrate(s), reps)
+        table.add(f"substrate euler, identity rho, {s} steps/call", dtype, threads, *(x / s for x in t), bound,
+                  "end to end, no exp")
+
+        # --- a prototype of a fused Euler step (vectorised exp, one pass after the GEMMs)
+        h, blowup = p.dtype.type(DT / TAU), p.dtype.type(1e10)
+        u0 = np.zeros_like(p.drive)
+        ok = fused_euler(u0, p.drive, p.W1, p.B, args.steps, h, blowup)
+        err = np.max(np.abs(u0 - numpy_euler(p, args.steps)))
+        t = timeit(lambda: fused_euler(np.zeros_like(p.drive), p.drive, p.W1, p.B, s, h, blowup), reps)
+        table.add(f"prototype fused Euler kernel, {s} steps", dtype, threads, *(x / s for x in t), bound,
+                  f"ok={ok}, max|u - numpy| = {err:.1e}")
+
+
+# ============================================================================================ compile time
+_COMPILE_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np
+import substrate
+from substrate import _kernels as K
+out = {"import": time.perf_counter() - t0}
+x = np.zeros((2, 6))
+for dtype in sys.argv[1].split(","):
+    t0 = time.perf_counter()
+    net = substrate.Network.layered([6, 5, 3], np.random.default_rng(0),
+                                    dtype="float32" if dtype == "float32" else "float64")
+    substrate.integrate(net, x, t_span=(0.0, 1.0), method="euler", dt=0.1, dtype=dtype)
+    out[dtype] = time.perf_counter() - t0
+out["cache_hits"] = sum(K.run.stats.cache_hits.values())
+out["cache_misses"] = sum(K.run.stats.cache_misses.values())
+print(json.dumps(out))
+"""
+
+
+def compile_times(dtypes):
+    """First-call times in a subprocess with an empty Numba cache, then again with that cache."""
+    cache = tempfile.mkdtemp(prefix="substrate-numba-")
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+    src = ROOT / "substrate" / "_kernels.py"
+    stamp = src.stat().st_mtime_ns
+    results = []
+    try:
+        for label in ("cold", "warm"):
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", _COMPILE_CHILD, ",".join(dtypes)], env=env,
+                                  cwd=ROOT, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                print(f"\ncompile-time run ({label}) failed:\n{proc.stderr.strip()}")
+                return
+            results.append((label, wall, json.loads(proc.stdout.strip().splitlines()[-1])))
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    print(f"\nFirst call (import substrate + first integrate of a tiny network, euler), fresh subprocess,"
+          f" NUMBA_CACHE_DIR = a new empty directory")
+    head = f"{'cache':<6} {'process wall s':>14} {'import s':>9} " + " ".join(f"{d + ' s':>12}" for d in dtypes) \
+        + "  run: hits/misses"
+    print(head)
+    print("-" * len(head))
+    for label, wall, r in results:
+        print(f"{label:<6} {wall:14.2f} {r['import']:9.2f} " + " ".join(f"{r[d]:12.2f}" for d in dtypes)
+              + f"  {r['cache_hits']}/{r['cache_misses']}")
+    print("(each dtype after the first is one more compiled specialisation of the kernels)")
+    if src.stat().st_mtime_ns != stamp:
+        print("WARNING: substrate/_kernels.py changed during the measurement; the warm run may have missed the cache")
+
+
+def quickstart_time():
+    exe = Path(sys.executable).with_name("substrate")
+    probe = subprocess.run([str(exe), "quickstart", "--help"], capture_output=True, text=True) \
+        if exe.exists() else None
+    if probe is None or probe.returncode != 0:
+        why = "no substrate script" if probe is None else (probe.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"\nquickstart: skipped, `{exe} quickstart --help` does not work ({why})")
+        return
+    out = tempfile.mkdtemp(prefix="qs_bench-")
+    try:
+        t0 = time.perf_counter()
+        proc = subprocess.run([str(exe), "quickstart", "--out", out], capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    print(f"\nquickstart: `substrate quickstart --out DIR` took {wall:.1f} s wall (exit code {proc.returncode})")
+
+
+# ============================================================================================ main
+def describe_machine():
+    import numba
+    print(f"python {platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}, "
+          f"torch {torch.__version__ if torch else '-'}, torchdiffeq {getattr(torchdiffeq, '__version__', '-')}")
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else "?"
+    print(f"cpu: {cpu}, {os.cpu_count()} logical cores; load average {' '.join(load)}")
+    if load != "?" and float(load[0]) > 0.5:
+        print("NOTE: the machine is busy (load average above 0.5): expect noisy medians; minima are more reliable")
+
+
+def describe_threads():
+    if threadpool_info is None:
+        print("threads: threadpoolctl not installed; OPENBLAS_NUM_THREADS="
+              f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    else:
+        for lib in threadpool_info():
+            path = lib["filepath"]
+            owner = ("numpy's (np.dot, the GEMM bound and numpy loop)" if "numpy" in path else
+                     "scipy's (np.dot inside Numba: the engine)" if "scipy" in path else
+                     "torch's" if "torch" in path else "")
+            print(f"  {lib['user_api']:<7} {lib['internal_api']:<9} {lib.get('version') or '':<12} "
+                  f"threads={lib['num_threads']}  {Path(path).name}  {owner}")
+    if torch is not None:
+        print(f"  torch   intra-op threads={torch.get_num_threads()}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=100, help="Euler steps per call (default 100; also 10x that)")
+    ap.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
+    ap.add_argument("--repeats", type=int, default=7, help="timings per measurement (default 7)")
+    ap.add_argument("--threads", default="1,2", help="comma-separated BLAS/torch thread counts (default 1,2)")
+    ap.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the per-part timings")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compile-time runs")
+    ap.add_argument("--compile-dtypes", default="float64,float32,complex128",
+                    help="dtypes whose first call is timed (default float64,float32,complex128)")
+    ap.add_argument("--quickstart", action="store_true", help="also time `substrate quickstart`")
+    args = ap.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",")]
+
+    print(__doc__.split("\n\n")[1])
+    describe_machine()
+    # load scipy's BLAS (what np.dot in Numba calls) so that threadpoolctl sees and limits it
+    Problem("float64", args.batch).substrate(args.steps)
+    t_start = time.perf_counter()
+    table = Table()
+    for n in threads:
+        limits = threadpool_limits(limits=n) if threadpool_limits else None
+        if torch is not None:
+            torch.set_num_threads(n)
+        try:
+            print(f"\n==== {n} thread(s) ====")
+            describe_threads()
+            bounds = step_table(args, n, table)
+            table.print(f"Per step: batch {args.batch}, sizes {SIZES}, dt {DT}; ratio = time / GEMM bound "
+                        "(min/min, median/median)")
+            if args.breakdown:
+                breakdown_table(args, n, bounds, table)
+                table.print("Breakdown: parts of one step (time per call = per step); ratio to the GEMM bound")
+        finally:
+            if limits is not None:
+                limits.restore_original_limits()
+    if args.compile:
+        compile_times(args.compile_dtypes.split(","))
+    if args.quickstart:
+        quickstart_time()
+    print(f"\n(benchmark took {time.perf_counter() - t_start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
