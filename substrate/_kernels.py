@@ -177,13 +177,21 @@ def activate_prime(u, layer_off, layer_act, out):
 # Weight products: the only O(n^2) work of a step
 # --------------------------------------------------------------------------------------------
 @njit
+def _add_rows(t, out, start):
+    """out[start:start + len(t)] += t, as plain loops (numba's slice += is slower here)."""
+    for i in range(t.shape[0]):
+        for b in range(t.shape[1]):
+            out[start + i, b] += t[i, b]
+
+
+@njit
 def weights_times(r, wbuf, conn, tmp, out):
     """out += W r  (all connections between state layers)."""
     for c in range(conn.shape[0]):
         wo, pa, pn, qa, qn = conn[c, 0], conn[c, 1], conn[c, 2], conn[c, 3], conn[c, 4]
         t = tmp[:qn]
         np.dot(wbuf[wo:wo + qn * pn].reshape((qn, pn)), r[pa:pa + pn], t)
-        out[qa:qa + qn] += t
+        _add_rows(t, out, qa)
 
 
 @njit
@@ -193,7 +201,7 @@ def weights_transpose_times(w, wbuf, conn, tmp, out):
         wo, pa, pn, qa, qn = conn[c, 0], conn[c, 1], conn[c, 2], conn[c, 3], conn[c, 4]
         t = tmp[:pn]
         np.dot(wbuf[wo:wo + qn * pn].reshape((qn, pn)).T, w[qa:qa + qn], t)
-        out[pa:pa + pn] += t
+        _add_rows(t, out, pa)
 
 
 @njit

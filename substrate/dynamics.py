@@ -59,6 +59,9 @@ class VectorField:
         self.packed = network.pack(self.dtype)
         self.inputs = network.check_inputs(x)
         self.drive = network.drive(self.inputs, batch, self.dtype)
+        # the input projections as packed now, so that param_vjp agrees with F after in-place edits
+        self._input_weights = {c.name: network.effective_weight(c).copy() for c in network.connections
+                               if c.pre in network.inputs_by_name}
         self.batch = self.drive.shape[1]
         p = self.packed
         rows = max([1] + [int(v) for v in p.conn[:, [2, 4]].ravel()])
@@ -118,22 +121,23 @@ class VectorField:
         K.activate(ut, p.layer_off, p.layer_act, r)
         flat = np.empty_like(p.wbuf)
         K.weight_vjp(wt, r, p.conn, flat)
-        weights, dx = {}, {}
+        weights = {}
+        dx = {name: np.zeros((self.batch, inp.size), wt.dtype) for name, inp in net.inputs_by_name.items()}
         for c in net.connections:
             post = net.slices[c.post]
             if c.pre in net.inputs_by_name:
-                g = wt[post] @ self.inputs[c.pre]
-                w_eff = net.effective_weight(c)
-                dx[c.pre] = dx.get(c.pre, 0) + (w_eff.T @ wt[post]).T
+                g = wt[post] @ self.inputs[c.pre]  # gradient of the effective weight
+                dx[c.pre] += (self._input_weights[c.name].T @ wt[post]).T
             else:
                 i = p.conn_names.index(c.name)
                 off, _, pn, _, qn = p.conn[i]
                 g = flat[off:off + qn * pn].reshape(qn, pn).copy()
             if c.mask is not None:
                 g = g * c.mask
-            if c.tied:
-                src = f"{c.post}->{c.pre}"
-                weights[src] = weights.get(src, 0) + g.T
+            if c.tied:  # W_tied = (W_src * M_src)^T * M_tied
+                src = net.connection(f"{c.post}->{c.pre}")
+                g = g.T if src.mask is None else g.T * src.mask
+                weights[src.name] = weights.get(src.name, 0) + g
             else:
                 weights[c.name] = weights.get(c.name, 0) + g
         biases = {x.name: wt[net.slices[x.name]].sum(axis=1) for x in net.layers}

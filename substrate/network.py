@@ -10,8 +10,9 @@ hidden layer. A feedback connection can be *tied* (its weight is always the tran
 one) or independent.
 
 Parameters are plain NumPy arrays owned by the network (float32, float64 or complex128, one dtype for
-the whole network); the engine copies them into its packed form at every call, so editing them in
-place between calls is safe.
+the whole network). ``integrate`` and ``relax`` copy them into the engine's packed form at every call,
+so editing them in place between calls is safe; a ``VectorField`` keeps the copy made when it was
+constructed.
 """
 
 from __future__ import annotations
@@ -91,9 +92,7 @@ class Layer:
                 f"layer {self.name!r}: tau must be finite and > 0, got min {np.min(tau)!r}"
             )
         self.tau = tau if tau.ndim else float(tau)
-        if self.bias is None:
-            self.bias = np.zeros(self.size)
-        else:
+        if self.bias is not None:  # None: zeros in the network's dtype, set by Network
             self.bias = np.asarray(self.bias)
             if self.bias.shape != (self.size,):
                 raise SubstrateValueError(
@@ -162,6 +161,12 @@ class Network:
         self.n = int(offsets[-1])
         self._check_connections()
         self.dtype = self._common_dtype()
+        real = np.float32 if self.dtype == np.float32 else np.float64
+        for x in self.layers:
+            x.bias = np.zeros(x.size, self.dtype) if x.bias is None else x.bias
+        for c in self.connections:
+            if c.mask is not None:
+                c.mask = c.mask.astype(real)  # so that masked gradients keep the network's dtype
 
     # ---------------------------------------------------------------------------- validation
     def _check_connections(self):
@@ -206,7 +211,7 @@ class Network:
                         f"connection {c.name}: mask has shape {c.mask.shape}, expected {shape}")
 
     def _common_dtype(self) -> np.dtype:
-        arrays = {f"bias of {x.name}": x.bias for x in self.layers}
+        arrays = {f"bias of {x.name}": x.bias for x in self.layers if x.bias is not None}
         arrays.update({f"weight of {c.name}": c.weight for c in self.connections if c.weight is not None})
         dtypes = {}
         for what, a in arrays.items():
@@ -236,8 +241,9 @@ class Network:
         raise SubstrateValueError(f"no connection {name!r}; connections: {[c.name for c in self.connections]}")
 
     def effective_weight(self, c: Connection) -> np.ndarray:
-        """The weight the circuit sees: tied transposes resolved, mask applied."""
-        w = self.connection(f"{c.post}->{c.pre}").weight.T if c.tied else c.weight
+        """The weight the circuit sees, mask applied; a tied connection's is the transpose of its
+        source's effective (masked) weight."""
+        w = self.effective_weight(self.connection(f"{c.post}->{c.pre}")).T if c.tied else c.weight
         return w * c.mask if c.mask is not None else w
 
     @property
@@ -280,6 +286,8 @@ class Network:
             batch = next(iter(xs.values())).shape[0] if xs else 1
         drive = np.empty((self.n, batch), dtype)
         drive[:] = np.concatenate([x.bias for x in self.layers])[:, None]
+        if drive.dtype.kind != "c" and any(np.iscomplexobj(a) for a in xs.values()):
+            raise SubstrateValueError(f"x is complex but the states are {drive.dtype}; pass dtype='complex128'")
         for c in self.connections:
             if c.pre in self._input:
                 drive[self.slices[c.post]] += self.effective_weight(c) @ xs[c.pre].T

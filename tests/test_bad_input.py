@@ -45,7 +45,9 @@ def test_connections():
     with pytest.raises(Bad, match="names must be unique"):
         S.Network([h, S.Layer("h", 2)])
     with pytest.raises(Bad, match="mismatched dtypes in the network parameters"):
-        S.Network([h, y], [S.Connection("h", "y", np.zeros((2, 3), np.float32))])
+        S.Network([h, S.Layer("y", 2, bias=np.zeros(2))], [S.Connection("h", "y", np.zeros((2, 3), np.float32))])
+    with pytest.raises(Bad, match="x is complex but the states are float64"):
+        S.relax(S.Network.layered([3, 2], np.random.default_rng(0)), np.ones((1, 3), complex))
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -182,8 +182,12 @@ def torch_params(net: Network, x: dict, dtype=torch.float64, grad: bool = False)
 
 
 def torch_effective_weight(net: Network, params: dict, c: Connection) -> torch.Tensor:
-    """weight * mask, where a tied connection's weight is the transpose of its source's."""
-    w = params["weights"][f"{c.post}->{c.pre}"].T if c.tied else params["weights"][c.name]
+    """weight * mask, where a tied connection's weight is the transpose of its source's effective
+    (masked) weight."""
+    if c.tied:
+        w = torch_effective_weight(net, params, net.connection(f"{c.post}->{c.pre}")).T
+    else:
+        w = params["weights"][c.name]
     return w * as_tensor(c.mask) if c.mask is not None else w
 
 
@@ -398,8 +402,8 @@ def test_param_vjp_layout(real_case):
 
 
 def test_param_vjp_tied_gradient_lands_on_source(real_case):
-    """The source of a tied connection gets its own gradient plus the tied one's, transposed: the
-    difference from an untied copy of the network is the (masked) gradient of the feedback."""
+    """The source of a tied connection gets its own gradient plus the tied one's, transposed and
+    masked by the source's mask: the difference from an untied copy of the network."""
     net, x, vf, u, rng = real_case
     w = random_like(u, rng)
     tied = vf.param_vjp(u, w)
@@ -410,8 +414,9 @@ def test_param_vjp_tied_gradient_lands_on_source(real_case):
     for c in net.connections:
         if c.tied:
             src = f"{c.post}->{c.pre}"
-            assert_close(tied["weights"][src], free["weights"][src] + free["weights"][c.name].T,
-                         REL_EXACT, src)
+            src_mask = net.connection(src).mask
+            feedback = free["weights"][c.name].T * (1.0 if src_mask is None else src_mask)
+            assert_close(tied["weights"][src], free["weights"][src] + feedback, REL_EXACT, src)
 
 
 # ================================================================================================
