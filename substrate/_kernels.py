@@ -40,37 +40,69 @@ ETD1, ETD2RK, ETDRK4 = 1, 2, 3
 
 
 # --------------------------------------------------------------------------------------------
-# A vectorisable exp for real arguments (llvmlite here has no SVML, so math.exp is a scalar libm call)
+# A vectorisable exp for real states (llvmlite here has no SVML, so math.exp is a scalar libm call)
 # --------------------------------------------------------------------------------------------
+def _bitcast(src, dst):
+    """An intrinsic reinterpreting the bits of a ``src`` scalar as ``dst`` (made once at import)."""
+
+    @intrinsic
+    def cast(typingctx, x):
+        if x != src:
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(dst))
+
+        return dst(src), codegen
+
+    return cast
+
+
+_f64_bits, _bits_f64 = _bitcast(types.float64, types.int64), _bitcast(types.int64, types.float64)
+_f32_bits, _bits_f32 = _bitcast(types.float32, types.int32), _bitcast(types.int32, types.float32)
+
+# e^x = 2^k e^r, k = round(x / ln2) read off the low mantissa bits of x/ln2 + 1.5 2^52 ("shifter"),
+# r = x - k ln2 with ln2 split in two (Cody & Waite) so that k ln2_hi is exact, |r| <= ln2/2,
+# e^r by its Taylor polynomial (degree 12 in float64: truncation < 2e-17; degree 7 in float32).
 _LOG2E = 1.4426950408889634
-_LN2_HI = 6.93147180369123816490e-01  # ln 2 split in two (Cody & Waite) so that k ln2 is exact
-_LN2_LO = 1.90821492927058770002e-10
+_SHIFT64 = 1.5 * 2.0 ** 52
+_SHIFT64_BITS = int(np.float64(_SHIFT64).view(np.int64))
+_LN2_HI64, _LN2_LO64 = 6.93147180369123816490e-01, 1.90821492927058770002e-10
+_LOG2E32, _SHIFT32 = np.float32(_LOG2E), np.float32(1.5 * 2.0 ** 23)
+_SHIFT32_BITS = np.int32(np.float32(_SHIFT32).view(np.int32))
+_LN2_HI32, _LN2_LO32 = np.float32(0.693359375), np.float32(-2.12194440e-4)
+_HI32, _LO32, _ZERO32 = np.float32(88.0), np.float32(-87.0), np.float32(0.0)
+_C32 = tuple(np.float32(1.0 / math.factorial(k)) for k in range(8))
 
 
-@intrinsic
-def _bits_to_float(typingctx, bits):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float64))
-
-    return types.float64(types.int64), codegen
-
-
-@njit
-def _exp_real(x):
-    """e^x = 2^k e^r with k = round(x / ln2), |r| <= ln2/2, e^r by its Taylor polynomial to degree 12
-    (truncation < 2e-17 relative); 2^k built from its exponent bits. Max error 1.5 ulp against libm
-    on [-708, 708] (tests/test_kernels.py); the argument is clamped there, and NaN/Inf propagate."""
-    y = min(max(x, -708.0), 708.0)
-    k = math.floor(y * _LOG2E + 0.5)
-    r = y - k * _LN2_HI - k * _LN2_LO
+@njit(fastmath={"contract"})  # fused multiply-adds only: NaN/Inf semantics are kept
+def _exp_f64(x):
+    """Within 3 ulp of libm over [-708, 709] (tests/test_kernels.py); NaN and +-Inf give NaN, which
+    the divergence checks catch (an infinite state is a diverged one)."""
+    y = 709.0 if x > 709.0 else (-708.0 if x < -708.0 else x)
+    t = y * _LOG2E + _SHIFT64
+    k = t - _SHIFT64
+    r = (y - k * _LN2_HI64) - k * _LN2_LO64
     p = 1.0 + r * (1.0 + r * (1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (
         1 / 720 + r * (1 / 5040 + r * (1 / 40320 + r * (1 / 362880 + r * (1 / 3628800 + r * (
             1 / 39916800 + r * (1 / 479001600))))))))))))
-    return p * _bits_to_float((np.int64(k) + 1023) << 52) + 0.0 * x
+    return p * _bits_f64((_f64_bits(t) - _SHIFT64_BITS + 1023) << 52) + 0.0 * x
+
+
+@njit(fastmath={"contract"})
+def _exp_f32(x):
+    """The float32 version: 2 ulp of float32, as numpy's and torch's float32 exp."""
+    c0, c1, c2, c3, c4, c5, c6, c7 = _C32
+    y = _HI32 if x > _HI32 else (_LO32 if x < _LO32 else x)
+    t = y * _LOG2E32 + _SHIFT32
+    k = t - _SHIFT32
+    r = (y - k * _LN2_HI32) - k * _LN2_LO32
+    p = c0 + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7))))))
+    return p * _bits_f32(np.int32((_f32_bits(t) - _SHIFT32_BITS + 127) << 23)) + _ZERO32 * x
 
 
 def fast_exp(x):
-    """exp for the kernels: the polynomial above for real x, np.exp for complex x."""
+    """exp in the state's own precision: the polynomials above for real x, np.exp for complex x."""
     return np.exp(x)
 
 
@@ -78,7 +110,21 @@ def fast_exp(x):
 def _fast_exp(x):
     if isinstance(x, types.Complex):
         return lambda x: np.exp(x)
-    return lambda x: _exp_real(x)
+    if x == types.float32:
+        return lambda x: _exp_f32(x)
+    return lambda x: _exp_f64(np.float64(x))
+
+
+def lit(array, value):
+    """``value`` as a scalar of the array's precision, so that float32 arithmetic stays float32."""
+    return value
+
+
+@overload(lit, jit_options={"error_model": "numpy"})
+def _lit(array, value):
+    if array.dtype == types.float32:
+        return lambda array, value: np.float32(value)
+    return lambda array, value: value
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,8 +132,8 @@ def _fast_exp(x):
 # code once per row and run one tight loop per activation, so that every loop vectorises.
 # --------------------------------------------------------------------------------------------
 @njit
-def _logistic(x):
-    return 1.0 / (1.0 + fast_exp(-x))
+def _logistic(x, one):
+    return one / (one + fast_exp(-x))
 
 
 @njit
@@ -102,24 +148,25 @@ def _hard_sigmoid_prime(z):
 
 
 @njit
-def _dsilu(z):
-    return 0.5 * z * _logistic(z) + (1.0 - 0.5 * z) * _logistic(z - 2.0)
+def _dsilu(z, half, one, two):
+    return half * z * _logistic(z, one) + (one - half * z) * _logistic(z - two, one)
 
 
 @njit
-def _dsilu_prime(z):
-    s0 = _logistic(z)
-    s2 = _logistic(z - 2.0)
-    return 0.5 * s0 + 0.5 * z * s0 * (1.0 - s0) - 0.5 * s2 + (1.0 - 0.5 * z) * s2 * (1.0 - s2)
+def _dsilu_prime(z, half, one, two):
+    s0 = _logistic(z, one)
+    s2 = _logistic(z - two, one)
+    return half * s0 + half * z * s0 * (one - s0) - half * s2 + (one - half * z) * s2 * (one - s2)
 
 
-@njit
+@njit(inline="always")  # a call per row costs more than the row's work
 def rho_row(code, y, r):
     """r = rho(y) for one row of neurons sharing an activation."""
     m = y.shape[0]
+    half, one, two, four = lit(y, 0.5), lit(y, 1.0), lit(y, 2.0), lit(y, 4.0)
     if code == LOGISTIC:
         for b in range(m):
-            r[b] = _logistic(4.0 * y[b] - 2.0)
+            r[b] = _logistic(four * y[b] - two, one)
     elif code == HARD_SIGMOID:
         for b in range(m):
             r[b] = _hard_sigmoid(y[b])
@@ -128,33 +175,34 @@ def rho_row(code, y, r):
             r[b] = np.tanh(y[b])
     elif code == DSILU:
         for b in range(m):
-            r[b] = _dsilu(y[b])
+            r[b] = _dsilu(y[b], half, one, two)
     else:
         for b in range(m):
             r[b] = y[b]
 
 
-@njit
+@njit(inline="always")  # a call per row costs more than the row's work
 def rho_prime_row(code, y, d):
     """d = rho'(y) for one row of neurons sharing an activation."""
     m = y.shape[0]
+    half, one, two, four = lit(y, 0.5), lit(y, 1.0), lit(y, 2.0), lit(y, 4.0)
     if code == LOGISTIC:
         for b in range(m):
-            s = _logistic(4.0 * y[b] - 2.0)
-            d[b] = 4.0 * s * (1.0 - s)
+            s = _logistic(four * y[b] - two, one)
+            d[b] = four * s * (one - s)
     elif code == HARD_SIGMOID:
         for b in range(m):
             d[b] = _hard_sigmoid_prime(y[b])
     elif code == TANH:
         for b in range(m):
             t = np.tanh(y[b])
-            d[b] = 1.0 - t * t
+            d[b] = one - t * t
     elif code == DSILU:
         for b in range(m):
-            d[b] = _dsilu_prime(y[b])
+            d[b] = _dsilu_prime(y[b], half, one, two)
     else:
         for b in range(m):
-            d[b] = 1.0 + 0.0 * y[b]
+            d[b] = one + 0.0 * y[b]
 
 
 @njit
@@ -185,13 +233,27 @@ def _add_rows(t, out, start):
 
 
 @njit
-def weights_times(r, wbuf, conn, tmp, out):
-    """out += W r  (all connections between state layers)."""
+def weights_times(r, wbuf, conn, layer_off, tmp, out):
+    """out = W r (all connections between state layers). The first connection into a layer writes its
+    product straight into ``out``; later ones go through ``tmp``; layers nothing projects to get 0."""
+    for l in range(layer_off.shape[0] - 1):
+        fed = False
+        for c in range(conn.shape[0]):
+            fed = fed or conn[c, 3] == layer_off[l]
+        if not fed:
+            out[layer_off[l]:layer_off[l + 1]] = 0.0
     for c in range(conn.shape[0]):
         wo, pa, pn, qa, qn = conn[c, 0], conn[c, 1], conn[c, 2], conn[c, 3], conn[c, 4]
-        t = tmp[:qn]
-        np.dot(wbuf[wo:wo + qn * pn].reshape((qn, pn)), r[pa:pa + pn], t)
-        _add_rows(t, out, qa)
+        first = True
+        for e in range(c):
+            first = first and conn[e, 3] != qa
+        w = wbuf[wo:wo + qn * pn].reshape((qn, pn))
+        if first:
+            np.dot(w, r[pa:pa + pn], out[qa:qa + qn])
+        else:
+            t = tmp[:qn]
+            np.dot(w, r[pa:pa + pn], t)
+            _add_rows(t, out, qa)
 
 
 @njit
@@ -205,20 +267,11 @@ def weights_transpose_times(w, wbuf, conn, tmp, out):
 
 
 @njit
-def nonleak(r, drive, wbuf, conn, tmp, out):
-    """out = N = W r + drive, the non-leak part of F for activities r = rho(u)."""
-    out[:, :] = drive
-    weights_times(r, wbuf, conn, tmp, out)
-
-
-# --------------------------------------------------------------------------------------------
-# The vector field and its derivatives (what every gradient method is built from)
-# --------------------------------------------------------------------------------------------
-@njit
 def field(u, drive, wbuf, conn, layer_off, layer_act, tmp, r, out):
     """out = F(u) = -u + W rho(u) + drive  (r receives rho(u))."""
     activate(u, layer_off, layer_act, r)
-    nonleak(r, drive, wbuf, conn, tmp, out)
+    weights_times(r, wbuf, conn, layer_off, tmp, out)
+    out += drive
     out -= u
 
 
@@ -227,8 +280,8 @@ def jvp(u, v, wbuf, conn, layer_off, layer_act, tmp, d, out):
     """out = J v = -v + W (rho'(u) * v),  J = dF/du (without the 1/tau of the ODE)."""
     activate_prime(u, layer_off, layer_act, d)
     d *= v
-    out[:, :] = -v
-    weights_times(d, wbuf, conn, tmp, out)
+    weights_times(d, wbuf, conn, layer_off, tmp, out)
+    out -= v
 
 
 @njit
@@ -276,189 +329,118 @@ def phi(k, z):
 
 
 @njit
-def exponential_coefficients(method, h, tauinv, ecz, ha, hb):
-    """Coefficients of an exponential Runge-Kutta step of size h for every neuron (z = -h/tau):
+def coefficients(family, method, h, a, bw, tauinv, alpha, coef):
+    """Coefficients of one step of size h, per neuron (z = -h/tau), in the form shared by all steppers:
 
-        Y_i = ecz[i] * u + sum_j ha[i, j] * N_j,     u_next = ecz[s] * u + sum_j hb[j] * N_j
+        Y_i = alpha[i] u + sum_{j<i} coef[i, j] S_j   (stage points, i < s),
+        u_next = alpha[s] u + sum_{j<s} coef[s, j] S_j,
 
-    (ha and hb include the factor h/tau.)  ETD1 and ETD2RK as in REFERENCES section 2; ETDRK4 is
-    Cox & Matthews (2002) eq. (26)-(29) written with phi_1..phi_3."""
-    n = tauinv.shape[0]
-    for i in range(n):
+    where S_j is the stage slope k_j = F(Y_j)/tau for an explicit RK method (alpha = 1, coef = h a,
+    last row h b) and N(Y_j) for an exponential one, whose coefficients include the factor h/tau:
+    ETD1 and ETD2RK as in REFERENCES section 2, ETDRK4 of Cox & Matthews (2002) eq. (26)-(29) written
+    with phi_1..phi_3."""
+    s = coef.shape[1]
+    for i in range(tauinv.shape[0]):
+        if family == EXPLICIT_RK:
+            for q in range(s + 1):
+                alpha[q, i] = 1.0
+                for j in range(s):
+                    coef[q, j, i] = h * (a[q, j] if q < s else bw[j])
+            continue
         g = h * tauinv[i]
         z = -g
         p1 = phi(1, z)
+        alpha[0, i] = 1.0
         if method == ETD1:
-            ecz[0, i] = 1.0
-            ecz[1, i] = math.exp(z)
-            hb[0, i] = g * p1
+            alpha[1, i] = math.exp(z)
+            coef[1, 0, i] = g * p1
         elif method == ETD2RK:
             p2 = phi(2, z)
-            ecz[0, i] = 1.0
-            ecz[1, i] = math.exp(z)
-            ecz[2, i] = ecz[1, i]
-            ha[1, 0, i] = g * p1
-            hb[0, i] = g * (p1 - p2)
-            hb[1, i] = g * p2
+            alpha[1, i] = math.exp(z)
+            alpha[2, i] = alpha[1, i]
+            coef[1, 0, i] = g * p1
+            coef[2, 0, i] = g * (p1 - p2)
+            coef[2, 1, i] = g * p2
         else:
             p2 = phi(2, z)
             p3 = phi(3, z)
             eh = math.exp(0.5 * z)
             q = 0.5 * g * phi(1, 0.5 * z)  # (h/2)/tau * phi_1(z/2)
-            ecz[0, i] = 1.0
-            ecz[1, i] = eh
-            ecz[2, i] = eh
-            ecz[3, i] = math.exp(z)
-            ecz[4, i] = ecz[3, i]
-            ha[1, 0, i] = q
-            ha[2, 1, i] = q
-            ha[3, 0, i] = q * (eh - 1.0)
-            ha[3, 2, i] = 2.0 * q
-            hb[0, i] = g * (p1 - 3.0 * p2 + 4.0 * p3)
-            hb[1, i] = g * (2.0 * p2 - 4.0 * p3)
-            hb[2, i] = hb[1, i]
-            hb[3, i] = g * (4.0 * p3 - p2)
+            alpha[1, i] = eh
+            alpha[2, i] = eh
+            alpha[3, i] = math.exp(z)
+            alpha[4, i] = alpha[3, i]
+            coef[1, 0, i] = q
+            coef[2, 1, i] = q
+            coef[3, 0, i] = q * (eh - 1.0)
+            coef[3, 2, i] = 2.0 * q
+            coef[4, 0, i] = g * (p1 - 3.0 * p2 + 4.0 * p3)
+            coef[4, 1, i] = g * (2.0 * p2 - 4.0 * p3)
+            coef[4, 2, i] = coef[4, 1, i]
+            coef[4, 3, i] = g * (4.0 * p3 - p2)
 
 
-# --------------------------------------------------------------------------------------------
-# Stage combinations, fused with the activation of the new point
-# --------------------------------------------------------------------------------------------
 @njit
-def stage_rk(i, h, a, u, k, layer_off, layer_act, y, r):
-    """Explicit RK stage: y = u + h sum_j a[i, j] k_j,  r = rho(y)."""
+def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, stages,
+               layer_off, layer_act, relax, res, umax, ew, h, rtol, atol, blowup, ynext, rnext):
+    """Everything between two weight products, fused row by row while the row is in cache:
+
+    1. (if ``compute``) the slope of stage i from its weight product wr = W rho(Y_i):
+       S_i = (wr + drive - Y_i)/tau (explicit RK) or S_i = wr + drive (exponential);
+    2. at stage 0 of a relaxation, the per-sample residual max_i |F_i(u)| and max_i |u_i|;
+    3. the next stage point Y_{i+1} and its activity, or, after the last stage, the new state with
+       its activity, its blow-up check and (embedded pairs) the error estimate.
+
+    Returns (number of entries that are NaN/Inf or beyond ``blowup``, sum of squared scaled errors)."""
+    s = coef.shape[1]
+    last = i + 1 == s
+    bad = 0
+    err2 = 0.0
+    with_err = last and ew.shape[0] > 0
+    if relax and i == 0:
+        res[:] = 0.0
+        umax[:] = 0.0
+    q = i + 1  # the row of coefficients that forms the next point
+    nb = u.shape[1]
     for l in range(layer_act.shape[0]):
-        code = layer_act[l]
         for p in range(layer_off[l], layer_off[l + 1]):
-            for b in range(u.shape[1]):
-                y[p, b] = u[p, b]
-            for j in range(i):
-                c = h * a[i, j]
+            if compute:
+                if family == EXPLICIT_RK:
+                    ti = tauinv[p]
+                    for b in range(nb):
+                        stages[i, p, b] = (wr[p, b] + drive[p, b] - y[p, b]) * ti
+                else:
+                    for b in range(nb):
+                        stages[i, p, b] = wr[p, b] + drive[p, b]
+            if relax and i == 0:
+                for b in range(nb):
+                    if family == EXPLICIT_RK:
+                        f = abs(stages[0, p, b] * tau[p])
+                    else:
+                        f = abs(stages[0, p, b] - u[p, b])
+                    if f > res[b] or f != f:  # a NaN stays
+                        res[b] = f
+                    umax[b] = max(umax[b], abs(u[p, b]))
+            e, c = alpha[q, p], coef[q, 0, p]
+            for b in range(nb):
+                ynext[p, b] = e * u[p, b] + c * stages[0, p, b]
+            for j in range(1, q):
+                c = coef[q, j, p]
                 if c != 0.0:
-                    for b in range(u.shape[1]):
-                        y[p, b] += c * k[j, p, b]
-            rho_row(code, y[p], r[p])
-
-
-@njit
-def stage_exponential(i, ecz, ha, u, nl, layer_off, layer_act, y, r):
-    """Exponential RK stage: y = ecz[i] u + sum_j ha[i, j] N_j,  r = rho(y)."""
-    for l in range(layer_act.shape[0]):
-        code = layer_act[l]
-        for p in range(layer_off[l], layer_off[l + 1]):
-            e = ecz[i, p]
-            for b in range(u.shape[1]):
-                y[p, b] = e * u[p, b]
-            for j in range(i):
-                c = ha[i, j, p]
-                if c != 0.0:
-                    for b in range(u.shape[1]):
-                        y[p, b] += c * nl[j, p, b]
-            rho_row(code, y[p], r[p])
-
-
-@njit
-def rates(nl, y, tauinv, k):
-    """k = du/dt = (N - y) / tau."""
-    for p in range(y.shape[0]):
-        ti = tauinv[p]
-        for b in range(y.shape[1]):
-            k[p, b] = (nl[p, b] - y[p, b]) * ti
-
-
-@njit
-def residual_norms(f, scale, u, rtol, atol, res):
-    """Per sample: res[b] = max_i |f[i, b] * scale[i]|; returns True when every sample satisfies
-    res[b] <= atol + rtol * max_i |u[i, b]| (the steady-state stop of REFERENCES section 2)."""
-    done = True
-    for b in range(u.shape[1]):
-        m = 0.0
-        um = 0.0
-        for p in range(u.shape[0]):
-            v = abs(f[p, b] * scale[p])
-            if not (v <= m):  # also catches NaN
-                m = v
-            w = abs(u[p, b])
-            if w > um:
-                um = w
-        res[b] = m
-        if not (m <= atol + rtol * um):
-            done = False
-    return done
-
-
-@njit
-def residual_exponential(nl0, u, rtol, atol, res):
-    """Per-sample residual max_i |N_i - u_i| = |F| and the same stopping test as residual_norms."""
-    done = True
-    for b in range(u.shape[1]):
-        m = 0.0
-        um = 0.0
-        for p in range(u.shape[0]):
-            v = abs(nl0[p, b] - u[p, b])
-            if not (v <= m):
-                m = v
-            w = abs(u[p, b])
-            if w > um:
-                um = w
-        res[b] = m
-        if not (m <= atol + rtol * um):
-            done = False
-    return done
-
-
-@njit
-def finish_rk(h, bw, ew, u, k, s, rtol, atol, blowup, layer_off, layer_act, unew, rnew):
-    """unew = u + h sum_j bw[j] k_j, rnew = rho(unew).  Returns (finite, err) where err is the RMS of
-    h sum_j ew[j] k_j / (atol + rtol max(|u|, |unew|)) (0 without an embedded pair)."""
-    finite = True
-    acc = 0.0
-    with_err = ew.shape[0] > 0
-    for l in range(layer_act.shape[0]):
-        code = layer_act[l]
-        for p in range(layer_off[l], layer_off[l + 1]):
-            for b in range(u.shape[1]):
-                unew[p, b] = u[p, b]
-            for j in range(s):
-                c = h * bw[j]
-                if c != 0.0:
-                    for b in range(u.shape[1]):
-                        unew[p, b] += c * k[j, p, b]
-            if with_err:
-                for b in range(u.shape[1]):
-                    e = 0.0 * u[p, b]
-                    for j in range(s):
-                        e += ew[j] * k[j, p, b]
-                    sc = atol + rtol * max(abs(u[p, b]), abs(unew[p, b]))
-                    q = abs(h * e) / sc
-                    acc += q * q
-            for b in range(u.shape[1]):
-                if not (abs(unew[p, b]) <= blowup):
-                    finite = False
-            rho_row(code, unew[p], rnew[p])
-    if with_err:
-        return finite, math.sqrt(acc / (u.shape[0] * u.shape[1]))
-    return finite, 0.0
-
-
-@njit
-def finish_exponential(s, ecz, hb, u, nl, blowup, layer_off, layer_act, unew, rnew):
-    """unew = ecz[s] u + sum_j hb[j] N_j, rnew = rho(unew); returns whether unew is finite and bounded."""
-    finite = True
-    for l in range(layer_act.shape[0]):
-        code = layer_act[l]
-        for p in range(layer_off[l], layer_off[l + 1]):
-            e = ecz[s, p]
-            for b in range(u.shape[1]):
-                unew[p, b] = e * u[p, b]
-            for j in range(s):
-                c = hb[j, p]
-                for b in range(u.shape[1]):
-                    unew[p, b] += c * nl[j, p, b]
-            for b in range(u.shape[1]):
-                if not (abs(unew[p, b]) <= blowup):
-                    finite = False
-            rho_row(code, unew[p], rnew[p])
-    return finite
+                    for b in range(nb):
+                        ynext[p, b] += c * stages[j, p, b]
+            if last:
+                for b in range(nb):
+                    bad += 0 if abs(ynext[p, b]) <= blowup else 1
+                if with_err:
+                    for b in range(nb):
+                        d = 0.0 * ynext[p, b]
+                        for j in range(s):
+                            d += ew[j] * stages[j, p, b]
+                        sc = abs(h * d) / (atol + rtol * max(abs(u[p, b]), abs(ynext[p, b])))
+                        err2 += sc * sc
+            rho_row(layer_act[l], ynext[p], rnext[p])
+    return bad, err2
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,16 +452,17 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         t0, t_end, dt, rtol, atol, h_min, max_steps, blowup,
         t_save, saved, relax, res_rtol, res_atol, residual, res_trace, t_trace, u_out):
     """Integrate tau du/dt = -u + N(u) from (t0, u) with the stepper described by
-    (family, method, a, bw, ew, fsal, adaptive).
+    (family, method, a, bw, ew, fsal, adaptive):
 
     * explicit RK (family 0): tableau ``a`` (s x s), weights ``bw``, error weights ``ew`` = b - b_hat
       (empty for fixed-step methods); ``fsal``: the last stage is the next step's first; adaptive
-      steps use Hairer's PI controller (DOPRI5: beta = 0.04, safety 0.9, factor in [0.2, 10]).
-    * exponential RK (family 1): ``method`` selects the coefficients of exponential_coefficients.
+      steps use Hairer's PI controller (DOPRI5: beta = 0.04, safety 0.9, factor in [0.2, 10]);
+    * exponential RK (family 1): ``method`` selects the coefficients (see ``coefficients``).
 
-    Steps land exactly on the save times ``t_save`` (states written to ``saved``). With ``relax``
-    the loop stops as soon as every sample satisfies the residual test at the current state (checked
-    from the first stage of each step, so it costs no extra field evaluation) or when t_end or
+    A step is s weight products, each followed by one fused ``stage_pass``. Steps land exactly on the
+    save times ``t_save`` (states written to ``saved``). With ``relax`` the loop stops as soon as every
+    sample satisfies max_i |F_i(u)| <= res_atol + res_rtol max_i |u_i| at the current state (checked
+    from the first stage of each step, so it costs no extra field evaluation), or fails when t_end or
     max_steps is reached; ``res_trace[step]`` records the largest residual over the batch and
     ``t_trace[step]`` the time.
 
@@ -489,20 +472,20 @@ def run(family, method, a, bw, ew, fsal, adaptive,
     s = bw.shape[0]
     ns = t_save.shape[0]
     dtype = u.dtype
-    y = np.empty_like(u)
-    r = np.empty_like(u)
-    unew = np.empty_like(u)
-    rnew = np.empty_like(u)
-    stages = np.empty((s + 1, n, nb), dtype)  # k_j (explicit RK) or N_j (exponential)
+    r = np.empty_like(u)  # rho(u)
+    unew, rnew = np.empty_like(u), np.empty_like(u)
+    ya, ra, yb, rb = np.empty_like(u), np.empty_like(u), np.empty_like(u), np.empty_like(u)
+    wr = np.empty_like(u)  # W rho(Y_i)
+    stages = np.empty((s, n, nb), dtype)
     maxrows = 1
     for c in range(conn.shape[0]):
         maxrows = max(maxrows, conn[c, 2], conn[c, 4])
     tmp = np.empty((maxrows, nb), dtype)
     rdt = tauinv.dtype
-    ecz = np.zeros((s + 1, n), rdt)
-    ha = np.zeros((s, s, n), rdt)
-    hb = np.zeros((s, n), rdt)
+    alpha = np.zeros((s + 1, n), rdt)
+    coef = np.zeros((s + 1, s, n), rdt)
     h_coef = -1.0
+    umax = np.zeros(nb)
 
     t = t0
     step = 0
@@ -513,7 +496,7 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         saved[k] = u
         k += 1
     activate(u, layer_off, layer_act, r)
-    first_ready = False
+    first_ready = False  # is S_0 (the slope at u) known?
     facold = 1e-4
     h = dt
     status = SUCCESS
@@ -524,36 +507,6 @@ def run(family, method, a, bw, ew, fsal, adaptive,
             if step >= max_steps:
                 status = MAX_STEPS
                 break
-        # First stage at the current state; it also gives the residual F(u).
-        if not first_ready:
-            if family == EXPLICIT_RK:
-                nonleak(r, drive, wbuf, conn, tmp, y)
-                rates(y, u, tauinv, stages[0])
-            else:
-                nonleak(r, drive, wbuf, conn, tmp, stages[0])
-            nfev += 1
-            first_ready = True
-        if relax:
-            if family == EXPLICIT_RK:
-                done = residual_norms(stages[0], tau, u, res_rtol, res_atol, residual)
-            else:
-                done = residual_exponential(stages[0], u, res_rtol, res_atol, residual)
-            worst = 0.0
-            for b in range(nb):
-                if not (residual[b] <= worst):
-                    worst = residual[b]
-            if step < res_trace.shape[0]:
-                res_trace[step] = worst
-                t_trace[step] = t
-            if not (worst == worst and worst <= blowup):
-                status = DIVERGED
-                break
-            if done:
-                break
-            if t >= t_end or step >= max_steps:
-                status = NOT_CONVERGED
-                break
-
         # Step size: land exactly on the next save time (a step within 1e-7 h of it is stretched).
         target = t_end
         if k < ns and t_save[k] < target:
@@ -561,44 +514,74 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         hh = h
         if target - (t + hh) <= 1e-7 * hh:
             hh = target - t
-        if adaptive and hh < h_min:
+        if adaptive and hh < h_min and not relax:
             status = STEP_TOO_SMALL
             break
+        if abs(hh - h_coef) > 4e-16 * hh:
+            coefficients(family, method, hh, a, bw, tauinv, alpha, coef)
+            h_coef = hh
 
-        if family == EXPLICIT_RK:
-            for i in range(1, s):
-                stage_rk(i, hh, a, u, stages, layer_off, layer_act, y, r)
-                nonleak(r, drive, wbuf, conn, tmp, unew)
-                rates(unew, y, tauinv, stages[i])
+        stop = False
+        bad = 0
+        err2 = 0.0
+        ycur, rcur = u, r
+        for i in range(s):
+            compute = i > 0 or not first_ready
+            if compute:
+                weights_times(rcur, wbuf, conn, layer_off, tmp, wr)
                 nfev += 1
-            finite, err = finish_rk(hh, bw, ew, u, stages, s, rtol, atol, blowup,
-                                    layer_off, layer_act, unew, rnew)
-        else:
-            if abs(hh - h_coef) > 4e-16 * hh:
-                exponential_coefficients(method, hh, tauinv, ecz, ha, hb)
-                h_coef = hh
-            for i in range(1, s):
-                stage_exponential(i, ecz, ha, u, stages, layer_off, layer_act, y, r)
-                nonleak(r, drive, wbuf, conn, tmp, stages[i])
-                nfev += 1
-            finite = finish_exponential(s, ecz, hb, u, stages, blowup, layer_off, layer_act,
-                                        unew, rnew)
-            err = 0.0
+            last = i + 1 == s
+            if last:
+                yout, rout = unew, rnew
+            elif i % 2 == 0:
+                yout, rout = ya, ra
+            else:
+                yout, rout = yb, rb
+            bad, err2 = stage_pass(i, compute, family, wr, drive, ycur, tauinv, tau, alpha, coef, u,
+                                   stages, layer_off, layer_act, relax, residual, umax, ew, hh,
+                                   rtol, atol, blowup, yout, rout)
+            ycur, rcur = yout, rout
+            first_ready = True
+            if relax and i == 0:
+                worst = 0.0
+                done = True
+                for b in range(nb):
+                    if residual[b] > worst or residual[b] != residual[b]:
+                        worst = residual[b]
+                    if not (residual[b] <= res_atol + res_rtol * umax[b]):
+                        done = False
+                if step < res_trace.shape[0]:
+                    res_trace[step] = worst
+                    t_trace[step] = t
+                stop = True
+                if not (worst <= blowup):
+                    status = DIVERGED
+                elif done:
+                    pass
+                elif t >= t_end or step >= max_steps:
+                    status = NOT_CONVERGED
+                elif adaptive and hh < h_min:
+                    status = STEP_TOO_SMALL
+                else:
+                    stop = False
+                if stop:
+                    break
+        if stop:
+            break
 
         if adaptive:
+            err = math.sqrt(err2 / (n * nb))
             if not (err == err):
                 err = 1e10  # a NaN in the error: reject and shrink
             fac11 = err ** 0.17
             if err > 1.0:
                 rejected += 1
                 h = hh / min(5.0, fac11 / 0.9)
-                # r was overwritten by the stages: restore rho(u) for the retried step
-                activate(u, layer_off, layer_act, r)
                 continue
             fac = max(0.1, min(5.0, fac11 / facold ** 0.04 / 0.9))
             facold = max(err, 1e-4)
             h_next = hh / fac
-        if not finite:
+        if bad > 0:
             status = DIVERGED
             break
 
