@@ -290,7 +290,9 @@ class Network:
             raise SubstrateValueError(f"x is complex but the states are {drive.dtype}; pass dtype='complex128'")
         for c in self.connections:
             if c.pre in self._input:
-                drive[self.slices[c.post]] += self.effective_weight(c) @ xs[c.pre].T
+                # in the state's precision: a float32 network projects float32 inputs (half the cost)
+                x = xs[c.pre].astype(dtype, copy=False)
+                drive[self.slices[c.post]] += self.effective_weight(c).astype(dtype, copy=False) @ x.T
         return drive
 
     def check_inputs(self, x) -> dict:
