@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -57,8 +56,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from numba import njit, types
-from numba.extending import intrinsic
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -200,119 +197,6 @@ def torchdiffeq_euler(p: Problem, steps, field):
         u = torchdiffeq.odeint(field, torch.zeros_like(field.drive), t, method="euler",
                                options=dict(step_size=DT))
     return u[-1].numpy()
-
-
-# ============================================================================================ prototypes
-# Not the engine: what its activation and its Euler step could cost. Numba cannot vectorise a loop that
-# calls exp (llvmlite has no SVML), nor one containing a float division under the default
-# error_model="python" (the division checks for zero and may raise). Below, exp is range-reduced
-# (x = k ln2 + r, |r| <= ln2/2) with a Taylor polynomial for e^r and 2^k built from its bits, in the
-# state's own precision (float32 states use a float32 polynomial of degree 7), and the loops are compiled
-# with error_model="numpy"; LLVM then vectorises them (AVX-512 / AVX2). The only fast-math flag is
-# "contract" (fused multiply-adds), which keeps the NaN comparisons meaningful.
-def _bitcast(src, dst):
-    @intrinsic
-    def cast(typingctx, x):
-        if x != src:
-            return None
-
-        def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], context.get_value_type(dst))
-        return dst(src), codegen
-    return cast
-
-
-_f64_bits, _bits_f64 = _bitcast(types.float64, types.int64), _bitcast(types.int64, types.float64)
-_f32_bits, _bits_f32 = _bitcast(types.float32, types.int32), _bitcast(types.int32, types.float32)
-
-_F64 = dict(log2e=1.4426950408889634, ln2_hi=6.93147180369123816490e-01, ln2_lo=1.90821492927058770002e-10,
-            shift=1.5 * 2.0**52, hi=709.0, lo=-708.0)
-_SHIFT64_BITS = np.float64(_F64["shift"]).view(np.int64).item()
-_C64 = tuple(1.0 / math.factorial(k) for k in range(13))  # Taylor to r^12: < 1 ulp on |r| <= ln2/2
-_F32 = {k: np.float32(v) for k, v in dict(log2e=1.4426950408889634, ln2_hi=0.693359375,
-                                            ln2_lo=-2.12194440e-4, shift=1.5 * 2.0**23, hi=88.0,
-                                            lo=-87.0).items()}
-_SHIFT32_BITS = np.int32(_F32["shift"].view(np.int32))
-_C32 = tuple(np.float32(1.0 / math.factorial(k)) for k in range(8))
-_ONE32, _TWO32, _FOUR32 = np.float32(1.0), np.float32(2.0), np.float32(4.0)
-
-
-def _make_exp64():
-    log2e, ln2_hi, ln2_lo, shift, hi, lo = (_F64[k] for k in ("log2e", "ln2_hi", "ln2_lo", "shift", "hi", "lo"))
-    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12 = _C64
-    sbits = _SHIFT64_BITS
-
-    @njit(inline="always")
-    def vexp(x):
-        x = hi if x > hi else x        # comparisons written so that NaN passes through
-        x = lo if x < lo else x
-        y = x * log2e + shift          # k = round(x / ln2) sits in the low mantissa bits of y
-        kf = y - shift
-        r = (x - kf * ln2_hi) - kf * ln2_lo
-        p = ((((((((((((c12 * r + c11) * r + c10) * r + c9) * r + c8) * r + c7) * r + c6) * r + c5) * r
-                   + c4) * r + c3) * r + c2) * r + c1) * r + c0)
-        return p * _bits_f64((_f64_bits(y) - sbits + 1023) << 52)
-    return vexp
-
-
-def _make_exp32():
-    log2e, ln2_hi, ln2_lo, shift, hi, lo = (_F32[k] for k in ("log2e", "ln2_hi", "ln2_lo", "shift", "hi", "lo"))
-    c0, c1, c2, c3, c4, c5, c6, c7 = _C32
-    sbits = _SHIFT32_BITS
-
-    @njit(inline="always")
-    def vexp(x):
-        x = hi if x > hi else x
-        x = lo if x < lo else x
-        y = x * log2e + shift
-        kf = y - shift
-        r = (x - kf * ln2_hi) - kf * ln2_lo
-        p = (((((((c7 * r + c6) * r + c5) * r + c4) * r + c3) * r + c2) * r + c1) * r + c0)
-        return p * _bits_f32(np.int32((_f32_bits(y) - sbits + 127) << 23))
-    return vexp
-
-
-def _make_prototypes(vexp, one, two, four):
-    @njit(error_model="numpy", fastmath={"contract"})  # contract: FMAs only; NaN/Inf semantics kept
-    def logistic(u, out):
-        for i in range(u.shape[0]):
-            for b in range(u.shape[1]):
-                out[i, b] = one / (one + vexp(two - four * u[i, b]))
-
-    @njit(error_model="numpy", fastmath={"contract"})
-    def euler(u, drive, W1, B, steps, h, blowup):
-        """Fused Euler: per step two GEMMs, then one pass that updates u, checks it and computes the
-        next activations (what ``run`` does in nonleak + rates + finish_rk, in fewer passes)."""
-        n_h = B.shape[0]
-        r = np.empty_like(u)
-        f = np.empty_like(u)
-        logistic(u, r)
-        for _ in range(steps):
-            np.dot(B, r[n_h:], f[:n_h])
-            np.dot(W1, r[:n_h], f[n_h:])
-            bad = False
-            for i in range(u.shape[0]):
-                for b in range(u.shape[1]):
-                    v = u[i, b] + h * (f[i, b] + drive[i, b] - u[i, b])
-                    bad |= not (abs(v) <= blowup)
-                    u[i, b] = v
-                    r[i, b] = one / (one + vexp(two - four * v))
-            if bad:
-                return False
-        return True
-    return logistic, euler
-
-
-@njit
-def _engine_gemms(r, wbuf, conn, blocks):
-    """The engine's weight products (as in _kernels.weights_times) without accumulating them."""
-    for c in range(conn.shape[0]):
-        wo, pa, pn, qn = conn[c, 0], conn[c, 1], conn[c, 2], conn[c, 4]
-        np.dot(wbuf[wo:wo + qn * pn].reshape((qn, pn)), r[pa:pa + pn], blocks[c, :qn])
-
-
-PROTOTYPES = {"float64": _make_prototypes(_make_exp64(), 1.0, 2.0, 4.0),
-              "float32": _make_prototypes(_make_exp32(), _ONE32, _TWO32, _FOUR32)}
 
 
 # ============================================================================================ tables

@@ -198,17 +198,18 @@ def _initial_step(vf: VectorField, u, tau_min, order, rtol, atol):
     tauinv = vf.packed.tauinv.astype(float)[None, :]
     ub = u.T
     f0 = vf(ub) * tauinv
-    scale = atol + rtol * np.abs(ub)
+    scale = np.maximum(atol + rtol * np.abs(ub), np.finfo(float).tiny)
     d0, d1 = np.sqrt(np.mean(np.abs(ub / scale) ** 2)), np.sqrt(np.mean(np.abs(f0 / scale) ** 2))
     h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
     f1 = vf(ub + h0 * f0) * tauinv
     d2 = np.sqrt(np.mean(np.abs((f1 - f0) / scale) ** 2)) / h0
     h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / (order + 1))
-    return min(100 * h0, h1, tau_min * 10)
+    h = min(100 * h0, h1, tau_min * 10)
+    return h if np.isfinite(h) and h > 0 else 1e-6 * tau_min
 
 
 def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_save, relax,
-           res_rtol, res_atol, on_failure):
+           res_rtol, res_atol):
     family, method, a, b, e, fsal, adaptive = stepper.kernel_args()
     n, nb = u.shape
     p = vf.packed
@@ -219,7 +220,7 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     h_min = 1e-12 * max(abs(t0), abs(t_end) if math.isfinite(t_end) else 0.0, float(p.tau.min()))
     saved = np.empty((len(t_save), n, nb), vf.dtype)
     residual = np.zeros(nb)
-    res_trace = np.zeros(min(max_steps, 10_000_000) + 1 if relax else 0)
+    res_trace = np.zeros(min(max_steps, 1_000_000) + 1 if relax else 0)  # the first 1e6 steps
     t_trace = np.zeros_like(res_trace)
     u_out = np.empty_like(u)
     status, t, steps, nfev, rejected = K.run(
@@ -277,8 +278,7 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
     vf, u = _prepare(network, x, u0, dtype, batch)
     status, t, steps, nfev, rej, saved, _, _, u_out = _solve(
         vf, u, stepper, t0=t0, t_end=float(t_eval[-1]), dt=dt, rtol=rtol, atol=atol,
-        max_steps=max_steps, blowup=blowup, t_save=t_eval, relax=False, res_rtol=0.0, res_atol=0.0,
-        on_failure=on_failure)
+        max_steps=max_steps, blowup=blowup, t_save=t_eval, relax=False, res_rtol=0.0, res_atol=0.0)
     residual = np.max(np.abs(vf(u_out.T)), axis=1) if status != K.DIVERGED else np.full(vf.batch, np.nan)
     n_ok = int(np.searchsorted(t_eval, t, side="right")) if status != K.SUCCESS else len(t_eval)
     message = "" if status == K.SUCCESS else (
@@ -321,7 +321,7 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
     status, t, steps, nfev, rej, _, residual, trace, u_out = _solve(
         vf, u, stepper, t0=0.0, t_end=max_time, dt=dt, rtol=step_rtol, atol=step_atol,
         max_steps=max_steps, blowup=blowup, t_save=np.zeros(0), relax=True, res_rtol=rtol,
-        res_atol=tol, on_failure=on_failure)
+        res_atol=tol)
     message = "" if status == K.SUCCESS else f"stopped at t={t:.6g} (step {steps})"
     if status == K.NOT_CONVERGED:
         message += f"; residual {residual.max():.3e} > tol {tol:g} + rtol {rtol:g} |u|"
