@@ -29,17 +29,18 @@ torch are pinned to the same count with threadpoolctl and ``torch.set_num_thread
 ``--threads`` gets its own table. The machine may be shared and noisy: every time is taken ``--repeats``
 times and the minimum and the median are reported.
 
-The breakdown (skip it with ``--no-breakdown``) times the parts of a step one by one: the activation
-alone (the engine's ``_kernels.activate``, numpy, torch, and a prototype Numba loop), the engine's
-kernels of an Euler step (nonleak, rates, finish_rk) on the benchmark's arrays, the engine stepping with
-the identity activation (a step minus its exponentials), and a prototype fused Euler kernel. The
-prototypes are not part of the engine; they show what its step could cost.
+The breakdown (skip it with ``--no-breakdown``) times the engine's own parts of an Euler step, on the
+packed arrays of ``substrate.VectorField(net, x).packed``: the activation alone (the engine's
+``_kernels.activate``, against numpy's and torch's sigmoid(4u - 2)), the weight products alone
+(``_kernels.weights_times``, against the GEMM bound), and the rest of a step, i.e. the marginal Euler
+step minus those two (the update and blow-up check of the fused ``stage_pass``, and the loop). A row
+whose private kernel no longer accepts these arguments is reported as skipped.
 
 Also reported: the first-call cost of the compiled kernels, in a fresh subprocess with an empty
 ``NUMBA_CACHE_DIR`` (cold: Numba compiles) and again with the same directory (warm: Numba loads its
 cache); and with ``--quickstart`` the wall time of ``substrate quickstart``.
 
-Run:  .venv/bin/python benchmarks/bench_step.py   (``make bench``; 1 to 2 minutes on 2 cores)
+Run:  .venv/bin/python benchmarks/bench_step.py   (``make bench``; about 40 s on 2 cores)
 """
 
 from __future__ import annotations
@@ -207,21 +208,29 @@ class Table:
     def add(self, method, dtype, threads, tmin, tmed, bound=None, note=""):
         self.rows.append((method, dtype, threads, tmin, tmed, bound, note))
 
+    def skip(self, method, dtype, threads, why):
+        """A row that could not be measured, printed with the reason instead of times."""
+        self.rows.append((method, dtype, threads, None, None, None, f"skipped: {why}"))
+
     def print(self, title):
         print(f"\n{title}")
         head = f"{'method':<46} {'dtype':<8} {'thr':>3} {'min us/step':>12} {'median':>9} {'ratio':>6} {'(med)':>6}  note"
         print(head)
         print("-" * len(head))
         for method, dtype, threads, tmin, tmed, bound, note in self.rows:
+            if tmin is None:
+                print(f"{method:<46} {dtype:<8} {threads:>3} {'-':>12} {'-':>9} {'':6} {'':6}  {note}")
+                continue
             ratio = f"{tmin / bound[0]:6.2f} {tmed / bound[1]:6.2f}" if bound else f"{'':6} {'':6}"
             print(f"{method:<46} {dtype:<8} {threads:>3} {tmin * 1e6:12.1f} {tmed * 1e6:9.1f} {ratio}  {note}")
         self.rows = []
 
 
 def step_table(args, threads, table):
-    """The main comparison at one thread count; returns the GEMM bounds per dtype."""
+    """The main comparison at one thread count; returns the GEMM bounds and the marginal Euler steps of
+    the engine, per dtype, each as (min, median) seconds per step."""
     s, reps = args.steps, args.repeats
-    bounds = {}
+    bounds, marginals = {}, {}
     for dtype in DTYPES:
         p = Problem(dtype, args.batch)
         bound = timeit(gemm_step(p), reps, number=2000)
@@ -235,6 +244,8 @@ def step_table(args, threads, table):
             short = timeit(lambda: p.substrate(s, method), reps)
             long = timeit(lambda: p.substrate(10 * s, method), reps)
             marginal = tuple((lt - st) / (9 * s) for st, lt in zip(short, long))
+            if method == "euler":
+                marginals[dtype] = marginal
             err = "" if method != "euler" else f"max|u - numpy| = {np.max(np.abs(sol.u[-1] - u_ref.T)):.1e}"
             table.add(f"substrate {method}, {s} steps/call", dtype, threads,
                       *(t / s for t in short), bound, err)
@@ -260,27 +271,48 @@ def step_table(args, threads, table):
                 t = timeit(lambda: torchdiffeq_euler(p, s, field), reps)
                 table.add("torchdiffeq odeint euler", dtype, threads, *(x / n for x in t), bound,
                           f"{n} steps; max|u - numpy| = {err:.1e}")
-    return bounds
+    return bounds, marginals
 
 
-def breakdown_table(args, threads, bounds, table):
-    """Where a step's time goes. An engine Euler step is three kernel calls of ``_kernels.run``:
-    nonleak (N = drive + W r), rates (k = (N - u)/tau) and finish_rk (u + h k, the blow-up check and
-    rho of the new state); each is timed alone on the benchmark's arrays."""
+def engine_kernel(table, name, dtype, threads, fn, check=None):
+    """Call one of the engine's private kernels once; if that fails (its signature changed), add a
+    skipped row with the reason and return None, else return ``check()`` (or True)."""
+    try:
+        fn()
+    except Exception as exc:
+        why = str(exc).strip().splitlines()
+        table.skip(name, dtype, threads, f"{type(exc).__name__}: {why[0] if why else ''}"[:120])
+        return None
+    return check() if check is not None else True
+
+
+def breakdown_table(args, threads, bounds, marginals, table):
+    """Where a step's time goes. An engine Euler step (``_kernels.run``) is one ``weights_times``
+    (W r, the two GEMMs) and one fused ``stage_pass`` (slope, update, blow-up check and the activation
+    of the new state). The activation (``_kernels.activate``, the same row loops as in ``stage_pass``)
+    and ``weights_times`` are timed alone on the benchmark's packed arrays; the rest of a step is the
+    marginal Euler step of the main table minus the two."""
     reps = args.repeats
     for dtype in DTYPES:
         p = Problem(dtype, args.batch)
         bound = bounds[dtype]
+        pk = substrate.VectorField(p.net, p.x).packed
         u = np.random.default_rng(3).normal(0.5, 1.0, p.drive.shape).astype(dtype)
         r = np.empty_like(u)
-        pk = p.net.pack(p.dtype)
         ref = 1.0 / (1.0 + np.exp(2.0 - 4.0 * u.astype(np.float64)))
 
-        # --- the activation alone, 510 x 64
-        table.add("activation: engine (_kernels.activate)", dtype, threads,
-                  *timeit(lambda: K.activate(u, pk.layer_off, pk.layer_act, r), reps, 200), bound,
-                  f"max rel. error vs f64 {np.max(np.abs(r - ref) / ref):.1e}")
-        r_np = r.copy()
+        def rel_err(a):
+            return f"max rel. error vs f64 {np.max(np.abs(a - ref) / ref):.1e}"
+
+        # --- the activation alone, (510, 64)
+        name = "activation: engine (_kernels.activate)"
+        act = None
+        ok = engine_kernel(table, name, dtype, threads, lambda: K.activate(u, pk.layer_off, pk.layer_act, r),
+                           lambda: rel_err(r))
+        if ok is not None:
+            act = timeit(lambda: K.activate(u, pk.layer_off, pk.layer_act, r), reps, 200)
+            table.add(name, dtype, threads, *act, bound, ok)
+        r_np = np.empty_like(u)
 
         def numpy_activation():
             np.multiply(u, -4, out=r_np)
@@ -288,72 +320,44 @@ def breakdown_table(args, threads, bounds, table):
             np.exp(r_np, out=r_np)
             np.add(r_np, 1, out=r_np)
             np.reciprocal(r_np, out=r_np)
-        table.add("activation: numpy (5 passes)", dtype, threads, *timeit(numpy_activation, reps, 200), bound,
-                  f"max rel. error vs f64 {np.max(np.abs(r_np - ref) / ref):.1e}")
+        t = timeit(numpy_activation, reps, 200)
+        table.add("activation: numpy (5 passes)", dtype, threads, *t, bound, rel_err(r_np))
         if torch is not None:
-            tu, tz, tr = torch.from_numpy(u), torch.from_numpy(np.empty_like(u)), torch.from_numpy(r_np)
+            r_t = np.empty_like(u)
+            tu, tz, tr = torch.from_numpy(u), torch.from_numpy(np.empty_like(u)), torch.from_numpy(r_t)
 
             def torch_activation():
                 torch.mul(tu, 4, out=tz)
                 tz.sub_(2)
                 torch.sigmoid(tz, out=tr)
-            table.add("activation: torch.sigmoid(4u - 2)", dtype, threads,
-                      *timeit(torch_activation, reps, 200), bound,
-                      f"max rel. error vs f64 {np.max(np.abs(r_np - ref) / ref):.1e}")
-        logistic, fused_euler = PROTOTYPES[dtype]
-        logistic(u, r)
-        err = np.max(np.abs(r - ref) / ref)
-        table.add("activation: prototype, vectorised exp", dtype, threads,
-                  *timeit(lambda: logistic(u, r), reps, 200), bound, f"max rel. error vs f64 {err:.1e}")
+            t = timeit(torch_activation, reps, 200)
+            table.add("activation: torch.sigmoid(4u - 2)", dtype, threads, *t, bound, rel_err(r_t))
 
-        # --- the engine's step, kernel by kernel
-        tmp = np.empty((int(pk.conn[:, [2, 4]].max()), u.shape[1]), p.dtype)
-        nl, k, unew, rnew = np.empty_like(u), np.empty((2,) + u.shape, p.dtype), np.empty_like(u), np.empty_like(u)
-        bw, ew = np.ones(1), np.zeros(0)
-        identity = np.full_like(pk.layer_act, K.IDENTITY)
-        parts = {
-            "engine weights_times (W r, + tmp add)": (lambda: K.weights_times(r, pk.wbuf, pk.conn, tmp, nl),
-                                                      "np.dot (scipy BLAS) into tmp, then out[...] += tmp"),
-            "engine nonleak (drive copy + weights_times)": (
-                lambda: K.nonleak(r, p.drive, pk.wbuf, pk.conn, tmp, nl), ""),
-            "engine rates": (lambda: K.rates(nl, u, pk.tauinv, k[0]), ""),
-            "engine finish_rk (update, check, rho)": (
-                lambda: K.finish_rk(DT, bw, ew, u, k, 1, 0.0, 0.0, 1e10, pk.layer_off, pk.layer_act, unew, rnew),
-                ""),
-            "engine finish_rk, identity rho": (
-                lambda: K.finish_rk(DT, bw, ew, u, k, 1, 0.0, 0.0, 1e10, pk.layer_off, identity, unew, rnew),
-                "update + check, no exp"),
-        }
-        got = {}
-        for name, (fn, note) in parts.items():
-            got[name] = timeit(fn, reps, 500)
-            table.add(name, dtype, threads, *got[name], bound, note)
-        total = [sum(got[n][i] for n in ("engine nonleak (drive copy + weights_times)", "engine rates",
-                                         "engine finish_rk (update, check, rho)")) for i in (0, 1)]
-        table.add("  sum: nonleak + rates + finish_rk", dtype, threads, *total, bound,
-                  "compare with 'substrate euler, marginal step'")
+        # --- the weight products, W r, on the activations of a typical state
+        r = ref.astype(dtype)
+        wr = np.empty_like(u)
+        tmp = np.empty((max([1] + [int(v) for v in pk.conn[:, [2, 4]].ravel()]), u.shape[1]), p.dtype)
+        n_h = p.n_h
+        wr_ref = np.concatenate([p.B @ r[n_h:], p.W1 @ r[:n_h]])
+        name = "engine weights_times (W r)"
+        wt = None
+        ok = engine_kernel(table, name, dtype, threads,
+                           lambda: K.weights_times(r, pk.wbuf, pk.conn, pk.layer_off, tmp, wr),
+                           lambda: f"np.dot in Numba (scipy BLAS); max|W r - numpy| = "
+                                   f"{np.max(np.abs(wr - wr_ref)):.1e}")
+        if ok is not None:
+            wt = timeit(lambda: K.weights_times(r, pk.wbuf, pk.conn, pk.layer_off, tmp, wr), reps, 2000)
+            table.add(name, dtype, threads, *wt, bound, ok)
 
-        blocks = np.empty((pk.conn.shape[0],) + tmp.shape, p.dtype)
-        table.add("the 2 GEMMs via np.dot in Numba", dtype, threads,
-                  *timeit(lambda: _engine_gemms(r, pk.wbuf, pk.conn, blocks), reps, 2000), bound,
-                  "the engine's BLAS (scipy's OpenBLAS)")
-
-        s = 10 * args.steps
-        lin = Problem(dtype, args.batch)
-        for layer in lin.net.layers:
-            layer.activation = "identity"  # same weights: an engine step minus its exponentials
-        t = timeit(lambda: lin.substrate(s), reps)
-        table.add(f"substrate euler, identity rho, {s} steps/call", dtype, threads, *(x / s for x in t), bound,
-                  "end to end, no exp")
-
-        # --- a prototype of a fused Euler step (vectorised exp, one pass after the GEMMs)
-        h, blowup = p.dtype.type(DT / TAU), p.dtype.type(1e10)
-        u0 = np.zeros_like(p.drive)
-        ok = fused_euler(u0, p.drive, p.W1, p.B, args.steps, h, blowup)
-        err = np.max(np.abs(u0 - numpy_euler(p, args.steps)))
-        t = timeit(lambda: fused_euler(np.zeros_like(p.drive), p.drive, p.W1, p.B, s, h, blowup), reps)
-        table.add(f"prototype fused Euler kernel, {s} steps", dtype, threads, *(x / s for x in t), bound,
-                  f"ok={ok}, max|u - numpy| = {err:.1e}")
+        # --- the rest of a step
+        name = "rest of a step: marginal - (W r + activation)"
+        if act is None or wt is None:
+            table.skip(name, dtype, threads, "needs both kernels above")
+        else:
+            m = marginals[dtype]
+            rest = tuple(m[i] - wt[i] - act[i] for i in (0, 1))
+            table.add(name, dtype, threads, *rest, bound,
+                      f"update + check, loop; marginal step {m[0] * 1e6:.1f} / {m[1] * 1e6:.1f} us")
 
 
 # ============================================================================================ compile time
@@ -485,12 +489,12 @@ def main(argv=None):
         try:
             print(f"\n==== {n} thread(s) ====")
             describe_threads()
-            bounds = step_table(args, n, table)
+            bounds, marginals = step_table(args, n, table)
             table.print(f"Per step: batch {args.batch}, sizes {SIZES}, dt {DT}; ratio = time / GEMM bound "
                         "(min/min, median/median)")
             if args.breakdown:
                 try:
-                    breakdown_table(args, n, bounds, table)
+                    breakdown_table(args, n, bounds, marginals, table)
                 except Exception as exc:  # it calls the engine's internal kernels, which may change
                     table.rows = []
                     print(f"\nbreakdown skipped: {type(exc).__name__}: {exc}")

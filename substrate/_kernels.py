@@ -305,12 +305,24 @@ def weight_vjp(w, r, conn, out):
 # --------------------------------------------------------------------------------------------
 # phi functions of exponential integrators (REFERENCES section 2)
 # --------------------------------------------------------------------------------------------
+def _expm1(z):
+    return np.expm1(z)
+
+
+@overload(_expm1, jit_options={"error_model": "numpy"})
+def _expm1_overload(z):
+    if isinstance(z, types.Complex):  # only called for |z| >= 1, where e^z - 1 does not cancel
+        return lambda z: np.exp(z) - 1.0
+    return lambda z: math.expm1(z)
+
+
 @njit
 def phi(k, z):
     """phi_k(z) = sum_m z^m/(m+k)!  (phi_0 = e^z); Taylor series for |z| < 1, else the recurrence
-    phi_{k+1} = (phi_k - 1/k!)/z started from phi_1 = expm1(z)/z, which has no cancellation there."""
+    phi_{k+1} = (phi_k - 1/k!)/z started from phi_1 = expm1(z)/z, which has no cancellation there.
+    Also for complex z: the gradient takes d/dtau of the coefficients by a complex step."""
     if k == 0:
-        return math.exp(z)
+        return np.exp(z)
     if abs(z) < 1.0:
         term = 1.0
         for m in range(1, k + 1):
@@ -320,7 +332,7 @@ def phi(k, z):
             term *= z / (m + k)
             total += term
         return total
-    p = math.expm1(z) / z
+    p = _expm1(z) / z
     fact = 1.0
     for j in range(1, k):
         fact *= j
@@ -352,11 +364,11 @@ def coefficients(family, method, h, a, bw, tauinv, alpha, coef):
         p1 = phi(1, z)
         alpha[0, i] = 1.0
         if method == ETD1:
-            alpha[1, i] = math.exp(z)
+            alpha[1, i] = np.exp(z)
             coef[1, 0, i] = g * p1
         elif method == ETD2RK:
             p2 = phi(2, z)
-            alpha[1, i] = math.exp(z)
+            alpha[1, i] = np.exp(z)
             alpha[2, i] = alpha[1, i]
             coef[1, 0, i] = g * p1
             coef[2, 0, i] = g * (p1 - p2)
@@ -364,11 +376,11 @@ def coefficients(family, method, h, a, bw, tauinv, alpha, coef):
         else:
             p2 = phi(2, z)
             p3 = phi(3, z)
-            eh = math.exp(0.5 * z)
+            eh = np.exp(0.5 * z)
             q = 0.5 * g * phi(1, 0.5 * z)  # (h/2)/tau * phi_1(z/2)
             alpha[1, i] = eh
             alpha[2, i] = eh
-            alpha[3, i] = math.exp(z)
+            alpha[3, i] = np.exp(z)
             alpha[4, i] = alpha[3, i]
             coef[1, 0, i] = q
             coef[2, 1, i] = q
@@ -450,7 +462,8 @@ def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, st
 def run(family, method, a, bw, ew, fsal, adaptive,
         u, drive, wbuf, conn, layer_off, layer_act, tauinv, tau,
         t0, t_end, dt, rtol, atol, h_min, max_steps, blowup,
-        t_save, saved, relax, res_rtol, res_atol, residual, res_trace, t_trace, u_out):
+        t_save, saved, relax, res_rtol, res_atol, residual, res_trace, t_trace, u_out,
+        h_record, save_step, ckpt_every, ckpt):
     """Integrate tau du/dt = -u + N(u) from (t0, u) with the stepper described by
     (family, method, a, bw, ew, fsal, adaptive):
 
@@ -466,12 +479,17 @@ def run(family, method, a, bw, ew, fsal, adaptive,
     max_steps is reached; ``res_trace[step]`` records the largest residual over the batch and
     ``t_trace[step]`` the time.
 
+    For gradients (``adjoint``): ``h_record[step]`` receives each accepted step size, ``save_step[k]``
+    the number of steps taken when t_save[k] was saved, and with ``ckpt_every`` > 0 the state after
+    every ckpt_every-th step is stored in ``ckpt`` (ckpt[0] = the initial state).
+
     Returns (status, t, steps, nfev, rejected); the final state is copied into ``u_out``.
     """
     n, nb = u.shape
     s = bw.shape[0]
     ns = t_save.shape[0]
     dtype = u.dtype
+    u = u.copy()  # the buffers are swapped below: the caller's array must not become one of them
     r = np.empty_like(u)  # rho(u)
     unew, rnew = np.empty_like(u), np.empty_like(u)
     ya, ra, yb, rb = np.empty_like(u), np.empty_like(u), np.empty_like(u), np.empty_like(u)
@@ -494,7 +512,10 @@ def run(family, method, a, bw, ew, fsal, adaptive,
     k = 0
     while k < ns and t_save[k] <= t0:
         saved[k] = u
+        save_step[k] = 0
         k += 1
+    if ckpt_every > 0:
+        ckpt[0] = u
     activate(u, layer_off, layer_act, r)
     first_ready = False  # is S_0 (the slope at u) known?
     facold = 1e-4
@@ -589,7 +610,11 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         t = target if hh != h else t + hh
         u, unew = unew, u
         r, rnew = rnew, r
+        if step < h_record.shape[0]:
+            h_record[step] = hh
         step += 1
+        if ckpt_every > 0 and step % ckpt_every == 0 and step // ckpt_every < ckpt.shape[0]:
+            ckpt[step // ckpt_every] = u
         if fsal:
             stages[0, :, :] = stages[s - 1]
         else:
@@ -599,6 +624,192 @@ def run(family, method, a, bw, ew, fsal, adaptive,
             h = max(h, h_next) if clipped else h_next
         if k < ns and t >= t_save[k]:
             saved[k] = u
+            save_step[k] = step
             k += 1
     u_out[:, :] = u
     return status, t, step, nfev, rejected
+
+
+# --------------------------------------------------------------------------------------------
+# Discrete adjoint: the exact gradient of the steps ``run`` took (REFERENCES section 3)
+# --------------------------------------------------------------------------------------------
+@njit
+def replay(family, method, a, bw, u0, nsteps, hs, drive, wbuf, conn, layer_off, layer_act, tauinv,
+           tau, ys, rs, ss, u_end):
+    """Redo ``nsteps`` steps of sizes ``hs`` from ``u0`` exactly as ``run`` does (same kernels, same
+    bits) and keep every stage: ys[m, i] = Y_i of step m (Y_0 = u_m), rs[m, i] = rho(Y_i),
+    ss[m, i] = S_i. The state after the last step goes to ``u_end``."""
+    n, nb = u0.shape
+    s = bw.shape[0]
+    alpha = np.zeros((s + 1, n), tauinv.dtype)
+    coef = np.zeros((s + 1, s, n), tauinv.dtype)
+    h_coef = -1.0
+    tmp = np.empty((max(1, n), nb), u0.dtype)
+    wr = np.empty_like(u0)
+    rnew = np.empty_like(u0)
+    dummy = np.zeros(nb)
+    ew = np.zeros(0)
+    ys[0, 0] = u0
+    activate(u0, layer_off, layer_act, rs[0, 0])
+    for m in range(nsteps):
+        h = hs[m]
+        if abs(h - h_coef) > 4e-16 * h:
+            coefficients(family, method, h, a, bw, tauinv, alpha, coef)
+            h_coef = h
+        for i in range(s):
+            weights_times(rs[m, i], wbuf, conn, layer_off, tmp, wr)
+            if i + 1 < s:
+                yout, rout = ys[m, i + 1], rs[m, i + 1]
+            elif m + 1 < nsteps:
+                yout, rout = ys[m + 1, 0], rs[m + 1, 0]
+            else:
+                yout, rout = u_end, rnew
+            stage_pass(i, True, family, wr, drive, ys[m, i], tauinv, tau, alpha, coef, ys[m, 0],
+                       ss[m], layer_off, layer_act, False, dummy, dummy, ew, h, 0.0, 1.0, np.inf,
+                       yout, rout)
+
+
+@njit
+def _scale_rows(c, x, out):
+    """out = c[p] * x[p] row by row (c per neuron)."""
+    for p in range(x.shape[0]):
+        cp = c[p]
+        for b in range(x.shape[1]):
+            out[p, b] = cp * x[p, b]
+
+
+@njit
+def _axpy_rows(c, x, out):
+    """out += c[p] * x[p] row by row."""
+    for p in range(x.shape[0]):
+        cp = c[p]
+        if cp != 0.0:
+            for b in range(x.shape[1]):
+                out[p, b] += cp * x[p, b]
+
+
+@njit
+def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys, rs, ss, wbuf, conn,
+                 layer_off, layer_act, sbar, w, ybar, dprime, tmp, gflat, gscratch, gdrive, gtau,
+                 lam_out):
+    """Backpropagate one step u -> u_next = alpha[s] u + sum_j coef[s, j] S_j (see ``coefficients``):
+    given lam = dL/du_next, write dL/du into lam_out and add the step's contributions to the
+    gradients of the packed weights (gflat), of the drive V x + b (gdrive, per sample) and of tau
+    (gtau, per neuron; dalpha/dcoef are d/dtau of the coefficients, used by exponential methods).
+
+    Reverse over the stages: the cotangent of S_j collects coef[s, j] lam and coef[i, j] Ybar_i
+    (i > j); the cotangent of N at stage i is w = Sbar_i / tau (explicit RK, S = (N - Y)/tau) or
+    w = Sbar_i (exponential, S = N); then Ybar_i = rho'(Y_i) (W^T w) (- w for explicit RK), which
+    reaches u through alpha[i]."""
+    for j in range(s):
+        _scale_rows(coef[s, j], lam, sbar[j])
+    _scale_rows(alpha[s], lam, lam_out)
+    exp_family = family == EXPONENTIAL
+    if exp_family:
+        for p in range(lam.shape[0]):
+            acc = 0.0 * lam[p, 0]
+            for b in range(lam.shape[1]):
+                v = dalpha[s, p] * ys[0, p, b]
+                for j in range(s):
+                    v += dcoef[s, j, p] * ss[j, p, b]
+                acc += lam[p, b] * v
+            gtau[p] += acc
+    for i in range(s - 1, -1, -1):
+        if exp_family:
+            w[:, :] = sbar[i]
+        else:
+            _scale_rows(tauinv, sbar[i], w)
+            for p in range(w.shape[0]):  # S = F/tau: dS/dtau = -S/tau
+                acc = 0.0 * w[p, 0]
+                for b in range(w.shape[1]):
+                    acc -= w[p, b] * ss[i, p, b]
+                gtau[p] += acc
+        weight_vjp(w, rs[i], conn, gscratch)
+        gflat += gscratch
+        gdrive += w
+        ybar[:, :] = 0.0
+        weights_transpose_times(w, wbuf, conn, tmp, ybar)
+        activate_prime(ys[i], layer_off, layer_act, dprime)
+        ybar *= dprime
+        if not exp_family:
+            ybar -= w
+        _axpy_rows(alpha[i], ybar, lam_out)
+        for j in range(i):
+            _axpy_rows(coef[i, j], ybar, sbar[j])
+        if exp_family and i > 0:
+            for p in range(lam.shape[0]):
+                acc = 0.0 * lam[p, 0]
+                for b in range(lam.shape[1]):
+                    v = dalpha[i, p] * ys[0, p, b]
+                    for j in range(i):
+                        v += dcoef[i, j, p] * ss[j, p, b]
+                    acc += ybar[p, b] * v
+                gtau[p] += acc
+
+
+@njit
+def adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, save_step, dl_du,
+                drive, wbuf, conn, layer_off, layer_act, tauinv, tau, tauinv_step,
+                gflat, gdrive, gtau, lam0):
+    """The discrete adjoint of ``run``: from the checkpoints (states every ckpt_every steps), replay
+    each segment storing its stages, then backpropagate through its steps in reverse. dL/du of the
+    saved states, ``dl_du[k]``, enters after the step that produced state save_step[k]. Every step
+    is replayed exactly once whatever the checkpoint spacing, so the gradient is bit-identical for
+    every number of checkpoints. Results: gflat (packed weights), gdrive (n, batch), gtau (n,),
+    lam0 = dL/du0. ``tauinv_step`` is 1/(tau + i eps), the complex step that gives d/dtau of the
+    exponential coefficients."""
+    n, nb = drive.shape
+    s = bw.shape[0]
+    dtype = drive.dtype
+    seg = max(1, ckpt_every)
+    ys = np.empty((seg, s, n, nb), dtype)
+    rs = np.empty((seg, s, n, nb), dtype)
+    ss = np.empty((seg, s, n, nb), dtype)
+    u_end = np.empty((n, nb), dtype)
+    alpha = np.zeros((s + 1, n), tauinv.dtype)
+    coef = np.zeros((s + 1, s, n), tauinv.dtype)
+    calpha = np.zeros((s + 1, n), tauinv_step.dtype)
+    ccoef = np.zeros((s + 1, s, n), tauinv_step.dtype)
+    dalpha = np.zeros((s + 1, n))
+    dcoef = np.zeros((s + 1, s, n))
+    eps = 1e-30
+    sbar = np.empty((s, n, nb), dtype)
+    w = np.empty((n, nb), dtype)
+    ybar = np.empty((n, nb), dtype)
+    dprime = np.empty((n, nb), dtype)
+    tmp = np.empty((max(1, n), nb), dtype)
+    gscratch = np.empty_like(gflat)
+    lam = np.zeros((n, nb), dtype)
+    lam_prev = np.empty((n, nb), dtype)
+    for k in range(save_step.shape[0]):
+        if save_step[k] == nsteps:
+            lam += dl_du[k]
+    h_coef = -1.0
+    nseg = (nsteps + seg - 1) // seg
+    for c in range(nseg - 1, -1, -1):
+        start = c * seg
+        stop = min(start + seg, nsteps)
+        replay(family, method, a, bw, ckpt[c], stop - start, hs[start:stop], drive, wbuf, conn,
+               layer_off, layer_act, tauinv, tau, ys, rs, ss, u_end)
+        for m in range(stop - 1, start - 1, -1):
+            h = hs[m]
+            if abs(h - h_coef) > 4e-16 * h:
+                coefficients(family, method, h, a, bw, tauinv, alpha, coef)
+                if family == EXPONENTIAL:
+                    coefficients(family, method, h, a, bw, tauinv_step, calpha, ccoef)
+                    # tauinv_step carries +i eps on tau, so Im(coefficient)/eps = d coefficient/d tau
+                    for q in range(s + 1):
+                        for p in range(n):
+                            dalpha[q, p] = calpha[q, p].imag / eps
+                            for j in range(s):
+                                dcoef[q, j, p] = ccoef[q, j, p].imag / eps
+                h_coef = h
+            mm = m - start
+            adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys[mm], rs[mm], ss[mm],
+                         wbuf, conn, layer_off, layer_act, sbar, w, ybar, dprime, tmp, gflat,
+                         gscratch, gdrive, gtau, lam_prev)
+            lam, lam_prev = lam_prev, lam
+            for k in range(save_step.shape[0]):
+                if save_step[k] == m:
+                    lam += dl_du[k]
+    lam0[:, :] = lam

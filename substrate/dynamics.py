@@ -115,19 +115,28 @@ class VectorField:
         "inputs": {input: (batch, size) array}}``; weights and biases summed over the batch, every
         array of its parameter's shape. Tied connections have no entry: their gradient is added to the
         forward weight they are tied to."""
-        net, p = self.network, self.packed
+        p = self.packed
         ut, wt = self.state(u), self.state(w, "w")
         r = np.empty_like(ut)
         K.activate(ut, p.layer_off, p.layer_act, r)
         flat = np.empty_like(p.wbuf)
         K.weight_vjp(wt, r, p.conn, flat)
+        return self.parameter_gradients(flat, wt)
+
+    def parameter_gradients(self, flat, gdrive) -> dict:
+        """Map cotangents of the engine's packed quantities to the network's own parameters:
+        ``flat``, the gradient of the packed (effective) state-to-state weights, and ``gdrive`` (n,
+        batch), the cotangent of the drive V x + b. Masks are applied, tied gradients added
+        (transposed) to their source, and the drive's cotangent gives the biases (summed over the
+        batch), the input weights and the inputs."""
+        net, p = self.network, self.packed
         weights = {}
-        dx = {name: np.zeros((self.batch, inp.size), wt.dtype) for name, inp in net.inputs_by_name.items()}
+        dx = {name: np.zeros((self.batch, inp.size), gdrive.dtype) for name, inp in net.inputs_by_name.items()}
         for c in net.connections:
             post = net.slices[c.post]
             if c.pre in net.inputs_by_name:
-                g = wt[post] @ self.inputs[c.pre]  # gradient of the effective weight
-                dx[c.pre] += (self._input_weights[c.name].T @ wt[post]).T
+                g = gdrive[post] @ self.inputs[c.pre]  # gradient of the effective weight
+                dx[c.pre] += (self._input_weights[c.name].T @ gdrive[post]).T
             else:
                 i = p.conn_names.index(c.name)
                 off, _, pn, _, qn = p.conn[i]
@@ -140,5 +149,5 @@ class VectorField:
                 weights[src.name] = weights.get(src.name, 0) + g
             else:
                 weights[c.name] = weights.get(c.name, 0) + g
-        biases = {x.name: wt[net.slices[x.name]].sum(axis=1) for x in net.layers}
+        biases = {x.name: gdrive[net.slices[x.name]].sum(axis=1) for x in net.layers}
         return {"weights": weights, "biases": biases, "inputs": dx}

@@ -208,8 +208,13 @@ def _initial_step(vf: VectorField, u, tau_min, order, rtol, atol):
     return h if np.isfinite(h) and h > 0 else 1e-6 * tau_min
 
 
+def _no_record(n, nb, dtype, n_save):
+    """The recording arguments of ``_kernels.run`` when nothing is recorded for a gradient."""
+    return np.zeros(0), np.zeros(n_save, np.int64), 0, np.zeros((0, n, nb), dtype)
+
+
 def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_save, relax,
-           res_rtol, res_atol):
+           res_rtol, res_atol, record=None):
     family, method, a, b, e, fsal, adaptive = stepper.kernel_args()
     n, nb = u.shape
     p = vf.packed
@@ -223,11 +228,13 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     res_trace = np.zeros(min(max_steps, 1_000_000) + 1 if relax else 0)  # the first 1e6 steps
     t_trace = np.zeros_like(res_trace)
     u_out = np.empty_like(u)
+    record = record or _no_record(n, nb, vf.dtype, len(t_save))
     status, t, steps, nfev, rejected = K.run(
         family, method, a, b, e, fsal, adaptive,
         u, vf.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, p.tauinv, p.tau,
         float(t0), float(t_end), float(dt), float(rtol), float(atol), h_min, int(max_steps), float(blowup),
-        t_save, saved, relax, float(res_rtol), float(res_atol), residual, res_trace, t_trace, u_out)
+        t_save, saved, relax, float(res_rtol), float(res_atol), residual, res_trace, t_trace, u_out,
+        *record)
     return status, t, steps, nfev, rejected, saved, residual, (t_trace, res_trace), u_out
 
 

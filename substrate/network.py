@@ -377,6 +377,9 @@ class Network:
         if lateral:
             for nm, sz in zip(names[:-1], sizes[1:-1]):
                 conns.append(Connection(nm, nm, uniform(sz, sz), mask=1.0 - np.eye(sz)))
+        if loop and len(names) == 2 and feedback != "none":
+            raise SubstrateValueError("loop=True with one hidden layer is the feedback y->h1 itself; "
+                                      "pass feedback='none' with it, or add a hidden layer")
         if loop and len(names) > 1:
             conns.append(Connection(names[-1], names[0], uniform(sizes[1], sizes[-1])))
         return cls(layers, conns, inputs=[Input("x", sizes[0])])

@@ -1,0 +1,254 @@
+"""Exact gradients through the dynamics (REFERENCES section 3): one entry point, :func:`gradient`,
+with the method chosen by name or strategy object.
+
+* ``implicit`` (:class:`Implicit`): at a relaxed equilibrium u*, solve J^T lambda = -dL/du and take
+  dL/dtheta = (dF/dtheta)^T lambda (recurrent backprop; Almeida 1987, Pineda 1987).
+* ``discrete`` (:class:`DiscreteAdjoint`): the exact gradient of the integrator's own steps (every
+  integrator of ``integrators.METHODS``; for ``dopri5`` the accepted steps, their sizes held fixed),
+  backpropagated by hand with the engine's kernels; memory bounded by checkpointing: the state is
+  stored every k steps and each segment is replayed once, so the result is bit-identical for every
+  number of checkpoints.
+
+The loss is a callable ``loss(u) -> (value, dL/du)``: u is the final state (batch, n), or with
+``trajectory=True`` the states at all ``t_eval`` points (len(t_eval), batch, n), or the equilibrium
+(batch, n) for ``implicit``. Gradients are of the loss as given (no averaging is added).
+
+Sign convention: dL/dtheta, the gradient to descend. For complex states the derivatives are
+holomorphic (no conjugation), matching :class:`~substrate.dynamics.VectorField`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _kernels as K
+from .dynamics import VectorField
+from .errors import SubstrateValueError
+from .integrators import (ExponentialRK, Solution, _STATUS, _check_on_failure, _count, _finish,
+                          _nonnegative, _positive, _prepare, _solve, get_method, relax)
+from .network import Network
+
+
+# ------------------------------------------------------------------------------------ strategies
+class AbstractAdjoint:
+    """A way of computing dL/dtheta; see the module docstring."""
+
+    name = "abstract"
+
+
+@dataclass(frozen=True)
+class Implicit(AbstractAdjoint):
+    """Implicit differentiation at the equilibrium. solver: ``"direct"`` (dense J per sample, LU;
+    for small networks) or ``"krylov"`` (GMRES with J^T products, for large ones); ``cond_max``:
+    J^T with a larger condition number (direct) is reported as singular."""
+
+    solver: str = "direct"
+    krylov_tol: float = 1e-12
+    cond_max: float = 1e12
+    name = "implicit"
+
+
+@dataclass(frozen=True)
+class DiscreteAdjoint(AbstractAdjoint):
+    """Backpropagation through the integrator's steps. checkpoints: how many states are stored
+    (None: every step's, the fastest; k: every ceil(steps/k)-th step's, memory ~ k + steps/k)."""
+
+    checkpoints: int | None = None
+    name = "discrete"
+
+
+ADJOINTS = {"implicit": Implicit, "discrete": DiscreteAdjoint}
+
+
+def get_adjoint(method) -> AbstractAdjoint:
+    if isinstance(method, AbstractAdjoint):
+        return method
+    if isinstance(method, str) and method in ADJOINTS:
+        return ADJOINTS[method]()
+    raise SubstrateValueError(f"method={method!r} is not a gradient method; allowed: {', '.join(ADJOINTS)}")
+
+
+# ------------------------------------------------------------------------------------ results
+@dataclass(frozen=True)
+class Gradients:
+    """dL/dtheta for every parameter, in the network's own layout.
+
+    weights: {connection name: array} (tied connections add to their source); biases and tau:
+    {layer: array or scalar, as the layer's tau}; inputs: {input: (batch, size)}; u0: (batch, n)
+    (zeros for ``implicit``: the equilibrium does not depend on it)."""
+
+    loss: complex | float
+    weights: dict
+    biases: dict
+    tau: dict
+    inputs: dict
+    u0: np.ndarray
+    method: str
+    solution: Solution = field(repr=False, default=None)
+
+    def flat(self) -> np.ndarray:
+        """Every gradient in one vector (sorted by name), for comparisons between methods."""
+        parts = [self.weights[k] for k in sorted(self.weights)] + [self.biases[k] for k in sorted(self.biases)]
+        parts += [np.atleast_1d(self.tau[k]) for k in sorted(self.tau)]
+        parts += [self.inputs[k] for k in sorted(self.inputs)] + [self.u0]
+        return np.concatenate([np.ravel(p) for p in parts])
+
+
+def _evaluate_loss(loss, u, what):
+    if not callable(loss):
+        raise SubstrateValueError(f"loss must be a callable u -> (value, dL/du), got {type(loss).__name__}")
+    try:
+        value, grad = loss(u)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, SubstrateValueError):
+            raise
+        raise SubstrateValueError(f"loss must return (value, dL/du) for the {what}: {e}") from e
+    grad = np.asarray(grad)
+    if grad.shape != u.shape:
+        raise SubstrateValueError(f"loss: dL/du has shape {grad.shape}, expected {u.shape} (the {what})")
+    if not np.all(np.isfinite(value)) or np.ndim(value) != 0:
+        raise SubstrateValueError(f"loss: the value {value!r} is not a finite scalar (the {what})")
+    if not np.all(np.isfinite(grad)):
+        raise SubstrateValueError(f"loss: dL/du contains NaN or Inf (the {what})")
+    return value, grad
+
+
+def _tau_gradients(network: Network, gtau) -> dict:
+    out = {}
+    for x in network.layers:
+        g = gtau[network.slices[x.name]]
+        out[x.name] = g.sum() if np.ndim(x.tau) == 0 else g
+    return out
+
+
+# ------------------------------------------------------------------------------------ entry point
+def gradient(network: Network, x=None, loss=None, *, method="discrete", t_span=None, t_eval=None,
+             trajectory=False, integrator="rk4", dt=None, u0=None, dtype=None, batch=None, rtol=1e-6,
+             atol=1e-9, tol=1e-10, max_steps=1_000_000, blowup=1e10, on_failure="raise") -> Gradients:
+    """dL/dtheta, dL/du0 and dL/dx of ``loss`` through the circuit's dynamics.
+
+    ``method="implicit"``: the loss is on the equilibrium, relaxed with ``integrator`` to residual
+    ``tol`` (a relaxation that does not converge raises ConvergenceError). ``method="discrete"``:
+    the loss is on the state at ``t_span[1]`` (or, with ``trajectory=True``, on the states at every
+    ``t_eval`` point), integrated with ``integrator``, ``dt``, ``rtol``, ``atol`` as in
+    :func:`~substrate.integrate`.
+    """
+    strategy = get_adjoint(method)
+    _check_on_failure(on_failure)
+    if isinstance(strategy, Implicit):
+        if t_span is not None or trajectory:
+            raise SubstrateValueError("method='implicit' differentiates a loss on the equilibrium: "
+                                      "t_span and trajectory do not apply")
+        return _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol, max_steps)
+    if t_span is None:
+        raise SubstrateValueError(f"t_span is required for method={strategy.name!r}")
+    return _discrete(strategy, network, x, loss, t_span, t_eval, trajectory, integrator, dt, u0, dtype,
+                     batch, rtol, atol, max_steps, blowup, on_failure)
+
+
+def _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol, max_steps):
+    if strategy.solver not in ("direct", "krylov"):
+        raise SubstrateValueError(f"Implicit(solver={strategy.solver!r}); allowed: 'direct', 'krylov'")
+    sol = relax(network, x, method=integrator, dt=dt, tol=tol, u0=u0, dtype=dtype, batch=batch,
+                max_steps=max_steps)  # raises ConvergenceError if the equilibrium is not reached
+    vf = VectorField(network, x, batch=sol.u.shape[0], dtype=sol.u.dtype)
+    value, g = _evaluate_loss(loss, sol.u, "equilibrium")
+    lam = _solve_adjoint_system(vf, sol.u, -g, strategy)
+    grads = vf.param_vjp(sol.u, lam)
+    zeros_tau = _tau_gradients(network, np.zeros(network.n, sol.u.dtype))
+    return Gradients(value, grads["weights"], grads["biases"], zeros_tau, grads["inputs"],
+                     np.zeros_like(sol.u), "implicit", sol)
+
+
+def _solve_adjoint_system(vf: VectorField, u, rhs, strategy: Implicit):
+    """lambda with J(u)^T lambda = rhs for every sample."""
+    nb, n = u.shape
+    if strategy.solver == "direct":
+        eye = np.eye(n, dtype=u.dtype)
+        # column k of J for every sample: J e_k
+        J = np.stack([vf.jvp(u, np.broadcast_to(eye[k], u.shape)) for k in range(n)], axis=2)
+        lam = np.empty_like(rhs)
+        for b in range(nb):
+            cond = np.linalg.cond(J[b])
+            if not np.isfinite(cond) or cond > strategy.cond_max:
+                raise SubstrateValueError(
+                    f"implicit gradient: the Jacobian at the equilibrium of sample {b} is singular "
+                    f"(condition number {cond:.3g} > cond_max {strategy.cond_max:g})")
+            lam[b] = np.linalg.solve(J[b].T, rhs[b])
+        return lam
+    from scipy.sparse.linalg import LinearOperator, gmres
+
+    op = LinearOperator((nb * n, nb * n), dtype=u.dtype,
+                        matvec=lambda v: vf.vjp(u, v.reshape(nb, n)).ravel())
+    lam, info = gmres(op, rhs.ravel(), rtol=strategy.krylov_tol, atol=0.0, restart=min(n * nb, 200),
+                      maxiter=50)
+    if info != 0:
+        raise SubstrateValueError(f"implicit gradient: GMRES did not converge (info={info}); "
+                                  "J may be singular at the equilibrium, try solver='direct'")
+    return lam.reshape(nb, n)
+
+
+def _discrete(strategy, network, x, loss, t_span, t_eval, trajectory, integrator, dt, u0, dtype,
+              batch, rtol, atol, max_steps, blowup, on_failure):
+    stepper = get_method(integrator)
+    try:
+        t0, t1 = (float(v) for v in t_span)
+    except (TypeError, ValueError):
+        raise SubstrateValueError(f"t_span={t_span!r} must be a pair (t0, t1) of numbers") from None
+    if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
+        raise SubstrateValueError(f"t_span={t_span!r} must be finite with t1 > t0")
+    t_eval = np.array([t1] if t_eval is None else t_eval, dtype=float)
+    if (t_eval.ndim != 1 or t_eval.size == 0 or np.any(np.diff(t_eval) <= 0) or t_eval[0] < t0
+            or t_eval[-1] != t1):
+        raise SubstrateValueError("t_eval must be strictly increasing within t_span and end at t_span[1]")
+    if strategy.checkpoints is not None:
+        _count(strategy.checkpoints, "checkpoints")
+    dt = _positive(dt, "dt", allow_none=True)
+    rtol, atol = _nonnegative(rtol, "rtol"), _nonnegative(atol, "atol")
+    max_steps = _count(max_steps, "max_steps")
+    vf, u = _prepare(network, x, u0, dtype, batch)
+    n, nb = u.shape
+    fam, meth, a, b, e, fsal, adaptive = stepper.kernel_args()
+
+    def forward(ckpt_every, n_ckpt):
+        hs = np.zeros(max_steps)
+        save_step = np.zeros(len(t_eval), np.int64)
+        ckpt = np.empty((n_ckpt, n, nb), vf.dtype)
+        out = _solve(vf, u, stepper, t0=t0, t_end=t1, dt=dt, rtol=rtol, atol=atol, max_steps=max_steps,
+                     blowup=blowup, t_save=t_eval, relax=False, res_rtol=0.0, res_atol=0.0,
+                     record=(hs, save_step, ckpt_every, ckpt))
+        return out, hs, save_step, ckpt
+
+    if adaptive or dt is None:
+        # the number of steps is known only after a first pass, which also fixes the step sizes
+        out, hs, save_step, _ = forward(0, 0)
+        steps = out[2]
+    else:
+        steps = int(math.ceil((t1 - t0) / dt * (1 + 1e-12))) + len(t_eval) + 1  # an upper bound
+    every = 1 if strategy.checkpoints is None else max(1, -(-steps // strategy.checkpoints))
+    out, hs, save_step, ckpt = forward(every, steps // every + 1)
+    status, t, steps, nfev, rej, saved, _, _, u_out = out
+    sol = Solution(t=t_eval, u=saved.transpose(0, 2, 1), status=_STATUS[status], method=stepper.name,
+                   steps=steps, nfev=nfev, rejected=rej,
+                   residual=np.full(nb, np.nan), t_final=t, slices=network.slices,
+                   message="" if status == K.SUCCESS else f"stopped at t={t:.6g} (step {steps})")
+    _finish(sol, on_failure if status == K.SUCCESS else "raise", "gradient: the forward integration")
+    states = sol.u if trajectory else sol.u[-1]
+    value, g = _evaluate_loss(loss, states, "states at t_eval" if trajectory else "final state")
+    dl = np.ascontiguousarray((g if trajectory else g[None]).transpose(0, 2, 1))
+    if not trajectory:
+        save_step = save_step[-1:]
+    p = vf.packed
+    gflat = np.zeros_like(p.wbuf)
+    gdrive = np.zeros((n, nb), vf.dtype)
+    gtau = np.zeros(n, vf.dtype)
+    lam0 = np.empty((n, nb), vf.dtype)
+    tauinv_step = 1.0 / (p.tau.astype(float) + 1e-30j)
+    K.adjoint_run(fam, meth, a, b, hs, steps, ckpt, every, save_step, dl, vf.drive, p.wbuf, p.conn,
+                  p.layer_off, p.layer_act, p.tauinv, p.tau, tauinv_step, gflat, gdrive, gtau, lam0)
+    grads = vf.parameter_gradients(gflat, gdrive)
+    return Gradients(value, grads["weights"], grads["biases"], _tau_gradients(network, gtau),
+                     grads["inputs"], lam0.T.copy(), "discrete", sol)
