@@ -78,7 +78,8 @@ class Gradients:
 
     weights: {connection name: array} (tied connections add to their source); biases and tau:
     {layer: array or scalar, as the layer's tau}; inputs: {input: (batch, size)}; u0: (batch, n)
-    (zeros for ``implicit``: the equilibrium does not depend on it)."""
+    (zeros for ``implicit``: the equilibrium does not depend on it). step_sizes: for the discrete
+    adjoint, the sizes of the steps that were differentiated (dopri5: the accepted ones)."""
 
     loss: complex | float
     weights: dict
@@ -88,6 +89,7 @@ class Gradients:
     u0: np.ndarray
     method: str
     solution: Solution = field(repr=False, default=None)
+    step_sizes: np.ndarray | None = field(repr=False, default=None)  # the steps differentiated
 
     def flat(self) -> np.ndarray:
         """Every gradient in one vector (sorted by name), for comparisons between methods."""
@@ -251,4 +253,4 @@ def _discrete(strategy, network, x, loss, t_span, t_eval, trajectory, integrator
                   p.layer_off, p.layer_act, p.tauinv, p.tau, tauinv_step, gflat, gdrive, gtau, lam0)
     grads = vf.parameter_gradients(gflat, gdrive)
     return Gradients(value, grads["weights"], grads["biases"], _tau_gradients(network, gtau),
-                     grads["inputs"], lam0.T.copy(), "discrete", sol)
+                     grads["inputs"], lam0.T.copy(), "discrete", sol, hs[:steps].copy())
