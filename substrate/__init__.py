@@ -28,7 +28,7 @@ def _numba_cache_dir():
 _numba_cache_dir()
 
 from .activations import NAMES as ACTIVATIONS  # noqa: E402
-from .adjoint import DiscreteAdjoint, Gradients, Implicit, gradient  # noqa: E402
+from .adjoint import ContinuousAdjoint, DiscreteAdjoint, Gradients, Implicit, gradient  # noqa: E402
 from .dynamics import VectorField  # noqa: E402
 from .errors import (ConvergenceError, DivergenceError, IntegrationError, StepSizeError,  # noqa: E402
                      SubstrateValueError)
@@ -36,7 +36,7 @@ from .integrators import METHODS, Solution, integrate, relax  # noqa: E402
 from .network import Connection, Input, Layer, Network  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ACTIVATIONS", "Connection", "ConvergenceError", "DiscreteAdjoint", "DivergenceError",
+__all__ = ["ACTIVATIONS", "Connection", "ContinuousAdjoint", "ConvergenceError", "DiscreteAdjoint", "DivergenceError",
            "Gradients", "Implicit", "Input", "gradient",
            "IntegrationError", "Layer", "METHODS", "Network", "Solution", "StepSizeError",
            "SubstrateValueError", "VectorField", "integrate", "relax"]
