@@ -233,37 +233,49 @@ def _add_rows(t, out, start):
 
 
 @njit
-def weights_times(r, wbuf, conn, layer_off, tmp, out):
-    """out = W r (all connections between state layers). The first connection into a layer writes its
-    product straight into ``out``; later ones go through ``tmp``; layers nothing projects to get 0."""
+def _products(r, wbuf, conn, layer_off, tmp, out, transpose):
+    """out = W r, or W^T r with ``transpose``. The first connection into a layer (into its pre layer
+    for W^T) writes its product straight into ``out``; later ones go through ``tmp``; layers that
+    nothing projects to get 0."""
+    dst = 1 if transpose else 3  # the column of conn holding the start of the output block
     for l in range(layer_off.shape[0] - 1):
         fed = False
         for c in range(conn.shape[0]):
-            fed = fed or conn[c, 3] == layer_off[l]
+            fed = fed or conn[c, dst] == layer_off[l]
         if not fed:
             out[layer_off[l]:layer_off[l + 1]] = 0.0
     for c in range(conn.shape[0]):
         wo, pa, pn, qa, qn = conn[c, 0], conn[c, 1], conn[c, 2], conn[c, 3], conn[c, 4]
         first = True
         for e in range(c):
-            first = first and conn[e, 3] != qa
+            first = first and conn[e, dst] != conn[c, dst]
         w = wbuf[wo:wo + qn * pn].reshape((qn, pn))
-        if first:
-            np.dot(w, r[pa:pa + pn], out[qa:qa + qn])
+        if transpose:
+            src, oa, on = r[qa:qa + qn], pa, pn
+            if first:
+                np.dot(w.T, src, out[oa:oa + on])
+            else:
+                np.dot(w.T, src, tmp[:on])
+                _add_rows(tmp[:on], out, oa)
         else:
-            t = tmp[:qn]
-            np.dot(w, r[pa:pa + pn], t)
-            _add_rows(t, out, qa)
+            src, oa, on = r[pa:pa + pn], qa, qn
+            if first:
+                np.dot(w, src, out[oa:oa + on])
+            else:
+                np.dot(w, src, tmp[:on])
+                _add_rows(tmp[:on], out, oa)
 
 
 @njit
-def weights_transpose_times(w, wbuf, conn, tmp, out):
-    """out += W^T w."""
-    for c in range(conn.shape[0]):
-        wo, pa, pn, qa, qn = conn[c, 0], conn[c, 1], conn[c, 2], conn[c, 3], conn[c, 4]
-        t = tmp[:pn]
-        np.dot(wbuf[wo:wo + qn * pn].reshape((qn, pn)).T, w[qa:qa + qn], t)
-        _add_rows(t, out, pa)
+def weights_times(r, wbuf, conn, layer_off, tmp, out):
+    """out = W r (all connections between state layers)."""
+    _products(r, wbuf, conn, layer_off, tmp, out, False)
+
+
+@njit
+def weights_transpose_times(w, wbuf, conn, layer_off, tmp, out):
+    """out = W^T w."""
+    _products(w, wbuf, conn, layer_off, tmp, out, True)
 
 
 @njit
@@ -287,8 +299,7 @@ def jvp(u, v, wbuf, conn, layer_off, layer_act, tmp, d, out):
 @njit
 def vjp(u, w, wbuf, conn, layer_off, layer_act, tmp, d, out):
     """out = J^T w = -w + rho'(u) * (W^T w)."""
-    out[:, :] = 0.0
-    weights_transpose_times(w, wbuf, conn, tmp, out)
+    weights_transpose_times(w, wbuf, conn, layer_off, tmp, out)
     activate_prime(u, layer_off, layer_act, d)
     out *= d
     out -= w
@@ -538,7 +549,7 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         if adaptive and hh < h_min and not relax:
             status = STEP_TOO_SMALL
             break
-        if abs(hh - h_coef) > 4e-16 * hh:
+        if hh != h_coef:  # exact: replays must use the very same coefficients
             coefficients(family, method, hh, a, bw, tauinv, alpha, coef)
             h_coef = hh
 
@@ -653,7 +664,7 @@ def replay(family, method, a, bw, u0, nsteps, hs, drive, wbuf, conn, layer_off, 
     activate(u0, layer_off, layer_act, rs[0, 0])
     for m in range(nsteps):
         h = hs[m]
-        if abs(h - h_coef) > 4e-16 * h:
+        if h != h_coef:
             coefficients(family, method, h, a, bw, tauinv, alpha, coef)
             h_coef = h
         for i in range(s):
@@ -689,8 +700,21 @@ def _axpy_rows(c, x, out):
 
 
 @njit
+def _tau_from_coefficients(q, dalpha, dcoef, u, stages, cot, p):
+    """sum_b cot[p, b] (dalpha[q, p] u[p, b] + sum_{j<q} dcoef[q, j, p] S_j[p, b]): the tau
+    derivative of a point alpha[q] u + sum_j coef[q, j] S_j, paired with its cotangent."""
+    acc = 0.0 * cot[p, 0]
+    for b in range(u.shape[1]):
+        v = dalpha[q, p] * u[p, b]
+        for j in range(q):
+            v += dcoef[q, j, p] * stages[j, p, b]
+        acc += cot[p, b] * v
+    return acc
+
+
+@njit
 def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys, rs, ss, wbuf, conn,
-                 layer_off, layer_act, sbar, w, ybar, dprime, tmp, gflat, gscratch, gdrive, gtau,
+                 layer_off, layer_act, sbar, w, ybar, drow, tmp, gflat, gscratch, gdrive, gtau,
                  lam_out):
     """Backpropagate one step u -> u_next = alpha[s] u + sum_j coef[s, j] S_j (see ``coefficients``):
     given lam = dL/du_next, write dL/du into lam_out and add the step's contributions to the
@@ -700,51 +724,51 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys, rs, ss,
     Reverse over the stages: the cotangent of S_j collects coef[s, j] lam and coef[i, j] Ybar_i
     (i > j); the cotangent of N at stage i is w = Sbar_i / tau (explicit RK, S = (N - Y)/tau) or
     w = Sbar_i (exponential, S = N); then Ybar_i = rho'(Y_i) (W^T w) (- w for explicit RK), which
-    reaches u through alpha[i]."""
-    for j in range(s):
-        _scale_rows(coef[s, j], lam, sbar[j])
-    _scale_rows(alpha[s], lam, lam_out)
+    reaches u through alpha[i]. Elementwise work is fused row by row."""
+    n, nb = lam.shape
     exp_family = family == EXPONENTIAL
-    if exp_family:
-        for p in range(lam.shape[0]):
-            acc = 0.0 * lam[p, 0]
-            for b in range(lam.shape[1]):
-                v = dalpha[s, p] * ys[0, p, b]
-                for j in range(s):
-                    v += dcoef[s, j, p] * ss[j, p, b]
-                acc += lam[p, b] * v
-            gtau[p] += acc
-    for i in range(s - 1, -1, -1):
+    u = ys[0]
+    for p in range(n):
+        for j in range(s):
+            c = coef[s, j, p]
+            for b in range(nb):
+                sbar[j, p, b] = c * lam[p, b]
+        e = alpha[s, p]
+        for b in range(nb):
+            lam_out[p, b] = e * lam[p, b]
         if exp_family:
-            w[:, :] = sbar[i]
-        else:
-            _scale_rows(tauinv, sbar[i], w)
-            for p in range(w.shape[0]):  # S = F/tau: dS/dtau = -S/tau
-                acc = 0.0 * w[p, 0]
-                for b in range(w.shape[1]):
-                    acc -= w[p, b] * ss[i, p, b]
+            gtau[p] += _tau_from_coefficients(s, dalpha, dcoef, u, ss, lam, p)
+    for i in range(s - 1, -1, -1):
+        for p in range(n):
+            ti = 1.0 if exp_family else tauinv[p]
+            acc = 0.0 * w[p, 0]
+            for b in range(nb):
+                v = sbar[i, p, b] * ti
+                w[p, b] = v
+                gdrive[p, b] += v
+                acc -= v * ss[i, p, b]
+            if not exp_family:  # S = F/tau: dS/dtau = -S/tau
                 gtau[p] += acc
         weight_vjp(w, rs[i], conn, gscratch)
-        gflat += gscratch
-        gdrive += w
-        ybar[:, :] = 0.0
-        weights_transpose_times(w, wbuf, conn, tmp, ybar)
-        activate_prime(ys[i], layer_off, layer_act, dprime)
-        ybar *= dprime
-        if not exp_family:
-            ybar -= w
-        _axpy_rows(alpha[i], ybar, lam_out)
-        for j in range(i):
-            _axpy_rows(coef[i, j], ybar, sbar[j])
-        if exp_family and i > 0:
-            for p in range(lam.shape[0]):
-                acc = 0.0 * lam[p, 0]
-                for b in range(lam.shape[1]):
-                    v = dalpha[i, p] * ys[0, p, b]
-                    for j in range(i):
-                        v += dcoef[i, j, p] * ss[j, p, b]
-                    acc += ybar[p, b] * v
-                gtau[p] += acc
+        for k in range(gflat.shape[0]):
+            gflat[k] += gscratch[k]
+        weights_transpose_times(w, wbuf, conn, layer_off, tmp, ybar)
+        for l in range(layer_act.shape[0]):
+            for p in range(layer_off[l], layer_off[l + 1]):
+                rho_prime_row(layer_act[l], ys[i, p], drow)
+                for b in range(nb):
+                    v = ybar[p, b] * drow[b]
+                    ybar[p, b] = v if exp_family else v - w[p, b]
+                e = alpha[i, p]
+                for b in range(nb):
+                    lam_out[p, b] += e * ybar[p, b]
+                for j in range(i):
+                    c = coef[i, j, p]
+                    if c != 0.0:
+                        for b in range(nb):
+                            sbar[j, p, b] += c * ybar[p, b]
+                if exp_family and i > 0:
+                    gtau[p] += _tau_from_coefficients(i, dalpha, dcoef, u, ss, ybar, p)
 
 
 @njit
@@ -776,7 +800,7 @@ def adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, save_step, 
     sbar = np.empty((s, n, nb), dtype)
     w = np.empty((n, nb), dtype)
     ybar = np.empty((n, nb), dtype)
-    dprime = np.empty((n, nb), dtype)
+    drow = np.empty(nb, dtype)
     tmp = np.empty((max(1, n), nb), dtype)
     gscratch = np.empty_like(gflat)
     lam = np.zeros((n, nb), dtype)
@@ -793,7 +817,7 @@ def adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, save_step, 
                layer_off, layer_act, tauinv, tau, ys, rs, ss, u_end)
         for m in range(stop - 1, start - 1, -1):
             h = hs[m]
-            if abs(h - h_coef) > 4e-16 * h:
+            if h != h_coef:
                 coefficients(family, method, h, a, bw, tauinv, alpha, coef)
                 if family == EXPONENTIAL:
                     coefficients(family, method, h, a, bw, tauinv_step, calpha, ccoef)
@@ -806,7 +830,7 @@ def adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, save_step, 
                 h_coef = h
             mm = m - start
             adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys[mm], rs[mm], ss[mm],
-                         wbuf, conn, layer_off, layer_act, sbar, w, ybar, dprime, tmp, gflat,
+                         wbuf, conn, layer_off, layer_act, sbar, w, ybar, drow, tmp, gflat,
                          gscratch, gdrive, gtau, lam_prev)
             lam, lam_prev = lam_prev, lam
             for k in range(save_step.shape[0]):
@@ -823,8 +847,7 @@ def _adjoint_drive(lam, u, tauinv, tau, wbuf, conn, layer_off, layer_act, tmp, w
     """out = M(lam; u) = tau rho'(u) W^T (lam / tau): the adjoint circuit written like the forward one,
     tau dlam/ds = -lam + M in reverse time s = T - t, so that its leak is integrated exactly too."""
     _scale_rows(tauinv, lam, w)
-    out[:, :] = 0.0
-    weights_transpose_times(w, wbuf, conn, tmp, out)
+    weights_transpose_times(w, wbuf, conn, layer_off, tmp, out)
     activate_prime(u, layer_off, layer_act, dprime)
     out *= dprime
     for p in range(out.shape[0]):
@@ -906,7 +929,7 @@ def continuous_adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, 
             sub_h[:] = hsub
             replay(family, method, a, bw, ys[m - start, 0], substeps, sub_h, drive, wbuf, conn,
                    layer_off, layer_act, tauinv, tau, sub_ys, sub_rs, sub_ss, sub_end)
-            if abs(hsub - h_coef) > 4e-16 * hsub:
+            if hsub != h_coef:
                 coefficients(EXPONENTIAL, back_method, hsub, a, bw, tauinv, alpha, coef)
                 h_coef = hsub
             for q in range(substeps - 1, -1, -1):
