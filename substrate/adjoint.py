@@ -3,6 +3,10 @@ with the method chosen by name or strategy object.
 
 * ``implicit`` (:class:`Implicit`): at a relaxed equilibrium u*, solve J^T lambda = -dL/du and take
   dL/dtheta = (dF/dtheta)^T lambda (recurrent backprop; Almeida 1987, Pineda 1987).
+* ``continuous`` (:class:`ContinuousAdjoint`): the adjoint ODE backwards with an exponential
+  integrator, the forward state re-anchored at stored states.
+* ``torchdiffeq`` (``torch_backend.TorchDiffEq``): the same circuit mirrored in torch, gradient by
+  torchdiffeq's ``odeint_adjoint`` or by backprop through ``odeint``, for comparison.
 * ``discrete`` (:class:`DiscreteAdjoint`): the exact gradient of the integrator's own steps (every
   integrator of ``integrators.METHODS``; for ``dopri5`` the accepted steps, their sizes held fixed),
   backpropagated by hand with the engine's kernels; memory bounded by checkpointing: the state is
@@ -83,7 +87,20 @@ def get_adjoint(method) -> AbstractAdjoint:
         return method
     if isinstance(method, str) and method in ADJOINTS:
         return ADJOINTS[method]()
-    raise SubstrateValueError(f"method={method!r} is not a gradient method; allowed: {', '.join(ADJOINTS)}")
+    if method == "torchdiffeq":  # imports torch, so only when asked for
+        return _torch_backend().TorchDiffEq()
+    raise SubstrateValueError(f"method={method!r} is not a gradient method; "
+                              f"allowed: {', '.join(ADJOINTS)}, torchdiffeq")
+
+
+def _torch_backend():
+    """The torchdiffeq comparison backend (torch is imported here, never by ``import substrate``)."""
+    try:
+        from . import torch_backend
+    except ImportError as e:
+        raise SubstrateValueError(f"method='torchdiffeq' needs torch and torchdiffeq ({e}); "
+                                  "install them with: pip install 'substrate[torch]'") from e
+    return torch_backend
 
 
 # ------------------------------------------------------------------------------------ results
@@ -155,6 +172,9 @@ def gradient(network: Network, x=None, loss=None, *, method="discrete", t_span=N
     """
     strategy = get_adjoint(method)
     _check_on_failure(on_failure)
+    if strategy.name == "torchdiffeq":  # solver, tolerances and dt come from the strategy
+        return _torch_backend().torchdiffeq_gradient(strategy, network, x, loss, t_span, t_eval,
+                                                     trajectory, dt, u0, dtype, batch)
     if isinstance(strategy, Implicit):
         if t_span is not None or trajectory:
             raise SubstrateValueError("method='implicit' differentiates a loss on the equilibrium: "

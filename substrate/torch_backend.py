@@ -85,7 +85,8 @@ def torch_rho(name: str, z: torch.Tensor) -> torch.Tensor:
 def _torch_dtype(network: Network, dtype) -> tuple[np.dtype, torch.dtype]:
     if isinstance(dtype, torch.dtype):
         if dtype not in _NUMPY_DTYPES:
-            raise SubstrateValueError(f"dtype={dtype} is not supported; allowed: float32, float64, complex128")
+            raise SubstrateValueError(f"dtype={dtype} is not supported; "
+                                      "allowed: float32, float64, complex128")
         dtype = _NUMPY_DTYPES[dtype]
     np_dtype = resolve_dtype(network, dtype)
     return np_dtype, _TORCH_DTYPES[np_dtype]
