@@ -772,24 +772,62 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys, rs, ss,
 
 
 @njit
+def _state_at(m, top, slot_step, slots, family, method, a, bw, hs, drive, wbuf, conn, layer_off,
+              layer_act, tauinv, tau, ys1, rs1, ss1):
+    """Bring the state after m steps to the top of the slot stack and return the new top.
+
+    The stack holds states at increasing step numbers (slot 0: the segment's checkpoint). Slots past
+    m are dropped; then the state is advanced from the top by bisection, pushing the midpoint each
+    time, so that the later requests m-1, m-2, ... find a stored state close below them: memory
+    O(log k) states for a segment of k steps, at the cost of O(k log k) replayed steps."""
+    while slot_step[top] > m:
+        top -= 1
+    while slot_step[top] < m:
+        start = slot_step[top]
+        target = m if m - start <= 1 else start + (m - start + 1) // 2
+        slots[top + 1] = slots[top]
+        for j in range(start, target):
+            replay(family, method, a, bw, slots[top + 1], 1, hs[j:j + 1], drive, wbuf, conn,
+                   layer_off, layer_act, tauinv, tau, ys1, rs1, ss1, slots[top + 1])
+        top += 1
+        slot_step[top] = target
+    return top
+
+
+@njit
+def _slot_count(every):
+    """Slots the bisection of a segment of ``every`` steps can need: the checkpoint, then one per
+    halving, plus one."""
+    k = 2
+    span = max(1, every)
+    while span > 1:
+        span = (span + 1) // 2
+        k += 1
+    return k
+
+
+@njit
 def adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, save_step, dl_du,
                 drive, wbuf, conn, layer_off, layer_act, tauinv, tau, tauinv_step,
                 gflat, gdrive, gtau, lam0):
-    """The discrete adjoint of ``run``: from the checkpoints (states every ckpt_every steps), replay
-    each segment storing its stages, then backpropagate through its steps in reverse. dL/du of the
-    saved states, ``dl_du[k]``, enters after the step that produced state save_step[k]. Every step
-    is replayed exactly once whatever the checkpoint spacing, so the gradient is bit-identical for
-    every number of checkpoints. Results: gflat (packed weights), gdrive (n, batch), gtau (n,),
-    lam0 = dL/du0. ``tauinv_step`` is 1/(tau + i eps), the complex step that gives d/dtau of the
-    exponential coefficients."""
+    """The discrete adjoint of ``run``, step by step in reverse: bring the state before step m back
+    (from the checkpoints, states every ckpt_every steps, by ``_state_at``), replay that one step
+    keeping its stages, and backpropagate through it with ``adjoint_step``. dL/du of the saved states,
+    ``dl_du[k]``, enters after the step that produced state save_step[k]. Replays reproduce the
+    forward bit for bit, so the gradient is bit-identical for every number of checkpoints. Memory:
+    the checkpoints plus O(log ckpt_every) states. Results: gflat (packed weights), gdrive (n, batch),
+    gtau (n,), lam0 = dL/du0. ``tauinv_step`` is 1/(tau + i eps), the complex step that gives d/dtau
+    of the exponential coefficients."""
     n, nb = drive.shape
     s = bw.shape[0]
     dtype = drive.dtype
     seg = max(1, ckpt_every)
-    ys = np.empty((seg, s, n, nb), dtype)
-    rs = np.empty((seg, s, n, nb), dtype)
-    ss = np.empty((seg, s, n, nb), dtype)
+    ys = np.empty((1, s, n, nb), dtype)
+    rs = np.empty((1, s, n, nb), dtype)
+    ss = np.empty((1, s, n, nb), dtype)
     u_end = np.empty((n, nb), dtype)
+    slots = np.empty((_slot_count(seg), n, nb), dtype)
+    slot_step = np.zeros(slots.shape[0], np.int64)
     alpha = np.zeros((s + 1, n), tauinv.dtype)
     coef = np.zeros((s + 1, s, n), tauinv.dtype)
     calpha = np.zeros((s + 1, n), tauinv_step.dtype)
@@ -811,11 +849,14 @@ def adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, save_step, 
     h_coef = -1.0
     nseg = (nsteps + seg - 1) // seg
     for c in range(nseg - 1, -1, -1):
-        start = c * seg
-        stop = min(start + seg, nsteps)
-        replay(family, method, a, bw, ckpt[c], stop - start, hs[start:stop], drive, wbuf, conn,
-               layer_off, layer_act, tauinv, tau, ys, rs, ss, u_end)
-        for m in range(stop - 1, start - 1, -1):
+        slots[0] = ckpt[c]
+        slot_step[0] = c * seg
+        top = 0
+        for m in range(min(c * seg + seg, nsteps) - 1, c * seg - 1, -1):
+            top = _state_at(m, top, slot_step, slots, family, method, a, bw, hs, drive, wbuf, conn,
+                            layer_off, layer_act, tauinv, tau, ys, rs, ss)
+            replay(family, method, a, bw, slots[top], 1, hs[m:m + 1], drive, wbuf, conn,
+                   layer_off, layer_act, tauinv, tau, ys, rs, ss, u_end)
             h = hs[m]
             if h != h_coef:
                 coefficients(family, method, h, a, bw, tauinv, alpha, coef)
@@ -828,8 +869,7 @@ def adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, save_step, 
                             for j in range(s):
                                 dcoef[q, j, p] = ccoef[q, j, p].imag / eps
                 h_coef = h
-            mm = m - start
-            adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys[mm], rs[mm], ss[mm],
+            adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys[0], rs[0], ss[0],
                          wbuf, conn, layer_off, layer_act, sbar, w, ybar, drow, tmp, gflat,
                          gscratch, gdrive, gtau, lam_prev)
             lam, lam_prev = lam_prev, lam
@@ -886,16 +926,17 @@ def continuous_adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, 
     M = tau rho'(u) W^T(lam/tau) by quadrature), on the forward grid refined ``substeps`` times;
     the parameter integral by the trapezoidal rule on that grid. The forward state is never
     integrated backwards: it is re-anchored at the stored forward states (checkpoints every
-    ckpt_every steps, segments replayed) and, inside a forward step, re-integrated forward from its
-    start with the forward method at the substep size."""
+    ckpt_every steps, states in between brought back by ``_state_at``) and, inside a forward step,
+    re-integrated forward from its start with the forward method at the substep size."""
     n, nb = drive.shape
     s = bw.shape[0]
     dtype = drive.dtype
     seg = max(1, ckpt_every)
-    ys = np.empty((seg, s, n, nb), dtype)
-    rs = np.empty_like(ys)
-    ss = np.empty_like(ys)
-    u_end = np.empty((n, nb), dtype)
+    ys1 = np.empty((1, s, n, nb), dtype)
+    rs1 = np.empty_like(ys1)
+    ss1 = np.empty_like(ys1)
+    slots = np.empty((_slot_count(seg), n, nb), dtype)
+    slot_step = np.zeros(slots.shape[0], np.int64)
     sub_ys = np.empty((substeps, s, n, nb), dtype)
     sub_rs = np.empty_like(sub_ys)
     sub_ss = np.empty_like(sub_ys)
@@ -920,14 +961,15 @@ def continuous_adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, 
     h_coef = -1.0
     nseg = (nsteps + seg - 1) // seg
     for c in range(nseg - 1, -1, -1):
-        start = c * seg
-        stop = min(start + seg, nsteps)
-        replay(family, method, a, bw, ckpt[c], stop - start, hs[start:stop], drive, wbuf, conn,
-               layer_off, layer_act, tauinv, tau, ys, rs, ss, u_end)
-        for m in range(stop - 1, start - 1, -1):
+        slots[0] = ckpt[c]
+        slot_step[0] = c * seg
+        top = 0
+        for m in range(min(c * seg + seg, nsteps) - 1, c * seg - 1, -1):
+            top = _state_at(m, top, slot_step, slots, family, method, a, bw, hs, drive, wbuf, conn,
+                            layer_off, layer_act, tauinv, tau, ys1, rs1, ss1)
             hsub = hs[m] / substeps
             sub_h[:] = hsub
-            replay(family, method, a, bw, ys[m - start, 0], substeps, sub_h, drive, wbuf, conn,
+            replay(family, method, a, bw, slots[top], substeps, sub_h, drive, wbuf, conn,
                    layer_off, layer_act, tauinv, tau, sub_ys, sub_rs, sub_ss, sub_end)
             if hsub != h_coef:
                 coefficients(EXPONENTIAL, back_method, hsub, a, bw, tauinv, alpha, coef)

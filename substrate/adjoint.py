@@ -10,8 +10,8 @@ with the method chosen by name or strategy object.
 * ``discrete`` (:class:`DiscreteAdjoint`): the exact gradient of the integrator's own steps (every
   integrator of ``integrators.METHODS``; for ``dopri5`` the accepted steps, their sizes held fixed),
   backpropagated by hand with the engine's kernels; memory bounded by checkpointing: the state is
-  stored every k steps and each segment is replayed once, so the result is bit-identical for every
-  number of checkpoints.
+  stored every k steps and states in between are replayed (bisection), bit for bit, so the result
+  is identical for every number of checkpoints.
 
 The loss is a callable ``loss(u) -> (value, dL/du)``: u is the final state (batch, n), or with
 ``trajectory=True`` the states at all ``t_eval`` points (len(t_eval), batch, n), or the equilibrium
@@ -57,8 +57,10 @@ class Implicit(AbstractAdjoint):
 
 @dataclass(frozen=True)
 class DiscreteAdjoint(AbstractAdjoint):
-    """Backpropagation through the integrator's steps. checkpoints: how many states are stored
-    (None: every step's, the fastest; k: every ceil(steps/k)-th step's, memory ~ k + steps/k)."""
+    """Backpropagation through the integrator's steps. checkpoints: how many states the forward
+    pass stores (None: every step's, the fastest; k: every ceil(steps/k)-th step's). Between two
+    checkpoints, states are brought back by bisection: memory k + O(log(steps/k)) states whatever the
+    horizon, at the cost of O(log(steps/k)) replays per step."""
 
     checkpoints: int | None = None
     name = "discrete"
