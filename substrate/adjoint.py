@@ -31,7 +31,7 @@ import numpy as np
 from . import _kernels as K
 from .dynamics import VectorField
 from .errors import SubstrateValueError
-from .integrators import (ExponentialRK, Solution, _STATUS, _check_on_failure, _count, _finish,
+from .integrators import (Solution, _STATUS, _check_on_failure, _check_times, _count, _finish,
                           _nonnegative, _positive, _prepare, _solve, get_method, relax)
 from .network import Network
 
@@ -235,16 +235,7 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
     """Discrete or continuous adjoint: a recorded forward pass (step sizes, checkpoints), the loss,
     then the backward kernel."""
     stepper = get_method(integrator)
-    try:
-        t0, t1 = (float(v) for v in t_span)
-    except (TypeError, ValueError):
-        raise SubstrateValueError(f"t_span={t_span!r} must be a pair (t0, t1) of numbers") from None
-    if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
-        raise SubstrateValueError(f"t_span={t_span!r} must be finite with t1 > t0")
-    t_eval = np.array([t1] if t_eval is None else t_eval, dtype=float)
-    if (t_eval.ndim != 1 or t_eval.size == 0 or np.any(np.diff(t_eval) <= 0) or t_eval[0] < t0
-            or t_eval[-1] != t1):
-        raise SubstrateValueError("t_eval must be strictly increasing within t_span and end at t_span[1]")
+    t0, t1, t_eval = _check_times(t_span, t_eval, default=(lambda t0, t1: [t1]), end_at_t1=True)
     if strategy.checkpoints is not None:
         _count(strategy.checkpoints, "checkpoints")
     if isinstance(strategy, ContinuousAdjoint):

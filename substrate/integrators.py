@@ -181,6 +181,23 @@ def _count(value, name):
     return int(value)
 
 
+def _check_times(t_span, t_eval, default, end_at_t1=False):
+    """(t0, t1, t_eval as an array), validated; ``default(t0, t1)`` gives t_eval when it is None."""
+    try:
+        t0, t1 = (float(v) for v in t_span)
+    except (TypeError, ValueError):
+        raise SubstrateValueError(f"t_span={t_span!r} must be a pair (t0, t1) of numbers") from None
+    if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
+        raise SubstrateValueError(f"t_span={t_span!r} must be finite with t1 > t0")
+    t_eval = np.array(default(t0, t1) if t_eval is None else t_eval, dtype=float)
+    if (t_eval.ndim != 1 or t_eval.size == 0 or np.any(np.diff(t_eval) <= 0)
+            or t_eval[0] < t0 or t_eval[-1] > t1 or not np.all(np.isfinite(t_eval))):
+        raise SubstrateValueError("t_eval must be a non-empty, strictly increasing 1-D array within t_span")
+    if end_at_t1 and t_eval[-1] != t1:
+        raise SubstrateValueError(f"t_eval must end at t_span[1] = {t1:g}, the state the gradient starts from")
+    return t0, t1, t_eval
+
+
 def _prepare(network, x, u0, dtype, batch):
     if not isinstance(network, Network):
         raise SubstrateValueError(f"network must be a substrate Network, got {type(network).__name__}")
@@ -266,16 +283,7 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
     """
     stepper = get_method(method)
     _check_on_failure(on_failure)
-    try:
-        t0, t1 = (float(v) for v in t_span)
-    except (TypeError, ValueError):
-        raise SubstrateValueError(f"t_span={t_span!r} must be a pair (t0, t1) of numbers") from None
-    if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
-        raise SubstrateValueError(f"t_span={t_span!r} must be finite with t1 > t0")
-    t_eval = np.array([t0, t1] if t_eval is None else t_eval, dtype=float)
-    if (t_eval.ndim != 1 or t_eval.size == 0 or np.any(np.diff(t_eval) <= 0)
-            or t_eval[0] < t0 or t_eval[-1] > t1 or not np.all(np.isfinite(t_eval))):
-        raise SubstrateValueError("t_eval must be a non-empty, strictly increasing 1-D array within t_span")
+    t0, t1, t_eval = _check_times(t_span, t_eval, default=(lambda t0, t1: [t0, t1]))
     dt = _positive(dt, "dt", allow_none=True)
     rtol, atol = _nonnegative(rtol, "rtol"), _nonnegative(atol, "atol")
     if stepper.adaptive and rtol == 0 and atol == 0:
