@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _kernels as K
-from .dynamics import VectorField
+from .dynamics import VectorField, resolve_dtype
 from .errors import SubstrateValueError
 from .integrators import (Solution, _STATUS, _check_on_failure, _check_times, _count, _finish,
                           _nonnegative, _positive, _prepare, _solve, get_method, relax)
@@ -145,11 +145,14 @@ def _evaluate_loss(loss, u, what):
     grad = np.asarray(grad)
     if grad.shape != u.shape:
         raise SubstrateValueError(f"loss: dL/du has shape {grad.shape}, expected {u.shape} (the {what})")
+    if grad.dtype.kind not in "iufc" or (grad.dtype.kind == "c" and u.dtype.kind != "c"):
+        raise SubstrateValueError(f"loss: dL/du has dtype {grad.dtype} but the states are {u.dtype} "
+                                  f"(the {what}); return a real gradient for real states")
     if not np.all(np.isfinite(value)) or np.ndim(value) != 0:
         raise SubstrateValueError(f"loss: the value {value!r} is not a finite scalar (the {what})")
     if not np.all(np.isfinite(grad)):
         raise SubstrateValueError(f"loss: dL/du contains NaN or Inf (the {what})")
-    return value, grad
+    return value, grad.astype(u.dtype, copy=False)
 
 
 def _tau_gradients(network: Network, gtau) -> dict:
@@ -163,11 +166,12 @@ def _tau_gradients(network: Network, gtau) -> dict:
 # ------------------------------------------------------------------------------------ entry point
 def gradient(network: Network, x=None, loss=None, *, method="discrete", t_span=None, t_eval=None,
              trajectory=False, integrator="rk4", dt=None, u0=None, dtype=None, batch=None, rtol=1e-6,
-             atol=1e-9, tol=1e-10, max_steps=1_000_000, blowup=1e10, on_failure="raise") -> Gradients:
+             atol=1e-9, tol=None, max_steps=1_000_000, blowup=1e10, on_failure="raise") -> Gradients:
     """dL/dtheta, dL/du0 and dL/dx of ``loss`` through the circuit's dynamics.
 
     ``method="implicit"``: the loss is on the equilibrium, relaxed with ``integrator`` to residual
-    ``tol`` (a relaxation that does not converge raises ConvergenceError). ``method="discrete"``:
+    ``tol`` (default 1e-10, 1e-5 for float32 states; a relaxation that does not converge raises
+    ConvergenceError). ``method="discrete"``:
     the loss is on the state at ``t_span[1]`` (or, with ``trajectory=True``, on the states at every
     ``t_eval`` point), integrated with ``integrator``, ``dt``, ``rtol``, ``atol`` as in
     :func:`~substrate.integrate`.
@@ -191,6 +195,8 @@ def gradient(network: Network, x=None, loss=None, *, method="discrete", t_span=N
 def _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol, max_steps):
     if strategy.solver not in ("direct", "krylov"):
         raise SubstrateValueError(f"Implicit(solver={strategy.solver!r}); allowed: 'direct', 'krylov'")
+    if tol is None:  # a residual float32 states can reach
+        tol = 1e-5 if resolve_dtype(network, dtype) == np.float32 else 1e-10
     sol = relax(network, x, method=integrator, dt=dt, tol=tol, u0=u0, dtype=dtype, batch=batch,
                 max_steps=max_steps)  # raises ConvergenceError if the equilibrium is not reached
     vf = VectorField(network, x, batch=sol.u.shape[0], dtype=sol.u.dtype)

@@ -212,12 +212,12 @@ def _prepare(network, x, u0, dtype, batch):
 
 def _initial_step(vf: VectorField, u, tau_min, order, rtol, atol):
     """Hairer, Norsett & Wanner's starting step (as in scipy's select_initial_step), on du/dt = F/tau."""
-    tauinv = vf.packed.tauinv.astype(float)[None, :]
+    tauinv = vf.packed.tauinv[None, :]  # in the state's precision, so the trial state keeps its dtype
     ub = u.T
     f0 = vf(ub) * tauinv
     scale = np.maximum(atol + rtol * np.abs(ub), np.finfo(float).tiny)
     d0, d1 = np.sqrt(np.mean(np.abs(ub / scale) ** 2)), np.sqrt(np.mean(np.abs(f0 / scale) ** 2))
-    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else float(0.01 * d0 / d1)  # a Python float keeps f0's dtype
     f1 = vf(ub + h0 * f0) * tauinv
     d2 = np.sqrt(np.mean(np.abs((f1 - f0) / scale) ** 2)) / h0
     h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / (order + 1))

@@ -388,8 +388,6 @@ def torchdiffeq_gradient(strategy: TorchDiffEq, network: Network, x, loss, t_spa
     target = states if trajectory else states[-1]
     value, g = _evaluate_loss(loss, saved.copy() if trajectory else saved[-1].copy(),
                               "states at t_eval" if trajectory else "final state")
-    if np.iscomplexobj(g) and not complex_state:
-        raise SubstrateValueError(f"loss: dL/du is complex but the states are {vf.dtype}")
     cot = torch.as_tensor(np.conj(g) if complex_state else g, dtype=field.dtype)
     torch.autograd.backward(target, grad_tensors=cot)
 

@@ -357,7 +357,7 @@ def test_bad_strategy(strategy, match):
     (dict(loss="mse"), "loss must be a callable"),
     (dict(loss=lambda u: (0.0, np.zeros(3))), "dL/du has shape"),
     (dict(loss=lambda u: (np.nan, np.zeros_like(u))), "not a finite scalar"),
-    (dict(loss=lambda u: (0.0, 1j * np.ones_like(u))), "complex but the states"),
+    (dict(loss=lambda u: (0.0, 1j * np.ones_like(u))), "dtype complex128 but the states"),
     (dict(x=np.zeros((BATCH, 3))), "x must be a dict"),
     (dict(x={"a": np.zeros((BATCH, 4)), "b": np.zeros((BATCH, 2))}), "expected \\(batch, 3\\)"),
     (dict(u0=np.zeros((BATCH, 2))), "u0 has shape"),
