@@ -258,7 +258,7 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
     fam, meth, a, b, e, fsal, adaptive = stepper.kernel_args()
 
     def forward(ckpt_every, n_ckpt):
-        hs = np.zeros(max_steps)
+        hs = np.empty(max_steps)  # only the steps taken are written and read: no zeroing of 8 MB
         save_step = np.zeros(len(t_eval), np.int64)
         ckpt = np.empty((n_ckpt, n, nb), vf.dtype)
         out = _solve(vf, u, stepper, t0=t0, t_end=t1, dt=dt, rtol=rtol, atol=atol, max_steps=max_steps,

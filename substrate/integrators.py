@@ -242,8 +242,8 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     h_min = 1e-12 * max(abs(t0), abs(t_end) if math.isfinite(t_end) else 0.0, float(p.tau.min()))
     saved = np.empty((len(t_save), n, nb), vf.dtype)
     residual = np.zeros(nb)
-    res_trace = np.zeros(min(max_steps, 1_000_000) + 1 if relax else 0)  # the first 1e6 steps
-    t_trace = np.zeros_like(res_trace)
+    res_trace = np.empty(min(max_steps, 1_000_000) + 1 if relax else 0)  # the first 1e6 steps, written as taken
+    t_trace = np.empty_like(res_trace)
     u_out = np.empty_like(u)
     record = record or _no_record(n, nb, vf.dtype, len(t_save))
     status, t, steps, nfev, rejected = K.run(
