@@ -14,6 +14,7 @@ test-all: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_step.py
+	$(PY) benchmarks/bench_gradient.py
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

@@ -741,7 +741,7 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys, rs, ss,
     for i in range(s - 1, -1, -1):
         for p in range(n):
             ti = 1.0 if exp_family else tauinv[p]
-            acc = 0.0 * w[p, 0]
+            acc = 0.0 * sbar[i, p, 0]  # zero of the state's type (w is written below)
             for b in range(nb):
                 v = sbar[i, p, b] * ti
                 w[p, b] = v

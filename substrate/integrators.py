@@ -189,7 +189,10 @@ def _check_times(t_span, t_eval, default, end_at_t1=False):
         raise SubstrateValueError(f"t_span={t_span!r} must be a pair (t0, t1) of numbers") from None
     if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
         raise SubstrateValueError(f"t_span={t_span!r} must be finite with t1 > t0")
-    t_eval = np.array(default(t0, t1) if t_eval is None else t_eval, dtype=float)
+    try:
+        t_eval = np.array(default(t0, t1) if t_eval is None else t_eval, dtype=float)
+    except (TypeError, ValueError):
+        raise SubstrateValueError(f"t_eval={t_eval!r} must be a 1-D array of times") from None
     if (t_eval.ndim != 1 or t_eval.size == 0 or np.any(np.diff(t_eval) <= 0)
             or t_eval[0] < t0 or t_eval[-1] > t1 or not np.all(np.isfinite(t_eval))):
         raise SubstrateValueError("t_eval must be a non-empty, strictly increasing 1-D array within t_span")

@@ -34,7 +34,6 @@ conjugate convention is undone by conjugating the cotangents in and the gradient
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +48,7 @@ from .adjoint import AbstractAdjoint, Gradients, _evaluate_loss
 from .dynamics import resolve_dtype
 from .errors import DivergenceError, StepSizeError, SubstrateValueError
 from .integrators import Solution, _nonnegative, _positive, _prepare
+from .integrators import _check_times as check_times
 from .network import Connection, Network
 
 __all__ = ["TorchField", "TorchDiffEq", "torchdiffeq_gradient", "torch_rho", "METHODS"]
@@ -283,20 +283,7 @@ def _check_times(t_span, t_eval):
     """(t0, t1, t_eval) validated as substrate's discrete adjoint does."""
     if t_span is None:
         raise SubstrateValueError("t_span is required for method='torchdiffeq'")
-    try:
-        t0, t1 = (float(v) for v in t_span)
-    except (TypeError, ValueError):
-        raise SubstrateValueError(f"t_span={t_span!r} must be a pair (t0, t1) of numbers") from None
-    if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
-        raise SubstrateValueError(f"t_span={t_span!r} must be finite with t1 > t0")
-    try:
-        t_eval = np.array([t1] if t_eval is None else t_eval, dtype=float)
-    except (TypeError, ValueError):
-        raise SubstrateValueError(f"t_eval={t_eval!r} must be a 1-D array of times") from None
-    if (t_eval.ndim != 1 or t_eval.size == 0 or not np.all(np.isfinite(t_eval))
-            or np.any(np.diff(t_eval) <= 0) or t_eval[0] < t0 or t_eval[-1] != t1):
-        raise SubstrateValueError("t_eval must be strictly increasing within t_span and end at t_span[1]")
-    return t0, t1, t_eval
+    return check_times(t_span, t_eval, default=lambda t0, t1: [t1], end_at_t1=True)
 
 
 class _Dynamics(nn.Module):

@@ -60,7 +60,7 @@ def rotated(names, k, count=len(LAYER_SIZES)):
     return [names[(k + i) % len(names)] for i in range(count)]
 
 
-def make_network(rng: np.random.Generator, activations) -> Network:
+def make_network(rng: np.random.Generator, activations, scale: float = 1.5) -> Network:
     """The float64 test circuit with activation ``activations[i]`` on the i-th layer.
 
     forward h1 -> h2 -> h3 -> h4 -> y; independent feedback h2 -> h1 and y -> h4; tied feedback
@@ -70,7 +70,7 @@ def make_network(rng: np.random.Generator, activations) -> Network:
     sizes = {**LAYER_SIZES, **INPUT_SIZES}
 
     def weight(pre, post):
-        return rng.normal(0.0, 1.5 / np.sqrt(sizes[pre]), (sizes[post], sizes[pre]))
+        return rng.normal(0.0, scale / np.sqrt(sizes[pre]), (sizes[post], sizes[pre]))
 
     def mask(pre, post):
         m = (rng.random((sizes[post], sizes[pre])) < 0.6).astype(float)

@@ -29,19 +29,19 @@ Tolerances (norm-wise, per array: ``max|got - want| <= rel * max|want|``):
 
 from __future__ import annotations
 
-import inspect
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("torchdiffeq")
+import torch  # noqa: E402  (torch and torchdiffeq are test dependencies)
 
 import substrate  # noqa: E402
-from substrate import Connection, Input, Layer, Network, SubstrateValueError, VectorField  # noqa: E402
+from substrate import SubstrateValueError, VectorField  # noqa: E402
 from substrate.activations import HOLOMORPHIC, NAMES  # noqa: E402
+from test_derivatives import (ACTIVATIONS, HOLO_ACTIVATIONS, LAYER_SIZES,  # noqa: E402
+                              make_inputs, make_network)
 from substrate.torch_backend import (METHODS, TorchDiffEq, TorchField, torch_rho,  # noqa: E402
                                      torchdiffeq_gradient)
 
@@ -52,10 +52,6 @@ REL_F = 1e-13
 REL_DISCRETE = 1e-10
 REL_CONTINUOUS = 1e-6
 
-LAYER_SIZES = {"h1": 5, "h2": 4, "h3": 6, "h4": 3, "y": 2}
-INPUT_SIZES = {"a": 3, "b": 2}
-ACTIVATIONS = ("logistic", "hard_sigmoid", "tanh", "dsilu", "identity")
-HOLO_ACTIVATIONS = ("logistic", "tanh", "dsilu", "identity")
 assert set(ACTIVATIONS) == set(NAMES) and set(HOLO_ACTIVATIONS) == set(HOLOMORPHIC)
 
 
@@ -64,47 +60,6 @@ assert set(ACTIVATIONS) == set(NAMES) and set(HOLO_ACTIVATIONS) == set(HOLOMORPH
 # ================================================================================================
 def rotated(names, k):
     return [names[(k + i) % len(names)] for i in range(len(LAYER_SIZES))]
-
-
-def make_network(rng: np.random.Generator, activations, scale: float = 1.5) -> Network:
-    """forward h1 -> h2 -> h3 -> h4 -> y; independent feedback h2 -> h1 and y -> h4; tied feedback
-    h3 -> h2 (masked, listed before its source h2 -> h3) and h4 -> h3; lateral h2 -> h2 (diagonal
-    masked out) and h3 -> h3 (random mask); loop y -> h1; inputs a -> h1 (masked), b -> h1, b -> h3;
-    tau per neuron on h1, scalars elsewhere."""
-    sizes = {**LAYER_SIZES, **INPUT_SIZES}
-
-    def weight(pre, post):
-        return rng.normal(0.0, scale / np.sqrt(sizes[pre]), (sizes[post], sizes[pre]))
-
-    def mask(pre, post):
-        m = (rng.random((sizes[post], sizes[pre])) < 0.6).astype(float)
-        m.flat[0], m.flat[-1] = 0.0, 1.0
-        return m
-
-    taus = {"h1": rng.uniform(0.5, 2.0, LAYER_SIZES["h1"]), "h2": 0.7, "h3": 1.0, "h4": 1.3, "y": 2.0}
-    layers = [Layer(name, size, tau=taus[name], activation=act, bias=rng.normal(0.0, 0.5, size))
-              for (name, size), act in zip(LAYER_SIZES.items(), activations)]
-    connections = [
-        Connection("h3", "h2", tied=True, mask=mask("h3", "h2")),  # before its source h2 -> h3
-        Connection("a", "h1", weight("a", "h1"), mask=mask("a", "h1")),
-        Connection("b", "h1", weight("b", "h1")),
-        Connection("b", "h3", weight("b", "h3")),
-        Connection("h1", "h2", weight("h1", "h2")),
-        Connection("h2", "h3", weight("h2", "h3")),
-        Connection("h3", "h4", weight("h3", "h4")),
-        Connection("h4", "y", weight("h4", "y")),
-        Connection("h2", "h1", weight("h2", "h1")),  # independent feedback
-        Connection("h4", "h3", tied=True),  # tied feedback, unmasked
-        Connection("y", "h4", weight("y", "h4")),  # independent feedback
-        Connection("h2", "h2", weight("h2", "h2"), mask=1.0 - np.eye(LAYER_SIZES["h2"])),  # lateral
-        Connection("h3", "h3", weight("h3", "h3"), mask=mask("h3", "h3")),  # lateral, random mask
-        Connection("y", "h1", weight("y", "h1")),  # loop
-    ]
-    return Network(layers, connections, inputs=[Input(n, s) for n, s in INPUT_SIZES.items()])
-
-
-def make_inputs(net: Network, rng: np.random.Generator, batch: int = BATCH) -> dict:
-    return {i.name: rng.normal(0.0, 1.0, (batch, i.size)) for i in net.inputs}
 
 
 def random_like(shape, rng, complex_: bool = False):
@@ -382,11 +337,6 @@ def test_import_substrate_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def _wired() -> bool:
-    return "torch_backend" in inspect.getsource(substrate.adjoint)
-
-
-@pytest.mark.skipif(not _wired(), reason="substrate.adjoint does not dispatch to the torch backend yet")
 def test_gradient_entry_point_dispatches():
     net, x, rng = case(110, rotated(HOLO_ACTIVATIONS, 0))
     loss = quadratic_loss(rng.normal(size=(BATCH, net.n)))
