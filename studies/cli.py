@@ -41,5 +41,143 @@ def quickstart(out, seed, batch, quiet):
     click.echo(f"done in {time.perf_counter() - start:.1f} s")
 
 
+def _load(study_file, profile):
+    from studies.config import StudyConfigError, load_study
+
+    try:
+        return load_study(study_file, profile)
+    except StudyConfigError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command()
+@click.argument("study_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Folder for the run files and the archive [default: sweep-output/<study name>, "
+                   "with -<profile> appended when a profile is used].")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1), help="Worker processes.")
+@click.option("--profile", default=None, help="A [profiles.<name>] of the study file, e.g. debug.")
+@click.option("--retry-failed", is_flag=True, help="Run again the runs that failed (finished runs are always skipped).")
+@click.option("--consolidate-every", default=600.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds between rewrites of the archive while the sweep runs.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run on a Dask cluster: its scheduler's address (tcp://host:8786) or scheduler file; "
+                   "the workers must share the output folder's file system (--workers is then unused).")
+def sweep(study_file, out, workers, profile, retry_failed, consolidate_every, quiet, scheduler):
+    """Run every run of a study file (skipping finished ones) and consolidate them into one archive."""
+    from studies import sweep as sw
+    from studies.dask_executor import DaskSweepError, make_executor
+
+    study = _load(study_file, profile)
+    out = out or os.path.join("sweep-output", study.name + (f"-{profile}" if profile else ""))
+    click.echo(study.summary())
+    try:
+        executor = make_executor(scheduler, workers)
+    except (ImportError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    start = time.perf_counter()
+    stats = {}
+    try:
+        path = sw.run_sweep(study, out, workers=workers, retry_failed=retry_failed, progress=not quiet,
+                            executor=executor, consolidate_every=consolidate_every, stats=stats)
+    except (sw.SweepLockedError, DaskSweepError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"ran {stats['ran']} runs ({stats['done']} done, {stats['failed']} failed); skipped "
+               f"{stats['skipped']} finished before; {time.perf_counter() - start:.1f} s")
+    _summary(path)
+
+
+def _summary(path, errors=5):
+    import json
+
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        a = f.attrs
+        click.echo(f"archive: {os.path.abspath(path)}")
+        click.echo(f"runs: {int(a['n_runs'])} total, {int(a['n_done'])} done, {int(a['n_failed'])} failed, "
+                   f"{int(a['n_missing'])} missing")
+        if int(a["n_failed"]) and errors:
+            click.echo("failed runs:")
+            shown = 0
+            for rid, g in f["runs"].items():
+                if g.attrs["status"] != "failed":
+                    continue
+                coords = ", ".join(f"{k}={v}" for k, v in json.loads(g.attrs["coords"]).items())
+                click.echo(f"  {rid} [{coords}]: {g.attrs['error']}")
+                shown += 1
+                if shown >= errors:
+                    break
+            if int(a["n_failed"]) > shown:
+                click.echo(f"  ... and {int(a['n_failed']) - shown} more")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False))
+@click.option("--errors", default=5, show_default=True, type=click.IntRange(min=0), help="Failed runs to list.")
+def info(archive, errors):
+    """Summarise a sweep archive: study, axes, runs done and failed, first errors."""
+    import json
+
+    import h5py
+
+    from studies.sweep import FORMAT
+
+    try:
+        with h5py.File(archive, "r") as f:
+            a = dict(f.attrs)
+            variables = {k: json.loads(v.attrs["dims"]) for k, v in f["data"].items()} if "data" in f else {}
+            coords = set(json.loads(f["data"].attrs.get("coordinates", "[]"))) if "data" in f else set()
+    except OSError as e:
+        raise click.ClickException(f"{archive}: not a readable HDF5 file ({e})") from None
+    if a.get("format") != FORMAT:
+        raise click.ClickException(f"{archive}: not a sweep archive (format {a.get('format')!r})")
+    profile = f", profile {a['profile']}" if a.get("profile") else ""
+    click.echo(f"study: {a['study_name']} (task {a['task']}{profile}){' - ' + a['description'] if a.get('description') else ''}")
+    click.echo(f"created {a['created']} on {a['host']}, git {a['git_commit']}")
+    click.echo("axes:")
+    keys = json.loads(a.get("axis_keys", "{}"))
+    for name, values in json.loads(a["axes"]).items():
+        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+        via = f" <- {', '.join(keys[name])}" if name in keys and keys[name] != [name] else ""
+        click.echo(f"  {name} ({len(values)}){via}: {shown}")
+    axes = list(json.loads(a["axes"]))
+    results = sorted(k for k in variables if k not in coords and k not in ("run_id", "status", "error"))
+    own = {k: variables[k][len(axes):] for k in results}
+    click.echo("results per run: " + (", ".join(f"{k}({', '.join(own[k])})" if own[k] else k for k in results)
+                                      or "none yet"))
+    _summary(archive, errors)
+
+
+@main.command()
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Folder for the figures [default: the archive's folder].")
+def plot(archive, out):
+    """Draw a sweep archive's figures (PNG and PDF), chosen by its task."""
+    import h5py
+
+    from studies import plots
+
+    try:
+        with h5py.File(archive, "r") as f:
+            task, name, done = f.attrs.get("task"), f.attrs.get("study_name"), int(f.attrs.get("n_done", 0))
+    except OSError as e:
+        raise click.ClickException(f"{archive}: not a readable HDF5 file ({e})") from None
+    if not done:
+        raise click.ClickException(f"{archive}: no finished run to draw")
+    if task not in plots.PLOTS:
+        raise click.ClickException(f"{archive}: no figure for task {task!r}; figures exist for "
+                                   f"{', '.join(plots.PLOTS)}")
+    out = out or os.path.dirname(os.path.abspath(archive))
+    os.makedirs(out, exist_ok=True)
+    fig = plots.PLOTS[task](archive)
+    for ext in ("png", "pdf"):
+        path = os.path.join(out, f"{name}.{ext}")
+        fig.savefig(path, dpi=120)
+        click.echo(f"figure: {os.path.abspath(path)}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,7 @@ import json
 import matplotlib
 
 matplotlib.use("Agg")  # figures are written to files; no display is needed  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -46,3 +47,133 @@ def relaxation(path: str, sample: int = 0):
     axes[2].set_ylabel("membrane potential u")
     axes[2].legend(fontsize=8, loc="lower right")
     return fig
+
+
+# ------------------------------------------------------------------------------------ sweep archives
+def _sweep(path: str):
+    from studies.sweep import open_dataset
+
+    ds = open_dataset(path)
+    axes = list(json.loads(ds.attrs["axes"]))
+    return ds, axes
+
+
+def _other_axis(ds, axes, exclude):
+    """The first sweep axis not in ``exclude`` and not the seed, or None."""
+    return next((a for a in axes if a not in exclude and a != "seed"), None)
+
+
+def _label(ds, dim, value):
+    """A legend label for one point of ``dim``, with the coordinates that vary along it."""
+    point = ds.sel({dim: value}) if dim in ds.indexes else ds.isel({dim: value})
+    extra = [f"{c}={_fmt(point[c].item())}" for c in ds.coords
+             if c != dim and ds[c].dims == (dim,) and c != "method"]
+    name = str(value)
+    return f"{name} ({', '.join(extra)})" if extra else name
+
+
+def _fmt(v):
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _median(da, keep):
+    """Median over every dimension but ``keep``, ignoring NaN (failed and missing runs)."""
+    import warnings
+
+    drop = [d for d in da.dims if d not in keep]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices stay NaN
+        return da.median(dim=drop, skipna=True) if drop else da
+
+
+def plot_relaxation(archive_path: str):
+    """Relaxation study: cost (field evaluations to reach the tolerance, median over seeds), the
+    fraction of failed runs against the swept parameter (the asymmetry angle) for each integrator, and
+    the residual trace of one sample point. One row per value of a further axis (e.g. init_scale)."""
+    ds, axes = _sweep(archive_path)
+    integ = ds["method"].dims[0] if "method" in ds.coords else _other_axis(ds, axes, ())
+    x = "asymmetry_angle" if "asymmetry_angle" in axes else _other_axis(ds, axes, (integ,))
+    row_axis = _other_axis(ds, axes, (integ, x))
+    rows = list(ds[row_axis].values[:4]) if row_axis else [None]
+    fig, grid = plt.subplots(len(rows), 3, figsize=(15, 3.8 * len(rows)), squeeze=False, constrained_layout=True)
+    failed = (ds["status"] == "failed").astype(float).where(ds["status"] != "missing")
+    tol = json.loads(ds.attrs["base"]).get("tol")
+    for r, row in enumerate(rows):
+        sel = {row_axis: row} if row_axis else {}
+        ax_cost, ax_fail, ax_trace = grid[r]
+        for i, value in enumerate(ds[integ].values if integ else [None]):
+            pick = dict(sel, **({integ: value} if integ else {}))
+            sub = ds.sel(pick)
+            label = _label(ds, integ, value) if integ else "runs"
+            xs = sub[x].values if x else [0]
+            ax_cost.plot(xs, np.atleast_1d(_median(sub["nfev"], [x] if x else []).values), "o-", color=f"C{i}",
+                         label=label)
+            ax_fail.plot(xs, np.atleast_1d(failed.sel(pick).mean(dim=[d for d in failed.sel(pick).dims
+                                                                       if d != x]).values),
+                         "o-", color=f"C{i}")
+            point = sub.isel({d: 0 for d in sub["residual_trace"].dims if d not in ("step",) and d != x})
+            if x:
+                point = point.isel({x: len(xs) // 2})
+            ax_trace.semilogy(point["trace_t"].values, point["residual_trace"].values, color=f"C{i}",
+                              label=label)
+        where = f" ({row_axis} = {_fmt(row)})" if row_axis else ""
+        ax_cost.set_yscale("log")
+        ax_cost.set_ylabel("field evaluations to tolerance (median)")
+        ax_cost.set_title("cost of relaxation" + where)
+        ax_fail.set_ylabel("fraction of runs failed")
+        ax_fail.set_ylim(-0.05, 1.05)
+        ax_fail.set_title("failures (no convergence, divergence)" + where)
+        for a in (ax_cost, ax_fail):
+            a.set_xlabel(x.replace("_", " ") + (" (degrees)" if x == "asymmetry_angle" else "") if x else "")
+        if tol:
+            ax_trace.axhline(tol, color="k", lw=0.8, ls=":")
+        ax_trace.set_xlabel("simulated time (units of tau)")
+        ax_trace.set_ylabel(r"residual $\max_i |F_i(u)|$")
+        mid = f"{x} = {_fmt(ds[x].values[len(ds[x]) // 2].item())}, " if x else ""
+        ax_trace.set_title(f"residual trace ({mid}first seed)", fontsize=10)
+        ax_cost.legend(fontsize=8)
+    fig.suptitle(f"{ds.attrs['study_name']}: {int(ds.attrs['n_done'])} runs done, "
+                 f"{int(ds.attrs['n_failed'])} failed, {int(ds.attrs['n_missing'])} missing")
+    return fig
+
+
+def plot_gradient_accuracy(archive_path: str):
+    """Gradient accuracy study: relative error of each gradient method against the reference, against
+    the step dt (log-log, median over seeds), one colour per integrator, one marker per method; one
+    panel per value of a further axis (e.g. t_end)."""
+    ds, axes = _sweep(archive_path)
+    x = "dt" if "dt" in axes else _other_axis(ds, axes, ())
+    color_axis = "integrator" if "integrator" in axes else _other_axis(ds, axes, (x,))
+    col_axis = _other_axis(ds, axes, (x, color_axis))
+    cols = list(ds[col_axis].values[:4]) if col_axis else [None]
+    fig, grid = plt.subplots(1, len(cols), figsize=(6.5 * len(cols) + 2.5, 5), squeeze=False, layout="constrained")
+    markers = {"discrete": ("o", "-"), "continuous": ("s", "--"), "implicit": ("^", ":")}
+    methods = list(ds["gradient_method"].values) if "gradient_method" in ds.dims else []
+    for c, col in enumerate(cols):
+        ax = grid[0][c]
+        sel = {col_axis: col} if col_axis else {}
+        for i, cv in enumerate(ds[color_axis].values if color_axis else [None]):
+            pick = dict(sel, **({color_axis: cv} if color_axis else {}))
+            for m in methods:
+                if m == "implicit":  # at the equilibrium: no integrator, no step
+                    continue
+                err = _median(ds["relative_error"].sel(pick).sel(gradient_method=m), [x])
+                marker, ls = markers.get(str(m), ("x", "-"))
+                ax.loglog(ds[x].values, np.atleast_1d(err.values), marker=marker, ls=ls, color=f"C{i}",
+                          label=f"{cv} / {m}" if color_axis else str(m))
+        if "implicit" in methods:
+            err = _median(ds["relative_error"].sel(sel).sel(gradient_method="implicit"), [x])
+            ax.loglog(ds[x].values, np.atleast_1d(err.values), marker="^", ls=":", color="k", label="implicit")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(x)
+        ax.set_ylabel("relative error of dL/dtheta (median over seeds)")
+        ax.set_title(f"{col_axis} = {_fmt(col.item() if hasattr(col, 'item') else col)}" if col_axis else "")
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = grid[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="outside right upper")
+    fig.suptitle(f"{ds.attrs['study_name']}: gradient methods against the reference "
+                 f"(markers: o discrete, s continuous, ^ implicit)")
+    return fig
+
+
+PLOTS = {"relaxation": plot_relaxation, "gradient_accuracy": plot_gradient_accuracy}

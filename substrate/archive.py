@@ -8,6 +8,7 @@ package versions, host and timings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -20,7 +21,7 @@ from typing import Mapping
 import h5py
 import numpy as np
 
-PACKAGES = ("substrate", "numpy", "scipy", "numba", "h5py")
+PACKAGES = ("substrate", "numpy", "scipy", "numba", "h5py", "scikit-learn")
 
 
 def git_commit(path: str | None = None) -> str:
@@ -66,25 +67,95 @@ def _write_group(group: h5py.Group, tree: Mapping):
             group.create_dataset(key, data=arr, compression="gzip" if arr.size > 1024 else None)
 
 
-def write_run(path: str, data: Mapping, attrs: Mapping) -> str:
-    """Write nested ``data`` (dicts become groups, arrays datasets, strings attributes) and root
-    ``attrs`` to ``path`` atomically. Returns the path."""
+TEMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yield a temporary file name beside ``path`` (prefix ``.tmp-``); when the block ends without an
+    exception the file is flushed to disk and renamed to ``path`` (``os.replace``: atomic on POSIX),
+    else removed. A reader sees either the previous complete file or the new complete one, never a
+    partial file, whenever the writer is killed (and, with the fsyncs, after a power cut)."""
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".h5", dir=folder)
     os.close(fd)
     try:
-        with h5py.File(tmp, "w") as f:
-            for k, v in attrs.items():
-                f.attrs[k] = v
-            _write_group(f, data)
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from other users
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(folder)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _fsync(path: str):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. directories on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - file systems without fsync
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_umask() -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # read once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def write_run(path: str, data: Mapping, attrs: Mapping) -> str:
+    """Write nested ``data`` (dicts become groups, arrays datasets, strings attributes) and root
+    ``attrs`` to ``path`` atomically. Returns the path."""
+    path = os.path.abspath(path)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for k, v in attrs.items():
+                f.attrs[k] = v
+            _write_group(f, data)
     return path
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of :func:`atomic_path`'s temporary files (never a complete file)."""
+    base = os.path.basename(name)
+    return base.startswith(TEMP_PREFIX) and base.endswith(".h5")
+
+
+def remove_temporary(folder: str) -> list:
+    """Remove the temporary files a killed writer left in ``folder``; returns their names. Call it only
+    when no writer is active there."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if is_temporary(name):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def members(group: Mapping) -> dict:

@@ -18,7 +18,8 @@ def test_numba_cache_moves_out_of_a_read_only_install(monkeypatch, tmp_path):
     package = os.path.dirname(substrate.__file__)
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, m: False if p == package else real_access(p, m))
-    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "")  # records the original value (or its absence) for the undo,
+    monkeypatch.delenv("NUMBA_CACHE_DIR")  # which delenv(raising=False) of an absent variable does not
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     substrate._numba_cache_dir()
     assert os.environ["NUMBA_CACHE_DIR"] == os.path.join(str(tmp_path), "substrate", "numba")

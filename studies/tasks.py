@@ -1,0 +1,269 @@
+"""Tasks a study sweeps: each is a schema (what its config may contain) and a function
+``run(config, seed) -> Result``.
+
+A run that fails (a relaxation that does not converge or diverges, a gradient that cannot be computed)
+raises; the sweep records it as failed with the message, and goes on. :class:`RunFailed` carries what
+was computed up to the failure (``result``), which the run's file keeps.
+
+Tasks:
+
+* ``relaxation``: a layered network (``substrate.Network.from_config``) relaxed to its equilibrium on a
+  batch of scikit-learn's 8x8 digits (pixels / 16) by one integrator: the residual trace and the cost.
+* ``gradient_accuracy``: the relative error of the gradient methods of ``substrate.gradient`` (discrete
+  adjoint with the given integrator and dt, continuous adjoint with a backward ETD2RK, implicit
+  differentiation at the equilibrium) against the exact gradient of RK4 steps at dt / refinement.
+* ``selftest``: a run that sleeps, then returns, raises, diverges or kills its own process: it
+  exercises the sweep machinery in the tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+import substrate as S
+from studies.config import Check, Field, ListOf, Range
+
+
+@dataclass
+class Result:
+    """What a run returns. arrays: name -> (dims, array), one dim name per array axis; scalars: name ->
+    float; coords: optional labels of the arrays' own dims (dim -> list of values)."""
+
+    arrays: dict = field(default_factory=dict)
+    scalars: dict = field(default_factory=dict)
+    coords: dict = field(default_factory=dict)
+
+
+class RunFailed(RuntimeError):
+    """A run failed in a way the study records (no convergence, divergence); ``result`` holds what was
+    computed up to the failure, or None."""
+
+    def __init__(self, message: str, result: Result | None = None):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(frozen=True)
+class Task:
+    """schema: nested dict key -> :class:`~studies.config.Field` (type, allowed, default, doc);
+    run(config, seed) -> Result; warmup(): loads (or compiles) the compiled kernels the task uses, on
+    a tiny problem, so that workers find the Numba cache warm."""
+
+    schema: dict
+    run: Callable
+    warmup: Callable | None = None
+    doc: str = ""
+
+
+# ------------------------------------------------------------------------------------ data
+N_DIGITS = 1797
+
+
+@functools.lru_cache(maxsize=1)
+def _digits():
+    """scikit-learn's digits (pixels, labels), read from the CSV file scikit-learn ships, as
+    ``load_digits`` reads it, without importing scikit-learn (about 1 s, in every worker process);
+    through ``load_digits`` where that file is not found."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, "datasets", "data", "digits.csv.gz")
+        if os.path.exists(path):
+            table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+            return table[:, :-1] / 16.0, table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.data / 16.0, d.target.astype(np.int64)
+
+
+def digits(batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``batch`` of scikit-learn's 8x8 digits drawn without replacement by ``seed``, pixels in [0, 1]."""
+    x, y = _digits()
+    idx = np.random.default_rng([1, int(seed)]).choice(len(y), size=batch, replace=False)
+    return x[idx], y[idx]
+
+
+def _sizes_ok(s):
+    return s[0] == 64 and s[-1] == 10
+
+
+NETWORK = {
+    "sizes": Field(ListOf(int, 3, 6, Range(1, 4096)), Check(_sizes_ok, "starting with 64 (the 8x8 pixels) and "
+                                                                   "ending with 10 (the digit classes)"),
+                   [64, 32, 10], "layer sizes: input, hidden layers, output"),
+    "activation": Field(str, tuple(S.ACTIVATIONS), "logistic", "activation of every layer"),
+    "tau": Field(float, Range(0.0, 1e3, lo_open=True), 1.0, "time constant of every neuron"),
+    "feedback": Field(str, ("tied", "independent", "none"), "independent", "feedback connections"),
+    "asymmetry_angle": Field(float, Range(0.0, 180.0), 90.0, "degrees between the feedback and W^T"),
+    "init_scale": Field(float, Range(0.0, 100.0, lo_open=True), 1.0, "weights uniform in +-scale/sqrt(fan_in)"),
+    "lateral": Field(bool, None, False, "all-to-all connections inside hidden layers"),
+}
+
+
+def _network_schema(default_sizes):
+    schema = dict(NETWORK)
+    schema["sizes"] = NETWORK["sizes"]._replace(default=list(default_sizes))
+    return schema
+
+
+# ------------------------------------------------------------------------------------ relaxation
+RELAXATION_SCHEMA = {
+    "network": _network_schema([64, 32, 10]),
+    "method": Field(str, tuple(S.METHODS), "exp_euler", "integrator"),
+    "dt": Field(float, Range(0.0, 100.0, lo_open=True), 0.5, "step (fixed-step methods); first step (dopri5)"),
+    "tol": Field(float, Range(0.0, 1.0, lo_open=True), 1e-8, "residual tolerance max_i |F_i(u)|"),
+    "max_steps": Field(int, Range(1, 1_000_000), 10_000, "steps before the relaxation is declared failed"),
+    "batch": Field(int, Range(1, N_DIGITS), 256, "digits relaxed at once"),
+    "blowup": Field(float, Range(0.0, None, lo_open=True), 1e10, "a state beyond this has diverged"),
+}
+
+
+def run_relaxation(config: dict, seed: int) -> Result:
+    net = S.Network.from_config(config["network"], seed)
+    x, _ = digits(config["batch"], seed)
+    start = time.perf_counter()
+    sol = S.relax(net, x, method=config["method"], dt=config["dt"], tol=config["tol"],
+                  max_steps=config["max_steps"], blowup=config["blowup"], on_failure="return")
+    seconds = time.perf_counter() - start
+    n = config["max_steps"] + 1  # traces padded with NaN to a common length, so that runs stack
+    trace = np.full(n, np.nan)
+    trace[:len(sol.residual_trace)] = sol.residual_trace
+    t = np.full(n, np.nan)
+    t[:len(sol.trace_t)] = sol.trace_t
+    residual = float(np.max(sol.residual)) if np.all(np.isfinite(sol.residual)) else float("nan")
+    result = Result(arrays={"residual_trace": (("step",), trace), "trace_t": (("step",), t)},
+                    scalars={"steps": sol.steps, "nfev": sol.nfev, "converged": float(sol.converged),
+                             "residual": residual, "t_final": float(sol.t_final), "seconds": seconds})
+    if not sol.converged:
+        raise RunFailed(f"relaxation failed: {sol.report()}", result)
+    return result
+
+
+def warmup_relaxation():
+    """Every integrator once on a tiny network (loads or compiles the float64 kernels)."""
+    rng = np.random.default_rng(0)
+    net = S.Network.layered([3, 4, 2], rng)
+    x = rng.uniform(size=(2, 3))
+    for method in S.METHODS:
+        S.relax(net, x, method=method, dt=0.5, max_steps=3, on_failure="return")
+
+
+# ------------------------------------------------------------------------------------ gradient accuracy
+FIXED_STEP = tuple(m for m in S.METHODS if m != "dopri5")
+GRADIENT_METHODS = ("discrete", "continuous", "implicit")
+
+GRADIENT_SCHEMA = {
+    "network": _network_schema([64, 16, 10]),
+    "integrator": Field(str, FIXED_STEP, "rk4", "forward integrator of the discrete and continuous adjoints"),
+    "dt": Field(float, Range(0.0, 2.0, lo_open=True), 0.1, "forward step"),
+    "t_end": Field(float, Range(0.0, 1000.0, lo_open=True), 5.0, "the loss is on the state at t_end (the "
+                                                                  "implicit method's on the equilibrium)"),
+    "batch": Field(int, Range(1, N_DIGITS), 8, "digits in the loss"),
+    "refinement": Field(int, Range(2, 1024), 16, "reference: discrete adjoint of RK4 at dt / refinement"),
+    "implicit_tol": Field(float, Range(0.0, 1e-2, lo_open=True), 1e-12, "residual of the implicit method's "
+                                                                      "equilibrium"),
+}
+
+
+def _parameter_vector(g: S.Gradients) -> np.ndarray:
+    """Weights and biases (the learned parameters), in one vector."""
+    parts = [g.weights[k] for k in sorted(g.weights)] + [g.biases[k] for k in sorted(g.biases)]
+    return np.concatenate([np.ravel(p) for p in parts])
+
+
+def _output_loss(net, labels):
+    out = net.slices["y"]
+    target = np.eye(10)[labels]
+
+    def loss(u):
+        d = u[..., out] - target
+        grad = np.zeros_like(u)
+        grad[..., out] = d
+        return 0.5 * float(np.sum(d ** 2)), grad
+
+    return loss
+
+
+def run_gradient_accuracy(config: dict, seed: int) -> Result:
+    net = S.Network.from_config(config["network"], seed)
+    x, labels = digits(config["batch"], seed)
+    loss = _output_loss(net, labels)
+    span = (0.0, config["t_end"])
+    dt = config["dt"]
+    start = time.perf_counter()
+    ref = S.gradient(net, x, loss, method="discrete", t_span=span, integrator="rk4",
+                     dt=dt / config["refinement"])
+    reference_seconds = time.perf_counter() - start
+    g_ref = _parameter_vector(ref)
+    norm = float(np.linalg.norm(g_ref))
+    methods = {
+        "discrete": dict(method=S.DiscreteAdjoint(), t_span=span, integrator=config["integrator"], dt=dt),
+        "continuous": dict(method=S.ContinuousAdjoint(backward="etd2rk"), t_span=span,
+                           integrator=config["integrator"], dt=dt),
+        "implicit": dict(method="implicit", tol=config["implicit_tol"]),
+    }
+    errors, seconds = [], []
+    for name in GRADIENT_METHODS:
+        start = time.perf_counter()
+        g = S.gradient(net, x, loss, **methods[name])
+        seconds.append(time.perf_counter() - start)
+        errors.append(float(np.linalg.norm(_parameter_vector(g) - g_ref)) / norm)
+    return Result(arrays={"relative_error": (("gradient_method",), np.array(errors)),
+                          "method_seconds": (("gradient_method",), np.array(seconds))},
+                  scalars={"loss": float(ref.loss), "reference_norm": norm, "reference_seconds": reference_seconds,
+                           "seconds": reference_seconds + sum(seconds)},
+                  coords={"gradient_method": list(GRADIENT_METHODS)})
+
+
+def warmup_gradient_accuracy():
+    rng = np.random.default_rng(0)
+    net = S.Network.layered([3, 4, 2], rng)
+    x = rng.uniform(size=(2, 3))
+
+    def loss(u):
+        return 0.5 * float(np.sum(u ** 2)), u.copy()
+
+    S.gradient(net, x, loss, method="discrete", t_span=(0, 0.5), integrator="rk4", dt=0.25)
+    S.gradient(net, x, loss, method=S.ContinuousAdjoint(backward="etd2rk"), t_span=(0, 0.5),
+               integrator="exp_euler", dt=0.25)
+    S.gradient(net, x, loss, method="implicit", tol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ selftest
+SELFTEST_SCHEMA = {
+    "value": Field(float, Range(-1e6, 1e6), 1.0, "scales the returned trace"),
+    "size": Field(int, Range(1, 100_000), 4, "length of the returned trace"),
+    "sleep": Field(float, Range(0.0, 60.0), 0.0, "seconds the run sleeps"),
+    "fail": Field(str, ("none", "raise", "diverge", "crash"), "none",
+                  "raise: an exception; diverge: a recorded failure; crash: the process kills itself"),
+}
+
+
+def run_selftest(config: dict, seed: int) -> Result:
+    time.sleep(config["sleep"])
+    trace = config["value"] * np.arange(config["size"]) + np.random.default_rng(seed).normal(size=config["size"])
+    result = Result(arrays={"trace": (("step",), trace)}, scalars={"value": config["value"]})
+    if config["fail"] == "raise":
+        raise ValueError(f"selftest raised for value {config['value']:g}")
+    if config["fail"] == "diverge":
+        raise RunFailed(f"selftest diverged for value {config['value']:g}", result)
+    if config["fail"] == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+
+TASKS = {
+    "relaxation": Task(RELAXATION_SCHEMA, run_relaxation, warmup_relaxation,
+                       "a network relaxed to equilibrium on digits by one integrator"),
+    "gradient_accuracy": Task(GRADIENT_SCHEMA, run_gradient_accuracy, warmup_gradient_accuracy,
+                              "relative error of the gradient methods against RK4 at dt / refinement"),
+    "selftest": Task(SELFTEST_SCHEMA, run_selftest, None, "sleeps, then returns, raises, diverges or crashes"),
+}

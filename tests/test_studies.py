@@ -1,0 +1,403 @@
+"""Studies: TOML validation, grid expansion and run ids, sweeps into archives (every config in
+studies/configs at debug size), failed runs, resuming, bit-identical results, the CLI."""
+
+import glob
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import substrate as S
+from studies import sweep as sw
+from studies.cli import main
+from studies.config import Run, StudyConfigError, load_study
+from studies.tasks import TASKS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "studies", "configs", "*.toml")))
+
+RELAX = """
+[study]
+name = "r"
+task = "relaxation"
+[base]
+method = "exp_euler"
+batch = 4
+max_steps = 500
+[base.network]
+sizes = [64, 8, 10]
+[sweep]
+seeds = [0, 1]
+[sweep.product]
+"network.asymmetry_angle" = [0.0, 90.0]
+"""
+
+
+def study(text, profile=None, name="s.toml"):
+    return load_study(name, profile, text=text)
+
+
+def selftest(values=(1.0, 2.0, 3.0), fail=None, seeds=(0,), sleep=0.0, name="st"):
+    """A selftest study: one axis over value; ``fail`` maps a value to its failure mode."""
+    fail = fail or {}
+    modes = [fail.get(v, "none") for v in values]
+    return study(f"""
+[study]
+name = "{name}"
+task = "selftest"
+[base]
+sleep = {sleep}
+[sweep]
+seeds = {list(seeds)}
+[sweep.zip]
+value = {list(values)}
+fail = {json.dumps(modes)}
+""")
+
+
+# ------------------------------------------------------------------------------------ validation
+def edit(old, new):
+    assert old in RELAX
+    return RELAX.replace(old, new)
+
+
+BASE, NET, AXIS = 'max_steps = 500', 'sizes = [64, 8, 10]', '"network.asymmetry_angle" = [0.0, 90.0]'
+BAD = [  # (a study file with one mistake, what the message must contain)
+    (edit(BASE, BASE + "\ncolour = 3"), ["base.colour = 3", "unknown key", "allowed keys in base:", "method"]),
+    (edit(NET, NET + "\ntaux = 1.0"), ["base.network.taux = 1.0", "unknown key", "asymmetry_angle"]),
+    (edit("batch = 4", 'batch = "4"'), ["base.batch = '4' (str)", "wrong type", "an integer"]),
+    (edit("batch = 4", "batch = 4.0"), ["base.batch = 4.0 (float)", "wrong type", "an integer"]),
+    (edit(NET, NET + "\ntau = -1.0"), ["base.network.tau = -1.0", "out of range", "(0, 1000]"]),
+    (edit(NET, NET + "\nasymmetry_angle = 270"), ["base.network.asymmetry_angle = 270.0", "[0, 180]"]),
+    (edit('method = "exp_euler"', 'method = "eulr"'), ["base.method = 'eulr'", "one of", "'euler'", "'dopri5'"]),
+    (edit(NET, "sizes = [64, 8, 9]"), ["base.network.sizes = [64, 8, 9]", "ending with 10"]),
+    (edit(NET, "sizes = [64, 0, 10]"), ["base.network.sizes[1] = 0", "[1, 4096]"]),
+    (edit(NET, "sizes = 64"), ["base.network.sizes = 64 (int)", "a list of"]),
+    (edit(NET, NET + "\nlateral = 1"), ["base.network.lateral = 1 (int)", "a boolean"]),
+    (edit(AXIS, AXIS + '\n"network.taux" = [1.0]'),
+     ["sweep.product.network.taux", "not a key of the base config", "network.tau"]),
+    (edit(AXIS, '"network.asymmetry_angle" = [0.0, 190.0]'),
+     ["sweep.product.network.asymmetry_angle[1] = 190.0", "[0, 180]"]),
+    (edit(AXIS, '"network.asymmetry_angle" = []'), ["sweep.product.network.asymmetry_angle = []", "at least one"]),
+    (edit(AXIS, '"network.asymmetry_angle" = [0.0, 0]'), ["sweep.product.network.asymmetry_angle", "duplicate value 0.0"]),
+    (edit("seeds = [0, 1]", "seeds = [0, 0]"), ["sweep.seeds = [0, 0]", "duplicate", "distinct"]),
+    (edit("seeds = [0, 1]", "seeds = [-1, 1]"), ["sweep.seeds[0] = -1", "out of range", "[0, "]),
+    (edit("seeds = [0, 1]", "seeds = 2"), ["sweep.seeds = 2 (int)", "a list of values"]),
+]
+
+
+@pytest.mark.parametrize("text, needles", BAD, ids=[b[1][0].split(" ")[0] for b in BAD])
+def test_invalid_values_are_rejected_with_path_value_and_what_is_allowed(text, needles):
+    with pytest.raises(StudyConfigError) as e:
+        study(text)
+    msg = str(e.value)
+    assert msg.startswith("s.toml: ")
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+
+
+ZIP = """
+[study]
+name = "z"
+task = "relaxation"
+[sweep.zip]
+method = ["euler", "rk4", "dopri5"]
+dt = [0.5, 1.0]
+"""
+
+
+@pytest.mark.parametrize("text, needles", [
+    (ZIP, ["sweep.zip", "unequal lengths", "method: 3 values", "dt: 2 values", "equal lengths"]),
+    (ZIP.replace("[sweep.zip]", "[sweep.zip]\nname = \"seed\"").replace("dt = [0.5, 1.0]", "dt = [0.5, 1.0, 0.5]"),
+     ["share the name", "seed"]),
+    (ZIP.replace("[sweep.zip]", "[sweep.product]\nmethod = [\"euler\"]\n[sweep.zip]"),
+     ["sweep.zip.method", "already swept by sweep.product.method"]),
+    ("[study]\nname = \"x\"\ntask = \"nope\"", ["study.task", "'nope'", "'relaxation'"]),
+    ("[study]\ntask = \"relaxation\"", ["study.name is missing"]),
+    ("[study]\nname = \"a/b\"\ntask = \"relaxation\"", ["study.name", "'a/b'", "a file name"]),
+    ("[study]\nname = \"x\"\ntask = \"relaxation\"\n[extra]\na = 1", ["extra", "unknown key", "study, base, sweep"]),
+    ("[study]\nname = \"x\"\ntask = \"relaxation\"\n[sweep]\nseed = [1]", ["sweep.seed", "unknown key", "seeds"]),
+    ("[study]\nname = \"x\"\ntask = \"relaxation\"\n[profiles.debug]\n\"network.taux\" = 2",
+     ["profiles.debug.network.taux", "unknown key"]),
+    ("[study]\nname = \"x\"\ntask = \"relaxation\"\n[profiles.debug]\nbatch = 0",
+     ["profiles.debug.batch", "0", "[1, 1797]"]),
+    ("[study]\nname = \"x\"\ntask = \"relaxation\"\n[profiles.debug]\n\"sweep.product.method\" = [\"euler\"]",
+     ["profiles.debug.sweep.product.method", "not an axis"]),
+    ("[study]\nname = \"x\"\ntask = \"relaxation\"\nbatch = [", ["not valid TOML"]),
+    ("[study]\nname = \"x\"\ntask = \"relaxation\"\n[base]\ntol = inf", ["base.tol = inf", "(0, 1]"]),
+])
+def test_invalid_studies_are_rejected(text, needles):
+    with pytest.raises(StudyConfigError) as e:
+        study(text)
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))
+
+
+def test_profiles_are_validated_and_zipped_lists_may_repeat_values():
+    text = ZIP.replace("dt = [0.5, 1.0]", "dt = [0.5, 1.0, 1.0]") + \
+        '[profiles.debug]\n"sweep.zip.method" = ["euler", "rk4"]\n[profiles.small]\n"sweep.zip.dt" = [0.5, 0.5, 1.0]\n'
+    assert [r.config["dt"] for r in study(text, "small").runs()] == [0.5, 0.5, 1.0]
+    with pytest.raises(StudyConfigError, match=r"unequal lengths .* \(with profile 'debug' applied\)"):
+        study(text, "debug")
+
+
+def test_unknown_profile_and_error_class():
+    with pytest.raises(StudyConfigError, match=r"profile 'debug' is not defined; allowed: none"):
+        study(RELAX, "debug")
+    assert issubclass(StudyConfigError, S.SubstrateValueError)
+    with pytest.raises(S.SubstrateValueError, match="missing.toml: cannot read"):
+        load_study("missing.toml")
+
+
+# ------------------------------------------------------------------------------------ expansion
+def test_expansion_counts_axes_and_run_ids():
+    text = RELAX.replace('"network.asymmetry_angle" = [0.0, 90.0]',
+                         '"network.asymmetry_angle" = [0.0, 45, 90.0]\n[sweep.zip]\nname = "integrator"\n'
+                         'method = ["euler", "rk4"]\ndt = [0.5, 1]')
+    s = study(text)
+    assert list(s.axes) == ["asymmetry_angle", "integrator", "seed"]  # file order, seed last
+    assert s.axes["asymmetry_angle"] == [0.0, 45.0, 90.0] and s.axes["integrator"] == ["euler", "rk4"]
+    assert s.shape == (3, 2, 2)
+    runs = s.runs()
+    assert len(runs) == 12 and len({r.run_id for r in runs}) == 12
+    r = runs[5]  # C order, seed fastest
+    assert r.coords == {"asymmetry_angle": 45.0, "integrator": "euler", "seed": 1} and r.index == (1, 0, 1)
+    assert r.config["network"]["asymmetry_angle"] == 45.0 and r.config["method"] == "euler"
+    assert r.config["dt"] == 0.5 and r.config["network"]["tau"] == 1.0  # defaults filled in
+    assert set(r.config) == set(TASKS["relaxation"].schema)
+    blob = json.dumps({"task": "relaxation", "config": r.config, "seed": 1}, sort_keys=True, separators=(",", ":"))
+    assert r.run_id == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    coords = s.axis_coords()
+    assert coords["method"] == ("integrator", ["euler", "rk4"]) and coords["dt"] == ("integrator", [0.5, 1.0])
+
+    # the same runs whatever the axes' order and however a number is written
+    reordered = text.replace("[0.0, 45, 90.0]", "[90, 0, 45.0]").replace("dt = [0.5, 1]", "dt = [0.5, 1.0]")
+    assert {r.run_id for r in study(reordered).runs()} == {r.run_id for r in runs}
+    # and in a fresh interpreter with another hash seed
+    code = ("from studies.config import load_study; import sys; "
+            "print(' '.join(sorted(r.run_id for r in load_study('s.toml', text=sys.stdin.read()).runs())))")
+    out = subprocess.run([sys.executable, "-c", code], input=text, capture_output=True, text=True, check=True,
+                         cwd=ROOT, env=dict(os.environ, PYTHONHASHSEED="123"), timeout=120).stdout.split()
+    assert out == sorted(r.run_id for r in runs)
+
+
+def test_profile_shrinks_base_and_sweep():
+    text = RELAX + '[profiles.debug]\nbatch = 2\n"network.sizes" = [64, 4, 10]\n"sweep.seeds" = [3]\n' \
+                   '"sweep.product.network.asymmetry_angle" = [45.0]\n'
+    full, debug = study(text), study(text, "debug")
+    assert len(full.runs()) == 4 and len(debug.runs()) == 1
+    r = debug.runs()[0]
+    assert r.seed == 3 and r.config["batch"] == 2 and r.config["network"]["sizes"] == [64, 4, 10]
+    assert r.config["network"]["asymmetry_angle"] == 45.0 and debug.profile == "debug"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_study_configs_load_with_a_debug_profile(path):
+    full, debug = load_study(path), load_study(path, "debug")
+    assert os.path.basename(path) == f"{full.name}.toml"
+    assert 1 <= len(debug.runs()) <= 16 < len(full.runs())
+
+
+# ------------------------------------------------------------------------------------ sweeps
+@pytest.fixture(scope="module")
+def config_archives(tmp_path_factory):
+    """Every study config swept at debug size, on the local process pool."""
+    out = {}
+    for path in CONFIGS:
+        s = load_study(path, "debug")
+        folder = tmp_path_factory.mktemp(s.name)
+        stats = {}
+        out[path] = (s, sw.run_sweep(s, str(folder), workers=2, progress=False, stats=stats), stats)
+    return out
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_study_config_sweeps_at_debug_size(config_archives, path):
+    s, archive_path, stats = config_archives[path]
+    n = len(s.runs())
+    assert stats == {"total": n, "skipped": 0, "ran": n, "done": n, "failed": 0}
+    assert archive_path == os.path.join(os.path.dirname(archive_path), f"{s.name}.h5")
+    with h5py.File(archive_path, "r") as f:  # plain h5py
+        assert f.attrs["format"] == sw.FORMAT and f.attrs["task"] == s.task and f.attrs["n_done"] == n
+        assert f.attrs["study"] == s.text and json.loads(f.attrs["axes"]) == json.loads(json.dumps(s.axes))
+        assert f.attrs["git_commit"] and f.attrs["host"] and "numpy" in json.loads(f.attrs["versions"])
+        assert sorted(f["runs"]) == sorted(r.run_id for r in s.runs())
+        for r in s.runs():
+            g = f["runs"][r.run_id]
+            assert json.loads(g.attrs["config"]) == r.config and g.attrs["seed"] == r.seed
+            assert g.attrs["status"] == "done" and g.attrs["error"] == "" and g.attrs["git_commit"]
+            assert json.loads(g.attrs["timings"])["run_seconds"] > 0 and g.attrs["host"]
+        status = f["data"]["status"]
+        assert status.shape == s.shape and [d.label for d in status.dims] == list(s.axes)
+        assert [d[0].name.split("/")[-1] for d in status.dims] == list(s.axes)  # attached dimension scales
+    ds = sw.open_dataset(archive_path)
+    for name, values in s.axes.items():
+        assert ds.sizes[name] == len(values) and list(ds[name].values) == values
+    assert (ds["status"] == "done").all()
+    results = [v for v in ds.data_vars if v not in ("status", "error", "run_id")]
+    assert results and all(ds[v].dims[:len(s.axes)] == tuple(s.axes) for v in results)
+    assert all(np.isfinite(ds[v]).any() for v in results)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_cli_info_and_plot(config_archives, path, tmp_path):
+    s, archive_path, _ = config_archives[path]
+    result = CliRunner().invoke(main, ["info", archive_path])
+    assert result.exit_code == 0, result.output
+    for name, values in s.axes.items():
+        assert f"  {name} ({len(values)})" in result.output
+    assert f"runs: {len(s.runs())} total, {len(s.runs())} done, 0 failed, 0 missing" in result.output
+    result = CliRunner().invoke(main, ["plot", archive_path, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    png, pdf = (tmp_path / f"{s.name}.png").read_bytes(), (tmp_path / f"{s.name}.pdf").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000 and pdf[:5] == b"%PDF-"
+
+
+def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path):
+    """A relaxation that does not converge (max_steps = 1) fails with its message, its neighbours finish;
+    a task that raises is recorded with the exception and its traceback."""
+    text = RELAX.replace('"network.asymmetry_angle" = [0.0, 90.0]', "max_steps = [1, 500]")
+    s = study(text)
+    stats = {}
+    path = sw.run_sweep(s, str(tmp_path), workers=2, progress=False, stats=stats)
+    assert stats["done"] == 2 and stats["failed"] == 2
+    ds = sw.open_dataset(path)
+    failed = ds.sel(max_steps=1)
+    assert (failed["status"] == "failed").all() and (ds.sel(max_steps=500)["status"] == "done").all()
+    for err in failed["error"].values.ravel():
+        assert err.startswith("relaxation failed: exp_euler: not_converged at t=0.5 after 1 steps")
+    assert np.isnan(failed["steps"]).all() and np.isnan(failed["residual_trace"]).all()
+    assert np.isfinite(ds.sel(max_steps=500)["steps"]).all()
+    rid = str(failed["run_id"].values.ravel()[0])
+    run = sw.load_run(path, rid)
+    assert run["attrs"]["status"] == "failed" and "RunFailed" in run["attrs"]["traceback"]
+    assert run["scalars"]["converged"] == 0.0 and run["scalars"]["steps"] == 1  # what was computed is kept
+
+    st = selftest(fail={2.0: "raise", 3.0: "diverge"})
+    summaries = list(sw.SerialExecutor().run(st.runs(), "selftest", str(tmp_path / "runs")))
+    assert [x["status"] for x in summaries] == ["done", "failed", "failed"]
+    assert summaries[1]["error"] == "ValueError: selftest raised for value 2"
+    assert summaries[2]["error"] == "selftest diverged for value 3"
+    assert "raise ValueError" in sw.read_run(str(tmp_path / "runs" / f"{st.runs()[1].run_id}.h5"))["attrs"]["traceback"]
+
+
+def test_a_run_that_kills_its_worker_is_recorded_as_failed(tmp_path):
+    """A worker process that dies (here: SIGKILL from inside the run) breaks the pool; the runs it may
+    have been running are retried alone, the culprit is recorded as failed, the others finish."""
+    s = selftest(values=(1.0, 2.0, 3.0, 4.0), fail={2.0: "crash"}, sleep=0.05)
+    stats = {}
+    path = sw.run_sweep(s, str(tmp_path), workers=2, progress=False, stats=stats)
+    assert stats == {"total": 4, "skipped": 0, "ran": 4, "done": 3, "failed": 1}
+    ds = sw.open_dataset(path)
+    assert list(ds["status"].values.ravel()) == ["done", "failed", "done", "done"]
+    assert ds["error"].values.ravel()[1] == sw.WORKER_DIED
+
+
+def test_rerun_skips_finished_runs_and_retry_failed_reruns_failed_ones(tmp_path):
+    s = selftest(values=(1.0, 2.0, 3.0), fail={2.0: "diverge"}, seeds=(0, 1))
+    out = str(tmp_path)
+
+    def executions():
+        with h5py.File(os.path.join(out, "st.h5"), "r") as f:
+            return {rid: (g.attrs["execution"], g.attrs["status"]) for rid, g in f["runs"].items()}
+
+    runner = CliRunner()
+    toml = tmp_path / "st.toml"
+    toml.write_text(s.text)
+    result = runner.invoke(main, ["sweep", str(toml), "--out", out, "--quiet", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert "ran 6 runs (4 done, 2 failed); skipped 0" in result.output
+    assert "runs: 6 total, 4 done, 2 failed, 0 missing" in result.output
+    assert "selftest diverged for value 2" in result.output
+    first = executions()
+    result = runner.invoke(main, ["sweep", str(toml), "--out", out, "--quiet"])
+    assert result.exit_code == 0 and "ran 0 runs (0 done, 0 failed); skipped 6" in result.output
+    assert executions() == first  # nothing ran again
+    result = runner.invoke(main, ["sweep", str(toml), "--out", out, "--quiet", "--retry-failed"])
+    assert result.exit_code == 0 and "ran 2 runs (0 done, 2 failed); skipped 4" in result.output
+    again = executions()
+    for rid, (execution, status) in first.items():
+        assert (again[rid][0] == execution) == (status == "done")  # only the failed ones ran again
+    result = runner.invoke(main, ["sweep", str(toml), "--profile", "debug", "--quiet"])
+    assert result.exit_code == 1 and "profile 'debug' is not defined" in result.output
+
+
+def test_same_config_and_seed_give_bit_identical_results(tmp_path):
+    s = study(RELAX.replace("seeds = [0, 1]", "seeds = [0, 1, 2]"))
+    a = sw.run_sweep(s, str(tmp_path / "a"), workers=2, progress=False)
+    b = sw.run_sweep(s, str(tmp_path / "b"), workers=1, progress=False)
+    here = tmp_path / "here"
+    for r in s.runs()[:2]:  # and in this process
+        sw.execute_run(r, s.task, str(here))
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        for rid in fa["runs"]:
+            for name in ("residual_trace", "trace_t"):
+                x, y = fa["runs"][rid]["arrays"][name][()], fb["runs"][rid]["arrays"][name][()]
+                assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+            for name in ("steps", "nfev", "residual", "t_final"):
+                assert fa["runs"][rid]["scalars"][name][()].tobytes() == fb["runs"][rid]["scalars"][name][()].tobytes()
+        for name in ("residual_trace", "trace_t", "steps", "nfev", "residual", "t_final"):
+            assert fa["data"][name][()].tobytes() == fb["data"][name][()].tobytes()
+        for r in s.runs()[:2]:
+            with h5py.File(here / f"{r.run_id}.h5", "r") as fh:
+                assert fh["arrays"]["residual_trace"][()].tobytes() == \
+                    fa["runs"][r.run_id]["arrays"]["residual_trace"][()].tobytes()
+        assert np.isfinite(fa["data"]["residual"][()]).all()
+
+
+def test_execute_run_is_the_worker_interface(tmp_path):
+    """What a Dask worker calls: a picklable module-level function taking a Run or its dict."""
+    s = selftest(values=(1.0,))
+    run = s.runs()[0]
+    fn = pickle.loads(pickle.dumps(sw.execute_run))
+    summary = fn(run.to_dict(), "selftest", str(tmp_path))
+    assert set(summary) == {"run_id", "status", "error", "seconds"} and summary["status"] == "done"
+    got = sw.read_run(str(tmp_path / f"{run.run_id}.h5"))
+    assert got["attrs"]["run_id"] == run.run_id and json.loads(got["attrs"]["coords"]) == run.coords
+    assert got["arrays"]["trace"][0] == ("step",) and got["scalars"]["value"] == 1.0
+    bad = Run(run_id="0" * 16, config=run.config, seed=run.seed, coords=run.coords)
+    with pytest.raises(ValueError, match="does not match"):
+        sw.execute_run(bad, "selftest", str(tmp_path))
+
+
+def test_temporary_and_unreadable_files_are_not_runs(tmp_path):
+    s = selftest(values=(1.0, 2.0))
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    (runs_dir / ".tmp-abc123.h5").write_bytes(b"half a file")  # a killed writer's
+    (tmp_path / ".tmp-def456.h5").write_bytes(b"half an archive")
+    (runs_dir / f"{s.runs()[0].run_id}.h5").write_bytes(b"not HDF5")  # e.g. a damaged disk
+    assert sw.list_run_files(str(runs_dir)) == [s.runs()[0].run_id]
+    stats = {}
+    path = sw.run_sweep(s, str(tmp_path), progress=False, executor=sw.SerialExecutor(), stats=stats)
+    assert stats["ran"] == 2 and stats["done"] == 2  # the unreadable one ran again
+    assert sorted(os.listdir(runs_dir)) == sorted(f"{r.run_id}.h5" for r in s.runs())
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+    assert (sw.open_dataset(path)["status"] == "done").all()
+
+
+def test_missing_runs_are_nan_and_a_second_driver_is_locked_out(tmp_path):
+    s = selftest(values=(1.0, 2.0, 3.0))
+    sw.execute_run(s.runs()[1], "selftest", str(tmp_path / "runs"))
+    ds = sw.open_dataset(sw.consolidate(s, str(tmp_path)))
+    assert list(ds["status"].values.ravel()) == ["missing", "done", "missing"]
+    assert np.isnan(ds["trace"].values[0]).all() and np.isfinite(ds["trace"].values[1]).all()
+    assert ds.attrs["n_missing"] == 2
+    with sw._driver_lock(str(tmp_path)):
+        with pytest.raises(sw.SweepLockedError, match=f"pid {os.getpid()}"):
+            sw.run_sweep(s, str(tmp_path), progress=False, executor=sw.SerialExecutor())
+
+
+def test_single_thread_limits_every_blas():
+    from threadpoolctl import threadpool_info
+
+    with sw.single_thread():
+        info = threadpool_info()
+        assert info and all(i["num_threads"] == 1 for i in info if i["user_api"] == "blas")
