@@ -207,15 +207,20 @@ def leaf_paths(schema: Mapping, prefix: str = "") -> dict:
     return out
 
 
-def resolve(schema: Mapping, values, path: str) -> dict:
-    """``values`` (a TOML table) validated against ``schema``, defaults filled in."""
+def check_table(values, allowed, path: str):
+    """``values`` must be a table whose keys are among ``allowed``."""
     if not isinstance(values, Mapping):
         raise StudyConfigError(f"{path} = {_describe(values)}: wrong type; allowed: a table with keys "
-                               f"{', '.join(schema)}")
-    unknown = [k for k in values if k not in schema]
+                               f"{', '.join(allowed)}")
+    unknown = [k for k in values if k not in allowed]
     if unknown:
         raise StudyConfigError(f"{path}.{unknown[0]} = {values[unknown[0]]!r}: unknown key; "
-                               f"allowed keys in {path}: {', '.join(schema)}")
+                               f"allowed keys in {path}: {', '.join(allowed)}")
+
+
+def resolve(schema: Mapping, values, path: str) -> dict:
+    """``values`` (a TOML table) validated against ``schema``, defaults filled in."""
+    check_table(values, schema, path)
     out = {}
     for k, node in schema.items():
         p = f"{path}.{k}"
@@ -448,13 +453,7 @@ def _build(doc, text, path, profile, tasks) -> Study:
     base = resolve(task.schema, raw_base, "base")
 
     sweep = doc.get("sweep", {})
-    if not isinstance(sweep, Mapping):
-        raise StudyConfigError(f"sweep = {_describe(sweep)}: wrong type; allowed: a table with keys "
-                               f"{', '.join(SWEEP_KEYS)}")
-    unknown = [k for k in sweep if k not in SWEEP_KEYS]
-    if unknown:
-        raise StudyConfigError(f"sweep.{unknown[0]} = {sweep[unknown[0]]!r}: unknown key; allowed keys in "
-                               f"sweep: {', '.join(SWEEP_KEYS)}")
+    check_table(sweep, SWEEP_KEYS, "sweep")
     sweep = copy.deepcopy(dict(sweep))
 
     # profiles: every one is validated, the chosen one applied

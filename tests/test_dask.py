@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-pytest.importorskip("distributed")
+import distributed  # noqa: F401,E402  (a dependency: dask[distributed])
 
 from distributed import Client  # noqa: E402
 

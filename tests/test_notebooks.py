@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
+import ipykernel  # noqa: F401,E402  (test dependencies)
+import nbclient  # noqa: E402
+import nbformat  # noqa: E402
 
 from studies import sweep as sw  # noqa: E402
 from studies.config import load_study  # noqa: E402
