@@ -795,6 +795,14 @@ def _state_at(m, top, slot_step, slots, family, method, a, bw, hs, drive, wbuf, 
 
 
 @njit
+def _inject_loss(lam, dl_du, save_step, step):
+    """lam += dL/du of every saved state that was taken after ``step`` steps."""
+    for k in range(save_step.shape[0]):
+        if save_step[k] == step:
+            lam += dl_du[k]
+
+
+@njit
 def _slot_count(every):
     """Slots the bisection of a segment of ``every`` steps can need: the checkpoint, then one per
     halving, plus one."""
@@ -843,9 +851,7 @@ def adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, save_step, 
     gscratch = np.empty_like(gflat)
     lam = np.zeros((n, nb), dtype)
     lam_prev = np.empty((n, nb), dtype)
-    for k in range(save_step.shape[0]):
-        if save_step[k] == nsteps:
-            lam += dl_du[k]
+    _inject_loss(lam, dl_du, save_step, nsteps)
     h_coef = -1.0
     nseg = (nsteps + seg - 1) // seg
     for c in range(nseg - 1, -1, -1):
@@ -873,9 +879,7 @@ def adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, save_step, 
                          wbuf, conn, layer_off, layer_act, sbar, w, ybar, drow, tmp, gflat,
                          gscratch, gdrive, gtau, lam_prev)
             lam, lam_prev = lam_prev, lam
-            for k in range(save_step.shape[0]):
-                if save_step[k] == m:
-                    lam += dl_du[k]
+            _inject_loss(lam, dl_du, save_step, m)
     lam0[:, :] = lam
 
 
@@ -955,9 +959,7 @@ def continuous_adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, 
     dprime = np.empty_like(lam)
     tmp = np.empty((max(1, n), nb), dtype)
     gscratch = np.empty_like(gflat)
-    for k in range(save_step.shape[0]):
-        if save_step[k] == nsteps:
-            lam += dl_du[k]
+    _inject_loss(lam, dl_du, save_step, nsteps)
     h_coef = -1.0
     nseg = (nsteps + seg - 1) // seg
     for c in range(nseg - 1, -1, -1):
@@ -997,7 +999,5 @@ def continuous_adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, 
                     lam[:, :] = mid
                 _quadrature(0.5 * hsub, lam, u_left, drive, tauinv, wbuf, conn, layer_off, layer_act,
                             tmp, w, r, f, gscratch, gflat, gdrive, gtau)
-            for k in range(save_step.shape[0]):
-                if save_step[k] == m:
-                    lam += dl_du[k]
+            _inject_loss(lam, dl_du, save_step, m)
     lam0[:, :] = lam
