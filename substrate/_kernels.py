@@ -31,6 +31,9 @@ njit = partial(_njit, cache=True, error_model="numpy")
 # Activation codes, kept in step with activations.CODES.
 LOGISTIC, HARD_SIGMOID, TANH, DSILU, IDENTITY = 0, 1, 2, 3, 4
 
+# Teaching-current (nudge) codes, kept in step with nudge.COSTS.
+NO_NUDGE, SQUARED_ERROR, CROSS_ENTROPY = 0, 1, 2
+
 # Status codes returned by ``run``.
 SUCCESS, NOT_CONVERGED, DIVERGED, STEP_TOO_SMALL, MAX_STEPS = 0, 1, 2, 3, 4
 
@@ -313,6 +316,47 @@ def weight_vjp(w, r, conn, out):
         np.dot(w[qa:qa + qn], r[pa:pa + pn].T, out[wo:wo + qn * pn].reshape((qn, pn)))
 
 
+@njit
+def teach(nudge, r, out):
+    """out[lo:hi] += beta dl/dr, the teaching current into the nudged layer (rows lo:hi) for the
+    per-sample cost l of its activities r[lo:hi] (REFERENCES section 4):
+
+    * SQUARED_ERROR: l = 0.5 ||r - y||^2, dl/dr = r - y;
+    * CROSS_ENTROPY through a linear readout z = W_o r + b_o: l = -sum_c y_c log softmax(z)_c,
+      dl/dr = W_o^T (softmax(z) - y).
+
+    ``nudge`` = (code, lo, hi, beta (1,), target (m, B), W_o (C, hi-lo), b_o (C,), scratch (C,)),
+    all in the state's dtype; every operation is holomorphic, so complex beta works unchanged."""
+    code, lo, hi, beta_, y, wo, bo, z = nudge
+    beta = beta_[0]
+    nb = r.shape[1]
+    if code == SQUARED_ERROR:
+        for i in range(hi - lo):
+            for b in range(nb):
+                out[lo + i, b] += beta * (r[lo + i, b] - y[i, b])
+    elif code == CROSS_ENTROPY:
+        nc = wo.shape[0]
+        for b in range(nb):
+            shift = -np.inf
+            for c in range(nc):
+                acc = bo[c]
+                for i in range(hi - lo):
+                    acc += wo[c, i] * r[lo + i, b]
+                z[c] = acc
+                shift = max(shift, acc.real)  # any shift cancels in softmax; the real part keeps exp finite
+            total = 0.0 * z[0]
+            for c in range(nc):
+                z[c] = np.exp(z[c] - shift)
+                total += z[c]
+            for c in range(nc):
+                z[c] = beta * (z[c] / total - y[c, b])
+            for i in range(hi - lo):
+                acc = 0.0 * z[0]
+                for c in range(nc):
+                    acc += wo[c, i] * z[c]
+                out[lo + i, b] += acc
+
+
 # --------------------------------------------------------------------------------------------
 # phi functions of exponential integrators (REFERENCES section 2)
 # --------------------------------------------------------------------------------------------
@@ -474,7 +518,7 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         u, drive, wbuf, conn, layer_off, layer_act, tauinv, tau,
         t0, t_end, dt, rtol, atol, h_min, max_steps, blowup,
         t_save, saved, relax, res_rtol, res_atol, residual, res_trace, t_trace, u_out,
-        h_record, save_step, ckpt_every, ckpt):
+        h_record, save_step, ckpt_every, ckpt, nudge):
     """Integrate tau du/dt = -u + N(u) from (t0, u) with the stepper described by
     (family, method, a, bw, ew, fsal, adaptive):
 
@@ -493,6 +537,8 @@ def run(family, method, a, bw, ew, fsal, adaptive,
     For gradients (``adjoint``): ``h_record[step]`` receives each accepted step size, ``save_step[k]``
     the number of steps taken when t_save[k] was saved, and with ``ckpt_every`` > 0 the state after
     every ckpt_every-th step is stored in ``ckpt`` (ckpt[0] = the initial state).
+
+    ``nudge``: a teaching current added to N (see ``teach``; code NO_NUDGE for none).
 
     Returns (status, t, steps, nfev, rejected); the final state is copied into ``u_out``.
     """
@@ -561,6 +607,8 @@ def run(family, method, a, bw, ew, fsal, adaptive,
             compute = i > 0 or not first_ready
             if compute:
                 weights_times(rcur, wbuf, conn, layer_off, tmp, wr)
+                if nudge[0] != NO_NUDGE:
+                    teach(nudge, rcur, wr)
                 nfev += 1
             last = i + 1 == s
             if last:

@@ -124,6 +124,7 @@ class Gradients:
     method: str
     solution: Solution = field(repr=False, default=None)
     step_sizes: np.ndarray | None = field(repr=False, default=None)  # the steps differentiated
+    adjoint: np.ndarray | None = field(repr=False, default=None)  # implicit: lambda (batch, n) at u*
 
     def flat(self) -> np.ndarray:
         """Every gradient in one vector (sorted by name), for comparisons between methods."""
@@ -201,20 +202,24 @@ def _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol,
                 max_steps=max_steps)  # raises ConvergenceError if the equilibrium is not reached
     vf = VectorField(network, x, batch=sol.u.shape[0], dtype=sol.u.dtype)
     value, g = _evaluate_loss(loss, sol.u, "equilibrium")
-    lam = _solve_adjoint_system(vf, sol.u, -g, strategy)
+    lam = solve_adjoint(vf, sol.u, -g, strategy)
     grads = vf.param_vjp(sol.u, lam)
     zeros_tau = _tau_gradients(network, np.zeros(network.n, sol.u.dtype))
     return Gradients(value, grads["weights"], grads["biases"], zeros_tau, grads["inputs"],
-                     np.zeros_like(sol.u), "implicit", sol)
+                     np.zeros_like(sol.u), "implicit", sol, adjoint=lam)
 
 
-def _solve_adjoint_system(vf: VectorField, u, rhs, strategy: Implicit):
-    """lambda with J(u)^T lambda = rhs for every sample."""
+def jacobian(vf: VectorField, u) -> np.ndarray:
+    """J(u) = dF/du for every sample, (batch, n, n), built column by column from J e_k."""
+    eye = np.eye(u.shape[1], dtype=u.dtype)
+    return np.stack([vf.jvp(u, np.broadcast_to(eye[k], u.shape)) for k in range(u.shape[1])], axis=2)
+
+
+def solve_adjoint(vf: VectorField, u, rhs, strategy: Implicit = Implicit()):
+    """lambda with J(u)^T lambda = rhs for every sample (batch, n)."""
     nb, n = u.shape
     if strategy.solver == "direct":
-        eye = np.eye(n, dtype=u.dtype)
-        # column k of J for every sample: J e_k
-        J = np.stack([vf.jvp(u, np.broadcast_to(eye[k], u.shape)) for k in range(n)], axis=2)
+        J = jacobian(vf, u)
         lam = np.empty_like(rhs)
         for b in range(nb):
             cond = np.linalg.cond(J[b])

@@ -26,6 +26,7 @@ from . import _kernels as K
 from .dynamics import VectorField
 from .errors import ConvergenceError, DivergenceError, StepSizeError, SubstrateValueError
 from .network import Network
+from .nudge import Nudge, no_nudge
 
 
 # ------------------------------------------------------------------------------------ steppers
@@ -234,8 +235,10 @@ def _no_record(n, nb, dtype, n_save):
 
 
 def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_save, relax,
-           res_rtol, res_atol, record=None):
+           res_rtol, res_atol, record=None, nudge=None):
     family, method, a, b, e, fsal, adaptive = stepper.kernel_args()
+    if nudge is not None and not isinstance(nudge, Nudge):
+        raise SubstrateValueError(f"nudge must be a substrate.nudge.Nudge, got {type(nudge).__name__}")
     n, nb = u.shape
     p = vf.packed
     if dt is None:
@@ -254,7 +257,7 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
         u, vf.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, p.tauinv, p.tau,
         float(t0), float(t_end), float(dt), float(rtol), float(atol), h_min, int(max_steps), float(blowup),
         t_save, saved, relax, float(res_rtol), float(res_atol), residual, res_trace, t_trace, u_out,
-        *record)
+        *record, no_nudge(vf.dtype) if nudge is None else nudge.kernel_args(vf.network, vf.dtype, vf.batch))
     return status, t, steps, nfev, rejected, saved, residual, (t_trace, res_trace), u_out
 
 
@@ -273,7 +276,7 @@ def _check_on_failure(on_failure):
 # ------------------------------------------------------------------------------------ entry points
 def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt=None, u0=None,
               dtype=None, batch=None, rtol=1e-6, atol=1e-9, max_steps=10_000_000, blowup=1e10,
-              on_failure="raise") -> Solution:
+              nudge=None, on_failure="raise") -> Solution:
     """Integrate tau du/dt = F(u) over ``t_span = (t0, t1)`` and return the states at ``t_eval``
     (default: t0 and t1), shape (len(t_eval), batch, n).
 
@@ -281,7 +284,8 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
     default; dtype: float32, float64 or complex128 (default: the network's). method: a name of
     ``METHODS`` or a stepper; dt: the step (fixed-step methods) or first step (``dopri5``, chosen
     automatically when None); rtol/atol: dopri5's error control. Steps land exactly on the t_eval
-    points. A state that turns NaN/Inf or exceeds ``blowup`` in magnitude stops the integration with
+    points. ``nudge``: a :class:`~substrate.nudge.Nudge` teaching current added to F (its residual
+    included). A state that turns NaN/Inf or exceeds ``blowup`` in magnitude stops the integration with
     status ``diverged``: raised as DivergenceError, or returned when ``on_failure="return"``.
     """
     stepper = get_method(method)
@@ -296,8 +300,10 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
     vf, u = _prepare(network, x, u0, dtype, batch)
     status, t, steps, nfev, rej, saved, _, _, u_out = _solve(
         vf, u, stepper, t0=t0, t_end=float(t_eval[-1]), dt=dt, rtol=rtol, atol=atol,
-        max_steps=max_steps, blowup=blowup, t_save=t_eval, relax=False, res_rtol=0.0, res_atol=0.0)
-    residual = np.max(np.abs(vf(u_out.T)), axis=1) if status != K.DIVERGED else np.full(vf.batch, np.nan)
+        max_steps=max_steps, blowup=blowup, t_save=t_eval, relax=False, res_rtol=0.0, res_atol=0.0,
+        nudge=nudge)
+    f = vf(u_out.T) if status == K.DIVERGED or nudge is None else vf(u_out.T) + nudge.current(network, u_out.T)
+    residual = np.max(np.abs(f), axis=1) if status != K.DIVERGED else np.full(vf.batch, np.nan)
     n_ok = int(np.searchsorted(t_eval, t, side="right")) if status != K.SUCCESS else len(t_eval)
     message = "" if status == K.SUCCESS else (
         f"stopped at t={t:.6g} (step {steps}); states saved for the first {n_ok} of {len(t_eval)} "
@@ -311,7 +317,7 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
 
 def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rtol=0.0, u0=None,
           dtype=None, batch=None, max_time=math.inf, max_steps=100_000, step_rtol=None, step_atol=None,
-          blowup=1e10, on_failure="raise") -> Solution:
+          blowup=1e10, nudge=None, on_failure="raise") -> Solution:
     """Relax the circuit to its equilibrium F(u*) = 0.
 
     Stops when every sample satisfies max_i |F_i(u)| <= tol + rtol max_i |u_i| (checked at every
@@ -319,7 +325,8 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
     ``max_time`` or ``max_steps`` (raised as ConvergenceError unless ``on_failure="return"``), or with
     ``diverged``. ``dt``: the step of a fixed-step method, default tau_min/2 for explicit methods and
     tau_min for exponential ones; for ``dopri5`` the first step, whose error control uses
-    ``step_rtol``/``step_atol``. Other arguments as in :func:`integrate`.
+    ``step_rtol``/``step_atol``. ``nudge``: a :class:`~substrate.nudge.Nudge` teaching current added
+    to F (the equilibrium is then that of F + beta dl/dr). Other arguments as in :func:`integrate`.
     """
     stepper = get_method(method)
     _check_on_failure(on_failure)
@@ -339,7 +346,7 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
     status, t, steps, nfev, rej, _, residual, trace, u_out = _solve(
         vf, u, stepper, t0=0.0, t_end=max_time, dt=dt, rtol=step_rtol, atol=step_atol,
         max_steps=max_steps, blowup=blowup, t_save=np.zeros(0), relax=True, res_rtol=rtol,
-        res_atol=tol)
+        res_atol=tol, nudge=nudge)
     message = "" if status == K.SUCCESS else f"stopped at t={t:.6g} (step {steps})"
     if status == K.NOT_CONVERGED:
         message += f"; residual {residual.max():.3e} > tol {tol:g} + rtol {rtol:g} |u|"

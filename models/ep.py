@@ -1,0 +1,342 @@
+"""Equilibrium propagation on the substrate (REFERENCES section 4).
+
+Convention (Laborieux & Zenke's code): the nudged field is F_beta(u) = F(u) + beta dl/dr_L on the
+nudged layer L (``substrate.nudge``), l the per-sample cost, not divided by the batch size. Every
+estimator forms an estimate v (batch, n) of dr*/dbeta in ACTIVITY coordinates from relaxations that
+start at the free equilibrium u*(0), and the gradient of the batch-mean loss L = (1/B) sum_b l_b is
+
+    dL/dtheta ~= (1/B) sum_b (dF/dtheta)^T v_b      (for W: v_post r_pre^T / B; for b: mean v_post)
+
+evaluated at the free equilibrium (``VectorField.param_vjp``). The exact reference replaces v by the
+adjoint lambda = -J^{-T} dl/du in membrane coordinates (:class:`Exact`); for a symmetric network the
+two coincide. A cross-entropy readout's own weights take their gradient directly at the free
+equilibrium, as in Laborieux & Zenke.
+
+Estimators are small frozen dataclasses; the point-based ones (one-sided, negative, centred,
+holomorphic) share one recipe: v = c_0 r*(0) + sum_k c_k r*(beta_k), with conjugate points folded
+into a real part (r*(conj beta) = conj r*(beta) for real parameters, so each pair costs one complex
+relaxation, and a real beta_k runs in real arithmetic).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from substrate import Cost, Gradients, Implicit, Network, Nudge, Solution, VectorField, integrate, relax
+from substrate.activations import rho, rho_prime
+from substrate.adjoint import jacobian, solve_adjoint
+from substrate.errors import ConvergenceError, SubstrateValueError
+
+
+# ------------------------------------------------------------------------------------ relaxation
+@dataclass(frozen=True)
+class Relaxation:
+    """How the phases relax. The free phase starts from zero (or ``u0``), nudged phases from the free
+    equilibrium; each stops when max|F| <= tol, or after ``max_steps`` (free) / ``nudged_max_steps``
+    (nudged; default max_steps) steps. ``dt``: the step (default tau_min). ``on_failure``:
+    ``"raise"`` (ConvergenceError) or ``"record"`` (the estimate is returned with ``converged`` False,
+    for training loops that count failures rather than stop)."""
+
+    method: str = "exp_euler"
+    dt: float | None = None
+    tol: float = 1e-6
+    max_steps: int = 10_000
+    nudged_max_steps: int | None = None
+    on_failure: str = "raise"
+
+    def __post_init__(self):
+        if self.on_failure not in ("raise", "record"):
+            raise SubstrateValueError(f"Relaxation(on_failure={self.on_failure!r}); allowed: 'raise', 'record'")
+
+    def run(self, network, x, *, u0=None, nudge=None, dtype=None, nudged=False) -> Solution:
+        steps = self.nudged_max_steps if nudged and self.nudged_max_steps else self.max_steps
+        sol = relax(network, x, method=self.method, dt=self.step(network), tol=self.tol, u0=u0,
+                    max_steps=steps, nudge=nudge, dtype=dtype, on_failure="return")
+        if not sol.ok and self.on_failure == "raise":
+            phase = f"nudged phase (beta={nudge.beta:.4g})" if nudge is not None else "free phase"
+            raise ConvergenceError(f"EP {phase} did not reach tol={self.tol:g}: {sol.report()}; raise "
+                                   "max_steps, loosen tol, or pass on_failure='record'", sol)
+        return sol
+
+    def step(self, network) -> float:
+        return float(np.min(network.tau)) if self.dt is None else self.dt
+
+
+def activity(network: Network, u) -> np.ndarray:
+    """r = rho(u), layer by layer, for states u (batch, n), real or complex."""
+    r = np.empty_like(u)
+    for layer in network.layers:
+        sl = network.slices[layer.name]
+        r[:, sl] = rho(layer.activation, u[:, sl])
+    return r
+
+
+def cost_gradient_u(network: Network, cost: Cost, u, y):
+    """(l per sample, dl/du (batch, n)) for the cost on the activities of states u."""
+    sl = network.slices[cost.layer]
+    act = network.layer(cost.layer).activation
+    value, g = cost.value_and_grad(rho(act, u[:, sl]), y)
+    out = np.zeros_like(u)
+    out[:, sl] = rho_prime(act, u[:, sl]) * g
+    return value, out
+
+
+# ------------------------------------------------------------------------------------ estimators
+class Estimator:
+    """A way of obtaining the error vector v (batch, n) from the free equilibrium."""
+
+    name = "estimator"
+
+    def error_vector(self, network, x, y, cost, relaxation, free: Solution):
+        """(v, nudged solutions)."""
+        raise NotImplementedError
+
+
+class PointEstimator(Estimator):
+    """v = c_0 r*(0) + sum_k c_k r*(beta_k); subclasses give ``nodes()`` -> (c_0, [(beta_k, c_k, pair)])
+    where ``pair`` means the conjugate point conj(beta_k) with weight conj(c_k) is included implicitly
+    (its contribution is 2 Re(c_k r*(beta_k)))."""
+
+    def nodes(self):
+        raise NotImplementedError
+
+    def error_vector(self, network, x, y, cost, relaxation, free):
+        c0, pts = self.nodes()
+        v = c0 * activity(network, free.u)
+        sols = []
+        for beta, c, pair in pts:
+            dtype = np.complex128 if complex(beta).imag != 0 else None
+            sol = relaxation.run(network, x, u0=free.u, nudge=Nudge(cost, beta, y), dtype=dtype, nudged=True)
+            term = c * activity(network, sol.u)
+            v = v + (2 * term.real if pair else term.real)
+            sols.append(sol)
+        return v, sols
+
+
+def _count(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise SubstrateValueError(f"{name}={value!r} must be a positive integer")
+
+
+def _beta(beta, name="beta"):
+    b = float(beta)
+    if not (math.isfinite(b) and b > 0):
+        raise SubstrateValueError(f"{name}={beta!r} must be a positive finite number")
+    return b
+
+
+@dataclass(frozen=True)
+class OneSided(PointEstimator):
+    """Classic EP (Scellier & Bengio 2017): v = (r*(beta) - r*(0)) / beta; bias O(beta)."""
+
+    beta: float = 0.1
+    name = "one_sided"
+
+    def nodes(self):
+        b = _beta(self.beta)
+        return -1.0 / b, [(b, 1.0 / b, False)]
+
+
+@dataclass(frozen=True)
+class Negative(PointEstimator):
+    """Negative-sided EP (Scellier et al. 2023): v = (r*(-beta) - r*(0)) / (-beta); bias O(beta)."""
+
+    beta: float = 0.1
+    name = "negative"
+
+    def nodes(self):
+        b = _beta(self.beta)
+        return 1.0 / b, [(-b, -1.0 / b, False)]
+
+
+@dataclass(frozen=True)
+class Centred(PointEstimator):
+    """Centred EP (Laborieux et al. 2021): v = (r*(beta) - r*(-beta)) / (2 beta); bias O(beta^2)."""
+
+    beta: float = 0.1
+    name = "centred"
+
+    def nodes(self):
+        b = _beta(self.beta)
+        return 0.0, [(b, 0.5 / b, False), (-b, -0.5 / b, False)]
+
+
+@dataclass(frozen=True)
+class Holomorphic(PointEstimator):
+    """Holomorphic EP (Laborieux & Zenke 2022): the Cauchy integral on the circle |beta| by the
+    trapezoidal rule, v = (1/N) sum_k r*(beta_k)/beta_k, beta_k = |beta| e^{2 pi i k/N}; error
+    O(|beta|^N) inside the radius of analyticity. For N >= 2 the free term vanishes (sum 1/beta_k = 0);
+    N = 1 is one-sided EP. Points k and N-k are conjugate: N/2 + 1 relaxations (N even), of which
+    beta_0 = |beta| and beta_{N/2} = -|beta| are real."""
+
+    points: int = 4
+    beta: float = 0.1
+    name = "holomorphic"
+
+    def __post_init__(self):
+        _count(self.points, "Holomorphic(points)")
+
+    def nodes(self):
+        N, b = self.points, _beta(self.beta)
+        pts = []
+        for k in range(N // 2 + 1):
+            beta = b if k == 0 else (-b if 2 * k == N else b * np.exp(2j * np.pi * k / N))
+            pts.append((beta, 1.0 / (N * beta), 0 < k and 2 * k != N))
+        return (-1.0 / b if N == 1 else 0.0), pts
+
+
+@dataclass(frozen=True)
+class RotatingHolomorphic(Estimator):
+    """Continuous-time holomorphic EP: the teaching signal rotates, beta(t) = |beta| e^{2 pi i t/(N T)},
+    held for ``duration`` T at each of the N points of a period, over ``periods`` q periods, with no
+    reset of the state between points; v is the first Fourier coefficient of the activity,
+    (1/(q N)) sum_j r(t_j)/beta(t_j), sampled at the end of each point. The state starts at the free
+    equilibrium; it is not relaxed at each point (that is the method), so its residuals are reported
+    but not required to vanish."""
+
+    points: int = 4
+    beta: float = 0.1
+    duration: float = 20.0
+    periods: int = 1
+    name = "rotating_holomorphic"
+
+    def __post_init__(self):
+        _count(self.points, "RotatingHolomorphic(points)")
+        _count(self.periods, "RotatingHolomorphic(periods)")
+        _beta(self.beta)
+        _beta(self.duration, "duration")
+
+    def error_vector(self, network, x, y, cost, relaxation, free):
+        N, b = self.points, self.beta
+        u = free.u.astype(np.complex128)
+        acc = np.zeros_like(u)
+        sols = []
+        for j in range(N * self.periods):
+            beta = b * np.exp(2j * np.pi * j / N)
+            sol = integrate(network, x, t_span=(0.0, self.duration), method=relaxation.method,
+                            dt=relaxation.step(network), u0=u, nudge=Nudge(cost, beta, y), dtype=np.complex128)
+            u = sol.u[-1]
+            acc += activity(network, u) / beta
+            sols.append(sol)
+        return (acc / (N * self.periods)).real, sols
+
+
+@dataclass(frozen=True)
+class Limit(Estimator):
+    """The beta -> 0 limit of every EP estimator, computed exactly: v = rho'(u*) du*/dbeta with
+    J du*/dbeta = -dl/dr_L (dense J per sample). For a non-symmetric network it differs from the
+    exact gradient by the asymmetry bias alone (REFERENCES: dr*/dbeta = J^{-1} J^T delta), so
+    estimate - Limit is the finite-nudge part of an estimator's bias and Limit - Exact the asymmetry
+    part."""
+
+    name = "limit"
+
+    def error_vector(self, network, x, y, cost, relaxation, free):
+        vf = VectorField(network, x, dtype=free.u.dtype)
+        sl = network.slices[cost.layer]
+        act = network.layer(cost.layer).activation
+        e = np.zeros_like(free.u)
+        e[:, sl] = cost.value_and_grad(rho(act, free.u[:, sl]), y)[1]
+        J = jacobian(vf, free.u)
+        du = np.linalg.solve(J, -e[..., None])[..., 0]
+        d = np.empty_like(free.u)
+        for layer in network.layers:
+            s = network.slices[layer.name]
+            d[:, s] = rho_prime(layer.activation, free.u[:, s])
+        return d * du, []
+
+
+@dataclass(frozen=True)
+class Exact(Estimator):
+    """The exact gradient by implicit differentiation at the free equilibrium: v = lambda with
+    J^T lambda = -dl/du (membrane coordinates); ``solver`` as in :class:`substrate.Implicit`."""
+
+    solver: str = "direct"
+    name = "exact"
+
+    def error_vector(self, network, x, y, cost, relaxation, free):
+        vf = VectorField(network, x, dtype=free.u.dtype)
+        _, g = cost_gradient_u(network, cost, free.u, y)
+        return solve_adjoint(vf, free.u, -g, Implicit(solver=self.solver)), []
+
+
+ESTIMATORS = {"one_sided": OneSided, "negative": Negative, "centred": Centred, "holomorphic": Holomorphic,
+              "rotating_holomorphic": RotatingHolomorphic, "limit": Limit, "exact": Exact}
+
+
+def make_estimator(name: str, **params) -> Estimator:
+    """An estimator by name (``ESTIMATORS``) with its parameters, for configs."""
+    if name not in ESTIMATORS:
+        raise SubstrateValueError(f"estimator {name!r} is unknown; allowed: {', '.join(ESTIMATORS)}")
+    try:
+        return ESTIMATORS[name](**params)
+    except TypeError as e:
+        raise SubstrateValueError(f"estimator {name!r}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------ estimate
+@dataclass(frozen=True)
+class Estimate:
+    """An EP (or exact) gradient of the batch-mean cost.
+
+    gradients: a :class:`substrate.Gradients` (same structure as the adjoint methods', so estimates
+    compare element by element); readout: {"weight", "bias"} gradients of a cross-entropy readout
+    (empty for squared error); error: v (batch, n); free: the free equilibrium; nudged: the nudged
+    phases; converged: every relaxation reached its tolerance; logits: the cost layer's output at the
+    free equilibrium (readout logits, or the layer's activities)."""
+
+    gradients: Gradients
+    readout: dict
+    error: np.ndarray
+    free: Solution
+    nudged: list
+    converged: bool
+    logits: np.ndarray
+
+    @property
+    def loss(self) -> float:
+        return float(np.real(self.gradients.loss))
+
+
+def free_phase(network, x, relaxation: Relaxation = Relaxation(), u0=None) -> Solution:
+    """The free equilibrium (from zero, or ``u0``)."""
+    return relaxation.run(network, x, u0=u0)
+
+
+def estimate(network: Network, x, y, cost: Cost, estimator: Estimator = Centred(),
+             relaxation: Relaxation = Relaxation(), free: Solution | None = None) -> Estimate:
+    """The gradient of the batch-mean cost (1/B) sum_b l(r_L; y_b) estimated by ``estimator``.
+
+    x: inputs (batch, size) or {name: array}; y: targets (batch, width): the nudged layer's target
+    activities for squared error, one-hot classes for cross-entropy. ``free``: a free equilibrium
+    already relaxed for these inputs (so that several estimators share it)."""
+    if not isinstance(estimator, Estimator):
+        raise SubstrateValueError(f"estimator must be an ep.Estimator, got {type(estimator).__name__}")
+    if not isinstance(cost, Cost):
+        raise SubstrateValueError(f"cost must be a substrate.Cost, got {type(cost).__name__}")
+    y = np.asarray(y, dtype=float)
+    free = free_phase(network, x, relaxation) if free is None else free
+    v, sols = estimator.error_vector(network, x, y, cost, relaxation, free)
+    nb = free.u.shape[0]
+    vf = VectorField(network, x, dtype=free.u.dtype)
+    g = vf.param_vjp(free.u, v.astype(free.u.dtype))
+    scale = 1.0 / nb
+    weights = {k: w * scale for k, w in g["weights"].items()}
+    biases = {k: b * scale for k, b in g["biases"].items()}
+    inputs = {k: a * scale for k, a in g["inputs"].items()}
+    tau = {layer.name: np.zeros_like(layer.tau) if np.ndim(layer.tau) else 0.0 for layer in network.layers}
+    r_out = rho(network.layer(cost.layer).activation, free.u[:, network.slices[cost.layer]])
+    losses = cost.value_and_grad(r_out, y)[0]
+    readout, logits = {}, r_out
+    if cost.kind == "cross_entropy":
+        logits = cost.readout(r_out)
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        readout = {"weight": (p - y).T @ r_out * scale, "bias": (p - y).mean(axis=0)}
+    grads = Gradients(float(np.mean(losses)), weights, biases, tau, inputs, np.zeros_like(free.u),
+                      f"ep:{estimator.name}", free)
+    converged = free.ok and all(s.ok for s in sols if not isinstance(estimator, RotatingHolomorphic))
+    return Estimate(grads, readout, v, free, sols, converged, logits)

@@ -1,0 +1,132 @@
+"""A teaching current into one layer: the nudge of equilibrium propagation (REFERENCES section 4).
+
+    tau du/dt = F(u) + beta dl/dr_L        (on the rows of the nudged layer L)
+
+with l the per-sample cost of that layer's activities r_L = rho(u_L) (not divided by the batch size):
+
+* ``squared_error``: l = 0.5 ||r_L - y||^2, so dl/dr_L = r_L - y (y has the layer's size);
+* ``cross_entropy`` through a linear readout z = W_o r_L + b_o: l = -sum_c y_c log softmax(z)_c, so
+  dl/dr_L = W_o^T (softmax(z) - y) (y is one-hot or a distribution over the C classes).
+
+Sign: this is Laborieux & Zenke's convention, F_beta = F + beta dl/dr, so that positive beta pushes the
+output *up* the cost and (1/beta)(r*(beta) - r*(0)) estimates +dL/dtheta. Every operation is
+holomorphic, so a complex beta (holomorphic EP) drives complex states. Physically this is a current
+source on the output neurons controlled by their own activity: the engine adds it after the weight
+products of every stage (``_kernels.teach``), so every integrator and the residual test see it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _kernels as K
+from .errors import SubstrateValueError
+
+COSTS = {"squared_error": K.SQUARED_ERROR, "cross_entropy": K.CROSS_ENTROPY}
+
+
+def _log_softmax(z):
+    shift = np.max(z.real, axis=-1, keepdims=True)
+    e = np.exp(z - shift)
+    return z - shift - np.log(e.sum(axis=-1, keepdims=True)), e / e.sum(axis=-1, keepdims=True)
+
+
+@dataclass(frozen=True, eq=False)
+class Cost:
+    """A per-sample cost l(r_L; y) of the activities of one layer, with its gradient dl/dr_L.
+
+    layer: the layer it reads (and a nudge drives); kind: ``squared_error`` or ``cross_entropy``
+    (then ``readout_weight`` (C, layer size) and ``readout_bias`` (C,) define the linear readout)."""
+
+    layer: str
+    kind: str = "squared_error"
+    readout_weight: np.ndarray | None = None
+    readout_bias: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.kind not in COSTS:
+            raise SubstrateValueError(f"cost kind={self.kind!r}; allowed: {', '.join(COSTS)}")
+        has = (self.readout_weight is not None, self.readout_bias is not None)
+        if self.kind == "cross_entropy":
+            if not all(has):
+                raise SubstrateValueError("a cross_entropy cost needs readout_weight (C, layer size) "
+                                          "and readout_bias (C,)")
+            w, b = np.asarray(self.readout_weight), np.asarray(self.readout_bias)
+            if w.ndim != 2 or b.shape != (w.shape[0],):
+                raise SubstrateValueError(f"readout_weight {w.shape} and readout_bias {b.shape} must be "
+                                          "(C, layer size) and (C,)")
+        elif any(has):
+            raise SubstrateValueError("readout_weight/readout_bias apply to kind='cross_entropy' only")
+
+    def width(self, network) -> int:
+        """The size of a target: the layer's size, or the number of classes of the readout."""
+        size = network.layer(self.layer).size  # raises for an unknown layer
+        if self.kind == "cross_entropy":
+            if self.readout_weight.shape[1] != size:
+                raise SubstrateValueError(f"readout_weight has {self.readout_weight.shape[1]} columns but "
+                                          f"layer {self.layer!r} has {size} neurons")
+            return self.readout_weight.shape[0]
+        return size
+
+    def readout(self, r):
+        """The readout's logits z = r W_o^T + b_o for activities r (batch, size)."""
+        return r @ self.readout_weight.T + self.readout_bias
+
+    def value_and_grad(self, r, y):
+        """(l per sample (batch,), dl/dr (batch, size)) for activities r and targets y, in NumPy; the
+        reference that ``_kernels.teach`` is tested against, and the loss of exact gradients."""
+        if self.kind == "squared_error":
+            d = r - y
+            return 0.5 * np.sum(d * d, axis=1), d
+        logp, p = _log_softmax(self.readout(r))
+        return -np.sum(y * logp, axis=1), (p - y) @ self.readout_weight
+
+
+@dataclass(frozen=True, eq=False)
+class Nudge:
+    """The teaching current beta dl/dr_L of ``cost`` with targets ``target`` (batch, width)."""
+
+    cost: Cost
+    beta: complex | float
+    target: np.ndarray
+
+    def kernel_args(self, network, dtype, batch):
+        """The tuple ``_kernels.teach`` reads, in the state's dtype and layout, validated."""
+        c = self.cost
+        m = c.width(network)
+        y = np.asarray(self.target)
+        if y.shape != (batch, m):
+            raise SubstrateValueError(f"nudge target has shape {y.shape}, expected (batch, {m}) = ({batch}, {m})")
+        beta = complex(self.beta)
+        if not np.isfinite(beta):
+            raise SubstrateValueError(f"beta={self.beta!r} must be finite")
+        if beta.imag != 0 and np.dtype(dtype).kind != "c":
+            raise SubstrateValueError(f"a complex beta={self.beta!r} needs complex states: pass dtype='complex128'")
+        if not np.all(np.isfinite(y)):
+            raise SubstrateValueError("nudge target contains NaN or Inf")
+        sl = network.slices[c.layer]
+        cast = lambda a: np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
+        beta_arr = np.array([beta if np.dtype(dtype).kind == "c" else beta.real], dtype)
+        if c.kind == "cross_entropy":
+            wo, bo = cast(c.readout_weight), cast(c.readout_bias)
+        else:
+            wo, bo = np.zeros((0, 0), dtype), np.zeros(0, dtype)
+        return (COSTS[c.kind], sl.start, sl.stop, beta_arr, cast(y.T), wo, bo, np.empty(max(1, wo.shape[0]), dtype))
+
+    def current(self, network, u):
+        """beta dl/dr_L at states u (batch, n), as a (batch, n) array (zero outside the layer)."""
+        from .activations import rho
+
+        sl = network.slices[self.cost.layer]
+        layer = network.layer(self.cost.layer)
+        out = np.zeros_like(u)
+        out[:, sl] = self.beta * self.cost.value_and_grad(rho(layer.activation, u[:, sl]), self.target)[1]
+        return out
+
+
+def no_nudge(dtype):
+    """The kernel argument for 'no teaching current', with the same Numba types as a real one."""
+    z2 = np.zeros((0, 0), dtype)
+    return (K.NO_NUDGE, 0, 0, np.zeros(1, dtype), z2, z2, np.zeros(0, dtype), np.zeros(1, dtype))
