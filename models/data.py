@@ -1,0 +1,208 @@
+"""Datasets for training on the simulator: scikit-learn's 8x8 digits and IDX files (MNIST, Fashion-MNIST).
+
+Every dataset is a :class:`Dataset` of float64 features in [0, 1], one row per example, and int64 labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import numbers
+import os
+import zlib
+
+import numpy as np
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+NAMES = ("digits", "fashion_mnist", "mnist", "idx")
+
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_FASHION_MNIST_HINT = (
+    "install it with `sudo apt install dataset-fashion-mnist` (puts the IDX files in "
+    f"{FASHION_MNIST_DIR}) or pass directory= pointing at the four IDX files"
+)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """A train/test split: ``x_*`` (N, d) float64 in [0, 1], ``y_*`` (N,) int64 in [0, classes);
+    ``shape`` is the image shape of one row (d = prod(shape))."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: int
+    shape: tuple
+
+    @property
+    def n_features(self) -> int:
+        """Features per example, d."""
+        return self.x_train.shape[1]
+
+    def subset(self, n_train: int | None = None, n_test: int | None = None, rng: np.random.Generator | None = None) -> Dataset:
+        """The first ``n_train`` training and ``n_test`` test examples (None: all of them), taken after a
+        permutation of each split drawn from ``rng`` when one is given."""
+        train = _first(len(self.y_train), n_train, "n_train", rng)
+        test = _first(len(self.y_test), n_test, "n_test", rng)
+        return dataclasses.replace(
+            self, x_train=self.x_train[train], y_train=self.y_train[train], x_test=self.x_test[test], y_test=self.y_test[test]
+        )
+
+
+def _first(size: int, n: int | None, argument: str, rng: np.random.Generator | None) -> np.ndarray:
+    """Indices of the first ``n`` of ``size`` examples, after a permutation from ``rng`` if given."""
+    n = size if n is None else _count(n, argument)
+    if n > size:
+        raise ValueError(f"{argument}={n} exceeds the {size} examples available")
+    order = np.arange(size) if rng is None else rng.permutation(size)
+    return order[:n]
+
+
+def _count(value, argument: str, minimum: int = 0) -> int:
+    """``value`` as an int of at least ``minimum``, or a ValueError naming ``argument``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{argument} must be an integer, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{argument} must be at least {minimum}, got {value}")
+    return value
+
+
+def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """scikit-learn's 8x8 handwritten digits (1797 images, values 0..16 scaled by 1/16), split per class:
+    each class's indices are permuted with ``default_rng(seed)`` and the first round(test_fraction * count)
+    go to the test set. Both splits keep the original order of the examples."""
+    from sklearn.datasets import load_digits  # scikit-learn is slow to import; only this loader needs it
+
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    data = load_digits()
+    x = np.asarray(data.data, dtype=np.float64) / 16.0
+    y = np.asarray(data.target, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    test = []
+    for c in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == c))
+        test.append(members[: round(test_fraction * len(members))])
+    is_test = np.zeros(len(y), dtype=bool)
+    is_test[np.concatenate(test)] = True
+    return Dataset("digits", x[~is_test], y[~is_test], x[is_test], y[is_test], int(y.max()) + 1, (8, 8))
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """The array in an IDX file (the MNIST format), raw or gzip-compressed (told by its magic bytes),
+    in native byte order."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as err:
+            raise ValueError(f"{path}: corrupt gzip data ({err})") from None
+    if len(raw) < 4 or raw[:2] != b"\x00\x00":
+        raise ValueError(f"{path}: not an IDX file (bad magic {raw[:4].hex() or 'empty'}, expected 0000<type><ndim>)")
+    type_code, ndim = raw[2], raw[3]
+    if type_code not in _IDX_TYPES:
+        raise ValueError(f"{path}: unknown IDX type code 0x{type_code:02X} (known: {', '.join(f'0x{t:02X}' for t in _IDX_TYPES)})")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: size does not match the header: {len(raw)} bytes, shorter than the {header}-byte header")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+    if any(d < 0 for d in dims):
+        raise ValueError(f"{path}: negative dimension in the header {dims}")
+    dtype = np.dtype(_IDX_TYPES[type_code])
+    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        raise ValueError(f"{path}: size does not match the header {dims}: {len(raw)} bytes, expected {expected}")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def idx_dataset(directory: str | os.PathLike, name: str = "idx") -> Dataset:
+    """The MNIST-format dataset in ``directory``: train-images-idx3-ubyte, train-labels-idx1-ubyte,
+    t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte, each raw or ``.gz``. Pixels (unsigned bytes) are
+    flattened and scaled by 1/255; ``classes`` is the largest label + 1, at least 10 (MNIST's digits)."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no such directory: {directory}")
+    x_train, y_train = _idx_split(directory, "train")
+    x_test, y_test = _idx_split(directory, "t10k")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ValueError(f"{directory}: train images are {x_train.shape[1:]} but test images are {x_test.shape[1:]}")
+    classes = max(10, int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1)
+    shape = x_train.shape[1:]
+    return Dataset(name, _pixels(x_train), y_train, _pixels(x_test), y_test, classes, shape)
+
+
+def _idx_split(directory: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of one split (``train`` or ``t10k``), checked against each other."""
+    images_path = _idx_path(directory, f"{split}-images-idx3-ubyte")
+    labels_path = _idx_path(directory, f"{split}-labels-idx1-ubyte")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{images_path}: expected unsigned-byte images (N, rows, cols), got {images.dtype} {images.shape}")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):
+        raise ValueError(f"{labels_path}: expected non-negative integer labels (N,), got {labels.dtype} {labels.shape}")
+    if len(images) != len(labels):
+        raise ValueError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels")
+    return images, labels.astype(np.int64)
+
+
+def _idx_path(directory: str | os.PathLike, stem: str) -> str:
+    """The file ``stem`` or ``stem.gz`` in ``directory`` (the raw one if both are there)."""
+    path = os.path.join(directory, stem)
+    for candidate in (path, path + ".gz"):
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(f"missing IDX file: {path} (or {path}.gz)")
+
+
+def _pixels(images: np.ndarray) -> np.ndarray:
+    """Unsigned-byte images (N, ...) as rows of float64 in [0, 1]."""
+    return images.reshape(len(images), -1).astype(np.float64) / 255.0
+
+
+def fashion_mnist(directory: str | os.PathLike | None = None) -> Dataset:
+    """Fashion-MNIST (60000 train, 10000 test, 28x28, 10 classes) from ``directory``, by default
+    :data:`FASHION_MNIST_DIR` where the Debian package dataset-fashion-mnist puts it."""
+    directory = FASHION_MNIST_DIR if directory is None else directory
+    try:
+        return idx_dataset(directory, name="fashion_mnist")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"Fashion-MNIST not found: {err}; {_FASHION_MNIST_HINT}") from None
+
+
+def load(name: str, directory: str | os.PathLike | None = None, **kwargs) -> Dataset:
+    """The dataset called ``name``: "digits" (``kwargs`` go to :func:`digits`), "fashion_mnist", or
+    "mnist" / "idx" (IDX files in ``directory``, which is required)."""
+    if name == "digits":
+        if directory is not None:
+            raise ValueError("the digits dataset comes with scikit-learn and takes no directory")
+        return digits(**kwargs)
+    if name == "fashion_mnist":
+        return fashion_mnist(directory, **kwargs)
+    if name in ("mnist", "idx"):
+        if directory is None:
+            raise ValueError(f"load({name!r}) needs directory= pointing at the four IDX files")
+        return idx_dataset(directory, name=name, **kwargs)
+    raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(NAMES)}")
+
+
+def one_hot(y: np.ndarray, classes: int) -> np.ndarray:
+    """Labels ``y`` (N,) in [0, classes) as rows of a (N, classes) float64 identity."""
+    classes = _count(classes, "classes", minimum=1)
+    y = np.asarray(y)
+    if y.ndim != 1 or (y.size and (y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= classes)):
+        raise ValueError(f"y must be 1-D integer labels in [0, {classes}), got {y.dtype} {y.shape}")
+    out = np.zeros((len(y), classes), dtype=np.float64)
+    out[np.arange(len(y)), y] = 1.0
+    return out
+
+
+def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """A permutation of range(n) drawn from ``rng``, cut into index arrays of ``batch_size`` (the last
+    one may be smaller)."""
+    n = _count(n, "n")
+    batch_size = _count(batch_size, "batch_size", minimum=1)
+    order = rng.permutation(n)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]

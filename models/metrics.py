@@ -1,0 +1,123 @@
+"""Diagnostics of gradient estimates against the exact gradient, and of the circuit's asymmetry.
+
+* :func:`compare`: cosine similarity and relative error ||g - g*|| / ||g*|| of an estimate g against
+  the exact g*, per parameter (``W:pre->post``, ``b:layer``) and over all of them (``all``);
+* :func:`error_alignment`: the same for EP's neuronal error vector v against the exact adjoint
+  lambda = -J^{-T} dl/du (per sample, then averaged; and overall);
+* :func:`weight_angles`: the angle arccos(<W, B^T> / (||W|| ||B||)) between each forward weight and
+  its independent feedback weight, in degrees (0 = symmetric), and over all such pairs;
+* :func:`jacobian_symmetry`: ||S|| / (||S|| + ||A||) of J = dF/du at the equilibrium (S, A its
+  symmetric and antisymmetric parts; Frobenius norms; 1 = symmetric), averaged over the batch;
+* :func:`bias_decomposition`: an estimator's bias split into its finite-nudge part (estimate minus
+  its exact beta -> 0 limit) and its asymmetry part (limit minus exact gradient), plus the same
+  estimate on the symmetrised network (feedback replaced by the forward weights' transposes).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from substrate import Gradients, Network, VectorField
+from substrate.adjoint import jacobian
+
+from . import ep
+
+
+def cosine(a, b) -> float:
+    a, b = np.ravel(a), np.ravel(b)
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return float(np.real(np.vdot(b, a)) / (na * nb)) if na > 0 and nb > 0 else float("nan")
+
+
+def relative_error(a, b) -> float:
+    nb = np.linalg.norm(np.ravel(b))
+    return float(np.linalg.norm(np.ravel(a) - np.ravel(b)) / nb) if nb > 0 else float("nan")
+
+
+def _parts(g: Gradients) -> dict:
+    parts = {f"W:{k}": np.asarray(v) for k, v in g.weights.items()}
+    parts.update({f"b:{k}": np.asarray(v) for k, v in g.biases.items()})
+    return parts
+
+
+def compare(estimate: Gradients, exact: Gradients) -> dict:
+    """{"cosine": {part: c}, "relative_error": {part: e}} per weight and bias, and ``all``."""
+    a, b = _parts(estimate), _parts(exact)
+    names = sorted(b)
+    out = {"cosine": {}, "relative_error": {}}
+    for k in names + ["all"]:
+        x = np.concatenate([a[n].ravel() for n in names]) if k == "all" else a[k]
+        y = np.concatenate([b[n].ravel() for n in names]) if k == "all" else b[k]
+        out["cosine"][k] = cosine(x, y)
+        out["relative_error"][k] = relative_error(x, y)
+    return out
+
+
+def error_alignment(v, delta) -> dict:
+    """Alignment of error vectors v and delta (batch, n): mean per-sample cosine, overall cosine."""
+    per = [cosine(a, b) for a, b in zip(v, delta)]
+    return {"mean_cosine": float(np.nanmean(per)), "cosine": cosine(v, delta),
+            "relative_error": relative_error(v, delta)}
+
+
+def _feedback_pairs(network: Network):
+    """(forward, feedback) connection pairs where both weights are independent parameters."""
+    names = {c.name: c for c in network.connections}
+    seen = set()
+    for c in network.connections:
+        back = names.get(f"{c.post}->{c.pre}")
+        if c.pre == c.post or back is None or c.tied or back.tied or c.name in seen or c.pre in network.inputs_by_name:
+            continue
+        seen.update({c.name, back.name})
+        yield c, back
+
+
+def weight_angles(network: Network) -> dict:
+    """{forward name: angle in degrees} for every independent forward/feedback pair, and ``all``."""
+    out, num, den_w, den_b = {}, 0.0, 0.0, 0.0
+    for f, b in _feedback_pairs(network):
+        W, B = network.effective_weight(f), network.effective_weight(b)
+        out[f.name] = float(np.degrees(np.arccos(np.clip(cosine(W, B.T), -1, 1))))
+        num += float(np.sum(W * B.T))
+        den_w += float(np.sum(W * W))
+        den_b += float(np.sum(B * B))
+    if out:
+        out["all"] = float(np.degrees(np.arccos(np.clip(num / np.sqrt(den_w * den_b), -1, 1))))
+    return out
+
+
+def jacobian_symmetry(network: Network, x, u) -> float:
+    """Mean over samples of ||S|| / (||S|| + ||A||) for J = dF/du at states u (batch, n)."""
+    J = jacobian(VectorField(network, x, dtype=u.dtype), u)
+    S = 0.5 * (J + J.transpose(0, 2, 1))
+    A = 0.5 * (J - J.transpose(0, 2, 1))
+    ns, na = np.linalg.norm(S, axis=(1, 2)), np.linalg.norm(A, axis=(1, 2))
+    return float(np.mean(ns / (ns + na)))
+
+
+def symmetrised(network: Network) -> Network:
+    """A copy of the network whose independent feedback weights are the forward weights' transposes."""
+    net = copy.deepcopy(network)
+    for f, b in _feedback_pairs(net):
+        b.weight = np.ascontiguousarray(f.weight.T).copy()
+    return net
+
+
+def bias_decomposition(network: Network, x, y, cost, estimator: ep.Estimator,
+                       relaxation: ep.Relaxation = ep.Relaxation()) -> dict:
+    """The bias of ``estimator`` against the exact gradient, split in two (see the module docstring).
+
+    Returns {"total", "finite_nudge", "asymmetry", "symmetrised"}: each a :func:`compare` dict
+    ("total": estimate vs exact; "finite_nudge": estimate vs limit; "asymmetry": limit vs exact;
+    "symmetrised": the estimate vs the exact gradient, both on the symmetrised network)."""
+    free = ep.free_phase(network, x, relaxation)
+    g = {name: ep.estimate(network, x, y, cost, est, relaxation, free=free).gradients
+         for name, est in (("estimate", estimator), ("limit", ep.Limit()), ("exact", ep.Exact()))}
+    sym = symmetrised(network)
+    sfree = ep.free_phase(sym, x, relaxation)
+    s_est = ep.estimate(sym, x, y, cost, estimator, relaxation, free=sfree).gradients
+    s_exact = ep.estimate(sym, x, y, cost, ep.Exact(), relaxation, free=sfree).gradients
+    return {"total": compare(g["estimate"], g["exact"]), "finite_nudge": compare(g["estimate"], g["limit"]),
+            "asymmetry": compare(g["limit"], g["exact"]), "symmetrised": compare(s_est, s_exact)}

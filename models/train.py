@@ -1,0 +1,257 @@
+"""Training a classifier on the substrate with EP (or the exact gradient) as the weight update.
+
+The model is a :class:`Classifier`: a network, the cost on its last layer (squared error on the
+output units, or cross-entropy through a linear readout whose weights take their gradient directly)
+and the rule that estimates the gradient (an :mod:`models.ep` estimator). :func:`train` runs
+minibatch epochs with SGD (momentum) or Adam, optional Jacobian homeostasis, evaluation on the
+held-out set and a probe of the gradient's alignment with the exact one; it returns the metrics per
+epoch as arrays (row 0: before training) and does no file I/O (``on_epoch`` lets a caller save).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from substrate import Cost, Network
+from substrate.errors import SubstrateValueError
+
+from . import ep
+from .data import Dataset, minibatches, one_hot
+from .homeostasis import Homeostasis
+from .metrics import compare, weight_angles
+
+
+# ------------------------------------------------------------------------------------ model
+@dataclass(eq=False)
+class Classifier:
+    """A network and its cost; predictions are the argmax of the cost layer's output at the free
+    equilibrium (readout logits, or the output units' activities)."""
+
+    network: Network
+    cost: Cost
+
+    @classmethod
+    def layered(cls, sizes, rng: np.random.Generator, *, cost: str = "cross_entropy", **network_options):
+        """``sizes`` = (inputs, hidden..., classes). With ``cost="cross_entropy"`` the classes are a
+        linear readout of the last hidden layer (the dynamical layers are sizes[:-1], the last one named
+        ``y``); with ``"squared_error"`` they are output neurons ``y``. Readout weights are drawn like
+        the network's (uniform +-1/sqrt(fan_in), PyTorch's default)."""
+        if cost == "cross_entropy":
+            if len(sizes) < 3:
+                raise SubstrateValueError(f"sizes={sizes!r}: cross_entropy needs inputs, >= 1 hidden layer, classes")
+            net = Network.layered(sizes[:-1], rng, **network_options)
+            k = 1.0 / math.sqrt(sizes[-2])
+            dt = net.dtype
+            w = rng.uniform(-k, k, (sizes[-1], sizes[-2])).astype(dt)
+            b = rng.uniform(-k, k, sizes[-1]).astype(dt)
+            return cls(net, Cost("y", "cross_entropy", w, b))
+        if cost == "squared_error":
+            return cls(Network.layered(sizes, rng, **network_options), Cost("y"))
+        raise SubstrateValueError(f"cost={cost!r}; allowed: 'cross_entropy', 'squared_error'")
+
+    @property
+    def classes(self) -> int:
+        return self.cost.width(self.network)
+
+    def parameters(self) -> dict:
+        """{name: array} of everything trained, updated in place: independent weights, biases and
+        the readout."""
+        params = {f"W:{c.name}": c.weight for c in self.network.connections if not c.tied}
+        params.update({f"b:{x.name}": x.bias for x in self.network.layers})
+        if self.cost.kind == "cross_entropy":
+            params.update({"readout.weight": self.cost.readout_weight, "readout.bias": self.cost.readout_bias})
+        return params
+
+    def evaluate(self, x, labels, relaxation: ep.Relaxation, batch: int = 1000) -> tuple:
+        """(mean cost, accuracy, fraction of free phases that did not converge) on a data set."""
+        losses, correct, failed = 0.0, 0, 0
+        for i in range(0, len(x), batch):
+            xb, yb = x[i:i + batch], labels[i:i + batch]
+            free = ep.free_phase(self.network, xb, relaxation)
+            out = self.output(free.u)
+            losses += float(np.sum(self.cost.value_and_grad(self._layer(free.u), one_hot(yb, self.classes))[0]))
+            correct += int(np.sum(np.argmax(out, axis=1) == yb))
+            failed += 0 if free.ok else 1
+        batches = math.ceil(len(x) / batch)
+        return losses / len(x), correct / len(x), failed / batches
+
+    def _layer(self, u):
+        return ep.activity(self.network, u)[:, self.network.slices[self.cost.layer]]
+
+    def output(self, u):
+        r = self._layer(u)
+        return self.cost.readout(r) if self.cost.kind == "cross_entropy" else r
+
+
+# ------------------------------------------------------------------------------------ optimisers
+class Optimiser:
+    """Updates parameters in place from their gradients; state is kept per parameter name."""
+
+    def __init__(self):
+        self.state = {}
+
+    def step(self, params: dict, grads: dict):
+        for name, g in grads.items():
+            self.update(name, params[name], np.asarray(g, dtype=params[name].dtype))
+
+    def update(self, name, p, g):
+        raise NotImplementedError
+
+
+class SGD(Optimiser):
+    """p <- p - lr m, m <- momentum m + g (PyTorch's SGD with momentum, dampening 0)."""
+
+    def __init__(self, lr: float = 0.01, momentum: float = 0.0):
+        super().__init__()
+        self.lr, self.momentum = _rate(lr, "lr"), _fraction(momentum, "momentum")
+
+    def update(self, name, p, g):
+        if self.momentum:
+            m = self.state.get(name)
+            m = g.copy() if m is None else np.add(self.momentum * m, g, out=m)
+            self.state[name] = m
+            g = m
+        p -= self.lr * g
+
+
+class Adam(Optimiser):
+    """Adam (Kingma & Ba 2015) with bias correction."""
+
+    def __init__(self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
+        super().__init__()
+        self.lr, self.eps = _rate(lr, "lr"), _rate(eps, "eps")
+        self.beta1, self.beta2 = _fraction(beta1, "beta1"), _fraction(beta2, "beta2")
+
+    def update(self, name, p, g):
+        m, v, t = self.state.get(name, (np.zeros_like(p), np.zeros_like(p), 0))
+        t += 1
+        m = self.beta1 * m + (1 - self.beta1) * g
+        v = self.beta2 * v + (1 - self.beta2) * g * g
+        self.state[name] = (m, v, t)
+        p -= self.lr * (m / (1 - self.beta1 ** t)) / (np.sqrt(v / (1 - self.beta2 ** t)) + self.eps)
+
+
+def _rate(v, name):
+    if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+        raise SubstrateValueError(f"{name}={v!r} must be a positive finite number")
+    return float(v)
+
+
+def _fraction(v, name):
+    if not (isinstance(v, (int, float)) and 0 <= v < 1):
+        raise SubstrateValueError(f"{name}={v!r} must be in [0, 1)")
+    return float(v)
+
+
+OPTIMISERS = {"sgd": SGD, "adam": Adam}
+
+
+# ------------------------------------------------------------------------------------ training
+@dataclass
+class History:
+    """Metrics per epoch; row 0 is the untrained model. ``grad_cosine``: cosine of the rule's
+    gradient with the exact one on the probe batch (NaN without a probe); ``train_loss`` and
+    ``train_accuracy`` are running values, at each batch's free phase before its update; ``nonconverged``: the
+    fraction of training batches with a relaxation that missed its tolerance."""
+
+    epoch: list = field(default_factory=list)
+    train_loss: list = field(default_factory=list)
+    train_accuracy: list = field(default_factory=list)
+    test_loss: list = field(default_factory=list)
+    test_accuracy: list = field(default_factory=list)
+    grad_cosine: list = field(default_factory=list)
+    weight_angle: list = field(default_factory=list)
+    homeostasis: list = field(default_factory=list)
+    nonconverged: list = field(default_factory=list)
+    seconds: list = field(default_factory=list)
+
+    def arrays(self) -> dict:
+        return {k: np.asarray(v, dtype=float) for k, v in self.__dict__.items()}
+
+
+def gradient_step(model: Classifier, x, y, rule: ep.Estimator, relaxation: ep.Relaxation,
+                  homeostasis: Homeostasis | None = None, rng=None):
+    """(the estimate, {parameter name: gradient}, homeostasis penalty or NaN) for one minibatch."""
+    est = ep.estimate(model.network, x, y, model.cost, rule, relaxation)
+    g = est.gradients
+    grads = {f"W:{k}": w for k, w in g.weights.items()}
+    grads.update({f"b:{k}": b for k, b in g.biases.items()})
+    grads.update({f"readout.{k}": v for k, v in est.readout.items()})
+    penalty = float("nan")
+    if homeostasis is not None and homeostasis.strength > 0:
+        penalty, hg = homeostasis.penalty(model.network, rng)
+        for k, w in hg.items():
+            grads[f"W:{k}"] = grads[f"W:{k}"] + homeostasis.strength * w
+    return est, grads, penalty
+
+
+def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0.1),
+          optimiser: Optimiser | None = None, epochs: int = 10, batch_size: int = 32,
+          relaxation: ep.Relaxation = ep.Relaxation(on_failure="record"),
+          homeostasis: Homeostasis | None = None, rng: np.random.Generator | None = None,
+          probe: int = 64, progress: bool = True, on_epoch=None) -> History:
+    """Train ``model`` on ``data`` for ``epochs`` epochs of shuffled minibatches; see the module
+    docstring. ``probe``: the number of training samples (fixed, the first ones) on which the rule's
+    gradient is compared with the exact one after every epoch (0: skip). ``on_epoch(history)`` is
+    called after every epoch (to save partial results)."""
+    from tqdm.auto import tqdm
+
+    if not isinstance(model, Classifier):
+        raise SubstrateValueError(f"model must be a Classifier, got {type(model).__name__}")
+    if not isinstance(rng, np.random.Generator):
+        raise SubstrateValueError("train needs rng, a numpy.random.Generator (seeded, passed explicitly)")
+    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (0 if name == "epochs" else 1):
+            raise SubstrateValueError(f"{name}={v!r} must be a {'non-negative' if name == 'epochs' else 'positive'} integer")
+    if data.n_features != model.network.inputs[0].size:
+        raise SubstrateValueError(f"the data have {data.n_features} features but the network's input "
+                                  f"{model.network.inputs[0].name!r} has {model.network.inputs[0].size}")
+    optimiser = optimiser or SGD(0.01, 0.9)
+    params = model.parameters()
+    hist = History()
+    xp, yp = data.x_train[:probe], one_hot(data.y_train[:probe], model.classes)
+
+    def record(epoch, train_loss, train_acc, penalty, failed, seconds):
+        test_loss, test_acc, _ = model.evaluate(data.x_test, data.y_test, relaxation)
+        cos = float("nan")
+        if probe:
+            free = ep.free_phase(model.network, xp, relaxation)
+            est = ep.estimate(model.network, xp, yp, model.cost, rule, relaxation, free=free).gradients
+            exact = ep.estimate(model.network, xp, yp, model.cost, ep.Exact(), relaxation, free=free).gradients
+            cos = compare(est, exact)["cosine"]["all"]
+        angles = weight_angles(model.network)
+        for key, value in (("epoch", epoch), ("train_loss", train_loss), ("train_accuracy", train_acc),
+                           ("test_loss", test_loss), ("test_accuracy", test_acc), ("grad_cosine", cos),
+                           ("weight_angle", angles.get("all", float("nan"))), ("homeostasis", penalty),
+                           ("nonconverged", failed), ("seconds", seconds)):
+            getattr(hist, key).append(value)
+
+    tr_loss, tr_acc, _ = model.evaluate(data.x_train, data.y_train, relaxation)
+    record(0, tr_loss, tr_acc, float("nan"), 0.0, 0.0)
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        batches = minibatches(len(data.x_train), batch_size, rng)
+        loss_sum = correct = failed = 0
+        penalty = float("nan")
+        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs} {rule.name}", disable=not progress, leave=False)
+        for idx in bar:
+            x, labels = data.x_train[idx], data.y_train[idx]
+            est, grads, penalty = gradient_step(model, x, one_hot(labels, model.classes), rule, relaxation,
+                                                homeostasis, rng)
+            optimiser.step(params, grads)
+            loss_sum += est.loss * len(idx)
+            correct += int(np.sum(np.argmax(est.logits, axis=1) == labels))
+            failed += 0 if est.converged else 1
+            bar.set_postfix(loss=f"{est.loss:.3f}")
+        n = len(data.x_train)
+        record(epoch, loss_sum / n, correct / n, penalty, failed / len(batches), time.perf_counter() - t0)
+        if progress:
+            tqdm.write(f"epoch {epoch}: train {hist.train_accuracy[-1]:.3f}, test {hist.test_accuracy[-1]:.3f}, "
+                       f"grad cosine {hist.grad_cosine[-1]:.4f}, {hist.seconds[-1]:.1f} s")
+        if on_epoch is not None:
+            on_epoch(hist)
+    return hist
