@@ -135,6 +135,9 @@ class OneSided(PointEstimator):
     beta: float = 0.1
     name = "one_sided"
 
+    def __post_init__(self):
+        _beta(self.beta)
+
     def nodes(self):
         b = _beta(self.beta)
         return -1.0 / b, [(b, 1.0 / b, False)]
@@ -147,6 +150,9 @@ class Negative(PointEstimator):
     beta: float = 0.1
     name = "negative"
 
+    def __post_init__(self):
+        _beta(self.beta)
+
     def nodes(self):
         b = _beta(self.beta)
         return 1.0 / b, [(-b, -1.0 / b, False)]
@@ -158,6 +164,9 @@ class Centred(PointEstimator):
 
     beta: float = 0.1
     name = "centred"
+
+    def __post_init__(self):
+        _beta(self.beta)
 
     def nodes(self):
         b = _beta(self.beta)
@@ -178,6 +187,7 @@ class Holomorphic(PointEstimator):
 
     def __post_init__(self):
         _count(self.points, "Holomorphic(points)")
+        _beta(self.beta)
 
     def nodes(self):
         N, b = self.points, _beta(self.beta)

@@ -6,7 +6,7 @@
   lambda = -J^{-T} dl/du (per sample, then averaged; and overall);
 * :func:`weight_angles`: the angle arccos(<W, B^T> / (||W|| ||B||)) between each forward weight and
   its independent feedback weight, in degrees (0 = symmetric), and over all such pairs;
-* :func:`jacobian_symmetry`: ||S|| / (||S|| + ||A||) of J = dF/du at the equilibrium (S, A its
+* :func:`jacobian_symmetry`: ||S|| / (||S|| + ||A||) of the Jacobian at the equilibrium (S, A its
   symmetric and antisymmetric parts; Frobenius norms; 1 = symmetric), averaged over the batch;
 * :func:`bias_decomposition`: an estimator's bias split into its finite-nudge part (estimate minus
   its exact beta -> 0 limit) and its asymmetry part (limit minus exact gradient), plus the same
@@ -19,10 +19,11 @@ import copy
 
 import numpy as np
 
-from substrate import Gradients, Network, VectorField
-from substrate.adjoint import jacobian
+from substrate import Gradients, Network
+from substrate.activations import rho_prime
 
 from . import ep
+from .homeostasis import dense_weights
 
 
 def cosine(a, b) -> float:
@@ -88,13 +89,22 @@ def weight_angles(network: Network) -> dict:
     return out
 
 
-def jacobian_symmetry(network: Network, x, u) -> float:
-    """Mean over samples of ||S|| / (||S|| + ||A||) for J = dF/du at states u (batch, n)."""
-    J = jacobian(VectorField(network, x, dtype=u.dtype), u)
-    S = 0.5 * (J + J.transpose(0, 2, 1))
-    A = 0.5 * (J - J.transpose(0, 2, 1))
-    ns, na = np.linalg.norm(S, axis=(1, 2)), np.linalg.norm(A, axis=(1, 2))
-    return float(np.mean(ns / (ns + na)))
+def jacobian_symmetry(network: Network, u) -> float:
+    """Mean over samples of ||S|| / (||S|| + ||A||) for the Jacobian at states u (batch, n), in the
+    coordinates where EP is exact iff it is symmetric: J = -I + W D (D = diag rho'(u)) is similar to
+    D^(1/2) J D^(-1/2) = -I + D^(1/2) W D^(1/2), symmetric exactly when W is (where rho' > 0)."""
+    W = dense_weights(network, np.float64)
+    out = []
+    for ub in np.real(u):
+        d = np.empty_like(ub)
+        for layer in network.layers:
+            sl = network.slices[layer.name]
+            d[sl] = rho_prime(layer.activation, ub[sl])
+        s = np.sqrt(np.maximum(d, 0.0))
+        Js = s[:, None] * W * s[None, :] - np.eye(len(ub))
+        ns, na = np.linalg.norm(Js + Js.T) / 2, np.linalg.norm(Js - Js.T) / 2
+        out.append(ns / (ns + na))
+    return float(np.mean(out))
 
 
 def symmetrised(network: Network) -> Network:

@@ -165,7 +165,7 @@ class History:
     test_accuracy: list = field(default_factory=list)
     grad_cosine: list = field(default_factory=list)
     weight_angle: list = field(default_factory=list)
-    homeostasis: list = field(default_factory=list)
+    asymmetry_penalty: list = field(default_factory=list)
     nonconverged: list = field(default_factory=list)
     seconds: list = field(default_factory=list)
 
@@ -226,7 +226,7 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
         angles = weight_angles(model.network)
         for key, value in (("epoch", epoch), ("train_loss", train_loss), ("train_accuracy", train_acc),
                            ("test_loss", test_loss), ("test_accuracy", test_acc), ("grad_cosine", cos),
-                           ("weight_angle", angles.get("all", float("nan"))), ("homeostasis", penalty),
+                           ("weight_angle", angles.get("all", float("nan"))), ("asymmetry_penalty", penalty),
                            ("nonconverged", failed), ("seconds", seconds)):
             getattr(hist, key).append(value)
 

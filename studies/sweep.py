@@ -125,6 +125,8 @@ def _check_result(result) -> Result:
     for name, value in result.scalars.items():
         if not isinstance(name, str) or not name or "/" in name or name in RESERVED:
             raise ValueError(f"result scalar name {name!r} is not allowed")
+        if name in result.arrays:
+            raise ValueError(f"result name {name!r} is both an array and a scalar; the archive needs one each")
         float(value)
     return result
 
@@ -139,8 +141,25 @@ def _result_payload(result: Result | None):
     return data, dims, coords
 
 
+def partial_file(runs_dir: str, rid: str) -> str:
+    return os.path.join(runs_dir, f"{rid}.partial.h5")
+
+
+_ACTIVE = None  # (run, task name, runs_dir) of the run this process is executing
+
+
+def save_partial(result: Result):
+    """Write what a long run has computed so far to ``runs/<run_id>.partial.h5`` (atomically), so
+    that a run killed midway loses only the work since its last call; the file is removed when the
+    run ends. A task calls it, e.g. after every epoch; outside a sweep it does nothing."""
+    if _ACTIVE is not None:
+        run, task_name, runs_dir = _ACTIVE
+        _write_run_file(run, task_name, runs_dir, "partial", "", "", _check_result(result), {},
+                        path=partial_file(runs_dir, run.run_id))
+
+
 def _write_run_file(run: Run, task_name: str, runs_dir: str, status: str, error: str, tb: str,
-                    result: Result | None, timings: Mapping) -> str:
+                    result: Result | None, timings: Mapping, path: str | None = None) -> str:
     data, dims, coords = _result_payload(result)
     attrs = archive.provenance(run.config, run.seed, timings)
     attrs.update({
@@ -149,7 +168,7 @@ def _write_run_file(run: Run, task_name: str, runs_dir: str, status: str, error:
         "array_dims": json.dumps(dims), "array_coords": json.dumps(coords, default=str),
         "execution": uuid.uuid4().hex, "pid": os.getpid(),
     })
-    return archive.write_run(run_file(runs_dir, run.run_id), data, attrs)
+    return archive.write_run(path or run_file(runs_dir, run.run_id), data, attrs)
 
 
 def execute_run(run: Run | Mapping, task_name: str, runs_dir: str) -> dict:
@@ -169,6 +188,8 @@ def execute_run(run: Run | Mapping, task_name: str, runs_dir: str) -> dict:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     status, error, tb, result = "done", "", "", None
+    global _ACTIVE
+    _ACTIVE = (run, task_name, runs_dir)
     try:
         with single_thread():
             task = TASKS[task_name]
@@ -182,18 +203,29 @@ def execute_run(run: Run | Mapping, task_name: str, runs_dir: str) -> dict:
     except Exception as e:  # noqa: BLE001 - every failure of a run is recorded, the sweep goes on
         status, error, tb = "failed", f"{type(e).__name__}: {e}", traceback.format_exc()
         result = None
+    finally:
+        _ACTIVE = None
     seconds = time.perf_counter() - t0
     _write_run_file(run, task_name, runs_dir, status, error, tb, result,
                     {"run_seconds": seconds, "started": started})
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(partial_file(runs_dir, run.run_id))
     return {"run_id": run.run_id, "status": status, "error": error, "seconds": seconds}
 
 
 def record_failure(run: Run | Mapping, task_name: str, runs_dir: str, message: str) -> dict:
     """Write a ``failed`` run file for a run whose worker could not report (it died): the driver's
-    record of it. Returns the summary."""
+    record of it, with the results it saved with :func:`save_partial`, if any. Returns the summary."""
     if not isinstance(run, Run):
         run = Run.from_dict(run)
-    _write_run_file(run, task_name, runs_dir, "failed", message, "", None, {})
+    partial, result = partial_file(runs_dir, run.run_id), None
+    if os.path.exists(partial):  # a long run saved progress before it died: keep it
+        saved = read_run(partial)
+        result = Result(arrays=saved["arrays"], scalars=saved["scalars"], coords=saved["coords"])
+        message += "; the results it saved before (save_partial) are kept"
+    _write_run_file(run, task_name, runs_dir, "failed", message, "", result, {})
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(partial)
     return {"run_id": run.run_id, "status": "failed", "error": message, "seconds": float("nan")}
 
 

@@ -237,6 +237,114 @@ def warmup_gradient_accuracy():
     S.gradient(net, x, loss, method="implicit", tol=1e-6)
 
 
+# ------------------------------------------------------------------------------------ EP training
+EP_NETWORK = {
+    "sizes": Field(ListOf(int, 3, 6, Range(1, 4096)), None, [64, 128, 10],
+                   "inputs (the data's features), hidden layers, classes"),
+    "cost": Field(str, ("cross_entropy", "squared_error"), "cross_entropy",
+                  "cross_entropy: a linear readout of the last hidden layer; squared_error: output neurons"),
+    "activation": NETWORK["activation"]._replace(default="logistic"),
+    "feedback": NETWORK["feedback"]._replace(default="tied"),
+    "asymmetry_angle": NETWORK["asymmetry_angle"],
+    "init_scale": NETWORK["init_scale"],
+    "dtype": Field(str, ("float64", "float32"), "float64", "parameters and states (holomorphic EP: float64)"),
+}
+EP_RULE = {
+    "name": Field(str, ("one_sided", "negative", "centred", "holomorphic", "rotating_holomorphic", "exact"),
+                  "centred", "the gradient estimator (models.ep)"),
+    "beta": Field(float, Range(0.0, 10.0, lo_open=True), 0.2, "|beta|, the nudge strength"),
+    "points": Field(int, Range(1, 64), 4, "N, points on the circle (holomorphic rules)"),
+    "duration": Field(float, Range(0.0, 1e4, lo_open=True), 20.0, "time per point (rotating_holomorphic)"),
+    "periods": Field(int, Range(1, 100), 1, "periods averaged (rotating_holomorphic)"),
+}
+EP_RELAXATION = {
+    "method": Field(str, tuple(S.METHODS), "exp_euler", "integrator of every phase"),
+    "dt": Field(float, Range(0.0, 100.0, lo_open=True), 1.0, "step, in units of tau"),
+    "tol": Field(float, Range(0.0, 1.0, lo_open=True), 1e-4, "residual tolerance of every phase"),
+    "max_steps": Field(int, Range(1, 1_000_000), 1000, "steps of the free phase before it counts as failed (T1)"),
+    "nudged_max_steps": Field(int, Range(1, 1_000_000), 1000, "steps of a nudged phase (T2)"),
+}
+EP_TRAIN_SCHEMA = {
+    "data": Field(str, ("digits", "fashion_mnist"), "digits", "data set (models.data)"),
+    "n_train": Field(int, Range(0, 60_000), 0, "training samples used (0: all)"),
+    "n_test": Field(int, Range(0, 10_000), 0, "test samples used (0: all)"),
+    "network": EP_NETWORK,
+    "rule": EP_RULE,
+    "relaxation": EP_RELAXATION,
+    "optimiser": Field(str, ("sgd", "adam"), "sgd", "optimiser"),
+    "lr": Field(float, Range(0.0, 10.0, lo_open=True), 0.05, "learning rate"),
+    "momentum": Field(float, Range(0.0, 1.0, hi_open=True), 0.9, "SGD momentum"),
+    "epochs": Field(int, Range(0, 1000), 10, "epochs"),
+    "batch_size": Field(int, Range(1, 10_000), 32, "minibatch size"),
+    "homeostasis": Field(float, Range(0.0, 1e4), 0.0, "lambda of Jacobian homeostasis (0: off)"),
+    "homeostasis_draws": Field(int, Range(0, 1000), 5, "probes of the stochastic estimator (0: exact penalty)"),
+    "probe": Field(int, Range(0, 10_000), 64, "training samples of the per-epoch gradient-alignment probe"),
+}
+
+
+def _rule(config):
+    from models import ep
+
+    r = config["rule"]
+    name, beta = r["name"], r["beta"]
+    if name in ("holomorphic", "rotating_holomorphic"):
+        extra = {} if name == "holomorphic" else {"duration": r["duration"], "periods": r["periods"]}
+        return ep.make_estimator(name, points=r["points"], beta=beta, **extra)
+    return ep.make_estimator(name) if name == "exact" else ep.make_estimator(name, beta=beta)
+
+
+def run_ep_train(config: dict, seed: int) -> Result:
+    from models import data as D
+    from models import ep
+    from models.homeostasis import Homeostasis
+    from models.train import OPTIMISERS, Classifier, train
+    from studies.sweep import save_partial
+
+    data = D.load(config["data"])
+    if config["n_train"] or config["n_test"]:
+        data = data.subset(config["n_train"] or None, config["n_test"] or None)
+    net = dict(config["network"])
+    sizes = net.pop("sizes")
+    if sizes[0] != data.n_features or sizes[-1] != data.classes:
+        raise S.SubstrateValueError(f"network.sizes={sizes}: {config['data']} needs {data.n_features} inputs "
+                                    f"and {data.classes} classes")
+    rng = np.random.default_rng(seed)
+    model = Classifier.layered(sizes, rng, cost=net.pop("cost"), **net)
+    rel = config["relaxation"]
+    relaxation = ep.Relaxation(method=rel["method"], dt=rel["dt"], tol=rel["tol"], max_steps=rel["max_steps"],
+                               nudged_max_steps=rel["nudged_max_steps"], on_failure="record")
+    opt = OPTIMISERS[config["optimiser"]]
+    optimiser = opt(config["lr"], config["momentum"]) if config["optimiser"] == "sgd" else opt(config["lr"])
+    homeo = None
+    if config["homeostasis"] > 0:
+        homeo = Homeostasis(config["homeostasis"], config["homeostasis_draws"] or None)
+
+    def result(history):
+        a = history.arrays()
+        return Result(arrays={k: (("epoch",), v) for k, v in a.items() if k != "epoch"},
+                      scalars={"final_test_accuracy": float(a["test_accuracy"][-1]),
+                               "best_test_accuracy": float(np.max(a["test_accuracy"])),
+                               "epochs_run": float(a["epoch"][-1]),
+                               "seconds_per_epoch": float(np.mean(a["seconds"][1:])) if len(a["seconds"]) > 1
+                               else float("nan")},
+                      coords={"epoch": [int(e) for e in a["epoch"]]})
+
+    history = train(model, data, rule=_rule(config), optimiser=optimiser, epochs=config["epochs"],
+                    batch_size=config["batch_size"], relaxation=relaxation, homeostasis=homeo, rng=rng,
+                    probe=config["probe"], progress=False, on_epoch=lambda h: save_partial(result(h)))
+    return result(history)
+
+
+def warmup_ep_train():
+    """A free and a (real and complex) nudged phase on a tiny network."""
+    from models import ep
+
+    rng = np.random.default_rng(0)
+    net = S.Network.layered([3, 4, 2], rng)
+    x, y = rng.uniform(size=(2, 3)), np.eye(2)
+    ep.estimate(net, x, y, S.Cost("y"), ep.Holomorphic(4, 0.1), ep.Relaxation(max_steps=3, on_failure="record"))
+
+
 # ------------------------------------------------------------------------------------ selftest
 SELFTEST_SCHEMA = {
     "value": Field(float, Range(-1e6, 1e6), 1.0, "scales the returned trace"),
@@ -265,5 +373,7 @@ TASKS = {
                        "a network relaxed to equilibrium on digits by one integrator"),
     "gradient_accuracy": Task(GRADIENT_SCHEMA, run_gradient_accuracy, warmup_gradient_accuracy,
                               "relative error of the gradient methods against RK4 at dt / refinement"),
+    "ep_train": Task(EP_TRAIN_SCHEMA, run_ep_train, warmup_ep_train,
+                     "a classifier trained with an EP estimator (or the exact gradient), metrics per epoch"),
     "selftest": Task(SELFTEST_SCHEMA, run_selftest, None, "sleeps, then returns, raises, diverges or crashes"),
 }
