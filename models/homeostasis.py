@@ -28,11 +28,7 @@ from substrate.errors import SubstrateValueError
 
 def dense_weights(network: Network, dtype=None) -> np.ndarray:
     """The effective n x n weight matrix W of the connections between state layers."""
-    p = network.pack(network.dtype if dtype is None else dtype)
-    W = np.zeros((p.n, p.n), p.wbuf.dtype)
-    for wo, pa, pn, qa, qn in p.conn:
-        W[qa:qa + qn, pa:pa + pn] += p.wbuf[wo:wo + qn * pn].reshape(qn, pn)
-    return W
+    return network.pack(network.dtype if dtype is None else dtype).dense()
 
 
 def _to_parameters(network: Network, flat) -> dict:

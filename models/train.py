@@ -136,13 +136,13 @@ class Adam(Optimiser):
 
 
 def _rate(v, name):
-    if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+    if isinstance(v, bool) or not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v > 0):
         raise SubstrateValueError(f"{name}={v!r} must be a positive finite number")
     return float(v)
 
 
 def _fraction(v, name):
-    if not (isinstance(v, (int, float)) and 0 <= v < 1):
+    if isinstance(v, bool) or not (isinstance(v, (int, float, np.floating)) and 0 <= v < 1):
         raise SubstrateValueError(f"{name}={v!r} must be in [0, 1)")
     return float(v)
 
@@ -210,6 +210,10 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
     if data.n_features != model.network.inputs[0].size:
         raise SubstrateValueError(f"the data have {data.n_features} features but the network's input "
                                   f"{model.network.inputs[0].name!r} has {model.network.inputs[0].size}")
+    labels = np.concatenate([data.y_train, data.y_test])
+    if labels.min() < 0 or labels.max() >= model.classes:
+        raise SubstrateValueError(f"the data's labels span {labels.min()}..{labels.max()} but the model has "
+                                  f"{model.classes} classes (0..{model.classes - 1})")
     optimiser = optimiser or SGD(0.01, 0.9)
     params = model.parameters()
     hist = History()

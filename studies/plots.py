@@ -14,38 +14,29 @@ import numpy as np  # noqa: E402
 from substrate import archive  # noqa: E402
 
 
-def relaxation(path: str, sample: int = 0):
-    """Quickstart figure: residual max_i |F_i(u)| (worst sample) against simulated time and against
-    field evaluations for every integrator, and the transient of the output units of one sample."""
+def ep_training(path: str):
+    """Quickstart figure: test accuracy, training loss, and the misalignment 1 - cos of each rule's
+    gradient with the exact one (probe batch), against the epoch, one line per learning rule."""
     a = archive.read(path)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
-    for i, (method, r) in enumerate(archive.members(a["relax"]).items()):
-        trace = r["residual_trace"]
-        label = f"{method} ({int(r['nfev'])} evals, {float(r['seconds']) * 1e3:.0f} ms)"
-        # evaluations spread evenly over the steps (exact for fixed-step methods)
-        evals = 1 + np.arange(len(trace)) * (int(r["nfev"]) - 1) / max(len(trace) - 1, 1)
-        axes[0].semilogy(r["trace_t"], trace, label=label, color=f"C{i}")
-        axes[1].semilogy(evals, trace, color=f"C{i}")
-    tol = json.loads(a["attrs"]["config"])["tol"]
-    for ax in axes[:2]:
-        ax.axhline(tol, color="k", lw=0.8, ls=":")
-        ax.set_ylabel(r"residual $\max_i |F_i(u)|$ (worst sample)")
-    axes[0].set_xlabel("simulated time (units of tau)")
-    axes[1].set_xlabel("vector-field evaluations (spread evenly over steps)")
-    axes[0].legend(fontsize=8)
-    axes[0].set_title("relaxation to equilibrium")
-    axes[1].set_title("cost of relaxation")
-    tr = a["transient"]
-    y = tr["y"][:, sample, :]
-    for j in range(y.shape[1]):
-        axes[2].plot(tr["t"], y[:, j], lw=1.2)
-    ystar = a["relax"]["dopri5"]["u"][sample, -y.shape[1]:]
-    axes[2].plot(np.full_like(ystar, tr["t"][-1]), ystar, "k_", ms=12, label="relaxed u* (dopri5)")
-    label = int(a["inputs"]["label"][sample])
-    axes[2].set_title(f"output units, digit sample {sample} (label {label})")
-    axes[2].set_xlabel("simulated time (units of tau)")
-    axes[2].set_ylabel("membrane potential u")
-    axes[2].legend(fontsize=8, loc="lower right")
+    for i, (name, r) in enumerate(archive.members(a["rules"]).items()):
+        label = f"{r['attrs'].get('rule', name)} ({float(r['attrs'].get('seconds_total', np.nan)):.0f} s)"
+        epoch = r["epoch"]
+        axes[0].plot(epoch, 100 * r["test_accuracy"], "o-", ms=3, color=f"C{i}", label=label)
+        axes[1].semilogy(epoch[1:], r["train_loss"][1:], "o-", ms=3, color=f"C{i}")
+        miss = np.maximum(1 - r["grad_cosine"], 1e-16)
+        axes[2].semilogy(epoch, miss, "o-", ms=3, color=f"C{i}")
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].set_ylim(bottom=max(0, axes[0].get_ylim()[0]))
+    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].set_title("learning curves (digits, held-out set)")
+    axes[1].set_ylabel("training loss (running, per epoch)")
+    axes[1].set_title("training loss")
+    axes[2].set_ylabel(r"$1 - \cos(g, g_{\mathrm{exact}})$ on the probe batch")
+    axes[2].set_title("gradient alignment with implicit differentiation")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
     return fig
 
 

@@ -134,6 +134,13 @@ class Packed:
     conn_names: tuple
     bias: np.ndarray
 
+    def dense(self) -> np.ndarray:
+        """The n x n matrix W of all connections between state layers (effective weights)."""
+        W = np.zeros((self.n, self.n), self.wbuf.dtype)
+        for wo, pa, pn, qa, qn in self.conn:
+            W[qa:qa + qn, pa:pa + pn] += self.wbuf[wo:wo + qn * pn].reshape(qn, pn)
+        return W
+
 
 class Network:
     """A circuit of layers, inputs and connections; see the module docstring."""
@@ -230,6 +237,8 @@ class Network:
         return (self._layer.get(name) or self._input[name]).size
 
     def layer(self, name: str) -> Layer:
+        if name not in self._layer:
+            raise SubstrateValueError(f"no layer {name!r}; layers: {list(self._layer)}")
         return self._layer[name]
 
     def connection(self, name: str, missing_ok: bool = False) -> Connection | None:

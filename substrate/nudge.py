@@ -54,6 +54,8 @@ class Cost:
                 raise SubstrateValueError("a cross_entropy cost needs readout_weight (C, layer size) "
                                           "and readout_bias (C,)")
             w, b = np.asarray(self.readout_weight), np.asarray(self.readout_bias)
+            object.__setattr__(self, "readout_weight", w)  # arrays from here on (lists are accepted)
+            object.__setattr__(self, "readout_bias", b)
             if w.ndim != 2 or b.shape != (w.shape[0],):
                 raise SubstrateValueError(f"readout_weight {w.shape} and readout_bias {b.shape} must be "
                                           "(C, layer size) and (C,)")
