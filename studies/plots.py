@@ -20,7 +20,7 @@ def ep_training(path: str):
     a = archive.read(path)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
     for i, (name, r) in enumerate(archive.members(a["rules"]).items()):
-        label = f"{r['attrs'].get('rule', name)} ({float(r['attrs'].get('seconds_total', np.nan)):.0f} s)"
+        label = f"{r['attrs'].get('rule', name)} ({float(r['seconds_total']):.0f} s)"
         epoch = r["epoch"]
         axes[0].plot(epoch, 100 * r["test_accuracy"], "o-", ms=3, color=f"C{i}", label=label)
         axes[1].semilogy(epoch[1:], r["train_loss"][1:], "o-", ms=3, color=f"C{i}")
