@@ -167,4 +167,59 @@ def plot_gradient_accuracy(archive_path: str):
     return fig
 
 
-PLOTS = {"relaxation": plot_relaxation, "gradient_accuracy": plot_gradient_accuracy}
+def plot_ep_bias(archive_path: str):
+    """EP bias study: relative error of each estimator against the exact gradient as |beta| varies
+    (log-log, median over seeds), one panel per asymmetry angle; the dotted line is the error of the
+    beta -> 0 limit, the asymmetry part of the bias that no beta or N removes."""
+    ds, axes = _sweep(archive_path)
+    col_axis = _other_axis(ds, axes, ())
+    cols = list(ds[col_axis].values) if col_axis else [None]
+    fig, grid = plt.subplots(1, len(cols), figsize=(5.5 * len(cols) + 2.5, 4.8), squeeze=False, layout="constrained")
+    betas = ds["beta"].values
+    for c, col in enumerate(cols):
+        ax = grid[0][c]
+        sel = {col_axis: col} if col_axis else {}
+        for i, est in enumerate(ds["estimator"].values):
+            err = _median(ds["relative_error"].sel(sel).sel(estimator=est), ["beta"])
+            ax.loglog(betas, np.atleast_1d(err.values), "o-", ms=3, color=f"C{i}", label=str(est))
+        floor = float(_median(ds["limit_error"].sel(sel), []).values)
+        if floor > 0:
+            ax.axhline(floor, color="k", ls=":", lw=1, label="beta -> 0 limit (asymmetry)")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("|beta|")
+        ax.set_ylabel("relative error against the exact gradient")
+        ax.set_title(f"{col_axis} = {_fmt(col.item() if hasattr(col, 'item') else col)}" if col_axis else "")
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = grid[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="outside right upper")
+    fig.suptitle(f"{ds.attrs['study_name']}: EP estimators against implicit differentiation (median over seeds)")
+    return fig
+
+
+def plot_ep_train(archive_path: str):
+    """EP training study: test accuracy, gradient cosine with the exact gradient and the weight angle
+    against the epoch, one line per point of the sweep (the first seed)."""
+    ds, axes = _sweep(archive_path)
+    fig, grid = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained")
+    line_axis = _other_axis(ds, axes, ())
+    points = list(ds[line_axis].values) if line_axis else [None]
+    for i, p in enumerate(points):
+        sel = {line_axis: p} if line_axis else {}
+        one = ds.sel(sel).isel(seed=0) if "seed" in ds.dims else ds.sel(sel)
+        label = _label(ds, line_axis, p) if line_axis else ""
+        grid[0][0].plot(one["epoch"], 100 * one["test_accuracy"], "o-", ms=3, color=f"C{i}", label=label)
+        grid[0][1].plot(one["epoch"], one["grad_cosine"], "o-", ms=3, color=f"C{i}")
+        grid[0][2].plot(one["epoch"], one["weight_angle"], "o-", ms=3, color=f"C{i}")
+    for ax, name in zip(grid[0], ("test accuracy (%)", "cos(rule's gradient, exact) on the probe batch",
+                                  "angle between W and B^T (degrees)")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    grid[0][0].legend(fontsize=8)
+    fig.suptitle(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')}")
+    return fig
+
+
+PLOTS = {"relaxation": plot_relaxation, "gradient_accuracy": plot_gradient_accuracy, "ep_bias": plot_ep_bias,
+         "ep_train": plot_ep_train}

@@ -12,6 +12,11 @@ Tasks:
 * ``gradient_accuracy``: the relative error of the gradient methods of ``substrate.gradient`` (discrete
   adjoint with the given integrator and dt, continuous adjoint with a backward ETD2RK, implicit
   differentiation at the equilibrium) against the exact gradient of RK4 steps at dt / refinement.
+* ``ep_bias``: every EP estimator (one-sided, negative, centred, holomorphic with several N) against the
+  exact gradient as |beta| varies: relative error and cosine, and the error against the beta -> 0
+  limit (the finite-nudge part alone).
+* ``ep_train``: a classifier trained with an EP estimator or the exact gradient (``models.train``):
+  metrics per epoch, saved after every epoch (:func:`studies.sweep.save_partial`).
 * ``selftest``: a run that sleeps, then returns, raises, diverges or kills its own process: it
   exercises the sweep machinery in the tests.
 """
@@ -237,6 +242,61 @@ def warmup_gradient_accuracy():
     S.gradient(net, x, loss, method="implicit", tol=1e-6)
 
 
+# ------------------------------------------------------------------------------------ EP bias
+EP_BIAS_ESTIMATORS = ("one_sided", "negative", "centred", "holomorphic")
+EP_BIAS_SCHEMA = {
+    "network": _network_schema([64, 32, 10]),
+    "batch": Field(int, Range(1, N_DIGITS), 16, "digits in the batch-mean cost"),
+    "betas": Field(ListOf(float, 1, 64, Range(0.0, 10.0, lo_open=True)), None,
+                   [0.0125, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8], "|beta| values"),
+    "points": Field(ListOf(int, 1, 8, Range(1, 64)), None, [3, 4, 6], "N of the holomorphic estimators"),
+    "tol": Field(float, Range(0.0, 1e-2, lo_open=True), 1e-12, "residual tolerance of every phase"),
+    "max_steps": Field(int, Range(1, 10_000_000), 20_000, "steps of a phase before its estimate is NaN"),
+}
+
+
+def run_ep_bias(config: dict, seed: int) -> Result:
+    """Every EP estimator against the exact gradient as |beta| varies, on a squared-error cost of
+    the output units for a batch of digits (targets one-hot). An estimate whose nudged phases do not
+    converge (a complex beta beyond the radius of analyticity) is recorded as NaN."""
+    from models import ep
+    from models import metrics as M
+
+    net = S.Network.from_config(config["network"], seed)
+    x, labels = digits(config["batch"], seed)
+    y = np.eye(net.layer("y").size)[labels % net.layer("y").size]
+    cost = S.Cost("y")
+    rel = ep.Relaxation(tol=config["tol"], max_steps=config["max_steps"])
+    free = ep.free_phase(net, x, rel)
+    nudged = ep.Relaxation(tol=config["tol"], max_steps=config["max_steps"], on_failure="record")
+
+    def parameters(est):
+        e = ep.estimate(net, x, y, cost, est, nudged, free=free)
+        return e.gradients if e.converged else None
+
+    exact, limit = parameters(ep.Exact()), parameters(ep.Limit())
+    names = list(EP_BIAS_ESTIMATORS[:3]) + [f"holomorphic_{n}" for n in config["points"]]
+    makers = [ep.OneSided, ep.Negative, ep.Centred] + [
+        functools.partial(ep.Holomorphic, n) for n in config["points"]]
+    shape = (len(names), len(config["betas"]))
+    err, cos, nudge_err = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+    for i, make in enumerate(makers):
+        for j, beta in enumerate(config["betas"]):
+            g = parameters(make(beta))
+            if g is None:
+                continue
+            c_exact, c_limit = M.compare(g, exact), M.compare(g, limit)
+            err[i, j], cos[i, j] = c_exact["relative_error"]["all"], c_exact["cosine"]["all"]
+            nudge_err[i, j] = c_limit["relative_error"]["all"]
+    asym = M.compare(limit, exact)
+    dims = ("estimator", "beta")
+    return Result(arrays={"relative_error": (dims, err), "cosine": (dims, cos), "nudge_error": (dims, nudge_err)},
+                  scalars={"limit_cosine": asym["cosine"]["all"], "limit_error": asym["relative_error"]["all"],
+                           "weight_angle": M.weight_angles(net).get("all", 0.0),
+                           "jacobian_symmetry": M.jacobian_symmetry(net, free.u)},
+                  coords={"estimator": names, "beta": list(config["betas"])})
+
+
 # ------------------------------------------------------------------------------------ EP training
 EP_NETWORK = {
     "sizes": Field(ListOf(int, 3, 6, Range(1, 4096)), None, [64, 128, 10],
@@ -373,6 +433,8 @@ TASKS = {
                        "a network relaxed to equilibrium on digits by one integrator"),
     "gradient_accuracy": Task(GRADIENT_SCHEMA, run_gradient_accuracy, warmup_gradient_accuracy,
                               "relative error of the gradient methods against RK4 at dt / refinement"),
+    "ep_bias": Task(EP_BIAS_SCHEMA, run_ep_bias, warmup_ep_train,
+                    "bias of every EP estimator against the exact gradient, as |beta| varies"),
     "ep_train": Task(EP_TRAIN_SCHEMA, run_ep_train, warmup_ep_train,
                      "a classifier trained with an EP estimator (or the exact gradient), metrics per epoch"),
     "selftest": Task(SELFTEST_SCHEMA, run_selftest, None, "sleeps, then returns, raises, diverges or crashes"),
