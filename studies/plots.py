@@ -199,24 +199,27 @@ def plot_ep_bias(archive_path: str):
 
 def plot_ep_train(archive_path: str):
     """EP training study: test accuracy, gradient cosine with the exact gradient and the weight angle
-    against the epoch, one line per point of the sweep (the first seed)."""
+    against the epoch, one line per point of the sweep (every axis but the seed; the first seed)."""
+    import itertools
+
     ds, axes = _sweep(archive_path)
-    fig, grid = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained")
-    line_axis = _other_axis(ds, axes, ())
-    points = list(ds[line_axis].values) if line_axis else [None]
-    for i, p in enumerate(points):
-        sel = {line_axis: p} if line_axis else {}
+    fig, grid = plt.subplots(1, 3, figsize=(17, 4.5), layout="constrained")
+    swept = [a for a in axes if a != "seed"]
+    for i, point in enumerate(itertools.product(*(ds[a].values for a in swept))):
+        sel = dict(zip(swept, point))
         one = ds.sel(sel).isel(seed=0) if "seed" in ds.dims else ds.sel(sel)
-        label = _label(ds, line_axis, p) if line_axis else ""
-        grid[0][0].plot(one["epoch"], 100 * one["test_accuracy"], "o-", ms=3, color=f"C{i}", label=label)
-        grid[0][1].plot(one["epoch"], one["grad_cosine"], "o-", ms=3, color=f"C{i}")
-        grid[0][2].plot(one["epoch"], one["weight_angle"], "o-", ms=3, color=f"C{i}")
-    for ax, name in zip(grid[0], ("test accuracy (%)", "cos(rule's gradient, exact) on the probe batch",
-                                  "angle between W and B^T (degrees)")):
+        label = ", ".join(_label(ds, a, v) if len(swept) == 1 else f"{a}={_fmt(v.item())}" for a, v in sel.items())
+        style = dict(marker="o", ms=3, color=f"C{i % 10}", ls="-" if i < 10 else "--")
+        grid[0].plot(one["epoch"], 100 * one["test_accuracy"], label=label, **style)
+        grid[1].plot(one["epoch"], one["grad_cosine"], **style)
+        grid[2].plot(one["epoch"], one["weight_angle"], **style)
+    for ax, name in zip(grid, ("test accuracy (%)", "cos(rule's gradient, exact) on the probe batch",
+                               "angle between W and B^T (degrees)")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    grid[0][0].legend(fontsize=8)
+    handles, labels = grid[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="outside right upper")
     fig.suptitle(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')}")
     return fig
 

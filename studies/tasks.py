@@ -385,7 +385,7 @@ def run_ep_train(config: dict, seed: int) -> Result:
                       scalars={"final_test_accuracy": float(a["test_accuracy"][-1]),
                                "best_test_accuracy": float(np.max(a["test_accuracy"])),
                                "epochs_run": float(a["epoch"][-1]),
-                               "seconds_per_epoch": float(np.mean(a["seconds"][1:])) if len(a["seconds"]) > 1
+                               "epoch_seconds": float(np.mean(a["seconds"][1:])) if len(a["seconds"]) > 1
                                else float("nan")},
                       coords={"epoch": [int(e) for e in a["epoch"]]})
 

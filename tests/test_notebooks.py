@@ -27,7 +27,7 @@ FORBIDDEN = re.compile(r"\b(run_sweep|execute_run|consolidate|SerialExecutor|Loc
 
 def test_there_are_notebooks():
     names = {os.path.basename(p) for p in NOTEBOOKS}
-    assert {"relaxation.ipynb", "gradient_accuracy.ipynb"} <= names
+    assert {"relaxation.ipynb", "gradient_accuracy.ipynb", "ep_bias.ipynb", "ep_homeostasis.ipynb"} <= names
 
 
 def study_of(nb, path) -> str:
