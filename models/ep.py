@@ -128,15 +128,19 @@ def _beta(beta, name="beta"):
     return b
 
 
+class _RealNudge(PointEstimator):
+    """Estimators with real nudges +-beta (beta > 0, checked when built)."""
+
+    def __post_init__(self):
+        _beta(self.beta)
+
+
 @dataclass(frozen=True)
-class OneSided(PointEstimator):
+class OneSided(_RealNudge):
     """Classic EP (Scellier & Bengio 2017): v = (r*(beta) - r*(0)) / beta; bias O(beta)."""
 
     beta: float = 0.1
     name = "one_sided"
-
-    def __post_init__(self):
-        _beta(self.beta)
 
     def nodes(self):
         b = _beta(self.beta)
@@ -144,14 +148,11 @@ class OneSided(PointEstimator):
 
 
 @dataclass(frozen=True)
-class Negative(PointEstimator):
+class Negative(_RealNudge):
     """Negative-sided EP (Scellier et al. 2023): v = (r*(-beta) - r*(0)) / (-beta); bias O(beta)."""
 
     beta: float = 0.1
     name = "negative"
-
-    def __post_init__(self):
-        _beta(self.beta)
 
     def nodes(self):
         b = _beta(self.beta)
@@ -159,14 +160,11 @@ class Negative(PointEstimator):
 
 
 @dataclass(frozen=True)
-class Centred(PointEstimator):
+class Centred(_RealNudge):
     """Centred EP (Laborieux et al. 2021): v = (r*(beta) - r*(-beta)) / (2 beta); bias O(beta^2)."""
 
     beta: float = 0.1
     name = "centred"
-
-    def __post_init__(self):
-        _beta(self.beta)
 
     def nodes(self):
         b = _beta(self.beta)
