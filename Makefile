@@ -15,6 +15,7 @@ test-all: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_step.py
 	$(PY) benchmarks/bench_gradient.py
+	$(PY) benchmarks/bench_ep_epoch.py
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
