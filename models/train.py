@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from substrate import Cost, Network
+from substrate.activations import rho
 from substrate.errors import SubstrateValueError
 
 from . import ep
@@ -72,19 +73,17 @@ class Classifier:
         for i in range(0, len(x), batch):
             xb, yb = x[i:i + batch], labels[i:i + batch]
             free = ep.free_phase(self.network, xb, relaxation)
-            out = self.output(free.u)
-            losses += float(np.sum(self.cost.value_and_grad(self._layer(free.u), one_hot(yb, self.classes))[0]))
+            r = self._layer(free.u)
+            out = self.cost.readout(r) if self.cost.kind == "cross_entropy" else r
+            losses += float(np.sum(self.cost.value_and_grad(r, one_hot(yb, self.classes))[0]))
             correct += int(np.sum(np.argmax(out, axis=1) == yb))
             failed += 0 if free.ok else 1
         batches = math.ceil(len(x) / batch)
         return losses / len(x), correct / len(x), failed / batches
 
     def _layer(self, u):
-        return ep.activity(self.network, u)[:, self.network.slices[self.cost.layer]]
-
-    def output(self, u):
-        r = self._layer(u)
-        return self.cost.readout(r) if self.cost.kind == "cross_entropy" else r
+        """The cost layer's activities at states u."""
+        return rho(self.network.layer(self.cost.layer).activation, u[:, self.network.slices[self.cost.layer]])
 
 
 # ------------------------------------------------------------------------------------ optimisers
