@@ -341,9 +341,8 @@ def estimate(network: Network, x, y, cost: Cost, estimator: Estimator = Centred(
     readout, logits = {}, r_out
     if cost.kind == "cross_entropy":
         logits = cost.readout(r_out)
-        p = np.exp(logits - logits.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        readout = {"weight": (p - y).T @ r_out * scale, "bias": (p - y).mean(axis=0)}
+        e = cost.readout_error(r_out, y)
+        readout = {"weight": e.T @ r_out * scale, "bias": e.mean(axis=0)}
     grads = Gradients(float(np.mean(losses)), weights, biases, tau, inputs, np.zeros_like(free.u),
                       f"ep:{estimator.name}", free)
     converged = free.ok and all(s.ok for s in sols if not isinstance(estimator, RotatingHolomorphic))

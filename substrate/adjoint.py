@@ -124,7 +124,6 @@ class Gradients:
     method: str
     solution: Solution = field(repr=False, default=None)
     step_sizes: np.ndarray | None = field(repr=False, default=None)  # the steps differentiated
-    adjoint: np.ndarray | None = field(repr=False, default=None)  # implicit: lambda (batch, n) at u*
 
     def flat(self) -> np.ndarray:
         """Every gradient in one vector (sorted by name), for comparisons between methods."""
@@ -206,7 +205,7 @@ def _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol,
     grads = vf.param_vjp(sol.u, lam)
     zeros_tau = _tau_gradients(network, np.zeros(network.n, sol.u.dtype))
     return Gradients(value, grads["weights"], grads["biases"], zeros_tau, grads["inputs"],
-                     np.zeros_like(sol.u), "implicit", sol, adjoint=lam)
+                     np.zeros_like(sol.u), "implicit", sol)
 
 
 def jacobian(vf: VectorField, u) -> np.ndarray:

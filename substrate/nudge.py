@@ -76,6 +76,10 @@ class Cost:
         """The readout's logits z = r W_o^T + b_o for activities r (batch, size)."""
         return r @ self.readout_weight.T + self.readout_bias
 
+    def readout_error(self, r, y):
+        """softmax(z) - y, the readout's error: dl/dz for cross-entropy (batch, C)."""
+        return _log_softmax(self.readout(r))[1] - y
+
     def value_and_grad(self, r, y):
         """(l per sample (batch,), dl/dr (batch, size)) for activities r and targets y, in NumPy; the
         reference that ``_kernels.teach`` is tested against, and the loss of exact gradients."""
