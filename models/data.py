@@ -6,7 +6,9 @@ Every dataset is a :class:`Dataset` of float64 features in [0, 1], one row per e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
+import importlib.util
 import numbers
 import os
 import zlib
@@ -70,17 +72,30 @@ def _count(value, argument: str, minimum: int = 0) -> int:
     return value
 
 
+@functools.lru_cache(maxsize=1)
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """All 1797 digits: pixels / 16 (float64) and labels (int64), read from the CSV file scikit-learn
+    ships, as ``load_digits`` reads it, without importing scikit-learn (about 1 s, in every worker
+    process); through ``load_digits`` where that file is not found. Cached: do not modify."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, "datasets", "data", "digits.csv.gz")
+        if os.path.exists(path):
+            table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+            return table[:, :-1] / 16.0, table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.data / 16.0, d.target.astype(np.int64)
+
+
 def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """scikit-learn's 8x8 handwritten digits (1797 images, values 0..16 scaled by 1/16), split per class:
     each class's indices are permuted with ``default_rng(seed)`` and the first round(test_fraction * count)
     go to the test set. Both splits keep the original order of the examples."""
-    from sklearn.datasets import load_digits  # scikit-learn is slow to import; only this loader needs it
-
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-    data = load_digits()
-    x = np.asarray(data.data, dtype=np.float64) / 16.0
-    y = np.asarray(data.target, dtype=np.int64)
+    x, y = digits_arrays()
     rng = np.random.default_rng(seed)
     test = []
     for c in np.unique(y):

@@ -24,7 +24,6 @@ Tasks:
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import signal
 import time
@@ -34,6 +33,7 @@ from typing import Callable
 import numpy as np
 
 import substrate as S
+from models.data import digits_arrays
 from studies.config import Check, Field, ListOf, Range
 
 
@@ -72,26 +72,9 @@ class Task:
 N_DIGITS = 1797
 
 
-@functools.lru_cache(maxsize=1)
-def _digits():
-    """scikit-learn's digits (pixels, labels), read from the CSV file scikit-learn ships, as
-    ``load_digits`` reads it, without importing scikit-learn (about 1 s, in every worker process);
-    through ``load_digits`` where that file is not found."""
-    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = os.path.join(folder, "datasets", "data", "digits.csv.gz")
-        if os.path.exists(path):
-            table = np.loadtxt(path, delimiter=",", dtype=np.float64)
-            return table[:, :-1] / 16.0, table[:, -1].astype(np.int64)
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return d.data / 16.0, d.target.astype(np.int64)
-
-
 def digits(batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``batch`` of scikit-learn's 8x8 digits drawn without replacement by ``seed``, pixels in [0, 1]."""
-    x, y = _digits()
+    x, y = digits_arrays()
     idx = np.random.default_rng([1, int(seed)]).choice(len(y), size=batch, replace=False)
     return x[idx], y[idx]
 
