@@ -74,16 +74,23 @@ class Classifier:
             xb, yb = x[i:i + batch], labels[i:i + batch]
             free = ep.free_phase(self.network, xb, relaxation)
             r = self._layer(free.u)
-            out = self.cost.readout(r) if self.cost.kind == "cross_entropy" else r
+            out = self._logits(r)
             losses += float(np.sum(self.cost.value_and_grad(r, one_hot(yb, self.classes))[0]))
             correct += int(np.sum(np.argmax(out, axis=1) == yb))
             failed += 0 if free.ok else 1
         batches = math.ceil(len(x) / batch)
         return losses / len(x), correct / len(x), failed / batches
 
+    def output(self, u):
+        """What predictions are the argmax of, at states u: the readout's logits, or the activities."""
+        return self._logits(self._layer(u))
+
     def _layer(self, u):
         """The cost layer's activities at states u."""
         return rho(self.network.layer(self.cost.layer).activation, u[:, self.network.slices[self.cost.layer]])
+
+    def _logits(self, r):
+        return self.cost.readout(r) if self.cost.kind == "cross_entropy" else r
 
 
 # ------------------------------------------------------------------------------------ optimisers
