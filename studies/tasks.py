@@ -399,9 +399,12 @@ SELFTEST_SCHEMA = {
 
 
 def run_selftest(config: dict, seed: int) -> Result:
+    from studies.sweep import save_partial
+
     time.sleep(config["sleep"])
     trace = config["value"] * np.arange(config["size"]) + np.random.default_rng(seed).normal(size=config["size"])
     result = Result(arrays={"trace": (("step",), trace)}, scalars={"value": config["value"]})
+    save_partial(result)  # what a long run does after each epoch; kept if the process then dies
     if config["fail"] == "raise":
         raise ValueError(f"selftest raised for value {config['value']:g}")
     if config["fail"] == "diverge":

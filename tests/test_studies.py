@@ -310,7 +310,13 @@ def test_a_run_that_kills_its_worker_is_recorded_as_failed(tmp_path):
     assert stats == {"total": 4, "skipped": 0, "ran": 4, "done": 3, "failed": 1}
     ds = sw.open_dataset(path)
     assert list(ds["status"].values.ravel()) == ["done", "failed", "done", "done"]
-    assert ds["error"].values.ravel()[1] == sw.WORKER_DIED
+    assert ds["error"].values.ravel()[1].startswith(sw.WORKER_DIED)
+    # the selftest saved its trace (save_partial) before killing itself: the failed run keeps it
+    assert "the results it saved before (save_partial) are kept" in ds["error"].values.ravel()[1]
+    crashed = sw.load_run(path, str(ds["run_id"].values.ravel()[1]))
+    expected = 2.0 * np.arange(4) + np.random.default_rng(0).normal(size=4)
+    np.testing.assert_array_equal(crashed["arrays"]["trace"][1], expected)
+    assert not [f for f in os.listdir(tmp_path / "runs") if f.endswith(".partial.h5")]  # none left behind
 
 
 def test_rerun_skips_finished_runs_and_retry_failed_reruns_failed_ones(tmp_path):
