@@ -9,6 +9,7 @@ import pytest
 import substrate as S
 from models.homeostasis import Homeostasis, dense_weights
 from substrate import SubstrateValueError as Bad
+from test_nudge import widen  # the float64 copy of a network, the reference for float32
 
 SIZES = [4, 5, 4, 3]  # x -> h1 -> h2 -> y
 
@@ -278,14 +279,6 @@ def test_draws_none_is_exact_and_ignores_rng():
         assert np.isfinite(v) and v != exact[0]
         assert set(g) == set(exact[1]) and all(g[k].shape == exact[1][k].shape for k in g)
     assert Homeostasis().draws == 5  # Laborieux & Zenke's default
-
-
-def widen(net):
-    layers = [S.Layer(x.name, x.size, tau=x.tau, activation=x.activation, bias=x.bias.astype(np.float64))
-              for x in net.layers]
-    conns = [S.Connection(c.pre, c.post, None if c.tied else c.weight.astype(np.float64), mask=c.mask, tied=c.tied)
-             for c in net.connections]
-    return S.Network(layers, conns, inputs=[S.Input(i.name, i.size) for i in net.inputs])
 
 
 @pytest.mark.parametrize("draws", [None, 7])
