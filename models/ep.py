@@ -66,12 +66,9 @@ class Relaxation:
 
 
 def activity(network: Network, u) -> np.ndarray:
-    """r = rho(u), layer by layer, for states u (batch, n), real or complex."""
-    r = np.empty_like(u)
-    for layer in network.layers:
-        sl = network.slices[layer.name]
-        r[:, sl] = rho(layer.activation, u[:, sl])
-    return r
+    """r = rho(u), layer by layer, for states u (batch, n), real or complex (on a device, with its
+    neurons' activation mismatch: what the hardware measures)."""
+    return network.activities(u)
 
 
 def cost_gradient_u(network: Network, cost: Cost, u, y):
@@ -310,7 +307,9 @@ class Estimate:
 
 
 def free_phase(network, x, relaxation: Relaxation = Relaxation(), u0=None) -> Solution:
-    """The free equilibrium (from zero, or ``u0``)."""
+    """The free equilibrium (from zero, or ``u0``). A new equilibrium: a device redraws the read
+    noise it holds per equilibrium, which the nudged phases that start from it then share."""
+    network.new_equilibrium()
     return relaxation.run(network, x, u0=u0)
 
 
@@ -336,7 +335,7 @@ def estimate(network: Network, x, y, cost: Cost, estimator: Estimator = Centred(
     biases = {k: b * scale for k, b in g["biases"].items()}
     inputs = {k: a * scale for k, a in g["inputs"].items()}
     tau = {layer.name: np.zeros_like(layer.tau) if np.ndim(layer.tau) else 0.0 for layer in network.layers}
-    r_out = rho(network.layer(cost.layer).activation, free.u[:, network.slices[cost.layer]])
+    r_out = activity(network, free.u)[:, network.slices[cost.layer]]
     losses = cost.value_and_grad(r_out, y)[0]
     readout, logits = {}, r_out
     if cost.kind == "cross_entropy":

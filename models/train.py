@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from substrate import Cost, Network
-from substrate.activations import rho
 from substrate.errors import SubstrateValueError
 
 from . import ep
@@ -87,7 +86,7 @@ class Classifier:
 
     def _layer(self, u):
         """The cost layer's activities at states u."""
-        return rho(self.network.layer(self.cost.layer).activation, u[:, self.network.slices[self.cost.layer]])
+        return self.network.activities(u)[:, self.network.slices[self.cost.layer]]
 
     def _logits(self, r):
         return self.cost.readout(r) if self.cost.kind == "cross_entropy" else r
@@ -253,6 +252,7 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
             est, grads, penalty = gradient_step(model, x, one_hot(labels, model.classes), rule, relaxation,
                                                 homeostasis, rng)
             optimiser.step(params, grads)
+            model.network.write()  # through the device's programming or update model, if any
             loss_sum += est.loss * len(idx)
             correct += int(np.sum(np.argmax(est.logits, axis=1) == labels))
             failed += 0 if est.converged else 1

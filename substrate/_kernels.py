@@ -34,6 +34,10 @@ LOGISTIC, HARD_SIGMOID, TANH, DSILU, IDENTITY = 0, 1, 2, 3, 4
 # Teaching-current (nudge) codes, kept in step with nudge.COSTS.
 NO_NUDGE, SQUARED_ERROR, CROSS_ENTROPY = 0, 1, 2
 
+# Read-noise codes of the device effects tuple (see ``device_products``), kept in step with
+# substrate.devices.
+READ_NONE, READ_STEP, READ_SAMPLE = 0, 1, 2
+
 # Status codes returned by ``run``.
 SUCCESS, NOT_CONVERGED, DIVERGED, STEP_TOO_SMALL, MAX_STEPS = 0, 1, 2, 3, 4
 
@@ -358,6 +362,89 @@ def teach(nudge, r, out):
 
 
 # --------------------------------------------------------------------------------------------
+# Device effects inside the stepping kernel (substrate.devices): arrays and integer codes only.
+# ``fx`` = (read code, wvar (n_w,), wdev (n_w, B), out_noise (n,) or (0,), adc_bits, adc_bound (n,),
+# dac_bits, dac_bound, state_noise, gain (n,) or (0,), offset (n,) or (0,), and three generators:
+# read noise, output noise, state noise: one stream each, so that one effect never shifts another's
+# draws), built by
+# ``substrate.devices``; ``no_effects`` in Python gives the ideal tuple, for which ``run`` does
+# exactly the arithmetic it does without devices (tested bit for bit).
+# --------------------------------------------------------------------------------------------
+@njit
+def quantise(x, bits, bound):
+    """Row i of x clipped to [-bound[i], bound[i]] and rounded to the nearest of 2^bits evenly spaced
+    levels, in place (``bound`` of length 1: one bound for every row)."""
+    for i in range(x.shape[0]):
+        bd = bound[i] if bound.shape[0] > 1 else bound[0]
+        step = 2.0 * bd / (2.0 ** bits - 1.0)
+        for b in range(x.shape[1]):
+            v = min(max(x[i, b].real, -bd), bd)  # .real: types for complex states (never quantised)
+            x[i, b] = -bd + np.round((v + bd) / step) * step
+
+
+@njit
+def _sample_products(r, wdev, conn, out):
+    """out += dW_b r_b for every sample b, with its own deviations wdev[:, b] (flat weight layout)."""
+    for c in range(conn.shape[0]):
+        wo, pa, pn, qa, qn = conn[c, 0], conn[c, 1], conn[c, 2], conn[c, 3], conn[c, 4]
+        for i in range(qn):
+            for j in range(pn):
+                k = wo + i * pn + j
+                for b in range(r.shape[1]):
+                    out[qa + i, b] += wdev[k, b] * r[pa + j, b]
+
+
+@njit
+def device_products(fx, r, wbuf, conn, layer_off, tmp, out, rq, var):
+    """out = the crossbar's output for activities r, through the IO chain and read noise:
+
+    DAC (r to dac_bits levels on +-dac_bound) -> W r -> read noise -> output noise -> ADC (to adc_bits
+    levels on +-adc_bound). Read noise READ_STEP is redrawn at every product, per sample, in its
+    output form: sum_j dW_ij r_j with independent dW_ij ~ N(0, wvar_ij) is N(0, sum_j wvar_ij r_j^2),
+    one extra product of the variances with r^2 instead of n_w draws (aihwkit's weight noise is
+    applied the same way); READ_SAMPLE adds the per-sample deviations held in wdev."""
+    code, wvar, wdev, out_noise, adc_bits, adc_bound, dac_bits, dac_bound = fx[:8]
+    src = r
+    if dac_bits > 0:
+        rq[:, :] = r
+        quantise(rq, dac_bits, np.full(1, dac_bound))
+        src = rq
+    weights_times(src, wbuf, conn, layer_off, tmp, out)
+    if code == READ_STEP:
+        for i in range(src.shape[0]):
+            for b in range(src.shape[1]):
+                rq[i, b] = src[i, b] * src[i, b]
+        weights_times(rq, wvar, conn, layer_off, tmp, var)
+        for i in range(out.shape[0]):
+            for b in range(out.shape[1]):
+                out[i, b] += math.sqrt(var[i, b].real) * fx[11].standard_normal()
+    elif code == READ_SAMPLE:
+        _sample_products(src, wdev, conn, out)
+    if out_noise.shape[0] > 0:
+        for i in range(out.shape[0]):
+            sd = out_noise[i]
+            for b in range(out.shape[1]):
+                out[i, b] += sd * fx[12].standard_normal()
+    if adc_bits > 0:
+        quantise(out, adc_bits, adc_bound)
+
+
+@njit
+def activate_device(u, layer_off, layer_act, gain, offset, row, out):
+    """out = rho(u), or rho(g_i (u_i - o_i)) per neuron when ``gain`` is not empty (activation
+    mismatch); ``row`` is a scratch row of the batch's length."""
+    if gain.shape[0] == 0:
+        activate(u, layer_off, layer_act, out)
+        return
+    for l in range(layer_act.shape[0]):
+        for i in range(layer_off[l], layer_off[l + 1]):
+            g, o = gain[i], offset[i]
+            for b in range(u.shape[1]):
+                row[b] = g * (u[i, b] - o)
+            rho_row(layer_act[l], row, out[i])
+
+
+# --------------------------------------------------------------------------------------------
 # phi functions of exponential integrators (REFERENCES section 2)
 # --------------------------------------------------------------------------------------------
 def _expm1(z):
@@ -449,14 +536,16 @@ def coefficients(family, method, h, a, bw, tauinv, alpha, coef):
 
 @njit
 def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, stages,
-               layer_off, layer_act, relax, res, umax, ew, h, rtol, atol, blowup, ynext, rnext):
+               layer_off, layer_act, relax, res, umax, ew, h, rtol, atol, blowup, ynext, rnext,
+               gain, offset, row):
     """Everything between two weight products, fused row by row while the row is in cache:
 
     1. (if ``compute``) the slope of stage i from its weight product wr = W rho(Y_i):
        S_i = (wr + drive - Y_i)/tau (explicit RK) or S_i = wr + drive (exponential);
     2. at stage 0 of a relaxation, the per-sample residual max_i |F_i(u)| and max_i |u_i|;
-    3. the next stage point Y_{i+1} and its activity, or, after the last stage, the new state with
-       its activity, its blow-up check and (embedded pairs) the error estimate.
+    3. the next stage point Y_{i+1} and its activity (rho(g_i (Y - o_i)) with a device's activation
+       mismatch ``gain``/``offset``, else empty), or, after the last stage, the new state with its
+       activity, its blow-up check and (embedded pairs) the error estimate.
 
     Returns (number of entries that are NaN/Inf or beyond ``blowup``, sum of squared scaled errors)."""
     s = coef.shape[1]
@@ -506,7 +595,13 @@ def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, st
                             d += ew[j] * stages[j, p, b]
                         sc = abs(h * d) / (atol + rtol * max(abs(u[p, b]), abs(ynext[p, b])))
                         err2 += sc * sc
-            rho_row(layer_act[l], ynext[p], rnext[p])
+            src = ynext[p]
+            if gain.shape[0] > 0:
+                g, o = gain[p], offset[p]
+                for b in range(nb):
+                    row[b] = g * (ynext[p, b] - o)
+                src = row
+            rho_row(layer_act[l], src, rnext[p])
     return bad, err2
 
 
@@ -518,7 +613,7 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         u, drive, wbuf, conn, layer_off, layer_act, tauinv, tau,
         t0, t_end, dt, rtol, atol, h_min, max_steps, blowup,
         t_save, saved, relax, res_rtol, res_atol, residual, res_trace, t_trace, u_out,
-        h_record, save_step, ckpt_every, ckpt, nudge):
+        h_record, save_step, ckpt_every, ckpt, nudge, fx):
     """Integrate tau du/dt = -u + N(u) from (t0, u) with the stepper described by
     (family, method, a, bw, ew, fsal, adaptive):
 
@@ -538,7 +633,11 @@ def run(family, method, a, bw, ew, fsal, adaptive,
     the number of steps taken when t_save[k] was saved, and with ``ckpt_every`` > 0 the state after
     every ckpt_every-th step is stored in ``ckpt`` (ckpt[0] = the initial state).
 
-    ``nudge``: a teaching current added to N (see ``teach``; code NO_NUDGE for none).
+    ``nudge``: a teaching current added to N (see ``teach``; code NO_NUDGE for none), injected into
+    the neurons after the crossbar. ``fx``: a device's effects (see ``device_products``): the IO chain
+    and read noise on every weight product, activation mismatch, and additive state noise
+    u += s sqrt(h) xi after every accepted step (Euler-Maruyama for ``euler``; for the other methods
+    the same noise split off the deterministic step, strong order 1/2).
 
     Returns (status, t, steps, nfev, rejected); the final state is copied into ``u_out``.
     """
@@ -561,6 +660,12 @@ def run(family, method, a, bw, ew, fsal, adaptive,
     coef = np.zeros((s + 1, s, n), rdt)
     h_coef = -1.0
     umax = np.zeros(nb)
+    gain, offset = fx[9], fx[10]
+    state_noise = fx[8]
+    devio = fx[0] != READ_NONE or fx[3].shape[0] > 0 or fx[4] > 0 or fx[6] > 0
+    ndev = n if devio else 0
+    rq, var = np.empty((ndev, nb), dtype), np.empty((ndev, nb), dtype)
+    row = np.empty(nb, dtype)
 
     t = t0
     step = 0
@@ -573,7 +678,7 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         k += 1
     if ckpt_every > 0:
         ckpt[0] = u
-    activate(u, layer_off, layer_act, r)
+    activate_device(u, layer_off, layer_act, gain, offset, row, r)
     first_ready = False  # is S_0 (the slope at u) known?
     facold = 1e-4
     h = dt
@@ -606,7 +711,10 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         for i in range(s):
             compute = i > 0 or not first_ready
             if compute:
-                weights_times(rcur, wbuf, conn, layer_off, tmp, wr)
+                if devio:
+                    device_products(fx, rcur, wbuf, conn, layer_off, tmp, wr, rq, var)
+                else:
+                    weights_times(rcur, wbuf, conn, layer_off, tmp, wr)
                 if nudge[0] != NO_NUDGE:
                     teach(nudge, rcur, wr)
                 nfev += 1
@@ -619,7 +727,7 @@ def run(family, method, a, bw, ew, fsal, adaptive,
                 yout, rout = yb, rb
             bad, err2 = stage_pass(i, compute, family, wr, drive, ycur, tauinv, tau, alpha, coef, u,
                                    stages, layer_off, layer_act, relax, residual, umax, ew, hh,
-                                   rtol, atol, blowup, yout, rout)
+                                   rtol, atol, blowup, yout, rout, gain, offset, row)
             ycur, rcur = yout, rout
             first_ready = True
             if relax and i == 0:
@@ -669,12 +777,18 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         t = target if hh != h else t + hh
         u, unew = unew, u
         r, rnew = rnew, r
+        if state_noise > 0.0:
+            amp = state_noise * math.sqrt(hh)
+            for p in range(n):
+                for b in range(nb):
+                    u[p, b] += amp * fx[13].standard_normal()
+            activate_device(u, layer_off, layer_act, gain, offset, row, r)
         if step < h_record.shape[0]:
             h_record[step] = hh
         step += 1
         if ckpt_every > 0 and step % ckpt_every == 0 and step // ckpt_every < ckpt.shape[0]:
             ckpt[step // ckpt_every] = u
-        if fsal:
+        if fsal and state_noise == 0.0:  # noise moved the state off the last stage
             stages[0, :, :] = stages[s - 1]
         else:
             first_ready = False
@@ -708,6 +822,8 @@ def replay(family, method, a, bw, u0, nsteps, hs, drive, wbuf, conn, layer_off, 
     rnew = np.empty_like(u0)
     dummy = np.zeros(nb)
     ew = np.zeros(0)
+    nogain = np.zeros(0, tauinv.dtype)  # replays are of the nominal circuit (a device's twin)
+    rowbuf = np.empty(nb, u0.dtype)
     ys[0, 0] = u0
     activate(u0, layer_off, layer_act, rs[0, 0])
     for m in range(nsteps):
@@ -725,7 +841,7 @@ def replay(family, method, a, bw, u0, nsteps, hs, drive, wbuf, conn, layer_off, 
                 yout, rout = u_end, rnew
             stage_pass(i, True, family, wr, drive, ys[m, i], tauinv, tau, alpha, coef, ys[m, 0],
                        ss[m], layer_off, layer_act, False, dummy, dummy, ew, h, 0.0, 1.0, np.inf,
-                       yout, rout)
+                       yout, rout, nogain, nogain, rowbuf)
 
 
 @njit

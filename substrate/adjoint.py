@@ -166,7 +166,8 @@ def _tau_gradients(network: Network, gtau) -> dict:
 # ------------------------------------------------------------------------------------ entry point
 def gradient(network: Network, x=None, loss=None, *, method="discrete", t_span=None, t_eval=None,
              trajectory=False, integrator="rk4", dt=None, u0=None, dtype=None, batch=None, rtol=1e-6,
-             atol=1e-9, tol=None, max_steps=1_000_000, blowup=1e10, on_failure="raise") -> Gradients:
+             atol=1e-9, tol=None, max_steps=1_000_000, blowup=1e10, on_failure="raise",
+             twin=False) -> Gradients:
     """dL/dtheta, dL/du0 and dL/dx of ``loss`` through the circuit's dynamics.
 
     ``method="implicit"``: the loss is on the equilibrium, relaxed with ``integrator`` to residual
@@ -175,9 +176,16 @@ def gradient(network: Network, x=None, loss=None, *, method="discrete", t_span=N
     the loss is on the state at ``t_span[1]`` (or, with ``trajectory=True``, on the states at every
     ``t_eval`` point), integrated with ``integrator``, ``dt``, ``rtol``, ``atol`` as in
     :func:`~substrate.integrate`.
+
+    On a device (``substrate.devices.DeviceNetwork``) the forward pass runs on the device. The
+    backward pass runs on the weights as read for that forward pass, which is exact only for a
+    circuit without per-step noise, activation mismatch and converters; ``twin=True`` runs it on the
+    nominal network instead (a digital twin): its Jacobians at the device's states (every state
+    stored: no checkpointing), the gradient that hardware-in-the-loop training can compute.
     """
     strategy = get_adjoint(method)
     _check_on_failure(on_failure)
+    _check_twin(network, twin)
     if strategy.name == "torchdiffeq":  # solver, tolerances and dt come from the strategy
         return _torch_backend().torchdiffeq_gradient(strategy, network, x, loss, t_span, t_eval,
                                                      trajectory, dt, u0, dtype, batch)
@@ -185,21 +193,38 @@ def gradient(network: Network, x=None, loss=None, *, method="discrete", t_span=N
         if t_span is not None or trajectory:
             raise SubstrateValueError("method='implicit' differentiates a loss on the equilibrium: "
                                       "t_span and trajectory do not apply")
-        return _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol, max_steps)
+        return _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol, max_steps, twin)
     if t_span is None:
         raise SubstrateValueError(f"t_span is required for method={strategy.name!r}")
     return _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integrator, dt, u0, dtype,
-                     batch, rtol, atol, max_steps, blowup, on_failure)
+                     batch, rtol, atol, max_steps, blowup, on_failure, twin)
 
 
-def _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol, max_steps):
+def _check_twin(network, twin):
+    """A device's backward pass: on its twin, or on its own read weights when that is exact."""
+    nominal = getattr(network, "nominal", None)
+    if twin and nominal is None:
+        raise SubstrateValueError("twin=True needs a network on a device (substrate.devices.attach)")
+    if nominal is not None and not twin and not network.differentiable:
+        raise SubstrateValueError(
+            f"the device {network.device.name!r} has per-step or per-sample read noise, output noise, "
+            "converters, state noise or activation mismatch: its own backward pass is not defined; "
+            "pass twin=True to run it on the nominal network")
+
+
+def _backward_field(network, x, batch, dtype, twin):
+    """The vector field the backward pass uses: the nominal network's for a twin."""
+    return VectorField(network.nominal if twin else network, x, batch=batch, dtype=dtype)
+
+
+def _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol, max_steps, twin=False):
     if strategy.solver not in ("direct", "krylov"):
         raise SubstrateValueError(f"Implicit(solver={strategy.solver!r}); allowed: 'direct', 'krylov'")
     if tol is None:  # a residual float32 states can reach
         tol = 1e-5 if resolve_dtype(network, dtype) == np.float32 else 1e-10
     sol = relax(network, x, method=integrator, dt=dt, tol=tol, u0=u0, dtype=dtype, batch=batch,
                 max_steps=max_steps)  # raises ConvergenceError if the equilibrium is not reached
-    vf = VectorField(network, x, batch=sol.u.shape[0], dtype=sol.u.dtype)
+    vf = _backward_field(network, x, sol.u.shape[0], sol.u.dtype, twin)
     value, g = _evaluate_loss(loss, sol.u, "equilibrium")
     lam = solve_adjoint(vf, sol.u, -g, strategy)
     grads = vf.param_vjp(sol.u, lam)
@@ -254,7 +279,7 @@ def solve_adjoint(vf: VectorField, u, rhs, strategy: Implicit = Implicit()):
 
 
 def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integrator, dt, u0, dtype,
-                  batch, rtol, atol, max_steps, blowup, on_failure):
+                  batch, rtol, atol, max_steps, blowup, on_failure, twin=False):
     """Discrete or continuous adjoint: a recorded forward pass (step sizes, checkpoints), the loss,
     then the backward kernel."""
     stepper = get_method(integrator)
@@ -289,7 +314,7 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
         steps = out[2]
     else:
         steps = int(math.ceil((t1 - t0) / dt * (1 + 1e-12))) + len(t_eval) + 1  # an upper bound
-    every = 1 if strategy.checkpoints is None else max(1, -(-steps // strategy.checkpoints))
+    every = 1 if strategy.checkpoints is None or twin else max(1, -(-steps // strategy.checkpoints))
     out, hs, save_step, ckpt = forward(every, steps // every + 1)
     status, t, steps, nfev, rej, saved, _, _, u_out = out
     sol = Solution(t=t_eval, u=saved.transpose(0, 2, 1), status=_STATUS[status], method=stepper.name,
@@ -302,6 +327,8 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
     dl = np.ascontiguousarray((g if trajectory else g[None]).transpose(0, 2, 1))
     if not trajectory:
         save_step = save_step[-1:]
+    if twin:  # replays of single steps from the device's stored states, on the nominal circuit
+        vf = _backward_field(network, x, nb, vf.dtype, twin)
     p = vf.packed
     gflat = np.zeros_like(p.wbuf)
     gdrive = np.zeros((n, nb), vf.dtype)

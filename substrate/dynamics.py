@@ -63,6 +63,7 @@ class VectorField:
         self._input_weights = {c.name: network.effective_weight(c).copy() for c in network.connections
                                if c.pre in network.inputs_by_name}
         self.batch = self.drive.shape[1]
+        self.effects = network.kernel_effects(self.packed, self.batch)
         p = self.packed
         rows = max([1] + [int(v) for v in p.conn[:, [2, 4]].ravel()])
         self._tmp = np.empty((rows, self.batch), self.dtype)
@@ -118,7 +119,8 @@ class VectorField:
         p = self.packed
         ut, wt = self.state(u), self.state(w, "w")
         r = np.empty_like(ut)
-        K.activate(ut, p.layer_off, p.layer_act, r)
+        gain, offset = self.effects[9], self.effects[10]  # a device's activation mismatch, if any
+        K.activate_device(ut, p.layer_off, p.layer_act, gain, offset, np.empty(self.batch, ut.dtype), r)
         flat = np.empty_like(p.wbuf)
         K.weight_vjp(wt, r, p.conn, flat)
         return self.parameter_gradients(flat, wt)

@@ -252,12 +252,18 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     t_trace = np.empty_like(res_trace)
     u_out = np.empty_like(u)
     record = record or _no_record(n, nb, vf.dtype, len(t_save))
+    fx = vf.effects
+    stochastic = fx[0] == K.READ_STEP or fx[3].shape[0] > 0 or fx[8] > 0
+    if stochastic and (adaptive or vf.dtype.kind == "c"):
+        raise SubstrateValueError(
+            f"the device draws noise at every step (per-step read noise, output noise or state noise): "
+            f"it needs a fixed-step method with real states, not {stepper.name!r} with {vf.dtype} states")
     status, t, steps, nfev, rejected = K.run(
         family, method, a, b, e, fsal, adaptive,
         u, vf.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, p.tauinv, p.tau,
         float(t0), float(t_end), float(dt), float(rtol), float(atol), h_min, int(max_steps), float(blowup),
         t_save, saved, relax, float(res_rtol), float(res_atol), residual, res_trace, t_trace, u_out,
-        *record, no_nudge(vf.dtype) if nudge is None else nudge.kernel_args(vf.network, vf.dtype, vf.batch))
+        *record, no_nudge(vf.dtype) if nudge is None else nudge.kernel_args(vf.network, vf.dtype, vf.batch), fx)
     return status, t, steps, nfev, rejected, saved, residual, (t_trace, res_trace), u_out
 
 
@@ -326,7 +332,9 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
     ``diverged``. ``dt``: the step of a fixed-step method, default tau_min/2 for explicit methods and
     tau_min for exponential ones; for ``dopri5`` the first step, whose error control uses
     ``step_rtol``/``step_atol``. ``nudge``: a :class:`~substrate.nudge.Nudge` teaching current added
-    to F (the equilibrium is then that of F + beta dl/dr). Other arguments as in :func:`integrate`.
+    to F (the equilibrium is then that of F + beta dl/dr). A device network with a finite relaxation
+    time (``substrate.devices.RelaxationTime``) is read at that time: reaching it is a success.
+    Other arguments as in :func:`integrate`.
     """
     stepper = get_method(method)
     _check_on_failure(on_failure)
@@ -343,12 +351,16 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
     if dt is None and not stepper.adaptive:
         tau_min = float(vf.packed.tau.min())
         dt = tau_min if isinstance(stepper, ExponentialRK) else 0.5 * tau_min
+    read_time = network.read_time  # a device with a finite relaxation time is read at that time
     status, t, steps, nfev, rej, _, residual, trace, u_out = _solve(
-        vf, u, stepper, t0=0.0, t_end=max_time, dt=dt, rtol=step_rtol, atol=step_atol,
+        vf, u, stepper, t0=0.0, t_end=min(max_time, read_time), dt=dt, rtol=step_rtol, atol=step_atol,
         max_steps=max_steps, blowup=blowup, t_save=np.zeros(0), relax=True, res_rtol=rtol,
         res_atol=tol, nudge=nudge)
     message = "" if status == K.SUCCESS else f"stopped at t={t:.6g} (step {steps})"
-    if status == K.NOT_CONVERGED:
+    if status == K.NOT_CONVERGED and read_time <= max_time and t >= read_time:
+        status = K.SUCCESS
+        message = f"read at the device's relaxation time t={t:.6g}, residual {residual.max():.3e}"
+    elif status == K.NOT_CONVERGED:
         message += f"; residual {residual.max():.3e} > tol {tol:g} + rtol {rtol:g} |u|"
     sol = Solution(t=np.array(t), u=u_out.T, status=_STATUS[status], method=stepper.name, steps=steps,
                    nfev=nfev, rejected=rej, residual=residual, t_final=t,

@@ -17,11 +17,13 @@ constructed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from . import _kernels as K
 from . import activations
 from .errors import SubstrateValueError
 
@@ -255,6 +257,32 @@ class Network:
         w = self.effective_weight(self.connection(f"{c.post}->{c.pre}")).T if c.tied else c.weight
         return w * c.mask if c.mask is not None else w
 
+    def circuit_weight(self, c: Connection) -> np.ndarray:
+        """The weight the circuit computes with: the effective weight here; a device's network
+        (``substrate.devices``) returns the weight as its devices read it."""
+        return self.effective_weight(c)
+
+    # The hooks of a device (``substrate.devices.DeviceNetwork`` overrides them); an ideal circuit:
+    read_time = math.inf  # phases are read when they converge
+
+    def kernel_effects(self, packed: "Packed", batch: int) -> tuple:
+        """The device effects inside the stepping kernel (``_kernels.device_products``): none."""
+        return no_effects(packed.wbuf.dtype)
+
+    def new_equilibrium(self):
+        """Called at the start of every free phase (a device redraws read noise held per equilibrium)."""
+
+    def write(self):
+        """Commit the parameters after a learning step (a device programs or pulses its devices)."""
+
+    def activities(self, u) -> np.ndarray:
+        """r = rho(u) for states u (batch, n), layer by layer, real or complex."""
+        r = np.empty_like(u)
+        for x in self.layers:
+            sl = self.slices[x.name]
+            r[:, sl] = activations.rho(x.activation, u[:, sl])
+        return r
+
     @property
     def holomorphic(self) -> bool:
         return all(x.activation in activations.HOLOMORPHIC for x in self.layers)
@@ -276,7 +304,7 @@ class Network:
         off = 0
         for i, c in enumerate(state):
             pre, post = self.slices[c.pre], self.slices[c.post]
-            wbuf[off:off + sizes[i]] = self.effective_weight(c).ravel()
+            wbuf[off:off + sizes[i]] = self.circuit_weight(c).ravel()
             conn[i] = (off, pre.start, pre.stop - pre.start, post.start, post.stop - post.start)
             off += sizes[i]
         layer_off = np.array([0] + [self.slices[x.name].stop for x in self.layers], np.int64)
@@ -301,7 +329,7 @@ class Network:
             if c.pre in self._input:
                 # in the state's precision: a float32 network projects float32 inputs (half the cost)
                 x = xs[c.pre].astype(dtype, copy=False)
-                drive[self.slices[c.post]] += self.effective_weight(c).astype(dtype, copy=False) @ x.T
+                drive[self.slices[c.post]] += self.circuit_weight(c).astype(dtype, copy=False) @ x.T
         return drive
 
     def check_inputs(self, x) -> dict:
@@ -412,3 +440,15 @@ class Network:
         ls = ", ".join(f"{x.name}[{x.size}, {x.activation}]" for x in self.layers)
         cs = ", ".join(c.name + (" (tied)" if c.tied else "") for c in self.connections)
         return f"Network(layers: {ls}; inputs: {[i.name for i in self.inputs]}; connections: {cs})"
+
+
+_IDLE_RNG = np.random.default_rng(0)  # types the generator slots; the ideal path never draws
+
+
+def no_effects(dtype) -> tuple:
+    """The kernel's device-effects argument for an ideal circuit, with the Numba types of a real one."""
+    dtype = np.dtype(dtype)
+    rdt = np.float32 if dtype == np.float32 else np.float64
+    none = np.zeros(0, rdt)
+    return (K.READ_NONE, np.zeros(0, dtype), np.zeros((0, 0), dtype), none, 0, none, 0, 1.0, 0.0,
+            none, none, _IDLE_RNG, _IDLE_RNG, _IDLE_RNG)

@@ -1,0 +1,24 @@
+"""Device imperfections (REFERENCES section 6): small effect classes composed into a
+:class:`Device`, and :func:`attach`, which runs a network on a device.
+
+    from substrate import devices
+    dev = devices.Device((devices.ConductanceMapping(), devices.ProgrammingNoise(),
+                          devices.ReadNoise(0.02, policy="equilibrium")))
+    hw = devices.attach(net, dev, np.random.default_rng(0))   # a Network: relax(hw, x), EP, ...
+    hw.advance(3600.0)                                         # an hour of drift
+
+``devices.PRESETS`` holds the published device models (``substrate devices`` lists them).
+"""
+
+from .base import Effect, stream
+from .device import Crossbar, Device, DeviceNetwork, Neurons, attach
+from .effects import (READ_POLICIES, ActivationMismatch, ConductanceMapping, Drift, DriftEffect,
+                      DynamicsEffect, IndependentFeedback, IOChain, PCMReadNoise, ProgramEffect,
+                      ProgrammingNoise, Quantisation, ReadEffect, ReadNoise, RelaxationTime, StateNoise,
+                      StuckAt, TauMismatch)
+
+__all__ = ["ActivationMismatch", "ConductanceMapping", "Crossbar", "Device", "DeviceNetwork", "Drift",
+           "DriftEffect", "DynamicsEffect", "Effect", "IndependentFeedback", "IOChain", "Neurons",
+           "PCMReadNoise", "ProgramEffect", "ProgrammingNoise", "Quantisation", "READ_POLICIES",
+           "ReadEffect", "ReadNoise", "RelaxationTime", "StateNoise", "StuckAt", "TauMismatch", "attach",
+           "stream"]

@@ -1,0 +1,120 @@
+"""The base of every device effect, and the random streams they draw from.
+
+An effect is a small frozen dataclass (aihwkit style): its fields are its parameters, its docstring
+gives the formula and the source. ``hook`` says where it acts (REFERENCES section 6):
+
+* ``program``  -- once per write of a weight (conductance mapping, quantisation, programming noise,
+  stuck-at faults), fixed until the next write;
+* ``read``     -- every time the circuit reads its weights (read noise; the policy says how often it is
+  redrawn), plus the IO chain of the matrix product (DAC/ADC, output noise);
+* ``drift``    -- on the simulated clock, since each device's last write;
+* ``update``   -- how a training write changes a device (pulsed, bounded, asymmetric);
+* ``dynamics`` -- the neurons (time-constant and activation mismatch, state noise, relaxation time,
+  feedback programmed as a separate copy).
+
+``_dtod`` fields are device-to-device spreads (drawn once per device, when the device is first
+programmed), ``_std`` fields cycle-to-cycle noise (redrawn at every event). ``scaled(k)`` multiplies
+an effect's non-ideality (the fields listed in ``scalable``) by k, so that one preset can be swept
+from ideal (k = 0) to k times its published level.
+
+Streams: every effect draws from its own generator, derived from the device's seed and the effect's
+``stream`` name (a stable CRC32 key of a ``SeedSequence``), so switching one effect on or off never
+changes the draws of another, and the same seed gives the same bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ..errors import SubstrateValueError
+
+HOOKS = ("program", "read", "drift", "update", "dynamics")
+
+
+@dataclass(frozen=True)
+class Effect:
+    """One non-ideality; see the module docstring."""
+
+    hook: ClassVar[str] = ""
+    scalable: ClassVar[tuple] = ()  # the fields that scaled(k) multiplies
+
+    @property
+    def stream(self) -> str:
+        """The name of the effect's random stream (its class name)."""
+        return type(self).__name__
+
+    def scaled(self, factor: float) -> "Effect":
+        """The same effect with its non-ideality (the ``scalable`` fields) multiplied by ``factor``."""
+        factor = nonnegative(factor, f"{type(self).__name__}.scaled(factor)")
+        return dataclasses.replace(self, **{f: getattr(self, f) * factor for f in self.scalable})
+
+    def parameters(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """One line: the class, its parameters and the first line of its docstring."""
+        params = ", ".join(f"{k}={v!r}" for k, v in self.parameters().items())
+        doc = (type(self).__doc__ or "").strip().splitlines()[0] if type(self).__doc__ else ""
+        return f"{type(self).__name__}({params})  # {doc}"
+
+
+def stream(seed: int, name: str) -> np.random.Generator:
+    """The generator of the random stream ``name`` under ``seed``: independent of every other name."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(int(seed), spawn_key=(zlib.crc32(name.encode()),))))
+
+
+# ------------------------------------------------------------------------------------ checks
+def _number(value, name):
+    if isinstance(value, (bool, np.bool_)):
+        raise SubstrateValueError(f"{name}={value!r} must be a number")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise SubstrateValueError(f"{name}={value!r} must be a number") from None
+    if math.isnan(v):
+        raise SubstrateValueError(f"{name}={value!r} must be a number, not NaN")
+    return v
+
+
+def nonnegative(value, name, allow_inf=False) -> float:
+    v = _number(value, name)
+    if v < 0 or (math.isinf(v) and not allow_inf):
+        raise SubstrateValueError(f"{name}={value!r} must be a finite number >= 0")
+    return v
+
+
+def positive(value, name, allow_inf=False) -> float:
+    v = _number(value, name)
+    if not v > 0 or (math.isinf(v) and not allow_inf):
+        raise SubstrateValueError(f"{name}={value!r} must be a {'' if allow_inf else 'finite '}number > 0")
+    return v
+
+
+def fraction(value, name, upper_open=False) -> float:
+    v = _number(value, name)
+    if not (0.0 <= v < 1.0 if upper_open else 0.0 <= v <= 1.0):
+        raise SubstrateValueError(f"{name}={value!r} must be in [0, 1{')' if upper_open else ']'}")
+    return v
+
+
+def integer(value, name, minimum=1) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise SubstrateValueError(f"{name}={value!r} must be an integer >= {minimum}")
+    return int(value)
+
+
+def choice(value, name, allowed) -> str:
+    if value not in allowed:
+        raise SubstrateValueError(f"{name}={value!r}; allowed: {', '.join(map(repr, allowed))}")
+    return value
+
+
+def spread(shape, dtod: float, rng: np.random.Generator) -> np.ndarray:
+    """Per-device factors 1 + dtod xi, xi ~ N(0, 1) (aihwkit's device-to-device variation)."""
+    return 1.0 + dtod * rng.standard_normal(shape)
