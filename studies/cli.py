@@ -182,3 +182,16 @@ def plot(archive, out):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@main.command()
+@click.argument("name", required=False)
+def devices(name):
+    """List the device presets with their effects, parameters and sources (or one preset, NAME)."""
+    from substrate.devices import PRESETS
+
+    if name is not None and name not in PRESETS:
+        raise click.ClickException(f"no device preset {name!r}; presets: {', '.join(PRESETS)}")
+    for key, dev in PRESETS.items():
+        if name is None or key == name:
+            click.echo(dev.describe() + "\n")

@@ -16,8 +16,12 @@ from .effects import (READ_POLICIES, ActivationMismatch, ConductanceMapping, Dri
                       DynamicsEffect, IndependentFeedback, IOChain, PCMReadNoise, ProgramEffect,
                       ProgrammingNoise, Quantisation, ReadEffect, ReadNoise, RelaxationTime, StateNoise,
                       StuckAt, TauMismatch)
+from .presets import PRESETS, preset
+from .update import (UPDATE_PRESETS, ConstantStep, ExpStep, LinearStep, NeuroSimNonlinear, PulsedDevice,
+                     SoftBounds, UpdateModel)
 
-__all__ = ["ActivationMismatch", "ConductanceMapping", "Crossbar", "Device", "DeviceNetwork", "Drift",
+__all__ = ["ActivationMismatch", "ConductanceMapping", "ConstantStep", "ExpStep", "LinearStep",
+           "NeuroSimNonlinear", "PRESETS", "PulsedDevice", "SoftBounds", "UPDATE_PRESETS", "UpdateModel", "preset", "Crossbar", "Device", "DeviceNetwork", "Drift",
            "DriftEffect", "DynamicsEffect", "Effect", "IndependentFeedback", "IOChain", "Neurons",
            "PCMReadNoise", "ProgramEffect", "ProgrammingNoise", "Quantisation", "READ_POLICIES",
            "ReadEffect", "ReadNoise", "RelaxationTime", "StateNoise", "StuckAt", "TauMismatch", "attach",

@@ -60,7 +60,8 @@ class Effect:
     def describe(self) -> str:
         """One line: the class, its parameters and the first line of its docstring."""
         params = ", ".join(f"{k}={v!r}" for k, v in self.parameters().items())
-        doc = (type(self).__doc__ or "").strip().splitlines()[0] if type(self).__doc__ else ""
+        doc = " ".join((type(self).__doc__ or "").split())
+        doc = doc.split(": ")[0].split(". ")[0]  # the first clause names the effect and its source
         return f"{type(self).__name__}({params})  # {doc}"
 
 
