@@ -159,7 +159,8 @@ OPTIMISERS = {"sgd": SGD, "adam": Adam}
 @dataclass
 class History:
     """Metrics per epoch; row 0 is the untrained model. ``grad_cosine``: cosine of the rule's
-    gradient with the exact one on the probe batch (NaN without a probe); ``train_loss`` and
+    gradient with the exact one on the probe batch (NaN without a probe; on a device, the exact
+    gradient of the nominal network); ``train_loss`` and
     ``train_accuracy`` are running values, at each batch's free phase before its update; ``nonconverged``: the
     fraction of training batches with a relaxation that missed its tolerance."""
 
@@ -228,9 +229,13 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
         test_loss, test_acc, _ = model.evaluate(data.x_test, data.y_test, relaxation)
         cos = float("nan")
         if probe:
+            # the reference is the exact gradient of the nominal circuit (for a network on a device:
+            # what ideal hardware with the same weights would compute)
+            nominal = getattr(model.network, "nominal", model.network)
             free = ep.free_phase(model.network, xp, relaxation)
             est = ep.estimate(model.network, xp, yp, model.cost, rule, relaxation, free=free).gradients
-            exact = ep.estimate(model.network, xp, yp, model.cost, ep.Exact(), relaxation, free=free).gradients
+            ref_free = free if nominal is model.network else ep.free_phase(nominal, xp, relaxation)
+            exact = ep.estimate(nominal, xp, yp, model.cost, ep.Exact(), relaxation, free=ref_free).gradients
             cos = compare(est, exact)["cosine"]["all"]
         angles = weight_angles(model.network)
         for key, value in (("epoch", epoch), ("train_loss", train_loss), ("train_accuracy", train_acc),

@@ -15,7 +15,8 @@ Tasks:
 * ``ep_bias``: every EP estimator (one-sided, negative, centred, holomorphic with several N) against the
   exact gradient as |beta| varies: relative error and cosine, and the error against the beta -> 0
   limit (the finite-nudge part alone).
-* ``ep_train``: a classifier trained with an EP estimator or the exact gradient (``models.train``):
+* ``ep_train``: a classifier trained with an EP estimator or the exact gradient (``models.train``),
+  optionally on a device (``device`` section: one effect of ``substrate.devices`` at a level):
   metrics per epoch, saved after every epoch (:func:`studies.sweep.save_partial`).
 * ``selftest``: a run that sleeps, then returns, raises, diverges or kills its own process: it
   exercises the sweep machinery in the tests.
@@ -281,6 +282,43 @@ def run_ep_bias(config: dict, seed: int) -> Result:
 
 
 # ------------------------------------------------------------------------------------ EP training
+DEVICE_EFFECTS = ("none", "read_noise", "programming_noise", "quantisation", "feedback_copy", "tau_mismatch")
+DEVICE = {
+    "effect": Field(str, DEVICE_EFFECTS, "none",
+                    "the device effect swept: read_noise (ReadNoise, relative sigma = level), programming_noise "
+                    "(aihwkit PCM programming noise x level, tied feedback reads the forward devices), "
+                    "quantisation (level = conductance levels), feedback_copy (programming noise x level, "
+                    "feedback programmed as its own noisy copy), tau_mismatch (relative spread = level)"),
+    "level": Field(float, Range(0.0, 1e4), 0.0, "the effect's level (see effect)"),
+    "read_policy": Field(str, ("step", "phase", "equilibrium", "sample"), "equilibrium",
+                         "when read noise is redrawn"),
+    "relaxation_time": Field(float, Range(0.0, 1e4), 0.0, "finite relaxation time of every phase (0: to tol)"),
+}
+
+
+def make_device(config):
+    """The substrate.devices.Device of a ``device`` config section (None for effect ``none``)."""
+    from substrate import devices as D
+
+    effect, level = config["effect"], config["level"]
+    mapped = (D.ConductanceMapping(),)
+    if effect == "read_noise":
+        effects = (D.ReadNoise(level, policy=config["read_policy"]),)
+    elif effect == "programming_noise":
+        effects = mapped + (D.ProgrammingNoise(scale=level),)
+    elif effect == "quantisation":
+        effects = mapped + (D.Quantisation(int(round(level))),)
+    elif effect == "feedback_copy":
+        effects = mapped + (D.ProgrammingNoise(scale=level), D.IndependentFeedback())
+    elif effect == "tau_mismatch":
+        effects = (D.TauMismatch(level),)
+    else:
+        effects = ()
+    if config["relaxation_time"] > 0:
+        effects += (D.RelaxationTime(config["relaxation_time"]),)
+    return D.Device(effects, name=f"{effect}:{level:g}") if effects else None
+
+
 EP_NETWORK = {
     "sizes": Field(ListOf(int, 3, 6, Range(1, 4096)), None, [64, 128, 10],
                    "inputs (the data's features), hidden layers, classes"),
@@ -322,6 +360,7 @@ EP_TRAIN_SCHEMA = {
     "homeostasis": Field(float, Range(0.0, 1e4), 0.0, "lambda of Jacobian homeostasis (0: off)"),
     "homeostasis_draws": Field(int, Range(0, 1000), 5, "probes of the stochastic estimator (0: exact penalty)"),
     "probe": Field(int, Range(0, 10_000), 64, "training samples of the per-epoch gradient-alignment probe"),
+    "device": DEVICE,
 }
 
 
@@ -353,6 +392,11 @@ def run_ep_train(config: dict, seed: int) -> Result:
                                     f"and {data.classes} classes")
     rng = np.random.default_rng(seed)
     model = Classifier.layered(sizes, rng, cost=net.pop("cost"), **net)
+    device = make_device(config["device"])
+    if device is not None:  # the devices draw from their own streams, apart from training's
+        from substrate.devices import attach
+
+        model = Classifier(attach(model.network, device, np.random.default_rng([seed, 6])), model.cost)
     rel = config["relaxation"]
     relaxation = ep.Relaxation(method=rel["method"], dt=rel["dt"], tol=rel["tol"], max_steps=rel["max_steps"],
                                nudged_max_steps=rel["nudged_max_steps"], on_failure="record")
