@@ -224,5 +224,67 @@ def plot_ep_train(archive_path: str):
     return fig
 
 
+def plot_devices(archive_path: str):
+    """Device study (``ep_train`` with a zipped ``device.*`` axis): the final test accuracy and the
+    final cosine of each rule's gradient with the nominal implicit gradient, against the level of each
+    effect (one column per effect, median over seeds); read noise drawn per equilibrium (solid) and per
+    phase (dashed); the effect-free run is the point at level 0 (quantisation: the dotted line)."""
+    ds, axes = _sweep(archive_path)
+    dim = next(a for a in axes if a != "seed" and "level" in ds.coords and ds["level"].dims == (a,))
+    rule_dim = _other_axis(ds, axes, (dim,))
+    kinds = ds[dim].values
+    effects = [e for e in dict.fromkeys(kinds) if e != "none"]
+    fig, grid = plt.subplots(2, len(effects), figsize=(3.6 * len(effects) + 2.5, 7), squeeze=False,
+                             layout="constrained")
+    rules = list(ds[rule_dim].values) if rule_dim else [None]
+    none = [i for i, k in enumerate(kinds) if k == "none"]
+    for r, rule in enumerate(rules):
+        one = ds.sel({rule_dim: rule}) if rule_dim else ds
+        acc = _median(100 * one["test_accuracy"].isel(epoch=-1), [dim])
+        cos = _median(one["grad_cosine"].isel(epoch=-1), [dim])
+        for c, effect in enumerate(effects):
+            idx = [i for i, k in enumerate(kinds) if k == effect]
+            policies = dict.fromkeys(str(ds["read_policy"].values[i]) for i in idx)
+            for p, policy in enumerate(policies):
+                pts = sorted((float(ds["level"].values[i]), i) for i in idx
+                             if str(ds["read_policy"].values[i]) == policy)
+                if effect != "quantisation" and none and p == 0:
+                    pts = [(0.0, none[0])] + pts
+                x = [v for v, _ in pts]
+                for row, da in enumerate((acc, cos)):
+                    ax = grid[row][c]
+                    ax.plot(x, [float(da.values[i]) for _, i in pts], "o" + ("-" if p == 0 else "--"), ms=3,
+                            color=f"C{r}", label=f"{rule}" + (f" ({policy})" if len(policies) > 1 else ""))
+                    if effect == "quantisation" and none:
+                        ax.axhline(float(da.values[none[0]]), color=f"C{r}", ls=":", lw=1)
+            for row in range(2):
+                ax = grid[row][c]
+                if effect == "quantisation":
+                    ax.set_xscale("log", base=2)
+                    ax.invert_xaxis()
+                ax.set_xlabel({"read_noise": "read noise sigma (relative)", "programming_noise":
+                               "programming noise (x aihwkit PCM)", "quantisation": "conductance levels",
+                               "feedback_copy": "programming noise of a separate feedback copy",
+                               "tau_mismatch": "tau spread (relaxation time 8 tau)"}.get(effect, "level"))
+                ax.grid(alpha=0.3)
+            grid[0][c].set_title(effect)
+    grid[0][0].set_ylabel("final test accuracy (%)")
+    grid[1][0].set_ylabel("final cos(rule's gradient, nominal implicit)")
+    handles, labels = {}, {}
+    for ax in grid[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), fontsize=8, loc="outside right upper")
+    fig.suptitle(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} (median over seeds)")
+    return fig
+
+
+def plot_ep_train_or_devices(archive_path: str):
+    """``plot_devices`` for a sweep with a device-level axis, else ``plot_ep_train``."""
+    ds, axes = _sweep(archive_path)
+    swept_device = "level" in ds.coords and any(ds["level"].dims == (a,) for a in axes)
+    return (plot_devices if swept_device else plot_ep_train)(archive_path)
+
+
 PLOTS = {"relaxation": plot_relaxation, "gradient_accuracy": plot_gradient_accuracy, "ep_bias": plot_ep_bias,
-         "ep_train": plot_ep_train}
+         "ep_train": plot_ep_train_or_devices}

@@ -128,7 +128,7 @@ class Crossbar:
         self.g_max, self.g_min = self.mapping.g_max, self.mapping.g_min
         self.version = 0
         self.w_prog = None  # the weights as written (network units)
-        self._fixed, self._written, self._rngs = {}, {}, {}
+        self._fixed, self._written, self._dirty, self._rngs = {}, {}, {}, {}
 
     def rng(self, effect, suffix="") -> np.random.Generator:
         key = f"{effect.stream}{suffix}/{self.name}"
@@ -144,12 +144,14 @@ class Crossbar:
 
     def written(self, effect, draw):
         """A draw made at every write of a device (e.g. its drift exponent): redrawn for the devices
-        written since the last call, kept for the others."""
-        version, value = self._written.get(effect.stream, (-1, None))
-        if version != self.version:
+        written since the effect last asked, kept for the others."""
+        key = effect.stream
+        value = self._written.get(key)
+        if value is None or self._dirty[key].any():
             new = draw()
-            value = new if value is None else np.where(self.changed, new, value)
-            self._written[effect.stream] = (self.version, value)
+            value = new if value is None else np.where(self._dirty[key], new, value)
+            self._written[key] = value
+            self._dirty[key] = np.zeros(value.shape, bool)
         return value
 
     # -------------------------------------------------------------------- write
@@ -160,6 +162,8 @@ class Crossbar:
         target = np.asarray(target, dtype=float)
         first = self.w_prog is None
         self.changed = np.ones(target.shape, bool) if first else target != self.target
+        for key in self._written:
+            self._dirty[key] |= self.changed
         if first:  # the crossbar's full scale, fixed for its lifetime
             self.w_max = self.mapping.w_max or float(np.max(np.abs(target))) or 1.0
         if dev.update is not None:

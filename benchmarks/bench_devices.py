@@ -1,0 +1,94 @@
+"""What device effects cost per integration step, against the ideal circuit measured in the same run.
+
+The problem of ``bench_step.py`` (784-500-10 layered network, logistic, independent feedback, batch
+64, tau = 1, dt = 0.1, Euler): ``substrate.integrate`` with 100 and 1000 steps per call, and the
+marginal step (T_1000 - T_100) / 900, for
+
+* ``no device``: the plain network (the baseline: ratio 1);
+* ``ideal device``: the same network attached to ``Device()`` (the claim: the ideal path costs
+  nothing, i.e. a ratio of 1 within the noise);
+* ``read noise (phase)``: ReadNoise drawn once per call, shared by the batch (costs once per call,
+  not per step);
+* ``read noise (step)``: redrawn at every product inside the kernel (one extra product of the
+  variances with r^2, plus 510 x 64 normal draws per step);
+* ``read noise (sample)``: per-sample deviations held over the relaxation (an elementwise product
+  over all weights and samples per step: O(n_w B), not a GEMM);
+* ``state noise``: u += s sqrt(h) xi after every step (510 x 64 draws);
+* ``IO chain``: aihwkit defaults (7-bit DAC, output noise, 9-bit ADC);
+* ``activation mismatch``: rho(g (u - o)) per neuron.
+
+One BLAS thread (threadpoolctl), minimum and median of ``--repeats`` runs; the machine may be shared,
+trust the minimum. The first call (compile or cache load) is done before timing.
+
+Run:  .venv/bin/python benchmarks/bench_devices.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+import substrate as S
+from substrate import devices as D
+
+
+def timed(fn, repeats):
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts), float(np.median(ts))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    net = S.Network.layered([784, 500, 10], rng, feedback="independent", asymmetry_angle=90.0)
+    x = rng.uniform(0, 1, (args.batch, 784))
+    cases = {
+        "no device": None,
+        "ideal device": D.Device(),
+        "read noise (phase)": D.Device((D.ReadNoise(0.05, policy="phase"),)),
+        "read noise (step)": D.Device((D.ReadNoise(0.05, policy="step"),)),
+        "read noise (sample)": D.Device((D.ReadNoise(0.05, policy="sample"),)),
+        "state noise": D.Device((D.StateNoise(0.01),)),
+        "IO chain": D.Device((D.IOChain(),)),
+        "activation mismatch": D.Device((D.ActivationMismatch(),)),
+    }
+    dt = 0.1
+    rows = []
+    with threadpool_limits(1):
+        for name, dev in cases.items():
+            circuit = net if dev is None else D.attach(net, dev, np.random.default_rng(1))
+            res = {}
+            for k in (1, 10):
+                steps = k * args.steps
+
+                def call(steps=steps):
+                    S.integrate(circuit, x, t_span=(0.0, steps * dt), method="euler", dt=dt)
+
+                res[k] = timed(call, args.repeats)
+            marginal = (res[10][0] - res[1][0]) / (9 * args.steps)
+            rows.append((name, res[1], res[10], marginal))
+    base = rows[0][3]
+    print(f"784-500-10, batch {args.batch}, Euler dt {dt}, float64, 1 BLAS thread, min (median) of {args.repeats}")
+    head = (f"{'case':<22} {f'{args.steps} steps ms':>18} {f'{10 * args.steps} steps ms':>20} "
+            f"{'marginal step us':>17} {'ratio':>6}")
+    print(head)
+    print("-" * len(head))
+    for name, r1, r10, m in rows:
+        print(f"{name:<22} {1e3 * r1[0]:>8.2f} ({1e3 * r1[1]:>7.2f}) {1e3 * r10[0]:>9.2f} ({1e3 * r10[1]:>8.2f}) "
+              f"{1e6 * m:>17.1f} {m / base:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
