@@ -180,10 +180,6 @@ def plot(archive, out):
         click.echo(f"figure: {os.path.abspath(path)}")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 @main.command()
 @click.argument("name", required=False)
 def devices(name):
@@ -195,3 +191,7 @@ def devices(name):
     for key, dev in PRESETS.items():
         if name is None or key == name:
             click.echo(dev.describe() + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

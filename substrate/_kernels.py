@@ -372,14 +372,18 @@ def teach(nudge, r, out):
 # --------------------------------------------------------------------------------------------
 @njit
 def quantise(x, bits, bound):
-    """Row i of x clipped to [-bound[i], bound[i]] and rounded to the nearest of 2^bits evenly spaced
-    levels, in place (``bound`` of length 1: one bound for every row)."""
+    """Row i of x clipped to [-bound[i], bound[i]] and rounded to the nearest multiple of
+    step = 2 bound / (2^bits - 2), in place: a mid-tread converter of 2^bits - 1 levels, 0 among them
+    (aihwkit's resolution 1/(2^bits - 2) of the range); ties round to even. ``bound`` of length 1:
+    one bound for every row; a row with bound 0 is left alone (no converter on it)."""
     for i in range(x.shape[0]):
         bd = bound[i] if bound.shape[0] > 1 else bound[0]
-        step = 2.0 * bd / (2.0 ** bits - 1.0)
+        if bd <= 0.0:
+            continue
+        step = 2.0 * bd / (2.0 ** bits - 2.0)
         for b in range(x.shape[1]):
             v = min(max(x[i, b].real, -bd), bd)  # .real: types for complex states (never quantised)
-            x[i, b] = -bd + np.round((v + bd) / step) * step
+            x[i, b] = np.round(v / step) * step
 
 
 @njit
@@ -423,8 +427,9 @@ def device_products(fx, r, wbuf, conn, layer_off, tmp, out, rq, var):
     if out_noise.shape[0] > 0:
         for i in range(out.shape[0]):
             sd = out_noise[i]
-            for b in range(out.shape[1]):
-                out[i, b] += sd * fx[12].standard_normal()
+            if sd > 0.0:  # rows that no crossbar feeds have none
+                for b in range(out.shape[1]):
+                    out[i, b] += sd * fx[12].standard_normal()
     if adc_bits > 0:
         quantise(out, adc_bits, adc_bound)
 

@@ -235,6 +235,7 @@ def _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol,
 
 def jacobian(vf: VectorField, u) -> np.ndarray:
     """J(u) = dF/du = -I + W diag(rho'(u)) for every sample, (batch, n, n)."""
+    vf._nominal_neurons("jacobian")
     ut = vf.state(u)
     p = vf.packed
     d = np.empty_like(ut)

@@ -58,10 +58,10 @@ class VectorField:
         self.dtype = resolve_dtype(network, dtype)
         self.packed = network.pack(self.dtype)
         self.inputs = network.check_inputs(x)
-        self.drive = network.drive(self.inputs, batch, self.dtype)
-        # the input projections as packed now, so that param_vjp agrees with F after in-place edits
-        self._input_weights = {c.name: network.effective_weight(c).copy() for c in network.connections
-                               if c.pre in network.inputs_by_name}
+        # the input projections as read now (on a device: with this read's noise), so that param_vjp
+        # agrees with F after in-place edits
+        self._input_weights = {k: w.copy() for k, w in network.input_weights().items()}
+        self.drive = network.drive(self.inputs, batch, self.dtype, weights=self._input_weights)
         self.batch = self.drive.shape[1]
         self.effects = network.kernel_effects(self.packed, self.batch)
         p = self.packed
@@ -90,15 +90,29 @@ class VectorField:
         return p.wbuf, p.conn, p.layer_off, p.layer_act
 
     def __call__(self, u) -> np.ndarray:
-        """F(u)."""
+        """F(u) (on a device with activation mismatch, with its neurons' rho(g (u - o)))."""
         ut = self.state(u)
         out, r = np.empty_like(ut), np.empty_like(ut)
         p = self.packed
-        K.field(ut, self.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, self._tmp, r, out)
+        gain, offset = self.effects[9], self.effects[10]
+        if gain.shape[0]:
+            K.activate_device(ut, p.layer_off, p.layer_act, gain, offset, np.empty(self.batch, ut.dtype), r)
+            K.weights_times(r, p.wbuf, p.conn, p.layer_off, self._tmp, out)
+            out += self.drive
+            out -= ut
+        else:
+            K.field(ut, self.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, self._tmp, r, out)
         return out.T
+
+    def _nominal_neurons(self, what):
+        if self.effects[9].shape[0]:
+            raise SubstrateValueError(
+                f"{what}: the device's neurons have activation mismatch, which the engine's derivative "
+                "kernels do not model; differentiate its nominal network (twin=True in substrate.gradient)")
 
     def jvp(self, u, v) -> np.ndarray:
         """J v."""
+        self._nominal_neurons("jvp")
         ut, vt = self.state(u), self.state(v, "v")
         out, d = np.empty_like(ut), np.empty_like(ut)
         K.jvp(ut, vt, *self._args(), self._tmp, d, out)
@@ -106,6 +120,7 @@ class VectorField:
 
     def vjp(self, u, w) -> np.ndarray:
         """J^T w."""
+        self._nominal_neurons("vjp")
         ut, wt = self.state(u), self.state(w, "w")
         out, d = np.empty_like(ut), np.empty_like(ut)
         K.vjp(ut, wt, *self._args(), self._tmp, d, out)

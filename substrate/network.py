@@ -314,10 +314,16 @@ class Network:
                       wbuf, conn, tuple(c.name for c in state),
                       np.concatenate([x.bias for x in self.layers]).astype(dtype))
 
+    def input_weights(self) -> dict:
+        """{connection name: V} of the input projections, as the circuit reads them now."""
+        return {c.name: self.circuit_weight(c) for c in self.connections if c.pre in self._input}
+
     def drive(self, x: Mapping[str, np.ndarray] | np.ndarray | None, batch: int | None,
-              dtype) -> np.ndarray:
+              dtype, weights: dict | None = None) -> np.ndarray:
         """The constant part of the input current, V x + b, as an (n, B) array: computed once per
-        sample, never per step."""
+        sample, never per step. ``weights``: the input projections to use (default
+        ``input_weights()``)."""
+        weights = self.input_weights() if weights is None else weights
         xs = self.check_inputs(x)
         if batch is None:
             batch = next(iter(xs.values())).shape[0] if xs else 1
@@ -329,7 +335,7 @@ class Network:
             if c.pre in self._input:
                 # in the state's precision: a float32 network projects float32 inputs (half the cost)
                 x = xs[c.pre].astype(dtype, copy=False)
-                drive[self.slices[c.post]] += self.circuit_weight(c).astype(dtype, copy=False) @ x.T
+                drive[self.slices[c.post]] += weights[c.name].astype(dtype, copy=False) @ x.T
         return drive
 
     def check_inputs(self, x) -> dict:

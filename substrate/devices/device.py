@@ -161,11 +161,14 @@ class Crossbar:
         dev = self.device
         target = np.asarray(target, dtype=float)
         first = self.w_prog is None
-        self.changed = np.ones(target.shape, bool) if first else target != self.target
+        # the full scale: ConductanceMapping.w_max, else the largest |W| of this write (aihwkit's
+        # converters scale every programming to the weights); a new scale rewrites every device
+        w_max = self.mapping.w_max or float(np.max(np.abs(target))) or 1.0
+        rescaled = not first and dev.conductance_path and w_max != self.w_max
+        self.changed = np.ones(target.shape, bool) if first or rescaled else target != self.target
+        self.w_max = w_max
         for key in self._written:
             self._dirty[key] |= self.changed
-        if first:  # the crossbar's full scale, fixed for its lifetime
-            self.w_max = self.mapping.w_max or float(np.max(np.abs(target))) or 1.0
         if dev.update is not None:
             self._write_pulsed(target, first)
         elif dev.conductance_path:
@@ -177,8 +180,8 @@ class Crossbar:
         return self.w_prog
 
     def _write_conductances(self, target, clock, first):
+        self.scale = (self.g_max - self.g_min) / self.w_max
         if first:
-            self.scale = (self.g_max - self.g_min) / self.w_max
             self.t_write = np.zeros(target.shape)
             self.g_prog = np.zeros((2,) + target.shape)
         mag = np.minimum(np.abs(target), self.w_max) * self.scale
@@ -280,7 +283,7 @@ class DeviceNetwork(Network):
     def _target(self, c):
         if c.tied:  # a separate feedback crossbar is written with the forward weight's transpose
             src = self.connection(f"{c.post}->{c.pre}")
-            return src.weight.T
+            return src.weight.T if src.mask is None else (src.weight * src.mask).T
         return c.weight
 
     def write(self):
@@ -364,7 +367,7 @@ class DeviceNetwork(Network):
         w, _ = self._read_weight(c, deviation=not apart)
         return w.astype(self.dtype, copy=False)
 
-    def drive(self, x, batch, dtype):
+    def drive(self, x, batch, dtype, weights=None):
         """V x + b through the input crossbars as read now: inputs through the DAC, read noise (per
         phase for the ``step`` policy: the input is constant over a phase), output noise once per
         phase; the ADC of the input crossbars is not modelled (their output joins the recurrent
@@ -373,7 +376,7 @@ class DeviceNetwork(Network):
         io = self.device.io
         if io is not None and io.inp_bits > 0:
             xs = {k: _quantised(v, io.inp_bits, io.inp_bound) for k, v in xs.items()}
-        drive = super().drive(xs, batch, dtype)
+        drive = super().drive(xs, batch, dtype, weights)
         for c in self.connections:
             if c.pre not in xs:
                 continue
@@ -427,7 +430,7 @@ class DeviceNetwork(Network):
             for c in state:
                 sl = self.slices[c.post]
                 wmax[sl] = np.maximum(wmax[sl], self._crossbar_wmax(c))
-            wmax[wmax == 0] = 1.0
+            # rows that no state crossbar feeds keep 0: no output noise, no ADC (the kernel skips them)
             if io.out_noise > 0:
                 fx[3] = (io.out_noise * wmax).astype(rdt)
             fx[4], fx[5] = io.out_bits, (io.out_bound * wmax).astype(rdt)
@@ -465,5 +468,6 @@ def attach(network: Network, device: Device, rng: np.random.Generator) -> Device
 
 
 def _quantised(x, bits, bound):
-    step = 2.0 * bound / (2.0 ** bits - 1.0)
-    return -bound + np.round((np.clip(x, -bound, bound) + bound) / step) * step
+    """The DAC of ``_kernels.quantise`` (mid-tread, 2^bits - 1 levels) in NumPy, for the inputs."""
+    step = 2.0 * bound / (2.0 ** bits - 2.0)
+    return np.round(np.clip(x, -bound, bound) / step) * step

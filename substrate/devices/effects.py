@@ -79,8 +79,9 @@ class ConductanceMapping(Effect):
     """Weights as differential pairs of conductances (aihwkit SinglePairConductanceConverter with an
     on/off ratio): W = (g+ - g-)/s with s = (g_max - g_min)/w_max, g_min = g_max/on_off. A positive
     weight is programmed on g+ = g_min + s W (g- = g_min), a negative one on g-. ``w_max``: the weight
-    mapped to g_max; None takes max|W| of each crossbar at its first write, fixed afterwards (the
-    hardware's range does not follow the weights); larger weights saturate at g_max."""
+    mapped to g_max, larger ones saturate at g_max; None takes max|W| of each crossbar at every write
+    (as aihwkit's converters do), so that a write that changes it reprograms every device of the
+    crossbar."""
 
     hook: ClassVar[str] = "map"
     g_max: float = 25.0
@@ -206,7 +207,7 @@ class Drift(DriftEffect):
 @dataclass(frozen=True)
 class ReadNoise(ReadEffect):
     """Gaussian read noise on every weight: W_read = W + sigma |W| xi (``relative``) or
-    W + sigma w_max xi (additive, w_max the crossbar's largest |W| at its first write), redrawn per
+    W + sigma w_max xi (additive, w_max the crossbar's largest |W| at its last write), redrawn per
     ``policy``."""
 
     sigma: float = 0.02
@@ -259,7 +260,8 @@ class IOChain(Effect):
     ``inp_bits`` on +-``inp_bound``; the output gets Gaussian noise ``out_noise`` and passes an ADC of
     ``out_bits`` on +-``out_bound``. As in aihwkit, noise and bound are in units of the output of
     full-scale weights: they are multiplied by the largest |W| of the crossbars feeding each layer.
-    bits = 0: ideal converter. Applied to every weight product inside the stepping kernel, and to
+    Converters are mid-tread: 2^bits - 1 levels with 0 among them (aihwkit's resolution
+    1/(2^bits - 2)); bits = 0: ideal converter. Applied to every weight product inside the stepping kernel, and to
     the input projection once per phase (the input is constant)."""
 
     hook: ClassVar[str] = "io"
@@ -271,8 +273,11 @@ class IOChain(Effect):
     scalable: ClassVar[tuple] = ("out_noise",)
 
     def __post_init__(self):
-        integer(self.inp_bits, "IOChain.inp_bits", minimum=0)
-        integer(self.out_bits, "IOChain.out_bits", minimum=0)
+        for name in ("inp_bits", "out_bits"):
+            bits = integer(getattr(self, name), f"IOChain.{name}", minimum=0)
+            if bits == 1:
+                raise_range(f"IOChain.{name}", bits, "0 (no converter) or >= 2 (a mid-tread converter has "
+                            "2^bits - 1 levels)")
         positive(self.inp_bound, "IOChain.inp_bound")
         positive(self.out_bound, "IOChain.out_bound")
         nonnegative(self.out_noise, "IOChain.out_noise")
