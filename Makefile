@@ -16,6 +16,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_step.py
 	$(PY) benchmarks/bench_gradient.py
 	$(PY) benchmarks/bench_ep_epoch.py
+	$(PY) benchmarks/bench_devices.py
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
