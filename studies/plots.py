@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 
 import matplotlib
 
@@ -275,15 +276,51 @@ def plot_devices(archive_path: str):
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     fig.legend(list(handles.values()), list(handles), fontsize=8, loc="outside right upper")
-    fig.suptitle(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} (median over seeds)")
+    fig.suptitle(textwrap.fill(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} "
+                               "(median over seeds)", 140), fontsize=10)
+    return fig
+
+
+def plot_presets(archive_path: str):
+    """Device-preset study (``ep_train`` with a swept ``device.preset``): the final test accuracy and
+    the final gradient cosine with the nominal implicit gradient per preset, one bar per rule (median
+    over seeds, whiskers from the lowest to the highest seed)."""
+    ds, axes = _sweep(archive_path)
+    dim = next(a for a in axes if ds["preset"].dims == (a,))
+    rule_dim = _other_axis(ds, axes, (dim,))
+    rules = list(ds[rule_dim].values) if rule_dim else [None]
+    presets = [str(p) for p in ds["preset"].values]
+    fig, grid = plt.subplots(2, 1, figsize=(max(8, 0.9 * len(presets) + 3), 7.5), layout="constrained")
+    width = 0.8 / len(rules)
+    x = np.arange(len(presets))
+    for r, rule in enumerate(rules):
+        one = ds.sel({rule_dim: rule}) if rule_dim else ds
+        for ax, da in zip(grid, (100 * one["test_accuracy"].isel(epoch=-1), one["grad_cosine"].isel(epoch=-1))):
+            seeds = [d for d in da.dims if d != dim]
+            med = _median(da, [dim]).values
+            lo, hi = da.min(dim=seeds, skipna=True).values, da.max(dim=seeds, skipna=True).values
+            ax.bar(x + (r - (len(rules) - 1) / 2) * width, med, width, yerr=[med - lo, hi - med],
+                   color=f"C{r}", capsize=2, label=str(rule))
+    for ax, name in zip(grid, ("final test accuracy (%)", "final cos(rule's gradient, nominal implicit)")):
+        ax.set_xticks(x, presets, rotation=30, ha="right")
+        ax.set_ylabel(name)
+        ax.grid(axis="y", alpha=0.3)
+    grid[0].legend(fontsize=8)
+    fig.suptitle(textwrap.fill(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} "
+                               "(median over seeds, range)", 110), fontsize=10)
     return fig
 
 
 def plot_ep_train_or_devices(archive_path: str):
-    """``plot_devices`` for a sweep with a device-level axis, else ``plot_ep_train``."""
+    """``plot_presets`` for a sweep over device presets, ``plot_devices`` for one over effect levels,
+    else ``plot_ep_train``."""
     ds, axes = _sweep(archive_path)
-    swept_device = "level" in ds.coords and any(ds["level"].dims == (a,) for a in axes)
-    return (plot_devices if swept_device else plot_ep_train)(archive_path)
+
+    def swept(name):
+        return name in ds.coords and any(ds[name].dims == (a,) for a in axes)
+
+    plot = plot_presets if swept("preset") else plot_devices if swept("level") else plot_ep_train
+    return plot(archive_path)
 
 
 PLOTS = {"relaxation": plot_relaxation, "gradient_accuracy": plot_gradient_accuracy, "ep_bias": plot_ep_bias,

@@ -35,6 +35,7 @@ import numpy as np
 
 import substrate as S
 from models.data import digits_arrays
+from substrate.devices import PRESETS
 from studies.config import Check, Field, ListOf, Range
 
 
@@ -284,6 +285,10 @@ def run_ep_bias(config: dict, seed: int) -> Result:
 # ------------------------------------------------------------------------------------ EP training
 DEVICE_EFFECTS = ("none", "read_noise", "programming_noise", "quantisation", "feedback_copy", "tau_mismatch")
 DEVICE = {
+    "preset": Field(str, ("none",) + tuple(PRESETS), "none",
+                    "a device preset (`substrate devices` lists them); the swept effect is added to it"),
+    "weight_scale": Field(float, Range(0.0, 1e3, lo_open=True), 1.0,
+                          "network weight per device unit (pulsed presets: their bounds and steps are in device units)"),
     "effect": Field(str, DEVICE_EFFECTS, "none",
                     "the device effect swept: read_noise (ReadNoise, relative sigma = level), programming_noise "
                     "(aihwkit PCM programming noise x level, tied feedback reads the forward devices), "
@@ -316,7 +321,10 @@ def make_device(config):
         effects = ()
     if config["relaxation_time"] > 0:
         effects += (D.RelaxationTime(config["relaxation_time"]),)
-    return D.Device(effects, name=f"{effect}:{level:g}") if effects else None
+    if config["preset"] != "none":
+        base = D.preset(config["preset"])
+        return base.with_effects(*effects).with_weight_scale(config["weight_scale"])
+    return D.Device(effects, name=f"{effect}:{level:g}", weight_scale=config["weight_scale"]) if effects else None
 
 
 EP_NETWORK = {

@@ -107,6 +107,9 @@ class Device:
         kinds = {type(e) for e in effects}
         return dataclasses.replace(self, effects=tuple(e for e in self.effects if type(e) not in kinds) + effects)
 
+    def with_weight_scale(self, weight_scale: float) -> "Device":
+        return dataclasses.replace(self, weight_scale=weight_scale)
+
     def without(self, *kinds) -> "Device":
         """This device with the effects of the given classes switched off."""
         return dataclasses.replace(self, effects=tuple(e for e in self.effects if not isinstance(e, kinds)))
