@@ -27,7 +27,7 @@ import numpy as np
 
 from substrate import Cost, Gradients, Implicit, Network, Nudge, Solution, VectorField, integrate, relax
 from substrate.activations import rho, rho_prime
-from substrate.adjoint import jacobian, solve_adjoint
+from substrate.adjoint import check_equilibrium, jacobian, solve_adjoint
 from substrate.errors import ConvergenceError, SubstrateValueError
 
 
@@ -240,7 +240,7 @@ class Limit(Estimator):
     name = "limit"
 
     def error_vector(self, network, x, y, cost, relaxation, free):
-        vf = VectorField(network, x, dtype=free.u.dtype)
+        vf = _field_of(network, x, free, "Limit")
         sl = network.slices[cost.layer]
         act = network.layer(cost.layer).activation
         e = np.zeros_like(free.u)
@@ -263,9 +263,26 @@ class Exact(Estimator):
     name = "exact"
 
     def error_vector(self, network, x, y, cost, relaxation, free):
-        vf = VectorField(network, x, dtype=free.u.dtype)
+        vf = _field_of(network, x, free, "Exact", relaxation.tol)
         _, g = cost_gradient_u(network, cost, free.u, y)
         return solve_adjoint(vf, free.u, -g, Implicit(solver=self.solver)), []
+
+
+def _field_of(network, x, free, what, tol=None):
+    """The vector field of the free phase (on a device: the weights that phase read), for derivatives
+    at its equilibrium; a device must be differentiable and, read at a finite time, at equilibrium."""
+    if not getattr(network, "differentiable", True):
+        raise SubstrateValueError(
+            f"{what}: the device has per-step or per-sample noise, converters or activation mismatch, "
+            "which the derivative kernels do not model; take the exact gradient of its nominal network")
+    if tol is not None:
+        check_equilibrium(network, free, tol, f"{what} (implicit differentiation)")
+    return free.field if _same_field(free, network) else VectorField(network, x, dtype=free.u.dtype)
+
+
+def _same_field(free, network):
+    f = free.field
+    return f is not None and f.network is network and f.dtype == free.u.dtype
 
 
 ESTIMATORS = {"one_sided": OneSided, "negative": Negative, "centred": Centred, "holomorphic": Holomorphic,
@@ -328,7 +345,7 @@ def estimate(network: Network, x, y, cost: Cost, estimator: Estimator = Centred(
     free = free_phase(network, x, relaxation) if free is None else free
     v, sols = estimator.error_vector(network, x, y, cost, relaxation, free)
     nb = free.u.shape[0]
-    vf = VectorField(network, x, dtype=free.u.dtype)
+    vf = free.field if _same_field(free, network) else VectorField(network, x, dtype=free.u.dtype)
     g = vf.param_vjp(free.u, v.astype(free.u.dtype))
     scale = 1.0 / nb
     weights = {k: w * scale for k, w in g["weights"].items()}

@@ -364,9 +364,9 @@ def teach(nudge, r, out):
 # --------------------------------------------------------------------------------------------
 # Device effects inside the stepping kernel (substrate.devices): arrays and integer codes only.
 # ``fx`` = (read code, wvar (n_w,), wdev (n_w, B), out_noise (n,) or (0,), adc_bits, adc_bound (n,),
-# dac_bits, dac_bound, state_noise, gain (n,) or (0,), offset (n,) or (0,), and three generators:
-# read noise, output noise, state noise: one stream each, so that one effect never shifts another's
-# draws), built by
+# dac_bits, dac_bound, state_noise, gain (n,) or (0,), offset (n,) or (0,), three generators (read
+# noise, output noise, state noise: one stream each, so that one effect never shifts another's draws),
+# and the read noise's correlation time (0: none)), built by
 # ``substrate.devices``; ``no_effects`` in Python gives the ideal tuple, for which ``run`` does
 # exactly the arithmetic it does without devices (tested bit for bit).
 # --------------------------------------------------------------------------------------------
@@ -399,14 +399,17 @@ def _sample_products(r, wdev, conn, out):
 
 
 @njit
-def device_products(fx, r, wbuf, conn, layer_off, tmp, out, rq, var):
+def device_products(fx, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, h):
     """out = the crossbar's output for activities r, through the IO chain and read noise:
 
     DAC (r to dac_bits levels on +-dac_bound) -> W r -> read noise -> output noise -> ADC (to adc_bits
-    levels on +-adc_bound). Read noise READ_STEP is redrawn at every product, per sample, in its
-    output form: sum_j dW_ij r_j with independent dW_ij ~ N(0, wvar_ij) is N(0, sum_j wvar_ij r_j^2),
-    one extra product of the variances with r^2 instead of n_w draws (aihwkit's weight noise is
-    applied the same way); READ_SAMPLE adds the per-sample deviations held in wdev."""
+    levels on +-adc_bound). Read noise READ_STEP is redrawn at every step (``fresh``: the step's first
+    product; its stages share the draw), per sample, in its output form: sum_j dW_ij r_j with
+    independent dW_ij ~ N(0, wvar_ij) is N(0, sum_j wvar_ij r_j^2), one extra product of the
+    variances with r^2 instead of n_w draws (aihwkit's weight noise is applied the same way); with a
+    correlation time t_c > 0 the variance is scaled by t_c/h, the white-noise limit, so that its
+    effect on the trajectory does not depend on the step h. READ_SAMPLE adds the per-sample
+    deviations held in wdev."""
     code, wvar, wdev, out_noise, adc_bits, adc_bound, dac_bits, dac_bound = fx[:8]
     src = r
     if dac_bits > 0:
@@ -419,9 +422,14 @@ def device_products(fx, r, wbuf, conn, layer_off, tmp, out, rq, var):
             for b in range(src.shape[1]):
                 rq[i, b] = src[i, b] * src[i, b]
         weights_times(rq, wvar, conn, layer_off, tmp, var)
+        if fresh:
+            for i in range(out.shape[0]):
+                for b in range(out.shape[1]):
+                    xi[i, b] = fx[11].standard_normal()
+        scale = fx[14] / h if fx[14] > 0.0 else 1.0
         for i in range(out.shape[0]):
             for b in range(out.shape[1]):
-                out[i, b] += math.sqrt(var[i, b].real) * fx[11].standard_normal()
+                out[i, b] += math.sqrt(scale * var[i, b].real) * xi[i, b]
     elif code == READ_SAMPLE:
         _sample_products(src, wdev, conn, out)
     if out_noise.shape[0] > 0:
@@ -669,7 +677,7 @@ def run(family, method, a, bw, ew, fsal, adaptive,
     state_noise = fx[8]
     devio = fx[0] != READ_NONE or fx[3].shape[0] > 0 or fx[4] > 0 or fx[6] > 0
     ndev = n if devio else 0
-    rq, var = np.empty((ndev, nb), dtype), np.empty((ndev, nb), dtype)
+    rq, var, xi = np.empty((ndev, nb), dtype), np.empty((ndev, nb), dtype), np.empty((ndev, nb))
     row = np.empty(nb, dtype)
 
     t = t0
@@ -717,7 +725,7 @@ def run(family, method, a, bw, ew, fsal, adaptive,
             compute = i > 0 or not first_ready
             if compute:
                 if devio:
-                    device_products(fx, rcur, wbuf, conn, layer_off, tmp, wr, rq, var)
+                    device_products(fx, rcur, wbuf, conn, layer_off, tmp, wr, rq, var, xi, i == 0, hh)
                 else:
                     weights_times(rcur, wbuf, conn, layer_off, tmp, wr)
                 if nudge[0] != NO_NUDGE:

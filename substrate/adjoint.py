@@ -30,7 +30,7 @@ import numpy as np
 
 from . import _kernels as K
 from .dynamics import VectorField, resolve_dtype
-from .errors import SubstrateValueError
+from .errors import ConvergenceError, SubstrateValueError
 from .integrators import (Solution, _STATUS, _check_on_failure, _check_times, _count, _finish,
                           _nonnegative, _positive, _prepare, _solve, get_method, relax)
 from .network import Network
@@ -212,6 +212,16 @@ def _check_twin(network, twin):
             "pass twin=True to run it on the nominal network")
 
 
+def check_equilibrium(network, sol, tol, what):
+    """Implicit differentiation needs an equilibrium: a device read at a finite relaxation time may
+    not have reached one."""
+    worst = float(np.max(sol.residual))
+    if math.isfinite(network.read_time) and not worst <= tol:
+        raise ConvergenceError(
+            f"{what}: the device was read at its relaxation time t={network.read_time:g} with residual "
+            f"{worst:.3e} > tol {tol:g}: not an equilibrium, so implicit differentiation does not apply", sol)
+
+
 def _backward_field(network, x, batch, dtype, twin):
     """The vector field the backward pass uses: the nominal network's for a twin."""
     return VectorField(network.nominal if twin else network, x, batch=batch, dtype=dtype)
@@ -224,11 +234,13 @@ def _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol,
         tol = 1e-5 if resolve_dtype(network, dtype) == np.float32 else 1e-10
     sol = relax(network, x, method=integrator, dt=dt, tol=tol, u0=u0, dtype=dtype, batch=batch,
                 max_steps=max_steps)  # raises ConvergenceError if the equilibrium is not reached
-    vf = _backward_field(network, x, sol.u.shape[0], sol.u.dtype, twin)
+    check_equilibrium(network, sol, tol, "implicit gradient")
+    # the backward pass on the circuit the equilibrium was relaxed with (or on the nominal twin)
+    vf = _backward_field(network, x, sol.u.shape[0], sol.u.dtype, twin) if twin else sol.field
     value, g = _evaluate_loss(loss, sol.u, "equilibrium")
     lam = solve_adjoint(vf, sol.u, -g, strategy)
     grads = vf.param_vjp(sol.u, lam)
-    zeros_tau = _tau_gradients(network, np.zeros(network.n, sol.u.dtype))
+    zeros_tau = _tau_gradients(network.nominal if twin else network, np.zeros(network.n, sol.u.dtype))
     return Gradients(value, grads["weights"], grads["biases"], zeros_tau, grads["inputs"],
                      np.zeros_like(sol.u), "implicit", sol)
 
@@ -344,5 +356,6 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
         K.adjoint_run(fam, meth, a, b, hs, steps, ckpt, every, save_step, dl, vf.drive, p.wbuf, p.conn,
                       p.layer_off, p.layer_act, p.tauinv, p.tau, tauinv_step, gflat, gdrive, gtau, lam0)
     grads = vf.parameter_gradients(gflat, gdrive)
-    return Gradients(value, grads["weights"], grads["biases"], _tau_gradients(network, gtau),
+    return Gradients(value, grads["weights"], grads["biases"],
+                     _tau_gradients(network.nominal if twin else network, gtau),
                      grads["inputs"], lam0.T.copy(), strategy.name, sol, hs[:steps].copy())

@@ -136,6 +136,9 @@ class Solution:
     trace_t: np.ndarray | None = None
     message: str = ""
     slices: dict = field(default_factory=dict, repr=False)
+    # the vector field the states were computed with (on a device: that phase's read weights), so that
+    # derivatives at them use the same circuit
+    field: object = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -258,6 +261,9 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
         raise SubstrateValueError(
             f"the device draws noise at every step (per-step read noise, output noise or state noise): "
             f"it needs a fixed-step method with real states, not {stepper.name!r} with {vf.dtype} states")
+    if vf.dtype.kind == "c" and (fx[4] > 0 or fx[6] > 0):
+        raise SubstrateValueError("the device's DAC/ADC quantise real signals: complex states (holomorphic "
+                                  "EP) cannot pass them; use IOChain(inp_bits=0, out_bits=0)")
     status, t, steps, nfev, rejected = K.run(
         family, method, a, b, e, fsal, adaptive,
         u, vf.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, p.tauinv, p.tau,
@@ -317,7 +323,7 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
     saved[n_ok:] = np.nan
     sol = Solution(t=t_eval, u=saved.transpose(0, 2, 1), status=_STATUS[status], method=stepper.name,
                    steps=steps, nfev=nfev, rejected=rej, residual=residual, t_final=t,
-                   message=message, slices=network.slices)
+                   message=message, slices=network.slices, field=vf)
     return _finish(sol, on_failure, "integrate")
 
 
@@ -364,5 +370,6 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
         message += f"; residual {residual.max():.3e} > tol {tol:g} + rtol {rtol:g} |u|"
     sol = Solution(t=np.array(t), u=u_out.T, status=_STATUS[status], method=stepper.name, steps=steps,
                    nfev=nfev, rejected=rej, residual=residual, t_final=t,
-                   residual_trace=trace[1][:steps + 1], trace_t=trace[0][:steps + 1], message=message, slices=network.slices)
+                   residual_trace=trace[1][:steps + 1], trace_t=trace[0][:steps + 1], message=message,
+                   slices=network.slices, field=vf)
     return _finish(sol, on_failure, "relax")

@@ -457,4 +457,4 @@ def no_effects(dtype) -> tuple:
     rdt = np.float32 if dtype == np.float32 else np.float64
     none = np.zeros(0, rdt)
     return (K.READ_NONE, np.zeros(0, dtype), np.zeros((0, 0), dtype), none, 0, none, 0, 1.0, 0.0,
-            none, none, _IDLE_RNG, _IDLE_RNG, _IDLE_RNG)
+            none, none, _IDLE_RNG, _IDLE_RNG, _IDLE_RNG, 0.0)

@@ -62,6 +62,10 @@ class Device:
         for hook in _SINGLE:
             if len([e for e in effects if e.hook == hook]) > 1:
                 raise SubstrateValueError(f"Device.effects: at most one {hook!r} effect")
+        kinds = [type(e).__name__ for e in effects]
+        twice = sorted({k for k in kinds if kinds.count(k) > 1})
+        if twice:  # their draws and fixed state are keyed by the class
+            raise SubstrateValueError(f"Device.effects: {twice} given twice; one effect of a class per device")
         policies = {e.policy for e in self.of(ReadEffect)}
         if len(policies) > 1:
             raise SubstrateValueError(f"Device.effects: read effects with different policies {sorted(policies)}")
@@ -99,7 +103,9 @@ class Device:
                     or any(e.conductances for e in self.of(ReadEffect)))
 
     def scaled(self, factor: float) -> "Device":
-        """Every effect's non-ideality times ``factor`` (0: an ideal device with the same structure)."""
+        """Every effect's non-ideality (its ``scalable`` fields: noises and spreads) times ``factor``;
+        systematic effects (mapping, quantisation, converters, relaxation time, update response)
+        stay as they are."""
         return dataclasses.replace(self, effects=tuple(e.scaled(factor) for e in self.effects))
 
     def with_effects(self, *effects) -> "Device":
@@ -190,7 +196,7 @@ class Crossbar:
         mag = np.minimum(np.abs(target), self.w_max) * self.scale
         g = self.g_min + np.stack([np.where(target > 0, mag, 0.0), np.where(target < 0, mag, 0.0)])
         self.g_target = g
-        for e in self.device.of(ProgramEffect):
+        for e in sorted(self.device.of(ProgramEffect), key=lambda e: e.order):  # the fixed order
             g = e.program(g, self, self.rng(e))
         self.g_prog = np.where(self.changed, g, self.g_prog)
         self.t_write = np.where(self.changed, clock, self.t_write)
@@ -218,10 +224,12 @@ class Crossbar:
             for e in dev.of(DriftEffect):
                 g = e.drift(g, age, self, self.rng(e))
             w = (g[0] - g[1]) / self.scale
-            if any(getattr(e, "compensation", False) for e in dev.of(DriftEffect)):
-                total = np.sum(np.abs(w))
-                w = w * (np.sum(np.abs(self.w_prog)) / total if total > 0 else 1.0)
         var = [e.read_variance(g, w, age, self) for e in dev.of(ReadEffect)]
+        if any(getattr(e, "compensation", False) for e in dev.of(DriftEffect)):
+            # one output scale: it multiplies the read noise as well as the weights (aihwkit)
+            total = np.sum(np.abs(w))
+            comp = np.sum(np.abs(self.w_prog)) / total if total > 0 else 1.0
+            w, var = w * comp, [v * comp ** 2 for v in var]
         return w, var
 
 
@@ -258,6 +266,9 @@ class DeviceNetwork(Network):
             raise SubstrateValueError(f"device must be a substrate.devices.Device, got {type(device).__name__}")
         if not isinstance(rng, np.random.Generator):
             raise SubstrateValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        if network.dtype.kind == "c":
+            raise SubstrateValueError("a device holds real conductances: attach a network with float32 or "
+                                      "float64 parameters (complex states for holomorphic EP are fine)")
         self.nominal, self.device = network, device
         self.seed = int(rng.integers(2 ** 63))
         self.clock = 0.0
@@ -278,7 +289,7 @@ class DeviceNetwork(Network):
         separate = bool(device.of(IndependentFeedback))
         self.crossbars = {c.name: Crossbar(c.name, device, self.seed)
                           for c in self.connections if not c.tied or separate}
-        self._held, self._held_rngs = {}, {}
+        self._held, self._held_rngs, self._phase = {}, {}, {}
         self.writes = 0
         self.write()
 
@@ -306,9 +317,17 @@ class DeviceNetwork(Network):
         """Move the simulated clock by ``seconds`` (drift, and the age of the 1/f read noise)."""
         self.clock += nonnegative(seconds, "seconds")
         self._reading = None
+        self.new_equilibrium()  # held read noise belongs to the old reading
 
     def new_equilibrium(self):
         self._held = {}
+
+    def pack(self, dtype):
+        """A new phase: the ``phase`` policy draws its read noise here (one draw per relaxation or
+        integration, shared by a crossbar's forward and transposed reads and by the input weights
+        read with it)."""
+        self._phase = {}
+        return super().pack(dtype)
 
     # -------------------------------------------------------------------- reading
     def _state(self):
@@ -333,8 +352,10 @@ class DeviceNetwork(Network):
         policy = self.device.read_policy
         if policy is None:
             return None
-        if policy in ("phase", "step"):
-            return self._draw(name)
+        if policy in ("phase", "step"):  # one draw per phase (per pack), shared by a tied transpose
+            if name not in self._phase:
+                self._phase[name] = self._draw(name)
+            return self._phase[name]
         if policy == "equilibrium":
             if name not in self._held:
                 self._held[name] = self._draw(name)
@@ -358,10 +379,15 @@ class DeviceNetwork(Network):
         if transpose:
             w = w.T
             d = None if d is None else d.transpose(1, 0, 2)
-            if src.mask is not None:
-                w = w * src.mask.T
-                d = None if d is None else d * src.mask.T[..., None]
-        return (w * c.mask if c.mask is not None else w), d
+        mask = self._tied_mask(c)
+        if mask is not None:  # a tied connection: the source's mask, transposed (also on its own copy)
+            w = w * mask
+            d = None if d is None else d * mask[..., None]
+        return (w * c.mask if c.mask is not None else w.copy()), d
+
+    def _tied_mask(self, c):
+        src = self.connection(f"{c.post}->{c.pre}") if c.tied else None
+        return None if src is None or src.mask is None else src.mask.T
 
     def circuit_weight(self, c):
         # per-step and per-sample deviations of state crossbars are drawn in the kernel / held apart
@@ -442,16 +468,17 @@ class DeviceNetwork(Network):
         if self._mismatch:
             fx[9], fx[10] = self.neurons.gain.astype(rdt), self.neurons.offset.astype(rdt)
         fx[11:14] = [self._kernel_rng(k) for k in ("ReadNoise.step", "IOChain", "StateNoise")]
+        fx[14] = float(max([e.correlation_time or 0.0 for e in self.device.of(ReadEffect)], default=0.0))
         return tuple(fx)
 
     def _packed_variance(self, c):
         if c.name in self.crossbars:
             var = sum(self._state()[c.name][1])
         else:  # a tied connection reads its forward crossbar's devices transposed
-            src = self.connection(f"{c.post}->{c.pre}")
-            var = sum(self._state()[src.name][1]).T
-            if src.mask is not None:
-                var = var * src.mask.T ** 2
+            var = sum(self._state()[f"{c.post}->{c.pre}"][1]).T
+        mask = self._tied_mask(c)
+        if mask is not None:
+            var = var * mask ** 2
         var = np.broadcast_to(var, (self.size_of(c.post), self.size_of(c.pre)))
         return var * c.mask ** 2 if c.mask is not None else var
 

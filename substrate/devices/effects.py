@@ -34,9 +34,12 @@ READ_POLICIES = ("step", "phase", "equilibrium", "sample")
 # ------------------------------------------------------------------------------------ hook bases
 @dataclass(frozen=True)
 class ProgramEffect(Effect):
-    """Acts once per write, on the conductances of the differential pairs (microsiemens)."""
+    """Acts once per write, on the conductances of the differential pairs (microsiemens). Program
+    effects run by ``order``: quantisation (10), programming noise (20), stuck-at faults (30), then
+    effects of other classes (50, in the order given)."""
 
     hook: ClassVar[str] = "program"
+    order: ClassVar[int] = 50
 
     def program(self, g: np.ndarray, crossbar, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
@@ -53,13 +56,15 @@ class DriftEffect(Effect):
 @dataclass(frozen=True)
 class ReadEffect(Effect):
     """Read noise: a Gaussian deviation of every weight with the variance ``read_variance`` gives,
-    redrawn per ``policy``: ``"step"`` (every weight product of every integration step, per sample),
+    redrawn per ``policy``: ``"step"`` (every integration step, per sample, shared by the step's
+    stages; see ``correlation_time``),
     ``"phase"`` (every relaxation or integration, shared by the batch), ``"equilibrium"`` (once per
     free phase; the nudged phases of an EP estimate see the same draw) or ``"sample"`` (like
     equilibrium, but every sample of the batch its own draw)."""
 
     hook: ClassVar[str] = "read"
     conductances: ClassVar[bool] = False  # does the variance need the conductances?
+    correlation_time = None  # "step" policy: see ReadNoise.correlation_time
 
     def read_variance(self, g, w, age, crossbar) -> np.ndarray:
         raise NotImplementedError
@@ -106,6 +111,7 @@ class Quantisation(ProgramEffect):
     """Programming to one of ``levels`` conductances evenly spaced on [g_min, g_max] (the nearest)."""
 
     levels: int = 16
+    order: ClassVar[int] = 10
 
     def __post_init__(self):
         integer(self.levels, "Quantisation.levels", minimum=2)
@@ -119,21 +125,24 @@ class Quantisation(ProgramEffect):
 @dataclass(frozen=True)
 class ProgrammingNoise(ProgramEffect):
     """aihwkit PCMLikeNoiseModel (Nandakumar et al. 2019): g_prog = g_target + scale sigma xi with
-    sigma = c0 + c1 gT + c2 gT^2 microsiemens (gT = g_target/g_max; c = 0.26348, 1.9650, -1.1731 for
-    g_max = 25 uS, rescaled by g_max/25 otherwise), clipped at 0."""
+    sigma = c0 + c1 gT + c2 gT^2 microsiemens (gT = g_target/g_max; c = 0.26348, 1.9650, -1.1731
+    fitted at ``g_max_reference`` = 25 uS, rescaled by g_max/g_max_reference), clipped at 0."""
 
     coefficients: tuple = (0.26348, 1.9650, -1.1731)
     scale: float = 1.0
+    g_max_reference: float = 25.0
     scalable: ClassVar[tuple] = ("scale",)
+    order: ClassVar[int] = 20
 
     def __post_init__(self):
         nonnegative(self.scale, "ProgrammingNoise.scale")
+        positive(self.g_max_reference, "ProgrammingNoise.g_max_reference")
         if len(self.coefficients) < 1:
             raise_range("ProgrammingNoise.coefficients", self.coefficients, "a polynomial's coefficients")
 
     def sigma(self, g, g_max):
         gt = g / g_max
-        return sum(c * gt ** k for k, c in enumerate(self.coefficients)) * (g_max / 25.0)
+        return sum(c * gt ** k for k, c in enumerate(self.coefficients)) * (g_max / self.g_max_reference)
 
     def program(self, g, crossbar, rng):
         noise = self.sigma(g, crossbar.g_max) * rng.standard_normal(g.shape)
@@ -148,6 +157,7 @@ class StuckAt(ProgramEffect):
     fraction: float = 0.01
     value: str = "min"
     scalable: ClassVar[tuple] = ("fraction",)
+    order: ClassVar[int] = 30
 
     def __post_init__(self):
         fraction(self.fraction, "StuckAt.fraction")
@@ -213,11 +223,13 @@ class ReadNoise(ReadEffect):
     sigma: float = 0.02
     relative: bool = True
     policy: str = "phase"
+    correlation_time: float | None = None
     scalable: ClassVar[tuple] = ("sigma",)
 
     def __post_init__(self):
         nonnegative(self.sigma, "ReadNoise.sigma")
         choice(self.policy, "ReadNoise.policy", READ_POLICIES)
+        _correlation_time(self)
 
     def read_variance(self, g, w, age, crossbar):
         s = self.sigma * (np.abs(w) if self.relative else crossbar.w_max)
@@ -235,6 +247,7 @@ class PCMReadNoise(ReadEffect):
     t0: float = 20.0
     scale: float = 1.0
     policy: str = "phase"
+    correlation_time: float | None = None
     scalable: ClassVar[tuple] = ("scale",)
     conductances: ClassVar[bool] = True
 
@@ -243,6 +256,7 @@ class PCMReadNoise(ReadEffect):
         positive(self.t0, "PCMReadNoise.t0")
         nonnegative(self.scale, "PCMReadNoise.scale")
         choice(self.policy, "PCMReadNoise.policy", READ_POLICIES)
+        _correlation_time(self)
 
     def sigma(self, g_prog, age, g_max):
         qs = np.minimum(0.0088 / np.maximum(np.abs(g_prog) / g_max, 1e-3) ** 0.65, 0.2)
@@ -356,6 +370,18 @@ class IndependentFeedback(Effect):
     this effect a tied connection reads the forward crossbar transposed (a bidirectional array)."""
 
     hook: ClassVar[str] = "feedback"
+
+
+def _correlation_time(effect):
+    """``correlation_time`` (``"step"`` policy only): None, the noise is drawn once per integration
+    step with the variance given (its effect then depends on the step h); t_c > 0, the variance of a
+    step's draw is scaled by t_c/h (white noise of correlation time t_c, in tau units), so that the
+    trajectory's noise does not depend on h."""
+    name = f"{type(effect).__name__}.correlation_time"
+    if effect.correlation_time is not None:
+        positive(effect.correlation_time, name)
+        if effect.policy != "step":
+            raise_range(name, effect.correlation_time, "None unless policy='step'")
 
 
 def raise_range(name, value, allowed):
