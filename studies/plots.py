@@ -249,7 +249,9 @@ def plot_devices(archive_path: str):
             for p, policy in enumerate(policies):
                 pts = sorted((float(ds["level"].values[i]), i) for i in idx
                              if str(ds["read_policy"].values[i]) == policy)
-                if effect != "quantisation" and none and p == 0:
+                # the effect-free run is the level-0 point, when the effect has none of its own
+                # (tau mismatch comes with its own, at the same relaxation time)
+                if effect != "quantisation" and none and all(v > 0 for v, _ in pts):
                     pts = [(0.0, none[0])] + pts
                 x = [v for v, _ in pts]
                 for row, da in enumerate((acc, cos)):
