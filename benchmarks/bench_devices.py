@@ -17,8 +17,8 @@ marginal step (T_1000 - T_100) / 900, for
 * ``IO chain``: aihwkit defaults (7-bit DAC, output noise, 9-bit ADC);
 * ``activation mismatch``: rho(g (u - o)) per neuron.
 
-One BLAS thread (threadpoolctl), minimum and median of ``--repeats`` runs; the machine may be shared,
-trust the minimum. The first call (compile or cache load) is done before timing.
+One BLAS thread (threadpoolctl), minimum and median of ``--repeats`` runs, the cases taken in turn
+(round robin) so that a noisy moment of the shared machine hits them alike; trust the minimum. The first call (compile or cache load) is done before timing.
 
 Run:  .venv/bin/python benchmarks/bench_devices.py
 """
@@ -33,16 +33,6 @@ from threadpoolctl import threadpool_limits
 
 import substrate as S
 from substrate import devices as D
-
-
-def timed(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts), float(np.median(ts))
 
 
 def main():
@@ -65,20 +55,25 @@ def main():
         "activation mismatch": D.Device((D.ActivationMismatch(),)),
     }
     dt = 0.1
-    rows = []
+    calls = {}
+    for name, dev in cases.items():
+        circuit = net if dev is None else D.attach(net, dev, np.random.default_rng(1))
+        for k in (1, 10):
+            calls[name, k] = (lambda c=circuit, steps=k * args.steps:
+                              S.integrate(c, x, t_span=(0.0, steps * dt), method="euler", dt=dt))
+    times = {key: [] for key in calls}
     with threadpool_limits(1):
-        for name, dev in cases.items():
-            circuit = net if dev is None else D.attach(net, dev, np.random.default_rng(1))
-            res = {}
-            for k in (1, 10):
-                steps = k * args.steps
-
-                def call(steps=steps):
-                    S.integrate(circuit, x, t_span=(0.0, steps * dt), method="euler", dt=dt)
-
-                res[k] = timed(call, args.repeats)
-            marginal = (res[10][0] - res[1][0]) / (9 * args.steps)
-            rows.append((name, res[1], res[10], marginal))
+        for fn in calls.values():  # the first call compiles or loads the kernels
+            fn()
+        for _ in range(args.repeats):  # round robin: a noisy moment hits every case alike
+            for key, fn in calls.items():
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+    rows = []
+    for name in cases:
+        r1, r10 = [(min(times[name, k]), float(np.median(times[name, k]))) for k in (1, 10)]
+        rows.append((name, r1, r10, (r10[0] - r1[0]) / (9 * args.steps)))
     base = rows[0][3]
     print(f"784-500-10, batch {args.batch}, Euler dt {dt}, float64, 1 BLAS thread, min (median) of {args.repeats}")
     head = (f"{'case':<22} {f'{args.steps} steps ms':>18} {f'{10 * args.steps} steps ms':>20} "
