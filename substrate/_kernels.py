@@ -442,6 +442,97 @@ def device_products(fx, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, 
         quantise(out, adc_bits, adc_bound)
 
 
+# Compile-time dispatch on the effects' type: an ideal circuit passes ``fx = ()``, and ``run``'s
+# specialisation for it contains none of the device code (no generators, converters or noise), so
+# the ideal path costs nothing at run time and nothing at compile time; a device passes the full
+# tuple and gets its own specialisation.
+def fx_setup(fx, n, nb, dtype, rdt):
+    """(gain, offset, devio, rq, var, xi): activation mismatch (empty: none), whether the weight
+    products go through ``device_products``, and its scratch buffers."""
+
+
+@overload(fx_setup, jit_options={"error_model": "numpy"})
+def _fx_setup(fx, n, nb, dtype, rdt):
+    if len(fx) == 0:
+        def ideal(fx, n, nb, dtype, rdt):
+            e = np.empty((0, nb), dtype)
+            return np.zeros(0, rdt), np.zeros(0, rdt), False, e, e, np.empty((0, nb))
+        return ideal
+
+    def device(fx, n, nb, dtype, rdt):
+        devio = fx[0] != READ_NONE or fx[3].shape[0] > 0 or fx[4] > 0 or fx[6] > 0
+        m = n if devio else 0
+        return fx[9], fx[10], devio, np.empty((m, nb), dtype), np.empty((m, nb), dtype), np.empty((m, nb))
+    return device
+
+
+def fx_products(fx, devio, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, h):
+    """out = W r (ideal), or the device's crossbar output (``device_products``)."""
+
+
+@overload(fx_products, jit_options={"error_model": "numpy"})
+def _fx_products(fx, devio, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, h):
+    if len(fx) == 0:
+        return lambda fx, devio, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, h: \
+            weights_times(r, wbuf, conn, layer_off, tmp, out)
+
+    def device(fx, devio, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, h):
+        if devio:
+            device_products(fx, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, h)
+        else:
+            weights_times(r, wbuf, conn, layer_off, tmp, out)
+    return device
+
+
+def fx_activate(fx, u, layer_off, layer_act, gain, offset, row, out):
+    """out = rho(u), with the device's activation mismatch if it has one."""
+
+
+@overload(fx_activate, jit_options={"error_model": "numpy"})
+def _fx_activate(fx, u, layer_off, layer_act, gain, offset, row, out):
+    if len(fx) == 0:
+        return lambda fx, u, layer_off, layer_act, gain, offset, row, out: activate(u, layer_off, layer_act, out)
+    return lambda fx, u, layer_off, layer_act, gain, offset, row, out: \
+        activate_device(u, layer_off, layer_act, gain, offset, row, out)
+
+
+def fx_activate_mismatch(fx, gain, offset, layer_off, layer_act, row, y, r):
+    """With a device's activation mismatch, r = rho(g (y - o)) again over the nominal activity
+    ``stage_pass`` wrote (a second activation pass, paid by mismatched devices only)."""
+
+
+@overload(fx_activate_mismatch, jit_options={"error_model": "numpy"})
+def _fx_activate_mismatch(fx, gain, offset, layer_off, layer_act, row, y, r):
+    if len(fx) == 0:
+        return lambda fx, gain, offset, layer_off, layer_act, row, y, r: None
+
+    def device(fx, gain, offset, layer_off, layer_act, row, y, r):
+        if gain.shape[0] > 0:
+            activate_device(y, layer_off, layer_act, gain, offset, row, r)
+    return device
+
+
+def fx_step_noise(fx, u, h, layer_off, layer_act, gain, offset, row, r):
+    """The state noise after an accepted step (and r = rho(u) again); True if any was added."""
+
+
+@overload(fx_step_noise, jit_options={"error_model": "numpy"})
+def _fx_step_noise(fx, u, h, layer_off, layer_act, gain, offset, row, r):
+    if len(fx) == 0:
+        return lambda fx, u, h, layer_off, layer_act, gain, offset, row, r: False
+
+    def device(fx, u, h, layer_off, layer_act, gain, offset, row, r):
+        if fx[8] <= 0.0:
+            return False
+        amp = fx[8] * math.sqrt(h)
+        for p in range(u.shape[0]):
+            for b in range(u.shape[1]):
+                u[p, b] += amp * fx[13].standard_normal()
+        activate_device(u, layer_off, layer_act, gain, offset, row, r)
+        return True
+    return device
+
+
 @njit
 def activate_device(u, layer_off, layer_act, gain, offset, row, out):
     """out = rho(u), or rho(g_i (u_i - o_i)) per neuron when ``gain`` is not empty (activation
@@ -549,16 +640,14 @@ def coefficients(family, method, h, a, bw, tauinv, alpha, coef):
 
 @njit
 def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, stages,
-               layer_off, layer_act, relax, res, umax, ew, h, rtol, atol, blowup, ynext, rnext,
-               gain, offset, row):
+               layer_off, layer_act, relax, res, umax, ew, h, rtol, atol, blowup, ynext, rnext):
     """Everything between two weight products, fused row by row while the row is in cache:
 
     1. (if ``compute``) the slope of stage i from its weight product wr = W rho(Y_i):
        S_i = (wr + drive - Y_i)/tau (explicit RK) or S_i = wr + drive (exponential);
     2. at stage 0 of a relaxation, the per-sample residual max_i |F_i(u)| and max_i |u_i|;
-    3. the next stage point Y_{i+1} and its activity (rho(g_i (Y - o_i)) with a device's activation
-       mismatch ``gain``/``offset``, else empty), or, after the last stage, the new state with its
-       activity, its blow-up check and (embedded pairs) the error estimate.
+    3. the next stage point Y_{i+1} and its activity, or, after the last stage, the new state with
+       its activity, its blow-up check and (embedded pairs) the error estimate.
 
     Returns (number of entries that are NaN/Inf or beyond ``blowup``, sum of squared scaled errors)."""
     s = coef.shape[1]
@@ -608,13 +697,7 @@ def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, st
                             d += ew[j] * stages[j, p, b]
                         sc = abs(h * d) / (atol + rtol * max(abs(u[p, b]), abs(ynext[p, b])))
                         err2 += sc * sc
-            src = ynext[p]
-            if gain.shape[0] > 0:
-                g, o = gain[p], offset[p]
-                for b in range(nb):
-                    row[b] = g * (ynext[p, b] - o)
-                src = row
-            rho_row(layer_act[l], src, rnext[p])
+            rho_row(layer_act[l], ynext[p], rnext[p])
     return bad, err2
 
 
@@ -673,11 +756,8 @@ def run(family, method, a, bw, ew, fsal, adaptive,
     coef = np.zeros((s + 1, s, n), rdt)
     h_coef = -1.0
     umax = np.zeros(nb)
-    gain, offset = fx[9], fx[10]
-    state_noise = fx[8]
-    devio = fx[0] != READ_NONE or fx[3].shape[0] > 0 or fx[4] > 0 or fx[6] > 0
-    ndev = n if devio else 0
-    rq, var, xi = np.empty((ndev, nb), dtype), np.empty((ndev, nb), dtype), np.empty((ndev, nb))
+    gain, offset, devio, rq, var, xi = fx_setup(fx, n, nb, dtype, rdt)
+    noisy = False
     row = np.empty(nb, dtype)
 
     t = t0
@@ -691,7 +771,7 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         k += 1
     if ckpt_every > 0:
         ckpt[0] = u
-    activate_device(u, layer_off, layer_act, gain, offset, row, r)
+    fx_activate(fx, u, layer_off, layer_act, gain, offset, row, r)
     first_ready = False  # is S_0 (the slope at u) known?
     facold = 1e-4
     h = dt
@@ -724,10 +804,7 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         for i in range(s):
             compute = i > 0 or not first_ready
             if compute:
-                if devio:
-                    device_products(fx, rcur, wbuf, conn, layer_off, tmp, wr, rq, var, xi, i == 0, hh)
-                else:
-                    weights_times(rcur, wbuf, conn, layer_off, tmp, wr)
+                fx_products(fx, devio, rcur, wbuf, conn, layer_off, tmp, wr, rq, var, xi, i == 0, hh)
                 if nudge[0] != NO_NUDGE:
                     teach(nudge, rcur, wr)
                 nfev += 1
@@ -740,7 +817,8 @@ def run(family, method, a, bw, ew, fsal, adaptive,
                 yout, rout = yb, rb
             bad, err2 = stage_pass(i, compute, family, wr, drive, ycur, tauinv, tau, alpha, coef, u,
                                    stages, layer_off, layer_act, relax, residual, umax, ew, hh,
-                                   rtol, atol, blowup, yout, rout, gain, offset, row)
+                                   rtol, atol, blowup, yout, rout)
+            fx_activate_mismatch(fx, gain, offset, layer_off, layer_act, row, yout, rout)
             ycur, rcur = yout, rout
             first_ready = True
             if relax and i == 0:
@@ -790,18 +868,13 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         t = target if hh != h else t + hh
         u, unew = unew, u
         r, rnew = rnew, r
-        if state_noise > 0.0:
-            amp = state_noise * math.sqrt(hh)
-            for p in range(n):
-                for b in range(nb):
-                    u[p, b] += amp * fx[13].standard_normal()
-            activate_device(u, layer_off, layer_act, gain, offset, row, r)
+        noisy = fx_step_noise(fx, u, hh, layer_off, layer_act, gain, offset, row, r)
         if step < h_record.shape[0]:
             h_record[step] = hh
         step += 1
         if ckpt_every > 0 and step % ckpt_every == 0 and step // ckpt_every < ckpt.shape[0]:
             ckpt[step // ckpt_every] = u
-        if fsal and state_noise == 0.0:  # noise moved the state off the last stage
+        if fsal and not noisy:  # noise moved the state off the last stage
             stages[0, :, :] = stages[s - 1]
         else:
             first_ready = False
@@ -835,8 +908,6 @@ def replay(family, method, a, bw, u0, nsteps, hs, drive, wbuf, conn, layer_off, 
     rnew = np.empty_like(u0)
     dummy = np.zeros(nb)
     ew = np.zeros(0)
-    nogain = np.zeros(0, tauinv.dtype)  # replays are of the nominal circuit (a device's twin)
-    rowbuf = np.empty(nb, u0.dtype)
     ys[0, 0] = u0
     activate(u0, layer_off, layer_act, rs[0, 0])
     for m in range(nsteps):
@@ -854,7 +925,7 @@ def replay(family, method, a, bw, u0, nsteps, hs, drive, wbuf, conn, layer_off, 
                 yout, rout = u_end, rnew
             stage_pass(i, True, family, wr, drive, ys[m, i], tauinv, tau, alpha, coef, ys[m, 0],
                        ss[m], layer_off, layer_act, False, dummy, dummy, ew, h, 0.0, 1.0, np.inf,
-                       yout, rout, nogain, nogain, rowbuf)
+                       yout, rout)
 
 
 @njit

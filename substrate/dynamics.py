@@ -23,7 +23,7 @@ import numpy as np
 
 from . import _kernels as K
 from .errors import SubstrateValueError
-from .network import Network, check_dtype
+from .network import Network, check_dtype, effects_neurons
 
 
 def resolve_dtype(network: Network, dtype=None) -> np.dtype:
@@ -94,7 +94,7 @@ class VectorField:
         ut = self.state(u)
         out, r = np.empty_like(ut), np.empty_like(ut)
         p = self.packed
-        gain, offset = self.effects[9], self.effects[10]
+        gain, offset = effects_neurons(self.effects, self.dtype)
         if gain.shape[0]:
             K.activate_device(ut, p.layer_off, p.layer_act, gain, offset, np.empty(self.batch, ut.dtype), r)
             K.weights_times(r, p.wbuf, p.conn, p.layer_off, self._tmp, out)
@@ -105,7 +105,7 @@ class VectorField:
         return out.T
 
     def _nominal_neurons(self, what):
-        if self.effects[9].shape[0]:
+        if effects_neurons(self.effects, self.dtype)[0].shape[0]:
             raise SubstrateValueError(
                 f"{what}: the device's neurons have activation mismatch, which the engine's derivative "
                 "kernels do not model; differentiate its nominal network (twin=True in substrate.gradient)")
@@ -134,7 +134,7 @@ class VectorField:
         p = self.packed
         ut, wt = self.state(u), self.state(w, "w")
         r = np.empty_like(ut)
-        gain, offset = self.effects[9], self.effects[10]  # a device's activation mismatch, if any
+        gain, offset = effects_neurons(self.effects, self.dtype)  # a device's activation mismatch, if any
         K.activate_device(ut, p.layer_off, p.layer_act, gain, offset, np.empty(self.batch, ut.dtype), r)
         flat = np.empty_like(p.wbuf)
         K.weight_vjp(wt, r, p.conn, flat)

@@ -256,12 +256,12 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     u_out = np.empty_like(u)
     record = record or _no_record(n, nb, vf.dtype, len(t_save))
     fx = vf.effects
-    stochastic = fx[0] == K.READ_STEP or fx[3].shape[0] > 0 or fx[8] > 0
+    stochastic = len(fx) > 0 and (fx[0] == K.READ_STEP or fx[3].shape[0] > 0 or fx[8] > 0)
     if stochastic and (adaptive or vf.dtype.kind == "c"):
         raise SubstrateValueError(
             f"the device draws noise at every step (per-step read noise, output noise or state noise): "
             f"it needs a fixed-step method with real states, not {stepper.name!r} with {vf.dtype} states")
-    if vf.dtype.kind == "c" and (fx[4] > 0 or fx[6] > 0):
+    if len(fx) > 0 and vf.dtype.kind == "c" and (fx[4] > 0 or fx[6] > 0):
         raise SubstrateValueError("the device's DAC/ADC quantise real signals: complex states (holomorphic "
                                   "EP) cannot pass them; use IOChain(inp_bits=0, out_bits=0)")
     status, t, steps, nfev, rejected = K.run(

@@ -448,13 +448,15 @@ class Network:
         return f"Network(layers: {ls}; inputs: {[i.name for i in self.inputs]}; connections: {cs})"
 
 
-_IDLE_RNG = np.random.default_rng(0)  # types the generator slots; the ideal path never draws
-
-
 def no_effects(dtype) -> tuple:
-    """The kernel's device-effects argument for an ideal circuit, with the Numba types of a real one."""
-    dtype = np.dtype(dtype)
-    rdt = np.float32 if dtype == np.float32 else np.float64
-    none = np.zeros(0, rdt)
-    return (K.READ_NONE, np.zeros(0, dtype), np.zeros((0, 0), dtype), none, 0, none, 0, 1.0, 0.0,
-            none, none, _IDLE_RNG, _IDLE_RNG, _IDLE_RNG, 0.0)
+    """The kernel's device-effects argument for an ideal circuit: the empty tuple, for which the
+    stepping kernel is compiled without any device code (``_kernels.fx_setup``)."""
+    return ()
+
+
+def effects_neurons(fx, dtype):
+    """(gain, offset) of the neurons' activation mismatch in an effects tuple (empty arrays: none)."""
+    if len(fx):
+        return fx[9], fx[10]
+    rdt = np.float32 if np.dtype(dtype) == np.float32 else np.float64
+    return np.zeros(0, rdt), np.zeros(0, rdt)
