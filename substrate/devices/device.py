@@ -135,7 +135,6 @@ class Crossbar:
         self.name, self.device, self.seed = name, device, seed
         self.mapping = device.mapping or ConductanceMapping()
         self.g_max, self.g_min = self.mapping.g_max, self.mapping.g_min
-        self.version = 0
         self.w_prog = None  # the weights as written (network units)
         self._fixed, self._written, self._dirty, self._rngs = {}, {}, {}, {}
 
@@ -185,7 +184,6 @@ class Crossbar:
         else:
             self.w_prog = target.copy()
         self.target = target.copy() if dev.update is None else self.w_prog.copy()
-        self.version += 1
         return self.w_prog
 
     def _write_conductances(self, target, clock, first):
@@ -290,7 +288,6 @@ class DeviceNetwork(Network):
         self.crossbars = {c.name: Crossbar(c.name, device, self.seed)
                           for c in self.connections if not c.tied or separate}
         self._held, self._held_rngs, self._phase = {}, {}, {}
-        self.writes = 0
         self.write()
 
     # -------------------------------------------------------------------- writing and time
@@ -309,7 +306,6 @@ class DeviceNetwork(Network):
             w = xb.write(self._target(c), self.clock)
             if self.device.update is not None and not c.tied:
                 c.weight[...] = w  # the devices are the weights: the learning rule continues from them
-        self.writes += 1
         self._reading = None
         self.new_equilibrium()
 
@@ -503,6 +499,7 @@ def attach(network: Network, device: Device, rng: np.random.Generator) -> Device
 
 
 def _quantised(x, bits, bound):
-    """The DAC of ``_kernels.quantise`` (mid-tread, 2^bits - 1 levels) in NumPy, for the inputs."""
-    step = 2.0 * bound / (2.0 ** bits - 2.0)
-    return np.round(np.clip(x, -bound, bound) / step) * step
+    """x through the kernels' DAC (``_kernels.quantise``: mid-tread, 2^bits - 1 levels)."""
+    q = np.array(x, dtype=float)
+    K.quantise(q, bits, np.array([float(bound)]))
+    return q
