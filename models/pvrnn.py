@@ -1,0 +1,291 @@
+"""PV-RNN (Ahmadi & Tani, Neural Computation 2019; REFERENCES section 5): MTRNN layers of leaky
+tanh units with stochastic latents, a learned prior, and a posterior from adaptive vectors A.
+
+Layers l = 0 (bottom) .. L-1 (top); at every data step t = 0..T-1 the layers update top-down:
+
+    prior      t = 0: N(0, I);  t > 0: mu^p = tanh(W_mu d_{t-1} + b_mu), sigma^p = exp(W_sig d_{t-1} + b_sig)
+    posterior  mu^q = tanh(A^mu_t), sigma^q = exp(A^sig_t);  z_t = mu^q + sigma^q eps_t
+    units      h_t = (1 - 1/tau) h_{t-1} + (1/tau)(W_dd d_{t-1} + W_zd z_t + W_td d^{l+1}_t + b),  d_t = tanh(h_t)
+    output     x_hat_t = tanh(W_out d^0_t + b_out)
+
+(the Euler step with dt = 1 of tau dh/dt = -h + ..., the published model; h_{-1} = 0, d_{-1} = 0; the
+top layer has no top-down term). The free energy of a sequence (the negative lower bound) is
+
+    F = sum_t 0.5 ||x_t - x_hat_t||^2 / D_x + sum_l sum_t w_l(t) KL^l_t / Z_l,
+    KL = sum_j log(sigma^p_j/sigma^q_j) + ((mu^p_j - mu^q_j)^2 + (sigma^q_j)^2) / (2 (sigma^p_j)^2) - 1/2,
+
+with w_l(0) = ``w_first`` and w_l(t > 0) = ``w`` (the first-step weight applies to the first step
+only), summed over the sequences of a batch. Its gradient with respect to the weights and every
+sequence's A is the exact discrete adjoint of these steps (backpropagation through time written out
+in :meth:`PVRNN.free_energy`; the top-down gradient carries its 1/tau), checked against torch autograd
+in tests/test_pvrnn.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from substrate.errors import SubstrateValueError
+
+
+@dataclass(frozen=True)
+class PVLayer:
+    """One MTRNN layer: ``units`` deterministic units with time constant ``tau`` (>= 1), ``latents``
+    stochastic units, meta-prior ``w`` and first-step weight ``w_first``."""
+
+    units: int
+    latents: int
+    tau: float
+    w: float = 1e-3
+    w_first: float = 1.0
+
+    def __post_init__(self):
+        for name in ("units", "latents"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise SubstrateValueError(f"PVLayer.{name}={v!r} must be a positive integer")
+        if not (math.isfinite(self.tau) and self.tau >= 1.0):
+            raise SubstrateValueError(f"PVLayer.tau={self.tau!r} must be >= 1 (the Euler step dt = 1 is stable)")
+        for name in ("w", "w_first"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise SubstrateValueError(f"PVLayer.{name}={v!r} must be a finite number >= 0")
+
+
+@dataclass
+class Pass:
+    """What a forward pass keeps for its backward pass (per layer lists of (B, T, .) arrays)."""
+
+    d: list
+    z: list
+    mu_p: list
+    logs_p: list
+    mu_q: list
+    logs_q: list
+    eps: list
+    x_hat: np.ndarray
+
+
+class PVRNN:
+    """A PV-RNN of ``layers`` (bottom first) with ``outputs`` output units; weights drawn from ``rng``
+    (uniform +-1/sqrt(fan_in), PyTorch's default). ``params`` maps names to arrays:
+    ``l{i}.W_dd``, ``l{i}.W_zd``, ``l{i}.W_td`` (from layer i+1, not for the top), ``l{i}.b``,
+    ``l{i}.W_mu``, ``l{i}.b_mu``, ``l{i}.W_sig``, ``l{i}.b_sig``, ``out.W``, ``out.b``."""
+
+    def __init__(self, layers, outputs: int, rng: np.random.Generator):
+        self.layers = [PVLayer(**x) if isinstance(x, dict) else x for x in layers]
+        if not self.layers or not all(isinstance(x, PVLayer) for x in self.layers):
+            raise SubstrateValueError("layers: a non-empty list of PVLayer (or dicts of their fields)")
+        if isinstance(outputs, bool) or not isinstance(outputs, (int, np.integer)) or outputs < 1:
+            raise SubstrateValueError(f"outputs={outputs!r} must be a positive integer")
+        if not isinstance(rng, np.random.Generator):
+            raise SubstrateValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        self.outputs = int(outputs)
+
+        def uniform(post, pre):
+            k = 1.0 / math.sqrt(pre)
+            return rng.uniform(-k, k, (post, pre))
+
+        p = {}
+        for i, x in enumerate(self.layers):
+            p[f"l{i}.W_dd"] = uniform(x.units, x.units)
+            p[f"l{i}.W_zd"] = uniform(x.units, x.latents)
+            if i + 1 < len(self.layers):
+                p[f"l{i}.W_td"] = uniform(x.units, self.layers[i + 1].units)
+            p[f"l{i}.b"] = np.zeros(x.units)
+            p[f"l{i}.W_mu"] = uniform(x.latents, x.units)
+            p[f"l{i}.b_mu"] = np.zeros(x.latents)
+            p[f"l{i}.W_sig"] = uniform(x.latents, x.units)
+            p[f"l{i}.b_sig"] = np.zeros(x.latents)
+        p["out.W"] = uniform(self.outputs, self.layers[0].units)
+        p["out.b"] = np.zeros(self.outputs)
+        self.params = p
+
+    # ---------------------------------------------------------------- adaptive vectors and noise
+    def adaptive_vectors(self, sequences: int, steps: int) -> dict:
+        """A for ``sequences`` sequences of ``steps`` steps, zero (mu^q = 0, sigma^q = 1):
+        {"l{i}.mu": (B, T, Z), "l{i}.sig": (B, T, Z)}."""
+        return {f"l{i}.{k}": np.zeros((sequences, steps, x.latents))
+                for i, x in enumerate(self.layers) for k in ("mu", "sig")}
+
+    def noise(self, sequences: int, steps: int, rng: np.random.Generator) -> list:
+        """eps per layer, (B, T, Z) standard normals (one draw per pass)."""
+        return [rng.standard_normal((sequences, steps, x.latents)) for x in self.layers]
+
+    # ---------------------------------------------------------------- forward
+    def run(self, A: dict, eps: list) -> Pass:
+        """The posterior pass: z from A and eps at every step, the units and the output."""
+        B, T = A["l0.mu"].shape[:2]
+        p, L = self.params, len(self.layers)
+        keep = {k: [np.zeros((B, T, x.units if k == "d" else x.latents)) for x in self.layers]
+                for k in ("d", "z", "mu_p", "logs_p", "mu_q", "logs_q")}
+        h = [np.zeros((B, x.units)) for x in self.layers]
+        d_prev = [np.zeros((B, x.units)) for x in self.layers]
+        x_hat = np.empty((B, T, self.outputs))
+        for t in range(T):
+            for i in range(L - 1, -1, -1):
+                x = self.layers[i]
+                if t == 0:
+                    mu_p, logs_p = np.zeros((B, x.latents)), np.zeros((B, x.latents))
+                else:
+                    mu_p = np.tanh(d_prev[i] @ p[f"l{i}.W_mu"].T + p[f"l{i}.b_mu"])
+                    logs_p = d_prev[i] @ p[f"l{i}.W_sig"].T + p[f"l{i}.b_sig"]
+                mu_q, logs_q = np.tanh(A[f"l{i}.mu"][:, t]), A[f"l{i}.sig"][:, t]
+                z = mu_q + np.exp(logs_q) * eps[i][:, t]
+                pre = d_prev[i] @ p[f"l{i}.W_dd"].T + z @ p[f"l{i}.W_zd"].T + p[f"l{i}.b"]
+                if i + 1 < L:
+                    pre += keep["d"][i + 1][:, t] @ p[f"l{i}.W_td"].T
+                h[i] = (1.0 - 1.0 / x.tau) * h[i] + pre / x.tau
+                d = np.tanh(h[i])
+                for k, v in (("d", d), ("z", z), ("mu_p", mu_p), ("logs_p", logs_p), ("mu_q", mu_q),
+                             ("logs_q", logs_q)):
+                    keep[k][i][:, t] = v
+            for i in range(L):
+                d_prev[i] = keep["d"][i][:, t]
+            x_hat[:, t] = np.tanh(d_prev[0] @ p["out.W"].T + p["out.b"])
+        return Pass(eps=eps, x_hat=x_hat, **keep)
+
+    def _weights(self, i, T):
+        x = self.layers[i]
+        w = np.full(T, x.w)
+        w[0] = x.w_first
+        return w / x.latents
+
+    def free_energy(self, x, A: dict, eps: list, gradient: bool = True):
+        """(F, parts, dF/dparams, dF/dA) for sequences x (B, T, D_x), adaptive vectors A and noise eps.
+        parts: {"reconstruction": sum_t Rec_t / D_x, "kl": [per layer sum_t w(t) KL_t / Z]} summed over
+        the batch; F = reconstruction + sum(kl). With ``gradient=False`` the two gradients are None."""
+        x = np.asarray(x, dtype=float)
+        B, T, D = x.shape
+        if D != self.outputs or A["l0.mu"].shape[:2] != (B, T):
+            raise SubstrateValueError(f"x has shape {x.shape}; expected (sequences, steps, {self.outputs}) "
+                                      f"matching A's {A['l0.mu'].shape[:2]}")
+        run = self.run(A, eps)
+        err = run.x_hat - x
+        rec = 0.5 * float(np.sum(err * err)) / D
+        kls, terms = [], []
+        for i in range(len(self.layers)):
+            sp2 = np.exp(2 * run.logs_p[i])
+            diff = run.mu_p[i] - run.mu_q[i]
+            sq2 = np.exp(2 * run.logs_q[i])
+            kl = run.logs_p[i] - run.logs_q[i] + (diff * diff + sq2) / (2 * sp2) - 0.5
+            w = self._weights(i, T)[None, :, None]
+            kls.append(float(np.sum(w * kl)))
+            terms.append((w, sp2, diff, sq2))
+        F = rec + sum(kls)
+        parts = {"reconstruction": rec, "kl": kls}
+        if not gradient:
+            return F, parts, None, None
+        gp, gA = self._backward(x, run, err / D, terms)
+        return F, parts, gp, gA
+
+    # ---------------------------------------------------------------- backward (BPTT)
+    def _backward(self, x, run: Pass, g_err, terms):
+        p, L = self.params, len(self.layers)
+        B, T, _ = x.shape
+        gp = {k: np.zeros_like(v) for k, v in p.items()}
+        gA = {f"l{i}.{k}": np.zeros((B, T, x_.latents)) for i, x_ in enumerate(self.layers) for k in ("mu", "sig")}
+        gd = [np.zeros((B, x_.units)) for x_ in self.layers]        # dF/d d^l_t
+        gh = [np.zeros((B, x_.units)) for x_ in self.layers]        # dF/d h^l_t through h^l_{t+1}
+        for t in range(T - 1, -1, -1):
+            y = run.x_hat[:, t]
+            g_out = g_err[:, t] * (1.0 - y * y)
+            d0 = run.d[0][:, t]
+            gp["out.W"] += g_out.T @ d0
+            gp["out.b"] += g_out.sum(axis=0)
+            gd[0] += g_out @ p["out.W"]
+            gd_prev = [np.zeros_like(g) for g in gd]
+            for i in range(L):  # reverse of the top-down order: layer i feeds on layer i+1 at time t
+                lay = self.layers[i]
+                d = run.d[i][:, t]
+                d_before = run.d[i][:, t - 1] if t > 0 else np.zeros_like(d)
+                g_h = gh[i] + gd[i] * (1.0 - d * d)
+                g_pre = g_h / lay.tau
+                gh[i] = g_h * (1.0 - 1.0 / lay.tau)
+                z = run.z[i][:, t]
+                gp[f"l{i}.W_dd"] += g_pre.T @ d_before
+                gp[f"l{i}.W_zd"] += g_pre.T @ z
+                gp[f"l{i}.b"] += g_pre.sum(axis=0)
+                gd_prev[i] += g_pre @ p[f"l{i}.W_dd"]
+                if i + 1 < L:
+                    gp[f"l{i}.W_td"] += g_pre.T @ run.d[i + 1][:, t]
+                    gd[i + 1] += g_pre @ p[f"l{i}.W_td"]  # carries the 1/tau of layer i
+                g_z = g_pre @ p[f"l{i}.W_zd"]
+                w, sp2, diff, sq2 = terms[i]
+                c = float(w[0, t, 0])  # w_l(t) / Z_l
+                sp2, diff, sq2 = sp2[:, t], diff[:, t], sq2[:, t]
+                mu_q, logs_q = run.mu_q[i][:, t], run.logs_q[i][:, t]
+                s_q = np.exp(logs_q)
+                g_mu_q = g_z - c * diff / sp2
+                g_logs_q = g_z * s_q * run.eps[i][:, t] + c * (sq2 / sp2 - 1.0)
+                gA[f"l{i}.mu"][:, t] = g_mu_q * (1.0 - mu_q * mu_q)
+                gA[f"l{i}.sig"][:, t] = g_logs_q
+                if t > 0:
+                    mu_p = run.mu_p[i][:, t]
+                    g_pre_mu = c * diff / sp2 * (1.0 - mu_p * mu_p)
+                    g_logs_p = c * (1.0 - (diff * diff + sq2) / sp2)
+                    gp[f"l{i}.W_mu"] += g_pre_mu.T @ d_before
+                    gp[f"l{i}.b_mu"] += g_pre_mu.sum(axis=0)
+                    gp[f"l{i}.W_sig"] += g_logs_p.T @ d_before
+                    gp[f"l{i}.b_sig"] += g_logs_p.sum(axis=0)
+                    gd_prev[i] += g_pre_mu @ p[f"l{i}.W_mu"] + g_logs_p @ p[f"l{i}.W_sig"]
+            gd = gd_prev
+        return gp, gA
+
+    # ---------------------------------------------------------------- prior, reconstruction, training
+    def generate(self, sequences: int, steps: int, rng: np.random.Generator) -> np.ndarray:
+        """x_hat (B, T, D_x) sampled from the prior (z_t = mu^p + sigma^p eps, t = 0: N(0, I))."""
+        p, L = self.params, len(self.layers)
+        h = [np.zeros((sequences, x.units)) for x in self.layers]
+        d = [np.zeros((sequences, x.units)) for x in self.layers]
+        out = np.empty((sequences, steps, self.outputs))
+        for t in range(steps):
+            new = [None] * L
+            for i in range(L - 1, -1, -1):
+                x = self.layers[i]
+                eps = rng.standard_normal((sequences, x.latents))
+                if t == 0:
+                    z = eps
+                else:
+                    z = (np.tanh(d[i] @ p[f"l{i}.W_mu"].T + p[f"l{i}.b_mu"])
+                         + np.exp(d[i] @ p[f"l{i}.W_sig"].T + p[f"l{i}.b_sig"]) * eps)
+                pre = d[i] @ p[f"l{i}.W_dd"].T + z @ p[f"l{i}.W_zd"].T + p[f"l{i}.b"]
+                if i + 1 < L:
+                    pre += new[i + 1] @ p[f"l{i}.W_td"].T
+                h[i] = (1.0 - 1.0 / x.tau) * h[i] + pre / x.tau
+                new[i] = np.tanh(h[i])
+            d = new
+            out[:, t] = np.tanh(d[0] @ p["out.W"].T + p["out.b"])
+        return out
+
+    def reconstruct(self, A: dict) -> np.ndarray:
+        """x_hat of the posterior means (eps = 0) of the sequences whose adaptive vectors are A."""
+        B, T = A["l0.mu"].shape[:2]
+        return self.run(A, [np.zeros((B, T, x.latents)) for x in self.layers]).x_hat
+
+
+def train(model: PVRNN, x, *, epochs: int, rng: np.random.Generator, lr: float = 1e-3, A: dict | None = None,
+          progress: bool = True):
+    """Weights and every sequence's A by Adam on the free energy of sequences x (B, T, D_x), fresh
+    noise each epoch (one pass of the whole set per epoch). Returns (A, history) with per-epoch
+    arrays "free_energy", "reconstruction" and "kl" (epochs, layers)."""
+    from tqdm.auto import tqdm
+
+    from .train import Adam
+
+    x = np.asarray(x, dtype=float)
+    B, T, _ = x.shape
+    A = model.adaptive_vectors(B, T) if A is None else A
+    opt = Adam(lr)
+    hist = {"free_energy": [], "reconstruction": [], "kl": []}
+    for _ in tqdm(range(epochs), desc="PV-RNN", disable=not progress):
+        F, parts, gp, gA = model.free_energy(x, A, model.noise(B, T, rng))
+        opt.step(model.params, gp)
+        opt.step(A, gA)
+        hist["free_energy"].append(F)
+        hist["reconstruction"].append(parts["reconstruction"])
+        hist["kl"].append(parts["kl"])
+    return A, {k: np.asarray(v) for k, v in hist.items()}
