@@ -56,8 +56,19 @@ class PVLayer:
 
 
 @dataclass
+class State:
+    """The units of every layer at one step: h and d = tanh(h), lists of (B, units); ``first``: the
+    next step is a sequence's first (prior N(0, I), weight w_first), else it continues one."""
+
+    h: list
+    d: list
+    first: bool = True
+
+
+@dataclass
 class Pass:
-    """What a forward pass keeps for its backward pass (per layer lists of (B, T, .) arrays)."""
+    """What a forward pass keeps for its backward pass (per layer lists of (B, T, .) arrays), and the
+    state it started from and the state after its first step."""
 
     d: list
     z: list
@@ -67,6 +78,9 @@ class Pass:
     logs_q: list
     eps: list
     x_hat: np.ndarray
+    start: State
+    after_first: State
+    end: State
 
 
 class PVRNN:
@@ -116,19 +130,27 @@ class PVRNN:
         return [rng.standard_normal((sequences, steps, x.latents)) for x in self.layers]
 
     # ---------------------------------------------------------------- forward
-    def run(self, A: dict, eps: list) -> Pass:
-        """The posterior pass: z from A and eps at every step, the units and the output."""
+    def initial_state(self, sequences: int) -> State:
+        """h = d = 0 before a sequence's first step."""
+        return State([np.zeros((sequences, x.units)) for x in self.layers],
+                     [np.zeros((sequences, x.units)) for x in self.layers], True)
+
+    def run(self, A: dict, eps: list, start: State | None = None) -> Pass:
+        """The posterior pass: z from A and eps at every step, the units and the output, from
+        ``start`` (default: a sequence's beginning)."""
         B, T = A["l0.mu"].shape[:2]
         p, L = self.params, len(self.layers)
+        start = self.initial_state(B) if start is None else start
         keep = {k: [np.zeros((B, T, x.units if k == "d" else x.latents)) for x in self.layers]
                 for k in ("d", "z", "mu_p", "logs_p", "mu_q", "logs_q")}
-        h = [np.zeros((B, x.units)) for x in self.layers]
-        d_prev = [np.zeros((B, x.units)) for x in self.layers]
+        h = [a.copy() for a in start.h]
+        d_prev = [a.copy() for a in start.d]
         x_hat = np.empty((B, T, self.outputs))
+        after_first = None
         for t in range(T):
             for i in range(L - 1, -1, -1):
                 x = self.layers[i]
-                if t == 0:
+                if t == 0 and start.first:
                     mu_p, logs_p = np.zeros((B, x.latents)), np.zeros((B, x.latents))
                 else:
                     mu_p = np.tanh(d_prev[i] @ p[f"l{i}.W_mu"].T + p[f"l{i}.b_mu"])
@@ -145,25 +167,34 @@ class PVRNN:
                     keep[k][i][:, t] = v
             for i in range(L):
                 d_prev[i] = keep["d"][i][:, t]
+            if t == 0:
+                after_first = State([a.copy() for a in h], [a.copy() for a in d_prev], False)
             x_hat[:, t] = np.tanh(d_prev[0] @ p["out.W"].T + p["out.b"])
-        return Pass(eps=eps, x_hat=x_hat, **keep)
+        end = State([a.copy() for a in h], [a.copy() for a in d_prev], False)
+        return Pass(eps=eps, x_hat=x_hat, start=start, after_first=after_first, end=end, **keep)
 
-    def _weights(self, i, T):
+    def _weights(self, i, T, first, meta_prior=None):
+        """w_l(t) / Z_l over T steps: w_first at a sequence's first step only (``meta_prior``
+        overrides w, e.g. for error regression)."""
         x = self.layers[i]
-        w = np.full(T, x.w)
-        w[0] = x.w_first
+        w = np.full(T, x.w if meta_prior is None else meta_prior[i])
+        if first:
+            w[0] = x.w_first
         return w / x.latents
 
-    def free_energy(self, x, A: dict, eps: list, gradient: bool = True):
+    def free_energy(self, x, A: dict, eps: list, gradient: bool = True, start: State | None = None,
+                    meta_prior=None):
         """(F, parts, dF/dparams, dF/dA) for sequences x (B, T, D_x), adaptive vectors A and noise eps.
         parts: {"reconstruction": sum_t Rec_t / D_x, "kl": [per layer sum_t w(t) KL_t / Z]} summed over
-        the batch; F = reconstruction + sum(kl). With ``gradient=False`` the two gradients are None."""
+        the batch; F = reconstruction + sum(kl). With ``gradient=False`` the two gradients are None.
+        ``start``: the state the sequences continue from (a window of error regression; frozen);
+        ``meta_prior``: w per layer instead of the layers' own."""
         x = np.asarray(x, dtype=float)
         B, T, D = x.shape
         if D != self.outputs or A["l0.mu"].shape[:2] != (B, T):
             raise SubstrateValueError(f"x has shape {x.shape}; expected (sequences, steps, {self.outputs}) "
                                       f"matching A's {A['l0.mu'].shape[:2]}")
-        run = self.run(A, eps)
+        run = self.run(A, eps, start)
         err = run.x_hat - x
         rec = 0.5 * float(np.sum(err * err)) / D
         kls, terms = [], []
@@ -172,11 +203,11 @@ class PVRNN:
             diff = run.mu_p[i] - run.mu_q[i]
             sq2 = np.exp(2 * run.logs_q[i])
             kl = run.logs_p[i] - run.logs_q[i] + (diff * diff + sq2) / (2 * sp2) - 0.5
-            w = self._weights(i, T)[None, :, None]
+            w = self._weights(i, T, run.start.first, meta_prior)[None, :, None]
             kls.append(float(np.sum(w * kl)))
             terms.append((w, sp2, diff, sq2))
         F = rec + sum(kls)
-        parts = {"reconstruction": rec, "kl": kls}
+        parts = {"reconstruction": rec, "kl": kls, "pass": run}
         if not gradient:
             return F, parts, None, None
         gp, gA = self._backward(x, run, err / D, terms)
@@ -201,7 +232,7 @@ class PVRNN:
             for i in range(L):  # reverse of the top-down order: layer i feeds on layer i+1 at time t
                 lay = self.layers[i]
                 d = run.d[i][:, t]
-                d_before = run.d[i][:, t - 1] if t > 0 else np.zeros_like(d)
+                d_before = run.d[i][:, t - 1] if t > 0 else run.start.d[i]
                 g_h = gh[i] + gd[i] * (1.0 - d * d)
                 g_pre = g_h / lay.tau
                 gh[i] = g_h * (1.0 - 1.0 / lay.tau)
@@ -223,7 +254,7 @@ class PVRNN:
                 g_logs_q = g_z * s_q * run.eps[i][:, t] + c * (sq2 / sp2 - 1.0)
                 gA[f"l{i}.mu"][:, t] = g_mu_q * (1.0 - mu_q * mu_q)
                 gA[f"l{i}.sig"][:, t] = g_logs_q
-                if t > 0:
+                if t > 0 or not run.start.first:
                     mu_p = run.mu_p[i][:, t]
                     g_pre_mu = c * diff / sp2 * (1.0 - mu_p * mu_p)
                     g_logs_p = c * (1.0 - (diff * diff + sq2) / sp2)
@@ -236,18 +267,20 @@ class PVRNN:
         return gp, gA
 
     # ---------------------------------------------------------------- prior, reconstruction, training
-    def generate(self, sequences: int, steps: int, rng: np.random.Generator) -> np.ndarray:
-        """x_hat (B, T, D_x) sampled from the prior (z_t = mu^p + sigma^p eps, t = 0: N(0, I))."""
+    def generate(self, sequences: int, steps: int, rng: np.random.Generator | None,
+                 start: State | None = None) -> np.ndarray:
+        """x_hat (B, T, D_x) from the prior (z_t = mu^p + sigma^p eps; a sequence's first step N(0, I)),
+        from ``start`` (default: a sequence's beginning); ``rng=None``: the prior means (eps = 0)."""
         p, L = self.params, len(self.layers)
-        h = [np.zeros((sequences, x.units)) for x in self.layers]
-        d = [np.zeros((sequences, x.units)) for x in self.layers]
+        start = self.initial_state(sequences) if start is None else start
+        h, d = [a.copy() for a in start.h], [a.copy() for a in start.d]
         out = np.empty((sequences, steps, self.outputs))
         for t in range(steps):
             new = [None] * L
             for i in range(L - 1, -1, -1):
                 x = self.layers[i]
-                eps = rng.standard_normal((sequences, x.latents))
-                if t == 0:
+                eps = np.zeros((sequences, x.latents)) if rng is None else rng.standard_normal((sequences, x.latents))
+                if t == 0 and start.first:
                     z = eps
                 else:
                     z = (np.tanh(d[i] @ p[f"l{i}.W_mu"].T + p[f"l{i}.b_mu"])
@@ -289,3 +322,84 @@ def train(model: PVRNN, x, *, epochs: int, rng: np.random.Generator, lr: float =
         hist["reconstruction"].append(parts["reconstruction"])
         hist["kl"].append(parts["kl"])
     return A, {k: np.asarray(v) for k, v in hist.items()}
+
+
+# ------------------------------------------------------------------------------------ error regression
+@dataclass(frozen=True)
+class ErrorRegression:
+    """Online inference of the latents from prediction errors (REFERENCES section 5): at every new
+    step a window of the last ``window`` observations; ``iterations`` Adam steps (rate ``lr``, state
+    reset each step) on the window's A only, each from the frozen window-start state with fresh noise;
+    then a prediction ``horizon`` steps beyond the window from the prior. ``newest``: the new step's A
+    when the window slides ("copy" the previous newest, "prior": zeros of mu and log sigma, i.e. the
+    first-step prior N(0, I), or "zeros"); ``meta_prior``: w per layer during ER (None: the
+    training values); ``sample``: predict by sampling the prior (else its means)."""
+
+    window: int = 10
+    iterations: int = 50
+    lr: float = 0.1
+    newest: str = "copy"
+    meta_prior: tuple | None = None
+    horizon: int = 1
+    sample: bool = True
+
+    def __post_init__(self):
+        for name in ("window", "iterations", "horizon"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise SubstrateValueError(f"ErrorRegression.{name}={v!r} must be a positive integer")
+        if self.newest not in ("copy", "prior", "zeros"):
+            raise SubstrateValueError(f"ErrorRegression.newest={self.newest!r}; allowed: 'copy', 'prior', 'zeros'")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SubstrateValueError(f"ErrorRegression.lr={self.lr!r} must be a positive finite number")
+
+
+def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Generator) -> dict:
+    """Run ``er`` over one sequence x (T, D_x). Returns per-step traces (index t: after observing
+    x_0..x_t): "prediction" (T, horizon, D_x) made at t for x_{t+1..t+horizon} (NaN beyond the data),
+    "prediction_error" (T,) the squared error of the one-step prediction (NaN at the last step),
+    "free_energy_before"/"free_energy_after" (T,) the window's F with the same noise before and after
+    the iterations, "kl" (T, layers) of the last iteration, "sigma_q" (T, layers) the mean posterior
+    sigma at the window's newest step."""
+    from .train import Adam
+
+    x = np.asarray(x, dtype=float)
+    if x.ndim != 2 or x.shape[1] != model.outputs:
+        raise SubstrateValueError(f"x has shape {x.shape}; expected (steps, {model.outputs})")
+    T, L = len(x), len(model.layers)
+    A = {k: v[:, :0] for k, v in model.adaptive_vectors(1, 0).items()}
+    start = model.initial_state(1)
+    last = None
+    out = {"prediction": np.full((T, er.horizon, model.outputs), np.nan), "prediction_error": np.full(T, np.nan),
+           "free_energy_before": np.empty(T), "free_energy_after": np.empty(T), "kl": np.empty((T, L)),
+           "sigma_q": np.empty((T, L))}
+    for t in range(T):
+        n = A["l0.mu"].shape[1]
+        if n == er.window:  # slide: the state after the first step of the last pass, A shifted
+            start = last.after_first
+            A = {k: v[:, 1:] for k, v in A.items()}
+            n -= 1
+        new = {k: (v[:, -1:] if er.newest == "copy" and n > 0 else np.zeros((1, 1, v.shape[2]))) for k, v in A.items()}
+        A = {k: np.concatenate([A[k], new[k]], axis=1) for k in A}
+        n += 1
+        xw = x[None, t - n + 1:t + 1]
+        opt = Adam(er.lr)
+        eps0 = model.noise(1, n, rng)
+        for itr in range(er.iterations):
+            eps = eps0 if itr == 0 else model.noise(1, n, rng)
+            F, parts, _, gA = model.free_energy(xw, A, eps, start=start, meta_prior=er.meta_prior)
+            if itr == 0:
+                out["free_energy_before"][t] = F
+            last = parts["pass"]
+            opt.step(A, gA)
+        out["kl"][t] = parts["kl"]
+        out["free_energy_after"][t] = model.free_energy(xw, A, eps0, gradient=False, start=start,
+                                                        meta_prior=er.meta_prior)[0]
+        out["sigma_q"][t] = [float(np.exp(A[f"l{i}.sig"][0, -1]).mean()) for i in range(L)]
+        end = model.run(A, [np.zeros_like(e) for e in eps0], start).end  # posterior means to the window end
+        pred = model.generate(1, er.horizon, rng if er.sample else None, start=end)[0]
+        k = min(er.horizon, T - 1 - t)
+        out["prediction"][t, :k] = pred[:k]
+        if t + 1 < T:
+            out["prediction_error"][t] = float(np.sum((pred[0] - x[t + 1]) ** 2))
+    return out
