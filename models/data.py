@@ -15,6 +15,8 @@ import zlib
 
 import numpy as np
 
+from substrate.errors import SubstrateValueError
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 NAMES = ("digits", "fashion_mnist", "mnist", "idx")
 
@@ -221,3 +223,68 @@ def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.nd
     batch_size = _count(batch_size, "batch_size", minimum=1)
     order = rng.permutation(n)
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+# ------------------------------------------------------------------------------------ sequences
+# 2-D cyclic primitives x = sin(a phi + delta), y = sin(b phi), phi over one period (Lissajous figures)
+PRIMITIVES = {"circle": (1, 1, np.pi / 2), "figure_eight": (1, 2, 0.0), "lissajous_3_2": (3, 2, np.pi / 2)}
+
+
+def probabilistic_sequences(sequences: int, steps: int, rng: np.random.Generator, *,
+                            primitives=("circle", "figure_eight", "lissajous_3_2"), transitions=None,
+                            period: int = 20, amplitude: float = 0.8, noise: float = 0.02):
+    """Sequences of a probabilistic finite-state machine that switches among 2-D cyclic primitives
+    (``PRIMITIVES``, Lissajous figures of ``period`` steps): after every completed cycle the next
+    primitive is drawn from the row of ``transitions`` (default: never repeat, 0.7 to the next one
+    in the list and 0.3 to the one after), the first uniformly; Gaussian observation noise ``noise``.
+    Returns (x (sequences, steps, 2), primitive index per step (sequences, steps))."""
+    if not isinstance(rng, np.random.Generator):
+        raise SubstrateValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    unknown = [p for p in primitives if p not in PRIMITIVES]
+    if unknown or not primitives:
+        raise SubstrateValueError(f"primitives={primitives!r}; known: {list(PRIMITIVES)}")
+    k = len(primitives)
+    if transitions is None:
+        transitions = np.zeros((k, k))
+        for i in range(k):
+            transitions[i, (i + 1) % k] += 0.7 if k > 2 else 1.0
+            if k > 2:
+                transitions[i, (i + 2) % k] += 0.3
+        if k == 1:
+            transitions[:] = 1.0
+    transitions = np.asarray(transitions, dtype=float)
+    if transitions.shape != (k, k) or np.any(transitions < 0) or not np.allclose(transitions.sum(axis=1), 1.0):
+        raise SubstrateValueError(f"transitions must be a ({k}, {k}) matrix of probabilities whose rows sum to 1")
+    period, sequences, steps = (_count(v, name, 1) for v, name in
+                                ((period, "period"), (sequences, "sequences"), (steps, "steps")))
+    phi = 2 * np.pi * np.arange(period) / period
+    shapes = np.stack([np.stack([np.sin(a * phi + d), np.sin(b * phi)], -1)
+                       for a, b, d in (PRIMITIVES[p] for p in primitives)]) * amplitude
+    x = np.empty((sequences, steps, 2))
+    labels = np.empty((sequences, steps), np.int64)
+    for s in range(sequences):
+        state = int(rng.integers(k))
+        for c in range(0, steps, period):
+            n = min(period, steps - c)
+            x[s, c:c + n] = shapes[state, :n]
+            labels[s, c:c + n] = state
+            state = int(rng.choice(k, p=transitions[state]))
+    return x + noise * rng.standard_normal(x.shape), labels
+
+
+def load_sequences(source, dataset: str = "sequences") -> np.ndarray:
+    """User sequences as a float64 array (sequences, steps, dims): from an array, or from the dataset
+    ``dataset`` of an HDF5 file (a path)."""
+    if isinstance(source, (str, os.PathLike)):
+        import h5py
+
+        with h5py.File(source, "r") as f:
+            if dataset not in f:
+                raise SubstrateValueError(f"{source}: no dataset {dataset!r}; it has {list(f)}")
+            source = f[dataset][...]
+    x = np.asarray(source, dtype=float)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3 or 0 in x.shape or not np.all(np.isfinite(x)):
+        raise SubstrateValueError(f"sequences must be a finite (sequences, steps, dims) array, got shape {x.shape}")
+    return x
