@@ -78,6 +78,7 @@ class Pass:
     logs_q: list
     eps: list
     x_hat: np.ndarray
+    ds: list  # d after every substep, (B, T * substeps, units) per layer
     start: State
     after_first: State
     end: State
@@ -89,7 +90,8 @@ class PVRNN:
     ``l{i}.W_dd``, ``l{i}.W_zd``, ``l{i}.W_td`` (from layer i+1, not for the top), ``l{i}.b``,
     ``l{i}.W_mu``, ``l{i}.b_mu``, ``l{i}.W_sig``, ``l{i}.b_sig``, ``out.W``, ``out.b``."""
 
-    def __init__(self, layers, outputs: int, rng: np.random.Generator):
+    def __init__(self, layers, outputs: int, rng: np.random.Generator, substeps: int = 1,
+                 method: str = "euler"):
         self.layers = [PVLayer(**x) if isinstance(x, dict) else x for x in layers]
         if not self.layers or not all(isinstance(x, PVLayer) for x in self.layers):
             raise SubstrateValueError("layers: a non-empty list of PVLayer (or dicts of their fields)")
@@ -98,6 +100,16 @@ class PVRNN:
         if not isinstance(rng, np.random.Generator):
             raise SubstrateValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
         self.outputs = int(outputs)
+        if isinstance(substeps, bool) or not isinstance(substeps, (int, np.integer)) or substeps < 1:
+            raise SubstrateValueError(f"substeps={substeps!r} must be a positive integer")
+        if method not in ("euler", "exp_euler"):
+            raise SubstrateValueError(f"method={method!r}; allowed: 'euler', 'exp_euler'")
+        self.substeps, self.method = int(substeps), method
+        step = 1.0 / self.substeps  # h <- alpha h + (1 - alpha) pre: Euler's 1 - step/tau or the exact leak
+        self._leak = []
+        for x in self.layers:
+            a = 1.0 - step / x.tau if method == "euler" else math.exp(-step / x.tau)
+            self._leak.append((a, 1.0 - a))
 
         def uniform(post, pre):
             k = 1.0 / math.sqrt(pre)
@@ -139,16 +151,18 @@ class PVRNN:
         """The posterior pass: z from A and eps at every step, the units and the output, from
         ``start`` (default: a sequence's beginning)."""
         B, T = A["l0.mu"].shape[:2]
-        p, L = self.params, len(self.layers)
+        p, L, n = self.params, len(self.layers), self.substeps
         start = self.initial_state(B) if start is None else start
         keep = {k: [np.zeros((B, T, x.units if k == "d" else x.latents)) for x in self.layers]
                 for k in ("d", "z", "mu_p", "logs_p", "mu_q", "logs_q")}
+        ds = [np.zeros((B, T * n, x.units)) for x in self.layers]  # d after every substep
         h = [a.copy() for a in start.h]
         d_prev = [a.copy() for a in start.d]
         x_hat = np.empty((B, T, self.outputs))
         after_first = None
         for t in range(T):
-            for i in range(L - 1, -1, -1):
+            z = [None] * L
+            for i in range(L - 1, -1, -1):  # latents of step t, from the state at the end of step t-1
                 x = self.layers[i]
                 if t == 0 and start.first:
                     mu_p, logs_p = np.zeros((B, x.latents)), np.zeros((B, x.latents))
@@ -156,22 +170,33 @@ class PVRNN:
                     mu_p = np.tanh(d_prev[i] @ p[f"l{i}.W_mu"].T + p[f"l{i}.b_mu"])
                     logs_p = d_prev[i] @ p[f"l{i}.W_sig"].T + p[f"l{i}.b_sig"]
                 mu_q, logs_q = np.tanh(A[f"l{i}.mu"][:, t]), A[f"l{i}.sig"][:, t]
-                z = mu_q + np.exp(logs_q) * eps[i][:, t]
-                pre = d_prev[i] @ p[f"l{i}.W_dd"].T + z @ p[f"l{i}.W_zd"].T + p[f"l{i}.b"]
-                if i + 1 < L:
-                    pre += keep["d"][i + 1][:, t] @ p[f"l{i}.W_td"].T
-                h[i] = (1.0 - 1.0 / x.tau) * h[i] + pre / x.tau
-                d = np.tanh(h[i])
-                for k, v in (("d", d), ("z", z), ("mu_p", mu_p), ("logs_p", logs_p), ("mu_q", mu_q),
-                             ("logs_q", logs_q)):
+                z[i] = mu_q + np.exp(logs_q) * eps[i][:, t]
+                for k, v in (("z", z[i]), ("mu_p", mu_p), ("logs_p", logs_p), ("mu_q", mu_q), ("logs_q", logs_q)):
                     keep[k][i][:, t] = v
+            self._advance(h, d_prev, z, ds, t)
             for i in range(L):
-                d_prev[i] = keep["d"][i][:, t]
+                keep["d"][i][:, t] = d_prev[i]
             if t == 0:
                 after_first = State([a.copy() for a in h], [a.copy() for a in d_prev], False)
             x_hat[:, t] = np.tanh(d_prev[0] @ p["out.W"].T + p["out.b"])
         end = State([a.copy() for a in h], [a.copy() for a in d_prev], False)
-        return Pass(eps=eps, x_hat=x_hat, start=start, after_first=after_first, end=end, **keep)
+        return Pass(eps=eps, x_hat=x_hat, start=start, after_first=after_first, end=end, ds=ds, **keep)
+
+    def _advance(self, h, d, z, ds=None, t=0):
+        """One data step of the units, in place: ``substeps`` steps of h <- alpha h + (1 - alpha) pre
+        with the latents z held, layers top-down (a layer sees the new d of the one above);
+        ``ds`` records d after every substep."""
+        p, L, n = self.params, len(self.layers), self.substeps
+        for k in range(n):
+            for i in range(L - 1, -1, -1):
+                pre = d[i] @ p[f"l{i}.W_dd"].T + z[i] @ p[f"l{i}.W_zd"].T + p[f"l{i}.b"]
+                if i + 1 < L:
+                    pre += d[i + 1] @ p[f"l{i}.W_td"].T  # already this substep's
+                alpha, beta = self._leak[i]
+                h[i] = alpha * h[i] + beta * pre
+                d[i] = np.tanh(h[i])
+                if ds is not None:
+                    ds[i][:, t * n + k] = d[i]
 
     def _weights(self, i, T, first, meta_prior=None):
         """w_l(t) / Z_l over T steps: w_first at a sequence's first step only (``meta_prior``
@@ -215,46 +240,48 @@ class PVRNN:
 
     # ---------------------------------------------------------------- backward (BPTT)
     def _backward(self, x, run: Pass, g_err, terms):
-        p, L = self.params, len(self.layers)
+        p, L, n = self.params, len(self.layers), self.substeps
         B, T, _ = x.shape
         gp = {k: np.zeros_like(v) for k, v in p.items()}
         gA = {f"l{i}.{k}": np.zeros((B, T, x_.latents)) for i, x_ in enumerate(self.layers) for k in ("mu", "sig")}
-        gd = [np.zeros((B, x_.units)) for x_ in self.layers]        # dF/d d^l_t
-        gh = [np.zeros((B, x_.units)) for x_ in self.layers]        # dF/d h^l_t through h^l_{t+1}
+        gd = [np.zeros((B, x_.units)) for x_ in self.layers]        # dF/d d^l at the current substep
+        gh = [np.zeros((B, x_.units)) for x_ in self.layers]        # dF/d h^l through the next substep
         for t in range(T - 1, -1, -1):
             y = run.x_hat[:, t]
             g_out = g_err[:, t] * (1.0 - y * y)
-            d0 = run.d[0][:, t]
-            gp["out.W"] += g_out.T @ d0
+            gp["out.W"] += g_out.T @ run.d[0][:, t]
             gp["out.b"] += g_out.sum(axis=0)
             gd[0] += g_out @ p["out.W"]
-            gd_prev = [np.zeros_like(g) for g in gd]
-            for i in range(L):  # reverse of the top-down order: layer i feeds on layer i+1 at time t
-                lay = self.layers[i]
-                d = run.d[i][:, t]
-                d_before = run.d[i][:, t - 1] if t > 0 else run.start.d[i]
-                g_h = gh[i] + gd[i] * (1.0 - d * d)
-                g_pre = g_h / lay.tau
-                gh[i] = g_h * (1.0 - 1.0 / lay.tau)
-                z = run.z[i][:, t]
-                gp[f"l{i}.W_dd"] += g_pre.T @ d_before
-                gp[f"l{i}.W_zd"] += g_pre.T @ z
-                gp[f"l{i}.b"] += g_pre.sum(axis=0)
-                gd_prev[i] += g_pre @ p[f"l{i}.W_dd"]
-                if i + 1 < L:
-                    gp[f"l{i}.W_td"] += g_pre.T @ run.d[i + 1][:, t]
-                    gd[i + 1] += g_pre @ p[f"l{i}.W_td"]  # carries the 1/tau of layer i
-                g_z = g_pre @ p[f"l{i}.W_zd"]
+            gz = [np.zeros((B, x_.latents)) for x_ in self.layers]
+            for k in range(n - 1, -1, -1):
+                s = t * n + k
+                gd_before = [np.zeros_like(g) for g in gd]
+                for i in range(L):  # reverse of the top-down order: layer i fed on layer i+1's new d
+                    alpha, beta = self._leak[i]
+                    d = run.ds[i][:, s]
+                    d_before = run.ds[i][:, s - 1] if s > 0 else run.start.d[i]
+                    g_h = gh[i] + gd[i] * (1.0 - d * d)
+                    g_pre = beta * g_h
+                    gh[i] = alpha * g_h
+                    gp[f"l{i}.W_dd"] += g_pre.T @ d_before
+                    gp[f"l{i}.W_zd"] += g_pre.T @ run.z[i][:, t]
+                    gp[f"l{i}.b"] += g_pre.sum(axis=0)
+                    gd_before[i] += g_pre @ p[f"l{i}.W_dd"]
+                    if i + 1 < L:
+                        gp[f"l{i}.W_td"] += g_pre.T @ run.ds[i + 1][:, s]
+                        gd[i + 1] += g_pre @ p[f"l{i}.W_td"]  # carries layer i's beta = h/tau (Euler)
+                    gz[i] += g_pre @ p[f"l{i}.W_zd"]
+                gd = gd_before
+            # gd is now dF/d d at the end of step t-1, where step t's prior reads it
+            for i in range(L):
                 w, sp2, diff, sq2 = terms[i]
                 c = float(w[0, t, 0])  # w_l(t) / Z_l
                 sp2, diff, sq2 = sp2[:, t], diff[:, t], sq2[:, t]
-                mu_q, logs_q = run.mu_q[i][:, t], run.logs_q[i][:, t]
-                s_q = np.exp(logs_q)
-                g_mu_q = g_z - c * diff / sp2
-                g_logs_q = g_z * s_q * run.eps[i][:, t] + c * (sq2 / sp2 - 1.0)
-                gA[f"l{i}.mu"][:, t] = g_mu_q * (1.0 - mu_q * mu_q)
-                gA[f"l{i}.sig"][:, t] = g_logs_q
+                mu_q, s_q = run.mu_q[i][:, t], np.exp(run.logs_q[i][:, t])
+                gA[f"l{i}.mu"][:, t] = (gz[i] - c * diff / sp2) * (1.0 - mu_q * mu_q)
+                gA[f"l{i}.sig"][:, t] = gz[i] * s_q * run.eps[i][:, t] + c * (sq2 / sp2 - 1.0)
                 if t > 0 or not run.start.first:
+                    d_before = run.d[i][:, t - 1] if t > 0 else run.start.d[i]
                     mu_p = run.mu_p[i][:, t]
                     g_pre_mu = c * diff / sp2 * (1.0 - mu_p * mu_p)
                     g_logs_p = c * (1.0 - (diff * diff + sq2) / sp2)
@@ -262,8 +289,7 @@ class PVRNN:
                     gp[f"l{i}.b_mu"] += g_pre_mu.sum(axis=0)
                     gp[f"l{i}.W_sig"] += g_logs_p.T @ d_before
                     gp[f"l{i}.b_sig"] += g_logs_p.sum(axis=0)
-                    gd_prev[i] += g_pre_mu @ p[f"l{i}.W_mu"] + g_logs_p @ p[f"l{i}.W_sig"]
-            gd = gd_prev
+                    gd[i] += g_pre_mu @ p[f"l{i}.W_mu"] + g_logs_p @ p[f"l{i}.W_sig"]
         return gp, gA
 
     # ---------------------------------------------------------------- prior, reconstruction, training
@@ -276,21 +302,16 @@ class PVRNN:
         h, d = [a.copy() for a in start.h], [a.copy() for a in start.d]
         out = np.empty((sequences, steps, self.outputs))
         for t in range(steps):
-            new = [None] * L
+            z = [None] * L
             for i in range(L - 1, -1, -1):
                 x = self.layers[i]
                 eps = np.zeros((sequences, x.latents)) if rng is None else rng.standard_normal((sequences, x.latents))
                 if t == 0 and start.first:
-                    z = eps
+                    z[i] = eps
                 else:
-                    z = (np.tanh(d[i] @ p[f"l{i}.W_mu"].T + p[f"l{i}.b_mu"])
-                         + np.exp(d[i] @ p[f"l{i}.W_sig"].T + p[f"l{i}.b_sig"]) * eps)
-                pre = d[i] @ p[f"l{i}.W_dd"].T + z @ p[f"l{i}.W_zd"].T + p[f"l{i}.b"]
-                if i + 1 < L:
-                    pre += new[i + 1] @ p[f"l{i}.W_td"].T
-                h[i] = (1.0 - 1.0 / x.tau) * h[i] + pre / x.tau
-                new[i] = np.tanh(h[i])
-            d = new
+                    z[i] = (np.tanh(d[i] @ p[f"l{i}.W_mu"].T + p[f"l{i}.b_mu"])
+                            + np.exp(d[i] @ p[f"l{i}.W_sig"].T + p[f"l{i}.b_sig"]) * eps)
+            self._advance(h, d, z)
             out[:, t] = np.tanh(d[0] @ p["out.W"].T + p["out.b"])
         return out
 
