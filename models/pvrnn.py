@@ -315,6 +315,15 @@ class PVRNN:
             out[:, t] = np.tanh(d[0] @ p["out.W"].T + p["out.b"])
         return out
 
+    def prior(self, state: State) -> dict:
+        """The prior of the step after ``state``: {"l{i}.mu": mu^p, "l{i}.sig": log sigma^p}."""
+        p = self.params
+        out = {}
+        for i in range(len(self.layers)):
+            out[f"l{i}.mu"] = np.tanh(state.d[i] @ p[f"l{i}.W_mu"].T + p[f"l{i}.b_mu"])
+            out[f"l{i}.sig"] = state.d[i] @ p[f"l{i}.W_sig"].T + p[f"l{i}.b_sig"]
+        return out
+
     def reconstruct(self, A: dict) -> np.ndarray:
         """x_hat of the posterior means (eps = 0) of the sequences whose adaptive vectors are A."""
         B, T = A["l0.mu"].shape[:2]
@@ -375,13 +384,33 @@ class ErrorRegression:
             raise SubstrateValueError(f"ErrorRegression.lr={self.lr!r} must be a positive finite number")
 
 
+def slide(A: dict, window: int, newest: str, prior: dict | None = None) -> dict:
+    """The window's A for the next step: shifted by one when the window is full (its oldest step
+    dropped, so that A stays with its data step), then a newest step appended: a copy of the previous
+    newest ("copy"), the prior of the new step ("prior": A^mu = arctanh(mu^p), A^sig = log sigma^p from
+    ``prior`` = {"l{i}.mu": mu^p, "l{i}.sig": log sigma^p}, (1, Z) each; without it, as at a
+    sequence's first step, N(0, I)), or zeros ("zeros")."""
+    if A["l0.mu"].shape[1] == window:
+        A = {k: v[:, 1:] for k, v in A.items()}
+
+    def new(k, v):
+        if newest == "copy" and v.shape[1]:
+            return v[:, -1:]
+        if newest == "prior" and prior is not None:
+            p = prior[k]
+            return (np.arctanh(np.clip(p, -1 + 1e-12, 1 - 1e-12)) if k.endswith(".mu") else p)[:, None]
+        return np.zeros((1, 1, v.shape[2]))
+
+    return {k: np.concatenate([v, new(k, v)], axis=1) for k, v in A.items()}
+
+
 def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Generator) -> dict:
     """Run ``er`` over one sequence x (T, D_x). Returns per-step traces (index t: after observing
     x_0..x_t): "prediction" (T, horizon, D_x) made at t for x_{t+1..t+horizon} (NaN beyond the data),
     "prediction_error" (T,) the squared error of the one-step prediction (NaN at the last step),
     "free_energy_before"/"free_energy_after" (T,) the window's F with the same noise before and after
     the iterations, "kl" (T, layers) of the last iteration, "sigma_q" (T, layers) the mean posterior
-    sigma at the window's newest step."""
+    sigma at the window's newest step, "mu_q.l{i}" (T, Z) its posterior means."""
     from .train import Adam
 
     x = np.asarray(x, dtype=float)
@@ -394,15 +423,12 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
     out = {"prediction": np.full((T, er.horizon, model.outputs), np.nan), "prediction_error": np.full(T, np.nan),
            "free_energy_before": np.empty(T), "free_energy_after": np.empty(T), "kl": np.empty((T, L)),
            "sigma_q": np.empty((T, L))}
+    out.update({f"mu_q.l{i}": np.empty((T, x_.latents)) for i, x_ in enumerate(model.layers)})
     for t in range(T):
-        n = A["l0.mu"].shape[1]
-        if n == er.window:  # slide: the state after the first step of the last pass, A shifted
+        if A["l0.mu"].shape[1] == er.window:  # slide: the state after the first step of the last pass
             start = last.after_first
-            A = {k: v[:, 1:] for k, v in A.items()}
-            n -= 1
-        new = {k: (v[:, -1:] if er.newest == "copy" and n > 0 else np.zeros((1, 1, v.shape[2]))) for k, v in A.items()}
-        A = {k: np.concatenate([A[k], new[k]], axis=1) for k in A}
-        n += 1
+        A = slide(A, er.window, er.newest, None if t == 0 else model.prior(end))
+        n = A["l0.mu"].shape[1]
         xw = x[None, t - n + 1:t + 1]
         opt = Adam(er.lr)
         eps0 = model.noise(1, n, rng)
@@ -417,6 +443,8 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
         out["free_energy_after"][t] = model.free_energy(xw, A, eps0, gradient=False, start=start,
                                                         meta_prior=er.meta_prior)[0]
         out["sigma_q"][t] = [float(np.exp(A[f"l{i}.sig"][0, -1]).mean()) for i in range(L)]
+        for i in range(L):
+            out[f"mu_q.l{i}"][t] = np.tanh(A[f"l{i}.mu"][0, -1])
         end = model.run(A, [np.zeros_like(e) for e in eps0], start).end  # posterior means to the window end
         pred = model.generate(1, er.horizon, rng if er.sample else None, start=end)[0]
         k = min(er.horizon, T - 1 - t)

@@ -214,3 +214,36 @@ def test_substeps_converge_to_the_continuous_time_circuit():
     assert 3.0 < diffs[0] / diffs[1] < 5.0, diffs
     with pytest.raises(SubstrateValueError, match="method"):
         model(0, 2, "rk4")
+
+
+def test_the_window_shifts_its_adaptive_vectors_when_it_slides():
+    """A known bug of public codes: forgetting to shift A when the window slides. Here the oldest
+    step is dropped and every other step keeps its A (now one position earlier)."""
+    from models.pvrnn import slide
+
+    rng = np.random.default_rng(0)
+    A = {"l0.mu": rng.normal(size=(1, 4, 2)), "l0.sig": rng.normal(size=(1, 4, 2))}
+    B = slide(A, 4, "copy")
+    for k in A:
+        np.testing.assert_array_equal(B[k][:, :3], A[k][:, 1:])
+        np.testing.assert_array_equal(B[k][:, 3], A[k][:, 3])
+    C = slide(A, 5, "prior")  # not full yet: grows, nothing dropped
+    for k in A:
+        np.testing.assert_array_equal(C[k][:, :4], A[k])
+        assert np.all(C[k][:, 4] == 0.0)
+
+
+def test_the_newest_adaptive_vector_from_the_prior():
+    from models.pvrnn import ErrorRegression, error_regression, slide
+
+    net, x, A, eps = model(6)
+    state = net.run(A, eps).end
+    prior = net.prior(State(state.h, [d[:1] for d in state.d], False))
+    B = slide({k: v[:1, :3] for k, v in A.items()}, 3, "prior", prior)
+    for i in range(3):
+        np.testing.assert_allclose(np.tanh(B[f"l{i}.mu"][0, -1]), prior[f"l{i}.mu"][0], rtol=1e-12)
+        np.testing.assert_array_equal(B[f"l{i}.sig"][0, -1], prior[f"l{i}.sig"][0])
+    for newest in ("copy", "prior", "zeros"):  # every option runs
+        out = error_regression(net, x[0], ErrorRegression(window=3, iterations=2, newest=newest),
+                               np.random.default_rng(0))
+        assert np.all(np.isfinite(out["free_energy_after"]))
