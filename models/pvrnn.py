@@ -19,6 +19,12 @@ only), summed over the sequences of a batch. Its gradient with respect to the we
 sequence's A is the exact discrete adjoint of these steps (backpropagation through time written out
 in :meth:`PVRNN.free_energy`; the top-down gradient carries its 1/tau), checked against torch autograd
 in tests/test_pvrnn.py.
+
+The continuous-time circuit: ``substeps`` n > 1 integrates tau dh/dt = -h + pre over each data step
+in n steps of 1/n, h <- alpha h + (1 - alpha) pre with alpha = 1 - 1/(n tau) (``method="euler"``; n = 1
+is the published model) or the exact leak alpha = e^{-1/(n tau)} (``"exp_euler"``), the latents held
+over the data step and the layers updated top-down within each substep; the adjoint runs over the
+substeps. :func:`error_regression` infers the latents of a test sequence online (sliding window).
 """
 
 from __future__ import annotations
@@ -417,6 +423,8 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
     if x.ndim != 2 or x.shape[1] != model.outputs:
         raise SubstrateValueError(f"x has shape {x.shape}; expected (steps, {model.outputs})")
     T, L = len(x), len(model.layers)
+    if er.meta_prior is not None and len(er.meta_prior) != L:
+        raise SubstrateValueError(f"ErrorRegression.meta_prior has {len(er.meta_prior)} values; the model has {L} layers")
     A = {k: v[:, :0] for k, v in model.adaptive_vectors(1, 0).items()}
     start = model.initial_state(1)
     last = None
