@@ -214,12 +214,13 @@ class PVRNN:
         return w / x.latents
 
     def free_energy(self, x, A: dict, eps: list, gradient: bool = True, start: State | None = None,
-                    meta_prior=None):
+                    meta_prior=None, weights: bool = True):
         """(F, parts, dF/dparams, dF/dA) for sequences x (B, T, D_x), adaptive vectors A and noise eps.
         parts: {"reconstruction": sum_t Rec_t / D_x, "kl": [per layer sum_t w(t) KL_t / Z]} summed over
         the batch; F = reconstruction + sum(kl). With ``gradient=False`` the two gradients are None.
         ``start``: the state the sequences continue from (a window of error regression; frozen);
-        ``meta_prior``: w per layer instead of the layers' own."""
+        ``meta_prior``: w per layer instead of the layers' own; ``weights=False``: dF/dparams is None
+        (error regression optimises A alone)."""
         x = np.asarray(x, dtype=float)
         B, T, D = x.shape
         if D != self.outputs or A["l0.mu"].shape[:2] != (B, T):
@@ -241,22 +242,23 @@ class PVRNN:
         parts = {"reconstruction": rec, "kl": kls, "pass": run}
         if not gradient:
             return F, parts, None, None
-        gp, gA = self._backward(x, run, err / D, terms)
+        gp, gA = self._backward(x, run, err / D, terms, weights)
         return F, parts, gp, gA
 
     # ---------------------------------------------------------------- backward (BPTT)
-    def _backward(self, x, run: Pass, g_err, terms):
+    def _backward(self, x, run: Pass, g_err, terms, weights=True):
         p, L, n = self.params, len(self.layers), self.substeps
         B, T, _ = x.shape
-        gp = {k: np.zeros_like(v) for k, v in p.items()}
+        gp = {k: np.zeros_like(v) for k, v in p.items()} if weights else None
         gA = {f"l{i}.{k}": np.zeros((B, T, x_.latents)) for i, x_ in enumerate(self.layers) for k in ("mu", "sig")}
         gd = [np.zeros((B, x_.units)) for x_ in self.layers]        # dF/d d^l at the current substep
         gh = [np.zeros((B, x_.units)) for x_ in self.layers]        # dF/d h^l through the next substep
         for t in range(T - 1, -1, -1):
             y = run.x_hat[:, t]
             g_out = g_err[:, t] * (1.0 - y * y)
-            gp["out.W"] += g_out.T @ run.d[0][:, t]
-            gp["out.b"] += g_out.sum(axis=0)
+            if weights:
+                gp["out.W"] += g_out.T @ run.d[0][:, t]
+                gp["out.b"] += g_out.sum(axis=0)
             gd[0] += g_out @ p["out.W"]
             gz = [np.zeros((B, x_.latents)) for x_ in self.layers]
             for k in range(n - 1, -1, -1):
@@ -269,12 +271,14 @@ class PVRNN:
                     g_h = gh[i] + gd[i] * (1.0 - d * d)
                     g_pre = beta * g_h
                     gh[i] = alpha * g_h
-                    gp[f"l{i}.W_dd"] += g_pre.T @ d_before
-                    gp[f"l{i}.W_zd"] += g_pre.T @ run.z[i][:, t]
-                    gp[f"l{i}.b"] += g_pre.sum(axis=0)
+                    if weights:
+                        gp[f"l{i}.W_dd"] += g_pre.T @ d_before
+                        gp[f"l{i}.W_zd"] += g_pre.T @ run.z[i][:, t]
+                        gp[f"l{i}.b"] += g_pre.sum(axis=0)
+                        if i + 1 < L:
+                            gp[f"l{i}.W_td"] += g_pre.T @ run.ds[i + 1][:, s]
                     gd_before[i] += g_pre @ p[f"l{i}.W_dd"]
                     if i + 1 < L:
-                        gp[f"l{i}.W_td"] += g_pre.T @ run.ds[i + 1][:, s]
                         gd[i + 1] += g_pre @ p[f"l{i}.W_td"]  # carries layer i's beta = h/tau (Euler)
                     gz[i] += g_pre @ p[f"l{i}.W_zd"]
                 gd = gd_before
@@ -291,10 +295,11 @@ class PVRNN:
                     mu_p = run.mu_p[i][:, t]
                     g_pre_mu = c * diff / sp2 * (1.0 - mu_p * mu_p)
                     g_logs_p = c * (1.0 - (diff * diff + sq2) / sp2)
-                    gp[f"l{i}.W_mu"] += g_pre_mu.T @ d_before
-                    gp[f"l{i}.b_mu"] += g_pre_mu.sum(axis=0)
-                    gp[f"l{i}.W_sig"] += g_logs_p.T @ d_before
-                    gp[f"l{i}.b_sig"] += g_logs_p.sum(axis=0)
+                    if weights:
+                        gp[f"l{i}.W_mu"] += g_pre_mu.T @ d_before
+                        gp[f"l{i}.b_mu"] += g_pre_mu.sum(axis=0)
+                        gp[f"l{i}.W_sig"] += g_logs_p.T @ d_before
+                        gp[f"l{i}.b_sig"] += g_logs_p.sum(axis=0)
                     gd[i] += g_pre_mu @ p[f"l{i}.W_mu"] + g_logs_p @ p[f"l{i}.W_sig"]
         return gp, gA
 
@@ -442,7 +447,7 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
         eps0 = model.noise(1, n, rng)
         for itr in range(er.iterations):
             eps = eps0 if itr == 0 else model.noise(1, n, rng)
-            F, parts, _, gA = model.free_energy(xw, A, eps, start=start, meta_prior=er.meta_prior)
+            F, parts, _, gA = model.free_energy(xw, A, eps, start=start, meta_prior=er.meta_prior, weights=False)
             if itr == 0:
                 out["free_energy_before"][t] = F
             last = parts["pass"]

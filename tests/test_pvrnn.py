@@ -95,6 +95,8 @@ def test_free_energy_gradient_against_torch_autograd(substeps, method):
         assert rel(gp[k], gpt[k]) <= 1e-8, k
     for k in gAt:
         assert rel(gA[k], gAt[k]) <= 1e-8, k
+    F2, _, none, gA2 = net.free_energy(x, A, eps, weights=False)  # A alone (error regression)
+    assert none is None and F2 == F and all(np.array_equal(gA2[k], gA[k]) for k in gA)
 
 
 def test_window_gradient_from_a_carried_state_against_torch():
