@@ -17,6 +17,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_gradient.py
 	$(PY) benchmarks/bench_ep_epoch.py
 	$(PY) benchmarks/bench_devices.py
+	$(PY) benchmarks/bench_er.py
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
