@@ -364,11 +364,10 @@ def teach(nudge, r, out):
 # --------------------------------------------------------------------------------------------
 # Device effects inside the stepping kernel (substrate.devices): arrays and integer codes only.
 # ``fx`` = (read code, wvar (n_w,), wdev (n_w, B), out_noise (n,) or (0,), adc_bits, adc_bound (n,),
-# dac_bits, dac_bound, state_noise, gain (n,) or (0,), offset (n,) or (0,), three generators (read
+# dac_bits, dac_bound (1,), state_noise, gain (n,) or (0,), offset (n,) or (0,), three generators (read
 # noise, output noise, state noise: one stream each, so that one effect never shifts another's draws),
 # and the read noise's correlation time (0: none)), built by
-# ``substrate.devices``; ``no_effects`` in Python gives the ideal tuple, for which ``run`` does
-# exactly the arithmetic it does without devices (tested bit for bit).
+# ``substrate.devices``. An ideal circuit passes ``()`` instead (see ``fx_setup``).
 # --------------------------------------------------------------------------------------------
 @njit
 def quantise(x, bits, bound):
@@ -414,7 +413,7 @@ def device_products(fx, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, 
     src = r
     if dac_bits > 0:
         rq[:, :] = r
-        quantise(rq, dac_bits, np.full(1, dac_bound))
+        quantise(rq, dac_bits, dac_bound)
         src = rq
     weights_times(src, wbuf, conn, layer_off, tmp, out)
     if code == READ_STEP:

@@ -441,7 +441,7 @@ class DeviceNetwork(Network):
                 or self._mismatch):
             return no_effects(dtype)  # nothing inside the kernel: the ideal kernel runs
         none = np.zeros(0, rdt)
-        fx = [K.READ_NONE, np.zeros(0, dtype), np.zeros((0, 0), dtype), none, 0, none, 0, 1.0, 0.0,
+        fx = [K.READ_NONE, np.zeros(0, dtype), np.zeros((0, 0), dtype), none, 0, none, 0, np.ones(1), 0.0,
               none, none, None, None, None, 0.0]
         state = [self.connection(name) for name in packed.conn_names]
         if policy == "step":
@@ -464,7 +464,7 @@ class DeviceNetwork(Network):
             if io.out_noise > 0:
                 fx[3] = (io.out_noise * wmax).astype(rdt)
             fx[4], fx[5] = io.out_bits, (io.out_bound * wmax).astype(rdt)
-            fx[6], fx[7] = io.inp_bits, float(io.inp_bound)
+            fx[6], fx[7] = io.inp_bits, np.array([float(io.inp_bound)])
         fx[8] = float(self.neurons.state_noise)
         if self._mismatch:
             fx[9], fx[10] = self.neurons.gain.astype(rdt), self.neurons.offset.astype(rdt)

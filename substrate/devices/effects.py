@@ -26,6 +26,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..errors import SubstrateValueError
 from .base import Effect, choice, fraction, integer, nonnegative, positive
 
 READ_POLICIES = ("step", "phase", "equilibrium", "sample")
@@ -387,6 +388,4 @@ def _correlation_time(effect):
 
 
 def raise_range(name, value, allowed):
-    from ..errors import SubstrateValueError
-
     raise SubstrateValueError(f"{name}={value!r} must be {allowed}")
