@@ -4,8 +4,9 @@ same step measured in the same run (issue 7's benchmark).
 The problem: two layers of 40 and 20 units with 4 and 2 latents (tau 2 and 8), 2 outputs, window 10,
 50 iterations per step (each: the window's forward pass from the frozen window-start state with fresh
 noise, the free energy, its gradient with respect to the window's A, an Adam step), batch 1, float64,
-one BLAS / torch thread. ``substrate`` is ``models.pvrnn.error_regression`` (NumPy, the exact
-discrete adjoint written out); ``torch`` runs the same iterations with autograd and ``torch.optim.Adam``
+one BLAS / torch thread. ``substrate`` is ``models.pvrnn.error_regression`` (the compiled ER
+step of ``models._pvrnn_kernels``: the exact discrete adjoint written out); ``numpy`` the same with
+``compiled=False``; ``torch`` runs the same iterations with autograd and ``torch.optim.Adam``
 (state reset each step). Time per ER step: minimum and median over ``--repeats`` runs of ``--steps``
 steps (after the window is full), ratio = torch / substrate.
 
@@ -92,25 +93,29 @@ def main():
     t = np.arange(args.window + args.steps)
     x = 0.8 * np.stack([np.sin(2 * np.pi * t / 12), np.cos(2 * np.pi * t / 20)], -1)
     er = pvrnn.ErrorRegression(window=args.window, iterations=args.iterations, lr=0.1, sample=False)
-    times = {"substrate": [], "torch": []}
+    times = {"substrate": [], "numpy": [], "torch": []}
     with threadpool_limits(1):
+        t0 = time.perf_counter()
+        pvrnn.error_regression(net, x[:2], er, np.random.default_rng(1))  # compiles, or loads the cache
+        first_call = time.perf_counter() - t0
         for _ in range(args.repeats):  # round robin; each run = window fill + timed steps
             for name in times:
                 fill = x[:args.window]
                 t0 = time.perf_counter()
-                if name == "substrate":
-                    pvrnn.error_regression(net, fill, er, np.random.default_rng(1))
+                if name != "torch":
+                    pvrnn.error_regression(net, fill, er, np.random.default_rng(1), compiled=name == "substrate")
                 else:
                     torch_er(net, fill, args.window, args.iterations, 0.1, 1)
                 t_fill = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                if name == "substrate":
-                    pvrnn.error_regression(net, x, er, np.random.default_rng(1))
+                if name != "torch":
+                    pvrnn.error_regression(net, x, er, np.random.default_rng(1), compiled=name == "substrate")
                 else:
                     torch_er(net, x, args.window, args.iterations, 0.1, 1)
                 times[name].append((time.perf_counter() - t0 - t_fill) / args.steps)
     print(f"PV-RNN error regression: layers 40/20 units, 4/2 latents, window {args.window}, "
           f"{args.iterations} iterations, 1 thread; per ER step, min (median) of {args.repeats}")
+    print(f"first call (compilation or cache load): {first_call:.2f} s")
     base = min(times["substrate"])
     for name, ts in times.items():
         print(f"{name:<10} {1e3 * min(ts):8.2f} ms ({1e3 * float(np.median(ts)):8.2f})   x{min(ts) / base:.2f}")

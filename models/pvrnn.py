@@ -335,6 +335,36 @@ class PVRNN:
             out[f"l{i}.sig"] = state.d[i] @ p[f"l{i}.W_sig"].T + p[f"l{i}.b_sig"]
         return out
 
+    def packed(self, meta_prior=None):
+        """The network in the layout of ``models._pvrnn_kernels`` (one vector of units and one of
+        latents, bottom layer first) and the KL weights per latent: (net, weight, weight_first)."""
+        p, L = self.params, len(self.layers)
+        uoff = np.cumsum([0] + [x.units for x in self.layers])
+        zoff = np.cumsum([0] + [x.latents for x in self.layers])
+        N, Z = int(uoff[-1]), int(zoff[-1])
+        w_rec, w_zd = np.zeros((N, N)), np.zeros((N, Z))
+        w_mu, w_sig = np.zeros((Z, N)), np.zeros((Z, N))
+        for i in range(L):
+            u, v = slice(uoff[i], uoff[i + 1]), slice(zoff[i], zoff[i + 1])
+            w_rec[u, u], w_zd[u, v] = p[f"l{i}.W_dd"], p[f"l{i}.W_zd"]
+            if i + 1 < L:
+                w_rec[u, uoff[i + 1]:uoff[i + 2]] = p[f"l{i}.W_td"]
+            w_mu[v, u], w_sig[v, u] = p[f"l{i}.W_mu"], p[f"l{i}.W_sig"]
+
+        def per(values, sizes):
+            return np.concatenate([np.full(k, float(v)) for v, k in zip(values, sizes)])
+
+        units, latents = [x.units for x in self.layers], [x.latents for x in self.layers]
+        cat = np.concatenate
+        net = (uoff.astype(np.uint64), zoff.astype(np.uint64), w_rec, w_zd, cat([p[f"l{i}.b"] for i in range(L)]),
+               per([a for a, _ in self._leak], units), per([b for _, b in self._leak], units), w_mu, w_sig,
+               cat([p[f"l{i}.b_mu"] for i in range(L)]), cat([p[f"l{i}.b_sig"] for i in range(L)]),
+               np.ascontiguousarray(p["out.W"]), p["out.b"].copy(), self.substeps)
+        w = [x.w for x in self.layers] if meta_prior is None else meta_prior
+        weight = per([v / x.latents for v, x in zip(w, self.layers)], latents)
+        weight_first = per([x.w_first / x.latents for x in self.layers], latents)
+        return net, weight, weight_first
+
     def reconstruct(self, A: dict) -> np.ndarray:
         """x_hat of the posterior means (eps = 0) of the sequences whose adaptive vectors are A."""
         B, T = A["l0.mu"].shape[:2]
@@ -374,7 +404,9 @@ class ErrorRegression:
     then a prediction ``horizon`` steps beyond the window from the prior. ``newest``: the new step's A
     when the window slides ("copy" the previous newest, "prior": zeros of mu and log sigma, i.e. the
     first-step prior N(0, I), or "zeros"); ``meta_prior``: w per layer during ER (None: the
-    training values); ``sample``: predict by sampling the prior (else its means)."""
+    training values); ``sample``: predict by sampling the prior (else its means); ``draws``: the
+    window's F before and after the iterations (a trace) is averaged over the first ``draws`` of the
+    iterations' noise draws (1: one draw, a noisy estimate)."""
 
     window: int = 10
     iterations: int = 50
@@ -383,9 +415,10 @@ class ErrorRegression:
     meta_prior: tuple | None = None
     horizon: int = 1
     sample: bool = True
+    draws: int = 1
 
     def __post_init__(self):
-        for name in ("window", "iterations", "horizon"):
+        for name in ("window", "iterations", "horizon", "draws"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise SubstrateValueError(f"ErrorRegression.{name}={v!r} must be a positive integer")
@@ -393,6 +426,8 @@ class ErrorRegression:
             raise SubstrateValueError(f"ErrorRegression.newest={self.newest!r}; allowed: 'copy', 'prior', 'zeros'")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise SubstrateValueError(f"ErrorRegression.lr={self.lr!r} must be a positive finite number")
+        if self.draws > self.iterations:
+            raise SubstrateValueError(f"ErrorRegression.draws={self.draws} must be <= iterations={self.iterations}")
 
 
 def slide(A: dict, window: int, newest: str, prior: dict | None = None) -> dict:
@@ -415,13 +450,16 @@ def slide(A: dict, window: int, newest: str, prior: dict | None = None) -> dict:
     return {k: np.concatenate([v, new(k, v)], axis=1) for k, v in A.items()}
 
 
-def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Generator) -> dict:
+def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Generator, compiled: bool = True) -> dict:
     """Run ``er`` over one sequence x (T, D_x). Returns per-step traces (index t: after observing
     x_0..x_t): "prediction" (T, horizon, D_x) made at t for x_{t+1..t+horizon} (NaN beyond the data),
     "prediction_error" (T,) the squared error of the one-step prediction (NaN at the last step),
-    "free_energy_before"/"free_energy_after" (T,) the window's F with the same noise before and after
-    the iterations, "kl" (T, layers) of the last iteration, "sigma_q" (T, layers) the mean posterior
-    sigma at the window's newest step, "mu_q.l{i}" (T, Z) its posterior means."""
+    "free_energy_before"/"free_energy_after" (T,) the window's F before and after the iterations with
+    the same noise (``er.draws`` draws), "kl" (T, layers) of the last iteration, "sigma_q" (T, layers) the mean posterior
+    sigma at the window's newest step, "mu_q.l{i}" (T, Z) its posterior means. ``compiled``: the
+    iterations run in ``models._pvrnn_kernels`` (same equations and noise draws as the NumPy path,
+    ``compiled=False``, which is the reference)."""
+    from . import _pvrnn_kernels as K
     from .train import Adam
 
     x = np.asarray(x, dtype=float)
@@ -432,33 +470,66 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
         raise SubstrateValueError(f"ErrorRegression.meta_prior has {len(er.meta_prior)} values; the model has {L} layers")
     A = {k: v[:, :0] for k, v in model.adaptive_vectors(1, 0).items()}
     start = model.initial_state(1)
-    last = None
     out = {"prediction": np.full((T, er.horizon, model.outputs), np.nan), "prediction_error": np.full(T, np.nan),
            "free_energy_before": np.empty(T), "free_energy_after": np.empty(T), "kl": np.empty((T, L)),
            "sigma_q": np.empty((T, L))}
     out.update({f"mu_q.l{i}": np.empty((T, x_.latents)) for i, x_ in enumerate(model.layers)})
+    if compiled:
+        net, weight, weight_first = model.packed(er.meta_prior)
+        uoff, zoff = net[0], net[1]
+        N, Z, n_sub = int(uoff[-1]), int(zoff[-1]), model.substeps
+
+        def split(v, off):
+            return [v[None, off[i]:off[i + 1]].copy() for i in range(L)]
+
     for t in range(T):
         if A["l0.mu"].shape[1] == er.window:  # slide: the state after the first step of the last pass
-            start = last.after_first
+            start = after_first
         A = slide(A, er.window, er.newest, None if t == 0 else model.prior(end))
         n = A["l0.mu"].shape[1]
         xw = x[None, t - n + 1:t + 1]
-        opt = Adam(er.lr)
-        eps0 = model.noise(1, n, rng)
-        for itr in range(er.iterations):
-            eps = eps0 if itr == 0 else model.noise(1, n, rng)
-            F, parts, _, gA = model.free_energy(xw, A, eps, start=start, meta_prior=er.meta_prior, weights=False)
-            if itr == 0:
-                out["free_energy_before"][t] = F
-            last = parts["pass"]
-            opt.step(A, gA)
-        out["kl"][t] = parts["kl"]
-        out["free_energy_after"][t] = model.free_energy(xw, A, eps0, gradient=False, start=start,
-                                                        meta_prior=er.meta_prior)[0]
+        eps = [rng.standard_normal((er.iterations, n, x_.latents)) for x_ in model.layers]  # fresh per iteration
+        if compiled:
+            a_mu = np.concatenate([A[f"l{i}.mu"][0] for i in range(L)], axis=1)
+            a_sig = np.concatenate([A[f"l{i}.sig"][0] for i in range(L)], axis=1)
+            e = np.concatenate(eps, axis=2)
+            h0, d0 = np.concatenate([a[0] for a in start.h]), np.concatenate([a[0] for a in start.d])
+            window = (np.empty((n * n_sub + 1, N)), *(np.empty((n, Z)) for _ in range(5)),
+                      np.empty((n, model.outputs)), np.empty(N), np.empty(N))
+            F, kl = np.empty(er.iterations), np.empty(L)
+
+            def window_F():
+                return np.mean([K.forward(xw[0], a_mu, a_sig, e[k], h0, d0, start.first, weight, weight_first,
+                                          net, window, kl) + kl.sum() for k in range(er.draws)])
+
+            out["free_energy_before"][t] = window_F()
+            K.regress(xw[0], a_mu, a_sig, e, h0, d0, start.first, weight, weight_first, net, window, er.lr, F, kl)
+            after_first = State(split(window[7], uoff), split(window[0][n_sub], uoff), False)
+            out["kl"][t] = kl
+            out["free_energy_after"][t] = window_F()
+            K.forward(xw[0], a_mu, a_sig, np.zeros_like(e[0]), h0, d0, start.first, weight, weight_first, net,
+                      window, kl)  # posterior means to the window end
+            end = State(split(window[8], uoff), split(window[0][-1], uoff), False)
+            for i in range(L):
+                A[f"l{i}.mu"], A[f"l{i}.sig"] = a_mu[None, :, zoff[i]:zoff[i + 1]], a_sig[None, :, zoff[i]:zoff[i + 1]]
+        else:
+            def window_F():
+                return np.mean([model.free_energy(xw, A, [e[k][None] for e in eps], gradient=False, start=start,
+                                                  meta_prior=er.meta_prior)[0] for k in range(er.draws)])
+
+            out["free_energy_before"][t] = window_F()
+            opt = Adam(er.lr)
+            for itr in range(er.iterations):
+                F, parts, _, gA = model.free_energy(xw, A, [e[itr][None] for e in eps], start=start,
+                                                    meta_prior=er.meta_prior, weights=False)
+                after_first = parts["pass"].after_first
+                opt.step(A, gA)
+            out["kl"][t] = parts["kl"]
+            out["free_energy_after"][t] = window_F()
+            end = model.run(A, [np.zeros((1, n, x_.latents)) for x_ in model.layers], start).end
         out["sigma_q"][t] = [float(np.exp(A[f"l{i}.sig"][0, -1]).mean()) for i in range(L)]
         for i in range(L):
             out[f"mu_q.l{i}"][t] = np.tanh(A[f"l{i}.mu"][0, -1])
-        end = model.run(A, [np.zeros_like(e) for e in eps0], start).end  # posterior means to the window end
         pred = model.generate(1, er.horizon, rng if er.sample else None, start=end)[0]
         k = min(er.horizon, T - 1 - t)
         out["prediction"][t, :k] = pred[:k]

@@ -173,10 +173,12 @@ def test_training_lowers_the_free_energy_and_reconstructs():
 
 
 def test_error_regression_infers_and_predicts_held_out_sequences():
-    """After training on two phases of a 2-D cyclic pattern, error regression on a held-out phase: the
-    window's free energy falls during the iterations wherever it is above the noise floor (measured
-    with the same noise draw before and after), and the one-step prediction error is far below that of
-    the same network run open-loop from the prior's means (measured: ~1e-3 against ~0.7)."""
+    """After training on three phases of a 2-D cyclic pattern, error regression on a held-out phase:
+    the window's free energy (16 noise draws, the same before and after) falls during the iterations
+    at most steps and by ~18 % at the median step (measured: falls at 37 of 40 steps, median ratio
+    0.82; the rises, <= 7 %, are what 20 stochastic Adam steps at rate 0.1 leave), and the one-step
+    prediction error is far below that of the same network run open-loop from the prior's means
+    (measured: 2.8e-3 against 0.76)."""
     from models.pvrnn import ErrorRegression, error_regression, train
 
     rng = np.random.default_rng(3)
@@ -189,17 +191,17 @@ def test_error_regression_infers_and_predicts_held_out_sequences():
     net = PVRNN([PVLayer(16, 2, tau=2.0, w=1e-3), PVLayer(8, 1, tau=6.0, w=1e-3)], outputs=2, rng=rng)
     train(net, seqs([0.0, 1.5, 3.0]), epochs=800, rng=rng, lr=0.01, progress=False)
     test = seqs([0.75])[0]
-    out = error_regression(net, test, ErrorRegression(window=8, iterations=20, lr=0.1, sample=False), rng)
-    before, after = out["free_energy_before"], out["free_energy_after"]
-    above = before > 10 * np.median(before)
-    assert above.sum() >= 3 and np.all(after[above] < before[above])
-    assert np.mean(after[above] / before[above]) < 0.9  # measured 0.80 (4 steps above the floor)
+    out = error_regression(net, test, ErrorRegression(window=8, iterations=20, lr=0.1, sample=False, draws=16), rng)
+    ratio = out["free_energy_after"] / out["free_energy_before"]
+    assert np.mean(ratio < 1) >= 0.85 and np.median(ratio) < 0.9 and np.max(ratio) < 1.2, ratio
     er = np.nanmean(out["prediction_error"][8:])
     open_loop = np.mean(np.sum((net.generate(1, 40, None)[0, 1:] - test[1:]) ** 2, axis=-1))
     assert er < 0.1 * open_loop, (er, open_loop)
     assert out["prediction"].shape == (40, 1, 2) and np.isnan(out["prediction_error"][-1])
     with pytest.raises(SubstrateValueError, match="newest"):
         ErrorRegression(newest="last")
+    with pytest.raises(SubstrateValueError, match="draws"):
+        ErrorRegression(iterations=4, draws=5)
 
 
 def test_substeps_converge_to_the_continuous_time_circuit():
@@ -249,3 +251,44 @@ def test_the_newest_adaptive_vector_from_the_prior():
         out = error_regression(net, x[0], ErrorRegression(window=3, iterations=2, newest=newest),
                                np.random.default_rng(0))
         assert np.all(np.isfinite(out["free_energy_after"]))
+
+
+@pytest.mark.parametrize("substeps,method,newest", [(1, "euler", "copy"), (3, "exp_euler", "prior")])
+def test_compiled_error_regression_matches_the_numpy_path(substeps, method, newest):
+    """The compiled ER step (models._pvrnn_kernels: batch 1, scalar loops, its own tanh) against the
+    NumPy path on the same noise draws: every trace within 1e-11 of the trace's scale (measured
+    ~3e-14: rounding, amplified a little by 12 Adam steps whose first steps are sign-like), with three
+    layers, w_first != w, an ER meta-prior, a growing and then sliding window."""
+    from models.pvrnn import ErrorRegression, error_regression
+
+    net, x, _, _ = model(7, substeps, method)
+    t = np.arange(16)
+    seq = 0.8 * np.stack([np.sin(t / 3), np.cos(t / 5)], -1)
+    er = ErrorRegression(window=5, iterations=12, lr=0.1, newest=newest, meta_prior=(0.02, 0.1, 0.3), horizon=3)
+    a = error_regression(net, seq, er, np.random.default_rng(5))
+    b = error_regression(net, seq, er, np.random.default_rng(5), compiled=False)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(np.isnan(a[k]), np.isnan(b[k])), k
+        assert np.nanmax(np.abs(a[k] - b[k])) <= 1e-11 * np.nanmax(np.abs(b[k])), k
+
+
+def test_compiled_tanh_against_libm():
+    """The kernels' tanh (through the engine's polynomial exp) within 3e-16 of np.tanh in absolute
+    terms and 1e-12 relative down to |x| = 1e-4, over [-30, 30] and at the edges."""
+    from models._pvrnn_kernels import _tanh
+    from numba import njit
+
+    @njit
+    def many(x, out):
+        for i in range(len(x)):
+            out[i] = _tanh(x[i])
+
+    x = np.concatenate([np.linspace(-30, 30, 200_001), [0.0, -0.0, 1e-300, -1e-8, 709.0, -800.0]])
+    y = np.empty_like(x)
+    many(x, y)
+    ref = np.tanh(x)
+    assert np.max(np.abs(y - ref)) <= 3e-16
+    big = np.abs(x) >= 1e-4
+    assert np.max(np.abs(y[big] - ref[big]) / np.abs(ref[big])) <= 1e-12
+    assert y[-6] == 0.0 and y[-5] == 0.0 and y[-2] == 1.0 and y[-1] == -1.0

@@ -1,0 +1,182 @@
+"""Compiled error-regression step of a PV-RNN (batch 1, gradient with respect to A only).
+
+The same equations as :meth:`models.pvrnn.PVRNN.run` and ``_backward`` (docstring of
+``models/pvrnn.py``), written as scalar loops over one sequence so that an ER step (window ~10, ~50
+iterations of forward, backward and Adam) costs microseconds instead of NumPy's per-call overhead;
+checked against the NumPy path in tests/test_pvrnn.py.
+
+Layout: the layers' units are one vector of N (layer i is ``uoff[i]:uoff[i+1]``, bottom first) and
+their latents one vector of Z (``zoff``). ``net`` = (uoff, zoff, W_rec (N, N), W_zd (N, Z), b, alpha,
+beta (N,), W_mu, W_sig (Z, N), b_mu, b_sig (Z,), W_out (D, N_0), b_out (D,), substeps): W_rec holds
+W_dd on its diagonal blocks and W_td in the block (layer i, layer i+1), so that layer i's rows read
+the contiguous columns ``uoff[i]:uoff[i+2]``: its own units of the previous substep and the layer
+above's of this one (top-down order); W_zd, W_mu and W_sig are block diagonal and read only their
+layer's block. ``alpha``/``beta`` are the leak per unit (h <- alpha h + beta pre).
+
+``window`` = (ds (T n + 1, N): d at the start and after every substep, z, mu_q, s_q, mu_p, logs_p
+(T, Z), x_hat (T, D), h_first (N,): h after the first data step, h_end (N,)), filled by the forward.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+from numba import njit as _njit
+
+from substrate._kernels import _exp_f64
+
+njit = partial(_njit, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+
+
+@njit(inline="always")
+def _tanh(x):
+    """tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|) by the engine's vectorisable exp:
+    within ~2e-16 of libm's tanh in absolute terms (libm's is a scalar call, ~20 ns, the forward
+    pass's largest cost)."""
+    e = _exp_f64(-2.0 * abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return t if x >= 0.0 else -t
+
+
+@njit
+def forward(x, a_mu, a_sig, eps, h0, d0, first, weight, weight_first, net, window, kl):
+    """The posterior pass over the window from (h0, d0); returns the reconstruction term
+    sum_t 0.5 ||x_t - x_hat_t||^2 / D and writes sum_t w(t) KL_t / Z per layer into ``kl``.
+    ``weight``/``weight_first`` (Z,): w_l / Z_l per latent (``weight_first`` at the first step of a
+    sequence, i.e. when ``first``)."""
+    uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n = net
+    ds, z, mu_q, s_q, mu_p, logs_p, x_hat, h_first, h_end = window
+    T, D = x.shape
+    L = len(uoff) - 1
+    h = h_end
+    h[:] = h0
+    ds[0] = d0
+    kl[:] = 0.0
+    rec = 0.0
+    for t in range(T):
+        prev = ds[t * n]
+        for i in range(L):
+            lo, hi = uoff[i], uoff[i + 1]
+            for j in range(zoff[i], zoff[i + 1]):
+                if t == 0 and first:
+                    m, ls = 0.0, 0.0
+                else:
+                    a, s = b_mu[j], b_sig[j]
+                    for c in range(lo, hi):
+                        a += w_mu[j, c] * prev[c]
+                        s += w_sig[j, c] * prev[c]
+                    m, ls = np.tanh(a), s
+                mq, sq = np.tanh(a_mu[t, j]), np.exp(a_sig[t, j])
+                mu_p[t, j], logs_p[t, j], mu_q[t, j], s_q[t, j] = m, ls, mq, sq
+                z[t, j] = mq + sq * eps[t, j]
+                c_t = weight_first[j] if t == 0 and first else weight[j]
+                diff = m - mq
+                kl[i] += c_t * (ls - a_sig[t, j] + (diff * diff + sq * sq) / (2.0 * np.exp(2.0 * ls)) - 0.5)
+        for k in range(n):
+            s = t * n + k
+            old, new = ds[s], ds[s + 1]
+            for i in range(L - 1, -1, -1):  # top-down: layer i reads layer i+1's new d
+                lo, mid = uoff[i], uoff[i + 1]
+                top = uoff[min(i + 2, L)]
+                for r in range(lo, mid):
+                    pre = b[r]
+                    for c in range(lo, mid):
+                        pre += w_rec[r, c] * old[c]
+                    for c in range(mid, top):
+                        pre += w_rec[r, c] * new[c]
+                    for j in range(zoff[i], zoff[i + 1]):
+                        pre += w_zd[r, j] * z[t, j]
+                    h[r] = alpha[r] * h[r] + beta[r] * pre
+                for r in range(lo, mid):  # a loop of its own, so that it vectorises
+                    new[r] = _tanh(h[r])
+        if t == 0:
+            h_first[:] = h
+        d_out = ds[(t + 1) * n]
+        for o in range(D):
+            a = b_out[o]
+            for c in range(w_out.shape[1]):
+                a += w_out[o, c] * d_out[c]
+            y = np.tanh(a)
+            x_hat[t, o] = y
+            rec += 0.5 * (y - x[t, o]) ** 2 / D
+    return rec
+
+
+@njit
+def backward(x, eps, first, weight, weight_first, net, window, g_mu, g_sig, gd, gh, gd_before, gz):
+    """dF/dA^mu and dF/dA^sig of the last ``forward`` (its ``window``), the exact discrete adjoint;
+    gd, gh, gd_before (N,), gz (Z,) are work arrays."""
+    uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n = net
+    ds, z, mu_q, s_q, mu_p, logs_p, x_hat, h_first, h_end = window
+    T, D = x.shape
+    L = len(uoff) - 1
+    gd[:] = 0.0
+    gh[:] = 0.0
+    for t in range(T - 1, -1, -1):
+        for o in range(D):
+            y = x_hat[t, o]
+            g_out = (y - x[t, o]) / D * (1.0 - y * y)
+            for c in range(w_out.shape[1]):
+                gd[c] += g_out * w_out[o, c]
+        gz[:] = 0.0
+        for k in range(n - 1, -1, -1):
+            new = ds[t * n + k + 1]
+            gd_before[:] = 0.0
+            for i in range(L):  # bottom first: layer i's pre fed on layer i+1's new d
+                lo, mid = uoff[i], uoff[i + 1]
+                top = uoff[min(i + 2, L)]
+                for r in range(lo, mid):
+                    g_h = gh[r] + gd[r] * (1.0 - new[r] * new[r])
+                    g_pre = beta[r] * g_h
+                    gh[r] = alpha[r] * g_h
+                    for c in range(lo, mid):
+                        gd_before[c] += g_pre * w_rec[r, c]
+                    for c in range(mid, top):
+                        gd[c] += g_pre * w_rec[r, c]
+                    for j in range(zoff[i], zoff[i + 1]):
+                        gz[j] += g_pre * w_zd[r, j]
+            gd[:] = gd_before
+        # gd is dF/dd at the end of step t-1, where step t's prior reads it
+        for i in range(L):
+            for j in range(zoff[i], zoff[i + 1]):
+                c_t = weight_first[j] if t == 0 and first else weight[j]
+                m, mq, sq = mu_p[t, j], mu_q[t, j], s_q[t, j]
+                sp2 = np.exp(2.0 * logs_p[t, j])
+                diff = m - mq
+                g_mu[t, j] = (gz[j] - c_t * diff / sp2) * (1.0 - mq * mq)
+                g_sig[t, j] = gz[j] * sq * eps[t, j] + c_t * (sq * sq / sp2 - 1.0)
+                if t > 0:  # the window-start state is frozen: no gradient beyond it is needed
+                    g_pre_mu = c_t * diff / sp2 * (1.0 - m * m)
+                    g_logs_p = c_t * (1.0 - (diff * diff + sq * sq) / sp2)
+                    for c in range(uoff[i], uoff[i + 1]):
+                        gd[c] += g_pre_mu * w_mu[j, c] + g_logs_p * w_sig[j, c]
+
+
+@njit
+def adam(p, g, m, v, step, lr, beta1, beta2, eps):
+    """One Adam step in place (``models.train.Adam``'s arithmetic); ``step`` counts from 1."""
+    c1, c2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    for t in range(p.shape[0]):
+        for j in range(p.shape[1]):
+            m[t, j] = beta1 * m[t, j] + (1.0 - beta1) * g[t, j]
+            v[t, j] = beta2 * v[t, j] + (1.0 - beta2) * g[t, j] * g[t, j]
+            p[t, j] -= lr * (m[t, j] / c1) / (np.sqrt(v[t, j] / c2) + eps)
+
+
+@njit
+def regress(x, a_mu, a_sig, eps, h0, d0, first, weight, weight_first, net, window, lr, free_energy, kl):
+    """The iterations of one ER step: for every noise draw eps[k] (iterations, T, Z) a forward pass,
+    its free energy into ``free_energy[k]``, the adjoint and an Adam step (state fresh) on A in place.
+    ``kl`` (L,) holds the last iteration's KL terms; ``window`` its pass (h_first: the state after its
+    first step)."""
+    N, Z = len(h0), a_mu.shape[1]
+    g_mu, g_sig = np.empty_like(a_mu), np.empty_like(a_sig)
+    m_mu, v_mu, m_sig, v_sig = np.zeros_like(a_mu), np.zeros_like(a_mu), np.zeros_like(a_mu), np.zeros_like(a_mu)
+    gd, gh, gd_before, gz = np.empty(N), np.empty(N), np.empty(N), np.empty(Z)
+    for k in range(eps.shape[0]):
+        rec = forward(x, a_mu, a_sig, eps[k], h0, d0, first, weight, weight_first, net, window, kl)
+        free_energy[k] = rec + kl.sum()
+        backward(x, eps[k], first, weight, weight_first, net, window, g_mu, g_sig, gd, gh, gd_before, gz)
+        adam(a_mu, g_mu, m_mu, v_mu, k + 1, lr, 0.9, 0.999, 1e-8)
+        adam(a_sig, g_sig, m_sig, v_sig, k + 1, lr, 0.9, 0.999, 1e-8)
