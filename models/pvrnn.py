@@ -153,11 +153,17 @@ class PVRNN:
         return State([np.zeros((sequences, x.units)) for x in self.layers],
                      [np.zeros((sequences, x.units)) for x in self.layers], True)
 
-    def run(self, A: dict, eps: list, start: State | None = None) -> Pass:
+    def circuit(self):
+        """What the forward pass computes with: (weights, leak per layer as (alpha, beta)). A
+        :class:`DeviceCircuit` gives the same for the circuit as a device reads it."""
+        return self.params, self._leak
+
+    def run(self, A: dict, eps: list, start: State | None = None, circuit=None) -> Pass:
         """The posterior pass: z from A and eps at every step, the units and the output, from
-        ``start`` (default: a sequence's beginning)."""
+        ``start`` (default: a sequence's beginning), on ``circuit`` = (weights, leaks) (default: the
+        nominal one, :meth:`circuit`)."""
         B, T = A["l0.mu"].shape[:2]
-        p, L, n = self.params, len(self.layers), self.substeps
+        (p, leak), L, n = circuit or self.circuit(), len(self.layers), self.substeps
         start = self.initial_state(B) if start is None else start
         keep = {k: [np.zeros((B, T, x.units if k == "d" else x.latents)) for x in self.layers]
                 for k in ("d", "z", "mu_p", "logs_p", "mu_q", "logs_q")}
@@ -179,7 +185,7 @@ class PVRNN:
                 z[i] = mu_q + np.exp(logs_q) * eps[i][:, t]
                 for k, v in (("z", z[i]), ("mu_p", mu_p), ("logs_p", logs_p), ("mu_q", mu_q), ("logs_q", logs_q)):
                     keep[k][i][:, t] = v
-            self._advance(h, d_prev, z, ds, t)
+            self._advance(h, d_prev, z, p, leak, ds, t)
             for i in range(L):
                 keep["d"][i][:, t] = d_prev[i]
             if t == 0:
@@ -188,17 +194,17 @@ class PVRNN:
         end = State([a.copy() for a in h], [a.copy() for a in d_prev], False)
         return Pass(eps=eps, x_hat=x_hat, start=start, after_first=after_first, end=end, ds=ds, **keep)
 
-    def _advance(self, h, d, z, ds=None, t=0):
+    def _advance(self, h, d, z, p, leak, ds=None, t=0):
         """One data step of the units, in place: ``substeps`` steps of h <- alpha h + (1 - alpha) pre
-        with the latents z held, layers top-down (a layer sees the new d of the one above);
-        ``ds`` records d after every substep."""
-        p, L, n = self.params, len(self.layers), self.substeps
+        with the latents z held, layers top-down (a layer sees the new d of the one above), weights
+        ``p`` and ``leak``; ``ds`` records d after every substep."""
+        L, n = len(self.layers), self.substeps
         for k in range(n):
             for i in range(L - 1, -1, -1):
                 pre = d[i] @ p[f"l{i}.W_dd"].T + z[i] @ p[f"l{i}.W_zd"].T + p[f"l{i}.b"]
                 if i + 1 < L:
                     pre += d[i + 1] @ p[f"l{i}.W_td"].T  # already this substep's
-                alpha, beta = self._leak[i]
+                alpha, beta = leak[i]
                 h[i] = alpha * h[i] + beta * pre
                 d[i] = np.tanh(h[i])
                 if ds is not None:
@@ -214,19 +220,31 @@ class PVRNN:
         return w / x.latents
 
     def free_energy(self, x, A: dict, eps: list, gradient: bool = True, start: State | None = None,
-                    meta_prior=None, weights: bool = True):
+                    meta_prior=None, weights: bool = True, credit: str = "exact", truncation: int | None = None,
+                    circuit=None):
         """(F, parts, dF/dparams, dF/dA) for sequences x (B, T, D_x), adaptive vectors A and noise eps.
         parts: {"reconstruction": sum_t Rec_t / D_x, "kl": [per layer sum_t w(t) KL_t / Z]} summed over
         the batch; F = reconstruction + sum(kl). With ``gradient=False`` the two gradients are None.
         ``start``: the state the sequences continue from (a window of error regression; frozen);
         ``meta_prior``: w per layer instead of the layers' own; ``weights=False``: dF/dparams is None
-        (error regression optimises A alone)."""
+        (error regression optimises A alone).
+
+        ``credit``, how the gradient is assigned: "exact", the discrete adjoint of the steps taken;
+        "truncated", the same with the state detached every ``truncation`` data steps counted back
+        from the last (truncated BPTT: a step's A is credited only by losses up to its chunk's end);
+        "continuous", the adjoint ODE of the continuous-time circuit, -dlambda/dt = (df/dh)^T lambda
+        with f = (-h + pre)/tau, integrated backward over the same substeps with the Jacobian at each
+        substep's later end (optimise-then-discretise: the leak by the integrator's own alpha, the
+        coupling held), which converges to the exact gradient at first order in 1/substeps.
+        ``circuit``: (weights, leaks) the forward pass runs on (a :class:`DeviceCircuit` read); the
+        adjoint always uses the nominal weights and leaks, along the circuit's trajectory."""
         x = np.asarray(x, dtype=float)
         B, T, D = x.shape
         if D != self.outputs or A["l0.mu"].shape[:2] != (B, T):
             raise SubstrateValueError(f"x has shape {x.shape}; expected (sequences, steps, {self.outputs}) "
                                       f"matching A's {A['l0.mu'].shape[:2]}")
-        run = self.run(A, eps, start)
+        _check_credit(credit, truncation)
+        run = self.run(A, eps, start, circuit)
         err = run.x_hat - x
         rec = 0.5 * float(np.sum(err * err)) / D
         kls, terms = [], []
@@ -242,11 +260,11 @@ class PVRNN:
         parts = {"reconstruction": rec, "kl": kls, "pass": run}
         if not gradient:
             return F, parts, None, None
-        gp, gA = self._backward(x, run, err / D, terms, weights)
+        gp, gA = self._backward(x, run, err / D, terms, weights, credit, truncation)
         return F, parts, gp, gA
 
     # ---------------------------------------------------------------- backward (BPTT)
-    def _backward(self, x, run: Pass, g_err, terms, weights=True):
+    def _backward(self, x, run: Pass, g_err, terms, weights=True, credit="exact", truncation=None):
         p, L, n = self.params, len(self.layers), self.substeps
         B, T, _ = x.shape
         gp = {k: np.zeros_like(v) for k, v in p.items()} if weights else None
@@ -263,25 +281,10 @@ class PVRNN:
             gz = [np.zeros((B, x_.latents)) for x_ in self.layers]
             for k in range(n - 1, -1, -1):
                 s = t * n + k
-                gd_before = [np.zeros_like(g) for g in gd]
-                for i in range(L):  # reverse of the top-down order: layer i fed on layer i+1's new d
-                    alpha, beta = self._leak[i]
-                    d = run.ds[i][:, s]
-                    d_before = run.ds[i][:, s - 1] if s > 0 else run.start.d[i]
-                    g_h = gh[i] + gd[i] * (1.0 - d * d)
-                    g_pre = beta * g_h
-                    gh[i] = alpha * g_h
-                    if weights:
-                        gp[f"l{i}.W_dd"] += g_pre.T @ d_before
-                        gp[f"l{i}.W_zd"] += g_pre.T @ run.z[i][:, t]
-                        gp[f"l{i}.b"] += g_pre.sum(axis=0)
-                        if i + 1 < L:
-                            gp[f"l{i}.W_td"] += g_pre.T @ run.ds[i + 1][:, s]
-                    gd_before[i] += g_pre @ p[f"l{i}.W_dd"]
-                    if i + 1 < L:
-                        gd[i + 1] += g_pre @ p[f"l{i}.W_td"]  # carries layer i's beta = h/tau (Euler)
-                    gz[i] += g_pre @ p[f"l{i}.W_zd"]
-                gd = gd_before
+                if credit == "continuous":
+                    gd = self._substep_continuous(run, s, t, gd, gh, gz, gp)
+                else:
+                    gd = self._substep_discrete(run, s, t, gd, gh, gz, gp)
             # gd is now dF/d d at the end of step t-1, where step t's prior reads it
             for i in range(L):
                 w, sp2, diff, sq2 = terms[i]
@@ -301,14 +304,65 @@ class PVRNN:
                         gp[f"l{i}.W_sig"] += g_logs_p.T @ d_before
                         gp[f"l{i}.b_sig"] += g_logs_p.sum(axis=0)
                     gd[i] += g_pre_mu @ p[f"l{i}.W_mu"] + g_logs_p @ p[f"l{i}.W_sig"]
+            if credit == "truncated" and (T - t) % truncation == 0:  # the state entering step t is detached
+                for g in gd + gh:
+                    g[:] = 0.0
         return gp, gA
+
+    def _substep_discrete(self, run, s, t, gd, gh, gz, gp):
+        """The adjoint of substep s (in place on gh, gz, gp; returns dF/dd before it): the reverse of
+        the top-down order, layer i having fed on layer i+1's new d (which carries layer i's
+        beta = 1/tau under Euler)."""
+        p, L = self.params, len(self.layers)
+        gd_before = [np.zeros_like(g) for g in gd]
+        for i in range(L):
+            alpha, beta = self._leak[i]
+            d = run.ds[i][:, s]
+            d_before = run.ds[i][:, s - 1] if s > 0 else run.start.d[i]
+            g_h = gh[i] + gd[i] * (1.0 - d * d)
+            g_pre = beta * g_h
+            gh[i] = alpha * g_h
+            if gp is not None:
+                gp[f"l{i}.W_dd"] += g_pre.T @ d_before
+                gp[f"l{i}.W_zd"] += g_pre.T @ run.z[i][:, t]
+                gp[f"l{i}.b"] += g_pre.sum(axis=0)
+                if i + 1 < L:
+                    gp[f"l{i}.W_td"] += g_pre.T @ run.ds[i + 1][:, s]
+            gd_before[i] += g_pre @ p[f"l{i}.W_dd"]
+            if i + 1 < L:
+                gd[i + 1] += g_pre @ p[f"l{i}.W_td"]
+            gz[i] += g_pre @ p[f"l{i}.W_zd"]
+        return gd_before
+
+    def _substep_continuous(self, run, s, t, gd, gh, gz, gp):
+        """One step back of the adjoint ODE over substep s: lambda <- alpha lambda +
+        (1 - d^2) W^T (beta lambda), every factor at the substep's later end (all layers at one
+        time: the top-down order is a property of the discrete steps only). ``gd`` holds only the
+        jumps from the losses; returns zeros for the next ones."""
+        p, L = self.params, len(self.layers)
+        d = [run.ds[i][:, s] for i in range(L)]
+        g_h = [gh[i] + gd[i] * (1.0 - d[i] * d[i]) for i in range(L)]  # lambda at the later end
+        g_pre = [self._leak[i][1] * g_h[i] for i in range(L)]
+        for i in range(L):
+            coupling = g_pre[i] @ p[f"l{i}.W_dd"]
+            if i > 0:
+                coupling += g_pre[i - 1] @ p[f"l{i - 1}.W_td"]
+            gh[i] = self._leak[i][0] * g_h[i] + (1.0 - d[i] * d[i]) * coupling
+            gz[i] += g_pre[i] @ p[f"l{i}.W_zd"]
+            if gp is not None:
+                gp[f"l{i}.W_dd"] += g_pre[i].T @ d[i]
+                gp[f"l{i}.W_zd"] += g_pre[i].T @ run.z[i][:, t]
+                gp[f"l{i}.b"] += g_pre[i].sum(axis=0)
+                if i + 1 < L:
+                    gp[f"l{i}.W_td"] += g_pre[i].T @ d[i + 1]
+        return [np.zeros_like(g) for g in gd]
 
     # ---------------------------------------------------------------- prior, reconstruction, training
     def generate(self, sequences: int, steps: int, rng: np.random.Generator | None,
-                 start: State | None = None) -> np.ndarray:
+                 start: State | None = None, circuit=None) -> np.ndarray:
         """x_hat (B, T, D_x) from the prior (z_t = mu^p + sigma^p eps; a sequence's first step N(0, I)),
         from ``start`` (default: a sequence's beginning); ``rng=None``: the prior means (eps = 0)."""
-        p, L = self.params, len(self.layers)
+        (p, leak), L = circuit or self.circuit(), len(self.layers)
         start = self.initial_state(sequences) if start is None else start
         h, d = [a.copy() for a in start.h], [a.copy() for a in start.d]
         out = np.empty((sequences, steps, self.outputs))
@@ -322,13 +376,13 @@ class PVRNN:
                 else:
                     z[i] = (np.tanh(d[i] @ p[f"l{i}.W_mu"].T + p[f"l{i}.b_mu"])
                             + np.exp(d[i] @ p[f"l{i}.W_sig"].T + p[f"l{i}.b_sig"]) * eps)
-            self._advance(h, d, z)
+            self._advance(h, d, z, p, leak)
             out[:, t] = np.tanh(d[0] @ p["out.W"].T + p["out.b"])
         return out
 
-    def prior(self, state: State) -> dict:
+    def prior(self, state: State, circuit=None) -> dict:
         """The prior of the step after ``state``: {"l{i}.mu": mu^p, "l{i}.sig": log sigma^p}."""
-        p = self.params
+        p = (circuit or self.circuit())[0]
         out = {}
         for i in range(len(self.layers)):
             out[f"l{i}.mu"] = np.tanh(state.d[i] @ p[f"l{i}.W_mu"].T + p[f"l{i}.b_mu"])
@@ -369,6 +423,17 @@ class PVRNN:
         """x_hat of the posterior means (eps = 0) of the sequences whose adaptive vectors are A."""
         B, T = A["l0.mu"].shape[:2]
         return self.run(A, [np.zeros((B, T, x.latents)) for x in self.layers]).x_hat
+
+
+def _check_credit(credit, truncation):
+    if credit not in CREDIT:
+        raise SubstrateValueError(f"credit={credit!r}; allowed: {CREDIT}")
+    if credit == "truncated" and (isinstance(truncation, bool) or not isinstance(truncation, (int, np.integer))
+                                  or truncation < 1):
+        raise SubstrateValueError(f"truncation={truncation!r}: credit='truncated' needs a positive number of data steps")
+
+
+CREDIT = ("exact", "truncated", "continuous")
 
 
 def train(model: PVRNN, x, *, epochs: int, rng: np.random.Generator, lr: float = 1e-3, A: dict | None = None,
