@@ -111,11 +111,7 @@ class PVRNN:
         if method not in ("euler", "exp_euler"):
             raise SubstrateValueError(f"method={method!r}; allowed: 'euler', 'exp_euler'")
         self.substeps, self.method = int(substeps), method
-        step = 1.0 / self.substeps  # h <- alpha h + (1 - alpha) pre: Euler's 1 - step/tau or the exact leak
-        self._leak = []
-        for x in self.layers:
-            a = 1.0 - step / x.tau if method == "euler" else math.exp(-step / x.tau)
-            self._leak.append((a, 1.0 - a))
+        self._leak = [_leak(x.tau, 1.0 / self.substeps, method) for x in self.layers]
 
         def uniform(post, pre):
             k = 1.0 / math.sqrt(pre)
@@ -425,6 +421,60 @@ class PVRNN:
         return self.run(A, [np.zeros((B, T, x.latents)) for x in self.layers]).x_hat
 
 
+def _leak(tau: float, step: float, method: str) -> tuple:
+    """(alpha, beta) of h <- alpha h + beta pre over ``step``: Euler's 1 - step/tau or the exact
+    leak e^{-step/tau}; beta = 1 - alpha."""
+    a = 1.0 - step / tau if method == "euler" else math.exp(-step / tau)
+    return a, 1.0 - a
+
+
+class DeviceCircuit:
+    """A PV-RNN's circuit on a device (``substrate.devices``): ``TauMismatch`` gives every unit its
+    own time constant (drawn once; the leak alpha_r from tau_r by the model's integrator), and
+    ``ReadNoise`` a fresh read of every weight matrix at every pass (its ``phase`` policy: W + sigma
+    |W| xi, or sigma max|W| xi when additive; biases are digital, as in ``substrate.devices``).
+    :meth:`read` returns (weights, leaks) for ``run``/``free_energy``/``generate``; the learning rule's
+    adjoint keeps the nominal weights and leaks (the host knows only the nominal circuit). Each
+    effect draws from its own stream (``devices.stream(seed, name)``)."""
+
+    def __init__(self, model: PVRNN, device, seed: int):
+        from types import SimpleNamespace
+
+        from substrate.devices import Device, ReadNoise, TauMismatch, stream
+
+        if not isinstance(device, Device):
+            raise SubstrateValueError(f"device must be a substrate.devices.Device, got {type(device).__name__}")
+        for e in device.effects:
+            if not (isinstance(e, TauMismatch) or (isinstance(e, ReadNoise) and e.policy == "phase")):
+                raise SubstrateValueError(f"{e!r}: a PV-RNN circuit supports TauMismatch and ReadNoise(policy='phase')")
+        self.model = model
+        self.noise = next(iter(device.of(ReadNoise)), None)
+        self.rng = stream(seed, "ReadNoise")
+        leak = list(model._leak)
+        mismatch = next(iter(device.of(TauMismatch)), None)
+        if mismatch is not None:
+            circuit = SimpleNamespace(tau=np.concatenate([np.full(x.units, x.tau) for x in model.layers]))
+            mismatch.neurons(circuit, stream(seed, "TauMismatch"))
+            leak, off = [], 0
+            for x in model.layers:
+                pairs = [_leak(tau, 1.0 / model.substeps, model.method) for tau in circuit.tau[off:off + x.units]]
+                leak.append(tuple(np.array(v) for v in zip(*pairs)))
+                off += x.units
+        self.leak = leak
+
+    def read(self):
+        """(weights, leaks) of one pass of the circuit."""
+        p = self.model.params
+        if self.noise is None:
+            return p, self.leak
+        out = dict(p)
+        for k, w in p.items():
+            if ".W" in k:
+                scale = self.noise.sigma * (np.abs(w) if self.noise.relative else np.max(np.abs(w)))
+                out[k] = w + scale * self.rng.standard_normal(w.shape)
+        return out, self.leak
+
+
 def _check_credit(credit, truncation):
     if credit not in CREDIT:
         raise SubstrateValueError(f"credit={credit!r}; allowed: {CREDIT}")
@@ -471,7 +521,8 @@ class ErrorRegression:
     first-step prior N(0, I), or "zeros"); ``meta_prior``: w per layer during ER (None: the
     training values); ``sample``: predict by sampling the prior (else its means); ``draws``: the
     window's F before and after the iterations (a trace) is averaged over the first ``draws`` of the
-    iterations' noise draws (1: one draw, a noisy estimate)."""
+    iterations' noise draws (1: one draw, a noisy estimate); ``credit``/``truncation``: how the
+    gradient is assigned (:meth:`PVRNN.free_energy`: "exact", "truncated", "continuous")."""
 
     window: int = 10
     iterations: int = 50
@@ -481,6 +532,8 @@ class ErrorRegression:
     horizon: int = 1
     sample: bool = True
     draws: int = 1
+    credit: str = "exact"
+    truncation: int | None = None
 
     def __post_init__(self):
         for name in ("window", "iterations", "horizon", "draws"):
@@ -493,6 +546,7 @@ class ErrorRegression:
             raise SubstrateValueError(f"ErrorRegression.lr={self.lr!r} must be a positive finite number")
         if self.draws > self.iterations:
             raise SubstrateValueError(f"ErrorRegression.draws={self.draws} must be <= iterations={self.iterations}")
+        _check_credit(self.credit, self.truncation)
 
 
 def slide(A: dict, window: int, newest: str, prior: dict | None = None) -> dict:
@@ -515,15 +569,18 @@ def slide(A: dict, window: int, newest: str, prior: dict | None = None) -> dict:
     return {k: np.concatenate([v, new(k, v)], axis=1) for k, v in A.items()}
 
 
-def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Generator, compiled: bool = True) -> dict:
+def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Generator, compiled: bool = True,
+                     circuit: DeviceCircuit | None = None) -> dict:
     """Run ``er`` over one sequence x (T, D_x). Returns per-step traces (index t: after observing
     x_0..x_t): "prediction" (T, horizon, D_x) made at t for x_{t+1..t+horizon} (NaN beyond the data),
     "prediction_error" (T,) the squared error of the one-step prediction (NaN at the last step),
     "free_energy_before"/"free_energy_after" (T,) the window's F before and after the iterations with
     the same noise (``er.draws`` draws), "kl" (T, layers) of the last iteration, "sigma_q" (T, layers) the mean posterior
-    sigma at the window's newest step, "mu_q.l{i}" (T, Z) its posterior means. ``compiled``: the
-    iterations run in ``models._pvrnn_kernels`` (same equations and noise draws as the NumPy path,
-    ``compiled=False``, which is the reference)."""
+    sigma at the window's newest step, "mu_q.l{i}" (T, Z) its posterior means. ``circuit``: the
+    network runs on a device (every pass, prediction included, reads it; the same reads before and
+    after for the F traces). ``compiled``: the iterations run in ``models._pvrnn_kernels`` (same
+    equations and noise draws as the NumPy path, ``compiled=False``, which is the reference) when
+    the credit is exact and there is no device."""
     from . import _pvrnn_kernels as K
     from .train import Adam
 
@@ -539,6 +596,8 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
            "free_energy_before": np.empty(T), "free_energy_after": np.empty(T), "kl": np.empty((T, L)),
            "sigma_q": np.empty((T, L))}
     out.update({f"mu_q.l{i}": np.empty((T, x_.latents)) for i, x_ in enumerate(model.layers)})
+    compiled = compiled and er.credit == "exact" and circuit is None
+    read = circuit.read if circuit is not None else lambda: None
     if compiled:
         net, weight, weight_first = model.packed(er.meta_prior)
         uoff, zoff = net[0], net[1]
@@ -550,7 +609,7 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
     for t in range(T):
         if A["l0.mu"].shape[1] == er.window:  # slide: the state after the first step of the last pass
             start = after_first
-        A = slide(A, er.window, er.newest, None if t == 0 else model.prior(end))
+        A = slide(A, er.window, er.newest, None if t == 0 else model.prior(end, read()))
         n = A["l0.mu"].shape[1]
         xw = x[None, t - n + 1:t + 1]
         eps = [rng.standard_normal((er.iterations, n, x_.latents)) for x_ in model.layers]  # fresh per iteration
@@ -578,24 +637,27 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
             for i in range(L):
                 A[f"l{i}.mu"], A[f"l{i}.sig"] = a_mu[None, :, zoff[i]:zoff[i + 1]], a_sig[None, :, zoff[i]:zoff[i + 1]]
         else:
+            reads = [read() for _ in range(er.draws)]
+
             def window_F():
                 return np.mean([model.free_energy(xw, A, [e[k][None] for e in eps], gradient=False, start=start,
-                                                  meta_prior=er.meta_prior)[0] for k in range(er.draws)])
+                                                  meta_prior=er.meta_prior, circuit=c)[0] for k, c in enumerate(reads)])
 
             out["free_energy_before"][t] = window_F()
             opt = Adam(er.lr)
             for itr in range(er.iterations):
                 F, parts, _, gA = model.free_energy(xw, A, [e[itr][None] for e in eps], start=start,
-                                                    meta_prior=er.meta_prior, weights=False)
+                                                    meta_prior=er.meta_prior, weights=False, credit=er.credit,
+                                                    truncation=er.truncation, circuit=read())
                 after_first = parts["pass"].after_first
                 opt.step(A, gA)
             out["kl"][t] = parts["kl"]
             out["free_energy_after"][t] = window_F()
-            end = model.run(A, [np.zeros((1, n, x_.latents)) for x_ in model.layers], start).end
+            end = model.run(A, [np.zeros((1, n, x_.latents)) for x_ in model.layers], start, read()).end
         out["sigma_q"][t] = [float(np.exp(A[f"l{i}.sig"][0, -1]).mean()) for i in range(L)]
         for i in range(L):
             out[f"mu_q.l{i}"][t] = np.tanh(A[f"l{i}.mu"][0, -1])
-        pred = model.generate(1, er.horizon, rng if er.sample else None, start=end)[0]
+        pred = model.generate(1, er.horizon, rng if er.sample else None, start=end, circuit=read())[0]
         k = min(er.horizon, T - 1 - t)
         out["prediction"][t, :k] = pred[:k]
         if t + 1 < T:

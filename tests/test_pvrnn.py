@@ -340,3 +340,66 @@ def test_compiled_tanh_against_libm():
     big = np.abs(x) >= 1e-4
     assert np.max(np.abs(y[big] - ref[big]) / np.abs(ref[big])) <= 1e-12
     assert y[-6] == 0.0 and y[-5] == 0.0 and y[-2] == 1.0 and y[-1] == -1.0
+
+
+def test_error_regression_credit_options_are_wired():
+    """Truncation at the window length is the exact credit, bit for bit, through error_regression
+    (NumPy path); a shorter truncation and the continuous adjoint change the traces."""
+    from models.pvrnn import ErrorRegression, error_regression
+
+    net, x, _, _ = model(8)
+    seq = x[0]
+
+    def er(**kw):
+        return error_regression(net, seq, ErrorRegression(window=4, iterations=5, **kw), np.random.default_rng(2),
+                                compiled=False)
+
+    exact = er()
+    same = er(credit="truncated", truncation=4)
+    assert all(np.array_equal(exact[k], same[k], equal_nan=True) for k in exact)
+    for other in (er(credit="truncated", truncation=1), er(credit="continuous")):
+        assert not np.array_equal(other["free_energy_after"], exact["free_energy_after"])
+    with pytest.raises(SubstrateValueError, match="truncation"):
+        ErrorRegression(credit="truncated")
+
+
+def test_device_circuit():
+    """A PV-RNN on a device: no effects (or effects at zero) leave error regression bit-identical;
+    TauMismatch draws tau_r = tau (1 + spread xi) per unit from its own stream and the leak follows
+    the integrator; ReadNoise redraws every weight matrix (not the biases) at every read with
+    relative spread sigma (measured over the reads' 10^5 deviations, within 3 %); other effects
+    and policies are refused."""
+    from models.pvrnn import DeviceCircuit, ErrorRegression, error_regression
+    from substrate.devices import Device, ProgrammingNoise, ReadNoise, TauMismatch, stream
+
+    net, x, _, _ = model(9, 2, "exp_euler")
+    er = ErrorRegression(window=3, iterations=3)
+    ref = error_regression(net, x[0], er, np.random.default_rng(4), compiled=False)
+    for dev in (Device(()), Device((ReadNoise(0.0), TauMismatch(0.0)))):
+        out = error_regression(net, x[0], er, np.random.default_rng(4), circuit=DeviceCircuit(net, dev, 1))
+        assert all(np.array_equal(ref[k], out[k], equal_nan=True) for k in ref)
+
+    c = DeviceCircuit(net, Device((TauMismatch(0.3), ReadNoise(0.05))), seed=7)
+    xi = stream(7, "TauMismatch").standard_normal(sum(l.units for l in net.layers))
+    off = 0
+    for (alpha, beta), lay in zip(c.leak, net.layers):
+        tau = lay.tau * np.maximum(1 + 0.3 * xi[off:off + lay.units], 0.05)
+        np.testing.assert_allclose(alpha, np.exp(-0.5 / tau), rtol=1e-14)
+        np.testing.assert_allclose(alpha + beta, 1.0, rtol=1e-15)
+        off += lay.units
+    devs = []
+    for _ in range(2000):
+        p, _ = c.read()
+        for k, w in net.params.items():
+            if ".W" in k:
+                nz = w != 0
+                devs.append(((p[k] - w)[nz] / np.abs(w[nz])))
+            else:
+                assert p[k] is w
+    devs = np.concatenate(devs)
+    assert len(devs) > 1e5 and abs(np.std(devs) / 0.05 - 1) < 0.03 and abs(np.mean(devs)) < 1e-3
+    a, b = c.read()[0]["l0.W_dd"], c.read()[0]["l0.W_dd"]
+    assert not np.array_equal(a, b)
+    for bad in (Device((ProgrammingNoise(),)), Device((ReadNoise(0.1, policy="step"),))):
+        with pytest.raises(SubstrateValueError, match="PV-RNN"):
+            DeviceCircuit(net, bad, 0)
