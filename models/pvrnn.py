@@ -487,10 +487,11 @@ CREDIT = ("exact", "truncated", "continuous")
 
 
 def train(model: PVRNN, x, *, epochs: int, rng: np.random.Generator, lr: float = 1e-3, A: dict | None = None,
-          progress: bool = True):
+          progress: bool = True, on_epoch=None):
     """Weights and every sequence's A by Adam on the free energy of sequences x (B, T, D_x), fresh
     noise each epoch (one pass of the whole set per epoch). Returns (A, history) with per-epoch
-    arrays "free_energy", "reconstruction" and "kl" (epochs, layers)."""
+    arrays "free_energy", "reconstruction" and "kl" (epochs, layers); ``on_epoch(history so far)``
+    after every epoch (e.g. to save partial results)."""
     from tqdm.auto import tqdm
 
     from .train import Adam
@@ -507,6 +508,8 @@ def train(model: PVRNN, x, *, epochs: int, rng: np.random.Generator, lr: float =
         hist["free_energy"].append(F)
         hist["reconstruction"].append(parts["reconstruction"])
         hist["kl"].append(parts["kl"])
+        if on_epoch is not None:
+            on_epoch({k: np.asarray(v) for k, v in hist.items()})
     return A, {k: np.asarray(v) for k, v in hist.items()}
 
 
