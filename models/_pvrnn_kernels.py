@@ -7,11 +7,12 @@ checked against the NumPy path in tests/test_pvrnn.py.
 
 Layout: the layers' units are one vector of N (layer i is ``uoff[i]:uoff[i+1]``, bottom first) and
 their latents one vector of Z (``zoff``). ``net`` = (uoff, zoff, W_rec (N, N), W_zd (N, Z), b, alpha,
-beta (N,), W_mu, W_sig (Z, N), b_mu, b_sig (Z,), W_out (D, N_0), b_out (D,), substeps): W_rec holds
+beta (N,), W_mu, W_sig (Z, N), b_mu, b_sig (Z,), W_out (D, N_0), b_out (D,), substeps, Wq_mu, Wq_sig
+(Z, N) with posterior weights, else (0, N)): W_rec holds
 W_dd on its diagonal blocks and W_td in the block (layer i, layer i+1), so that layer i's rows read
 the contiguous columns ``uoff[i]:uoff[i+2]``: its own units of the previous substep and the layer
 above's of this one (top-down order); W_zd, W_mu and W_sig are block diagonal and read only their
-layer's block. ``alpha``/``beta`` are the leak per unit (h <- alpha h + beta pre).
+layer's block (W_q too). ``alpha``/``beta`` are the leak per unit (h <- alpha h + beta pre).
 
 ``window`` = (ds (T n + 1, N): d at the start and after every substep, z, mu_q, s_q, mu_p, logs_p
 (T, Z), x_hat (T, D), h_first (N,): h after the first data step, h_end (N,)), filled by the forward.
@@ -45,7 +46,8 @@ def forward(x, a_mu, a_sig, eps, h0, d0, first, weight, weight_first, net, windo
     sum_t 0.5 ||x_t - x_hat_t||^2 / D and writes sum_t w(t) KL_t / Z per layer into ``kl``.
     ``weight``/``weight_first`` (Z,): w_l / Z_l per latent (``weight_first`` at the first step of a
     sequence, i.e. when ``first``)."""
-    uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n = net
+    uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n, wq_mu, wq_sig = net
+    posterior_weights = wq_mu.shape[0] > 0
     ds, z, mu_q, s_q, mu_p, logs_p, x_hat, h_first, h_end = window
     T, D = x.shape
     L = len(uoff) - 1
@@ -67,12 +69,17 @@ def forward(x, a_mu, a_sig, eps, h0, d0, first, weight, weight_first, net, windo
                         a += w_mu[j, c] * prev[c]
                         s += w_sig[j, c] * prev[c]
                     m, ls = np.tanh(a), s
-                mq, sq = np.tanh(a_mu[t, j]), np.exp(a_sig[t, j])
+                am, lq = a_mu[t, j], a_sig[t, j]
+                if posterior_weights:
+                    for c in range(lo, hi):
+                        am += wq_mu[j, c] * prev[c]
+                        lq += wq_sig[j, c] * prev[c]
+                mq, sq = np.tanh(am), np.exp(lq)
                 mu_p[t, j], logs_p[t, j], mu_q[t, j], s_q[t, j] = m, ls, mq, sq
                 z[t, j] = mq + sq * eps[t, j]
                 c_t = weight_first[j] if t == 0 and first else weight[j]
                 diff = m - mq
-                kl[i] += c_t * (ls - a_sig[t, j] + (diff * diff + sq * sq) / (2.0 * np.exp(2.0 * ls)) - 0.5)
+                kl[i] += c_t * (ls - lq + (diff * diff + sq * sq) / (2.0 * np.exp(2.0 * ls)) - 0.5)
         for k in range(n):
             s = t * n + k
             old, new = ds[s], ds[s + 1]
@@ -107,7 +114,8 @@ def forward(x, a_mu, a_sig, eps, h0, d0, first, weight, weight_first, net, windo
 def backward(x, eps, first, weight, weight_first, net, window, g_mu, g_sig, gd, gh, gd_before, gz):
     """dF/dA^mu and dF/dA^sig of the last ``forward`` (its ``window``), the exact discrete adjoint;
     gd, gh, gd_before (N,), gz (Z,) are work arrays."""
-    uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n = net
+    uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n, wq_mu, wq_sig = net
+    posterior_weights = wq_mu.shape[0] > 0
     ds, z, mu_q, s_q, mu_p, logs_p, x_hat, h_first, h_end = window
     T, D = x.shape
     L = len(uoff) - 1
@@ -151,6 +159,9 @@ def backward(x, eps, first, weight, weight_first, net, window, g_mu, g_sig, gd, 
                     g_logs_p = c_t * (1.0 - (diff * diff + sq * sq) / sp2)
                     for c in range(uoff[i], uoff[i + 1]):
                         gd[c] += g_pre_mu * w_mu[j, c] + g_logs_p * w_sig[j, c]
+                    if posterior_weights:
+                        for c in range(uoff[i], uoff[i + 1]):
+                            gd[c] += g_mu[t, j] * wq_mu[j, c] + g_sig[t, j] * wq_sig[j, c]
 
 
 @njit

@@ -94,10 +94,14 @@ class PVRNN:
     """A PV-RNN of ``layers`` (bottom first) with ``outputs`` output units; weights drawn from ``rng``
     (uniform +-1/sqrt(fan_in), PyTorch's default). ``params`` maps names to arrays:
     ``l{i}.W_dd``, ``l{i}.W_zd``, ``l{i}.W_td`` (from layer i+1, not for the top), ``l{i}.b``,
-    ``l{i}.W_mu``, ``l{i}.b_mu``, ``l{i}.W_sig``, ``l{i}.b_sig``, ``out.W``, ``out.b``."""
+    ``l{i}.W_mu``, ``l{i}.b_mu``, ``l{i}.W_sig``, ``l{i}.b_sig``, ``out.W``, ``out.b``.
+
+    ``posterior_weights``: the posterior adds W d_{t-1} inside, as some public codes do:
+    mu^q = tanh(A^mu_t + W^q_mu d_{t-1}), log sigma^q = A^sig_t + W^q_sig d_{t-1} (weights
+    ``l{i}.Wq_mu``, ``l{i}.Wq_sig``, drawn after all the others; d_{-1} = 0 at a sequence's start)."""
 
     def __init__(self, layers, outputs: int, rng: np.random.Generator, substeps: int = 1,
-                 method: str = "euler"):
+                 method: str = "euler", posterior_weights: bool = False):
         self.layers = [PVLayer(**x) if isinstance(x, dict) else x for x in layers]
         if not self.layers or not all(isinstance(x, PVLayer) for x in self.layers):
             raise SubstrateValueError("layers: a non-empty list of PVLayer (or dicts of their fields)")
@@ -130,6 +134,11 @@ class PVRNN:
             p[f"l{i}.b_sig"] = np.zeros(x.latents)
         p["out.W"] = uniform(self.outputs, self.layers[0].units)
         p["out.b"] = np.zeros(self.outputs)
+        self.posterior_weights = bool(posterior_weights)
+        if self.posterior_weights:
+            for i, x in enumerate(self.layers):
+                p[f"l{i}.Wq_mu"] = uniform(x.latents, x.units)
+                p[f"l{i}.Wq_sig"] = uniform(x.latents, x.units)
         self.params = p
 
     # ---------------------------------------------------------------- adaptive vectors and noise
@@ -177,7 +186,11 @@ class PVRNN:
                 else:
                     mu_p = np.tanh(d_prev[i] @ p[f"l{i}.W_mu"].T + p[f"l{i}.b_mu"])
                     logs_p = d_prev[i] @ p[f"l{i}.W_sig"].T + p[f"l{i}.b_sig"]
-                mu_q, logs_q = np.tanh(A[f"l{i}.mu"][:, t]), A[f"l{i}.sig"][:, t]
+                mu_q, logs_q = A[f"l{i}.mu"][:, t], A[f"l{i}.sig"][:, t]
+                if self.posterior_weights:
+                    mu_q = mu_q + d_prev[i] @ p[f"l{i}.Wq_mu"].T
+                    logs_q = logs_q + d_prev[i] @ p[f"l{i}.Wq_sig"].T
+                mu_q = np.tanh(mu_q)
                 z[i] = mu_q + np.exp(logs_q) * eps[i][:, t]
                 for k, v in (("z", z[i]), ("mu_p", mu_p), ("logs_p", logs_p), ("mu_q", mu_q), ("logs_q", logs_q)):
                     keep[k][i][:, t] = v
@@ -300,6 +313,13 @@ class PVRNN:
                         gp[f"l{i}.W_sig"] += g_logs_p.T @ d_before
                         gp[f"l{i}.b_sig"] += g_logs_p.sum(axis=0)
                     gd[i] += g_pre_mu @ p[f"l{i}.W_mu"] + g_logs_p @ p[f"l{i}.W_sig"]
+                if self.posterior_weights:  # the posterior read d_{t-1} too (d_{-1} = 0 at a start)
+                    d_before = run.d[i][:, t - 1] if t > 0 else run.start.d[i]
+                    g_mu, g_sig = gA[f"l{i}.mu"][:, t], gA[f"l{i}.sig"][:, t]
+                    if weights:
+                        gp[f"l{i}.Wq_mu"] += g_mu.T @ d_before
+                        gp[f"l{i}.Wq_sig"] += g_sig.T @ d_before
+                    gd[i] += g_mu @ p[f"l{i}.Wq_mu"] + g_sig @ p[f"l{i}.Wq_sig"]
             if credit == "truncated" and (T - t) % truncation == 0:  # the state entering step t is detached
                 for g in gd + gh:
                     g[:] = 0.0
@@ -394,12 +414,16 @@ class PVRNN:
         N, Z = int(uoff[-1]), int(zoff[-1])
         w_rec, w_zd = np.zeros((N, N)), np.zeros((N, Z))
         w_mu, w_sig = np.zeros((Z, N)), np.zeros((Z, N))
+        q = Z if self.posterior_weights else 0
+        wq_mu, wq_sig = np.zeros((q, N)), np.zeros((q, N))
         for i in range(L):
             u, v = slice(uoff[i], uoff[i + 1]), slice(zoff[i], zoff[i + 1])
             w_rec[u, u], w_zd[u, v] = p[f"l{i}.W_dd"], p[f"l{i}.W_zd"]
             if i + 1 < L:
                 w_rec[u, uoff[i + 1]:uoff[i + 2]] = p[f"l{i}.W_td"]
             w_mu[v, u], w_sig[v, u] = p[f"l{i}.W_mu"], p[f"l{i}.W_sig"]
+            if q:
+                wq_mu[v, u], wq_sig[v, u] = p[f"l{i}.Wq_mu"], p[f"l{i}.Wq_sig"]
 
         def per(values, sizes):
             return np.concatenate([np.full(k, float(v)) for v, k in zip(values, sizes)])
@@ -409,11 +433,23 @@ class PVRNN:
         net = (uoff.astype(np.uint64), zoff.astype(np.uint64), w_rec, w_zd, cat([p[f"l{i}.b"] for i in range(L)]),
                per([a for a, _ in self._leak], units), per([b for _, b in self._leak], units), w_mu, w_sig,
                cat([p[f"l{i}.b_mu"] for i in range(L)]), cat([p[f"l{i}.b_sig"] for i in range(L)]),
-               np.ascontiguousarray(p["out.W"]), p["out.b"].copy(), self.substeps)
+               np.ascontiguousarray(p["out.W"]), p["out.b"].copy(), self.substeps, wq_mu, wq_sig)
         w = [x.w for x in self.layers] if meta_prior is None else meta_prior
         weight = per([v / x.latents for v, x in zip(w, self.layers)], latents)
         weight_first = per([x.w_first / x.latents for x in self.layers], latents)
         return net, weight, weight_first
+
+    def prior_adaptive(self, state: State, circuit=None) -> dict:
+        """The A of the step after ``state`` whose posterior is that step's prior: A^mu = arctanh(mu^p)
+        (clipped to |mu^p| <= 1 - 1e-12), A^sig = log sigma^p, less W^q d with posterior weights."""
+        p = (circuit or self.circuit())[0]
+        out = self.prior(state, circuit)
+        for i in range(len(self.layers)):
+            out[f"l{i}.mu"] = np.arctanh(np.clip(out[f"l{i}.mu"], -1 + 1e-12, 1 - 1e-12))
+            if self.posterior_weights:
+                out[f"l{i}.mu"] = out[f"l{i}.mu"] - state.d[i] @ p[f"l{i}.Wq_mu"].T
+                out[f"l{i}.sig"] = out[f"l{i}.sig"] - state.d[i] @ p[f"l{i}.Wq_sig"].T
+        return out
 
     def reconstruct(self, A: dict) -> np.ndarray:
         """x_hat of the posterior means (eps = 0) of the sequences whose adaptive vectors are A."""
@@ -555,9 +591,9 @@ class ErrorRegression:
 def slide(A: dict, window: int, newest: str, prior: dict | None = None) -> dict:
     """The window's A for the next step: shifted by one when the window is full (its oldest step
     dropped, so that A stays with its data step), then a newest step appended: a copy of the previous
-    newest ("copy"), the prior of the new step ("prior": A^mu = arctanh(mu^p), A^sig = log sigma^p from
-    ``prior`` = {"l{i}.mu": mu^p, "l{i}.sig": log sigma^p}, (1, Z) each; without it, as at a
-    sequence's first step, N(0, I)), or zeros ("zeros")."""
+    newest ("copy"), the A whose posterior is the new step's prior ("prior": ``prior`` from
+    :meth:`PVRNN.prior_adaptive`, (1, Z) each; without it, as at a sequence's first step, zeros:
+    N(0, I)), or zeros ("zeros")."""
     if A["l0.mu"].shape[1] == window:
         A = {k: v[:, 1:] for k, v in A.items()}
 
@@ -565,8 +601,7 @@ def slide(A: dict, window: int, newest: str, prior: dict | None = None) -> dict:
         if newest == "copy" and v.shape[1]:
             return v[:, -1:]
         if newest == "prior" and prior is not None:
-            p = prior[k]
-            return (np.arctanh(np.clip(p, -1 + 1e-12, 1 - 1e-12)) if k.endswith(".mu") else p)[:, None]
+            return prior[k][:, None]
         return np.zeros((1, 1, v.shape[2]))
 
     return {k: np.concatenate([v, new(k, v)], axis=1) for k, v in A.items()}
@@ -612,7 +647,7 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
     for t in range(T):
         if A["l0.mu"].shape[1] == er.window:  # slide: the state after the first step of the last pass
             start = after_first
-        A = slide(A, er.window, er.newest, None if t == 0 else model.prior(end, read()))
+        A = slide(A, er.window, er.newest, None if t == 0 else model.prior_adaptive(end, read()))
         n = A["l0.mu"].shape[1]
         xw = x[None, t - n + 1:t + 1]
         eps = [rng.standard_normal((er.iterations, n, x_.latents)) for x_ in model.layers]  # fresh per iteration
@@ -637,6 +672,7 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
             K.forward(xw[0], a_mu, a_sig, np.zeros_like(e[0]), h0, d0, start.first, weight, weight_first, net,
                       window, kl)  # posterior means to the window end
             end = State(split(window[8], uoff), split(window[0][-1], uoff), False)
+            mu_q, s_q = split(window[2][-1], zoff), split(window[3][-1], zoff)
             for i in range(L):
                 A[f"l{i}.mu"], A[f"l{i}.sig"] = a_mu[None, :, zoff[i]:zoff[i + 1]], a_sig[None, :, zoff[i]:zoff[i + 1]]
         else:
@@ -656,10 +692,13 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
                 opt.step(A, gA)
             out["kl"][t] = parts["kl"]
             out["free_energy_after"][t] = window_F()
-            end = model.run(A, [np.zeros((1, n, x_.latents)) for x_ in model.layers], start, read()).end
-        out["sigma_q"][t] = [float(np.exp(A[f"l{i}.sig"][0, -1]).mean()) for i in range(L)]
+            means = model.run(A, [np.zeros((1, n, x_.latents)) for x_ in model.layers], start, read())
+            end = means.end
+            mu_q = [means.mu_q[i][:, -1] for i in range(L)]
+            s_q = [np.exp(means.logs_q[i][:, -1]) for i in range(L)]
+        out["sigma_q"][t] = [float(s_q[i].mean()) for i in range(L)]
         for i in range(L):
-            out[f"mu_q.l{i}"][t] = np.tanh(A[f"l{i}.mu"][0, -1])
+            out[f"mu_q.l{i}"][t] = mu_q[i][0]
         pred = model.generate(1, er.horizon, rng if er.sample else None, start=end, circuit=read())[0]
         k = min(er.horizon, T - 1 - t)
         out["prediction"][t, :k] = pred[:k]

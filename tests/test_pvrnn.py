@@ -18,10 +18,11 @@ from models.pvrnn import PVLayer, PVRNN, State  # noqa: E402
 from substrate.errors import SubstrateValueError  # noqa: E402
 
 
-def model(seed=0, substeps=1, method="euler"):
+def model(seed=0, substeps=1, method="euler", posterior_weights=False):
     rng = np.random.default_rng(seed)
     net = PVRNN([PVLayer(7, 3, tau=2.0, w=0.01, w_first=0.5), PVLayer(5, 2, tau=4.0, w=0.05, w_first=2.0),
-                 PVLayer(4, 2, tau=8.0, w=0.1, w_first=1.0)], outputs=2, rng=rng, substeps=substeps, method=method)
+                 PVLayer(4, 2, tau=8.0, w=0.1, w_first=1.0)], outputs=2, rng=rng, substeps=substeps, method=method,
+                posterior_weights=posterior_weights)
     for k in net.params:  # biases away from zero, so that their gradients are exercised
         net.params[k] = net.params[k] + 0.1 * rng.standard_normal(net.params[k].shape)
     B, T = 3, 6
@@ -60,7 +61,11 @@ def torch_free_energy(net, x, A, eps, start=None, meta_prior=None, detach_every=
             else:
                 mu_p = torch.tanh(d[i] @ P[f"l{i}.W_mu"].T + P[f"l{i}.b_mu"])
                 logs_p = d[i] @ P[f"l{i}.W_sig"].T + P[f"l{i}.b_sig"]
-            mu_q, logs_q = torch.tanh(TA[f"l{i}.mu"][:, t]), TA[f"l{i}.sig"][:, t]
+            mu_q, logs_q = TA[f"l{i}.mu"][:, t], TA[f"l{i}.sig"][:, t]
+            if net.posterior_weights:
+                mu_q = mu_q + d[i] @ P[f"l{i}.Wq_mu"].T
+                logs_q = logs_q + d[i] @ P[f"l{i}.Wq_sig"].T
+            mu_q = torch.tanh(mu_q)
             zs[i] = mu_q + torch.exp(logs_q) * torch.tensor(eps[i][:, t])
             kl = (logs_p - logs_q + ((mu_p - mu_q) ** 2 + torch.exp(2 * logs_q)) / (2 * torch.exp(2 * logs_p)) - 0.5)
             w = lay.w_first if t == 0 and first else (lay.w if meta_prior is None else meta_prior[i])
@@ -85,11 +90,14 @@ def rel(a, b):
     return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300)
 
 
-@pytest.mark.parametrize("substeps,method", [(1, "euler"), (3, "euler"), (4, "exp_euler")])
-def test_free_energy_gradient_against_torch_autograd(substeps, method):
+@pytest.mark.parametrize("substeps,method,posterior_weights",
+                         [(1, "euler", False), (3, "euler", False), (4, "exp_euler", False), (1, "euler", True),
+                          (2, "exp_euler", True)])
+def test_free_energy_gradient_against_torch_autograd(substeps, method, posterior_weights):
     """The published model (Euler, dt = 1) and the continuous-time circuit integrated with substeps
-    (Euler or the exponential integrator, latents held over each data step)."""
-    net, x, A, eps = model(0, substeps, method)
+    (Euler or the exponential integrator, latents held over each data step); with and without W d
+    inside the posterior."""
+    net, x, A, eps = model(0, substeps, method, posterior_weights)
     F, parts, gp, gA = net.free_energy(x, A, eps)
     Ft, gpt, gAt = torch_free_energy(net, x, A, eps)
     assert abs(F - Ft) <= 1e-12 * abs(Ft)
@@ -102,10 +110,11 @@ def test_free_energy_gradient_against_torch_autograd(substeps, method):
     assert none is None and F2 == F and all(np.array_equal(gA2[k], gA[k]) for k in gA)
 
 
-def test_window_gradient_from_a_carried_state_against_torch():
+@pytest.mark.parametrize("posterior_weights", [False, True])
+def test_window_gradient_from_a_carried_state_against_torch(posterior_weights):
     """A window that continues a sequence (error regression): from a carried state, the prior at its
     first step from that state and no first-step weight; an ER meta-prior per layer."""
-    net, x, A, eps = model(4)
+    net, x, A, eps = model(4, posterior_weights=posterior_weights)
     rng = np.random.default_rng(9)
     start = State([rng.standard_normal((3, l.units)) for l in net.layers], None, False)
     start.d = [np.tanh(h) for h in start.h]
@@ -290,8 +299,9 @@ def test_the_newest_adaptive_vector_from_the_prior():
 
     net, x, A, eps = model(6)
     state = net.run(A, eps).end
-    prior = net.prior(State(state.h, [d[:1] for d in state.d], False))
-    B = slide({k: v[:1, :3] for k, v in A.items()}, 3, "prior", prior)
+    one = State(state.h, [d[:1] for d in state.d], False)
+    prior = net.prior(one)
+    B = slide({k: v[:1, :3] for k, v in A.items()}, 3, "prior", net.prior_adaptive(one))
     for i in range(3):
         np.testing.assert_allclose(np.tanh(B[f"l{i}.mu"][0, -1]), prior[f"l{i}.mu"][0], rtol=1e-12)
         np.testing.assert_array_equal(B[f"l{i}.sig"][0, -1], prior[f"l{i}.sig"][0])
@@ -301,15 +311,16 @@ def test_the_newest_adaptive_vector_from_the_prior():
         assert np.all(np.isfinite(out["free_energy_after"]))
 
 
-@pytest.mark.parametrize("substeps,method,newest", [(1, "euler", "copy"), (3, "exp_euler", "prior")])
-def test_compiled_error_regression_matches_the_numpy_path(substeps, method, newest):
+@pytest.mark.parametrize("substeps,method,newest,posterior_weights",
+                         [(1, "euler", "copy", False), (3, "exp_euler", "prior", False), (2, "euler", "prior", True)])
+def test_compiled_error_regression_matches_the_numpy_path(substeps, method, newest, posterior_weights):
     """The compiled ER step (models._pvrnn_kernels: batch 1, scalar loops, its own tanh) against the
     NumPy path on the same noise draws: every trace within 1e-11 of the trace's scale (measured
     ~3e-14: rounding, amplified a little by 12 Adam steps whose first steps are sign-like), with three
     layers, w_first != w, an ER meta-prior, a growing and then sliding window."""
     from models.pvrnn import ErrorRegression, error_regression
 
-    net, x, _, _ = model(7, substeps, method)
+    net, x, _, _ = model(7, substeps, method, posterior_weights)
     t = np.arange(16)
     seq = 0.8 * np.stack([np.sin(t / 3), np.cos(t / 5)], -1)
     er = ErrorRegression(window=5, iterations=12, lr=0.1, newest=newest, meta_prior=(0.02, 0.1, 0.3), horizon=3)
@@ -403,3 +414,16 @@ def test_device_circuit():
     for bad in (Device((ProgrammingNoise(),)), Device((ReadNoise(0.1, policy="step"),))):
         with pytest.raises(SubstrateValueError, match="PV-RNN"):
             DeviceCircuit(net, bad, 0)
+
+
+@pytest.mark.parametrize("posterior_weights", [False, True])
+def test_prior_adaptive_makes_the_posterior_the_prior(posterior_weights):
+    """The "prior" option of the newest A: a step from a carried state with A = prior_adaptive(state)
+    has mu^q = mu^p and log sigma^q = log sigma^p (with W d inside the posterior as well)."""
+    net, x, A, eps = model(10, posterior_weights=posterior_weights)
+    state = net.run(A, eps).end
+    A1 = {k: v[:, None] for k, v in net.prior_adaptive(state).items()}
+    step = net.run(A1, [e[:, :1] for e in eps], state)
+    for i in range(len(net.layers)):
+        np.testing.assert_allclose(step.mu_q[i], step.mu_p[i], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(step.logs_q[i], step.logs_p[i], rtol=1e-12, atol=1e-12)
