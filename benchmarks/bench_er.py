@@ -7,8 +7,8 @@ noise, the free energy, its gradient with respect to the window's A, an Adam ste
 one BLAS / torch thread. ``substrate`` is ``models.pvrnn.error_regression`` (the compiled ER
 step of ``models._pvrnn_kernels``: the exact discrete adjoint written out); ``numpy`` the same with
 ``compiled=False``; ``torch`` runs the same iterations with autograd and ``torch.optim.Adam``
-(state reset each step). Time per ER step: minimum and median over ``--repeats`` runs of ``--steps``
-steps (after the window is full), ratio = torch / substrate.
+(state reset each step). Time per ER step: (the minimum over ``--repeats`` of a run with ``--steps``
+steps after the window is full, less the minimum of the fill alone) / steps; ratio to substrate.
 
 Run:  .venv/bin/python benchmarks/bench_er.py
 """
@@ -98,27 +98,27 @@ def main():
         t0 = time.perf_counter()
         pvrnn.error_regression(net, x[:2], er, np.random.default_rng(1))  # compiles, or loads the cache
         first_call = time.perf_counter() - t0
-        for _ in range(args.repeats):  # round robin; each run = window fill + timed steps
+        for _ in range(args.repeats):  # round robin; a run of the window's fill alone and one with the timed steps
             for name in times:
-                fill = x[:args.window]
-                t0 = time.perf_counter()
-                if name != "torch":
-                    pvrnn.error_regression(net, fill, er, np.random.default_rng(1), compiled=name == "substrate")
-                else:
-                    torch_er(net, fill, args.window, args.iterations, 0.1, 1)
-                t_fill = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                if name != "torch":
-                    pvrnn.error_regression(net, x, er, np.random.default_rng(1), compiled=name == "substrate")
-                else:
-                    torch_er(net, x, args.window, args.iterations, 0.1, 1)
-                times[name].append((time.perf_counter() - t0 - t_fill) / args.steps)
+                for length in (args.window, args.window + args.steps):
+                    t0 = time.perf_counter()
+                    if name != "torch":
+                        pvrnn.error_regression(net, x[:length], er, np.random.default_rng(1),
+                                               compiled=name == "substrate")
+                    else:
+                        torch_er(net, x[:length], args.window, args.iterations, 0.1, 1)
+                    times[name].append((length, time.perf_counter() - t0))
     print(f"PV-RNN error regression: layers 40/20 units, 4/2 latents, window {args.window}, "
-          f"{args.iterations} iterations, 1 thread; per ER step, min (median) of {args.repeats}")
+          f"{args.iterations} iterations, 1 thread; per ER step = (min time with the {args.steps} steps - min time "
+          f"of the fill alone) / {args.steps}, over {args.repeats} repeats")
     print(f"first call (compilation or cache load): {first_call:.2f} s")
-    base = min(times["substrate"])
+    per_step = {}
     for name, ts in times.items():
-        print(f"{name:<10} {1e3 * min(ts):8.2f} ms ({1e3 * float(np.median(ts)):8.2f})   x{min(ts) / base:.2f}")
+        fill = min(t for n, t in ts if n == args.window)
+        full = min(t for n, t in ts if n > args.window)
+        per_step[name] = (full - fill) / args.steps
+    for name, t in per_step.items():
+        print(f"{name:<10} {1e3 * t:8.2f} ms   x{t / per_step['substrate']:.2f}")
 
 
 if __name__ == "__main__":
