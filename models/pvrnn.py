@@ -24,7 +24,12 @@ The continuous-time circuit: ``substeps`` n > 1 integrates tau dh/dt = -h + pre 
 in n steps of 1/n, h <- alpha h + (1 - alpha) pre with alpha = 1 - 1/(n tau) (``method="euler"``; n = 1
 is the published model) or the exact leak alpha = e^{-1/(n tau)} (``"exp_euler"``), the latents held
 over the data step and the layers updated top-down within each substep; the adjoint runs over the
-substeps. :func:`error_regression` infers the latents of a test sequence online (sliding window).
+substeps. Other credit assignments (``free_energy(credit=...)``): truncated BPTT, and the continuous
+adjoint of that circuit. Options: W d inside the posterior (``posterior_weights``); the circuit on a
+device (:class:`DeviceCircuit`: time-constant mismatch, read noise).
+
+:func:`error_regression` infers the latents of a test sequence online (sliding window); its exact
+step runs compiled (``models/_pvrnn_kernels.py``, ~1 ms for the issue's benchmark problem).
 """
 
 from __future__ import annotations
@@ -613,15 +618,12 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
     x_0..x_t): "prediction" (T, horizon, D_x) made at t for x_{t+1..t+horizon} (NaN beyond the data),
     "prediction_error" (T,) the squared error of the one-step prediction (NaN at the last step),
     "free_energy_before"/"free_energy_after" (T,) the window's F before and after the iterations with
-    the same noise (``er.draws`` draws), "kl" (T, layers) of the last iteration, "sigma_q" (T, layers) the mean posterior
-    sigma at the window's newest step, "mu_q.l{i}" (T, Z) its posterior means. ``circuit``: the
-    network runs on a device (every pass, prediction included, reads it; the same reads before and
-    after for the F traces). ``compiled``: the iterations run in ``models._pvrnn_kernels`` (same
-    equations and noise draws as the NumPy path, ``compiled=False``, which is the reference) when
-    the credit is exact and there is no device."""
-    from . import _pvrnn_kernels as K
-    from .train import Adam
-
+    the same noise (``er.draws`` draws), "kl" (T, layers) of the last iteration, "sigma_q" (T, layers)
+    the mean posterior sigma at the window's newest step, "mu_q.l{i}" (T, Z) its posterior means (both
+    of the final posterior-mean pass). ``circuit``: the network runs on a device (every pass,
+    prediction included, reads it; the same reads before and after for the F traces). ``compiled``:
+    the iterations run in ``models._pvrnn_kernels`` (same equations and noise draws as the NumPy
+    path, ``compiled=False``, which is the reference) when the credit is exact and there is no device."""
     x = np.asarray(x, dtype=float)
     if x.ndim != 2 or x.shape[1] != model.outputs:
         raise SubstrateValueError(f"x has shape {x.shape}; expected (steps, {model.outputs})")
@@ -634,74 +636,95 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
            "free_energy_before": np.empty(T), "free_energy_after": np.empty(T), "kl": np.empty((T, L)),
            "sigma_q": np.empty((T, L))}
     out.update({f"mu_q.l{i}": np.empty((T, x_.latents)) for i, x_ in enumerate(model.layers)})
-    compiled = compiled and er.credit == "exact" and circuit is None
-    read = circuit.read if circuit is not None else lambda: None
-    if compiled:
-        net, weight, weight_first = model.packed(er.meta_prior)
-        uoff, zoff = net[0], net[1]
-        N, Z, n_sub = int(uoff[-1]), int(zoff[-1]), model.substeps
-
-        def split(v, off):
-            return [v[None, off[i]:off[i + 1]].copy() for i in range(L)]
-
+    if compiled and er.credit == "exact" and circuit is None:
+        window_step, read = _CompiledWindow(model, er.meta_prior), lambda: None
+    else:
+        window_step, read = _window_step, (circuit.read if circuit is not None else lambda: None)
     for t in range(T):
         if A["l0.mu"].shape[1] == er.window:  # slide: the state after the first step of the last pass
-            start = after_first
-        A = slide(A, er.window, er.newest, None if t == 0 else model.prior_adaptive(end, read()))
+            start = step["after_first"]
+        A = slide(A, er.window, er.newest, None if t == 0 else model.prior_adaptive(step["end"], read()))
         n = A["l0.mu"].shape[1]
-        xw = x[None, t - n + 1:t + 1]
         eps = [rng.standard_normal((er.iterations, n, x_.latents)) for x_ in model.layers]  # fresh per iteration
-        if compiled:
-            a_mu = np.concatenate([A[f"l{i}.mu"][0] for i in range(L)], axis=1)
-            a_sig = np.concatenate([A[f"l{i}.sig"][0] for i in range(L)], axis=1)
-            e = np.concatenate(eps, axis=2)
-            h0, d0 = np.concatenate([a[0] for a in start.h]), np.concatenate([a[0] for a in start.d])
-            window = (np.empty((n * n_sub + 1, N)), *(np.empty((n, Z)) for _ in range(5)),
-                      np.empty((n, model.outputs)), np.empty(N), np.empty(N))
-            F, kl = np.empty(er.iterations), np.empty(L)
-
-            def window_F():
-                return np.mean([K.forward(xw[0], a_mu, a_sig, e[k], h0, d0, start.first, weight, weight_first,
-                                          net, window, kl) + kl.sum() for k in range(er.draws)])
-
-            out["free_energy_before"][t] = window_F()
-            K.regress(xw[0], a_mu, a_sig, e, h0, d0, start.first, weight, weight_first, net, window, er.lr, F, kl)
-            after_first = State(split(window[7], uoff), split(window[0][n_sub], uoff), False)
-            out["kl"][t] = kl
-            out["free_energy_after"][t] = window_F()
-            K.forward(xw[0], a_mu, a_sig, np.zeros_like(e[0]), h0, d0, start.first, weight, weight_first, net,
-                      window, kl)  # posterior means to the window end
-            end = State(split(window[8], uoff), split(window[0][-1], uoff), False)
-            mu_q, s_q = split(window[2][-1], zoff), split(window[3][-1], zoff)
-            for i in range(L):
-                A[f"l{i}.mu"], A[f"l{i}.sig"] = a_mu[None, :, zoff[i]:zoff[i + 1]], a_sig[None, :, zoff[i]:zoff[i + 1]]
-        else:
-            reads = [read() for _ in range(er.draws)]
-
-            def window_F():
-                return np.mean([model.free_energy(xw, A, [e[k][None] for e in eps], gradient=False, start=start,
-                                                  meta_prior=er.meta_prior, circuit=c)[0] for k, c in enumerate(reads)])
-
-            out["free_energy_before"][t] = window_F()
-            opt = Adam(er.lr)
-            for itr in range(er.iterations):
-                F, parts, _, gA = model.free_energy(xw, A, [e[itr][None] for e in eps], start=start,
-                                                    meta_prior=er.meta_prior, weights=False, credit=er.credit,
-                                                    truncation=er.truncation, circuit=read())
-                after_first = parts["pass"].after_first
-                opt.step(A, gA)
-            out["kl"][t] = parts["kl"]
-            out["free_energy_after"][t] = window_F()
-            means = model.run(A, [np.zeros((1, n, x_.latents)) for x_ in model.layers], start, read())
-            end = means.end
-            mu_q = [means.mu_q[i][:, -1] for i in range(L)]
-            s_q = [np.exp(means.logs_q[i][:, -1]) for i in range(L)]
-        out["sigma_q"][t] = [float(s_q[i].mean()) for i in range(L)]
+        step = window_step(model, x[None, t - n + 1:t + 1], A, eps, start, er, read)
+        A = step["A"]
+        for k in ("free_energy_before", "free_energy_after", "kl"):
+            out[k][t] = step[k]
+        out["sigma_q"][t] = [float(s.mean()) for s in step["sigma_q"]]
         for i in range(L):
-            out[f"mu_q.l{i}"][t] = mu_q[i][0]
-        pred = model.generate(1, er.horizon, rng if er.sample else None, start=end, circuit=read())[0]
+            out[f"mu_q.l{i}"][t] = step["mu_q"][i][0]
+        pred = model.generate(1, er.horizon, rng if er.sample else None, start=step["end"], circuit=read())[0]
         k = min(er.horizon, T - 1 - t)
         out["prediction"][t, :k] = pred[:k]
         if t + 1 < T:
             out["prediction_error"][t] = float(np.sum((pred[0] - x[t + 1]) ** 2))
     return out
+
+
+def _window_step(model, xw, A, eps, start, er, read):
+    """The iterations of one ER step on window xw (1, n, D) with the NumPy free energy: {"A" after
+    them, "free_energy_before"/"_after", "kl" of the last iteration, "after_first" state of the last
+    pass, "end" state and "mu_q", "sigma_q" (per layer, newest step) of the posterior-mean pass}."""
+    from .train import Adam
+
+    n, L = xw.shape[1], len(model.layers)
+    reads = [read() for _ in range(er.draws)]
+
+    def window_F():
+        return np.mean([model.free_energy(xw, A, [e[k][None] for e in eps], gradient=False, start=start,
+                                          meta_prior=er.meta_prior, circuit=c)[0] for k, c in enumerate(reads)])
+
+    out = {"free_energy_before": window_F()}
+    opt = Adam(er.lr)
+    for itr in range(er.iterations):
+        _, parts, _, gA = model.free_energy(xw, A, [e[itr][None] for e in eps], start=start,
+                                            meta_prior=er.meta_prior, weights=False, credit=er.credit,
+                                            truncation=er.truncation, circuit=read())
+        opt.step(A, gA)
+    means = model.run(A, [np.zeros((1, n, x_.latents)) for x_ in model.layers], start, read())
+    out.update(A=A, free_energy_after=window_F(), kl=parts["kl"], after_first=parts["pass"].after_first,
+               end=means.end, mu_q=[means.mu_q[i][:, -1] for i in range(L)],
+               sigma_q=[np.exp(means.logs_q[i][:, -1]) for i in range(L)])
+    return out
+
+
+class _CompiledWindow:
+    """:func:`_window_step` by the kernels of ``models._pvrnn_kernels`` (one sequence, exact credit,
+    nominal circuit): A and the states in the kernels' layout (one vector of units, one of latents)."""
+
+    def __init__(self, model, meta_prior):
+        self.net, self.weight, self.weight_first = model.packed(meta_prior)
+        self.uoff, self.zoff = self.net[0], self.net[1]
+
+    def split(self, v, off):
+        return [v[None, off[i]:off[i + 1]].copy() for i in range(len(off) - 1)]
+
+    def __call__(self, model, xw, A, eps, start, er, read):
+        from . import _pvrnn_kernels as K
+
+        L, n, m = len(model.layers), xw.shape[1], model.substeps
+        N, Z, zoff = int(self.uoff[-1]), int(self.zoff[-1]), self.zoff
+        a_mu = np.concatenate([A[f"l{i}.mu"][0] for i in range(L)], axis=1)
+        a_sig = np.concatenate([A[f"l{i}.sig"][0] for i in range(L)], axis=1)
+        e = np.concatenate(eps, axis=2)
+        h0, d0 = np.concatenate([a[0] for a in start.h]), np.concatenate([a[0] for a in start.d])
+        window = (np.empty((n * m + 1, N)), *(np.empty((n, Z)) for _ in range(5)), np.empty((n, model.outputs)),
+                  np.empty(N), np.empty(N))
+        F, kl = np.empty(er.iterations), np.empty(L)
+        args = (h0, d0, start.first, self.weight, self.weight_first, self.net, window, kl)
+
+        def window_F():
+            return np.mean([K.forward(xw[0], a_mu, a_sig, e[k], *args) + kl.sum() for k in range(er.draws)])
+
+        out = {"free_energy_before": window_F()}
+        K.regress(xw[0], a_mu, a_sig, e, h0, d0, start.first, self.weight, self.weight_first, self.net, window,
+                  er.lr, F, kl)
+        out.update(kl=kl.copy(), after_first=State(self.split(window[7], self.uoff), self.split(window[0][m], self.uoff),
+                                                   False))
+        out["free_energy_after"] = window_F()
+        K.forward(xw[0], a_mu, a_sig, np.zeros_like(e[0]), *args)  # posterior means to the window end
+        out.update(end=State(self.split(window[8], self.uoff), self.split(window[0][-1], self.uoff), False),
+                   mu_q=self.split(window[2][-1], zoff), sigma_q=self.split(window[3][-1], zoff),
+                   A={f"l{i}.{k}": v[None, :, zoff[i]:zoff[i + 1]] for i in range(L)
+                      for k, v in (("mu", a_mu), ("sig", a_sig))})
+        return out
