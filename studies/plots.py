@@ -325,5 +325,69 @@ def plot_ep_train_or_devices(archive_path: str):
     return plot(archive_path)
 
 
+def _vs_x(ax, da, x, color, label, marker="o", ls="-"):
+    """The median over every dimension but ``x`` as a line, and every value (the seeds) as points."""
+    xs = da[x].values
+    ax.plot(xs, np.atleast_1d(_median(da, [x]).values), marker=marker, ls=ls, color=color, label=label)
+    points = da.transpose(x, ...).values.reshape(len(xs), -1)
+    ax.plot(np.repeat(xs, points.shape[1]), points.ravel(), ls="none", marker=marker, ms=3, alpha=0.35,
+            color=color)
+
+
+def plot_pvrnn_meta_prior(archive_path: str):
+    """PV-RNN meta-prior study, against w (log axes; the median over seeds as lines, the seeds as
+    points): the one-step prediction error of error regression on the held-out sequences and on
+    training sequences, and the open-loop generation's error on the held-out ones; the learned sigma
+    per layer, posterior sigma^q = exp(A^sig) and prior sigma^p along the posterior-mean pass (training
+    sequences, t > 0), and the posterior sigma that error regression infers on the held-out sequences;
+    the training reconstruction error of the posterior means and the spread of prior-sampled
+    generations; and the reconstruction term of the free energy during training for every w (first
+    seed)."""
+    ds, axes = _sweep(archive_path)
+    x = "w" if "w" in axes else _other_axis(ds, axes, ())
+    ds = ds.sel({x: ds[x].values[ds[x].values > 0]})  # a log axis
+    fig, grid = plt.subplots(1, 4, figsize=(20, 4.6), layout="constrained")
+    ax_er, ax_sigma, ax_rec, ax_curve = grid
+    _vs_x(ax_er, ds["test_prediction_error"], x, "C0", "error regression, held-out sequences")
+    _vs_x(ax_er, ds["train_prediction_error"], x, "C1", "error regression, training sequences", marker="s")
+    _vs_x(ax_er, ds["open_loop_error"], x, "0.5", "open loop (prior means, no inference)", marker="^", ls=":")
+    ax_er.set_ylabel(r"one-step prediction error $\|\hat x_{t+1} - x_{t+1}\|^2$")
+    ax_er.set_title("generalisation (after the window is full)")
+    for i, layer in enumerate(ds["layer"].values):
+        one = ds.sel(layer=layer)
+        _vs_x(ax_sigma, one["sigma_q"], x, f"C{i}", rf"layer {layer}: posterior $\sigma^q$ (training)")
+        _vs_x(ax_sigma, one["sigma_p"], x, f"C{i}", rf"layer {layer}: prior $\sigma^p$ (training)", marker="s",
+              ls="--")
+        _vs_x(ax_sigma, one["test_sigma_q"], x, f"C{i}", rf"layer {layer}: posterior $\sigma^q$ (ER, held-out)",
+              marker="^", ls=":")
+    ax_sigma.set_ylabel(r"mean $\sigma$ of the latents")
+    ax_sigma.set_title("learned sigma")
+    _vs_x(ax_rec, ds["train_reconstruction_error"], x, "C0", r"reconstruction error $\|\hat x_t - x_t\|^2$ "
+          "(posterior means)")
+    _vs_x(ax_rec, ds["generation_spread"], x, "C3", r"variance of $\hat x$ across prior samples (40 steps)",
+          marker="^", ls=":")
+    ax_rec.set_ylabel("training sequences")
+    ax_rec.set_title("training fit, and the randomness the model generates")
+    first = ds.isel(seed=0) if "seed" in ds.dims else ds
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(ds[x])))
+    for c, value in zip(colors, ds[x].values):
+        rec = _median(first["reconstruction"].sel({x: value}), ["epoch"])
+        ax_curve.semilogy(first["epoch"].values, rec.values, color=c, lw=1, label=f"{x} = {_fmt(value.item())}")
+    ax_curve.set_xlabel("epoch")
+    ax_curve.set_ylabel("reconstruction term of F (training set)")
+    ax_curve.set_title("training (first seed)")
+    ax_curve.legend(fontsize=7)
+    for ax in grid[:3]:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"meta-prior {x}")
+        ax.legend(fontsize=7)
+    for ax in grid:
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(textwrap.fill(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} "
+                               "(median over seeds, seeds as points)", 160), fontsize=10)
+    return fig
+
+
 PLOTS = {"relaxation": plot_relaxation, "gradient_accuracy": plot_gradient_accuracy, "ep_bias": plot_ep_bias,
-         "ep_train": plot_ep_train_or_devices}
+         "ep_train": plot_ep_train_or_devices, "pvrnn_meta_prior": plot_pvrnn_meta_prior}

@@ -18,6 +18,10 @@ Tasks:
 * ``ep_train``: a classifier trained with an EP estimator or the exact gradient (``models.train``),
   optionally on a device (``device`` section: one effect of ``substrate.devices`` at a level):
   metrics per epoch, saved after every epoch (:func:`studies.sweep.save_partial`).
+* ``pvrnn_meta_prior``: a PV-RNN (``models.pvrnn``) trained on the probabilistic sequences of
+  ``models.data`` with meta-prior w on every layer: the learned sigma (posterior and prior) per layer,
+  the training reconstruction, and generalisation, the one-step prediction error of error regression
+  on held-out sequences (Ahmadi & Tani 2019; REFERENCES section 5); history saved every 100 epochs.
 * ``selftest``: a run that sleeps, then returns, raises, diverges or kills its own process: it
   exercises the sweep machinery in the tests.
 """
@@ -25,6 +29,7 @@ Tasks:
 from __future__ import annotations
 
 import functools
+import math
 import os
 import signal
 import time
@@ -34,7 +39,7 @@ from typing import Callable
 import numpy as np
 
 import substrate as S
-from models.data import digits_arrays
+from models.data import PRIMITIVES, digits_arrays, probabilistic_sequences
 from substrate.devices import PRESETS
 from studies.config import Check, Field, ListOf, Range
 
@@ -440,6 +445,193 @@ def warmup_ep_train():
     ep.estimate(net, x, y, S.Cost("y"), ep.Holomorphic(4, 0.1), ep.Relaxation(max_steps=3, on_failure="record"))
 
 
+# ------------------------------------------------------------------------------------ PV-RNN meta-prior
+PV_DATA = {
+    "train_sequences": Field(int, Range(1, 10_000), 12, "training sequences"),
+    "train_steps": Field(int, Range(2, 100_000), 200, "steps of a training sequence"),
+    "test_sequences": Field(int, Range(1, 10_000), 4, "held-out sequences (error regression)"),
+    "test_steps": Field(int, Range(2, 100_000), 200, "steps of a held-out sequence"),
+    "primitives": Field(ListOf(str, 1, 3, tuple(PRIMITIVES)), None, list(PRIMITIVES),
+                        "the 2-D cyclic primitives the finite-state machine switches among (models.data)"),
+    "period": Field(int, Range(2, 10_000), 20, "steps of one cycle of a primitive"),
+    "amplitude": Field(float, Range(0.0, 1.0, lo_open=True, hi_open=True), 0.8, "amplitude of the primitives"),
+    "noise": Field(float, Range(0.0, 10.0), 0.02, "sigma of the Gaussian observation noise"),
+    "seed": Field(int, Range(-1, 2 ** 63 - 1), -1, "seed of the data (-1: the run's seed); drawn apart from "
+                                                  "the network's, so that every w sees the same sequences"),
+}
+PV_NETWORK = {
+    "units": Field(ListOf(int, 1, 6, Range(1, 4096)), None, [30, 15], "deterministic units per layer, bottom first"),
+    "latents": Field(ListOf(int, 1, 6, Range(1, 1024)), None, [3, 1], "stochastic latents per layer"),
+    "tau": Field(ListOf(float, 1, 6, Range(1.0, 1e4)), None, [2.0, 8.0], "time constant per layer (>= 1)"),
+    "w_first": Field(float, Range(0.0, 1e3), 1.0, "meta-prior of a sequence's first step (prior N(0, I))"),
+}
+PV_TRAINING = {
+    "epochs": Field(int, Range(1, 1_000_000), 3000, "Adam steps on the whole training set"),
+    "lr": Field(float, Range(0.0, 1.0, lo_open=True), 5e-3, "Adam's learning rate (weights and every A)"),
+}
+PV_ER = {
+    "window": Field(int, Range(1, 1000), 10, "steps of the sliding window"),
+    "iterations": Field(int, Range(1, 10_000), 50, "Adam steps on the window's A per data step"),
+    "lr": Field(float, Range(0.0, 10.0, lo_open=True), 0.1, "Adam's learning rate (state reset each step)"),
+    "newest": Field(str, ("copy", "prior", "zeros"), "copy", "the new step's A when the window slides"),
+    "meta_prior": Field(float, Check(lambda v: v == -1 or 0 <= v < math.inf, "-1 (the training w) or a number >= 0"),
+                        -1.0, "w of every layer during error regression (-1: the training w)"),
+    "sample": Field(bool, None, True, "predict by sampling the prior (else its means)"),
+    "train_sequences": Field(int, Range(1, 10_000), 4, "training sequences also run through error regression "
+                                                         "(the first ones), for comparison"),
+}
+PVRNN_META_PRIOR_SCHEMA = {
+    "w": Field(float, Range(0.0, 1e3), 1e-2, "the meta-prior w of every layer (steps t > 0)"),
+    "data": PV_DATA,
+    "network": PV_NETWORK,
+    "training": PV_TRAINING,
+    "error_regression": PV_ER,
+}
+PARTIAL_EPOCHS = 100  # a long training saves its history (save_partial) every this many epochs
+
+
+def pvrnn_data(config: dict, seed: int):
+    """(training sequences, held-out sequences) of ``probabilistic_sequences``, each (B, T, 2), drawn
+    from streams of the data seed alone (the run's seed where ``data.seed`` is -1): the same for every w
+    and every network, and the held-out set the same whatever the training set's size."""
+    d = config["data"]
+    data_seed = seed if d["seed"] == -1 else d["seed"]
+    kw = dict(primitives=tuple(d["primitives"]), period=d["period"], amplitude=d["amplitude"], noise=d["noise"])
+    x, _ = probabilistic_sequences(d["train_sequences"], d["train_steps"], np.random.default_rng([data_seed, 1]),
+                                   **kw)
+    test, _ = probabilistic_sequences(d["test_sequences"], d["test_steps"], np.random.default_rng([data_seed, 2]),
+                                      **kw)
+    return x, test
+
+
+def _prediction_error(model, sequences, er, rng):
+    """Per sequence: the mean one-step squared prediction error ||x_hat_{t+1} - x_{t+1}||^2 of error
+    regression once its window is full (t >= window); and the mean posterior sigma per layer at the
+    window's newest step, over the same steps."""
+    from models.pvrnn import error_regression
+
+    errors, sigmas = [], []
+    for seq in sequences:
+        out = error_regression(model, seq, er, rng)
+        errors.append(float(np.mean(out["prediction_error"][er.window:-1])))
+        sigmas.append(out["sigma_q"][er.window:-1].mean(axis=0))
+    return np.array(errors), np.array(sigmas)
+
+
+def _generation_spread(model, A, x, rng, samples: int = 8, steps: int = 40):
+    """How random the learned generative model is, whatever sigma reads: from the posterior-mean
+    state halfway through each training sequence, ``samples`` generations of ``steps`` steps from the
+    prior; the variance of x_hat across the samples, mean over steps, outputs and sequences (0 for a
+    deterministic model; small for deterministic chaos over this horizon)."""
+    from models.pvrnn import State
+
+    B, T, _ = x.shape
+    half = T // 2
+    state = model.run({k: v[:, :half] for k, v in A.items()},
+                      [np.zeros((B, half, lay.latents)) for lay in model.layers]).end
+    many = State([np.repeat(h, samples, axis=0) for h in state.h], [np.repeat(d, samples, axis=0) for d in state.d],
+                 False)
+    out = model.generate(B * samples, steps, rng, start=many).reshape(B, samples, steps, -1)
+    return float(out.var(axis=1).mean())
+
+
+def run_pvrnn_meta_prior(config: dict, seed: int) -> Result:
+    """A PV-RNN (``models.pvrnn``) with meta-prior ``w`` on every layer, trained on probabilistic
+    sequences, then:
+
+    * the learned sigma per layer: the posterior's sigma^q = exp(A^sig) and the prior's sigma^p =
+      exp(W_sig d_{t-1} + b_sig) along the posterior-mean pass (eps = 0), means over the training
+      sequences and their steps t > 0 (step 0 has the fixed prior N(0, I), weighted by w_first);
+    * the training reconstruction error mean_{b,t} ||x_t - x_hat_t||^2 of that pass;
+    * generalisation: error regression over each held-out sequence (and over the first
+      ``error_regression.train_sequences`` training sequences, for comparison), the mean one-step
+      prediction error ||x_hat_{t+1} - x_{t+1}||^2 once the window is full;
+    * the open-loop baseline: the same error of the prior-mean generation (no inference) on the
+      held-out sequences, mean over every step;
+    * the generation spread (:func:`_generation_spread`): how much sampling the prior changes what
+      the model generates, the randomness it learned whether or not its latents carry it.
+
+    Arrays per epoch ("free_energy", "reconstruction", "kl" per layer) and per layer; the training
+    history is saved every ``PARTIAL_EPOCHS`` epochs (:func:`studies.sweep.save_partial`)."""
+    from models.pvrnn import PVRNN, ErrorRegression, PVLayer, train
+    from studies.sweep import save_partial
+
+    net, w = config["network"], config["w"]
+    if not len(net["units"]) == len(net["latents"]) == len(net["tau"]):
+        raise S.SubstrateValueError(f"network.units={net['units']}, network.latents={net['latents']}, "
+                                    f"network.tau={net['tau']}: one value per layer, lists of equal lengths")
+    d, e = config["data"], config["error_regression"]
+    if e["train_sequences"] > d["train_sequences"]:
+        raise S.SubstrateValueError(f"error_regression.train_sequences={e['train_sequences']}: at most "
+                                    f"data.train_sequences={d['train_sequences']}")
+    if min(d["train_steps"], d["test_steps"]) < e["window"] + 2:
+        raise S.SubstrateValueError(f"data.train_steps={d['train_steps']}, data.test_steps={d['test_steps']}: "
+                                    f"at least error_regression.window + 2 = {e['window'] + 2} (one prediction "
+                                    "after the window is full)")
+    x, test = pvrnn_data(config, seed)
+    rng = np.random.default_rng(seed)
+    model = PVRNN([PVLayer(u, z, tau, w, net["w_first"]) for u, z, tau in zip(net["units"], net["latents"],
+                                                                              net["tau"])], x.shape[2], rng)
+    layers = list(range(len(model.layers)))
+
+    def history_arrays(hist):
+        return {"free_energy": (("epoch",), hist["free_energy"]),
+                "reconstruction": (("epoch",), hist["reconstruction"]), "kl": (("epoch", "layer"), hist["kl"])}
+
+    def partial(hist):
+        n = len(hist["free_energy"])
+        if n % PARTIAL_EPOCHS == 0:
+            save_partial(Result(arrays=history_arrays(hist), scalars={"epochs_run": float(n)},
+                                coords={"epoch": list(range(1, n + 1)), "layer": layers}))
+
+    tr = config["training"]
+    start = time.perf_counter()
+    A, hist = train(model, x, epochs=tr["epochs"], rng=rng, lr=tr["lr"], progress=False, on_epoch=partial)
+    train_seconds = time.perf_counter() - start
+
+    run = model.run(A, [np.zeros(x.shape[:2] + (lay.latents,)) for lay in model.layers])
+    sigma_q = [float(np.exp(A[f"l{i}.sig"][:, 1:]).mean()) for i in layers]
+    sigma_p = [float(np.exp(run.logs_p[i][:, 1:]).mean()) for i in layers]
+    reconstruction_error = float(np.mean(np.sum((run.x_hat - x) ** 2, axis=-1)))
+
+    er = ErrorRegression(window=e["window"], iterations=e["iterations"], lr=e["lr"], newest=e["newest"],
+                         meta_prior=None if e["meta_prior"] == -1 else (e["meta_prior"],) * len(layers),
+                         sample=e["sample"])
+    er_rng = np.random.default_rng([seed, 2])
+    start = time.perf_counter()
+    test_error, test_sigma = _prediction_error(model, test, er, er_rng)
+    train_error, _ = _prediction_error(model, x[:e["train_sequences"]], er, er_rng)
+    er_seconds = time.perf_counter() - start
+    open_loop = model.generate(len(test), test.shape[1], None)
+    open_loop_error = float(np.mean(np.sum((open_loop - test) ** 2, axis=-1)))
+    spread = _generation_spread(model, A, x, np.random.default_rng([seed, 4]))
+
+    arrays = history_arrays(hist)
+    arrays.update({"sigma_q": (("layer",), np.array(sigma_q)), "sigma_p": (("layer",), np.array(sigma_p)),
+                   "test_sigma_q": (("layer",), test_sigma.mean(axis=0)),
+                   "test_sequence_error": (("test_sequence",), test_error)})
+    return Result(arrays=arrays,
+                  scalars={"test_prediction_error": float(np.mean(test_error)),
+                           "train_prediction_error": float(np.mean(train_error)),
+                           "train_reconstruction_error": reconstruction_error, "open_loop_error": open_loop_error,
+                           "generation_spread": spread,
+                           "final_free_energy": float(hist["free_energy"][-1]),
+                           "train_seconds": train_seconds, "er_seconds": er_seconds},
+                  coords={"epoch": list(range(1, tr["epochs"] + 1)), "layer": layers})
+
+
+def warmup_pvrnn():
+    """A training step and error regression on a tiny PV-RNN (loads or compiles the error-regression
+    kernels, ``models._pvrnn_kernels``)."""
+    from models.pvrnn import PVRNN, ErrorRegression, PVLayer, error_regression, train
+
+    rng = np.random.default_rng(0)
+    model = PVRNN([PVLayer(3, 1, 2.0), PVLayer(2, 1, 4.0)], 2, rng)
+    x = rng.uniform(-0.5, 0.5, size=(1, 4, 2))
+    train(model, x, epochs=1, rng=rng, progress=False)
+    error_regression(model, x[0], ErrorRegression(window=2, iterations=2), rng)
+
+
 # ------------------------------------------------------------------------------------ selftest
 SELFTEST_SCHEMA = {
     "value": Field(float, Range(-1e6, 1e6), 1.0, "scales the returned trace"),
@@ -475,5 +667,7 @@ TASKS = {
                     "bias of every EP estimator against the exact gradient, as |beta| varies"),
     "ep_train": Task(EP_TRAIN_SCHEMA, run_ep_train, warmup_ep_train,
                      "a classifier trained with an EP estimator (or the exact gradient), metrics per epoch"),
+    "pvrnn_meta_prior": Task(PVRNN_META_PRIOR_SCHEMA, run_pvrnn_meta_prior, warmup_pvrnn,
+                             "a PV-RNN trained on probabilistic sequences at meta-prior w: sigma, generalisation"),
     "selftest": Task(SELFTEST_SCHEMA, run_selftest, None, "sleeps, then returns, raises, diverges or crashes"),
 }

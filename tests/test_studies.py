@@ -216,6 +216,35 @@ def test_study_configs_load_with_a_debug_profile(path):
     assert 1 <= len(debug.runs()) <= min(16, len(full.runs()))
 
 
+def test_meta_prior_runs_share_their_data_and_check_the_layers():
+    """pvrnn_meta_prior: the sequences depend on the data seed alone (the same for every w and network;
+    the held-out set the same whatever the training set's size); lists of layers of unequal lengths
+    and more ER training sequences than there are are rejected before anything runs."""
+    from studies.config import resolve
+    from studies.tasks import pvrnn_data
+
+    task = TASKS["pvrnn_meta_prior"]
+
+    def config(**sections):
+        return resolve(task.schema, sections, "base")
+
+    base = {"train_sequences": 3, "train_steps": 40, "test_sequences": 2, "test_steps": 30}
+    x, test = pvrnn_data(config(w=1e-4, data=base), 5)
+    x2, test2 = pvrnn_data(config(w=1.0, data=base, network={"units": [9]}), 5)
+    assert x.shape == (3, 40, 2) and test.shape == (2, 30, 2)
+    assert np.array_equal(x, x2) and np.array_equal(test, test2)
+    assert np.array_equal(test, pvrnn_data(config(data=dict(base, train_sequences=5)), 5)[1])
+    assert not np.array_equal(x, pvrnn_data(config(data=base), 6)[0])
+    fixed = dict(base, seed=5)
+    assert np.array_equal(x, pvrnn_data(config(data=fixed), 6)[0])
+    with pytest.raises(S.SubstrateValueError, match=r"network.units=\[30, 15\], network.latents=\[3\].*equal"):
+        task.run(config(network={"latents": [3]}), 0)
+    with pytest.raises(S.SubstrateValueError, match="error_regression.train_sequences=4: at most"):
+        task.run(config(data=base, error_regression={"train_sequences": 4}), 0)
+    with pytest.raises(StudyConfigError, match=r"base.error_regression.meta_prior = -0.5: .*-1 \(the training w\)"):
+        config(error_regression={"meta_prior": -0.5})
+
+
 # ------------------------------------------------------------------------------------ sweeps
 @pytest.fixture(scope="module")
 def config_archives(tmp_path_factory):
