@@ -389,5 +389,65 @@ def plot_pvrnn_meta_prior(archive_path: str):
     return fig
 
 
+def plot_pvrnn_er(archive_path: str):
+    """PV-RNN error regression under variants (median over seeds as lines or bars, seeds as points;
+    one colour per value of the other sweep axis, e.g. substeps): the one-step prediction error of
+    each credit assignment and the cosine of its window gradient with the exact one; the error
+    against the read-noise sigma and the time-constant spread (at 0: no device, exact credit); and
+    the seconds per ER step of each credit in the NumPy path against the compiled exact step."""
+    ds, axes = _sweep(archive_path)
+    other = _other_axis(ds, axes, ())
+    groups = list(ds[other].values) if other else [None]
+    fig, grid = plt.subplots(1, 5, figsize=(24, 4.6), layout="constrained")
+    ax_err, ax_cos, ax_read, ax_tau, ax_time = grid
+    credits = [str(c) for c in ds["credit"].values]
+    width = 0.8 / len(groups)
+    for g, value in enumerate(groups):
+        one = ds.sel({other: value}) if other else ds
+        color, label = f"C{g}", _label(ds, other, value) if other else ""
+        label = f"{other} {label}" if other else "median"
+        pos = np.arange(len(credits)) + (g - (len(groups) - 1) / 2) * width
+        for ax, name in ((ax_err, "credit_error"), (ax_cos, "credit_gradient_cosine"),
+                         (ax_time, "credit_seconds_per_step")):
+            ax.bar(pos, _median(one[name], ["credit"]).values, width, color=color, alpha=0.6, label=label)
+            pts = one[name].transpose("credit", ...).values.reshape(len(credits), -1)
+            ax.plot(np.repeat(pos, pts.shape[1]), pts.ravel(), "k.", ms=3)
+        ax_time.axhline(float(_median(one["compiled_seconds_per_step"], []).values), color=color, ls="--",
+                        label=f"compiled exact step ({label})")
+        ax_err.axhline(float(_median(one["open_loop_error"], []).values), color=color, ls=":",
+                       label=f"open loop, no inference ({label})")
+        exact = one["credit_error"].sel(credit="exact")
+        for ax, axis in ((ax_read, "read_noise"), (ax_tau, "tau_mismatch")):
+            da = one[f"{axis}_error"]
+            xs = np.concatenate([[0.0], da[axis].values])
+            med = np.concatenate([[float(_median(exact, []).values)], _median(da, [axis]).values])
+            ax.plot(xs, med, "o-", color=color, label=label)
+            pts = np.concatenate([exact.values.reshape(1, -1), da.transpose(axis, ...).values.reshape(len(xs) - 1, -1)])
+            ax.plot(np.repeat(xs, pts.shape[1]), pts.ravel(), ".", color=color, ms=3, alpha=0.5)
+    for ax in (ax_err, ax_cos, ax_time):
+        ax.set_xticks(np.arange(len(credits)), credits, rotation=20)
+    ax_err.set_yscale("log")
+    ax_err.set_ylabel(r"one-step prediction error $\|\hat x_{t+1} - x_{t+1}\|^2$")
+    ax_err.set_title("credit assignment inside ER (held-out)")
+    ax_cos.set_ylabel("cosine with the exact window gradient (median over windows)")
+    ax_cos.set_title("how close each credit is to BPTT")
+    ax_time.set_yscale("log")
+    ax_time.set_ylabel("seconds per ER step")
+    ax_time.set_title("cost (NumPy path; dashed: compiled)")
+    for ax, title, xlabel in ((ax_read, "read noise, redrawn every pass", r"read-noise $\sigma$ (relative)"),
+                              (ax_tau, "time-constant mismatch", r"spread of $\tau$")):
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("one-step prediction error")
+        ax.set_title(title)
+    for ax in grid:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(textwrap.fill(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} "
+                               "(median over seeds, seeds as points)", 160), fontsize=10)
+    return fig
+
+
 PLOTS = {"relaxation": plot_relaxation, "gradient_accuracy": plot_gradient_accuracy, "ep_bias": plot_ep_bias,
-         "ep_train": plot_ep_train_or_devices, "pvrnn_meta_prior": plot_pvrnn_meta_prior}
+         "ep_train": plot_ep_train_or_devices, "pvrnn_meta_prior": plot_pvrnn_meta_prior,
+         "pvrnn_er": plot_pvrnn_er}

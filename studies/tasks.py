@@ -22,6 +22,9 @@ Tasks:
   ``models.data`` with meta-prior w on every layer: the learned sigma (posterior and prior) per layer,
   the training reconstruction, and generalisation, the one-step prediction error of error regression
   on held-out sequences (Ahmadi & Tani 2019; REFERENCES section 5); history saved every 100 epochs.
+* ``pvrnn_er``: a continuous-time PV-RNN trained once, then error regression on held-out sequences
+  with each credit assignment (exact, continuous adjoint, truncated BPTT) and on devices (read noise,
+  time-constant mismatch): prediction error, seconds per step, gradient cosines with the exact one.
 * ``selftest``: a run that sleeps, then returns, raises, diverges or kills its own process: it
   exercises the sweep machinery in the tests.
 """
@@ -490,6 +493,31 @@ PVRNN_META_PRIOR_SCHEMA = {
 PARTIAL_EPOCHS = 100  # a long training saves its history (save_partial) every this many epochs
 
 
+def _check_layers(net):
+    if not len(net["units"]) == len(net["latents"]) == len(net["tau"]):
+        raise S.SubstrateValueError(f"network.units={net['units']}, network.latents={net['latents']}, "
+                                    f"network.tau={net['tau']}: one value per layer, lists of equal lengths")
+
+
+def _history_arrays(hist):
+    return {"free_energy": (("epoch",), hist["free_energy"]), "reconstruction": (("epoch",), hist["reconstruction"]),
+            "kl": (("epoch", "layer"), hist["kl"])}
+
+
+def _history_coords(hist):
+    return {"epoch": list(range(1, len(hist["free_energy"]) + 1)), "layer": list(range(hist["kl"].shape[1]))}
+
+
+def _save_history(hist):
+    """``train``'s on_epoch: the history so far every ``PARTIAL_EPOCHS`` epochs (kept if the run dies)."""
+    from studies.sweep import save_partial
+
+    n = len(hist["free_energy"])
+    if n % PARTIAL_EPOCHS == 0:
+        save_partial(Result(arrays=_history_arrays(hist), scalars={"epochs_run": float(n)},
+                            coords=_history_coords(hist)))
+
+
 def pvrnn_data(config: dict, seed: int):
     """(training sequences, held-out sequences) of ``probabilistic_sequences``, each (B, T, 2), drawn
     from streams of the data seed alone (the run's seed where ``data.seed`` is -1): the same for every w
@@ -554,12 +582,9 @@ def run_pvrnn_meta_prior(config: dict, seed: int) -> Result:
     Arrays per epoch ("free_energy", "reconstruction", "kl" per layer) and per layer; the training
     history is saved every ``PARTIAL_EPOCHS`` epochs (:func:`studies.sweep.save_partial`)."""
     from models.pvrnn import PVRNN, ErrorRegression, PVLayer, train
-    from studies.sweep import save_partial
 
     net, w = config["network"], config["w"]
-    if not len(net["units"]) == len(net["latents"]) == len(net["tau"]):
-        raise S.SubstrateValueError(f"network.units={net['units']}, network.latents={net['latents']}, "
-                                    f"network.tau={net['tau']}: one value per layer, lists of equal lengths")
+    _check_layers(net)
     d, e = config["data"], config["error_regression"]
     if e["train_sequences"] > d["train_sequences"]:
         raise S.SubstrateValueError(f"error_regression.train_sequences={e['train_sequences']}: at most "
@@ -573,20 +598,9 @@ def run_pvrnn_meta_prior(config: dict, seed: int) -> Result:
     model = PVRNN([PVLayer(u, z, tau, w, net["w_first"]) for u, z, tau in zip(net["units"], net["latents"],
                                                                               net["tau"])], x.shape[2], rng)
     layers = list(range(len(model.layers)))
-
-    def history_arrays(hist):
-        return {"free_energy": (("epoch",), hist["free_energy"]),
-                "reconstruction": (("epoch",), hist["reconstruction"]), "kl": (("epoch", "layer"), hist["kl"])}
-
-    def partial(hist):
-        n = len(hist["free_energy"])
-        if n % PARTIAL_EPOCHS == 0:
-            save_partial(Result(arrays=history_arrays(hist), scalars={"epochs_run": float(n)},
-                                coords={"epoch": list(range(1, n + 1)), "layer": layers}))
-
     tr = config["training"]
     start = time.perf_counter()
-    A, hist = train(model, x, epochs=tr["epochs"], rng=rng, lr=tr["lr"], progress=False, on_epoch=partial)
+    A, hist = train(model, x, epochs=tr["epochs"], rng=rng, lr=tr["lr"], progress=False, on_epoch=_save_history)
     train_seconds = time.perf_counter() - start
 
     run = model.run(A, [np.zeros(x.shape[:2] + (lay.latents,)) for lay in model.layers])
@@ -606,7 +620,7 @@ def run_pvrnn_meta_prior(config: dict, seed: int) -> Result:
     open_loop_error = float(np.mean(np.sum((open_loop - test) ** 2, axis=-1)))
     spread = _generation_spread(model, A, x, np.random.default_rng([seed, 4]))
 
-    arrays = history_arrays(hist)
+    arrays = _history_arrays(hist)
     arrays.update({"sigma_q": (("layer",), np.array(sigma_q)), "sigma_p": (("layer",), np.array(sigma_p)),
                    "test_sigma_q": (("layer",), test_sigma.mean(axis=0)),
                    "test_sequence_error": (("test_sequence",), test_error)})
@@ -617,7 +631,7 @@ def run_pvrnn_meta_prior(config: dict, seed: int) -> Result:
                            "generation_spread": spread,
                            "final_free_energy": float(hist["free_energy"][-1]),
                            "train_seconds": train_seconds, "er_seconds": er_seconds},
-                  coords={"epoch": list(range(1, tr["epochs"] + 1)), "layer": layers})
+                  coords=_history_coords(hist))
 
 
 def warmup_pvrnn():
@@ -630,6 +644,132 @@ def warmup_pvrnn():
     x = rng.uniform(-0.5, 0.5, size=(1, 4, 2))
     train(model, x, epochs=1, rng=rng, progress=False)
     error_regression(model, x[0], ErrorRegression(window=2, iterations=2), rng)
+
+
+# ------------------------------------------------------------------------------------ PV-RNN ER: credit, devices
+def _credit_ok(v):
+    name, _, k = v.partition(":")
+    return (name in ("exact", "continuous") and not k) or (name == "truncated" and k.isdigit() and int(k) >= 1)
+
+
+PVRNN_ER_SCHEMA = {
+    "data": PV_DATA,
+    "network": {**PV_NETWORK,
+                "w": Field(float, Range(0.0, 1e3), 1e-2, "the meta-prior w of every layer (steps t > 0)"),
+                "substeps": Field(int, Range(1, 256), 4, "integration steps per data step (1: the published "
+                                                        "model; more: the continuous-time circuit)"),
+                "method": Field(str, ("euler", "exp_euler"), "exp_euler", "integrator of the units")},
+    "training": PV_TRAINING,
+    "error_regression": {k: v for k, v in PV_ER.items() if k != "train_sequences"},
+    "credit": Field(ListOf(str, 1, 20, Check(_credit_ok, "'exact', 'continuous' or 'truncated:K' (K >= 1)")),
+                    None, ["exact", "continuous", "truncated:1", "truncated:2", "truncated:5"],
+                    "credit assignments compared inside error regression (no device)"),
+    "read_noise": Field(ListOf(float, 0, 20, Range(0.0, 10.0)), None, [0.02, 0.05, 0.1, 0.2],
+                        "relative read-noise sigma of every weight, redrawn every pass (exact credit)"),
+    "tau_mismatch": Field(ListOf(float, 0, 20, Range(0.0, 10.0)), None, [0.1, 0.2, 0.4],
+                          "spread of every unit's time constant, tau (1 + spread xi) (exact credit)"),
+    "gradient_windows": Field(int, Range(0, 100_000), 40, "windows of the training sequences (posterior "
+                                                           "A, posterior-mean start states) on which each "
+                                                           "credit's gradient is compared with the exact one"),
+}
+
+
+def _credit(v):
+    name, _, k = v.partition(":")
+    return name, int(k) if k else None
+
+
+def _window_gradient_cosines(model, x, A, window, credits, count, rng):
+    """Cosine of each credit's dF/dA with the exact one on ``count`` windows of the training
+    sequences: the posterior A of the window, its start state from the posterior-mean pass, fresh
+    noise; one value per credit (the median over the windows)."""
+    B, T, _ = x.shape
+    cos = np.full((len(credits), count), np.nan)
+    for c in range(count):
+        b, s = int(rng.integers(B)), int(rng.integers(1, T - window + 1))
+        start = model.run({k: v[b:b + 1, :s] for k, v in A.items()},
+                          [np.zeros((1, s, lay.latents)) for lay in model.layers]).end
+        Aw = {k: v[b:b + 1, s:s + window] for k, v in A.items()}
+        eps = model.noise(1, window, rng)
+        grads = [np.concatenate([g.ravel() for g in model.free_energy(
+            x[b:b + 1, s:s + window], Aw, eps, start=start, weights=False, credit=name, truncation=k)[3].values()])
+            for name, k in map(_credit, credits)]
+        exact = np.concatenate([g.ravel() for g in model.free_energy(
+            x[b:b + 1, s:s + window], Aw, eps, start=start, weights=False)[3].values()])
+        for j, g in enumerate(grads):
+            cos[j, c] = g @ exact / (np.linalg.norm(g) * np.linalg.norm(exact))
+    return np.median(cos, axis=1)
+
+
+def run_pvrnn_er(config: dict, seed: int) -> Result:
+    """A continuous-time PV-RNN trained on probabilistic sequences, then error regression on the
+    held-out sequences under variants, each the mean one-step prediction error once the window is
+    full (mean over the held-out sequences) and the seconds per ER step:
+
+    * credit assignment (no device): the exact discrete adjoint, the continuous adjoint of the
+      continuous-time circuit, truncated BPTT (the state detached every K data steps) -- and the
+      cosine of each one's window gradient with the exact one on windows of the training data;
+    * the circuit on a device with exact credit (the adjoint nominal): read noise on every weight,
+      redrawn every pass, at each sigma; time-constant mismatch at each spread (the device's own
+      streams, ``devices.stream(seed, effect)``, apart from the ER noise).
+
+    Every variant runs the NumPy path (comparable seconds); the compiled exact step runs last, on the
+    same noise draws (its error equals the NumPy exact one up to rounding). Also the open-loop error
+    (prior means, no inference)."""
+    from models.pvrnn import PVRNN, DeviceCircuit, ErrorRegression, PVLayer, error_regression, train
+    from substrate.devices import Device, ReadNoise, TauMismatch
+
+    net, d, e = config["network"], config["data"], config["error_regression"]
+    _check_layers(net)
+    if d["test_steps"] < e["window"] + 2:
+        raise S.SubstrateValueError(f"data.test_steps={d['test_steps']}: at least error_regression.window + 2 = "
+                                    f"{e['window'] + 2} (one prediction after the window is full)")
+    if config["gradient_windows"] and d["train_steps"] < e["window"] + 1:
+        raise S.SubstrateValueError(f"data.train_steps={d['train_steps']}: at least error_regression.window + 1 "
+                                    "for the gradient windows")
+    x, test = pvrnn_data(config, seed)
+    rng = np.random.default_rng(seed)
+    model = PVRNN([PVLayer(u, z, tau, net["w"], net["w_first"]) for u, z, tau in
+                   zip(net["units"], net["latents"], net["tau"])], x.shape[2], rng, substeps=net["substeps"],
+                  method=net["method"])
+    tr = config["training"]
+    A, hist = train(model, x, epochs=tr["epochs"], rng=rng, lr=tr["lr"], progress=False, on_epoch=_save_history)
+    L = len(model.layers)
+    base = dict(window=e["window"], iterations=e["iterations"], lr=e["lr"], newest=e["newest"],
+                meta_prior=None if e["meta_prior"] == -1 else (e["meta_prior"],) * L, sample=e["sample"])
+
+    def regress(er, circuit=None, compiled=False):
+        start = time.perf_counter()
+        errors = [np.mean(error_regression(model, seq, er, np.random.default_rng([seed, 2, k]), compiled=compiled,
+                                          circuit=circuit)["prediction_error"][er.window:-1])
+                  for k, seq in enumerate(test)]
+        return float(np.mean(errors)), (time.perf_counter() - start) / (len(test) * test.shape[1])
+
+    # every variant by the NumPy path (like for like); the compiled exact step last (warm), the same draws
+    credit = [regress(ErrorRegression(**base, credit=name, truncation=k))
+              for name, k in map(_credit, config["credit"])]
+    read = [regress(ErrorRegression(**base), DeviceCircuit(model, Device((ReadNoise(s),)), seed))
+            for s in config["read_noise"]]
+    tau = [regress(ErrorRegression(**base), DeviceCircuit(model, Device((TauMismatch(s),)), seed))
+           for s in config["tau_mismatch"]]
+    error_regression(model, test[0, :2], ErrorRegression(**base), np.random.default_rng(0))  # loads the kernels
+    compiled_error, compiled_seconds = regress(ErrorRegression(**base), compiled=True)
+    cosines = (_window_gradient_cosines(model, x, A, e["window"], config["credit"], config["gradient_windows"],
+                                        np.random.default_rng([seed, 3]))
+               if config["gradient_windows"] else np.full(len(config["credit"]), np.nan))
+    open_loop = model.generate(len(test), test.shape[1], None)
+    arrays = _history_arrays(hist)
+    arrays.update({"credit_error": (("credit",), np.array([v[0] for v in credit])),
+                   "credit_seconds_per_step": (("credit",), np.array([v[1] for v in credit])),
+                   "credit_gradient_cosine": (("credit",), cosines),
+                   "read_noise_error": (("read_noise",), np.array([v[0] for v in read])),
+                   "tau_mismatch_error": (("tau_mismatch",), np.array([v[0] for v in tau]))})
+    return Result(arrays=arrays,
+                  scalars={"compiled_error": compiled_error, "compiled_seconds_per_step": compiled_seconds,
+                           "open_loop_error": float(np.mean(np.sum((open_loop - test) ** 2, axis=-1))),
+                           "final_free_energy": float(hist["free_energy"][-1])},
+                  coords={**_history_coords(hist), "credit": list(config["credit"]),
+                          "read_noise": list(config["read_noise"]), "tau_mismatch": list(config["tau_mismatch"])})
 
 
 # ------------------------------------------------------------------------------------ selftest
@@ -669,5 +809,7 @@ TASKS = {
                      "a classifier trained with an EP estimator (or the exact gradient), metrics per epoch"),
     "pvrnn_meta_prior": Task(PVRNN_META_PRIOR_SCHEMA, run_pvrnn_meta_prior, warmup_pvrnn,
                              "a PV-RNN trained on probabilistic sequences at meta-prior w: sigma, generalisation"),
+    "pvrnn_er": Task(PVRNN_ER_SCHEMA, run_pvrnn_er, warmup_pvrnn,
+                     "PV-RNN error regression: credit assignments compared, and on a noisy device"),
     "selftest": Task(SELFTEST_SCHEMA, run_selftest, None, "sleeps, then returns, raises, diverges or crashes"),
 }

@@ -245,6 +245,19 @@ def test_meta_prior_runs_share_their_data_and_check_the_layers():
         config(error_regression={"meta_prior": -0.5})
 
 
+def test_pvrnn_er_config_names_its_credits():
+    """pvrnn_er: a credit is 'exact', 'continuous' or 'truncated:K' with K >= 1; anything else is
+    rejected by the config loader with the allowed forms."""
+    from studies.config import resolve
+
+    task = TASKS["pvrnn_er"]
+    ok = resolve(task.schema, {"credit": ["exact", "truncated:3", "continuous"]}, "base")
+    assert ok["credit"] == ["exact", "truncated:3", "continuous"]
+    for bad in (["truncated"], ["truncated:0"], ["bptt"], ["exact:2"]):
+        with pytest.raises(StudyConfigError, match="'truncated:K'"):
+            resolve(task.schema, {"credit": bad}, "base")
+
+
 # ------------------------------------------------------------------------------------ sweeps
 @pytest.fixture(scope="module")
 def config_archives(tmp_path_factory):
