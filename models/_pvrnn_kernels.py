@@ -64,11 +64,11 @@ def forward(x, a_mu, a_sig, eps, h0, d0, first, weight, weight_first, net, windo
                 if t == 0 and first:
                     m, ls = 0.0, 0.0
                 else:
-                    a, s = b_mu[j], b_sig[j]
+                    a, ls = b_mu[j], b_sig[j]
                     for c in range(lo, hi):
                         a += w_mu[j, c] * prev[c]
-                        s += w_sig[j, c] * prev[c]
-                    m, ls = np.tanh(a), s
+                        ls += w_sig[j, c] * prev[c]
+                    m = np.tanh(a)
                 am, lq = a_mu[t, j], a_sig[t, j]
                 if posterior_weights:
                     for c in range(lo, hi):
@@ -176,9 +176,9 @@ def adam(p, g, m, v, step, lr, beta1, beta2, eps):
 
 
 @njit
-def regress(x, a_mu, a_sig, eps, h0, d0, first, weight, weight_first, net, window, lr, free_energy, kl):
+def regress(x, a_mu, a_sig, eps, h0, d0, first, weight, weight_first, net, window, lr, kl):
     """The iterations of one ER step: for every noise draw eps[k] (iterations, T, Z) a forward pass,
-    its free energy into ``free_energy[k]``, the adjoint and an Adam step (state fresh) on A in place.
+    the adjoint and an Adam step (state fresh) on A in place.
     ``kl`` (L,) holds the last iteration's KL terms; ``window`` its pass (h_first: the state after its
     first step)."""
     N, Z = len(h0), a_mu.shape[1]
@@ -186,8 +186,7 @@ def regress(x, a_mu, a_sig, eps, h0, d0, first, weight, weight_first, net, windo
     m_mu, v_mu, m_sig, v_sig = np.zeros_like(a_mu), np.zeros_like(a_mu), np.zeros_like(a_mu), np.zeros_like(a_mu)
     gd, gh, gd_before, gz = np.empty(N), np.empty(N), np.empty(N), np.empty(Z)
     for k in range(eps.shape[0]):
-        rec = forward(x, a_mu, a_sig, eps[k], h0, d0, first, weight, weight_first, net, window, kl)
-        free_energy[k] = rec + kl.sum()
+        forward(x, a_mu, a_sig, eps[k], h0, d0, first, weight, weight_first, net, window, kl)
         backward(x, eps[k], first, weight, weight_first, net, window, g_mu, g_sig, gd, gh, gd_before, gz)
         adam(a_mu, g_mu, m_mu, v_mu, k + 1, lr, 0.9, 0.999, 1e-8)
         adam(a_sig, g_sig, m_sig, v_sig, k + 1, lr, 0.9, 0.999, 1e-8)

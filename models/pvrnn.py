@@ -163,17 +163,17 @@ class PVRNN:
         return State([np.zeros((sequences, x.units)) for x in self.layers],
                      [np.zeros((sequences, x.units)) for x in self.layers], True)
 
-    def circuit(self):
-        """What the forward pass computes with: (weights, leak per layer as (alpha, beta)). A
-        :class:`DeviceCircuit` gives the same for the circuit as a device reads it."""
+    def nominal(self):
+        """What the forward pass computes with: (weights, leak per layer as (alpha, beta)), the
+        ``read`` of a pass; :meth:`DeviceCircuit.read` gives the same as a device reads it."""
         return self.params, self._leak
 
-    def run(self, A: dict, eps: list, start: State | None = None, circuit=None) -> Pass:
+    def run(self, A: dict, eps: list, start: State | None = None, read=None) -> Pass:
         """The posterior pass: z from A and eps at every step, the units and the output, from
-        ``start`` (default: a sequence's beginning), on ``circuit`` = (weights, leaks) (default: the
-        nominal one, :meth:`circuit`)."""
+        ``start`` (default: a sequence's beginning), computed with ``read`` = (weights, leaks)
+        (default: :meth:`nominal`)."""
         B, T = A["l0.mu"].shape[:2]
-        (p, leak), L, n = circuit or self.circuit(), len(self.layers), self.substeps
+        (p, leak), L, n = read or self.nominal(), len(self.layers), self.substeps
         start = self.initial_state(B) if start is None else start
         keep = {k: [np.zeros((B, T, x.units if k == "d" else x.latents)) for x in self.layers]
                 for k in ("d", "z", "mu_p", "logs_p", "mu_q", "logs_q")}
@@ -235,7 +235,7 @@ class PVRNN:
 
     def free_energy(self, x, A: dict, eps: list, gradient: bool = True, start: State | None = None,
                     meta_prior=None, weights: bool = True, credit: str = "exact", truncation: int | None = None,
-                    circuit=None):
+                    read=None):
         """(F, parts, dF/dparams, dF/dA) for sequences x (B, T, D_x), adaptive vectors A and noise eps.
         parts: {"reconstruction": sum_t Rec_t / D_x, "kl": [per layer sum_t w(t) KL_t / Z]} summed over
         the batch; F = reconstruction + sum(kl). With ``gradient=False`` the two gradients are None.
@@ -250,15 +250,16 @@ class PVRNN:
         with f = (-h + pre)/tau, integrated backward over the same substeps with the Jacobian at each
         substep's later end (optimise-then-discretise: the leak by the integrator's own alpha, the
         coupling held), which converges to the exact gradient at first order in 1/substeps.
-        ``circuit``: (weights, leaks) the forward pass runs on (a :class:`DeviceCircuit` read); the
-        adjoint always uses the nominal weights and leaks, along the circuit's trajectory."""
+        ``read``: (weights, leaks) the forward pass runs on (:meth:`DeviceCircuit.read`); the adjoint
+        always uses the nominal weights and leaks, along that trajectory. ``parts["pass"]`` holds the
+        forward pass."""
         x = np.asarray(x, dtype=float)
         B, T, D = x.shape
         if D != self.outputs or A["l0.mu"].shape[:2] != (B, T):
             raise SubstrateValueError(f"x has shape {x.shape}; expected (sequences, steps, {self.outputs}) "
                                       f"matching A's {A['l0.mu'].shape[:2]}")
         _check_credit(credit, truncation)
-        run = self.run(A, eps, start, circuit)
+        run = self.run(A, eps, start, read)
         err = run.x_hat - x
         rec = 0.5 * float(np.sum(err * err)) / D
         kls, terms = [], []
@@ -380,10 +381,10 @@ class PVRNN:
 
     # ---------------------------------------------------------------- prior, reconstruction, training
     def generate(self, sequences: int, steps: int, rng: np.random.Generator | None,
-                 start: State | None = None, circuit=None) -> np.ndarray:
+                 start: State | None = None, read=None) -> np.ndarray:
         """x_hat (B, T, D_x) from the prior (z_t = mu^p + sigma^p eps; a sequence's first step N(0, I)),
         from ``start`` (default: a sequence's beginning); ``rng=None``: the prior means (eps = 0)."""
-        (p, leak), L = circuit or self.circuit(), len(self.layers)
+        (p, leak), L = read or self.nominal(), len(self.layers)
         start = self.initial_state(sequences) if start is None else start
         h, d = [a.copy() for a in start.h], [a.copy() for a in start.d]
         out = np.empty((sequences, steps, self.outputs))
@@ -401,11 +402,15 @@ class PVRNN:
             out[:, t] = np.tanh(d[0] @ p["out.W"].T + p["out.b"])
         return out
 
-    def prior(self, state: State, circuit=None) -> dict:
-        """The prior of the step after ``state``: {"l{i}.mu": mu^p, "l{i}.sig": log sigma^p}."""
-        p = (circuit or self.circuit())[0]
+    def prior(self, state: State, read=None) -> dict:
+        """The prior of the step after ``state``: {"l{i}.mu": mu^p, "l{i}.sig": log sigma^p}; N(0, I)
+        (zeros) when that step begins a sequence (``state.first``)."""
+        p = (read or self.nominal())[0]
         out = {}
         for i in range(len(self.layers)):
+            if state.first:
+                out[f"l{i}.mu"] = out[f"l{i}.sig"] = np.zeros((len(state.d[i]), self.layers[i].latents))
+                continue
             out[f"l{i}.mu"] = np.tanh(state.d[i] @ p[f"l{i}.W_mu"].T + p[f"l{i}.b_mu"])
             out[f"l{i}.sig"] = state.d[i] @ p[f"l{i}.W_sig"].T + p[f"l{i}.b_sig"]
         return out
@@ -435,6 +440,7 @@ class PVRNN:
 
         units, latents = [x.units for x in self.layers], [x.latents for x in self.layers]
         cat = np.concatenate
+        # unsigned offsets: numba then knows an index is not negative and the loops vectorise (8x here)
         net = (uoff.astype(np.uint64), zoff.astype(np.uint64), w_rec, w_zd, cat([p[f"l{i}.b"] for i in range(L)]),
                per([a for a, _ in self._leak], units), per([b for _, b in self._leak], units), w_mu, w_sig,
                cat([p[f"l{i}.b_mu"] for i in range(L)]), cat([p[f"l{i}.b_sig"] for i in range(L)]),
@@ -444,11 +450,11 @@ class PVRNN:
         weight_first = per([x.w_first / x.latents for x in self.layers], latents)
         return net, weight, weight_first
 
-    def prior_adaptive(self, state: State, circuit=None) -> dict:
+    def prior_adaptive(self, state: State, read=None) -> dict:
         """The A of the step after ``state`` whose posterior is that step's prior: A^mu = arctanh(mu^p)
         (clipped to |mu^p| <= 1 - 1e-12), A^sig = log sigma^p, less W^q d with posterior weights."""
-        p = (circuit or self.circuit())[0]
-        out = self.prior(state, circuit)
+        p = (read or self.nominal())[0]
+        out = self.prior(state, read)
         for i in range(len(self.layers)):
             out[f"l{i}.mu"] = np.arctanh(np.clip(out[f"l{i}.mu"], -1 + 1e-12, 1 - 1e-12))
             if self.posterior_weights:
@@ -471,7 +477,8 @@ def _leak(tau: float, step: float, method: str) -> tuple:
 
 class DeviceCircuit:
     """A PV-RNN's circuit on a device (``substrate.devices``): ``TauMismatch`` gives every unit its
-    own time constant (drawn once; the leak alpha_r from tau_r by the model's integrator), and
+    own time constant (drawn once; the leak alpha_r from tau_r by the model's integrator; under Euler
+    tau_r is clipped at the step, where alpha_r = 0, so that the simulation stays stable), and
     ``ReadNoise`` a fresh read of every weight matrix at every pass (its ``phase`` policy: W + sigma
     |W| xi, or sigma max|W| xi when additive; biases are digital, as in ``substrate.devices``).
     :meth:`read` returns (weights, leaks) for ``run``/``free_energy``/``generate``; the learning rule's
@@ -496,9 +503,11 @@ class DeviceCircuit:
         if mismatch is not None:
             circuit = SimpleNamespace(tau=np.concatenate([np.full(x.units, x.tau) for x in model.layers]))
             mismatch.neurons(circuit, stream(seed, "TauMismatch"))
-            leak, off = [], 0
+            step, leak, off = 1.0 / model.substeps, [], 0
+            if model.method == "euler":  # alpha = 1 - step/tau >= 0: below, the simulation (not the circuit) oscillates
+                circuit.tau = np.maximum(circuit.tau, step)
             for x in model.layers:
-                pairs = [_leak(tau, 1.0 / model.substeps, model.method) for tau in circuit.tau[off:off + x.units]]
+                pairs = [_leak(tau, step, model.method) for tau in circuit.tau[off:off + x.units]]
                 leak.append(tuple(np.array(v) for v in zip(*pairs)))
                 off += x.units
         self.leak = leak
@@ -522,6 +531,8 @@ def _check_credit(credit, truncation):
     if credit == "truncated" and (isinstance(truncation, bool) or not isinstance(truncation, (int, np.integer))
                                   or truncation < 1):
         raise SubstrateValueError(f"truncation={truncation!r}: credit='truncated' needs a positive number of data steps")
+    if credit != "truncated" and truncation is not None:
+        raise SubstrateValueError(f"truncation={truncation!r} is for credit='truncated' only (credit={credit!r})")
 
 
 CREDIT = ("exact", "truncated", "continuous")
@@ -637,13 +648,14 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
            "sigma_q": np.empty((T, L))}
     out.update({f"mu_q.l{i}": np.empty((T, x_.latents)) for i, x_ in enumerate(model.layers)})
     if compiled and er.credit == "exact" and circuit is None:
-        window_step, read = _CompiledWindow(model, er.meta_prior), lambda: None
+        window_step, read = _CompiledWindow(model, er.meta_prior), model.nominal
     else:
-        window_step, read = _window_step, (circuit.read if circuit is not None else lambda: None)
+        window_step, read = _window_step, (circuit.read if circuit is not None else model.nominal)
     for t in range(T):
         if A["l0.mu"].shape[1] == er.window:  # slide: the state after the first step of the last pass
             start = step["after_first"]
-        A = slide(A, er.window, er.newest, None if t == 0 else model.prior_adaptive(step["end"], read()))
+        A = slide(A, er.window, er.newest,
+                  model.prior_adaptive(step["end"], read()) if t > 0 and er.newest == "prior" else None)
         n = A["l0.mu"].shape[1]
         eps = [rng.standard_normal((er.iterations, n, x_.latents)) for x_ in model.layers]  # fresh per iteration
         step = window_step(model, x[None, t - n + 1:t + 1], A, eps, start, er, read)
@@ -653,7 +665,7 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
         out["sigma_q"][t] = [float(s.mean()) for s in step["sigma_q"]]
         for i in range(L):
             out[f"mu_q.l{i}"][t] = step["mu_q"][i][0]
-        pred = model.generate(1, er.horizon, rng if er.sample else None, start=step["end"], circuit=read())[0]
+        pred = model.generate(1, er.horizon, rng if er.sample else None, start=step["end"], read=read())[0]
         k = min(er.horizon, T - 1 - t)
         out["prediction"][t, :k] = pred[:k]
         if t + 1 < T:
@@ -672,14 +684,14 @@ def _window_step(model, xw, A, eps, start, er, read):
 
     def window_F():
         return np.mean([model.free_energy(xw, A, [e[k][None] for e in eps], gradient=False, start=start,
-                                          meta_prior=er.meta_prior, circuit=c)[0] for k, c in enumerate(reads)])
+                                          meta_prior=er.meta_prior, read=c)[0] for k, c in enumerate(reads)])
 
     out = {"free_energy_before": window_F()}
     opt = Adam(er.lr)
     for itr in range(er.iterations):
         _, parts, _, gA = model.free_energy(xw, A, [e[itr][None] for e in eps], start=start,
                                             meta_prior=er.meta_prior, weights=False, credit=er.credit,
-                                            truncation=er.truncation, circuit=read())
+                                            truncation=er.truncation, read=read())
         opt.step(A, gA)
     means = model.run(A, [np.zeros((1, n, x_.latents)) for x_ in model.layers], start, read())
     out.update(A=A, free_energy_after=window_F(), kl=parts["kl"], after_first=parts["pass"].after_first,
@@ -710,7 +722,7 @@ class _CompiledWindow:
         h0, d0 = np.concatenate([a[0] for a in start.h]), np.concatenate([a[0] for a in start.d])
         window = (np.empty((n * m + 1, N)), *(np.empty((n, Z)) for _ in range(5)), np.empty((n, model.outputs)),
                   np.empty(N), np.empty(N))
-        F, kl = np.empty(er.iterations), np.empty(L)
+        kl = np.empty(L)
         args = (h0, d0, start.first, self.weight, self.weight_first, self.net, window, kl)
 
         def window_F():
@@ -718,7 +730,7 @@ class _CompiledWindow:
 
         out = {"free_energy_before": window_F()}
         K.regress(xw[0], a_mu, a_sig, e, h0, d0, start.first, self.weight, self.weight_first, self.net, window,
-                  er.lr, F, kl)
+                  er.lr, kl)
         out.update(kl=kl.copy(), after_first=State(self.split(window[7], self.uoff), self.split(window[0][m], self.uoff),
                                                    False))
         out["free_energy_after"] = window_F()
