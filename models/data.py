@@ -288,3 +288,15 @@ def load_sequences(source, dataset: str = "sequences") -> np.ndarray:
     if x.ndim != 3 or 0 in x.shape or not np.all(np.isfinite(x)):
         raise SubstrateValueError(f"sequences must be a finite (sequences, steps, dims) array, got shape {x.shape}")
     return x
+
+
+def eight_gaussians(n: int, rng: np.random.Generator, *, radius: float = 2.0, std: float = 0.1):
+    """The 2-D toy of eight Gaussians (standard deviation ``std``) evenly spaced on a circle of
+    ``radius``: (x (n, 2), the mode of each sample (n,), which can serve as a class label)."""
+    if not isinstance(rng, np.random.Generator):
+        raise SubstrateValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    n = _count(n, "n", 1)
+    mode = rng.integers(8, size=n)
+    angle = 2 * np.pi * mode / 8
+    centres = radius * np.stack([np.cos(angle), np.sin(angle)], -1)
+    return centres + std * rng.standard_normal((n, 2)), mode

@@ -1,0 +1,124 @@
+"""The diffusion model of models/dpm.py (REFERENCES section 3): its schedule, and its probability-flow
+ODE, original and reparameterised (y = x / alpha, rho = sigma / alpha), against scipy's solve_ivp.
+
+* The schedule against closed forms: lambda and its inverse, alpha^2 + sigma^2 = 1, f = d log alpha/dt
+  and g^2 = d sigma^2/dt - 2 f sigma^2 = beta by central differences (1e-7: the differences' error).
+* Both ODEs reach the same sample as solve_ivp (DOP853 at rtol 1e-12) on the original one: RK4 with
+  400 steps on the log-SNR grid within 3e-8 (original; measured 1.1e-8) and 1e-10 (reparameterised;
+  measured 3.5e-11), relative to the sample's scale: RK4's own O(h^4) error.
+* DPM-Solver-1 is Euler in rho (rounding); the observed orders of Euler/DPM-1 (1), DPM-2 (2) and
+  RK4 (4) on the log-SNR grid.
+"""
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+from models import dpm
+from substrate.errors import SubstrateValueError
+
+S = dpm.VPSchedule()
+
+
+def small_model(seed=0, classes=3):
+    """An untrained predictor with small weights: a smooth, well-behaved vector field."""
+    g = torch.Generator().manual_seed(seed)
+    m = dpm.NoisePredictor(2, classes=classes, hidden=16, generator=g)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(0.5)
+    x = torch.randn(4, 2, dtype=torch.float64, generator=g)
+    return m, x, m.embedding(1)
+
+
+def test_schedule_closed_forms():
+    t = torch.linspace(S.t_min, 1.0, 101, dtype=torch.float64)
+    assert torch.max(torch.abs(S.t_of_lam(S.lam(t)) - t)) <= 1e-13
+    assert torch.max(torch.abs(S.alpha(t) ** 2 + S.sigma(t) ** 2 - 1)) <= 1e-15
+    assert torch.allclose(S.rho(t), S.sigma(t) / S.alpha(t), rtol=1e-13)
+    assert torch.allclose(S.t_of_rho(S.rho(t)), t, rtol=1e-12)
+    d = 1e-6
+    f = (S.log_alpha(t + d) - S.log_alpha(t - d)) / (2 * d)
+    assert torch.allclose(f, -0.5 * S.beta(t), rtol=1e-7)
+    g2 = (S.sigma(t + d) ** 2 - S.sigma(t - d) ** 2) / (2 * d) - 2 * f * S.sigma(t) ** 2
+    assert torch.allclose(g2, S.beta(t), rtol=1e-6)
+    for kind in dpm.GRIDS:
+        times = dpm.grid(S, 10, kind)
+        assert times[0] == 1.0 and times[-1] == S.t_min and bool(torch.all(times[1:] < times[:-1]))
+    lam = S.lam(dpm.grid(S, 10, "logsnr"))
+    assert torch.allclose(lam[1:] - lam[:-1], (lam[-1] - lam[0]) / 10, rtol=1e-10)
+
+
+def reference(model, x, c):
+    """x at t_min from the original ODE by solve_ivp (DOP853, rtol = atol = 1e-12)."""
+    def f(t, v):
+        with torch.no_grad():
+            x_ = torch.as_tensor(v).reshape(x.shape)
+            b = S.beta(t)
+            return (-0.5 * b * x_ + b / (2 * S.sigma(t)) * model(x_, t, c)).reshape(-1).numpy()
+
+    sol = solve_ivp(f, (1.0, S.t_min), x.reshape(-1).numpy(), method="DOP853", rtol=1e-12, atol=1e-12)
+    assert sol.success
+    return torch.as_tensor(sol.y[:, -1]).reshape(x.shape)
+
+
+def test_both_odes_reach_the_solve_ivp_sample():
+    model, x, c = small_model()
+    ref = reference(model, x, c)
+    with torch.no_grad():
+        for ode, tol in (("original", 3e-8), ("reparameterised", 1e-10)):  # measured 1.1e-8, 3.5e-11
+            out = dpm.sample(model, S, x, c, dpm.grid(S, 400), ode, "rk4")
+            assert torch.max(torch.abs(out - ref)) <= tol * torch.max(torch.abs(ref)), ode
+        for solver in ("euler", "dpm1", "dpm2"):  # the low-order ones converge too, more slowly
+            out = dpm.sample(model, S, x, c, dpm.grid(S, 400), "reparameterised", solver)
+            assert torch.max(torch.abs(out - ref)) <= 1e-2 * torch.max(torch.abs(ref)), solver
+
+
+def test_dpm_solver_1_is_euler_in_rho_and_the_orders():
+    model, x, c = small_model(1)
+    with torch.no_grad():
+        for kind in dpm.GRIDS:
+            times = dpm.grid(S, 25, kind)
+            a = dpm.sample(model, S, x, c, times, solver="dpm1")
+            b = dpm.sample(model, S, x, c, times, "reparameterised", "euler")
+            assert torch.max(torch.abs(a - b)) <= 1e-12 * torch.max(torch.abs(a))
+        ref = reference(model, x, c)
+        for ode, solver, order in (("reparameterised", "euler", 1), ("original", "dpm2", 2),
+                                   ("reparameterised", "rk4", 4), ("original", "rk4", 4)):
+            errs = [float(torch.max(torch.abs(dpm.sample(model, S, x, c, dpm.grid(S, n), ode, solver) - ref)))
+                    for n in (40, 80)]
+            observed = np.log2(errs[0] / errs[1])
+            assert abs(observed - order) < 0.35, (ode, solver, errs, observed)
+
+
+def test_bad_input():
+    model, x, c = small_model()
+    with pytest.raises(SubstrateValueError, match="solver"):
+        dpm.sample(model, S, x, c, dpm.grid(S, 4), solver="heun")
+    with pytest.raises(SubstrateValueError, match="ode"):
+        dpm.sample(model, S, x, c, dpm.grid(S, 4), "sde", "rk4")
+    with pytest.raises(SubstrateValueError, match="decreasing"):
+        dpm.sample(model, S, x, c, torch.linspace(S.t_min, 1, 5, dtype=torch.float64))
+    with pytest.raises(SubstrateValueError, match="grid kind"):
+        dpm.grid(S, 4, "cosine")
+    with pytest.raises(SubstrateValueError, match="t_min"):
+        dpm.VPSchedule(t_min=0.0)
+
+
+def test_training_on_eight_gaussians_samples_the_asked_mode():
+    """Denoising score matching on the 8-Gaussians toy with the mode as the class (1500 Adam steps):
+    the loss falls from ~1.1 to ~0.16 (asserted < 0.3) and DPM-Solver-2 samples (50 log-SNR steps)
+    conditioned on class 3 land within 0.4 of that mode's centre (measured 99.8 %, asserted 90 %)."""
+    from models.data import eight_gaussians
+
+    x, mode = eight_gaussians(4096, np.random.default_rng(0))
+    g = torch.Generator().manual_seed(0)
+    model = dpm.NoisePredictor(2, classes=8, hidden=64, generator=g)
+    losses = dpm.train(model, S, x, mode, steps=1500, batch=256, generator=g, progress=False)
+    assert losses[:50].mean() > 0.8 and losses[-100:].mean() < 0.3
+    with torch.no_grad():
+        out = dpm.sample(model, S, torch.randn(512, 2, dtype=torch.float64, generator=g), model.embedding(3),
+                         dpm.grid(S, 50), solver="dpm2").numpy()
+    centre = 2.0 * np.array([np.cos(3 * np.pi / 4), np.sin(3 * np.pi / 4)])
+    assert np.mean(np.linalg.norm(out - centre, axis=1) < 0.4) >= 0.9
