@@ -18,6 +18,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_ep_epoch.py
 	$(PY) benchmarks/bench_devices.py
 	$(PY) benchmarks/bench_er.py
+	$(PY) benchmarks/bench_dpm_memory.py
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
