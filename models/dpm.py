@@ -228,57 +228,61 @@ def _dpm_solver(model, schedule, x, c, times, solver):
 
 
 # ------------------------------------------------------------------------------------ adjoint
-def adjoint(model, schedule: VPSchedule, x_T, c, times, loss_grad, solver: str = "rk4"):
+def adjoint(model, schedule: VPSchedule, x_T, c, times, loss_grad, solver: str = "rk4",
+            ode: str = "reparameterised"):
     """The gradient of a loss L(x_0) of the sample with respect to the initial noise x_T, the
-    conditioning c and the network's weights by the continuous adjoint of the reparameterised ODE
-    (AdjointDPM), memory independent of the number of steps: the sample y is integrated forward in
-    rho, then the augmented state [y, a_y, a_c, a_theta] backward from rho(t_min) to rho(1),
+    conditioning c and the network's weights by the continuous adjoint of the probability-flow ODE
+    (AdjointDPM), memory independent of the number of steps. With the ODE ds/dv = F(v, s) in its own
+    variable (``reparameterised``: v = rho, s = y = x / alpha, F = eps_theta(alpha y, t(rho), c);
+    ``original``: v = t, s = x), the sample is integrated forward, then the augmented state backward
+    along the reversed grid,
 
-        d/drho [y, a_y, a_c, a_theta] = [eps, -a_y^T deps/dy, -a_y^T deps/dc, -a_y^T deps/dtheta],
-        a_y(rho_min) = dL/dy = alpha(t_min) dL/dx_0,  a_c = a_theta = 0 there,
+        d/dv [s, a_s, a_c, a_theta] = [F, -a_s^T dF/ds, -a_s^T dF/dc, -a_s^T dF/dtheta],
+        a_s = dL/ds at the data end (alpha(t_min) dL/dx_0 for y), a_c = a_theta = 0 there,
 
-    with y itself re-integrated backward (non-stiff in rho, so no checkpoints are needed) and one
-    vector-Jacobian product of eps_theta per stage. ``solver``: "euler" (in rho: DPM-Solver-1's
-    step, the exponential integrator of the original ODE, applied to both passes) or "rk4".
-    ``loss_grad(x_0) -> (L, dL/dx_0)``. Returns (x_0, L, dL/dx_T, dL/dc, {name: dL/dparam})."""
+    with s itself re-integrated backward (nothing is stored per step) and one vector-Jacobian product
+    of F per stage. ``solver``: "euler" or "rk4" in v, for both passes (Euler in rho is
+    DPM-Solver-1's step, the exponential integrator of the original ODE). ``loss_grad(x_0) -> (L,
+    dL/dx_0)``. Returns (x_0, L, dL/dx_T, dL/dc, {name: dL/dparam})."""
     if solver not in ("euler", "rk4"):
         raise SubstrateValueError(f"adjoint solver={solver!r}; allowed: 'euler', 'rk4'")
+    if ode not in ODES:
+        raise SubstrateValueError(f"ode={ode!r}; allowed: {ODES}")
     times = torch.as_tensor(times, dtype=torch.float64)
     with torch.no_grad():
-        x_0 = sample(model, schedule, x_T, c, times, "reparameterised", solver)
+        x_0 = sample(model, schedule, x_T, c, times, ode, solver)
     L, g = loss_grad(x_0)
     g = torch.as_tensor(g, dtype=x_0.dtype)
     names, params = zip(*model.named_parameters())
     c = c.detach()
 
-    def augmented(rho, state):
-        y, a = state[0], state[1]
+    def augmented(v, state):
+        s, a = state[0], state[1]
         with torch.enable_grad():
-            y_ = y.detach().requires_grad_(True)
+            s_ = s.detach().requires_grad_(True)
             c_ = c.clone().requires_grad_(True)
-            t = schedule.t_of_rho(rho)
-            eps = model(schedule.alpha(t) * y_, t, c_)
-            vjp = torch.autograd.grad(eps, (y_, c_) + params, grad_outputs=a, allow_unused=True)
-        return [eps.detach()] + [-(v if v is not None else torch.zeros_like(p)) for v, p in
-                                 zip(vjp, (y_, c_) + params)]
+            F = velocity(model, schedule, ode, c_)(v, s_)
+            vjp = torch.autograd.grad(F, (s_, c_) + params, grad_outputs=a, allow_unused=True)
+        return [F.detach()] + [-(u if u is not None else torch.zeros_like(p)) for u, p in zip(vjp, (s_, c_) + params)]
 
-    rho = schedule.rho(times).flip(0)  # from rho(t_min) up to rho(1)
-    state = [x_0 / schedule.alpha(times[-1]), schedule.alpha(times[-1]) * g, torch.zeros_like(c)] + \
-        [torch.zeros_like(p) for p in params]
-    for a, b in zip(rho[:-1], rho[1:]):
-        h = b - a
+    if ode == "reparameterised":
+        v = schedule.rho(times).flip(0)  # from rho(t_min) up to rho(1)
+        a_end, scale = schedule.alpha(times[-1]), 1.0 / schedule.alpha(times[0])
+    else:
+        v, a_end, scale = times.flip(0), 1.0, 1.0
+    state = [x_0 / a_end, a_end * g, torch.zeros_like(c)] + [torch.zeros_like(p) for p in params]
+    for lo, hi in zip(v[:-1], v[1:]):
+        h = hi - lo
 
-        def axpy(k, s):
-            return [u + s * v for u, v in zip(state, k)]
+        def axpy(k, w):
+            return [u + w * d for u, d in zip(state, k)]
 
         if solver == "euler":
-            k1 = augmented(a, state)
-            state = axpy(k1, h)
+            state = axpy(augmented(lo, state), h)
         else:
-            k1 = augmented(a, state)
-            k2 = augmented(a + h / 2, axpy(k1, h / 2))
-            k3 = augmented(a + h / 2, axpy(k2, h / 2))
-            k4 = augmented(b, axpy(k3, h))
-            state = [u + h / 6 * (p + 2 * q + 2 * r + s) for u, p, q, r, s in zip(state, k1, k2, k3, k4)]
-    alpha_T = schedule.alpha(times[0])
-    return x_0, L, state[1] / alpha_T, state[2], dict(zip(names, state[3:]))
+            k1 = augmented(lo, state)
+            k2 = augmented(lo + h / 2, axpy(k1, h / 2))
+            k3 = augmented(lo + h / 2, axpy(k2, h / 2))
+            k4 = augmented(hi, axpy(k3, h))
+            state = [u + h / 6 * (p + 2 * q + 2 * r + w) for u, p, q, r, w in zip(state, k1, k2, k3, k4)]
+    return x_0, L, state[1] * scale, state[2], dict(zip(names, state[3:]))
