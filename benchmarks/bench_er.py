@@ -33,7 +33,7 @@ def torch_er(net, x, window, iterations, lr, seed):
     gen = torch.Generator().manual_seed(seed)
     h = [torch.zeros(1, lay.units, dtype=torch.float64) for lay in net.layers]
     d = [torch.zeros(1, lay.units, dtype=torch.float64) for lay in net.layers]
-    first = True
+    first, h_after, d_after = True, None, None  # the state after the first step of the last pass
     A = {f"l{i}.{k}": torch.zeros(1, 0, lay.latents, dtype=torch.float64) for i, lay in enumerate(net.layers)
          for k in ("mu", "sig")}
     for t in range(len(x)):

@@ -651,6 +651,7 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
         window_step, read = _CompiledWindow(model, er.meta_prior), model.nominal
     else:
         window_step, read = _window_step, (circuit.read if circuit is not None else model.nominal)
+    step = None  # the last window step's results
     for t in range(T):
         if A["l0.mu"].shape[1] == er.window:  # slide: the state after the first step of the last pass
             start = step["after_first"]

@@ -273,7 +273,7 @@ def plot_devices(archive_path: str):
             grid[0][c].set_title(effect)
     grid[0][0].set_ylabel("final test accuracy (%)")
     grid[1][0].set_ylabel("final cos(rule's gradient, nominal implicit)")
-    handles, labels = {}, {}
+    handles = {}
     for ax in grid[0]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
