@@ -241,13 +241,16 @@ def adjoint(model, schedule: VPSchedule, x_T, c, times, loss_grad, solver: str =
         a_s = dL/ds at the data end (alpha(t_min) dL/dx_0 for y), a_c = a_theta = 0 there,
 
     with s itself re-integrated backward (nothing is stored per step) and one vector-Jacobian product
-    of F per stage. ``solver``: "euler" or "rk4" in v, for both passes (Euler in rho is
-    DPM-Solver-1's step, the exponential integrator of the original ODE). ``loss_grad(x_0) -> (L,
-    dL/dx_0)``. Returns (x_0, L, dL/dx_T, dL/dc, {name: dL/dparam})."""
-    if solver not in ("euler", "rk4"):
-        raise SubstrateValueError(f"adjoint solver={solver!r}; allowed: 'euler', 'rk4'")
+    of F per stage. ``solver``: "euler" or "rk4" in v, for both passes, or, for the reparameterised
+    ODE, "dpm1"/"dpm2": the exponential integrators of DPM-Solver, i.e. Euler in rho and the two-stage
+    step whose second stage sits at the midpoint in lambda (rho_mid = sqrt(rho_i rho_{i+1})), applied
+    to the augmented system as well (the adjoint steps of AdjointDEIS, first and second order).
+    ``loss_grad(x_0) -> (L, dL/dx_0)``. Returns (x_0, L, dL/dx_T, dL/dc, {name: dL/dparam})."""
     if ode not in ODES:
         raise SubstrateValueError(f"ode={ode!r}; allowed: {ODES}")
+    allowed = ("euler", "rk4") + (("dpm1", "dpm2") if ode == "reparameterised" else ())
+    if solver not in allowed:
+        raise SubstrateValueError(f"adjoint solver={solver!r}; allowed for the {ode} ODE: {allowed}")
     times = torch.as_tensor(times, dtype=torch.float64)
     with torch.no_grad():
         x_0 = sample(model, schedule, x_T, c, times, ode, solver)
@@ -277,8 +280,12 @@ def adjoint(model, schedule: VPSchedule, x_T, c, times, loss_grad, solver: str =
         def axpy(k, w):
             return [u + w * d for u, d in zip(state, k)]
 
-        if solver == "euler":
+        if solver in ("euler", "dpm1"):
             state = axpy(augmented(lo, state), h)
+        elif solver == "dpm2":
+            mid = torch.sqrt(lo * hi)
+            k1 = augmented(lo, state)
+            state = axpy(augmented(mid, axpy(k1, mid - lo)), h)
         else:
             k1 = augmented(lo, state)
             k2 = augmented(lo + h / 2, axpy(k1, h / 2))
