@@ -104,6 +104,8 @@ def test_bad_input():
         dpm.grid(S, 4, "cosine")
     with pytest.raises(SubstrateValueError, match="t_min"):
         dpm.VPSchedule(t_min=0.0)
+    with pytest.raises(SubstrateValueError, match="adjoint solver='dpm2'; allowed for the original ODE"):
+        dpm.adjoint(model, S, x, c, dpm.grid(S, 4), loss_grad, "dpm2", "original")
 
 
 def test_training_on_eight_gaussians_samples_the_asked_mode():
