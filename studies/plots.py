@@ -408,11 +408,11 @@ def plot_pvrnn_er(archive_path: str):
         label = f"{other} {label}" if other else "median"
         pos = np.arange(len(credits)) + (g - (len(groups) - 1) / 2) * width
         for ax, name in ((ax_err, "credit_error"), (ax_cos, "credit_gradient_cosine"),
-                         (ax_time, "credit_seconds_per_step")):
+                         (ax_time, "credit_step_seconds")):
             ax.bar(pos, _median(one[name], ["credit"]).values, width, color=color, alpha=0.6, label=label)
             pts = one[name].transpose("credit", ...).values.reshape(len(credits), -1)
             ax.plot(np.repeat(pos, pts.shape[1]), pts.ravel(), "k.", ms=3)
-        ax_time.axhline(float(_median(one["compiled_seconds_per_step"], []).values), color=color, ls="--",
+        ax_time.axhline(float(_median(one["compiled_step_seconds"], []).values), color=color, ls="--",
                         label=f"compiled exact step ({label})")
         ax_err.axhline(float(_median(one["open_loop_error"], []).values), color=color, ls=":",
                        label=f"open loop, no inference ({label})")

@@ -760,12 +760,12 @@ def run_pvrnn_er(config: dict, seed: int) -> Result:
     open_loop = model.generate(len(test), test.shape[1], None)
     arrays = _history_arrays(hist)
     arrays.update({"credit_error": (("credit",), np.array([v[0] for v in credit])),
-                   "credit_seconds_per_step": (("credit",), np.array([v[1] for v in credit])),
+                   "credit_step_seconds": (("credit",), np.array([v[1] for v in credit])),
                    "credit_gradient_cosine": (("credit",), cosines),
                    "read_noise_error": (("read_noise",), np.array([v[0] for v in read])),
                    "tau_mismatch_error": (("tau_mismatch",), np.array([v[0] for v in tau]))})
     return Result(arrays=arrays,
-                  scalars={"compiled_error": compiled_error, "compiled_seconds_per_step": compiled_seconds,
+                  scalars={"compiled_error": compiled_error, "compiled_step_seconds": compiled_seconds,
                            "open_loop_error": float(np.mean(np.sum((open_loop - test) ** 2, axis=-1))),
                            "final_free_energy": float(hist["free_energy"][-1])},
                   coords={**_history_coords(hist), "credit": list(config["credit"]),
