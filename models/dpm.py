@@ -293,3 +293,20 @@ def adjoint(model, schedule: VPSchedule, x_T, c, times, loss_grad, solver: str =
             k4 = augmented(hi, axpy(k3, h))
             state = [u + h / 6 * (p + 2 * q + 2 * r + w) for u, p, q, r, w in zip(state, k1, k2, k3, k4)]
     return x_0, L, state[1] * scale, state[2], dict(zip(names, state[3:]))
+
+
+def guide_noise(model, schedule: VPSchedule, x_T, c, times, loss_grad, *, steps: int, lr: float = 0.05,
+                solver: str = "dpm2"):
+    """Optimise the initial noise so that the samples lower a loss (e.g. a fixed classifier's
+    cross-entropy to a target class, the security-auditing use of AdjointDPM): ``steps`` Adam steps
+    on x_T with dL/dx_T from :func:`adjoint` of the reparameterised ODE. Returns (x_T, the loss at
+    every step, the samples of the last x_T)."""
+    x_T = torch.as_tensor(x_T, dtype=torch.float64).clone()
+    opt = torch.optim.Adam([x_T], lr=lr)
+    losses = np.empty(steps)
+    for k in range(steps):
+        _, losses[k], dx_T, _, _ = adjoint(model, schedule, x_T, c, times, loss_grad, solver)
+        x_T.grad = dx_T
+        opt.step()
+    with torch.no_grad():
+        return x_T, losses, sample(model, schedule, x_T, c, times, "reparameterised", solver)
