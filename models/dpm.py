@@ -295,18 +295,31 @@ def adjoint(model, schedule: VPSchedule, x_T, c, times, loss_grad, solver: str =
     return x_0, L, state[1] * scale, state[2], dict(zip(names, state[3:]))
 
 
-def guide_noise(model, schedule: VPSchedule, x_T, c, times, loss_grad, *, steps: int, lr: float = 0.05,
-                solver: str = "dpm2"):
-    """Optimise the initial noise so that the samples lower a loss (e.g. a fixed classifier's
-    cross-entropy to a target class, the security-auditing use of AdjointDPM): ``steps`` Adam steps
-    on x_T with dL/dx_T from :func:`adjoint` of the reparameterised ODE. Returns (x_T, the loss at
-    every step, the samples of the last x_T)."""
+def customise(model, schedule: VPSchedule, x_T, c, times, loss_grad, *, what: str, steps: int, lr: float = 0.05,
+              solver: str = "dpm2", generator: torch.Generator | None = None):
+    """AdjointDPM's customisations: ``steps`` Adam steps on ``what`` so that the samples lower a
+    loss, each gradient from :func:`adjoint` of the reparameterised ODE: "noise" (the initial noise
+    x_T, e.g. against a fixed classifier: the security-auditing use), "conditioning" (the embedding
+    c, a learned style) or "weights" (the network's weights, in place: fine-tuning). With a
+    ``generator``, fresh initial noise of x_T's shape every step (for "conditioning"/"weights": the
+    customisation then holds for new samples). Returns (x_T, c, the loss at every step, the samples
+    of the last x_T and c)."""
+    if what not in ("noise", "conditioning", "weights"):
+        raise SubstrateValueError(f"what={what!r}; allowed: 'noise', 'conditioning', 'weights'")
+    if what == "noise" and generator is not None:
+        raise SubstrateValueError("what='noise' optimises one x_T: no fresh noise (generator=None)")
     x_T = torch.as_tensor(x_T, dtype=torch.float64).clone()
-    opt = torch.optim.Adam([x_T], lr=lr)
+    c = c.detach().clone()
+    names, params = zip(*model.named_parameters())
+    target = {"noise": [x_T], "conditioning": [c], "weights": list(params)}[what]
+    opt = torch.optim.Adam(target, lr=lr)
     losses = np.empty(steps)
     for k in range(steps):
-        _, losses[k], dx_T, _, _ = adjoint(model, schedule, x_T, c, times, loss_grad, solver)
-        x_T.grad = dx_T
+        if generator is not None:
+            x_T = torch.randn(x_T.shape, dtype=torch.float64, generator=generator)
+        _, losses[k], dx_T, dc, dtheta = adjoint(model, schedule, x_T, c, times, loss_grad, solver)
+        for p, g in zip(target, {"noise": [dx_T], "conditioning": [dc], "weights": [dtheta[n] for n in names]}[what]):
+            p.grad = g
         opt.step()
     with torch.no_grad():
-        return x_T, losses, sample(model, schedule, x_T, c, times, "reparameterised", solver)
+        return x_T, c, losses, sample(model, schedule, x_T, c, times, "reparameterised", solver)

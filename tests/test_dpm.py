@@ -159,7 +159,7 @@ def test_guiding_the_initial_noise_towards_a_classifiers_target(toy):
     with torch.no_grad():
         before = dpm.sample(model, S, x_T, c, times, solver="dpm2")
     label = lambda x: torch.argmin(((x[:, None] - C[None]) ** 2).sum(-1), 1)  # noqa: E731
-    _, losses, after = dpm.guide_noise(model, S, x_T, c, times, cross_entropy, steps=40, lr=0.2)
+    _, _, losses, after = dpm.customise(model, S, x_T, c, times, cross_entropy, what="noise", steps=40, lr=0.2)
     share_before, share_after = float((label(before) == 5).double().mean()), float((label(after) == 5).double().mean())
     assert share_before < 0.25 and share_after >= 0.9, (share_before, share_after)
     assert losses[-1] < 0.1 * losses[0]
@@ -238,3 +238,36 @@ def test_continuous_adjoint_against_torchdiffeq_odeint_adjoint():
     for k, p in model.named_parameters():
         if k != "table.weight":  # c is given directly: no gradient reaches the table
             assert rel(gp[k], p.grad) <= 1e-8, k
+
+
+def test_learning_a_conditioning_and_fine_tuning_the_weights(toy):
+    """The other two customisations, with fresh noise every step so that they hold for new samples:
+    from the unconditional embedding, a learned c (20 Adam steps at 0.1) and, separately, fine-tuned
+    weights (20 steps at 1e-3, on a copy) bring new samples towards the point (0, -2) (mode 6): their
+    mean squared distance falls below half that of the untouched model's samples (measured 7.8 ->
+    0.11 and 0.13)."""
+    import copy
+
+    model, _, g = toy
+    target = torch.tensor([0.0, -2.0], dtype=torch.float64)
+
+    def distance(x0):
+        x0 = x0.detach().requires_grad_(True)
+        L = ((x0 - target) ** 2).sum(-1).mean()
+        return float(L.detach()), torch.autograd.grad(L, x0)[0]
+
+    def new_samples(net, c):
+        with torch.no_grad():
+            x0 = dpm.sample(net, S, torch.randn(256, 2, dtype=torch.float64, generator=g), c, times, solver="dpm2")
+        return float(((x0 - target) ** 2).sum(-1).mean())
+
+    times = dpm.grid(S, 15)
+    c0 = model.embedding(model.classes).detach()
+    baseline = new_samples(model, c0)
+    for what, lr, net in (("conditioning", 0.1, model), ("weights", 1e-3, copy.deepcopy(model))):
+        x_T = torch.randn(64, 2, dtype=torch.float64, generator=g)
+        _, c, losses, _ = dpm.customise(net, S, x_T, c0, times, distance, what=what, steps=20, lr=lr, generator=g)
+        after = new_samples(net, c)
+        assert after < 0.5 * baseline, (what, baseline, after)
+    with pytest.raises(SubstrateValueError, match="what="):
+        dpm.customise(model, S, x_T, c0, times, distance, what="schedule", steps=1)
