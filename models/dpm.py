@@ -21,8 +21,15 @@ with the exponential integrators of DPM-Solver (Lu et al. 2022), exact in the li
     dpm2   u = (alpha_s/alpha_i) x_i - sigma_s (e^{h/2} - 1) eps(x_i, t_i),  s = t(lambda_i + h/2),
            x_{i+1} = (alpha_{i+1}/alpha_i) x_i - sigma_{i+1} (e^h - 1) eps(u, s)
 
-(dpm1 is Euler in rho: y_{i+1} = y_i + (rho_{i+1} - rho_i) eps_i). Everything is torch, float64 by
-default, so that gradients through the samples come from autograd or from an adjoint.
+(dpm1 is Euler in rho: y_{i+1} = y_i + (rho_{i+1} - rho_i) eps_i), and their multistep relatives
+``ms2``/``ms3`` (exponential Adams-Bashforth, DEIS-style: one network evaluation a step), which
+integrate exactly, in lambda, the polynomial through the last k evaluations of eps:
+
+    y_{i+1} = y_i + sum_j w_ij eps_{i-j},   w_ij = int_{lambda_i}^{lambda_{i+1}} l_j(lambda) (d rho/d lambda) d lambda,
+
+l_j the Lagrange basis on lambda_i, lambda_{i-1}, ... (order k from the k-th step on; lower before).
+Everything is torch, float64 by default, so that gradients through the samples come from autograd
+or from an adjoint.
 """
 
 from __future__ import annotations
@@ -36,9 +43,10 @@ from torch import nn
 
 from substrate.errors import SubstrateValueError
 
-ODES = ("original", "reparameterised")
-SOLVERS = ("euler", "rk4", "dpm1", "dpm2")
-GRIDS = ("uniform_t", "logsnr")
+ODES = ("original", "reparameterised", "gaussian")
+SOLVERS = ("euler", "midpoint", "rk4", "ms2", "ms3", "dpm1", "dpm2")
+GRIDS = ("uniform_t", "logsnr", "karras")
+MODEL_VERSION = 2  # bumped when a change to NoisePredictor or train invalidates trained models (studies cache them)
 
 
 @dataclass(frozen=True)
@@ -87,8 +95,16 @@ class VPSchedule:
         return self.t_of_lam(-torch.log(torch.as_tensor(rho, dtype=torch.float64)))
 
 
+def evaluations(solver: str, steps: int) -> int:
+    """Network evaluations of ``steps`` steps of ``solver`` (the multistep ones spend one more on
+    their first step)."""
+    return {"euler": 1, "midpoint": 2, "rk4": 4, "ms2": 1, "ms3": 1, "dpm1": 1, "dpm2": 2}[solver] * steps \
+        + solver.startswith("ms")
+
+
 def grid(schedule: VPSchedule, steps: int, kind: str = "logsnr") -> torch.Tensor:
-    """steps + 1 times from 1 down to t_min, uniform in t (``uniform_t``) or in lambda (``logsnr``)."""
+    """steps + 1 times from 1 down to t_min, uniform in t (``uniform_t``), in lambda (``logsnr``), or
+    in rho^(1/7) (``karras``: the grid of Karras et al. 2022, EDM, whose sigma is our rho)."""
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise SubstrateValueError(f"steps={steps!r} must be a positive integer")
     if kind == "uniform_t":
@@ -96,25 +112,33 @@ def grid(schedule: VPSchedule, steps: int, kind: str = "logsnr") -> torch.Tensor
     if kind == "logsnr":
         lam = torch.linspace(float(schedule.lam(1.0)), float(schedule.lam(schedule.t_min)), steps + 1,
                              dtype=torch.float64)
-        t = schedule.t_of_lam(lam)
-        t[0], t[-1] = 1.0, schedule.t_min  # the ends exactly
-        return t
-    raise SubstrateValueError(f"grid kind={kind!r}; allowed: {GRIDS}")
+    elif kind == "karras":
+        a, b = (float(schedule.rho(v)) ** (1 / 7) for v in (1.0, schedule.t_min))
+        lam = -7.0 * torch.log(torch.linspace(a, b, steps + 1, dtype=torch.float64))
+    else:
+        raise SubstrateValueError(f"grid kind={kind!r}; allowed: {GRIDS}")
+    t = schedule.t_of_lam(lam)
+    t[0], t[-1] = 1.0, schedule.t_min  # the ends exactly
+    return t
 
 
 class NoisePredictor(nn.Module):
     """eps_theta(x, t, c): an MLP of ``depth`` hidden SiLU layers of ``hidden`` units on [x, time
-    features, c]; time features t and sin/cos(pi k t), k = 1..``frequencies``; c a class embedding
-    of ``embed`` numbers (``embedding(labels)``; label ``classes`` is the unconditional one, used by
-    classifier-free training)."""
+    features, c]; time features u and sin/cos(pi k u), k = 1..``frequencies``, of the log-SNR
+    rescaled to [0, 1], u = (lambda_t - lambda_1) / (lambda_{t_min} - lambda_1) (features of t itself
+    cannot resolve t < 0.05, where sigma goes from 0.1 to 0.01 and the samples take their final
+    shape); c a class embedding of ``embed`` numbers (``embedding(labels)``; label ``classes`` is
+    the unconditional one, used by classifier-free training)."""
 
     def __init__(self, dim: int, classes: int = 1, hidden: int = 64, depth: int = 2, embed: int = 8,
-                 frequencies: int = 4, generator: torch.Generator | None = None):
+                 frequencies: int = 4, generator: torch.Generator | None = None,
+                 schedule: VPSchedule = VPSchedule()):
         super().__init__()
         for name, v in (("dim", dim), ("classes", classes), ("hidden", hidden), ("depth", depth), ("embed", embed)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise SubstrateValueError(f"NoisePredictor.{name}={v!r} must be a positive integer")
-        self.dim, self.classes, self.frequencies = dim, classes, frequencies
+        self.dim, self.classes, self.frequencies, self.schedule = dim, classes, frequencies, schedule
+        self._lam_range = float(schedule.lam(1.0)), float(schedule.lam(schedule.t_min))
         self.table = nn.Embedding(classes + 1, embed, dtype=torch.float64)
         sizes = [dim + 1 + 2 * frequencies + embed] + [hidden] * depth
         layers = []
@@ -122,6 +146,11 @@ class NoisePredictor(nn.Module):
             layers += [nn.Linear(a, b, dtype=torch.float64), nn.SiLU()]
         layers.append(nn.Linear(sizes[-1], dim, dtype=torch.float64))
         self.net = nn.Sequential(*layers)
+        # the data's Gaussian fit (mean, covariance = axes diag(variances) axes^T), set by train:
+        # the Gaussian form of the flow is written relative to it
+        self.register_buffer("data_mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("data_variances", torch.ones(dim, dtype=torch.float64))
+        self.register_buffer("data_axes", torch.eye(dim, dtype=torch.float64))
         if generator is not None:  # reproducible initialisation, apart from torch's global generator
             with torch.no_grad():
                 for p in self.parameters():
@@ -134,8 +163,10 @@ class NoisePredictor(nn.Module):
     def forward(self, x, t, c):
         """x (B, dim); t a number or (B, 1); c (embed,) or (B, embed)."""
         t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1).expand(x.shape[0], 1)
+        lo, hi = self._lam_range
+        u = (self.schedule.lam(t) - lo) / (hi - lo)
         k = math.pi * torch.arange(1, self.frequencies + 1, dtype=x.dtype)
-        features = [x, t, torch.sin(k * t), torch.cos(k * t), c.expand(x.shape[0], -1)]
+        features = [x, u, torch.sin(k * u), torch.cos(k * u), c.expand(x.shape[0], -1)]
         return self.net(torch.cat(features, dim=-1))
 
 
@@ -143,13 +174,19 @@ def train(model: NoisePredictor, schedule: VPSchedule, x, labels=None, *, steps:
           lr: float = 2e-3, uncond: float = 0.1, generator: torch.Generator, progress: bool = True):
     """Denoising score matching: minimise E ||eps - eps_theta(alpha_t x_0 + sigma_t eps, t, c)||^2 over
     t ~ U[t_min, 1], data x_0 and eps ~ N(0, I), with c the embedding of the label, replaced by the
-    unconditional one with probability ``uncond``; Adam, ``steps`` minibatches. Returns the losses."""
+    unconditional one with probability ``uncond``; Adam, ``steps`` minibatches. Also records the
+    data's mean and covariance in the model (for the ``gaussian`` form). Returns the losses."""
     from tqdm.auto import tqdm
 
     x = torch.as_tensor(x, dtype=torch.float64)
     labels = torch.zeros(len(x), dtype=torch.long) if labels is None else torch.as_tensor(labels, dtype=torch.long)
     if len(labels) != len(x):
         raise SubstrateValueError(f"labels has {len(labels)} entries for {len(x)} samples")
+    with torch.no_grad():
+        variances, axes = torch.linalg.eigh(torch.cov(x.T).reshape(x.shape[1], x.shape[1]))
+        model.data_mean.copy_(x.mean(0))
+        model.data_variances.copy_(variances.clamp(min=0.0))
+        model.data_axes.copy_(axes)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = np.empty(steps)
     for k in tqdm(range(steps), desc="DSM", disable=not progress):
@@ -168,48 +205,154 @@ def train(model: NoisePredictor, schedule: VPSchedule, x, labels=None, *, steps:
 
 
 # ------------------------------------------------------------------------------------ sampling
-def velocity(model, schedule: VPSchedule, ode: str, c):
-    """The right-hand side of the ODE ``ode`` in its own variable s (t, or rho for the
-    reparameterised one) and the state it moves (x, or y = x / alpha): f(s, state)."""
-    if ode == "original":
-        def f(t, x):
-            b = schedule.beta(t)
-            return -0.5 * b * x + b / (2.0 * schedule.sigma(t)) * model(x, t, c)
-    elif ode == "reparameterised":
-        def f(rho, y):
-            t = schedule.t_of_rho(rho)
-            return model(schedule.alpha(t) * y, t, c)
-    else:
+class Frame:
+    """One form of the probability-flow ODE, ds/dv = F(v, s, c): the independent variable v (a
+    monotone function of t, and of lambda) and the state s (an affine function of x). Sampling and
+    the adjoint are written once on this interface; each form is a small subclass."""
+
+    def __init__(self, model, schedule: VPSchedule):
+        self.model, self.schedule = model, schedule
+
+    def v_of_t(self, t):
+        raise NotImplementedError
+
+    def v_of_lam(self, lam):
+        raise NotImplementedError
+
+    def dv_dlam(self, lam):
+        raise NotImplementedError
+
+    def state(self, x, t):
+        raise NotImplementedError
+
+    def x(self, s, t):
+        raise NotImplementedError
+
+    def velocity(self, v, s, c):
+        raise NotImplementedError
+
+
+class Original(Frame):
+    """dx/dt = f(t) x + g(t)^2 / (2 sigma_t) eps_theta(x, t, c), f = -beta/2, g^2 = beta: v = t, s = x."""
+
+    def v_of_t(self, t):
+        return t
+
+    def v_of_lam(self, lam):
+        return self.schedule.t_of_lam(lam)
+
+    def dv_dlam(self, lam):  # d lambda / dt = -beta / (2 sigma^2)
+        t = self.schedule.t_of_lam(lam)
+        return -2.0 * self.schedule.sigma(t) ** 2 / self.schedule.beta(t)
+
+    def state(self, x, t):
+        return x
+
+    def x(self, s, t):
+        return s
+
+    def velocity(self, t, x, c):
+        b = self.schedule.beta(t)
+        return -0.5 * b * x + b / (2.0 * self.schedule.sigma(t)) * self.model(x, t, c)
+
+
+class Reparameterised(Frame):
+    """AdjointDPM's form: y = x / alpha, rho = sigma / alpha = e^{-lambda}, dy/drho = eps_theta(alpha y, t(rho), c)."""
+
+    def v_of_t(self, t):
+        return self.schedule.rho(t)
+
+    def v_of_lam(self, lam):
+        return torch.exp(-torch.as_tensor(lam, dtype=torch.float64))
+
+    def dv_dlam(self, lam):
+        return -self.v_of_lam(lam)
+
+    def state(self, x, t):
+        return x / self.schedule.alpha(t)
+
+    def x(self, s, t):
+        return self.schedule.alpha(t) * s
+
+    def velocity(self, rho, y, c):
+        t = self.schedule.t_of_rho(rho)
+        return self.model(self.schedule.alpha(t) * y, t, c)
+
+
+class Gaussian(Frame):
+    """The flow relative to the one the data's Gaussian fit would follow (substrate's own form; not
+    in the papers). For data N(mu, Q diag(s) Q^T) the noise predictor is eps_G = sigma (alpha^2 Sigma +
+    sigma^2)^{-1} (x - alpha mu), and the flow dx/dlambda = sigma^2 x - sigma eps is solved exactly by
+    z = Q^T (x - alpha mu) = Phi(lambda) w with Phi_k = sqrt(alpha^2 s_k + sigma^2), w constant. So with
+    v = lambda and s = w = Phi^{-1} Q^T (x - alpha mu),
+
+        dw/dlambda = -sigma Phi^{-1} (Q^T eps_theta(x, t, c) - sigma Phi^{-1} w),   x = alpha mu + Q Phi w,
+
+    whose right-hand side is the network's departure from the Gaussian fit: zero for Gaussian
+    data, whatever the step. (For standard-normal data, w = x and this is the original ODE in lambda;
+    DPM-Solver's split, the reparameterised form, is exact for data concentrated at 0 instead.)
+    mu, s, Q: the model's ``data_mean``, ``data_variances``, ``data_axes`` (set by :func:`train`)."""
+
+    def _phi(self, t):
+        m = self.model
+        return torch.sqrt(self.schedule.alpha(t) ** 2 * m.data_variances + self.schedule.sigma(t) ** 2)
+
+    def v_of_t(self, t):
+        return self.schedule.lam(t)
+
+    def v_of_lam(self, lam):
+        return torch.as_tensor(lam, dtype=torch.float64)
+
+    def dv_dlam(self, lam):
+        return torch.ones_like(torch.as_tensor(lam, dtype=torch.float64))
+
+    def state(self, x, t):
+        m = self.model
+        return (x - self.schedule.alpha(t) * m.data_mean) @ m.data_axes / self._phi(t)
+
+    def x(self, s, t):
+        m = self.model
+        return self.schedule.alpha(t) * m.data_mean + (self._phi(t) * s) @ m.data_axes.T
+
+    def velocity(self, lam, w, c):
+        t = self.schedule.t_of_lam(lam)
+        sigma, phi = self.schedule.sigma(t), self._phi(t)
+        eps = self.model(self.x(w, t), t, c)
+        return -sigma / phi * (eps @ self.model.data_axes - sigma / phi * w)
+
+
+FRAMES = {"original": Original, "reparameterised": Reparameterised, "gaussian": Gaussian}
+
+
+def _frame(model, schedule, ode, solver):
+    if ode not in FRAMES:
         raise SubstrateValueError(f"ode={ode!r}; allowed: {ODES}")
-    return f
+    return FRAMES["reparameterised" if solver in ("dpm1", "dpm2") else ode](model, schedule)
 
 
-def sample(model, schedule: VPSchedule, x_T, c, times, ode: str = "reparameterised", solver: str = "rk4"):
-    """x at t_min from x_T at times[0] = 1 along ``times`` (decreasing, e.g. :func:`grid`): ``euler``
-    or ``rk4`` steps of ``ode`` in its own variable (t; or rho, with y = x / alpha), or the
-    exponential integrators ``dpm1``/``dpm2`` (the original ODE, exact in its linear part; ``ode``
-    is then irrelevant). Differentiable by torch autograd (the discrete adjoint's reference)."""
+def _check(solver, times):
     if solver not in SOLVERS:
         raise SubstrateValueError(f"solver={solver!r}; allowed: {SOLVERS}")
     times = torch.as_tensor(times, dtype=torch.float64)
     if times.ndim != 1 or len(times) < 2 or not bool(torch.all(times[1:] < times[:-1])):
         raise SubstrateValueError("times: a decreasing 1-D sequence of at least two times (from 1 to t_min)")
+    return times
+
+
+def sample(model, schedule: VPSchedule, x_T, c, times, ode: str = "reparameterised", solver: str = "rk4"):
+    """x at t_min from x_T at times[0] = 1 along ``times`` (decreasing, e.g. :func:`grid`), by
+    ``solver`` steps of the form ``ode`` of the flow (:data:`FRAMES`) in its own variable:
+    ``euler``, ``midpoint`` (second stage at the lambda midpoint), ``rk4``, or the multistep
+    ``ms2``/``ms3``. ``dpm1``/``dpm2`` are DPM-Solver-1/2 (the exponential integrators of the
+    original ODE, = ``euler``/``midpoint`` of the reparameterised one; ``ode`` is then irrelevant),
+    computed here in their published form. Differentiable by torch autograd (the discrete adjoint)."""
+    times = _check(solver, times)
+    frame = _frame(model, schedule, ode, solver)
     if solver in ("dpm1", "dpm2"):
         return _dpm_solver(model, schedule, x_T, c, times, solver)
-    f = velocity(model, schedule, ode, c)
-    s = times if ode == "original" else schedule.rho(times)
-    state = x_T if ode == "original" else x_T / schedule.alpha(times[0])
-    for a, b in zip(s[:-1], s[1:]):
-        h = b - a
-        if solver == "euler":
-            state = state + h * f(a, state)
-        else:
-            k1 = f(a, state)
-            k2 = f(a + h / 2, state + h / 2 * k1)
-            k3 = f(a + h / 2, state + h / 2 * k2)
-            k4 = f(b, state + h * k3)
-            state = state + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return state if ode == "original" else schedule.alpha(times[-1]) * state
+    s, = _integrate(frame, times, lambda v, state: [frame.velocity(v, state[0], c)],
+                    [frame.state(x_T, times[0])], solver)
+    return frame.x(s, times[-1])
 
 
 def _dpm_solver(model, schedule, x, c, times, solver):
@@ -227,36 +370,107 @@ def _dpm_solver(model, schedule, x, c, times, solver):
     return x
 
 
+def _integrate(frame: Frame, times, field, state, solver):
+    """``state`` (a list of tensors) carried along ``times`` (either way) by ds/dv = field(v, s)."""
+    lam = frame.schedule.lam(times)
+    v = frame.v_of_t(times)
+    if solver in ("ms2", "ms3"):
+        return _adams(frame, lam, v, field, state, int(solver[-1]))
+    mids = frame.v_of_lam((lam[:-1] + lam[1:]) / 2)
+    for lo, hi, mid in zip(v[:-1], v[1:], mids):
+        h = hi - lo
+
+        def axpy(k, w):
+            return [u + w * d for u, d in zip(state, k)]
+
+        if solver in ("euler", "dpm1"):
+            state = axpy(field(lo, state), h)
+        elif solver in ("midpoint", "dpm2"):
+            state = axpy(field(mid, axpy(field(lo, state), mid - lo)), h)
+        else:
+            k1 = field(lo, state)
+            k2 = field(lo + h / 2, axpy(k1, h / 2))
+            k3 = field(lo + h / 2, axpy(k2, h / 2))
+            k4 = field(hi, axpy(k3, h))
+            state = [u + h / 6 * (p + 2 * q + 2 * r + w) for u, p, q, r, w in zip(state, k1, k2, k3, k4)]
+    return state
+
+
+_GAUSS = np.polynomial.legendre.leggauss(20)
+
+
+def _adams_weights(frame: Frame, nodes: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """w_j = int_lo^hi l_j(lambda) (dv/dlambda) d lambda, l_j the Lagrange basis on ``nodes``; hi < lo
+    as well (the adjoint runs lambda backward). 20-point Gauss-Legendre: exact for the polynomial
+    part, and for the smooth dv/dlambda (e^{-lambda} for rho: Taylor remainder below 1e-20 for
+    |hi - lo| <= 5; the whole lambda range of the VP schedule is ~10)."""
+    x, weights = _GAUSS
+    s = lo + (hi - lo) * (x + 1) / 2
+    basis = np.ones((len(nodes), len(s)))
+    for j in range(len(nodes)):
+        for m in range(len(nodes)):
+            if m != j:
+                basis[j] *= (s - nodes[m]) / (nodes[j] - nodes[m])
+    return (basis * frame.dv_dlam(torch.as_tensor(s)).numpy() * weights).sum(1) * (hi - lo) / 2
+
+
+def _adams(frame: Frame, lam, v, field, state, order):
+    """The ``order``-step Adams-Bashforth method interpolating in lambda (``ms2``/``ms3``): the last
+    ``order`` evaluations of ``field`` are the nodes of a polynomial in lambda, integrated exactly
+    against dv/dlambda (for the reparameterised form: the exponential Adams method of DEIS). One
+    evaluation a step; the first step spends a second one at its lambda midpoint (after an Euler
+    predictor), so that no step has a local error above O(h^{order+1}): a first-order start would
+    cap the global order at 2."""
+    lam_np = lam.detach().numpy()
+    nodes, values = [], []
+
+    def advance(lo, hi, state):
+        w = _adams_weights(frame, np.array(nodes), lo, hi)
+        return [u + sum(float(wj) * k[n] for wj, k in zip(w, values)) for n, u in enumerate(state)]
+
+    for i in range(len(lam) - 1):
+        nodes, values = [lam_np[i]] + nodes[:order - 1], [field(v[i], state)] + values[:order - 1]
+        if i == 0:
+            mid = (lam_np[0] + lam_np[1]) / 2
+            predictor = advance(lam_np[0], mid, state)
+            nodes, values = [mid] + nodes, [field(frame.v_of_lam(mid), predictor)] + values
+        state = advance(lam_np[i], lam_np[i + 1], state)
+    return state
+
+
 # ------------------------------------------------------------------------------------ adjoint
+def _vjp(f, at, cotangent):
+    with torch.enable_grad():
+        at = at.detach().requires_grad_(True)
+        return torch.autograd.grad(f(at), at, cotangent)[0]
+
+
 def adjoint(model, schedule: VPSchedule, x_T, c, times, loss_grad, solver: str = "rk4",
-            ode: str = "reparameterised"):
+            ode: str = "reparameterised", weights: bool = True):
     """The gradient of a loss L(x_0) of the sample with respect to the initial noise x_T, the
     conditioning c and the network's weights by the continuous adjoint of the probability-flow ODE
-    (AdjointDPM), memory independent of the number of steps. With the ODE ds/dv = F(v, s) in its own
-    variable (``reparameterised``: v = rho, s = y = x / alpha, F = eps_theta(alpha y, t(rho), c);
-    ``original``: v = t, s = x), the sample is integrated forward, then the augmented state backward
-    along the reversed grid,
+    (AdjointDPM), memory independent of the number of steps. With the ODE ds/dv = F(v, s, c) of the
+    form ``ode`` (:data:`FRAMES`; AdjointDPM's is ``reparameterised``: v = rho, s = y = x / alpha,
+    F = eps_theta(alpha y, t(rho), c)), the sample is integrated forward, then the augmented state
+    backward along the reversed grid,
 
         d/dv [s, a_s, a_c, a_theta] = [F, -a_s^T dF/ds, -a_s^T dF/dc, -a_s^T dF/dtheta],
-        a_s = dL/ds at the data end (alpha(t_min) dL/dx_0 for y), a_c = a_theta = 0 there,
+        a_s = (dx/ds)^T dL/dx_0 at the data end (alpha(t_min) dL/dx_0 for y), a_c = a_theta = 0 there,
 
     with s itself re-integrated backward (nothing is stored per step) and one vector-Jacobian product
-    of F per stage. ``solver``: "euler" or "rk4" in v, for both passes, or, for the reparameterised
-    ODE, "dpm1"/"dpm2": the exponential integrators of DPM-Solver, i.e. Euler in rho and the two-stage
-    step whose second stage sits at the midpoint in lambda (rho_mid = sqrt(rho_i rho_{i+1})), applied
-    to the augmented system as well (the adjoint steps of AdjointDEIS, first and second order).
-    ``loss_grad(x_0) -> (L, dL/dx_0)``. Returns (x_0, L, dL/dx_T, dL/dc, {name: dL/dparam})."""
-    if ode not in ODES:
-        raise SubstrateValueError(f"ode={ode!r}; allowed: {ODES}")
-    allowed = ("euler", "rk4") + (("dpm1", "dpm2") if ode == "reparameterised" else ())
-    if solver not in allowed:
-        raise SubstrateValueError(f"adjoint solver={solver!r}; allowed for the {ode} ODE: {allowed}")
-    times = torch.as_tensor(times, dtype=torch.float64)
+    of F per stage, by the same ``solver`` as the forward pass: ``dpm1``/``dpm2`` (DPM-Solver's
+    exponential steps: Euler in rho, and the two-stage step whose second stage sits at the lambda
+    midpoint, applied to the augmented system: the adjoint steps of AdjointDEIS, first and second
+    order), ``euler``, ``midpoint``, ``rk4`` or the multistep ``ms2``/``ms3`` in the form's variable.
+    ``loss_grad(x_0) -> (L, dL/dx_0)``. Returns (x_0, L, dL/dx_T, dL/dc, {name: dL/dparam}), the
+    last empty with ``weights=False`` (the weights' products skipped: ~2x faster for x_T and c)."""
+    times = _check(solver, times)
+    frame = _frame(model, schedule, ode, solver)
     with torch.no_grad():
         x_0 = sample(model, schedule, x_T, c, times, ode, solver)
     L, g = loss_grad(x_0)
     g = torch.as_tensor(g, dtype=x_0.dtype)
-    names, params = zip(*model.named_parameters())
+    names, params = zip(*model.named_parameters()) if weights else ((), ())
     c = c.detach()
 
     def augmented(v, state):
@@ -264,35 +478,16 @@ def adjoint(model, schedule: VPSchedule, x_T, c, times, loss_grad, solver: str =
         with torch.enable_grad():
             s_ = s.detach().requires_grad_(True)
             c_ = c.clone().requires_grad_(True)
-            F = velocity(model, schedule, ode, c_)(v, s_)
+            F = frame.velocity(v, s_, c_)
             vjp = torch.autograd.grad(F, (s_, c_) + params, grad_outputs=a, allow_unused=True)
         return [F.detach()] + [-(u if u is not None else torch.zeros_like(p)) for u, p in zip(vjp, (s_, c_) + params)]
 
-    if ode == "reparameterised":
-        v = schedule.rho(times).flip(0)  # from rho(t_min) up to rho(1)
-        a_end, scale = schedule.alpha(times[-1]), 1.0 / schedule.alpha(times[0])
-    else:
-        v, a_end, scale = times.flip(0), 1.0, 1.0
-    state = [x_0 / a_end, a_end * g, torch.zeros_like(c)] + [torch.zeros_like(p) for p in params]
-    for lo, hi in zip(v[:-1], v[1:]):
-        h = hi - lo
-
-        def axpy(k, w):
-            return [u + w * d for u, d in zip(state, k)]
-
-        if solver in ("euler", "dpm1"):
-            state = axpy(augmented(lo, state), h)
-        elif solver == "dpm2":
-            mid = torch.sqrt(lo * hi)
-            k1 = augmented(lo, state)
-            state = axpy(augmented(mid, axpy(k1, mid - lo)), h)
-        else:
-            k1 = augmented(lo, state)
-            k2 = augmented(lo + h / 2, axpy(k1, h / 2))
-            k3 = augmented(lo + h / 2, axpy(k2, h / 2))
-            k4 = augmented(hi, axpy(k3, h))
-            state = [u + h / 6 * (p + 2 * q + 2 * r + w) for u, p, q, r, w in zip(state, k1, k2, k3, k4)]
-    return x_0, L, state[1] * scale, state[2], dict(zip(names, state[3:]))
+    s_0 = frame.state(x_0, times[-1])
+    a_0 = _vjp(lambda s: frame.x(s, times[-1]), s_0, g)
+    state = [s_0, a_0, torch.zeros_like(c)] + [torch.zeros_like(p) for p in params]
+    state = _integrate(frame, times.flip(0), augmented, state, solver)
+    dx_T = _vjp(lambda x: frame.state(x, times[0]), x_T, state[1])
+    return x_0, L, dx_T, state[2], dict(zip(names, state[3:]))
 
 
 def customise(model, schedule: VPSchedule, x_T, c, times, loss_grad, *, what: str, steps: int, lr: float = 0.05,
@@ -317,8 +512,10 @@ def customise(model, schedule: VPSchedule, x_T, c, times, loss_grad, *, what: st
     for k in range(steps):
         if generator is not None:
             x_T = torch.randn(x_T.shape, dtype=torch.float64, generator=generator)
-        _, losses[k], dx_T, dc, dtheta = adjoint(model, schedule, x_T, c, times, loss_grad, solver)
-        for p, g in zip(target, {"noise": [dx_T], "conditioning": [dc], "weights": [dtheta[n] for n in names]}[what]):
+        _, losses[k], dx_T, dc, dtheta = adjoint(model, schedule, x_T, c, times, loss_grad, solver,
+                                                 weights=what == "weights")
+        grads = [dx_T] if what == "noise" else [dc] if what == "conditioning" else [dtheta[n] for n in names]
+        for p, g in zip(target, grads):
             p.grad = g
         opt.step()
     with torch.no_grad():

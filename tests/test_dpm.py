@@ -67,7 +67,7 @@ def test_both_odes_reach_the_solve_ivp_sample():
     model, x, c = small_model()
     ref = reference(model, x, c)
     with torch.no_grad():
-        for ode, tol in (("original", 3e-8), ("reparameterised", 1e-10)):  # measured 1.1e-8, 3.5e-11
+        for ode, tol in (("original", 3e-8), ("reparameterised", 1e-10), ("gaussian", 3e-8)):  # measured 1.1e-8, 3.5e-11, 1.1e-8
             out = dpm.sample(model, S, x, c, dpm.grid(S, 400), ode, "rk4")
             assert torch.max(torch.abs(out - ref)) <= tol * torch.max(torch.abs(ref)), ode
         for solver in ("euler", "dpm1", "dpm2"):  # the low-order ones converge too, more slowly
@@ -85,11 +85,51 @@ def test_dpm_solver_1_is_euler_in_rho_and_the_orders():
             assert torch.max(torch.abs(a - b)) <= 1e-12 * torch.max(torch.abs(a))
         ref = reference(model, x, c)
         for ode, solver, order in (("reparameterised", "euler", 1), ("original", "dpm2", 2),
-                                   ("reparameterised", "rk4", 4), ("original", "rk4", 4)):
+                                   ("reparameterised", "rk4", 4), ("original", "rk4", 4),
+                                   ("reparameterised", "ms2", 2), ("reparameterised", "ms3", 3),
+                                   ("gaussian", "midpoint", 2), ("gaussian", "ms3", 3)):
             errs = [float(torch.max(torch.abs(dpm.sample(model, S, x, c, dpm.grid(S, n), ode, solver) - ref)))
                     for n in (40, 80)]
             observed = np.log2(errs[0] / errs[1])
             assert abs(observed - order) < 0.35, (ode, solver, errs, observed)
+
+
+class GaussianData(torch.nn.Module):
+    """The exact noise predictor of Gaussian data N(mu, Sigma): eps = sigma (alpha^2 Sigma + sigma^2)^{-1}
+    (x - alpha mu), with the data's statistics where models.dpm.train puts them."""
+
+    def __init__(self, seed=0, dim=3):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        A = torch.randn(dim, dim, dtype=torch.float64, generator=g)
+        variances, axes = torch.linalg.eigh(A @ A.T / dim + 0.01 * torch.eye(dim, dtype=torch.float64))
+        self.register_buffer("data_mean", torch.randn(dim, dtype=torch.float64, generator=g))
+        self.register_buffer("data_variances", variances)
+        self.register_buffer("data_axes", axes)
+        self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.float64))  # d/dscale = 0 at the exact flow
+
+    def forward(self, x, t, c):
+        a, s = S.alpha(t), S.sigma(t)
+        Q, v = self.data_axes, self.data_variances
+        return self.scale * s * ((x - a * self.data_mean) @ Q / (a * a * v + s * s)) @ Q.T
+
+
+def test_the_gaussian_form_is_exact_for_gaussian_data():
+    """For Gaussian data the flow is known in closed form, x_0 = alpha_0 mu + Q Phi_0 Phi_1^{-1} Q^T (x_T -
+    alpha_1 mu), Phi_k = sqrt(alpha^2 s_k + sigma^2): the Gaussian form reaches it in one Euler step
+    (its right-hand side is zero; rounding: 1e-13), and the original and reparameterised forms by
+    RK4 on 400 log-SNR steps (their truncation error; measured ~1e-9 and ~1e-11)."""
+    net = GaussianData()
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    a1, s1, a0, s0 = S.alpha(1.0), S.sigma(1.0), S.alpha(S.t_min), S.sigma(S.t_min)
+    phi = lambda a, s: torch.sqrt(a * a * net.data_variances + s * s)  # noqa: E731
+    exact = a0 * net.data_mean + ((x - a1 * net.data_mean) @ net.data_axes * phi(a0, s0) / phi(a1, s1)) @ net.data_axes.T
+    c = torch.zeros(1, dtype=torch.float64)
+    with torch.no_grad():
+        for ode, solver, steps, tol in (("gaussian", "euler", 1, 1e-13), ("gaussian", "ms3", 3, 1e-13),
+                                        ("original", "rk4", 400, 1e-8), ("reparameterised", "rk4", 400, 1e-8)):
+            out = dpm.sample(net, S, x, c, dpm.grid(S, steps), ode, solver)
+            assert torch.max(torch.abs(out - exact)) <= tol * torch.max(torch.abs(exact)), (ode, solver)
 
 
 def test_bad_input():
@@ -104,8 +144,10 @@ def test_bad_input():
         dpm.grid(S, 4, "cosine")
     with pytest.raises(SubstrateValueError, match="t_min"):
         dpm.VPSchedule(t_min=0.0)
-    with pytest.raises(SubstrateValueError, match="adjoint solver='dpm2'; allowed for the original ODE"):
-        dpm.adjoint(model, S, x, c, dpm.grid(S, 4), loss_grad, "dpm2", "original")
+    with pytest.raises(SubstrateValueError, match="solver='adams'; allowed"):
+        dpm.adjoint(model, S, x, c, dpm.grid(S, 4), loss_grad, "adams")
+    with pytest.raises(SubstrateValueError, match="ode='gauss'; allowed"):
+        dpm.adjoint(model, S, x, c, dpm.grid(S, 4), loss_grad, "rk4", "gauss")
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +229,9 @@ def rel(a, b):
 @pytest.mark.parametrize("ode,solver,steps,tol", [("reparameterised", "rk4", 200, 1e-10),
                                                    ("reparameterised", "euler", 400, 0.05),
                                                    ("original", "rk4", 400, 1e-7),
-                                                   ("reparameterised", "dpm2", 200, 1e-5)])
+                                                   ("reparameterised", "dpm2", 200, 1e-5),
+                                                   ("gaussian", "rk4", 200, 1e-6),
+                                                   ("reparameterised", "ms3", 200, 3e-4)])
 def test_continuous_adjoint_against_backprop_through_the_solver(ode, solver, steps, tol):
     """dL/dx_T, dL/dc and dL/dtheta by the continuous adjoint (the state re-integrated backward, no
     stored path) against autograd through the same solver's steps: reparameterised, RK4 in rho on
@@ -196,7 +240,10 @@ def test_continuous_adjoint_against_backprop_through_the_solver(ode, solver, ste
     order, within 5 % at 400 steps; the original ODE in t, RK4 on 400 log-SNR steps, within 1e-7
     (measured 4e-9 against 2e-13 for the reparameterised ODE on the same grid: its stiff end near
     t_min); DPM-Solver-2's step in both passes (its second stage at the lambda midpoint) at second
-    order, within 1e-5 at 200 steps (measured 9e-7; 1.5e-5 at 50). The class-embedding table gets no gradient (c is given directly)."""
+    order, within 1e-5 at 200 steps (measured 9e-7; 1.5e-5 at 50); the Gaussian form in lambda, RK4,
+    within 1e-6 (measured 3e-11 - 8e-8); the three-step Adams method in both passes within 3e-4
+    (measured 1e-6 - 6e-5: third order, and the backward pass's history differs from the forward's).
+    The class-embedding table gets no gradient (c is given directly)."""
     model, x, c = small_model()
     times = dpm.grid(S, steps)
     x0, L, gx, gc, gp = dpm.adjoint(model, S, x, c, times, loss_grad, solver, ode)
