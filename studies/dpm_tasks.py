@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from studies.config import Field, Range
+from studies.config import Check, Field, ListOf, Range
 
 MODEL = {
     "dataset": Field(str, ("eight_gaussians", "digits"), "eight_gaussians",
@@ -108,3 +108,202 @@ def digits_classifier(seed: int = 0):
     with torch.no_grad():
         accuracy = float((net(x[1500:]).argmax(1) == y[1500:]).double().mean())
     return net, accuracy
+
+
+# ------------------------------------------------------------------------------------ dpm_gradients
+STEPPERS = ("euler", "midpoint", "rk4", "ms2", "ms3")
+ALL_METHODS = [f"{ode}/{grid}/{solver}" for ode in ("original", "reparameterised", "gaussian")
+               for grid in ("uniform_t", "logsnr", "karras") for solver in STEPPERS]
+
+
+def _method_ok(m):
+    from models import dpm
+
+    parts = m.split("/")
+    return len(parts) == 3 and parts[0] in dpm.ODES and parts[1] in dpm.GRIDS and parts[2] in dpm.SOLVERS
+
+
+GRADIENTS_SCHEMA = {
+    "model": MODEL,
+    "methods": Field(ListOf(str, 1, 200, Check(_method_ok, "'ode/grid/solver' with ode in original, "
+                                                            "reparameterised, gaussian; grid in uniform_t, "
+                                                            "logsnr, karras; solver in euler, midpoint, rk4, "
+                                                            "ms2, ms3, dpm1, dpm2")),
+                     None, ALL_METHODS, "the methods compared (reparameterised/*/euler and /midpoint are "
+                                        "DPM-Solver-1 and -2)"),
+    "budgets": Field(ListOf(int, 1, 20, Range(1, 100_000)), None, [8, 16, 32, 64, 128],
+                     "network evaluations of the forward pass; each method takes the most steps that fit"),
+    "adjoints": Field(ListOf(str, 1, 2, ("discrete", "continuous")), None, ["discrete", "continuous"],
+                      "discrete: autograd through the solver's steps; continuous: models.dpm.adjoint"),
+    "batch": Field(int, Range(1, 100_000), 256, "samples in the loss"),
+    "condition": Field(int, Range(0, 1000), 3, "class whose embedding is c"),
+    "target": Field(int, Range(0, 1000), 0, "loss: mean squared distance of the samples to this class's "
+                                            "mean (per dimension)"),
+    "reference_steps": Field(int, Range(2, 1_000_000), 2000, "reference: RK4 of the original ODE on this "
+                                                             "many log-SNR steps, continuous adjoint"),
+}
+
+
+def _gradient(model, schedule, x_T, c, times, ode, solver, adjoint_kind, target):
+    """(x_0, dL/dx_T, dL/dc, dL/dtheta as one vector) by either adjoint."""
+    import torch
+
+    from models import dpm
+
+    def loss(x0):
+        return ((x0 - target) ** 2).mean()
+
+    if adjoint_kind == "continuous":
+        def loss_grad(x0):
+            x0 = x0.detach().requires_grad_(True)
+            L = loss(x0)
+            return float(L.detach()), torch.autograd.grad(L, x0)[0]
+
+        x0, _, gx, gc, gp = dpm.adjoint(model, schedule, x_T, c, times, loss_grad, solver, ode)
+        theta = torch.cat([gp[k].reshape(-1) for k, _ in model.named_parameters() if k != "table.weight"])
+        return x0.detach(), gx, gc, theta
+    xx, cc = x_T.clone().requires_grad_(True), c.detach().clone().requires_grad_(True)
+    model.zero_grad()
+    x0 = dpm.sample(model, schedule, xx, cc, times, ode, solver)
+    loss(x0).backward()
+    theta = torch.cat([p.grad.reshape(-1) for k, p in model.named_parameters() if k != "table.weight"])
+    model.zero_grad()
+    return x0.detach(), xx.grad, cc.grad, theta
+
+
+def run_dpm_gradients(config: dict, seed: int) -> Result:
+    """The sample (``batch`` samples conditioned on class ``condition``) and the gradient of L = mean
+    squared distance to the ``target`` class's mean with respect to x_T, the embedding c and the
+    weights theta, by every method (``ode/grid/solver``) and adjoint at every budget of network
+    evaluations of the forward pass (the most steps that fit; NaN where not one does), relative
+    errors (Frobenius norms) against the reference; also the reference's own error (against half its
+    steps), the evaluations each method used, and the seconds of each gradient (indicative)."""
+    import torch
+
+    from models import dpm
+    from studies.sweep import save_partial
+    from studies.tasks import Result
+
+    torch.set_num_threads(1)
+    model, x, labels, train_seconds = trained_model(config["model"], seed)
+    schedule = dpm.VPSchedule()
+    g = torch.Generator().manual_seed(seed + 1)
+    x_T = torch.randn(config["batch"], x.shape[1], dtype=torch.float64, generator=g)
+    c = model.embedding(config["condition"] % (model.classes + 1)).detach()
+    target = torch.as_tensor(x[labels == config["target"] % model.classes].mean(0))
+
+    def reference(steps):
+        return _gradient(model, schedule, x_T, c, dpm.grid(schedule, steps), "original", "rk4", "continuous", target)
+
+    ref = reference(config["reference_steps"])
+    half = reference(config["reference_steps"] // 2)
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    methods, budgets, adjoints = config["methods"], config["budgets"], config["adjoints"]
+    shape = (len(methods), len(adjoints), len(budgets))
+    errors = {k: np.full(shape, np.nan) for k in ("grad_error_x", "grad_error_c", "grad_error_theta",
+                                                   "gradient_seconds")}
+    sample_error = np.full((len(methods), len(budgets)), np.nan)
+    evaluations = np.zeros((len(methods), len(budgets)), dtype=np.int64)
+    scalars = {"train_seconds": train_seconds}
+    scalars.update({f"reference_error_{k}": rel(a, b) for k, a, b in zip(("sample", "x", "c", "theta"), half, ref)})
+
+    def result():
+        # the dimension is "scheme", not "method": xarray's sel(method=...) is its own keyword
+        arrays = {k: (("scheme", "adjoint", "budget"), v) for k, v in errors.items()}
+        arrays["sample_error"] = (("scheme", "budget"), sample_error)
+        arrays["evaluations"] = (("scheme", "budget"), evaluations)
+        return Result(arrays, dict(scalars), {"scheme": list(methods), "adjoint": list(adjoints),
+                                              "budget": list(budgets)})
+
+    for i, method in enumerate(methods):
+        ode, grid, solver = method.split("/")
+        for k, budget in enumerate(budgets):
+            steps = (budget - solver.startswith("ms")) // dpm.evaluations(solver, 1)
+            if steps < 1:
+                continue
+            evaluations[i, k] = dpm.evaluations(solver, steps)
+            times = dpm.grid(schedule, steps, grid)
+            for j, kind in enumerate(adjoints):
+                t0 = time.perf_counter()
+                out = _gradient(model, schedule, x_T, c, times, ode, solver, kind, target)
+                errors["gradient_seconds"][i, j, k] = time.perf_counter() - t0
+                for name, a, b in zip(("x", "c", "theta"), out[1:], ref[1:]):
+                    errors[f"grad_error_{name}"][i, j, k] = rel(a, b)
+                sample_error[i, k] = rel(out[0], ref[0])
+        save_partial(result())
+    return result()
+
+
+def plot_dpm_gradients(archive_path: str):
+    """One row per dataset (median over seeds): the sample error and the gradient errors (x_T, c,
+    theta; continuous adjoint) against the forward pass's network evaluations on the log-SNR grid,
+    one colour per solver and one line style per form of the ODE; and a map of log10 of the theta
+    gradient's error at 32 evaluations (or the nearest budget) for every method x grid x adjoint."""
+    import matplotlib.pyplot as plt
+
+    from studies.plots import _median, _sweep
+
+    ds, axes = _sweep(archive_path)
+    rows = list(ds["dataset"].values) if "dataset" in ds.dims else [None]
+    fig, grid = plt.subplots(len(rows), 5, figsize=(26, 4.8 * len(rows)), layout="constrained", squeeze=False)
+    methods = [str(m) for m in ds["scheme"].values]
+    forms = list(dict.fromkeys(m.split("/")[0] for m in methods))
+    solvers = list(dict.fromkeys(m.split("/")[2] for m in methods))
+    grids = list(dict.fromkeys(m.split("/")[1] for m in methods))
+    styles = dict(zip(forms, ("-", "--", ":", "-.")))
+    budgets = ds["budget"].values
+    at = budgets[np.argmin(np.abs(np.log(budgets / 32.0)))]
+    for r, name in enumerate(rows):
+        one = ds.sel(dataset=name) if name is not None else ds
+        line_grid = "logsnr" if "logsnr" in grids else grids[0]
+        for c, (var, key, title) in enumerate((("sample_error", "sample", "sample"), ("grad_error_x", "x", r"$dL/dx_T$"),
+                                               ("grad_error_c", "c", r"$dL/dc$"),
+                                               ("grad_error_theta", "theta", r"$dL/d\theta$"))):
+            ax = grid[r, c]
+            da = one[var]
+            if "adjoint" in da.dims:
+                da = da.sel(adjoint="continuous") if "continuous" in da["adjoint"].values else da.isel(adjoint=0)
+            med = _median(da, ["scheme", "budget"])
+            for m in methods:
+                form, g, solver = m.split("/")
+                if g != line_grid:
+                    continue
+                ax.loglog(budgets, med.sel(scheme=m).values, styles[form], marker="o", ms=3,
+                          color=f"C{solvers.index(solver)}", label=f"{form} {solver}")
+            ax.set_title(f"{name or ''}: {title} error" + ("" if var == "sample_error" else " (continuous adjoint)")
+                         + f", {line_grid} grid", fontsize=9)
+            ax.set_xlabel("network evaluations (forward pass)")
+            ax.set_ylabel("relative error vs reference")
+            ax.axhline(float(_median(one[f"reference_error_{key}"], []).values), color="grey",
+                       lw=0.8, label="reference vs half its steps")
+            ax.grid(True, which="both", alpha=0.3)
+            if c == 0:
+                ax.legend(fontsize=6, ncol=2)
+        ax = grid[r, 4]
+        theta = _median(one["grad_error_theta"].sel(budget=at), ["scheme", "adjoint"])
+        labels = [f"{f}/{s}" for f in forms for s in solvers]
+        adjoints = [str(v) for v in one["adjoint"].values]
+        cols = [(g, a) for g in grids for a in adjoints]
+        table = np.full((len(labels), len(cols)), np.nan)
+        for i, lab in enumerate(labels):
+            f, s = lab.split("/")
+            for j, (g, a) in enumerate(cols):
+                m = f"{f}/{g}/{s}"
+                if m in methods:
+                    table[i, j] = np.log10(float(theta.sel(scheme=m, adjoint=a)))
+        im = ax.imshow(table, cmap="viridis_r", aspect="auto")
+        for i in range(table.shape[0]):
+            for j in range(table.shape[1]):
+                if np.isfinite(table[i, j]):
+                    ax.text(j, i, f"{table[i, j]:.1f}", ha="center", va="center", fontsize=6,
+                            color="w" if table[i, j] > np.nanmedian(table) else "k")
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xticks(range(len(cols)), [f"{g}\n{a}" for g, a in cols], fontsize=7)
+        ax.set_title(rf"log10 error of $dL/d\theta$ at {at} evaluations ({name or ''})", fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} (median over seeds)", fontsize=10)
+    return fig
+
