@@ -46,7 +46,7 @@ from substrate.errors import SubstrateValueError
 ODES = ("original", "reparameterised", "gaussian")
 SOLVERS = ("euler", "midpoint", "rk4", "ms2", "ms3", "dpm1", "dpm2")
 GRIDS = ("uniform_t", "logsnr", "karras")
-MODEL_VERSION = 2  # bumped when a change to NoisePredictor or train invalidates trained models (studies cache them)
+MODEL_VERSION = 3  # bumped when a change to NoisePredictor or train invalidates trained models (studies cache them)
 
 
 @dataclass(frozen=True)
@@ -128,16 +128,27 @@ class NoisePredictor(nn.Module):
     rescaled to [0, 1], u = (lambda_t - lambda_1) / (lambda_{t_min} - lambda_1) (features of t itself
     cannot resolve t < 0.05, where sigma goes from 0.1 to 0.01 and the samples take their final
     shape); c a class embedding of ``embed`` numbers (``embedding(labels)``; label ``classes`` is
-    the unconditional one, used by classifier-free training)."""
+    the unconditional one, used by classifier-free training). With ``gaussian_skip`` (the default)
+    the network adds to the exact noise predictor of the data's Gaussian fit (mean mu, covariance
+    Q diag(s) Q^T, recorded by :func:`train`),
+
+        eps_theta(x, t, c) = sigma_t Q (alpha_t^2 s + sigma_t^2)^{-1} Q^T (x - alpha_t mu) + MLP(x, t, c),
+
+    its last layer initialised 100x smaller, so that it learns only the data's departure from a
+    Gaussian. Why: the sample is x_T / alpha_1 (~150 x_T) plus the integral of eps d rho, so eps
+    must match that Gaussian part to ~1e-3 at high noise; a bare MLP does not (on digits, 3 x 256,
+    20000 steps: 84 % of class-conditional samples classified as their class, 17 % of pixels beyond
+    +-1.2, up to 12; with the skip, 2500 steps: 98 %, 5 %, up to 2.1)."""
 
     def __init__(self, dim: int, classes: int = 1, hidden: int = 64, depth: int = 2, embed: int = 8,
                  frequencies: int = 4, generator: torch.Generator | None = None,
-                 schedule: VPSchedule = VPSchedule()):
+                 schedule: VPSchedule = VPSchedule(), gaussian_skip: bool = True):
         super().__init__()
         for name, v in (("dim", dim), ("classes", classes), ("hidden", hidden), ("depth", depth), ("embed", embed)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise SubstrateValueError(f"NoisePredictor.{name}={v!r} must be a positive integer")
         self.dim, self.classes, self.frequencies, self.schedule = dim, classes, frequencies, schedule
+        self.gaussian_skip = gaussian_skip
         self._lam_range = float(schedule.lam(1.0)), float(schedule.lam(schedule.t_min))
         self.table = nn.Embedding(classes + 1, embed, dtype=torch.float64)
         sizes = [dim + 1 + 2 * frequencies + embed] + [hidden] * depth
@@ -156,6 +167,10 @@ class NoisePredictor(nn.Module):
                 for p in self.parameters():
                     p.copy_(torch.empty_like(p).uniform_(-1, 1, generator=generator)
                             * (1.0 / math.sqrt(p.shape[-1]) if p.dim() > 1 else 0.1))
+        if gaussian_skip:
+            with torch.no_grad():
+                self.net[-1].weight.mul_(0.01)
+                self.net[-1].bias.mul_(0.01)
 
     def embedding(self, labels) -> torch.Tensor:
         return self.table(torch.as_tensor(labels, dtype=torch.long))
@@ -167,7 +182,16 @@ class NoisePredictor(nn.Module):
         u = (self.schedule.lam(t) - lo) / (hi - lo)
         k = math.pi * torch.arange(1, self.frequencies + 1, dtype=x.dtype)
         features = [x, u, torch.sin(k * u), torch.cos(k * u), c.expand(x.shape[0], -1)]
-        return self.net(torch.cat(features, dim=-1))
+        out = self.net(torch.cat(features, dim=-1))
+        if self.gaussian_skip:
+            out = out + self.gaussian_eps(x, t)
+        return out
+
+    def gaussian_eps(self, x, t):
+        """The exact noise predictor of the data's Gaussian fit: sigma (alpha^2 Sigma + sigma^2)^{-1} (x - alpha mu)."""
+        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
+        Q = self.data_axes
+        return s * ((x - a * self.data_mean) @ Q / (a * a * self.data_variances + s * s)) @ Q.T
 
 
 def train(model: NoisePredictor, schedule: VPSchedule, x, labels=None, *, steps: int, batch: int = 256,

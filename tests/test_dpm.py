@@ -22,9 +22,10 @@ S = dpm.VPSchedule()
 
 
 def small_model(seed=0, classes=3):
-    """An untrained predictor with small weights: a smooth, well-behaved vector field."""
+    """An untrained predictor with small weights: a smooth, well-behaved vector field (without the
+    Gaussian skip, which would make it the flow of standard-normal data: a special case)."""
     g = torch.Generator().manual_seed(seed)
-    m = dpm.NoisePredictor(2, classes=classes, hidden=16, generator=g)
+    m = dpm.NoisePredictor(2, classes=classes, hidden=16, generator=g, gaussian_skip=False)
     with torch.no_grad():
         for p in m.parameters():
             p.mul_(0.5)
@@ -169,11 +170,11 @@ def centres():
 
 
 def test_training_on_eight_gaussians_samples_the_asked_mode(toy):
-    """Denoising score matching on the 8-Gaussians toy: the loss falls from ~1.1 to ~0.16 (asserted
-    < 0.3) and DPM-Solver-2 samples (50 log-SNR steps) conditioned on class 3 land within 0.4 of that
-    mode's centre (measured 99.8 %, asserted 90 %)."""
+    """Denoising score matching on the 8-Gaussians toy: the loss falls from ~0.63 (the Gaussian skip
+    alone; ~1.1 without it) to ~0.15 (asserted < 0.3) and DPM-Solver-2 samples (50 log-SNR steps)
+    conditioned on class 3 land within 0.4 of that mode's centre (measured 100 %, asserted 90 %)."""
     model, losses, g = toy
-    assert losses[:50].mean() > 0.8 and losses[-100:].mean() < 0.3
+    assert losses[:50].mean() > 0.5 and losses[-100:].mean() < 0.3
     with torch.no_grad():
         out = dpm.sample(model, S, torch.randn(512, 2, dtype=torch.float64, generator=g), model.embedding(3),
                          dpm.grid(S, 50), solver="dpm2").numpy()
