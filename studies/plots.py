@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from substrate import archive  # noqa: E402
+from studies.dpm_customise import plot_dpm_customise  # noqa: E402
+from studies.dpm_tasks import plot_dpm_gradients  # noqa: E402
 
 
 def ep_training(path: str):
@@ -450,4 +452,5 @@ def plot_pvrnn_er(archive_path: str):
 
 PLOTS = {"relaxation": plot_relaxation, "gradient_accuracy": plot_gradient_accuracy, "ep_bias": plot_ep_bias,
          "ep_train": plot_ep_train_or_devices, "pvrnn_meta_prior": plot_pvrnn_meta_prior,
-         "pvrnn_er": plot_pvrnn_er}
+         "pvrnn_er": plot_pvrnn_er, "dpm_customise": plot_dpm_customise,
+         "dpm_gradients": plot_dpm_gradients}

@@ -25,6 +25,13 @@ Tasks:
 * ``pvrnn_er``: a continuous-time PV-RNN trained once, then error regression on held-out sequences
   with each credit assignment (exact, continuous adjoint, truncated BPTT) and on devices (read noise,
   time-constant mismatch): prediction error, seconds per step, gradient cosines with the exact one.
+* ``dpm_gradients`` (``studies.dpm_tasks``): a diffusion model's sample and the gradients of a loss on
+  it (x_T, class embedding, weights) by every form of the probability-flow ODE, grid, solver and
+  adjoint (discrete, continuous) at equal network evaluations, against a converged reference.
+* ``dpm_customise`` (``studies.dpm_customise``): the three customisations of AdjointDPM on a digits
+  diffusion model, each gradient by the continuous adjoint: the initial noise against a fixed
+  classifier (security auditing), a learned class embedding and fine-tuned weights for a style
+  (thicker strokes, the digit kept); the classifier's shares, ink and accuracy before and after.
 * ``selftest``: a run that sleeps, then returns, raises, diverges or kills its own process: it
   exercises the sweep machinery in the tests.
 """
@@ -45,6 +52,8 @@ import substrate as S
 from models.data import PRIMITIVES, digits_arrays, probabilistic_sequences
 from substrate.devices import PRESETS
 from studies.config import Check, Field, ListOf, Range
+from studies.dpm_customise import CUSTOMISE_SCHEMA, run_dpm_customise
+from studies.dpm_tasks import GRADIENTS_SCHEMA, run_dpm_gradients
 
 
 @dataclass
@@ -811,5 +820,9 @@ TASKS = {
                              "a PV-RNN trained on probabilistic sequences at meta-prior w: sigma, generalisation"),
     "pvrnn_er": Task(PVRNN_ER_SCHEMA, run_pvrnn_er, warmup_pvrnn,
                      "PV-RNN error regression: credit assignments compared, and on a noisy device"),
+    "dpm_gradients": Task(GRADIENTS_SCHEMA, run_dpm_gradients, None,
+                          "a diffusion model's sample gradients by every ODE form, grid, solver and adjoint"),
+    "dpm_customise": Task(CUSTOMISE_SCHEMA, run_dpm_customise, None,
+                          "AdjointDPM's customisations on digits: noise vs a classifier, a learned embedding, weights"),
     "selftest": Task(SELFTEST_SCHEMA, run_selftest, None, "sleeps, then returns, raises, diverges or crashes"),
 }

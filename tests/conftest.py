@@ -1,6 +1,7 @@
 """Test-session settings shared by every test file."""
 
 import os
+import sys
 
 import pytest
 
@@ -17,3 +18,18 @@ def model_cache(tmp_path_factory):
         os.environ.pop("SUBSTRATE_CACHE", None)
     else:
         os.environ["SUBSTRATE_CACHE"] = old
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread(request):
+    """torch's intra-op threads set to 1 for the torch-based tests (models.dpm): their problems are
+    small, and two threads on a machine whose other core is busy ran them up to 18x slower."""
+    if "torch" not in sys.modules:
+        yield
+        return
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
