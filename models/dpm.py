@@ -8,26 +8,27 @@ VP noise schedule (Song et al. 2021), linear beta(t) = beta_0 + t (beta_1 - beta
 
 A noise predictor eps_theta(x, t, c) (``NoisePredictor``; c a class embedding, a vector that can be
 optimised like any state) trained by denoising score matching (``train``) defines the
-probability-flow ODE, from x_1 ~ N(0, I) at t = 1 down to t_min:
+probability-flow ODE, from x_1 ~ N(0, I) at t = 1 down to t_min, in one of three forms (``FRAMES``):
 
     original        dx/dt = f(t) x + g(t)^2 / (2 sigma_t) eps_theta(x, t, c),   f = -beta(t)/2,  g^2 = beta(t);
     reparameterised y = x / alpha_t,  rho = sigma_t / alpha_t = e^{-lambda}:   dy/drho = eps_theta(alpha y, t(rho), c)
+                    (AdjointDPM's: the linear term and the singular coefficient are gone);
+    gaussian        w = Phi^{-1} Q^T (x - alpha mu) in lambda: the flow relative to that of the data's Gaussian
+                    fit (substrate's; see :class:`Gaussian`).
 
-(the linear term and the singular coefficient are gone). ``sample`` integrates either on a grid
-uniform in t or in lambda (``grid``) with ``euler``/``rk4`` steps in the ODE's own variable, or
-with the exponential integrators of DPM-Solver (Lu et al. 2022), exact in the linear part:
+``sample`` integrates on a grid uniform in t, in lambda or Karras' (``grid``) with ``euler``,
+``midpoint`` (second stage at the lambda midpoint), ``rk4`` or the Adams methods ``ms2``/``ms3``
+(one network evaluation a step; the last k evaluations interpolated by a polynomial in lambda,
+integrated exactly against dv/dlambda: for the reparameterised form the exponential Adams method
+of DEIS), in the form's own variable, or with the exponential integrators of DPM-Solver (Lu et al.
+2022), exact in the linear part of the original ODE:
 
     dpm1   x_{i+1} = (alpha_{i+1}/alpha_i) x_i - sigma_{i+1} (e^h - 1) eps(x_i, t_i),   h = lambda_{i+1} - lambda_i
     dpm2   u = (alpha_s/alpha_i) x_i - sigma_s (e^{h/2} - 1) eps(x_i, t_i),  s = t(lambda_i + h/2),
            x_{i+1} = (alpha_{i+1}/alpha_i) x_i - sigma_{i+1} (e^h - 1) eps(u, s)
 
-(dpm1 is Euler in rho: y_{i+1} = y_i + (rho_{i+1} - rho_i) eps_i), and their multistep relatives
-``ms2``/``ms3`` (exponential Adams-Bashforth, DEIS-style: one network evaluation a step), which
-integrate exactly, in lambda, the polynomial through the last k evaluations of eps:
-
-    y_{i+1} = y_i + sum_j w_ij eps_{i-j},   w_ij = int_{lambda_i}^{lambda_{i+1}} l_j(lambda) (d rho/d lambda) d lambda,
-
-l_j the Lagrange basis on lambda_i, lambda_{i-1}, ... (order k from the k-th step on; lower before).
+(= ``euler`` and ``midpoint`` of the reparameterised form: y_{i+1} = y_i + (rho_{i+1} - rho_i) eps_i).
+``adjoint`` is the continuous adjoint of any form with any of these steps.
 Everything is torch, float64 by default, so that gradients through the samples come from autograd
 or from an adjoint.
 """
