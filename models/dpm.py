@@ -178,15 +178,17 @@ class NoisePredictor(nn.Module):
 
     def forward(self, x, t, c):
         """x (B, dim); t a number or (B, 1); c (embed,) or (B, embed)."""
+        out = self.mlp(x, t, c)
+        return out + self.gaussian_eps(x, t) if self.gaussian_skip else out
+
+    def mlp(self, x, t, c):
+        """The network's own part of eps_theta (all of it without ``gaussian_skip``)."""
         t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1).expand(x.shape[0], 1)
         lo, hi = self._lam_range
         u = (self.schedule.lam(t) - lo) / (hi - lo)
         k = math.pi * torch.arange(1, self.frequencies + 1, dtype=x.dtype)
         features = [x, u, torch.sin(k * u), torch.cos(k * u), c.expand(x.shape[0], -1)]
-        out = self.net(torch.cat(features, dim=-1))
-        if self.gaussian_skip:
-            out = out + self.gaussian_eps(x, t)
-        return out
+        return self.net(torch.cat(features, dim=-1))
 
     def gaussian_eps(self, x, t):
         """The exact noise predictor of the data's Gaussian fit: sigma (alpha^2 Sigma + sigma^2)^{-1} (x - alpha mu)."""
@@ -342,8 +344,12 @@ class Gaussian(Frame):
     def velocity(self, lam, w, c):
         t = self.schedule.t_of_lam(lam)
         sigma, phi = self.schedule.sigma(t), self._phi(t)
-        eps = self.model(self.x(w, t), t, c)
-        return -sigma / phi * (eps @ self.model.data_axes - sigma / phi * w)
+        x, Q = self.x(w, t), self.model.data_axes
+        if getattr(self.model, "gaussian_skip", False):
+            # eps = eps_G + MLP and Q^T eps_G = sigma Phi^{-1} w exactly: the residual is the MLP alone
+            # (computing eps_G only to subtract it would cost work and rounding)
+            return -sigma / phi * (self.model.mlp(x, t, c) @ Q)
+        return -sigma / phi * (self.model(x, t, c) @ Q - sigma / phi * w)
 
 
 FRAMES = {"original": Original, "reparameterised": Reparameterised, "gaussian": Gaussian}

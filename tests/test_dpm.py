@@ -133,6 +133,25 @@ def test_the_gaussian_form_is_exact_for_gaussian_data():
             assert torch.max(torch.abs(out - exact)) <= tol * torch.max(torch.abs(exact)), (ode, solver)
 
 
+def test_the_gaussian_form_uses_the_network_part_of_a_skip_model():
+    """With the Gaussian skip, the Gaussian form's right-hand side is the MLP alone (Q^T eps_G = sigma
+    Phi^{-1} w cancels exactly): equal to the generic formula, which computes eps_G and subtracts it,
+    within 1e-12 of scale (that subtraction's rounding; measured 2e-14)."""
+    ref = GaussianData(3, dim=2)
+    model = dpm.NoisePredictor(2, classes=3, hidden=16, generator=torch.Generator().manual_seed(0))
+    for name in ("data_mean", "data_variances", "data_axes"):
+        getattr(model, name).copy_(getattr(ref, name))
+    frame, c = dpm.Gaussian(model, S), model.embedding(1).detach()
+    w = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for lam in (-4.0, 0.0, 4.0):
+            t = S.t_of_lam(torch.tensor(lam))
+            sigma, phi = S.sigma(t), torch.sqrt(S.alpha(t) ** 2 * model.data_variances + S.sigma(t) ** 2)
+            generic = -sigma / phi * (model(frame.x(w, t), t, c) @ model.data_axes - sigma / phi * w)
+            fast = frame.velocity(torch.tensor(lam), w, c)
+            assert torch.max(torch.abs(fast - generic)) <= 1e-12 * torch.max(torch.abs(fast)), lam
+
+
 def test_bad_input():
     model, x, c = small_model()
     with pytest.raises(SubstrateValueError, match="solver"):
