@@ -522,11 +522,13 @@ def adjoint(model, schedule: VPSchedule, x_T, c, times, loss_grad, solver: str =
 
 
 def customise(model, schedule: VPSchedule, x_T, c, times, loss_grad, *, what: str, steps: int, lr: float = 0.05,
-              solver: str = "dpm2", generator: torch.Generator | None = None):
+              solver: str = "dpm2", generator: torch.Generator | None = None, ode: str = "reparameterised"):
     """AdjointDPM's customisations: ``steps`` Adam steps on ``what`` so that the samples lower a
-    loss, each gradient from :func:`adjoint` of the reparameterised ODE: "noise" (the initial noise
-    x_T, e.g. against a fixed classifier: the security-auditing use), "conditioning" (the embedding
-    c, a learned style) or "weights" (the network's weights, in place: fine-tuning). With a
+    loss, each gradient from :func:`adjoint` of the form ``ode`` (AdjointDPM's reparameterised one by
+    default; the ``dpm_gradients`` study finds the ``gaussian`` form with ``rk4`` more accurate):
+    "noise" (the initial noise x_T, e.g. against a fixed classifier: the security-auditing use),
+    "conditioning" (the embedding c, a learned style) or "weights" (the network's weights, in place:
+    fine-tuning). With a
     ``generator``, fresh initial noise of x_T's shape every step (for "conditioning"/"weights": the
     customisation then holds for new samples). Returns (x_T, c, the loss at every step, the samples
     of the last x_T and c)."""
@@ -543,11 +545,11 @@ def customise(model, schedule: VPSchedule, x_T, c, times, loss_grad, *, what: st
     for k in range(steps):
         if generator is not None:
             x_T = torch.randn(x_T.shape, dtype=torch.float64, generator=generator)
-        _, losses[k], dx_T, dc, dtheta = adjoint(model, schedule, x_T, c, times, loss_grad, solver,
+        _, losses[k], dx_T, dc, dtheta = adjoint(model, schedule, x_T, c, times, loss_grad, solver, ode,
                                                  weights=what == "weights")
         grads = [dx_T] if what == "noise" else [dc] if what == "conditioning" else [dtheta[n] for n in names]
         for p, g in zip(target, grads):
             p.grad = g
         opt.step()
     with torch.no_grad():
-        return x_T, c, losses, sample(model, schedule, x_T, c, times, "reparameterised", solver)
+        return x_T, c, losses, sample(model, schedule, x_T, c, times, ode, solver)

@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # studies.tasks imports this module: Result is imported where
 KINDS = ("noise", "conditioning", "weights")
 SOLVERS = ("euler", "midpoint", "rk4", "ms2", "ms3", "dpm1", "dpm2")  # models.dpm.SOLVERS: all have an adjoint
 GRIDS = ("uniform_t", "logsnr", "karras")  # models.dpm.GRIDS (not imported: the schema loads without torch)
+ODES = ("original", "reparameterised", "gaussian")  # models.dpm.ODES
 STAGES = ["before", "after"]
 NOISE, FRESH, HELD_OUT = 1, 2, 3  # the random streams of a run (_generator): one purpose each
 
@@ -79,6 +80,8 @@ CUSTOMISE_SCHEMA = {
         "solver": Field(str, SOLVERS, "dpm2", "steps of the probability-flow ODE and of its adjoint"),
         "steps": Field(int, Range(1, 10_000), 20, "sampler steps"),
         "grid": Field(str, GRIDS, "logsnr", "time grid of the sampler"),
+        "ode": Field(str, ODES, "reparameterised", "form of the probability-flow ODE (AdjointDPM's: "
+                                                   "reparameterised; irrelevant for dpm1/dpm2)"),
     },
     "noise": {
         "pairs": Field(ListOf(str, 1, 45, Check(_pair_ok, "'S>T', two different digits, e.g. '3>8'")),
@@ -113,6 +116,11 @@ CUSTOMISE_SCHEMA = {
         "show": Field(int, Range(1, 64), 8, "images kept per pair or digit, before and after"),
     },
 }
+
+
+def _solver(config):
+    """The ``solver`` and ``ode`` arguments of models.dpm.customise, from the ``sampler`` section."""
+    return {"solver": config["sampler"]["solver"], "ode": config["sampler"]["ode"]}
 
 
 def _generator(seed: int, *stream: int):
@@ -171,7 +179,8 @@ def run_dpm_customise(config: dict, seed: int) -> Result:
 
     def draw(c, noise):
         with torch.no_grad():
-            return dpm.sample(model, model.schedule, noise, c, times, "reparameterised", config["sampler"]["solver"])
+            return dpm.sample(model, model.schedule, noise, c, times, config["sampler"]["ode"],
+                              config["sampler"]["solver"])
 
     kind = {"noise": _noise, "conditioning": _conditioning, "weights": _weights}[config["what"]]
     arrays, scalars, coords = kind(config, seed, model, x, labels, classifier, judge, draw, times)
@@ -227,7 +236,7 @@ def _noise(config, seed, model, x, labels, classifier, judge, draw, times):
 
         before = draw(c, x_T0)
         x_T, _, loss[i], after = dpm.customise(model, model.schedule, x_T0, c, times, cross_entropy, what="noise",
-                                               steps=K, lr=n["lr"], solver=config["sampler"]["solver"])
+                                               steps=K, lr=n["lr"], **_solver(config))
         share[i] = labelled
         for s, x0 in enumerate((before, after)):
             target_share[i, s] = _share(classifier, x0, target)
@@ -292,7 +301,7 @@ def _conditioning(config, seed, model, x, labels, classifier, judge, draw, times
     shape = (cd["batch"], x.shape[1])
     _, c, loss, _ = dpm.customise(model, model.schedule, torch.zeros(shape, dtype=torch.float64), c0, times,
                                   loss_grad, what="conditioning", steps=cd["steps"], lr=cd["lr"],
-                                  solver=config["sampler"]["solver"], generator=_generator(seed, FRESH))
+                                  **_solver(config), generator=_generator(seed, FRESH))
     held_out = torch.randn(ev["samples"], x.shape[1], dtype=torch.float64, generator=_generator(seed, HELD_OUT))
     samples = [draw(c0, held_out), draw(c, held_out)]
     ink_eval = np.array([float(ink(s, st["edge"]).mean()) for s in samples])
@@ -332,7 +341,7 @@ def _weights(config, seed, model, x, labels, classifier, judge, draw, times):
     # the embeddings are a fixed input here: customise trains the weights with c detached
     _, _, loss, _ = dpm.customise(model, model.schedule, torch.zeros(w["batch"], x.shape[1], dtype=torch.float64),
                                   model.embedding(digits).detach(), times, loss_grad, what="weights",
-                                  steps=w["steps"], lr=w["lr"], solver=config["sampler"]["solver"],
+                                  steps=w["steps"], lr=w["lr"], **_solver(config),
                                   generator=_generator(seed, FRESH))
     after = evaluate()
     ink_eval, accuracy, images = (np.stack([b, a], axis=1) for b, a in zip(before, after))

@@ -200,9 +200,11 @@ def test_training_on_eight_gaussians_samples_the_asked_mode(toy):
     assert np.mean(np.linalg.norm(out - centres()[3], axis=1) < 0.4) >= 0.9
 
 
-def test_guiding_the_initial_noise_towards_a_classifiers_target(toy):
+@pytest.mark.parametrize("ode,solver", [("reparameterised", "dpm2"), ("gaussian", "midpoint")])
+def test_guiding_the_initial_noise_towards_a_classifiers_target(toy, ode, solver):
     """The security-auditing use: with the unconditional embedding, Adam on x_T (dL/dx_T by the
-    adjoint, DPM-Solver-2 steps, 20 log-SNR steps) against a fixed classifier's cross-entropy to mode
+    adjoint, 20 log-SNR steps of DPM-Solver-2, or of the midpoint method in the Gaussian form) against a
+    fixed classifier's cross-entropy to mode
     5 (logits -||x - centre_k||^2 / 2): the share of samples the classifier labels 5 rises from ~1/8
     (measured 0.07) to all (asserted >= 0.9) in 40 steps, the loss falls from ~5 to ~0.1 (asserted
     10x). (Conditioned on class 3 the same needs x_T moved ~4x further: the conditioning holds.)"""
@@ -219,9 +221,10 @@ def test_guiding_the_initial_noise_towards_a_classifiers_target(toy):
     c = model.embedding(model.classes).detach()  # the unconditional embedding
     times = dpm.grid(S, 20)
     with torch.no_grad():
-        before = dpm.sample(model, S, x_T, c, times, solver="dpm2")
+        before = dpm.sample(model, S, x_T, c, times, ode, solver)
     label = lambda x: torch.argmin(((x[:, None] - C[None]) ** 2).sum(-1), 1)  # noqa: E731
-    _, _, losses, after = dpm.customise(model, S, x_T, c, times, cross_entropy, what="noise", steps=40, lr=0.2)
+    _, _, losses, after = dpm.customise(model, S, x_T, c, times, cross_entropy, what="noise", steps=40, lr=0.2,
+                                        solver=solver, ode=ode)
     share_before, share_after = float((label(before) == 5).double().mean()), float((label(after) == 5).double().mean())
     assert share_before < 0.25 and share_after >= 0.9, (share_before, share_after)
     assert losses[-1] < 0.1 * losses[0]

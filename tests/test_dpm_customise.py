@@ -57,7 +57,7 @@ def test_bad_config_values_name_the_key():
             config(**sections)
     with pytest.raises(SubstrateValueError, match=r"evaluation.show=8: at most noise.samples = 4"):
         dc.run_dpm_customise(config(noise={"samples": 4}), 0)
-    assert dc.SOLVERS == dpm.SOLVERS and dc.GRIDS == dpm.GRIDS  # the schema's copies of the model's lists
+    assert dc.SOLVERS == dpm.SOLVERS and dc.GRIDS == dpm.GRIDS and dc.ODES == dpm.ODES  # the schema's copies
 
 
 def test_noise_attack_turns_samples_into_the_target_digit():
