@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from studies.config import Check, Field, ListOf, Range
+from substrate.errors import SubstrateValueError
 
 MODEL = {
     "dataset": Field(str, ("eight_gaussians", "digits"), "eight_gaussians",
@@ -99,7 +100,8 @@ def digits_classifier(seed: int = 0):
             p.copy_(torch.empty_like(p).uniform_(-1, 1, generator=g) / np.sqrt(p.shape[-1] if p.dim() > 1 else 64))
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     for _ in range(600):
-        loss = torch.nn.functional.cross_entropy(net(x[:1500]), y[:1500]) + 1e-4 * sum((p ** 2).sum() for p in net.parameters())
+        decay = 1e-4 * sum((p ** 2).sum() for p in net.parameters())
+        loss = torch.nn.functional.cross_entropy(net(x[:1500]), y[:1500]) + decay
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -136,7 +138,8 @@ GRADIENTS_SCHEMA = {
     "adjoints": Field(ListOf(str, 1, 2, ("discrete", "continuous")), None, ["discrete", "continuous"],
                       "discrete: autograd through the solver's steps; continuous: models.dpm.adjoint"),
     "batch": Field(int, Range(1, 100_000), 256, "samples in the loss"),
-    "condition": Field(int, Range(0, 1000), 3, "class whose embedding is c"),
+    "condition": Field(int, Range(0, 1000), 3, "class whose embedding is c (the number of classes: the "
+                                               "unconditional embedding)"),
     "target": Field(int, Range(0, 1000), 0, "loss: mean squared distance of the samples to this class's "
                                             "mean (per dimension)"),
     "reference_steps": Field(int, Range(2, 1_000_000), 2000, "reference: RK4 of the original ODE on this "
@@ -189,8 +192,13 @@ def run_dpm_gradients(config: dict, seed: int) -> Result:
     schedule = dpm.VPSchedule()
     g = torch.Generator().manual_seed(seed + 1)
     x_T = torch.randn(config["batch"], x.shape[1], dtype=torch.float64, generator=g)
-    c = model.embedding(config["condition"] % (model.classes + 1)).detach()
-    target = torch.as_tensor(x[labels == config["target"] % model.classes].mean(0))
+    for key, top in (("condition", model.classes), ("target", model.classes - 1)):
+        if config[key] > top:
+            extra = f" (and {top}: unconditional)" if key == "condition" else ""
+            raise SubstrateValueError(f"{key}={config[key]}: the {config['model']['dataset']} model has classes "
+                                      f"0..{model.classes - 1}{extra}")
+    c = model.embedding(config["condition"]).detach()
+    target = torch.as_tensor(x[labels == config["target"]].mean(0))
 
     def reference(steps):
         return _gradient(model, schedule, x_T, c, dpm.grid(schedule, steps), "original", "rk4", "continuous", target)
@@ -259,8 +267,8 @@ def plot_dpm_gradients(archive_path: str):
     for r, name in enumerate(rows):
         one = ds.sel(dataset=name) if name is not None else ds
         line_grid = "logsnr" if "logsnr" in grids else grids[0]
-        for c, (var, key, title) in enumerate((("sample_error", "sample", "sample"), ("grad_error_x", "x", r"$dL/dx_T$"),
-                                               ("grad_error_c", "c", r"$dL/dc$"),
+        for c, (var, key, title) in enumerate((("sample_error", "sample", "sample"),
+                                               ("grad_error_x", "x", r"$dL/dx_T$"), ("grad_error_c", "c", r"$dL/dc$"),
                                                ("grad_error_theta", "theta", r"$dL/d\theta$"))):
             ax = grid[r, c]
             da = one[var]

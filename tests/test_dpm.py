@@ -359,3 +359,5 @@ def test_the_gradient_study_measures_convergence():
         assert np.all(err[0, :, 0] > 100 * err[0, :, 1]), (q, err)
         assert r.scalars[f"reference_error_{q}"] < 1e-7
     assert r.arrays["evaluations"][1].tolist() == [[8, 128], [8, 128]]
+    with pytest.raises(SubstrateValueError, match=r"target=8: the eight_gaussians model has classes 0..7"):
+        run_dpm_gradients({**config, "target": 8}, 0)
