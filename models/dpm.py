@@ -528,10 +528,9 @@ def customise(model, schedule: VPSchedule, x_T, c, times, loss_grad, *, what: st
     default; the ``dpm_gradients`` study finds the ``gaussian`` form with ``rk4`` more accurate):
     "noise" (the initial noise x_T, e.g. against a fixed classifier: the security-auditing use),
     "conditioning" (the embedding c, a learned style) or "weights" (the network's weights, in place:
-    fine-tuning). With a
-    ``generator``, fresh initial noise of x_T's shape every step (for "conditioning"/"weights": the
-    customisation then holds for new samples). Returns (x_T, c, the loss at every step, the samples
-    of the last x_T and c)."""
+    fine-tuning). With a ``generator``, fresh initial noise of x_T's shape every step (for
+    "conditioning"/"weights": the customisation then holds for new samples). Returns (x_T, c, the
+    loss at every step, the samples of the last x_T and c)."""
     if what not in ("noise", "conditioning", "weights"):
         raise SubstrateValueError(f"what={what!r}; allowed: 'noise', 'conditioning', 'weights'")
     if what == "noise" and generator is not None:
