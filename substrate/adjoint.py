@@ -32,7 +32,8 @@ from . import _kernels as K
 from .dynamics import VectorField, resolve_dtype
 from .errors import ConvergenceError, SubstrateValueError
 from .integrators import (Solution, _STATUS, _check_on_failure, _check_times, _count, _finish,
-                          _nonnegative, _positive, _prepare, _solve, get_method, relax)
+                          _nonnegative, _positive, _prepare, _solve, allocate, check_step_count,
+                          get_method, relax)
 from .network import Network
 
 
@@ -193,7 +194,8 @@ def gradient(network: Network, x=None, loss=None, *, method="discrete", t_span=N
         if t_span is not None or trajectory:
             raise SubstrateValueError("method='implicit' differentiates a loss on the equilibrium: "
                                       "t_span and trajectory do not apply")
-        return _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol, max_steps, twin)
+        return _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol, max_steps, blowup,
+                         twin)
     if t_span is None:
         raise SubstrateValueError(f"t_span is required for method={strategy.name!r}")
     return _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integrator, dt, u0, dtype,
@@ -213,8 +215,12 @@ def _check_twin(network, twin):
 
 
 def check_equilibrium(network, sol, tol, what):
-    """Implicit differentiation needs an equilibrium: a device read at a finite relaxation time may
-    not have reached one."""
+    """Implicit differentiation needs a stable equilibrium: a device read at a finite relaxation time
+    may not have reached one, and at a fixed point where tau^-1 dF/du has an eigenvalue with real
+    part >= 0 (relax's status ``unstable``) the ODE does not stay, and J may be singular."""
+    if sol.status == "unstable":
+        raise ConvergenceError(f"{what}: the fixed point is unstable or singular, so implicit "
+                               f"differentiation does not apply: {sol.message}", sol)
     worst = float(np.max(sol.residual))
     if math.isfinite(network.read_time) and not worst <= tol:
         raise ConvergenceError(
@@ -227,14 +233,16 @@ def _backward_field(network, x, batch, dtype, twin):
     return VectorField(network.nominal if twin else network, x, batch=batch, dtype=dtype)
 
 
-def _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol, max_steps, twin=False):
+def _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol, max_steps, blowup,
+              twin=False):
     if strategy.solver not in ("direct", "krylov"):
         raise SubstrateValueError(f"Implicit(solver={strategy.solver!r}); allowed: 'direct', 'krylov'")
     if tol is None:  # a residual float32 states can reach
         tol = 1e-5 if resolve_dtype(network, dtype) == np.float32 else 1e-10
     sol = relax(network, x, method=integrator, dt=dt, tol=tol, u0=u0, dtype=dtype, batch=batch,
-                max_steps=max_steps)  # raises ConvergenceError if the equilibrium is not reached
+                max_steps=max_steps, blowup=blowup, on_failure="return")
     check_equilibrium(network, sol, tol, "implicit gradient")
+    _finish(sol, "raise", "implicit gradient: the relaxation")  # not reached: ConvergenceError
     # the backward pass on the circuit the equilibrium was relaxed with (or on the nominal twin)
     vf = _backward_field(network, x, sol.u.shape[0], sol.u.dtype, twin) if twin else sol.field
     value, g = _evaluate_loss(loss, sol.u, "equilibrium")
@@ -307,15 +315,23 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
         _count(strategy.substeps, "substeps")
     dt = _positive(dt, "dt", allow_none=True)
     rtol, atol = _nonnegative(rtol, "rtol"), _nonnegative(atol, "atol")
+    if stepper.adaptive and rtol == 0 and atol == 0:
+        raise SubstrateValueError("rtol and atol cannot both be 0 for an adaptive method")
     max_steps = _count(max_steps, "max_steps")
+    check_step_count(stepper, t0, t1, dt, max_steps)
+    blowup = _positive(blowup, "blowup")
     vf, u = _prepare(network, x, u0, dtype, batch)
     n, nb = u.shape
     fam, meth, a, b, e, fsal, adaptive = stepper.kernel_args()
 
-    def forward(ckpt_every, n_ckpt):
-        hs = np.empty(max_steps)  # only the steps taken are written and read: no zeroing of 8 MB
+    def forward(n_steps, ckpt_every, n_ckpt):
+        # sized by the steps that will be taken; only those are written and read (no zeroing)
+        hs = allocate((n_steps,), float, f"the sizes of {n_steps} steps",
+                      "lower max_steps" if adaptive or dt is None else "raise dt or shorten t_span")
         save_step = np.zeros(len(t_eval), np.int64)
-        ckpt = np.empty((n_ckpt, n, nb), vf.dtype)
+        ckpt = allocate((n_ckpt, n, nb), vf.dtype, f"{n_ckpt} stored states (checkpoints)",
+                        "raise dt or shorten t_span" if twin else
+                        "store fewer: checkpoints=k in DiscreteAdjoint or ContinuousAdjoint")
         out = _solve(vf, u, stepper, t0=t0, t_end=t1, dt=dt, rtol=rtol, atol=atol, max_steps=max_steps,
                      blowup=blowup, t_save=t_eval, relax=False, res_rtol=0.0, res_atol=0.0,
                      record=(hs, save_step, ckpt_every, ckpt))
@@ -323,12 +339,12 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
 
     if adaptive or dt is None:
         # the number of steps is known only after a first pass, which also fixes the step sizes
-        out, hs, save_step, _ = forward(0, 0)
+        out, hs, save_step, _ = forward(max_steps, 0, 0)
         steps = out[2]
-    else:
-        steps = int(math.ceil((t1 - t0) / dt * (1 + 1e-12))) + len(t_eval) + 1  # an upper bound
+    else:  # an upper bound (steps land on the t_eval points), within max_steps by check_step_count
+        steps = min(max_steps, int(math.ceil((t1 - t0) / dt * (1 + 1e-12))) + len(t_eval) + 1)
     every = 1 if strategy.checkpoints is None or twin else max(1, -(-steps // strategy.checkpoints))
-    out, hs, save_step, ckpt = forward(every, steps // every + 1)
+    out, hs, save_step, ckpt = forward(steps, every, steps // every + 1)
     status, t, steps, nfev, rej, saved, _, _, u_out = out
     sol = Solution(t=t_eval, u=saved.transpose(0, 2, 1), status=_STATUS[status], method=stepper.name,
                    steps=steps, nfev=nfev, rejected=rej,

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _kernels as K
-from .dynamics import VectorField
+from .dynamics import VectorField, rightmost_eigenvalues
 from .errors import ConvergenceError, DivergenceError, StepSizeError, SubstrateValueError
-from .network import Network
+from .network import Network, effects_neurons
 from .nudge import Nudge, no_nudge
 
 
@@ -116,11 +116,15 @@ class Solution:
     """What an integration produced, and how it went.
 
     u: states, (len(t), batch, n) for :func:`integrate`, (batch, n) for :func:`relax`.
-    status: ``success`` (integrate reached the end / relax converged), ``not_converged``,
-    ``diverged``, ``step_too_small`` or ``max_steps``; ``failure`` gives the time and step.
+    status: ``success`` (integrate reached the end / relax converged to a stable equilibrium),
+    ``not_converged``, ``diverged``, ``step_too_small``, ``max_steps`` or (relax) ``unstable``: the
+    residual test passed at a fixed point that is not a stable one of the ODE; ``message`` gives the
+    time and step, or the eigenvalue.
     residual: per sample, max_i |F_i(u)| at the final state (F without the 1/tau).
     residual_trace, trace_t: relax only, the largest residual over the batch at every step, and the
     time of that step.
+    eigenvalue: relax only, when the residual test passed: per sample the rightmost eigenvalue of
+    tau^-1 dF/du at the final state (see :func:`stability`).
     """
 
     t: np.ndarray
@@ -135,6 +139,7 @@ class Solution:
     residual_trace: np.ndarray | None = None
     trace_t: np.ndarray | None = None
     message: str = ""
+    eigenvalue: np.ndarray | None = None
     slices: dict = field(default_factory=dict, repr=False)
     # the vector field the states were computed with (on a device: that phase's read weights), so that
     # derivatives at them use the same circuit
@@ -179,10 +184,39 @@ def _nonnegative(value, name):
     return v
 
 
+_INT64_MAX = 2 ** 63 - 1  # the compiled kernels count steps in int64
+
+
 def _count(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise SubstrateValueError(f"{name}={value!r} must be a positive integer")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= _INT64_MAX:
+        raise SubstrateValueError(f"{name}={value!r} must be a positive integer <= 2**63 - 1")
     return int(value)
+
+
+# The largest single array (saved states, step sizes, checkpoints) a call may allocate: a typo in dt,
+# t_span or max_steps is refused up front instead of exhausting the machine's memory.
+MAX_ALLOCATION_GIB = 4.0
+
+
+def allocate(shape, dtype, what: str, remedy: str) -> np.ndarray:
+    """An uninitialised array, refused (with its size) beyond ``MAX_ALLOCATION_GIB``."""
+    gib = math.prod(int(s) for s in shape) * np.dtype(dtype).itemsize / 2 ** 30
+    if gib > MAX_ALLOCATION_GIB:
+        raise SubstrateValueError(f"{what} would take {gib:.3g} GiB, more than the cap of "
+                                  f"{MAX_ALLOCATION_GIB:g} GiB (integrators.MAX_ALLOCATION_GIB); {remedy}")
+    return np.empty(shape, dtype)
+
+
+def check_step_count(stepper, t0, t1, dt, max_steps, what="t_span"):
+    """A fixed-step method needs ceil((t1 - t0)/dt) steps: refuse at once beyond max_steps."""
+    if stepper.adaptive or dt is None:
+        return
+    # 1e-12: a span that is a whole number of steps up to rounding does not count one more
+    steps = math.ceil((t1 - t0) / dt * (1 - 1e-12))
+    if steps > max_steps:
+        raise SubstrateValueError(
+            f"{what}=({t0:g}, {t1:g}) with dt={dt:g} needs {steps:.6g} steps of {stepper.name!r}, more than "
+            f"max_steps={max_steps}; raise dt or max_steps, or shorten {what}")
 
 
 def _check_times(t_span, t_eval, default, end_at_t1=False):
@@ -249,7 +283,11 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
             raise SubstrateValueError(f"dt is required for the fixed-step method {stepper.name!r}")
         dt = _initial_step(vf, u, float(p.tau.min()), stepper.order, rtol, atol)
     h_min = 1e-12 * max(abs(t0), abs(t_end) if math.isfinite(t_end) else 0.0, float(p.tau.min()))
-    saved = np.empty((len(t_save), n, nb), vf.dtype)
+    if adaptive and dt < h_min:
+        raise SubstrateValueError(f"dt={dt:g}, the first step of {stepper.name!r}, is below its smallest "
+                                  f"step {h_min:.3g} (1e-12 of the time scale)")
+    saved = allocate((len(t_save), n, nb), vf.dtype, f"the states at {len(t_save)} t_eval points",
+                     "pass fewer t_eval points")
     residual = np.zeros(nb)
     res_trace = np.empty(min(max_steps, 1_000_000) + 1 if relax else 0)  # the first 1e6 steps, written as taken
     t_trace = np.empty_like(res_trace)
@@ -271,6 +309,40 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
         t_save, saved, relax, float(res_rtol), float(res_atol), residual, res_trace, t_trace, u_out,
         *record, no_nudge(vf.dtype) if nudge is None else nudge.kernel_args(vf.network, vf.dtype, vf.batch), fx)
     return status, t, steps, nfev, rejected, saved, residual, (t_trace, res_trace), u_out
+
+
+def stability(vf: VectorField, u, nudge=None):
+    """Whether fixed points are stable equilibria of tau du/dt = F(u) (+ a nudge's current C(u)).
+
+    u: the states (n, batch) in the engine's layout. Returns (eigenvalue, unstable), both (batch,):
+    the rightmost eigenvalue of tau^-1 (dF/du + dC/du) per sample (:func:`~substrate.dynamics.
+    rightmost_eigenvalues`, min(n, 40) Jacobian-vector products), and whether its real part is not
+    below 0 within rounding (>= -sqrt(eps) max(|lambda|, 1/tau_min)): an unstable, marginal (a
+    centre) or singular fixed point. Explicit steps damp slow oscillations numerically, so a method
+    can converge to such a point; the ODE does not. A network of more than 40 neurons is checked on
+    a Krylov space of dimension 40: an eigenvalue it does not resolve (its Ritz residual is the
+    margin allowed) is not reported.
+    """
+    n, nb = u.shape
+    tauinv = vf.packed.tauinv.astype(vf.dtype)[:, None]
+    ut = u.T
+    # a finite difference where no exact product exists (a device's activation mismatch, the nudge)
+    h = np.finfo(vf.dtype).eps ** (1 / 3) * (1 + float(np.max(np.abs(u))))
+
+    def central(f, v):
+        return (f(ut + h * v.T) - f(ut - h * v.T)).T / (2 * h)
+
+    exact = effects_neurons(vf.effects, vf.dtype)[0].shape[0] == 0
+
+    def matvec(v):
+        out = vf.jvp(ut, v.T).T if exact else central(vf, v)
+        if nudge is not None:
+            out = out + central(lambda w: nudge.current(vf.network, w), v)
+        return out * tauinv
+
+    eigenvalue, residual = rightmost_eigenvalues(matvec, n, nb, vf.dtype)
+    margin = math.sqrt(np.finfo(vf.dtype).eps) * np.maximum(np.abs(eigenvalue), float(tauinv.real.max()))
+    return eigenvalue, eigenvalue.real - residual >= -margin
 
 
 def _finish(sol: Solution, on_failure: str, what: str):
@@ -308,6 +380,7 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
     if stepper.adaptive and rtol == 0 and atol == 0:
         raise SubstrateValueError("rtol and atol cannot both be 0 for an adaptive method")
     max_steps = _count(max_steps, "max_steps")
+    check_step_count(stepper, t0, float(t_eval[-1]), dt, max_steps)
     blowup = _positive(blowup, "blowup")
     vf, u = _prepare(network, x, u0, dtype, batch)
     status, t, steps, nfev, rej, saved, _, _, u_out = _solve(
@@ -335,7 +408,9 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
     Stops when every sample satisfies max_i |F_i(u)| <= tol + rtol max_i |u_i| (checked at every
     step, from the step's own first field evaluation), or fails with ``not_converged`` after
     ``max_time`` or ``max_steps`` (raised as ConvergenceError unless ``on_failure="return"``), or with
-    ``diverged``. ``dt``: the step of a fixed-step method, default tau_min/2 for explicit methods and
+    ``diverged``. A converged state must be a stable equilibrium of the ODE, every eigenvalue of
+    tau^-1 dF/du there with a negative real part (checked by :func:`stability`); otherwise the status
+    is ``unstable``, raised as ConvergenceError with the eigenvalue. ``dt``: the step of a fixed-step method, default tau_min/2 for explicit methods and
     tau_min for exponential ones; for ``dopri5`` the first step, whose error control uses
     ``step_rtol``/``step_atol``. ``nudge``: a :class:`~substrate.nudge.Nudge` teaching current added
     to F (the equilibrium is then that of F + beta dl/dr). A device network with a finite relaxation
@@ -363,13 +438,22 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
         max_steps=max_steps, blowup=blowup, t_save=np.zeros(0), relax=True, res_rtol=rtol,
         res_atol=tol, nudge=nudge)
     message = "" if status == K.SUCCESS else f"stopped at t={t:.6g} (step {steps})"
-    if status == K.NOT_CONVERGED and read_time <= max_time and t >= read_time:
-        status = K.SUCCESS
+    eigenvalue, name = None, _STATUS[status]
+    if status == K.SUCCESS:  # the residual test passed: is the fixed point a stable one of the ODE?
+        eigenvalue, unstable = stability(vf, u_out, nudge)
+        if unstable.any():
+            b, name = int(np.flatnonzero(unstable)[0]), "unstable"
+            message = (f"the fixed point of sample {b} ({int(unstable.sum())} of {vf.batch} samples) is not a "
+                       f"stable equilibrium of the ODE: tau^-1 dF/du has the eigenvalue {eigenvalue[b]:.6g} "
+                       f"(real part not below 0 within rounding); the ODE moves away from it, the steps "
+                       f"of {stepper.name!r} converged to it only by their numerical damping")
+    elif status == K.NOT_CONVERGED and read_time <= max_time and t >= read_time:
+        name = "success"
         message = f"read at the device's relaxation time t={t:.6g}, residual {residual.max():.3e}"
     elif status == K.NOT_CONVERGED:
         message += f"; residual {residual.max():.3e} > tol {tol:g} + rtol {rtol:g} |u|"
-    sol = Solution(t=np.array(t), u=u_out.T, status=_STATUS[status], method=stepper.name, steps=steps,
+    sol = Solution(t=np.array(t), u=u_out.T, status=name, method=stepper.name, steps=steps,
                    nfev=nfev, rejected=rej, residual=residual, t_final=t,
                    residual_trace=trace[1][:steps + 1], trace_t=trace[0][:steps + 1], message=message,
-                   slices=network.slices, field=vf)
+                   eigenvalue=eigenvalue, slices=network.slices, field=vf)
     return _finish(sol, on_failure, "relax")

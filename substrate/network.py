@@ -194,6 +194,8 @@ class Network:
                 raise SubstrateValueError(f"connection {c.name} is given twice")
             seen.add(c.name)
             shape = (self._layer[c.post].size, self.size_of(c.pre))
+            if not isinstance(c.tied, (bool, np.bool_)):
+                raise SubstrateValueError(f"connection {c.name}: tied={c.tied!r} must be True or False")
             if c.tied:
                 if c.pre in self._input:
                     raise SubstrateValueError(f"connection {c.name}: an input projection cannot be tied")
@@ -325,8 +327,14 @@ class Network:
         ``input_weights()``)."""
         weights = self.input_weights() if weights is None else weights
         xs = self.check_inputs(x)
-        if batch is None:
-            batch = next(iter(xs.values())).shape[0] if xs else 1
+        samples = next(iter(xs.values())).shape[0] if xs else None
+        if batch is not None:
+            if isinstance(batch, (bool, np.bool_)) or not isinstance(batch, (int, np.integer)) or batch < 1:
+                raise SubstrateValueError(f"batch={batch!r} must be a positive integer")
+            if samples is not None and batch != samples:
+                raise SubstrateValueError(f"batch={batch} but x has {samples} samples; omit batch (x gives "
+                                          "it) or pass the same number")
+        batch = int(batch or samples or 1)
         drive = np.empty((self.n, batch), dtype)
         drive[:] = np.concatenate([x.bias for x in self.layers])[:, None]
         if drive.dtype.kind != "c" and any(np.iscomplexobj(a) for a in xs.values()):
@@ -361,8 +369,9 @@ class Network:
             if a.ndim == 1:
                 a = a[None, :]
             size = self._input[name].size
-            if a.ndim != 2 or a.shape[1] != size:
-                raise SubstrateValueError(f"x[{name!r}] has shape {np.shape(x[name])}, expected (batch, {size})")
+            if a.ndim != 2 or a.shape[1] != size or a.shape[0] == 0:
+                raise SubstrateValueError(f"x[{name!r}] has shape {np.shape(x[name])}, expected (batch, {size}) "
+                                          "with batch >= 1")
             if a.dtype.kind not in "iufc":
                 raise SubstrateValueError(f"x[{name!r}] has dtype {a.dtype}; expected a numeric array")
             if not np.all(np.isfinite(a)):
