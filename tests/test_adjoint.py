@@ -768,13 +768,16 @@ def test_implicit_rejects_t_span_and_bad_solver():
 
 def test_implicit_singular_jacobian():
     """A linear neuron with a self-connection of weight 1 has J = -1 + 1 = 0 at every state; with
-    no drive it stays at 0, so relaxation converges, but J^T lambda = -dL/du has no solution."""
+    no drive it stays at 0, so the residual test passes, but the fixed point is not an isolated
+    stable equilibrium (eigenvalue 0) and J^T lambda = -dL/du has no solution: relax reports it
+    unstable with the eigenvalue and the implicit gradient refuses it."""
     layer = substrate.Layer("h", 2, activation="identity", bias=np.array([0.0, 1.0]))
     net = Network([layer], [substrate.Connection("h", "h", np.array([[1.0, 0.0], [0.0, 0.0]]))])
     loss = QuadraticLoss(np.ones((1, 2)), np.zeros((1, 2)))
-    u = relax(net, batch=1, tol=1e-12).u
-    np.testing.assert_allclose(u, [[0.0, 1.0]], atol=1e-11)
-    with pytest.raises(SubstrateValueError, match="singular"):
+    sol = relax(net, batch=1, tol=1e-12, on_failure="return")
+    np.testing.assert_allclose(sol.u, [[0.0, 1.0]], atol=1e-11)
+    assert sol.status == "unstable" and abs(sol.eigenvalue[0]) < 1e-12
+    with pytest.raises(substrate.ConvergenceError, match="unstable or singular.*eigenvalue"):
         gradient(net, None, loss, method="implicit", batch=1, tol=1e-12)
     # and any Jacobian counts as singular with cond_max = 1
     case, _ = _small()

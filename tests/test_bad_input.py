@@ -132,3 +132,97 @@ def test_builders():
         S.Network.from_config({"sizes": [3, 2], "depth": 3}, seed=0)
     with pytest.raises(Bad, match=r"sizes\[1\]: size=0 must be a positive integer"):
         S.Network.from_config({"sizes": [3, 0]}, seed=0)
+
+
+def test_batch_and_samples():
+    """batch must be a positive integer agreeing with x's samples (was a NumPy broadcast error, or an
+    empty success for batch 0)."""
+    net, x = net_and_x()
+    with pytest.raises(Bad, match="batch=5 but x has 2 samples; omit batch"):
+        S.relax(net, x, batch=5)
+    for f in (S.relax, lambda *a, **k: S.integrate(*a, t_span=(0, 1), dt=0.1, **k)):
+        with pytest.raises(Bad, match="batch=0 must be a positive integer"):
+            f(net, x, batch=0)
+        with pytest.raises(Bad, match="batch=0 must be a positive integer"):
+            f(S.Network([S.Layer("h", 2)]), batch=0)
+        with pytest.raises(Bad, match=r"x\['x'\] has shape \(0, 3\), expected \(batch, 3\) with batch >= 1"):
+            f(net, np.zeros((0, 3)))
+
+
+def test_tied_must_be_a_bool():
+    h, y = S.Layer("h", 2), S.Layer("y", 2)
+    with pytest.raises(Bad, match="connection y->h: tied='no' must be True or False"):
+        S.Network([h, y], [S.Connection("h", "y", np.eye(2)), S.Connection("y", "h", tied="no")])
+
+
+def test_max_steps_beyond_int64():
+    """Was an OverflowError from the compiled kernel's arguments."""
+    net, x = net_and_x()
+    with pytest.raises(Bad, match=r"max_steps=10+ must be a positive integer <= 2\*\*63 - 1"):
+        S.relax(net, x, max_steps=10 ** 30)
+    with pytest.raises(Bad, match=r"max_steps=10+ must be a positive integer <= 2\*\*63 - 1"):
+        S.integrate(net, x, t_span=(0, 1), dt=0.1, max_steps=10 ** 30)
+
+
+@pytest.mark.parametrize("t_span, dt, max_steps, match", [
+    ((0, 1e300), 1.0, 10 ** 7, r"t_span=\(0, 1e\+300\) with dt=1 needs 1e\+300 steps of 'rk4', more than max_steps=10000000"),
+    ((0, 1), 1e-300, 10 ** 7, r"t_span=\(0, 1\) with dt=1e-300 needs 1e\+300 steps of 'rk4', more than max_steps=10000000"),
+    ((0, 1), 0.1 / 3, 29, r"needs 30 steps of 'rk4', more than max_steps=29"),
+])
+def test_step_count_beyond_max_steps_is_refused_up_front(t_span, dt, max_steps, match):
+    """A fixed-step run needing more than max_steps steps (was 275 s and 160 s before failing)."""
+    net, x = net_and_x()
+    with pytest.raises(Bad, match=match):
+        S.integrate(net, x, t_span=t_span, dt=dt, method="rk4", max_steps=max_steps)
+
+
+def test_step_count_at_max_steps_runs():
+    """Exactly max_steps steps is allowed, also where (t1 - t0)/dt is a whole number only up to
+    rounding (1/(0.1/3) = 30.000000000000004)."""
+    net, x = net_and_x()
+    assert S.integrate(net, x, t_span=(0, 1), dt=0.1, method="rk4", max_steps=10).ok
+    assert S.integrate(net, x, t_span=(0, 1), dt=0.1 / 3, method="rk4", max_steps=30).ok
+
+
+def test_adaptive_first_step_below_the_smallest_step():
+    net, x = net_and_x()
+    with pytest.raises(Bad, match=r"dt=1e-300, the first step of 'dopri5', is below its smallest step 1e-12"):
+        S.integrate(net, x, t_span=(0, 1), method="dopri5", dt=1e-300)
+
+
+def _loss(u):
+    return float((u ** 2).sum()), 2 * u
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(blowup=-1), "blowup=-1 must be a positive finite number"),
+    (dict(integrator="dopri5", dt=None, rtol=0, atol=0), "rtol and atol cannot both be 0"),
+    (dict(method="implicit", t_span=None, blowup=0), "blowup=0 must be a positive finite number"),
+    (dict(max_steps=10 ** 30), r"max_steps=10+ must be a positive integer"),
+    (dict(dt=1e-7), r"needs 1e\+07 steps of 'rk4', more than max_steps=1000000"),
+    # the step sizes of an adaptive run are recorded for max_steps steps: 7 TiB refused
+    (dict(integrator="dopri5", dt=None, max_steps=10 ** 12),
+     r"the sizes of 1000000000000 steps would take 7.45e\+03 GiB, more than the cap of 4 GiB"),
+    # every state stored: 1e7 states of (16, 6) float64, 7 GiB refused (was 13 GiB allocated)
+    (dict(dt=1e-7, max_steps=10 ** 8, batch=16),
+     r"10000004 stored states \(checkpoints\) would take 7.15 GiB, more than the cap of 4 GiB"),
+])
+def test_gradient_arguments(kwargs, match):
+    """gradient() applies integrate's checks and bounds its allocations (before: a DivergenceError or
+    StepSizeError after running, or an allocation of terabytes)."""
+    net, x = net_and_x()
+    args = dict(t_span=(0.0, 1.0), dt=0.1)
+    args.update(kwargs)
+    if args.pop("batch", None):
+        x = np.random.default_rng(1).normal(size=(16, 3))
+    with pytest.raises(Bad, match=match):
+        S.gradient(net, x, _loss, **args)
+
+
+def test_gradient_step_sizes_sized_by_the_steps_taken():
+    """max_steps is a bound, not an allocation: 10**12 with 10 fixed steps records 10 step sizes."""
+    net, x = net_and_x()
+    g = S.gradient(net, x, _loss, t_span=(0, 1), dt=0.1, max_steps=10 ** 12)
+    ref = S.gradient(net, x, _loss, t_span=(0, 1), dt=0.1)
+    assert g.step_sizes.shape == (10,)
+    np.testing.assert_array_equal(g.flat(), ref.flat())

@@ -1,0 +1,135 @@
+"""A converged relaxation is a stable equilibrium of the ODE, or it is reported with the eigenvalue
+(issue 15): explicit steps damp a slow oscillation numerically and can converge to a fixed point the
+ODE leaves. References: the closed-form spectrum of a linear network and dense eigenvalues of
+tau^-1 J built from ``adjoint.jacobian``."""
+
+import numpy as np
+import pytest
+from scipy.linalg import expm
+
+import substrate as S
+from substrate.adjoint import jacobian
+from substrate.dynamics import rightmost_eigenvalues
+
+BIAS = np.array([0.3, -0.2])
+
+
+def spiral(a, tau=1.0):
+    """Two linear neurons, W - I = [[a, 2], [-2, a]]: eigenvalues a +- 2i; a > 0 an unstable
+    spiral, a = 0 a centre. The fixed point u* = -(W - I)^-1 b; u0 at distance 0.5 from it."""
+    A = np.array([[a, 2.0], [-2.0, a]])
+    net = S.Network([S.Layer("h", 2, tau=tau, activation="identity", bias=BIAS)],
+                    [S.Connection("h", "h", A + np.eye(2))])
+    ustar = -np.linalg.solve(A, BIAS)
+    return net, A, ustar, (ustar + [0.5, 0.0])[None]
+
+
+def dense_rightmost(sol):
+    """The rightmost eigenvalue of tau^-1 J per sample, from the dense Jacobian."""
+    tau = sol.field.network.tau
+    ev = np.linalg.eigvals(jacobian(sol.field, sol.u) / tau[None, :, None])
+    return ev[np.arange(len(ev)), np.argmax(ev.real, axis=1)]
+
+
+def test_the_unstable_spiral_leaves_its_fixed_point():
+    """The reproducer's premise, in closed form: from distance 0.5 the ODE's state is ~74 away at
+    t = 1000 (e^{0.005 t} 0.5), while rk4 with dt = 0.5 converged to u*."""
+    net, A, ustar, u0 = spiral(0.005)
+    d = expm(1000 * A) @ (u0[0] - ustar)
+    assert 70 < np.linalg.norm(d) < 80
+    sol = S.relax(net, u0=u0, method="rk4", dt=0.5, max_steps=20_000, on_failure="return")
+    assert np.abs(sol.u - ustar).max() < 1e-6  # the residual test passed at u*
+
+
+@pytest.mark.parametrize("a", [0.005, 0.0])
+def test_no_method_reports_success_on_an_unstable_spiral_or_a_centre(a):
+    """Every method and step size either fails to converge/diverges, or converges numerically and is
+    reported ``unstable`` with the eigenvalue a +- 2i (exact here: n = 2, the Krylov space is the
+    whole space; 1e-12 is rounding in a 2x2 Arnoldi)."""
+    net, A, ustar, u0 = spiral(a)
+    statuses = []
+    for method in S.integrators.METHODS:
+        for dt in (0.1, 0.5) + ((None,) if method == "dopri5" else ()):
+            sol = S.relax(net, u0=u0, method=method, dt=dt, max_steps=20_000, on_failure="return")
+            statuses.append(sol.status)
+            assert sol.status != "success", (method, dt)
+            if sol.status == "unstable":
+                assert abs(sol.eigenvalue[0].real - a) < 1e-12 and abs(abs(sol.eigenvalue[0].imag) - 2) < 1e-12
+                assert "eigenvalue" in sol.message
+    assert "unstable" in statuses  # rk4 and etdrk4 at dt = 0.5 converge numerically
+    with pytest.raises(S.ConvergenceError, match=r"unstable .*eigenvalue \S+[+-]2j") as e:
+        S.relax(net, u0=u0, method="rk4", dt=0.5, max_steps=20_000)
+    assert abs(e.value.solution.eigenvalue[0].real - a) < 1e-12
+
+
+def test_a_stable_spiral_is_accepted_with_its_eigenvalue():
+    """The same circuit with a = -0.05 and tau = 2: a stable spiral, eigenvalues (-0.05 +- 2i)/2."""
+    net, A, ustar, u0 = spiral(-0.05, tau=2.0)
+    sol = S.relax(net, u0=u0, method="rk4", dt=0.5, tol=1e-9)
+    assert sol.ok
+    np.testing.assert_allclose(sol.u[0], ustar, atol=1e-8)
+    assert abs(sol.eigenvalue[0] - complex(-0.025, np.sign(sol.eigenvalue[0].imag))) < 1e-12
+
+
+@pytest.mark.parametrize("dtype, rel", [("float64", 1e-10), ("float32", 1e-5)])
+def test_eigenvalue_matches_the_dense_spectrum(dtype, rel):
+    """A layered network (n = 22 < 40: the Krylov space is complete) with a tau per neuron: the
+    reported eigenvalue is the dense rightmost one to rounding of the state's precision (float32:
+    the Jacobian products in float32, the Krylov basis in float64)."""
+    rng = np.random.default_rng(3)
+    net = S.Network.layered([12, 10, 8, 4], rng, feedback="tied", dtype=dtype)
+    net.layers[0].tau = rng.uniform(0.5, 2.0, 10)
+    x = rng.normal(size=(6, 12)).astype(dtype)
+    sol = S.relax(net, x, tol=1e-5)
+    ref = dense_rightmost(sol)
+    assert np.all(ref.real < 0)
+    np.testing.assert_allclose(sol.eigenvalue, ref, rtol=rel, atol=rel)
+
+
+def test_complex_states_holomorphic_spectrum():
+    """Complex states (holomorphic EP): the complex Jacobian's rightmost eigenvalue."""
+    rng = np.random.default_rng(4)
+    net = S.Network.layered([5, 6, 3], rng, feedback="tied", activation="tanh")
+    x = rng.normal(size=(3, 5))
+    u0 = 0.1j * rng.normal(size=(3, 9))
+    sol = S.relax(net, x, u0=u0, dtype="complex128", tol=1e-10)
+    np.testing.assert_allclose(sol.eigenvalue, dense_rightmost(sol), rtol=1e-10, atol=1e-12)
+
+
+def test_krylov_finds_an_unstable_mode_of_a_large_network():
+    """n = 60 > 40: the Arnoldi space is partial. The unstable spiral's block beside 58 leaky neurons
+    whose spectrum is a disc of radius ~0.3 around -1: the outlying eigenvalues 0.005 +- 2i are
+    resolved (Ritz residual tiny) and reported; the same network with a = -0.5 is accepted."""
+    rng = np.random.default_rng(5)
+    for a, ok in ((0.005, False), (-0.5, True)):
+        W = np.zeros((60, 60))
+        W[2:, 2:] = rng.normal(0, 0.3 / np.sqrt(58), (58, 58))
+        W[:2, :2] = np.array([[a, 2.0], [-2.0, a]]) + np.eye(2)
+        W[2:, :2] = rng.normal(0, 0.1, (58, 2))  # the spiral drives the rest, not the reverse
+        net = S.Network([S.Layer("h", 60, activation="identity", bias=rng.normal(size=60))],
+                        [S.Connection("h", "h", W)])
+        ustar = -np.linalg.solve(W - np.eye(60), net.layers[0].bias)
+        sol = S.relax(net, u0=ustar[None], method="rk4", dt=0.5, on_failure="return")
+        assert sol.ok is ok
+        assert abs(sol.eigenvalue[0].real - a) < 1e-8 and abs(abs(sol.eigenvalue[0].imag) - 2) < 1e-8
+
+
+def test_arnoldi_breakdown_keeps_the_spectrum():
+    """An operator with an invariant subspace the start vector hits early (a diagonal with repeated
+    entries: the Krylov space of a generic vector has dimension 2 only): the fresh directions after
+    breakdown keep every Ritz value an eigenvalue, so the rightmost is 0.3, not a spurious 0."""
+    d = np.array([-1.0] * 5 + [0.3] * 5)
+    theta, residual = rightmost_eigenvalues(lambda v: d[:, None] * v, 10, 2, np.float64)
+    np.testing.assert_allclose(theta, 0.3, atol=1e-12)
+    assert np.all(residual == 0)
+
+
+def test_implicit_gradient_refuses_an_unstable_or_singular_fixed_point():
+    """rk4 at dt = 0.5 converges to the spiral's and the centre's fixed point: the implicit gradient
+    there is refused with the eigenvalue, not returned."""
+    loss = lambda u: (float((u ** 2).sum()), 2 * u)  # noqa: E731
+    for a in (0.005, 0.0):
+        net, _, _, u0 = spiral(a)
+        with pytest.raises(S.ConvergenceError, match=r"unstable or singular.*eigenvalue \S+[+-]2j"):
+            S.gradient(net, None, loss, method="implicit", integrator="rk4", dt=0.5, u0=u0,
+                       max_steps=20_000, tol=1e-6)
