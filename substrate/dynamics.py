@@ -113,10 +113,13 @@ class VectorField:
     def jvp(self, u, v) -> np.ndarray:
         """J v."""
         self._nominal_neurons("jvp")
-        ut, vt = self.state(u), self.state(v, "v")
+        return self.jvp_engine(self.state(u), self.state(v, "v")).T
+
+    def jvp_engine(self, ut, vt) -> np.ndarray:
+        """J v in the engine's layout, (n, batch) C-ordered arrays, unchecked (for inner loops)."""
         out, d = np.empty_like(ut), np.empty_like(ut)
         K.jvp(ut, vt, *self._args(), self._tmp, d, out)
-        return out.T
+        return out
 
     def vjp(self, u, w) -> np.ndarray:
         """J^T w."""
@@ -170,16 +173,17 @@ class VectorField:
         return {"weights": weights, "biases": biases, "inputs": dx}
 
 
-def rightmost_eigenvalues(matvec, n: int, batch: int, dtype, max_dim: int = 40):
+def rightmost_eigenvalues(matvec, n: int, batch: int, dtype, max_dim: int = 12):
     """The rightmost eigenvalue of a batch of n x n operators, one per sample, by Arnoldi.
 
     ``matvec(V)`` applies every sample's operator to its column of V (n, batch). The Krylov space has
-    dimension min(n, max_dim): for n <= max_dim it is the whole space and the eigenvalues are those
-    of the operator up to rounding; beyond, they are Ritz values, the outer part of the spectrum
-    (the rightmost eigenvalue lies on it). Returns (theta, residual), both (batch,): per sample the
-    Ritz value maximising Re(theta) - residual, where residual = |h_{m+1,m} y_m| bounds the distance
-    to an eigenvalue (of a normal operator; 0 when the space is complete), so that Re(theta) -
-    residual is what an instability test can rely on. Cost: min(n, max_dim) products.
+    dimension m = min(n, max_dim): for n <= max_dim it is the whole space and the eigenvalues are
+    those of the operator up to rounding; beyond, they are Ritz values, which converge first to the
+    eigenvalues standing out of the spectrum (for J = -I + W diag(rho'), an unstable one stands out
+    of the bulk around -1). Returns (theta, residual), both (batch,): per sample the Ritz value
+    maximising Re(theta) - residual, where residual = |h_{m+1,m} y_m| bounds the distance to an
+    eigenvalue (of a normal operator; 0 when the space is complete), so that Re(theta) - residual is
+    what an instability test can rely on. Cost: m products and O(m^2 n) per sample.
     """
     m = min(n, max_dim)
     # the operator in its own dtype, the Krylov basis in double precision (a float32 basis loses its
@@ -187,37 +191,38 @@ def rightmost_eigenvalues(matvec, n: int, batch: int, dtype, max_dim: int = 40):
     work = np.result_type(dtype, np.float64)
     # a fixed seed: the start vector only has to be generic, and the check must be reproducible
     rng = np.random.default_rng(0)
-    V = np.zeros((m + 1, n, batch), work)
+    V = np.zeros((batch, m + 1, n), work)  # per sample, the basis vectors as rows
     H = np.zeros((batch, m + 1, m), work)
 
-    def orthonormal_to(j, w, cols):
-        # classical Gram-Schmidt twice: orthogonal to working precision; returns the coefficients
-        h = 0
+    def orthogonalise(basis, w):
+        # classical Gram-Schmidt twice (orthogonal to working precision), batched as matrix
+        # products; returns the coefficients
+        h, dual = 0, basis.conj() if basis.dtype.kind == "c" else basis
         for _ in range(2):
-            c = np.einsum("kib,ib->bk", V[:j + 1, :, cols].conj(), w)
-            w -= np.einsum("kib,bk->ib", V[:j + 1, :, cols], c)
+            c = (dual @ w[:, :, None])[..., 0]
+            w -= (c[:, None, :] @ basis)[:, 0]
             h = h + c
         return h
 
-    v = rng.standard_normal((n, batch)).astype(work)
-    V[0] = v / np.linalg.norm(v, axis=0)
+    v = rng.standard_normal((batch, n)).astype(work)
+    V[:, 0] = v / np.linalg.norm(v, axis=1)[:, None]
     for j in range(m):
-        w = matvec(V[j].astype(dtype)).astype(work)
-        scale = np.linalg.norm(w, axis=0)
-        H[:, :j + 1, j] = orthonormal_to(j, w, slice(None))
+        w = np.array(matvec(V[:, j].T.astype(dtype)).T, work)
+        scale = np.linalg.norm(w, axis=1)
+        H[:, :j + 1, j] = orthogonalise(V[:, :j + 1], w)
         if j + 1 == n:  # the Krylov space is the whole space
             break
-        beta = np.linalg.norm(w, axis=0)
+        beta = np.linalg.norm(w, axis=1)
         # breakdown: V[:j+1] spans an invariant subspace; go on with a fresh direction (h_{j+1,j} = 0
         # keeps H block triangular, its eigenvalues still the operator's)
         dead = beta <= 1e-10 * scale
         H[:, j + 1, j] = np.where(dead, 0, beta)
         if dead.any():
-            fresh = rng.standard_normal((n, int(dead.sum()))).astype(work)
-            orthonormal_to(j, fresh, dead)
-            w[:, dead] = fresh
-            beta = np.where(dead, np.linalg.norm(w, axis=0), beta)
-        V[j + 1] = w / beta
+            fresh = rng.standard_normal((int(dead.sum()), n)).astype(work)
+            orthogonalise(V[dead, :j + 1], fresh)
+            w[dead] = fresh
+            beta = np.where(dead, np.linalg.norm(w, axis=1), beta)
+        V[:, j + 1] = w / beta[:, None]
     theta, Y = np.linalg.eig(H[:, :m, :m])
     residual = np.abs(H[:, m, m - 1])[:, None] * np.abs(Y[:, m - 1, :])
     best = np.argmax(theta.real - residual, axis=1)
