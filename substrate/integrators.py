@@ -412,10 +412,11 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
     ``max_time`` or ``max_steps`` (raised as ConvergenceError unless ``on_failure="return"``), or with
     ``diverged``. A converged state must be a stable equilibrium of the ODE, every eigenvalue of
     tau^-1 dF/du there with a negative real part (checked by :func:`stability`); otherwise the status
-    is ``unstable``, raised as ConvergenceError with the eigenvalue. ``dt``: the step of a fixed-step method, default tau_min/2 for explicit methods and
-    tau_min for exponential ones; for ``dopri5`` the first step, whose error control uses
-    ``step_rtol``/``step_atol``. ``nudge``: a :class:`~substrate.nudge.Nudge` teaching current added
-    to F (the equilibrium is then that of F + beta dl/dr). A device network with a finite relaxation
+    is ``unstable``, raised as ConvergenceError with the eigenvalue. ``dt``: the step of a
+    fixed-step method, default tau_min/2 for explicit methods and tau_min for exponential ones; for
+    ``dopri5`` the first step, whose error control uses ``step_rtol``/``step_atol``. ``nudge``: a
+    :class:`~substrate.nudge.Nudge` teaching current added to F (the equilibrium is then that of F +
+    beta dl/dr, its stability that of their sum). A device network with a finite relaxation
     time (``substrate.devices.RelaxationTime``) is read at that time: reaching it is a success.
     Other arguments as in :func:`integrate`.
     """

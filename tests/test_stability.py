@@ -144,3 +144,25 @@ def test_implicit_gradient_refuses_an_unstable_or_singular_fixed_point():
         with pytest.raises(S.ConvergenceError, match=r"unstable or singular.*eigenvalue \S+[+-]2j"):
             S.gradient(net, None, loss, method="implicit", integrator="rk4", dt=0.5, u0=u0,
                        max_steps=20_000, tol=1e-6)
+
+
+def test_nudged_equilibrium_includes_the_nudge_derivative():
+    """With a teaching current C(u) the equilibrium is that of F + C and so is its stability: the
+    eigenvalue matches the dense Jacobian of F + C by central differences of the whole field (an
+    independent path; 1e-6 covers its O(h^2) error), and differs from that of F alone."""
+    rng = np.random.default_rng(6)
+    net = S.Network.layered([4, 5, 3], rng, activation="tanh", feedback="tied")
+    x = rng.normal(size=(2, 4))
+    cost = S.nudge.Cost("y", "cross_entropy", rng.normal(size=(2, 3)), rng.normal(size=2))
+    nudge = S.nudge.Nudge(cost, 2.0, np.eye(2))
+    sol = S.relax(net, x, nudge=nudge, tol=1e-10)
+    u, h = sol.u, 1e-5
+
+    def total(v):
+        return sol.field(v) + nudge.current(net, v)
+
+    J = np.stack([(total(u + h * e) - total(u - h * e)) / (2 * h) for e in np.eye(net.n)], axis=2)
+    ev = np.linalg.eigvals(J / net.tau[None, :, None])
+    ref = ev[np.arange(2), np.argmax(ev.real, axis=1)]
+    np.testing.assert_allclose(sol.eigenvalue, ref, atol=1e-6)
+    assert np.all(np.abs(dense_rightmost(sol) - ref) > 1e-4)  # 100x the tolerance above
