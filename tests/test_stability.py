@@ -8,6 +8,7 @@ import pytest
 from scipy.linalg import expm
 
 import substrate as S
+from substrate import devices as D
 from substrate.adjoint import jacobian
 from substrate.dynamics import rightmost_eigenvalues
 
@@ -166,3 +167,17 @@ def test_nudged_equilibrium_includes_the_nudge_derivative():
     ref = ev[np.arange(2), np.argmax(ev.real, axis=1)]
     np.testing.assert_allclose(sol.eigenvalue, ref, atol=1e-6)
     assert np.all(np.abs(dense_rightmost(sol) - ref) > 1e-4)  # 100x the tolerance above
+
+
+def test_device_with_activation_mismatch():
+    """Activation mismatch (rho(g (u - o)) per neuron) has no exact Jacobian-vector product in the
+    engine: the check differentiates the device's field by central differences; reference: the
+    dense central-difference Jacobian of that field (n = 12, complete Arnoldi space)."""
+    rng = np.random.default_rng(7)
+    net = S.Network.layered([5, 8, 4], rng, feedback="tied")
+    hw = D.attach(net, D.Device((D.ActivationMismatch(0.3, 0.2),)), np.random.default_rng(9))
+    sol = S.relax(hw, rng.random((3, 5)), tol=1e-10)
+    u, h = sol.u, 1e-5
+    J = np.stack([(sol.field(u + h * e) - sol.field(u - h * e)) / (2 * h) for e in np.eye(12)], axis=2)
+    ev = np.linalg.eigvals(J / hw.tau[None, :, None])
+    np.testing.assert_allclose(sol.eigenvalue, ev[np.arange(3), np.argmax(ev.real, axis=1)], atol=1e-6)
