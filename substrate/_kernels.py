@@ -1201,23 +1201,27 @@ def _cell_weights(lam, m0, m1, g, q1, q2, w_right, w_left):
             w_left[p, b] = gp * (pr + 2.0 * pl) / 6.0 + c * (c1 - c2)
 
 
-# The finest backward cell at a transient, in units of the smallest tau: small enough that the
-# transient's coupling into the other neurons is integrated as accurately as the rest of the step.
-GRADE_FINEST = 0.05
+# The backward cells at a transient, in units of the smallest tau: GRADE_UNIFORM cells of
+# GRADE_CELL (over 20 tau the transient decays to e^-20), then doubling. The transient of a stiff
+# neuron enters the other neurons' adjoint through M, which ETD2RK takes as linear over a cell: the
+# error of a cell of width d is ~(d/tau)^2/12 of what the transient carries.
+GRADE_CELL = 0.1
+GRADE_UNIFORM = 200
 
 
 @njit
 def _graded_cells(piece, finest, toward_left, out, k):
-    """Cut a piece of the step into cells growing geometrically (ratio 2) from ``finest`` at one end
-    (``toward_left``: the piece's start); written to out[k:] in forward time order; returns the new
-    count."""
+    """Cut a piece of the step into GRADE_UNIFORM cells of size ``finest`` at one end
+    (``toward_left``: the piece's start), then cells doubling in size; written to out[k:] in
+    forward time order; returns the new count."""
     j = 0
     total = 0.0
     size = finest
     while total + 3.0 * size <= piece:  # the rest is at least twice the last cell
         out[k + j] = size
         total += size
-        size *= 2.0
+        if j >= GRADE_UNIFORM:
+            size *= 2.0
         j += 1
     out[k + j] = piece - total
     j += 1
@@ -1230,7 +1234,7 @@ def _graded_cells(piece, finest, toward_left, out, k):
 @njit
 def _substep_sizes(h, substeps, finest, left, right, out):
     """The backward cells of one forward step of size h, in forward time order: ``substeps`` equal
-    pieces; where a piece is longer than ``finest`` (GRADE_FINEST tau_min), the first is graded
+    pieces; where a piece is longer than ``finest`` (GRADE_CELL tau_min), the first is graded
     down to ``finest`` at the step's start if ``left`` (the forward transient from u0 at t0) and
     the last at its end if ``right`` (the transient of lam after a loss injected there), so that
     transients of width tau_min are resolved. Returns the number of cells."""
@@ -1252,9 +1256,9 @@ def _substep_sizes(h, substeps, finest, left, right, out):
 @njit
 def _max_cells(hs, nsteps, substeps, finest):
     """A bound on the number of cells of any step's grid (to size the replay buffers): a graded
-    piece has at most log2(piece/finest) + 2 cells."""
+    piece has at most GRADE_UNIFORM + log2(piece/finest) + 2 cells."""
     hmax = np.max(hs[:nsteps]) if nsteps > 0 else 0.0
-    return max(substeps, 2) + 2 * (int(math.log2(max(1.0, hmax / finest))) + 3)
+    return max(substeps, 2) + 2 * (GRADE_UNIFORM + int(math.log2(max(1.0, hmax / finest))) + 3)
 
 
 @njit
@@ -1274,7 +1278,7 @@ def continuous_adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, 
     s = bw.shape[0]
     dtype = drive.dtype
     seg = max(1, ckpt_every)
-    finest = GRADE_FINEST / np.max(np.abs(tauinv)) if n > 0 else np.inf
+    finest = GRADE_CELL / np.max(np.abs(tauinv)) if n > 0 else np.inf
     ys1 = np.empty((1, s, n, nb), dtype)
     rs1 = np.empty_like(ys1)
     ss1 = np.empty_like(ys1)
