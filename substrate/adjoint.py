@@ -311,6 +311,18 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
     vf, u = _prepare(network, x, u0, dtype, batch)
     n, nb = u.shape
     fam, meth, a, b, e, fsal, adaptive = stepper.kernel_args()
+    if (isinstance(strategy, ContinuousAdjoint) and fam == K.EXPLICIT_RK and not adaptive and n > 0
+            and dt is not None):  # a missing dt is reported by the forward pass
+        # Past dt/tau = 1 an explicit step no longer follows the fastest neuron's relaxation (Euler's
+        # factor 1 - dt/tau turns negative, RK4's grows again past 1.6): the states the adjoint is
+        # re-anchored at are not near a solution of the ODE it integrates (measured: 11% off the
+        # discrete adjoint for Euler at dt/tau = 2, 100% for RK4 at 2.5, even where no blow-up is seen).
+        stiff = dt * float(np.max(np.abs(vf.packed.tauinv)))
+        if stiff > 1.0:
+            raise SubstrateValueError(
+                f"method='continuous' with integrator={stepper.name!r}: dt/tau_min = {stiff:.3g} is "
+                "outside the allowed range (0, 1]; use an exponential integrator (exp_euler, etd2rk, "
+                "etdrk4: any dt/tau_min), a smaller dt, or method='discrete'")
 
     def forward(ckpt_every, n_ckpt):
         hs = np.empty(max_steps)  # only the steps taken are written and read: no zeroing of 8 MB
