@@ -1234,13 +1234,15 @@ def _graded_cells(piece, finest, toward_left, out, k):
 @njit
 def _substep_sizes(h, substeps, finest, left, right, out):
     """The backward cells of one forward step of size h, in forward time order: ``substeps`` equal
-    pieces; where a piece is longer than ``finest`` (GRADE_CELL tau_min), the first is graded
+    pieces; where a piece is longer than tau_min (= finest/GRADE_CELL), the first is graded
     down to ``finest`` at the step's start if ``left`` (the forward transient from u0 at t0) and
     the last at its end if ``right`` (the transient of lam after a loss injected there), so that
     transients of width tau_min are resolved. Returns the number of cells."""
-    pieces = max(substeps, 2 if left and right else 1)
+    pieces = substeps
+    if left and right and substeps == 1 and h * GRADE_CELL > finest:
+        pieces = 2  # one piece for each transient
     hp = h / pieces
-    stiff = hp > finest
+    stiff = hp * GRADE_CELL > finest
     k = 0
     for i in range(pieces):
         if stiff and left and i == 0:
@@ -1254,11 +1256,25 @@ def _substep_sizes(h, substeps, finest, left, right, out):
 
 
 @njit
-def _max_cells(hs, nsteps, substeps, finest):
-    """A bound on the number of cells of any step's grid (to size the replay buffers): a graded
-    piece has at most GRADE_UNIFORM + log2(piece/finest) + 2 cells."""
+def _injected(save_step, step):
+    """Whether a loss enters lam at the state after ``step`` steps."""
+    for k in range(save_step.shape[0]):
+        if save_step[k] == step:
+            return True
+    return False
+
+
+@njit
+def _step_grids(hs, nsteps, substeps, finest, save_step):
+    """Room for one step's cell sizes (a graded piece has at most GRADE_UNIFORM + log2(piece/finest)
+    + 2 cells) and the largest number of cells any step has (to size the replayed path)."""
     hmax = np.max(hs[:nsteps]) if nsteps > 0 else 0.0
-    return max(substeps, 2) + 2 * (GRADE_UNIFORM + int(math.log2(max(1.0, hmax / finest))) + 3)
+    sizes = np.empty(max(substeps, 2) + 2 * (GRADE_UNIFORM + int(math.log2(max(1.0, hmax / finest))) + 3))
+    cells = 1
+    for m in range(nsteps):
+        cells = max(cells, _substep_sizes(hs[m], substeps, finest, m == 0, _injected(save_step, m + 1),
+                                          sizes))
+    return sizes, cells
 
 
 @njit
@@ -1284,12 +1300,8 @@ def continuous_adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, 
     ss1 = np.empty_like(ys1)
     slots = np.empty((_slot_count(seg), n, nb), dtype)
     slot_step = np.zeros(slots.shape[0], np.int64)
-    cells = _max_cells(hs, nsteps, substeps, finest)
-    sub_ys = np.empty((cells, s, n, nb), dtype)
-    sub_rs = np.empty_like(sub_ys)
-    sub_ss = np.empty_like(sub_ys)
-    sub_end = np.empty((n, nb), dtype)
-    sub_h = np.empty(cells)
+    sub_h, cells = _step_grids(hs, nsteps, substeps, finest, save_step)
+    path = np.empty((cells + 1, n, nb), dtype)  # the states at the cell ends (stages not kept)
     sb = 2 if back_method == ETD2RK else 1
     alpha = np.zeros((sb + 1, n), tauinv.dtype)
     coef = np.zeros((sb + 1, sb, n), tauinv.dtype)
@@ -1317,20 +1329,19 @@ def continuous_adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, 
         for m in range(min(c * seg + seg, nsteps) - 1, c * seg - 1, -1):
             top = _state_at(m, top, slot_step, slots, family, method, a, bw, hs, drive, wbuf, conn,
                             layer_off, layer_act, tauinv, tau, ys1, rs1, ss1)
-            injected = False
-            for k in range(save_step.shape[0]):
-                injected |= save_step[k] == m + 1
-            count = _substep_sizes(hs[m], substeps, finest, m == 0, injected, sub_h)
-            replay(family, method, a, bw, slots[top], count, sub_h, drive, wbuf, conn,
-                   layer_off, layer_act, tauinv, tau, sub_ys, sub_rs, sub_ss, sub_end)
+            count = _substep_sizes(hs[m], substeps, finest, m == 0, _injected(save_step, m + 1), sub_h)
+            path[0] = slots[top]
+            for q in range(count):
+                replay(family, method, a, bw, path[q], 1, sub_h[q:q + 1], drive, wbuf, conn,
+                       layer_off, layer_act, tauinv, tau, ys1, rs1, ss1, path[q + 1])
             for q in range(count - 1, -1, -1):
                 hsub = sub_h[q]
                 if hsub != h_coef:
                     coefficients(EXPONENTIAL, back_method, hsub, a, bw, tauinv, alpha, coef)
                     _exp_weights(hsub, tauinv, g, q1, q2)
                     h_coef = hsub
-                u_right = sub_end if q == count - 1 else sub_ys[q + 1, 0]
-                u_left = sub_ys[q, 0]
+                u_right = path[q + 1]
+                u_left = path[q]
                 _adjoint_drive(lam, u_right, tauinv, tau, wbuf, conn, layer_off, layer_act, tmp, w,
                                dprime, m0)
                 # stage 1 (the ETD1 step, or ETD2RK's predictor): alpha[1] lam + coef[1, 0] M0
