@@ -38,6 +38,10 @@ def _to_parameters(network: Network, flat) -> dict:
     return vf.parameter_gradients(flat, np.zeros((network.n, 1), flat.dtype))["weights"]
 
 
+# the stochastic estimator's cost is 2 draws weight products; the exact one assembles the dense n x n W
+MAX_DRAWS = 10_000
+
+
 @dataclass(frozen=True)
 class Homeostasis:
     """lambda L_homeo added to the loss. ``draws``: None for the exact penalty, else the number of
@@ -48,11 +52,15 @@ class Homeostasis:
     normalise: bool = True
 
     def __post_init__(self):
-        if not (np.isfinite(self.strength) and self.strength >= 0):
+        s = self.strength
+        if isinstance(s, bool) or not isinstance(s, (int, float, np.integer, np.floating)) or not (np.isfinite(s) and s >= 0):
             raise SubstrateValueError(f"Homeostasis(strength={self.strength!r}) must be a finite number >= 0")
         d = self.draws
-        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1):
-            raise SubstrateValueError(f"Homeostasis(draws={d!r}) must be None (exact) or a positive integer")
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 1 <= d <= MAX_DRAWS):
+            raise SubstrateValueError(
+                f"Homeostasis(draws={d!r}) must be None (exact) or an integer in [1, {MAX_DRAWS}]: the probes "
+                f"take n x draws numbers, and beyond {MAX_DRAWS} draws the exact penalty (draws=None, one "
+                "dense n x n matrix) is cheaper for any network of fewer neurons")
 
     def penalty(self, network: Network, rng: np.random.Generator | None = None):
         """(L_homeo, {connection name: dL_homeo/dW}), unscaled by ``strength``."""
