@@ -42,6 +42,9 @@ class Relaxation:
     absolute tol alone would leave an error O(tol/|beta|) in the difference quotient, and a phase
     whose nudge is below tol would stop at step 0 (a zero gradient reported as converged). An
     estimator that subtracts r*(0) (one-sided, negative) also re-relaxes the free phase to tol_beta.
+    tol_beta stays above the state's rounding floor (``ROUNDING_MARGIN`` ulps of max|u|), and a |beta|
+    whose nudge |beta| g is within 1/``COARSEST`` of that floor is refused (SubstrateValueError naming
+    the smallest |beta| allowed), since float64 (or float32) cannot represent its response.
     Phases stop after ``max_steps`` (free) / ``nudged_max_steps`` (nudged; default max_steps) steps.
     ``dt``: the step (default tau_min). ``on_failure``: ``"raise"`` (ConvergenceError) or
     ``"record"`` (the estimate is returned with ``converged`` False, for training loops that count
@@ -61,6 +64,9 @@ class Relaxation:
         r = self.nudged_rtol
         if isinstance(r, bool) or not isinstance(r, (int, float, np.floating)) or not 0 < r <= 1:
             raise SubstrateValueError(f"Relaxation(nudged_rtol={r!r}) must be a number in (0, 1]")
+        _count(self.max_steps, "Relaxation(max_steps)")
+        if self.nudged_max_steps is not None:  # 0 would fall back to max_steps unseen
+            _count(self.nudged_max_steps, "Relaxation(nudged_max_steps)")
 
     def run(self, network, x, *, u0=None, nudge=None, dtype=None, nudged=False, tol=None) -> Solution:
         steps = self.nudged_max_steps if nudged and self.nudged_max_steps else self.max_steps
@@ -255,9 +261,10 @@ class RotatingHolomorphic(Estimator):
     """Continuous-time holomorphic EP: the teaching signal rotates, beta(t) = |beta| e^{2 pi i t/(N T)},
     held for ``duration`` T at each of the N points of a period, over ``periods`` q periods, with no
     reset of the state between points; v is the first Fourier coefficient of the activity,
-    (1/(q N)) sum_j r(t_j)/beta(t_j), sampled at the end of each point. The state starts at the free
-    equilibrium; it is not relaxed at each point (that is the method), so its residuals are reported
-    but not required to vanish."""
+    (1/(q N)) sum_j (r(t_j) - r*(0))/beta(t_j), sampled at the end of each point. The state starts at
+    the free equilibrium; it is not relaxed at each point (that is the method), so its residuals are
+    reported but not required to vanish. points x periods x duration/dt steps are capped at
+    ``MAX_ROTATING_STEPS``."""
 
     points: int = 4
     beta: float = 0.1
@@ -376,8 +383,10 @@ class Estimate:
 
     gradients: a :class:`substrate.Gradients` (same structure as the adjoint methods', so estimates
     compare element by element); readout: {"weight", "bias"} gradients of a cross-entropy readout
-    (empty for squared error); error: v (batch, n); free: the free equilibrium; nudged: the nudged
-    phases; converged: every relaxation reached its tolerance; logits: the cost layer's output at the
+    (empty for squared error); error: v (batch, n); free: the free equilibrium; nudged: the phases
+    after it (first, for an estimator that subtracts r*(0) and a nudge that needs it, the free phase
+    re-relaxed to the nudged tolerance; see :class:`Relaxation`); converged: every relaxation reached
+    its tolerance; logits: the cost layer's output at the
     free equilibrium (readout logits, or the layer's activities)."""
 
     gradients: Gradients
@@ -417,8 +426,9 @@ def estimate(network: Network, x, y, cost: Cost, estimator: Estimator = Centred(
     """The gradient of the batch-mean cost (1/B) sum_b l(r_L; y_b) estimated by ``estimator``.
 
     x: inputs (batch, size) or {name: array}; y: targets (batch, width): the nudged layer's target
-    activities for squared error, one-hot classes for cross-entropy. ``free``: a free equilibrium
-    already relaxed for these inputs (so that several estimators share it)."""
+    activities for squared error, one-hot classes for cross-entropy, checked (:func:`check_target`)
+    for every estimator. ``free``: a free equilibrium already relaxed for these inputs (so that
+    several estimators share it)."""
     if not isinstance(estimator, Estimator):
         raise SubstrateValueError(f"estimator must be an ep.Estimator, got {type(estimator).__name__}")
     if not isinstance(cost, Cost):

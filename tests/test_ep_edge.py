@@ -87,6 +87,15 @@ def test_bad_nudged_rtol_is_named(r):
         ep.Relaxation(nudged_rtol=r)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(nudged_max_steps=0), r"Relaxation\(nudged_max_steps\)=0 must be a positive integer"),
+    (dict(max_steps=-5), r"Relaxation\(max_steps\)=-5 must be a positive integer"),
+    (dict(max_steps=1e4), r"Relaxation\(max_steps\)=10000.0 must be a positive integer")])
+def test_bad_step_budgets_are_named(kwargs, match):
+    with pytest.raises(S.SubstrateValueError, match=match):
+        ep.Relaxation(**kwargs)
+
+
 def test_targets_already_met_give_an_exact_zero(sym):
     # dl/dr = 0 at the free equilibrium: u*(beta) = u*(0) for every beta, so v = 0 with no relaxation
     net, x, _, c, free, _ = sym
