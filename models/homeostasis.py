@@ -38,8 +38,9 @@ def _to_parameters(network: Network, flat) -> dict:
     return vf.parameter_gradients(flat, np.zeros((network.n, 1), flat.dtype))["weights"]
 
 
-# the stochastic estimator's cost is 2 draws weight products; the exact one assembles the dense n x n W
-MAX_DRAWS = 10_000
+# n x draws numbers the stochastic estimator may hold in each of its four probe arrays (float64: 0.8 GB
+# in all); the exact penalty (draws=None) needs one n x n matrix and gives the value without noise
+MAX_PROBE_NUMBERS = 25_000_000
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,8 @@ class Homeostasis:
         if isinstance(s, bool) or not isinstance(s, (int, float, np.integer, np.floating)) or not (np.isfinite(s) and s >= 0):
             raise SubstrateValueError(f"Homeostasis(strength={self.strength!r}) must be a finite number >= 0")
         d = self.draws
-        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 1 <= d <= MAX_DRAWS):
-            raise SubstrateValueError(
-                f"Homeostasis(draws={d!r}) must be None (exact) or an integer in [1, {MAX_DRAWS}]: the probes "
-                f"take n x draws numbers, and beyond {MAX_DRAWS} draws the exact penalty (draws=None, one "
-                "dense n x n matrix) is cheaper for any network of fewer neurons")
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1):
+            raise SubstrateValueError(f"Homeostasis(draws={d!r}) must be None (exact) or a positive integer")
 
     def penalty(self, network: Network, rng: np.random.Generator | None = None):
         """(L_homeo, {connection name: dL_homeo/dW}), unscaled by ``strength``."""
@@ -75,6 +73,11 @@ class Homeostasis:
         else:
             if not isinstance(rng, np.random.Generator):
                 raise SubstrateValueError("the stochastic homeostasis estimator needs rng, a numpy.random.Generator")
+            if p.n * self.draws > MAX_PROBE_NUMBERS:
+                raise SubstrateValueError(
+                    f"Homeostasis(draws={self.draws}) on {p.n} neurons would hold 4 x {p.n * self.draws:.3g} "
+                    f"probe numbers; at most {MAX_PROBE_NUMBERS // p.n} draws for this network (n x draws <= "
+                    f"{MAX_PROBE_NUMBERS:.2g}); draws=None gives the exact penalty from one {p.n} x {p.n} matrix")
             eps = rng.standard_normal((p.n, self.draws)).astype(network.dtype)
             tmp = np.empty_like(eps)
             a, b = np.empty_like(eps), np.empty_like(eps)

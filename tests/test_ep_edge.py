@@ -150,11 +150,17 @@ def test_targets_are_checked_against_a_given_free_phase(sym):
     (lambda: ep.RotatingHolomorphic(10**9), r"RotatingHolomorphic\(points\)=1000000000 must be at most 256"),
     (lambda: ep.RotatingHolomorphic(4, periods=10**9), r"periods\)=1000000000 must be at most 2500000"),
     (lambda: ep.Holomorphic(2.5), r"points\)=2.5 must be a positive integer"),
-    (lambda: Homeostasis(draws=10**9), r"draws=1000000000\) must be None \(exact\) or an integer in \[1, 10000\]"),
     (lambda: Homeostasis(strength="big"), r"strength='big'\) must be a finite number >= 0")])
 def test_counts_that_would_hang_are_refused(make, match):
     with pytest.raises(S.SubstrateValueError, match=match):
         make()
+
+
+def test_homeostasis_refuses_probes_beyond_its_memory_cap(sym):
+    net = sym[0]  # 22 neurons: at most 25e6 // 22 = 1136363 draws
+    with pytest.raises(S.SubstrateValueError, match=r"draws=1000000000\) on 22 neurons .* at most 1136363 draws"):
+        Homeostasis(draws=10**9).penalty(net, np.random.default_rng(0))
+    assert np.isfinite(Homeostasis(draws=1000).penalty(net, np.random.default_rng(0))[0])
 
 
 def test_a_rotation_longer_than_the_step_cap_is_refused_before_it_runs(sym):
