@@ -407,11 +407,14 @@ def check_target(network, cost, y, batch) -> np.ndarray:
     every estimator: the exact and limit ones never build a nudge, and numpy would broadcast integer
     labels of length batch = width against the (batch, width) activities without a word."""
     try:
-        y = np.asarray(y, dtype=float)
+        target = None if np.iscomplexobj(y) else np.asarray(y, dtype=float)
     except (TypeError, ValueError):
-        raise SubstrateValueError(f"y (the targets) must be a real array (batch, width), got {type(y).__name__}") from None
-    Nudge(cost, 0.0, y).kernel_args(network, np.float64, batch)
-    return y
+        target = None
+    if target is None:
+        raise SubstrateValueError(f"y (the targets) must be a real array (batch, width), got "
+                                  f"{y.dtype if isinstance(y, np.ndarray) else type(y).__name__}")
+    Nudge(cost, 0.0, target).kernel_args(network, np.float64, batch)
+    return target
 
 
 def free_phase(network, x, relaxation: Relaxation = Relaxation(), u0=None) -> Solution:

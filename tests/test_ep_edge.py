@@ -132,7 +132,8 @@ def test_rotating_with_one_point_is_one_sided_ep(sym):
     (np.full((4, 4), np.nan), "target contains NaN or Inf"),
     (np.zeros((4, 3)), r"target has shape \(4, 3\), expected \(batch, 4\)"),
     (np.zeros((3, 4)), r"target has shape \(3, 4\), expected \(batch, 4\) = \(4, 4\)"),
-    ([["a"] * 4] * 4, "y .* must be a real array")])
+    ([["a"] * 4] * 4, r"y \(the targets\) must be a real array \(batch, width\), got list"),
+    (np.ones((4, 4), complex), "must be a real array .* got complex128")])
 def test_every_estimator_checks_the_targets(sym, estimator, y, match):
     net, x, _, c, _, _ = sym
     with pytest.raises(S.SubstrateValueError, match=match):
