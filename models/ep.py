@@ -386,8 +386,8 @@ class Estimate:
     (empty for squared error); error: v (batch, n); free: the free equilibrium; nudged: the phases
     after it (first, for an estimator that subtracts r*(0) and a nudge that needs it, the free phase
     re-relaxed to the nudged tolerance; see :class:`Relaxation`); converged: every relaxation reached
-    its tolerance; logits: the cost layer's output at the
-    free equilibrium (readout logits, or the layer's activities)."""
+    its tolerance; logits: the cost layer's output at the free equilibrium (readout logits, or the
+    layer's activities)."""
 
     gradients: Gradients
     readout: dict
@@ -438,11 +438,11 @@ def estimate(network: Network, x, y, cost: Cost, estimator: Estimator = Centred(
         raise SubstrateValueError(f"cost must be a substrate.Cost, got {type(cost).__name__}")
     if not isinstance(relaxation, Relaxation):
         raise SubstrateValueError(f"relaxation must be an ep.Relaxation, got {type(relaxation).__name__}")
-    inputs = network.check_inputs(x)
-    batch = free.u.shape[0] if free is not None else next((len(a) for a in inputs.values()), None)
-    y = check_target(network, cost, y, batch) if batch is not None else y
+    if free is None and not network.inputs:  # without inputs only the free phase knows the batch
+        free = free_phase(network, x, relaxation)
+    batch = free.u.shape[0] if free is not None else len(next(iter(network.check_inputs(x).values())))
+    y = check_target(network, cost, y, batch)  # before the free phase, when the inputs give the batch
     free = free_phase(network, x, relaxation) if free is None else free
-    y = check_target(network, cost, y, free.u.shape[0]) if batch is None else y
     v, sols = estimator.error_vector(network, x, y, cost, relaxation, free)
     nb = free.u.shape[0]
     vf = free.field if _same_field(free, network) else VectorField(network, x, dtype=free.u.dtype)
