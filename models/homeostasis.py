@@ -54,7 +54,8 @@ class Homeostasis:
 
     def __post_init__(self):
         s = self.strength
-        if isinstance(s, bool) or not isinstance(s, (int, float, np.integer, np.floating)) or not (np.isfinite(s) and s >= 0):
+        real = not isinstance(s, bool) and isinstance(s, (int, float, np.integer, np.floating))
+        if not (real and np.isfinite(s) and s >= 0):
             raise SubstrateValueError(f"Homeostasis(strength={self.strength!r}) must be a finite number >= 0")
         d = self.draws
         if d is not None and (isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1):
