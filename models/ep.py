@@ -34,11 +34,21 @@ from substrate.errors import ConvergenceError, SubstrateValueError
 # ------------------------------------------------------------------------------------ relaxation
 @dataclass(frozen=True)
 class Relaxation:
-    """How the phases relax. The free phase starts from zero (or ``u0``), nudged phases from the free
-    equilibrium; each stops when max|F| <= tol, or after ``max_steps`` (free) / ``nudged_max_steps``
-    (nudged; default max_steps) steps. ``dt``: the step (default tau_min). ``on_failure``:
-    ``"raise"`` (ConvergenceError) or ``"record"`` (the estimate is returned with ``converged`` False,
-    for training loops that count failures rather than stop)."""
+    """How the phases relax. The free phase starts from zero (or ``u0``) and stops when max|F| <= tol;
+    nudged phases start from the free equilibrium and stop when max|F + beta dl/dr| <= tol_beta =
+    min(tol, nudged_rtol |beta| g), g = max|dl/dr_L| at the free equilibrium: the residual a nudged
+    phase starts with is about |beta| g, so its error relative to the response it must make
+    (u*(beta) - u*(0) ~ J^{-1} beta dl/dr) is at most about nudged_rtol, however small beta is. An
+    absolute tol alone would leave an error O(tol/|beta|) in the difference quotient, and a phase
+    whose nudge is below tol would stop at step 0 (a zero gradient reported as converged). An
+    estimator that subtracts r*(0) (one-sided, negative) also re-relaxes the free phase to tol_beta.
+    tol_beta stays above the state's rounding floor (``ROUNDING_MARGIN`` ulps of max|u|), and a |beta|
+    whose nudge |beta| g is within 1/``COARSEST`` of that floor is refused (SubstrateValueError naming
+    the smallest |beta| allowed), since float64 (or float32) cannot represent its response.
+    Phases stop after ``max_steps`` (free) / ``nudged_max_steps`` (nudged; default max_steps) steps.
+    ``dt``: the step (default tau_min). ``on_failure``: ``"raise"`` (ConvergenceError) or
+    ``"record"`` (the estimate is returned with ``converged`` False, for training loops that count
+    failures rather than stop)."""
 
     method: str = "exp_euler"
     dt: float | None = None
@@ -46,23 +56,55 @@ class Relaxation:
     max_steps: int = 10_000
     nudged_max_steps: int | None = None
     on_failure: str = "raise"
+    nudged_rtol: float = 1e-3
 
     def __post_init__(self):
         if self.on_failure not in ("raise", "record"):
             raise SubstrateValueError(f"Relaxation(on_failure={self.on_failure!r}); allowed: 'raise', 'record'")
+        r = self.nudged_rtol
+        if isinstance(r, bool) or not isinstance(r, (int, float, np.floating)) or not 0 < r <= 1:
+            raise SubstrateValueError(f"Relaxation(nudged_rtol={r!r}) must be a number in (0, 1]")
+        _count(self.max_steps, "Relaxation(max_steps)")
+        if self.nudged_max_steps is not None:  # 0 would fall back to max_steps unseen
+            _count(self.nudged_max_steps, "Relaxation(nudged_max_steps)")
 
-    def run(self, network, x, *, u0=None, nudge=None, dtype=None, nudged=False) -> Solution:
+    def run(self, network, x, *, u0=None, nudge=None, dtype=None, nudged=False, tol=None) -> Solution:
         steps = self.nudged_max_steps if nudged and self.nudged_max_steps else self.max_steps
-        sol = relax(network, x, method=self.method, dt=self.step(network), tol=self.tol, u0=u0,
+        tol = self.tol if tol is None else tol
+        sol = relax(network, x, method=self.method, dt=self.step(network), tol=tol, u0=u0,
                     max_steps=steps, nudge=nudge, dtype=dtype, on_failure="return")
         if not sol.ok and self.on_failure == "raise":
             phase = f"nudged phase (beta={nudge.beta:.4g})" if nudge is not None else "free phase"
-            raise ConvergenceError(f"EP {phase} did not reach tol={self.tol:g}: {sol.report()}; raise "
+            raise ConvergenceError(f"EP {phase} did not reach tol={tol:g}: {sol.report()}; raise "
                                    "max_steps, loosen tol, or pass on_failure='record'", sol)
         return sol
 
     def step(self, network) -> float:
         return float(np.min(network.tau)) if self.dt is None else self.dt
+
+    def nudged_tol(self, what, beta, network, cost, free, y) -> float:
+        """tol_beta for nudges of modulus |beta| from the free equilibrium ``free`` (see the class);
+        a SubstrateValueError when the state's rounding cannot resolve the response to |beta|."""
+        b = abs(complex(beta))
+        g = float(np.max(np.abs(cost.value_and_grad(activity(network, free.u)[:, network.slices[cost.layer]], y)[1])))
+        if g == 0:  # dl/dr = 0 at u*(0): u*(0) is every u*(beta), the phases stop at once, exactly
+            return self.tol
+        # the residual of a state cannot be resolved below about one ulp of |u| (measured: relaxations
+        # stall at eps max|u|); ROUNDING_MARGIN ulps leave room for the integrators' own rounding
+        floor = ROUNDING_MARGIN * np.finfo(free.u.dtype).eps * max(1.0, float(np.max(np.abs(free.u))))
+        if COARSEST * b * g < floor:
+            raise SubstrateValueError(
+                f"{what}: |beta|={b:.3g} nudges by |beta| max|dl/dr| = {b * g:.3g}, too close to the "
+                f"{free.u.dtype} rounding of the state (residual floor ~{floor:.1g}) to resolve its response "
+                f"to {COARSEST:.0%} relative accuracy; the smallest |beta| allowed here is "
+                f"{floor / (COARSEST * g):.2g}")
+        return min(self.tol, max(self.nudged_rtol * b * g, floor))
+
+
+# ulps of max|u| below which a residual is rounding noise; and the coarsest relative accuracy of a
+# nudged phase's response that is still an estimate (between it and nudged_rtol, the floor is used)
+ROUNDING_MARGIN = 16
+COARSEST = 0.01
 
 
 def activity(network: Network, u) -> np.ndarray:
@@ -101,21 +143,38 @@ class PointEstimator(Estimator):
         raise NotImplementedError
 
     def error_vector(self, network, x, y, cost, relaxation, free):
-        c0, pts = self.nodes()
-        v = c0 * activity(network, free.u)
+        c0, pts = self.nodes()  # every point has the same modulus |beta|
+        tol = relaxation.nudged_tol(repr(self), pts[0][0], network, cost, free, y)
         sols = []
+        if c0 != 0 and tol < relaxation.tol:
+            # v subtracts c0 r*(0): the free state's error (up to tol) would enter v as O(tol/|beta|);
+            # estimators without that term cancel it (each nudged phase converges wherever it starts)
+            free = relaxation.run(network, x, u0=free.u, tol=tol)
+            sols.append(free)
+        v = c0 * activity(network, free.u)
         for beta, c, pair in pts:
             dtype = np.complex128 if complex(beta).imag != 0 else None
-            sol = relaxation.run(network, x, u0=free.u, nudge=Nudge(cost, beta, y), dtype=dtype, nudged=True)
+            sol = relaxation.run(network, x, u0=free.u, nudge=Nudge(cost, beta, y), dtype=dtype, nudged=True,
+                                 tol=tol)
             term = c * activity(network, sol.u)
             v = v + (2 * term.real if pair else term.real)
             sols.append(sol)
         return v, sols
 
 
-def _count(value, name):
+# The trapezoidal rule's error (|beta|/R)^N (R the radius of analyticity) is below float64 rounding
+# (2^-53) at N = 256 for any |beta|/R <= 0.86; more points only add relaxations (N/2 + 1 of them).
+MAX_POINTS = 256
+# the fixed steps a rotating estimate may integrate in all (points x periods x duration/dt): about
+# as many as a few hundred converged relaxations, minutes for the networks this package targets
+MAX_ROTATING_STEPS = 10_000_000
+
+
+def _count(value, name, cap=None, why=""):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise SubstrateValueError(f"{name}={value!r} must be a positive integer")
+    if cap is not None and value > cap:
+        raise SubstrateValueError(f"{name}={value!r} must be at most {cap}: {why}")
 
 
 def _beta(beta, name="beta"):
@@ -123,6 +182,10 @@ def _beta(beta, name="beta"):
     if not (math.isfinite(b) and b > 0):
         raise SubstrateValueError(f"{name}={beta!r} must be a positive finite number")
     return b
+
+
+_POINTS_WHY = ("the trapezoidal error (|beta|/R)^N is below float64 rounding by then for |beta|/R <= 0.86; "
+               "more points only add relaxations")
 
 
 class _RealNudge(PointEstimator):
@@ -181,7 +244,7 @@ class Holomorphic(PointEstimator):
     name = "holomorphic"
 
     def __post_init__(self):
-        _count(self.points, "Holomorphic(points)")
+        _count(self.points, "Holomorphic(points)", MAX_POINTS, _POINTS_WHY)
         _beta(self.beta)
 
     def nodes(self):
@@ -198,9 +261,10 @@ class RotatingHolomorphic(Estimator):
     """Continuous-time holomorphic EP: the teaching signal rotates, beta(t) = |beta| e^{2 pi i t/(N T)},
     held for ``duration`` T at each of the N points of a period, over ``periods`` q periods, with no
     reset of the state between points; v is the first Fourier coefficient of the activity,
-    (1/(q N)) sum_j r(t_j)/beta(t_j), sampled at the end of each point. The state starts at the free
-    equilibrium; it is not relaxed at each point (that is the method), so its residuals are reported
-    but not required to vanish."""
+    (1/(q N)) sum_j (r(t_j) - r*(0))/beta(t_j), sampled at the end of each point. The state starts at
+    the free equilibrium; it is not relaxed at each point (that is the method), so its residuals are
+    reported but not required to vanish. points x periods x duration/dt steps are capped at
+    ``MAX_ROTATING_STEPS``."""
 
     points: int = 4
     beta: float = 0.1
@@ -209,22 +273,35 @@ class RotatingHolomorphic(Estimator):
     name = "rotating_holomorphic"
 
     def __post_init__(self):
-        _count(self.points, "RotatingHolomorphic(points)")
-        _count(self.periods, "RotatingHolomorphic(periods)")
+        _count(self.points, "RotatingHolomorphic(points)", MAX_POINTS, _POINTS_WHY)
+        _count(self.periods, "RotatingHolomorphic(periods)", MAX_ROTATING_STEPS // self.points,
+               f"points x periods x duration/dt steps are capped at {MAX_ROTATING_STEPS:.0e}")
         _beta(self.beta)
         _beta(self.duration, "duration")
 
     def error_vector(self, network, x, y, cost, relaxation, free):
-        N, b = self.points, self.beta
-        u = free.u.astype(np.complex128)
-        acc = np.zeros_like(u)
+        N, b, dt = self.points, self.beta, relaxation.step(network)
+        steps = N * self.periods * math.ceil(self.duration / dt)
+        if steps > MAX_ROTATING_STEPS:
+            raise SubstrateValueError(
+                f"{self!r}: points x periods x duration/dt = {steps:.3g} steps (dt={dt:g}) exceed the cap of "
+                f"{MAX_ROTATING_STEPS:.0e} (hours of integration); shorten duration or use fewer points/periods")
+        tol = relaxation.nudged_tol(repr(self), b, network, cost, free, y)
         sols = []
+        if tol < relaxation.tol:  # the free state's error drifts during the rotation: O(tol/|beta|) in v
+            free = relaxation.run(network, x, u0=free.u, tol=tol)
+            sols.append(free)
+        u = free.u.astype(np.complex128)
+        r0 = activity(network, free.u)
+        acc = np.zeros_like(u)
         for j in range(N * self.periods):
             beta = b * np.exp(2j * np.pi * j / N)
             sol = integrate(network, x, t_span=(0.0, self.duration), method=relaxation.method,
-                            dt=relaxation.step(network), u0=u, nudge=Nudge(cost, beta, y), dtype=np.complex128)
+                            dt=dt, u0=u, nudge=Nudge(cost, beta, y), dtype=np.complex128)
             u = sol.u[-1]
-            acc += activity(network, u) / beta
+            # r - r*(0): the same sum for N >= 2 (sum_j 1/beta_j = 0 over whole periods) without the
+            # cancellation of |r*(0)|/|beta| terms, and one-sided EP for N = 1 (as Holomorphic(1))
+            acc += (activity(network, u) - r0) / beta
             sols.append(sol)
         return (acc / (N * self.periods)).real, sols
 
@@ -306,9 +383,11 @@ class Estimate:
 
     gradients: a :class:`substrate.Gradients` (same structure as the adjoint methods', so estimates
     compare element by element); readout: {"weight", "bias"} gradients of a cross-entropy readout
-    (empty for squared error); error: v (batch, n); free: the free equilibrium; nudged: the nudged
-    phases; converged: every relaxation reached its tolerance; logits: the cost layer's output at the
-    free equilibrium (readout logits, or the layer's activities)."""
+    (empty for squared error); error: v (batch, n); free: the free equilibrium; nudged: the phases
+    after it (first, for an estimator that subtracts r*(0) and a nudge that needs it, the free phase
+    re-relaxed to the nudged tolerance; see :class:`Relaxation`); converged: every relaxation reached
+    its tolerance; logits: the cost layer's output at the free equilibrium (readout logits, or the
+    layer's activities)."""
 
     gradients: Gradients
     readout: dict
@@ -323,6 +402,21 @@ class Estimate:
         return float(np.real(self.gradients.loss))
 
 
+def check_target(network, cost, y, batch) -> np.ndarray:
+    """Targets y as a float array (batch, width), checked as a nudge checks them (shape, NaN/Inf) for
+    every estimator: the exact and limit ones never build a nudge, and numpy would broadcast integer
+    labels of length batch = width against the (batch, width) activities without a word."""
+    try:
+        target = None if np.iscomplexobj(y) else np.asarray(y, dtype=float)
+    except (TypeError, ValueError):
+        target = None
+    if target is None:
+        raise SubstrateValueError(f"y (the targets) must be a real array (batch, width), got "
+                                  f"{y.dtype if isinstance(y, np.ndarray) else type(y).__name__}")
+    Nudge(cost, 0.0, target).kernel_args(network, np.float64, batch)
+    return target
+
+
 def free_phase(network, x, relaxation: Relaxation = Relaxation(), u0=None) -> Solution:
     """The free equilibrium (from zero, or ``u0``). A new equilibrium: a device redraws the read
     noise it holds per equilibrium, which the nudged phases that start from it then share."""
@@ -335,13 +429,19 @@ def estimate(network: Network, x, y, cost: Cost, estimator: Estimator = Centred(
     """The gradient of the batch-mean cost (1/B) sum_b l(r_L; y_b) estimated by ``estimator``.
 
     x: inputs (batch, size) or {name: array}; y: targets (batch, width): the nudged layer's target
-    activities for squared error, one-hot classes for cross-entropy. ``free``: a free equilibrium
-    already relaxed for these inputs (so that several estimators share it)."""
+    activities for squared error, one-hot classes for cross-entropy, checked (:func:`check_target`)
+    for every estimator. ``free``: a free equilibrium already relaxed for these inputs (so that
+    several estimators share it)."""
     if not isinstance(estimator, Estimator):
         raise SubstrateValueError(f"estimator must be an ep.Estimator, got {type(estimator).__name__}")
     if not isinstance(cost, Cost):
         raise SubstrateValueError(f"cost must be a substrate.Cost, got {type(cost).__name__}")
-    y = np.asarray(y, dtype=float)
+    if not isinstance(relaxation, Relaxation):
+        raise SubstrateValueError(f"relaxation must be an ep.Relaxation, got {type(relaxation).__name__}")
+    if free is None and not network.inputs:  # without inputs only the free phase knows the batch
+        free = free_phase(network, x, relaxation)
+    batch = free.u.shape[0] if free is not None else len(next(iter(network.check_inputs(x).values())))
+    y = check_target(network, cost, y, batch)  # before the free phase, when the inputs give the batch
     free = free_phase(network, x, relaxation) if free is None else free
     v, sols = estimator.error_vector(network, x, y, cost, relaxation, free)
     nb = free.u.shape[0]
@@ -361,5 +461,5 @@ def estimate(network: Network, x, y, cost: Cost, estimator: Estimator = Centred(
         readout = {"weight": e.T @ r_out * scale, "bias": e.mean(axis=0)}
     grads = Gradients(float(np.mean(losses)), weights, biases, tau, inputs, np.zeros_like(free.u),
                       f"ep:{estimator.name}", free)
-    converged = free.ok and all(s.ok for s in sols if not isinstance(estimator, RotatingHolomorphic))
+    converged = free.ok and all(s.ok for s in sols)
     return Estimate(grads, readout, v, free, sols, converged, logits)

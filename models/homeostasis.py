@@ -38,6 +38,11 @@ def _to_parameters(network: Network, flat) -> dict:
     return vf.parameter_gradients(flat, np.zeros((network.n, 1), flat.dtype))["weights"]
 
 
+# n x draws numbers the stochastic estimator may hold in each of its four probe arrays (float64: 0.8 GB
+# in all); the exact penalty (draws=None) needs one n x n matrix and gives the value without noise
+MAX_PROBE_NUMBERS = 25_000_000
+
+
 @dataclass(frozen=True)
 class Homeostasis:
     """lambda L_homeo added to the loss. ``draws``: None for the exact penalty, else the number of
@@ -48,7 +53,9 @@ class Homeostasis:
     normalise: bool = True
 
     def __post_init__(self):
-        if not (np.isfinite(self.strength) and self.strength >= 0):
+        s = self.strength
+        real = not isinstance(s, bool) and isinstance(s, (int, float, np.integer, np.floating))
+        if not (real and np.isfinite(s) and s >= 0):
             raise SubstrateValueError(f"Homeostasis(strength={self.strength!r}) must be a finite number >= 0")
         d = self.draws
         if d is not None and (isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1):
@@ -67,6 +74,11 @@ class Homeostasis:
         else:
             if not isinstance(rng, np.random.Generator):
                 raise SubstrateValueError("the stochastic homeostasis estimator needs rng, a numpy.random.Generator")
+            if p.n * self.draws > MAX_PROBE_NUMBERS:
+                raise SubstrateValueError(
+                    f"Homeostasis(draws={self.draws}) on {p.n} neurons would hold 4 x {p.n * self.draws:.3g} "
+                    f"probe numbers; at most {MAX_PROBE_NUMBERS // p.n} draws for this network (n x draws <= "
+                    f"{MAX_PROBE_NUMBERS:.2g}); draws=None gives the exact penalty from one {p.n} x {p.n} matrix")
             eps = rng.standard_normal((p.n, self.draws)).astype(network.dtype)
             tmp = np.empty_like(eps)
             a, b = np.empty_like(eps), np.empty_like(eps)

@@ -68,6 +68,10 @@ class Classifier:
 
     def evaluate(self, x, labels, relaxation: ep.Relaxation, batch: int = 1000) -> tuple:
         """(mean cost, accuracy, fraction of free phases that did not converge) on a data set."""
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise SubstrateValueError(f"batch={batch!r} must be an integer >= 1")
+        if len(x) == 0 or len(x) != len(labels):
+            raise SubstrateValueError(f"x has {len(x)} samples and labels {len(labels)}: they must match and be >= 1")
         losses, correct, failed = 0.0, 0, 0
         for i in range(0, len(x), batch):
             xb, yb = x[i:i + batch], labels[i:i + batch]
@@ -201,18 +205,31 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
           homeostasis: Homeostasis | None = None, rng: np.random.Generator | None = None,
           probe: int = 64, progress: bool = True, on_epoch=None) -> History:
     """Train ``model`` on ``data`` for ``epochs`` epochs of shuffled minibatches; see the module
-    docstring. ``probe``: the number of training samples (fixed, the first ones) on which the rule's
-    gradient is compared with the exact one after every epoch (0: skip). ``on_epoch(history)`` is
-    called after every epoch (to save partial results)."""
+    docstring. ``probe``: the number of training samples (fixed, the first ones; all of them when
+    there are fewer) on which the rule's gradient is compared with the exact one after every epoch
+    (0: skip). ``on_epoch(history)`` is called after every epoch (to save partial results)."""
     from tqdm.auto import tqdm
 
     if not isinstance(model, Classifier):
         raise SubstrateValueError(f"model must be a Classifier, got {type(model).__name__}")
+    if not isinstance(data, Dataset):
+        raise SubstrateValueError(f"data must be a models.data.Dataset, got {type(data).__name__}")
     if not isinstance(rng, np.random.Generator):
         raise SubstrateValueError("train needs rng, a numpy.random.Generator (seeded, passed explicitly)")
-    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (0 if name == "epochs" else 1):
-            raise SubstrateValueError(f"{name}={v!r} must be a {'non-negative' if name == 'epochs' else 'positive'} integer")
+    for name, v, low in (("epochs", epochs, 0), ("batch_size", batch_size, 1), ("probe", probe, 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise SubstrateValueError(f"{name}={v!r} must be a {'positive' if low else 'non-negative'} integer")
+    for name, v, kind, what in (("rule", rule, ep.Estimator, "an ep.Estimator"),
+                                ("relaxation", relaxation, ep.Relaxation, "an ep.Relaxation"),
+                                ("optimiser", optimiser, (Optimiser, type(None)), "None or an Optimiser (SGD, Adam)"),
+                                ("homeostasis", homeostasis, (Homeostasis, type(None)), "None or a Homeostasis")):
+        if not isinstance(v, kind):
+            raise SubstrateValueError(f"{name} must be {what}, got {type(v).__name__}")
+    if on_epoch is not None and not callable(on_epoch):
+        raise SubstrateValueError(f"on_epoch must be None or a callable(history), got {type(on_epoch).__name__}")
+    if len(data.x_train) == 0 or len(data.x_test) == 0:
+        raise SubstrateValueError(f"data has {len(data.x_train)} training and {len(data.x_test)} test samples; "
+                                  "both must be >= 1")
     if data.n_features != model.network.inputs[0].size:
         raise SubstrateValueError(f"the data have {data.n_features} features but the network's input "
                                   f"{model.network.inputs[0].name!r} has {model.network.inputs[0].size}")
