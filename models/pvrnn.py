@@ -699,10 +699,14 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
                   model.prior_adaptive(step["end"], read()) if t > 0 and er.newest == "prior" else None)
         n = A["l0.mu"].shape[1]
         eps = [rng.standard_normal((er.iterations, n, x_.latents)) for x_ in model.layers]  # fresh per iteration
-        step = window_step(model, x[None, t - n + 1:t + 1], A, eps, start, er, read)
-        if not math.isfinite(step["free_energy_after"]):
-            raise DivergenceError(f"error regression diverged at step t={t} (window free energy "
-                                  f"{step['free_energy_after']}): lower ErrorRegression.lr={er.lr!r}")
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # a divergence is reported here, once
+                step = window_step(model, x[None, t - n + 1:t + 1], A, eps, start, er, read)
+            if not math.isfinite(step["free_energy_after"]):
+                raise DivergenceError(f"window free energy {step['free_energy_after']}")
+        except DivergenceError as e:
+            raise DivergenceError(f"error regression diverged at step t={t} ({e}): lower "
+                                  f"ErrorRegression.lr={er.lr!r}") from None
         A = step["A"]
         for k in ("free_energy_before", "free_energy_after", "kl"):
             out[k][t] = step[k]
@@ -737,6 +741,8 @@ def _window_step(model, xw, A, eps, start, er, read):
                                             meta_prior=er.meta_prior, weights=False, credit=er.credit,
                                             truncation=er.truncation, read=read())
         opt.step(A, gA)
+        if not all(np.all(np.isfinite(v)) for v in A.values()):
+            raise DivergenceError(f"A not finite after iteration {itr + 1}")
     means = model.run(A, [np.zeros((1, n, x_.latents)) for x_ in model.layers], start, read())
     out.update(A=A, free_energy_after=window_F(), kl=parts["kl"], after_first=parts["pass"].after_first,
                end=means.end, mu_q=[means.mu_q[i][:, -1] for i in range(L)],
