@@ -151,16 +151,16 @@ def grid(schedule: VPSchedule, steps: int, kind: str = "logsnr") -> torch.Tensor
     _count("steps", steps)
     if not isinstance(schedule, VPSchedule):
         raise SubstrateValueError(f"schedule must be a VPSchedule, got {type(schedule).__name__}")
+    if not isinstance(kind, str) or kind not in GRIDS:
+        raise SubstrateValueError(f"grid kind={kind!r}; allowed: {GRIDS}")
     if kind == "uniform_t":
         return torch.linspace(1.0, schedule.t_min, steps + 1, dtype=torch.float64)
     if kind == "logsnr":
         lam = torch.linspace(float(schedule.lam(1.0)), float(schedule.lam(schedule.t_min)), steps + 1,
                              dtype=torch.float64)
-    elif kind == "karras":
+    else:  # karras
         a, b = (float(schedule.rho(v)) ** (1 / 7) for v in (1.0, schedule.t_min))
         lam = -7.0 * torch.log(torch.linspace(a, b, steps + 1, dtype=torch.float64))
-    else:
-        raise SubstrateValueError(f"grid kind={kind!r}; allowed: {GRIDS}")
     t = schedule.t_of_lam(lam)
     t[0], t[-1] = 1.0, schedule.t_min  # the ends exactly
     return t
@@ -197,6 +197,13 @@ class NoisePredictor(nn.Module):
             raise SubstrateValueError(f"NoisePredictor.schedule must be a VPSchedule, got {type(schedule).__name__}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise SubstrateValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if not isinstance(gaussian_skip, (bool, np.bool_)):
+            raise SubstrateValueError(f"NoisePredictor.gaussian_skip={gaussian_skip!r} must be True or False")
+        inputs = dim + 1 + 2 * frequencies + embed
+        size = inputs * hidden + (depth - 1) * hidden * hidden + hidden * dim + (classes + 1) * embed
+        if size > 2 ** 31:  # 16 GiB of float64: refused up front rather than attempted
+            raise SubstrateValueError(f"NoisePredictor: dim, classes, hidden, depth, embed, frequencies give "
+                                      f"{size:.3g} weights, more than 2**31")
         self.dim, self.classes, self.frequencies, self.schedule = dim, classes, frequencies, schedule
         self.gaussian_skip = gaussian_skip
         self._lam_range = float(schedule.lam(1.0)), float(schedule.lam(schedule.t_min))
@@ -419,28 +426,25 @@ FRAMES = {"original": Original, "reparameterised": Reparameterised, "gaussian": 
 
 
 def _frame(model, schedule, ode, solver):
-    if ode not in FRAMES:
+    if not isinstance(ode, str) or ode not in FRAMES:
         raise SubstrateValueError(f"ode={ode!r}; allowed: {ODES}")
     return FRAMES["reparameterised" if solver in ("dpm1", "dpm2") else ode](model, schedule)
 
 
-def _check(solver, times, schedule=None, x_T=None, c=None, model=None):
+def _check(solver, times, schedule, x_T, c, model):
     """``times`` as a tensor, and x_T as one, after the checks of the arguments the sampling entry
     points share: SubstrateValueError naming the argument."""
-    if solver not in SOLVERS:
+    if not isinstance(solver, str) or solver not in SOLVERS:
         raise SubstrateValueError(f"solver={solver!r}; allowed: {SOLVERS}")
     times = _finite("times", times, (None,))
     if len(times) < 2 or not bool(torch.all(times[1:] < times[:-1])) or not times[-1] > 0:
         raise SubstrateValueError("times: a decreasing 1-D sequence of at least two times > 0 (from 1 to t_min)")
-    if schedule is not None and not isinstance(schedule, VPSchedule):
+    if not isinstance(schedule, VPSchedule):
         raise SubstrateValueError(f"schedule must be a VPSchedule, got {type(schedule).__name__}")
-    dim = getattr(model, "dim", None)
-    if x_T is not None:
-        x_T = _finite("x_T", x_T, (None, dim))
-    if c is not None:
-        if not isinstance(c, torch.Tensor):
-            raise SubstrateValueError(f"c must be a tensor (e.g. model.embedding(label)), got {type(c).__name__}")
-        _finite("c", c, None)
+    x_T = _finite("x_T", x_T, (None, getattr(model, "dim", None)))
+    if not isinstance(c, torch.Tensor):
+        raise SubstrateValueError(f"c must be a tensor (e.g. model.embedding(label)), got {type(c).__name__}")
+    _finite("c", c, None)
     return times, x_T
 
 
@@ -610,7 +614,7 @@ def customise(model, schedule: VPSchedule, x_T, c, times, loss_grad, *, what: st
     fine-tuning). With a ``generator``, fresh initial noise of x_T's shape every step (for
     "conditioning"/"weights": the customisation then holds for new samples). Returns (x_T, c, the
     loss at every step, the samples of the last x_T and c)."""
-    if what not in ("noise", "conditioning", "weights"):
+    if not isinstance(what, str) or what not in ("noise", "conditioning", "weights"):
         raise SubstrateValueError(f"what={what!r}; allowed: 'noise', 'conditioning', 'weights'")
     if what == "noise" and generator is not None:
         raise SubstrateValueError("what='noise' optimises one x_T: no fresh noise (generator=None)")

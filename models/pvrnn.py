@@ -121,8 +121,12 @@ class PVRNN:
         self.outputs = int(outputs)
         if isinstance(substeps, bool) or not isinstance(substeps, (int, np.integer)) or substeps < 1:
             raise SubstrateValueError(f"substeps={substeps!r} must be a positive integer")
-        if method not in ("euler", "exp_euler"):
+        if not isinstance(method, str) or method not in ("euler", "exp_euler"):
             raise SubstrateValueError(f"method={method!r}; allowed: 'euler', 'exp_euler'")
+        if not isinstance(posterior_weights, (bool, np.bool_)):
+            raise SubstrateValueError(f"posterior_weights={posterior_weights!r} must be True or False")
+        N, Z = sum(x.units for x in self.layers), sum(x.latents for x in self.layers)
+        _fits("the weights (of units, latents and outputs)", N * N + 4 * N * Z + outputs * N)
         self.substeps, self.method = int(substeps), method
         self._leak = [_leak(x.tau, 1.0 / self.substeps, method) for x in self.layers]
 
@@ -553,7 +557,7 @@ class DeviceCircuit:
 
 
 def _check_credit(credit, truncation):
-    if credit not in CREDIT:
+    if not isinstance(credit, str) or credit not in CREDIT:
         raise SubstrateValueError(f"credit={credit!r}; allowed: {CREDIT}")
     if credit == "truncated" and (isinstance(truncation, bool) or not isinstance(truncation, (int, np.integer))
                                   or truncation < 1):
@@ -627,7 +631,9 @@ class ErrorRegression:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise SubstrateValueError(f"ErrorRegression.{name}={v!r} must be a positive integer")
-        if self.newest not in ("copy", "prior", "zeros"):
+        if not isinstance(self.sample, (bool, np.bool_)):
+            raise SubstrateValueError(f"ErrorRegression.sample={self.sample!r} must be True or False")
+        if not isinstance(self.newest, str) or self.newest not in ("copy", "prior", "zeros"):
             raise SubstrateValueError(f"ErrorRegression.newest={self.newest!r}; allowed: 'copy', 'prior', 'zeros'")
         if not (_real(self.lr) and math.isfinite(self.lr) and self.lr > 0):
             raise SubstrateValueError(f"ErrorRegression.lr={self.lr!r} must be a positive finite number")
@@ -801,8 +807,9 @@ def _real(v) -> bool:
 
 
 def _count(name, v, minimum):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
-        raise SubstrateValueError(f"{name}={v!r} must be an integer >= {minimum}")
+    # the upper bound: what numpy's and tqdm's C integers hold (a loop that long would never end anyway)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not minimum <= v < 2 ** 31:
+        raise SubstrateValueError(f"{name}={v!r} must be an integer in [{minimum}, 2**31)")
 
 
 def _fits(what, elements):

@@ -523,8 +523,8 @@ def test_non_finite_arrays_are_refused_naming_the_argument():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda net, x, A, rng: net.generate(0, 3, rng), "sequences=0 must be an integer >= 1"),
-    (lambda net, x, A, rng: net.generate(1, 10 ** 30, rng), "steps=10{30} must be an integer|would hold"),
+    (lambda net, x, A, rng: net.generate(0, 3, rng), r"sequences=0 must be an integer in \[1, 2\*\*31\)"),
+    (lambda net, x, A, rng: net.generate(1, 10 ** 30, rng), r"steps=10{30} must be an integer in \[1, 2\*\*31\)"),
     (lambda net, x, A, rng: net.generate(10 ** 6, 10 ** 6, rng), r"the generated sequences would hold 2e\+12 numbers"),
     (lambda net, x, A, rng: net.generate(1, 3, 42), "rng must be a numpy.random.Generator"),
     (lambda net, x, A, rng: net.reconstruct({"l0.mu": A["l0.mu"]}), r"A must be a dict with the keys \['l0.mu'"),
@@ -534,7 +534,7 @@ def test_non_finite_arrays_are_refused_naming_the_argument():
     (lambda net, x, A, rng: net.free_energy(x + 0j, A, []), "x must be a real array, got ndarray"),
     (lambda net, x, A, rng: net.free_energy(x, A, []), "eps must be a list of 3 arrays"),
     (lambda net, x, A, rng: __import__("models.pvrnn").pvrnn.train(net, x, epochs=-1, rng=rng),
-     "epochs=-1 must be an integer >= 0"),
+     r"epochs=-1 must be an integer in \[0, 2\*\*31\)"),
     (lambda net, x, A, rng: __import__("models.pvrnn").pvrnn.error_regression(net, x[0], "er", rng),
      "er must be an ErrorRegression"),
     (lambda net, x, A, rng: PVRNN([{"units": 3, "latent": 1, "tau": 2.0}], 2, rng), "layers: a non-empty list"),
