@@ -273,6 +273,7 @@ class PVRNN:
         if not isinstance(eps, (list, tuple)) or len(eps) != len(self.layers):
             raise SubstrateValueError(f"eps must be a list of {len(self.layers)} arrays (one per layer)")
         eps = [_finite(f"eps[{i}]", e, 3, (B, T, x_.latents)) for i, (e, x_) in enumerate(zip(eps, self.layers))]
+        start = self.check_state(start, B)
         _check_credit(credit, truncation)
         run = self.run(A, eps, start, read)
         err = run.x_hat - x
@@ -404,7 +405,7 @@ class PVRNN:
             _generator(rng)
         _fits("the generated sequences", sequences * steps * self.outputs)
         (p, leak), L = read or self.nominal(), len(self.layers)
-        start = self.initial_state(sequences) if start is None else start
+        start = self.check_state(start, sequences)
         h, d = [a.copy() for a in start.h], [a.copy() for a in start.d]
         out = np.empty((sequences, steps, self.outputs))
         for t in range(steps):
@@ -480,6 +481,19 @@ class PVRNN:
                 out[f"l{i}.mu"] = out[f"l{i}.mu"] - state.d[i] @ p[f"l{i}.Wq_mu"].T
                 out[f"l{i}.sig"] = out[f"l{i}.sig"] - state.d[i] @ p[f"l{i}.Wq_sig"].T
         return out
+
+    def check_state(self, start, sequences: int) -> State:
+        """``start``, or a sequence's beginning when None, after checking that it is a State of this
+        model for ``sequences`` sequences with finite units; else a SubstrateValueError."""
+        if start is None:
+            return self.initial_state(sequences)
+        L = len(self.layers)
+        if not isinstance(start, State) or len(start.h) != L or len(start.d) != L:
+            raise SubstrateValueError(f"start must be a State with h and d for each of the {L} layers")
+        for k in ("h", "d"):
+            for i, x in enumerate(self.layers):
+                _finite(f"start.{k}[{i}]", getattr(start, k)[i], 2, (sequences, x.units))
+        return start
 
     def check_adaptive(self, A, sequences: int | None = None, steps: int | None = None) -> dict:
         """A as float arrays, after checking that it has this model's keys, finite values and shapes

@@ -514,6 +514,8 @@ def test_non_finite_arrays_are_refused_naming_the_argument():
         r"x contains NaN or Inf": lambda: pvrnn.error_regression(net, nan_at(x[0], (3, 0)), pvrnn.ErrorRegression(
             window=3, iterations=2), rng),
         r"source contains NaN or Inf": lambda: load_sequences(nan_at(x, (2, 5, 0))),
+        r"start.h\[1\] contains NaN or Inf": lambda: net.generate(1, 2, rng, start=State(
+            [np.zeros((1, 7)), np.full((1, 5), np.nan), np.zeros((1, 4))], [np.zeros((1, k)) for k in (7, 5, 4)], False)),
     }
     before = {k: v.copy() for k, v in net.params.items()}
     for match, call in calls.items():
