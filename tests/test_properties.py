@@ -86,6 +86,12 @@ def _cost_nudge(beta=0.5, target=None, **cost):
     return S.relax(NET, X, nudge=S.Nudge(c, beta, y), max_steps=2000)
 
 
+def _cross_entropy(**kw):
+    args = dict(layer="h1", kind="cross_entropy", readout_weight=np.ones((2, 4)), readout_bias=np.zeros(2))
+    args.update(kw)
+    return S.relax(NET, X, nudge=S.Nudge(S.Cost(**args), 0.5, np.full((2, 2), 0.5)), max_steps=2000)
+
+
 def _nudge(**kw):
     return S.relax(NET, X, nudge=S.Nudge(**kw), max_steps=2000)
 
@@ -150,6 +156,11 @@ CASES = [
          dict(x=arrays((2, 3)), batch=st.none(), dtype=st.sampled_from([None, "float64"]))),
     Case("Cost", _cost_nudge, dict(layer="y"),
          dict(layer=st.just("y"), kind=st.just("squared_error"))),
+    Case("Cost(cross_entropy)", _cross_entropy, {},
+         dict(readout_weight=arrays((2, 4)), readout_bias=arrays(2))),
+    Case("Input", lambda **kw: S.Network([S.Layer("h", 2)], [S.Connection("x", "h", np.ones((2, 3)))],
+                                         [S.Input(**kw)]), dict(name="x", size=3),
+         dict(size=st.just(3))),  # (another name is a connection's error: from an unknown input)
     Case("Nudge", _nudge, dict(cost=S.Cost("y"), beta=0.5, target=np.zeros((2, 2))),
          dict(cost=st.just(S.Cost("y")), beta=REAL, target=arrays((2, 2)))),
     Case("Device", _device, dict(),
@@ -259,6 +270,10 @@ def _ep_cases():
              dict(method=st.sampled_from(["exp_euler", "euler"]), dt=st.none() | st.floats(0.05, 0.5),
                   tol=st.floats(1e-8, 1e-3), max_steps=st.integers(1, 3000),
                   nudged_max_steps=st.none() | st.integers(1, 3000), on_failure=st.sampled_from(["return", "record"]))),
+        Case("ep.Exact", lambda **kw: ep.estimate(NET, X, y, cost, estimator=ep.Exact(**kw)), {},
+             dict(solver=st.sampled_from(["direct"]))),
+        Case("ep.make_estimator", lambda **kw: ep.make_estimator(**kw), dict(name="centred"),
+             dict(name=st.sampled_from(sorted(ep.ESTIMATORS)))),
         Case("ep.estimate", lambda **kw: ep.estimate(NET, **kw), dict(x=X, y=y, cost=cost),
              dict(x=arrays((2, 3)), y=arrays((2, 2)), cost=st.just(cost))),
     ]
@@ -340,6 +355,8 @@ XFAIL = {
     ("ep.RotatingHolomorphic", "duration"): "ep",  # float(None)
     ("ep.Relaxation", "on_failure"): "ep",  # bool(array)
     ("ep.estimate", "y"): "ep",  # float('x'); y=None: "nudge target has shape ()" without the name y
+    ("ep.Exact", "solver"): "adjoint",  # solve_adjoint: bool(array), not checked by Exact either
+    ("ep.make_estimator", "name"): "ep",  # "estimator 'x' is unknown" without the name of the argument
     ("train.train", "probe"): "train",  # TypeError: slice indices must be integers
 }
 # bad values that hang: train(epochs=10**30) trains for ever; not run until models/train.py bounds epochs
