@@ -535,8 +535,12 @@ class DeviceCircuit:
 
         from substrate.devices import Device, ReadNoise, TauMismatch, stream
 
+        if not isinstance(model, PVRNN):
+            raise SubstrateValueError(f"model must be a PVRNN, got {type(model).__name__}")
         if not isinstance(device, Device):
             raise SubstrateValueError(f"device must be a substrate.devices.Device, got {type(device).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise SubstrateValueError(f"seed={seed!r} must be an integer >= 0")
         for e in device.effects:
             if not (isinstance(e, TauMismatch) or (isinstance(e, ReadNoise) and e.policy == "phase")):
                 raise SubstrateValueError(f"{e!r}: a PV-RNN circuit supports TauMismatch and ReadNoise(policy='phase')")
@@ -697,6 +701,8 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
         raise SubstrateValueError(f"x has shape {x.shape}; expected (steps, {model.outputs})")
     if not isinstance(er, ErrorRegression):
         raise SubstrateValueError(f"er must be an ErrorRegression, got {type(er).__name__}")
+    if circuit is not None and not (isinstance(circuit, DeviceCircuit) and circuit.model is model):
+        raise SubstrateValueError("circuit must be a DeviceCircuit of this model, or None")
     _generator(rng)
     T, L = len(x), len(model.layers)
     if er.meta_prior is not None and len(er.meta_prior) != L:

@@ -6,7 +6,7 @@ a legitimate outcome of some valid inputs: too few steps, a stiff circuit).
 Each test varies one argument of one call, all others at valid values, over a strategy that mixes the
 argument's valid values with bad ones (wrong types, NaN/Inf, negative, zero, 10**30, strings, wrong
 shapes). ``derandomize=True``: the examples are the same on every run, so that the fast suite is
-reproducible; ``max_examples`` bounds its time (the whole file ~30 s on one core).
+reproducible; ``max_examples`` bounds its time (the whole file ~20 s on one core, measured).
 """
 
 from dataclasses import dataclass, field
@@ -246,6 +246,9 @@ def _pvrnn_cases():
              dict(x=arrays((4, 2), -0.5, 0.5), rng=rngs(),
                   er=st.builds(pvrnn.ErrorRegression, window=st.integers(1, 3), iterations=st.integers(1, 3),
                                lr=st.floats(1e-3, 0.1)))),
+        Case("pvrnn.DeviceCircuit", lambda **kw: pvrnn.DeviceCircuit(**kw),
+             dict(model=m, device=D.Device((D.TauMismatch(0.1),)), seed=0),
+             dict(model=st.just(m), device=st.just(D.Device((D.ReadNoise(0.05),))), seed=st.integers(0, 2 ** 31 - 1))),
         Case("ErrorRegression", lambda **kw: pvrnn.ErrorRegression(**kw), {},
              dict(window=st.integers(1, 20), iterations=st.integers(1, 100), lr=st.floats(1e-4, 1),
                   newest=st.sampled_from(["copy", "prior", "zeros"]), meta_prior=st.none() | st.just((0.1,)),
