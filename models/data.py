@@ -59,7 +59,7 @@ def _first(size: int, n: int | None, argument: str, rng: np.random.Generator | N
     """Indices of the first ``n`` of ``size`` examples, after a permutation from ``rng`` if given."""
     n = size if n is None else _count(n, argument)
     if n > size:
-        raise ValueError(f"{argument}={n} exceeds the {size} examples available")
+        raise SubstrateValueError(f"{argument}={n} exceeds the {size} examples available")
     order = np.arange(size) if rng is None else rng.permutation(size)
     return order[:n]
 
@@ -67,10 +67,10 @@ def _first(size: int, n: int | None, argument: str, rng: np.random.Generator | N
 def _count(value, argument: str, minimum: int = 0) -> int:
     """``value`` as an int of at least ``minimum``, or a ValueError naming ``argument``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{argument} must be an integer, got {value!r}")
+        raise SubstrateValueError(f"{argument} must be an integer, got {value!r}")
     value = int(value)
     if value < minimum:
-        raise ValueError(f"{argument} must be at least {minimum}, got {value}")
+        raise SubstrateValueError(f"{argument} must be at least {minimum}, got {value}")
     return value
 
 
@@ -96,7 +96,7 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     each class's indices are permuted with ``default_rng(seed)`` and the first round(test_fraction * count)
     go to the test set. Both splits keep the original order of the examples."""
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+        raise SubstrateValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
     x, y = digits_arrays()
     rng = np.random.default_rng(seed)
     test = []
@@ -117,22 +117,22 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as err:
-            raise ValueError(f"{path}: corrupt gzip data ({err})") from None
+            raise SubstrateValueError(f"{path}: corrupt gzip data ({err})") from None
     if len(raw) < 4 or raw[:2] != b"\x00\x00":
-        raise ValueError(f"{path}: not an IDX file (bad magic {raw[:4].hex() or 'empty'}, expected 0000<type><ndim>)")
+        raise SubstrateValueError(f"{path}: not an IDX file (bad magic {raw[:4].hex() or 'empty'}, expected 0000<type><ndim>)")
     type_code, ndim = raw[2], raw[3]
     if type_code not in _IDX_TYPES:
-        raise ValueError(f"{path}: unknown IDX type code 0x{type_code:02X} (known: {', '.join(f'0x{t:02X}' for t in _IDX_TYPES)})")
+        raise SubstrateValueError(f"{path}: unknown IDX type code 0x{type_code:02X} (known: {', '.join(f'0x{t:02X}' for t in _IDX_TYPES)})")
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: size does not match the header: {len(raw)} bytes, shorter than the {header}-byte header")
+        raise SubstrateValueError(f"{path}: size does not match the header: {len(raw)} bytes, shorter than the {header}-byte header")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
     if any(d < 0 for d in dims):
-        raise ValueError(f"{path}: negative dimension in the header {dims}")
+        raise SubstrateValueError(f"{path}: negative dimension in the header {dims}")
     dtype = np.dtype(_IDX_TYPES[type_code])
     expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     if len(raw) != expected:
-        raise ValueError(f"{path}: size does not match the header {dims}: {len(raw)} bytes, expected {expected}")
+        raise SubstrateValueError(f"{path}: size does not match the header {dims}: {len(raw)} bytes, expected {expected}")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
@@ -145,7 +145,7 @@ def idx_dataset(directory: str | os.PathLike, name: str = "idx") -> Dataset:
     x_train, y_train = _idx_split(directory, "train")
     x_test, y_test = _idx_split(directory, "t10k")
     if x_train.shape[1:] != x_test.shape[1:]:
-        raise ValueError(f"{directory}: train images are {x_train.shape[1:]} but test images are {x_test.shape[1:]}")
+        raise SubstrateValueError(f"{directory}: train images are {x_train.shape[1:]} but test images are {x_test.shape[1:]}")
     classes = max(10, int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1)
     shape = x_train.shape[1:]
     return Dataset(name, _pixels(x_train), y_train, _pixels(x_test), y_test, classes, shape)
@@ -157,11 +157,11 @@ def _idx_split(directory: str | os.PathLike, split: str) -> tuple[np.ndarray, np
     labels_path = _idx_path(directory, f"{split}-labels-idx1-ubyte")
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{images_path}: expected unsigned-byte images (N, rows, cols), got {images.dtype} {images.shape}")
+        raise SubstrateValueError(f"{images_path}: expected unsigned-byte images (N, rows, cols), got {images.dtype} {images.shape}")
     if labels.ndim != 1 or labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):
-        raise ValueError(f"{labels_path}: expected non-negative integer labels (N,), got {labels.dtype} {labels.shape}")
+        raise SubstrateValueError(f"{labels_path}: expected non-negative integer labels (N,), got {labels.dtype} {labels.shape}")
     if len(images) != len(labels):
-        raise ValueError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels")
+        raise SubstrateValueError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels")
     return images, labels.astype(np.int64)
 
 
@@ -194,15 +194,15 @@ def load(name: str, directory: str | os.PathLike | None = None, **kwargs) -> Dat
     "mnist" / "idx" (IDX files in ``directory``, which is required)."""
     if name == "digits":
         if directory is not None:
-            raise ValueError("the digits dataset comes with scikit-learn and takes no directory")
+            raise SubstrateValueError("the digits dataset comes with scikit-learn and takes no directory")
         return digits(**kwargs)
     if name == "fashion_mnist":
         return fashion_mnist(directory, **kwargs)
     if name in ("mnist", "idx"):
         if directory is None:
-            raise ValueError(f"load({name!r}) needs directory= pointing at the four IDX files")
+            raise SubstrateValueError(f"load({name!r}) needs directory= pointing at the four IDX files")
         return idx_dataset(directory, name=name, **kwargs)
-    raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(NAMES)}")
+    raise SubstrateValueError(f"unknown dataset {name!r}; expected one of {', '.join(NAMES)}")
 
 
 def one_hot(y: np.ndarray, classes: int) -> np.ndarray:
@@ -210,7 +210,7 @@ def one_hot(y: np.ndarray, classes: int) -> np.ndarray:
     classes = _count(classes, "classes", minimum=1)
     y = np.asarray(y)
     if y.ndim != 1 or (y.size and (y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= classes)):
-        raise ValueError(f"y must be 1-D integer labels in [0, {classes}), got {y.dtype} {y.shape}")
+        raise SubstrateValueError(f"y must be 1-D integer labels in [0, {classes}), got {y.dtype} {y.shape}")
     out = np.zeros((len(y), classes), dtype=np.float64)
     out[np.arange(len(y)), y] = 1.0
     return out
@@ -282,11 +282,18 @@ def load_sequences(source, dataset: str = "sequences") -> np.ndarray:
             if dataset not in f:
                 raise SubstrateValueError(f"{source}: no dataset {dataset!r}; it has {list(f)}")
             source = f[dataset][...]
-    x = np.asarray(source, dtype=float)
+    try:
+        if np.iscomplexobj(source):  # asarray would drop the imaginary part with a mere warning
+            raise TypeError
+        x = np.asarray(source, dtype=float)
+    except (TypeError, ValueError):
+        raise SubstrateValueError(f"source must be a path or a real array, got {type(source).__name__}") from None
     if x.ndim == 2:
         x = x[None]
-    if x.ndim != 3 or 0 in x.shape or not np.all(np.isfinite(x)):
-        raise SubstrateValueError(f"sequences must be a finite (sequences, steps, dims) array, got shape {x.shape}")
+    if x.ndim != 3 or 0 in x.shape:
+        raise SubstrateValueError(f"source must be a (sequences, steps, dims) array, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise SubstrateValueError("source contains NaN or Inf: sequences must be finite")
     return x
 
 

@@ -36,18 +36,57 @@ or from an adjoint.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from substrate.errors import SubstrateValueError
+from substrate.errors import DivergenceError, SubstrateValueError
 
 ODES = ("original", "reparameterised", "gaussian")
 SOLVERS = ("euler", "midpoint", "rk4", "ms2", "ms3", "dpm1", "dpm2")
 GRIDS = ("uniform_t", "logsnr", "karras")
 MODEL_VERSION = 3  # bumped when a change to NoisePredictor or train invalidates trained models (studies cache them)
+
+# ------------------------------------------------------------------------------------ argument checks
+_MAX_STEPS = 10 ** 8  # ~ a day of network evaluations, a grid of 0.8 GB: beyond it, an error up front
+
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _count(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= _MAX_STEPS:
+        raise SubstrateValueError(f"{name}={v!r} must be an integer in [1, {_MAX_STEPS:.0e}]")
+
+
+def _rate(name, v):
+    if not (_real(v) and math.isfinite(v) and v > 0):
+        raise SubstrateValueError(f"{name}={v!r} must be a positive finite number")
+
+
+def _finite(name, v, shape):
+    """``v`` as a float64 tensor (a float64 tensor as it is, its autograd graph kept) whose shape
+    matches ``shape`` (None: any size there; ``shape`` None: any shape), finite; else a
+    SubstrateValueError."""
+    if not (isinstance(v, torch.Tensor) and v.dtype == torch.float64):
+        try:
+            if np.iscomplexobj(v) or (isinstance(v, torch.Tensor) and v.is_complex()):
+                raise TypeError  # a conversion would drop the imaginary part
+            v = torch.as_tensor(np.asarray(v, dtype=float) if not isinstance(v, torch.Tensor) else v,
+                                dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise SubstrateValueError(f"{name} must be a real array, got {type(v).__name__}") from None
+    if shape is not None and (v.ndim != len(shape) or 0 in v.shape
+                              or any(n is not None and m != n for m, n in zip(v.shape, shape))):
+        want = tuple("n" if n is None else n for n in shape)
+        raise SubstrateValueError(f"{name} has shape {tuple(v.shape)}; expected {want}")
+    if not bool(torch.all(torch.isfinite(v.detach()))):
+        raise SubstrateValueError(f"{name} contains NaN or Inf")
+    return v
 
 
 @dataclass(frozen=True)
@@ -59,6 +98,9 @@ class VPSchedule:
     t_min: float = 1e-3
 
     def __post_init__(self):
+        for name in ("beta_0", "beta_1", "t_min"):
+            if not _real(getattr(self, name)):
+                raise SubstrateValueError(f"VPSchedule.{name}={getattr(self, name)!r} must be a number")
         if not (0 < self.beta_0 < self.beta_1 and math.isfinite(self.beta_1)):
             raise SubstrateValueError(f"VPSchedule: need 0 < beta_0 < beta_1 < inf, got {self.beta_0}, {self.beta_1}")
         if not 0 < self.t_min < 1:
@@ -106,18 +148,19 @@ def evaluations(solver: str, steps: int) -> int:
 def grid(schedule: VPSchedule, steps: int, kind: str = "logsnr") -> torch.Tensor:
     """steps + 1 times from 1 down to t_min, uniform in t (``uniform_t``), in lambda (``logsnr``), or
     in rho^(1/7) (``karras``: the grid of Karras et al. 2022, EDM, whose sigma is our rho)."""
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise SubstrateValueError(f"steps={steps!r} must be a positive integer")
+    _count("steps", steps)
+    if not isinstance(schedule, VPSchedule):
+        raise SubstrateValueError(f"schedule must be a VPSchedule, got {type(schedule).__name__}")
+    if not isinstance(kind, str) or kind not in GRIDS:
+        raise SubstrateValueError(f"grid kind={kind!r}; allowed: {GRIDS}")
     if kind == "uniform_t":
         return torch.linspace(1.0, schedule.t_min, steps + 1, dtype=torch.float64)
     if kind == "logsnr":
         lam = torch.linspace(float(schedule.lam(1.0)), float(schedule.lam(schedule.t_min)), steps + 1,
                              dtype=torch.float64)
-    elif kind == "karras":
+    else:  # karras
         a, b = (float(schedule.rho(v)) ** (1 / 7) for v in (1.0, schedule.t_min))
         lam = -7.0 * torch.log(torch.linspace(a, b, steps + 1, dtype=torch.float64))
-    else:
-        raise SubstrateValueError(f"grid kind={kind!r}; allowed: {GRIDS}")
     t = schedule.t_of_lam(lam)
     t[0], t[-1] = 1.0, schedule.t_min  # the ends exactly
     return t
@@ -148,6 +191,19 @@ class NoisePredictor(nn.Module):
         for name, v in (("dim", dim), ("classes", classes), ("hidden", hidden), ("depth", depth), ("embed", embed)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise SubstrateValueError(f"NoisePredictor.{name}={v!r} must be a positive integer")
+        if isinstance(frequencies, bool) or not isinstance(frequencies, (int, np.integer)) or frequencies < 0:
+            raise SubstrateValueError(f"NoisePredictor.frequencies={frequencies!r} must be an integer >= 0")
+        if not isinstance(schedule, VPSchedule):
+            raise SubstrateValueError(f"NoisePredictor.schedule must be a VPSchedule, got {type(schedule).__name__}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise SubstrateValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if not isinstance(gaussian_skip, (bool, np.bool_)):
+            raise SubstrateValueError(f"NoisePredictor.gaussian_skip={gaussian_skip!r} must be True or False")
+        inputs = dim + 1 + 2 * frequencies + embed
+        size = inputs * hidden + (depth - 1) * hidden * hidden + hidden * dim + (classes + 1) * embed
+        if size > 2 ** 31:  # 16 GiB of float64: refused up front rather than attempted
+            raise SubstrateValueError(f"NoisePredictor: dim, classes, hidden, depth, embed, frequencies give "
+                                      f"{size:.3g} weights, more than 2**31")
         self.dim, self.classes, self.frequencies, self.schedule = dim, classes, frequencies, schedule
         self.gaussian_skip = gaussian_skip
         self._lam_range = float(schedule.lam(1.0)), float(schedule.lam(schedule.t_min))
@@ -205,10 +261,21 @@ def train(model: NoisePredictor, schedule: VPSchedule, x, labels=None, *, steps:
     data's mean and covariance in the model (for the ``gaussian`` form). Returns the losses."""
     from tqdm.auto import tqdm
 
-    x = torch.as_tensor(x, dtype=torch.float64)
-    labels = torch.zeros(len(x), dtype=torch.long) if labels is None else torch.as_tensor(labels, dtype=torch.long)
-    if len(labels) != len(x):
-        raise SubstrateValueError(f"labels has {len(labels)} entries for {len(x)} samples")
+    x = _finite("x", x, (None, model.dim))
+    _count("steps", steps), _count("batch", batch), _rate("lr", lr)
+    if not (_real(uncond) and 0 <= uncond <= 1):
+        raise SubstrateValueError(f"uncond={uncond!r} must be a probability in [0, 1]")
+    if not isinstance(generator, torch.Generator):
+        raise SubstrateValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if labels is None:
+        labels = torch.zeros(len(x), dtype=torch.long)
+    else:
+        labels = np.asarray(labels)
+        if labels.shape != (len(x),) or labels.dtype.kind not in "iu" or not np.all(
+                (labels >= 0) & (labels <= model.classes)):
+            raise SubstrateValueError(f"labels must be {len(x)} integers in [0, {model.classes}] (one per sample; "
+                                      f"{model.classes}: unconditional), got {labels.dtype} {labels.shape}")
+        labels = torch.as_tensor(labels, dtype=torch.long)
     with torch.no_grad():
         variances, axes = torch.linalg.eigh(torch.cov(x.T).reshape(x.shape[1], x.shape[1]))
         model.data_mean.copy_(x.mean(0))
@@ -228,6 +295,9 @@ def train(model: NoisePredictor, schedule: VPSchedule, x, labels=None, *, steps:
         loss.backward()
         opt.step()
         losses[k] = float(loss.detach())
+        if not math.isfinite(losses[k]):
+            raise DivergenceError(f"denoising score matching diverged at step {k + 1} of {steps} (loss "
+                                  f"{losses[k]}): lower lr={lr!r}")
     return losses
 
 
@@ -356,18 +426,26 @@ FRAMES = {"original": Original, "reparameterised": Reparameterised, "gaussian": 
 
 
 def _frame(model, schedule, ode, solver):
-    if ode not in FRAMES:
+    if not isinstance(ode, str) or ode not in FRAMES:
         raise SubstrateValueError(f"ode={ode!r}; allowed: {ODES}")
     return FRAMES["reparameterised" if solver in ("dpm1", "dpm2") else ode](model, schedule)
 
 
-def _check(solver, times):
-    if solver not in SOLVERS:
+def _check(solver, times, schedule, x_T, c, model):
+    """``times`` as a tensor, and x_T as one, after the checks of the arguments the sampling entry
+    points share: SubstrateValueError naming the argument."""
+    if not isinstance(solver, str) or solver not in SOLVERS:
         raise SubstrateValueError(f"solver={solver!r}; allowed: {SOLVERS}")
-    times = torch.as_tensor(times, dtype=torch.float64)
-    if times.ndim != 1 or len(times) < 2 or not bool(torch.all(times[1:] < times[:-1])):
-        raise SubstrateValueError("times: a decreasing 1-D sequence of at least two times (from 1 to t_min)")
-    return times
+    times = _finite("times", times, (None,))
+    if len(times) < 2 or not bool(torch.all(times[1:] < times[:-1])) or not times[-1] > 0:
+        raise SubstrateValueError("times: a decreasing 1-D sequence of at least two times > 0 (from 1 to t_min)")
+    if not isinstance(schedule, VPSchedule):
+        raise SubstrateValueError(f"schedule must be a VPSchedule, got {type(schedule).__name__}")
+    x_T = _finite("x_T", x_T, (None, getattr(model, "dim", None)))
+    if not isinstance(c, torch.Tensor):
+        raise SubstrateValueError(f"c must be a tensor (e.g. model.embedding(label)), got {type(c).__name__}")
+    _finite("c", c, None)
+    return times, x_T
 
 
 def sample(model, schedule: VPSchedule, x_T, c, times, ode: str = "reparameterised", solver: str = "rk4"):
@@ -377,7 +455,7 @@ def sample(model, schedule: VPSchedule, x_T, c, times, ode: str = "reparameteris
     ``ms2``/``ms3``. ``dpm1``/``dpm2`` are DPM-Solver-1/2 (the exponential integrators of the
     original ODE, = ``euler``/``midpoint`` of the reparameterised one; ``ode`` is then irrelevant),
     computed here in their published form. Differentiable by torch autograd (the discrete adjoint)."""
-    times = _check(solver, times)
+    times, x_T = _check(solver, times, schedule, x_T, c, model)
     frame = _frame(model, schedule, ode, solver)
     if solver in ("dpm1", "dpm2"):
         return _dpm_solver(model, schedule, x_T, c, times, solver)
@@ -495,12 +573,17 @@ def adjoint(model, schedule: VPSchedule, x_T, c, times, loss_grad, solver: str =
     order), ``euler``, ``midpoint``, ``rk4`` or the multistep ``ms2``/``ms3`` in the form's variable.
     ``loss_grad(x_0) -> (L, dL/dx_0)``. Returns (x_0, L, dL/dx_T, dL/dc, {name: dL/dparam}), the
     last empty with ``weights=False`` (the weights' products skipped: ~2x faster for x_T and c)."""
-    times = _check(solver, times)
+    times, x_T = _check(solver, times, schedule, x_T, c, model)
+    if not callable(loss_grad):
+        raise SubstrateValueError(f"loss_grad must be a function x_0 -> (L, dL/dx_0), got {type(loss_grad).__name__}")
     frame = _frame(model, schedule, ode, solver)
     with torch.no_grad():
         x_0 = sample(model, schedule, x_T, c, times, ode, solver)
     L, g = loss_grad(x_0)
     g = torch.as_tensor(g, dtype=x_0.dtype)
+    if g.shape != x_0.shape or not bool(torch.all(torch.isfinite(g))) or not math.isfinite(float(L)):
+        raise SubstrateValueError(f"loss_grad returned L={float(L)} and dL/dx_0 of shape {tuple(g.shape)}: need "
+                                  f"finite values, dL/dx_0 of the samples' shape {tuple(x_0.shape)}")
     names, params = zip(*model.named_parameters()) if weights else ((), ())
     c = c.detach()
 
@@ -531,11 +614,15 @@ def customise(model, schedule: VPSchedule, x_T, c, times, loss_grad, *, what: st
     fine-tuning). With a ``generator``, fresh initial noise of x_T's shape every step (for
     "conditioning"/"weights": the customisation then holds for new samples). Returns (x_T, c, the
     loss at every step, the samples of the last x_T and c)."""
-    if what not in ("noise", "conditioning", "weights"):
+    if not isinstance(what, str) or what not in ("noise", "conditioning", "weights"):
         raise SubstrateValueError(f"what={what!r}; allowed: 'noise', 'conditioning', 'weights'")
     if what == "noise" and generator is not None:
         raise SubstrateValueError("what='noise' optimises one x_T: no fresh noise (generator=None)")
-    x_T = torch.as_tensor(x_T, dtype=torch.float64).clone()
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise SubstrateValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    _count("steps", steps), _rate("lr", lr)
+    times, x_T = _check(solver, times, schedule, x_T, c, model)
+    x_T = x_T.detach().clone()
     c = c.detach().clone()
     names, params = zip(*model.named_parameters())
     target = {"noise": [x_T], "conditioning": [c], "weights": list(params)}[what]
@@ -552,3 +639,4 @@ def customise(model, schedule: VPSchedule, x_T, c, times, loss_grad, *, what: st
         opt.step()
     with torch.no_grad():
         return x_T, c, losses, sample(model, schedule, x_T, c, times, ode, solver)
+

@@ -35,11 +35,12 @@ step runs compiled (``models/_pvrnn_kernels.py``, ~1 ms for the issue's benchmar
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-from substrate.errors import SubstrateValueError
+from substrate.errors import DivergenceError, SubstrateValueError
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,11 @@ class PVLayer:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise SubstrateValueError(f"PVLayer.{name}={v!r} must be a positive integer")
-        if not (math.isfinite(self.tau) and self.tau >= 1.0):
+        if not (_real(self.tau) and math.isfinite(self.tau) and self.tau >= 1.0):
             raise SubstrateValueError(f"PVLayer.tau={self.tau!r} must be >= 1 (the Euler step dt = 1 is stable)")
         for name in ("w", "w_first"):
             v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
+            if not (_real(v) and math.isfinite(v) and v >= 0):
                 raise SubstrateValueError(f"PVLayer.{name}={v!r} must be a finite number >= 0")
 
 
@@ -107,7 +108,10 @@ class PVRNN:
 
     def __init__(self, layers, outputs: int, rng: np.random.Generator, substeps: int = 1,
                  method: str = "euler", posterior_weights: bool = False):
-        self.layers = [PVLayer(**x) if isinstance(x, dict) else x for x in layers]
+        try:
+            self.layers = [PVLayer(**x) if isinstance(x, dict) else x for x in layers]
+        except TypeError:  # not iterable, or a dict with other keys
+            self.layers = None
         if not self.layers or not all(isinstance(x, PVLayer) for x in self.layers):
             raise SubstrateValueError("layers: a non-empty list of PVLayer (or dicts of their fields)")
         if isinstance(outputs, bool) or not isinstance(outputs, (int, np.integer)) or outputs < 1:
@@ -117,8 +121,12 @@ class PVRNN:
         self.outputs = int(outputs)
         if isinstance(substeps, bool) or not isinstance(substeps, (int, np.integer)) or substeps < 1:
             raise SubstrateValueError(f"substeps={substeps!r} must be a positive integer")
-        if method not in ("euler", "exp_euler"):
+        if not isinstance(method, str) or method not in ("euler", "exp_euler"):
             raise SubstrateValueError(f"method={method!r}; allowed: 'euler', 'exp_euler'")
+        if not isinstance(posterior_weights, (bool, np.bool_)):
+            raise SubstrateValueError(f"posterior_weights={posterior_weights!r} must be True or False")
+        N, Z = sum(x.units for x in self.layers), sum(x.latents for x in self.layers)
+        _fits("the weights (of units, latents and outputs)", N * N + 4 * N * Z + outputs * N)
         self.substeps, self.method = int(substeps), method
         self._leak = [_leak(x.tau, 1.0 / self.substeps, method) for x in self.layers]
 
@@ -150,11 +158,15 @@ class PVRNN:
     def adaptive_vectors(self, sequences: int, steps: int) -> dict:
         """A for ``sequences`` sequences of ``steps`` steps, zero (mu^q = 0, sigma^q = 1):
         {"l{i}.mu": (B, T, Z), "l{i}.sig": (B, T, Z)}."""
+        _count("sequences", sequences, 1), _count("steps", steps, 0)
+        _fits("adaptive vectors", sequences * steps * sum(x.latents for x in self.layers) * 2)
         return {f"l{i}.{k}": np.zeros((sequences, steps, x.latents))
                 for i, x in enumerate(self.layers) for k in ("mu", "sig")}
 
     def noise(self, sequences: int, steps: int, rng: np.random.Generator) -> list:
         """eps per layer, (B, T, Z) standard normals (one draw per pass)."""
+        _count("sequences", sequences, 1), _count("steps", steps, 0), _generator(rng)
+        _fits("noise", sequences * steps * sum(x.latents for x in self.layers))
         return [rng.standard_normal((sequences, steps, x.latents)) for x in self.layers]
 
     # ---------------------------------------------------------------- forward
@@ -253,11 +265,15 @@ class PVRNN:
         ``read``: (weights, leaks) the forward pass runs on (:meth:`DeviceCircuit.read`); the adjoint
         always uses the nominal weights and leaks, along that trajectory. ``parts["pass"]`` holds the
         forward pass."""
-        x = np.asarray(x, dtype=float)
+        x = _finite("x", x, 3)
         B, T, D = x.shape
-        if D != self.outputs or A["l0.mu"].shape[:2] != (B, T):
-            raise SubstrateValueError(f"x has shape {x.shape}; expected (sequences, steps, {self.outputs}) "
-                                      f"matching A's {A['l0.mu'].shape[:2]}")
+        A = self.check_adaptive(A, B, T)
+        if D != self.outputs:
+            raise SubstrateValueError(f"x has shape {x.shape}; expected (sequences, steps, {self.outputs})")
+        if not isinstance(eps, (list, tuple)) or len(eps) != len(self.layers):
+            raise SubstrateValueError(f"eps must be a list of {len(self.layers)} arrays (one per layer)")
+        eps = [_finite(f"eps[{i}]", e, 3, (B, T, x_.latents)) for i, (e, x_) in enumerate(zip(eps, self.layers))]
+        start = self.check_state(start, B)
         _check_credit(credit, truncation)
         run = self.run(A, eps, start, read)
         err = run.x_hat - x
@@ -384,8 +400,12 @@ class PVRNN:
                  start: State | None = None, read=None) -> np.ndarray:
         """x_hat (B, T, D_x) from the prior (z_t = mu^p + sigma^p eps; a sequence's first step N(0, I)),
         from ``start`` (default: a sequence's beginning); ``rng=None``: the prior means (eps = 0)."""
+        _count("sequences", sequences, 1), _count("steps", steps, 1)
+        if rng is not None:
+            _generator(rng)
+        _fits("the generated sequences", sequences * steps * self.outputs)
         (p, leak), L = read or self.nominal(), len(self.layers)
-        start = self.initial_state(sequences) if start is None else start
+        start = self.check_state(start, sequences)
         h, d = [a.copy() for a in start.h], [a.copy() for a in start.d]
         out = np.empty((sequences, steps, self.outputs))
         for t in range(steps):
@@ -462,8 +482,33 @@ class PVRNN:
                 out[f"l{i}.sig"] = out[f"l{i}.sig"] - state.d[i] @ p[f"l{i}.Wq_sig"].T
         return out
 
+    def check_state(self, start, sequences: int) -> State:
+        """``start``, or a sequence's beginning when None, after checking that it is a State of this
+        model for ``sequences`` sequences with finite units; else a SubstrateValueError."""
+        if start is None:
+            return self.initial_state(sequences)
+        L = len(self.layers)
+        if not isinstance(start, State) or len(start.h) != L or len(start.d) != L:
+            raise SubstrateValueError(f"start must be a State with h and d for each of the {L} layers")
+        for k in ("h", "d"):
+            for i, x in enumerate(self.layers):
+                _finite(f"start.{k}[{i}]", getattr(start, k)[i], 2, (sequences, x.units))
+        return start
+
+    def check_adaptive(self, A, sequences: int | None = None, steps: int | None = None) -> dict:
+        """A as float arrays, after checking that it has this model's keys, finite values and shapes
+        (B, T, Z) with one B and T (``sequences``, ``steps`` when given); else a SubstrateValueError."""
+        keys = [f"l{i}.{k}" for i in range(len(self.layers)) for k in ("mu", "sig")]
+        if not isinstance(A, dict) or sorted(A) != sorted(keys):
+            raise SubstrateValueError(f"A must be a dict with the keys {keys} (adaptive_vectors)")
+        first = _finite("A['l0.mu']", A["l0.mu"], 3).shape
+        B, T = (first[0] if sequences is None else sequences), (first[1] if steps is None else steps)
+        return {f"l{i}.{k}": _finite(f"A['l{i}.{k}']", A[f"l{i}.{k}"], 3, (B, T, x.latents))
+                for i, x in enumerate(self.layers) for k in ("mu", "sig")}
+
     def reconstruct(self, A: dict) -> np.ndarray:
         """x_hat of the posterior means (eps = 0) of the sequences whose adaptive vectors are A."""
+        A = self.check_adaptive(A)
         B, T = A["l0.mu"].shape[:2]
         return self.run(A, [np.zeros((B, T, x.latents)) for x in self.layers]).x_hat
 
@@ -490,8 +535,12 @@ class DeviceCircuit:
 
         from substrate.devices import Device, ReadNoise, TauMismatch, stream
 
+        if not isinstance(model, PVRNN):
+            raise SubstrateValueError(f"model must be a PVRNN, got {type(model).__name__}")
         if not isinstance(device, Device):
             raise SubstrateValueError(f"device must be a substrate.devices.Device, got {type(device).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise SubstrateValueError(f"seed={seed!r} must be an integer >= 0")
         for e in device.effects:
             if not (isinstance(e, TauMismatch) or (isinstance(e, ReadNoise) and e.policy == "phase")):
                 raise SubstrateValueError(f"{e!r}: a PV-RNN circuit supports TauMismatch and ReadNoise(policy='phase')")
@@ -526,7 +575,7 @@ class DeviceCircuit:
 
 
 def _check_credit(credit, truncation):
-    if credit not in CREDIT:
+    if not isinstance(credit, str) or credit not in CREDIT:
         raise SubstrateValueError(f"credit={credit!r}; allowed: {CREDIT}")
     if credit == "truncated" and (isinstance(truncation, bool) or not isinstance(truncation, (int, np.integer))
                                   or truncation < 1):
@@ -548,15 +597,20 @@ def train(model: PVRNN, x, *, epochs: int, rng: np.random.Generator, lr: float =
 
     from .train import Adam
 
-    x = np.asarray(x, dtype=float)
+    x = _finite("x", x, 3)
     B, T, _ = x.shape
-    A = model.adaptive_vectors(B, T) if A is None else A
+    _count("epochs", epochs, 0), _generator(rng)
+    A = model.adaptive_vectors(B, T) if A is None else model.check_adaptive(A, B, T)
     opt = Adam(lr)
     hist = {"free_energy": [], "reconstruction": [], "kl": []}
-    for _ in tqdm(range(epochs), desc="PV-RNN", disable=not progress):
-        F, parts, gp, gA = model.free_energy(x, A, model.noise(B, T, rng))
-        opt.step(model.params, gp)
-        opt.step(A, gA)
+    for epoch in tqdm(range(epochs), desc="PV-RNN", disable=not progress):
+        with np.errstate(over="ignore", invalid="ignore"):  # a divergence is reported below, once
+            F, parts, gp, gA = model.free_energy(x, A, model.noise(B, T, rng))
+            opt.step(model.params, gp)
+            opt.step(A, gA)
+        if not (math.isfinite(F) and all(np.all(np.isfinite(v)) for d in (model.params, A) for v in d.values())):
+            raise DivergenceError(f"PV-RNN training diverged at epoch {epoch + 1} of {epochs} (free energy {F}, "
+                                  f"weights or A not finite): lower lr={lr!r}")
         hist["free_energy"].append(F)
         hist["reconstruction"].append(parts["reconstruction"])
         hist["kl"].append(parts["kl"])
@@ -595,10 +649,17 @@ class ErrorRegression:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise SubstrateValueError(f"ErrorRegression.{name}={v!r} must be a positive integer")
-        if self.newest not in ("copy", "prior", "zeros"):
+        if not isinstance(self.sample, (bool, np.bool_)):
+            raise SubstrateValueError(f"ErrorRegression.sample={self.sample!r} must be True or False")
+        if not isinstance(self.newest, str) or self.newest not in ("copy", "prior", "zeros"):
             raise SubstrateValueError(f"ErrorRegression.newest={self.newest!r}; allowed: 'copy', 'prior', 'zeros'")
-        if not (math.isfinite(self.lr) and self.lr > 0):
+        if not (_real(self.lr) and math.isfinite(self.lr) and self.lr > 0):
             raise SubstrateValueError(f"ErrorRegression.lr={self.lr!r} must be a positive finite number")
+        if self.meta_prior is not None and not (
+                isinstance(self.meta_prior, (tuple, list)) and all(_real(v) and math.isfinite(v) and v >= 0
+                                                                   for v in self.meta_prior)):
+            raise SubstrateValueError(f"ErrorRegression.meta_prior={self.meta_prior!r} must be a tuple of finite "
+                                      "numbers >= 0 (one per layer)")
         if self.draws > self.iterations:
             raise SubstrateValueError(f"ErrorRegression.draws={self.draws} must be <= iterations={self.iterations}")
         _check_credit(self.credit, self.truncation)
@@ -635,9 +696,14 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
     prediction included, reads it; the same reads before and after for the F traces). ``compiled``:
     the iterations run in ``models._pvrnn_kernels`` (same equations and noise draws as the NumPy
     path, ``compiled=False``, which is the reference) when the credit is exact and there is no device."""
-    x = np.asarray(x, dtype=float)
-    if x.ndim != 2 or x.shape[1] != model.outputs:
+    x = _finite("x", x, 2)
+    if x.shape[1] != model.outputs or not len(x):
         raise SubstrateValueError(f"x has shape {x.shape}; expected (steps, {model.outputs})")
+    if not isinstance(er, ErrorRegression):
+        raise SubstrateValueError(f"er must be an ErrorRegression, got {type(er).__name__}")
+    if circuit is not None and not (isinstance(circuit, DeviceCircuit) and circuit.model is model):
+        raise SubstrateValueError("circuit must be a DeviceCircuit of this model, or None")
+    _generator(rng)
     T, L = len(x), len(model.layers)
     if er.meta_prior is not None and len(er.meta_prior) != L:
         raise SubstrateValueError(f"ErrorRegression.meta_prior has {len(er.meta_prior)} values; the model has {L} layers")
@@ -659,7 +725,14 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
                   model.prior_adaptive(step["end"], read()) if t > 0 and er.newest == "prior" else None)
         n = A["l0.mu"].shape[1]
         eps = [rng.standard_normal((er.iterations, n, x_.latents)) for x_ in model.layers]  # fresh per iteration
-        step = window_step(model, x[None, t - n + 1:t + 1], A, eps, start, er, read)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # a divergence is reported here, once
+                step = window_step(model, x[None, t - n + 1:t + 1], A, eps, start, er, read)
+            if not math.isfinite(step["free_energy_after"]):
+                raise DivergenceError(f"window free energy {step['free_energy_after']}")
+        except DivergenceError as e:
+            raise DivergenceError(f"error regression diverged at step t={t} ({e}): lower "
+                                  f"ErrorRegression.lr={er.lr!r}") from None
         A = step["A"]
         for k in ("free_energy_before", "free_energy_after", "kl"):
             out[k][t] = step[k]
@@ -694,6 +767,8 @@ def _window_step(model, xw, A, eps, start, er, read):
                                             meta_prior=er.meta_prior, weights=False, credit=er.credit,
                                             truncation=er.truncation, read=read())
         opt.step(A, gA)
+        if not all(np.all(np.isfinite(v)) for v in A.values()):
+            raise DivergenceError(f"A not finite after iteration {itr + 1}")
     means = model.run(A, [np.zeros((1, n, x_.latents)) for x_ in model.layers], start, read())
     out.update(A=A, free_energy_after=window_F(), kl=parts["kl"], after_first=parts["pass"].after_first,
                end=means.end, mu_q=[means.mu_q[i][:, -1] for i in range(L)],
@@ -741,3 +816,44 @@ class _CompiledWindow:
                    A={f"l{i}.{k}": v[None, :, zoff[i]:zoff[i + 1]] for i in range(L)
                       for k, v in (("mu", a_mu), ("sig", a_sig))})
         return out
+
+
+# ------------------------------------------------------------------------------------ argument checks
+_MAX_ELEMENTS = 2 ** 31  # 16 GiB of float64: beyond it an allocation is refused up front, not attempted
+
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _count(name, v, minimum):
+    # the upper bound: what numpy's and tqdm's C integers hold (a loop that long would never end anyway)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not minimum <= v < 2 ** 31:
+        raise SubstrateValueError(f"{name}={v!r} must be an integer in [{minimum}, 2**31)")
+
+
+def _fits(what, elements):
+    if elements > _MAX_ELEMENTS:
+        raise SubstrateValueError(f"{what} would hold {elements:.3g} numbers, more than {_MAX_ELEMENTS:.3g} "
+                                  "(16 GiB): lower sequences or steps")
+
+
+def _generator(rng):
+    if not isinstance(rng, np.random.Generator):
+        raise SubstrateValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+
+
+def _finite(name, v, ndim, shape=None):
+    """``v`` as a float array of ``ndim`` dimensions (and ``shape``), finite; else a SubstrateValueError."""
+    try:
+        if np.iscomplexobj(v):  # asarray would drop the imaginary part with a mere warning
+            raise TypeError
+        a = np.asarray(v, dtype=float)
+    except (TypeError, ValueError):
+        raise SubstrateValueError(f"{name} must be a real array, got {type(v).__name__}") from None
+    if a.ndim != ndim or 0 in a.shape[:-1] or (shape is not None and a.shape != tuple(shape)):
+        want = shape if shape is not None else f"{ndim} dimensions, none empty"
+        raise SubstrateValueError(f"{name} has shape {a.shape}; expected {want}")
+    if not np.all(np.isfinite(a)):
+        raise SubstrateValueError(f"{name} contains NaN or Inf")
+    return a

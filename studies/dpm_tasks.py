@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import time
+import warnings
 
 import numpy as np
 
@@ -42,6 +44,26 @@ def cache_dir() -> str:
     return os.environ.get("SUBSTRATE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "substrate")
 
 
+def private_folder(folder: str) -> bool:
+    """Create ``folder`` (and the cache folder it is in) with mode 0o700 if missing; True when both
+    are owned by the user and writable by no one else, else a warning and False (the cache is then
+    neither read nor written: a file planted there by someone else would be loaded)."""
+    for f in (cache_dir(), folder):
+        try:
+            os.makedirs(f, mode=0o700, exist_ok=True)
+            st = os.stat(f)
+        except OSError as e:
+            warnings.warn(f"model cache folder {f} cannot be created ({e}); the cache is not used", stacklevel=3)
+            return False
+        uid = getattr(os, "getuid", lambda: st.st_uid)()  # no owners to compare on Windows
+        if st.st_uid != uid or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            who = "owned by another user" if st.st_uid != uid else f"writable by others (mode {st.st_mode & 0o777:o})"
+            warnings.warn(f"model cache folder {f} is {who}; the cache is not used (set SUBSTRATE_CACHE to a "
+                          "private folder, or chmod 700 it)", stacklevel=3)
+            return False
+    return True
+
+
 def training_data(model_config: dict, seed: int):
     """(x, labels, classes) of the ``model`` section's dataset (the toy drawn by ``seed``)."""
     from models.data import digits_arrays, eight_gaussians
@@ -57,7 +79,10 @@ def trained_model(model_config: dict, seed: int, progress: bool = False):
     """The noise predictor of the ``model`` section trained with ``seed`` (weights, data and
     minibatches), from the cache when it is there; (model, x, labels, seconds spent training, or
     0.0 from the cache). The cache key is the section, the seed and ``models.dpm.MODEL_VERSION``;
-    files are written atomically, so parallel workers training the same model are harmless."""
+    files are written atomically, so parallel workers training the same model are harmless. The
+    cache is read with ``weights_only=True`` (tensors only, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+    says) and only from a folder of the user's that no one else can write (:func:`private_folder`);
+    an unreadable file is replaced."""
     import torch
 
     from models import dpm
@@ -68,14 +93,20 @@ def trained_model(model_config: dict, seed: int, progress: bool = False):
     g = torch.Generator().manual_seed(seed)
     model = dpm.NoisePredictor(x.shape[1], classes=classes, hidden=model_config["hidden"],
                                depth=model_config["depth"], embed=model_config["embed"], generator=g)
-    if os.path.exists(path):
-        model.load_state_dict(torch.load(path))
-        return model, x, labels, 0.0
+    private = private_folder(os.path.dirname(path))
+    if private and os.path.exists(path):
+        try:
+            model.load_state_dict(torch.load(path, weights_only=True))
+            return model, x, labels, 0.0
+        except Exception as e:  # torch raises several types for a truncated, foreign or non-tensor file
+            warnings.warn(f"model cache file {path} is unreadable ({type(e).__name__}: {e}); training again",
+                          stacklevel=2)
     t0 = time.perf_counter()
     dpm.train(model, dpm.VPSchedule(), x, labels, steps=model_config["train_steps"], batch=model_config["batch"],
               lr=model_config["lr"], uncond=model_config["uncond"], generator=g, progress=progress)
     seconds = time.perf_counter() - t0
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not private:
+        return model, x, labels, seconds
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
     os.close(fd)
     torch.save(model.state_dict(), tmp)

@@ -17,6 +17,7 @@ products of every stage (``_kernels.teach``), so every integrator and the residu
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,19 +47,23 @@ class Cost:
     readout_bias: np.ndarray | None = None
 
     def __post_init__(self):
-        if self.kind not in COSTS:
+        if not isinstance(self.layer, str):
+            raise SubstrateValueError(f"cost layer={self.layer!r} must be a layer's name")
+        if not isinstance(self.kind, str) or self.kind not in COSTS:
             raise SubstrateValueError(f"cost kind={self.kind!r}; allowed: {', '.join(COSTS)}")
         has = (self.readout_weight is not None, self.readout_bias is not None)
         if self.kind == "cross_entropy":
             if not all(has):
                 raise SubstrateValueError("a cross_entropy cost needs readout_weight (C, layer size) "
                                           "and readout_bias (C,)")
-            w, b = np.asarray(self.readout_weight), np.asarray(self.readout_bias)
+            w, b = _real_array(self.readout_weight, "readout_weight"), _real_array(self.readout_bias, "readout_bias")
             object.__setattr__(self, "readout_weight", w)  # arrays from here on (lists are accepted)
             object.__setattr__(self, "readout_bias", b)
             if w.ndim != 2 or b.shape != (w.shape[0],):
                 raise SubstrateValueError(f"readout_weight {w.shape} and readout_bias {b.shape} must be "
                                           "(C, layer size) and (C,)")
+            if not (np.all(np.isfinite(w)) and np.all(np.isfinite(b))):
+                raise SubstrateValueError("readout_weight and readout_bias must be finite")
         elif any(has):
             raise SubstrateValueError("readout_weight/readout_bias apply to kind='cross_entropy' only")
 
@@ -98,11 +103,21 @@ class Nudge:
     beta: complex | float
     target: np.ndarray
 
+    def __post_init__(self):
+        if not isinstance(self.cost, Cost):
+            raise SubstrateValueError(f"nudge cost must be a Cost, got {type(self.cost).__name__}")
+        if isinstance(self.beta, (bool, np.bool_)) or not isinstance(self.beta, numbers.Number):
+            raise SubstrateValueError(f"beta={self.beta!r} must be a (real or complex) number")
+        target = np.asarray(self.target)
+        if target.dtype.kind not in "biufc":
+            raise SubstrateValueError(f"nudge target must be an array of numbers, got {target.dtype}")
+        object.__setattr__(self, "target", target)
+
     def kernel_args(self, network, dtype, batch):
         """The tuple ``_kernels.teach`` reads, in the state's dtype and layout, validated."""
         c = self.cost
         m = c.width(network)
-        y = np.asarray(self.target)
+        y = self.target
         if y.shape != (batch, m):
             raise SubstrateValueError(f"nudge target has shape {y.shape}, expected (batch, {m}) = ({batch}, {m})")
         beta = complex(self.beta)
@@ -136,3 +151,14 @@ def no_nudge(dtype):
     """The kernel argument for 'no teaching current', with the same Numba types as a real one."""
     z2 = np.zeros((0, 0), dtype)
     return (K.NO_NUDGE, 0, 0, np.zeros(1, dtype), z2, z2, np.zeros(0, dtype), np.zeros(1, dtype))
+
+
+def _real_array(v, name):
+    """``v`` as a float array; a SubstrateValueError naming ``name`` for anything else (strings,
+    objects, complex values whose imaginary part a conversion would drop)."""
+    try:
+        if np.iscomplexobj(v):
+            raise TypeError
+        return np.asarray(v, dtype=float)
+    except (TypeError, ValueError):
+        raise SubstrateValueError(f"{name} must be a real array, got {type(v).__name__}") from None

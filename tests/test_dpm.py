@@ -361,3 +361,147 @@ def test_the_gradient_study_measures_convergence():
     assert r.arrays["evaluations"][1].tolist() == [[8, 128], [8, 128]]
     with pytest.raises(SubstrateValueError, match=r"target=8: the eight_gaussians model has classes 0..7"):
         run_dpm_gradients({**config, "target": 8}, 0)
+
+
+# ------------------------------------------------------------------------------------ the studies' model cache
+def tiny_model_config():
+    from studies.dpm_tasks import MODEL
+
+    config = {k: f.default for k, f in MODEL.items()}
+    config.update(samples=64, hidden=4, depth=1, embed=2, train_steps=2, batch=8)
+    return config
+
+
+class _Planted:
+    """A pickle that, when loaded by a full unpickler, creates the folder ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the planted file
+def test_model_cache_never_runs_a_planted_pickle(tmp_path, monkeypatch):
+    """A cache file replaced by a pickle that runs code is not executed, even with
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (torch's switch back to full unpickling when weights_only is
+    not passed): the load is weights_only=True, the file is refused with a warning and replaced."""
+    import os
+
+    from studies import dpm_tasks
+
+    monkeypatch.setenv("SUBSTRATE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    config = tiny_model_config()
+    _, _, _, seconds = dpm_tasks.trained_model(config, seed=0)
+    assert seconds > 0  # trained, then cached
+    for f in (tmp_path / "cache", tmp_path / "cache" / "dpm"):
+        assert f.stat().st_mode & 0o777 == 0o700
+    [path] = (tmp_path / "cache" / "dpm").glob("*.pt")
+    assert dpm_tasks.trained_model(config, seed=0)[3] == 0.0  # from the cache
+    marker = tmp_path / "code-ran"
+    torch.save(_Planted(str(marker)), path)  # a zip archive as torch writes it, with a malicious pickle
+    with pytest.warns(UserWarning, match="model cache file .* is unreadable"):
+        _, _, _, seconds = dpm_tasks.trained_model(config, seed=0)
+    assert not marker.exists() and seconds > 0
+    assert dpm_tasks.trained_model(config, seed=0)[3] == 0.0  # replaced by good weights
+    import pickle
+
+    path.write_bytes(pickle.dumps(_Planted(str(marker))))  # a bare pickle (torch's legacy format)
+    with pytest.warns(UserWarning, match="unreadable"):
+        dpm_tasks.trained_model(config, seed=0)
+    assert not marker.exists()
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770])
+def test_model_cache_in_a_folder_others_can_write_is_not_used(tmp_path, monkeypatch, mode):
+    """A cache folder writable by others (group or world) is neither read nor written: a warning, and
+    the model is trained (a file already there, which someone else could have planted, is ignored)."""
+    from studies import dpm_tasks
+
+    root = tmp_path / "cache"
+    monkeypatch.setenv("SUBSTRATE_CACHE", str(root))
+    config = tiny_model_config()
+    dpm_tasks.trained_model(config, seed=0)
+    [path] = (root / "dpm").glob("*.pt")
+    (root / "dpm").chmod(mode)
+    with pytest.warns(UserWarning, match=rf"model cache folder {root / 'dpm'} is writable by others \(mode {mode:o}\)"):
+        assert dpm_tasks.trained_model(config, seed=0)[3] > 0  # trained, the file ignored
+    (root / "dpm").chmod(0o700)
+    root.chmod(mode)
+    path.unlink()
+    with pytest.warns(UserWarning, match="is writable by others"):
+        dpm_tasks.trained_model(config, seed=0)
+    assert not path.exists()  # nothing written either
+
+
+def test_model_cache_owned_by_another_user_is_not_used(tmp_path, monkeypatch):
+    import os
+
+    from studies import dpm_tasks
+
+    monkeypatch.setenv("SUBSTRATE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    with pytest.warns(UserWarning, match="is owned by another user"):
+        assert dpm_tasks.trained_model(tiny_model_config(), seed=0)[3] > 0
+    assert not list((tmp_path / "cache").rglob("*.pt"))
+
+
+# ------------------------------------------------------------------------------------ bad input (issue 15)
+def _loss_grad(x0):
+    return float((x0 ** 2).sum()), 2 * x0
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m, x, c, t: dpm.sample(m, S, torch.full_like(x, float("nan")), c, t), "x_T contains NaN or Inf"),
+    (lambda m, x, c, t: dpm.sample(m, S, x, c * float("inf"), t), "c contains NaN or Inf"),
+    (lambda m, x, c, t: dpm.sample(m, S, x[:, :1], c, t), r"x_T has shape \(4, 1\); expected \('n', 2\)"),
+    (lambda m, x, c, t: dpm.sample(m, S, "noise", c, t), "x_T must be a real array, got str"),
+    (lambda m, x, c, t: dpm.sample(m, S, x, c, torch.tensor([1.0, float("nan")])), "times contains NaN or Inf"),
+    (lambda m, x, c, t: dpm.sample(m, S, x, c, torch.tensor([1.0, 0.0])), "times: a decreasing 1-D sequence"),
+    (lambda m, x, c, t: dpm.sample(m, "vp", x, c, t), "schedule must be a VPSchedule"),
+    (lambda m, x, c, t: dpm.adjoint(m, S, nan_at(x), c, t, _loss_grad), "x_T contains NaN or Inf"),
+    (lambda m, x, c, t: dpm.adjoint(m, S, x, c, t, lambda x0: (1.0, torch.full_like(x0, float("nan")))),
+     "loss_grad returned L=1.0 and dL/dx_0 of shape"),
+    (lambda m, x, c, t: dpm.adjoint(m, S, x, c, t, None), "loss_grad must be a function"),
+    (lambda m, x, c, t: dpm.customise(m, S, nan_at(x), c, t, _loss_grad, what="noise", steps=1),
+     "x_T contains NaN or Inf"),
+    (lambda m, x, c, t: dpm.customise(m, S, x, c, t, _loss_grad, what="noise", steps=0), r"steps=0 must be an integer"),
+    (lambda m, x, c, t: dpm.customise(m, S, x, c, t, _loss_grad, what="noise", steps=1, lr=-1.0),
+     "lr=-1.0 must be a positive finite number"),
+    (lambda m, x, c, t: dpm.train(m, S, nan_at(x), steps=1, generator=torch.Generator()), "x contains NaN or Inf"),
+    (lambda m, x, c, t: dpm.train(m, S, x, [0, 1, 2, 9], steps=1, generator=torch.Generator()),
+     r"labels must be 4 integers in \[0, 3\]"),
+    (lambda m, x, c, t: dpm.train(m, S, x, steps=10 ** 30, generator=torch.Generator()), r"steps=10{30} must be"),
+    (lambda m, x, c, t: dpm.train(m, S, x, steps=1, uncond=2.0, generator=torch.Generator()), "uncond=2.0 must be"),
+    (lambda m, x, c, t: dpm.train(m, S, x, steps=1, generator=0), "generator must be a torch.Generator"),
+    (lambda m, x, c, t: dpm.grid(S, 10 ** 30), r"steps=10{30} must be an integer"),
+    (lambda m, x, c, t: dpm.VPSchedule(beta_0="0.1"), "VPSchedule.beta_0='0.1' must be a number"),
+    (lambda m, x, c, t: dpm.NoisePredictor(2, frequencies=-1), "NoisePredictor.frequencies=-1"),
+])
+def test_bad_input_is_refused_naming_the_argument(call, match):
+    """Used to return NaN samples and gradients without a word (NaN x_T), or fail deep in torch."""
+    m, x, c = small_model()
+    with pytest.raises(SubstrateValueError, match=match):
+        call(m, x, c, dpm.grid(S, 3))
+
+
+def nan_at(x):
+    x = x.clone()
+    x[0, 0] = float("nan")
+    return x
+
+
+def test_training_that_diverges_names_the_step():
+    """Adam at lr = 1e12 on score matching: the loss overflows to NaN within a few steps; train stops
+    there with the step instead of returning NaN weights."""
+    from substrate.errors import DivergenceError
+
+    m, _, _ = small_model()
+    x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(DivergenceError, match=r"denoising score matching diverged at step \d+ of 50 .* lr=1e\+300"):
+        dpm.train(m, S, x, steps=50, batch=16, lr=1e300, generator=torch.Generator().manual_seed(0), progress=False)

@@ -489,3 +489,103 @@ def test_device_circuit_euler_stays_stable_and_additive_read_noise():
     devs = np.stack([c.read()[0]["l0.W_dd"] - w for _ in range(4000)])
     assert abs(devs.std() / (0.1 * np.max(np.abs(w))) - 1) < 0.03
     assert np.allclose(devs.std(axis=0), devs.std(), rtol=0.15)  # the same spread for every weight
+
+
+# ------------------------------------------------------------------------------------ non-finite input (issue 15)
+def nan_at(a, index):
+    a = np.array(a, dtype=float)
+    a[index] = np.nan
+    return a
+
+
+def test_non_finite_arrays_are_refused_naming_the_argument():
+    """NaN data used to train silently to NaN weights; every array a user passes is checked first."""
+    from models import pvrnn
+    from models.data import load_sequences
+
+    net, x, A, eps = model()
+    rng = np.random.default_rng(1)
+    calls = {
+        r"x contains NaN or Inf": lambda: pvrnn.train(net, nan_at(x, (0, 2, 1)), epochs=1, rng=rng, progress=False),
+        r"A\['l1.sig'\] contains NaN or Inf": lambda: pvrnn.train(
+            net, x, epochs=1, rng=rng, progress=False, A={**A, "l1.sig": nan_at(A["l1.sig"], (1, 1, 0))}),
+        r"A\['l0.mu'\] contains NaN or Inf": lambda: net.reconstruct({**A, "l0.mu": nan_at(A["l0.mu"], 0)}),
+        r"eps\[2\] contains NaN or Inf": lambda: net.free_energy(x, A, eps[:2] + [np.full_like(eps[2], np.inf)]),
+        r"x contains NaN or Inf": lambda: pvrnn.error_regression(net, nan_at(x[0], (3, 0)), pvrnn.ErrorRegression(
+            window=3, iterations=2), rng),
+        r"source contains NaN or Inf": lambda: load_sequences(nan_at(x, (2, 5, 0))),
+        r"start.h\[1\] contains NaN or Inf": lambda: net.generate(1, 2, rng, start=State(
+            [np.zeros((1, 7)), np.full((1, 5), np.nan), np.zeros((1, 4))], [np.zeros((1, k)) for k in (7, 5, 4)], False)),
+    }
+    before = {k: v.copy() for k, v in net.params.items()}
+    for match, call in calls.items():
+        with pytest.raises(SubstrateValueError, match=match):
+            call()
+    assert all(np.array_equal(before[k], v) for k, v in net.params.items())  # refused before any step
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda net, x, A, rng: net.generate(0, 3, rng), r"sequences=0 must be an integer in \[1, 2\*\*31\)"),
+    (lambda net, x, A, rng: net.generate(1, 10 ** 30, rng), r"steps=10{30} must be an integer in \[1, 2\*\*31\)"),
+    (lambda net, x, A, rng: net.generate(10 ** 6, 10 ** 6, rng), r"the generated sequences would hold 2e\+12 numbers"),
+    (lambda net, x, A, rng: net.generate(1, 3, 42), "rng must be a numpy.random.Generator"),
+    (lambda net, x, A, rng: net.reconstruct({"l0.mu": A["l0.mu"]}), r"A must be a dict with the keys \['l0.mu'"),
+    (lambda net, x, A, rng: net.reconstruct({**A, "l2.mu": A["l2.mu"][:, :2]}),
+     r"A\['l2.mu'\] has shape \(3, 2, 2\); expected \(3, 6, 2\)"),
+    (lambda net, x, A, rng: net.free_energy("data", A, []), "x must be a real array, got str"),
+    (lambda net, x, A, rng: net.free_energy(x + 0j, A, []), "x must be a real array, got ndarray"),
+    (lambda net, x, A, rng: net.free_energy(x, A, []), "eps must be a list of 3 arrays"),
+    (lambda net, x, A, rng: __import__("models.pvrnn").pvrnn.train(net, x, epochs=-1, rng=rng),
+     r"epochs=-1 must be an integer in \[0, 2\*\*31\)"),
+    (lambda net, x, A, rng: __import__("models.pvrnn").pvrnn.error_regression(net, x[0], "er", rng),
+     "er must be an ErrorRegression"),
+    (lambda net, x, A, rng: PVRNN([{"units": 3, "latent": 1, "tau": 2.0}], 2, rng), "layers: a non-empty list"),
+    (lambda net, x, A, rng: PVLayer(3, 1, tau="2"), "PVLayer.tau='2' must be >= 1"),
+    (lambda net, x, A, rng: PVLayer(3, 1, tau=2.0, w=None), "PVLayer.w=None must be a finite number"),
+    (lambda net, x, A, rng: __import__("models.pvrnn").pvrnn.ErrorRegression(lr="big"),
+     "ErrorRegression.lr='big' must be a positive"),
+    (lambda net, x, A, rng: __import__("models.pvrnn").pvrnn.ErrorRegression(meta_prior=(0.1, np.nan)),
+     r"ErrorRegression.meta_prior=\(0.1, nan\) must be a tuple of finite numbers"),
+])
+def test_bad_arguments_name_themselves(call, match):
+    net, x, A, _ = model()
+    with pytest.raises(SubstrateValueError, match=match):
+        call(net, x, A, np.random.default_rng(0))
+
+
+def test_training_that_diverges_names_the_epoch():
+    """Adam at lr = 1e3 drives log sigma past exp's range within two epochs: the free energy turns
+    NaN. Training stops there with the epoch, rather than carry on and return NaN weights."""
+    from models import pvrnn
+    from substrate.errors import DivergenceError
+
+    net, x, _, _ = model()
+    seen = []
+    with pytest.raises(DivergenceError, match=r"PV-RNN training diverged at epoch (\d+) of 30 .* lower lr=1000.0"):
+        pvrnn.train(net, x, epochs=30, rng=np.random.default_rng(0), lr=1e3, progress=False,
+                    on_epoch=lambda h: seen.append(h["free_energy"][-1]))
+    assert seen and all(np.isfinite(seen))  # every epoch reported before the error was finite
+    # the same model trains normally at a sensible rate
+    net, x, _, _ = model()
+    _, hist = pvrnn.train(net, x, epochs=3, rng=np.random.default_rng(0), lr=1e-2, progress=False)
+    assert np.all(np.isfinite(hist["free_energy"]))
+
+
+def test_error_regression_that_diverges_names_the_step():
+    from models import pvrnn
+    from substrate.errors import DivergenceError
+
+    net, x, _, _ = model()
+    er = pvrnn.ErrorRegression(window=3, iterations=20, lr=1e4)
+    with pytest.raises(DivergenceError, match=r"error regression diverged at step t=\d+ .* ErrorRegression.lr=10000.0"):
+        pvrnn.error_regression(net, x[0], er, np.random.default_rng(0), compiled=False)
+
+
+def test_compiled_error_regression_that_diverges_names_the_step():
+    from models import pvrnn
+    from substrate.errors import DivergenceError
+
+    net, x, _, _ = model()
+    er = pvrnn.ErrorRegression(window=3, iterations=20, lr=1e4)
+    with pytest.raises(DivergenceError, match=r"error regression diverged at step t=\d+ .* ErrorRegression.lr=10000.0"):
+        pvrnn.error_regression(net, x[0], er, np.random.default_rng(0), compiled=True)

@@ -104,14 +104,22 @@ def fraction(value, name, upper_open=False) -> float:
     return v
 
 
-def integer(value, name, minimum=1) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise SubstrateValueError(f"{name}={value!r} must be an integer >= {minimum}")
+def integer(value, name, minimum=1, maximum=None) -> int:
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum
+            or (maximum is not None and value > maximum)):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise SubstrateValueError(f"{name}={value!r} must be an integer {allowed}")
     return int(value)
 
 
+def flag(value, name) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise SubstrateValueError(f"{name}={value!r} must be True or False")
+    return bool(value)
+
+
 def choice(value, name, allowed) -> str:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:  # an array or a list would not compare
         raise SubstrateValueError(f"{name}={value!r}; allowed: {', '.join(map(repr, allowed))}")
     return value
 

@@ -51,6 +51,8 @@ class Device:
     citation: str = ""
 
     def __post_init__(self):
+        if isinstance(self.effects, (str, dict)) or not hasattr(self.effects, "__iter__"):
+            raise SubstrateValueError(f"Device.effects={self.effects!r} must be a tuple of device effects")
         effects = tuple(self.effects)
         object.__setattr__(self, "effects", effects)
         positive(self.weight_scale, "Device.weight_scale")

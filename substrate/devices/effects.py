@@ -27,7 +27,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import SubstrateValueError
-from .base import Effect, choice, fraction, integer, nonnegative, positive
+from .base import Effect, choice, flag, fraction, integer, nonnegative, positive
 
 READ_POLICIES = ("step", "phase", "equilibrium", "sample")
 
@@ -201,6 +201,7 @@ class Drift(DriftEffect):
             nonnegative(self.nu, "Drift.nu")
         nonnegative(self.nu_dtod, "Drift.nu_dtod")
         nonnegative(self.scale, "Drift.scale")
+        flag(self.compensation, "Drift.compensation")
 
     def exponents(self, g_target, g_max, rng):
         """nu per device, drawn at a write."""
@@ -231,6 +232,7 @@ class ReadNoise(ReadEffect):
 
     def __post_init__(self):
         nonnegative(self.sigma, "ReadNoise.sigma")
+        flag(self.relative, "ReadNoise.relative")
         choice(self.policy, "ReadNoise.policy", READ_POLICIES)
         _correlation_time(self)
 
@@ -291,10 +293,11 @@ class IOChain(Effect):
 
     def __post_init__(self):
         for name in ("inp_bits", "out_bits"):
-            bits = integer(getattr(self, name), f"IOChain.{name}", minimum=0)
+            # beyond 52 bits a level is finer than float64's rounding of the bound
+            bits = integer(getattr(self, name), f"IOChain.{name}", minimum=0, maximum=52)
             if bits == 1:
-                raise_range(f"IOChain.{name}", bits, "0 (no converter) or >= 2 (a mid-tread converter has "
-                            "2^bits - 1 levels)")
+                raise_range(f"IOChain.{name}", bits, "0 (no converter) or in [2, 52] (a mid-tread converter "
+                            "has 2^bits - 1 levels)")
         positive(self.inp_bound, "IOChain.inp_bound")
         positive(self.out_bound, "IOChain.out_bound")
         nonnegative(self.out_noise, "IOChain.out_noise")

@@ -41,6 +41,6 @@ PRESETS["rram"] = Device(PRESETS["reram_sb"].effects, name="rram", citation=PRES
 
 def preset(name: str) -> Device:
     """The preset device ``name`` (see ``PRESETS``)."""
-    if name not in PRESETS:
-        raise SubstrateValueError(f"device preset {name!r} is unknown; allowed: {', '.join(PRESETS)}")
+    if not isinstance(name, str) or name not in PRESETS:
+        raise SubstrateValueError(f"name: device preset {name!r} is unknown; allowed: {', '.join(PRESETS)}")
     return PRESETS[name]
