@@ -4,6 +4,13 @@ A run is written to a temporary file beside its destination and renamed into pla
 complete (``os.replace`` is atomic on POSIX), so a killed run never leaves a half-written archive.
 Every file carries provenance attributes: the resolved config as JSON, the seed, the git commit,
 package versions, host and timings.
+
+Integrity. Files are written in the HDF5 1.8 object-header format (``LIBVER``), whose headers,
+attributes stored in them and B-trees carry checksums, and every dataset with data is chunked with
+the Fletcher-32 filter (:func:`create_dataset`), so a flipped bit is reported on read, not returned as
+a wrong number. :func:`open_file` is the one way archives are read: it refuses what is not a regular
+file (a FIFO or a device would block the reader), links out of the file and datasets whose data is not
+in it, and turns every failure of HDF5 into an :class:`~substrate.errors.ArchiveError` naming the file.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import contextlib
 import json
 import os
 import platform
+import stat
 import subprocess
 import tempfile
 from datetime import datetime, timezone
@@ -21,6 +29,10 @@ from typing import Mapping
 import h5py
 import numpy as np
 
+from substrate.errors import ArchiveError
+
+# version-2 object headers (HDF5 >= 1.8 reads them): checksummed, unlike the default version 1
+LIBVER = ("v108", "v108")
 PACKAGES = ("substrate", "numpy", "scipy", "numba", "h5py", "scikit-learn")
 
 
@@ -56,6 +68,32 @@ def provenance(config: Mapping, seed: int | None, timings: Mapping[str, float] |
     }
 
 
+def create_dataset(group: h5py.Group, name: str, data, compress_above: int = 1024) -> h5py.Dataset:
+    """A dataset whose data a checksum covers: chunked with the Fletcher-32 filter (HDF5 filters need
+    chunks), gzip beyond ``compress_above`` values; a 0-d one in compact layout, that is inside its
+    object header, whose checksum covers it (a scalar cannot be chunked); an empty one has no data to
+    protect. Strings are stored as fixed-length UTF-8: the text of variable-length strings lives in a
+    heap that no checksum covers."""
+    arr = np.asarray(data)
+    kwargs = {}
+    if arr.dtype.kind in "OUS":
+        text = [v if isinstance(v, bytes) else str(v).encode() for v in arr.ravel()]
+        dtype = h5py.string_dtype("utf-8", max([1] + [len(t) for t in text]))
+        arr = np.array(text, dtype=dtype).reshape(arr.shape)
+    if arr.ndim == 0:  # low level: h5py's create_dataset drops the layout of a scalar's dcpl
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_layout(h5py.h5d.COMPACT)
+        dsid = h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(arr.dtype, logical=True),
+                               h5py.h5s.create(h5py.h5s.SCALAR), dcpl=dcpl)
+        dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, np.ascontiguousarray(arr))
+        return h5py.Dataset(dsid)
+    if arr.size:
+        kwargs.update(chunks=True, fletcher32=True)
+        if arr.size > compress_above:
+            kwargs.update(compression="gzip", compression_opts=4, shuffle=True)
+    return group.create_dataset(name, data=arr, **kwargs)
+
+
 def _write_group(group: h5py.Group, tree: Mapping):
     for key, value in tree.items():
         if isinstance(value, Mapping):
@@ -63,8 +101,7 @@ def _write_group(group: h5py.Group, tree: Mapping):
         elif isinstance(value, str):
             group.attrs[key] = value
         else:
-            arr = np.asarray(value)
-            group.create_dataset(key, data=arr, compression="gzip" if arr.size > 1024 else None)
+            create_dataset(group, key, value)
 
 
 TEMP_PREFIX = ".tmp-"
@@ -127,7 +164,7 @@ def write_run(path: str, data: Mapping, attrs: Mapping) -> str:
     ``attrs`` to ``path`` atomically. Returns the path."""
     path = os.path.abspath(path)
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", libver=LIBVER) as f:
             for k, v in attrs.items():
                 f.attrs[k] = v
             _write_group(f, data)
@@ -163,14 +200,70 @@ def members(group: Mapping) -> dict:
     return {k: v for k, v in group.items() if k != "attrs"}
 
 
+# ------------------------------------------------------------------------------------ reading
+@contextlib.contextmanager
+def open_file(path: str):
+    """Open an archive for reading (``with open_file(path) as f``). Refuses what is not a regular file
+    (opening a FIFO blocks, a device never ends), links out of the file, virtual datasets and data
+    stored in other files; an error of HDF5 while the block reads (a corrupt file, a checksum
+    mismatch) becomes an :class:`ArchiveError` naming the file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ArchiveError(path, f"cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise ArchiveError(path, "is not a regular file (a directory, FIFO or device is no archive)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ArchiveError(path, f"is not a readable HDF5 file ({e})") from None
+    try:
+        with f:
+            f.visititems_links(lambda name, link: _check_link(f, path, name, link))
+            yield f
+    except OSError as e:
+        raise ArchiveError(path, f"is corrupt: HDF5 cannot read it ({e})") from None
+
+
+def _check_link(f: h5py.File, path: str, name: str, link):
+    if isinstance(link, h5py.ExternalLink):
+        raise ArchiveError(path, f"/{name} is a link to {link.filename}:{link.path}; an archive holds no "
+                                 "links to other files")
+    if not isinstance(link, h5py.HardLink):
+        raise ArchiveError(path, f"/{name} is a {type(link).__name__}; an archive holds only groups and "
+                                 "datasets")
+    obj = f[name]
+    if isinstance(obj, h5py.Dataset) and (obj.is_virtual or obj.external):
+        raise ArchiveError(path, f"/{name} takes its data from other files (a virtual or external "
+                                 "dataset); an archive holds its data itself")
+
+
+def check_stored(ds: h5py.Dataset, path: str):
+    """Refuse a dataset that is not wholly stored in the file: missing chunks read as the fill value, so
+    a small file could otherwise claim an array of any size (every dataset written with data, as
+    :func:`create_dataset` does, is wholly stored)."""
+    if ds.size == 0 or ds.id.get_create_plist().get_layout() == h5py.h5d.COMPACT:
+        return
+    if ds.chunks is None:
+        stored = ds.id.get_storage_size() > 0
+    else:
+        stored = ds.id.get_num_chunks() == int(np.prod([-(-n // c) for n, c in zip(ds.shape, ds.chunks)]))
+    if not stored:
+        raise ArchiveError(path, f"{ds.name} (shape {ds.shape}) is not wholly stored in the file")
+
+
 def read(path: str) -> dict:
     """The whole archive as nested dicts: datasets as arrays, attributes under ``"attrs"``."""
 
     def walk(g):
         out = {"attrs": dict(g.attrs)}
         for k, v in g.items():
-            out[k] = walk(v) if isinstance(v, h5py.Group) else v[()]
+            if isinstance(v, h5py.Dataset):
+                check_stored(v, path)
+                out[k] = v[()]
+            else:
+                out[k] = walk(v)
         return out
 
-    with h5py.File(path, "r") as f:
+    with open_file(path) as f:
         return walk(f)
