@@ -671,6 +671,7 @@ def consolidate(study: Study, out_dir: str) -> str:
                                 ds[r.index] = src["scalars"][name][()]
                 except (OSError, KeyError, ValueError):  # pragma: no cover - vanished since pass 1
                     continue
+            archive.seal(f)
     return path
 
 
@@ -854,7 +855,7 @@ def open_dataset(path: str):
         coords, data_vars = {}, {}
         for name, dims in layout["dims"].items():
             (coords if name in layout["coords"] else data_vars)[name] = (tuple(dims), _decode(data[name], path))
-        attrs = {k: _attr(v) for k, v in f.attrs.items()}
+        attrs = {k: _attr(v) for k, v in f.attrs.items() if k != archive.TEXT_CRC}
     bad = sorted(set(np.unique(data_vars["status"][1])) - set(STATUSES))
     if bad:
         raise ArchiveError(path, f"/data/status holds {bad}; allowed: {', '.join(STATUSES)}")

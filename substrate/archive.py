@@ -6,11 +6,13 @@ Every file carries provenance attributes: the resolved config as JSON, the seed,
 package versions, host and timings.
 
 Integrity. Files are written in the HDF5 1.8 object-header format (``LIBVER``), whose headers,
-attributes stored in them and B-trees carry checksums, and every dataset with data is chunked with
-the Fletcher-32 filter (:func:`create_dataset`), so a flipped bit is reported on read, not returned as
+attributes stored in them and B-trees carry checksums; every dataset with data is chunked with the
+Fletcher-32 filter (:func:`create_dataset`); the text of string attributes, which HDF5 keeps outside
+the headers, is covered by a CRC-32 (:func:`seal`). A flipped bit is reported on read, not returned as
 a wrong number. :func:`open_file` is the one way archives are read: it refuses what is not a regular
-file (a FIFO or a device would block the reader), links out of the file and datasets whose data is not
-in it, and turns every failure of HDF5 into an :class:`~substrate.errors.ArchiveError` naming the file.
+file (a FIFO or a device would block the reader), links out of the file, datasets whose data is not in
+it and text that does not match its CRC, and turns every failure of HDF5 into an
+:class:`~substrate.errors.ArchiveError` naming the file.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import platform
 import stat
 import subprocess
 import tempfile
+import zlib
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Mapping
@@ -168,6 +171,7 @@ def write_run(path: str, data: Mapping, attrs: Mapping) -> str:
             for k, v in attrs.items():
                 f.attrs[k] = v
             _write_group(f, data)
+            seal(f)
     return path
 
 
@@ -219,23 +223,64 @@ def open_file(path: str):
         raise ArchiveError(path, f"is not a readable HDF5 file ({e})") from None
     try:
         with f:
-            f.visititems_links(lambda name, link: _check_link(f, path, name, link))
+            problem = _text_problem(f) or f.id.links.visit(lambda name: _link_problem(f, name))
+            if problem:
+                raise ArchiveError(path, problem)
             yield f
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # h5py raises either for a failure inside HDF5
         raise ArchiveError(path, f"is corrupt: HDF5 cannot read it ({e})") from None
 
 
-def _check_link(f: h5py.File, path: str, name: str, link):
+def _link_problem(f: h5py.File, name: bytes) -> str | None:
+    """What is wrong with the link ``name`` and its object, or None. The visit stops at the first
+    message returned; every exception is caught here, as one raised in the callback would not cross
+    HDF5's C code intact."""
+    try:
+        link = f.get(name, getlink=True)
+    except (OSError, RuntimeError, KeyError, ValueError) as e:  # h5py's errors for a damaged object
+        return f"/{name.decode(errors='replace')} cannot be read ({e})"
+    name = name.decode(errors="replace")
     if isinstance(link, h5py.ExternalLink):
-        raise ArchiveError(path, f"/{name} is a link to {link.filename}:{link.path}; an archive holds no "
-                                 "links to other files")
+        return f"/{name} is a link to {link.filename}:{link.path}; an archive holds no links to other files"
     if not isinstance(link, h5py.HardLink):
-        raise ArchiveError(path, f"/{name} is a {type(link).__name__}; an archive holds only groups and "
-                                 "datasets")
-    obj = f[name]
+        return f"/{name} is a {type(link).__name__}; an archive holds only groups and datasets"
+    try:
+        obj = f[name]
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        return f"/{name} cannot be read ({e})"
     if isinstance(obj, h5py.Dataset) and (obj.is_virtual or obj.external):
-        raise ArchiveError(path, f"/{name} takes its data from other files (a virtual or external "
-                                 "dataset); an archive holds its data itself")
+        return f"/{name} takes its data from other files (a virtual or external dataset); an archive " \
+               "holds its data itself"
+    return _text_problem(obj)
+
+
+TEXT_CRC = "text_crc32"
+
+
+def _text_crc(obj) -> int:
+    """CRC-32 of an object's string attributes, names and values."""
+    return zlib.crc32(json.dumps(sorted((k, v) for k, v in obj.attrs.items()
+                                        if isinstance(v, str) and k != TEXT_CRC)).encode())
+
+
+def seal(f: h5py.File):
+    """Store on every object of ``f`` the CRC-32 of its string attributes (the config, the study, the
+    errors, the dims): their text lives in HDF5's global heap, which no HDF5 checksum covers, unlike
+    the object headers that hold the CRC. Readers check it (:func:`open_file`)."""
+    objects = [f]
+    f.visititems(lambda name, obj: objects.append(obj))
+    for obj in objects:
+        obj.attrs[TEXT_CRC] = np.int64(_text_crc(obj))
+
+
+def _text_problem(obj) -> str | None:
+    try:
+        stored = obj.attrs.get(TEXT_CRC)
+        if stored is not None and int(stored) != _text_crc(obj):
+            return f"{obj.name}: its text attributes do not match their checksum (a damaged file)"
+    except (OSError, RuntimeError, ValueError, TypeError) as e:  # undecodable text, a damaged heap
+        return f"{obj.name}: its attributes cannot be read ({e})"
+    return None
 
 
 def check_stored(ds: h5py.Dataset, path: str):
@@ -256,7 +301,7 @@ def read(path: str) -> dict:
     """The whole archive as nested dicts: datasets as arrays, attributes under ``"attrs"``."""
 
     def walk(g):
-        out = {"attrs": dict(g.attrs)}
+        out = {"attrs": {k: v for k, v in g.attrs.items() if k != TEXT_CRC}}
         for k, v in g.items():
             if isinstance(v, h5py.Dataset):
                 check_stored(v, path)
