@@ -782,6 +782,15 @@ def read_layout(f: h5py.File, path: str) -> dict:
         if len(d) != ds.ndim or len(set(d)) != len(d):
             raise ArchiveError(path, f"{ds.name} has {ds.ndim} dimensions but its attribute 'dims' names {d}")
         dims[name], datasets[name] = d, ds
+        strings = h5py.check_string_dtype(ds.dtype) is not None
+        if (name in RESERVED and not strings) or (name not in RESERVED and name not in coords and
+                                                  ds.dtype.kind not in "biufc"):
+            raise ArchiveError(path, f"{ds.name} has dtype {ds.dtype}; expected "
+                                     f"{'strings' if name in RESERVED else 'numbers'}")
+    missing = [c for c in coords if c not in dims] or [a for a in head["axes"] if a not in coords]
+    if missing:
+        raise ArchiveError(path, f"/data attribute 'coordinates' = {coords} does not match the datasets and "
+                                 f"axes ({missing})")
     sizes = {a: len(v) for a, v in head["axes"].items()}
     for name in list(head["axes"]) + [n for n in coords if dims.get(n) == [n]] + list(RESERVED):
         if name not in dims:
@@ -809,19 +818,13 @@ def read_layout(f: h5py.File, path: str) -> dict:
                                          f"more than any run stored ({largest})")
         elif d != axes:
             raise ArchiveError(path, f"/data/{name} has dims {d}; expected the axes {axes}")
-    missing = [c for c in coords if c not in dims]
-    if missing:
-        raise ArchiveError(path, f"/data attribute 'coordinates' names {missing}, which are not in /data")
     return {"attrs": head, "dims": dims, "coords": coords, "sizes": sizes}
 
 
 def _largest_run_array(f: h5py.File, path: str) -> int:
     """The size of the largest array a run copy stores wholly (1: a scalar)."""
     largest = 1
-    runs = f.get("runs")
-    if not isinstance(runs, h5py.Group):
-        return largest
-    for g in runs.values():
+    for g in _member(path, f, "runs", h5py.Group).values():
         arrays = g.get("arrays") if isinstance(g, h5py.Group) else None
         for ds in (arrays.values() if isinstance(arrays, h5py.Group) else ()):
             if isinstance(ds, h5py.Dataset) and ds.size > largest:
@@ -856,7 +859,7 @@ def open_dataset(path: str):
         for name, dims in layout["dims"].items():
             (coords if name in layout["coords"] else data_vars)[name] = (tuple(dims), _decode(data[name], path))
         attrs = {k: _attr(v) for k, v in f.attrs.items() if k != archive.TEXT_CRC}
-    bad = sorted(set(np.unique(data_vars["status"][1])) - set(STATUSES))
+    bad = sorted(set(np.unique(data_vars["status"][1]).tolist()) - set(STATUSES))
     if bad:
         raise ArchiveError(path, f"/data/status holds {bad}; allowed: {', '.join(STATUSES)}")
     return xr.Dataset(data_vars, coords, attrs)

@@ -363,3 +363,13 @@ def test_cli_reports_a_damaged_archive_in_one_line(intact, tmp_path):
     done = _cli("plot", path, "--out", str(tmp_path / "out"))
     assert done.returncode == 1 and done.stderr.startswith(f"substrate: error: {path}: ")
     assert done.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_data_beyond_memory_is_refused_up_front(intact, monkeypatch):
+    """A consistent archive whose data would not fit in memory is refused before anything is read
+    (here: a machine of 20 kB; the intact archive needs more)."""
+    need = sum(v.nbytes for v in intact["dataset"].variables.values())
+    monkeypatch.setattr(sw, "_memory", lambda: 20_000)
+    assert need > 20_000
+    with pytest.raises(ArchiveError, match=r"its data take 0\.0 GiB, more than this machine's memory"):
+        sw.open_dataset(intact["path"])
