@@ -795,7 +795,6 @@ def read_layout(f: h5py.File, path: str) -> dict:
     for name in list(head["axes"]) + [n for n in coords if dims.get(n) == [n]] + list(RESERVED):
         if name not in dims:
             raise ArchiveError(path, f"/data/{name} is missing")
-        archive.check_stored(datasets[name], path)
         if name in coords and dims[name] == [name]:
             sizes.setdefault(name, datasets[name].shape[0])
     axes = list(head["axes"])
@@ -808,15 +807,15 @@ def read_layout(f: h5py.File, path: str) -> dict:
         if datasets[name].shape != implied:
             raise ArchiveError(path, f"/data/{name} has shape {datasets[name].shape}, but its dims {d} imply "
                                      f"{implied}")
-        if name in coords:
+        if name in coords or name in RESERVED:  # written whole: their size is backed by the file
             archive.check_stored(datasets[name], path)
-        elif name not in RESERVED:
+        if name not in coords and name not in RESERVED:
             if d[:len(axes)] != axes:
                 raise ArchiveError(path, f"/data/{name} has dims {d}; a result's first dims are the axes {axes}")
             if int(np.prod(implied[len(axes):])) > largest:
                 raise ArchiveError(path, f"/data/{name} holds {int(np.prod(implied[len(axes):]))} values per run, "
                                          f"more than any run stored ({largest})")
-        elif d != axes:
+        if name in RESERVED and d != axes:
             raise ArchiveError(path, f"/data/{name} has dims {d}; expected the axes {axes}")
     return {"attrs": head, "dims": dims, "coords": coords, "sizes": sizes}
 
@@ -894,7 +893,7 @@ def load_run(path: str, rid: str) -> dict:
 
 def _run_contents(g: h5py.Group, path: str) -> dict:
     """A run (a run file's root, or its copy in an archive), checked."""
-    attrs = {k: _attr(v) for k, v in g.attrs.items()}
+    attrs = {k: _attr(v) for k, v in g.attrs.items() if k != archive.TEXT_CRC}
     where = g.name.rstrip("/")
     dims = _json(path, f"{where} attribute 'array_dims'", attrs.get("array_dims", "{}"), dict)
     arrays, scalars = {}, {}

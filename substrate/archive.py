@@ -278,7 +278,7 @@ def _text_problem(obj) -> str | None:
         stored = obj.attrs.get(TEXT_CRC)
         if stored is not None and int(stored) != _text_crc(obj):
             return f"{obj.name}: its text attributes do not match their checksum (a damaged file)"
-    except (OSError, RuntimeError, ValueError, TypeError) as e:  # undecodable text, a damaged heap
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:  # a damaged header or heap
         return f"{obj.name}: its attributes cannot be read ({e})"
     return None
 

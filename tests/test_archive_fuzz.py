@@ -234,12 +234,13 @@ def test_each_part_of_the_layout_missing_or_wrong(intact, tmp_path, case, tally)
     assert all(o in ("error", "read") for o in outcomes.values()) and "error" in outcomes.values(), outcomes
 
 
-def test_truncations(intact, tmp_path, tally):
-    """Cut at 0, 1 and 8 bytes, the superblock's end, and 12 seeded offsets: every read is an error or
-    (a cut in unused space at the end) the intact result."""
+@pytest.mark.parametrize("group", range(2))
+def test_truncations(intact, tmp_path, tally, group):
+    """Cut at 0, 1 and 8 bytes, the superblock's end, the last byte, and 12 seeded offsets (two groups,
+    to keep each test short): every read is an error, or (the last byte) the intact result."""
     data = open(intact["path"], "rb").read()
     rng = np.random.default_rng(15)
-    cuts = sorted({0, 1, 8, 48, len(data) - 1, *rng.integers(48, len(data) - 1, 12).tolist()})
+    cuts = sorted({0, 1, 8, 48, len(data) - 1, *rng.integers(48, len(data) - 1, 12).tolist()})[group::2]
     path = str(tmp_path / "cut.h5")
     for cut in cuts:
         with open(path, "wb") as fh:
@@ -250,12 +251,11 @@ def test_truncations(intact, tmp_path, tally):
         assert cut == len(data) - 1 or outcomes["open_dataset"] == "error", (cut, outcomes)
 
 
-def test_random_bit_flips(intact, tmp_path, tally):
-    """48 seeded single-bit flips anywhere in the file: each read is an error or the intact result."""
+def _flips(intact, tmp_path, tally, seed, n):
     data = open(intact["path"], "rb").read()
-    rng = np.random.default_rng(1515)
+    rng = np.random.default_rng(seed)
     path = str(tmp_path / "flip.h5")
-    for pos, bit in zip(rng.integers(0, len(data), 48), rng.integers(0, 8, 48)):
+    for pos, bit in zip(rng.integers(0, len(data), n), rng.integers(0, 8, n)):
         flipped = bytearray(data)
         flipped[pos] ^= 1 << bit
         with open(path, "wb") as fh:
@@ -263,6 +263,19 @@ def test_random_bit_flips(intact, tmp_path, tally):
         outcomes = _read_all(path, intact)
         _tally(outcomes, tally)
         assert all(o in ("error", "correct") for o in outcomes.values()), (int(pos), int(bit), outcomes)
+
+
+@pytest.mark.parametrize("group", range(6))
+def test_random_bit_flips(intact, tmp_path, tally, group):
+    """48 seeded single-bit flips anywhere in the file (six groups of 8, to keep each test short): each
+    read is an error or the intact result."""
+    _flips(intact, tmp_path, tally, [1515, group], 8)
+
+
+@pytest.mark.slow
+def test_many_random_bit_flips(intact, tmp_path, tally):
+    """The same with 600 flips (about 2 minutes)."""
+    _flips(intact, tmp_path, tally, 15_000, 600)
 
 
 def _chunks(path):
@@ -340,7 +353,8 @@ def _cli(*args, timeout=120):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
-def test_a_fifo_or_a_device_is_refused_without_blocking(tmp_path):
+@pytest.mark.parametrize("command", ["info", "plot"])
+def test_a_fifo_or_a_device_is_refused_without_blocking(tmp_path, command):
     """Opening a FIFO for reading blocks until a writer comes; the CLI (in a subprocess, with a timeout:
     a hang fails the test) and open_dataset refuse it, and /dev/zero, up front."""
     fifo = str(tmp_path / "archive.h5")
@@ -348,11 +362,10 @@ def test_a_fifo_or_a_device_is_refused_without_blocking(tmp_path):
     for path in (fifo, "/dev/zero"):
         with pytest.raises(ArchiveError, match="is not a regular file"):
             sw.open_dataset(path)
-    for command in ("info", "plot"):
-        done = _cli(command, fifo)
-        assert done.returncode == 1 and done.stderr == \
-            f"substrate: error: {fifo}: is not a regular file (a directory, FIFO or device is no archive)\n"
-        assert "Traceback" not in done.stdout + done.stderr
+    done = _cli(command, fifo)
+    assert done.returncode == 1 and done.stderr == \
+        f"substrate: error: {fifo}: is not a regular file (a directory, FIFO or device is no archive)\n"
+    assert "Traceback" not in done.stdout + done.stderr
 
 
 def test_cli_reports_a_damaged_archive_in_one_line(intact, tmp_path):
