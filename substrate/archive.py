@@ -5,8 +5,8 @@ complete (``os.replace`` is atomic on POSIX), so a killed run never leaves a hal
 Every file carries provenance attributes: the resolved config as JSON, the seed, the git commit,
 package versions, host and timings.
 
-Integrity. Files are written in the HDF5 1.8 object-header format (``LIBVER``), whose headers,
-attributes stored in them and B-trees carry checksums; every dataset with data is chunked with the
+Integrity. Files are written in the HDF5 1.10 format (``LIBVER``), whose object headers, the
+attributes stored in them and the chunk indexes carry checksums; every dataset with data is chunked with the
 Fletcher-32 filter (:func:`create_dataset`); the text of string attributes, which HDF5 keeps outside
 the headers, is covered by a CRC-32 (:func:`seal`). A flipped bit is reported on read, not returned as
 a wrong number. :func:`open_file` is the one way archives are read: it refuses what is not a regular
@@ -34,8 +34,10 @@ import numpy as np
 
 from substrate.errors import ArchiveError
 
-# version-2 object headers (HDF5 >= 1.8 reads them): checksummed, unlike the default version 1
-LIBVER = ("v108", "v108")
+# the HDF5 1.10 file format (HDF5 >= 1.10 reads it): version-2 object headers and the chunk indexes
+# of 1.10 (fixed and extensible arrays) carry checksums; the default format's (version-1 headers and
+# B-trees) do not, so a flipped bit in a chunk's address read silently as the fill value, NaN
+LIBVER = ("v110", "v110")
 PACKAGES = ("substrate", "numpy", "scipy", "numba", "h5py", "scikit-learn")
 
 
