@@ -140,7 +140,8 @@ def info(archive, errors):
         raise ArchiveFailure(str(e)) from None
     a, axes = layout["attrs"], layout["attrs"]["axes"]
     profile = f", profile {a['profile']}" if a["profile"] else ""
-    click.echo(f"study: {a['study_name']} (task {a['task']}{profile}){' - ' + a['description'] if a['description'] else ''}")
+    description = f" - {a['description']}" if a["description"] else ""
+    click.echo(f"study: {a['study_name']} (task {a['task']}{profile}){description}")
     click.echo(f"created {a['created']} on {a['host']}, git {a['git_commit']}")
     click.echo("axes:")
     for name, values in axes.items():

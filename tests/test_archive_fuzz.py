@@ -178,14 +178,17 @@ STRUCTURE = {
     "nfev wrong shape": _replace("data/nfev", data=np.zeros((3, 2, 1))),
     "nfev strings": _replace("data/nfev", data=np.full((2, 2, 1), "x", dtype="S1")),
     "nfev compound": _replace("data/nfev", data=np.zeros((2, 2, 1), dtype=[("a", "f8"), ("b", "i4")])),
-    "nfev empty 60000 x 60000": _replace("data/residual_trace", shape=(60000, 60000), dtype="f8", chunks=(1000, 1000)),
+    "residual_trace 60000 x 60000": _replace("data/residual_trace", shape=(60000, 60000), dtype="f8",
+                                             chunks=(1000, 1000)),
+    "60000 x 60000 with coordinates": _edit(lambda f: _huge(f)),
     "step 60000 unstored": _replace("data/step", shape=(60000,), dtype="i8", chunks=(1000,)),
     "step longer": _edit(lambda f: _resize_coordinate(f, 5000)),
     "nfev missing": _del("data/nfev"),
     "residual_trace missing": _del("data/residual_trace"),
     "nfev external link": _edit(lambda f: (f.__delitem__("data/nfev"),
                                            f["data"].__setitem__("nfev", h5py.ExternalLink("/etc/passwd", "/x")))),
-    "nfev soft link": _edit(lambda f: (f.__delitem__("data/nfev"), f["data"].__setitem__("nfev", h5py.SoftLink("/data/steps")))),
+    "nfev soft link": _edit(lambda f: (f.__delitem__("data/nfev"),
+                                       f["data"].__setitem__("nfev", h5py.SoftLink("/data/steps")))),
     "external link elsewhere": _edit(lambda f: f.__setitem__("extra", h5py.ExternalLink("other.h5", "/"))),
     "nfev virtual": _edit(_virtual),
     "nfev external storage": _replace("data/nfev", shape=(2, 2, 1), dtype="f8", external=[("/dev/zero", 0, 32)]),
@@ -198,6 +201,20 @@ STRUCTURE = {
                                            _first_run(f)["arrays"].create_dataset("residual_trace", shape=(10 ** 8,),
                                                                                  dtype="f8", chunks=(10 ** 5,)))),
 }
+
+
+def _huge(f):
+    """A result of 60000 x 60000 values per run (unallocated: a small file), with coordinates that
+    imply that shape: the 27 GiB allocation of the issue, refused as more than any run stored."""
+    for name in ("step", "k"):
+        if name in f["data"]:
+            del f["data"][name]
+        f["data"].create_dataset(name, data=np.arange(60000), compression="gzip").attrs["dims"] = f'["{name}"]'
+    dims = '["integrator", "asymmetry_angle", "seed", "step", "k"]'
+    del f["data/residual_trace"]
+    f["data"].create_dataset("residual_trace", shape=(2, 2, 1, 60000, 60000), dtype="f8",
+                             chunks=(1, 1, 1, 1000, 1000)).attrs["dims"] = dims
+    f["data"].attrs["coordinates"] = f["data"].attrs["coordinates"][:-1] + ', "k"]'
 
 
 def _resize_coordinate(f, n):
@@ -221,7 +238,8 @@ def _tally(outcomes, counts):
 def tally():
     counts = {}
     yield counts
-    print(f"\narchive fuzzing: {sum(counts.values())} reads: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    print(f"\narchive fuzzing: {sum(counts.values())} reads: "
+          + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
 
 
 @pytest.mark.parametrize("case", list(STRUCTURE))
