@@ -90,28 +90,38 @@ def sweep(study_file, out, workers, profile, retry_failed, consolidate_every, qu
 
 
 def _summary(path, errors=5):
-    import json
+    from studies import sweep as sw
+    from substrate import archive
 
-    import h5py
+    try:
+        with archive.open_file(path) as f:
+            lines = _summary_lines(sw.read_header(f, path), f, path, errors)
+    except archive.ArchiveError as e:
+        raise ArchiveFailure(str(e)) from None
+    click.echo("\n".join(lines))
 
-    with h5py.File(path, "r") as f:
-        a = f.attrs
-        click.echo(f"archive: {os.path.abspath(path)}")
-        click.echo(f"runs: {int(a['n_runs'])} total, {int(a['n_done'])} done, {int(a['n_failed'])} failed, "
-                   f"{int(a['n_missing'])} missing")
-        if int(a["n_failed"]) and errors:
-            click.echo("failed runs:")
-            shown = 0
-            for rid, g in f["runs"].items():
-                if g.attrs["status"] != "failed":
-                    continue
-                coords = ", ".join(f"{k}={v}" for k, v in json.loads(g.attrs["coords"]).items())
-                click.echo(f"  {rid} [{coords}]: {g.attrs['error']}")
-                shown += 1
-                if shown >= errors:
-                    break
-            if int(a["n_failed"]) > shown:
-                click.echo(f"  ... and {int(a['n_failed']) - shown} more")
+
+def _summary_lines(a, f, path, errors):
+    """The counts of runs and the first ``errors`` failed runs of an open archive (checked header ``a``)."""
+    from studies import sweep as sw
+
+    lines = [f"archive: {os.path.abspath(path)}",
+             f"runs: {a['n_runs']} total, {a['n_done']} done, {a['n_failed']} failed, {a['n_missing']} missing"]
+    if a["n_failed"] and errors:
+        lines.append("failed runs:")
+        for rid, status, coords, error in sw.read_runs(f, path):
+            if status == "failed" and len(lines) < 3 + errors:
+                lines.append(f"  {rid} [{', '.join(f'{k}={v}' for k, v in coords.items())}]: {error}")
+        if a["n_failed"] > len(lines) - 3:
+            lines.append(f"  ... and {a['n_failed'] - (len(lines) - 3)} more")
+    return lines
+
+
+class ArchiveFailure(click.ClickException):
+    """An archive that cannot be read: one line ``substrate: error: FILE: what is wrong``, exit code 1."""
+
+    def show(self, file=None):
+        click.echo(f"substrate: error: {self.format_message()}", file=file, err=True)
 
 
 @main.command()
@@ -119,36 +129,32 @@ def _summary(path, errors=5):
 @click.option("--errors", default=5, show_default=True, type=click.IntRange(min=0), help="Failed runs to list.")
 def info(archive, errors):
     """Summarise a sweep archive: study, axes, runs done and failed, first errors."""
-    import json
-
-    import h5py
-
-    from studies.sweep import FORMAT
+    from studies import sweep as sw
+    from substrate import archive as archives
 
     try:
-        with h5py.File(archive, "r") as f:
-            a = dict(f.attrs)
-            variables = {k: json.loads(v.attrs["dims"]) for k, v in f["data"].items()} if "data" in f else {}
-            coords = set(json.loads(f["data"].attrs.get("coordinates", "[]"))) if "data" in f else set()
-    except OSError as e:
-        raise click.ClickException(f"{archive}: not a readable HDF5 file ({e})") from None
-    if a.get("format") != FORMAT:
-        raise click.ClickException(f"{archive}: not a sweep archive (format {a.get('format')!r})")
-    profile = f", profile {a['profile']}" if a.get("profile") else ""
-    click.echo(f"study: {a['study_name']} (task {a['task']}{profile}){' - ' + a['description'] if a.get('description') else ''}")
+        with archives.open_file(archive) as f:
+            layout = sw.read_layout(f, archive)
+            summary = _summary_lines(layout["attrs"], f, archive, errors)
+    except archives.ArchiveError as e:
+        raise ArchiveFailure(str(e)) from None
+    a, axes = layout["attrs"], layout["attrs"]["axes"]
+    profile = f", profile {a['profile']}" if a["profile"] else ""
+    description = f" - {a['description']}" if a["description"] else ""
+    click.echo(f"study: {a['study_name']} (task {a['task']}{profile}){description}")
     click.echo(f"created {a['created']} on {a['host']}, git {a['git_commit']}")
     click.echo("axes:")
-    keys = json.loads(a.get("axis_keys", "{}"))
-    for name, values in json.loads(a["axes"]).items():
+    for name, values in axes.items():
         shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
-        via = f" <- {', '.join(keys[name])}" if name in keys and keys[name] != [name] else ""
+        keys = a["axis_keys"].get(name, [name])
+        via = f" <- {', '.join(keys)}" if keys != [name] else ""
         click.echo(f"  {name} ({len(values)}){via}: {shown}")
-    axes = list(json.loads(a["axes"]))
-    results = sorted(k for k in variables if k not in coords and k not in ("run_id", "status", "error"))
-    own = {k: variables[k][len(axes):] for k in results}
+    dims = layout["dims"]
+    results = sorted(k for k in dims if k not in layout["coords"] and k not in sw.RESERVED)
+    own = {k: dims[k][len(axes):] for k in results}
     click.echo("results per run: " + (", ".join(f"{k}({', '.join(own[k])})" if own[k] else k for k in results)
                                       or "none yet"))
-    _summary(archive, errors)
+    click.echo("\n".join(summary))
 
 
 @main.command()
@@ -157,25 +163,17 @@ def info(archive, errors):
               help="Folder for the figures [default: the archive's folder].")
 def plot(archive, out):
     """Draw a sweep archive's figures (PNG and PDF), chosen by its task."""
-    import h5py
-
     from studies import plots
+    from substrate.errors import ArchiveError
 
     try:
-        with h5py.File(archive, "r") as f:
-            task, name, done = f.attrs.get("task"), f.attrs.get("study_name"), int(f.attrs.get("n_done", 0))
-    except OSError as e:
-        raise click.ClickException(f"{archive}: not a readable HDF5 file ({e})") from None
-    if not done:
-        raise click.ClickException(f"{archive}: no finished run to draw")
-    if task not in plots.PLOTS:
-        raise click.ClickException(f"{archive}: no figure for task {task!r}; figures exist for "
-                                   f"{', '.join(plots.PLOTS)}")
+        fig, name = plots.draw(archive)
+    except ArchiveError as e:
+        raise ArchiveFailure(str(e)) from None
     out = out or os.path.dirname(os.path.abspath(archive))
     os.makedirs(out, exist_ok=True)
-    fig = plots.PLOTS[task](archive)
     for ext in ("png", "pdf"):
-        path = os.path.join(out, f"{name}.{ext}")
+        path = os.path.join(out, f"{name}.{ext}")  # name: checked by read_header, a plain file name
         fig.savefig(path, dpi=120)
         click.echo(f"figure: {os.path.abspath(path)}")
 

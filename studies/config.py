@@ -373,8 +373,16 @@ def _coord_name(axis: Axis, key: str) -> str:
 
 # ------------------------------------------------------------------------------------ loading
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
-STUDY_KEYS = {"name": Field(str, Check(lambda s: bool(_NAME.match(s)), "letters, digits, and _ . + - "
-                                       "(a file name)")),
+
+
+def valid_name(name) -> bool:
+    """Whether ``name`` may name a file in an output folder: letters, digits and ``_ . + -``, not
+    starting with ``.`` (so neither a path, ``..`` nor a hidden file). Study names and every name read
+    back from an archive are checked with it."""
+    return isinstance(name, str) and bool(_NAME.match(name))
+
+
+STUDY_KEYS = {"name": Field(str, Check(valid_name, "letters, digits, and _ . + - (a file name)")),
               "task": Field(str),
               "description": Field(str, None, "")}
 TOP_KEYS = ("study", "base", "sweep", "profiles")
@@ -536,7 +544,7 @@ def _sweep_field(key, path, leaves, used_keys) -> Field:
 def _zip_axis(tab, leaves, used_keys) -> list:
     tab = dict(tab)
     name = tab.pop("name", None)
-    if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
+    if name is not None and not valid_name(name):
         raise StudyConfigError(f"sweep.zip.name = {name!r}: wrong type; allowed: a string of letters, digits "
                                "and _ . + -")
     if not tab:

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from substrate import archive  # noqa: E402
+from substrate.errors import ArchiveError  # noqa: E402
 from studies.dpm_customise import plot_dpm_customise  # noqa: E402
 from studies.dpm_tasks import plot_dpm_gradients  # noqa: E402
 
@@ -454,3 +455,28 @@ PLOTS = {"relaxation": plot_relaxation, "gradient_accuracy": plot_gradient_accur
          "ep_train": plot_ep_train_or_devices, "pvrnn_meta_prior": plot_pvrnn_meta_prior,
          "pvrnn_er": plot_pvrnn_er, "dpm_customise": plot_dpm_customise,
          "dpm_gradients": plot_dpm_gradients}
+
+
+def draw(path: str):
+    """The figure of a sweep archive, chosen by its task, and the name to save it under (the checked
+    ``study_name``: a plain file name). Raises :class:`~substrate.errors.ArchiveError` naming the file
+    when the archive cannot be read or lacks what the figure needs."""
+    from studies.sweep import read_header
+
+    with archive.open_file(path) as f:
+        head = read_header(f, path)
+    if not head["n_done"]:
+        raise ArchiveError(path, "has no finished run to draw")
+    task = head["task"]
+    if task not in PLOTS:
+        raise ArchiveError(path, f"has no figure for task {task!r}; figures exist for {', '.join(PLOTS)}")
+    try:
+        return PLOTS[task](path), head["study_name"]
+    except ArchiveError:
+        raise
+    except (KeyError, IndexError, ValueError, TypeError) as e:
+        # open_dataset checked the layout; what remains is a result or coordinate the figure needs that
+        # the archive does not hold (or holds with another shape or type)
+        plt.close("all")
+        raise ArchiveError(path, f"lacks what the figure for task {task!r} needs ({type(e).__name__}: {e})") \
+            from None

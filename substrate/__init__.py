@@ -30,14 +30,14 @@ _numba_cache_dir()
 from .activations import NAMES as ACTIVATIONS  # noqa: E402
 from .adjoint import ContinuousAdjoint, DiscreteAdjoint, Gradients, Implicit, gradient  # noqa: E402
 from .dynamics import VectorField  # noqa: E402
-from .errors import (ConvergenceError, DivergenceError, IntegrationError, StepSizeError,  # noqa: E402
+from .errors import (ArchiveError, ConvergenceError, DivergenceError, IntegrationError, StepSizeError,  # noqa: E402
                      SubstrateValueError)
 from .integrators import METHODS, Solution, integrate, relax  # noqa: E402
 from .network import Connection, Input, Layer, Network  # noqa: E402
 from .nudge import Cost, Nudge  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ACTIVATIONS", "Connection", "ContinuousAdjoint", "ConvergenceError", "Cost", "Nudge", "DiscreteAdjoint", "DivergenceError",
+__all__ = ["ACTIVATIONS", "ArchiveError", "Connection", "ContinuousAdjoint", "ConvergenceError", "Cost", "Nudge", "DiscreteAdjoint", "DivergenceError",
            "Gradients", "Implicit", "Input", "gradient",
            "IntegrationError", "Layer", "METHODS", "Network", "Solution", "StepSizeError",
            "SubstrateValueError", "VectorField", "integrate", "relax"]

@@ -4,6 +4,15 @@ A run is written to a temporary file beside its destination and renamed into pla
 complete (``os.replace`` is atomic on POSIX), so a killed run never leaves a half-written archive.
 Every file carries provenance attributes: the resolved config as JSON, the seed, the git commit,
 package versions, host and timings.
+
+Integrity. Files are written in the HDF5 1.10 format (``LIBVER``), whose object headers, the
+attributes stored in them and the chunk indexes carry checksums; every dataset with data is chunked with the
+Fletcher-32 filter (:func:`create_dataset`); the text of string attributes, which HDF5 keeps outside
+the headers, is covered by a CRC-32 (:func:`seal`). A flipped bit is reported on read, not returned as
+a wrong number. :func:`open_file` is the one way archives are read: it refuses what is not a regular
+file (a FIFO or a device would block the reader), links out of the file, datasets whose data is not in
+it and text that does not match its CRC, and turns every failure of HDF5 into an
+:class:`~substrate.errors.ArchiveError` naming the file.
 """
 
 from __future__ import annotations
@@ -12,8 +21,10 @@ import contextlib
 import json
 import os
 import platform
+import stat
 import subprocess
 import tempfile
+import zlib
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Mapping
@@ -21,6 +32,12 @@ from typing import Mapping
 import h5py
 import numpy as np
 
+from substrate.errors import ArchiveError
+
+# the HDF5 1.10 file format (HDF5 >= 1.10 reads it): version-2 object headers and the chunk indexes
+# of 1.10 (fixed and extensible arrays) carry checksums; the default format's (version-1 headers and
+# B-trees) do not, so a flipped bit in a chunk's address read silently as the fill value, NaN
+LIBVER = ("v110", "v110")
 PACKAGES = ("substrate", "numpy", "scipy", "numba", "h5py", "scikit-learn")
 
 
@@ -56,6 +73,32 @@ def provenance(config: Mapping, seed: int | None, timings: Mapping[str, float] |
     }
 
 
+def create_dataset(group: h5py.Group, name: str, data, compress_above: int = 1024) -> h5py.Dataset:
+    """A dataset whose data a checksum covers: chunked with the Fletcher-32 filter (HDF5 filters need
+    chunks), gzip beyond ``compress_above`` values; a 0-d one in compact layout, that is inside its
+    object header, whose checksum covers it (a scalar cannot be chunked); an empty one has no data to
+    protect. Strings are stored as fixed-length UTF-8: the text of variable-length strings lives in a
+    heap that no checksum covers."""
+    arr = np.asarray(data)
+    kwargs = {}
+    if arr.dtype.kind in "OUS":
+        text = [v if isinstance(v, bytes) else str(v).encode() for v in arr.ravel()]
+        dtype = h5py.string_dtype("utf-8", max([1] + [len(t) for t in text]))
+        arr = np.array(text, dtype=dtype).reshape(arr.shape)
+    if arr.ndim == 0:  # low level: h5py's create_dataset drops the layout of a scalar's dcpl
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_layout(h5py.h5d.COMPACT)
+        dsid = h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(arr.dtype, logical=True),
+                               h5py.h5s.create(h5py.h5s.SCALAR), dcpl=dcpl)
+        dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, np.ascontiguousarray(arr))
+        return h5py.Dataset(dsid)
+    if arr.size:
+        kwargs.update(chunks=True, fletcher32=True)
+        if arr.size > compress_above:
+            kwargs.update(compression="gzip", compression_opts=4, shuffle=True)
+    return group.create_dataset(name, data=arr, **kwargs)
+
+
 def _write_group(group: h5py.Group, tree: Mapping):
     for key, value in tree.items():
         if isinstance(value, Mapping):
@@ -63,8 +106,7 @@ def _write_group(group: h5py.Group, tree: Mapping):
         elif isinstance(value, str):
             group.attrs[key] = value
         else:
-            arr = np.asarray(value)
-            group.create_dataset(key, data=arr, compression="gzip" if arr.size > 1024 else None)
+            create_dataset(group, key, value)
 
 
 TEMP_PREFIX = ".tmp-"
@@ -127,10 +169,11 @@ def write_run(path: str, data: Mapping, attrs: Mapping) -> str:
     ``attrs`` to ``path`` atomically. Returns the path."""
     path = os.path.abspath(path)
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", libver=LIBVER) as f:
             for k, v in attrs.items():
                 f.attrs[k] = v
             _write_group(f, data)
+            seal(f)
     return path
 
 
@@ -163,14 +206,111 @@ def members(group: Mapping) -> dict:
     return {k: v for k, v in group.items() if k != "attrs"}
 
 
+# ------------------------------------------------------------------------------------ reading
+@contextlib.contextmanager
+def open_file(path: str):
+    """Open an archive for reading (``with open_file(path) as f``). Refuses what is not a regular file
+    (opening a FIFO blocks, a device never ends), links out of the file, virtual datasets and data
+    stored in other files; an error of HDF5 while the block reads (a corrupt file, a checksum
+    mismatch) becomes an :class:`ArchiveError` naming the file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ArchiveError(path, f"cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise ArchiveError(path, "is not a regular file (a directory, FIFO or device is no archive)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ArchiveError(path, f"is not a readable HDF5 file ({e})") from None
+    try:
+        with f:
+            problem = _text_problem(f) or f.id.links.visit(lambda name: _link_problem(f, name))
+            if problem:
+                raise ArchiveError(path, problem)
+            yield f
+    except (OSError, RuntimeError) as e:  # h5py raises either for a failure inside HDF5
+        raise ArchiveError(path, f"is corrupt: HDF5 cannot read it ({e})") from None
+
+
+def _link_problem(f: h5py.File, name: bytes) -> str | None:
+    """What is wrong with the link ``name`` and its object, or None. The visit stops at the first
+    message returned; every exception is caught here, as one raised in the callback would not cross
+    HDF5's C code intact."""
+    try:
+        link = f.get(name, getlink=True)
+    except (OSError, RuntimeError, KeyError, ValueError) as e:  # h5py's errors for a damaged object
+        return f"/{name.decode(errors='replace')} cannot be read ({e})"
+    name = name.decode(errors="replace")
+    if isinstance(link, h5py.ExternalLink):
+        return f"/{name} is a link to {link.filename}:{link.path}; an archive holds no links to other files"
+    if not isinstance(link, h5py.HardLink):
+        return f"/{name} is a {type(link).__name__}; an archive holds only groups and datasets"
+    try:
+        obj = f[name]
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        return f"/{name} cannot be read ({e})"
+    if isinstance(obj, h5py.Dataset) and (obj.is_virtual or obj.external):
+        return f"/{name} takes its data from other files (a virtual or external dataset); an archive " \
+               "holds its data itself"
+    return _text_problem(obj)
+
+
+TEXT_CRC = "text_crc32"
+
+
+def _text_crc(obj) -> int:
+    """CRC-32 of an object's string attributes, names and values."""
+    return zlib.crc32(json.dumps(sorted((k, v) for k, v in obj.attrs.items()
+                                        if isinstance(v, str) and k != TEXT_CRC)).encode())
+
+
+def seal(f: h5py.File):
+    """Store on every object of ``f`` the CRC-32 of its string attributes (the config, the study, the
+    errors, the dims): their text lives in HDF5's global heap, which no HDF5 checksum covers, unlike
+    the object headers that hold the CRC. Readers check it (:func:`open_file`)."""
+    objects = [f]
+    f.visititems(lambda name, obj: objects.append(obj))
+    for obj in objects:
+        obj.attrs[TEXT_CRC] = np.int64(_text_crc(obj))
+
+
+def _text_problem(obj) -> str | None:
+    try:
+        stored = obj.attrs.get(TEXT_CRC)
+        if stored is not None and int(stored) != _text_crc(obj):
+            return f"{obj.name}: its text attributes do not match their checksum (a damaged file)"
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:  # a damaged header or heap
+        return f"{obj.name}: its attributes cannot be read ({e})"
+    return None
+
+
+def check_stored(ds: h5py.Dataset, path: str):
+    """Refuse a dataset that is not wholly stored in the file: missing chunks read as the fill value, so
+    a small file could otherwise claim an array of any size (every dataset written with data, as
+    :func:`create_dataset` does, is wholly stored)."""
+    if ds.size == 0 or ds.id.get_create_plist().get_layout() == h5py.h5d.COMPACT:
+        return
+    if ds.chunks is None:
+        stored = ds.id.get_storage_size() > 0
+    else:
+        stored = ds.id.get_num_chunks() == int(np.prod([-(-n // c) for n, c in zip(ds.shape, ds.chunks)]))
+    if not stored:
+        raise ArchiveError(path, f"{ds.name} (shape {ds.shape}) is not wholly stored in the file")
+
+
 def read(path: str) -> dict:
     """The whole archive as nested dicts: datasets as arrays, attributes under ``"attrs"``."""
 
     def walk(g):
-        out = {"attrs": dict(g.attrs)}
+        out = {"attrs": {k: v for k, v in g.attrs.items() if k != TEXT_CRC}}
         for k, v in g.items():
-            out[k] = walk(v) if isinstance(v, h5py.Group) else v[()]
+            if isinstance(v, h5py.Dataset):
+                check_stored(v, path)
+                out[k] = v[()]
+            else:
+                out[k] = walk(v)
         return out
 
-    with h5py.File(path, "r") as f:
+    with open_file(path) as f:
         return walk(f)

@@ -30,3 +30,13 @@ class ConvergenceError(IntegrationError):
 
 class StepSizeError(IntegrationError):
     """An adaptive step size fell below the smallest allowed step."""
+
+
+class ArchiveError(SubstrateValueError):
+    """An archive cannot be read as what it claims to be (not a regular file, not HDF5, corrupt data,
+    a missing or malformed part, a link out of the file); the message names the file and the part."""
+
+    def __init__(self, path, message: str):
+        # one line: HDF5's messages may span several
+        super().__init__(f"{path}: " + " ".join(str(message).split()))
+        self.path = path
