@@ -317,7 +317,7 @@ def tls_security(ca_file: str | None = None, cert: str | None = None, key: str |
         if not isinstance(config, dict):
             raise ValueError(f"--security-config {config_file}: not a mapping of Dask settings; allowed: "
                              "distributed: {comm: {tls: {ca-file: ..., client: {cert: ..., key: ...}}}}")
-        with dask.config.set(config):
+        with dask.config.set(_dotted(config)):  # dotted keys: set() would replace a nested table whole
             security = distributed.Security(require_encryption=True)
         if not (security.tls_ca_file and security.tls_client_cert):
             raise ValueError(f"--security-config {config_file}: distributed.comm.tls.ca-file and "
@@ -336,6 +336,17 @@ def tls_security(ca_file: str | None = None, cert: str | None = None, key: str |
                                                            ("--tls-key", key)) if v))
     return distributed.Security(tls_ca_file=ca_file, tls_client_cert=cert, tls_client_key=key,
                                 require_encryption=True)
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """A nested config as {"a.b.c": value}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def make_executor(scheduler: str | None, workers: int, *, tls_ca_file: str | None = None,
