@@ -138,7 +138,7 @@ def sweep(study_file, out, workers, profile, retry_failed, consolidate_every, qu
         path = sw.run_sweep(study, out, workers=workers, retry_failed=retry_failed, progress=not quiet,
                             executor=executor, consolidate_every=consolidate_every, stats=stats,
                             max_runs=max_runs)
-    except (sw.SweepLockedError, DaskSweepError, sw.ArchiveWriteError, SubstrateValueError) as e:
+    except (sw.SweepLockedError, DaskSweepError, sw.WriteError, SubstrateValueError) as e:
         raise CLIError(str(e)) from None
     click.echo(f"ran {stats['ran']} runs ({stats['done']} done, {stats['failed']} failed); skipped "
                f"{stats['skipped']} finished before; {time.perf_counter() - start:.1f} s")

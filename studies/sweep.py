@@ -170,7 +170,12 @@ def _write_run_file(run: Run, task_name: str, runs_dir: str, status: str, error:
         "array_dims": json.dumps(dims), "array_coords": json.dumps(coords, default=str),
         "execution": uuid.uuid4().hex, "pid": os.getpid(),
     })
-    return archive.write_run(path or run_file(runs_dir, run.run_id), data, attrs)
+    path = os.path.abspath(path or run_file(runs_dir, run.run_id))
+    with _create_h5(path, "the run file", "free some space and run the sweep again (the finished runs are kept)"
+                    ) as (f, _):
+        f.attrs.update(attrs)
+        archive._write_group(f, data)  # archive.write_run's content, written through the sink
+    return path
 
 
 def execute_run(run: Run | Mapping, task_name: str, runs_dir: str) -> dict:
@@ -573,7 +578,7 @@ def consolidate(study: Study, out_dir: str) -> str:
         except (OSError, KeyError, ValueError):
             continue  # unreadable: treated as missing (and rerun by the next sweep)
         info[rid] = {"attrs": attrs, "dims": dims, "shapes": shapes, "dtypes": dtypes, "scalars": scalars,
-                          "coords": json.loads(attrs.get("array_coords", "{}"))}
+                     "coords": json.loads(attrs.get("array_coords", "{}"))}
 
     taken = set(axis_names) | set(study.axis_coords()) | set(RESERVED)
     dim_names, var_names = {}, {}  # result dim / variable -> its name in the archive (clashes renamed)
@@ -620,97 +625,107 @@ def consolidate(study: Study, out_dir: str) -> str:
 
     counts = {s: int(np.sum(status == s)) for s in ("done", "failed", "missing")}
     path = archive_file(study, out_dir)
+    kept = "the previous archive is kept" if os.path.exists(path) else "no archive was written"
+    with _create_h5(path, "the archive", f"{kept}, and every finished run is in {rdir}: free some space and run "
+                    "the sweep again") as (f, sink):
+        prov = archive.provenance(study.base, None)
+        for k, v in prov.items():
+            f.attrs[k] = v
+        f.attrs.update({
+            "format": FORMAT, "study": study.text, "study_name": study.name, "task": study.task,
+            "profile": study.profile or "", "study_path": study.path or "", "description": study.description,
+            "axes": json.dumps(axes, default=str),
+            "axis_keys": json.dumps({a.name: list(a.keys) for a in study.axis_list}),
+            "base": json.dumps(study.base, sort_keys=True), "n_runs": study.n_runs, "n_done": counts["done"],
+            "n_failed": counts["failed"], "n_missing": counts["missing"],
+        })
+        data = f.create_group("data")
+        scales = {}
+        coord_names = []
+        for name in axis_names:
+            ds = _create(data, name, _coordinate_array(axes[name]), [name])
+            ds.make_scale(name)
+            scales[name] = ds
+            coord_names.append(name)
+        for d, n in dim_len.items():
+            dn = dim_names[d]
+            labels = dim_labels.get(d)
+            values = _coordinate_array(labels) if labels is not None and len(labels) == n else np.arange(n)
+            ds = _create(data, dn, values, [dn])
+            ds.make_scale(dn)
+            scales[dn] = ds
+            coord_names.append(dn)
+        for cname, (axis, values) in study.axis_coords().items():
+            if cname in scales:
+                continue
+            ds = _create(data, cname, _coordinate_array(values), [axis])
+            _attach(ds, [axis], scales)
+            coord_names.append(cname)
+        data.attrs["coordinates"] = json.dumps(coord_names)
+
+        def stacked(name, own_dims, dtype):
+            full_dims = axis_names + [dim_names[d] for d in own_dims]
+            full_shape = shape + tuple(dim_len[d] for d in own_dims)
+            fill = np.array(np.nan, dtype=dtype)
+            ds = data.create_dataset(var_names[name], shape=full_shape, dtype=dtype, fillvalue=fill,
+                                     chunks=True if len(full_shape) else None,
+                                     compression="gzip" if int(np.prod(full_shape)) > 4096 else None)
+            ds.attrs["dims"] = json.dumps(full_dims)
+            _attach(ds, full_dims, scales)
+            return ds
+
+        out_arrays = {n: stacked(n, e["dims"], e["dtype"]) for n, e in arrays.items()}
+        out_scalars = {n: stacked(n, (), np.float64) for n in scalars}
+        for name, values in (("run_id", ids), ("status", status), ("error", error)):
+            ds = _create(data, name, values, axis_names)
+            _attach(ds, axis_names, scales)
+
+        # pass 2: copy each run and write its results into the stacked datasets
+        group = f.create_group("runs")
+        for index in np.ndindex(shape):
+            rid = ids[index]
+            if rid not in info:
+                continue
+            if sink.error is not None:
+                break  # the archive cannot be completed: stop copying into it
+            try:
+                with h5py.File(run_file(rdir, rid), "r") as src:
+                    group.copy(src["/"], rid)
+                    if info[rid]["attrs"].get("status") != "done":
+                        continue
+                    for name, ds in out_arrays.items():
+                        if name in info[rid]["shapes"] and \
+                                tuple(info[rid]["dims"][name]) == arrays[name]["dims"]:
+                            a = src["arrays"][name][()]
+                            ds[index + tuple(slice(0, n) for n in a.shape)] = a
+                    for name, ds in out_scalars.items():
+                        if "scalars" in src and name in src["scalars"]:
+                            ds[index] = src["scalars"][name][()]
+            except (OSError, KeyError, ValueError):  # pragma: no cover - vanished since pass 1
+                continue
+    return path
+
+
+class WriteError(OSError):
+    """A file of the sweep (a run file, the archive) could not be written: disk full, quota, I/O error."""
+
+
+@contextlib.contextmanager
+def _create_h5(path: str, what: str, hint: str):
+    """Yield ``(h5py.File, sink)``: a new HDF5 file written atomically to ``path``
+    (:func:`substrate.archive.atomic_path`) through a :class:`_WriteSink` (``sink.error``: the first
+    failed write, if any). A failed write raises :class:`WriteError` (``what``, ``path``, the reason, then
+    ``hint``) once the file is closed, and the incomplete file is removed."""
     with archive.atomic_path(path) as tmp:
         sink = _WriteSink(tmp)
         try:
             with h5py.File(sink, "w") as f:
-                prov = archive.provenance(study.base, None)
-                for k, v in prov.items():
-                    f.attrs[k] = v
-                f.attrs.update({
-                    "format": FORMAT, "study": study.text, "study_name": study.name, "task": study.task,
-                    "profile": study.profile or "", "study_path": study.path or "", "description": study.description,
-                    "axes": json.dumps(axes, default=str),
-                    "axis_keys": json.dumps({a.name: list(a.keys) for a in study.axis_list}),
-                    "base": json.dumps(study.base, sort_keys=True), "n_runs": study.n_runs, "n_done": counts["done"],
-                    "n_failed": counts["failed"], "n_missing": counts["missing"],
-                })
-                data = f.create_group("data")
-                scales = {}
-                coord_names = []
-                for name in axis_names:
-                    ds = _create(data, name, _coordinate_array(axes[name]), [name])
-                    ds.make_scale(name)
-                    scales[name] = ds
-                    coord_names.append(name)
-                for d, n in dim_len.items():
-                    dn = dim_names[d]
-                    labels = dim_labels.get(d)
-                    values = _coordinate_array(labels) if labels is not None and len(labels) == n else np.arange(n)
-                    ds = _create(data, dn, values, [dn])
-                    ds.make_scale(dn)
-                    scales[dn] = ds
-                    coord_names.append(dn)
-                for cname, (axis, values) in study.axis_coords().items():
-                    if cname in scales:
-                        continue
-                    ds = _create(data, cname, _coordinate_array(values), [axis])
-                    _attach(ds, [axis], scales)
-                    coord_names.append(cname)
-                data.attrs["coordinates"] = json.dumps(coord_names)
-
-                def stacked(name, own_dims, dtype):
-                    full_dims = axis_names + [dim_names[d] for d in own_dims]
-                    full_shape = shape + tuple(dim_len[d] for d in own_dims)
-                    fill = np.array(np.nan, dtype=dtype)
-                    ds = data.create_dataset(var_names[name], shape=full_shape, dtype=dtype, fillvalue=fill,
-                                             chunks=True if len(full_shape) else None,
-                                             compression="gzip" if int(np.prod(full_shape)) > 4096 else None)
-                    ds.attrs["dims"] = json.dumps(full_dims)
-                    _attach(ds, full_dims, scales)
-                    return ds
-
-                out_arrays = {n: stacked(n, e["dims"], e["dtype"]) for n, e in arrays.items()}
-                out_scalars = {n: stacked(n, (), np.float64) for n in scalars}
-                for name, values in (("run_id", ids), ("status", status), ("error", error)):
-                    ds = _create(data, name, values, axis_names)
-                    _attach(ds, axis_names, scales)
-
-                # pass 2: copy each run and write its results into the stacked datasets
-                group = f.create_group("runs")
-                for index in np.ndindex(shape):
-                    rid = ids[index]
-                    if rid not in info:
-                        continue
-                    if sink.error is not None:
-                        break  # the archive cannot be completed: stop copying into it
-                    try:
-                        with h5py.File(run_file(rdir, rid), "r") as src:
-                            group.copy(src["/"], rid)
-                            if info[rid]["attrs"].get("status") != "done":
-                                continue
-                            for name, ds in out_arrays.items():
-                                if name in info[rid]["shapes"] and \
-                                        tuple(info[rid]["dims"][name]) == arrays[name]["dims"]:
-                                    a = src["arrays"][name][()]
-                                    ds[index + tuple(slice(0, n) for n in a.shape)] = a
-                            for name, ds in out_scalars.items():
-                                if "scalars" in src and name in src["scalars"]:
-                                    ds[index] = src["scalars"][name][()]
-                    except (OSError, KeyError, ValueError):  # pragma: no cover - vanished since pass 1
-                        continue
+                yield f, sink
         finally:
             sink.close()
         if sink.error is not None:
-            e = sink.error
-            kept = "the previous archive is kept" if os.path.exists(path) else "no archive was written"
-            raise ArchiveWriteError(f"cannot write the archive {path}: {e.strerror or e}; {kept}, and every "
-                                    f"finished run is in {rdir}: free some space and run the sweep again") from e
-    return path
-
-
-class ArchiveWriteError(OSError):
-    """The archive could not be written (disk full, quota, I/O error); the run files are intact."""
+            raise WriteError(f"cannot write {what} {path}: {sink.error.strerror or sink.error}; {hint}") \
+                from sink.error
 
 
 class _WriteSink:

@@ -160,6 +160,28 @@ def test_a_full_disk_while_consolidating_is_a_clear_error_and_keeps_the_old_arch
     assert sorted(sw.list_run_files(rdir)) == sorted(r.run_id for r in both.runs())  # no run lost
 
 
+def test_a_full_disk_while_writing_a_run_file_is_a_clear_error(tmp_path, small_fs):
+    """Run files go through the same guarded writer: the third run's file (0.63 MB, compressed) does not fit
+    beside the first two and the third's partial results (save_partial)."""
+    study_file = tmp_path / "full.toml"
+    study_file.write_text(ENOSPC_STUDY.replace("size = 40000", "size = 100000").replace("[0, 1]", "[0, 1, 2]"))
+    rdir = str(small_fs / "runs")
+    code = ("import sys; from studies import sweep as sw; from studies.config import load_study\n"
+            "for r in load_study(sys.argv[1]).runs(): sw.execute_run(r, 'selftest', sys.argv[2])")
+    done = subprocess.run([sys.executable, "-c", code, str(study_file), rdir], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert done.returncode == 1, (done.returncode, done.stderr[-3000:])
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("studies.sweep.WriteError: cannot write the run file ") and \
+        "No space left on device; free some space and run the sweep again" in last, last
+    *written, third = load_study(str(study_file)).runs()
+    assert f"cannot write the run file {sw.run_file(rdir, third.run_id)}: " in last
+    assert sw.list_run_files(rdir) == sorted(r.run_id for r in written)
+    assert not [n for n in os.listdir(rdir) if n.startswith(".tmp-")]  # the incomplete file is gone
+    for r in written:  # whole
+        assert sw.read_run(sw.run_file(rdir, r.run_id))["arrays"]["trace"][1].shape == (100000,)
+
+
 def test_a_failed_write_is_kept_and_later_writes_are_dropped(tmp_path):
     """What HDF5 sees of a full disk through the archive's file: every write succeeds (a failed write
     makes HDF5 crash on close); the first failure is kept for the caller to raise."""
