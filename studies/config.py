@@ -348,9 +348,8 @@ class Study:
     def iter_runs(self) -> Iterator[Run]:
         """Every run of the grid, in C order over the axes (seed fastest), made one at a time: a large
         grid is never held in memory."""
-        base = json.dumps(self.base)  # the config is JSON data: a parse is a faster deep copy
         for index in itertools.product(*(range(n) for n in self.shape)):
-            config = json.loads(base)
+            config = copy.deepcopy(self.base)
             coords = {}
             for a, i in zip(self.axis_list, index[:-1]):
                 for k, v in zip(a.keys, a.points[i]):

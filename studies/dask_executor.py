@@ -127,8 +127,9 @@ class DaskExecutor:
     ``address``: the scheduler's address (``tcp://host:port``), a scheduler file (the JSON written by
     ``dask scheduler --scheduler-file``), or a cluster object (e.g. a ``dask_jobqueue.SLURMCluster`` or
     ``distributed.LocalCluster``). ``security``: a ``distributed.Security`` (see :func:`tls_security`);
-    None takes Dask's configuration (``distributed.comm.tls.*``). A ``tls://`` address without a CA
-    and a client certificate there is refused at once (Dask would retry until ``connect_timeout``).
+    None takes a cluster object's own, or else Dask's configuration (``distributed.comm.tls.*``). A
+    ``tls://`` address without a CA and a client certificate is refused at once (Dask would retry until
+    ``connect_timeout``).
     ``connect_timeout``: seconds to reach the scheduler. ``retries``:
     times a run is resubmitted after an error of the worker function itself (an error of the task is
     recorded in the run's file, not raised; this covers e.g. a transient I/O error writing the file).
@@ -148,7 +149,8 @@ class DaskExecutor:
                 raise ValueError("the Dask scheduler address is empty")
         elif address is None:
             raise ValueError("a Dask scheduler address is required")
-        security = distributed.Security() if security is None else security
+        if security is None:  # a cluster object's own, else Dask's configuration
+            security = getattr(address, "security", None) or distributed.Security()
         _check_tls(_scheme_address(address), security)
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries={retries!r} must be an integer >= 0")

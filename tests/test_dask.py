@@ -453,6 +453,11 @@ def test_a_tls_cluster_on_127_0_0_1_runs_a_sweep_with_the_tls_options(certs, tmp
             assert result.exit_code == 0, result.output
             assert "ran 4 runs (4 done, 0 failed)" in result.output
             assert sorted(sw.list_run_files(str(tmp_path / out / "runs"))) == sorted(r.run_id for r in study.runs())
+        executor = DaskExecutor(cluster)  # a cluster object: its own security
+        assert executor.security is cluster.security
+        stats = {}
+        sw.run_sweep(study, str(tmp_path / "object"), executor=executor, progress=False, stats=stats)
+        assert stats["ran"] == stats["done"] == 4
         # without the options: refused at once, before any connection (was a traceback after 60 s)
         result = runner.invoke(main, ["sweep", study.path, "--out", str(tmp_path / "none"), "--scheduler", address])
         assert result.exit_code == 1 and result.stderr.startswith(f"substrate: error: the Dask scheduler {address} "
