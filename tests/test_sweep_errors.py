@@ -211,8 +211,9 @@ def test_out_under_an_existing_file_is_a_one_line_error(tmp_path):
     study_file.write_text(ENOSPC_STUDY)
     (tmp_path / "a_file").write_text("")
     out = tmp_path / "a_file" / "sub" / "dir"
-    result = CliRunner().invoke(main, ["sweep", str(study_file), "--out", str(out), "--quiet"])
-    one_line_error(result, f"--out {out}: {tmp_path / 'a_file'} is a file, not a folder")
+    for args in (["sweep", str(study_file)], ["quickstart"]):  # every command that writes into --out
+        result = CliRunner().invoke(main, [*args, "--out", str(out), "--quiet"])
+        one_line_error(result, f"--out {out}: {tmp_path / 'a_file'} is a file, not a folder")
 
 
 def test_a_read_only_output_folder_is_a_one_line_error(tmp_path):
