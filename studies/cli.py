@@ -9,6 +9,44 @@ import time
 import click
 
 
+class CLIError(click.ClickException):
+    """Bad input or a failure the user can act on: printed as one line ``substrate: error: ...``
+    (exit code 1), never a traceback."""
+
+    def show(self, file=None):
+        click.echo(f"substrate: error: {' '.join(self.format_message().split())}", err=True)
+
+
+def _output_folder(out: str, option: str = "--out") -> str:
+    """``out`` made if need be and checked writable by writing a file there, or a :class:`CLIError`
+    naming it; the probe finds what ``os.access`` misses (a read-only file system mounted under a
+    writable folder, a network file system's own rules)."""
+    import tempfile
+
+    from substrate.archive import TEMP_PREFIX
+
+    out = os.path.abspath(out)
+    existing = out
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CLIError(f"{option} {out}: {existing} is a file, not a folder; allowed: a folder, or a path "
+                       "where one can be made")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"{option} {out}: cannot make the folder {e.filename or out} ({e.strerror or e}); "
+                       "allowed: a folder this user can write in") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".h5", dir=out)  # removed if left behind
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise CLIError(f"{option} {out}: cannot write in this folder ({e.strerror or e}); allowed: a folder "
+                       "this user can write in") from None
+    return out
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """substrate: simulate analog networks that relax to equilibrium, and learn on them."""
@@ -27,6 +65,7 @@ def quickstart(out, seed, epochs, n_train, quiet):
     gradient; write an archive and a figure of the learning curves and gradient alignment."""
     from studies import quickstart as qs
 
+    out = _output_folder(out)
     start = time.perf_counter()
     paths = qs.run(out, seed=seed, config={"epochs": epochs, "n_train": n_train}, progress=not quiet)
     from substrate import archive
@@ -48,7 +87,7 @@ def _load(study_file, profile):
     try:
         return load_study(study_file, profile)
     except StudyConfigError as e:
-        raise click.ClickException(str(e)) from None
+        raise CLIError(str(e)) from None
 
 
 @main.command()
@@ -62,28 +101,45 @@ def _load(study_file, profile):
 @click.option("--consolidate-every", default=600.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between rewrites of the archive while the sweep runs.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--max-runs", default=100_000, show_default=True, type=click.IntRange(min=1),
+              help="Refuse a study of more runs than this (counted from its axes before anything is expanded).")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
-              help="Run on a Dask cluster: its scheduler's address (tcp://host:8786) or scheduler file; "
-                   "the workers must share the output folder's file system (--workers is then unused).")
-def sweep(study_file, out, workers, profile, retry_failed, consolidate_every, quiet, scheduler):
+              help="Run on a Dask cluster: its scheduler's address (tcp://host:8786, tls://host:8786) or "
+                   "scheduler file; the workers must share the output folder's file system (--workers is "
+                   "then unused).")
+@click.option("--tls-ca-file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="TLS to a tls:// scheduler: the CA certificate (PEM) that signed the cluster's certificates.")
+@click.option("--tls-cert", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="TLS: this client's certificate (PEM; it may hold the key too).")
+@click.option("--tls-key", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="TLS: this client's private key (PEM), when not in --tls-cert.")
+@click.option("--security-config", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="TLS: a Dask config file (YAML) with distributed.comm.tls.* (ca-file, client.cert, "
+                   "client.key), instead of the --tls-* options.")
+def sweep(study_file, out, workers, profile, retry_failed, consolidate_every, quiet, max_runs, scheduler,
+          tls_ca_file, tls_cert, tls_key, security_config):
     """Run every run of a study file (skipping finished ones) and consolidate them into one archive."""
     from studies import sweep as sw
     from studies.dask_executor import DaskSweepError, make_executor
+    from substrate import SubstrateValueError, archive
 
     study = _load(study_file, profile)
-    out = out or os.path.join("sweep-output", study.name + (f"-{profile}" if profile else ""))
     click.echo(study.summary())
     try:
-        executor = make_executor(scheduler, workers)
+        sw.check_run_count(study, max_runs, "--max-runs")
+        executor = make_executor(scheduler, workers, tls_ca_file=tls_ca_file, tls_cert=tls_cert,
+                                 tls_key=tls_key, security_config=security_config)
     except (ImportError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+        raise CLIError(str(e)) from None
+    out = _output_folder(out or os.path.join("sweep-output", study.name + (f"-{profile}" if profile else "")))
     start = time.perf_counter()
     stats = {}
     try:
         path = sw.run_sweep(study, out, workers=workers, retry_failed=retry_failed, progress=not quiet,
-                            executor=executor, consolidate_every=consolidate_every, stats=stats)
-    except (sw.SweepLockedError, DaskSweepError) as e:
-        raise click.ClickException(str(e)) from None
+                            executor=executor, consolidate_every=consolidate_every, stats=stats,
+                            max_runs=max_runs)
+    except (sw.SweepLockedError, DaskSweepError, archive.WriteError, SubstrateValueError) as e:
+        raise CLIError(str(e)) from None
     click.echo(f"ran {stats['ran']} runs ({stats['done']} done, {stats['failed']} failed); skipped "
                f"{stats['skipped']} finished before; {time.perf_counter() - start:.1f} s")
     _summary(path)
@@ -97,7 +153,7 @@ def _summary(path, errors=5):
         with archive.open_file(path) as f:
             lines = _summary_lines(sw.read_header(f, path), f, path, errors)
     except archive.ArchiveError as e:
-        raise ArchiveFailure(str(e)) from None
+        raise CLIError(str(e)) from None
     click.echo("\n".join(lines))
 
 
@@ -117,13 +173,6 @@ def _summary_lines(a, f, path, errors):
     return lines
 
 
-class ArchiveFailure(click.ClickException):
-    """An archive that cannot be read: one line ``substrate: error: FILE: what is wrong``, exit code 1."""
-
-    def show(self, file=None):
-        click.echo(f"substrate: error: {self.format_message()}", file=file, err=True)
-
-
 @main.command()
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False))
 @click.option("--errors", default=5, show_default=True, type=click.IntRange(min=0), help="Failed runs to list.")
@@ -137,7 +186,7 @@ def info(archive, errors):
             layout = sw.read_layout(f, archive)
             summary = _summary_lines(layout["attrs"], f, archive, errors)
     except archives.ArchiveError as e:
-        raise ArchiveFailure(str(e)) from None
+        raise CLIError(str(e)) from None
     a, axes = layout["attrs"], layout["attrs"]["axes"]
     profile = f", profile {a['profile']}" if a["profile"] else ""
     description = f" - {a['description']}" if a["description"] else ""
@@ -169,7 +218,7 @@ def plot(archive, out):
     try:
         fig, name = plots.draw(archive)
     except ArchiveError as e:
-        raise ArchiveFailure(str(e)) from None
+        raise CLIError(str(e)) from None
     out = out or os.path.dirname(os.path.abspath(archive))
     os.makedirs(out, exist_ok=True)
     for ext in ("png", "pdf"):

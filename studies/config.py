@@ -42,8 +42,8 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, NamedTuple
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 try:
     import tomllib
@@ -317,7 +317,6 @@ class Study:
     path: str | None = None
     text: str = ""
     description: str = ""
-    _runs: list | None = field(default=None, repr=False)
 
     @property
     def axes(self) -> dict:
@@ -341,30 +340,33 @@ class Study:
         out["seed"] = ("seed", list(self.seeds))
         return out
 
+    @property
+    def n_runs(self) -> int:
+        """The number of runs, from the axes' lengths (nothing is expanded)."""
+        return math.prod(self.shape)
+
+    def iter_runs(self) -> Iterator[Run]:
+        """Every run of the grid, in C order over the axes (seed fastest), made one at a time: a large
+        grid is never held in memory."""
+        for index in itertools.product(*(range(n) for n in self.shape)):
+            config = copy.deepcopy(self.base)
+            coords = {}
+            for a, i in zip(self.axis_list, index[:-1]):
+                for k, v in zip(a.keys, a.points[i]):
+                    _set(config, k, copy.deepcopy(v))
+                coords[a.name] = a.values[i]
+            seed = self.seeds[index[-1]]
+            coords["seed"] = seed
+            yield Run(run_id(self.task, config, seed), config, seed, coords, tuple(index))
+
     def runs(self) -> list:
-        """Every run of the grid, in C order over the axes (seed fastest)."""
-        if self._runs is None:
-            runs = []
-            for index in itertools.product(*(range(n) for n in self.shape)):
-                config = copy.deepcopy(self.base)
-                coords = {}
-                for a, i in zip(self.axis_list, index[:-1]):
-                    for k, v in zip(a.keys, a.points[i]):
-                        _set(config, k, copy.deepcopy(v))
-                    coords[a.name] = a.values[i]
-                seed = self.seeds[index[-1]]
-                coords["seed"] = seed
-                runs.append(Run(run_id(self.task, config, seed), config, seed, coords, tuple(index)))
-            ids = [r.run_id for r in runs]
-            if len(set(ids)) != len(ids):  # pragma: no cover - excluded by the duplicate checks
-                raise StudyConfigError(f"{self.path}: two points of the grid resolve to the same run")
-            self._runs = runs
-        return list(self._runs)
+        """Every run of the grid as a list (see :meth:`iter_runs`)."""
+        return list(self.iter_runs())
 
     def summary(self) -> str:
         axes = ", ".join(f"{k} ({len(v)})" for k, v in self.axes.items())
         return f"study {self.name!r} (task {self.task}{', profile ' + self.profile if self.profile else ''}): " \
-               f"{len(self.runs())} runs over {axes}"
+               f"{self.n_runs:,} runs over {axes}"
 
 
 def _coord_name(axis: Axis, key: str) -> str:
@@ -415,7 +417,7 @@ def load_study(path: str, profile: str | None = None, *, text: str | None = None
     applied on top of the base and sweep (e.g. ``"debug"``). ``text`` overrides the file's content."""
     from studies.tasks import TASKS
 
-    where = os.path.basename(path) if path else "<study>"
+    where = (os.path.basename(path) or path) if path else "<study>"
 
     def fail(msg):
         raise StudyConfigError(f"{where}: {msg}")
@@ -425,7 +427,10 @@ def load_study(path: str, profile: str | None = None, *, text: str | None = None
             with open(path, "rb") as fh:
                 text = fh.read().decode()
         except OSError as e:
-            fail(f"cannot read the study file: {e}")
+            fail(f"cannot read the study file: {e.strerror or e}")
+        except UnicodeDecodeError as e:
+            fail(f"not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); allowed: a "
+                 "TOML file encoded in UTF-8")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -126,7 +126,11 @@ class DaskExecutor:
 
     ``address``: the scheduler's address (``tcp://host:port``), a scheduler file (the JSON written by
     ``dask scheduler --scheduler-file``), or a cluster object (e.g. a ``dask_jobqueue.SLURMCluster`` or
-    ``distributed.LocalCluster``). ``connect_timeout``: seconds to reach the scheduler. ``retries``:
+    ``distributed.LocalCluster``). ``security``: a ``distributed.Security`` (see :func:`tls_security`);
+    None takes a cluster object's own, or else Dask's configuration (``distributed.comm.tls.*``). A
+    ``tls://`` address without a CA and a client certificate is refused at once (Dask would retry until
+    ``connect_timeout``).
+    ``connect_timeout``: seconds to reach the scheduler. ``retries``:
     times a run is resubmitted after an error of the worker function itself (an error of the task is
     recorded in the run's file, not raised; this covers e.g. a transient I/O error writing the file).
     A run whose *worker dies* is recomputed by the scheduler on another worker regardless, up to
@@ -137,19 +141,23 @@ class DaskExecutor:
     # beside the package: compiling the kernels once here saves each worker compiling them
     warm_driver_cache = True
 
-    def __init__(self, address, *, connect_timeout: float = 30.0, retries: int = 2):
-        _import_distributed()
+    def __init__(self, address, *, security=None, connect_timeout: float = 30.0, retries: int = 2):
+        distributed = _import_distributed()
         if isinstance(address, str):
             address = address.strip()
             if not address:
                 raise ValueError("the Dask scheduler address is empty")
         elif address is None:
             raise ValueError("a Dask scheduler address is required")
+        if security is None:  # a cluster object's own, else Dask's configuration
+            security = getattr(address, "security", None) or distributed.Security()
+        _check_tls(_scheme_address(address), security)
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries={retries!r} must be an integer >= 0")
         if not connect_timeout > 0:
             raise ValueError(f"connect_timeout={connect_timeout!r} must be positive")
         self.address = address
+        self.security = security
         self.connect_timeout = float(connect_timeout)
         self.retries = retries
 
@@ -158,12 +166,10 @@ class DaskExecutor:
 
     def _client(self):
         distributed = _import_distributed()
-        kwargs = dict(timeout=self.connect_timeout, set_as_default=False)
+        kwargs = dict(timeout=self.connect_timeout, set_as_default=False, security=self.security)
         target = self.address
         try:
-            if isinstance(target, str) and not target.startswith(("tcp://", "tls://", "inproc://", "ws://",
-                                                                   "wss://", "ucx://")) \
-                    and os.path.isfile(target):
+            if _is_scheduler_file(target):
                 return distributed.Client(scheduler_file=target, **kwargs)
             return distributed.Client(target, **kwargs)
         except (OSError, TimeoutError) as e:
@@ -251,12 +257,110 @@ def _listdir(folder: str) -> list:
         return []
 
 
-def make_executor(scheduler: str | None, workers: int):
+PROTOCOLS = ("tcp://", "tls://", "inproc://", "ws://", "wss://", "ucx://")
+TLS_OPTIONS = ("--tls-ca-file and --tls-cert (and --tls-key when the certificate file does not hold the key), "
+               "or --security-config")
+
+
+def _is_scheduler_file(target) -> bool:
+    return isinstance(target, str) and not target.startswith(PROTOCOLS) and os.path.isfile(target)
+
+
+def _scheme_address(target) -> str | None:
+    """The address a target names: itself, the ``address`` of a scheduler file, or a cluster's
+    ``scheduler_address`` (None when there is none to read: the connection then tells)."""
+    if _is_scheduler_file(target):
+        import json
+
+        try:
+            with open(target, "rb") as fh:
+                return str(json.load(fh)["address"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # not (yet) a scheduler file: distributed reports it, or waits for it
+    if isinstance(target, str):
+        return target
+    return getattr(target, "scheduler_address", None)
+
+
+def _check_tls(address: str | None, security):
+    """A ``tls://`` scheduler needs a CA file and a client certificate (Dask makes no TLS context
+    without both, and then retries until its timeout); TLS files given for a non-TLS address would
+    silently leave the connection unencrypted."""
+    tls = address is not None and address.startswith(("tls://", "wss://"))
+    has = bool(getattr(security, "tls_ca_file", None) and getattr(security, "tls_client_cert", None))
+    if tls and not has:
+        raise ValueError(f"the Dask scheduler {address} uses TLS, but no CA file and client certificate are "
+                         f"given; allowed: {TLS_OPTIONS} (or distributed.comm.tls.* in Dask's configuration)")
+    if has and getattr(security, "require_encryption", False) and address is not None \
+            and not tls and not address.startswith("inproc://"):
+        raise ValueError(f"TLS certificates are given but the Dask scheduler address {address} is not "
+                         "tls://: the connection would not be encrypted; allowed: a tls://host:port address")
+
+
+def tls_security(ca_file: str | None = None, cert: str | None = None, key: str | None = None,
+                 config_file: str | None = None):
+    """The ``distributed.Security`` of ``substrate sweep``'s TLS options: a CA file and this client's
+    certificate (and key, when the certificate file does not hold it), or a Dask config file (YAML)
+    whose ``distributed.comm.tls`` gives them. None when no option is given (Dask's own configuration
+    then applies). Encryption is then required: a plain ``tcp://`` address is refused."""
+    distributed = _import_distributed()
+    if config_file is not None:
+        if ca_file or cert or key:
+            raise ValueError(f"--security-config {config_file} and --tls-* options given together; allowed: "
+                             "one or the other")
+        import dask
+        import yaml
+
+        try:
+            with open(config_file, "rb") as fh:
+                config = yaml.safe_load(fh)
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"--security-config {config_file}: not a readable YAML file ({e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"--security-config {config_file}: not a mapping of Dask settings; allowed: "
+                             "distributed: {comm: {tls: {ca-file: ..., client: {cert: ..., key: ...}}}}")
+        with dask.config.set(_dotted(config)):  # dotted keys: set() would replace a nested table whole
+            security = distributed.Security(require_encryption=True)
+        if not (security.tls_ca_file and security.tls_client_cert):
+            raise ValueError(f"--security-config {config_file}: distributed.comm.tls.ca-file and "
+                             "distributed.comm.tls.client.cert are needed; allowed: a Dask config file that "
+                             "sets both (and client.key when the certificate file does not hold the key)")
+        for what in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+            path = getattr(security, what)
+            if path and "\n" not in path and not os.path.isfile(path):  # a PEM text holds a newline
+                raise ValueError(f"--security-config {config_file}: {what} = {path}: no such file")
+        return security
+    if not (ca_file or cert or key):
+        return None
+    if not (ca_file and cert):
+        raise ValueError(f"TLS needs {TLS_OPTIONS}; given: " +
+                         ", ".join(f"{k} {v}" for k, v in (("--tls-ca-file", ca_file), ("--tls-cert", cert),
+                                                           ("--tls-key", key)) if v))
+    return distributed.Security(tls_ca_file=ca_file, tls_client_cert=cert, tls_client_key=key,
+                                require_encryption=True)
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """A nested config as {"a.b.c": value}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def make_executor(scheduler: str | None, workers: int, *, tls_ca_file: str | None = None,
+                  tls_cert: str | None = None, tls_key: str | None = None, security_config: str | None = None):
     """The executor of ``substrate sweep``: a :class:`DaskExecutor` on ``scheduler`` (address or scheduler
-    file) when given, else a local pool of ``workers`` processes (``workers`` is not used with a
-    scheduler: the cluster's workers run the runs)."""
+    file) when given, with the TLS options of :func:`tls_security`, else a local pool of ``workers``
+    processes (``workers`` is not used with a scheduler: the cluster's workers run the runs)."""
+    tls = (tls_ca_file, tls_cert, tls_key, security_config)
     if scheduler:
-        return DaskExecutor(scheduler)
+        return DaskExecutor(scheduler, security=tls_security(*tls))
+    if any(tls):
+        raise ValueError("TLS options are given without --scheduler; allowed: TLS with a tls:// scheduler only")
     from studies.sweep import LocalExecutor
 
     return LocalExecutor(workers)

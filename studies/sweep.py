@@ -54,7 +54,7 @@ import numpy as np
 
 from studies.config import Run, Study, run_id as compute_run_id, valid_name
 from studies.tasks import TASKS, Result, RunFailed
-from substrate import archive
+from substrate import SubstrateValueError, archive
 from substrate.errors import ArchiveError
 
 FORMAT = "substrate-sweep/1"
@@ -63,6 +63,7 @@ RUN_FILE = re.compile(r"^[0-9a-f]{16}\.h5$")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                     "NUMEXPR_NUM_THREADS", "NUMBA_NUM_THREADS")
 RESERVED = ("run_id", "status", "error")
+MAX_RUNS = 100_000  # default cap of run_sweep's max_runs (substrate sweep --max-runs)
 
 
 # ------------------------------------------------------------------------------------ paths
@@ -169,7 +170,9 @@ def _write_run_file(run: Run, task_name: str, runs_dir: str, status: str, error:
         "array_dims": json.dumps(dims), "array_coords": json.dumps(coords, default=str),
         "execution": uuid.uuid4().hex, "pid": os.getpid(),
     })
-    return archive.write_run(path or run_file(runs_dir, run.run_id), data, attrs)
+    path = os.path.abspath(path or run_file(runs_dir, run.run_id))
+    return archive.write_run(path, data, attrs, what="the run file",
+                             hint="free some space and run the sweep again (the finished runs are kept)")
 
 
 def execute_run(run: Run | Mapping, task_name: str, runs_dir: str) -> dict:
@@ -440,7 +443,7 @@ def statuses(study: Study, out_dir: str) -> dict:
     rdir = runs_folder(out_dir)
     present = set(list_run_files(rdir))
     return {r.run_id: (run_status(run_file(rdir, r.run_id)) if r.run_id in present else None)
-            for r in study.runs()}
+            for r in study.iter_runs()}
 
 
 def warm_cache(task_name: str):
@@ -451,9 +454,21 @@ def warm_cache(task_name: str):
         task.warmup()
 
 
+def check_run_count(study: Study, max_runs: int, argument: str = "max_runs"):
+    """Refuse a study of more than ``max_runs`` runs (counted from its axes' lengths, nothing expanded):
+    a grid of a billion runs would otherwise fill the memory before the first run starts."""
+    if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
+        raise SubstrateValueError(f"{argument}={max_runs!r} must be an integer >= 1")
+    if study.n_runs > max_runs:
+        axes = " x ".join(f"{len(v)} {k}" for k, v in study.axes.items())
+        raise SubstrateValueError(f"study {study.name!r} has {study.n_runs:,} runs ({axes}), more than "
+                                  f"{argument}={max_runs:,}; allowed: at most {argument} runs (shrink the "
+                                  f"sweep, e.g. with a profile, or raise {argument})")
+
+
 def run_sweep(study: Study, out_dir: str, workers: int = 2, retry_failed: bool = False, progress: bool = True,
               executor: Executor | None = None, consolidate_every: float | None = 600.0,
-              stats: dict | None = None) -> str:
+              stats: dict | None = None, max_runs: int = MAX_RUNS) -> str:
     """Run every unfinished run of ``study`` and consolidate the archive; returns its path.
 
     Runs whose file exists with status ``done`` are skipped, and ``failed`` ones unless
@@ -461,9 +476,11 @@ def run_sweep(study: Study, out_dir: str, workers: int = 2, retry_failed: bool =
     :class:`LocalExecutor` with ``workers`` processes). ``consolidate_every``: seconds between archive
     rewrites while the sweep runs (None: only at the end), so that a long sweep can be looked at
     before it ends. ``stats``: a dict filled with the counts (total, skipped, ran, done, failed).
+    ``max_runs``: a larger study is refused (:func:`check_run_count`) before anything is written.
     """
     from tqdm import tqdm
 
+    check_run_count(study, max_runs)
     out_dir = os.path.abspath(out_dir)
     rdir = runs_folder(out_dir)
     os.makedirs(rdir, exist_ok=True)
@@ -472,7 +489,8 @@ def run_sweep(study: Study, out_dir: str, workers: int = 2, retry_failed: bool =
         archive.remove_temporary(rdir)  # left by a killed driver or worker; none is active now
         archive.remove_temporary(out_dir)
         state = statuses(study, out_dir)
-        todo = [r for r in study.runs() if state[r.run_id] is None or (retry_failed and state[r.run_id] == "failed")]
+        todo = [r for r in study.iter_runs()
+                if state[r.run_id] is None or (retry_failed and state[r.run_id] == "failed")]
         stats.update(total=len(state), skipped=len(state) - len(todo), ran=0, done=0, failed=0)
         if todo:
             executor = executor if executor is not None else LocalExecutor(workers)
@@ -525,19 +543,21 @@ def consolidate(study: Study, out_dir: str) -> str:
     (see the module docstring for its layout). Runs without a readable file are ``missing``."""
     out_dir = os.path.abspath(out_dir)
     rdir = runs_folder(out_dir)
-    runs = study.runs()
     axes = study.axes
     axis_names = list(axes)
     shape = study.shape
     present = set(list_run_files(rdir))
+    ids = np.empty(shape, dtype=object)
+    for r in study.iter_runs():  # one at a time: only the ids are kept
+        ids[r.index] = r.run_id
 
     # pass 1: what each run holds (attributes and array shapes, not the data)
     info = {}
-    for r in runs:
-        if r.run_id not in present:
+    for rid in ids.flat:
+        if rid not in present:
             continue
         try:
-            with h5py.File(run_file(rdir, r.run_id), "r") as f:
+            with h5py.File(run_file(rdir, rid), "r") as f:
                 attrs = dict(f.attrs)
                 dims = json.loads(attrs.get("array_dims", "{}"))
                 shapes = {k: f["arrays"][k].shape for k in dims if "arrays" in f and k in f["arrays"]}
@@ -545,8 +565,8 @@ def consolidate(study: Study, out_dir: str) -> str:
                 scalars = list(f["scalars"]) if "scalars" in f else []
         except (OSError, KeyError, ValueError):
             continue  # unreadable: treated as missing (and rerun by the next sweep)
-        info[r.run_id] = {"attrs": attrs, "dims": dims, "shapes": shapes, "dtypes": dtypes, "scalars": scalars,
-                          "coords": json.loads(attrs.get("array_coords", "{}"))}
+        info[rid] = {"attrs": attrs, "dims": dims, "shapes": shapes, "dtypes": dtypes, "scalars": scalars,
+                     "coords": json.loads(attrs.get("array_coords", "{}"))}
 
     taken = set(axis_names) | set(study.axis_coords()) | set(RESERVED)
     dim_names, var_names = {}, {}  # result dim / variable -> its name in the archive (clashes renamed)
@@ -586,92 +606,93 @@ def consolidate(study: Study, out_dir: str) -> str:
 
     status = np.full(shape, "missing", dtype=object)
     error = np.full(shape, "", dtype=object)
-    ids = np.empty(shape, dtype=object)
-    for r in runs:
-        ids[r.index] = r.run_id
-        if r.run_id in info:
-            status[r.index] = str(info[r.run_id]["attrs"].get("status", "failed"))
-            error[r.index] = str(info[r.run_id]["attrs"].get("error", ""))
+    for index in np.ndindex(shape):
+        if ids[index] in info:
+            status[index] = str(info[ids[index]]["attrs"].get("status", "failed"))
+            error[index] = str(info[ids[index]]["attrs"].get("error", ""))
 
     counts = {s: int(np.sum(status == s)) for s in ("done", "failed", "missing")}
     path = archive_file(study, out_dir)
-    with archive.atomic_path(path) as tmp:
-        with h5py.File(tmp, "w", libver=archive.LIBVER) as f:
-            prov = archive.provenance(study.base, None)
-            for k, v in prov.items():
-                f.attrs[k] = v
-            f.attrs.update({
-                "format": FORMAT, "study": study.text, "study_name": study.name, "task": study.task,
-                "profile": study.profile or "", "study_path": study.path or "", "description": study.description,
-                "axes": json.dumps(axes, default=str),
-                "axis_keys": json.dumps({a.name: list(a.keys) for a in study.axis_list}),
-                "base": json.dumps(study.base, sort_keys=True), "n_runs": len(runs), "n_done": counts["done"],
-                "n_failed": counts["failed"], "n_missing": counts["missing"],
-            })
-            data = f.create_group("data")
-            scales = {}
-            coord_names = []
-            for name in axis_names:
-                ds = _create(data, name, _coordinate_array(axes[name]), [name])
-                ds.make_scale(name)
-                scales[name] = ds
-                coord_names.append(name)
-            for d, n in dim_len.items():
-                dn = dim_names[d]
-                labels = dim_labels.get(d)
-                values = _coordinate_array(labels) if labels is not None and len(labels) == n else np.arange(n)
-                ds = _create(data, dn, values, [dn])
-                ds.make_scale(dn)
-                scales[dn] = ds
-                coord_names.append(dn)
-            for cname, (axis, values) in study.axis_coords().items():
-                if cname in scales:
-                    continue
-                ds = _create(data, cname, _coordinate_array(values), [axis])
-                _attach(ds, [axis], scales)
-                coord_names.append(cname)
-            data.attrs["coordinates"] = json.dumps(coord_names)
+    kept = "the previous archive is kept" if os.path.exists(path) else "no archive was written"
+    with archive.create_h5(path, "the archive", f"{kept}, and every finished run is in {rdir}: free some space and run "
+                    "the sweep again") as (f, sink):
+        prov = archive.provenance(study.base, None)
+        for k, v in prov.items():
+            f.attrs[k] = v
+        f.attrs.update({
+            "format": FORMAT, "study": study.text, "study_name": study.name, "task": study.task,
+            "profile": study.profile or "", "study_path": study.path or "", "description": study.description,
+            "axes": json.dumps(axes, default=str),
+            "axis_keys": json.dumps({a.name: list(a.keys) for a in study.axis_list}),
+            "base": json.dumps(study.base, sort_keys=True), "n_runs": study.n_runs, "n_done": counts["done"],
+            "n_failed": counts["failed"], "n_missing": counts["missing"],
+        })
+        data = f.create_group("data")
+        scales = {}
+        coord_names = []
+        for name in axis_names:
+            ds = _create(data, name, _coordinate_array(axes[name]), [name])
+            ds.make_scale(name)
+            scales[name] = ds
+            coord_names.append(name)
+        for d, n in dim_len.items():
+            dn = dim_names[d]
+            labels = dim_labels.get(d)
+            values = _coordinate_array(labels) if labels is not None and len(labels) == n else np.arange(n)
+            ds = _create(data, dn, values, [dn])
+            ds.make_scale(dn)
+            scales[dn] = ds
+            coord_names.append(dn)
+        for cname, (axis, values) in study.axis_coords().items():
+            if cname in scales:
+                continue
+            ds = _create(data, cname, _coordinate_array(values), [axis])
+            _attach(ds, [axis], scales)
+            coord_names.append(cname)
+        data.attrs["coordinates"] = json.dumps(coord_names)
 
-            def stacked(name, own_dims, dtype):
-                full_dims = axis_names + [dim_names[d] for d in own_dims]
-                full_shape = shape + tuple(dim_len[d] for d in own_dims)
-                fill = np.array(np.nan, dtype=dtype)
-                ds = data.create_dataset(var_names[name], shape=full_shape, dtype=dtype, fillvalue=fill,
-                                         chunks=True if len(full_shape) else None,
-                                         fletcher32=bool(len(full_shape)),  # see archive.create_dataset
-                                         compression="gzip" if int(np.prod(full_shape)) > 4096 else None)
-                ds.attrs["dims"] = json.dumps(full_dims)
-                _attach(ds, full_dims, scales)
-                return ds
+        def stacked(name, own_dims, dtype):
+            full_dims = axis_names + [dim_names[d] for d in own_dims]
+            full_shape = shape + tuple(dim_len[d] for d in own_dims)
+            fill = np.array(np.nan, dtype=dtype)
+            ds = data.create_dataset(var_names[name], shape=full_shape, dtype=dtype, fillvalue=fill,
+                                     chunks=True if len(full_shape) else None,
+                                     fletcher32=bool(len(full_shape)),  # see archive.create_dataset
+                                     compression="gzip" if int(np.prod(full_shape)) > 4096 else None)
+            ds.attrs["dims"] = json.dumps(full_dims)
+            _attach(ds, full_dims, scales)
+            return ds
 
-            out_arrays = {n: stacked(n, e["dims"], e["dtype"]) for n, e in arrays.items()}
-            out_scalars = {n: stacked(n, (), np.float64) for n in scalars}
-            for name, values in (("run_id", ids), ("status", status), ("error", error)):
-                ds = _create(data, name, values, axis_names)
-                _attach(ds, axis_names, scales)
+        out_arrays = {n: stacked(n, e["dims"], e["dtype"]) for n, e in arrays.items()}
+        out_scalars = {n: stacked(n, (), np.float64) for n in scalars}
+        for name, values in (("run_id", ids), ("status", status), ("error", error)):
+            ds = _create(data, name, values, axis_names)
+            _attach(ds, axis_names, scales)
 
-            # pass 2: copy each run and write its results into the stacked datasets
-            group = f.create_group("runs")
-            for r in runs:
-                if r.run_id not in info:
-                    continue
-                src_path = run_file(rdir, r.run_id)
-                try:
-                    with h5py.File(src_path, "r") as src:
-                        group.copy(src["/"], r.run_id)
-                        if info[r.run_id]["attrs"].get("status") != "done":
-                            continue
-                        for name, ds in out_arrays.items():
-                            if name in info[r.run_id]["shapes"] and \
-                                    tuple(info[r.run_id]["dims"][name]) == arrays[name]["dims"]:
-                                a = src["arrays"][name][()]
-                                ds[r.index + tuple(slice(0, n) for n in a.shape)] = a
-                        for name, ds in out_scalars.items():
-                            if "scalars" in src and name in src["scalars"]:
-                                ds[r.index] = src["scalars"][name][()]
-                except (OSError, KeyError, ValueError):  # pragma: no cover - vanished since pass 1
-                    continue
-            archive.seal(f)
+        # pass 2: copy each run and write its results into the stacked datasets
+        group = f.create_group("runs")
+        for index in np.ndindex(shape):
+            rid = ids[index]
+            if rid not in info:
+                continue
+            if sink.error is not None:
+                break  # the archive cannot be completed: stop copying into it
+            try:
+                with h5py.File(run_file(rdir, rid), "r") as src:
+                    group.copy(src["/"], rid)
+                    if info[rid]["attrs"].get("status") != "done":
+                        continue
+                    for name, ds in out_arrays.items():
+                        if name in info[rid]["shapes"] and \
+                                tuple(info[rid]["dims"][name]) == arrays[name]["dims"]:
+                            a = src["arrays"][name][()]
+                            ds[index + tuple(slice(0, n) for n in a.shape)] = a
+                    for name, ds in out_scalars.items():
+                        if "scalars" in src and name in src["scalars"]:
+                            ds[index] = src["scalars"][name][()]
+            except (OSError, KeyError, ValueError):  # pragma: no cover - vanished since pass 1
+                continue
+        archive.seal(f)
     return path
 
 

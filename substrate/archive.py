@@ -18,6 +18,7 @@ it and text that does not match its CRC, and turns every failure of HDF5 into an
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
@@ -164,16 +165,17 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def write_run(path: str, data: Mapping, attrs: Mapping) -> str:
+def write_run(path: str, data: Mapping, attrs: Mapping, what: str = "the file",
+              hint: str = "free some space and try again") -> str:
     """Write nested ``data`` (dicts become groups, arrays datasets, strings attributes) and root
-    ``attrs`` to ``path`` atomically. Returns the path."""
+    ``attrs`` to ``path`` atomically through :func:`create_h5` (a full disk is a :class:`WriteError`
+    naming ``what`` and ``hint``). Returns the path."""
     path = os.path.abspath(path)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w", libver=LIBVER) as f:
-            for k, v in attrs.items():
-                f.attrs[k] = v
-            _write_group(f, data)
-            seal(f)
+    with create_h5(path, what, hint) as (f, _):
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        _write_group(f, data)
+        seal(f)
     return path
 
 
@@ -314,3 +316,75 @@ def read(path: str) -> dict:
 
     with open_file(path) as f:
         return walk(f)
+
+
+class WriteError(OSError):
+    """A file of the sweep (a run file, the archive) could not be written: disk full, quota, I/O error."""
+
+
+@contextlib.contextmanager
+def create_h5(path: str, what: str, hint: str):
+    """Yield ``(h5py.File, sink)``: a new HDF5 file written atomically to ``path``
+    (:func:`atomic_path`) through a :class:`WriteSink` (``sink.error``: the first
+    failed write, if any). A failed write raises :class:`WriteError` (``what``, ``path``, the reason, then
+    ``hint``) once the file is closed, and the incomplete file is removed."""
+    with archive.atomic_path(path) as tmp:
+        sink = WriteSink(tmp)
+        try:
+            with h5py.File(sink, "w", libver=archive.LIBVER) as f:
+                yield f, sink
+        finally:
+            sink.close()
+        if sink.error is not None:
+            raise WriteError(f"cannot write {what} {path}: {sink.error.strerror or sink.error}; {hint}") \
+                from sink.error
+
+
+class WriteSink:
+    """A file for h5py's ``fileobj`` driver that keeps the first failed write (ENOSPC, EDQUOT, EIO) in
+    ``error`` and drops every write after it, so that HDF5 never sees a write fail. Why: HDF5 (2.0,
+    h5py 3.16) crashes the process (segfault) when it closes a file after a failed write, which the
+    ``sec2`` driver of ``h5py.File(path)`` reports to it; here the caller raises ``error`` once the file
+    is closed, and the incomplete file is discarded."""
+
+    def __init__(self, path: str):
+        self._f = open(path, "r+b", buffering=0)  # unbuffered: a write fails in write(), not later
+        self.error = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                while view:
+                    n = self._f.write(view)
+                    if not n:
+                        raise OSError(errno.EIO, "short write")
+                    view = view[n:]
+            except OSError as e:
+                self.error = e
+        return len(data)
+
+    def truncate(self, size=None):
+        try:
+            return self._f.truncate(size)
+        except OSError as e:
+            self.error = self.error or e
+            return size
+
+    def read(self, size=-1):
+        return self._f.read(size)
+
+    def readinto(self, buffer):  # past what was written (dropped writes) reads short: h5py pads with zeros
+        return self._f.readinto(buffer)
+
+    def seek(self, offset, whence=os.SEEK_SET):
+        return self._f.seek(offset, whence)
+
+    def tell(self):
+        return self._f.tell()
+
+    def flush(self):
+        pass  # unbuffered
+
+    def close(self):
+        self._f.close()

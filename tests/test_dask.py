@@ -387,3 +387,142 @@ def test_a_task_run_again_after_its_run_finished_does_not_execute_it_twice(tmp_p
     retried = _execute_on_worker(run, study.task, runs_dir, first["execution"])
     assert not retried["reused"] and retried["execution"] != first["execution"]
     assert sw.list_run_files(runs_dir) == [run["run_id"]] and len(os.listdir(runs_dir)) == 1
+
+
+# ------------------------------------------------------------------------------------ a private cluster
+def _listening(pids) -> list:
+    """(ip, port) of every socket the processes ``pids`` listen on."""
+    import psutil
+
+    out = []
+    for pid in pids:
+        out += [c.laddr[:2] for c in psutil.Process(pid).net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    return out
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """A self-signed CA and one certificate it signed (scheduler, workers and client share it), made
+    with openssl(1) for this test."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl(1) to make a test CA and certificate")
+    d = tmp_path_factory.mktemp("tls")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for cmd in (["req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca"],
+                ["req", *ec, "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=127.0.0.1"],
+                ["x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", "node.pem", "-days", "2"]):
+        subprocess.run(["openssl", *cmd], cwd=d, check=True, capture_output=True, timeout=60)
+    return {k: str(d / f) for k, f in (("ca", "ca.pem"), ("cert", "node.pem"), ("key", "node.key"))}
+
+
+def _tls_options(certs):
+    return ["--tls-ca-file", certs["ca"], "--tls-cert", certs["cert"], "--tls-key", certs["key"]]
+
+
+def test_a_tls_cluster_on_127_0_0_1_runs_a_sweep_with_the_tls_options(certs, tmp_path, monkeypatch):
+    """A cluster bound to 127.0.0.1 with TLS, scheduler and dashboard included; the sweep reaches it with
+    --tls-* or a Dask security config file. (In-process workers: their runs set this process's thread
+    variables, restored by monkeypatch.)"""
+    from click.testing import CliRunner
+    from distributed import LocalCluster, Security
+
+    from studies.cli import main
+
+    for v in sw.THREAD_VARIABLES:
+        monkeypatch.setenv(v, os.environ.get(v, ""))
+    node = dict(tls_ca_file=certs["ca"], require_encryption=True)
+    for role in ("scheduler", "worker", "client"):
+        node.update({f"tls_{role}_cert": certs["cert"], f"tls_{role}_key": certs["key"]})
+    study = selftest_study(tmp_path, values=[1.0, 2.0], seeds=[0, 1], sleep=0.0)
+    config = tmp_path / "dask-security.yaml"
+    config.write_text(f"distributed:\n  comm:\n    tls:\n      ca-file: {certs['ca']}\n      client:\n"
+                      f"        cert: {certs['cert']}\n        key: {certs['key']}\n")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tls", host=HOST,
+                      dashboard_address=f"{HOST}:0", security=Security(**node)) as cluster:
+        address = cluster.scheduler_address
+        assert address.startswith(f"tls://{HOST}:") and cluster.dashboard_link.startswith(f"http://{HOST}:")
+        listening = _listening([os.getpid()])
+        assert listening and all(ip == HOST for ip, port in listening), listening  # nothing on 0.0.0.0
+        runner = CliRunner()
+        for out, options in (("tls", _tls_options(certs)), ("config", ["--security-config", str(config)])):
+            result = runner.invoke(main, ["sweep", study.path, "--out", str(tmp_path / out), "--quiet",
+                                          "--scheduler", address, *options])
+            assert result.exit_code == 0, result.output
+            assert "ran 4 runs (4 done, 0 failed)" in result.output
+            assert sorted(sw.list_run_files(str(tmp_path / out / "runs"))) == sorted(r.run_id for r in study.runs())
+        executor = DaskExecutor(cluster)  # a cluster object: its own security
+        assert executor.security is cluster.security
+        stats = {}
+        sw.run_sweep(study, str(tmp_path / "object"), executor=executor, progress=False, stats=stats)
+        assert stats["ran"] == stats["done"] == 4
+        # without the options: refused at once, before any connection (was a traceback after 60 s)
+        result = runner.invoke(main, ["sweep", study.path, "--out", str(tmp_path / "none"), "--scheduler", address])
+        assert result.exit_code == 1 and result.stderr.startswith(f"substrate: error: the Dask scheduler {address} "
+                                                                  "uses TLS, but no CA file and client certificate")
+        assert "--tls-ca-file and --tls-cert" in result.stderr and not (tmp_path / "none").exists()
+
+
+def test_tls_options_are_checked_before_connecting(certs, tmp_path):
+    with pytest.raises(ValueError, match="tls://127.0.0.1:1 uses TLS, but no CA file and client certificate"):
+        DaskExecutor("tls://127.0.0.1:1")
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler_file.write_text(json.dumps({"address": "tls://127.0.0.1:1"}))
+    with pytest.raises(ValueError, match="tls://127.0.0.1:1 uses TLS"):  # an address read from a scheduler file
+        make_executor(str(scheduler_file), 1)
+    with pytest.raises(ValueError, match="tcp://127.0.0.1:1 is not tls://: the connection would not be encrypted"):
+        make_executor("tcp://127.0.0.1:1", 1, tls_ca_file=certs["ca"], tls_cert=certs["cert"])
+    with pytest.raises(ValueError, match="TLS needs --tls-ca-file and --tls-cert .*; given: --tls-cert"):
+        make_executor("tls://127.0.0.1:1", 1, tls_cert=certs["cert"])
+    with pytest.raises(ValueError, match="TLS options are given without --scheduler"):
+        make_executor(None, 1, tls_ca_file=certs["ca"])
+    with pytest.raises(ValueError, match="--security-config .* and --tls-\\* options given together"):
+        make_executor("tls://127.0.0.1:1", 1, tls_ca_file=certs["ca"], security_config=str(scheduler_file))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distributed:\n  comm:\n    tls:\n      ca-file: /nonexistent/ca.pem\n")
+    with pytest.raises(ValueError, match="distributed.comm.tls.ca-file and distributed.comm.tls.client.cert are "
+                                         "needed"):
+        make_executor("tls://127.0.0.1:1", 1, security_config=str(bad))
+    executor = make_executor("tls://127.0.0.1:1", 1, tls_ca_file=certs["ca"], tls_cert=certs["cert"],
+                             tls_key=certs["key"])
+    assert executor.security.tls_ca_file == certs["ca"] and executor.security.require_encryption
+
+
+@pytest.mark.slow
+def test_the_readme_commands_keep_a_cluster_private(certs, tmp_path):
+    """The README's commands: a TLS scheduler and a worker (with its nanny) bound to 127.0.0.1, their
+    dashboards included, as separate processes; a sweep through the CLI reaches them."""
+    import psutil
+
+    tls = ["--tls-ca-file", certs["ca"], "--tls-cert", certs["cert"], "--tls-key", certs["key"]]
+    c = Cluster(tmp_path)
+    try:
+        c._start(["distributed.cli.dask_scheduler", "--protocol", "tls", "--host", HOST, "--port", "0",
+                  "--dashboard-address", f"{HOST}:0", *tls, "--scheduler-file", c.scheduler_file], "scheduler.log")
+        deadline = time.monotonic() + START_TIMEOUT
+        while not os.path.exists(c.scheduler_file):
+            assert time.monotonic() < deadline and c.procs[0].poll() is None, c.log("scheduler.log")
+            time.sleep(0.05)
+        time.sleep(0.1)
+        with open(c.scheduler_file) as fh:
+            address = json.load(fh)["address"]
+        assert address.startswith(f"tls://{HOST}:")
+        c._start(["distributed.cli.dask_worker", "--scheduler-file", c.scheduler_file, "--protocol", "tls",
+                  "--host", HOST, "--dashboard-address", f"{HOST}:0", "--nthreads", "1", "--nanny", *tls,
+                  "--local-directory", str(tmp_path / "w")], "worker.log")
+        study = selftest_study(tmp_path, values=[1.0, 2.0], seeds=[0], sleep=0.0)
+        done = subprocess.run([sys.executable, "-m", "studies.cli", "sweep", study.path, "--out",
+                               str(tmp_path / "out"), "--quiet", "--scheduler", c.scheduler_file, *tls],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:] + c.log("worker.log")
+        assert "ran 2 runs (2 done, 0 failed)" in done.stdout
+        pids = [p.pid for proc in c.procs
+                for p in (psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True))]
+        listening = _listening(pids)
+        assert len(listening) >= 5, listening  # scheduler + its dashboard, nanny, worker + its dashboard
+        assert all(ip == HOST for ip, port in listening), listening
+    finally:
+        for proc in reversed(c.procs):
+            _stop(proc)
