@@ -328,10 +328,10 @@ def create_h5(path: str, what: str, hint: str):
     (:func:`atomic_path`) through a :class:`WriteSink` (``sink.error``: the first
     failed write, if any). A failed write raises :class:`WriteError` (``what``, ``path``, the reason, then
     ``hint``) once the file is closed, and the incomplete file is removed."""
-    with archive.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         sink = WriteSink(tmp)
         try:
-            with h5py.File(sink, "w", libver=archive.LIBVER) as f:
+            with h5py.File(sink, "w", libver=LIBVER) as f:
                 yield f, sink
         finally:
             sink.close()

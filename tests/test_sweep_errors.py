@@ -136,14 +136,14 @@ def small_fs(tmp_path):
 
 def test_a_full_disk_while_consolidating_is_a_clear_error_and_keeps_the_old_archive(tmp_path, small_fs):
     study_file = tmp_path / "full.toml"
-    study_file.write_text(ENOSPC_STUDY)
+    study_file.write_text(ENOSPC_STUDY.replace("size = 40000", "size = 60000"))
     out = small_fs / "out"
     rdir = sw.runs_folder(str(out))
     one = load_study(str(study_file), "one")
-    sw.execute_run(one.runs()[0], "selftest", rdir)  # 0.3 MB
-    old = sw.consolidate(one, str(out))  # 0.6 MB: fits
+    sw.execute_run(one.runs()[0], "selftest", rdir)  # 0.36 MB
+    old = sw.consolidate(one, str(out))  # 0.76 MB: fits
     both = load_study(str(study_file))
-    sw.execute_run(both.runs()[1], "selftest", rdir)  # 0.3 MB more: an archive of both (1.2 MB) cannot fit
+    sw.execute_run(both.runs()[1], "selftest", rdir)  # 0.36 MB more: an archive of both (1.5 MB) cannot fit
     # in a child process: the segfault this replaces would have killed pytest
     done = subprocess.run([sys.executable, "-m", "studies.cli", "sweep", str(study_file), "--out", str(out),
                            "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -156,7 +156,7 @@ def test_a_full_disk_while_consolidating_is_a_clear_error_and_keeps_the_old_arch
     assert f"every finished run is in {rdir}" in errors[0]
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]  # the incomplete archive is gone
     with h5py.File(old, "r") as f:  # the previous archive, whole
-        assert f.attrs["n_runs"] == 1 and f.attrs["n_done"] == 1 and f["data"]["trace"].shape == (1, 40000)
+        assert f.attrs["n_runs"] == 1 and f.attrs["n_done"] == 1 and f["data"]["trace"].shape == (1, 60000)
     assert sorted(sw.list_run_files(rdir)) == sorted(r.run_id for r in both.runs())  # no run lost
 
 
