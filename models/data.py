@@ -278,9 +278,11 @@ def load_sequences(source, dataset: str = "sequences") -> np.ndarray:
     if isinstance(source, (str, os.PathLike)):
         import h5py
 
-        with h5py.File(source, "r") as f:
-            if dataset not in f:
-                raise SubstrateValueError(f"{source}: no dataset {dataset!r}; it has {list(f)}")
+        from substrate import archive
+
+        with archive.open_file(os.fspath(source)) as f:  # a FIFO, a damaged file: an error naming the file
+            if not isinstance(f.get(dataset), h5py.Dataset):
+                raise SubstrateValueError(f"source {source}: no dataset {dataset!r}; it has {list(f)}")
             source = f[dataset][...]
     try:
         if np.iscomplexobj(source):  # asarray would drop the imaginary part with a mere warning

@@ -69,10 +69,10 @@ def _written(path: str) -> dict | None:
     """{execution, status, error, seconds} of a complete run file, or None when there is none (readable)."""
     import json
 
-    import h5py
+    from substrate import archive
 
     try:
-        with h5py.File(path, "r") as f:
+        with archive.open_file(path) as f:  # ArchiveError is a ValueError: a FIFO or a damaged file is none
             a = f.attrs
             timings = json.loads(a.get("timings", "{}"))
             return {"execution": str(a["execution"]), "status": str(a["status"]),

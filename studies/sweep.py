@@ -557,7 +557,7 @@ def consolidate(study: Study, out_dir: str) -> str:
         if rid not in present:
             continue
         try:
-            with h5py.File(run_file(rdir, rid), "r") as f:
+            with archive.open_file(run_file(rdir, rid)) as f:  # a FIFO or a damaged file: unreadable
                 attrs = dict(f.attrs)
                 dims = json.loads(attrs.get("array_dims", "{}"))
                 shapes = {k: f["arrays"][k].shape for k in dims if "arrays" in f and k in f["arrays"]}
@@ -678,7 +678,7 @@ def consolidate(study: Study, out_dir: str) -> str:
             if sink.error is not None:
                 break  # the archive cannot be completed: stop copying into it
             try:
-                with h5py.File(run_file(rdir, rid), "r") as src:
+                with archive.open_file(run_file(rdir, rid)) as src:
                     group.copy(src["/"], rid)
                     if info[rid]["attrs"].get("status") != "done":
                         continue
