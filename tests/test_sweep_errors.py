@@ -3,6 +3,7 @@ a full disk while the archive is written is a clear error, never a segfault, and
 survives; a study file that is not UTF-8, an --out under a file and a read-only output folder are
 each a one-line ``substrate: error: ...`` with exit code 1."""
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -117,14 +118,13 @@ seeds = [0, 1]
 """
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 2 MiB tmpfs of our own (root and mount needed): a disk that fills up for real."""
+@contextlib.contextmanager
+def tmpfs(where, options, why):
+    """A tmpfs of our own mounted at ``where`` (root and mount needed, else the test is skipped: ``why``)."""
     if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root and mount(8) to mount a 2 MiB tmpfs (a real full disk)")
-    where = tmp_path / "small"
+        pytest.skip(f"needs root and mount(8) to mount {why}")
     where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True,
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
                           text=True)
     if done.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
@@ -132,6 +132,13 @@ def small_fs(tmp_path):
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 2 MiB tmpfs: a disk that fills up for real."""
+    with tmpfs(tmp_path / "small", "size=2m", "a 2 MiB tmpfs (a real full disk)") as where:
+        yield where
 
 
 def test_a_full_disk_while_consolidating_is_a_clear_error_and_keeps_the_old_archive(tmp_path, small_fs):
@@ -219,15 +226,7 @@ def test_out_under_an_existing_file_is_a_one_line_error(tmp_path):
 def test_a_read_only_output_folder_is_a_one_line_error(tmp_path):
     """Root may write in a folder without write permission, so a mode of 0o555 proves nothing here: a
     read-only tmpfs is read-only for root too (EROFS). The CLI writes a probe file, which catches both."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root and mount(8) to mount a read-only tmpfs (a mode of 0o555 does not stop root)")
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True,
-                          text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m", "a read-only tmpfs (a mode of 0o555 does not stop root)") as ro:
         study_file = tmp_path / "full.toml"
         study_file.write_text(ENOSPC_STUDY)
         runner = CliRunner()
@@ -235,5 +234,3 @@ def test_a_read_only_output_folder_is_a_one_line_error(tmp_path):
         one_line_error(result, f"--out {ro}: cannot write in this folder (Read-only file system)")
         result = runner.invoke(main, ["sweep", str(study_file), "--out", str(ro / "new"), "--quiet"])
         one_line_error(result, f"--out {ro / 'new'}: cannot make the folder {ro / 'new'} (Read-only file system)")
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], check=False)
