@@ -18,6 +18,7 @@ constructed.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -34,7 +35,9 @@ _DTYPE_NAMES = "float32, float64, complex128"
 
 def check_dtype(dtype, argument: str = "dtype") -> np.dtype:
     try:
-        d = np.dtype(dtype)
+        with warnings.catch_warnings():  # numpy's deprecated aliases ('a') are refused below anyway
+            warnings.simplefilter("ignore", DeprecationWarning)
+            d = np.dtype(dtype)
     except TypeError:
         d = None
     if d is None or d.type not in DTYPES:
