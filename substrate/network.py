@@ -45,6 +45,11 @@ def check_dtype(dtype, argument: str = "dtype") -> np.dtype:
     return d
 
 
+def _shown(value) -> str:
+    """``value`` for a one-line message: an array by its shape, anything else by its repr."""
+    return f"array of shape {value.shape}" if isinstance(value, np.ndarray) else repr(value)
+
+
 def _check_name(name, argument: str) -> str:
     if not isinstance(name, str) or not name:
         raise SubstrateValueError(f"{argument}={_shown(name)} must be a non-empty string")
@@ -55,11 +60,6 @@ def _check_size(size, what: str) -> int:
     if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)) or size < 1:
         raise SubstrateValueError(f"{what}: size={_shown(size)} must be a positive integer")
     return int(size)
-
-
-def _shown(value) -> str:
-    """``value`` for a one-line message: an array by its shape, anything else by its repr."""
-    return f"array of shape {value.shape}" if isinstance(value, np.ndarray) else repr(value)
 
 
 def _check_bool(value, argument: str) -> bool:
@@ -435,7 +435,8 @@ class Network:
         if not isinstance(rng, np.random.Generator):
             raise SubstrateValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
         if isinstance(sizes, (str, bytes, Mapping)) or not isinstance(sizes, Iterable):
-            raise SubstrateValueError(f"sizes={_shown(sizes)} must be a list of positive integers, e.g. [64, 32, 10]")
+            raise SubstrateValueError(f"sizes={_shown(sizes)} must be a list of positive integers, "
+                                      "e.g. [64, 32, 10]")
         sizes = [_check_size(s, f"sizes[{i}]") for i, s in enumerate(sizes)]
         if len(sizes) < 2:
             raise SubstrateValueError(f"sizes={sizes} needs an input and at least one layer")
