@@ -25,7 +25,7 @@ import numpy as np
 from . import _kernels as K
 from .dynamics import VectorField, rightmost_eigenvalues
 from .errors import ConvergenceError, DivergenceError, StepSizeError, SubstrateValueError
-from .network import Network, effects_neurons
+from .network import Network, _shown, effects_neurons
 from .nudge import Nudge, no_nudge
 
 
@@ -355,8 +355,8 @@ def _finish(sol: Solution, on_failure: str, what: str):
 
 
 def _check_on_failure(on_failure):
-    if on_failure not in ("raise", "return"):
-        raise SubstrateValueError(f"on_failure={on_failure!r}; allowed: 'raise', 'return'")
+    if not isinstance(on_failure, str) or on_failure not in ("raise", "return"):
+        raise SubstrateValueError(f"on_failure={_shown(on_failure)}; allowed: 'raise', 'return'")
 
 
 # ------------------------------------------------------------------------------------ entry points

@@ -18,6 +18,8 @@ constructed.
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -33,7 +35,9 @@ _DTYPE_NAMES = "float32, float64, complex128"
 
 def check_dtype(dtype, argument: str = "dtype") -> np.dtype:
     try:
-        d = np.dtype(dtype)
+        with warnings.catch_warnings():  # numpy's deprecated aliases ('a') are refused below anyway
+            warnings.simplefilter("ignore", DeprecationWarning)
+            d = np.dtype(dtype)
     except TypeError:
         d = None
     if d is None or d.type not in DTYPES:
@@ -41,16 +45,40 @@ def check_dtype(dtype, argument: str = "dtype") -> np.dtype:
     return d
 
 
-def _check_name(name, what: str) -> str:
+def _shown(value) -> str:
+    """``value`` for a one-line message: an array by its shape, anything else by its repr."""
+    return f"array of shape {value.shape}" if isinstance(value, np.ndarray) else repr(value)
+
+
+def _check_name(name, argument: str) -> str:
     if not isinstance(name, str) or not name:
-        raise SubstrateValueError(f"{what} name must be a non-empty string, got {name!r}")
+        raise SubstrateValueError(f"{argument}={_shown(name)} must be a non-empty string")
     return name
 
 
 def _check_size(size, what: str) -> int:
     if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise SubstrateValueError(f"{what}: size={size!r} must be a positive integer")
+        raise SubstrateValueError(f"{what}: size={_shown(size)} must be a positive integer")
     return int(size)
+
+
+def _check_bool(value, argument: str) -> bool:
+    # a truth value, not anything truthy: an array here would be ambiguous, a string a typo
+    if not isinstance(value, (bool, np.bool_)):
+        raise SubstrateValueError(f"{argument}={_shown(value)} must be True or False")
+    return bool(value)
+
+
+def _check_real(value, argument: str, low: float, high: float, unit: str = "") -> float:
+    """``value`` as a float in [low, high]; bools, strings and arrays are refused, not converted."""
+    try:
+        ok = not isinstance(value, (bool, np.bool_, str, bytes)) and np.ndim(value) == 0
+        v = float(value) if ok else math.nan
+    except (TypeError, ValueError, OverflowError):
+        v = math.nan
+    if not low <= v <= high:  # NaN fails too
+        raise SubstrateValueError(f"{argument}={_shown(value)} must be a number in [{low:.3g}, {high:.3g}]{unit}")
+    return v
 
 
 @dataclass(eq=False)
@@ -61,7 +89,7 @@ class Input:
     size: int
 
     def __post_init__(self):
-        _check_name(self.name, "input")
+        _check_name(self.name, "input: name")
         self.size = _check_size(self.size, f"input {self.name!r}")
 
 
@@ -80,18 +108,23 @@ class Layer:
     bias: np.ndarray | None = None
 
     def __post_init__(self):
-        _check_name(self.name, "layer")
+        _check_name(self.name, "layer: name")
         self.size = _check_size(self.size, f"layer {self.name!r}")
         activations.check_name(self.activation, f"layer {self.name!r}: activation")
-        tau = np.asarray(self.tau, dtype=float) if not np.iscomplexobj(self.tau) else None
+        try:  # refused, not converted: tau='2', True or None (numpy: nan) is a mistake
+            tau = (None if self.tau is None or isinstance(self.tau, (str, bytes, bool, np.bool_))
+                   or np.iscomplexobj(self.tau)
+                   else np.asarray(self.tau, dtype=float))
+        except (TypeError, ValueError, OverflowError):
+            tau = None
         if tau is None or tau.ndim > 1 or (tau.ndim == 1 and tau.shape != (self.size,)):
             raise SubstrateValueError(
                 f"layer {self.name!r}: tau must be a positive scalar or a real array of shape "
-                f"({self.size},), got {np.shape(self.tau)}"
+                f"({self.size},), got {_shown(self.tau)}"
             )
         if not np.all(np.isfinite(tau)) or np.any(tau <= 0):
             raise SubstrateValueError(
-                f"layer {self.name!r}: tau must be finite and > 0, got min {np.min(tau)!r}"
+                f"layer {self.name!r}: tau must be finite and > 0, got min {float(np.min(tau))!r}"
             )
         self.tau = tau if tau.ndim else float(tau)
         if self.bias is not None:  # None: zeros in the network's dtype, set by Network
@@ -116,6 +149,10 @@ class Connection:
     weight: np.ndarray | None = None
     mask: np.ndarray | None = None
     tied: bool = False
+
+    def __post_init__(self):
+        _check_name(self.pre, "connection: pre")
+        _check_name(self.post, "connection: post")
 
     @property
     def name(self) -> str:
@@ -194,9 +231,7 @@ class Network:
                 raise SubstrateValueError(f"connection {c.name} is given twice")
             seen.add(c.name)
             shape = (self._layer[c.post].size, self.size_of(c.pre))
-            if not isinstance(c.tied, (bool, np.bool_)):
-                raise SubstrateValueError(f"connection {c.name}: tied={c.tied!r} must be True or False")
-            if c.tied:
+            if _check_bool(c.tied, f"connection {c.name}: tied"):
                 if c.pre in self._input:
                     raise SubstrateValueError(f"connection {c.name}: an input projection cannot be tied")
                 if c.weight is not None:
@@ -399,14 +434,20 @@ class Network:
         """
         if not isinstance(rng, np.random.Generator):
             raise SubstrateValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        if isinstance(sizes, (str, bytes, Mapping)) or not isinstance(sizes, Iterable):
+            raise SubstrateValueError(f"sizes={_shown(sizes)} must be a list of positive integers, "
+                                      "e.g. [64, 32, 10]")
         sizes = [_check_size(s, f"sizes[{i}]") for i, s in enumerate(sizes)]
         if len(sizes) < 2:
             raise SubstrateValueError(f"sizes={sizes} needs an input and at least one layer")
-        if feedback not in ("tied", "independent", "none"):
-            raise SubstrateValueError(f"feedback={feedback!r}; allowed: tied, independent, none")
-        if not (np.isfinite(asymmetry_angle) and 0.0 <= asymmetry_angle <= 180.0):
-            raise SubstrateValueError(f"asymmetry_angle={asymmetry_angle!r} must be in [0, 180] degrees")
+        if not isinstance(feedback, str) or feedback not in ("tied", "independent", "none"):
+            raise SubstrateValueError(f"feedback={_shown(feedback)}; allowed: tied, independent, none")
+        asymmetry_angle = _check_real(asymmetry_angle, "asymmetry_angle", 0.0, 180.0, " degrees")
+        lateral, loop = _check_bool(lateral, "lateral"), _check_bool(loop, "loop")
         dtype = check_dtype(dtype)
+        # the drawn range, 2 init_scale/sqrt(fan_in), and the feedback mix of two weights, at most
+        # sqrt(2) init_scale, must be finite in the dtype: beyond, numpy refuses the range or casts to inf
+        init_scale = _check_real(init_scale, "init_scale", 0.0, float(np.finfo(dtype).max) / 2)
 
         def uniform(post, pre, shape=None):
             bound = init_scale / np.sqrt(pre)
@@ -442,6 +483,12 @@ class Network:
     @classmethod
     def from_config(cls, config: Mapping, seed: int) -> "Network":
         """Build :meth:`layered` from a config mapping (keys ``CONFIG_KEYS``) and an integer seed."""
+        if not isinstance(config, Mapping):
+            raise SubstrateValueError(f"config={_shown(config)} must be a mapping with keys among "
+                                      f"{sorted(cls.CONFIG_KEYS)}, e.g. {{'sizes': [64, 32, 10]}}")
+        # an integer, not None (a fresh random seed: the network could not be rebuilt from the config)
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise SubstrateValueError(f"seed={_shown(seed)} must be an integer >= 0")
         unknown = set(config) - cls.CONFIG_KEYS
         if unknown:
             raise SubstrateValueError(f"network config: unknown keys {sorted(unknown)}; "

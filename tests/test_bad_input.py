@@ -124,7 +124,7 @@ def test_dtypes():
 def test_builders():
     with pytest.raises(Bad, match="rng must be a numpy.random.Generator"):
         S.Network.layered([3, 2], 42)
-    with pytest.raises(Bad, match=r"asymmetry_angle=200 must be in \[0, 180\] degrees"):
+    with pytest.raises(Bad, match=r"asymmetry_angle=200 must be a number in \[0, 180\] degrees"):
         S.Network.layered([3, 2], np.random.default_rng(0), asymmetry_angle=200)
     with pytest.raises(Bad, match="feedback='mirror'; allowed: tied, independent, none"):
         S.Network.layered([3, 2], np.random.default_rng(0), feedback="mirror")
@@ -132,6 +132,91 @@ def test_builders():
         S.Network.from_config({"sizes": [3, 2], "depth": 3}, seed=0)
     with pytest.raises(Bad, match=r"sizes\[1\]: size=0 must be a positive integer"):
         S.Network.from_config({"sizes": [3, 0]}, seed=0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tau="x"), r"layer 'h': tau must be a positive scalar or a real array of shape \(3,\), got 'x'"),
+    (dict(tau=None), r"tau must be a positive scalar .* got None"),
+    (dict(tau=True), r"tau must be a positive scalar .* got True"),
+    (dict(tau=np.ones((2, 2))), r"tau must be a positive scalar .* got array of shape \(2, 2\)"),
+    (dict(name=""), "layer: name='' must be a non-empty string"),
+])
+def test_layer_raw_errors(kwargs, match):
+    """Were a ValueError from float('x'), a TypeError from float(None), or tau=True taken as 1."""
+    args = dict(name="h", size=3)
+    args.update(kwargs)
+    with pytest.raises(Bad, match=match):
+        S.Layer(**args)
+
+
+@pytest.mark.parametrize("end", ["pre", "post"])
+def test_connection_ends_must_be_names(end):
+    """Were an unhashable-list TypeError when the network looked the name up."""
+    args = dict(pre="h", post="y", weight=np.zeros((2, 3)))
+    args[end] = ["h"]
+    with pytest.raises(Bad, match=rf"connection: {end}=\['h'\] must be a non-empty string"):
+        S.Connection(**args)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sizes=None), r"sizes=None must be a list of positive integers"),
+    (dict(sizes=0), r"sizes=0 must be a list of positive integers"),
+    (dict(sizes="34"), r"sizes='34' must be a list of positive integers"),
+    (dict(tau="x"), r"layer 'h1': tau must be a positive scalar .* got 'x'"),
+    (dict(feedback=np.ones(2)), r"feedback=array of shape \(2,\); allowed: tied, independent, none"),
+    (dict(lateral=np.ones(2)), r"lateral=array of shape \(2,\) must be True or False"),
+    (dict(loop="yes"), r"loop='yes' must be True or False"),
+    (dict(asymmetry_angle=None), r"asymmetry_angle=None must be a number in \[0, 180\] degrees"),
+    (dict(asymmetry_angle="x"), r"asymmetry_angle='x' must be a number in \[0, 180\] degrees"),
+    (dict(asymmetry_angle=10 ** 30), r"asymmetry_angle=10{30} must be a number in \[0, 180\] degrees"),
+    (dict(asymmetry_angle=np.nan), r"asymmetry_angle=nan must be a number"),
+    (dict(init_scale=-1), r"init_scale=-1 must be a number in \[0, 8.99e\+307\]"),
+    (dict(init_scale=np.nan), r"init_scale=nan must be a number in \[0, "),
+    (dict(init_scale=np.inf), r"init_scale=inf must be a number in \[0, 8.99e\+307\]"),
+    (dict(init_scale=1e308), r"init_scale=1e\+308 must be a number in \[0, 8.99e\+307\]"),
+    (dict(init_scale=1e39, dtype="float32"), r"init_scale=1e\+39 must be a number in \[0, 1.7e\+38\]"),
+])
+def test_layered_raw_errors(kwargs, match):
+    """Were TypeErrors (not iterable, ambiguous truth value of an array, isfinite of None or of an int
+    beyond float64), numpy's 'high - low < 0' and OverflowError (inf), or weights cast to inf (float32)."""
+    args = dict(sizes=[3, 4, 2], rng=np.random.default_rng(0))
+    args.update(kwargs)
+    with pytest.raises(Bad, match=match):
+        S.Network.layered(**args)
+
+
+def test_layered_init_scale_range_ends():
+    """0 (all weights zero) and the largest scale of float32 are valid: finite weights, none inf."""
+    rng = np.random.default_rng(0)
+    assert all(np.all(c.weight == 0) for c in S.Network.layered([3, 4, 2], rng, init_scale=0).connections)
+    big = S.Network.layered([3, 4, 2], rng, init_scale=float(np.finfo(np.float32).max) / 2, dtype="float32")
+    assert all(np.all(np.isfinite(c.weight)) for c in big.connections if c.weight is not None)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(config=None), r"config=None must be a mapping with keys among \['activation'"),
+    (dict(config=[3, 2]), r"config=\[3, 2\] must be a mapping"),
+    (dict(seed="x"), r"seed='x' must be an integer >= 0"),
+    (dict(seed=None), r"seed=None must be an integer >= 0"),
+    (dict(seed=-1), r"seed=-1 must be an integer >= 0"),
+    (dict(seed=1.5), r"seed=1.5 must be an integer >= 0"),
+])
+def test_from_config_raw_errors(kwargs, match):
+    """Were a TypeError from set(None) and SeedSequence's TypeError/ValueError; seed=None drew a
+    network that could not be rebuilt from its config."""
+    args = dict(config={"sizes": [3, 2]}, seed=0)
+    args.update(kwargs)
+    with pytest.raises(Bad, match=match):
+        S.Network.from_config(**args)
+
+
+@pytest.mark.parametrize("call", ["relax", "integrate"])
+def test_on_failure_array(call):
+    """Was 'the truth value of an array is ambiguous'."""
+    net, x = net_and_x()
+    kwargs = dict(t_span=(0.0, 1.0), dt=0.1) if call == "integrate" else {}
+    with pytest.raises(Bad, match=r"on_failure=array of shape \(2, 2\); allowed: 'raise', 'return'"):
+        getattr(S, call)(net, x, on_failure=np.ones((2, 2)), **kwargs)
 
 
 def test_batch_and_samples():

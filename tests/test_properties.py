@@ -341,14 +341,6 @@ CASES += _pvrnn_cases() + _ep_cases() + _train_cases() + _dpm_cases()
 # bad values that still escape as raw exceptions (the raw exception in the comment), in files other
 # branches of issue 15 are fixing; strict: once fixed they fail loudly, and the mark goes
 XFAIL = {
-    **{("Layer", "tau"): "network", ("Connection", "pre"): "network",  # ValueError from float('x')
-       ("Connection", "post"): "network",  # unhashable list
-       ("Network.layered", "sizes"): "network", ("Network.layered", "tau"): "network",  # not iterable; float('x')
-       ("Network.layered", "feedback"): "network", ("Network.layered", "asymmetry_angle"): "network",
-       ("Network.layered", "lateral"): "network", ("Network.layered", "loop"): "network",  # bool(array)
-       ("Network.layered", "init_scale"): "network",  # numpy's uniform: high - low < 0, OverflowError
-       ("Network.from_config", "config"): "network", ("Network.from_config", "seed"): "network"},  # SeedSequence
-    **{("relax", "on_failure"): "integrators", ("integrate", "on_failure"): "integrators"},  # bool(array)
     **{(f"ep.{c}", "beta"): "ep" for c in ("Centred", "OneSided", "Negative", "Holomorphic", "RotatingHolomorphic")},
     ("ep.RotatingHolomorphic", "duration"): "ep",  # float(None)
     ("ep.Relaxation", "on_failure"): "ep",  # bool(array)
