@@ -349,15 +349,9 @@ XFAIL = {
        ("Network.layered", "init_scale"): "network",  # numpy's uniform: high - low < 0, OverflowError
        ("Network.from_config", "config"): "network", ("Network.from_config", "seed"): "network"},  # SeedSequence
     **{("relax", "on_failure"): "integrators", ("integrate", "on_failure"): "integrators"},  # bool(array)
-    **{(f"ep.{c}", "beta"): "ep" for c in ("Centred", "OneSided", "Negative", "Holomorphic", "RotatingHolomorphic")},
-    ("ep.RotatingHolomorphic", "duration"): "ep",  # float(None)
-    ("ep.Relaxation", "on_failure"): "ep",  # bool(array)
-    ("ep.estimate", "y"): "ep",  # float('x'); y=None: "nudge target has shape ()" without the name y
-    ("ep.Exact", "solver"): "adjoint",  # solve_adjoint: bool(array), not checked by Exact either
-    ("ep.make_estimator", "name"): "ep",  # "estimator 'x' is unknown" without the name of the argument
 }
-# bad values that hang: train(epochs=10**30) trains for ever; not run until models/train.py bounds epochs
-HANGS = {("train.train", "epochs"): "train"}
+# bad values that hang (none left: train's epochs are capped)
+HANGS = {}
 
 
 def _params():
