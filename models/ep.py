@@ -21,13 +21,14 @@ relaxation, and a real beta_k runs in real arithmetic).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
 from substrate import Cost, Gradients, Implicit, Network, Nudge, Solution, VectorField, integrate, relax
 from substrate.activations import rho, rho_prime
-from substrate.adjoint import check_equilibrium, jacobian, solve_adjoint
+from substrate.adjoint import check_equilibrium, check_solver, jacobian, solve_adjoint
 from substrate.errors import ConvergenceError, SubstrateValueError
 
 
@@ -59,8 +60,7 @@ class Relaxation:
     nudged_rtol: float = 1e-3
 
     def __post_init__(self):
-        if self.on_failure not in ("raise", "record"):
-            raise SubstrateValueError(f"Relaxation(on_failure={self.on_failure!r}); allowed: 'raise', 'record'")
+        _choice(self.on_failure, "Relaxation(on_failure)", ("raise", "record"))
         r = self.nudged_rtol
         if isinstance(r, bool) or not isinstance(r, (int, float, np.floating)) or not 0 < r <= 1:
             raise SubstrateValueError(f"Relaxation(nudged_rtol={r!r}) must be a number in (0, 1]")
@@ -170,18 +170,27 @@ MAX_POINTS = 256
 MAX_ROTATING_STEPS = 10_000_000
 
 
-def _count(value, name, cap=None, why=""):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise SubstrateValueError(f"{name}={value!r} must be a positive integer")
+def _count(value, name, cap=None, why="", low=1):
+    """A count of at least ``low`` (1 or 0) and at most ``cap`` (``why``: the reason for the cap)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise SubstrateValueError(f"{name}={value!r} must be a {'positive' if low else 'non-negative'} integer")
     if cap is not None and value > cap:
         raise SubstrateValueError(f"{name}={value!r} must be at most {cap}: {why}")
 
 
 def _beta(beta, name="beta"):
-    b = float(beta)
-    if not (math.isfinite(b) and b > 0):
+    """``beta`` as a positive finite float; anything but a real number (a string float() would parse,
+    None, an array, a bool) is refused, naming ``name``."""
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not (math.isfinite(beta) and beta > 0):
         raise SubstrateValueError(f"{name}={beta!r} must be a positive finite number")
-    return b
+    return float(beta)
+
+
+def _choice(value, name, allowed):
+    """A SubstrateValueError naming ``name`` and ``allowed`` unless ``value`` is one of the strings
+    ``allowed`` (tested as a str first: an array would make ``in`` ambiguous, a list unhashable)."""
+    if not isinstance(value, str) or value not in allowed:
+        raise SubstrateValueError(f"{name}={value!r}; allowed: {', '.join(map(repr, allowed))}")
 
 
 _POINTS_WHY = ("the trapezoidal error (|beta|/R)^N is below float64 rounding by then for |beta|/R <= 0.86; "
@@ -192,7 +201,7 @@ class _RealNudge(PointEstimator):
     """Estimators with real nudges +-beta (beta > 0, checked when built)."""
 
     def __post_init__(self):
-        _beta(self.beta)
+        _beta(self.beta, f"{type(self).__name__}(beta)")
 
 
 @dataclass(frozen=True)
@@ -245,7 +254,7 @@ class Holomorphic(PointEstimator):
 
     def __post_init__(self):
         _count(self.points, "Holomorphic(points)", MAX_POINTS, _POINTS_WHY)
-        _beta(self.beta)
+        _beta(self.beta, "Holomorphic(beta)")
 
     def nodes(self):
         N, b = self.points, _beta(self.beta)
@@ -276,11 +285,11 @@ class RotatingHolomorphic(Estimator):
         _count(self.points, "RotatingHolomorphic(points)", MAX_POINTS, _POINTS_WHY)
         _count(self.periods, "RotatingHolomorphic(periods)", MAX_ROTATING_STEPS // self.points,
                f"points x periods x duration/dt steps are capped at {MAX_ROTATING_STEPS:.0e}")
-        _beta(self.beta)
-        _beta(self.duration, "duration")
+        _beta(self.beta, "RotatingHolomorphic(beta)")
+        _beta(self.duration, "RotatingHolomorphic(duration)")
 
     def error_vector(self, network, x, y, cost, relaxation, free):
-        N, b, dt = self.points, self.beta, relaxation.step(network)
+        N, b, dt = self.points, _beta(self.beta), relaxation.step(network)
         steps = N * self.periods * math.ceil(self.duration / dt)
         if steps > MAX_ROTATING_STEPS:
             raise SubstrateValueError(
@@ -339,6 +348,9 @@ class Exact(Estimator):
     solver: str = "direct"
     name = "exact"
 
+    def __post_init__(self):
+        check_solver(self.solver, "Exact")
+
     def error_vector(self, network, x, y, cost, relaxation, free):
         vf = _field_of(network, x, free, "Exact", relaxation.tol)
         _, g = cost_gradient_u(network, cost, free.u, y)
@@ -368,8 +380,7 @@ ESTIMATORS = {"one_sided": OneSided, "negative": Negative, "centred": Centred, "
 
 def make_estimator(name: str, **params) -> Estimator:
     """An estimator by name (``ESTIMATORS``) with its parameters, for configs."""
-    if name not in ESTIMATORS:
-        raise SubstrateValueError(f"estimator {name!r} is unknown; allowed: {', '.join(ESTIMATORS)}")
+    _choice(name, "make_estimator(name)", tuple(ESTIMATORS))
     try:
         return ESTIMATORS[name](**params)
     except TypeError as e:
@@ -407,13 +418,18 @@ def check_target(network, cost, y, batch) -> np.ndarray:
     every estimator: the exact and limit ones never build a nudge, and numpy would broadcast integer
     labels of length batch = width against the (batch, width) activities without a word."""
     try:
-        target = None if np.iscomplexobj(y) else np.asarray(y, dtype=float)
-    except (TypeError, ValueError):
+        target = np.asarray(y)
+    except ValueError:  # ragged nested lists
         target = None
-    if target is None:
+    # by dtype, not float(): that would take None (NaN) and strings ('1') as targets
+    if target is None or target.dtype.kind not in "biuf":
         raise SubstrateValueError(f"y (the targets) must be a real array (batch, width), got "
                                   f"{y.dtype if isinstance(y, np.ndarray) else type(y).__name__}")
-    Nudge(cost, 0.0, target).kernel_args(network, np.float64, batch)
+    target = target.astype(float)
+    try:  # beta = 0 is valid: only the target's shape and values can be refused
+        Nudge(cost, 0.0, target).kernel_args(network, np.float64, batch)
+    except SubstrateValueError as e:
+        raise SubstrateValueError(f"y (the targets): {e}") from None
     return target
 
 

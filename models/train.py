@@ -160,6 +160,10 @@ OPTIMISERS = {"sgd": SGD, "adam": Adam}
 
 
 # ------------------------------------------------------------------------------------ training
+# every epoch relaxes each training and test sample at least once: EP runs take tens to hundreds of
+# epochs, so a count beyond 10^5 is a typo (10**30 would loop for ever), refused before the first epoch
+MAX_EPOCHS = 100_000
+_EPOCHS_WHY = "each epoch relaxes every training and test sample; EP runs take hundreds at most"
 @dataclass
 class History:
     """Metrics per epoch; row 0 is the untrained model. ``grad_cosine``: cosine of the rule's
@@ -216,9 +220,9 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
         raise SubstrateValueError(f"data must be a models.data.Dataset, got {type(data).__name__}")
     if not isinstance(rng, np.random.Generator):
         raise SubstrateValueError("train needs rng, a numpy.random.Generator (seeded, passed explicitly)")
-    for name, v, low in (("epochs", epochs, 0), ("batch_size", batch_size, 1), ("probe", probe, 0)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-            raise SubstrateValueError(f"{name}={v!r} must be a {'positive' if low else 'non-negative'} integer")
+    ep._count(epochs, "epochs", MAX_EPOCHS, _EPOCHS_WHY, low=0)
+    ep._count(batch_size, "batch_size")  # larger than the training set: one batch of all of it
+    ep._count(probe, "probe", low=0)  # larger than the training set: all of it
     for name, v, kind, what in (("rule", rule, ep.Estimator, "an ep.Estimator"),
                                 ("relaxation", relaxation, ep.Relaxation, "an ep.Relaxation"),
                                 ("optimiser", optimiser, (Optimiser, type(None)), "None or an Optimiser (SGD, Adam)"),

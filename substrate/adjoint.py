@@ -56,6 +56,19 @@ class Implicit(AbstractAdjoint):
     cond_max: float = 1e12
     name = "implicit"
 
+    def __post_init__(self):
+        check_solver(self.solver, "Implicit")
+
+
+SOLVERS = ("direct", "krylov")
+
+
+def check_solver(solver, what):
+    """A SubstrateValueError naming ``what(solver=...)`` unless ``solver`` is one of ``SOLVERS``
+    (tested as a str first: an array would make ``in`` ambiguous)."""
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise SubstrateValueError(f"{what}(solver={solver!r}); allowed: {', '.join(map(repr, SOLVERS))}")
+
 
 @dataclass(frozen=True)
 class DiscreteAdjoint(AbstractAdjoint):
@@ -241,8 +254,6 @@ def _backward_field(network, x, batch, dtype, twin):
 
 def _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol, max_steps, blowup,
               twin=False):
-    if strategy.solver not in ("direct", "krylov"):
-        raise SubstrateValueError(f"Implicit(solver={strategy.solver!r}); allowed: 'direct', 'krylov'")
     if tol is None:  # a residual float32 states can reach
         tol = 1e-5 if resolve_dtype(network, dtype) == np.float32 else 1e-10
     sol = relax(network, x, method=integrator, dt=dt, tol=tol, u0=u0, dtype=dtype, batch=batch,

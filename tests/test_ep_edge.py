@@ -206,3 +206,62 @@ def test_train_refuses_an_empty_split_and_evaluate_a_zero_batch(small):
         model.evaluate(data.x_test, data.y_test[:9], ep.Relaxation())
     with pytest.raises(S.SubstrateValueError, match="lr=0 must be a positive"):
         SGD(0)
+
+
+ARRAY = np.ones(2)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: ep.Centred(None), r"Centred\(beta\)=None must be a positive finite number"),
+    (lambda: ep.OneSided("x"), r"OneSided\(beta\)='x' must be a positive finite number"),
+    (lambda: ep.Negative("0.1"), r"Negative\(beta\)='0.1' must be"),  # a string float() would have parsed
+    (lambda: ep.Centred(True), r"Centred\(beta\)=True must be"),
+    (lambda: ep.Holomorphic(4, ARRAY), r"Holomorphic\(beta\)=array\(\[1., 1.\]\) must be"),
+    (lambda: ep.RotatingHolomorphic(4, 1j), r"RotatingHolomorphic\(beta\)=1j must be"),
+    (lambda: ep.RotatingHolomorphic(4, 0.1, duration=None), r"RotatingHolomorphic\(duration\)=None must be a pos"),
+    (lambda: ep.Relaxation(on_failure=ARRAY), r"Relaxation\(on_failure\)=array.*; allowed: 'raise', 'record'"),
+    (lambda: ep.Relaxation(on_failure=[]), r"Relaxation\(on_failure\)=\[\]; allowed: 'raise', 'record'"),
+    (lambda: ep.Exact(solver=ARRAY), r"Exact\(solver=array.*\); allowed: 'direct', 'krylov'"),
+    (lambda: ep.Exact(solver="lu"), r"Exact\(solver='lu'\); allowed: 'direct', 'krylov'"),
+    (lambda: S.Implicit(solver=ARRAY), r"Implicit\(solver=array.*\); allowed: 'direct', 'krylov'"),
+    (lambda: ep.make_estimator("x"), r"make_estimator\(name\)='x'; allowed: 'one_sided', .*'exact'"),
+    (lambda: ep.make_estimator([]), r"make_estimator\(name\)=\[\]; allowed: 'one_sided'"),  # was: unhashable
+    (lambda: ep.make_estimator(ARRAY), r"make_estimator\(name\)=array")])
+def test_bad_estimator_and_relaxation_parameters_are_named(make, match):
+    with pytest.raises(S.SubstrateValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("y, match", [
+    (None, r"y \(the targets\) must be a real array \(batch, width\), got NoneType"),  # was: shape () of NaN
+    ("x", r"y \(the targets\) must be a real array \(batch, width\), got str"),
+    ("1", r"y \(the targets\) must be a real array \(batch, width\), got str"),  # float('1') parsed it
+    ([[0.0, 1.0], [1.0]], r"y \(the targets\) must be a real array \(batch, width\), got list"),  # ragged
+    (0.5, r"y \(the targets\): nudge target has shape \(\), expected \(batch, 4\) = \(6, 4\)")])
+def test_targets_that_are_not_an_array_are_named(sym, y, match):
+    net, x, _, c, free, _ = sym
+    with pytest.raises(S.SubstrateValueError, match=match):
+        ep.estimate(net, x, y, c, ep.Exact(), LOOSE, free=free)
+
+
+def test_integer_and_boolean_targets_are_taken_as_numbers(sym):
+    # one-hot targets as ints or bools are the same targets as floats: the same gradient, bit for bit
+    net, x, y, c, free, exact = sym
+    for t in (y.astype(int), y.astype(bool)):
+        assert np.array_equal(ep.estimate(net, x, t, c, ep.Exact(), LOOSE, free=free).gradients.flat(), exact)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(epochs=10**30), r"epochs=10{30} must be at most 100000: each epoch relaxes every training and test"),
+    (dict(epochs=100_001), r"epochs=100001 must be at most 100000"),
+    (dict(epochs=2.0), r"epochs=2.0 must be a non-negative integer"),
+    (dict(batch_size=0), r"batch_size=0 must be a positive integer"),
+    (dict(batch_size=None), r"batch_size=None must be a positive integer")])
+def test_train_refuses_counts_that_would_hang_before_the_first_epoch(small, kwargs, match):
+    model, data = small
+    before = {k: v.copy() for k, v in model.parameters().items()}
+    args = dict(rng=np.random.default_rng(0), progress=False)
+    args.update(kwargs)
+    with pytest.raises(S.SubstrateValueError, match=match):
+        train(model, data, **args)
+    assert all(np.array_equal(before[k], v) for k, v in model.parameters().items())  # refused up front

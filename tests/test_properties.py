@@ -9,7 +9,7 @@ shapes). ``derandomize=True``: the examples are the same on every run, so that t
 reproducible; ``max_examples`` bounds its time (the whole file ~20 s on one core, measured).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -50,14 +50,12 @@ def rngs():
 @dataclass
 class Case:
     """``call(**kwargs)`` with ``defaults`` (valid); each argument of ``valid`` is varied in its own
-    test over its valid values and BAD. ``xfail``: arguments whose bad values still escape as raw
-    exceptions in files another branch is fixing (argument -> reason), checked strictly."""
+    test over its valid values and BAD."""
 
     name: str
     call: object
     defaults: dict
     valid: dict
-    xfail: dict = field(default_factory=dict)
 
 
 def net(sizes=(3, 4, 2), seed=0, **options):
@@ -110,14 +108,6 @@ def _device(**kw):
 
 def _attach(**kw):
     return D.attach(**kw)
-
-
-REFS = {"network": "substrate/network.py", "integrators": "substrate/integrators.py",
-        "adjoint": "substrate/adjoint.py", "ep": "models/ep.py", "train": "models/train.py"}
-
-
-def fixed_on(key):
-    return f"fixed on the branch that edits {REFS[key]}"
 
 
 CASES = [
@@ -338,27 +328,10 @@ def _dpm_cases():
 
 CASES += _pvrnn_cases() + _ep_cases() + _train_cases() + _dpm_cases()
 
-# bad values that still escape as raw exceptions (the raw exception in the comment), in files other
-# branches of issue 15 are fixing; strict: once fixed they fail loudly, and the mark goes
-XFAIL = {
-    **{(f"ep.{c}", "beta"): "ep" for c in ("Centred", "OneSided", "Negative", "Holomorphic", "RotatingHolomorphic")},
-    ("ep.RotatingHolomorphic", "duration"): "ep",  # float(None)
-    ("ep.Relaxation", "on_failure"): "ep",  # bool(array)
-    ("ep.estimate", "y"): "ep",  # float('x'); y=None: "nudge target has shape ()" without the name y
-    ("ep.Exact", "solver"): "adjoint",  # solve_adjoint: bool(array), not checked by Exact either
-    ("ep.make_estimator", "name"): "ep",  # "estimator 'x' is unknown" without the name of the argument
-}
-# bad values that hang: train(epochs=10**30) trains for ever; not run until models/train.py bounds epochs
-HANGS = {("train.train", "epochs"): "train"}
-
-
 def _params():
     for case in CASES:
         for arg in case.valid:
-            key = (case.name, arg)
-            marks = ([pytest.mark.xfail(strict=True, reason=fixed_on(XFAIL[key]))] if key in XFAIL else
-                     [pytest.mark.xfail(run=False, reason="hangs; " + fixed_on(HANGS[key]))] if key in HANGS else [])
-            yield pytest.param(case, arg, id=f"{case.name}-{arg}", marks=marks)
+            yield pytest.param(case, arg, id=f"{case.name}-{arg}")
 
 
 def check_outcome(case, arg, value):

@@ -505,20 +505,20 @@ def test_non_finite_arrays_are_refused_naming_the_argument():
 
     net, x, A, eps = model()
     rng = np.random.default_rng(1)
-    calls = {
-        r"x contains NaN or Inf": lambda: pvrnn.train(net, nan_at(x, (0, 2, 1)), epochs=1, rng=rng, progress=False),
-        r"A\['l1.sig'\] contains NaN or Inf": lambda: pvrnn.train(
-            net, x, epochs=1, rng=rng, progress=False, A={**A, "l1.sig": nan_at(A["l1.sig"], (1, 1, 0))}),
-        r"A\['l0.mu'\] contains NaN or Inf": lambda: net.reconstruct({**A, "l0.mu": nan_at(A["l0.mu"], 0)}),
-        r"eps\[2\] contains NaN or Inf": lambda: net.free_energy(x, A, eps[:2] + [np.full_like(eps[2], np.inf)]),
-        r"x contains NaN or Inf": lambda: pvrnn.error_regression(net, nan_at(x[0], (3, 0)), pvrnn.ErrorRegression(
-            window=3, iterations=2), rng),
-        r"source contains NaN or Inf": lambda: load_sequences(nan_at(x, (2, 5, 0))),
-        r"start.h\[1\] contains NaN or Inf": lambda: net.generate(1, 2, rng, start=State(
-            [np.zeros((1, 7)), np.full((1, 5), np.nan), np.zeros((1, 4))], [np.zeros((1, k)) for k in (7, 5, 4)], False)),
-    }
+    calls = [  # (message, call): a list, as two calls expect the same message
+        (r"x contains NaN or Inf", lambda: pvrnn.train(net, nan_at(x, (0, 2, 1)), epochs=1, rng=rng, progress=False)),
+        (r"A\['l1.sig'\] contains NaN or Inf", lambda: pvrnn.train(
+            net, x, epochs=1, rng=rng, progress=False, A={**A, "l1.sig": nan_at(A["l1.sig"], (1, 1, 0))})),
+        (r"A\['l0.mu'\] contains NaN or Inf", lambda: net.reconstruct({**A, "l0.mu": nan_at(A["l0.mu"], 0)})),
+        (r"eps\[2\] contains NaN or Inf", lambda: net.free_energy(x, A, eps[:2] + [np.full_like(eps[2], np.inf)])),
+        (r"x contains NaN or Inf", lambda: pvrnn.error_regression(net, nan_at(x[0], (3, 0)), pvrnn.ErrorRegression(
+            window=3, iterations=2), rng)),
+        (r"source contains NaN or Inf", lambda: load_sequences(nan_at(x, (2, 5, 0)))),
+        (r"start.h\[1\] contains NaN or Inf", lambda: net.generate(1, 2, rng, start=State(
+            [np.zeros((1, 7)), np.full((1, 5), np.nan), np.zeros((1, 4))], [np.zeros((1, k)) for k in (7, 5, 4)], False))),
+    ]
     before = {k: v.copy() for k, v in net.params.items()}
-    for match, call in calls.items():
+    for match, call in calls:
         with pytest.raises(SubstrateValueError, match=match):
             call()
     assert all(np.array_equal(before[k], v) for k, v in net.params.items())  # refused before any step
