@@ -232,12 +232,6 @@ def resolve(schema: Mapping, values, path: str) -> dict:
     return out
 
 
-def _get(tree: Mapping, dotted: str):
-    for k in dotted.split("."):
-        tree = tree[k]
-    return tree
-
-
 def _set(tree: dict, dotted: str, value):
     *head, last = dotted.split(".")
     for k in head:
