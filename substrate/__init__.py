@@ -35,9 +35,10 @@ from .errors import (ArchiveError, ConvergenceError, DivergenceError, Integratio
 from .integrators import METHODS, Solution, integrate, relax  # noqa: E402
 from .network import Connection, Input, Layer, Network  # noqa: E402
 from .nudge import Cost, Nudge  # noqa: E402
+from .persist import load, save  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["ACTIVATIONS", "ArchiveError", "Connection", "ContinuousAdjoint", "ConvergenceError", "Cost", "Nudge", "DiscreteAdjoint", "DivergenceError",
            "Gradients", "Implicit", "Input", "gradient",
            "IntegrationError", "Layer", "METHODS", "Network", "Solution", "StepSizeError",
-           "SubstrateValueError", "VectorField", "integrate", "relax"]
+           "SubstrateValueError", "VectorField", "integrate", "load", "relax", "save"]
