@@ -35,6 +35,7 @@ or from an adjoint.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from substrate import persist
 from substrate.errors import DivergenceError, SubstrateValueError
 
 ODES = ("original", "reparameterised", "gaussian")
@@ -251,6 +253,31 @@ class NoisePredictor(nn.Module):
         a, s = self.schedule.alpha(t), self.schedule.sigma(t)
         Q = self.data_axes
         return s * ((x - a * self.data_mean) @ Q / (a * a * self.data_variances + s * s)) @ Q.T
+
+
+def _write_noise_predictor(group, model: NoisePredictor):
+    persist.write_config(group, {"dim": int(model.dim), "classes": int(model.classes),
+                                 "hidden": model.net[0].out_features, "depth": (len(model.net) - 1) // 2,
+                                 "embed": model.table.embedding_dim, "frequencies": int(model.frequencies),
+                                 "gaussian_skip": bool(model.gaussian_skip),
+                                 "schedule": dataclasses.asdict(model.schedule)})
+    # the weights and the data's Gaussian fit (buffers), as numpy arrays
+    persist.write_arrays(group, "state_dict", {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
+
+
+def _read_noise_predictor(group) -> NoisePredictor:
+    cfg = persist.read_config(group)
+    cfg["schedule"] = VPSchedule(**cfg["schedule"])
+    with torch.random.fork_rng(devices=[]):  # torch's layers draw an initialisation from the global generator
+        model = NoisePredictor(**cfg)
+    try:
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in persist.read_arrays(group, "state_dict").items()})
+    except RuntimeError as e:  # missing, unexpected or misshapen tensors
+        raise ValueError(f"state_dict does not fit NoisePredictor({cfg}): {e}") from None
+    return model
+
+
+persist.register(NoisePredictor, _write_noise_predictor, _read_noise_predictor)
 
 
 def train(model: NoisePredictor, schedule: VPSchedule, x, labels=None, *, steps: int, batch: int = 256,

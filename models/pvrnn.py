@@ -34,12 +34,14 @@ step runs compiled (``models/_pvrnn_kernels.py``, ~1 ms for the issue's benchmar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
+from substrate import persist
 from substrate.errors import DivergenceError, SubstrateValueError
 
 
@@ -518,6 +520,30 @@ def _leak(tau: float, step: float, method: str) -> tuple:
     leak e^{-step/tau}; beta = 1 - alpha."""
     a = 1.0 - step / tau if method == "euler" else math.exp(-step / tau)
     return a, 1.0 - a
+
+
+def _write_pvrnn(group, model: PVRNN):
+    persist.write_config(group, {"layers": [dataclasses.asdict(x) for x in model.layers], "outputs": model.outputs,
+                                 "substeps": model.substeps, "method": model.method,
+                                 "posterior_weights": model.posterior_weights})
+    persist.write_arrays(group, "params", model.params)
+
+
+def _read_pvrnn(group) -> PVRNN:
+    cfg = persist.read_config(group)
+    cfg["layers"] = [PVLayer(**x) for x in cfg["layers"]]
+    model = PVRNN(rng=np.random.default_rng(0), **cfg)  # its draws are replaced by the saved weights
+    params = persist.read_arrays(group, "params")
+    if set(params) != set(model.params):
+        raise ValueError(f"params {sorted(params)}; this PV-RNN has {sorted(model.params)}")
+    for k, w in model.params.items():
+        if params[k].shape != w.shape:
+            raise ValueError(f"params/{k} has shape {params[k].shape}, expected {w.shape}")
+    model.params = {k: params[k] for k in model.params}  # in the constructor's order
+    return model
+
+
+persist.register(PVRNN, _write_pvrnn, _read_pvrnn)
 
 
 class DeviceCircuit:

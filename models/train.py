@@ -5,18 +5,25 @@ output units, or cross-entropy through a linear readout whose weights take their
 and the rule that estimates the gradient (an :mod:`models.ep` estimator). :func:`train` runs
 minibatch epochs with SGD (momentum) or Adam, optional Jacobian homeostasis, evaluation on the
 held-out set and a probe of the gradient's alignment with the exact one; it returns the metrics per
-epoch as arrays (row 0: before training) and does no file I/O (``on_epoch`` lets a caller save).
+epoch as arrays (row 0: before training). Its only file is an optional checkpoint (``checkpoint=PATH``:
+the model, the optimiser's state, the history and the random generator's state, written atomically
+every ``checkpoint_every`` epochs), from which the same call, rerun after a kill, resumes and ends
+bit-identical to an uninterrupted run; ``on_epoch`` lets a caller save other results.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from substrate import Cost, Network
+from substrate import Cost, Network, persist
+from substrate.devices import DeviceNetwork
 from substrate.errors import SubstrateValueError
 
 from . import ep
@@ -159,6 +166,36 @@ def _fraction(v, name):
 OPTIMISERS = {"sgd": SGD, "adam": Adam}
 
 
+# ------------------------------------------------------------------------------------ saving
+def _write_classifier(group, model: Classifier):
+    persist.write_object(group.create_group("network"), model.network)
+    persist.write_object(group.create_group("cost"), model.cost)
+
+
+def _read_classifier(group) -> Classifier:
+    return Classifier(persist.read_object(group["network"]), persist.read_object(group["cost"]))
+
+
+def _hyperparameters(optimiser: Optimiser) -> dict:
+    return {k: v for k, v in vars(optimiser).items() if k != "state"}
+
+
+def _write_optimiser(group, optimiser: Optimiser):
+    persist.write_config(group, _hyperparameters(optimiser))
+    persist.write_state(group, "state", optimiser.state)  # SGD's momenta; Adam's (m, v, t) per parameter
+
+
+def _read_optimiser(group) -> Optimiser:
+    optimiser = {"SGD": SGD, "Adam": Adam}[group.attrs["kind"]](**persist.read_config(group))
+    optimiser.state = persist.read_state(group["state"])
+    return optimiser
+
+
+persist.register(Classifier, _write_classifier, _read_classifier)
+persist.register(SGD, _write_optimiser, _read_optimiser)
+persist.register(Adam, _write_optimiser, _read_optimiser)
+
+
 # ------------------------------------------------------------------------------------ training
 # every epoch relaxes each training and test sample at least once: EP runs take tens to hundreds of
 # epochs, so a count beyond 10^5 is a typo (10**30 would loop for ever), refused before the first epoch
@@ -187,6 +224,42 @@ class History:
         return {k: np.asarray(v, dtype=float) for k, v in self.__dict__.items()}
 
 
+@dataclass(eq=False)
+class Checkpoint:
+    """What :func:`train` saves to resume from: the model, the optimiser (with its state), the history
+    so far, the training generator (its state) and ``call``, a description of the training call (its
+    arguments, digests of the data and of the model it started from) that a resuming call must match.
+    ``substrate.load`` reads one."""
+
+    model: Classifier
+    optimiser: Optimiser
+    history: History
+    rng: np.random.Generator
+    call: dict
+
+    @property
+    def epoch(self) -> int:
+        return self.history.epoch[-1]
+
+
+def _write_checkpoint(group, ck: Checkpoint):
+    persist.write_config(group, {"call": ck.call})
+    persist.write_object(group.create_group("model"), ck.model)
+    persist.write_object(group.create_group("optimiser"), ck.optimiser)
+    persist.write_arrays(group, "history", {k: np.asarray(v) for k, v in vars(ck.history).items()})
+    persist.write_state(group, "rng", ck.rng)
+
+
+def _read_checkpoint(group) -> Checkpoint:
+    history = persist.read_arrays(group, "history")
+    return Checkpoint(persist.read_object(group["model"]), persist.read_object(group["optimiser"]),
+                      History(**{k: history[k].tolist() for k in vars(History())}),
+                      persist.read_state(group["rng"]), persist.read_config(group)["call"])
+
+
+persist.register(Checkpoint, _write_checkpoint, _read_checkpoint)
+
+
 def gradient_step(model: Classifier, x, y, rule: ep.Estimator, relaxation: ep.Relaxation,
                   homeostasis: Homeostasis | None = None, rng=None):
     """(the estimate, {parameter name: gradient}, homeostasis penalty or NaN) for one minibatch."""
@@ -207,11 +280,20 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
           optimiser: Optimiser | None = None, epochs: int = 10, batch_size: int = 32,
           relaxation: ep.Relaxation = ep.Relaxation(on_failure="record"),
           homeostasis: Homeostasis | None = None, rng: np.random.Generator | None = None,
-          probe: int = 64, progress: bool = True, on_epoch=None) -> History:
+          probe: int = 64, progress: bool = True, on_epoch=None, checkpoint: str | os.PathLike | None = None,
+          checkpoint_every: int = 1) -> History:
     """Train ``model`` on ``data`` for ``epochs`` epochs of shuffled minibatches; see the module
     docstring. ``probe``: the number of training samples (fixed, the first ones; all of them when
     there are fewer) on which the rule's gradient is compared with the exact one after every epoch
-    (0: skip). ``on_epoch(history)`` is called after every epoch (to save partial results)."""
+    (0: skip). ``on_epoch(history)`` is called after every epoch (to save partial results).
+
+    ``checkpoint``: a file (HDF5, :class:`Checkpoint`) written atomically after every
+    ``checkpoint_every`` epochs and after the last one. If it exists when training starts, training
+    resumes from it: ``model``, ``optimiser`` and ``rng`` are set to their saved state in place and
+    the epochs after it are run, so that a killed run, rerun with the same call, ends bit-identical to
+    an uninterrupted one (apart from the wall-clock ``seconds``); a larger ``epochs`` continues a
+    finished run. A checkpoint of another training (other arguments, data, or starting model) is
+    refused."""
     from tqdm.auto import tqdm
 
     if not isinstance(model, Classifier):
@@ -231,6 +313,9 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
             raise SubstrateValueError(f"{name} must be {what}, got {type(v).__name__}")
     if on_epoch is not None and not callable(on_epoch):
         raise SubstrateValueError(f"on_epoch must be None or a callable(history), got {type(on_epoch).__name__}")
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise SubstrateValueError(f"checkpoint must be None or a file path, got {type(checkpoint).__name__}")
+    ep._count(checkpoint_every, "checkpoint_every", MAX_EPOCHS, _EPOCHS_WHY)
     if len(data.x_train) == 0 or len(data.x_test) == 0:
         raise SubstrateValueError(f"data has {len(data.x_train)} training and {len(data.x_test)} test samples; "
                                   "both must be >= 1")
@@ -243,8 +328,11 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
                                   f"{model.classes} classes (0..{model.classes - 1})")
     optimiser = optimiser or SGD(0.01, 0.9)
     params = model.parameters()
-    hist = History()
     xp, yp = data.x_train[:probe], one_hot(data.y_train[:probe], model.classes)
+    call = None if checkpoint is None else _call(model, data, rule, optimiser, batch_size, relaxation, homeostasis,
+                                                 rng, probe)
+    resume = checkpoint is not None and os.path.exists(checkpoint)
+    hist = _resume(checkpoint, call, model, optimiser, rng, epochs) if resume else History()
 
     def record(epoch, train_loss, train_acc, penalty, failed, seconds):
         test_loss, test_acc, _ = model.evaluate(data.x_test, data.y_test, relaxation)
@@ -265,9 +353,10 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
                            ("nonconverged", failed), ("seconds", seconds)):
             getattr(hist, key).append(value)
 
-    tr_loss, tr_acc, _ = model.evaluate(data.x_train, data.y_train, relaxation)
-    record(0, tr_loss, tr_acc, float("nan"), 0.0, 0.0)
-    for epoch in range(1, epochs + 1):
+    if not resume:
+        tr_loss, tr_acc, _ = model.evaluate(data.x_train, data.y_train, relaxation)
+        record(0, tr_loss, tr_acc, float("nan"), 0.0, 0.0)
+    for epoch in range(hist.epoch[-1] + 1, epochs + 1):
         t0 = time.perf_counter()
         batches = minibatches(len(data.x_train), batch_size, rng)
         loss_sum = correct = failed = 0
@@ -290,4 +379,63 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
                        f"grad cosine {hist.grad_cosine[-1]:.4f}, {hist.seconds[-1]:.1f} s")
         if on_epoch is not None:
             on_epoch(hist)
+        if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == epochs):
+            persist.save(Checkpoint(model, optimiser, hist, rng, call), checkpoint)
     return hist
+
+
+def _call(model, data, rule, optimiser, batch_size, relaxation, homeostasis, rng, probe) -> dict:
+    """What a resumed training must share with the one that wrote the checkpoint (JSON)."""
+    return {"model": _digest([repr(model.network), model.cost.layer, model.cost.kind,
+                              repr(getattr(model.network, "device", None)), getattr(model.network, "seed", None)]
+                             + [x.tau for x in model.network.layers]
+                             + [c.mask for c in model.network.connections if c.mask is not None]),
+            "start": _digest(list(model.parameters().values())),  # the weights training starts from
+            "data": _digest([data.x_train, data.y_train, data.x_test, data.y_test]),
+            "rule": _described(rule), "optimiser": _described(optimiser), "batch_size": int(batch_size),
+            "relaxation": _described(relaxation), "homeostasis": _described(homeostasis),
+            "generator": type(rng.bit_generator).__name__, "probe": int(probe)}
+
+
+def _described(obj) -> str:
+    if isinstance(obj, Optimiser):
+        return f"{type(obj).__name__}({_hyperparameters(obj)})"
+    return repr(obj) if obj is None or dataclasses.is_dataclass(obj) else type(obj).__qualname__
+
+
+def _digest(items) -> str:
+    h = hashlib.sha256()
+    for item in items:
+        if isinstance(item, np.ndarray) or isinstance(item, float):
+            a = np.ascontiguousarray(item)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        else:
+            h.update(repr(item).encode())
+    return h.hexdigest()
+
+
+def _resume(path, call: dict, model: Classifier, optimiser: Optimiser, rng, epochs: int) -> History:
+    """Set ``model``, ``optimiser`` and ``rng`` in place to the state saved in the checkpoint ``path``;
+    return its history."""
+    ck = persist.load(path)
+    if not isinstance(ck, Checkpoint):
+        raise SubstrateValueError(f"checkpoint={os.fspath(path)!r} holds a {type(ck).__name__}, not a training "
+                                  "checkpoint; pass another path")
+    saved = ck.model.parameters()
+    differ = [k for k in call if ck.call.get(k) != call[k]]
+    if differ == ["start"] and all(np.array_equal(p, saved[k]) for k, p in model.parameters().items()):
+        differ = []  # the model is the checkpoint's, trained further in this process: a continuation
+    if differ:
+        raise SubstrateValueError(f"checkpoint={os.fspath(path)!r} was written by another training: its "
+                                  f"{', '.join(differ)} differ from this call's; delete it to start afresh, or "
+                                  "pass another checkpoint path")
+    if ck.epoch > epochs:
+        raise SubstrateValueError(f"checkpoint={os.fspath(path)!r} holds {ck.epoch} epochs, more than epochs={epochs}")
+    for k, p in model.parameters().items():
+        p[...] = saved[k]
+    if isinstance(model.network, DeviceNetwork):
+        persist.set_device_state(model.network, persist.device_state(ck.model.network))
+    optimiser.state = ck.optimiser.state
+    rng.bit_generator.state = ck.rng.bit_generator.state
+    return ck.history
