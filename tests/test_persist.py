@@ -6,6 +6,9 @@ checkpoint is written leaves the previous one."""
 
 import json
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -169,7 +172,6 @@ def test_classifier_on_a_device_round_trip(tmp_path):
 def test_custom_effect_round_trip(tmp_path):
     """A device effect defined outside substrate (the README's LineGain) is saved by its class name and
     parameters, and found again when it is defined where the file is loaded."""
-    from dataclasses import dataclass
 
     @dataclass(frozen=True)
     class LineGain(D.ProgramEffect):
@@ -233,6 +235,18 @@ def test_optimiser_round_trip(tmp_path, optimiser):
     mine, theirs = {k: v.copy() for k, v in params.items()}, {k: v.copy() for k, v in params.items()}
     optimiser.step(mine, grads), back.step(theirs, grads)
     assert_same(mine, theirs)
+
+
+def test_load_imports_the_module_of_a_kind(tmp_path):
+    """A Classifier saved here loads in a fresh process that imported substrate alone: load imports
+    models.train, which registers the kind."""
+    path = S.save(Classifier.layered([4, 6, 5, 3], np.random.default_rng(2)), tmp_path / "c.h5")
+    code = ("import sys, substrate; assert 'models.train' not in sys.modules; "
+            f"m = substrate.load({str(path)!r}); print(type(m).__module__, type(m).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["models.train", "Classifier"]
 
 
 # ------------------------------------------------------------------------------------ the files
