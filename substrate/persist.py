@@ -124,7 +124,7 @@ def load(path, *, extra: bool = False):
 
 def _check_format(f: h5py.File, path: str):
     fmt = f.attrs.get("format")
-    if fmt != FORMAT:
+    if not isinstance(fmt, str) or fmt != FORMAT:
         raise ArchiveError(path, f"is not a saved substrate object (root attribute format={fmt!r}, expected "
                                  f"{FORMAT!r}); substrate.load reads the files substrate.save writes")
     version = f.attrs.get("format_version")
@@ -152,7 +152,11 @@ def read_object(group: h5py.Group):
     if kind is None:
         module = str(group.attrs.get("module", ""))
         if module.split(".")[0] in PROJECT_PACKAGES:
-            importlib.import_module(module)  # it registers its kinds
+            try:
+                importlib.import_module(module)  # it registers its kinds
+            except ImportError as e:  # e.g. models.dpm without torch
+                raise ArchiveError(group.file.filename, f"{group.name} holds a {name!r}, whose module {module!r} "
+                                                        f"cannot be imported ({e})") from None
             kind = KINDS.get(name)
         if kind is None:
             raise ArchiveError(group.file.filename, f"{group.name} holds a {name!r} (defined in module {module!r}), "
@@ -229,7 +233,8 @@ def write_state(group: h5py.Group, name: str, value):
     elif isinstance(value, (bool, int, float, complex, str)):
         if isinstance(value, int) and not isinstance(value, bool) and not -2 ** 63 <= value < 2 ** 63:
             raise SubstrateValueError(f"cannot save {where}: the integer {value} does not fit in 64 bits")
-        node, kind = archive.create_dataset(group, name, np.asarray(value)), type(value).__name__
+        kind = next(t.__name__ for t in (bool, int, float, complex, str) if isinstance(value, t))
+        node = archive.create_dataset(group, name, np.asarray(value))
     else:
         raise SubstrateValueError(f"cannot save {where}: a {type(value).__name__} (the state may hold dicts, "
                                   "lists, tuples, None, arrays, numbers, strings and numpy Generators)")
