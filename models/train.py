@@ -315,7 +315,7 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
         raise SubstrateValueError(f"on_epoch must be None or a callable(history), got {type(on_epoch).__name__}")
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise SubstrateValueError(f"checkpoint must be None or a file path, got {type(checkpoint).__name__}")
-    ep._count(checkpoint_every, "checkpoint_every", MAX_EPOCHS, _EPOCHS_WHY)
+    ep._count(checkpoint_every, "checkpoint_every")  # beyond epochs: the last epoch only
     if len(data.x_train) == 0 or len(data.x_test) == 0:
         raise SubstrateValueError(f"data has {len(data.x_train)} training and {len(data.x_test)} test samples; "
                                   "both must be >= 1")

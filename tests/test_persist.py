@@ -313,6 +313,10 @@ def test_newer_format_and_unknown_kind_refused(tmp_path):
     path = edited(saved(tmp_path, "b.h5"), kind="Spaceship", module="somewhere.else")
     with pytest.raises(ArchiveError, match=r"b.h5: / holds a 'Spaceship' \(defined in module 'somewhere.else'\)"):
         S.load(path)
+    path = edited(saved(tmp_path, "c.h5"), kind="Spaceship", module="models.spaceship")
+    with pytest.raises(ArchiveError, match=r"c.h5: / holds a 'Spaceship', whose module 'models.spaceship' cannot be "
+                                           "imported"):
+        S.load(path)
 
 
 def test_damaged_files_refused(tmp_path):
