@@ -71,8 +71,9 @@ def register(cls: type, write: Callable, read: Callable):
 def _kind_of(obj) -> Kind:
     kind = KINDS.get(type(obj).__name__)
     if kind is None or kind.cls is not type(obj):
-        raise SubstrateValueError(f"cannot save a {type(obj).__name__}: substrate.save knows {', '.join(sorted(KINDS))} "
-                                  "(models.train, models.pvrnn and models.dpm register theirs when imported)")
+        raise SubstrateValueError(f"cannot save a {type(obj).__name__}: substrate.save knows "
+                                  f"{', '.join(sorted(KINDS))} (models.train, models.pvrnn and models.dpm register "
+                                  "theirs when imported)")
     return kind
 
 
@@ -118,7 +119,8 @@ def load(path, *, extra: bool = False):
         except ArchiveError:
             raise
         except (KeyError, ValueError, TypeError, IndexError, OverflowError, AttributeError) as e:
-            raise ArchiveError(path, f"does not hold a valid {f.attrs.get('kind')!s} ({type(e).__name__}: {e})") from None
+            raise ArchiveError(path, f"does not hold a valid {f.attrs.get('kind')!s} "
+                                     f"({type(e).__name__}: {e})") from None
     return (obj, more) if extra else obj
 
 

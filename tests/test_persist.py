@@ -50,8 +50,8 @@ def file_tree(path):
     out = {}
     with h5py.File(path, "r") as f:
         def visit(name, obj):
-            data = obj[()] if isinstance(obj, h5py.Dataset) else None
-            out[name] = (dict(obj.attrs), None if data is None else (np.asarray(data).dtype, np.asarray(data).tobytes()))
+            data = np.asarray(obj[()]) if isinstance(obj, h5py.Dataset) else None
+            out[name] = (dict(obj.attrs), None if data is None else (data.dtype, data.tobytes()))
         visit("/", f)
         f.visititems(visit)
     return out
