@@ -18,6 +18,7 @@ import torch
 import substrate as S
 from models import dpm, ep, pvrnn
 from models.data import Dataset
+from models.homeostasis import Homeostasis
 from models.train import SGD, Adam, Checkpoint, Classifier, train
 from substrate import ArchiveError, SubstrateValueError, archive, persist
 from substrate import devices as D
@@ -375,8 +376,10 @@ def toy_model(device):
     return Classifier(D.attach(model.network, DEVICES[device], rng), model.cost)
 
 
-CASES = {"adam": (None, lambda: Adam(0.02), 1), "device_sgd": ("conductances", lambda: SGD(0.2, 0.9), 2),
-         "pulsed": ("pulsed", lambda: SGD(0.2), 1)}
+# (device, optimiser, checkpoint_every, homeostasis: its stochastic probes draw from train's generator)
+CASES = {"adam": (None, lambda: Adam(0.02), 1, Homeostasis(0.1, draws=2)),
+         "device_sgd": ("conductances", lambda: SGD(0.2, 0.9), 2, None),
+         "pulsed": ("pulsed", lambda: SGD(0.2), 1, None)}
 
 
 class Killed(Exception):
@@ -384,10 +387,11 @@ class Killed(Exception):
 
 
 def run(case, epochs, **kw):
-    device, optimiser, every = CASES[case]
+    device, optimiser, _, homeostasis = CASES[case]
     model, opt, rng = toy_model(device), optimiser(), np.random.default_rng(13)
     hist = train(model, toy_data(), rule=ep.Centred(0.2), optimiser=opt, epochs=epochs, batch_size=10, rng=rng,
-                 relaxation=ep.Relaxation(tol=1e-5, on_failure="record"), probe=8, progress=False, **kw)
+                 relaxation=ep.Relaxation(tol=1e-5, on_failure="record"), probe=8, homeostasis=homeostasis,
+                 progress=False, **kw)
     return model, opt, rng, hist
 
 
@@ -444,12 +448,12 @@ def test_checkpoint_of_another_training_refused(tmp_path):
     with pytest.raises(SubstrateValueError, match="was written by another training: its batch_size differ"):
         train(toy_model(None), data, rule=ep.Centred(0.2), optimiser=Adam(0.02), epochs=3, batch_size=8,
               rng=np.random.default_rng(13), relaxation=ep.Relaxation(tol=1e-5, on_failure="record"), probe=8,
-              progress=False, checkpoint=path)
+              homeostasis=CASES["adam"][3], progress=False, checkpoint=path)
     with pytest.raises(SubstrateValueError, match="its start differ"):  # another initial model
         model = Classifier.layered([4, 6, 5, 3], np.random.default_rng(99), cost="cross_entropy")
         train(model, data, rule=ep.Centred(0.2), optimiser=Adam(0.02), epochs=3, batch_size=10,
               rng=np.random.default_rng(13), relaxation=ep.Relaxation(tol=1e-5, on_failure="record"), probe=8,
-              progress=False, checkpoint=path)
+              homeostasis=CASES["adam"][3], progress=False, checkpoint=path)
     with pytest.raises(SubstrateValueError, match="holds 2 epochs, more than epochs=1"):
         run("adam", 1, checkpoint=path)
     S.save(network(), tmp_path / "net.h5")
