@@ -186,7 +186,7 @@ def _write_optimiser(group, optimiser: Optimiser):
 
 
 def _read_optimiser(group) -> Optimiser:
-    optimiser = {"SGD": SGD, "Adam": Adam}[group.attrs["kind"]](**persist.read_config(group))
+    optimiser = persist.KINDS[group.attrs["kind"]].cls(**persist.read_config(group))
     optimiser.state = persist.read_state(group["state"])
     return optimiser
 
