@@ -164,6 +164,12 @@ def test_custom_effect_round_trip(tmp_path):
     back = round_trip(hw, tmp_path)
     assert type(back.device.effects[0]) is LineGain and back.device == hw.device
     assert_same(S.relax(hw, X).u, S.relax(back, X).u)
+    with h5py.File(tmp_path / "first.h5", "r+") as f:  # an effect this program does not define
+        f["device"].attrs["config"] = f["device"].attrs["config"].replace("LineGain", "NoSuchGain")
+        archive.seal(f)
+    with pytest.raises(ArchiveError, match="first.h5: does not hold a valid DeviceNetwork .*device effect 'NoSuchGain' "
+                                           ".*not defined in this program; define or import it before loading"):
+        S.load(tmp_path / "first.h5")
 
 
 # ------------------------------------------------------------------------------------ models
