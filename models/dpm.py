@@ -1,5 +1,5 @@
 """A small diffusion model and its probability-flow ODE in the variables of AdjointDPM (Pan et al.,
-ICLR 2024; REFERENCES section 3).
+ICLR 2024; docs/equations.md, section 7).
 
 VP noise schedule (Song et al. 2021), linear beta(t) = beta_0 + t (beta_1 - beta_0), t in [t_min, 1]:
 

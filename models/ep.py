@@ -1,4 +1,4 @@
-"""Equilibrium propagation on the substrate (REFERENCES section 4).
+"""Equilibrium propagation on the substrate (docs/equations.md, section 4).
 
 Convention (Laborieux & Zenke's code): the nudged field is F_beta(u) = F(u) + beta dl/dr_L on the
 nudged layer L (``substrate.nudge``), l the per-sample cost, not divided by the batch size. Every
@@ -319,7 +319,7 @@ class RotatingHolomorphic(Estimator):
 class Limit(Estimator):
     """The beta -> 0 limit of every EP estimator, computed exactly: v = rho'(u*) du*/dbeta with
     J du*/dbeta = -dl/dr_L (dense J per sample). For a non-symmetric network it differs from the
-    exact gradient by the asymmetry bias alone (REFERENCES: dr*/dbeta = J^{-1} J^T delta), so
+    exact gradient by the asymmetry bias alone (docs/equations.md, section 4.2), so
     estimate - Limit is the finite-nudge part of an estimator's bias and Limit - Exact the asymmetry
     part."""
 

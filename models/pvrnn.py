@@ -1,4 +1,4 @@
-"""PV-RNN (Ahmadi & Tani, Neural Computation 2019; REFERENCES section 5): MTRNN layers of leaky
+"""PV-RNN (Ahmadi & Tani, Neural Computation 2019; docs/equations.md, section 5): MTRNN layers of leaky
 tanh units with stochastic latents, a learned prior, and a posterior from adaptive vectors A.
 
 Layers l = 0 (bottom) .. L-1 (top); at every data step t = 0..T-1 the layers update top-down:
@@ -622,7 +622,7 @@ def train(model: PVRNN, x, *, epochs: int, rng: np.random.Generator, lr: float =
 # ------------------------------------------------------------------------------------ error regression
 @dataclass(frozen=True)
 class ErrorRegression:
-    """Online inference of the latents from prediction errors (REFERENCES section 5): at every new
+    """Online inference of the latents from prediction errors (docs/equations.md, section 5): at every new
     step a window of the last ``window`` observations; ``iterations`` Adam steps (rate ``lr``, state
     reset each step) on the window's A only, each from the frozen window-start state with fresh noise;
     then a prediction ``horizon`` steps beyond the window from the prior. ``newest``: the new step's A

@@ -1,4 +1,4 @@
-"""The three customisations of AdjointDPM (Pan et al., ICLR 2024; REFERENCES section 3) on the 8x8
+"""The three customisations of AdjointDPM (Pan et al., ICLR 2024; docs/equations.md, section 7) on the 8x8
 digits: task ``dpm_customise`` (issue 8).
 
 A conditional noise predictor (``models.dpm``) trained on the digits (the ``model`` section, cached

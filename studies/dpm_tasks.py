@@ -1,4 +1,4 @@
-"""Diffusion-model tasks (issue 8; ``models.dpm``, REFERENCES section 3).
+"""Diffusion-model tasks (issue 8; ``models.dpm``, docs/equations.md, section 7).
 
 * ``dpm_gradients``: does the reparameterisation help, and what does better? The sample and the
   gradients of a loss on it (with respect to x_T, the class embedding c and the weights) by every

@@ -21,7 +21,7 @@ Tasks:
 * ``pvrnn_meta_prior``: a PV-RNN (``models.pvrnn``) trained on the probabilistic sequences of
   ``models.data`` with meta-prior w on every layer: the learned sigma (posterior and prior) per layer,
   the training reconstruction, and generalisation, the one-step prediction error of error regression
-  on held-out sequences (Ahmadi & Tani 2019; REFERENCES section 5); history saved every 100 epochs.
+  on held-out sequences (Ahmadi & Tani 2019; docs/equations.md, section 5); history saved every 100 epochs.
 * ``pvrnn_er``: a continuous-time PV-RNN trained once, then error regression on held-out sequences
   with each credit assignment (exact, continuous adjoint, truncated BPTT) and on devices (read noise,
   time-constant mismatch): prediction error, seconds per step, gradient cosines with the exact one.

@@ -1,4 +1,4 @@
-"""Exact gradients through the dynamics (REFERENCES section 3): one entry point, :func:`gradient`,
+"""Exact gradients through the dynamics (docs/equations.md, section 3): one entry point, :func:`gradient`,
 with the method chosen by name or strategy object.
 
 * ``implicit`` (:class:`Implicit`): at a relaxed equilibrium u*, solve J^T lambda = -dL/du and take

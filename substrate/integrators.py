@@ -1,4 +1,4 @@
-"""Integrators for tau du/dt = F(u) = -u + N(u) (REFERENCES section 2), and the two entry points
+"""Integrators for tau du/dt = F(u) = -u + N(u) (docs/equations.md, section 2), and the two entry points
 :func:`integrate` (a time span with saved points) and :func:`relax` (to a steady state).
 
 A stepper is data: an explicit Runge-Kutta tableau or the name of an exponential method. One compiled

@@ -1,4 +1,4 @@
-"""A teaching current into one layer: the nudge of equilibrium propagation (REFERENCES section 4).
+"""A teaching current into one layer: the nudge of equilibrium propagation (docs/equations.md, section 4.1).
 
     tau du/dt = F(u) + beta dl/dr_L        (on the rows of the nudged layer L)
 

@@ -1,4 +1,4 @@
-"""The diffusion model of models/dpm.py (REFERENCES section 3): its schedule, and its probability-flow
+"""The diffusion model of models/dpm.py (docs/equations.md, section 7): its schedule, and its probability-flow
 ODE, original and reparameterised (y = x / alpha, rho = sigma / alpha), against scipy's solve_ivp.
 
 * The schedule against closed forms: lambda and its inverse, alpha^2 + sigma^2 = 1, f = d log alpha/dt

@@ -1,4 +1,4 @@
-"""Device imperfections (REFERENCES section 6): small effect classes composed into a
+"""Device imperfections (docs/equations.md, section 6): small effect classes composed into a
 :class:`Device`, and :func:`attach`, which runs a network on a device.
 
     from substrate import devices

@@ -1,7 +1,7 @@
 """The base of every device effect, and the random streams they draw from.
 
 An effect is a small frozen dataclass (aihwkit style): its fields are its parameters, its docstring
-gives the formula and the source. ``hook`` says where it acts (REFERENCES section 6):
+gives the formula and the source. ``hook`` says where it acts (docs/equations.md, section 6):
 
 * ``program``  -- once per write of a weight (conductance mapping, quantisation, programming noise,
   stuck-at faults), fixed until the next write;

@@ -1,7 +1,7 @@
 """Non-ideal weight updates: how a training write (a train of pulses) changes a device.
 
-Each model is an :class:`~substrate.devices.base.Effect` with ``hook = "update"`` (REFERENCES
-section 6.1, 6.2). All weights are in the device's normalised units; the caller maps network weights
+Each model is an :class:`~substrate.devices.base.Effect` with ``hook = "update"`` (docs/equations.md,
+sections 6.6, 6.7). All weights are in the device's normalised units; the caller maps network weights
 to them. The interface (:class:`UpdateModel`):
 
 * ``devices(shape, rng)`` draws the per-device parameters once (device-to-device variation) and
@@ -17,7 +17,7 @@ pulses on each device (``dw_min`` the model's nominal step, round half up), each
 model's response with its cycle-to-cycle noise. This is a deliberate deviation from aihwkit, whose
 default update is a stochastic pulse train (BL = min(ceil(lr |x| |d| / dw_min), 31) slots with
 coincidence probabilities, E[dw] = lr x d): here the count is deterministic, so the only randomness of
-an update is the devices' own (REFERENCES 6.1 gives the aihwkit scheme for comparison).
+an update is the devices' own (docs/equations.md, section 6.6 gives the aihwkit scheme for comparison).
 
 Random streams: ``devices`` and ``apply`` draw from the generator they are given (use
 ``base.stream(seed, model.stream)``); the same generator state gives the same bits. ``scaled(k)``
@@ -370,7 +370,7 @@ class NeuroSimNonlinear(UpdateModel):
     [G_min, G_max]. The pulse count uses dw_step = (w_max - w_min)/states (NeuroSim:
     numPulse = round(dw/(w_max - w_min) P_max)), capped at ``max_pulses``. No device-to-device
     variation (NeuroSim's default sigmaDtoD = 0). The weight dynamics do not depend on ``on_off``
-    (it only scales the conductances of ``curve``). Defaults: the Ag:a-Si device of REFERENCES 6.2.
+    (it only scales the conductances of ``curve``). Defaults: the Ag:a-Si device of docs/equations.md, section 6.7.
     """
 
     states: int = 97
@@ -460,7 +460,8 @@ UPDATE_MODELS = (ConstantStep, SoftBounds, LinearStep, ExpStep, NeuroSimNonlinea
 
 # ------------------------------------------------------------------------------------ presets
 _GOKMEN = "Gokmen & Vlasov, Front. Neurosci. 10, 333 (2016)"
-_NEUROSIM = "NeuroSim device table (REFERENCES 6.2; MLP_NeuroSim V3.0, Chen, Peng & Yu, IEEE TCAD 37, 3067 (2018))"
+_NEUROSIM = ("NeuroSim device table (docs/equations.md, section 6.7; MLP_NeuroSim V3.0, Chen, Peng & Yu, "
+             "IEEE TCAD 37, 3067 (2018))")
 
 
 def _neurosim(states, nl_up, nl_down, on_off, c2c):
