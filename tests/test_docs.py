@@ -1,11 +1,14 @@
 """The documentation: the repository refers to nothing outside itself, every section of
-docs/equations.md that the code cites exists, and two claims of that page (section 1) hold: Euler with
-dt = tau is Laborieux & Zenke's discrete-time dynamics, and a large nudge can set that map oscillating
-where the continuous-time flow settles."""
+docs/equations.md that the code cites exists, the API reference (docs/build_api.py) has a page for every
+public module, and two claims of the equations page (section 1) hold: Euler with dt = tau is Laborieux &
+Zenke's discrete-time dynamics, and a large nudge can set that map oscillating where the continuous-time
+flow settles."""
 
+import importlib.util
 import os
 import pathlib
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -79,6 +82,21 @@ def test_every_cited_section_of_the_equations_page_exists():
                     missing.append(f"{path.relative_to(ROOT)}: section {number}")
     assert cited, "no file cites docs/equations.md"
     assert not missing, "cited sections that docs/equations.md does not have:\n" + "\n".join(missing)
+
+
+def test_the_api_reference_has_a_page_for_every_public_module(tmp_path):
+    spec = importlib.util.spec_from_file_location("build_api", ROOT / "docs" / "build_api.py")
+    api = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(api)
+    modules = api.public_modules()
+    assert {"substrate", "substrate.integrators", "substrate.devices.effects", "models.ep"} <= set(modules)
+    assert not [m for m in modules if any(part.startswith("_") for part in m.split("."))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pdoc's notes on annotations it cannot resolve
+        api.build(tmp_path)
+    pages = {p.relative_to(tmp_path).with_suffix("").as_posix().replace("/", ".") for p in tmp_path.rglob("*.html")}
+    assert pages - {"index"} == set(modules)
+    assert "Relax the circuit to its equilibrium" in (tmp_path / "substrate" / "integrators.html").read_text()
 
 
 # ------------------------------------------------------------------------ section 1: Euler with dt = tau
