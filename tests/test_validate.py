@@ -20,7 +20,8 @@ NAN, INF = float("nan"), float("inf")
     (lambda: V.count(1, "levels", minimum=2), "levels=1 must be an integer >= 2"),
     (lambda: V.count(0, "batch", relation=True), "batch=0 must be an integer >= 1"),
     (lambda: V.count(53, "bits", minimum=0, maximum=52), r"bits=53 must be an integer in [0, 52]"),
-    (lambda: V.count(9, "points", maximum=8, why="enough for float64"), "points=9 must be at most 8: enough for float64"),
+    (lambda: V.count(9, "points", maximum=8, why="enough for float64"),
+     "points=9 must be at most 8: enough for float64"),
     (lambda: V.count(2 ** 31, "steps", maximum=2 ** 31 - 1, allowed="an integer in [{minimum}, 2**31)"),
      "steps=2147483648 must be an integer in [1, 2**31)"),
     (lambda: V.positive(0.0, "dt"), "dt=0.0 must be a positive finite number"),
@@ -65,8 +66,8 @@ def test_only_integers_are_counts(value):
         V.count(value, "n")
 
 
-@pytest.mark.parametrize("value", ["0.5", b"0.5", None, [0.5], np.ones(1), np.ones((2, 2)), 0.5 + 0j, np.complex128(0.5),
-                                   {}, object(), 10 ** 400])
+@pytest.mark.parametrize("value", ["0.5", b"0.5", None, [0.5], np.ones(1), np.ones((2, 2)), 0.5 + 0j,
+                                   np.complex128(0.5), {}, object(), 10 ** 400])
 def test_what_is_no_real_number_is_refused_not_converted(value):
     for check in (V.positive, V.nonnegative, V.fraction, V.number):
         with pytest.raises(Bad, match=r"(?s)^x=.* must be"):
