@@ -32,13 +32,17 @@ def _refuse(name, value, allowed):
 def as_real(value) -> float | None:
     """``value`` as a float if it is one real number (a Python or NumPy int or float, a 0-d real
     array; NaN and infinities included), else None."""
-    if isinstance(value, (bool, np.bool_, str, bytes)):
+    if isinstance(value, (float, int, np.floating, np.integer)):  # first: these run at every call of relax
+        if isinstance(value, bool):
+            return None
+    elif isinstance(value, np.ndarray):
+        if value.ndim != 0 or value.dtype.kind not in "iuf":
+            return None
+    elif not isinstance(value, numbers.Real):  # a NumPy bool is no Real
         return None
     try:
-        if np.ndim(value) != 0 or np.iscomplexobj(value):
-            return None
         return float(value)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float's range
+    except OverflowError:  # an int beyond float's range
         return None
 
 
@@ -93,7 +97,7 @@ def count(value, name, *, minimum=1, maximum=None, why=None, relation=False, all
     ``allowed`` replaces the description of the range in the other refusals (it may name
     ``{minimum}`` and ``{maximum}``), for callers whose documented bound is written as an expression.
     """
-    integral = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    integral = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
     if integral and maximum is not None and value > maximum and why is not None:
         _refuse(name, value, f"at most {maximum}: {why}")
     if not integral or value < minimum or (maximum is not None and value > maximum):
