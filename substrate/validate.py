@@ -32,7 +32,9 @@ def _refuse(name, value, allowed):
 def as_real(value) -> float | None:
     """``value`` as a float if it is one real number (a Python or NumPy int or float, a 0-d real
     array; NaN and infinities included), else None."""
-    if isinstance(value, (float, int, np.floating, np.integer)):  # first: these run at every call of relax
+    if type(value) is float:  # the common case first: relax() checks several numbers at every call
+        return value
+    if isinstance(value, (int, np.floating, np.integer)):
         if isinstance(value, bool):
             return None
     elif isinstance(value, np.ndarray):
@@ -46,19 +48,17 @@ def as_real(value) -> float | None:
         return None
 
 
-def _number(value, name, staged, kind):
-    """``value`` as a float, or None (not a number) when not ``staged``; staged, a non-number or NaN is
-    refused as not being ``kind``."""
-    v = as_real(value)
-    if staged and (v is None or math.isnan(v)):
+def _no_number(name, value, v, kind):
+    """Refuses ``value`` (``v``: as_real's reading of it) as not being ``kind`` if it is no number or NaN."""
+    if v is None or math.isnan(v):
         _refuse(name, value, kind if v is None else f"{kind}, not NaN")
-    return v
 
 
 def number(value, name, *, finite=False) -> float:
     """A real number, not NaN, and not infinite if ``finite``."""
-    v = _number(value, name, True, "a number")
-    if finite and math.isinf(v):
+    v = as_real(value)
+    if v is None or math.isnan(v) or (finite and math.isinf(v)):
+        _no_number(name, value, v, "a number")
         _refuse(name, value, "a finite number")
     return v
 
@@ -67,8 +67,10 @@ def positive(value, name, *, allow_none=False, allow_inf=False, staged=False, re
     """A number > 0, finite unless ``allow_inf``; None passes through if ``allow_none``."""
     if value is None and allow_none:
         return None
-    v = _number(value, name, staged, "a positive number")
-    if v is None or not v > 0 or (math.isinf(v) and not allow_inf):  # NaN fails v > 0
+    v = as_real(value)
+    if v is None or not v > 0 or (not allow_inf and math.isinf(v)):  # NaN fails v > 0
+        if staged:
+            _no_number(name, value, v, "a positive number")
         inf = "" if allow_inf else "finite "
         _refuse(name, value, f"a {inf}number > 0" if relation else f"a positive {inf}number")
     return v
@@ -76,16 +78,20 @@ def positive(value, name, *, allow_none=False, allow_inf=False, staged=False, re
 
 def nonnegative(value, name, *, allow_inf=False, staged=False) -> float:
     """A number >= 0, finite unless ``allow_inf``."""
-    v = _number(value, name, staged, "a number")
-    if v is None or not v >= 0 or (math.isinf(v) and not allow_inf):
+    v = as_real(value)
+    if v is None or not v >= 0 or (not allow_inf and math.isinf(v)):
+        if staged:
+            _no_number(name, value, v, "a number")
         _refuse(name, value, f"a {'' if allow_inf else 'finite '}number >= 0")
     return v
 
 
 def fraction(value, name, *, upper_open=False, staged=False) -> float:
     """A number in [0, 1], or in [0, 1) if ``upper_open``."""
-    v = _number(value, name, staged, "a number")
+    v = as_real(value)
     if v is None or not (0.0 <= v < 1.0 if upper_open else 0.0 <= v <= 1.0):
+        if staged:
+            _no_number(name, value, v, "a number")
         _refuse(name, value, f"in [0, 1{')' if upper_open else ']'}")
     return v
 
@@ -98,19 +104,19 @@ def count(value, name, *, minimum=1, maximum=None, why=None, relation=False, all
     ``{minimum}`` and ``{maximum}``), for callers whose documented bound is written as an expression.
     """
     integral = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if integral and maximum is not None and value > maximum and why is not None:
+    if integral and value >= minimum and (maximum is None or value <= maximum):
+        return int(value)
+    if integral and value >= minimum and why is not None:
         _refuse(name, value, f"at most {maximum}: {why}")
-    if not integral or value < minimum or (maximum is not None and value > maximum):
-        if allowed is not None:
-            allowed = allowed.format(minimum=minimum, maximum=maximum)
-        elif maximum is not None and why is None:
-            allowed = f"an integer in [{minimum}, {maximum}]"
-        elif relation or minimum not in (0, 1):
-            allowed = f"an integer >= {minimum}"
-        else:
-            allowed = "a positive integer" if minimum == 1 else "a non-negative integer"
-        _refuse(name, value, allowed)
-    return int(value)
+    if allowed is not None:
+        allowed = allowed.format(minimum=minimum, maximum=maximum)
+    elif maximum is not None and why is None:
+        allowed = f"an integer in [{minimum}, {maximum}]"
+    elif relation or minimum not in (0, 1):
+        allowed = f"an integer >= {minimum}"
+    else:
+        allowed = "a positive integer" if minimum == 1 else "a non-negative integer"
+    _refuse(name, value, allowed)
 
 
 def flag(value, name) -> bool:
