@@ -17,7 +17,8 @@ Executors. :func:`run_sweep` hands the runs to an executor: any object with a me
 ``run(runs, task_name, runs_dir, progress) -> iterator of summaries`` that arranges for
 :func:`execute_run` (module-level, picklable) to be called once per run, anywhere that can write to
 ``runs_dir``, and yields each run's summary as it finishes. :class:`LocalExecutor` is a local process
-pool; a Dask backend plugs in the same way.
+pool; a Dask backend plugs in the same way. A run executes the task of that name in the catalogue
+(``studies.catalogue.TASKS``), the same registry in the driver and in every worker.
 
 Archive layout (plain h5py; :func:`studies.archives.open_dataset` gives an ``xarray.Dataset``)::
 

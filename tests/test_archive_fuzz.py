@@ -401,7 +401,7 @@ def test_data_beyond_memory_is_refused_up_front(intact, monkeypatch):
     """A consistent archive whose data would not fit in memory is refused before anything is read
     (here: a machine of 20 kB; the intact archive needs more)."""
     need = sum(v.nbytes for v in intact["dataset"].variables.values())
-    monkeypatch.setattr(sw, "_memory", lambda: 20_000)
+    monkeypatch.setattr(archives, "_memory", lambda: 20_000)
     assert need > 20_000
     with pytest.raises(ArchiveError, match=r"its data take 0\.0 GiB, more than this machine's memory"):
         archives.open_dataset(intact["path"])
