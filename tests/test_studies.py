@@ -261,6 +261,46 @@ def test_pvrnn_er_config_names_its_credits():
             resolve(task.schema, {"credit": bad}, "base")
 
 
+def test_ep_rules_and_bias_estimators_come_from_the_estimator_registry():
+    """ep_train's rule names are models.ep.ESTIMATORS' (but limit), each built from the rule section's
+    values of its own fields; ep_bias compares every point estimator, one per N where it takes N."""
+    from models import ep
+    from studies.catalogue import ep as ep_studies
+    from studies.config import resolve
+
+    rule = {"beta": 0.3, "points": 6, "duration": 5.0, "periods": 2}
+    assert ep_studies.RULES == tuple(n for n in ep.ESTIMATORS if n != "limit")
+    for name in ep_studies.RULES:
+        config = resolve(TASKS["ep_train"].schema, {"rule": dict(rule, name=name)}, "base")
+        built = ep_studies._rule(config)
+        assert type(built) is ep.ESTIMATORS[name]
+        assert all(getattr(built, k) == v for k, v in rule.items() if hasattr(built, k))
+    names, makers = ep_studies.bias_estimators([3, 5])
+    assert names == ["one_sided", "negative", "centred", "holomorphic_3", "holomorphic_5"]
+    assert [m(beta=0.1) for m in makers] == [ep.OneSided(0.1), ep.Negative(0.1), ep.Centred(0.1),
+                                             ep.Holomorphic(3, 0.1), ep.Holomorphic(5, 0.1)]
+
+
+@pytest.mark.parametrize("effect, level, expected", [
+    ("read_noise", 0.05, ("ReadNoise",)), ("programming_noise", 3.0, ("ConductanceMapping", "ProgrammingNoise")),
+    ("quantisation", 15.6, ("ConductanceMapping", "Quantisation")),
+    ("feedback_copy", 3.0, ("ConductanceMapping", "ProgrammingNoise", "IndependentFeedback")),
+    ("tau_mismatch", 0.3, ("TauMismatch",))])
+def test_a_swept_device_effect_is_its_registry_class_at_the_level(effect, level, expected):
+    from studies.catalogue.devices import make_device
+    from substrate import devices as D
+
+    config = {"preset": "none", "weight_scale": 1.0, "effect": effect, "level": level, "read_policy": "step",
+              "relaxation_time": 8.0}
+    device = make_device(config)
+    assert tuple(type(e).__name__ for e in device.effects) == expected + ("RelaxationTime",)
+    swept = device.effects[len(expected) - (effect == "feedback_copy") - 1]
+    assert swept == {"read_noise": D.ReadNoise(level, policy="step"), "quantisation": D.Quantisation(16),
+                     "programming_noise": D.ProgrammingNoise(scale=level),
+                     "feedback_copy": D.ProgrammingNoise(scale=level), "tau_mismatch": D.TauMismatch(level)}[effect]
+    assert make_device(dict(config, effect="none", relaxation_time=0.0)) is None
+
+
 # ------------------------------------------------------------------------------------ sweeps
 @pytest.fixture(scope="module")
 def config_archives(tmp_path_factory):
