@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: quickstart test test-all bench
+.PHONY: quickstart test test-all bench docs
 quickstart: $(VENV)/.installed
 	$(VENV)/bin/substrate quickstart
 
@@ -11,6 +11,9 @@ test: $(VENV)/.installed
 
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -m ""
+
+docs: $(VENV)/.installed
+	$(PY) docs/build_api.py docs/api
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_step.py

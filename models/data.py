@@ -13,9 +13,12 @@ import numbers
 import os
 import zlib
 
+import h5py
 import numpy as np
 
+from substrate import archive
 from substrate.errors import SubstrateValueError
+from substrate.validate import count
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 NAMES = ("digits", "fashion_mnist", "mnist", "idx")
@@ -57,21 +60,11 @@ class Dataset:
 
 def _first(size: int, n: int | None, argument: str, rng: np.random.Generator | None) -> np.ndarray:
     """Indices of the first ``n`` of ``size`` examples, after a permutation from ``rng`` if given."""
-    n = size if n is None else _count(n, argument)
+    n = size if n is None else count(n, argument, minimum=0)
     if n > size:
         raise SubstrateValueError(f"{argument}={n} exceeds the {size} examples available")
     order = np.arange(size) if rng is None else rng.permutation(size)
     return order[:n]
-
-
-def _count(value, argument: str, minimum: int = 0) -> int:
-    """``value`` as an int of at least ``minimum``, or a ValueError naming ``argument``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise SubstrateValueError(f"{argument} must be an integer, got {value!r}")
-    value = int(value)
-    if value < minimum:
-        raise SubstrateValueError(f"{argument} must be at least {minimum}, got {value}")
-    return value
 
 
 @functools.lru_cache(maxsize=1)
@@ -207,7 +200,7 @@ def load(name: str, directory: str | os.PathLike | None = None, **kwargs) -> Dat
 
 def one_hot(y: np.ndarray, classes: int) -> np.ndarray:
     """Labels ``y`` (N,) in [0, classes) as rows of a (N, classes) float64 identity."""
-    classes = _count(classes, "classes", minimum=1)
+    classes = count(classes, "classes")
     y = np.asarray(y)
     if y.ndim != 1 or (y.size and (y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= classes)):
         raise SubstrateValueError(f"y must be 1-D integer labels in [0, {classes}), got {y.dtype} {y.shape}")
@@ -219,8 +212,8 @@ def one_hot(y: np.ndarray, classes: int) -> np.ndarray:
 def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """A permutation of range(n) drawn from ``rng``, cut into index arrays of ``batch_size`` (the last
     one may be smaller)."""
-    n = _count(n, "n")
-    batch_size = _count(batch_size, "batch_size", minimum=1)
+    n = count(n, "n", minimum=0)
+    batch_size = count(batch_size, "batch_size")
     order = rng.permutation(n)
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
@@ -255,7 +248,7 @@ def probabilistic_sequences(sequences: int, steps: int, rng: np.random.Generator
     transitions = np.asarray(transitions, dtype=float)
     if transitions.shape != (k, k) or np.any(transitions < 0) or not np.allclose(transitions.sum(axis=1), 1.0):
         raise SubstrateValueError(f"transitions must be a ({k}, {k}) matrix of probabilities whose rows sum to 1")
-    period, sequences, steps = (_count(v, name, 1) for v, name in
+    period, sequences, steps = (count(v, name) for v, name in
                                 ((period, "period"), (sequences, "sequences"), (steps, "steps")))
     phi = 2 * np.pi * np.arange(period) / period
     shapes = np.stack([np.stack([np.sin(a * phi + d), np.sin(b * phi)], -1)
@@ -276,10 +269,6 @@ def load_sequences(source, dataset: str = "sequences") -> np.ndarray:
     """User sequences as a float64 array (sequences, steps, dims): from an array, or from the dataset
     ``dataset`` of an HDF5 file (a path)."""
     if isinstance(source, (str, os.PathLike)):
-        import h5py
-
-        from substrate import archive
-
         with archive.open_file(os.fspath(source)) as f:  # a FIFO, a damaged file: an error naming the file
             if not isinstance(f.get(dataset), h5py.Dataset):
                 raise SubstrateValueError(f"source {source}: no dataset {dataset!r}; it has {list(f)}")
@@ -304,7 +293,7 @@ def eight_gaussians(n: int, rng: np.random.Generator, *, radius: float = 2.0, st
     ``radius``: (x (n, 2), the mode of each sample (n,), which can serve as a class label)."""
     if not isinstance(rng, np.random.Generator):
         raise SubstrateValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    n = _count(n, "n", 1)
+    n = count(n, "n")
     mode = rng.integers(8, size=n)
     angle = 2 * np.pi * mode / 8
     centres = radius * np.stack([np.cos(angle), np.sin(angle)], -1)

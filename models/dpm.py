@@ -1,5 +1,5 @@
 """A small diffusion model and its probability-flow ODE in the variables of AdjointDPM (Pan et al.,
-ICLR 2024; REFERENCES section 3).
+ICLR 2024; docs/equations.md, section 7).
 
 VP noise schedule (Song et al. 2021), linear beta(t) = beta_0 + t (beta_1 - beta_0), t in [t_min, 1]:
 
@@ -37,15 +37,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from substrate import persist
 from substrate.errors import DivergenceError, SubstrateValueError
+from substrate.validate import count, fraction, number, positive
 
 ODES = ("original", "reparameterised", "gaussian")
 SOLVERS = ("euler", "midpoint", "rk4", "ms2", "ms3", "dpm1", "dpm2")
@@ -54,20 +55,6 @@ MODEL_VERSION = 3  # bumped when a change to NoisePredictor or train invalidates
 
 # ------------------------------------------------------------------------------------ argument checks
 _MAX_STEPS = 10 ** 8  # ~ a day of network evaluations, a grid of 0.8 GB: beyond it, an error up front
-
-
-def _real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def _count(name, v):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= _MAX_STEPS:
-        raise SubstrateValueError(f"{name}={v!r} must be an integer in [1, {_MAX_STEPS:.0e}]")
-
-
-def _rate(name, v):
-    if not (_real(v) and math.isfinite(v) and v > 0):
-        raise SubstrateValueError(f"{name}={v!r} must be a positive finite number")
 
 
 def _finite(name, v, shape):
@@ -101,8 +88,7 @@ class VPSchedule:
 
     def __post_init__(self):
         for name in ("beta_0", "beta_1", "t_min"):
-            if not _real(getattr(self, name)):
-                raise SubstrateValueError(f"VPSchedule.{name}={getattr(self, name)!r} must be a number")
+            number(getattr(self, name), f"VPSchedule.{name}")
         if not (0 < self.beta_0 < self.beta_1 and math.isfinite(self.beta_1)):
             raise SubstrateValueError(f"VPSchedule: need 0 < beta_0 < beta_1 < inf, got {self.beta_0}, {self.beta_1}")
         if not 0 < self.t_min < 1:
@@ -150,7 +136,7 @@ def evaluations(solver: str, steps: int) -> int:
 def grid(schedule: VPSchedule, steps: int, kind: str = "logsnr") -> torch.Tensor:
     """steps + 1 times from 1 down to t_min, uniform in t (``uniform_t``), in lambda (``logsnr``), or
     in rho^(1/7) (``karras``: the grid of Karras et al. 2022, EDM, whose sigma is our rho)."""
-    _count("steps", steps)
+    count(steps, "steps", maximum=_MAX_STEPS)
     if not isinstance(schedule, VPSchedule):
         raise SubstrateValueError(f"schedule must be a VPSchedule, got {type(schedule).__name__}")
     if not isinstance(kind, str) or kind not in GRIDS:
@@ -191,10 +177,8 @@ class NoisePredictor(nn.Module):
                  schedule: VPSchedule = VPSchedule(), gaussian_skip: bool = True):
         super().__init__()
         for name, v in (("dim", dim), ("classes", classes), ("hidden", hidden), ("depth", depth), ("embed", embed)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise SubstrateValueError(f"NoisePredictor.{name}={v!r} must be a positive integer")
-        if isinstance(frequencies, bool) or not isinstance(frequencies, (int, np.integer)) or frequencies < 0:
-            raise SubstrateValueError(f"NoisePredictor.frequencies={frequencies!r} must be an integer >= 0")
+            count(v, f"NoisePredictor.{name}")
+        count(frequencies, "NoisePredictor.frequencies", minimum=0, relation=True)
         if not isinstance(schedule, VPSchedule):
             raise SubstrateValueError(f"NoisePredictor.schedule must be a VPSchedule, got {type(schedule).__name__}")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -286,12 +270,9 @@ def train(model: NoisePredictor, schedule: VPSchedule, x, labels=None, *, steps:
     t ~ U[t_min, 1], data x_0 and eps ~ N(0, I), with c the embedding of the label, replaced by the
     unconditional one with probability ``uncond``; Adam, ``steps`` minibatches. Also records the
     data's mean and covariance in the model (for the ``gaussian`` form). Returns the losses."""
-    from tqdm.auto import tqdm
-
     x = _finite("x", x, (None, model.dim))
-    _count("steps", steps), _count("batch", batch), _rate("lr", lr)
-    if not (_real(uncond) and 0 <= uncond <= 1):
-        raise SubstrateValueError(f"uncond={uncond!r} must be a probability in [0, 1]")
+    count(steps, "steps", maximum=_MAX_STEPS), count(batch, "batch", maximum=_MAX_STEPS), positive(lr, "lr")
+    fraction(uncond, "uncond")
     if not isinstance(generator, torch.Generator):
         raise SubstrateValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if labels is None:
@@ -647,7 +628,7 @@ def customise(model, schedule: VPSchedule, x_T, c, times, loss_grad, *, what: st
         raise SubstrateValueError("what='noise' optimises one x_T: no fresh noise (generator=None)")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise SubstrateValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    _count("steps", steps), _rate("lr", lr)
+    count(steps, "steps", maximum=_MAX_STEPS), positive(lr, "lr")
     times, x_T = _check(solver, times, schedule, x_T, c, model)
     x_T = x_T.detach().clone()
     c = c.detach().clone()

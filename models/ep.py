@@ -1,4 +1,4 @@
-"""Equilibrium propagation on the substrate (REFERENCES section 4).
+"""Equilibrium propagation on the substrate (docs/equations.md, section 4).
 
 Convention (Laborieux & Zenke's code): the nudged field is F_beta(u) = F(u) + beta dl/dr_L on the
 nudged layer L (``substrate.nudge``), l the per-sample cost, not divided by the batch size. Every
@@ -21,7 +21,6 @@ relaxation, and a real beta_k runs in real arithmetic).
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +29,7 @@ from substrate import Cost, Gradients, Implicit, Network, Nudge, Solution, Vecto
 from substrate.activations import rho, rho_prime
 from substrate.adjoint import check_equilibrium, check_solver, jacobian, solve_adjoint
 from substrate.errors import ConvergenceError, SubstrateValueError
+from substrate.validate import choice, count, positive
 
 
 # ------------------------------------------------------------------------------------ relaxation
@@ -60,13 +60,13 @@ class Relaxation:
     nudged_rtol: float = 1e-3
 
     def __post_init__(self):
-        _choice(self.on_failure, "Relaxation(on_failure)", ("raise", "record"))
+        choice(self.on_failure, "Relaxation(on_failure)", ("raise", "record"))
         r = self.nudged_rtol
         if isinstance(r, bool) or not isinstance(r, (int, float, np.floating)) or not 0 < r <= 1:
             raise SubstrateValueError(f"Relaxation(nudged_rtol={r!r}) must be a number in (0, 1]")
-        _count(self.max_steps, "Relaxation(max_steps)")
+        count(self.max_steps, "Relaxation(max_steps)")
         if self.nudged_max_steps is not None:  # 0 would fall back to max_steps unseen
-            _count(self.nudged_max_steps, "Relaxation(nudged_max_steps)")
+            count(self.nudged_max_steps, "Relaxation(nudged_max_steps)")
 
     def run(self, network, x, *, u0=None, nudge=None, dtype=None, nudged=False, tol=None) -> Solution:
         steps = self.nudged_max_steps if nudged and self.nudged_max_steps else self.max_steps
@@ -170,29 +170,6 @@ MAX_POINTS = 256
 MAX_ROTATING_STEPS = 10_000_000
 
 
-def _count(value, name, cap=None, why="", low=1):
-    """A count of at least ``low`` (1 or 0) and at most ``cap`` (``why``: the reason for the cap)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise SubstrateValueError(f"{name}={value!r} must be a {'positive' if low else 'non-negative'} integer")
-    if cap is not None and value > cap:
-        raise SubstrateValueError(f"{name}={value!r} must be at most {cap}: {why}")
-
-
-def _beta(beta, name="beta"):
-    """``beta`` as a positive finite float; anything but a real number (a string float() would parse,
-    None, an array, a bool) is refused, naming ``name``."""
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not (math.isfinite(beta) and beta > 0):
-        raise SubstrateValueError(f"{name}={beta!r} must be a positive finite number")
-    return float(beta)
-
-
-def _choice(value, name, allowed):
-    """A SubstrateValueError naming ``name`` and ``allowed`` unless ``value`` is one of the strings
-    ``allowed`` (tested as a str first: an array would make ``in`` ambiguous, a list unhashable)."""
-    if not isinstance(value, str) or value not in allowed:
-        raise SubstrateValueError(f"{name}={value!r}; allowed: {', '.join(map(repr, allowed))}")
-
-
 _POINTS_WHY = ("the trapezoidal error (|beta|/R)^N is below float64 rounding by then for |beta|/R <= 0.86; "
                "more points only add relaxations")
 
@@ -201,7 +178,7 @@ class _RealNudge(PointEstimator):
     """Estimators with real nudges +-beta (beta > 0, checked when built)."""
 
     def __post_init__(self):
-        _beta(self.beta, f"{type(self).__name__}(beta)")
+        positive(self.beta, f"{type(self).__name__}(beta)")
 
 
 @dataclass(frozen=True)
@@ -212,7 +189,7 @@ class OneSided(_RealNudge):
     name = "one_sided"
 
     def nodes(self):
-        b = _beta(self.beta)
+        b = positive(self.beta, "beta")
         return -1.0 / b, [(b, 1.0 / b, False)]
 
 
@@ -224,7 +201,7 @@ class Negative(_RealNudge):
     name = "negative"
 
     def nodes(self):
-        b = _beta(self.beta)
+        b = positive(self.beta, "beta")
         return 1.0 / b, [(-b, -1.0 / b, False)]
 
 
@@ -236,7 +213,7 @@ class Centred(_RealNudge):
     name = "centred"
 
     def nodes(self):
-        b = _beta(self.beta)
+        b = positive(self.beta, "beta")
         return 0.0, [(b, 0.5 / b, False), (-b, -0.5 / b, False)]
 
 
@@ -253,11 +230,11 @@ class Holomorphic(PointEstimator):
     name = "holomorphic"
 
     def __post_init__(self):
-        _count(self.points, "Holomorphic(points)", MAX_POINTS, _POINTS_WHY)
-        _beta(self.beta, "Holomorphic(beta)")
+        count(self.points, "Holomorphic(points)", maximum=MAX_POINTS, why=_POINTS_WHY)
+        positive(self.beta, "Holomorphic(beta)")
 
     def nodes(self):
-        N, b = self.points, _beta(self.beta)
+        N, b = self.points, positive(self.beta, "beta")
         pts = []
         for k in range(N // 2 + 1):
             beta = b if k == 0 else (-b if 2 * k == N else b * np.exp(2j * np.pi * k / N))
@@ -282,14 +259,14 @@ class RotatingHolomorphic(Estimator):
     name = "rotating_holomorphic"
 
     def __post_init__(self):
-        _count(self.points, "RotatingHolomorphic(points)", MAX_POINTS, _POINTS_WHY)
-        _count(self.periods, "RotatingHolomorphic(periods)", MAX_ROTATING_STEPS // self.points,
-               f"points x periods x duration/dt steps are capped at {MAX_ROTATING_STEPS:.0e}")
-        _beta(self.beta, "RotatingHolomorphic(beta)")
-        _beta(self.duration, "RotatingHolomorphic(duration)")
+        count(self.points, "RotatingHolomorphic(points)", maximum=MAX_POINTS, why=_POINTS_WHY)
+        count(self.periods, "RotatingHolomorphic(periods)", maximum=MAX_ROTATING_STEPS // self.points,
+              why=f"points x periods x duration/dt steps are capped at {MAX_ROTATING_STEPS:.0e}")
+        positive(self.beta, "RotatingHolomorphic(beta)")
+        positive(self.duration, "RotatingHolomorphic(duration)")
 
     def error_vector(self, network, x, y, cost, relaxation, free):
-        N, b, dt = self.points, _beta(self.beta), relaxation.step(network)
+        N, b, dt = self.points, positive(self.beta, "beta"), relaxation.step(network)
         steps = N * self.periods * math.ceil(self.duration / dt)
         if steps > MAX_ROTATING_STEPS:
             raise SubstrateValueError(
@@ -319,7 +296,7 @@ class RotatingHolomorphic(Estimator):
 class Limit(Estimator):
     """The beta -> 0 limit of every EP estimator, computed exactly: v = rho'(u*) du*/dbeta with
     J du*/dbeta = -dl/dr_L (dense J per sample). For a non-symmetric network it differs from the
-    exact gradient by the asymmetry bias alone (REFERENCES: dr*/dbeta = J^{-1} J^T delta), so
+    exact gradient by the asymmetry bias alone (docs/equations.md, section 4.2), so
     estimate - Limit is the finite-nudge part of an estimator's bias and Limit - Exact the asymmetry
     part."""
 
@@ -380,7 +357,7 @@ ESTIMATORS = {"one_sided": OneSided, "negative": Negative, "centred": Centred, "
 
 def make_estimator(name: str, **params) -> Estimator:
     """An estimator by name (``ESTIMATORS``) with its parameters, for configs."""
-    _choice(name, "make_estimator(name)", tuple(ESTIMATORS))
+    choice(name, "make_estimator(name)", tuple(ESTIMATORS))
     try:
         return ESTIMATORS[name](**params)
     except TypeError as e:

@@ -1,4 +1,4 @@
-"""Jacobian homeostasis (Laborieux & Zenke, ICLR 2024; REFERENCES section 4).
+"""Jacobian homeostasis (Laborieux & Zenke, ICLR 2024; docs/equations.md, section 4.4).
 
 The penalty on the functional asymmetry of the circuit, with the Jacobian taken in activity
 coordinates with the nonlinearity bypassed, J = W - I (W the dense n x n matrix of every connection

@@ -1,4 +1,4 @@
-"""PV-RNN (Ahmadi & Tani, Neural Computation 2019; REFERENCES section 5): MTRNN layers of leaky
+"""PV-RNN (Ahmadi & Tani, Neural Computation 2019; docs/equations.md, section 5): MTRNN layers of leaky
 tanh units with stochastic latents, a learned prior, and a posterior from adaptive vectors A.
 
 Layers l = 0 (bottom) .. L-1 (top); at every data step t = 0..T-1 the layers update top-down:
@@ -36,13 +36,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass
+from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from substrate import persist
+from substrate.devices import Device, ReadNoise, TauMismatch, stream
 from substrate.errors import DivergenceError, SubstrateValueError
+from substrate.validate import as_real, choice, count, finite_array, flag, nonnegative, positive
+
+from . import _pvrnn_kernels as K
+from .train import Adam
 
 
 @dataclass(frozen=True)
@@ -58,15 +65,12 @@ class PVLayer:
 
     def __post_init__(self):
         for name in ("units", "latents"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise SubstrateValueError(f"PVLayer.{name}={v!r} must be a positive integer")
-        if not (_real(self.tau) and math.isfinite(self.tau) and self.tau >= 1.0):
+            count(getattr(self, name), f"PVLayer.{name}")
+        tau = as_real(self.tau)
+        if tau is None or not 1.0 <= tau < math.inf:
             raise SubstrateValueError(f"PVLayer.tau={self.tau!r} must be >= 1 (the Euler step dt = 1 is stable)")
         for name in ("w", "w_first"):
-            v = getattr(self, name)
-            if not (_real(v) and math.isfinite(v) and v >= 0):
-                raise SubstrateValueError(f"PVLayer.{name}={v!r} must be a finite number >= 0")
+            nonnegative(getattr(self, name), f"PVLayer.{name}")
 
 
 @dataclass
@@ -116,17 +120,13 @@ class PVRNN:
             self.layers = None
         if not self.layers or not all(isinstance(x, PVLayer) for x in self.layers):
             raise SubstrateValueError("layers: a non-empty list of PVLayer (or dicts of their fields)")
-        if isinstance(outputs, bool) or not isinstance(outputs, (int, np.integer)) or outputs < 1:
-            raise SubstrateValueError(f"outputs={outputs!r} must be a positive integer")
+        count(outputs, "outputs")
         if not isinstance(rng, np.random.Generator):
             raise SubstrateValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
         self.outputs = int(outputs)
-        if isinstance(substeps, bool) or not isinstance(substeps, (int, np.integer)) or substeps < 1:
-            raise SubstrateValueError(f"substeps={substeps!r} must be a positive integer")
-        if not isinstance(method, str) or method not in ("euler", "exp_euler"):
-            raise SubstrateValueError(f"method={method!r}; allowed: 'euler', 'exp_euler'")
-        if not isinstance(posterior_weights, (bool, np.bool_)):
-            raise SubstrateValueError(f"posterior_weights={posterior_weights!r} must be True or False")
+        count(substeps, "substeps")
+        choice(method, "method", ("euler", "exp_euler"))
+        flag(posterior_weights, "posterior_weights")
         N, Z = sum(x.units for x in self.layers), sum(x.latents for x in self.layers)
         _fits("the weights (of units, latents and outputs)", N * N + 4 * N * Z + outputs * N)
         self.substeps, self.method = int(substeps), method
@@ -160,14 +160,14 @@ class PVRNN:
     def adaptive_vectors(self, sequences: int, steps: int) -> dict:
         """A for ``sequences`` sequences of ``steps`` steps, zero (mu^q = 0, sigma^q = 1):
         {"l{i}.mu": (B, T, Z), "l{i}.sig": (B, T, Z)}."""
-        _count("sequences", sequences, 1), _count("steps", steps, 0)
+        _count(sequences, "sequences", minimum=1), _count(steps, "steps", minimum=0)
         _fits("adaptive vectors", sequences * steps * sum(x.latents for x in self.layers) * 2)
         return {f"l{i}.{k}": np.zeros((sequences, steps, x.latents))
                 for i, x in enumerate(self.layers) for k in ("mu", "sig")}
 
     def noise(self, sequences: int, steps: int, rng: np.random.Generator) -> list:
         """eps per layer, (B, T, Z) standard normals (one draw per pass)."""
-        _count("sequences", sequences, 1), _count("steps", steps, 0), _generator(rng)
+        _count(sequences, "sequences", minimum=1), _count(steps, "steps", minimum=0), _generator(rng)
         _fits("noise", sequences * steps * sum(x.latents for x in self.layers))
         return [rng.standard_normal((sequences, steps, x.latents)) for x in self.layers]
 
@@ -267,14 +267,14 @@ class PVRNN:
         ``read``: (weights, leaks) the forward pass runs on (:meth:`DeviceCircuit.read`); the adjoint
         always uses the nominal weights and leaks, along that trajectory. ``parts["pass"]`` holds the
         forward pass."""
-        x = _finite("x", x, 3)
+        x = finite_array(x, "x", 3)
         B, T, D = x.shape
         A = self.check_adaptive(A, B, T)
         if D != self.outputs:
             raise SubstrateValueError(f"x has shape {x.shape}; expected (sequences, steps, {self.outputs})")
         if not isinstance(eps, (list, tuple)) or len(eps) != len(self.layers):
             raise SubstrateValueError(f"eps must be a list of {len(self.layers)} arrays (one per layer)")
-        eps = [_finite(f"eps[{i}]", e, 3, (B, T, x_.latents)) for i, (e, x_) in enumerate(zip(eps, self.layers))]
+        eps = [finite_array(e, f"eps[{i}]", 3, (B, T, x_.latents)) for i, (e, x_) in enumerate(zip(eps, self.layers))]
         start = self.check_state(start, B)
         _check_credit(credit, truncation)
         run = self.run(A, eps, start, read)
@@ -402,7 +402,7 @@ class PVRNN:
                  start: State | None = None, read=None) -> np.ndarray:
         """x_hat (B, T, D_x) from the prior (z_t = mu^p + sigma^p eps; a sequence's first step N(0, I)),
         from ``start`` (default: a sequence's beginning); ``rng=None``: the prior means (eps = 0)."""
-        _count("sequences", sequences, 1), _count("steps", steps, 1)
+        _count(sequences, "sequences", minimum=1), _count(steps, "steps", minimum=1)
         if rng is not None:
             _generator(rng)
         _fits("the generated sequences", sequences * steps * self.outputs)
@@ -494,7 +494,7 @@ class PVRNN:
             raise SubstrateValueError(f"start must be a State with h and d for each of the {L} layers")
         for k in ("h", "d"):
             for i, x in enumerate(self.layers):
-                _finite(f"start.{k}[{i}]", getattr(start, k)[i], 2, (sequences, x.units))
+                finite_array(getattr(start, k)[i], f"start.{k}[{i}]", 2, (sequences, x.units))
         return start
 
     def check_adaptive(self, A, sequences: int | None = None, steps: int | None = None) -> dict:
@@ -503,9 +503,9 @@ class PVRNN:
         keys = [f"l{i}.{k}" for i in range(len(self.layers)) for k in ("mu", "sig")]
         if not isinstance(A, dict) or sorted(A) != sorted(keys):
             raise SubstrateValueError(f"A must be a dict with the keys {keys} (adaptive_vectors)")
-        first = _finite("A['l0.mu']", A["l0.mu"], 3).shape
+        first = finite_array(A["l0.mu"], "A['l0.mu']", 3).shape
         B, T = (first[0] if sequences is None else sequences), (first[1] if steps is None else steps)
-        return {f"l{i}.{k}": _finite(f"A['l{i}.{k}']", A[f"l{i}.{k}"], 3, (B, T, x.latents))
+        return {f"l{i}.{k}": finite_array(A[f"l{i}.{k}"], f"A['l{i}.{k}']", 3, (B, T, x.latents))
                 for i, x in enumerate(self.layers) for k in ("mu", "sig")}
 
     def reconstruct(self, A: dict) -> np.ndarray:
@@ -557,16 +557,11 @@ class DeviceCircuit:
     effect draws from its own stream (``devices.stream(seed, name)``)."""
 
     def __init__(self, model: PVRNN, device, seed: int):
-        from types import SimpleNamespace
-
-        from substrate.devices import Device, ReadNoise, TauMismatch, stream
-
         if not isinstance(model, PVRNN):
             raise SubstrateValueError(f"model must be a PVRNN, got {type(model).__name__}")
         if not isinstance(device, Device):
             raise SubstrateValueError(f"device must be a substrate.devices.Device, got {type(device).__name__}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise SubstrateValueError(f"seed={seed!r} must be an integer >= 0")
+        count(seed, "seed", minimum=0, relation=True)
         for e in device.effects:
             if not (isinstance(e, TauMismatch) or (isinstance(e, ReadNoise) and e.policy == "phase")):
                 raise SubstrateValueError(f"{e!r}: a PV-RNN circuit supports TauMismatch and ReadNoise(policy='phase')")
@@ -619,13 +614,9 @@ def train(model: PVRNN, x, *, epochs: int, rng: np.random.Generator, lr: float =
     noise each epoch (one pass of the whole set per epoch). Returns (A, history) with per-epoch
     arrays "free_energy", "reconstruction" and "kl" (epochs, layers); ``on_epoch(history so far)``
     after every epoch (e.g. to save partial results)."""
-    from tqdm.auto import tqdm
-
-    from .train import Adam
-
-    x = _finite("x", x, 3)
+    x = finite_array(x, "x", 3)
     B, T, _ = x.shape
-    _count("epochs", epochs, 0), _generator(rng)
+    _count(epochs, "epochs", minimum=0), _generator(rng)
     A = model.adaptive_vectors(B, T) if A is None else model.check_adaptive(A, B, T)
     opt = Adam(lr)
     hist = {"free_energy": [], "reconstruction": [], "kl": []}
@@ -648,7 +639,7 @@ def train(model: PVRNN, x, *, epochs: int, rng: np.random.Generator, lr: float =
 # ------------------------------------------------------------------------------------ error regression
 @dataclass(frozen=True)
 class ErrorRegression:
-    """Online inference of the latents from prediction errors (REFERENCES section 5): at every new
+    """Online inference of the latents from prediction errors (docs/equations.md, section 5): at every new
     step a window of the last ``window`` observations; ``iterations`` Adam steps (rate ``lr``, state
     reset each step) on the window's A only, each from the frozen window-start state with fresh noise;
     then a prediction ``horizon`` steps beyond the window from the prior. ``newest``: the new step's A
@@ -672,18 +663,13 @@ class ErrorRegression:
 
     def __post_init__(self):
         for name in ("window", "iterations", "horizon", "draws"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise SubstrateValueError(f"ErrorRegression.{name}={v!r} must be a positive integer")
-        if not isinstance(self.sample, (bool, np.bool_)):
-            raise SubstrateValueError(f"ErrorRegression.sample={self.sample!r} must be True or False")
-        if not isinstance(self.newest, str) or self.newest not in ("copy", "prior", "zeros"):
-            raise SubstrateValueError(f"ErrorRegression.newest={self.newest!r}; allowed: 'copy', 'prior', 'zeros'")
-        if not (_real(self.lr) and math.isfinite(self.lr) and self.lr > 0):
-            raise SubstrateValueError(f"ErrorRegression.lr={self.lr!r} must be a positive finite number")
+            count(getattr(self, name), f"ErrorRegression.{name}")
+        flag(self.sample, "ErrorRegression.sample")
+        choice(self.newest, "ErrorRegression.newest", ("copy", "prior", "zeros"))
+        positive(self.lr, "ErrorRegression.lr")
         if self.meta_prior is not None and not (
-                isinstance(self.meta_prior, (tuple, list)) and all(_real(v) and math.isfinite(v) and v >= 0
-                                                                   for v in self.meta_prior)):
+                isinstance(self.meta_prior, (tuple, list))
+                and all(v is not None and 0 <= v < math.inf for v in map(as_real, self.meta_prior))):
             raise SubstrateValueError(f"ErrorRegression.meta_prior={self.meta_prior!r} must be a tuple of finite "
                                       "numbers >= 0 (one per layer)")
         if self.draws > self.iterations:
@@ -722,7 +708,7 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
     prediction included, reads it; the same reads before and after for the F traces). ``compiled``:
     the iterations run in ``models._pvrnn_kernels`` (same equations and noise draws as the NumPy
     path, ``compiled=False``, which is the reference) when the credit is exact and there is no device."""
-    x = _finite("x", x, 2)
+    x = finite_array(x, "x", 2)
     if x.shape[1] != model.outputs or not len(x):
         raise SubstrateValueError(f"x has shape {x.shape}; expected (steps, {model.outputs})")
     if not isinstance(er, ErrorRegression):
@@ -777,8 +763,6 @@ def _window_step(model, xw, A, eps, start, er, read):
     """The iterations of one ER step on window xw (1, n, D) with the NumPy free energy: {"A" after
     them, "free_energy_before"/"_after", "kl" of the last iteration, "after_first" state of the last
     pass, "end" state and "mu_q", "sigma_q" (per layer, newest step) of the posterior-mean pass}."""
-    from .train import Adam
-
     n, L = xw.shape[1], len(model.layers)
     reads = [read() for _ in range(er.draws)]
 
@@ -814,8 +798,6 @@ class _CompiledWindow:
         return [v[None, off[i]:off[i + 1]].copy() for i in range(len(off) - 1)]
 
     def __call__(self, model, xw, A, eps, start, er, read):
-        from . import _pvrnn_kernels as K
-
         L, n, m = len(model.layers), xw.shape[1], model.substeps
         N, Z, zoff = int(self.uoff[-1]), int(self.zoff[-1]), self.zoff
         a_mu = np.concatenate([A[f"l{i}.mu"][0] for i in range(L)], axis=1)
@@ -848,14 +830,8 @@ class _CompiledWindow:
 _MAX_ELEMENTS = 2 ** 31  # 16 GiB of float64: beyond it an allocation is refused up front, not attempted
 
 
-def _real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def _count(name, v, minimum):
-    # the upper bound: what numpy's and tqdm's C integers hold (a loop that long would never end anyway)
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not minimum <= v < 2 ** 31:
-        raise SubstrateValueError(f"{name}={v!r} must be an integer in [{minimum}, 2**31)")
+# the upper bound of a loop count: what numpy's and tqdm's C integers hold (a loop that long would never end)
+_count = partial(count, maximum=2 ** 31 - 1, allowed="an integer in [{minimum}, 2**31)")
 
 
 def _fits(what, elements):
@@ -867,19 +843,3 @@ def _fits(what, elements):
 def _generator(rng):
     if not isinstance(rng, np.random.Generator):
         raise SubstrateValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-
-
-def _finite(name, v, ndim, shape=None):
-    """``v`` as a float array of ``ndim`` dimensions (and ``shape``), finite; else a SubstrateValueError."""
-    try:
-        if np.iscomplexobj(v):  # asarray would drop the imaginary part with a mere warning
-            raise TypeError
-        a = np.asarray(v, dtype=float)
-    except (TypeError, ValueError):
-        raise SubstrateValueError(f"{name} must be a real array, got {type(v).__name__}") from None
-    if a.ndim != ndim or 0 in a.shape[:-1] or (shape is not None and a.shape != tuple(shape)):
-        want = shape if shape is not None else f"{ndim} dimensions, none empty"
-        raise SubstrateValueError(f"{name} has shape {a.shape}; expected {want}")
-    if not np.all(np.isfinite(a)):
-        raise SubstrateValueError(f"{name} contains NaN or Inf")
-    return a

@@ -21,10 +21,12 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from substrate import Cost, Network, persist
 from substrate.devices import DeviceNetwork
 from substrate.errors import SubstrateValueError
+from substrate.validate import count, fraction, positive
 
 from . import ep
 from .data import Dataset, minibatches, one_hot
@@ -75,8 +77,7 @@ class Classifier:
 
     def evaluate(self, x, labels, relaxation: ep.Relaxation, batch: int = 1000) -> tuple:
         """(mean cost, accuracy, fraction of free phases that did not converge) on a data set."""
-        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
-            raise SubstrateValueError(f"batch={batch!r} must be an integer >= 1")
+        count(batch, "batch", relation=True)
         if len(x) == 0 or len(x) != len(labels):
             raise SubstrateValueError(f"x has {len(x)} samples and labels {len(labels)}: they must match and be >= 1")
         losses, correct, failed = 0.0, 0, 0
@@ -123,7 +124,7 @@ class SGD(Optimiser):
 
     def __init__(self, lr: float = 0.01, momentum: float = 0.0):
         super().__init__()
-        self.lr, self.momentum = _rate(lr, "lr"), _fraction(momentum, "momentum")
+        self.lr, self.momentum = positive(lr, "lr"), fraction(momentum, "momentum", upper_open=True)
 
     def update(self, name, p, g):
         if self.momentum:
@@ -139,8 +140,8 @@ class Adam(Optimiser):
 
     def __init__(self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
         super().__init__()
-        self.lr, self.eps = _rate(lr, "lr"), _rate(eps, "eps")
-        self.beta1, self.beta2 = _fraction(beta1, "beta1"), _fraction(beta2, "beta2")
+        self.lr, self.eps = positive(lr, "lr"), positive(eps, "eps")
+        self.beta1, self.beta2 = fraction(beta1, "beta1", upper_open=True), fraction(beta2, "beta2", upper_open=True)
 
     def update(self, name, p, g):
         m, v, t = self.state.get(name, (np.zeros_like(p), np.zeros_like(p), 0))
@@ -149,18 +150,6 @@ class Adam(Optimiser):
         v = self.beta2 * v + (1 - self.beta2) * g * g
         self.state[name] = (m, v, t)
         p -= self.lr * (m / (1 - self.beta1 ** t)) / (np.sqrt(v / (1 - self.beta2 ** t)) + self.eps)
-
-
-def _rate(v, name):
-    if isinstance(v, bool) or not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v > 0):
-        raise SubstrateValueError(f"{name}={v!r} must be a positive finite number")
-    return float(v)
-
-
-def _fraction(v, name):
-    if isinstance(v, bool) or not (isinstance(v, (int, float, np.floating)) and 0 <= v < 1):
-        raise SubstrateValueError(f"{name}={v!r} must be in [0, 1)")
-    return float(v)
 
 
 OPTIMISERS = {"sgd": SGD, "adam": Adam}
@@ -294,17 +283,15 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
     an uninterrupted one (apart from the wall-clock ``seconds``); a larger ``epochs`` continues a
     finished run. A checkpoint of another training (other arguments, data, or starting model) is
     refused."""
-    from tqdm.auto import tqdm
-
     if not isinstance(model, Classifier):
         raise SubstrateValueError(f"model must be a Classifier, got {type(model).__name__}")
     if not isinstance(data, Dataset):
         raise SubstrateValueError(f"data must be a models.data.Dataset, got {type(data).__name__}")
     if not isinstance(rng, np.random.Generator):
         raise SubstrateValueError("train needs rng, a numpy.random.Generator (seeded, passed explicitly)")
-    ep._count(epochs, "epochs", MAX_EPOCHS, _EPOCHS_WHY, low=0)
-    ep._count(batch_size, "batch_size")  # larger than the training set: one batch of all of it
-    ep._count(probe, "probe", low=0)  # larger than the training set: all of it
+    count(epochs, "epochs", minimum=0, maximum=MAX_EPOCHS, why=_EPOCHS_WHY)
+    count(batch_size, "batch_size")  # larger than the training set: one batch of all of it
+    count(probe, "probe", minimum=0)  # larger than the training set: all of it
     for name, v, kind, what in (("rule", rule, ep.Estimator, "an ep.Estimator"),
                                 ("relaxation", relaxation, ep.Relaxation, "an ep.Relaxation"),
                                 ("optimiser", optimiser, (Optimiser, type(None)), "None or an Optimiser (SGD, Adam)"),
@@ -315,7 +302,7 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
         raise SubstrateValueError(f"on_epoch must be None or a callable(history), got {type(on_epoch).__name__}")
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise SubstrateValueError(f"checkpoint must be None or a file path, got {type(checkpoint).__name__}")
-    ep._count(checkpoint_every, "checkpoint_every")  # beyond epochs: the last epoch only
+    count(checkpoint_every, "checkpoint_every")  # beyond epochs: the last epoch only
     if len(data.x_train) == 0 or len(data.x_test) == 0:
         raise SubstrateValueError(f"data has {len(data.x_train)} training and {len(data.x_test)} test samples; "
                                   "both must be >= 1")

@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 
 import click
+
+from studies import archives, figures
+from studies import quickstart as qs
+from studies import sweep as sw
+from studies.catalogue import TASKS
+from studies.config import StudyConfigError, load_study
+from studies.dask_executor import DaskSweepError, make_executor
+from studies.runs import RESERVED
+from substrate import SubstrateValueError
+from substrate import archive as substrate_archive
+from substrate.archive import TEMP_PREFIX
+from substrate.devices import PRESETS
+from substrate.errors import ArchiveError
 
 
 class CLIError(click.ClickException):
@@ -21,10 +35,6 @@ def _output_folder(out: str, option: str = "--out") -> str:
     """``out`` made if need be and checked writable by writing a file there, or a :class:`CLIError`
     naming it; the probe finds what ``os.access`` misses (a read-only file system mounted under a
     writable folder, a network file system's own rules)."""
-    import tempfile
-
-    from substrate.archive import TEMP_PREFIX
-
     out = os.path.abspath(out)
     existing = out
     while not os.path.exists(existing):
@@ -63,16 +73,12 @@ def main():
 def quickstart(out, seed, epochs, n_train, quiet):
     """Train a 64-128-10 network on scikit-learn's digits with centred EP, holomorphic EP and the exact
     gradient; write an archive and a figure of the learning curves and gradient alignment."""
-    from studies import quickstart as qs
-
     out = _output_folder(out)
     start = time.perf_counter()
     paths = qs.run(out, seed=seed, config={"epochs": epochs, "n_train": n_train}, progress=not quiet)
-    from substrate import archive
-
-    a = archive.read(paths["archive"])
+    a = substrate_archive.read(paths["archive"])
     click.echo(f"{'rule':<44} {'test acc':>9} {'cos(g, exact)':>14} {'s/epoch':>8}")
-    for name, r in archive.members(a["rules"]).items():
+    for name, r in substrate_archive.members(a["rules"]).items():
         secs = r["seconds"][1:].mean() if len(r["seconds"]) > 1 else float("nan")
         click.echo(f"{r['attrs']['rule']:<44} {100 * r['test_accuracy'][-1]:>8.1f}% "
                    f"{r['grad_cosine'][-1]:>14.6f} {secs:>8.2f}")
@@ -82,10 +88,8 @@ def quickstart(out, seed, epochs, n_train, quiet):
 
 
 def _load(study_file, profile):
-    from studies.config import StudyConfigError, load_study
-
     try:
-        return load_study(study_file, profile)
+        return load_study(study_file, profile, tasks=TASKS)
     except StudyConfigError as e:
         raise CLIError(str(e)) from None
 
@@ -119,10 +123,6 @@ def _load(study_file, profile):
 def sweep(study_file, out, workers, profile, retry_failed, consolidate_every, quiet, max_runs, scheduler,
           tls_ca_file, tls_cert, tls_key, security_config):
     """Run every run of a study file (skipping finished ones) and consolidate them into one archive."""
-    from studies import sweep as sw
-    from studies.dask_executor import DaskSweepError, make_executor
-    from substrate import SubstrateValueError, archive
-
     study = _load(study_file, profile)
     click.echo(study.summary())
     try:
@@ -138,7 +138,7 @@ def sweep(study_file, out, workers, profile, retry_failed, consolidate_every, qu
         path = sw.run_sweep(study, out, workers=workers, retry_failed=retry_failed, progress=not quiet,
                             executor=executor, consolidate_every=consolidate_every, stats=stats,
                             max_runs=max_runs)
-    except (sw.SweepLockedError, DaskSweepError, archive.WriteError, SubstrateValueError) as e:
+    except (sw.SweepLockedError, DaskSweepError, substrate_archive.WriteError, SubstrateValueError) as e:
         raise CLIError(str(e)) from None
     click.echo(f"ran {stats['ran']} runs ({stats['done']} done, {stats['failed']} failed); skipped "
                f"{stats['skipped']} finished before; {time.perf_counter() - start:.1f} s")
@@ -146,26 +146,21 @@ def sweep(study_file, out, workers, profile, retry_failed, consolidate_every, qu
 
 
 def _summary(path, errors=5):
-    from studies import sweep as sw
-    from substrate import archive
-
     try:
-        with archive.open_file(path) as f:
-            lines = _summary_lines(sw.read_header(f, path), f, path, errors)
-    except archive.ArchiveError as e:
+        with substrate_archive.open_file(path) as f:
+            lines = _summary_lines(archives.read_header(f, path), f, path, errors)
+    except ArchiveError as e:
         raise CLIError(str(e)) from None
     click.echo("\n".join(lines))
 
 
 def _summary_lines(a, f, path, errors):
     """The counts of runs and the first ``errors`` failed runs of an open archive (checked header ``a``)."""
-    from studies import sweep as sw
-
     lines = [f"archive: {os.path.abspath(path)}",
              f"runs: {a['n_runs']} total, {a['n_done']} done, {a['n_failed']} failed, {a['n_missing']} missing"]
     if a["n_failed"] and errors:
         lines.append("failed runs:")
-        for rid, status, coords, error in sw.read_runs(f, path):
+        for rid, status, coords, error in archives.read_runs(f, path):
             if status == "failed" and len(lines) < 3 + errors:
                 lines.append(f"  {rid} [{', '.join(f'{k}={v}' for k, v in coords.items())}]: {error}")
         if a["n_failed"] > len(lines) - 3:
@@ -178,14 +173,11 @@ def _summary_lines(a, f, path, errors):
 @click.option("--errors", default=5, show_default=True, type=click.IntRange(min=0), help="Failed runs to list.")
 def info(archive, errors):
     """Summarise a sweep archive: study, axes, runs done and failed, first errors."""
-    from studies import sweep as sw
-    from substrate import archive as archives
-
     try:
-        with archives.open_file(archive) as f:
-            layout = sw.read_layout(f, archive)
+        with substrate_archive.open_file(archive) as f:
+            layout = archives.read_layout(f, archive)
             summary = _summary_lines(layout["attrs"], f, archive, errors)
-    except archives.ArchiveError as e:
+    except ArchiveError as e:
         raise CLIError(str(e)) from None
     a, axes = layout["attrs"], layout["attrs"]["axes"]
     profile = f", profile {a['profile']}" if a["profile"] else ""
@@ -199,7 +191,7 @@ def info(archive, errors):
         via = f" <- {', '.join(keys)}" if keys != [name] else ""
         click.echo(f"  {name} ({len(values)}){via}: {shown}")
     dims = layout["dims"]
-    results = sorted(k for k in dims if k not in layout["coords"] and k not in sw.RESERVED)
+    results = sorted(k for k in dims if k not in layout["coords"] and k not in RESERVED)
     own = {k: dims[k][len(axes):] for k in results}
     click.echo("results per run: " + (", ".join(f"{k}({', '.join(own[k])})" if own[k] else k for k in results)
                                       or "none yet"))
@@ -212,11 +204,8 @@ def info(archive, errors):
               help="Folder for the figures [default: the archive's folder].")
 def plot(archive, out):
     """Draw a sweep archive's figures (PNG and PDF), chosen by its task."""
-    from studies import plots
-    from substrate.errors import ArchiveError
-
     try:
-        fig, name = plots.draw(archive)
+        fig, name = figures.draw(archive, TASKS)
     except ArchiveError as e:
         raise CLIError(str(e)) from None
     out = out or os.path.dirname(os.path.abspath(archive))
@@ -231,8 +220,6 @@ def plot(archive, out):
 @click.argument("name", required=False)
 def devices(name):
     """List the device presets with their effects, parameters and sources (or one preset, NAME)."""
-    from substrate.devices import PRESETS
-
     if name is not None and name not in PRESETS:
         raise click.ClickException(f"no device preset {name!r}; presets: {', '.join(PRESETS)}")
     for key, dev in PRESETS.items():

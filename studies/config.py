@@ -4,7 +4,7 @@
 
     [study]
     name = "relaxation"                 # names the archive: <out>/<name>.h5
-    task = "relaxation"                 # a key of studies.tasks.TASKS
+    task = "relaxation"                 # a key of the task registry (studies.catalogue.TASKS)
     description = "..."                 # optional
 
     [base]                              # the task's config, validated against the task's schema;
@@ -406,11 +406,11 @@ def _check_axis_values(f: Field, values, path: str) -> list:
     return out
 
 
-def load_study(path: str, profile: str | None = None, *, text: str | None = None) -> Study:
+def load_study(path: str, profile: str | None = None, *, tasks: Mapping, text: str | None = None) -> Study:
     """Read, validate and expand a study file. ``profile``: the name of a ``[profiles.*]`` table
-    applied on top of the base and sweep (e.g. ``"debug"``). ``text`` overrides the file's content."""
-    from studies.tasks import TASKS
-
+    applied on top of the base and sweep (e.g. ``"debug"``); ``tasks``: the registry of the tasks a
+    study may name (task name -> an object with a ``schema``, as ``studies.catalogue.TASKS``);
+    ``text`` overrides the file's content."""
     where = (os.path.basename(path) or path) if path else "<study>"
 
     def fail(msg):
@@ -431,7 +431,7 @@ def load_study(path: str, profile: str | None = None, *, text: str | None = None
         fail(f"not valid TOML: {e}")
 
     try:
-        return _build(doc, text, path, profile, TASKS)
+        return _build(doc, text, path, profile, tasks)
     except StudyConfigError as e:
         raise StudyConfigError(f"{where}: {e}") from None
 

@@ -36,6 +36,7 @@ not need it.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -67,8 +68,6 @@ def _import_distributed():
 
 def _written(path: str) -> dict | None:
     """{execution, status, error, seconds} of a complete run file, or None when there is none (readable)."""
-    import json
-
     from substrate import archive
 
     try:
@@ -270,8 +269,6 @@ def _scheme_address(target) -> str | None:
     """The address a target names: itself, the ``address`` of a scheduler file, or a cluster's
     ``scheduler_address`` (None when there is none to read: the connection then tells)."""
     if _is_scheduler_file(target):
-        import json
-
         try:
             with open(target, "rb") as fh:
                 return str(json.load(fh)["address"])

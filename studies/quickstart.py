@@ -12,6 +12,7 @@ import copy
 import os
 import time
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from models import data as D
@@ -53,9 +54,7 @@ def run(out_dir: str, seed: int = 0, config: dict | None = None, progress: bool 
     os.makedirs(out_dir, exist_ok=True)
     h5 = archive.write_run(os.path.join(out_dir, "quickstart.h5"), {"rules": results},
                            archive.provenance(cfg, seed, timings))
-    from studies import plots
-
-    fig = plots.ep_training(h5)
+    fig = ep_training(h5)
     png = os.path.join(out_dir, "quickstart.png")
     fig.savefig(png, dpi=120)
     return {"archive": h5, "figure": png}
@@ -75,3 +74,29 @@ def _train_one(rule_cfg, sizes, cost, net_cfg, data, relaxation, cfg, seed, prog
                     progress=progress)
     seconds = time.perf_counter() - start
     return {**history.arrays(), "rule": repr(rule), "seconds_total": seconds}, seconds
+
+
+def ep_training(path: str):
+    """Quickstart figure: test accuracy, training loss, and the misalignment 1 - cos of each rule's
+    gradient with the exact one (probe batch), against the epoch, one line per learning rule."""
+    a = archive.read(path)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    for i, (name, r) in enumerate(archive.members(a["rules"]).items()):
+        label = f"{r['attrs'].get('rule', name)} ({float(r['seconds_total']):.0f} s)"
+        epoch = r["epoch"]
+        axes[0].plot(epoch, 100 * r["test_accuracy"], "o-", ms=3, color=f"C{i}", label=label)
+        axes[1].semilogy(epoch[1:], r["train_loss"][1:], "o-", ms=3, color=f"C{i}")
+        miss = np.maximum(1 - r["grad_cosine"], 1e-16)
+        axes[2].semilogy(epoch, miss, "o-", ms=3, color=f"C{i}")
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].set_ylim(bottom=max(0, axes[0].get_ylim()[0]))
+    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].set_title("learning curves (digits, held-out set)")
+    axes[1].set_ylabel("training loss (running, per epoch)")
+    axes[1].set_title("training loss")
+    axes[2].set_ylabel(r"$1 - \cos(g, g_{\mathrm{exact}})$ on the probe batch")
+    axes[2].set_title("gradient alignment with implicit differentiation")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    return fig

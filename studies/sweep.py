@@ -17,9 +17,10 @@ Executors. :func:`run_sweep` hands the runs to an executor: any object with a me
 ``run(runs, task_name, runs_dir, progress) -> iterator of summaries`` that arranges for
 :func:`execute_run` (module-level, picklable) to be called once per run, anywhere that can write to
 ``runs_dir``, and yields each run's summary as it finishes. :class:`LocalExecutor` is a local process
-pool; a Dask backend plugs in the same way.
+pool; a Dask backend plugs in the same way. A run executes the task of that name in the catalogue
+(``studies.catalogue.TASKS``), the same registry in the driver and in every worker.
 
-Archive layout (plain h5py; :func:`open_dataset` gives an ``xarray.Dataset``)::
+Archive layout (plain h5py; :func:`studies.archives.open_dataset` gives an ``xarray.Dataset``)::
 
     /                 attrs: format, study (the TOML text), study_name, task, profile, axes (JSON),
                       base config, counts, provenance (git commit, versions, host, created)
@@ -35,34 +36,45 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import json
 import multiprocessing as mp
 import os
-import re
 import signal
 import sys
+import threading
 import time
 import traceback
-import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timezone
 from typing import Iterable, Iterator, Mapping, Protocol
 
 import h5py
+import numba
 import numpy as np
+import scipy.linalg  # noqa: F401  (loads scipy's BLAS, so that single_thread's limit reaches it)
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
-from studies.config import Run, Study, run_id as compute_run_id, valid_name
-from studies.tasks import TASKS, Result, RunFailed
+from studies.archives import FORMAT, read_run, run_status
+from studies.catalogue import TASKS
+from studies.config import Run, Study, run_id as compute_run_id
+from studies.runs import (RESERVED, PartialSave, Result, RunFailed, check_result, list_run_files, partial_file,
+                          run_file, write_run_file)
 from substrate import SubstrateValueError, archive
-from substrate.errors import ArchiveError
 
-FORMAT = "substrate-sweep/1"
-RUN_FORMAT = "substrate-run/1"
-RUN_FILE = re.compile(r"^[0-9a-f]{16}\.h5$")
+try:
+    from numba.np.ufunc import parallel as _nparallel
+except ImportError:  # pragma: no cover - numba internals moved
+    _nparallel = None
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no lock
+    fcntl = None
+
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                     "NUMEXPR_NUM_THREADS", "NUMBA_NUM_THREADS")
-RESERVED = ("run_id", "status", "error")
 MAX_RUNS = 100_000  # default cap of run_sweep's max_runs (substrate sweep --max-runs)
 
 
@@ -71,116 +83,28 @@ def runs_folder(out_dir: str) -> str:
     return os.path.join(out_dir, "runs")
 
 
-def run_file(runs_dir: str, rid: str) -> str:
-    return os.path.join(runs_dir, f"{rid}.h5")
-
-
 def archive_file(study: Study, out_dir: str) -> str:
     return os.path.join(out_dir, f"{study.name}.h5")
-
-
-def list_run_files(runs_dir: str) -> list:
-    """The run ids with a complete run file in ``runs_dir`` (temporary files are not runs)."""
-    try:
-        names = os.listdir(runs_dir)
-    except FileNotFoundError:
-        return []
-    return sorted(n[:-3] for n in names if RUN_FILE.match(n))
 
 
 # ------------------------------------------------------------------------------------ one run
 @contextlib.contextmanager
 def single_thread():
-    """One BLAS thread (threadpoolctl; scipy's BLAS, the one Numba's np.dot calls, is loaded first so
-    that the limit reaches it) and one Numba thread where Numba's threading layer is in use."""
-    import scipy.linalg  # noqa: F401  (loads scipy's BLAS)
-    from threadpoolctl import threadpool_limits
-
-    try:
-        from numba.np.ufunc import parallel as _nparallel
-        import numba
-
-        if _nparallel._is_initialized and numba.get_num_threads() > 1:
-            numba.set_num_threads(1)
-    except (ImportError, AttributeError):  # pragma: no cover - numba internals moved
-        pass
+    """One BLAS thread (threadpoolctl; scipy's BLAS, the one Numba's np.dot calls, is loaded with this
+    module so that the limit reaches it) and one Numba thread where Numba's threading layer is in use."""
+    if getattr(_nparallel, "_is_initialized", False) and numba.get_num_threads() > 1:
+        numba.set_num_threads(1)
     with threadpool_limits(limits=1):
         yield
-
-
-def _check_result(result) -> Result:
-    if not isinstance(result, Result):
-        raise TypeError(f"the task returned {type(result).__name__}, expected studies.tasks.Result")
-    for name, value in result.arrays.items():
-        if not isinstance(name, str) or not name or "/" in name or name in RESERVED:
-            raise ValueError(f"result array name {name!r} is not allowed (no '/', not {RESERVED})")
-        try:
-            dims, arr = value
-        except (TypeError, ValueError):
-            raise ValueError(f"result array {name!r} must be (dims, array)") from None
-        arr = np.asarray(arr)
-        dims = tuple(dims)
-        if arr.ndim != len(dims) or not all(isinstance(d, str) and d and "/" not in d for d in dims):
-            raise ValueError(f"result array {name!r}: dims {dims} do not name its {arr.ndim} axes")
-        if arr.dtype.kind not in "biufc":
-            raise ValueError(f"result array {name!r} has dtype {arr.dtype}; expected numbers")
-    for name, value in result.scalars.items():
-        if not isinstance(name, str) or not name or "/" in name or name in RESERVED:
-            raise ValueError(f"result scalar name {name!r} is not allowed")
-        if name in result.arrays:
-            raise ValueError(f"result name {name!r} is both an array and a scalar; the archive needs one each")
-        float(value)
-    return result
-
-
-def _result_payload(result: Result | None):
-    if result is None:
-        return {}, {}, {}
-    arrays = {k: np.asarray(a) for k, (d, a) in result.arrays.items()}
-    data = {"arrays": arrays, "scalars": {k: np.float64(v) for k, v in result.scalars.items()}}
-    dims = {k: list(d) for k, (d, a) in result.arrays.items()}
-    coords = {k: [v.item() if isinstance(v, np.generic) else v for v in vals] for k, vals in result.coords.items()}
-    return data, dims, coords
-
-
-def partial_file(runs_dir: str, rid: str) -> str:
-    return os.path.join(runs_dir, f"{rid}.partial.h5")
-
-
-_ACTIVE = None  # (run, task name, runs_dir) of the run this process is executing
-
-
-def save_partial(result: Result):
-    """Write what a long run has computed so far to ``runs/<run_id>.partial.h5`` (atomically), so
-    that a run killed midway loses only the work since its last call; the file is removed when the
-    run ends. A task calls it, e.g. after every epoch; outside a sweep it does nothing."""
-    if _ACTIVE is not None:
-        run, task_name, runs_dir = _ACTIVE
-        _write_run_file(run, task_name, runs_dir, "partial", "", "", _check_result(result), {},
-                        path=partial_file(runs_dir, run.run_id))
-
-
-def _write_run_file(run: Run, task_name: str, runs_dir: str, status: str, error: str, tb: str,
-                    result: Result | None, timings: Mapping, path: str | None = None) -> str:
-    data, dims, coords = _result_payload(result)
-    attrs = archive.provenance(run.config, run.seed, timings)
-    attrs.update({
-        "format": RUN_FORMAT, "run_id": run.run_id, "task": task_name, "status": status, "error": error,
-        "traceback": tb, "coords": json.dumps(run.coords, default=str), "index": json.dumps(list(run.index)),
-        "array_dims": json.dumps(dims), "array_coords": json.dumps(coords, default=str),
-        "execution": uuid.uuid4().hex, "pid": os.getpid(),
-    })
-    path = os.path.abspath(path or run_file(runs_dir, run.run_id))
-    return archive.write_run(path, data, attrs, what="the run file",
-                             hint="free some space and run the sweep again (the finished runs are kept)")
 
 
 def execute_run(run: Run | Mapping, task_name: str, runs_dir: str) -> dict:
     """Run one point of a study and write ``runs_dir/<run_id>.h5`` atomically; the function a worker
     calls (module-level, picklable; ``run`` may be a :class:`Run` or its dict).
 
-    Runs with one BLAS and one Numba thread. Any exception of the task (including
-    ``substrate.IntegrationError`` and :class:`~studies.tasks.RunFailed`) is recorded: status
+    Runs with one BLAS and one Numba thread; the task's ``save_partial`` writes the run's partial file
+    (:class:`~studies.runs.PartialSave`). Any exception of the task (including
+    ``substrate.IntegrationError`` and :class:`~studies.runs.RunFailed`) is recorded: status
     ``"failed"``, the message and the traceback; the file is written either way. Returns
     ``{run_id, status, error, seconds}``.
     """
@@ -192,26 +116,23 @@ def execute_run(run: Run | Mapping, task_name: str, runs_dir: str) -> dict:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     status, error, tb, result = "done", "", "", None
-    global _ACTIVE
-    _ACTIVE = (run, task_name, runs_dir)
     try:
         with single_thread():
             task = TASKS[task_name]
-            result = _check_result(task.run(copy.deepcopy(run.config), int(run.seed)))
+            result = check_result(task.run(copy.deepcopy(run.config), int(run.seed),
+                                           PartialSave(run, task_name, runs_dir)))
     except RunFailed as e:
         status, error, tb = "failed", str(e), traceback.format_exc()
         try:
-            result = _check_result(e.result) if e.result is not None else None
+            result = check_result(e.result) if e.result is not None else None
         except (TypeError, ValueError):
             result = None
     except Exception as e:  # noqa: BLE001 - every failure of a run is recorded, the sweep goes on
         status, error, tb = "failed", f"{type(e).__name__}: {e}", traceback.format_exc()
         result = None
-    finally:
-        _ACTIVE = None
     seconds = time.perf_counter() - t0
-    _write_run_file(run, task_name, runs_dir, status, error, tb, result,
-                    {"run_seconds": seconds, "started": started})
+    write_run_file(run, task_name, runs_dir, status, error, tb, result,
+                   {"run_seconds": seconds, "started": started})
     with contextlib.suppress(FileNotFoundError):
         os.remove(partial_file(runs_dir, run.run_id))
     return {"run_id": run.run_id, "status": status, "error": error, "seconds": seconds}
@@ -219,7 +140,7 @@ def execute_run(run: Run | Mapping, task_name: str, runs_dir: str) -> dict:
 
 def record_failure(run: Run | Mapping, task_name: str, runs_dir: str, message: str) -> dict:
     """Write a ``failed`` run file for a run whose worker could not report (it died): the driver's
-    record of it, with the results it saved with :func:`save_partial`, if any. Returns the summary."""
+    record of it, with the results it saved with its ``save_partial``, if any. Returns the summary."""
     if not isinstance(run, Run):
         run = Run.from_dict(run)
     partial, result = partial_file(runs_dir, run.run_id), None
@@ -227,25 +148,10 @@ def record_failure(run: Run | Mapping, task_name: str, runs_dir: str, message: s
         saved = read_run(partial)
         result = Result(arrays=saved["arrays"], scalars=saved["scalars"], coords=saved["coords"])
         message += "; the results it saved before (save_partial) are kept"
-    _write_run_file(run, task_name, runs_dir, "failed", message, "", result, {})
+    write_run_file(run, task_name, runs_dir, "failed", message, "", result, {})
     with contextlib.suppress(FileNotFoundError):
         os.remove(partial)
     return {"run_id": run.run_id, "status": "failed", "error": message, "seconds": float("nan")}
-
-
-def run_status(path: str) -> str | None:
-    """The status stored in a run file, or None when it is absent or unreadable."""
-    try:
-        with archive.open_file(path) as f:
-            return str(f.attrs["status"])
-    except (ArchiveError, KeyError):
-        return None
-
-
-def read_run(path: str) -> dict:
-    """A run file as {attrs, config, arrays: name -> (dims, array), scalars: name -> float, coords}."""
-    with archive.open_file(path) as f:
-        return _run_contents(f, path)
 
 
 # ------------------------------------------------------------------------------------ local executor
@@ -261,8 +167,6 @@ def _init_worker(driver_pid: int, events):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         try:
-            import ctypes
-
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):  # pragma: no cover
             _watch_parent(driver_pid)
@@ -274,8 +178,6 @@ def _init_worker(driver_pid: int, events):
 
 
 def _watch_parent(driver_pid: int):
-    import threading
-
     def watch():
         while os.getppid() == driver_pid:
             time.sleep(0.5)
@@ -418,9 +320,7 @@ class SweepLockedError(RuntimeError):
 @contextlib.contextmanager
 def _driver_lock(out_dir: str):
     path = os.path.join(out_dir, ".sweep.lock")
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no lock
+    if fcntl is None:  # pragma: no cover - not POSIX: no lock
         yield
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -478,8 +378,6 @@ def run_sweep(study: Study, out_dir: str, workers: int = 2, retry_failed: bool =
     before it ends. ``stats``: a dict filled with the counts (total, skipped, ran, done, failed).
     ``max_runs``: a larger study is refused (:func:`check_run_count`) before anything is written.
     """
-    from tqdm import tqdm
-
     check_run_count(study, max_runs)
     out_dir = os.path.abspath(out_dir)
     rdir = runs_folder(out_dir)
@@ -701,240 +599,3 @@ def _attach(ds: h5py.Dataset, dims: list, scales: dict):
         ds.dims[i].label = d
         if d in scales:
             ds.dims[i].attach_scale(scales[d])
-
-
-# ------------------------------------------------------------------------------------ reading
-# Every name and value read back from an archive is checked before use: a hostile or damaged file gives
-# an ArchiveError naming the file and the part, never a traceback, a path outside the output folder or
-# an allocation beyond what the archive holds.
-COUNTS = ("n_runs", "n_done", "n_failed", "n_missing")
-STATUSES = ("done", "failed", "missing")
-
-
-def _attr(v):
-    if isinstance(v, bytes):
-        return v.decode(errors="replace")
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-def _json(path: str, where: str, text, kind: type):
-    """An attribute holding JSON of type ``kind``."""
-    if not isinstance(text, str):
-        raise ArchiveError(path, f"{where} is {type(text).__name__}, expected JSON text")
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise ArchiveError(path, f"{where} is not valid JSON ({e})") from None
-    if not isinstance(value, kind):
-        raise ArchiveError(path, f"{where} holds a JSON {type(value).__name__}, expected a {kind.__name__}")
-    return value
-
-
-def _names(path: str, where: str, values) -> list:
-    if not all(isinstance(v, str) and v for v in values):
-        raise ArchiveError(path, f"{where} = {values!r}: expected non-empty strings")
-    return list(values)
-
-
-def _member(path: str, group: h5py.Group, name: str, kind: type):
-    """``group[name]``, which must exist and be a ``kind`` (h5py.Group or h5py.Dataset)."""
-    where = f"{group.name.rstrip('/')}/{name}"
-    if name not in group:
-        raise ArchiveError(path, f"{where} is missing")
-    obj = group[name]
-    if not isinstance(obj, kind):
-        raise ArchiveError(path, f"{where} is not a {'group' if kind is h5py.Group else 'dataset'}")
-    return obj
-
-
-def read_header(f: h5py.File, path: str) -> dict:
-    """The root attributes of a sweep archive, checked: the format, ``study_name`` a valid file name,
-    ``task`` and the other texts strings, ``axes`` JSON {name: non-empty list}, the counts of runs
-    consistent with the axes. ``axes`` and ``axis_keys`` are returned parsed."""
-    a = {k: _attr(v) for k, v in f.attrs.items()}
-    if a.get("format") != FORMAT:
-        raise ArchiveError(path, f"is not a sweep archive (format {a.get('format')!r}, expected {FORMAT!r})")
-    for key in ("study_name", "task", "study", "created", "host", "git_commit", "axes"):
-        if not isinstance(a.get(key), str):
-            raise ArchiveError(path, f"attribute {key!r} is {'missing' if key not in a else repr(a[key])}; "
-                                     "expected a string")
-    for key in ("profile", "description"):
-        if not isinstance(a.setdefault(key, ""), str):
-            raise ArchiveError(path, f"attribute {key!r} = {a[key]!r}; expected a string")
-    if not valid_name(a["study_name"]):
-        raise ArchiveError(path, f"study_name = {a['study_name']!r} is not a valid name; allowed: letters, "
-                                 "digits and _ . + -, not starting with '.' (a file name)")
-    axes = _json(path, "attribute 'axes'", a["axes"], dict)
-    for name, values in axes.items():
-        if not valid_name(name) or not isinstance(values, list) or not values:
-            raise ArchiveError(path, f"attribute 'axes': axis {name!r} = {values!r}; expected a name and a "
-                                     "non-empty list")
-    a["axes"] = axes
-    keys = _json(path, "attribute 'axis_keys'", a.get("axis_keys", "{}"), dict)
-    a["axis_keys"] = {k: _names(path, f"attribute 'axis_keys' of {k!r}", v if isinstance(v, list) else [v])
-                      for k, v in keys.items()}
-    for key in COUNTS:
-        if isinstance(a.get(key), bool) or not isinstance(a.get(key), int) or a[key] < 0:
-            raise ArchiveError(path, f"attribute {key!r} = {a.get(key)!r}; expected an integer >= 0")
-    points = int(np.prod([len(v) for v in axes.values()]))
-    if a["n_runs"] != points or a["n_done"] + a["n_failed"] + a["n_missing"] != points:
-        raise ArchiveError(path, f"counts of runs {[a[k] for k in COUNTS]} ({', '.join(COUNTS)}) do not add "
-                                 f"up to the {points} points of the axes")
-    return a
-
-
-def read_layout(f: h5py.File, path: str) -> dict:
-    """The checked header (:func:`read_header`) and the layout of ``/data`` without reading its data:
-    ``dims`` {dataset: its dims}, ``coords`` (the coordinate names), ``sizes`` {dim: length}. Every
-    dataset's shape must be what its dims imply (the sweep axes' lengths, the result dimensions'
-    coordinates), the coordinates and status wholly stored, and no result hold more values per run than
-    the largest array a run stored: a file cannot claim arrays beyond what it holds."""
-    head = read_header(f, path)
-    data = _member(path, f, "data", h5py.Group)
-    coords = _names(path, "/data attribute 'coordinates'",
-                    _json(path, "/data attribute 'coordinates'", _attr(data.attrs.get("coordinates")), list))
-    dims, datasets = {}, {}
-    for name in data:
-        ds = _member(path, data, name, h5py.Dataset)
-        d = _names(path, f"{ds.name} attribute 'dims'", _json(path, f"{ds.name} attribute 'dims'",
-                                                               _attr(ds.attrs.get("dims")), list))
-        if len(d) != ds.ndim or len(set(d)) != len(d):
-            raise ArchiveError(path, f"{ds.name} has {ds.ndim} dimensions but its attribute 'dims' names {d}")
-        dims[name], datasets[name] = d, ds
-        strings = h5py.check_string_dtype(ds.dtype) is not None
-        if (name in RESERVED and not strings) or (name not in RESERVED and name not in coords and
-                                                  ds.dtype.kind not in "biufc"):
-            raise ArchiveError(path, f"{ds.name} has dtype {ds.dtype}; expected "
-                                     f"{'strings' if name in RESERVED else 'numbers'}")
-    missing = [c for c in coords if c not in dims] or [a for a in head["axes"] if a not in coords]
-    if missing:
-        raise ArchiveError(path, f"/data attribute 'coordinates' = {coords} does not match the datasets and "
-                                 f"axes ({missing})")
-    sizes = {a: len(v) for a, v in head["axes"].items()}
-    for name in list(head["axes"]) + [n for n in coords if dims.get(n) == [n]] + list(RESERVED):
-        if name not in dims:
-            raise ArchiveError(path, f"/data/{name} is missing")
-        if name in coords and dims[name] == [name]:
-            sizes.setdefault(name, datasets[name].shape[0])
-    axes = list(head["axes"])
-    largest = _largest_run_array(f, path)
-    for name, d in dims.items():
-        unknown = [x for x in d if x not in sizes]
-        if unknown:
-            raise ArchiveError(path, f"/data/{name}: dimension(s) {unknown} have no coordinate")
-        implied = tuple(sizes[x] for x in d)
-        if datasets[name].shape != implied:
-            raise ArchiveError(path, f"/data/{name} has shape {datasets[name].shape}, but its dims {d} imply "
-                                     f"{implied}")
-        if name in coords or name in RESERVED:  # written whole: their size is backed by the file
-            archive.check_stored(datasets[name], path)
-        if name not in coords and name not in RESERVED:
-            if d[:len(axes)] != axes:
-                raise ArchiveError(path, f"/data/{name} has dims {d}; a result's first dims are the axes {axes}")
-            if int(np.prod(implied[len(axes):])) > largest:
-                raise ArchiveError(path, f"/data/{name} holds {int(np.prod(implied[len(axes):]))} values per run, "
-                                         f"more than any run stored ({largest})")
-        if name in RESERVED and d != axes:
-            raise ArchiveError(path, f"/data/{name} has dims {d}; expected the axes {axes}")
-    return {"attrs": head, "dims": dims, "coords": coords, "sizes": sizes}
-
-
-def _largest_run_array(f: h5py.File, path: str) -> int:
-    """The size of the largest array a run copy stores wholly (1: a scalar)."""
-    largest = 1
-    for g in _member(path, f, "runs", h5py.Group).values():
-        arrays = g.get("arrays") if isinstance(g, h5py.Group) else None
-        for ds in (arrays.values() if isinstance(arrays, h5py.Group) else ()):
-            if isinstance(ds, h5py.Dataset) and ds.size > largest:
-                archive.check_stored(ds, path)
-                largest = ds.size
-    return largest
-
-
-def _decode(ds: h5py.Dataset, path: str) -> np.ndarray:
-    if h5py.check_string_dtype(ds.dtype) is not None:
-        return np.asarray(ds.asstr(errors="replace")[()], dtype=object).astype(str)
-    if ds.dtype.kind not in "biufc":
-        raise ArchiveError(path, f"{ds.name} has dtype {ds.dtype}; expected numbers or strings")
-    return ds[()]
-
-
-def open_dataset(path: str):
-    """The archive's stacked results as an ``xarray.Dataset`` (read with h5py, loaded into memory): the
-    sweep axes and result dimensions as named dims with coordinates, ``status``/``error``/``run_id`` and
-    every result as variables, the archive's attributes as ``attrs`` (``axes``, ``base`` and ``study``
-    hold JSON and TOML text). Raises :class:`~substrate.errors.ArchiveError` naming the file and the part
-    when it is not a readable, consistent sweep archive (see :func:`read_layout`)."""
-    import xarray as xr
-
-    with archive.open_file(path) as f:
-        layout = read_layout(f, path)
-        data = f["data"]
-        need = sum(data[n].size * data[n].dtype.itemsize for n in layout["dims"])
-        if need > _memory():
-            raise ArchiveError(path, f"its data take {need / 2 ** 30:.1f} GiB, more than this machine's memory")
-        coords, data_vars = {}, {}
-        for name, dims in layout["dims"].items():
-            (coords if name in layout["coords"] else data_vars)[name] = (tuple(dims), _decode(data[name], path))
-        attrs = {k: _attr(v) for k, v in f.attrs.items() if k != archive.TEXT_CRC}
-    bad = sorted(set(np.unique(data_vars["status"][1]).tolist()) - set(STATUSES))
-    if bad:
-        raise ArchiveError(path, f"/data/status holds {bad}; allowed: {', '.join(STATUSES)}")
-    return xr.Dataset(data_vars, coords, attrs)
-
-
-def _memory() -> int:
-    """Bytes of physical memory (no limit where the system does not tell)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
-        return 2 ** 63
-
-
-def read_runs(f: h5py.File, path: str):
-    """Each run copy of an archive, checked: yields (run_id, status, coords, error)."""
-    runs = _member(path, f, "runs", h5py.Group)
-    for rid in runs:
-        g = _member(path, runs, rid, h5py.Group)
-        a = {k: _attr(g.attrs.get(k)) for k in ("status", "error", "coords")}
-        if a["status"] not in ("done", "failed") or not isinstance(a["error"], str):
-            raise ArchiveError(path, f"{g.name}: status {a['status']!r} and error {a['error']!r}; expected "
-                                     "'done' or 'failed' and a string")
-        yield rid, a["status"], _json(path, f"{g.name} attribute 'coords'", a["coords"], dict), a["error"]
-
-
-def load_run(path: str, rid: str) -> dict:
-    """One run of an archive: {attrs, config, arrays: name -> (dims, array), scalars}."""
-    with archive.open_file(path) as f:
-        g = _member(path, _member(path, f, "runs", h5py.Group), rid, h5py.Group)
-        return _run_contents(g, path)
-
-
-def _run_contents(g: h5py.Group, path: str) -> dict:
-    """A run (a run file's root, or its copy in an archive), checked."""
-    attrs = {k: _attr(v) for k, v in g.attrs.items() if k != archive.TEXT_CRC}
-    where = g.name.rstrip("/")
-    dims = _json(path, f"{where} attribute 'array_dims'", attrs.get("array_dims", "{}"), dict)
-    arrays, scalars = {}, {}
-    for part, out in (("arrays", arrays), ("scalars", scalars)):
-        if part not in g:
-            continue
-        for k in _member(path, g, part, h5py.Group):
-            ds = _member(path, g[part], k, h5py.Dataset)
-            archive.check_stored(ds, path)
-            value = _decode(ds, path)
-            if part == "scalars":
-                if value.ndim or value.dtype.kind not in "biuf":
-                    raise ArchiveError(path, f"{ds.name} is {value.dtype} of shape {value.shape}; expected a "
-                                             "real number")
-                out[k] = float(value)
-            else:
-                d = dims.get(k, [])
-                if not isinstance(d, list) or len(d) != value.ndim:
-                    raise ArchiveError(path, f"{ds.name}: dims {d!r} do not name its {value.ndim} axes")
-                out[k] = (tuple(d), value)
-    config = _json(path, f"{where} attribute 'config'", attrs.get("config"), dict)
-    coords = _json(path, f"{where} attribute 'array_coords'", attrs.get("array_coords", "{}"), dict)
-    return {"attrs": attrs, "config": config, "arrays": arrays, "scalars": scalars, "coords": coords}

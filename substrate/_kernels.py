@@ -7,7 +7,7 @@ flat weight buffer ``wbuf``; row ``c`` of the int64 table ``conn`` is
 (post size, pre size) matrix ``wbuf[offset : offset + post*pre]``. Layers are row ranges
 ``layer_off[l] : layer_off[l+1]`` with activation code ``layer_act[l]``.
 
-The circuit (REFERENCES section 1) is ``tau du/dt = F(u) = -u + N(u)`` with the non-leak part
+The circuit (docs/equations.md, section 1) is ``tau du/dt = F(u) = -u + N(u)`` with the non-leak part
 ``N(u) = W rho(u) + drive``; ``drive = V x + b`` is computed once per sample by the caller, never per
 step. Steppers are written in terms of N so that exponential integrators treat the leak exactly.
 
@@ -323,7 +323,7 @@ def weight_vjp(w, r, conn, out):
 @njit
 def teach(nudge, r, out):
     """out[lo:hi] += beta dl/dr, the teaching current into the nudged layer (rows lo:hi) for the
-    per-sample cost l of its activities r[lo:hi] (REFERENCES section 4):
+    per-sample cost l of its activities r[lo:hi] (docs/equations.md, section 4.1):
 
     * SQUARED_ERROR: l = 0.5 ||r - y||^2, dl/dr = r - y;
     * CROSS_ENTROPY through a linear readout z = W_o r + b_o: l = -sum_c y_c log softmax(z)_c,
@@ -548,7 +548,7 @@ def activate_device(u, layer_off, layer_act, gain, offset, row, out):
 
 
 # --------------------------------------------------------------------------------------------
-# phi functions of exponential integrators (REFERENCES section 2)
+# phi functions of exponential integrators (docs/equations.md, section 2)
 # --------------------------------------------------------------------------------------------
 def _expm1(z):
     return np.expm1(z)
@@ -594,7 +594,7 @@ def coefficients(family, method, h, a, bw, tauinv, alpha, coef):
 
     where S_j is the stage slope k_j = F(Y_j)/tau for an explicit RK method (alpha = 1, coef = h a,
     last row h b) and N(Y_j) for an exponential one, whose coefficients include the factor h/tau:
-    ETD1 and ETD2RK as in REFERENCES section 2, ETDRK4 of Cox & Matthews (2002) eq. (26)-(29) written
+    ETD1 and ETD2RK as in docs/equations.md, section 2, ETDRK4 of Cox & Matthews (2002) eq. (26)-(29) written
     with phi_1..phi_3."""
     s = coef.shape[1]
     for i in range(tauinv.shape[0]):
@@ -889,7 +889,7 @@ def run(family, method, a, bw, ew, fsal, adaptive,
 
 
 # --------------------------------------------------------------------------------------------
-# Discrete adjoint: the exact gradient of the steps ``run`` took (REFERENCES section 3)
+# Discrete adjoint: the exact gradient of the steps ``run`` took (docs/equations.md, section 3.2)
 # --------------------------------------------------------------------------------------------
 @njit
 def replay(family, method, a, bw, u0, nsteps, hs, drive, wbuf, conn, layer_off, layer_act, tauinv,
@@ -1131,7 +1131,7 @@ def adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, save_step, 
 
 
 # --------------------------------------------------------------------------------------------
-# Continuous adjoint with exponential integration (REFERENCES section 3, the AdjointDPM idea)
+# Continuous adjoint with exponential integration (docs/equations.md, section 3.3, the AdjointDPM idea)
 # --------------------------------------------------------------------------------------------
 @njit
 def _adjoint_drive(lam, u, tauinv, tau, wbuf, conn, layer_off, layer_act, tmp, w, dprime, out):

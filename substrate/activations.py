@@ -1,4 +1,4 @@
-"""Activation functions rho of the analog neurons (REFERENCES section 1).
+"""Activation functions rho of the analog neurons (docs/equations.md, section 1).
 
 Each activation has a stable integer code used by the compiled kernels (``_kernels.activate``) and a
 NumPy reference implementation used by tests and by Python-level code that does not run per step.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _kernels as K
+from .activations import HOLOMORPHIC
 from .errors import SubstrateValueError
 from .network import Network, check_dtype, effects_neurons
 
@@ -32,21 +33,16 @@ def resolve_dtype(network: Network, dtype=None) -> np.dtype:
     net = network.dtype
     dtype = net if dtype is None else check_dtype(dtype)
     if dtype == np.complex128:
-        bad = [x.name for x in network.layers if x.activation not in _holomorphic()]
+        bad = [x.name for x in network.layers if x.activation not in HOLOMORPHIC]
         if bad:
             raise SubstrateValueError(
                 f"dtype=complex128 needs holomorphic activations; layers {bad} use "
-                f"{sorted({network.layer(b).activation for b in bad})} (allowed: {sorted(_holomorphic())})")
+                f"{sorted({network.layer(b).activation for b in bad})} (allowed: {sorted(HOLOMORPHIC)})")
     if not (dtype == net or (net == np.float64 and dtype == np.complex128)):
         raise SubstrateValueError(
             f"mismatched dtypes: the network's parameters are {net} but dtype={dtype} was asked; "
             f"allowed: {net}" + (" or complex128" if net == np.float64 else ""))
     return dtype
-
-
-def _holomorphic():
-    from .activations import HOLOMORPHIC
-    return HOLOMORPHIC
 
 
 class VectorField:

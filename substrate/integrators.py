@@ -1,4 +1,4 @@
-"""Integrators for tau du/dt = F(u) = -u + N(u) (REFERENCES section 2), and the two entry points
+"""Integrators for tau du/dt = F(u) = -u + N(u) (docs/equations.md, section 2), and the two entry points
 :func:`integrate` (a time span with saved points) and :func:`relax` (to a steady state).
 
 A stepper is data: an explicit Runge-Kutta tableau or the name of an exponential method. One compiled
@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
 from . import _kernels as K
+from . import validate
 from .dynamics import VectorField, rightmost_eigenvalues
 from .errors import ConvergenceError, DivergenceError, StepSizeError, SubstrateValueError
 from .network import Network, _shown, effects_neurons
@@ -162,35 +164,11 @@ class Solution:
 
 
 # ------------------------------------------------------------------------------------ checks
-def _positive(value, name, allow_none=False, allow_inf=False):
-    if value is None and allow_none:
-        return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise SubstrateValueError(f"{name}={value!r} must be a positive number") from None
-    if not (v > 0) or (math.isinf(v) and not allow_inf) or math.isnan(v):
-        raise SubstrateValueError(f"{name}={value!r} must be a positive{'' if allow_inf else ' finite'} number")
-    return v
-
-
-def _nonnegative(value, name):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise SubstrateValueError(f"{name}={value!r} must be a number >= 0") from None
-    if not (v >= 0) or math.isinf(v):
-        raise SubstrateValueError(f"{name}={value!r} must be a finite number >= 0")
-    return v
-
-
-_INT64_MAX = 2 ** 63 - 1  # the compiled kernels count steps in int64
-
-
-def _count(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= _INT64_MAX:
-        raise SubstrateValueError(f"{name}={value!r} must be a positive integer <= 2**63 - 1")
-    return int(value)
+# the engine's wording: what is no number is refused first ("dt='big' must be a positive number")
+_positive = partial(validate.positive, staged=True)
+_nonnegative = partial(validate.nonnegative, staged=True)
+# the compiled kernels count steps in int64
+_count = partial(validate.count, maximum=2 ** 63 - 1, allowed="a positive integer <= 2**63 - 1")
 
 
 # The largest single array (saved states, step sizes, checkpoints) a call may allocate: a typo in dt,

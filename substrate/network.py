@@ -1,4 +1,4 @@
-"""The circuit: layers of leaky neurons and the connections between them (REFERENCES section 1).
+"""The circuit: layers of leaky neurons and the connections between them (docs/equations.md, section 1).
 
     tau_i du_i/dt = F_i(u) = -u_i + sum_j W_ij rho(u_j) + sum_k V_ik x_k + b_i
 
@@ -427,7 +427,7 @@ class Network:
 
         Weights are drawn uniform in +-init_scale/sqrt(fan_in) (PyTorch's default init, as in
         Laborieux & Zenke). feedback: ``"tied"`` (B = W^T, kept tied), ``"independent"`` (B =
-        sin(a) B_indep + cos(a) W^T with a = asymmetry_angle in degrees, REFERENCES section 4), or
+        sin(a) B_indep + cos(a) W^T with a = asymmetry_angle in degrees, docs/equations.md, section 1), or
         ``"none"``. lateral: all-to-all connections inside each hidden layer, diagonal masked out.
         loop: an independent connection from the output layer back to the first hidden layer.
         Layer names: ``x`` (input), ``h1``..``hK``, ``y`` (output).

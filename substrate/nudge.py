@@ -1,4 +1,4 @@
-"""A teaching current into one layer: the nudge of equilibrium propagation (REFERENCES section 4).
+"""A teaching current into one layer: the nudge of equilibrium propagation (docs/equations.md, section 4.1).
 
     tau du/dt = F(u) + beta dl/dr_L        (on the rows of the nudged layer L)
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _kernels as K
+from .activations import rho
 from .errors import SubstrateValueError
 
 COSTS = {"squared_error": K.SQUARED_ERROR, "cross_entropy": K.CROSS_ENTROPY}
@@ -138,8 +139,6 @@ class Nudge:
 
     def current(self, network, u):
         """beta dl/dr_L at states u (batch, n), as a (batch, n) array (zero outside the layer)."""
-        from .activations import rho
-
         sl = network.slices[self.cost.layer]
         layer = network.layer(self.cost.layer)
         out = np.zeros_like(u)

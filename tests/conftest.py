@@ -8,7 +8,7 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
-    """Models the studies train (studies.dpm_tasks.trained_model) are cached in a directory of the
+    """Models the studies train (studies.catalogue.dpm_gradients.trained_model) are cached in a directory of the
     session, not in the user's ~/.cache: tests start from nothing and leave nothing behind. Set in
     the environment so that sweep worker processes see it."""
     old = os.environ.get("SUBSTRATE_CACHE")

@@ -1,4 +1,4 @@
-"""Gradients through the dynamics: ``substrate.gradient`` (REFERENCES section 3).
+"""Gradients through the dynamics: ``substrate.gradient`` (docs/equations.md, section 3).
 
 The model is tau du/dt = F(u) = -u + W rho(u) + V x + b and the loss a callable
 ``loss(u) -> (value, dL/du)``. Every gradient that ``Gradients`` returns (weights, biases, tau,
@@ -7,7 +7,7 @@ inputs x, initial state u0) is checked against independent references:
 1. the discrete adjoint of every integrator against central finite differences of the loss computed
    with ``substrate.integrate`` (same steps): every entry of several parameters;
 2. the discrete adjoint against torch autograd through the *same* discrete steps, written here from
-   the published step formulas (explicit RK tableaux; ETD1/ETD2RK from REFERENCES section 2, ETDRK4
+   the published step formulas (explicit RK tableaux; ETD1/ETD2RK from docs/equations.md, section 2, ETDRK4
    in the closed form of Cox & Matthews 2002 eq. (26)-(29)), not from ``_kernels.coefficients``;
    for adaptive dopri5 through the accepted steps (``Gradients.step_sizes``);
 3. a loss on the whole trajectory (with t_eval[0] = t0, so u0 gets a direct term);

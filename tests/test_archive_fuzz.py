@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from studies import plots
+from studies import archives, figures
 from studies import sweep as sw
+from studies.catalogue import TASKS
 from studies.cli import main
 from studies.config import load_study
 from substrate import archive
@@ -48,14 +49,14 @@ max_steps = [2, 300]
 @pytest.fixture(scope="module")
 def intact(tmp_path_factory):
     """The archive, and what each reader gives for it: the dataset, the output of info, the figure name."""
-    study = load_study("fuzz.toml", text=STUDY)
+    study = load_study("fuzz.toml", text=STUDY, tasks=TASKS)
     path = sw.run_sweep(study, str(tmp_path_factory.mktemp("fuzz")), progress=False,
                         executor=sw.SerialExecutor())
     info = CliRunner().invoke(main, ["info", path])
     assert info.exit_code == 0, info.output
-    fig, name = plots.draw(path)
+    fig, name = figures.draw(path, TASKS)
     plt.close(fig)
-    return {"path": path, "dataset": sw.open_dataset(path), "info": info.output, "name": name}
+    return {"path": path, "dataset": archives.open_dataset(path), "info": info.output, "name": name}
 
 
 def _copy(intact, tmp_path, name="a.h5"):
@@ -72,7 +73,7 @@ def _read_all(path, intact, edited=False) -> dict:
     out = {}
     same = "read" if edited else "correct"
     try:
-        ds = sw.open_dataset(path)
+        ds = archives.open_dataset(path)
         out["open_dataset"] = same if edited or ds.identical(intact["dataset"]) else "wrong"
     except ArchiveError as e:
         out["open_dataset"] = "error" if str(e).startswith(f"{path}: ") and "\n" not in str(e) else "wrong"
@@ -88,7 +89,7 @@ def _read_all(path, intact, edited=False) -> dict:
         out["info"] = "error" if result.exit_code == 1 and len(lines) == 1 and \
             lines[0].startswith(f"substrate: error: {path}: ") else "wrong"
     try:
-        fig, name = plots.draw(path)
+        fig, name = figures.draw(path, TASKS)
         plt.close(fig)
         out["plot"] = same if out["open_dataset"] == same and (edited or name == intact["name"]) else "wrong"
     except ArchiveError as e:
@@ -325,18 +326,18 @@ def test_a_flipped_bit_in_any_data_chunk_is_detected(intact, tmp_path):
             fh.write(flipped)
         if name.startswith("data/"):
             with pytest.raises(ArchiveError, match=f"^{path}: is corrupt: HDF5 cannot read it"):
-                sw.open_dataset(path)
+                archives.open_dataset(path)
         else:
             with pytest.raises(ArchiveError, match=f"^{path}: is corrupt"):
-                sw.load_run(path, name.split("/")[1])
+                archives.load_run(path, name.split("/")[1])
 
 
 def test_load_run_refuses_what_is_not_a_run(intact, tmp_path):
     path = intact["path"]
     rid = str(intact["dataset"]["run_id"].values.ravel()[0])
-    assert sw.load_run(path, rid)["config"]["network"]["sizes"] == [64, 4, 10]
+    assert archives.load_run(path, rid)["config"]["network"]["sizes"] == [64, 4, 10]
     with pytest.raises(ArchiveError, match=r"/runs/0123456789abcdef is missing"):
-        sw.load_run(path, "0123456789abcdef")
+        archives.load_run(path, "0123456789abcdef")
     copy = _copy(intact, tmp_path)
     with h5py.File(copy, "r+") as f:
         f["runs"][rid].attrs["config"] = "{not json"
@@ -346,7 +347,7 @@ def test_load_run_refuses_what_is_not_a_run(intact, tmp_path):
         archive.seal(f)
     with pytest.raises(ArchiveError, match=rf"/runs/{rid}/scalars/nfev is float64 of shape \(3,\); expected a "
                                            "real number"):
-        sw.load_run(copy, rid)
+        archives.load_run(copy, rid)
 
 
 def test_plot_writes_only_into_out(intact, tmp_path):
@@ -379,7 +380,7 @@ def test_a_fifo_or_a_device_is_refused_without_blocking(tmp_path, command):
     os.mkfifo(fifo)
     for path in (fifo, "/dev/zero"):
         with pytest.raises(ArchiveError, match="is not a regular file"):
-            sw.open_dataset(path)
+            archives.open_dataset(path)
     done = _cli(command, fifo)
     assert done.returncode == 1 and done.stderr == \
         f"substrate: error: {fifo}: is not a regular file (a directory, FIFO or device is no archive)\n"
@@ -400,7 +401,7 @@ def test_data_beyond_memory_is_refused_up_front(intact, monkeypatch):
     """A consistent archive whose data would not fit in memory is refused before anything is read
     (here: a machine of 20 kB; the intact archive needs more)."""
     need = sum(v.nbytes for v in intact["dataset"].variables.values())
-    monkeypatch.setattr(sw, "_memory", lambda: 20_000)
+    monkeypatch.setattr(archives, "_memory", lambda: 20_000)
     assert need > 20_000
     with pytest.raises(ArchiveError, match=r"its data take 0\.0 GiB, more than this machine's memory"):
-        sw.open_dataset(intact["path"])
+        archives.open_dataset(intact["path"])

@@ -19,11 +19,13 @@ import distributed  # noqa: F401,E402  (a dependency: dask[distributed])
 
 from distributed import Client  # noqa: E402
 
+from studies import archives  # noqa: E402
 from studies import sweep as sw  # noqa: E402
+from studies.catalogue import TASKS  # noqa: E402
+from studies.catalogue.selftest import run_selftest  # noqa: E402
 from studies.config import load_study  # noqa: E402
 from studies.dask_executor import (DaskExecutor, DaskSweepError, DaskUnavailableError,  # noqa: E402
                                    _check_visible, _execute_on_worker, make_executor)
-from studies.tasks import run_selftest  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses SIGKILL and process groups")
 
@@ -133,7 +135,7 @@ def _assert_same_bits(a: np.ndarray, b: np.ndarray, what: str):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_debug_sweep_on_dask_matches_a_local_sweep_bit_for_bit(cluster, tmp_path, path):
-    study = load_study(path, "debug")
+    study = load_study(path, "debug", tasks=TASKS)
     cluster.wait_for_workers(2)
     executor = make_executor(cluster.address, 2)
     assert isinstance(executor, DaskExecutor)
@@ -143,7 +145,7 @@ def test_debug_sweep_on_dask_matches_a_local_sweep_bit_for_bit(cluster, tmp_path
     assert stats["ran"] == n and stats["done"] + stats["failed"] == n
     local_archive = sw.run_sweep(study, str(tmp_path / "local"), executor=sw.SerialExecutor(), progress=False)
 
-    dask, local = sw.open_dataset(dask_archive), sw.open_dataset(local_archive)
+    dask, local = archives.open_dataset(dask_archive), archives.open_dataset(local_archive)
     assert int(dask.attrs["n_runs"]) == n and int(dask.attrs["n_missing"]) == 0
     assert int(dask.attrs["n_done"]) == int(local.attrs["n_done"]) > 0
     assert set(dask.data_vars) == set(local.data_vars) and set(dask.coords) == set(local.coords)
@@ -187,7 +189,7 @@ fail = {json.dumps([fail.get(v, "none") for v in values])}
 """
     path = tmp_path / f"{name}.toml"
     path.write_text(text)
-    return load_study(str(path))
+    return load_study(str(path), tasks=TASKS)
 
 
 class KillWhileRunning:
@@ -264,7 +266,7 @@ def test_a_worker_killed_mid_sweep_loses_and_duplicates_no_run(cluster, tmp_path
     lost = sw.read_run(sw.run_file(os.path.join(out, "runs"), killed["run_id"]))
     assert lost["attrs"]["status"] == "done" and lost["attrs"]["pid"] != killed["pid"]
     # and its results, like every run's, are those of the task
-    ds = sw.open_dataset(archive)
+    ds = archives.open_dataset(archive)
     assert (ds["status"] == "done").all()
     for run in study.runs():
         want = run_selftest(dict(run.config, sleep=0.0), run.seed).arrays["trace"][1]
@@ -285,7 +287,7 @@ def test_a_run_that_kills_every_worker_it_runs_on_is_recorded_as_failed(cluster,
     archive = sw.run_sweep(study, out, executor=DaskExecutor(cluster.address), progress=False, stats=stats)
     assert stats["ran"] == 4 and stats["done"] == 3 and stats["failed"] == 1
     _check_complete(out, study)
-    ds = sw.open_dataset(archive)
+    ds = archives.open_dataset(archive)
     status = dict(zip(ds["value"].values.tolist(), ds["status"].values[:, 0].tolist()))
     assert status == {1.0: "done", 2.0: "done", 3.0: "done", 4.0: "failed"}
     error = str(ds["error"].values[3, 0])

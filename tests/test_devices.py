@@ -1,4 +1,4 @@
-"""Device imperfections (substrate.devices, REFERENCES section 6): a network on a device.
+"""Device imperfections (substrate.devices, docs/equations.md, section 6): a network on a device.
 
 * The ideal device (``Device()``, ``preset("ideal")``) reproduces the network without a device bit for
   bit (relax, integrate, EP, gradients); a device scaled to zero does too, exactly when no
@@ -219,7 +219,7 @@ def test_programming_noise_sigma_against_the_polynomial(g_max):
 
 def test_drift_with_a_fixed_exponent():
     """nu = 0.049, no spread: after an hour every weight is W ((3600 + 20)/20)^-0.049 (~0.775,
-    REFERENCES); a rewritten weight is young again (age 0: factor 1), the others keep drifting."""
+    docs/equations.md, section 6.2); a rewritten weight is young again (age 0: factor 1), the others keep drifting."""
     rng = np.random.default_rng(4)
     W = rng.uniform(-1, 1, (40, 50))
     hw, c, xb = crossbar(W, D.Drift(nu=0.049))
@@ -534,7 +534,7 @@ def test_every_policy_and_effect_runs_in_float32():
 
 
 def test_ep_shares_the_read_noise_draw_between_phases_with_the_equilibrium_policy():
-    """REFERENCES 6: both phases must see the same device state; noise redrawn per phase adds an
+    """docs/equations.md, section 6: both phases must see the same device state; noise redrawn per phase adds an
     error ~ s/beta. With "equilibrium", centred EP at beta = 1e-3 matches the exact gradient of the
     network as read (the held draw) to its O(beta^2) bias (measured 2.5e-6; bound 1e-4); with
     "phase" the error is O(1) and scales as 1/beta (the same draws at beta = 1e-2 and 1e-3: ratio 10).

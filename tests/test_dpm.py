@@ -1,4 +1,4 @@
-"""The diffusion model of models/dpm.py (REFERENCES section 3): its schedule, and its probability-flow
+"""The diffusion model of models/dpm.py (docs/equations.md, section 7): its schedule, and its probability-flow
 ODE, original and reparameterised (y = x / alpha, rho = sigma / alpha), against scipy's solve_ivp.
 
 * The schedule against closed forms: lambda and its inverse, alpha^2 + sigma^2 = 1, f = d log alpha/dt
@@ -348,7 +348,7 @@ def test_the_gradient_study_measures_convergence():
     than 100x from 8 to 128 evaluations (fourth order: ~1e4 expected; measured > 1e3) for both
     adjoints, and the reference's own error (400 RK4 steps against 200) is below 1e-7 (measured 3e-9)."""
     from studies.config import resolve
-    from studies.dpm_tasks import GRADIENTS_SCHEMA, run_dpm_gradients
+    from studies.catalogue.dpm_gradients import GRADIENTS_SCHEMA, run_dpm_gradients
 
     config = resolve(GRADIENTS_SCHEMA, {"model": {"train_steps": 200, "hidden": 16, "samples": 512},
                                         "methods": ["original/logsnr/rk4", "reparameterised/logsnr/midpoint"],
@@ -365,7 +365,7 @@ def test_the_gradient_study_measures_convergence():
 
 # ------------------------------------------------------------------------------------ the studies' model cache
 def tiny_model_config():
-    from studies.dpm_tasks import MODEL
+    from studies.catalogue.dpm_gradients import MODEL
 
     config = {k: f.default for k, f in MODEL.items()}
     config.update(samples=64, hidden=4, depth=1, embed=2, train_steps=2, batch=8)
@@ -391,28 +391,28 @@ def test_model_cache_never_runs_a_planted_pickle(tmp_path, monkeypatch):
     not passed): the load is weights_only=True, the file is refused with a warning and replaced."""
     import os
 
-    from studies import dpm_tasks
+    from studies.catalogue import dpm_gradients
 
     monkeypatch.setenv("SUBSTRATE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     config = tiny_model_config()
-    _, _, _, seconds = dpm_tasks.trained_model(config, seed=0)
+    _, _, _, seconds = dpm_gradients.trained_model(config, seed=0)
     assert seconds > 0  # trained, then cached
     for f in (tmp_path / "cache", tmp_path / "cache" / "dpm"):
         assert f.stat().st_mode & 0o777 == 0o700
     [path] = (tmp_path / "cache" / "dpm").glob("*.pt")
-    assert dpm_tasks.trained_model(config, seed=0)[3] == 0.0  # from the cache
+    assert dpm_gradients.trained_model(config, seed=0)[3] == 0.0  # from the cache
     marker = tmp_path / "code-ran"
     torch.save(_Planted(str(marker)), path)  # a zip archive as torch writes it, with a malicious pickle
     with pytest.warns(UserWarning, match="model cache file .* is unreadable"):
-        _, _, _, seconds = dpm_tasks.trained_model(config, seed=0)
+        _, _, _, seconds = dpm_gradients.trained_model(config, seed=0)
     assert not marker.exists() and seconds > 0
-    assert dpm_tasks.trained_model(config, seed=0)[3] == 0.0  # replaced by good weights
+    assert dpm_gradients.trained_model(config, seed=0)[3] == 0.0  # replaced by good weights
     import pickle
 
     path.write_bytes(pickle.dumps(_Planted(str(marker))))  # a bare pickle (torch's legacy format)
     with pytest.warns(UserWarning, match="unreadable"):
-        dpm_tasks.trained_model(config, seed=0)
+        dpm_gradients.trained_model(config, seed=0)
     assert not marker.exists()
     assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"
 
@@ -421,33 +421,33 @@ def test_model_cache_never_runs_a_planted_pickle(tmp_path, monkeypatch):
 def test_model_cache_in_a_folder_others_can_write_is_not_used(tmp_path, monkeypatch, mode):
     """A cache folder writable by others (group or world) is neither read nor written: a warning, and
     the model is trained (a file already there, which someone else could have planted, is ignored)."""
-    from studies import dpm_tasks
+    from studies.catalogue import dpm_gradients
 
     root = tmp_path / "cache"
     monkeypatch.setenv("SUBSTRATE_CACHE", str(root))
     config = tiny_model_config()
-    dpm_tasks.trained_model(config, seed=0)
+    dpm_gradients.trained_model(config, seed=0)
     [path] = (root / "dpm").glob("*.pt")
     (root / "dpm").chmod(mode)
     with pytest.warns(UserWarning, match=rf"model cache folder {root / 'dpm'} is writable by others \(mode {mode:o}\)"):
-        assert dpm_tasks.trained_model(config, seed=0)[3] > 0  # trained, the file ignored
+        assert dpm_gradients.trained_model(config, seed=0)[3] > 0  # trained, the file ignored
     (root / "dpm").chmod(0o700)
     root.chmod(mode)
     path.unlink()
     with pytest.warns(UserWarning, match="is writable by others"):
-        dpm_tasks.trained_model(config, seed=0)
+        dpm_gradients.trained_model(config, seed=0)
     assert not path.exists()  # nothing written either
 
 
 def test_model_cache_owned_by_another_user_is_not_used(tmp_path, monkeypatch):
     import os
 
-    from studies import dpm_tasks
+    from studies.catalogue import dpm_gradients
 
     monkeypatch.setenv("SUBSTRATE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
     with pytest.warns(UserWarning, match="is owned by another user"):
-        assert dpm_tasks.trained_model(tiny_model_config(), seed=0)[3] > 0
+        assert dpm_gradients.trained_model(tiny_model_config(), seed=0)[3] > 0
     assert not list((tmp_path / "cache").rglob("*.pt"))
 
 

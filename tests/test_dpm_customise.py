@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from models import dpm
-from studies import dpm_customise as dc
+from studies import archives
 from studies import sweep as sw
+from studies.catalogue import TASKS
+from studies.catalogue import dpm_customise as dc
 from studies.config import StudyConfigError, load_study, resolve
-from studies.tasks import TASKS
 from substrate.errors import SubstrateValueError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,9 +26,9 @@ def config(**sections):
 def test_debug_sweep_and_its_figure(tmp_path):
     """The debug profile sweeps every customisation into one archive (each run's own arrays, NaN for
     the others'), a run repeated gives the same bits, and the figure draws a row for each."""
-    study = load_study(CONFIG, "debug")
+    study = load_study(CONFIG, "debug", tasks=TASKS)
     path = sw.run_sweep(study, str(tmp_path), executor=sw.SerialExecutor(), progress=False)
-    ds = sw.open_dataset(path)
+    ds = archives.open_dataset(path)
     assert list(ds["what"].values) == ["noise", "conditioning", "weights"] and (ds["status"] == "done").all()
     noise = ds.sel(what="noise")
     assert noise["noise_images"].shape[-5:] == (2, 2, 4, 8, 8) and list(ds["pair"].values) == ["1>7", "3>8"]
@@ -36,7 +37,7 @@ def test_debug_sweep_and_its_figure(tmp_path):
     assert np.isfinite(ds.sel(what="conditioning")["conditioning_ink"]).all()
     run = next(r for r in study.runs() if r.config["what"] == "conditioning")  # same config and seed, same bits
     again = dc.run_dpm_customise(run.config, run.seed)
-    stored = sw.load_run(path, run.run_id)["arrays"]
+    stored = archives.load_run(path, run.run_id)["arrays"]
     assert all(np.array_equal(stored[k][1], v) for k, (_, v) in again.arrays.items())
     fig = dc.plot_dpm_customise(path)
     assert len(fig.axes) == 15

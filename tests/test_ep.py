@@ -1,5 +1,5 @@
 """Equilibrium propagation (models.ep) against the exact gradient (implicit differentiation), and the
-diagnostics of models.metrics (REFERENCES section 4).
+diagnostics of models.metrics (docs/equations.md, section 4).
 
 Tolerances: relaxations run to max|F| <= 1e-13, so a difference quotient with |beta| >= 1e-3 carries
 an equilibrium error of about 1e-13/1e-3 = 1e-10 relative, far below the nudge bias the tests

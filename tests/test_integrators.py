@@ -223,7 +223,7 @@ def test_divergence_is_reported_with_time_and_step():
 
 
 def test_synchronous_iteration_fails_where_the_ode_converges():
-    """REFERENCES section 1: Euler with dt = tau on a stiff, strongly self-inhibiting circuit oscillates
+    """docs/equations.md, section 1: Euler with dt = tau on a stiff, strongly self-inhibiting circuit oscillates
     and blows up, while the ODE itself (adaptive Dormand-Prince) converges; both are reported."""
     net = S.Network([S.Layer("h", 3, activation="tanh", bias=np.array([0.5, -0.2, 0.1]))],
                     [S.Connection("h", "h", -6.0 * np.eye(3))])

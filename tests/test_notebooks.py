@@ -14,13 +14,14 @@ import nbclient  # noqa: E402
 import nbformat  # noqa: E402
 
 from studies import sweep as sw  # noqa: E402
+from studies.catalogue import TASKS  # noqa: E402
 from studies.config import load_study  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(ROOT, "studies", "notebooks")
 NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
 KERNEL = "substrate-test"
-# what a notebook must not do: run or compute studies (it reads the archive and calls studies.plots)
+# what a notebook must not do: run or compute studies (it reads the archive and calls the study modules' figures)
 FORBIDDEN = re.compile(r"\b(run_sweep|execute_run|consolidate|SerialExecutor|LocalExecutor|DaskExecutor|"
                        r"import substrate|from substrate|relax\(|gradient\()")
 
@@ -57,7 +58,7 @@ def archives(tmp_path_factory):
 
     def get(config):
         if config not in made:
-            study = load_study(config, "debug")
+            study = load_study(config, "debug", tasks=TASKS)
             made[config] = sw.run_sweep(study, str(root / study.name), executor=sw.SerialExecutor(),
                                         progress=False)
         return made[config]
@@ -100,7 +101,7 @@ def test_notebook_is_well_formed_and_computes_nothing(path):
     cell = parameter_cell(nb, path)
     config = study_of(nb, path)
     # the default archive is the one `substrate sweep <config>` writes, run from the repository root
-    name = load_study(config).name
+    name = load_study(config, tasks=TASKS).name
     default = re.search(r"^ARCHIVE = ['\"](.*)['\"]", cell.source, re.M).group(1)
     assert os.path.normpath(os.path.join(NOTEBOOK_DIR, default)) == \
         os.path.join(ROOT, "sweep-output", name, f"{name}.h5"), default
@@ -127,5 +128,5 @@ def test_notebook_executes_against_a_tiny_archive(path, archives, kernel_env, tm
     images = [o for o in outputs if o.output_type in ("display_data", "execute_result") and "image/png" in o.data]
     assert images, f"{path}: no figure drawn"
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    study = load_study(study_of(nb, path), "debug")
+    study = load_study(study_of(nb, path), "debug", tasks=TASKS)
     assert f"study {study.name}" in text and f"runs: {len(study.runs())} total" in text

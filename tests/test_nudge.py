@@ -1,5 +1,5 @@
-"""The teaching current F + beta dl/dr_L of equilibrium propagation (substrate.nudge, REFERENCES
-section 4): the NumPy cost and its gradient against torch autograd and a complex finite difference,
+"""The teaching current F + beta dl/dr_L of equilibrium propagation (substrate.nudge,
+docs/equations.md, section 4.1): the NumPy cost and its gradient against torch autograd and a complex finite difference,
 the compiled current (``_kernels.teach`` inside ``_kernels.run``) against the NumPy reference
 ``Nudge.current`` for every integrator and dtype, beta = 0 against no nudge, and bad input."""
 

@@ -8,8 +8,12 @@ import substrate
 
 
 def test_import_does_not_load_torch():
-    code = "import sys, substrate; substrate.relax; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    """torch (hundreds of MB, seconds to import) is loaded by the modules that use it only: the
+    torchdiffeq backend and the diffusion model (``models.dpm``, a torch network)."""
+    code = ("import sys, substrate, substrate.devices, models.ep, models.train, models.data, models.pvrnn, "
+            "models.metrics, models.homeostasis; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", "torch imported"
 
 
 def test_numba_cache_moves_out_of_a_read_only_install(monkeypatch, tmp_path):

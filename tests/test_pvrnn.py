@@ -1,4 +1,4 @@
-"""PV-RNN (models.pvrnn, REFERENCES section 5): the free energy and its exact discrete adjoint.
+"""PV-RNN (models.pvrnn, docs/equations.md, section 5): the free energy and its exact discrete adjoint.
 
 * The gradient of F with respect to every weight and every sequence's adaptive vectors A against
   torch autograd of an independent torch implementation of the same forward pass, on the same

@@ -16,11 +16,12 @@ from click.testing import CliRunner
 
 import archive_digest
 import substrate as S
+from studies import archives
 from studies import sweep as sw
 from studies.cli import main
+from studies.catalogue import TASKS
 from studies.config import Run, StudyConfigError, load_study
 from models.data import FASHION_MNIST_DIR
-from studies.tasks import TASKS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +54,7 @@ seeds = [0, 1]
 
 
 def study(text, profile=None, name="s.toml"):
-    return load_study(name, profile, text=text)
+    return load_study(name, profile, text=text, tasks=TASKS)
 
 
 def selftest(values=(1.0, 2.0, 3.0), fail=None, seeds=(0,), sleep=0.0, name="st"):
@@ -165,7 +166,7 @@ def test_unknown_profile_and_error_class():
         study(RELAX, "debug")
     assert issubclass(StudyConfigError, S.SubstrateValueError)
     with pytest.raises(S.SubstrateValueError, match="missing.toml: cannot read"):
-        load_study("missing.toml")
+        load_study("missing.toml", tasks=TASKS)
 
 
 # ------------------------------------------------------------------------------------ expansion
@@ -193,8 +194,9 @@ def test_expansion_counts_axes_and_run_ids():
     reordered = text.replace("[0.0, 45, 90.0]", "[90, 0, 45.0]").replace("dt = [0.5, 1]", "dt = [0.5, 1.0]")
     assert {r.run_id for r in study(reordered).runs()} == {r.run_id for r in runs}
     # and in a fresh interpreter with another hash seed
-    code = ("from studies.config import load_study; import sys; "
-            "print(' '.join(sorted(r.run_id for r in load_study('s.toml', text=sys.stdin.read()).runs())))")
+    code = ("from studies.catalogue import TASKS; from studies.config import load_study; import sys; "
+            "print(' '.join(sorted(r.run_id for r in load_study('s.toml', tasks=TASKS, "
+            "text=sys.stdin.read()).runs())))")
     out = subprocess.run([sys.executable, "-c", code], input=text, capture_output=True, text=True, check=True,
                          cwd=ROOT, env=dict(os.environ, PYTHONHASHSEED="123"), timeout=120).stdout.split()
     assert out == sorted(r.run_id for r in runs)
@@ -212,7 +214,7 @@ def test_profile_shrinks_base_and_sweep():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_study_configs_load_with_a_debug_profile(path):
-    full, debug = load_study(path), load_study(path, "debug")
+    full, debug = load_study(path, tasks=TASKS), load_study(path, "debug", tasks=TASKS)
     assert os.path.basename(path) == f"{full.name}.toml"
     assert 1 <= len(debug.runs()) <= min(16, len(full.runs()))
 
@@ -222,7 +224,7 @@ def test_meta_prior_runs_share_their_data_and_check_the_layers():
     the held-out set the same whatever the training set's size); lists of layers of unequal lengths
     and more ER training sequences than there are are rejected before anything runs."""
     from studies.config import resolve
-    from studies.tasks import pvrnn_data
+    from studies.catalogue.pvrnn import pvrnn_data
 
     task = TASKS["pvrnn_meta_prior"]
 
@@ -259,6 +261,46 @@ def test_pvrnn_er_config_names_its_credits():
             resolve(task.schema, {"credit": bad}, "base")
 
 
+def test_ep_rules_and_bias_estimators_come_from_the_estimator_registry():
+    """ep_train's rule names are models.ep.ESTIMATORS' (but limit), each built from the rule section's
+    values of its own fields; ep_bias compares every point estimator, one per N where it takes N."""
+    from models import ep
+    from studies.catalogue import ep as ep_studies
+    from studies.config import resolve
+
+    rule = {"beta": 0.3, "points": 6, "duration": 5.0, "periods": 2}
+    assert ep_studies.RULES == tuple(n for n in ep.ESTIMATORS if n != "limit")
+    for name in ep_studies.RULES:
+        config = resolve(TASKS["ep_train"].schema, {"rule": dict(rule, name=name)}, "base")
+        built = ep_studies._rule(config)
+        assert type(built) is ep.ESTIMATORS[name]
+        assert all(getattr(built, k) == v for k, v in rule.items() if hasattr(built, k))
+    names, makers = ep_studies.bias_estimators([3, 5])
+    assert names == ["one_sided", "negative", "centred", "holomorphic_3", "holomorphic_5"]
+    assert [m(beta=0.1) for m in makers] == [ep.OneSided(0.1), ep.Negative(0.1), ep.Centred(0.1),
+                                             ep.Holomorphic(3, 0.1), ep.Holomorphic(5, 0.1)]
+
+
+@pytest.mark.parametrize("effect, level, expected", [
+    ("read_noise", 0.05, ("ReadNoise",)), ("programming_noise", 3.0, ("ConductanceMapping", "ProgrammingNoise")),
+    ("quantisation", 15.6, ("ConductanceMapping", "Quantisation")),
+    ("feedback_copy", 3.0, ("ConductanceMapping", "ProgrammingNoise", "IndependentFeedback")),
+    ("tau_mismatch", 0.3, ("TauMismatch",))])
+def test_a_swept_device_effect_is_its_registry_class_at_the_level(effect, level, expected):
+    from studies.catalogue.devices import make_device
+    from substrate import devices as D
+
+    config = {"preset": "none", "weight_scale": 1.0, "effect": effect, "level": level, "read_policy": "step",
+              "relaxation_time": 8.0}
+    device = make_device(config)
+    assert tuple(type(e).__name__ for e in device.effects) == expected + ("RelaxationTime",)
+    swept = device.effects[len(expected) - (effect == "feedback_copy") - 1]
+    assert swept == {"read_noise": D.ReadNoise(level, policy="step"), "quantisation": D.Quantisation(16),
+                     "programming_noise": D.ProgrammingNoise(scale=level),
+                     "feedback_copy": D.ProgrammingNoise(scale=level), "tau_mismatch": D.TauMismatch(level)}[effect]
+    assert make_device(dict(config, effect="none", relaxation_time=0.0)) is None
+
+
 # ------------------------------------------------------------------------------------ sweeps
 @pytest.fixture(scope="module")
 def config_archives(tmp_path_factory):
@@ -267,7 +309,7 @@ def config_archives(tmp_path_factory):
     for path in CONFIG_FILES:
         if not isinstance(_needs_data(path), str) and not os.path.isdir(FASHION_MNIST_DIR):
             continue  # the test of that config is skipped
-        s = load_study(path, "debug")
+        s = load_study(path, "debug", tasks=TASKS)
         folder = tmp_path_factory.mktemp(s.name)
         stats = {}
         out[path] = (s, sw.run_sweep(s, str(folder), workers=2, progress=False, stats=stats), stats)
@@ -293,7 +335,7 @@ def test_every_study_config_sweeps_at_debug_size(config_archives, path):
         status = f["data"]["status"]
         assert status.shape == s.shape and [d.label for d in status.dims] == list(s.axes)
         assert [d[0].name.split("/")[-1] for d in status.dims] == list(s.axes)  # attached dimension scales
-    ds = sw.open_dataset(archive_path)
+    ds = archives.open_dataset(archive_path)
     for name, values in s.axes.items():
         assert ds.sizes[name] == len(values) and list(ds[name].values) == values
     assert (ds["status"] == "done").all()
@@ -344,7 +386,7 @@ def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path):
     stats = {}
     path = sw.run_sweep(s, str(tmp_path), workers=2, progress=False, stats=stats)
     assert stats["done"] == 2 and stats["failed"] == 2
-    ds = sw.open_dataset(path)
+    ds = archives.open_dataset(path)
     failed = ds.sel(max_steps=1)
     assert (failed["status"] == "failed").all() and (ds.sel(max_steps=500)["status"] == "done").all()
     for err in failed["error"].values.ravel():
@@ -352,7 +394,7 @@ def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path):
     assert np.isnan(failed["steps"]).all() and np.isnan(failed["residual_trace"]).all()
     assert np.isfinite(ds.sel(max_steps=500)["steps"]).all()
     rid = str(failed["run_id"].values.ravel()[0])
-    run = sw.load_run(path, rid)
+    run = archives.load_run(path, rid)
     assert run["attrs"]["status"] == "failed" and "RunFailed" in run["attrs"]["traceback"]
     assert run["scalars"]["converged"] == 0.0 and run["scalars"]["steps"] == 1  # what was computed is kept
 
@@ -371,12 +413,12 @@ def test_a_run_that_kills_its_worker_is_recorded_as_failed(tmp_path):
     stats = {}
     path = sw.run_sweep(s, str(tmp_path), workers=2, progress=False, stats=stats)
     assert stats == {"total": 4, "skipped": 0, "ran": 4, "done": 3, "failed": 1}
-    ds = sw.open_dataset(path)
+    ds = archives.open_dataset(path)
     assert list(ds["status"].values.ravel()) == ["done", "failed", "done", "done"]
     assert ds["error"].values.ravel()[1].startswith(sw.WORKER_DIED)
     # the selftest saved its trace (save_partial) before killing itself: the failed run keeps it
     assert "the results it saved before (save_partial) are kept" in ds["error"].values.ravel()[1]
-    crashed = sw.load_run(path, str(ds["run_id"].values.ravel()[1]))
+    crashed = archives.load_run(path, str(ds["run_id"].values.ravel()[1]))
     expected = 2.0 * np.arange(4) + np.random.default_rng(0).normal(size=4)
     np.testing.assert_array_equal(crashed["arrays"]["trace"][1], expected)
     assert not [f for f in os.listdir(tmp_path / "runs") if f.endswith(".partial.h5")]  # none left behind
@@ -462,13 +504,13 @@ def test_temporary_and_unreadable_files_are_not_runs(tmp_path):
     assert stats["ran"] == 2 and stats["done"] == 2  # the unreadable one ran again
     assert sorted(os.listdir(runs_dir)) == sorted(f"{r.run_id}.h5" for r in s.runs())
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
-    assert (sw.open_dataset(path)["status"] == "done").all()
+    assert (archives.open_dataset(path)["status"] == "done").all()
 
 
 def test_missing_runs_are_nan_and_a_second_driver_is_locked_out(tmp_path):
     s = selftest(values=(1.0, 2.0, 3.0))
     sw.execute_run(s.runs()[1], "selftest", str(tmp_path / "runs"))
-    ds = sw.open_dataset(sw.consolidate(s, str(tmp_path)))
+    ds = archives.open_dataset(sw.consolidate(s, str(tmp_path)))
     assert list(ds["status"].values.ravel()) == ["missing", "done", "missing"]
     assert np.isnan(ds["trace"].values[0]).all() and np.isfinite(ds["trace"].values[1]).all()
     assert ds.attrs["n_missing"] == 2

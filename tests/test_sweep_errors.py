@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from studies import config as study_config
 from studies import sweep as sw
+from studies.catalogue import TASKS
 from studies.cli import main
 from studies.config import load_study
 from substrate import SubstrateValueError, archive
@@ -48,7 +49,7 @@ def one_line_error(result, *needles):
 
 # ------------------------------------------------------------------------------------ run count
 def test_a_billion_runs_are_counted_and_refused_without_being_expanded(tmp_path, monkeypatch):
-    s = load_study("huge.toml", text=HUGE)
+    s = load_study("huge.toml", text=HUGE, tasks=TASKS)
     assert s.n_runs == 10 ** 9 and s.shape == (1000, 1000, 1000)
     assert "1,000,000,000 runs over value (1000), size (1000), seed (1000)" in s.summary()
     first = next(s.iter_runs())  # lazy: the first run without the others
@@ -79,7 +80,7 @@ def test_a_billion_runs_are_counted_and_refused_without_being_expanded(tmp_path,
 
 def test_max_runs_is_a_bound_with_its_range_checked():
     s = load_study("s.toml", text=HUGE.replace(f"seeds = {list(range(1000))}", "seeds = [0, 1]")
-                   .replace(f"size = {list(range(1, 1001))}", "size = [1, 2, 3]"))
+                   .replace(f"size = {list(range(1, 1001))}", "size = [1, 2, 3]"), tasks=TASKS)
     assert s.n_runs == 1000 * 3 * 2 == len(s.runs())
     sw.check_run_count(s, 6000)  # at the cap: allowed
     with pytest.raises(SubstrateValueError, match="6,000 runs .* more than max_runs=5,999"):
@@ -94,7 +95,7 @@ def test_max_runs_is_a_bound_with_its_range_checked():
 def test_lazy_runs_are_the_grid_in_c_order():
     s = load_study("s.toml", text=HUGE.replace(f"seeds = {list(range(1000))}", "seeds = [3, 4]")
                    .replace(f"size = {list(range(1, 1001))}", "size = [7, 8, 9]")
-                   .replace(str([float(v) for v in range(1000)]), "[0.5, 1.5]"))
+                   .replace(str([float(v) for v in range(1000)]), "[0.5, 1.5]"), tasks=TASKS)
     runs = list(s.iter_runs())
     assert [r.index for r in runs] == [(i, j, k) for i in range(2) for j in range(3) for k in range(2)]
     for r in runs:
@@ -146,10 +147,10 @@ def test_a_full_disk_while_consolidating_is_a_clear_error_and_keeps_the_old_arch
     study_file.write_text(ENOSPC_STUDY.replace("size = 40000", "size = 60000"))
     out = small_fs / "out"
     rdir = sw.runs_folder(str(out))
-    one = load_study(str(study_file), "one")
+    one = load_study(str(study_file), "one", tasks=TASKS)
     sw.execute_run(one.runs()[0], "selftest", rdir)  # 0.36 MB
     old = sw.consolidate(one, str(out))  # 0.76 MB: fits
-    both = load_study(str(study_file))
+    both = load_study(str(study_file), tasks=TASKS)
     sw.execute_run(both.runs()[1], "selftest", rdir)  # 0.36 MB more: an archive of both (1.5 MB) cannot fit
     # in a child process: the segfault this replaces would have killed pytest
     done = subprocess.run([sys.executable, "-m", "studies.cli", "sweep", str(study_file), "--out", str(out),
@@ -173,15 +174,16 @@ def test_a_full_disk_while_writing_a_run_file_is_a_clear_error(tmp_path, small_f
     study_file = tmp_path / "full.toml"
     study_file.write_text(ENOSPC_STUDY.replace("size = 40000", "size = 100000").replace("[0, 1]", "[0, 1, 2]"))
     rdir = str(small_fs / "runs")
-    code = ("import sys; from studies import sweep as sw; from studies.config import load_study\n"
-            "for r in load_study(sys.argv[1]).runs(): sw.execute_run(r, 'selftest', sys.argv[2])")
+    code = ("import sys; from studies import sweep as sw; from studies.catalogue import TASKS; "
+            "from studies.config import load_study\n"
+            "for r in load_study(sys.argv[1], tasks=TASKS).runs(): sw.execute_run(r, 'selftest', sys.argv[2])")
     done = subprocess.run([sys.executable, "-c", code, str(study_file), rdir], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
     assert done.returncode == 1, (done.returncode, done.stderr[-3000:])
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("substrate.archive.WriteError: cannot write the run file ") and \
         "No space left on device; free some space and run the sweep again" in last, last
-    *written, third = load_study(str(study_file)).runs()
+    *written, third = load_study(str(study_file), tasks=TASKS).runs()
     assert f"cannot write the run file {sw.run_file(rdir, third.run_id)}: " in last
     assert sw.list_run_files(rdir) == sorted(r.run_id for r in written)
     assert not [n for n in os.listdir(rdir) if n.startswith(".tmp-")]  # the incomplete file is gone

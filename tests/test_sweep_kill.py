@@ -13,7 +13,9 @@ import time
 import h5py
 import pytest
 
+from studies import archives
 from studies import sweep as sw
+from studies.catalogue import TASKS
 from studies.config import load_study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +87,7 @@ def test_sigkill_the_driver_at_random_moments_then_resume(tmp_path):
     toml = tmp_path / "killtest.toml"
     toml.write_text(STUDY)
     out = str(tmp_path / "out")
-    expected = {r.run_id for r in load_study(str(toml)).runs()}
+    expected = {r.run_id for r in load_study(str(toml), tasks=TASKS).runs()}
     cmd = [sys.executable, "-m", "studies.cli", "sweep", str(toml), "--out", out, "--workers", "2", "--quiet",
            "--consolidate-every", "0"]  # rewrite the archive after every run: more moments to be killed in
     rng = random.Random(1797)
@@ -143,7 +145,7 @@ def test_sigkill_the_driver_at_random_moments_then_resume(tmp_path):
         assert f.attrs["n_done"] == len(expected) and f.attrs["n_failed"] == f.attrs["n_missing"] == 0
         run_ids = f["data"]["run_id"].asstr()[()].ravel()
         assert len(set(run_ids)) == len(run_ids) == len(expected)
-    ds = sw.open_dataset(os.path.join(out, "killtest.h5"))
+    ds = archives.open_dataset(os.path.join(out, "killtest.h5"))
     assert (ds["status"] == "done").all() and ds["residual"].notnull().all()
     print(f"{kills} kills in {lives} driver lives; {len(done_before)} of {len(expected)} runs done before the "
           f"last resume; {temporaries} temporary files seen at kills")

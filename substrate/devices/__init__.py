@@ -1,4 +1,4 @@
-"""Device imperfections (REFERENCES section 6): small effect classes composed into a
+"""Device imperfections (docs/equations.md, section 6): small effect classes composed into a
 :class:`Device`, and :func:`attach`, which runs a network on a device.
 
     from substrate import devices
@@ -20,9 +20,15 @@ from .presets import PRESETS, preset
 from .update import (UPDATE_PRESETS, ConstantStep, ExpStep, LinearStep, NeuroSimNonlinear, PulsedDevice,
                      SoftBounds, UpdateModel)
 
+# every effect class by name, for configs
+EFFECTS = {"conductance_mapping": ConductanceMapping, "quantisation": Quantisation,
+           "programming_noise": ProgrammingNoise, "stuck_at": StuckAt, "drift": Drift, "read_noise": ReadNoise, "pcm_read_noise": PCMReadNoise,
+           "io_chain": IOChain, "tau_mismatch": TauMismatch, "activation_mismatch": ActivationMismatch,
+           "state_noise": StateNoise, "relaxation_time": RelaxationTime, "independent_feedback": IndependentFeedback}
+
 __all__ = ["ActivationMismatch", "ConductanceMapping", "ConstantStep", "ExpStep", "LinearStep",
            "NeuroSimNonlinear", "PRESETS", "PulsedDevice", "SoftBounds", "UPDATE_PRESETS", "UpdateModel", "preset", "Crossbar", "Device", "DeviceNetwork", "Drift",
-           "DriftEffect", "DynamicsEffect", "Effect", "IndependentFeedback", "IOChain", "Neurons",
+           "DriftEffect", "DynamicsEffect", "EFFECTS", "Effect", "IndependentFeedback", "IOChain", "Neurons",
            "PCMReadNoise", "ProgramEffect", "ProgrammingNoise", "Quantisation", "READ_POLICIES",
            "ReadEffect", "ReadNoise", "RelaxationTime", "StateNoise", "StuckAt", "TauMismatch", "attach",
            "stream"]

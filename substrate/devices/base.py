@@ -1,7 +1,7 @@
 """The base of every device effect, and the random streams they draw from.
 
 An effect is a small frozen dataclass (aihwkit style): its fields are its parameters, its docstring
-gives the formula and the source. ``hook`` says where it acts (REFERENCES section 6):
+gives the formula and the source. ``hook`` says where it acts (docs/equations.md, section 6):
 
 * ``program``  -- once per write of a weight (conductance mapping, quantisation, programming noise,
   stuck-at faults), fixed until the next write;
@@ -25,14 +25,14 @@ changes the draws of another, and the same seed gives the same bits.
 from __future__ import annotations
 
 import dataclasses
-import math
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import numpy as np
 
-from ..errors import SubstrateValueError
+from .. import validate
 
 HOOKS = ("program", "read", "drift", "update", "dynamics")
 
@@ -71,57 +71,13 @@ def stream(seed: int, name: str) -> np.random.Generator:
 
 
 # ------------------------------------------------------------------------------------ checks
-def _number(value, name):
-    if isinstance(value, (bool, np.bool_)):
-        raise SubstrateValueError(f"{name}={value!r} must be a number")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise SubstrateValueError(f"{name}={value!r} must be a number") from None
-    if math.isnan(v):
-        raise SubstrateValueError(f"{name}={value!r} must be a number, not NaN")
-    return v
-
-
-def nonnegative(value, name, allow_inf=False) -> float:
-    v = _number(value, name)
-    if v < 0 or (math.isinf(v) and not allow_inf):
-        raise SubstrateValueError(f"{name}={value!r} must be a finite number >= 0")
-    return v
-
-
-def positive(value, name, allow_inf=False) -> float:
-    v = _number(value, name)
-    if not v > 0 or (math.isinf(v) and not allow_inf):
-        raise SubstrateValueError(f"{name}={value!r} must be a {'' if allow_inf else 'finite '}number > 0")
-    return v
-
-
-def fraction(value, name, upper_open=False) -> float:
-    v = _number(value, name)
-    if not (0.0 <= v < 1.0 if upper_open else 0.0 <= v <= 1.0):
-        raise SubstrateValueError(f"{name}={value!r} must be in [0, 1{')' if upper_open else ']'}")
-    return v
-
-
-def integer(value, name, minimum=1, maximum=None) -> int:
-    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum
-            or (maximum is not None and value > maximum)):
-        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise SubstrateValueError(f"{name}={value!r} must be an integer {allowed}")
-    return int(value)
-
-
-def flag(value, name) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise SubstrateValueError(f"{name}={value!r} must be True or False")
-    return bool(value)
-
-
-def choice(value, name, allowed) -> str:
-    if not isinstance(value, str) or value not in allowed:  # an array or a list would not compare
-        raise SubstrateValueError(f"{name}={value!r}; allowed: {', '.join(map(repr, allowed))}")
-    return value
+# the devices' wording: a number first ("must be a number, not NaN"), then its range as a relation
+# ("a finite number > 0", "an integer >= 2")
+positive = partial(validate.positive, staged=True, relation=True)
+nonnegative = partial(validate.nonnegative, staged=True)
+fraction = partial(validate.fraction, staged=True)
+integer = partial(validate.count, relation=True)
+flag, choice = validate.flag, validate.choice
 
 
 def spread(shape, dtod: float, rng: np.random.Generator) -> np.ndarray:

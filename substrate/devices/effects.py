@@ -1,6 +1,6 @@
 """The device effects other than pulsed updates (those are in :mod:`substrate.devices.update`).
 
-Each class is one effect of REFERENCES section 6: its fields are its parameters, its docstring the
+Each class is one effect of docs/equations.md, section 6: its fields are its parameters, its docstring the
 formula and the source. They act through one of four hooks, each a small base class with one method,
 so that a new effect is one class (see the README):
 

@@ -1,5 +1,5 @@
 """Published device models as :class:`~substrate.devices.Device` presets, each with its source
-(REFERENCES section 6; ``substrate devices`` lists them with every parameter).
+(docs/equations.md, section 6; ``substrate devices`` lists them with every parameter).
 
 * ``ideal``: no effects (bit-identical to the network without a device).
 * ``pcm_inference``: aihwkit's inference model of PCM (InferenceRPUConfig defaults with

@@ -1,7 +1,7 @@
 """Non-ideal weight updates: how a training write (a train of pulses) changes a device.
 
-Each model is an :class:`~substrate.devices.base.Effect` with ``hook = "update"`` (REFERENCES
-section 6.1, 6.2). All weights are in the device's normalised units; the caller maps network weights
+Each model is an :class:`~substrate.devices.base.Effect` with ``hook = "update"`` (docs/equations.md,
+sections 6.6, 6.7). All weights are in the device's normalised units; the caller maps network weights
 to them. The interface (:class:`UpdateModel`):
 
 * ``devices(shape, rng)`` draws the per-device parameters once (device-to-device variation) and
@@ -17,7 +17,7 @@ pulses on each device (``dw_min`` the model's nominal step, round half up), each
 model's response with its cycle-to-cycle noise. This is a deliberate deviation from aihwkit, whose
 default update is a stochastic pulse train (BL = min(ceil(lr |x| |d| / dw_min), 31) slots with
 coincidence probabilities, E[dw] = lr x d): here the count is deterministic, so the only randomness of
-an update is the devices' own (REFERENCES 6.1 gives the aihwkit scheme for comparison).
+an update is the devices' own (docs/equations.md, section 6.6 gives the aihwkit scheme for comparison).
 
 Random streams: ``devices`` and ``apply`` draw from the generator they are given (use
 ``base.stream(seed, model.stream)``); the same generator state gives the same bits. ``scaled(k)``
@@ -37,8 +37,9 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import SubstrateValueError
+from ..validate import number
 from . import _update_kernels as K
-from .base import Effect, _number, integer, nonnegative, positive, spread
+from .base import Effect, flag, integer, nonnegative, positive, spread
 
 _EMPTY = np.zeros(0)
 _EMPTY.flags.writeable = False
@@ -51,19 +52,6 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     v = a.reshape(-1).view()
     v.flags.writeable = False
     return v
-
-
-def _finite(value, name) -> float:
-    v = _number(value, name)
-    if math.isinf(v):
-        raise SubstrateValueError(f"{name}={value!r} must be a finite number")
-    return v
-
-
-def _flag(value, name) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise SubstrateValueError(f"{name}={value!r} must be True or False")
-    return bool(value)
 
 
 def _shape(shape, name) -> tuple:
@@ -184,9 +172,9 @@ class PulsedDevice(UpdateModel):
         positive(self.dw_min, f"{c}.dw_min")
         for f in ("dw_min_dtod", "dw_min_std", "up_down_dtod", "w_max_dtod", "w_min_dtod"):
             nonnegative(getattr(self, f), f"{c}.{f}")
-        if not -1.0 < _finite(self.up_down, f"{c}.up_down") < 1.0:
+        if not -1.0 < number(self.up_down, f"{c}.up_down", finite=True) < 1.0:
             raise SubstrateValueError(f"{c}.up_down={self.up_down!r} must be in (-1, 1)")
-        lo, hi = _finite(self.w_min, f"{c}.w_min"), _finite(self.w_max, f"{c}.w_max")
+        lo, hi = number(self.w_min, f"{c}.w_min", finite=True), number(self.w_max, f"{c}.w_max", finite=True)
         if not lo < hi:
             raise SubstrateValueError(f"{c}.w_min={self.w_min!r} must be < w_max={self.w_max!r}")
         if self.strict_bounds and not lo < 0.0 < hi:
@@ -247,7 +235,7 @@ class SoftBounds(PulsedDevice):
 
     def __post_init__(self):
         super().__post_init__()
-        _flag(self.mult_noise, f"{type(self).__name__}.mult_noise")
+        flag(self.mult_noise, f"{type(self).__name__}.mult_noise")
 
     def _more(self, out, shape, rng):
         return {"slope_up": -out["dw_up"] / out["w_max"], "slope_down": -out["dw_down"] / out["w_min"]}
@@ -279,8 +267,8 @@ class LinearStep(PulsedDevice):
         c = type(self).__name__
         for f in ("gamma_up", "gamma_down", "gamma_up_dtod", "gamma_down_dtod"):
             nonnegative(getattr(self, f), f"{c}.{f}")
-        _flag(self.mean_bound_reference, f"{c}.mean_bound_reference")
-        _flag(self.mult_noise, f"{c}.mult_noise")
+        flag(self.mean_bound_reference, f"{c}.mean_bound_reference")
+        flag(self.mult_noise, f"{c}.mult_noise")
 
     def _more(self, out, shape, rng):
         g_up = np.abs(self.gamma_up + self.gamma_up_dtod * rng.standard_normal(shape))
@@ -309,7 +297,7 @@ class ExpStep(PulsedDevice):
     def __post_init__(self):
         super().__post_init__()
         for f in ("A_up", "A_down", "gamma_up", "gamma_down", "a", "b"):
-            _finite(getattr(self, f), f"{type(self).__name__}.{f}")
+            number(getattr(self, f), f"{type(self).__name__}.{f}", finite=True)
 
     def kernel_parameters(self):
         par = super().kernel_parameters()
@@ -370,7 +358,7 @@ class NeuroSimNonlinear(UpdateModel):
     [G_min, G_max]. The pulse count uses dw_step = (w_max - w_min)/states (NeuroSim:
     numPulse = round(dw/(w_max - w_min) P_max)), capped at ``max_pulses``. No device-to-device
     variation (NeuroSim's default sigmaDtoD = 0). The weight dynamics do not depend on ``on_off``
-    (it only scales the conductances of ``curve``). Defaults: the Ag:a-Si device of REFERENCES 6.2.
+    (it only scales the conductances of ``curve``). Defaults: the Ag:a-Si device of docs/equations.md, section 6.7.
     """
 
     states: int = 97
@@ -389,13 +377,13 @@ class NeuroSimNonlinear(UpdateModel):
         c = type(self).__name__
         integer(self.states, f"{c}.states", minimum=2)
         for f in ("nl_up", "nl_down"):
-            if abs(_finite(getattr(self, f), f"{c}.{f}")) > NL_MAX:
+            if abs(number(getattr(self, f), f"{c}.{f}", finite=True)) > NL_MAX:
                 raise SubstrateValueError(f"{c}.{f}={getattr(self, f)!r} must be in [-{NL_MAX:g}, {NL_MAX:g}] (NeuroSim's table)")
         if not positive(self.on_off, f"{c}.on_off", allow_inf=True) > 1.0:
             raise SubstrateValueError(f"{c}.on_off={self.on_off!r} must be > 1 (G_max/G_min)")
         nonnegative(self.c2c, f"{c}.c2c")
         integer(self.max_pulses, f"{c}.max_pulses", minimum=1)
-        if not _finite(self.w_min, f"{c}.w_min") < _finite(self.w_max, f"{c}.w_max"):
+        if not number(self.w_min, f"{c}.w_min", finite=True) < number(self.w_max, f"{c}.w_max", finite=True):
             raise SubstrateValueError(f"{c}.w_min={self.w_min!r} must be < w_max={self.w_max!r}")
 
     # -- the curve
@@ -460,7 +448,8 @@ UPDATE_MODELS = (ConstantStep, SoftBounds, LinearStep, ExpStep, NeuroSimNonlinea
 
 # ------------------------------------------------------------------------------------ presets
 _GOKMEN = "Gokmen & Vlasov, Front. Neurosci. 10, 333 (2016)"
-_NEUROSIM = "NeuroSim device table (REFERENCES 6.2; MLP_NeuroSim V3.0, Chen, Peng & Yu, IEEE TCAD 37, 3067 (2018))"
+_NEUROSIM = ("NeuroSim device table (docs/equations.md, section 6.7; MLP_NeuroSim V3.0, Chen, Peng & Yu, "
+             "IEEE TCAD 37, 3067 (2018))")
 
 
 def _neurosim(states, nl_up, nl_down, on_off, c2c):

@@ -1,13 +1,13 @@
-"""The three customisations of AdjointDPM (Pan et al., ICLR 2024; REFERENCES section 3) on the 8x8
+"""The three customisations of AdjointDPM (Pan et al., ICLR 2024; docs/equations.md, section 7) on the 8x8
 digits: task ``dpm_customise`` (issue 8).
 
 A conditional noise predictor (``models.dpm``) trained on the digits (the ``model`` section, cached
-by :func:`studies.dpm_tasks.trained_model`) samples by the probability-flow ODE (the ``sampler``
+by :func:`studies.catalogue.dpm_gradients.trained_model`) samples by the probability-flow ODE (the ``sampler``
 section); every gradient of a loss on the samples comes from the continuous adjoint
 (:func:`models.dpm.customise`, Adam). ``what`` picks the customisation:
 
 * ``noise`` (security auditing): samples conditioned on a source digit; each sample's initial noise
-  x_T is optimised so that a fixed classifier (:func:`studies.dpm_tasks.digits_classifier`, the
+  x_T is optimised so that a fixed classifier (:func:`studies.catalogue.dpm_gradients.digits_classifier`, the
   *attacked* one) labels it as the target digit (cross-entropy). Measured per (source, target) pair:
   the share the attacked classifier labels target at every step; before and after, the shares an
   independent classifier (another seed, the *judge*) labels target and source (did the digit change,
@@ -35,16 +35,18 @@ gradient at every pixel and would grey the background as much as it thickens the
 from __future__ import annotations
 
 import functools
+import json
+import textwrap
 import time
-from typing import TYPE_CHECKING
 
+import matplotlib.pyplot as plt
 import numpy as np
 
+from studies import figures as F
+from studies.catalogue.dpm_gradients import MODEL, digits_classifier, trained_model
 from studies.config import Check, Field, ListOf, Range
-from studies.dpm_tasks import MODEL
-
-if TYPE_CHECKING:  # studies.tasks imports this module: Result is imported where it is used
-    from studies.tasks import Result
+from studies.runs import Result, Task, discard
+from substrate.errors import SubstrateValueError
 
 KINDS = ("noise", "conditioning", "weights")
 SOLVERS = ("euler", "midpoint", "rk4", "ms2", "ms3", "dpm1", "dpm2")  # models.dpm.SOLVERS: all have an adjoint
@@ -134,8 +136,6 @@ def _generator(seed: int, *stream: int):
 def _classifiers(seed: int):
     """(attacked classifier, its held-out accuracy, judge, its accuracy): ``digits_classifier(seed)``
     and ``digits_classifier(seed + 1)``, trained once per process (fixed: no gradient to their weights)."""
-    from studies.dpm_tasks import digits_classifier
-
     return digits_classifier(seed) + digits_classifier(seed + 1)
 
 
@@ -148,8 +148,6 @@ def ink(x, edge: float):
 
 def _check(config: dict):
     """Raises SubstrateValueError for a config whose keys contradict each other."""
-    from substrate.errors import SubstrateValueError
-
     show = config["evaluation"]["show"]
     section = "noise" if config["what"] == "noise" else "evaluation"
     if show > config[section]["samples"]:
@@ -157,7 +155,7 @@ def _check(config: dict):
                                   "(the images shown are among the samples drawn)")
 
 
-def run_dpm_customise(config: dict, seed: int) -> Result:
+def run_dpm_customise(config: dict, seed: int, save_partial=discard) -> Result:
     """One customisation (``what``) of the digits diffusion model trained with ``seed``; the attacked
     classifier is ``digits_classifier(seed)``, the judge ``digits_classifier(seed + 1)``. Arrays are
     named by the customisation (``noise_*``, ``conditioning_*``, ``weights_*``); per-step arrays hold
@@ -168,8 +166,6 @@ def run_dpm_customise(config: dict, seed: int) -> Result:
     import torch
 
     from models import dpm
-    from studies.dpm_tasks import trained_model
-    from studies.tasks import Result
 
     _check(config)
     start = time.perf_counter()
@@ -388,14 +384,7 @@ def plot_dpm_customise(archive_path: str):
     how far x_T and the image moved; samples before and after. conditioning and weights: the batch's
     ink per step against the target, the loss; ink and the independent classifier's accuracy on
     held-out noise before and after (per digit for weights); samples before and after."""
-    import json
-    import textwrap
-
-    import matplotlib.pyplot as plt
-
-    from studies.plots import _sweep
-
-    ds, axes = _sweep(archive_path)
+    ds, axes = F.open_sweep(archive_path)
     whats = [str(w) for w in ds["what"].values] if "what" in ds.dims else [json.loads(ds.attrs["base"])["what"]]
     fig, grid = plt.subplots(len(whats), 5, figsize=(25, 4.6 * len(whats)), layout="constrained", squeeze=False,
                              gridspec_kw={"width_ratios": [1, 1, 1.1, 1, 1.7]})
@@ -485,3 +474,7 @@ def plot_dpm_customise(archive_path: str):
     fig.suptitle(textwrap.fill(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} (medians over "
                                "seeds, seeds as points; images: first seed)", 160), fontsize=10)
     return fig
+
+
+TASK = Task(CUSTOMISE_SCHEMA, run_dpm_customise, plot=plot_dpm_customise,
+            description="AdjointDPM's customisations on digits: noise vs a classifier, a learned embedding, weights")

@@ -1,12 +1,12 @@
-"""Diffusion-model tasks (issue 8; ``models.dpm``, REFERENCES section 3).
+"""The ``dpm_gradients`` study (``models.dpm``, docs/equations.md, section 7): does the reparameterisation
+help, and what does better? The sample and the gradients of a loss on it (with respect to x_T, the
+class embedding c and the weights) by every combination of ODE, grid and solver, through the discrete
+adjoint (autograd through the steps) and the continuous adjoint, at equal network evaluations, against
+a converged reference.
 
-* ``dpm_gradients``: does the reparameterisation help, and what does better? The sample and the
-  gradients of a loss on it (with respect to x_T, the class embedding c and the weights) by every
-  combination of ODE, grid and solver, through the discrete adjoint (autograd through the steps)
-  and the continuous adjoint, at equal network evaluations, against a converged reference.
-
-Every task trains its noise predictor with :func:`trained_model` (the ``model`` section), cached on
-disk by its configuration and seed, so that the runs of a sweep that share a model train it once.
+Every diffusion study trains its noise predictor with :func:`trained_model` (the ``model`` section),
+cached on disk by its configuration and seed, so that the runs of a sweep that share a model train it
+once. ``models.dpm`` imports torch (an optional extra): it is imported where a run or a check needs it.
 """
 
 from __future__ import annotations
@@ -19,9 +19,13 @@ import tempfile
 import time
 import warnings
 
+import matplotlib.pyplot as plt
 import numpy as np
 
+from models.data import digits_arrays, eight_gaussians
+from studies import figures as F
 from studies.config import Check, Field, ListOf, Range
+from studies.runs import Result, Task, discard
 from substrate.errors import SubstrateValueError
 
 MODEL = {
@@ -66,8 +70,6 @@ def private_folder(folder: str) -> bool:
 
 def training_data(model_config: dict, seed: int):
     """(x, labels, classes) of the ``model`` section's dataset (the toy drawn by ``seed``)."""
-    from models.data import digits_arrays, eight_gaussians
-
     if model_config["dataset"] == "digits":
         pixels, labels = digits_arrays()
         return 2.0 * pixels - 1.0, labels, 10
@@ -118,8 +120,6 @@ def digits_classifier(seed: int = 0):
     """A fixed classifier of the 8x8 digits (pixels in [-1, 1]): 64-64-10 SiLU MLP, float64, 600
     full-batch Adam steps on 1500 digits (~1 s); (model, accuracy on the other 297)."""
     import torch
-
-    from models.data import digits_arrays
 
     pixels, labels = digits_arrays()
     x, y = torch.as_tensor(2.0 * pixels - 1.0), torch.as_tensor(labels)
@@ -205,7 +205,7 @@ def _gradient(model, schedule, x_T, c, times, ode, solver, adjoint_kind, target)
     return x0.detach(), xx.grad, cc.grad, theta
 
 
-def run_dpm_gradients(config: dict, seed: int) -> Result:
+def run_dpm_gradients(config: dict, seed: int, save_partial=discard) -> Result:
     """The sample (``batch`` samples conditioned on class ``condition``) and the gradient of L = mean
     squared distance to the ``target`` class's mean with respect to x_T, the embedding c and the
     weights theta, by every method (``ode/grid/solver``) and adjoint at every budget of network
@@ -215,8 +215,6 @@ def run_dpm_gradients(config: dict, seed: int) -> Result:
     import torch
 
     from models import dpm
-    from studies.sweep import save_partial
-    from studies.tasks import Result
 
     torch.set_num_threads(1)
     model, x, labels, train_seconds = trained_model(config["model"], seed)
@@ -281,11 +279,7 @@ def plot_dpm_gradients(archive_path: str):
     theta; continuous adjoint) against the forward pass's network evaluations on the log-SNR grid,
     one colour per solver and one line style per form of the ODE; and a map of log10 of the theta
     gradient's error at 32 evaluations (or the nearest budget) for every method x grid x adjoint."""
-    import matplotlib.pyplot as plt
-
-    from studies.plots import _median, _sweep
-
-    ds, axes = _sweep(archive_path)
+    ds, axes = F.open_sweep(archive_path)
     rows = list(ds["dataset"].values) if "dataset" in ds.dims else [None]
     fig, grid = plt.subplots(len(rows), 5, figsize=(26, 4.8 * len(rows)), layout="constrained", squeeze=False)
     methods = [str(m) for m in ds["scheme"].values]
@@ -305,7 +299,7 @@ def plot_dpm_gradients(archive_path: str):
             da = one[var]
             if "adjoint" in da.dims:
                 da = da.sel(adjoint="continuous") if "continuous" in da["adjoint"].values else da.isel(adjoint=0)
-            med = _median(da, ["scheme", "budget"])
+            med = F.median(da, ["scheme", "budget"])
             for m in methods:
                 form, g, solver = m.split("/")
                 if g != line_grid:
@@ -316,14 +310,14 @@ def plot_dpm_gradients(archive_path: str):
                          + f", {line_grid} grid", fontsize=9)
             ax.set_xlabel("network evaluations (forward pass)")
             ax.set_ylabel("relative error vs reference")
-            ax.axhline(float(_median(one[f"reference_error_{key}"], []).values), color="grey",
+            ax.axhline(float(F.median(one[f"reference_error_{key}"], []).values), color="grey",
                        lw=0.8, label="reference vs half its steps")
             ax.set_ylim(top=10.0)  # above: the continuous adjoint's blow-ups at few steps (in the map)
             ax.grid(True, which="both", alpha=0.3)
             if c == 0:
                 ax.legend(fontsize=6, ncol=2)
         ax = grid[r, 4]
-        theta = _median(one["grad_error_theta"].sel(budget=at), ["scheme", "adjoint"])
+        theta = F.median(one["grad_error_theta"].sel(budget=at), ["scheme", "adjoint"])
         labels = [f"{f}/{s}" for f in forms for s in solvers]
         adjoints = [str(v) for v in one["adjoint"].values]
         cols = [(g, a) for g in grids for a in adjoints]
@@ -348,3 +342,6 @@ def plot_dpm_gradients(archive_path: str):
     fig.suptitle(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} (median over seeds)", fontsize=10)
     return fig
 
+
+TASK = Task(GRADIENTS_SCHEMA, run_dpm_gradients, plot=plot_dpm_gradients,
+            description="a diffusion model's sample gradients by every ODE form, grid, solver and adjoint")

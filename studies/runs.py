@@ -1,0 +1,152 @@
+"""What a study's run is and what it leaves: the :class:`Task` a study registers, the :class:`Result`
+a run returns (or :class:`RunFailed` carries), and the run file it is written to.
+
+A run file (``runs/<run_id>.h5``, format ``substrate-run/1``) holds the run's result (``arrays/``,
+``scalars/``) and attributes: the config (JSON), seed, status (``done``, ``failed`` or ``partial``),
+error, traceback, timings, provenance, the run's coordinates on the sweep axes, and the dims and
+labels of its arrays. A long run may save what it has computed so far: it is given a ``save_partial``
+callable (:class:`PartialSave` in a sweep, :func:`discard` outside one), which writes
+``runs/<run_id>.partial.h5``; the sweep keeps it if the run's process dies (see
+:func:`studies.sweep.record_failure`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+
+from studies.config import Run
+from substrate import archive
+
+RUN_FORMAT = "substrate-run/1"
+RUN_FILE = re.compile(r"^[0-9a-f]{16}\.h5$")
+RESERVED = ("run_id", "status", "error")  # names of the archive's own per-run datasets
+
+
+@dataclass
+class Result:
+    """What a run returns. arrays: name -> (dims, array), one dim name per array axis; scalars: name ->
+    float; coords: optional labels of the arrays' own dims (dim -> list of values)."""
+
+    arrays: dict = field(default_factory=dict)
+    scalars: dict = field(default_factory=dict)
+    coords: dict = field(default_factory=dict)
+
+
+class RunFailed(RuntimeError):
+    """A run failed in a way the study records (no convergence, divergence); ``result`` holds what was
+    computed up to the failure, or None."""
+
+    def __init__(self, message: str, result: Result | None = None):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a study module registers (:mod:`studies.catalogue`).
+
+    schema: nested dict key -> :class:`~studies.config.Field` (type, allowed, default, doc);
+    run(config, seed, save_partial) -> :class:`Result`, where ``save_partial(result)`` keeps what a
+    long run has computed so far; warmup(): loads (or compiles) the compiled kernels the task uses, on
+    a tiny problem, so that workers find the Numba cache warm; plot(archive path) -> a matplotlib
+    Figure of the study's archive; description: one line."""
+
+    schema: dict
+    run: Callable
+    warmup: Callable | None = None
+    plot: Callable | None = None
+    description: str = ""
+
+
+def discard(result: Result) -> None:
+    """The ``save_partial`` of a run called outside a sweep: nothing is kept."""
+
+
+# ------------------------------------------------------------------------------------ paths
+def run_file(runs_dir: str, rid: str) -> str:
+    return os.path.join(runs_dir, f"{rid}.h5")
+
+
+def partial_file(runs_dir: str, rid: str) -> str:
+    return os.path.join(runs_dir, f"{rid}.partial.h5")
+
+
+def list_run_files(runs_dir: str) -> list:
+    """The run ids with a complete run file in ``runs_dir`` (temporary files are not runs)."""
+    try:
+        names = os.listdir(runs_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(n[:-3] for n in names if RUN_FILE.match(n))
+
+
+# ------------------------------------------------------------------------------------ writing
+def check_result(result) -> Result:
+    if not isinstance(result, Result):
+        raise TypeError(f"the task returned {type(result).__name__}, expected studies.runs.Result")
+    for name, value in result.arrays.items():
+        if not isinstance(name, str) or not name or "/" in name or name in RESERVED:
+            raise ValueError(f"result array name {name!r} is not allowed (no '/', not {RESERVED})")
+        try:
+            dims, arr = value
+        except (TypeError, ValueError):
+            raise ValueError(f"result array {name!r} must be (dims, array)") from None
+        arr = np.asarray(arr)
+        dims = tuple(dims)
+        if arr.ndim != len(dims) or not all(isinstance(d, str) and d and "/" not in d for d in dims):
+            raise ValueError(f"result array {name!r}: dims {dims} do not name its {arr.ndim} axes")
+        if arr.dtype.kind not in "biufc":
+            raise ValueError(f"result array {name!r} has dtype {arr.dtype}; expected numbers")
+    for name, value in result.scalars.items():
+        if not isinstance(name, str) or not name or "/" in name or name in RESERVED:
+            raise ValueError(f"result scalar name {name!r} is not allowed")
+        if name in result.arrays:
+            raise ValueError(f"result name {name!r} is both an array and a scalar; the archive needs one each")
+        float(value)
+    return result
+
+
+def _result_payload(result: Result | None):
+    if result is None:
+        return {}, {}, {}
+    arrays = {k: np.asarray(a) for k, (d, a) in result.arrays.items()}
+    data = {"arrays": arrays, "scalars": {k: np.float64(v) for k, v in result.scalars.items()}}
+    dims = {k: list(d) for k, (d, a) in result.arrays.items()}
+    coords = {k: [v.item() if isinstance(v, np.generic) else v for v in vals] for k, vals in result.coords.items()}
+    return data, dims, coords
+
+
+def write_run_file(run: Run, task_name: str, runs_dir: str, status: str, error: str, tb: str,
+                   result: Result | None, timings: Mapping, path: str | None = None) -> str:
+    """Write a run file (atomically); ``path`` defaults to ``runs_dir/<run_id>.h5``."""
+    data, dims, coords = _result_payload(result)
+    attrs = archive.provenance(run.config, run.seed, timings)
+    attrs.update({
+        "format": RUN_FORMAT, "run_id": run.run_id, "task": task_name, "status": status, "error": error,
+        "traceback": tb, "coords": json.dumps(run.coords, default=str), "index": json.dumps(list(run.index)),
+        "array_dims": json.dumps(dims), "array_coords": json.dumps(coords, default=str),
+        "execution": uuid.uuid4().hex, "pid": os.getpid(),
+    })
+    path = os.path.abspath(path or run_file(runs_dir, run.run_id))
+    return archive.write_run(path, data, attrs, what="the run file",
+                             hint="free some space and run the sweep again (the finished runs are kept)")
+
+
+class PartialSave:
+    """The ``save_partial`` of a run executing in a sweep: writes what the run has computed so far to
+    ``runs/<run_id>.partial.h5`` (atomically), so that a run killed midway loses only the work since
+    its last call; the sweep removes the file when the run ends."""
+
+    def __init__(self, run: Run, task_name: str, runs_dir: str):
+        self.run, self.task_name, self.runs_dir = run, task_name, runs_dir
+
+    def __call__(self, result: Result) -> None:
+        write_run_file(self.run, self.task_name, self.runs_dir, "partial", "", "", check_result(result), {},
+                       path=partial_file(self.runs_dir, self.run.run_id))
