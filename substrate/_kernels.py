@@ -19,6 +19,7 @@ branch would stop LLVM from vectorising the loops (measured: 8x slower activatio
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 from functools import partial
 
 import numpy as np
@@ -44,6 +45,47 @@ SUCCESS, NOT_CONVERGED, DIVERGED, STEP_TOO_SMALL, MAX_STEPS = 0, 1, 2, 3, 4
 # Stepper families and exponential methods.
 EXPLICIT_RK, EXPONENTIAL = 0, 1
 ETD1, ETD2RK, ETDRK4 = 1, 2, 3
+
+# Hairer's PI step-size controller (DOPRI5's constants): h_new = h / fac with
+# fac = err^PI_EXPONENT / err_old^PI_BETA / PI_SAFETY, kept in [1/MAX_GROWTH, MAX_SHRINK]; a
+# rejected step shrinks by min(MAX_SHRINK, err^PI_EXPONENT / PI_SAFETY).
+PI_EXPONENT = 0.17  # 1/5 - 0.75 PI_BETA, for the order-4 error estimate
+PI_BETA = 0.04
+PI_SAFETY = 0.9
+MAX_SHRINK = 5.0
+MAX_GROWTH_INV = 0.1  # 1/MAX_GROWTH: a step grows at most tenfold
+ERR_FLOOR = 1e-4  # the previous error's floor (and its value before the first step)
+NAN_ERROR = 1e10  # the error taken for a NaN estimate: reject and shrink
+LANDING = 1e-7  # a step within LANDING h of a save time is stretched onto it
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels' arguments as named structures (namedtuples: Numba types them field by field, so a
+# specialisation depends on the fields' types only, and they cache like plain tuples)
+# --------------------------------------------------------------------------------------------
+# The circuit in the layout above: drive (n, B), wbuf, conn, layer_off, layer_act, 1/tau and tau (n,).
+Circuit = namedtuple("Circuit", "drive wbuf conn layer_off layer_act tauinv tau")
+# A stepper (see ``run``): family, exponential method, tableau a (s, s), weights bw (s,), error
+# weights ew = b - b_hat (empty: fixed steps), first-same-as-last, adaptive.
+Stepper = namedtuple("Stepper", "family method a bw ew fsal adaptive")
+# Where and how far to step: times, first step, error tolerances, the smallest adaptive step, the step
+# budget and the blow-up bound.
+Span = namedtuple("Span", "t0 t_end dt rtol atol h_min max_steps blowup")
+# Relaxation (``on``): stop when every sample's residual max_i |F_i| <= atol + rtol max_i |u_i|;
+# ``residual`` (B,) receives the last residuals, res_trace/t_trace the largest one per step and its time.
+Relaxation = namedtuple("Relaxation", "on rtol atol residual res_trace t_trace")
+# What is kept: states at the save times t_save (into saved), the final state (u_out), and for gradients
+# the step sizes (h_record), the step count at each save (save_step) and the states every ckpt_every
+# steps (ckpt; ckpt_every 0: none).
+Record = namedtuple("Record", "t_save saved u_out h_record save_step ckpt_every ckpt")
+# A teaching current (see ``teach``): cost code, the nudged rows lo:hi, beta (1,), target (m, B),
+# readout W_o (C, m) and b_o (C,), scratch (C,); all arrays in the state's dtype.
+Nudge = namedtuple("Nudge", "code lo hi beta target wo bo scratch")
+# A recorded forward pass for the adjoints: its step sizes hs, number of steps, checkpoints every
+# ckpt_every steps, and dL/du of the saved states (dl_du[k] after save_step[k] steps).
+Tape = namedtuple("Tape", "hs nsteps ckpt ckpt_every save_step dl_du")
+# The adjoints' results: packed weights (like wbuf), drive (n, B), tau (n,), and dL/du0 (n, B).
+Grads = namedtuple("Grads", "gflat gdrive gtau lam0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,10 +371,9 @@ def teach(nudge, r, out):
     * CROSS_ENTROPY through a linear readout z = W_o r + b_o: l = -sum_c y_c log softmax(z)_c,
       dl/dr = W_o^T (softmax(z) - y).
 
-    ``nudge`` = (code, lo, hi, beta (1,), target (m, B), W_o (C, hi-lo), b_o (C,), scratch (C,)),
-    all in the state's dtype; every operation is holomorphic, so complex beta works unchanged."""
-    code, lo, hi, beta_, y, wo, bo, z = nudge
-    beta = beta_[0]
+    ``nudge``: a :data:`Nudge`; every operation is holomorphic, so complex beta works unchanged."""
+    code, lo, hi, y, wo, bo, z = nudge.code, nudge.lo, nudge.hi, nudge.target, nudge.wo, nudge.bo, nudge.scratch
+    beta = nudge.beta[0]
     nb = r.shape[1]
     if code == SQUARED_ERROR:
         for i in range(hi - lo):
@@ -704,38 +745,39 @@ def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, st
 # The one stepping kernel shared by every integrator
 # --------------------------------------------------------------------------------------------
 @njit
-def run(family, method, a, bw, ew, fsal, adaptive,
-        u, drive, wbuf, conn, layer_off, layer_act, tauinv, tau,
-        t0, t_end, dt, rtol, atol, h_min, max_steps, blowup,
-        t_save, saved, relax, res_rtol, res_atol, residual, res_trace, t_trace, u_out,
-        h_record, save_step, ckpt_every, ckpt, nudge, fx):
-    """Integrate tau du/dt = -u + N(u) from (t0, u) with the stepper described by
-    (family, method, a, bw, ew, fsal, adaptive):
+def run(stepper, circuit, u, span, relaxation, record, nudge, fx):
+    """Integrate tau du/dt = -u + N(u) from (span.t0, u) on ``circuit`` (a :data:`Circuit`) with
+    ``stepper`` (a :data:`Stepper`):
 
     * explicit RK (family 0): tableau ``a`` (s x s), weights ``bw``, error weights ``ew`` = b - b_hat
       (empty for fixed-step methods); ``fsal``: the last stage is the next step's first; adaptive
-      steps use Hairer's PI controller (DOPRI5: beta = 0.04, safety 0.9, factor in [0.2, 10]);
+      steps use Hairer's PI controller (the ``PI_*`` constants above);
     * exponential RK (family 1): ``method`` selects the coefficients (see ``coefficients``).
 
     A step is s weight products, each followed by one fused ``stage_pass``. Steps land exactly on the
-    save times ``t_save`` (states written to ``saved``). With ``relax`` the loop stops as soon as every
-    sample satisfies max_i |F_i(u)| <= res_atol + res_rtol max_i |u_i| at the current state (checked
-    from the first stage of each step, so it costs no extra field evaluation), or fails when t_end or
-    max_steps is reached; ``res_trace[step]`` records the largest residual over the batch and
-    ``t_trace[step]`` the time.
+    save times ``record.t_save`` (states written to ``record.saved``). With ``relaxation.on`` the loop
+    stops as soon as every sample satisfies max_i |F_i(u)| <= atol + rtol max_i |u_i| at the current
+    state (checked from the first stage of each step, so it costs no extra field evaluation), or fails
+    when t_end or max_steps is reached; ``res_trace[step]`` records the largest residual over the batch
+    and ``t_trace[step]`` the time.
 
-    For gradients (``adjoint``): ``h_record[step]`` receives each accepted step size, ``save_step[k]``
-    the number of steps taken when t_save[k] was saved, and with ``ckpt_every`` > 0 the state after
-    every ckpt_every-th step is stored in ``ckpt`` (ckpt[0] = the initial state).
+    For gradients (``adjoint``): ``record.h_record[step]`` receives each accepted step size,
+    ``save_step[k]`` the number of steps taken when t_save[k] was saved, and with ``ckpt_every`` > 0
+    the state after every ckpt_every-th step is stored in ``ckpt`` (ckpt[0] = the initial state).
 
-    ``nudge``: a teaching current added to N (see ``teach``; code NO_NUDGE for none), injected into
+    ``nudge``: a teaching current added to N (a :data:`Nudge`; code NO_NUDGE for none), injected into
     the neurons after the crossbar. ``fx``: a device's effects (see ``device_products``): the IO chain
     and read noise on every weight product, activation mismatch, and additive state noise
     u += s sqrt(h) xi after every accepted step (Euler-Maruyama for ``euler``; for the other methods
     the same noise split off the deterministic step, strong order 1/2).
 
-    Returns (status, t, steps, nfev, rejected); the final state is copied into ``u_out``.
+    Returns (status, t, steps, nfev, rejected); the final state is copied into ``record.u_out``.
     """
+    family, method, a, bw, ew, fsal, adaptive = stepper
+    drive, wbuf, conn, layer_off, layer_act, tauinv, tau = circuit
+    t0, t_end, dt, rtol, atol, h_min, max_steps, blowup = span
+    relax, res_rtol, res_atol, residual, res_trace, t_trace = relaxation
+    t_save, saved, u_out, h_record, save_step, ckpt_every, ckpt = record
     n, nb = u.shape
     s = bw.shape[0]
     ns = t_save.shape[0]
@@ -772,7 +814,7 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         ckpt[0] = u
     fx_activate(fx, u, layer_off, layer_act, gain, offset, row, r)
     first_ready = False  # is S_0 (the slope at u) known?
-    facold = 1e-4
+    facold = ERR_FLOOR
     h = dt
     status = SUCCESS
     while True:
@@ -787,7 +829,7 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         if k < ns and t_save[k] < target:
             target = t_save[k]
         hh = h
-        if target - (t + hh) <= 1e-7 * hh:
+        if target - (t + hh) <= LANDING * hh:
             hh = target - t
         if adaptive and hh < h_min and not relax:
             status = STEP_TOO_SMALL
@@ -804,7 +846,7 @@ def run(family, method, a, bw, ew, fsal, adaptive,
             compute = i > 0 or not first_ready
             if compute:
                 fx_products(fx, devio, rcur, wbuf, conn, layer_off, tmp, wr, rq, var, xi, i == 0, hh)
-                if nudge[0] != NO_NUDGE:
+                if nudge.code != NO_NUDGE:
                     teach(nudge, rcur, wr)
                 nfev += 1
             last = i + 1 == s
@@ -850,14 +892,14 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         if adaptive:
             err = math.sqrt(err2 / (n * nb))
             if not (err == err):
-                err = 1e10  # a NaN in the error: reject and shrink
-            fac11 = err ** 0.17
+                err = NAN_ERROR
+            fac11 = err ** PI_EXPONENT
             if err > 1.0:
                 rejected += 1
-                h = hh / min(5.0, fac11 / 0.9)
+                h = hh / min(MAX_SHRINK, fac11 / PI_SAFETY)
                 continue
-            fac = max(0.1, min(5.0, fac11 / facold ** 0.04 / 0.9))
-            facold = max(err, 1e-4)
+            fac = max(MAX_GROWTH_INV, min(MAX_SHRINK, fac11 / facold ** PI_BETA / PI_SAFETY))
+            facold = max(err, ERR_FLOOR)
             h_next = hh / fac
         if bad > 0:
             status = DIVERGED
@@ -892,11 +934,12 @@ def run(family, method, a, bw, ew, fsal, adaptive,
 # Discrete adjoint: the exact gradient of the steps ``run`` took (REFERENCES section 3)
 # --------------------------------------------------------------------------------------------
 @njit
-def replay(family, method, a, bw, u0, nsteps, hs, drive, wbuf, conn, layer_off, layer_act, tauinv,
-           tau, ys, rs, ss, u_end):
+def replay(stepper, circuit, u0, nsteps, hs, ys, rs, ss, u_end):
     """Redo ``nsteps`` steps of sizes ``hs`` from ``u0`` exactly as ``run`` does (same kernels, same
     bits) and keep every stage: ys[m, i] = Y_i of step m (Y_0 = u_m), rs[m, i] = rho(Y_i),
     ss[m, i] = S_i. The state after the last step goes to ``u_end``."""
+    family, method, a, bw = stepper.family, stepper.method, stepper.a, stepper.bw
+    drive, wbuf, conn, layer_off, layer_act, tauinv, tau = circuit
     n, nb = u0.shape
     s = bw.shape[0]
     alpha = np.zeros((s + 1, n), tauinv.dtype)
@@ -1019,8 +1062,7 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys, rs, ss,
 
 
 @njit
-def _state_at(m, top, slot_step, slots, family, method, a, bw, hs, drive, wbuf, conn, layer_off,
-              layer_act, tauinv, tau, ys1, rs1, ss1):
+def _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys1, rs1, ss1):
     """Bring the state after m steps to the top of the slot stack and return the new top.
 
     The stack holds states at increasing step numbers (slot 0: the segment's checkpoint). Slots past
@@ -1034,8 +1076,7 @@ def _state_at(m, top, slot_step, slots, family, method, a, bw, hs, drive, wbuf, 
         target = m if m - start <= 1 else start + (m - start + 1) // 2
         slots[top + 1] = slots[top]
         for j in range(start, target):
-            replay(family, method, a, bw, slots[top + 1], 1, hs[j:j + 1], drive, wbuf, conn,
-                   layer_off, layer_act, tauinv, tau, ys1, rs1, ss1, slots[top + 1])
+            replay(stepper, circuit, slots[top + 1], 1, hs[j:j + 1], ys1, rs1, ss1, slots[top + 1])
         top += 1
         slot_step[top] = target
     return top
@@ -1062,17 +1103,19 @@ def _slot_count(every):
 
 
 @njit
-def adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, save_step, dl_du,
-                drive, wbuf, conn, layer_off, layer_act, tauinv, tau, tauinv_step,
-                gflat, gdrive, gtau, lam0):
+def adjoint_run(stepper, tape, circuit, tauinv_step, grads):
     """The discrete adjoint of ``run``, step by step in reverse: bring the state before step m back
-    (from the checkpoints, states every ckpt_every steps, by ``_state_at``), replay that one step
+    (from the checkpoints of ``tape``, a :data:`Tape`, by ``_state_at``), replay that one step
     keeping its stages, and backpropagate through it with ``adjoint_step``. dL/du of the saved states,
     ``dl_du[k]``, enters after the step that produced state save_step[k]. Replays reproduce the
     forward bit for bit, so the gradient is bit-identical for every number of checkpoints. Memory:
-    the checkpoints plus O(log ckpt_every) states. Results: gflat (packed weights), gdrive (n, batch),
-    gtau (n,), lam0 = dL/du0. ``tauinv_step`` is 1/(tau + i eps), the complex step that gives d/dtau
-    of the exponential coefficients."""
+    the checkpoints plus O(log ckpt_every) states. Results into ``grads`` (a :data:`Grads`): gflat
+    (packed weights), gdrive (n, batch), gtau (n,), lam0 = dL/du0. ``tauinv_step`` is
+    1/(tau + i eps), the complex step that gives d/dtau of the exponential coefficients."""
+    family, method, a, bw = stepper.family, stepper.method, stepper.a, stepper.bw
+    hs, nsteps, ckpt, ckpt_every, save_step, dl_du = tape
+    drive, wbuf, conn, layer_off, layer_act, tauinv, tau = circuit
+    gflat, gdrive, gtau, lam0 = grads
     n, nb = drive.shape
     s = bw.shape[0]
     dtype = drive.dtype
@@ -1106,10 +1149,8 @@ def adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, save_step, 
         slot_step[0] = c * seg
         top = 0
         for m in range(min(c * seg + seg, nsteps) - 1, c * seg - 1, -1):
-            top = _state_at(m, top, slot_step, slots, family, method, a, bw, hs, drive, wbuf, conn,
-                            layer_off, layer_act, tauinv, tau, ys, rs, ss)
-            replay(family, method, a, bw, slots[top], 1, hs[m:m + 1], drive, wbuf, conn,
-                   layer_off, layer_act, tauinv, tau, ys, rs, ss, u_end)
+            top = _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys, rs, ss)
+            replay(stepper, circuit, slots[top], 1, hs[m:m + 1], ys, rs, ss, u_end)
             h = hs[m]
             if h != h_coef:
                 coefficients(family, method, h, a, bw, tauinv, alpha, coef)
@@ -1278,9 +1319,7 @@ def _step_grids(hs, nsteps, substeps, finest, save_step):
 
 
 @njit
-def continuous_adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, save_step, dl_du,
-                           back_method, substeps, drive, wbuf, conn, layer_off, layer_act, tauinv, tau,
-                           gflat, gdrive, gtau, lam0):
+def continuous_adjoint_run(stepper, tape, back_method, substeps, circuit, grads):
     """Integrate the adjoint ODE dlam/dt = -(df/du)^T lam backwards from lam(T) = dL/du(T), with
     dL/dtheta = int_0^T (df/dtheta)^T lam dt, f = F/tau. The adjoint is stepped in reverse time by the
     exponential method ``back_method`` (ETD1 or ETD2RK of ``coefficients``: the leak -lam/tau exactly,
@@ -1289,7 +1328,12 @@ def continuous_adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, 
     exponential quadrature of ``_cell_weights`` on that grid. The forward state is never
     integrated backwards: it is re-anchored at the stored forward states (checkpoints every
     ckpt_every steps, states in between brought back by ``_state_at``) and, inside a forward step,
-    re-integrated forward from its start with the forward method on the same cells."""
+    re-integrated forward from its start with the forward method on the same cells. Arguments and
+    results as for ``adjoint_run``."""
+    a, bw = stepper.a, stepper.bw
+    hs, nsteps, ckpt, ckpt_every, save_step, dl_du = tape
+    drive, wbuf, conn, layer_off, layer_act, tauinv, tau = circuit
+    gflat, gdrive, gtau, lam0 = grads
     n, nb = drive.shape
     s = bw.shape[0]
     dtype = drive.dtype
@@ -1327,13 +1371,11 @@ def continuous_adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, 
         slot_step[0] = c * seg
         top = 0
         for m in range(min(c * seg + seg, nsteps) - 1, c * seg - 1, -1):
-            top = _state_at(m, top, slot_step, slots, family, method, a, bw, hs, drive, wbuf, conn,
-                            layer_off, layer_act, tauinv, tau, ys1, rs1, ss1)
+            top = _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys1, rs1, ss1)
             count = _substep_sizes(hs[m], substeps, finest, m == 0, _injected(save_step, m + 1), sub_h)
             path[0] = slots[top]
             for q in range(count):
-                replay(family, method, a, bw, path[q], 1, sub_h[q:q + 1], drive, wbuf, conn,
-                       layer_off, layer_act, tauinv, tau, ys1, rs1, ss1, path[q + 1])
+                replay(stepper, circuit, path[q], 1, sub_h[q:q + 1], ys1, rs1, ss1, path[q + 1])
             for q in range(count - 1, -1, -1):
                 hsub = sub_h[q]
                 if hsub != h_coef:

@@ -89,6 +89,12 @@ class VectorField:
         p = self.packed
         return p.wbuf, p.conn, p.layer_off, p.layer_act
 
+    @property
+    def circuit(self):
+        """The circuit as the stepping and adjoint kernels take it (a ``_kernels.Circuit``)."""
+        p = self.packed
+        return K.Circuit(self.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, p.tauinv, p.tau)
+
     def __call__(self, u) -> np.ndarray:
         """F(u) (on a device with activation mismatch, with its neurons' rho(g (u - o)))."""
         ut = self.state(u)
