@@ -403,13 +403,136 @@ def teach(nudge, r, out):
 
 
 # --------------------------------------------------------------------------------------------
-# Device effects inside the stepping kernel (substrate.devices): arrays and integer codes only.
-# ``fx`` = (read code, wvar (n_w,), wdev (n_w, B), out_noise (n,) or (0,), adc_bits, adc_bound (n,),
-# dac_bits, dac_bound (1,), state_noise, gain (n,) or (0,), offset (n,) or (0,), three generators (read
-# noise, output noise, state noise: one stream each, so that one effect never shifts another's draws),
-# and the read noise's correlation time (0: none)), built by
-# ``substrate.devices``. An ideal circuit passes ``()`` instead (see ``fx_setup``).
+# Device effects inside the stepping kernel. ``effects`` is a tuple of effect states, each an
+# instance of a namedtuple class registered with its hooks by ``register_effect`` (the built-in ones
+# are in substrate.devices.stepping); the stepping kernel calls the hooks of every effect, in the
+# tuple's order, at four points:
+#
+# * ``before(e, src) -> src``: the activities that enter a weight product (e.g. a DAC);
+# * ``after(e, src, circuit, tmp, out, fresh, h)``: on a product's output out = W src (read noise,
+#   output noise, an ADC); ``fresh``: the step's first product (its stages share a draw), ``h`` the
+#   step, ``tmp`` a scratch (max rows of a connection, B);
+# * ``activate(e, y, circuit, r)``: after r = rho(y) was computed, rewrite it (activation mismatch);
+# * ``step(e, u, h) -> bool``: after an accepted step; True if it moved the state (state noise).
+#
+# A hook an effect does not register is no code at all. The dispatch is resolved at compile time from
+# the tuple's type: an ideal circuit passes ``()``, and ``run``'s specialisation for it contains none
+# of the device code (no generators, converters or noise), so the ideal path costs nothing at run time
+# and nothing at compile time; each device's tuple type gets its own specialisation. Numba caches that
+# specialisation by the argument types only: after editing a hook, clear the cache (__pycache__ or
+# NUMBA_CACHE_DIR) or it keeps running the old code.
 # --------------------------------------------------------------------------------------------
+EFFECT_HOOKS = ("before", "after", "activate", "step")
+_effect_hooks = {}  # namedtuple class -> {hook name: jitted function}
+
+
+def register_effect(state_class, **hooks):
+    """Register the kernel hooks (``EFFECT_HOOKS``, jitted functions) of the effect states of
+    ``state_class`` (a namedtuple class); returns the class."""
+    unknown = set(hooks) - set(EFFECT_HOOKS)
+    if unknown:
+        raise TypeError(f"register_effect: unknown hooks {sorted(unknown)}; allowed: {EFFECT_HOOKS}")
+    if not (isinstance(state_class, type) and issubclass(state_class, tuple) and hasattr(state_class, "_fields")):
+        raise TypeError(f"register_effect: {state_class!r} is not a namedtuple class")
+    _effect_hooks[state_class] = dict(hooks)
+    return state_class
+
+
+def _hook(effects, name):
+    """The hook ``name`` of the first effect of a tuple type, or None."""
+    first = effects.types[0]
+    cls = getattr(first, "instance_class", None)
+    if cls not in _effect_hooks:
+        raise TypeError(f"a device effect of type {first} is not registered (_kernels.register_effect)")
+    return _effect_hooks[cls].get(name)
+
+
+def effects_before(effects, src):
+    """The activities that enter a weight product: ``src`` through every effect's ``before``."""
+
+
+@overload(effects_before, jit_options={"error_model": "numpy"})
+def _effects_before(effects, src):
+    if len(effects) == 0:
+        return lambda effects, src: src
+    hook = _hook(effects, "before")
+    if hook is None:
+        return lambda effects, src: effects_before(effects[1:], src)
+    return lambda effects, src: effects_before(effects[1:], hook(effects[0], src))
+
+
+def effects_after(effects, src, circuit, tmp, out, fresh, h):
+    """Every effect's ``after`` on the product out = W src."""
+
+
+@overload(effects_after, jit_options={"error_model": "numpy"})
+def _effects_after(effects, src, circuit, tmp, out, fresh, h):
+    if len(effects) == 0:
+        return lambda effects, src, circuit, tmp, out, fresh, h: None
+    hook = _hook(effects, "after")
+    if hook is None:
+        return lambda effects, src, circuit, tmp, out, fresh, h: \
+            effects_after(effects[1:], src, circuit, tmp, out, fresh, h)
+
+    def impl(effects, src, circuit, tmp, out, fresh, h):
+        hook(effects[0], src, circuit, tmp, out, fresh, h)
+        effects_after(effects[1:], src, circuit, tmp, out, fresh, h)
+    return impl
+
+
+def effects_activate(effects, y, circuit, r):
+    """Every effect's ``activate`` on r = rho(y)."""
+
+
+@overload(effects_activate, jit_options={"error_model": "numpy"})
+def _effects_activate(effects, y, circuit, r):
+    if len(effects) == 0:
+        return lambda effects, y, circuit, r: None
+    hook = _hook(effects, "activate")
+    if hook is None:
+        return lambda effects, y, circuit, r: effects_activate(effects[1:], y, circuit, r)
+
+    def impl(effects, y, circuit, r):
+        hook(effects[0], y, circuit, r)
+        effects_activate(effects[1:], y, circuit, r)
+    return impl
+
+
+def effects_step(effects, u, h):
+    """Every effect's ``step`` after an accepted step; True if any moved the state."""
+
+
+@overload(effects_step, jit_options={"error_model": "numpy"})
+def _effects_step(effects, u, h):
+    if len(effects) == 0:
+        return lambda effects, u, h: False
+    hook = _hook(effects, "step")
+    if hook is None:
+        return lambda effects, u, h: effects_step(effects[1:], u, h)
+
+    def impl(effects, u, h):
+        moved = hook(effects[0], u, h)
+        rest = effects_step(effects[1:], u, h)  # every effect steps, whatever the first returned
+        return moved or rest
+    return impl
+
+
+@njit
+def products(effects, r, circuit, tmp, out, fresh, h):
+    """out = W r as the circuit computes it: through the effects' ``before`` and ``after`` hooks (an
+    ideal circuit: W r alone)."""
+    src = effects_before(effects, r)
+    weights_times(src, circuit.wbuf, circuit.conn, circuit.layer_off, tmp, out)
+    effects_after(effects, src, circuit, tmp, out, fresh, h)
+
+
+@njit
+def activate_effects(effects, u, circuit, r):
+    """r = rho(u) as the circuit's neurons compute it (through the effects' ``activate`` hooks)."""
+    activate(u, circuit.layer_off, circuit.layer_act, r)
+    effects_activate(effects, u, circuit, r)
+
+
 @njit
 def quantise(x, bits, bound):
     """Row i of x clipped to [-bound[i], bound[i]] and rounded to the nearest multiple of
@@ -424,153 +547,6 @@ def quantise(x, bits, bound):
         for b in range(x.shape[1]):
             v = min(max(x[i, b].real, -bd), bd)  # .real: types for complex states (never quantised)
             x[i, b] = np.round(v / step) * step
-
-
-@njit
-def _sample_products(r, wdev, conn, out):
-    """out += dW_b r_b for every sample b, with its own deviations wdev[:, b] (flat weight layout)."""
-    for c in range(conn.shape[0]):
-        wo, pa, pn, qa, qn = conn[c, 0], conn[c, 1], conn[c, 2], conn[c, 3], conn[c, 4]
-        for i in range(qn):
-            for j in range(pn):
-                k = wo + i * pn + j
-                for b in range(r.shape[1]):
-                    out[qa + i, b] += wdev[k, b] * r[pa + j, b]
-
-
-@njit
-def device_products(fx, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, h):
-    """out = the crossbar's output for activities r, through the IO chain and read noise:
-
-    DAC (r to dac_bits levels on +-dac_bound) -> W r -> read noise -> output noise -> ADC (to adc_bits
-    levels on +-adc_bound). Read noise READ_STEP is redrawn at every step (``fresh``: the step's first
-    product; its stages share the draw), per sample, in its output form: sum_j dW_ij r_j with
-    independent dW_ij ~ N(0, wvar_ij) is N(0, sum_j wvar_ij r_j^2), one extra product of the
-    variances with r^2 instead of n_w draws (aihwkit's weight noise is applied the same way); with a
-    correlation time t_c > 0 the variance is scaled by t_c/h, the white-noise limit, so that its
-    effect on the trajectory does not depend on the step h. READ_SAMPLE adds the per-sample
-    deviations held in wdev."""
-    code, wvar, wdev, out_noise, adc_bits, adc_bound, dac_bits, dac_bound = fx[:8]
-    src = r
-    if dac_bits > 0:
-        rq[:, :] = r
-        quantise(rq, dac_bits, dac_bound)
-        src = rq
-    weights_times(src, wbuf, conn, layer_off, tmp, out)
-    if code == READ_STEP:
-        for i in range(src.shape[0]):
-            for b in range(src.shape[1]):
-                rq[i, b] = src[i, b] * src[i, b]
-        weights_times(rq, wvar, conn, layer_off, tmp, var)
-        if fresh:
-            for i in range(out.shape[0]):
-                for b in range(out.shape[1]):
-                    xi[i, b] = fx[11].standard_normal()
-        scale = fx[14] / h if fx[14] > 0.0 else 1.0
-        for i in range(out.shape[0]):
-            for b in range(out.shape[1]):
-                out[i, b] += math.sqrt(scale * var[i, b].real) * xi[i, b]
-    elif code == READ_SAMPLE:
-        _sample_products(src, wdev, conn, out)
-    if out_noise.shape[0] > 0:
-        for i in range(out.shape[0]):
-            sd = out_noise[i]
-            if sd > 0.0:  # rows that no crossbar feeds have none
-                for b in range(out.shape[1]):
-                    out[i, b] += sd * fx[12].standard_normal()
-    if adc_bits > 0:
-        quantise(out, adc_bits, adc_bound)
-
-
-# Compile-time dispatch on the effects' type: an ideal circuit passes ``fx = ()``, and ``run``'s
-# specialisation for it contains none of the device code (no generators, converters or noise), so
-# the ideal path costs nothing at run time and nothing at compile time; a device passes the full
-# tuple and gets its own specialisation.
-def fx_setup(fx, n, nb, dtype, rdt):
-    """(gain, offset, devio, rq, var, xi): activation mismatch (empty: none), whether the weight
-    products go through ``device_products``, and its scratch buffers."""
-
-
-@overload(fx_setup, jit_options={"error_model": "numpy"})
-def _fx_setup(fx, n, nb, dtype, rdt):
-    if len(fx) == 0:
-        def ideal(fx, n, nb, dtype, rdt):
-            e = np.empty((0, nb), dtype)
-            return np.zeros(0, rdt), np.zeros(0, rdt), False, e, e, np.empty((0, nb))
-        return ideal
-
-    def device(fx, n, nb, dtype, rdt):
-        devio = fx[0] != READ_NONE or fx[3].shape[0] > 0 or fx[4] > 0 or fx[6] > 0
-        m = n if devio else 0
-        return fx[9], fx[10], devio, np.empty((m, nb), dtype), np.empty((m, nb), dtype), np.empty((m, nb))
-    return device
-
-
-def fx_products(fx, devio, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, h):
-    """out = W r (ideal), or the device's crossbar output (``device_products``)."""
-
-
-@overload(fx_products, jit_options={"error_model": "numpy"})
-def _fx_products(fx, devio, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, h):
-    if len(fx) == 0:
-        return lambda fx, devio, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, h: \
-            weights_times(r, wbuf, conn, layer_off, tmp, out)
-
-    def device(fx, devio, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, h):
-        if devio:
-            device_products(fx, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, h)
-        else:
-            weights_times(r, wbuf, conn, layer_off, tmp, out)
-    return device
-
-
-def fx_activate(fx, u, layer_off, layer_act, gain, offset, row, out):
-    """out = rho(u), with the device's activation mismatch if it has one."""
-
-
-@overload(fx_activate, jit_options={"error_model": "numpy"})
-def _fx_activate(fx, u, layer_off, layer_act, gain, offset, row, out):
-    if len(fx) == 0:
-        return lambda fx, u, layer_off, layer_act, gain, offset, row, out: activate(u, layer_off, layer_act, out)
-    return lambda fx, u, layer_off, layer_act, gain, offset, row, out: \
-        activate_device(u, layer_off, layer_act, gain, offset, row, out)
-
-
-def fx_activate_mismatch(fx, gain, offset, layer_off, layer_act, row, y, r):
-    """With a device's activation mismatch, r = rho(g (y - o)) again over the nominal activity
-    ``stage_pass`` wrote (a second activation pass, paid by mismatched devices only)."""
-
-
-@overload(fx_activate_mismatch, jit_options={"error_model": "numpy"})
-def _fx_activate_mismatch(fx, gain, offset, layer_off, layer_act, row, y, r):
-    if len(fx) == 0:
-        return lambda fx, gain, offset, layer_off, layer_act, row, y, r: None
-
-    def device(fx, gain, offset, layer_off, layer_act, row, y, r):
-        if gain.shape[0] > 0:
-            activate_device(y, layer_off, layer_act, gain, offset, row, r)
-    return device
-
-
-def fx_step_noise(fx, u, h, layer_off, layer_act, gain, offset, row, r):
-    """The state noise after an accepted step (and r = rho(u) again); True if any was added."""
-
-
-@overload(fx_step_noise, jit_options={"error_model": "numpy"})
-def _fx_step_noise(fx, u, h, layer_off, layer_act, gain, offset, row, r):
-    if len(fx) == 0:
-        return lambda fx, u, h, layer_off, layer_act, gain, offset, row, r: False
-
-    def device(fx, u, h, layer_off, layer_act, gain, offset, row, r):
-        if fx[8] <= 0.0:
-            return False
-        amp = fx[8] * math.sqrt(h)
-        for p in range(u.shape[0]):
-            for b in range(u.shape[1]):
-                u[p, b] += amp * fx[13].standard_normal()
-        activate_device(u, layer_off, layer_act, gain, offset, row, r)
-        return True
-    return device
 
 
 @njit
@@ -745,7 +721,7 @@ def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, st
 # The one stepping kernel shared by every integrator
 # --------------------------------------------------------------------------------------------
 @njit
-def run(stepper, circuit, u, span, relaxation, record, nudge, fx):
+def run(stepper, circuit, u, span, relaxation, record, nudge, effects):
     """Integrate tau du/dt = -u + N(u) from (span.t0, u) on ``circuit`` (a :data:`Circuit`) with
     ``stepper`` (a :data:`Stepper`):
 
@@ -766,10 +742,10 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, fx):
     the state after every ckpt_every-th step is stored in ``ckpt`` (ckpt[0] = the initial state).
 
     ``nudge``: a teaching current added to N (a :data:`Nudge`; code NO_NUDGE for none), injected into
-    the neurons after the crossbar. ``fx``: a device's effects (see ``device_products``): the IO chain
-    and read noise on every weight product, activation mismatch, and additive state noise
-    u += s sqrt(h) xi after every accepted step (Euler-Maruyama for ``euler``; for the other methods
-    the same noise split off the deterministic step, strong order 1/2).
+    the neurons after the crossbar. ``effects``: a device's effect states, whose hooks (see
+    ``register_effect``) act on every weight product, on the activities and after every accepted step
+    (e.g. state noise u += s sqrt(h) xi: Euler-Maruyama for ``euler``; for the other methods the same
+    noise split off the deterministic step, strong order 1/2); ``()`` for an ideal circuit.
 
     Returns (status, t, steps, nfev, rejected); the final state is copied into ``record.u_out``.
     """
@@ -797,9 +773,7 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, fx):
     coef = np.zeros((s + 1, s, n), rdt)
     h_coef = -1.0
     umax = np.zeros(nb)
-    gain, offset, devio, rq, var, xi = fx_setup(fx, n, nb, dtype, rdt)
     noisy = False
-    row = np.empty(nb, dtype)
 
     t = t0
     step = 0
@@ -812,7 +786,7 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, fx):
         k += 1
     if ckpt_every > 0:
         ckpt[0] = u
-    fx_activate(fx, u, layer_off, layer_act, gain, offset, row, r)
+    activate_effects(effects, u, circuit, r)
     first_ready = False  # is S_0 (the slope at u) known?
     facold = ERR_FLOOR
     h = dt
@@ -845,7 +819,7 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, fx):
         for i in range(s):
             compute = i > 0 or not first_ready
             if compute:
-                fx_products(fx, devio, rcur, wbuf, conn, layer_off, tmp, wr, rq, var, xi, i == 0, hh)
+                products(effects, rcur, circuit, tmp, wr, i == 0, hh)
                 if nudge.code != NO_NUDGE:
                     teach(nudge, rcur, wr)
                 nfev += 1
@@ -859,7 +833,7 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, fx):
             bad, err2 = stage_pass(i, compute, family, wr, drive, ycur, tauinv, tau, alpha, coef, u,
                                    stages, layer_off, layer_act, relax, residual, umax, ew, hh,
                                    rtol, atol, blowup, yout, rout)
-            fx_activate_mismatch(fx, gain, offset, layer_off, layer_act, row, yout, rout)
+            effects_activate(effects, yout, circuit, rout)
             ycur, rcur = yout, rout
             first_ready = True
             if relax and i == 0:
@@ -909,7 +883,9 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, fx):
         t = target if hh != h else t + hh
         u, unew = unew, u
         r, rnew = rnew, r
-        noisy = fx_step_noise(fx, u, hh, layer_off, layer_act, gain, offset, row, r)
+        noisy = effects_step(effects, u, hh)
+        if noisy:  # the activities of the moved state
+            activate_effects(effects, u, circuit, r)
         if step < h_record.shape[0]:
             h_record[step] = hh
         step += 1

@@ -25,7 +25,7 @@ import numpy as np
 from . import _kernels as K
 from .dynamics import VectorField, rightmost_eigenvalues
 from .errors import ConvergenceError, DivergenceError, StepSizeError, SubstrateValueError
-from .network import Network, _shown, effects_neurons
+from .network import Network, _shown
 from .nudge import Nudge, no_nudge
 
 
@@ -297,12 +297,12 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     u_out = np.empty_like(u)
     record = record or _no_record(n, nb, vf.dtype, len(t_save))
     fx = vf.effects
-    stochastic = len(fx) > 0 and (fx[0] == K.READ_STEP or fx[3].shape[0] > 0 or fx[8] > 0)
+    stochastic = any(getattr(e, "noise", False) for e in fx)
     if stochastic and (adaptive or vf.dtype.kind == "c"):
         raise SubstrateValueError(
             f"the device draws noise at every step (per-step read noise, output noise or state noise): "
             f"it needs a fixed-step method with real states, not {stepper.name!r} with {vf.dtype} states")
-    if len(fx) > 0 and vf.dtype.kind == "c" and (fx[4] > 0 or fx[6] > 0):
+    if vf.dtype.kind == "c" and any(getattr(e, "real_only", False) for e in fx):
         raise SubstrateValueError("the device's DAC/ADC quantise real signals: complex states (holomorphic "
                                   "EP) cannot pass them; use IOChain(inp_bits=0, out_bits=0)")
     status, t, steps, nfev, rejected = K.run(
@@ -339,7 +339,7 @@ def stability(vf: VectorField, u, nudge=None):
     def central(f, v):
         return (f(ut + h * v.T) - f(ut - h * v.T)).T / (2 * h)
 
-    exact = effects_neurons(vf.effects, vf.dtype)[0].shape[0] == 0
+    exact = not vf.mismatch
 
     def matvec(v):
         out = vf.jvp_engine(u, np.ascontiguousarray(v)) if exact else central(vf, v)
