@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import archive_digest
 import substrate as S
 from studies import sweep as sw
 from studies.cli import main
@@ -308,6 +309,17 @@ def test_every_study_config_sweeps_at_debug_size(config_archives, path):
         off.add("weight_angle")
     assert all(np.isfinite(ds[v]).any() for v in results if v not in off)
     assert all(not np.isfinite(ds[v]).any() for v in off)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_archives_match_the_reference(config_archives, path):
+    """Every deterministic result of every study at debug size, bit for bit, as made by the commit the reference
+    digests were made on (tests/archive_digest.py says what is compared and how to refresh them): a refactor
+    of the studies, the kernels or the devices must not change one bit of a result, nor a run id."""
+    reference = json.load(open(archive_digest.REFERENCE))[os.path.basename(path)]
+    now = archive_digest.digest(config_archives[path][1])
+    assert sorted(now) == sorted(reference)
+    assert [k for k in reference if now[k] != reference[k]] == []
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
