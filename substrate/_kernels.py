@@ -35,10 +35,6 @@ LOGISTIC, HARD_SIGMOID, TANH, DSILU, IDENTITY = 0, 1, 2, 3, 4
 # Teaching-current (nudge) codes, kept in step with nudge.COSTS.
 NO_NUDGE, SQUARED_ERROR, CROSS_ENTROPY = 0, 1, 2
 
-# Read-noise codes of the device effects tuple (see ``device_products``), kept in step with
-# substrate.devices.
-READ_NONE, READ_STEP, READ_SAMPLE = 0, 1, 2
-
 # Status codes returned by ``run``.
 SUCCESS, NOT_CONVERGED, DIVERGED, STEP_TOO_SMALL, MAX_STEPS = 0, 1, 2, 3, 4
 
@@ -436,6 +432,11 @@ def register_effect(state_class, **hooks):
         raise TypeError(f"register_effect: {state_class!r} is not a namedtuple class")
     _effect_hooks[state_class] = dict(hooks)
     return state_class
+
+
+def is_registered(state) -> bool:
+    """Whether ``state``'s class has registered its hooks (``register_effect``)."""
+    return type(state) in _effect_hooks
 
 
 def _hook(effects, name):

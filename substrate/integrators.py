@@ -296,13 +296,13 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     t_trace = np.empty_like(res_trace)
     u_out = np.empty_like(u)
     record = record or _no_record(n, nb, vf.dtype, len(t_save))
-    fx = vf.effects
-    stochastic = any(getattr(e, "noise", False) for e in fx)
+    effects = vf.effects
+    stochastic = any(getattr(e, "draws_per_step", False) for e in effects)
     if stochastic and (adaptive or vf.dtype.kind == "c"):
         raise SubstrateValueError(
             f"the device draws noise at every step (per-step read noise, output noise or state noise): "
             f"it needs a fixed-step method with real states, not {stepper.name!r} with {vf.dtype} states")
-    if vf.dtype.kind == "c" and any(getattr(e, "real_only", False) for e in fx):
+    if vf.dtype.kind == "c" and any(getattr(e, "real_only", False) for e in effects):
         raise SubstrateValueError("the device's DAC/ADC quantise real signals: complex states (holomorphic "
                                   "EP) cannot pass them; use IOChain(inp_bits=0, out_bits=0)")
     status, t, steps, nfev, rejected = K.run(
@@ -310,7 +310,7 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
         K.Span(float(t0), float(t_end), float(dt), float(rtol), float(atol), h_min, int(max_steps), float(blowup)),
         K.Relaxation(relax, float(res_rtol), float(res_atol), residual, res_trace, t_trace),
         K.Record(t_save, saved, u_out, *record),
-        no_nudge(vf.dtype) if nudge is None else nudge.kernel_args(vf.network, vf.dtype, vf.batch), fx)
+        no_nudge(vf.dtype) if nudge is None else nudge.kernel_args(vf.network, vf.dtype, vf.batch), effects)
     return status, t, steps, nfev, rejected, saved, residual, (t_trace, res_trace), u_out
 
 

@@ -9,7 +9,7 @@ Order of the effects (fixed, whatever order they are given in):
 2. read at the clock time (every phase): drift since each device's write (-> global compensation),
    then read noise drawn per its policy;
 3. every weight product inside the stepping kernel: DAC -> W r (+ per-step or per-sample read noise)
-   -> output noise -> ADC;
+   -> output noise -> ADC (then the ``StepEffect``s' hooks, in the order given);
 4. neurons: time-constant and activation mismatch (fixed at attach), state noise at every step, the
    read-out time.
 
@@ -477,6 +477,10 @@ class DeviceNetwork(Network):
             fx.append(stepping.StateNoiseStep(float(self.neurons.state_noise), self._kernel_rng("StateNoise")))
         for e in self.device.of(stepping.StepEffect):
             s = e.state(self, batch, dtype)
+            if s is not None and not K.is_registered(s):
+                raise SubstrateValueError(
+                    f"{type(e).__name__}.state() returned a {type(s).__name__}, whose kernel hooks are not "
+                    f"registered: substrate.devices.register({type(s).__name__}, after=..., step=...)")
             if s is not None:
                 fx.append(s)
         return tuple(fx)

@@ -15,19 +15,18 @@ from collections import namedtuple
 from dataclasses import dataclass
 from typing import ClassVar
 
-
 from .. import _kernels as K
 from .base import Effect
 
 
 class KernelState:
-    """What the Python layer asks of an effect state: ``noise``, does it draw at every step (then the
-    device needs a fixed-step method with real states); ``real_only``, does it need real signals
-    (converters: complex states cannot pass them); ``changes_activation``, does it change rho (the
-    engine's derivative kernels are nominal)."""
+    """What the Python layer asks of an effect state (a plain namedtuple answers False to all):
+    ``draws_per_step``, does it draw at every step (then the device needs a fixed-step method with real
+    states); ``real_only``, does it need real signals (converters: complex states cannot pass them);
+    ``changes_activation``, does it change rho (the engine's derivative kernels are nominal)."""
 
     __slots__ = ()
-    noise = False
+    draws_per_step = False
     real_only = False
     changes_activation = False
 
@@ -80,7 +79,7 @@ class ReadNoiseStep(KernelState, namedtuple("ReadNoiseStep", "wvar rng correlati
     depend on the step h. sq, var (n, B) and xi (n, B) float64: scratch."""
 
     __slots__ = ()
-    noise = True
+    draws_per_step = True
 
 
 @K.njit
@@ -129,7 +128,7 @@ class OutputNoise(KernelState, namedtuple("OutputNoise", "sd rng")):
     """Gaussian noise on every product's output, sd (n,) per row (0: a row no crossbar feeds)."""
 
     __slots__ = ()
-    noise = True
+    draws_per_step = True
 
 
 @K.njit
@@ -179,7 +178,7 @@ class StateNoiseStep(KernelState, namedtuple("StateNoiseStep", "sigma rng")):
     """Additive state noise after every accepted step: u += sigma sqrt(h) xi."""
 
     __slots__ = ()
-    noise = True
+    draws_per_step = True
 
 
 @K.njit
