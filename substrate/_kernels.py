@@ -19,6 +19,7 @@ branch would stop LLVM from vectorising the loops (measured: 8x slower activatio
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 from functools import partial
 
 import numpy as np
@@ -34,16 +35,53 @@ LOGISTIC, HARD_SIGMOID, TANH, DSILU, IDENTITY = 0, 1, 2, 3, 4
 # Teaching-current (nudge) codes, kept in step with nudge.COSTS.
 NO_NUDGE, SQUARED_ERROR, CROSS_ENTROPY = 0, 1, 2
 
-# Read-noise codes of the device effects tuple (see ``device_products``), kept in step with
-# substrate.devices.
-READ_NONE, READ_STEP, READ_SAMPLE = 0, 1, 2
-
 # Status codes returned by ``run``.
 SUCCESS, NOT_CONVERGED, DIVERGED, STEP_TOO_SMALL, MAX_STEPS = 0, 1, 2, 3, 4
 
 # Stepper families and exponential methods.
 EXPLICIT_RK, EXPONENTIAL = 0, 1
 ETD1, ETD2RK, ETDRK4 = 1, 2, 3
+
+# Hairer's PI step-size controller (DOPRI5's constants): h_new = h / fac with
+# fac = err^PI_EXPONENT / err_old^PI_BETA / PI_SAFETY, kept in [1/MAX_GROWTH, MAX_SHRINK]; a
+# rejected step shrinks by min(MAX_SHRINK, err^PI_EXPONENT / PI_SAFETY).
+PI_EXPONENT = 0.17  # 1/5 - 0.75 PI_BETA, for the order-4 error estimate
+PI_BETA = 0.04
+PI_SAFETY = 0.9
+MAX_SHRINK = 5.0
+MAX_GROWTH_INV = 0.1  # 1/MAX_GROWTH: a step grows at most tenfold
+ERR_FLOOR = 1e-4  # the previous error's floor (and its value before the first step)
+NAN_ERROR = 1e10  # the error taken for a NaN estimate: reject and shrink
+LANDING = 1e-7  # a step within LANDING h of a save time is stretched onto it
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels' arguments as named structures (namedtuples: Numba types them field by field, so a
+# specialisation depends on the fields' types only, and they cache like plain tuples)
+# --------------------------------------------------------------------------------------------
+# The circuit in the layout above: drive (n, B), wbuf, conn, layer_off, layer_act, 1/tau and tau (n,).
+Circuit = namedtuple("Circuit", "drive wbuf conn layer_off layer_act tauinv tau")
+# A stepper (see ``run``): family, exponential method, tableau a (s, s), weights bw (s,), error
+# weights ew = b - b_hat (empty: fixed steps), first-same-as-last, adaptive.
+Stepper = namedtuple("Stepper", "family method a bw ew fsal adaptive")
+# Where and how far to step: times, first step, error tolerances, the smallest adaptive step, the step
+# budget and the blow-up bound.
+Span = namedtuple("Span", "t0 t_end dt rtol atol h_min max_steps blowup")
+# Relaxation (``on``): stop when every sample's residual max_i |F_i| <= atol + rtol max_i |u_i|;
+# ``residual`` (B,) receives the last residuals, res_trace/t_trace the largest one per step and its time.
+Relaxation = namedtuple("Relaxation", "on rtol atol residual res_trace t_trace")
+# What is kept: states at the save times t_save (into saved), the final state (u_out), and for gradients
+# the step sizes (h_record), the step count at each save (save_step) and the states every ckpt_every
+# steps (ckpt; ckpt_every 0: none).
+Record = namedtuple("Record", "t_save saved u_out h_record save_step ckpt_every ckpt")
+# A teaching current (see ``teach``): cost code, the nudged rows lo:hi, beta (1,), target (m, B),
+# readout W_o (C, m) and b_o (C,), scratch (C,); all arrays in the state's dtype.
+Nudge = namedtuple("Nudge", "code lo hi beta target wo bo scratch")
+# A recorded forward pass for the adjoints: its step sizes hs, number of steps, checkpoints every
+# ckpt_every steps, and dL/du of the saved states (dl_du[k] after save_step[k] steps).
+Tape = namedtuple("Tape", "hs nsteps ckpt ckpt_every save_step dl_du")
+# The adjoints' results: packed weights (like wbuf), drive (n, B), tau (n,), and dL/du0 (n, B).
+Grads = namedtuple("Grads", "gflat gdrive gtau lam0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,10 +367,9 @@ def teach(nudge, r, out):
     * CROSS_ENTROPY through a linear readout z = W_o r + b_o: l = -sum_c y_c log softmax(z)_c,
       dl/dr = W_o^T (softmax(z) - y).
 
-    ``nudge`` = (code, lo, hi, beta (1,), target (m, B), W_o (C, hi-lo), b_o (C,), scratch (C,)),
-    all in the state's dtype; every operation is holomorphic, so complex beta works unchanged."""
-    code, lo, hi, beta_, y, wo, bo, z = nudge
-    beta = beta_[0]
+    ``nudge``: a :data:`Nudge`; every operation is holomorphic, so complex beta works unchanged."""
+    code, lo, hi, y, wo, bo, z = nudge.code, nudge.lo, nudge.hi, nudge.target, nudge.wo, nudge.bo, nudge.scratch
+    beta = nudge.beta[0]
     nb = r.shape[1]
     if code == SQUARED_ERROR:
         for i in range(hi - lo):
@@ -362,13 +399,141 @@ def teach(nudge, r, out):
 
 
 # --------------------------------------------------------------------------------------------
-# Device effects inside the stepping kernel (substrate.devices): arrays and integer codes only.
-# ``fx`` = (read code, wvar (n_w,), wdev (n_w, B), out_noise (n,) or (0,), adc_bits, adc_bound (n,),
-# dac_bits, dac_bound (1,), state_noise, gain (n,) or (0,), offset (n,) or (0,), three generators (read
-# noise, output noise, state noise: one stream each, so that one effect never shifts another's draws),
-# and the read noise's correlation time (0: none)), built by
-# ``substrate.devices``. An ideal circuit passes ``()`` instead (see ``fx_setup``).
+# Device effects inside the stepping kernel. ``effects`` is a tuple of effect states, each an
+# instance of a namedtuple class registered with its hooks by ``register_effect`` (the built-in ones
+# are in substrate.devices.stepping); the stepping kernel calls the hooks of every effect, in the
+# tuple's order, at four points:
+#
+# * ``before(e, src) -> src``: the activities that enter a weight product (e.g. a DAC);
+# * ``after(e, src, circuit, tmp, out, fresh, h)``: on a product's output out = W src (read noise,
+#   output noise, an ADC); ``fresh``: the step's first product (its stages share a draw), ``h`` the
+#   step, ``tmp`` a scratch (max rows of a connection, B);
+# * ``activate(e, y, circuit, r)``: after r = rho(y) was computed, rewrite it (activation mismatch);
+# * ``step(e, u, h) -> bool``: after an accepted step; True if it moved the state (state noise).
+#
+# A hook an effect does not register is no code at all. The dispatch is resolved at compile time from
+# the tuple's type: an ideal circuit passes ``()``, and ``run``'s specialisation for it contains none
+# of the device code (no generators, converters or noise), so the ideal path costs nothing at run time
+# and nothing at compile time; each device's tuple type gets its own specialisation. Numba caches that
+# specialisation by the argument types only: after editing a hook, clear the cache (__pycache__ or
+# NUMBA_CACHE_DIR) or it keeps running the old code.
 # --------------------------------------------------------------------------------------------
+EFFECT_HOOKS = ("before", "after", "activate", "step")
+_effect_hooks = {}  # namedtuple class -> {hook name: jitted function}
+
+
+def register_effect(state_class, **hooks):
+    """Register the kernel hooks (``EFFECT_HOOKS``, jitted functions) of the effect states of
+    ``state_class`` (a namedtuple class); returns the class."""
+    unknown = set(hooks) - set(EFFECT_HOOKS)
+    if unknown:
+        raise TypeError(f"register_effect: unknown hooks {sorted(unknown)}; allowed: {EFFECT_HOOKS}")
+    if not (isinstance(state_class, type) and issubclass(state_class, tuple) and hasattr(state_class, "_fields")):
+        raise TypeError(f"register_effect: {state_class!r} is not a namedtuple class")
+    _effect_hooks[state_class] = dict(hooks)
+    return state_class
+
+
+def is_registered(state) -> bool:
+    """Whether ``state``'s class has registered its hooks (``register_effect``)."""
+    return type(state) in _effect_hooks
+
+
+def _hook(effects, name):
+    """The hook ``name`` of the first effect of a tuple type, or None."""
+    first = effects.types[0]
+    cls = getattr(first, "instance_class", None)
+    if cls not in _effect_hooks:
+        raise TypeError(f"a device effect of type {first} is not registered (_kernels.register_effect)")
+    return _effect_hooks[cls].get(name)
+
+
+def effects_before(effects, src):
+    """The activities that enter a weight product: ``src`` through every effect's ``before``."""
+
+
+@overload(effects_before, jit_options={"error_model": "numpy"})
+def _effects_before(effects, src):
+    if len(effects) == 0:
+        return lambda effects, src: src
+    hook = _hook(effects, "before")
+    if hook is None:
+        return lambda effects, src: effects_before(effects[1:], src)
+    return lambda effects, src: effects_before(effects[1:], hook(effects[0], src))
+
+
+def effects_after(effects, src, circuit, tmp, out, fresh, h):
+    """Every effect's ``after`` on the product out = W src."""
+
+
+@overload(effects_after, jit_options={"error_model": "numpy"})
+def _effects_after(effects, src, circuit, tmp, out, fresh, h):
+    if len(effects) == 0:
+        return lambda effects, src, circuit, tmp, out, fresh, h: None
+    hook = _hook(effects, "after")
+    if hook is None:
+        return lambda effects, src, circuit, tmp, out, fresh, h: \
+            effects_after(effects[1:], src, circuit, tmp, out, fresh, h)
+
+    def impl(effects, src, circuit, tmp, out, fresh, h):
+        hook(effects[0], src, circuit, tmp, out, fresh, h)
+        effects_after(effects[1:], src, circuit, tmp, out, fresh, h)
+    return impl
+
+
+def effects_activate(effects, y, circuit, r):
+    """Every effect's ``activate`` on r = rho(y)."""
+
+
+@overload(effects_activate, jit_options={"error_model": "numpy"})
+def _effects_activate(effects, y, circuit, r):
+    if len(effects) == 0:
+        return lambda effects, y, circuit, r: None
+    hook = _hook(effects, "activate")
+    if hook is None:
+        return lambda effects, y, circuit, r: effects_activate(effects[1:], y, circuit, r)
+
+    def impl(effects, y, circuit, r):
+        hook(effects[0], y, circuit, r)
+        effects_activate(effects[1:], y, circuit, r)
+    return impl
+
+
+def effects_step(effects, u, h):
+    """Every effect's ``step`` after an accepted step; True if any moved the state."""
+
+
+@overload(effects_step, jit_options={"error_model": "numpy"})
+def _effects_step(effects, u, h):
+    if len(effects) == 0:
+        return lambda effects, u, h: False
+    hook = _hook(effects, "step")
+    if hook is None:
+        return lambda effects, u, h: effects_step(effects[1:], u, h)
+
+    def impl(effects, u, h):
+        moved = hook(effects[0], u, h)
+        rest = effects_step(effects[1:], u, h)  # every effect steps, whatever the first returned
+        return moved or rest
+    return impl
+
+
+@njit
+def products(effects, r, circuit, tmp, out, fresh, h):
+    """out = W r as the circuit computes it: through the effects' ``before`` and ``after`` hooks (an
+    ideal circuit: W r alone)."""
+    src = effects_before(effects, r)
+    weights_times(src, circuit.wbuf, circuit.conn, circuit.layer_off, tmp, out)
+    effects_after(effects, src, circuit, tmp, out, fresh, h)
+
+
+@njit
+def activate_effects(effects, u, circuit, r):
+    """r = rho(u) as the circuit's neurons compute it (through the effects' ``activate`` hooks)."""
+    activate(u, circuit.layer_off, circuit.layer_act, r)
+    effects_activate(effects, u, circuit, r)
+
+
 @njit
 def quantise(x, bits, bound):
     """Row i of x clipped to [-bound[i], bound[i]] and rounded to the nearest multiple of
@@ -383,153 +548,6 @@ def quantise(x, bits, bound):
         for b in range(x.shape[1]):
             v = min(max(x[i, b].real, -bd), bd)  # .real: types for complex states (never quantised)
             x[i, b] = np.round(v / step) * step
-
-
-@njit
-def _sample_products(r, wdev, conn, out):
-    """out += dW_b r_b for every sample b, with its own deviations wdev[:, b] (flat weight layout)."""
-    for c in range(conn.shape[0]):
-        wo, pa, pn, qa, qn = conn[c, 0], conn[c, 1], conn[c, 2], conn[c, 3], conn[c, 4]
-        for i in range(qn):
-            for j in range(pn):
-                k = wo + i * pn + j
-                for b in range(r.shape[1]):
-                    out[qa + i, b] += wdev[k, b] * r[pa + j, b]
-
-
-@njit
-def device_products(fx, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, h):
-    """out = the crossbar's output for activities r, through the IO chain and read noise:
-
-    DAC (r to dac_bits levels on +-dac_bound) -> W r -> read noise -> output noise -> ADC (to adc_bits
-    levels on +-adc_bound). Read noise READ_STEP is redrawn at every step (``fresh``: the step's first
-    product; its stages share the draw), per sample, in its output form: sum_j dW_ij r_j with
-    independent dW_ij ~ N(0, wvar_ij) is N(0, sum_j wvar_ij r_j^2), one extra product of the
-    variances with r^2 instead of n_w draws (aihwkit's weight noise is applied the same way); with a
-    correlation time t_c > 0 the variance is scaled by t_c/h, the white-noise limit, so that its
-    effect on the trajectory does not depend on the step h. READ_SAMPLE adds the per-sample
-    deviations held in wdev."""
-    code, wvar, wdev, out_noise, adc_bits, adc_bound, dac_bits, dac_bound = fx[:8]
-    src = r
-    if dac_bits > 0:
-        rq[:, :] = r
-        quantise(rq, dac_bits, dac_bound)
-        src = rq
-    weights_times(src, wbuf, conn, layer_off, tmp, out)
-    if code == READ_STEP:
-        for i in range(src.shape[0]):
-            for b in range(src.shape[1]):
-                rq[i, b] = src[i, b] * src[i, b]
-        weights_times(rq, wvar, conn, layer_off, tmp, var)
-        if fresh:
-            for i in range(out.shape[0]):
-                for b in range(out.shape[1]):
-                    xi[i, b] = fx[11].standard_normal()
-        scale = fx[14] / h if fx[14] > 0.0 else 1.0
-        for i in range(out.shape[0]):
-            for b in range(out.shape[1]):
-                out[i, b] += math.sqrt(scale * var[i, b].real) * xi[i, b]
-    elif code == READ_SAMPLE:
-        _sample_products(src, wdev, conn, out)
-    if out_noise.shape[0] > 0:
-        for i in range(out.shape[0]):
-            sd = out_noise[i]
-            if sd > 0.0:  # rows that no crossbar feeds have none
-                for b in range(out.shape[1]):
-                    out[i, b] += sd * fx[12].standard_normal()
-    if adc_bits > 0:
-        quantise(out, adc_bits, adc_bound)
-
-
-# Compile-time dispatch on the effects' type: an ideal circuit passes ``fx = ()``, and ``run``'s
-# specialisation for it contains none of the device code (no generators, converters or noise), so
-# the ideal path costs nothing at run time and nothing at compile time; a device passes the full
-# tuple and gets its own specialisation.
-def fx_setup(fx, n, nb, dtype, rdt):
-    """(gain, offset, devio, rq, var, xi): activation mismatch (empty: none), whether the weight
-    products go through ``device_products``, and its scratch buffers."""
-
-
-@overload(fx_setup, jit_options={"error_model": "numpy"})
-def _fx_setup(fx, n, nb, dtype, rdt):
-    if len(fx) == 0:
-        def ideal(fx, n, nb, dtype, rdt):
-            e = np.empty((0, nb), dtype)
-            return np.zeros(0, rdt), np.zeros(0, rdt), False, e, e, np.empty((0, nb))
-        return ideal
-
-    def device(fx, n, nb, dtype, rdt):
-        devio = fx[0] != READ_NONE or fx[3].shape[0] > 0 or fx[4] > 0 or fx[6] > 0
-        m = n if devio else 0
-        return fx[9], fx[10], devio, np.empty((m, nb), dtype), np.empty((m, nb), dtype), np.empty((m, nb))
-    return device
-
-
-def fx_products(fx, devio, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, h):
-    """out = W r (ideal), or the device's crossbar output (``device_products``)."""
-
-
-@overload(fx_products, jit_options={"error_model": "numpy"})
-def _fx_products(fx, devio, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, h):
-    if len(fx) == 0:
-        return lambda fx, devio, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, h: \
-            weights_times(r, wbuf, conn, layer_off, tmp, out)
-
-    def device(fx, devio, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, h):
-        if devio:
-            device_products(fx, r, wbuf, conn, layer_off, tmp, out, rq, var, xi, fresh, h)
-        else:
-            weights_times(r, wbuf, conn, layer_off, tmp, out)
-    return device
-
-
-def fx_activate(fx, u, layer_off, layer_act, gain, offset, row, out):
-    """out = rho(u), with the device's activation mismatch if it has one."""
-
-
-@overload(fx_activate, jit_options={"error_model": "numpy"})
-def _fx_activate(fx, u, layer_off, layer_act, gain, offset, row, out):
-    if len(fx) == 0:
-        return lambda fx, u, layer_off, layer_act, gain, offset, row, out: activate(u, layer_off, layer_act, out)
-    return lambda fx, u, layer_off, layer_act, gain, offset, row, out: \
-        activate_device(u, layer_off, layer_act, gain, offset, row, out)
-
-
-def fx_activate_mismatch(fx, gain, offset, layer_off, layer_act, row, y, r):
-    """With a device's activation mismatch, r = rho(g (y - o)) again over the nominal activity
-    ``stage_pass`` wrote (a second activation pass, paid by mismatched devices only)."""
-
-
-@overload(fx_activate_mismatch, jit_options={"error_model": "numpy"})
-def _fx_activate_mismatch(fx, gain, offset, layer_off, layer_act, row, y, r):
-    if len(fx) == 0:
-        return lambda fx, gain, offset, layer_off, layer_act, row, y, r: None
-
-    def device(fx, gain, offset, layer_off, layer_act, row, y, r):
-        if gain.shape[0] > 0:
-            activate_device(y, layer_off, layer_act, gain, offset, row, r)
-    return device
-
-
-def fx_step_noise(fx, u, h, layer_off, layer_act, gain, offset, row, r):
-    """The state noise after an accepted step (and r = rho(u) again); True if any was added."""
-
-
-@overload(fx_step_noise, jit_options={"error_model": "numpy"})
-def _fx_step_noise(fx, u, h, layer_off, layer_act, gain, offset, row, r):
-    if len(fx) == 0:
-        return lambda fx, u, h, layer_off, layer_act, gain, offset, row, r: False
-
-    def device(fx, u, h, layer_off, layer_act, gain, offset, row, r):
-        if fx[8] <= 0.0:
-            return False
-        amp = fx[8] * math.sqrt(h)
-        for p in range(u.shape[0]):
-            for b in range(u.shape[1]):
-                u[p, b] += amp * fx[13].standard_normal()
-        activate_device(u, layer_off, layer_act, gain, offset, row, r)
-        return True
-    return device
 
 
 @njit
@@ -704,38 +722,39 @@ def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, st
 # The one stepping kernel shared by every integrator
 # --------------------------------------------------------------------------------------------
 @njit
-def run(family, method, a, bw, ew, fsal, adaptive,
-        u, drive, wbuf, conn, layer_off, layer_act, tauinv, tau,
-        t0, t_end, dt, rtol, atol, h_min, max_steps, blowup,
-        t_save, saved, relax, res_rtol, res_atol, residual, res_trace, t_trace, u_out,
-        h_record, save_step, ckpt_every, ckpt, nudge, fx):
-    """Integrate tau du/dt = -u + N(u) from (t0, u) with the stepper described by
-    (family, method, a, bw, ew, fsal, adaptive):
+def run(stepper, circuit, u, span, relaxation, record, nudge, effects):
+    """Integrate tau du/dt = -u + N(u) from (span.t0, u) on ``circuit`` (a :data:`Circuit`) with
+    ``stepper`` (a :data:`Stepper`):
 
     * explicit RK (family 0): tableau ``a`` (s x s), weights ``bw``, error weights ``ew`` = b - b_hat
       (empty for fixed-step methods); ``fsal``: the last stage is the next step's first; adaptive
-      steps use Hairer's PI controller (DOPRI5: beta = 0.04, safety 0.9, factor in [0.2, 10]);
+      steps use Hairer's PI controller (the ``PI_*`` constants above);
     * exponential RK (family 1): ``method`` selects the coefficients (see ``coefficients``).
 
     A step is s weight products, each followed by one fused ``stage_pass``. Steps land exactly on the
-    save times ``t_save`` (states written to ``saved``). With ``relax`` the loop stops as soon as every
-    sample satisfies max_i |F_i(u)| <= res_atol + res_rtol max_i |u_i| at the current state (checked
-    from the first stage of each step, so it costs no extra field evaluation), or fails when t_end or
-    max_steps is reached; ``res_trace[step]`` records the largest residual over the batch and
-    ``t_trace[step]`` the time.
+    save times ``record.t_save`` (states written to ``record.saved``). With ``relaxation.on`` the loop
+    stops as soon as every sample satisfies max_i |F_i(u)| <= atol + rtol max_i |u_i| at the current
+    state (checked from the first stage of each step, so it costs no extra field evaluation), or fails
+    when t_end or max_steps is reached; ``res_trace[step]`` records the largest residual over the batch
+    and ``t_trace[step]`` the time.
 
-    For gradients (``adjoint``): ``h_record[step]`` receives each accepted step size, ``save_step[k]``
-    the number of steps taken when t_save[k] was saved, and with ``ckpt_every`` > 0 the state after
-    every ckpt_every-th step is stored in ``ckpt`` (ckpt[0] = the initial state).
+    For gradients (``adjoint``): ``record.h_record[step]`` receives each accepted step size,
+    ``save_step[k]`` the number of steps taken when t_save[k] was saved, and with ``ckpt_every`` > 0
+    the state after every ckpt_every-th step is stored in ``ckpt`` (ckpt[0] = the initial state).
 
-    ``nudge``: a teaching current added to N (see ``teach``; code NO_NUDGE for none), injected into
-    the neurons after the crossbar. ``fx``: a device's effects (see ``device_products``): the IO chain
-    and read noise on every weight product, activation mismatch, and additive state noise
-    u += s sqrt(h) xi after every accepted step (Euler-Maruyama for ``euler``; for the other methods
-    the same noise split off the deterministic step, strong order 1/2).
+    ``nudge``: a teaching current added to N (a :data:`Nudge`; code NO_NUDGE for none), injected into
+    the neurons after the crossbar. ``effects``: a device's effect states, whose hooks (see
+    ``register_effect``) act on every weight product, on the activities and after every accepted step
+    (e.g. state noise u += s sqrt(h) xi: Euler-Maruyama for ``euler``; for the other methods the same
+    noise split off the deterministic step, strong order 1/2); ``()`` for an ideal circuit.
 
-    Returns (status, t, steps, nfev, rejected); the final state is copied into ``u_out``.
+    Returns (status, t, steps, nfev, rejected); the final state is copied into ``record.u_out``.
     """
+    family, method, a, bw, ew, fsal, adaptive = stepper
+    drive, wbuf, conn, layer_off, layer_act, tauinv, tau = circuit
+    t0, t_end, dt, rtol, atol, h_min, max_steps, blowup = span
+    relax, res_rtol, res_atol, residual, res_trace, t_trace = relaxation
+    t_save, saved, u_out, h_record, save_step, ckpt_every, ckpt = record
     n, nb = u.shape
     s = bw.shape[0]
     ns = t_save.shape[0]
@@ -755,9 +774,7 @@ def run(family, method, a, bw, ew, fsal, adaptive,
     coef = np.zeros((s + 1, s, n), rdt)
     h_coef = -1.0
     umax = np.zeros(nb)
-    gain, offset, devio, rq, var, xi = fx_setup(fx, n, nb, dtype, rdt)
     noisy = False
-    row = np.empty(nb, dtype)
 
     t = t0
     step = 0
@@ -770,9 +787,9 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         k += 1
     if ckpt_every > 0:
         ckpt[0] = u
-    fx_activate(fx, u, layer_off, layer_act, gain, offset, row, r)
+    activate_effects(effects, u, circuit, r)
     first_ready = False  # is S_0 (the slope at u) known?
-    facold = 1e-4
+    facold = ERR_FLOOR
     h = dt
     status = SUCCESS
     while True:
@@ -787,7 +804,7 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         if k < ns and t_save[k] < target:
             target = t_save[k]
         hh = h
-        if target - (t + hh) <= 1e-7 * hh:
+        if target - (t + hh) <= LANDING * hh:
             hh = target - t
         if adaptive and hh < h_min and not relax:
             status = STEP_TOO_SMALL
@@ -803,8 +820,8 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         for i in range(s):
             compute = i > 0 or not first_ready
             if compute:
-                fx_products(fx, devio, rcur, wbuf, conn, layer_off, tmp, wr, rq, var, xi, i == 0, hh)
-                if nudge[0] != NO_NUDGE:
+                products(effects, rcur, circuit, tmp, wr, i == 0, hh)
+                if nudge.code != NO_NUDGE:
                     teach(nudge, rcur, wr)
                 nfev += 1
             last = i + 1 == s
@@ -817,7 +834,7 @@ def run(family, method, a, bw, ew, fsal, adaptive,
             bad, err2 = stage_pass(i, compute, family, wr, drive, ycur, tauinv, tau, alpha, coef, u,
                                    stages, layer_off, layer_act, relax, residual, umax, ew, hh,
                                    rtol, atol, blowup, yout, rout)
-            fx_activate_mismatch(fx, gain, offset, layer_off, layer_act, row, yout, rout)
+            effects_activate(effects, yout, circuit, rout)
             ycur, rcur = yout, rout
             first_ready = True
             if relax and i == 0:
@@ -850,14 +867,14 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         if adaptive:
             err = math.sqrt(err2 / (n * nb))
             if not (err == err):
-                err = 1e10  # a NaN in the error: reject and shrink
-            fac11 = err ** 0.17
+                err = NAN_ERROR
+            fac11 = err ** PI_EXPONENT
             if err > 1.0:
                 rejected += 1
-                h = hh / min(5.0, fac11 / 0.9)
+                h = hh / min(MAX_SHRINK, fac11 / PI_SAFETY)
                 continue
-            fac = max(0.1, min(5.0, fac11 / facold ** 0.04 / 0.9))
-            facold = max(err, 1e-4)
+            fac = max(MAX_GROWTH_INV, min(MAX_SHRINK, fac11 / facold ** PI_BETA / PI_SAFETY))
+            facold = max(err, ERR_FLOOR)
             h_next = hh / fac
         if bad > 0:
             status = DIVERGED
@@ -867,7 +884,9 @@ def run(family, method, a, bw, ew, fsal, adaptive,
         t = target if hh != h else t + hh
         u, unew = unew, u
         r, rnew = rnew, r
-        noisy = fx_step_noise(fx, u, hh, layer_off, layer_act, gain, offset, row, r)
+        noisy = effects_step(effects, u, hh)
+        if noisy:  # the activities of the moved state
+            activate_effects(effects, u, circuit, r)
         if step < h_record.shape[0]:
             h_record[step] = hh
         step += 1
@@ -892,11 +911,12 @@ def run(family, method, a, bw, ew, fsal, adaptive,
 # Discrete adjoint: the exact gradient of the steps ``run`` took (docs/equations.md, section 3.2)
 # --------------------------------------------------------------------------------------------
 @njit
-def replay(family, method, a, bw, u0, nsteps, hs, drive, wbuf, conn, layer_off, layer_act, tauinv,
-           tau, ys, rs, ss, u_end):
+def replay(stepper, circuit, u0, nsteps, hs, ys, rs, ss, u_end):
     """Redo ``nsteps`` steps of sizes ``hs`` from ``u0`` exactly as ``run`` does (same kernels, same
     bits) and keep every stage: ys[m, i] = Y_i of step m (Y_0 = u_m), rs[m, i] = rho(Y_i),
     ss[m, i] = S_i. The state after the last step goes to ``u_end``."""
+    family, method, a, bw = stepper.family, stepper.method, stepper.a, stepper.bw
+    drive, wbuf, conn, layer_off, layer_act, tauinv, tau = circuit
     n, nb = u0.shape
     s = bw.shape[0]
     alpha = np.zeros((s + 1, n), tauinv.dtype)
@@ -1019,8 +1039,7 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys, rs, ss,
 
 
 @njit
-def _state_at(m, top, slot_step, slots, family, method, a, bw, hs, drive, wbuf, conn, layer_off,
-              layer_act, tauinv, tau, ys1, rs1, ss1):
+def _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys1, rs1, ss1):
     """Bring the state after m steps to the top of the slot stack and return the new top.
 
     The stack holds states at increasing step numbers (slot 0: the segment's checkpoint). Slots past
@@ -1034,8 +1053,7 @@ def _state_at(m, top, slot_step, slots, family, method, a, bw, hs, drive, wbuf, 
         target = m if m - start <= 1 else start + (m - start + 1) // 2
         slots[top + 1] = slots[top]
         for j in range(start, target):
-            replay(family, method, a, bw, slots[top + 1], 1, hs[j:j + 1], drive, wbuf, conn,
-                   layer_off, layer_act, tauinv, tau, ys1, rs1, ss1, slots[top + 1])
+            replay(stepper, circuit, slots[top + 1], 1, hs[j:j + 1], ys1, rs1, ss1, slots[top + 1])
         top += 1
         slot_step[top] = target
     return top
@@ -1062,17 +1080,19 @@ def _slot_count(every):
 
 
 @njit
-def adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, save_step, dl_du,
-                drive, wbuf, conn, layer_off, layer_act, tauinv, tau, tauinv_step,
-                gflat, gdrive, gtau, lam0):
+def adjoint_run(stepper, tape, circuit, tauinv_step, grads):
     """The discrete adjoint of ``run``, step by step in reverse: bring the state before step m back
-    (from the checkpoints, states every ckpt_every steps, by ``_state_at``), replay that one step
+    (from the checkpoints of ``tape``, a :data:`Tape`, by ``_state_at``), replay that one step
     keeping its stages, and backpropagate through it with ``adjoint_step``. dL/du of the saved states,
     ``dl_du[k]``, enters after the step that produced state save_step[k]. Replays reproduce the
     forward bit for bit, so the gradient is bit-identical for every number of checkpoints. Memory:
-    the checkpoints plus O(log ckpt_every) states. Results: gflat (packed weights), gdrive (n, batch),
-    gtau (n,), lam0 = dL/du0. ``tauinv_step`` is 1/(tau + i eps), the complex step that gives d/dtau
-    of the exponential coefficients."""
+    the checkpoints plus O(log ckpt_every) states. Results into ``grads`` (a :data:`Grads`): gflat
+    (packed weights), gdrive (n, batch), gtau (n,), lam0 = dL/du0. ``tauinv_step`` is
+    1/(tau + i eps), the complex step that gives d/dtau of the exponential coefficients."""
+    family, method, a, bw = stepper.family, stepper.method, stepper.a, stepper.bw
+    hs, nsteps, ckpt, ckpt_every, save_step, dl_du = tape
+    drive, wbuf, conn, layer_off, layer_act, tauinv, tau = circuit
+    gflat, gdrive, gtau, lam0 = grads
     n, nb = drive.shape
     s = bw.shape[0]
     dtype = drive.dtype
@@ -1106,10 +1126,8 @@ def adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, save_step, 
         slot_step[0] = c * seg
         top = 0
         for m in range(min(c * seg + seg, nsteps) - 1, c * seg - 1, -1):
-            top = _state_at(m, top, slot_step, slots, family, method, a, bw, hs, drive, wbuf, conn,
-                            layer_off, layer_act, tauinv, tau, ys, rs, ss)
-            replay(family, method, a, bw, slots[top], 1, hs[m:m + 1], drive, wbuf, conn,
-                   layer_off, layer_act, tauinv, tau, ys, rs, ss, u_end)
+            top = _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys, rs, ss)
+            replay(stepper, circuit, slots[top], 1, hs[m:m + 1], ys, rs, ss, u_end)
             h = hs[m]
             if h != h_coef:
                 coefficients(family, method, h, a, bw, tauinv, alpha, coef)
@@ -1278,9 +1296,7 @@ def _step_grids(hs, nsteps, substeps, finest, save_step):
 
 
 @njit
-def continuous_adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, save_step, dl_du,
-                           back_method, substeps, drive, wbuf, conn, layer_off, layer_act, tauinv, tau,
-                           gflat, gdrive, gtau, lam0):
+def continuous_adjoint_run(stepper, tape, back_method, substeps, circuit, grads):
     """Integrate the adjoint ODE dlam/dt = -(df/du)^T lam backwards from lam(T) = dL/du(T), with
     dL/dtheta = int_0^T (df/dtheta)^T lam dt, f = F/tau. The adjoint is stepped in reverse time by the
     exponential method ``back_method`` (ETD1 or ETD2RK of ``coefficients``: the leak -lam/tau exactly,
@@ -1289,7 +1305,12 @@ def continuous_adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, 
     exponential quadrature of ``_cell_weights`` on that grid. The forward state is never
     integrated backwards: it is re-anchored at the stored forward states (checkpoints every
     ckpt_every steps, states in between brought back by ``_state_at``) and, inside a forward step,
-    re-integrated forward from its start with the forward method on the same cells."""
+    re-integrated forward from its start with the forward method on the same cells. Arguments and
+    results as for ``adjoint_run``."""
+    a, bw = stepper.a, stepper.bw
+    hs, nsteps, ckpt, ckpt_every, save_step, dl_du = tape
+    drive, wbuf, conn, layer_off, layer_act, tauinv, tau = circuit
+    gflat, gdrive, gtau, lam0 = grads
     n, nb = drive.shape
     s = bw.shape[0]
     dtype = drive.dtype
@@ -1327,13 +1348,11 @@ def continuous_adjoint_run(family, method, a, bw, hs, nsteps, ckpt, ckpt_every, 
         slot_step[0] = c * seg
         top = 0
         for m in range(min(c * seg + seg, nsteps) - 1, c * seg - 1, -1):
-            top = _state_at(m, top, slot_step, slots, family, method, a, bw, hs, drive, wbuf, conn,
-                            layer_off, layer_act, tauinv, tau, ys1, rs1, ss1)
+            top = _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys1, rs1, ss1)
             count = _substep_sizes(hs[m], substeps, finest, m == 0, _injected(save_step, m + 1), sub_h)
             path[0] = slots[top]
             for q in range(count):
-                replay(family, method, a, bw, path[q], 1, sub_h[q:q + 1], drive, wbuf, conn,
-                       layer_off, layer_act, tauinv, tau, ys1, rs1, ss1, path[q + 1])
+                replay(stepper, circuit, path[q], 1, sub_h[q:q + 1], ys1, rs1, ss1, path[q + 1])
             for q in range(count - 1, -1, -1):
                 hsub = sub_h[q]
                 if hsub != h_coef:

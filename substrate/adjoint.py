@@ -341,7 +341,8 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
     blowup = _positive(blowup, "blowup")
     vf, u = _prepare(network, x, u0, dtype, batch)
     n, nb = u.shape
-    fam, meth, a, b, e, fsal, adaptive = stepper.kernel_args()
+    kstepper = stepper.kernel_args()
+    fam, adaptive = kstepper.family, kstepper.adaptive
     if (isinstance(strategy, ContinuousAdjoint) and fam == K.EXPLICIT_RK and not adaptive and n > 0
             and dt is not None):  # a missing dt is reported by the forward pass
         # Past dt/tau = 1 an explicit step no longer follows the fastest neuron's relaxation (Euler's
@@ -394,14 +395,12 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
     gdrive = np.zeros((n, nb), vf.dtype)
     gtau = np.zeros(n, vf.dtype)
     lam0 = np.empty((n, nb), vf.dtype)
+    tape, grads = K.Tape(hs, steps, ckpt, every, save_step, dl), K.Grads(gflat, gdrive, gtau, lam0)
     if isinstance(strategy, ContinuousAdjoint):
-        K.continuous_adjoint_run(fam, meth, a, b, hs, steps, ckpt, every, save_step, dl, backward,
-                                 strategy.substeps, vf.drive, p.wbuf, p.conn, p.layer_off, p.layer_act,
-                                 p.tauinv, p.tau, gflat, gdrive, gtau, lam0)
+        K.continuous_adjoint_run(kstepper, tape, backward, strategy.substeps, vf.circuit, grads)
     else:
         tauinv_step = 1.0 / (p.tau.astype(float) + 1e-30j)
-        K.adjoint_run(fam, meth, a, b, hs, steps, ckpt, every, save_step, dl, vf.drive, p.wbuf, p.conn,
-                      p.layer_off, p.layer_act, p.tauinv, p.tau, tauinv_step, gflat, gdrive, gtau, lam0)
+        K.adjoint_run(kstepper, tape, vf.circuit, tauinv_step, grads)
     grads = vf.parameter_gradients(gflat, gdrive)
     return Gradients(value, grads["weights"], grads["biases"],
                      _tau_gradients(network.nominal if twin else network, gtau),

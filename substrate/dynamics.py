@@ -24,7 +24,7 @@ import numpy as np
 from . import _kernels as K
 from .activations import HOLOMORPHIC
 from .errors import SubstrateValueError
-from .network import Network, check_dtype, effects_neurons
+from .network import Network, check_dtype
 
 
 def resolve_dtype(network: Network, dtype=None) -> np.dtype:
@@ -60,6 +60,8 @@ class VectorField:
         self.drive = network.drive(self.inputs, batch, self.dtype, weights=self._input_weights)
         self.batch = self.drive.shape[1]
         self.effects = network.kernel_effects(self.packed, self.batch)
+        # does an effect change rho (a device's activation mismatch)? The derivative kernels are nominal
+        self.mismatch = any(getattr(e, "changes_activation", False) for e in self.effects)
         p = self.packed
         rows = max([1] + [int(v) for v in p.conn[:, [2, 4]].ravel()])
         self._tmp = np.empty((rows, self.batch), self.dtype)
@@ -85,14 +87,19 @@ class VectorField:
         p = self.packed
         return p.wbuf, p.conn, p.layer_off, p.layer_act
 
+    @property
+    def circuit(self):
+        """The circuit as the stepping and adjoint kernels take it (a ``_kernels.Circuit``)."""
+        p = self.packed
+        return K.Circuit(self.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, p.tauinv, p.tau)
+
     def __call__(self, u) -> np.ndarray:
         """F(u) (on a device with activation mismatch, with its neurons' rho(g (u - o)))."""
         ut = self.state(u)
         out, r = np.empty_like(ut), np.empty_like(ut)
         p = self.packed
-        gain, offset = effects_neurons(self.effects, self.dtype)
-        if gain.shape[0]:
-            K.activate_device(ut, p.layer_off, p.layer_act, gain, offset, np.empty(self.batch, ut.dtype), r)
+        if self.mismatch:
+            K.activate_effects(self.effects, ut, self.circuit, r)
             K.weights_times(r, p.wbuf, p.conn, p.layer_off, self._tmp, out)
             out += self.drive
             out -= ut
@@ -101,7 +108,7 @@ class VectorField:
         return out.T
 
     def _nominal_neurons(self, what):
-        if effects_neurons(self.effects, self.dtype)[0].shape[0]:
+        if self.mismatch:
             raise SubstrateValueError(
                 f"{what}: the device's neurons have activation mismatch, which the engine's derivative "
                 "kernels do not model; differentiate its nominal network (twin=True in substrate.gradient)")
@@ -133,8 +140,7 @@ class VectorField:
         p = self.packed
         ut, wt = self.state(u), self.state(w, "w")
         r = np.empty_like(ut)
-        gain, offset = effects_neurons(self.effects, self.dtype)  # a device's activation mismatch, if any
-        K.activate_device(ut, p.layer_off, p.layer_act, gain, offset, np.empty(self.batch, ut.dtype), r)
+        K.activate_effects(self.effects, ut, self.circuit, r)  # with a device's activation mismatch, if any
         flat = np.empty_like(p.wbuf)
         K.weight_vjp(wt, r, p.conn, flat)
         return self.parameter_gradients(flat, wt)

@@ -27,7 +27,7 @@ from . import _kernels as K
 from . import validate
 from .dynamics import VectorField, rightmost_eigenvalues
 from .errors import ConvergenceError, DivergenceError, StepSizeError, SubstrateValueError
-from .network import Network, _shown, effects_neurons
+from .network import Network, _shown
 from .nudge import Nudge, no_nudge
 
 
@@ -39,7 +39,7 @@ class AbstractStepper:
     adaptive = False
 
     def kernel_args(self):
-        """(family, method, a, b, b - b_hat, fsal, adaptive) for ``_kernels.run``."""
+        """The method as ``_kernels.run`` takes it: a ``_kernels.Stepper``."""
         raise NotImplementedError
 
 
@@ -59,7 +59,8 @@ class ExplicitRK(AbstractStepper):
     def kernel_args(self):
         b = np.array(self.b, float)
         e = b - np.array(self.b_hat, float) if self.adaptive else np.zeros(0)
-        return K.EXPLICIT_RK, 0, np.array(self.a, float).reshape(len(b), len(b)), b, e, self.fsal, self.adaptive
+        return K.Stepper(K.EXPLICIT_RK, 0, np.array(self.a, float).reshape(len(b), len(b)), b, e, self.fsal,
+                         self.adaptive)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class ExponentialRK(AbstractStepper):
 
     def kernel_args(self):
         s = self.stages
-        return K.EXPONENTIAL, self.method, np.zeros((s, s)), np.zeros(s), np.zeros(0), False, False
+        return K.Stepper(K.EXPONENTIAL, self.method, np.zeros((s, s)), np.zeros(s), np.zeros(0), False, False)
 
 
 _DOPRI_A = (
@@ -245,13 +246,15 @@ def _initial_step(vf: VectorField, u, tau_min, order, rtol, atol):
 
 
 def _no_record(n, nb, dtype, n_save):
-    """The recording arguments of ``_kernels.run`` when nothing is recorded for a gradient."""
+    """(h_record, save_step, ckpt_every, ckpt) of ``_kernels.Record`` when nothing is recorded for a
+    gradient."""
     return np.zeros(0), np.zeros(n_save, np.int64), 0, np.zeros((0, n, nb), dtype)
 
 
 def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_save, relax,
            res_rtol, res_atol, record=None, nudge=None):
-    family, method, a, b, e, fsal, adaptive = stepper.kernel_args()
+    kstepper = stepper.kernel_args()
+    adaptive = kstepper.adaptive
     if nudge is not None and not isinstance(nudge, Nudge):
         raise SubstrateValueError(f"nudge must be a substrate.nudge.Nudge, got {type(nudge).__name__}")
     n, nb = u.shape
@@ -271,21 +274,21 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     t_trace = np.empty_like(res_trace)
     u_out = np.empty_like(u)
     record = record or _no_record(n, nb, vf.dtype, len(t_save))
-    fx = vf.effects
-    stochastic = len(fx) > 0 and (fx[0] == K.READ_STEP or fx[3].shape[0] > 0 or fx[8] > 0)
+    effects = vf.effects
+    stochastic = any(getattr(e, "draws_per_step", False) for e in effects)
     if stochastic and (adaptive or vf.dtype.kind == "c"):
         raise SubstrateValueError(
             f"the device draws noise at every step (per-step read noise, output noise or state noise): "
             f"it needs a fixed-step method with real states, not {stepper.name!r} with {vf.dtype} states")
-    if len(fx) > 0 and vf.dtype.kind == "c" and (fx[4] > 0 or fx[6] > 0):
+    if vf.dtype.kind == "c" and any(getattr(e, "real_only", False) for e in effects):
         raise SubstrateValueError("the device's DAC/ADC quantise real signals: complex states (holomorphic "
                                   "EP) cannot pass them; use IOChain(inp_bits=0, out_bits=0)")
     status, t, steps, nfev, rejected = K.run(
-        family, method, a, b, e, fsal, adaptive,
-        u, vf.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, p.tauinv, p.tau,
-        float(t0), float(t_end), float(dt), float(rtol), float(atol), h_min, int(max_steps), float(blowup),
-        t_save, saved, relax, float(res_rtol), float(res_atol), residual, res_trace, t_trace, u_out,
-        *record, no_nudge(vf.dtype) if nudge is None else nudge.kernel_args(vf.network, vf.dtype, vf.batch), fx)
+        kstepper, vf.circuit, u,
+        K.Span(float(t0), float(t_end), float(dt), float(rtol), float(atol), h_min, int(max_steps), float(blowup)),
+        K.Relaxation(relax, float(res_rtol), float(res_atol), residual, res_trace, t_trace),
+        K.Record(t_save, saved, u_out, *record),
+        no_nudge(vf.dtype) if nudge is None else nudge.kernel_args(vf.network, vf.dtype, vf.batch), effects)
     return status, t, steps, nfev, rejected, saved, residual, (t_trace, res_trace), u_out
 
 
@@ -314,7 +317,7 @@ def stability(vf: VectorField, u, nudge=None):
     def central(f, v):
         return (f(ut + h * v.T) - f(ut - h * v.T)).T / (2 * h)
 
-    exact = effects_neurons(vf.effects, vf.dtype)[0].shape[0] == 0
+    exact = not vf.mismatch
 
     def matvec(v):
         out = vf.jvp_engine(u, np.ascontiguousarray(v)) if exact else central(vf, v)

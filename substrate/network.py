@@ -303,8 +303,10 @@ class Network:
     read_time = math.inf  # phases are read when they converge
 
     def kernel_effects(self, packed: "Packed", batch: int) -> tuple:
-        """The device effects inside the stepping kernel (``_kernels.device_products``): none."""
-        return no_effects(packed.wbuf.dtype)
+        """The device effects inside the stepping kernel (states registered with
+        ``_kernels.register_effect``): none, the empty tuple, for which the stepping kernel is compiled
+        without any device code."""
+        return ()
 
     def new_equilibrium(self):
         """Called at the start of every free phase (a device redraws read noise held per equilibrium)."""
@@ -502,17 +504,3 @@ class Network:
         ls = ", ".join(f"{x.name}[{x.size}, {x.activation}]" for x in self.layers)
         cs = ", ".join(c.name + (" (tied)" if c.tied else "") for c in self.connections)
         return f"Network(layers: {ls}; inputs: {[i.name for i in self.inputs]}; connections: {cs})"
-
-
-def no_effects(dtype) -> tuple:
-    """The kernel's device-effects argument for an ideal circuit: the empty tuple, for which the
-    stepping kernel is compiled without any device code (``_kernels.fx_setup``)."""
-    return ()
-
-
-def effects_neurons(fx, dtype):
-    """(gain, offset) of the neurons' activation mismatch in an effects tuple (empty arrays: none)."""
-    if len(fx):
-        return fx[9], fx[10]
-    rdt = np.float32 if np.dtype(dtype) == np.float32 else np.float64
-    return np.zeros(0, rdt), np.zeros(0, rdt)

@@ -115,7 +115,7 @@ class Nudge:
         object.__setattr__(self, "target", target)
 
     def kernel_args(self, network, dtype, batch):
-        """The tuple ``_kernels.teach`` reads, in the state's dtype and layout, validated."""
+        """The ``_kernels.Nudge`` that ``_kernels.teach`` reads, in the state's dtype and layout, validated."""
         c = self.cost
         m = c.width(network)
         y = self.target
@@ -135,7 +135,8 @@ class Nudge:
             wo, bo = cast(c.readout_weight), cast(c.readout_bias)
         else:
             wo, bo = np.zeros((0, 0), dtype), np.zeros(0, dtype)
-        return (COSTS[c.kind], sl.start, sl.stop, beta_arr, cast(y.T), wo, bo, np.empty(max(1, wo.shape[0]), dtype))
+        return K.Nudge(COSTS[c.kind], sl.start, sl.stop, beta_arr, cast(y.T), wo, bo,
+                       np.empty(max(1, wo.shape[0]), dtype))
 
     def current(self, network, u):
         """beta dl/dr_L at states u (batch, n), as a (batch, n) array (zero outside the layer)."""
@@ -149,7 +150,7 @@ class Nudge:
 def no_nudge(dtype):
     """The kernel argument for 'no teaching current', with the same Numba types as a real one."""
     z2 = np.zeros((0, 0), dtype)
-    return (K.NO_NUDGE, 0, 0, np.zeros(1, dtype), z2, z2, np.zeros(0, dtype), np.zeros(1, dtype))
+    return K.Nudge(K.NO_NUDGE, 0, 0, np.zeros(1, dtype), z2, z2, np.zeros(0, dtype), np.zeros(1, dtype))
 
 
 def _real_array(v, name):

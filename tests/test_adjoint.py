@@ -549,15 +549,14 @@ def test_replay_reproduces_forward_bits_for_any_segment_start():
     hs = g.step_sizes
     assert hs[-1] != 0.1 and abs(hs[-1] - 0.1) <= 4e-16 * hs[-1]  # the rounded last step
     vf = VectorField(case.net, case.x)
-    p = vf.packed
-    fam, meth, a, b, _, _, _ = METHODS["rk4"].kernel_args()
-    s, n = len(b), case.net.n
+    stepper = METHODS["rk4"].kernel_args()
+    s, n = len(stepper.bw), case.net.n
 
     def replay(u, steps):
         ys = np.empty((len(steps), s, n, BATCH))
         rs, ss, u_end = np.empty_like(ys), np.empty_like(ys), np.empty((n, BATCH))
-        K.replay(fam, meth, a, b, np.ascontiguousarray(u), len(steps), np.ascontiguousarray(steps),
-                 vf.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, p.tauinv, p.tau, ys, rs, ss, u_end)
+        K.replay(stepper, vf.circuit, np.ascontiguousarray(u), len(steps), np.ascontiguousarray(steps),
+                 ys, rs, ss, u_end)
         return u_end.T, ys
 
     u_all, ys = replay(case.u0.T, hs)

@@ -1221,3 +1221,38 @@ def test_twin_tau_gradients_have_the_nominal_layout():
     hw = attach(net, D.TauMismatch(0.2))
     g = S.gradient(hw, x, loss_sq, t_span=(0.0, 2.0), integrator="euler", dt=0.1, twin=True)
     assert all(np.ndim(g.tau[x.name]) == np.ndim(x.tau) for x in net.layers)
+
+
+def test_a_step_effect_runs_its_hooks_in_the_kernel_and_needs_registering():
+    """A user StepEffect with a ``step`` hook: after every accepted Euler step its state is moved (here
+    u -= c h, a constant drain of rate c), so that the state settles at F(u) = c tau instead of 0; a
+    state whose class registered no hooks is refused in the Python layer, naming the fix."""
+    from collections import namedtuple
+
+    Drain = namedtuple("Drain", "rate")
+
+    @K.njit
+    def drain(e, u, h):
+        for p in range(u.shape[0]):
+            for b in range(u.shape[1]):
+                u[p, b] -= e.rate * h
+        return True
+
+    D.register(Drain, step=drain)
+
+    class DrainEffect(D.StepEffect):
+        def state(self, network, batch, dtype):
+            return Drain(0.01)
+
+    net, x, _, _ = problem()  # tau = 1
+    sol = S.integrate(attach(net, DrainEffect()), x, t_span=(0.0, 80.0), method="euler", dt=0.1)
+    np.testing.assert_allclose(S.VectorField(net, x)(sol.u[-1]), 0.01, rtol=0, atol=1e-9)
+
+    Unregistered = namedtuple("Unregistered", "rate")
+
+    class Forgotten(D.StepEffect):
+        def state(self, network, batch, dtype):
+            return Unregistered(0.01)
+
+    with pytest.raises(Bad, match=r"Forgotten.state\(\) returned a Unregistered, whose kernel hooks are not registered"):
+        S.relax(attach(net, Forgotten()), x, method="euler", dt=0.1)

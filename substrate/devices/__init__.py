@@ -17,6 +17,7 @@ from .effects import (READ_POLICIES, ActivationMismatch, ConductanceMapping, Dri
                       ProgrammingNoise, Quantisation, ReadEffect, ReadNoise, RelaxationTime, StateNoise,
                       StuckAt, TauMismatch)
 from .presets import PRESETS, preset
+from .stepping import StepEffect, register
 from .update import (UPDATE_PRESETS, ConstantStep, ExpStep, LinearStep, NeuroSimNonlinear, PulsedDevice,
                      SoftBounds, UpdateModel)
 
@@ -30,5 +31,5 @@ __all__ = ["ActivationMismatch", "ConductanceMapping", "ConstantStep", "ExpStep"
            "NeuroSimNonlinear", "PRESETS", "PulsedDevice", "SoftBounds", "UPDATE_PRESETS", "UpdateModel", "preset", "Crossbar", "Device", "DeviceNetwork", "Drift",
            "DriftEffect", "DynamicsEffect", "EFFECTS", "Effect", "IndependentFeedback", "IOChain", "Neurons",
            "PCMReadNoise", "ProgramEffect", "ProgrammingNoise", "Quantisation", "READ_POLICIES",
-           "ReadEffect", "ReadNoise", "RelaxationTime", "StateNoise", "StuckAt", "TauMismatch", "attach",
-           "stream"]
+           "ReadEffect", "ReadNoise", "RelaxationTime", "StateNoise", "StepEffect", "StuckAt", "TauMismatch",
+           "attach", "register", "stream"]

@@ -10,7 +10,9 @@ gives the formula and the source. ``hook`` says where it acts (docs/equations.md
 * ``drift``    -- on the simulated clock, since each device's last write;
 * ``update``   -- how a training write changes a device (pulsed, bounded, asymmetric);
 * ``dynamics`` -- the neurons (time-constant and activation mismatch, state noise, relaxation time,
-  feedback programmed as a separate copy).
+  feedback programmed as a separate copy);
+* ``step``     -- inside the stepping kernel, on every weight product or after every step (a
+  :class:`~substrate.devices.stepping.StepEffect`).
 
 ``_dtod`` fields are device-to-device spreads (drawn once per device, when the device is first
 programmed), ``_std`` fields cycle-to-cycle noise (redrawn at every event). ``scaled(k)`` multiplies
@@ -34,7 +36,7 @@ import numpy as np
 
 from .. import validate
 
-HOOKS = ("program", "read", "drift", "update", "dynamics")
+HOOKS = ("program", "read", "drift", "update", "dynamics", "step")
 
 
 @dataclass(frozen=True)

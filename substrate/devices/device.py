@@ -9,7 +9,7 @@ Order of the effects (fixed, whatever order they are given in):
 2. read at the clock time (every phase): drift since each device's write (-> global compensation),
    then read noise drawn per its policy;
 3. every weight product inside the stepping kernel: DAC -> W r (+ per-step or per-sample read noise)
-   -> output noise -> ADC;
+   -> output noise -> ADC (then the ``StepEffect``s' hooks, in the order given);
 4. neurons: time-constant and activation mismatch (fixed at attach), state noise at every step, the
    read-out time.
 
@@ -30,7 +30,8 @@ import numpy as np
 
 from .. import _kernels as K
 from ..errors import SubstrateValueError
-from ..network import Layer, Network, no_effects
+from ..network import Layer, Network
+from . import stepping
 from .base import Effect, HOOKS, nonnegative, positive, stream
 from .effects import (ConductanceMapping, DriftEffect, DynamicsEffect, IndependentFeedback, IOChain,
                       ProgramEffect, ReadEffect)
@@ -425,10 +426,10 @@ class DeviceNetwork(Network):
     def differentiable(self) -> bool:
         """Is the circuit as read a smooth deterministic function of its state (so that the adjoint
         of its own steps is its gradient)? Not with per-step or per-sample read noise, output noise,
-        converters, state noise or activation mismatch (the engine's derivative kernels are
-        nominal)."""
+        converters, state noise, activation mismatch or a ``StepEffect`` (the engine's derivative
+        kernels are nominal)."""
         return not (self.device.read_policy in ("step", "sample") or self.device.io is not None
-                    or self.neurons.state_noise > 0 or self._mismatch)
+                    or self.neurons.state_noise > 0 or self._mismatch or self.device.of(stepping.StepEffect))
 
     def activities(self, u):
         if not self._mismatch:
@@ -436,42 +437,52 @@ class DeviceNetwork(Network):
         return super().activities(self.neurons.gain * (u - self.neurons.offset))
 
     def kernel_effects(self, packed, batch):
+        """The states of the device's effects inside the stepping kernel (``stepping``), in the
+        fixed order: DAC -> W r -> read noise -> output noise -> ADC, activation mismatch, state noise,
+        then the device's own ``StepEffect``s in the order given; ``()`` when there are none, so that
+        the ideal kernel runs."""
         dtype = packed.wbuf.dtype
         rdt = np.float32 if dtype == np.float32 else np.float64
-        policy = self.device.read_policy
-        if not (policy in ("step", "sample") or self.device.io is not None or self.neurons.state_noise > 0
-                or self._mismatch):
-            return no_effects(dtype)  # nothing inside the kernel: the ideal kernel runs
-        none = np.zeros(0, rdt)
-        fx = [K.READ_NONE, np.zeros(0, dtype), np.zeros((0, 0), dtype), none, 0, none, 0, np.ones(1), 0.0,
-              none, none, None, None, None, 0.0]
+        n, policy, io = self.n, self.device.read_policy, self.device.io
         state = [self.connection(name) for name in packed.conn_names]
+        fx = []
+        if io is not None and io.inp_bits > 0:
+            fx.append(stepping.InputDAC(io.inp_bits, np.array([float(io.inp_bound)]), np.empty((n, batch), dtype)))
         if policy == "step":
-            fx[0] = K.READ_STEP
-            fx[1] = np.concatenate([self._packed_variance(c).ravel() for c in state]).astype(dtype) \
-                if state else np.zeros(0, dtype)
+            wvar = (np.concatenate([self._packed_variance(c).ravel() for c in state]).astype(dtype)
+                    if state else np.zeros(0, dtype))
+            t_c = float(max([e.correlation_time or 0.0 for e in self.device.of(ReadEffect)], default=0.0))
+            fx.append(stepping.ReadNoiseStep(wvar, self._kernel_rng("ReadNoise.step"), t_c, np.empty((n, batch), dtype),
+                                             np.empty((n, batch), dtype), np.empty((n, batch))))
         elif policy == "sample":
-            fx[0] = K.READ_SAMPLE
             blocks = [self._read_weight(c, batch=batch)[1] for c in state]
             blocks = [d if c.mask is None else d * c.mask[..., None] for d, c in zip(blocks, state)]
-            fx[2] = (np.ascontiguousarray(np.concatenate([d.reshape(-1, batch) for d in blocks]), dtype)
-                     if state else np.zeros((0, batch), dtype))
-        io = self.device.io
+            fx.append(stepping.ReadNoiseSample(
+                np.ascontiguousarray(np.concatenate([d.reshape(-1, batch) for d in blocks]), dtype)
+                if state else np.zeros((0, batch), dtype)))
         if io is not None:  # noise and bound in units of the full-scale output of each layer's crossbars
-            wmax = np.zeros(self.n)
+            wmax = np.zeros(n)
             for c in state:
                 sl = self.slices[c.post]
                 wmax[sl] = np.maximum(wmax[sl], self._crossbar_wmax(c))
             # rows that no state crossbar feeds keep 0: no output noise, no ADC (the kernel skips them)
             if io.out_noise > 0:
-                fx[3] = (io.out_noise * wmax).astype(rdt)
-            fx[4], fx[5] = io.out_bits, (io.out_bound * wmax).astype(rdt)
-            fx[6], fx[7] = io.inp_bits, np.array([float(io.inp_bound)])
-        fx[8] = float(self.neurons.state_noise)
+                fx.append(stepping.OutputNoise((io.out_noise * wmax).astype(rdt), self._kernel_rng("IOChain")))
+            if io.out_bits > 0:
+                fx.append(stepping.OutputADC(io.out_bits, (io.out_bound * wmax).astype(rdt)))
         if self._mismatch:
-            fx[9], fx[10] = self.neurons.gain.astype(rdt), self.neurons.offset.astype(rdt)
-        fx[11:14] = [self._kernel_rng(k) for k in ("ReadNoise.step", "IOChain", "StateNoise")]
-        fx[14] = float(max([e.correlation_time or 0.0 for e in self.device.of(ReadEffect)], default=0.0))
+            fx.append(stepping.ActivationGain(self.neurons.gain.astype(rdt), self.neurons.offset.astype(rdt),
+                                              np.empty(batch, dtype)))
+        if self.neurons.state_noise > 0:
+            fx.append(stepping.StateNoiseStep(float(self.neurons.state_noise), self._kernel_rng("StateNoise")))
+        for e in self.device.of(stepping.StepEffect):
+            s = e.state(self, batch, dtype)
+            if s is not None and not K.is_registered(s):
+                raise SubstrateValueError(
+                    f"{type(e).__name__}.state() returned a {type(s).__name__}, whose kernel hooks are not "
+                    f"registered: substrate.devices.register({type(s).__name__}, after=..., step=...)")
+            if s is not None:
+                fx.append(s)
         return tuple(fx)
 
     def _packed_variance(self, c):
@@ -484,6 +495,11 @@ class DeviceNetwork(Network):
             var = var * mask ** 2
         var = np.broadcast_to(var, (self.size_of(c.post), self.size_of(c.pre)))
         return var * c.mask ** 2 if c.mask is not None else var
+
+    def rng(self, effect) -> np.random.Generator:
+        """The generator of ``effect``'s own stream on this device, kept across phases (draws inside
+        the stepping kernel continue it)."""
+        return self._kernel_rng(effect.stream)
 
     def _kernel_rng(self, name):
         if name not in self._held_rngs:

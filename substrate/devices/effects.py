@@ -16,6 +16,8 @@ so that a new effect is one class (see the README):
   :class:`~substrate.devices.device.Neurons`).
 
 The IO chain (:class:`IOChain`) and :class:`IndependentFeedback` are read by the device itself.
+Effects inside the stepping kernel (per weight product or per step) are in
+:mod:`substrate.devices.stepping`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,193 @@
+"""The device effects that act inside the stepping kernel, each one class: a namedtuple of what the
+kernel holds (arrays, numbers, its own generator) and its hooks (``_kernels.register_effect``: what it
+adds before or after every weight product, to the activities, or after every accepted step).
+
+A :class:`~substrate.devices.device.DeviceNetwork` builds the states of its device in the fixed order
+of the weight product, DAC -> W r -> read noise -> output noise -> ADC, then the neurons' activation
+mismatch and state noise; a :class:`StepEffect` of the device adds its own after them. Every
+generator is the effect's own stream, so that one effect never shifts another's draws.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import namedtuple
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .. import _kernels as K
+from .base import Effect
+
+
+class KernelState:
+    """What the Python layer asks of an effect state (a plain namedtuple answers False to all):
+    ``draws_per_step``, does it draw at every step (then the device needs a fixed-step method with real
+    states); ``real_only``, does it need real signals (converters: complex states cannot pass them);
+    ``changes_activation``, does it change rho (the engine's derivative kernels are nominal)."""
+
+    __slots__ = ()
+    draws_per_step = False
+    real_only = False
+    changes_activation = False
+
+
+@dataclass(frozen=True)
+class StepEffect(Effect):
+    """The base of an effect that acts inside the stepping kernel: ``state(network, batch, dtype)``
+    returns its kernel state for a phase of ``batch`` samples with states of ``dtype`` (an instance of
+    a namedtuple class registered with ``register(cls, before=..., after=..., activate=..., step=...)``),
+    or None to add nothing. ``network`` is the :class:`~substrate.devices.device.DeviceNetwork`
+    (``network.seed``, ``network.n``, ``network.rng(self)``: the effect's own generator, kept across
+    phases)."""
+
+    hook: ClassVar[str] = "step"
+
+    def state(self, network, batch: int, dtype):
+        raise NotImplementedError
+
+
+def register(state_class, **hooks):
+    """Register the kernel hooks of ``state_class`` (see ``_kernels.register_effect``)."""
+    return K.register_effect(state_class, **hooks)
+
+
+# ------------------------------------------------------------------------------------ DAC
+class InputDAC(KernelState, namedtuple("InputDAC", "bits bound buf")):
+    """The DAC of the activities entering a product: ``bits`` on +-bound (1,); buf (n, B) scratch."""
+
+    __slots__ = ()
+    real_only = True
+
+
+@K.njit
+def _dac_before(e, src):
+    e.buf[:, :] = src
+    K.quantise(e.buf, e.bits, e.bound)
+    return e.buf
+
+
+register(InputDAC, before=_dac_before)
+
+
+# ------------------------------------------------------------------------------------ read noise
+class ReadNoiseStep(KernelState, namedtuple("ReadNoiseStep", "wvar rng correlation_time sq var xi")):
+    """Read noise redrawn at every step, per sample, in its output form: sum_j dW_ij r_j with
+    independent dW_ij ~ N(0, wvar_ij) is N(0, sum_j wvar_ij r_j^2), one extra product of the
+    variances (wvar, flat weight layout) with r^2 instead of n_w draws (aihwkit's weight noise is
+    applied the same way); the step's stages share its draw xi. With a correlation time t_c > 0 the
+    variance is scaled by t_c/h, the white-noise limit, so that its effect on the trajectory does not
+    depend on the step h. sq, var (n, B) and xi (n, B) float64: scratch."""
+
+    __slots__ = ()
+    draws_per_step = True
+
+
+@K.njit
+def _read_step_after(e, src, circuit, tmp, out, fresh, h):
+    sq, var, xi = e.sq, e.var, e.xi
+    for i in range(src.shape[0]):
+        for b in range(src.shape[1]):
+            sq[i, b] = src[i, b] * src[i, b]
+    K.weights_times(sq, e.wvar, circuit.conn, circuit.layer_off, tmp, var)
+    if fresh:
+        for i in range(out.shape[0]):
+            for b in range(out.shape[1]):
+                xi[i, b] = e.rng.standard_normal()
+    scale = e.correlation_time / h if e.correlation_time > 0.0 else 1.0
+    for i in range(out.shape[0]):
+        for b in range(out.shape[1]):
+            out[i, b] += math.sqrt(scale * var[i, b].real) * xi[i, b]
+
+
+register(ReadNoiseStep, after=_read_step_after)
+
+
+class ReadNoiseSample(KernelState, namedtuple("ReadNoiseSample", "wdev")):
+    """Read deviations held per sample: wdev (n_w, B) in the flat weight layout; out += dW_b r_b."""
+
+    __slots__ = ()
+
+
+@K.njit
+def _read_sample_after(e, src, circuit, tmp, out, fresh, h):
+    conn, wdev = circuit.conn, e.wdev
+    for c in range(conn.shape[0]):
+        wo, pa, pn, qa, qn = conn[c, 0], conn[c, 1], conn[c, 2], conn[c, 3], conn[c, 4]
+        for i in range(qn):
+            for j in range(pn):
+                k = wo + i * pn + j
+                for b in range(src.shape[1]):
+                    out[qa + i, b] += wdev[k, b] * src[pa + j, b]
+
+
+register(ReadNoiseSample, after=_read_sample_after)
+
+
+# ------------------------------------------------------------------------------------ output
+class OutputNoise(KernelState, namedtuple("OutputNoise", "sd rng")):
+    """Gaussian noise on every product's output, sd (n,) per row (0: a row no crossbar feeds)."""
+
+    __slots__ = ()
+    draws_per_step = True
+
+
+@K.njit
+def _output_noise_after(e, src, circuit, tmp, out, fresh, h):
+    for i in range(out.shape[0]):
+        sd = e.sd[i]
+        if sd > 0.0:
+            for b in range(out.shape[1]):
+                out[i, b] += sd * e.rng.standard_normal()
+
+
+register(OutputNoise, after=_output_noise_after)
+
+
+class OutputADC(KernelState, namedtuple("OutputADC", "bits bound")):
+    """The ADC of every product's output: ``bits`` on +-bound (n,) per row (0: no converter)."""
+
+    __slots__ = ()
+    real_only = True
+
+
+@K.njit
+def _adc_after(e, src, circuit, tmp, out, fresh, h):
+    K.quantise(out, e.bits, e.bound)
+
+
+register(OutputADC, after=_adc_after)
+
+
+# ------------------------------------------------------------------------------------ neurons
+class ActivationGain(KernelState, namedtuple("ActivationGain", "gain offset row")):
+    """Activation mismatch: r_i = rho(g_i (u_i - o_i)) per neuron; row (B,) scratch."""
+
+    __slots__ = ()
+    changes_activation = True
+
+
+@K.njit
+def _mismatch_activate(e, y, circuit, r):
+    K.activate_device(y, circuit.layer_off, circuit.layer_act, e.gain, e.offset, e.row, r)
+
+
+register(ActivationGain, activate=_mismatch_activate)
+
+
+class StateNoiseStep(KernelState, namedtuple("StateNoiseStep", "sigma rng")):
+    """Additive state noise after every accepted step: u += sigma sqrt(h) xi."""
+
+    __slots__ = ()
+    draws_per_step = True
+
+
+@K.njit
+def _state_noise_step(e, u, h):
+    amp = e.sigma * math.sqrt(h)
+    for p in range(u.shape[0]):
+        for b in range(u.shape[1]):
+            u[p, b] += amp * e.rng.standard_normal()
+    return True
+
+
+register(StateNoiseStep, step=_state_noise_step)
