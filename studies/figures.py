@@ -99,7 +99,7 @@ def readable_ticks(fig):
     for ax in fig.axes:
         for axis, scale, lim in ((ax.xaxis, ax.get_xscale(), ax.get_xlim()),
                                  (ax.yaxis, ax.get_yscale(), ax.get_ylim())):
-            if scale == "log":
+            if scale == "log" and axis.get_transform().base == 10:  # another base: its powers are dense
                 _log_ticks(axis, lim)
     return fig
 
