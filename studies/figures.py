@@ -65,30 +65,36 @@ def median(da, keep):
         return da.median(dim=drop, skipna=True) if drop else da
 
 
-def number(v, pos=None) -> str:
-    """A tick label: plain for 1e-3 <= |v| < 1e4, else a x 10^n in mathtext (a matplotlib Formatter)."""
-    if v == 0 or 1e-3 <= abs(v) < 1e4:
-        return f"{v:.4g}"
-    exp = math.floor(math.log10(abs(v)))
-    mant = round(v / 10.0 ** exp, 3)
-    return rf"$10^{{{exp}}}$" if mant == 1 else rf"${mant:g}\times10^{{{exp}}}$"
+class Numbers(ticker.Formatter):
+    """Tick labels of a log axis at 1, 2 and 5 times the powers of ten: plain numbers when every tick is
+    between 1e-3 and 1e4, else all as a x 10^n (one notation per axis)."""
+
+    def __call__(self, v, pos=None):
+        if all(1e-3 <= abs(t) < 1e4 for t in self.locs if t):
+            return f"{v:.4g}"
+        exp = math.floor(math.log10(abs(v)))
+        mant = round(v / 10.0 ** exp, 3)
+        return rf"$10^{{{exp}}}$" if mant == 1 else rf"${mant:g}\times10^{{{exp}}}$"
 
 
 def _log_ticks(axis, lim):
     """Labelled ticks on a log ``axis`` whose view is ``lim``: the powers of ten when at least two are in
     view (matplotlib's default), else 1, 2 and 5 times them when that gives two or more, else evenly
-    spaced round numbers (a span under half a decade)."""
+    spaced round numbers (a span under half a decade), as many digits as tell them apart."""
     lo, hi = sorted(lim)
     if not (lo > 0 and np.isfinite(hi)):
         return
-    if math.floor(math.log10(hi)) - math.ceil(math.log10(lo)) + 1 >= 2:
+    first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    if last - first - 1 + (10.0 ** first >= lo) + (10.0 ** last <= hi) >= 2:  # powers of ten in view
         axis.set_minor_formatter(ticker.NullFormatter())  # the powers alone: minor labels crowd them
         return
-    locator = ticker.LogLocator(subs=(1.0, 2.0, 5.0))
-    if np.count_nonzero((locator.tick_values(lo, hi) >= lo) & (locator.tick_values(lo, hi) <= hi)) < 2:
-        locator = ticker.MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10])
-    axis.set_major_locator(locator)
-    axis.set_major_formatter(ticker.FuncFormatter(number))
+    candidates = [m * 10.0 ** k for k in range(first, last + 1) for m in (1, 2, 5)]
+    if sum(lo <= t <= hi for t in candidates) >= 2:
+        axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(Numbers())
+    else:
+        axis.set_major_locator(ticker.MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]))
+        axis.set_major_formatter(ticker.ScalarFormatter(useOffset=False))
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
