@@ -69,8 +69,14 @@ class Numbers(ticker.Formatter):
     """Tick labels of a log axis at 1, 2 and 5 times the powers of ten: plain numbers when every tick is
     between 1e-3 and 1e4, else all as a x 10^n (one notation per axis)."""
 
+    def __init__(self):
+        self.ticks = []
+
+    def set_locs(self, locs):
+        self.ticks = list(locs)
+
     def __call__(self, v, pos=None):
-        if all(1e-3 <= abs(t) < 1e4 for t in self.locs if t):
+        if all(1e-3 <= abs(t) < 1e4 for t in self.ticks if t):
             return f"{v:.4g}"
         exp = math.floor(math.log10(abs(v)))
         mant = round(v / 10.0 ** exp, 3)
