@@ -6,23 +6,21 @@ helpers of studies.figures label log axes of any span."""
 import os
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pytest
-from matplotlib.image import AxesImage
+from test_studies import CONFIGS
 
 from studies import figures as F
 from studies import quickstart
 from studies.catalogue import TASKS
-from test_studies import CONFIGS
 
 
 def _labelled_ticks(axis, lim):
     """The non-empty tick labels of ``axis`` whose ticks lie inside the view ``lim``."""
     lo, hi = sorted(lim)
-    span = (hi - lo) * 1e-9
+    slack = (hi - lo) * 1e-9  # a tick at the limit, up to rounding
+    along = 0 if axis.axis_name == "x" else 1
     return [t.get_text() for t in axis.get_ticklabels()
-            if t.get_visible() and t.get_text().strip() and lo - span <= axis.convert_units(t.get_position()[
-                0 if axis.axis_name == "x" else 1]) <= hi + span]
+            if t.get_visible() and t.get_text().strip() and lo - slack <= t.get_position()[along] <= hi + slack]
 
 
 def _has_data(ax):
@@ -31,7 +29,8 @@ def _has_data(ax):
 
 def problems(fig):
     """What a reader would object to in ``fig``: an axis with data but fewer than two labelled ticks in
-    view or no label, a legend over the suptitle or an Axes title. An image panel (a montage of samples,
+    view, a tick label twice or no axis label; a legend over the suptitle or an Axes title, the
+    suptitle over an Axes title. An image panel (a montage of samples,
     a table of values) needs no axis label (its ticks name its rows and columns) and no ticks on an
     axis it leaves without (the pixels are the data); a colorbar's long axis is checked, its short one
     is not."""
@@ -47,7 +46,7 @@ def problems(fig):
                                                                                ax.get_ylabel())):
             if colorbar is not None and axis is not colorbar.long_axis:
                 continue
-            if any(isinstance(a, AxesImage) for a in ax.images) and not axis.get_ticklocs().size:
+            if ax.images and not axis.get_ticklocs().size:
                 continue
             ticks = _labelled_ticks(axis, lim)
             if len(ticks) < 2:
@@ -56,16 +55,18 @@ def problems(fig):
                 found.append(f"{name}: {axis.axis_name} axis repeats a tick label {ticks}")
             if not label.strip() and not ax.images:  # an image's rows and columns are named by its ticks
                 found.append(f"{name}: {axis.axis_name} axis has no label")
-    titles = [t for t in [fig._suptitle] + [ax.title for ax in fig.axes] if t is not None and t.get_text()]
+    suptitle = fig._suptitle if fig._suptitle is not None and fig._suptitle.get_text() else None
+    axes_titles = [ax.title for ax in fig.axes if ax.title.get_text()]
+    titles = [suptitle] * (suptitle is not None) + axes_titles
     legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
     for legend in legends:
         box = legend.get_window_extent(renderer)
         for title in titles:
             if box.overlaps(title.get_window_extent(renderer)):
                 found.append(f"a legend overlaps the title {title.get_text()!r}")
-    if fig._suptitle is not None:
-        box = fig._suptitle.get_window_extent(renderer)
-        found += [f"the suptitle overlaps the title {t.get_text()!r}" for t in titles[1:]
+    if suptitle is not None:
+        box = suptitle.get_window_extent(renderer)
+        found += [f"the suptitle overlaps the title {t.get_text()!r}" for t in axes_titles
                   if box.overlaps(t.get_window_extent(renderer))]
     return found
 
