@@ -235,7 +235,7 @@ def plot_ep_train(archive_path: str):
     panels = [("test_accuracy", 100, "test accuracy (%)", "classification"),
               ("grad_cosine", 1, "cos(rule's gradient, exact gradient)", "gradient alignment (probe batch)")]
     if np.isfinite(ds["weight_angle"].values).any():  # tied feedback has no angle: NaN
-        panels.append(("weight_angle", 1, "angle between W and B^T (degrees)", "feedback asymmetry"))
+        panels.append(("weight_angle", 1, r"angle between $W$ and $B^\top$ (degrees)", "feedback asymmetry"))
     fig, grid = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.8), layout="constrained")
     swept = [a for a in axes if a != "seed"]
     for i, point in enumerate(itertools.product(*(ds[a].values for a in swept))):
