@@ -138,8 +138,10 @@ def figure_legend(fig, axes=None, columns=4):
 def draw(path: str, tasks: dict):
     """The figure of a sweep archive, chosen by its task in ``tasks`` (name -> :class:`~studies.runs.Task`,
     e.g. ``studies.catalogue.TASKS``), and the name to save it under (the checked ``study_name``: a
-    plain file name). Every log axis gets labelled ticks (:func:`readable_ticks`). Raises :class:`~substrate.errors.ArchiveError` naming the file when the archive
-    cannot be read or lacks what the figure needs."""
+    plain file name). Every log axis gets labelled ticks (:func:`readable_ticks`: the study figures
+    call it themselves, for the notebooks that call them; here, for a figure that does not). Raises
+    :class:`~substrate.errors.ArchiveError` naming the file when the archive cannot be read or lacks
+    what the figure needs."""
     with archive.open_file(path) as f:
         head = read_header(f, path)
     if not head["n_done"]:

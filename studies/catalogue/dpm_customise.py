@@ -480,7 +480,7 @@ def plot_dpm_customise(archive_path: str):
                 ax.legend(fontsize=7, loc="upper center" if ax in row[2:4] else "best", ncol=2 if ax in row[2:4] else 1)
     fig.suptitle(textwrap.fill(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} (medians over "
                                "seeds, seeds as points; images: first seed)", 160), fontsize=10)
-    return fig
+    return F.readable_ticks(fig)
 
 
 TASK = Task(CUSTOMISE_SCHEMA, run_dpm_customise, plot=plot_dpm_customise,

@@ -341,7 +341,7 @@ def plot_dpm_gradients(archive_path: str):
         fig.colorbar(im, ax=ax, shrink=0.8, label=r"log10 relative error of $dL/d\theta$ (capped at 1)")
     F.figure_legend(fig, columns=6)
     fig.suptitle(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} (median over seeds)", fontsize=10)
-    return fig
+    return F.readable_ticks(fig)
 
 
 TASK = Task(GRADIENTS_SCHEMA, run_dpm_gradients, plot=plot_dpm_gradients,

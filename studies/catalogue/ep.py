@@ -122,7 +122,7 @@ def plot_ep_bias(archive_path: str):
         ax.grid(True, which="both", alpha=0.3)
     F.figure_legend(fig, columns=5)
     fig.suptitle(f"{ds.attrs['study_name']}: EP estimators against implicit differentiation (median over seeds)")
-    return fig
+    return F.readable_ticks(fig)
 
 
 # ------------------------------------------------------------------------------------ EP training

@@ -130,7 +130,7 @@ def plot_gradient_accuracy(archive_path: str):
     F.figure_legend(fig, columns=5)
     fig.suptitle(f"{ds.attrs['study_name']}: gradient methods against the reference "
                  f"(markers: o discrete, s continuous, ^ implicit)")
-    return fig
+    return F.readable_ticks(fig)
 
 
 TASK = Task(SCHEMA, run_gradient_accuracy, warmup_gradient_accuracy, plot_gradient_accuracy,

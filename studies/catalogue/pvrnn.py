@@ -406,7 +406,7 @@ def plot_pvrnn_meta_prior(archive_path: str):
     F.figure_legend(fig, grid[:3], columns=4)
     fig.suptitle(textwrap.fill(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} "
                                "(median over seeds, seeds as points)", 160), fontsize=10)
-    return fig
+    return F.readable_ticks(fig)
 
 
 def plot_pvrnn_er(archive_path: str):
@@ -466,7 +466,7 @@ def plot_pvrnn_er(archive_path: str):
     F.figure_legend(fig, columns=4)
     fig.suptitle(textwrap.fill(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} "
                                "(median over seeds, seeds as points)", 160), fontsize=10)
-    return fig
+    return F.readable_ticks(fig)
 
 
 META_PRIOR = Task(PVRNN_META_PRIOR_SCHEMA, run_pvrnn_meta_prior, warmup_pvrnn, plot_pvrnn_meta_prior,

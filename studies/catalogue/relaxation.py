@@ -106,7 +106,7 @@ def plot_relaxation(archive_path: str):
         ax_trace.legend(fontsize=8)
     fig.suptitle(f"{ds.attrs['study_name']}: {int(ds.attrs['n_done'])} runs done, "
                  f"{int(ds.attrs['n_failed'])} failed, {int(ds.attrs['n_missing'])} missing")
-    return fig
+    return F.readable_ticks(fig)
 
 
 TASK = Task(SCHEMA, run_relaxation, warmup_relaxation, plot_relaxation,
