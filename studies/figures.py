@@ -5,12 +5,15 @@ matplotlib Figure; they compute nothing."""
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import matplotlib
 
 matplotlib.use("Agg")  # figures are written to files; no display is needed  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as ticker  # noqa: E402
+import numpy as np  # noqa: E402
 
 from studies.archives import open_dataset, read_header  # noqa: E402
 from substrate import archive  # noqa: E402
@@ -30,17 +33,28 @@ def other_axis(ds, axes, exclude):
 
 
 def label(ds, dim, value):
-    """A legend label for one point of ``dim``, with the coordinates that vary along it."""
+    """A legend label for one point of ``dim``, with the coordinates that vary along it (not those
+    equal at every point, nor one that repeats the point's name)."""
     point = ds.sel({dim: value}) if dim in ds.indexes else ds.isel({dim: value})
-    extra = [f"{c}={fmt(point[c].item())}" for c in ds.coords
-             if c != dim and ds[c].dims == (dim,) and c != "method"]
     name = str(value)
+    extra = [f"{c}={fmt(point[c].item())}" for c in ds.coords
+             if c != dim and ds[c].dims == (dim,) and c != "method" and len(set(ds[c].values.tolist())) > 1
+             and fmt(point[c].item()) != name]
     return f"{name} ({', '.join(extra)})" if extra else name
 
 
 def fmt(v):
     """A coordinate value as text: floats by ``:g``."""
     return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def panel_title(dim, value) -> str:
+    """The title of a panel at one ``value`` of the sweep axis ``dim`` ("" without one): the axis in
+    words, angles in degrees."""
+    if dim is None:
+        return ""
+    text = fmt(value.item() if hasattr(value, "item") else value)
+    return f"{dim.replace('_', ' ')} = {text}" + ("°" if dim.endswith("angle") else "")
 
 
 def median(da, keep):
@@ -51,11 +65,83 @@ def median(da, keep):
         return da.median(dim=drop, skipna=True) if drop else da
 
 
+class Numbers(ticker.Formatter):
+    """Tick labels of a log axis at 1, 2 and 5 times the powers of ten: plain numbers when every tick is
+    between 1e-3 and 1e4, else all as a x 10^n (one notation per axis)."""
+
+    def __init__(self):
+        self.ticks = []
+
+    def set_locs(self, locs):
+        self.ticks = list(locs)
+
+    def __call__(self, v, pos=None):
+        if all(1e-3 <= abs(t) < 1e4 for t in self.ticks if t):
+            return f"{v:.4g}"
+        exp = math.floor(math.log10(abs(v)))
+        mant = round(v / 10.0 ** exp, 3)
+        return rf"$10^{{{exp}}}$" if mant == 1 else rf"${mant:g}\times10^{{{exp}}}$"
+
+
+def _log_ticks(axis, lim):
+    """Labelled ticks on a log ``axis`` whose view is ``lim``: the powers of ten when at least two are in
+    view (matplotlib's default), else 1, 2 and 5 times them when that gives two or more, else evenly
+    spaced round numbers (a span under half a decade), as many digits as tell them apart."""
+    lo, hi = sorted(lim)
+    if not (lo > 0 and np.isfinite(hi)):
+        return
+    first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    if last - first - 1 + (10.0 ** first >= lo) + (10.0 ** last <= hi) >= 2:  # powers of ten in view
+        axis.set_minor_formatter(ticker.NullFormatter())  # the powers alone: minor labels crowd them
+        return
+    candidates = [m * 10.0 ** k for k in range(first, last + 1) for m in (1, 2, 5)]
+    if sum(lo <= t <= hi for t in candidates) >= 2:
+        axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(Numbers())
+    else:
+        axis.set_major_locator(ticker.MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]))
+        axis.set_major_formatter(ticker.ScalarFormatter(useOffset=False))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def readable_ticks(fig):
+    """Every log axis of ``fig`` given at least two labelled ticks in its view, whatever its span (by
+    default a log axis labels only the powers of ten, and one spanning less than two decades may show
+    one label or none). Call it once the data are drawn and the limits set: it reads the view."""
+    for ax in fig.axes:
+        for axis, scale, lim in ((ax.xaxis, ax.get_xscale(), ax.get_xlim()),
+                                 (ax.yaxis, ax.get_yscale(), ax.get_ylim())):
+            if scale == "log" and axis.get_transform().base == 10:  # another base: its powers are dense
+                _log_ticks(axis, lim)
+    return fig
+
+
+def integer_ticks(*axes):
+    """Integer ticks only (epochs, steps) on each ``matplotlib.axis.Axis`` given."""
+    for axis in axes:
+        axis.set_major_locator(ticker.MaxNLocator(integer=True))
+
+
+def figure_legend(fig, axes=None, columns=4):
+    """One legend for the whole figure, below the panels (clear of the titles and the data), in up to
+    ``columns`` columns: every labelled line or patch of ``axes`` (default: all of the figure's), the
+    first of each label; nothing when there is nothing to explain."""
+    handles = {}
+    for ax in fig.axes if axes is None else axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), fontsize=8, loc="outside lower center",
+                   ncols=min(columns, len(handles)))
+
+
 def draw(path: str, tasks: dict):
     """The figure of a sweep archive, chosen by its task in ``tasks`` (name -> :class:`~studies.runs.Task`,
     e.g. ``studies.catalogue.TASKS``), and the name to save it under (the checked ``study_name``: a
-    plain file name). Raises :class:`~substrate.errors.ArchiveError` naming the file when the archive
-    cannot be read or lacks what the figure needs."""
+    plain file name). Every log axis gets labelled ticks (:func:`readable_ticks`: the study figures
+    call it themselves, for the notebooks that call them; here, for a figure that does not). Raises
+    :class:`~substrate.errors.ArchiveError` naming the file when the archive cannot be read or lacks
+    what the figure needs."""
     with archive.open_file(path) as f:
         head = read_header(f, path)
     if not head["n_done"]:
@@ -65,7 +151,7 @@ def draw(path: str, tasks: dict):
     if task not in plots:
         raise ArchiveError(path, f"has no figure for task {task!r}; figures exist for {', '.join(plots)}")
     try:
-        return plots[task](path), head["study_name"]
+        return readable_ticks(plots[task](path)), head["study_name"]
     except ArchiveError:
         raise
     except (KeyError, IndexError, ValueError, TypeError) as e:

@@ -18,6 +18,7 @@ import numpy as np
 from models import data as D
 from models import ep
 from models.train import SGD, Classifier, train
+from studies import figures as F
 from studies.sweep import single_thread
 from substrate import archive
 
@@ -80,7 +81,7 @@ def ep_training(path: str):
     """Quickstart figure: test accuracy, training loss, and the misalignment 1 - cos of each rule's
     gradient with the exact one (probe batch), against the epoch, one line per learning rule."""
     a = archive.read(path)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True, sharex=True)
     for i, (name, r) in enumerate(archive.members(a["rules"]).items()):
         label = f"{r['attrs'].get('rule', name)} ({float(r['seconds_total']):.0f} s)"
         epoch = r["epoch"]
@@ -98,5 +99,6 @@ def ep_training(path: str):
     axes[2].set_title("gradient alignment with implicit differentiation")
     for ax in axes:
         ax.set_xlabel("epoch")
+        F.integer_ticks(ax.xaxis)
         ax.grid(alpha=0.3)
-    return fig
+    return F.readable_ticks(fig)

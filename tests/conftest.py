@@ -33,3 +33,31 @@ def one_torch_thread(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+class _Archives(dict):
+    """Study config path -> (the study at its debug profile, its sweep archive's path, the sweep's
+    counts), swept on first use."""
+
+    def __init__(self, folders):
+        super().__init__()
+        self.folders = folders
+
+    def __missing__(self, path):
+        from studies import sweep
+        from studies.catalogue import TASKS
+        from studies.config import load_study
+
+        s = load_study(path, "debug", tasks=TASKS)
+        stats = {}
+        archive = sweep.run_sweep(s, str(self.folders.mktemp(s.name)), workers=2, progress=False, stats=stats)
+        self[path] = (s, archive, stats)
+        return self[path]
+
+
+@pytest.fixture(scope="session")
+def config_archives(tmp_path_factory):
+    """Every study config of studies/configs swept at debug size on the local process pool, once per
+    session (test_studies.py checks the archives, test_figures.py draws them): a dict from the config's
+    path, each swept when a test first asks for it (a config whose test is skipped is never swept)."""
+    return _Archives(tmp_path_factory)

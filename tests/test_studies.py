@@ -302,20 +302,6 @@ def test_a_swept_device_effect_is_its_registry_class_at_the_level(effect, level,
 
 
 # ------------------------------------------------------------------------------------ sweeps
-@pytest.fixture(scope="module")
-def config_archives(tmp_path_factory):
-    """Every study config swept at debug size, on the local process pool."""
-    out = {}
-    for path in CONFIG_FILES:
-        if not isinstance(_needs_data(path), str) and not os.path.isdir(FASHION_MNIST_DIR):
-            continue  # the test of that config is skipped
-        s = load_study(path, "debug", tasks=TASKS)
-        folder = tmp_path_factory.mktemp(s.name)
-        stats = {}
-        out[path] = (s, sw.run_sweep(s, str(folder), workers=2, progress=False, stats=stats), stats)
-    return out
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_study_config_sweeps_at_debug_size(config_archives, path):
     s, archive_path, stats = config_archives[path]

@@ -73,17 +73,28 @@ def make_device(config):
     return D.Device(effects, name=f"{effect}:{level:g}", weight_scale=config["weight_scale"]) if effects else None
 
 
+# the x axis of each swept effect, with its unit (docs of the effects in substrate.devices)
+LEVEL_LABELS = {
+    "read_noise": r"read-noise $\sigma$ (fraction of $|W|$)",
+    "programming_noise": r"programming-noise scale ($\times$ aihwkit PCM $\sigma(g)$, $\mu$S)",
+    "quantisation": "conductance levels (count)",
+    "feedback_copy": r"feedback copy's programming-noise scale ($\times$ PCM $\sigma$)",
+    "tau_mismatch": r"relative s.d. of $\tau$ (relaxation time 8 $\tau$)",
+}
+
+
 def plot_devices(archive_path: str):
     """Device study (``ep_train`` with a zipped ``device.*`` axis): the final test accuracy and the
     final cosine of each rule's gradient with the nominal implicit gradient, against the level of each
-    effect (one column per effect, median over seeds); read noise drawn per equilibrium (solid) and per
-    phase (dashed); the effect-free run is the point at level 0 (quantisation: the dotted line)."""
+    effect (one column per effect, median over seeds); an effect swept under several read policies
+    (read noise per equilibrium and per phase): solid for the first, dashed for the others; the run without a device, when the sweep has one, is the dotted line in every
+    panel (the baseline)."""
     ds, axes = F.open_sweep(archive_path)
     dim = next(a for a in axes if a != "seed" and "level" in ds.coords and ds["level"].dims == (a,))
     rule_dim = F.other_axis(ds, axes, (dim,))
     kinds = ds[dim].values
     effects = [e for e in dict.fromkeys(kinds) if e != "none"]
-    fig, grid = plt.subplots(2, len(effects), figsize=(3.6 * len(effects) + 2.5, 7), squeeze=False,
+    fig, grid = plt.subplots(2, len(effects), figsize=(3.8 * len(effects) + 1, 7.5), squeeze=False,
                              layout="constrained")
     rules = list(ds[rule_dim].values) if rule_dim else [None]
     none = [i for i, k in enumerate(kinds) if k == "none"]
@@ -91,41 +102,32 @@ def plot_devices(archive_path: str):
         one = ds.sel({rule_dim: rule}) if rule_dim else ds
         acc = F.median(100 * one["test_accuracy"].isel(epoch=-1), [dim])
         cos = F.median(one["grad_cosine"].isel(epoch=-1), [dim])
+        name = str(rule) if rule is not None else "rule"
         for c, effect in enumerate(effects):
             idx = [i for i, k in enumerate(kinds) if k == effect]
             policies = dict.fromkeys(str(ds["read_policy"].values[i]) for i in idx)
             for p, policy in enumerate(policies):
                 pts = sorted((float(ds["level"].values[i]), i) for i in idx
                              if str(ds["read_policy"].values[i]) == policy)
-                # the effect-free run is the level-0 point, when the effect has none of its own
-                # (tau mismatch comes with its own, at the same relaxation time)
-                if effect != "quantisation" and none and all(v > 0 for v, _ in pts):
-                    pts = [(0.0, none[0])] + pts
-                x = [v for v, _ in pts]
                 for row, da in enumerate((acc, cos)):
-                    ax = grid[row][c]
-                    ax.plot(x, [float(da.values[i]) for _, i in pts], "o" + ("-" if p == 0 else "--"), ms=3,
-                            color=f"C{r}", label=f"{rule}" + (f" ({policy})" if len(policies) > 1 else ""))
-                    if effect == "quantisation" and none:
-                        ax.axhline(float(da.values[none[0]]), color=f"C{r}", ls=":", lw=1)
-            for row in range(2):
-                ax = grid[row][c]
-                if effect == "quantisation":
-                    ax.set_xscale("log", base=2)
-                    ax.invert_xaxis()
-                ax.set_xlabel({"read_noise": "read noise sigma (relative)", "programming_noise":
-                               "programming noise (x aihwkit PCM)", "quantisation": "conductance levels",
-                               "feedback_copy": "programming noise of a separate feedback copy",
-                               "tau_mismatch": "tau spread (relaxation time 8 tau)"}.get(effect, "level"))
-                ax.grid(alpha=0.3)
-            grid[0][c].set_title(effect)
-    grid[0][0].set_ylabel("final test accuracy (%)")
-    grid[1][0].set_ylabel("final cos(rule's gradient, nominal implicit)")
-    handles = {}
-    for ax in grid[0]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles), fontsize=8, loc="outside right upper")
+                    grid[row][c].plot([v for v, _ in pts], [float(da.values[i]) for _, i in pts],
+                                      "o" + ("-" if p == 0 else "--"), ms=3, color=f"C{r}",
+                                      label=name + (f", read noise per {policy}" if p else ""))
+            for row, da in enumerate((acc, cos)):
+                if none:
+                    grid[row][c].axhline(float(da.values[none[0]]), color=f"C{r}", ls=":", lw=1.2,
+                                         label=f"{name}, no device")
+    for c, effect in enumerate(effects):
+        for row, ylabel in enumerate(("final test accuracy (%)", "final cos(rule's gradient, nominal implicit)")):
+            ax = grid[row][c]
+            if effect == "quantisation":
+                ax.set_xscale("log", base=2)
+                ax.invert_xaxis()
+            ax.set_xlabel(LEVEL_LABELS.get(effect, "level"))
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+        grid[0][c].set_title(effect.replace("_", " "))
+    F.figure_legend(fig, grid[0], columns=4)
     fig.suptitle(textwrap.fill(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} "
                                "(median over seeds)", 140), fontsize=10)
     return fig
@@ -153,9 +155,10 @@ def plot_presets(archive_path: str):
                    color=f"C{r}", capsize=2, label=str(rule))
     for ax, name in zip(grid, ("final test accuracy (%)", "final cos(rule's gradient, nominal implicit)")):
         ax.set_xticks(x, presets, rotation=30, ha="right")
+        ax.set_xlabel("device preset")
         ax.set_ylabel(name)
         ax.grid(axis="y", alpha=0.3)
-    grid[0].legend(fontsize=8)
+    F.figure_legend(fig, grid[:1])
     fig.suptitle(textwrap.fill(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} "
                                "(median over seeds, range)", 110), fontsize=10)
     return fig

@@ -400,6 +400,7 @@ def plot_dpm_customise(archive_path: str):
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("Adam step")
+        F.integer_ticks(ax.xaxis)
 
     for row, what in zip(grid, whats):
         one = run(what)
@@ -412,6 +413,7 @@ def plot_dpm_customise(archive_path: str):
             a_curve.set_ylabel("share the attacked classifier labels target")
             a_curve.set_title("noise: x_T optimised against a classifier (source>target)")
             a_loss.set_ylabel("cross-entropy to the target")
+            a_loss.set_title("loss of the attacked classifier")
 
             def per_pair(name, stage):
                 return one[name].sel(stage=stage).transpose("pair", "seed").values
@@ -424,10 +426,13 @@ def plot_dpm_customise(archive_path: str):
                   ["C7", "C3", "C1", "C0"])
             a_m1.set_ylabel("share of the samples")
             a_m1.set_title("labels before / after")
+            for ax in (a_m1, a_m2):
+                ax.set_xlabel("digits (source>target)")
             _bars(a_m2, pairs, [one["noise_x_T_move"].transpose("pair", "seed").values,
                                 one["noise_image_move"].transpose("pair", "seed").values],
                   [r"$\|x_T - x_T^0\| / \|x_T^0\|$", "image RMS change (pixels in [-1, 1])"], ["C4", "C5"])
             a_m2.set_title("how far the noise and the image moved")
+            a_m2.set_ylabel("relative change")
             im = one["noise_images"].isel(seed=0).values  # pair, stage, shown, 8, 8
             _montage(im.reshape(-1, *im.shape[2:]), [f"{p} {s}" for p in pairs for s in STAGES], a_img,
                      "samples before / after (same x_T start)")
@@ -438,6 +443,7 @@ def plot_dpm_customise(archive_path: str):
             a_curve.set_ylabel("ink (soft share of inked pixels)")
             steps(a_loss, one[f"{name}_loss"], "", "C0", log=True)
             a_loss.set_ylabel("style loss (ink + keep x cross-entropy)")
+            a_loss.set_title("loss")
             if what == "conditioning":
                 digit = int(np.nanmedian(one["conditioning_digit"].values))
                 a_curve.set_title(f"conditioning: embedding c of digit {digit} learned, fresh noise")
@@ -445,6 +451,7 @@ def plot_dpm_customise(archive_path: str):
                                        (a_m2, "conditioning_accuracy", "independent classifier accuracy")):
                     _bars(ax, STAGES, [one[var].transpose("stage", "seed").values], [label], ["C2"])
                     ax.set_ylabel(label)
+                    ax.set_xlabel("stage")
                 a_m1.axhline(float(np.nanmedian(one["ink_target"].values)), color="k", ls="--", label="target")
                 im = one["conditioning_images"].isel(seed=0).values  # stage, shown, 8, 8
                 _montage(im, STAGES, a_img, "held-out samples before / after")
@@ -473,7 +480,7 @@ def plot_dpm_customise(archive_path: str):
                 ax.legend(fontsize=7, loc="upper center" if ax in row[2:4] else "best", ncol=2 if ax in row[2:4] else 1)
     fig.suptitle(textwrap.fill(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} (medians over "
                                "seeds, seeds as points; images: first seed)", 160), fontsize=10)
-    return fig
+    return F.readable_ticks(fig)
 
 
 TASK = Task(CUSTOMISE_SCHEMA, run_dpm_customise, plot=plot_dpm_customise,

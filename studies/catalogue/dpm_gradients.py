@@ -314,8 +314,6 @@ def plot_dpm_gradients(archive_path: str):
                        lw=0.8, label="reference vs half its steps")
             ax.set_ylim(top=10.0)  # above: the continuous adjoint's blow-ups at few steps (in the map)
             ax.grid(True, which="both", alpha=0.3)
-            if c == 0:
-                ax.legend(fontsize=6, ncol=2)
         ax = grid[r, 4]
         theta = F.median(one["grad_error_theta"].sel(budget=at), ["scheme", "adjoint"])
         labels = [f"{f}/{s}" for f in forms for s in solvers]
@@ -337,10 +335,13 @@ def plot_dpm_gradients(archive_path: str):
                             color="w" if min(table[i, j], 1.0) > np.nanmedian(np.minimum(table, 1.0)) else "k")
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.set_xticks(range(len(cols)), [f"{g}\n{a}" for g, a in cols], fontsize=7)
+        ax.set_ylabel("ODE form / solver")
+        ax.set_xlabel("time grid / adjoint")
         ax.set_title(rf"log10 error of $dL/d\theta$ at {at} evaluations ({name or ''})", fontsize=9)
-        fig.colorbar(im, ax=ax, shrink=0.8)
+        fig.colorbar(im, ax=ax, shrink=0.8, label=r"log10 relative error of $dL/d\theta$ (capped at 1)")
+    F.figure_legend(fig, columns=6)
     fig.suptitle(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} (median over seeds)", fontsize=10)
-    return fig
+    return F.readable_ticks(fig)
 
 
 TASK = Task(GRADIENTS_SCHEMA, run_dpm_gradients, plot=plot_dpm_gradients,

@@ -16,7 +16,6 @@ import functools
 import itertools
 
 import matplotlib.pyplot as plt
-import matplotlib.ticker
 import numpy as np
 
 import substrate as S
@@ -116,17 +115,14 @@ def plot_ep_bias(archive_path: str):
             ax.loglog(betas, np.atleast_1d(err.values), "o-", ms=3, color=f"C{i}", label=str(est))
         floor = float(F.median(ds["limit_error"].sel(sel), []).values)
         if floor > 0:
-            ax.axhline(floor, color="k", ls=":", lw=1, label="beta -> 0 limit (asymmetry)")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("|beta|")
+            ax.axhline(floor, color="k", ls=":", lw=1, label=r"$\beta \to 0$ limit (the asymmetry part)")
+        ax.set_xlabel(r"nudge strength $|\beta|$")
         ax.set_ylabel("relative error against the exact gradient")
-        ax.set_title(f"{col_axis} = {F.fmt(col.item() if hasattr(col, 'item') else col)}" if col_axis else "")
+        ax.set_title(F.panel_title(col_axis, col))
         ax.grid(True, which="both", alpha=0.3)
-    handles, labels = grid[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="outside right upper")
+    F.figure_legend(fig, columns=5)
     fig.suptitle(f"{ds.attrs['study_name']}: EP estimators against implicit differentiation (median over seeds)")
-    return fig
+    return F.readable_ticks(fig)
 
 
 # ------------------------------------------------------------------------------------ EP training
@@ -232,27 +228,31 @@ def warmup_ep_train():
 
 
 def plot_ep_train(archive_path: str):
-    """EP training study: test accuracy, gradient cosine with the exact gradient and the weight angle
-    against the epoch, one line per point of the sweep (every axis but the seed; the first seed)."""
+    """EP training study: test accuracy, gradient cosine with the exact gradient and, when a run has
+    feedback weights of its own, the angle between W and B^T, against the epoch, one line per point of
+    the sweep (every axis but the seed; the first seed)."""
     ds, axes = F.open_sweep(archive_path)
-    fig, grid = plt.subplots(1, 3, figsize=(17, 4.5), layout="constrained")
+    panels = [("test_accuracy", 100, "test accuracy (%)", "classification"),
+              ("grad_cosine", 1, "cos(rule's gradient, exact gradient)", "gradient alignment (probe batch)")]
+    if np.isfinite(ds["weight_angle"].values).any():  # tied feedback has no angle: NaN
+        panels.append(("weight_angle", 1, r"angle between $W$ and $B^\top$ (degrees)", "feedback asymmetry"))
+    fig, grid = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.8), layout="constrained")
     swept = [a for a in axes if a != "seed"]
     for i, point in enumerate(itertools.product(*(ds[a].values for a in swept))):
         sel = dict(zip(swept, point))
         one = ds.sel(sel).isel(seed=0) if "seed" in ds.dims else ds.sel(sel)
         label = ", ".join(F.label(ds, a, v) if len(swept) == 1 else f"{a}={F.fmt(v.item())}" for a, v in sel.items())
         style = dict(marker="o", ms=3, color=f"C{i % 10}", ls="-" if i < 10 else "--")
-        grid[0].plot(one["epoch"], 100 * one["test_accuracy"], label=label, **style)
-        grid[1].plot(one["epoch"], one["grad_cosine"], **style)
-        grid[2].plot(one["epoch"], one["weight_angle"], **style)
-    for ax, name in zip(grid, ("test accuracy (%)", "cos(rule's gradient, exact) on the probe batch",
-                               "angle between W and B^T (degrees)")):
+        for ax, (name, scale, _, _) in zip(grid, panels):
+            ax.plot(one["epoch"], scale * one[name], label=label, **style)
+    for ax, (_, _, ylabel, title) in zip(grid, panels):
         ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
+        F.integer_ticks(ax.xaxis)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.grid(alpha=0.3)
-    handles, labels = grid[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="outside right upper")
-    fig.suptitle(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')}")
+    F.figure_legend(fig, grid[:1], columns=2)
+    fig.suptitle(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} (first seed)")
     return fig
 
 

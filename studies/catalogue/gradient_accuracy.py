@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 
 import matplotlib.pyplot as plt
-import matplotlib.ticker
 import numpy as np
 
 import substrate as S
@@ -124,16 +123,14 @@ def plot_gradient_accuracy(archive_path: str):
         if "implicit" in methods:
             err = F.median(ds["relative_error"].sel(sel).sel(gradient_method="implicit"), [x])
             ax.loglog(ds[x].values, np.atleast_1d(err.values), marker="^", ls=":", color="k", label="implicit")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel(x)
-        ax.set_ylabel("relative error of dL/dtheta (median over seeds)")
-        ax.set_title(f"{col_axis} = {F.fmt(col.item() if hasattr(col, 'item') else col)}" if col_axis else "")
+        ax.set_xlabel("forward step dt (units of tau)" if x == "dt" else x.replace("_", " "))
+        ax.set_ylabel(r"relative error of $dL/d\theta$ (median over seeds)")
+        ax.set_title(F.panel_title(col_axis, col))
         ax.grid(True, which="both", alpha=0.3)
-    handles, labels = grid[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="outside right upper")
+    F.figure_legend(fig, columns=5)
     fig.suptitle(f"{ds.attrs['study_name']}: gradient methods against the reference "
                  f"(markers: o discrete, s continuous, ^ implicit)")
-    return fig
+    return F.readable_ticks(fig)
 
 
 TASK = Task(SCHEMA, run_gradient_accuracy, warmup_gradient_accuracy, plot_gradient_accuracy,

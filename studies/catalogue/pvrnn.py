@@ -385,7 +385,7 @@ def plot_pvrnn_meta_prior(archive_path: str):
           "(posterior means)")
     _vs_x(ax_rec, ds["generation_spread"], x, "C3", r"variance of $\hat x$ across prior samples (40 steps)",
           marker="^", ls=":")
-    ax_rec.set_ylabel("training sequences")
+    ax_rec.set_ylabel("error on the training sequences")
     ax_rec.set_title("training fit, and the randomness the model generates")
     first = ds.isel(seed=0) if "seed" in ds.dims else ds
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(ds[x])))
@@ -393,6 +393,7 @@ def plot_pvrnn_meta_prior(archive_path: str):
         rec = F.median(first["reconstruction"].sel({x: value}), ["epoch"])
         ax_curve.semilogy(first["epoch"].values, rec.values, color=c, lw=1, label=f"{x} = {F.fmt(value.item())}")
     ax_curve.set_xlabel("epoch")
+    F.integer_ticks(ax_curve.xaxis)
     ax_curve.set_ylabel("reconstruction term of F (training set)")
     ax_curve.set_title("training (first seed)")
     ax_curve.legend(fontsize=7)
@@ -400,12 +401,12 @@ def plot_pvrnn_meta_prior(archive_path: str):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(f"meta-prior {x}")
-        ax.legend(fontsize=7)
     for ax in grid:
         ax.grid(True, which="both", alpha=0.3)
+    F.figure_legend(fig, grid[:3], columns=4)
     fig.suptitle(textwrap.fill(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} "
                                "(median over seeds, seeds as points)", 160), fontsize=10)
-    return fig
+    return F.readable_ticks(fig)
 
 
 def plot_pvrnn_er(archive_path: str):
@@ -445,26 +446,27 @@ def plot_pvrnn_er(archive_path: str):
             ax.plot(np.repeat(xs, pts.shape[1]), pts.ravel(), ".", color=color, ms=3, alpha=0.5)
     for ax in (ax_err, ax_cos, ax_time):
         ax.set_xticks(np.arange(len(credits)), credits, rotation=20)
+        ax.set_xlabel("credit assignment (truncated:K: BPTT cut every K steps)")
     ax_err.set_yscale("log")
     ax_err.set_ylabel(r"one-step prediction error $\|\hat x_{t+1} - x_{t+1}\|^2$")
     ax_err.set_title("credit assignment inside ER (held-out)")
-    ax_cos.set_ylabel("cosine with the exact window gradient (median over windows)")
+    ax_cos.set_ylabel("cos(window gradient, exact), median")
     ax_cos.set_title("how close each credit is to BPTT")
     ax_time.set_yscale("log")
     ax_time.set_ylabel("seconds per ER step")
     ax_time.set_title("cost (NumPy path; dashed: compiled)")
-    for ax, title, xlabel in ((ax_read, "read noise, redrawn every pass", r"read-noise $\sigma$ (relative)"),
-                              (ax_tau, "time-constant mismatch", r"spread of $\tau$")):
+    for ax, title, xlabel in ((ax_read, "read noise, redrawn every pass", r"read-noise $\sigma$ (fraction of $|W|$)"),
+                              (ax_tau, "time-constant mismatch", r"relative s.d. of $\tau$")):
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("one-step prediction error")
         ax.set_title(title)
     for ax in grid:
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+    F.figure_legend(fig, columns=4)
     fig.suptitle(textwrap.fill(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} "
                                "(median over seeds, seeds as points)", 160), fontsize=10)
-    return fig
+    return F.readable_ticks(fig)
 
 
 META_PRIOR = Task(PVRNN_META_PRIOR_SCHEMA, run_pvrnn_meta_prior, warmup_pvrnn, plot_pvrnn_meta_prior,

@@ -87,7 +87,7 @@ def plot_relaxation(archive_path: str):
                 point = point.isel({x: len(xs) // 2})
             ax_trace.semilogy(point["trace_t"].values, point["residual_trace"].values, color=f"C{i}",
                               label=label)
-        where = f" ({row_axis} = {F.fmt(row)})" if row_axis else ""
+        where = f" ({F.panel_title(row_axis, row)})" if row_axis else ""
         ax_cost.set_yscale("log")
         ax_cost.set_ylabel("field evaluations to tolerance (median)")
         ax_cost.set_title("cost of relaxation" + where)
@@ -97,15 +97,16 @@ def plot_relaxation(archive_path: str):
         for a in (ax_cost, ax_fail):
             a.set_xlabel(x.replace("_", " ") + (" (degrees)" if x == "asymmetry_angle" else "") if x else "")
         if tol:
-            ax_trace.axhline(tol, color="k", lw=0.8, ls=":")
+            ax_trace.axhline(tol, color="k", lw=0.8, ls=":", label="tolerance")
         ax_trace.set_xlabel("simulated time (units of tau)")
         ax_trace.set_ylabel(r"residual $\max_i |F_i(u)|$")
-        mid = f"{x} = {F.fmt(ds[x].values[len(ds[x]) // 2].item())}, " if x else ""
+        mid = f"{F.panel_title(x, ds[x].values[len(ds[x]) // 2])}, " if x else ""
         ax_trace.set_title(f"residual trace ({mid}first seed)", fontsize=10)
         ax_cost.legend(fontsize=8)
+        ax_trace.legend(fontsize=8)
     fig.suptitle(f"{ds.attrs['study_name']}: {int(ds.attrs['n_done'])} runs done, "
                  f"{int(ds.attrs['n_failed'])} failed, {int(ds.attrs['n_missing'])} missing")
-    return fig
+    return F.readable_ticks(fig)
 
 
 TASK = Task(SCHEMA, run_relaxation, warmup_relaxation, plot_relaxation,
