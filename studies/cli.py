@@ -58,7 +58,7 @@ def _output_folder(out: str, option: str = "--out") -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="substrate", message="%(prog)s %(version)s")
+@click.version_option(package_name="substrate", message="substrate %(version)s")
 def main():
     """substrate: simulate analog networks that relax to equilibrium, and learn on them."""
 
