@@ -13,7 +13,7 @@ from studies import archives, figures
 from studies import quickstart as qs
 from studies import sweep as sw
 from studies.catalogue import TASKS
-from studies.config import StudyConfigError, load_study, packaged_notebook, packaged_studies, study_path
+from studies.config import StudyConfigError, load_study, package_folder, packaged_studies, study_path
 from studies.dask_executor import DaskSweepError, make_executor
 from studies.runs import RESERVED
 from substrate import SubstrateValueError
@@ -202,12 +202,9 @@ def studies():
     widths = [max(len(r[i]) for r in rows + [("name", "task", "runs", "")]) for i in range(3)]
     for row in [("name", "task", "runs", "description")] + rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
-    any_path = next(iter(packaged_studies().values()))
-    notebook = packaged_notebook(next(iter(packaged_studies())))
-    click.echo(f"study files: {os.path.dirname(any_path)}")
-    if notebook:
-        click.echo(f"notebooks:   {os.path.dirname(notebook)} (<name>.ipynb draws the archive of `substrate sweep "
-                   "<name>`, where there is one)")
+    click.echo(f"study files: {package_folder('configs')}")
+    click.echo(f"notebooks:   {package_folder('notebooks')} (<name>.ipynb draws the archive of `substrate sweep "
+               "<name>`, where there is one)")
 
 
 def _summary(path, errors=5):

@@ -669,20 +669,15 @@ def _profile_sweep_value(key, value, path, sweep, leaves):
 
 
 # ------------------------------------------------------------------------------------ packaged studies
-def _package_folder(name: str) -> str:
+def package_folder(name: str) -> str:
+    """A folder shipped inside the package: ``configs`` (the study files) or ``notebooks``."""
     return str(importlib.resources.files("studies").joinpath(name))
 
 
 def packaged_studies() -> dict:
     """{name: path} of the study files shipped with the package (``studies/configs/<name>.toml``)."""
-    folder = _package_folder("configs")
+    folder = package_folder("configs")
     return {n[:-len(".toml")]: os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith(".toml")}
-
-
-def packaged_notebook(name: str) -> str | None:
-    """The path of the notebook shipped for the packaged study ``name``, or None."""
-    path = os.path.join(_package_folder("notebooks"), f"{name}.ipynb")
-    return path if os.path.isfile(path) else None
 
 
 def study_path(study: str) -> str:
