@@ -411,6 +411,7 @@ class SweepProgress:
         self.thread.start()
 
     def run_finished(self, summary: dict):
+        """Count a run's summary (``run_id``, ``status``) and show the new state."""
         with self.lock:
             self.finished += 1
             self.failed += summary["status"] != "done"
@@ -420,6 +421,7 @@ class SweepProgress:
             self._show()
 
     def close(self):
+        """Stop looking at the progress files; show the last state."""
         self.stopping.set()
         self.thread.join()
         with self.lock:
