@@ -161,10 +161,10 @@ def sweep(study, out, workers, profile, overrides, dry_run, retry_failed, consol
 def _grid_lines(study, out, max_runs) -> list:
     """The axes (values and the keys they set), the number of runs and how many have a run file in ``out``."""
     lines = ["axes:"]
-    for a in study.axis_list:
-        via = f" <- {', '.join(a.keys)}" if list(a.keys) != [a.name] else ""
-        lines.append(f"  {a.name} ({len(a)}){via}: {', '.join(_shown(p) for p in a.points)}")
-    lines.append(f"  seed ({len(study.seeds)}): {', '.join(str(s) for s in study.seeds)}")
+    axes = [(a.name, f" <- {', '.join(a.keys)}" if list(a.keys) != [a.name] else "", [_shown(p) for p in a.points])
+            for a in study.axis_list] + [("seed", "", [str(s) for s in study.seeds])]
+    for name, via, values in axes:
+        lines.append(f"  {name} ({len(values)}){via}: {', '.join(values[:12])}{', ...' if len(values) > 12 else ''}")
     lines.append(f"runs: {study.n_runs:,}")
     if study.n_runs > max_runs:
         lines.append(f"more than --max-runs={max_runs:,}: a sweep would refuse it")

@@ -58,10 +58,10 @@ import scipy.linalg  # noqa: F401  (loads scipy's BLAS, so that single_thread's 
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from models.train import live_progress
 from studies.archives import FORMAT, read_run, run_status
 from studies.catalogue import TASKS
 from studies.config import Run, Study, run_id as compute_run_id
-from models.train import live_progress
 from studies.runs import (RESERVED, PartialSave, Result, RunFailed, check_result, list_run_files, partial_file,
                           progress_file, read_progress, run_file, write_run_file)
 from substrate import SubstrateValueError, archive
@@ -374,7 +374,7 @@ def check_run_count(study: Study, max_runs: int, argument: str = "max_runs"):
 
 
 POLL_EVERY = 1.0  # seconds between two looks at the running runs' progress
-LINE_EVERY = 10.0  # off a terminal: seconds between two progress lines (a line per finished run at most)
+LINE_EVERY = 10.0  # off a terminal: the least seconds between two progress lines
 
 
 def _duration(seconds: float) -> str:
