@@ -129,8 +129,9 @@ def test_dry_run_prints_the_grid_and_runs_nothing(tmp_path):
     assert "  value (2): 1.0, 2.0\n  seed (3): 0, 1, 2\nruns: 6\n" in result.output
     assert f"in {out}: none run yet" in result.output and not out.exists()  # nothing written
     s = load_study(study, tasks=TASKS)
-    sw.run_sweep(load_study(study, tasks=TASKS, overrides=["sweep.seeds=[0]"]), str(out),
-                 executor=sw.SerialExecutor(), progress=False)  # two of the six runs
+    path = sw.run_sweep(load_study(study, tasks=TASKS, overrides=["sweep.seeds=[0]"]), str(out),
+                        executor=sw.SerialExecutor(), progress=False)  # two of the six runs
+    assert 'set: ["sweep.seeds=[0]"]' in invoke("info", path).output  # the archive records its overrides
     result = invoke("sweep", study, "--out", str(out), "--dry-run")
     assert f"in {out}: 2 done, 0 failed, 4 to run" in result.output
     assert sorted(sw.list_run_files(str(out / "runs"))) == sorted(r.run_id for r in s.runs() if r.seed == 0)
