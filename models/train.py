@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -340,6 +341,7 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
                            ("nonconverged", failed), ("seconds", seconds)):
             getattr(hist, key).append(value)
 
+    live = live_progress()  # off a terminal: the line per epoch below, no bar per batch
     if not resume:
         tr_loss, tr_acc, _ = model.evaluate(data.x_train, data.y_train, relaxation)
         record(0, tr_loss, tr_acc, float("nan"), 0.0, 0.0)
@@ -348,7 +350,7 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
         batches = minibatches(len(data.x_train), batch_size, rng)
         loss_sum = correct = failed = 0
         penalty = float("nan")
-        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs} {rule.name}", disable=not progress, leave=False)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs} {rule.name}", disable=not (progress and live), leave=False)
         for idx in bar:
             x, labels = data.x_train[idx], data.y_train[idx]
             est, grads, penalty = gradient_step(model, x, one_hot(labels, model.classes), rule, relaxation,
@@ -369,6 +371,16 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
         if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == epochs):
             persist.save(Checkpoint(model, optimiser, hist, rng, call), checkpoint)
     return hist
+
+
+def live_progress(stream=None) -> bool:
+    """Whether a progress bar on ``stream`` (default stderr) redraws itself in place: in a notebook
+    (tqdm.auto's widget) or on a terminal. In a log file or a pipe every redraw stays, one copy of the
+    bar per update (180 kB for the quickstart), so progress is then written as lines."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
+    return notebook or bool(isatty is not None and isatty())
 
 
 def _call(model, data, rule, optimiser, batch_size, relaxation, homeostasis, rng, probe) -> dict:

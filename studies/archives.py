@@ -2,7 +2,8 @@
 file gives an :class:`~substrate.errors.ArchiveError` naming the file and the part, never a traceback,
 a path outside the output folder or an allocation beyond what the archive holds.
 
-:func:`open_dataset` gives an archive's stacked results as an ``xarray.Dataset``; :func:`read_header`
+:func:`find_archive` finds a study's archive for a notebook; :func:`open_dataset` gives an archive's
+stacked results as an ``xarray.Dataset``; :func:`read_header`
 and :func:`read_layout` its checked attributes and layout; :func:`read_runs` and :func:`load_run` the
 copies of its runs; :func:`read_run` and :func:`run_status` a run file (see :mod:`studies.sweep` for
 the layout).
@@ -23,8 +24,46 @@ from substrate import archive
 from substrate.errors import ArchiveError
 
 FORMAT = "substrate-sweep/1"
+ARCHIVE_VARIABLE = "SUBSTRATE_ARCHIVE"
 COUNTS = ("n_runs", "n_done", "n_failed", "n_missing")
 STATUSES = ("done", "failed", "missing")
+
+
+class ArchiveNotFound(FileNotFoundError):
+    """A study's archive is not where it was looked for; the message says where it looked and the
+    command that makes it."""
+
+
+def find_archive(study: str, path: str | None = None) -> str:
+    """The archive of the study named ``study`` (what its notebook draws): ``path`` if given; else the
+    environment variable ``SUBSTRATE_ARCHIVE`` (an archive, or a folder holding ``<study>.h5`` or
+    ``<study>/<study>.h5``); else ``sweep-output/<study>/<study>.h5`` (what ``substrate sweep <study>``
+    writes), then ``sweep-output/<study>-<profile>/<study>.h5``, in the working folder or the nearest of
+    its parents that has one. Raises :class:`ArchiveNotFound` saying where it looked and the command that
+    makes the archive."""
+    if path is not None:
+        candidates, looked = [os.path.abspath(path)], f"{os.path.abspath(path)} (the path given)"
+    elif os.environ.get(ARCHIVE_VARIABLE):
+        given = os.path.abspath(os.environ[ARCHIVE_VARIABLE])
+        candidates = ([os.path.join(given, f"{study}.h5"), os.path.join(given, study, f"{study}.h5")]
+                      if os.path.isdir(given) else [given])
+        looked = f"{' and '.join(candidates)} (${ARCHIVE_VARIABLE})"
+    else:
+        candidates, folder = [], os.getcwd()
+        while True:
+            out = os.path.join(folder, "sweep-output")
+            profiles = sorted(n for n in os.listdir(out) if n.startswith(f"{study}-")) if os.path.isdir(out) else []
+            candidates += [os.path.join(out, n, f"{study}.h5") for n in [study] + profiles]
+            if os.path.dirname(folder) == folder:
+                break
+            folder = os.path.dirname(folder)
+        looked = f"sweep-output/{study}/{study}.h5 (or {study}-<profile>) in {os.getcwd()} and its parents"
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    raise ArchiveNotFound(f"no archive of the study {study!r}: looked for {looked}. Make it with `substrate sweep "
+                          f"{study}` (or a small one, quickly: `substrate sweep {study} --profile debug`), or set "
+                          f"{ARCHIVE_VARIABLE} to an archive's path")
 
 
 def _attr(v):

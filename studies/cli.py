@@ -13,7 +13,7 @@ from studies import archives, figures
 from studies import quickstart as qs
 from studies import sweep as sw
 from studies.catalogue import TASKS
-from studies.config import StudyConfigError, load_study
+from studies.config import StudyConfigError, load_study, package_folder, packaged_studies, study_path
 from studies.dask_executor import DaskSweepError, make_executor
 from studies.runs import RESERVED
 from substrate import SubstrateValueError
@@ -58,6 +58,7 @@ def _output_folder(out: str, option: str = "--out") -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="substrate", message="substrate %(version)s")
 def main():
     """substrate: simulate analog networks that relax to equilibrium, and learn on them."""
 
@@ -87,24 +88,32 @@ def quickstart(out, seed, epochs, n_train, quiet):
     click.echo(f"done in {time.perf_counter() - start:.1f} s")
 
 
-def _load(study_file, profile):
+def _load(study, profile, overrides=()):
     try:
-        return load_study(study_file, profile, tasks=TASKS)
+        return load_study(study_path(study), profile, tasks=TASKS, overrides=overrides)
     except StudyConfigError as e:
         raise CLIError(str(e)) from None
 
 
-@main.command()
-@click.argument("study_file", type=click.Path(exists=True, dir_okay=False))
+STUDY_HELP = "STUDY: a study file, or the name of a packaged study (substrate studies lists them)."
+
+
+@main.command(epilog=STUDY_HELP)
+@click.argument("study")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Folder for the run files and the archive [default: sweep-output/<study name>, "
                    "with -<profile> appended when a profile is used].")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1), help="Worker processes.")
 @click.option("--profile", default=None, help="A [profiles.<name>] of the study file, e.g. debug.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Change the study file: a TOML assignment applied before the file is checked, over the "
+                   "profile (repeatable): --set base.epochs=1 --set sweep.seeds=[0] --set base.data=digits.")
+@click.option("--dry-run", is_flag=True, help="Print the grid and the number of runs (and of those already "
+                                              "finished in --out); run nothing, write nothing.")
 @click.option("--retry-failed", is_flag=True, help="Run again the runs that failed (finished runs are always skipped).")
 @click.option("--consolidate-every", default=600.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between rewrites of the archive while the sweep runs.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress (on a terminal a bar, else a line every few seconds).")
 @click.option("--max-runs", default=100_000, show_default=True, type=click.IntRange(min=1),
               help="Refuse a study of more runs than this (counted from its axes before anything is expanded).")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
@@ -120,18 +129,22 @@ def _load(study_file, profile):
 @click.option("--security-config", default=None, type=click.Path(exists=True, dir_okay=False),
               help="TLS: a Dask config file (YAML) with distributed.comm.tls.* (ca-file, client.cert, "
                    "client.key), instead of the --tls-* options.")
-def sweep(study_file, out, workers, profile, retry_failed, consolidate_every, quiet, max_runs, scheduler,
-          tls_ca_file, tls_cert, tls_key, security_config):
-    """Run every run of a study file (skipping finished ones) and consolidate them into one archive."""
-    study = _load(study_file, profile)
+def sweep(study, out, workers, profile, overrides, dry_run, retry_failed, consolidate_every, quiet, max_runs,
+          scheduler, tls_ca_file, tls_cert, tls_key, security_config):
+    """Run every run of a study (skipping finished ones) and consolidate them into one archive."""
+    study = _load(study, profile, overrides)
     click.echo(study.summary())
+    out = out or os.path.join("sweep-output", study.name + (f"-{profile}" if profile else ""))
+    if dry_run:
+        click.echo("\n".join(_grid_lines(study, out, max_runs)))
+        return
     try:
         sw.check_run_count(study, max_runs, "--max-runs")
         executor = make_executor(scheduler, workers, tls_ca_file=tls_ca_file, tls_cert=tls_cert,
                                  tls_key=tls_key, security_config=security_config)
     except (ImportError, ValueError) as e:
         raise CLIError(str(e)) from None
-    out = _output_folder(out or os.path.join("sweep-output", study.name + (f"-{profile}" if profile else "")))
+    out = _output_folder(out)
     start = time.perf_counter()
     stats = {}
     try:
@@ -143,6 +156,55 @@ def sweep(study_file, out, workers, profile, retry_failed, consolidate_every, qu
     click.echo(f"ran {stats['ran']} runs ({stats['done']} done, {stats['failed']} failed); skipped "
                f"{stats['skipped']} finished before; {time.perf_counter() - start:.1f} s")
     _summary(path)
+
+
+def _grid_lines(study, out, max_runs) -> list:
+    """The axes (values and the keys they set), the number of runs and how many have a run file in ``out``."""
+    lines = ["axes:"]
+    axes = [(a.name, f" <- {', '.join(a.keys)}" if list(a.keys) != [a.name] else "", [_shown(p) for p in a.points])
+            for a in study.axis_list] + [("seed", "", [str(s) for s in study.seeds])]
+    for name, via, values in axes:
+        lines.append(f"  {name} ({len(values)}){via}: {', '.join(values[:12])}{', ...' if len(values) > 12 else ''}")
+    lines.append(f"runs: {study.n_runs:,}")
+    if study.n_runs > max_runs:
+        lines.append(f"more than --max-runs={max_runs:,}: a sweep would refuse it")
+    elif os.path.isdir(sw.runs_folder(out)):
+        state = sw.statuses(study, out)
+        done = sum(s == "done" for s in state.values())
+        failed = sum(s == "failed" for s in state.values())
+        lines.append(f"in {os.path.abspath(out)}: {done} done, {failed} failed, {len(state) - done - failed} to run "
+                     f"({len(state) - done} with --retry-failed)")
+    else:
+        lines.append(f"in {os.path.abspath(out)}: none run yet")
+    return lines
+
+
+def _shown(point: tuple) -> str:
+    return str(point[0]) if len(point) == 1 else "(" + ", ".join(str(v) for v in point) + ")"
+
+
+@main.command()
+def studies():
+    """List the studies shipped with the package: name, task, runs (and with --profile debug), description.
+    Run one with `substrate sweep NAME`."""
+    rows = []
+    for name, path in packaged_studies().items():
+        try:
+            full = load_study(path, tasks=TASKS)
+        except StudyConfigError as e:
+            rows.append((name, "?", "?", f"invalid: {e}"))
+            continue
+        try:
+            debug = f" ({load_study(path, 'debug', tasks=TASKS).n_runs:,} debug)"
+        except StudyConfigError:
+            debug = ""
+        rows.append((name, full.task, f"{full.n_runs:,}{debug}", full.description))
+    widths = [max(len(r[i]) for r in rows + [("name", "task", "runs", "")]) for i in range(3)]
+    for row in [("name", "task", "runs", "description")] + rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+    click.echo(f"study files: {package_folder('configs')}")
+    click.echo(f"notebooks:   {package_folder('notebooks')} (<name>.ipynb draws the archive of `substrate sweep "
+               "<name>`, where there is one)")
 
 
 def _summary(path, errors=5):
@@ -184,6 +246,8 @@ def info(archive, errors):
     description = f" - {a['description']}" if a["description"] else ""
     click.echo(f"study: {a['study_name']} (task {a['task']}{profile}){description}")
     click.echo(f"created {a['created']} on {a['host']}, git {a['git_commit']}")
+    if a.get("overrides", "[]") != "[]":
+        click.echo(f"set: {a['overrides']}")
     click.echo("axes:")
     for name, values in axes.items():
         shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")

@@ -25,6 +25,11 @@
     batch = 8                           # ("sweep.seeds", "sweep.product.<key>", "sweep.zip.<key>")
     "sweep.seeds" = [0]
 
+Overrides (``substrate sweep STUDY --set base.epochs=1``) are TOML assignments applied to the file's
+document before it is validated, so that a bad value is reported as it would be in the file; a key an
+override sets is left alone by the profile. The study files shipped with the package (``studies/configs``)
+are found by name (:func:`packaged_studies`, :func:`study_path`).
+
 Every value is checked before anything runs: unknown keys, wrong types and out-of-range values raise
 :class:`StudyConfigError` with the key path, the value and what is allowed. A product axis is named by
 the last component of its key path (the whole path joined with ``_`` where two axes would share a
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.resources
 import itertools
 import json
 import math
@@ -311,6 +317,7 @@ class Study:
     path: str | None = None
     text: str = ""
     description: str = ""
+    overrides: tuple = ()  # the TOML assignments applied to the file (``--set``), as given
 
     @property
     def axes(self) -> dict:
@@ -359,8 +366,9 @@ class Study:
 
     def summary(self) -> str:
         axes = ", ".join(f"{k} ({len(v)})" for k, v in self.axes.items())
-        return f"study {self.name!r} (task {self.task}{', profile ' + self.profile if self.profile else ''}): " \
-               f"{self.n_runs:,} runs over {axes}"
+        profile = f", profile {self.profile}" if self.profile else ""
+        changed = f"; set {', '.join(self.overrides)}" if self.overrides else ""
+        return f"study {self.name!r} (task {self.task}{profile}{changed}): {self.n_runs:,} runs over {axes}"
 
 
 def _coord_name(axis: Axis, key: str) -> str:
@@ -406,11 +414,14 @@ def _check_axis_values(f: Field, values, path: str) -> list:
     return out
 
 
-def load_study(path: str, profile: str | None = None, *, tasks: Mapping, text: str | None = None) -> Study:
+def load_study(path: str, profile: str | None = None, *, tasks: Mapping, text: str | None = None,
+               overrides=()) -> Study:
     """Read, validate and expand a study file. ``profile``: the name of a ``[profiles.*]`` table
     applied on top of the base and sweep (e.g. ``"debug"``); ``tasks``: the registry of the tasks a
     study may name (task name -> an object with a ``schema``, as ``studies.catalogue.TASKS``);
-    ``text`` overrides the file's content."""
+    ``text`` overrides the file's content; ``overrides``: TOML assignments (``"base.epochs = 1"``,
+    ``"sweep.seeds = [0]"``, a bare word taken as a string) applied to the document before it is
+    validated, over the profile's values for the same keys."""
     where = (os.path.basename(path) or path) if path else "<study>"
 
     def fail(msg):
@@ -430,13 +441,51 @@ def load_study(path: str, profile: str | None = None, *, tasks: Mapping, text: s
     except tomllib.TOMLDecodeError as e:
         fail(f"not valid TOML: {e}")
 
+    overrides = tuple(overrides)
+    changed = {}
+    for assignment in overrides:
+        tree = parse_override(assignment)
+        _apply(doc, tree)
+        changed.update(_flatten(tree))
     try:
-        return _build(doc, text, path, profile, tasks)
+        return _build(doc, text, path, profile, tasks, overrides, set(changed))
     except StudyConfigError as e:
         raise StudyConfigError(f"{where}: {e}") from None
 
 
-def _build(doc, text, path, profile, tasks) -> Study:
+_BARE_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.+/-]*$")
+
+
+def parse_override(assignment: str) -> dict:
+    """A TOML assignment ``key.path = value`` as a nested table; a bare word as value is a string
+    (``base.data=fashion_mnist``)."""
+    if not isinstance(assignment, str) or "=" not in assignment:
+        raise StudyConfigError(f"override {assignment!r}: expected key = value, e.g. base.epochs=1, "
+                               "sweep.seeds=[0, 1], base.data=digits")
+    try:
+        return tomllib.loads(assignment)
+    except tomllib.TOMLDecodeError as e:
+        key, _, value = assignment.partition("=")
+        if _BARE_WORD.match(value.strip()):
+            return parse_override(f'{key} = "{value.strip()}"')
+        raise StudyConfigError(f"override {assignment!r}: not a TOML assignment key = value ({e}); e.g. "
+                               "base.epochs=1, sweep.seeds=[0, 1], base.data=digits") from None
+
+
+def _apply(doc: dict, tree: Mapping, at: tuple = ()):
+    """Merge an override's table into the document: tables merged key by key, values replaced. The axes
+    of ``[sweep.product]`` and ``[sweep.zip]`` are keyed by whole base key paths (quoted in the file), so
+    an override's ``sweep.product.network.sizes`` names the axis ``"network.sizes"``."""
+    for k, v in tree.items():
+        if at in (("sweep", "product"), ("sweep", "zip")) and isinstance(v, Mapping):
+            doc.update(_flatten(v, f"{k}."))
+        elif isinstance(v, Mapping) and isinstance(doc.setdefault(k, {}), Mapping):
+            _apply(doc[k], v, at + (k,))
+        else:
+            doc[k] = v
+
+
+def _build(doc, text, path, profile, tasks, assignments=(), changed=frozenset()) -> Study:
     unknown = [k for k in doc if k not in TOP_KEYS]
     if unknown:
         raise StudyConfigError(f"{unknown[0]} = {doc[unknown[0]]!r}: unknown key; allowed top-level "
@@ -488,6 +537,8 @@ def _build(doc, text, path, profile, tasks) -> Study:
         overrides[pname] = checked
     if profile is not None:
         for key, value in overrides[profile].items():
+            if (key if key.startswith("sweep.") else f"base.{key}") in changed:
+                continue  # an override of the same key wins
             if key.startswith("sweep."):
                 section, _, rest = key[len("sweep."):].partition(".")
                 if section == "seeds":
@@ -505,7 +556,7 @@ def _build(doc, text, path, profile, tasks) -> Study:
         raise StudyConfigError(f"{e} (with profile {profile!r} applied)") from None
     return Study(name=meta["name"], task=meta["task"], base=base, axis_list=axes, seeds=seeds,
                  profile=profile, path=os.path.abspath(path) if path else None, text=text,
-                 description=meta["description"])
+                 description=meta["description"], overrides=tuple(assignments))
 
 
 def _axes(sweep: Mapping, leaves: Mapping):
@@ -615,3 +666,28 @@ def _profile_sweep_value(key, value, path, sweep, leaves):
                                f"{', '.join(axes) or 'none'} (a profile replaces the lists of existing axes)")
     raise StudyConfigError(f"{path} = {value!r}: unknown sweep key; allowed: sweep.seeds, "
                            "sweep.product.<key>, sweep.zip.<key>")
+
+
+# ------------------------------------------------------------------------------------ packaged studies
+def package_folder(name: str) -> str:
+    """A folder shipped inside the package: ``configs`` (the study files) or ``notebooks``."""
+    return str(importlib.resources.files("studies").joinpath(name))
+
+
+def packaged_studies() -> dict:
+    """{name: path} of the study files shipped with the package (``studies/configs/<name>.toml``)."""
+    folder = package_folder("configs")
+    return {n[:-len(".toml")]: os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith(".toml")}
+
+
+def study_path(study: str) -> str:
+    """``study`` if it is a file, else the packaged study file of that name (``ep_bias`` or
+    ``ep_bias.toml``); a :class:`StudyConfigError` naming the packaged studies otherwise."""
+    if os.path.isfile(study):
+        return study
+    known = packaged_studies()
+    name = study[:-len(".toml")] if study.endswith(".toml") else study
+    if name in known:
+        return known[name]
+    raise StudyConfigError(f"{study}: no such study file, nor a packaged study of that name; allowed: a study "
+                           f"file's path, or one of {', '.join(known)} (substrate studies lists them)")

@@ -5,16 +5,22 @@ A run file (``runs/<run_id>.h5``, format ``substrate-run/1``) holds the run's re
 ``scalars/``) and attributes: the config (JSON), seed, status (``done``, ``failed`` or ``partial``),
 error, traceback, timings, provenance, the run's coordinates on the sweep axes, and the dims and
 labels of its arrays. A long run may save what it has computed so far: it is given a ``save_partial``
-callable (:class:`PartialSave` in a sweep, :func:`discard` outside one), which writes
+callable (:class:`PartialSave` in a sweep, :data:`discard` outside one), which writes
 ``runs/<run_id>.partial.h5``; the sweep keeps it if the run's process dies (see
-:func:`studies.sweep.record_failure`).
+:func:`studies.sweep.record_failure`). Its ``progress(done, total, unit)`` tells the sweep's driver how
+far the run is (``runs/<run_id>.progress``, a line of JSON), from which the driver shows the running runs'
+epochs and estimates the time left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import numbers
 import os
 import re
+import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -26,6 +32,8 @@ from substrate import archive
 
 RUN_FORMAT = "substrate-run/1"
 RUN_FILE = re.compile(r"^[0-9a-f]{16}\.h5$")
+PROGRESS_FILE = re.compile(r"^([0-9a-f]{16})\.progress$")
+PROGRESS_EVERY = 1.0  # seconds between two writes of a run's progress file (the first is written at once)
 RESERVED = ("run_id", "status", "error")  # names of the archive's own per-run datasets
 
 
@@ -54,7 +62,8 @@ class Task:
 
     schema: nested dict key -> :class:`~studies.config.Field` (type, allowed, default, doc);
     run(config, seed, save_partial) -> :class:`Result`, where ``save_partial(result)`` keeps what a
-    long run has computed so far; warmup(): loads (or compiles) the compiled kernels the task uses, on
+    long run has computed so far and ``save_partial.progress(done, total, unit="epoch")`` reports how
+    far it is; warmup(): loads (or compiles) the compiled kernels the task uses, on
     a tiny problem, so that workers find the Numba cache warm; plot(archive path) -> a matplotlib
     Figure of the study's archive; description: one line."""
 
@@ -65,8 +74,17 @@ class Task:
     description: str = ""
 
 
-def discard(result: Result) -> None:
-    """The ``save_partial`` of a run called outside a sweep: nothing is kept."""
+class _Discard:
+    """The ``save_partial`` of a run called outside a sweep: nothing is kept, no progress reported."""
+
+    def __call__(self, result: Result) -> None:
+        pass
+
+    def progress(self, done: int, total: int, unit: str = "epoch") -> None:
+        pass
+
+
+discard = _Discard()
 
 
 # ------------------------------------------------------------------------------------ paths
@@ -76,6 +94,31 @@ def run_file(runs_dir: str, rid: str) -> str:
 
 def partial_file(runs_dir: str, rid: str) -> str:
     return os.path.join(runs_dir, f"{rid}.partial.h5")
+
+
+def progress_file(runs_dir: str, rid: str) -> str:
+    return os.path.join(runs_dir, f"{rid}.progress")
+
+
+def read_progress(runs_dir: str) -> dict:
+    """{run_id: {"done", "total", "unit"}} of the runs that reported progress and have not ended (a file
+    that vanishes or cannot be read while this looks is skipped: progress is only shown)."""
+    try:
+        names = os.listdir(runs_dir)
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for n in names:
+        m = PROGRESS_FILE.match(n)
+        if m:
+            try:
+                with open(os.path.join(runs_dir, n)) as fh:
+                    report = json.load(fh)
+                out[m.group(1)] = {"done": int(report["done"]), "total": int(report["total"]),
+                                   "unit": str(report["unit"])}
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return out
 
 
 def list_run_files(runs_dir: str) -> list:
@@ -146,7 +189,29 @@ class PartialSave:
 
     def __init__(self, run: Run, task_name: str, runs_dir: str):
         self.run, self.task_name, self.runs_dir = run, task_name, runs_dir
+        self._reported = None  # time.monotonic() of the last progress file written
 
     def __call__(self, result: Result) -> None:
         write_run_file(self.run, self.task_name, self.runs_dir, "partial", "", "", check_result(result), {},
                        path=partial_file(self.runs_dir, self.run.run_id))
+
+    def progress(self, done: int, total: int, unit: str = "epoch") -> None:
+        """Report ``done`` of ``total`` units (epochs, methods, ...) of the run's work: written to
+        ``runs/<run_id>.progress`` at once the first time, then at most every :data:`PROGRESS_EVERY`
+        seconds; the sweep removes it when the run ends."""
+        if not (isinstance(done, numbers.Integral) and isinstance(total, numbers.Integral) and 0 <= done <= total
+                and total >= 1):
+            raise ValueError(f"progress(done={done!r}, total={total!r}): expected integers 0 <= done <= total, "
+                             "total >= 1")
+        now = time.monotonic()
+        if self._reported is not None and now - self._reported < PROGRESS_EVERY:
+            return
+        self._reported = now
+        fd, tmp = tempfile.mkstemp(prefix=archive.TEMP_PREFIX, suffix=".h5", dir=self.runs_dir)  # removed if left
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"done": int(done), "total": int(total), "unit": unit}, fh)
+            os.replace(tmp, progress_file(self.runs_dir, self.run.run_id))
+        except OSError:  # progress is only shown: a full disk fails the run's own files, reported there
+            with contextlib.suppress(OSError):
+                os.remove(tmp)

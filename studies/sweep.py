@@ -3,6 +3,7 @@
 Layout of an output folder::
 
     <out>/runs/<run_id>.h5     one file per run, written atomically by the worker that ran it
+    <out>/runs/<run_id>.progress   while a run that reports progress executes: how far it is (JSON)
     <out>/<study name>.h5      the archive: every run, and the results stacked over the sweep axes
     <out>/.sweep.lock          held (flock) by the driver while it runs
 
@@ -57,11 +58,12 @@ import scipy.linalg  # noqa: F401  (loads scipy's BLAS, so that single_thread's 
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from models.train import live_progress
 from studies.archives import FORMAT, read_run, run_status
 from studies.catalogue import TASKS
 from studies.config import Run, Study, run_id as compute_run_id
 from studies.runs import (RESERVED, PartialSave, Result, RunFailed, check_result, list_run_files, partial_file,
-                          run_file, write_run_file)
+                          progress_file, read_progress, run_file, write_run_file)
 from substrate import SubstrateValueError, archive
 
 try:
@@ -133,8 +135,7 @@ def execute_run(run: Run | Mapping, task_name: str, runs_dir: str) -> dict:
     seconds = time.perf_counter() - t0
     write_run_file(run, task_name, runs_dir, status, error, tb, result,
                    {"run_seconds": seconds, "started": started})
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(partial_file(runs_dir, run.run_id))
+    _remove_run_leftovers(runs_dir, run.run_id)
     return {"run_id": run.run_id, "status": status, "error": error, "seconds": seconds}
 
 
@@ -149,9 +150,15 @@ def record_failure(run: Run | Mapping, task_name: str, runs_dir: str, message: s
         result = Result(arrays=saved["arrays"], scalars=saved["scalars"], coords=saved["coords"])
         message += "; the results it saved before (save_partial) are kept"
     write_run_file(run, task_name, runs_dir, "failed", message, "", result, {})
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(partial)
+    _remove_run_leftovers(runs_dir, run.run_id)
     return {"run_id": run.run_id, "status": "failed", "error": message, "seconds": float("nan")}
+
+
+def _remove_run_leftovers(runs_dir: str, rid: str):
+    """A finished run's partial results and progress report, now in its run file or obsolete."""
+    for path in (partial_file(runs_dir, rid), progress_file(runs_dir, rid)):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 # ------------------------------------------------------------------------------------ local executor
@@ -366,6 +373,99 @@ def check_run_count(study: Study, max_runs: int, argument: str = "max_runs"):
                                   f"sweep, e.g. with a profile, or raise {argument})")
 
 
+POLL_EVERY = 1.0  # seconds between two looks at the running runs' progress
+LINE_EVERY = 10.0  # off a terminal: the least seconds between two progress lines
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class SweepProgress:
+    """What the driver shows while the runs execute: the runs finished (and failed) of those to run, how
+    far the running runs are (their ``save_partial.progress`` reports, e.g. epochs done of their total)
+    and an estimate of the time left. On a terminal (or in a notebook) a bar redrawn in place; elsewhere
+    (a log file, a pipe) a plain line when something changed, at most every :data:`LINE_EVERY` seconds,
+    and the last one. A thread looks at the progress files every :data:`POLL_EVERY` seconds.
+
+    The estimate counts a running run as the fraction of its work it reported, and assumes the work
+    left goes as fast as the work done so far."""
+
+    def __init__(self, name: str, todo: list, runs_dir: str, stream=None, live: bool | None = None):
+        self.name, self.runs_dir, self.total = name, runs_dir, len(todo)
+        self.stream = sys.stderr if stream is None else stream
+        self.live = live_progress(self.stream) if live is None else live
+        self.pending = {r.run_id for r in todo}
+        self.finished = self.failed = 0
+        self.reports = {}
+        self.start = time.monotonic()
+        self.last_line = None
+        self.changed = True
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.bar = tqdm(total=self.total, desc=name, file=self.stream, dynamic_ncols=True,
+                        bar_format="{desc} {percentage:3.0f}%|{bar}|") if self.live else None
+        self.thread = threading.Thread(target=self._watch, name="sweep-progress", daemon=True)
+        self.thread.start()
+
+    def run_finished(self, summary: dict):
+        """Count a run's summary (``run_id``, ``status``) and show the new state."""
+        with self.lock:
+            self.finished += 1
+            self.failed += summary["status"] != "done"
+            self.pending.discard(summary["run_id"])
+            self.reports.pop(summary["run_id"], None)
+            self.changed = True
+            self._show()
+
+    def close(self):
+        """Stop looking at the progress files; show the last state."""
+        self.stopping.set()
+        self.thread.join()
+        with self.lock:
+            self._show(last=True)
+            if self.bar is not None:
+                self.bar.close()
+
+    def _watch(self):
+        while not self.stopping.wait(POLL_EVERY):
+            reports = read_progress(self.runs_dir)
+            with self.lock:
+                reports = {rid: r for rid, r in reports.items() if rid in self.pending}
+                if reports != self.reports:
+                    self.reports, self.changed = reports, True
+                self._show()
+
+    def text(self) -> str:
+        """The status: runs finished, the running runs' progress, time elapsed and left."""
+        parts = [f"{self.finished}/{self.total} runs finished" + (f" ({self.failed} failed)" if self.failed else "")]
+        running = [f"{r['done']}/{r['total']} {r['unit']}s" for r in self.reports.values()]
+        if running:
+            parts.append(f"running: {', '.join(running[:4])}" + (f" and {len(running) - 4} more" if len(running) > 4
+                                                                  else ""))
+        elapsed = time.monotonic() - self.start
+        work = self.work()
+        left = f"~{_duration(elapsed * (self.total - work) / work)} left" if 0 < work < self.total else ""
+        parts.append(f"{_duration(elapsed)} elapsed" + (f", {left}" if left else ""))
+        return "; ".join(parts)
+
+    def work(self) -> float:
+        """Runs' worth of work done: the finished runs and the reported fractions of the running ones."""
+        return self.finished + sum(r["done"] / r["total"] for r in self.reports.values())
+
+    def _show(self, last: bool = False):
+        if self.bar is not None:
+            self.bar.n = self.work()
+            self.bar.set_description_str(f"{self.name}: {self.text()}", refresh=True)
+            return
+        now = time.monotonic()
+        if last or (self.changed and (self.last_line is None or now - self.last_line >= LINE_EVERY)):
+            print(f"{self.name}: {self.text()}", file=self.stream, flush=True)
+            self.last_line, self.changed = now, False
+
+
 def run_sweep(study: Study, out_dir: str, workers: int = 2, retry_failed: bool = False, progress: bool = True,
               executor: Executor | None = None, consolidate_every: float | None = 600.0,
               stats: dict | None = None, max_runs: int = MAX_RUNS) -> str:
@@ -373,7 +473,8 @@ def run_sweep(study: Study, out_dir: str, workers: int = 2, retry_failed: bool =
 
     Runs whose file exists with status ``done`` are skipped, and ``failed`` ones unless
     ``retry_failed``. ``executor``: an object with ``run(runs, task_name, runs_dir, progress)`` (default
-    :class:`LocalExecutor` with ``workers`` processes). ``consolidate_every``: seconds between archive
+    :class:`LocalExecutor` with ``workers`` processes). ``progress``: show :class:`SweepProgress` on
+    stderr. ``consolidate_every``: seconds between archive
     rewrites while the sweep runs (None: only at the end), so that a long sweep can be looked at
     before it ends. ``stats``: a dict filled with the counts (total, skipped, ran, done, failed).
     ``max_runs``: a larger study is refused (:func:`check_run_count`) before anything is written.
@@ -386,6 +487,9 @@ def run_sweep(study: Study, out_dir: str, workers: int = 2, retry_failed: bool =
     with _driver_lock(out_dir):
         archive.remove_temporary(rdir)  # left by a killed driver or worker; none is active now
         archive.remove_temporary(out_dir)
+        for rid in read_progress(rdir):  # reports of runs a killed driver's workers left unfinished
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(progress_file(rdir, rid))
         state = statuses(study, out_dir)
         todo = [r for r in study.iter_runs()
                 if state[r.run_id] is None or (retry_failed and state[r.run_id] == "failed")]
@@ -395,22 +499,22 @@ def run_sweep(study: Study, out_dir: str, workers: int = 2, retry_failed: bool =
             if getattr(executor, "warm_driver_cache", False):
                 warm_cache(study.task)
             last = time.monotonic()
-            bar = tqdm(total=len(todo), desc=study.name, unit="run", disable=not progress, dynamic_ncols=True)
+            shown = SweepProgress(study.name, todo, rdir) if progress else None
             try:
                 for summary in executor.run(todo, study.task, rdir, progress):
                     stats["ran"] += 1
                     stats["done" if summary["status"] == "done" else "failed"] += 1
-                    bar.update(1)
-                    if stats["failed"]:
-                        bar.set_postfix(failed=stats["failed"], refresh=False)
+                    if shown is not None:
+                        shown.run_finished(summary)
                     if consolidate_every is not None and time.monotonic() - last >= consolidate_every:
                         consolidate(study, out_dir)
                         last = time.monotonic()
             except KeyboardInterrupt:
-                bar.close()
                 consolidate(study, out_dir)  # what finished is in the archive; resume later
                 raise
-            bar.close()
+            finally:
+                if shown is not None:
+                    shown.close()
         return consolidate(study, out_dir)
 
 
@@ -520,7 +624,7 @@ def consolidate(study: Study, out_dir: str) -> str:
         f.attrs.update({
             "format": FORMAT, "study": study.text, "study_name": study.name, "task": study.task,
             "profile": study.profile or "", "study_path": study.path or "", "description": study.description,
-            "axes": json.dumps(axes, default=str),
+            "overrides": json.dumps(list(study.overrides)), "axes": json.dumps(axes, default=str),
             "axis_keys": json.dumps({a.name: list(a.keys) for a in study.axis_list}),
             "base": json.dumps(study.base, sort_keys=True), "n_runs": study.n_runs, "n_done": counts["done"],
             "n_failed": counts["failed"], "n_missing": counts["missing"],

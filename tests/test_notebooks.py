@@ -100,11 +100,11 @@ def test_notebook_is_well_formed_and_computes_nothing(path):
     nbformat.validate(nb)
     cell = parameter_cell(nb, path)
     config = study_of(nb, path)
-    # the default archive is the one `substrate sweep <config>` writes, run from the repository root
+    # by default the notebook looks for its study's archive (studies.archives.find_archive)
     name = load_study(config, tasks=TASKS).name
-    default = re.search(r"^ARCHIVE = ['\"](.*)['\"]", cell.source, re.M).group(1)
-    assert os.path.normpath(os.path.join(NOTEBOOK_DIR, default)) == \
-        os.path.join(ROOT, "sweep-output", name, f"{name}.h5"), default
+    assert re.search(r"^ARCHIVE = None$", cell.source, re.M), cell.source
+    assert any(re.search(rf"^ARCHIVE = find_archive\({name!r}, ARCHIVE\)$", c.source, re.M) for c in nb.cells
+               if c.cell_type == "code"), f"{path}: no ARCHIVE = find_archive({name!r}, ARCHIVE)"
     for c in nb.cells:
         if c.cell_type == "code":
             assert not FORBIDDEN.search(c.source), f"{path}: a notebook computes nothing:\n{c.source}"

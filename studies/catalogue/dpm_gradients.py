@@ -271,6 +271,7 @@ def run_dpm_gradients(config: dict, seed: int, save_partial=discard) -> Result:
                     errors[f"grad_error_{name}"][i, j, k] = rel(a, b)
                 sample_error[i, k] = rel(out[0], ref[0])
         save_partial(result())
+        save_partial.progress(i + 1, len(methods), "method")
     return result()
 
 

@@ -213,9 +213,13 @@ def run_ep_train(config: dict, seed: int, save_partial=discard) -> Result:
                                else float("nan")},
                       coords={"epoch": [int(e) for e in a["epoch"]]})
 
+    def on_epoch(history):
+        save_partial(result(history))
+        save_partial.progress(history.epoch[-1], config["epochs"])
+
     history = train(model, data, rule=_rule(config), optimiser=optimiser, epochs=config["epochs"],
                     batch_size=config["batch_size"], relaxation=relaxation, homeostasis=homeo, rng=rng,
-                    probe=config["probe"], progress=False, on_epoch=lambda h: save_partial(result(h)))
+                    probe=config["probe"], progress=False, on_epoch=on_epoch)
     return result(history)
 
 

@@ -85,12 +85,13 @@ def _history_coords(hist):
     return {"epoch": list(range(1, len(hist["free_energy"]) + 1)), "layer": list(range(hist["kl"].shape[1]))}
 
 
-def _history_saver(save_partial):
+def _history_saver(save_partial, epochs):
     """``train``'s on_epoch: the history so far, every ``PARTIAL_EPOCHS`` epochs, to ``save_partial``
-    (kept if the run dies)."""
+    (kept if the run dies); the epochs done of ``epochs`` to its progress."""
 
     def on_epoch(hist):
         n = len(hist["free_energy"])
+        save_partial.progress(n, epochs)
         if n % PARTIAL_EPOCHS == 0:
             save_partial(Result(arrays=_history_arrays(hist), scalars={"epochs_run": float(n)},
                                 coords=_history_coords(hist)))
@@ -175,7 +176,7 @@ def run_pvrnn_meta_prior(config: dict, seed: int, save_partial=discard) -> Resul
     tr = config["training"]
     start = time.perf_counter()
     A, hist = train(model, x, epochs=tr["epochs"], rng=rng, lr=tr["lr"], progress=False,
-                    on_epoch=_history_saver(save_partial))
+                    on_epoch=_history_saver(save_partial, tr["epochs"]))
     train_seconds = time.perf_counter() - start
 
     run = model.run(A, [np.zeros(x.shape[:2] + (lay.latents,)) for lay in model.layers])
@@ -304,7 +305,7 @@ def run_pvrnn_er(config: dict, seed: int, save_partial=discard) -> Result:
                   method=net["method"])
     tr = config["training"]
     A, hist = train(model, x, epochs=tr["epochs"], rng=rng, lr=tr["lr"], progress=False,
-                    on_epoch=_history_saver(save_partial))
+                    on_epoch=_history_saver(save_partial, tr["epochs"]))
     L = len(model.layers)
     base = dict(window=e["window"], iterations=e["iterations"], lr=e["lr"], newest=e["newest"],
                 meta_prior=None if e["meta_prior"] == -1 else (e["meta_prior"],) * L, sample=e["sample"])

@@ -21,8 +21,13 @@ SCHEMA = {
 }
 
 
+SLICES = 10  # a sleeping run reports its progress in this many steps
+
+
 def run_selftest(config: dict, seed: int, save_partial=discard) -> Result:
-    time.sleep(config["sleep"])
+    for step in range(1, SLICES + 1 if config["sleep"] else 0):
+        time.sleep(config["sleep"] / SLICES)
+        save_partial.progress(step, SLICES, "step")
     trace = config["value"] * np.arange(config["size"]) + np.random.default_rng(seed).normal(size=config["size"])
     result = Result(arrays={"trace": (("step",), trace)}, scalars={"value": config["value"]})
     save_partial(result)  # what a long run does after each epoch; kept if the process then dies
