@@ -18,7 +18,7 @@ import numpy as np
 
 from substrate import archive
 from substrate.errors import SubstrateValueError
-from substrate.validate import count
+from substrate.validate import count, real_array
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 NAMES = ("digits", "fashion_mnist", "mnist", "idx")
@@ -273,12 +273,7 @@ def load_sequences(source, dataset: str = "sequences") -> np.ndarray:
             if not isinstance(f.get(dataset), h5py.Dataset):
                 raise SubstrateValueError(f"source {source}: no dataset {dataset!r}; it has {list(f)}")
             source = f[dataset][...]
-    try:
-        if np.iscomplexobj(source):  # asarray would drop the imaginary part with a mere warning
-            raise TypeError
-        x = np.asarray(source, dtype=float)
-    except (TypeError, ValueError):
-        raise SubstrateValueError(f"source must be a path or a real array, got {type(source).__name__}") from None
+    x = real_array(source, "source", "a path or a real array")
     if x.ndim == 2:
         x = x[None]
     if x.ndim != 3 or 0 in x.shape:

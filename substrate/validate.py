@@ -133,15 +133,21 @@ def choice(value, name, allowed) -> str:
     return value
 
 
+def real_array(value, name, allowed="a real array") -> np.ndarray:
+    """``value`` as a float64 array; a complex one is refused (asarray would drop its imaginary part
+    with a mere warning), as is what does not convert: "{name} must be {allowed}, got {type}"."""
+    try:
+        if np.iscomplexobj(value):
+            raise TypeError
+        return np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        raise SubstrateValueError(f"{name} must be {allowed}, got {type(value).__name__}") from None
+
+
 def finite_array(value, name, ndim, shape=None) -> np.ndarray:
     """``value`` as a float64 array of ``ndim`` dimensions (and exactly ``shape`` if given; otherwise
     no dimension but the last may be empty), every element finite."""
-    try:
-        if np.iscomplexobj(value):  # asarray would drop the imaginary part with a mere warning
-            raise TypeError
-        a = np.asarray(value, dtype=float)
-    except (TypeError, ValueError):
-        raise SubstrateValueError(f"{name} must be a real array, got {type(value).__name__}") from None
+    a = real_array(value, name)
     if a.ndim != ndim or 0 in a.shape[:-1] or (shape is not None and a.shape != tuple(shape)):
         want = shape if shape is not None else f"{ndim} dimensions, none empty"
         raise SubstrateValueError(f"{name} has shape {a.shape}; expected {want}")
