@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -20,6 +21,7 @@ from substrate import SubstrateValueError
 from substrate import archive as substrate_archive
 from substrate.archive import TEMP_PREFIX
 from substrate.devices import PRESETS
+from substrate.devices.presets import alias_of
 from substrate.errors import ArchiveError
 
 
@@ -283,12 +285,16 @@ def plot(archive, out):
 @main.command()
 @click.argument("name", required=False)
 def devices(name):
-    """List the device presets with their effects, parameters and sources (or one preset, NAME)."""
+    """List the device presets (or one preset, NAME): each with its whole source, its effects and their
+    parameters (rounded, with units), and the preset it repeats if it is an alias."""
     if name is not None and name not in PRESETS:
         raise click.ClickException(f"no device preset {name!r}; presets: {', '.join(PRESETS)}")
+    width = max(80, min(120, shutil.get_terminal_size().columns))
     for key, dev in PRESETS.items():
         if name is None or key == name:
-            click.echo(dev.describe() + "\n")
+            head, _, rest = dev.describe(width).partition("\n")
+            alias = alias_of(key)
+            click.echo(head + (f"  (alias of {alias}: the same device)" if alias else "") + "\n" + rest + "\n")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import glob
 import importlib.metadata
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -249,3 +250,28 @@ def test_a_wheel_carries_the_study_files_and_notebooks(tmp_path):
                               text=True)
         assert done.returncode == 0 and expected in done.stdout, done.stderr
         assert str(tmp_path / "site" / "studies" / "configs") in done.stdout or args[0] == "sweep"
+
+
+def test_devices_lists_rounded_numbers_units_aliases_and_whole_citations():
+    """`substrate devices`: floats rounded (reram_sb's w_min_dtod 0.3/0.75 is 0.4, not 0.39999999999999997),
+    a field with a unit shows it, rram is named an alias of reram_sb, every citation is printed whole, and
+    the lines fit the terminal (80 to 120 columns)."""
+    from substrate.devices import PRESETS
+    from substrate.devices.base import rounded
+    from substrate.devices.presets import alias_of
+
+    for columns in ("80", "120"):
+        out = CliRunner(env={"COLUMNS": columns}).invoke(main, ["devices"])
+        assert out.exit_code == 0, out.output
+        assert max(len(line) for line in out.output.splitlines()) <= int(columns)
+        numbers = re.findall(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?", out.output)
+        assert numbers and max(len(re.sub(r"e.*|\.", "", n).lstrip("0")) for n in numbers) <= 6
+        flat = " ".join(out.output.split())
+        for name, dev in PRESETS.items():
+            assert dev.citation in flat, name
+        assert "w_min_dtod=0.4 x |w_min|" in flat and "t0=20.0 s" in flat and "g_max=25.0 uS" in flat
+        assert "ProgrammingNoise: aihwkit PCMLikeNoiseModel (Nandakumar et al. 2019)" in flat
+        assert "rram (alias of reram_sb: the same device)" in flat
+        assert "reram_sb (alias" not in flat and flat.count("(alias of") == 1
+    assert alias_of("rram") == "reram_sb" and alias_of("reram_sb") is None and alias_of("ideal") is None
+    assert rounded(0.3 / 0.75) == "0.4" and rounded((1, 2.0000000001)) == "(1, 2.0)" and rounded(None) == "None"

@@ -1085,7 +1085,7 @@ def test_cli_lists_the_presets():
     assert out.exit_code == 0, out.output
     for name, dev in D.PRESETS.items():
         assert dev.describe().splitlines()[0] in out.output, name
-    assert "ProgrammingNoise(" in out.output and "PCMReadNoise(" in out.output
+    assert "ProgrammingNoise: " in out.output and "PCMReadNoise: " in out.output
     one = runner.invoke(cli, ["devices", "pcm_inference"])
     assert one.exit_code == 0 and "pcm_inference" in one.output and "reram_sb" not in one.output
     bad = runner.invoke(cli, ["devices", "nope"])

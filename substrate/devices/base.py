@@ -27,6 +27,7 @@ changes the draws of another, and the same seed gives the same bits.
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 import zlib
 from dataclasses import dataclass
 from functools import partial
@@ -45,6 +46,7 @@ class Effect:
 
     hook: ClassVar[str] = ""
     scalable: ClassVar[tuple] = ()  # the fields that scaled(k) multiplies
+    units: ClassVar[dict] = {}  # field: unit, for describe (a dimensionless field has none)
 
     @property
     def stream(self) -> str:
@@ -59,12 +61,48 @@ class Effect:
     def parameters(self) -> dict:
         return dataclasses.asdict(self)
 
-    def describe(self) -> str:
-        """One line: the class, its parameters and the first line of its docstring."""
-        params = ", ".join(f"{k}={v!r}" for k, v in self.parameters().items())
-        doc = " ".join((type(self).__doc__ or "").split())
-        doc = doc.split(": ")[0].split(". ")[0]  # the first clause names the effect and its source
-        return f"{type(self).__name__}({params})  # {doc}"
+    def describe(self, width: int = 100) -> str:
+        """The class and the first clause of its docstring (the effect and its source, whole), then its
+        parameters rounded to 6 significant digits with their ``units``, wrapped at ``width`` columns."""
+        head = textwrap.fill(f"{type(self).__name__}: {first_clause(type(self).__doc__)}", width,
+                             subsequent_indent="  ", break_on_hyphens=False)
+        params = [f"{k}={rounded(v)}" + (f" {self.units[k]}" if k in self.units and v is not None else "")
+                  for k, v in self.parameters().items()]
+        return head + ("\n" + wrap(params, width, "    ") if params else "")
+
+
+def first_clause(doc: str | None) -> str:
+    """The text of ``doc`` up to its first ': ' or '. ' outside parentheses (so a citation in
+    parentheses, 'Nandakumar et al. 2019', stays whole), whitespace collapsed."""
+    doc, depth = " ".join((doc or "").split()), 0
+    for i, c in enumerate(doc):
+        depth += (c == "(") - (c == ")")
+        if depth == 0 and doc[i:i + 2] in (": ", ". "):
+            return doc[:i]
+    return doc.rstrip(".")
+
+
+def rounded(v, digits: int = 6) -> str:
+    """repr of ``v`` with its floats rounded to ``digits`` significant digits (0.39999999999999997 -> 0.4):
+    no preset constant has more, so the rounding shows the published value without float noise."""
+    if isinstance(v, float):
+        return repr(float(f"{v:.{digits}g}"))
+    if isinstance(v, tuple):
+        return "(" + ", ".join(rounded(x, digits) for x in v) + ("," if len(v) == 1 else "") + ")"
+    return repr(v)
+
+
+def wrap(items, width: int, indent: str) -> str:
+    """``items`` joined by ", " in lines of at most ``width`` columns, each line starting with ``indent``
+    (an item longer than a line gets its own); never broken inside an item, so a number stays with
+    its unit (textwrap would break at any space)."""
+    lines, line = [], indent
+    for item in items:
+        if line != indent and len(line) + 2 + len(item) >= width:  # leaves room for the comma
+            lines.append(line + ",")
+            line = indent
+        line += (", " if line != indent else "") + item
+    return "\n".join(lines + [line])
 
 
 def stream(seed: int, name: str) -> np.random.Generator:

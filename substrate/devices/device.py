@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,9 +124,14 @@ class Device:
         """This device with the effects of the given classes switched off."""
         return dataclasses.replace(self, effects=tuple(e for e in self.effects if not isinstance(e, kinds)))
 
-    def describe(self) -> str:
-        lines = [f"{self.name}" + (f"  [{self.citation}]" if self.citation else "")]
-        lines += [f"  {e.describe()}" for e in self.effects] or ["  (ideal: no effects)"]
+    def describe(self, width: int = 100) -> str:
+        """The name, the whole citation, then each effect (:meth:`Effect.describe`), wrapped at ``width``
+        columns."""
+        lines = [self.name]
+        if self.citation:
+            lines.append(textwrap.fill(f"source: {self.citation}", width, initial_indent="  ",
+                                       subsequent_indent="    ", break_on_hyphens=False))
+        lines += [textwrap.indent(e.describe(width - 2), "  ") for e in self.effects] or ["  (ideal: no effects)"]
         return "\n".join(lines)
 
 

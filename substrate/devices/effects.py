@@ -97,6 +97,7 @@ class ConductanceMapping(Effect):
     g_max: float = 25.0
     on_off: float = math.inf
     w_max: float | None = None
+    units: ClassVar[dict] = {"g_max": "uS", "w_max": "weight units"}
 
     def __post_init__(self):
         positive(self.g_max, "ConductanceMapping.g_max")
@@ -137,6 +138,7 @@ class ProgrammingNoise(ProgramEffect):
     scale: float = 1.0
     g_max_reference: float = 25.0
     scalable: ClassVar[tuple] = ("scale",)
+    units: ClassVar[dict] = {"coefficients": "uS", "g_max_reference": "uS"}
     order: ClassVar[int] = 20
 
     def __post_init__(self):
@@ -162,6 +164,7 @@ class StuckAt(ProgramEffect):
     fraction: float = 0.01
     value: str = "min"
     scalable: ClassVar[tuple] = ("fraction",)
+    units: ClassVar[dict] = {"fraction": "of devices"}
     order: ClassVar[int] = 30
 
     def __post_init__(self):
@@ -196,6 +199,7 @@ class Drift(DriftEffect):
     scale: float = 1.0
     compensation: bool = False
     scalable: ClassVar[tuple] = ("scale",)
+    units: ClassVar[dict] = {"t0": "s", "nu_dtod": "x nu"}
 
     def __post_init__(self):
         positive(self.t0, "Drift.t0")
@@ -231,6 +235,7 @@ class ReadNoise(ReadEffect):
     policy: str = "phase"
     correlation_time: float | None = None
     scalable: ClassVar[tuple] = ("sigma",)
+    units: ClassVar[dict] = {"sigma": "x |W| (relative) or x w_max", "correlation_time": "tau"}
 
     def __post_init__(self):
         nonnegative(self.sigma, "ReadNoise.sigma")
@@ -256,6 +261,7 @@ class PCMReadNoise(ReadEffect):
     policy: str = "phase"
     correlation_time: float | None = None
     scalable: ClassVar[tuple] = ("scale",)
+    units: ClassVar[dict] = {"t_read": "s", "t0": "s", "correlation_time": "tau"}
     conductances: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -292,6 +298,8 @@ class IOChain(Effect):
     out_bits: int = 9
     out_bound: float = 12.0
     scalable: ClassVar[tuple] = ("out_noise",)
+    units: ClassVar[dict] = {"inp_bits": "bits", "out_noise": "x full-scale output", "out_bits": "bits",
+                             "out_bound": "x full-scale output"}
 
     def __post_init__(self):
         for name in ("inp_bits", "out_bits"):
@@ -313,6 +321,7 @@ class TauMismatch(DynamicsEffect):
 
     spread: float = 0.1
     scalable: ClassVar[tuple] = ("spread",)
+    units: ClassVar[dict] = {"spread": "x tau"}
 
     def __post_init__(self):
         nonnegative(self.spread, "TauMismatch.spread")
@@ -329,6 +338,7 @@ class ActivationMismatch(DynamicsEffect):
     gain_spread: float = 0.05
     offset_spread: float = 0.05
     scalable: ClassVar[tuple] = ("gain_spread", "offset_spread")
+    units: ClassVar[dict] = {"gain_spread": "x gain"}
 
     def __post_init__(self):
         nonnegative(self.gain_spread, "ActivationMismatch.gain_spread")
@@ -347,6 +357,7 @@ class StateNoise(DynamicsEffect):
 
     sigma: float = 0.01
     scalable: ClassVar[tuple] = ("sigma",)
+    units: ClassVar[dict] = {"sigma": "per sqrt(tau)"}
 
     def __post_init__(self):
         nonnegative(self.sigma, "StateNoise.sigma")
@@ -362,6 +373,7 @@ class RelaxationTime(DynamicsEffect):
     moves)."""
 
     duration: float = 20.0
+    units: ClassVar[dict] = {"duration": "tau"}
 
     def __post_init__(self):
         positive(self.duration, "RelaxationTime.duration")

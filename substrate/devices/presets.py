@@ -39,6 +39,15 @@ PRESETS.update({name: Device((model,), name=name, citation=cite) for name, (mode
 PRESETS["rram"] = Device(PRESETS["reram_sb"].effects, name="rram", citation=PRESETS["reram_sb"].citation)
 
 
+def alias_of(name: str) -> str | None:
+    """The first preset listed before ``name`` with the same definition (effects and weight scale), or
+    None (``rram`` is an alias of ``reram_sb``)."""
+    names = list(PRESETS)
+    dev = PRESETS[name]
+    return next((k for k in names[:names.index(name)]
+                 if PRESETS[k].effects == dev.effects and PRESETS[k].weight_scale == dev.weight_scale), None)
+
+
 def preset(name: str) -> Device:
     """The preset device ``name`` (see ``PRESETS``)."""
     if not isinstance(name, str) or name not in PRESETS:

@@ -165,6 +165,10 @@ class PulsedDevice(UpdateModel):
     max_pulses: int = 31
 
     scalable: ClassVar[tuple] = ("dw_min_dtod", "dw_min_std", "up_down_dtod", "w_max_dtod", "w_min_dtod")
+    units: ClassVar[dict] = {"dw_min": "device units", "dw_min_dtod": "x dw_min", "dw_min_std": "x step",
+                             "up_down": "x dw_min", "up_down_dtod": "x dw_min", "w_max": "device units",
+                             "w_max_dtod": "x w_max", "w_min": "device units", "w_min_dtod": "x |w_min|",
+                             "max_pulses": "pulses"}
     strict_bounds: ClassVar[bool] = False  # w_min < 0 < w_max required (slopes divide by the bounds)
 
     def __post_init__(self):
@@ -372,6 +376,8 @@ class NeuroSimNonlinear(UpdateModel):
 
     code: ClassVar[int] = K.NEUROSIM
     scalable: ClassVar[tuple] = ("c2c",)
+    units: ClassVar[dict] = {"states": "pulses", "c2c": "x (G_max - G_min)", "max_pulses": "pulses",
+                             "w_min": "device units", "w_max": "device units"}
 
     def __post_init__(self):
         c = type(self).__name__
