@@ -523,6 +523,7 @@ def test_sample_policy_with_one_sample_is_the_equilibrium_policy():
     assert np.abs(a.u - S.relax(net, x, tol=1e-12).u).max() > 1e-2
 
 
+@pytest.mark.slow  # compiles a float32 stepping kernel per policy's effect tuple: ~40 s on a cold cache
 def test_every_policy_and_effect_runs_in_float32():
     net, x, _, _ = problem(dtype="float32")
     for policy in POLICIES:
