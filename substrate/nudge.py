@@ -25,6 +25,7 @@ import numpy as np
 from . import _kernels as K
 from .activations import rho
 from .errors import SubstrateValueError
+from .validate import real_array
 
 COSTS = {"squared_error": K.SQUARED_ERROR, "cross_entropy": K.CROSS_ENTROPY}
 
@@ -57,7 +58,7 @@ class Cost:
             if not all(has):
                 raise SubstrateValueError("a cross_entropy cost needs readout_weight (C, layer size) "
                                           "and readout_bias (C,)")
-            w, b = _real_array(self.readout_weight, "readout_weight"), _real_array(self.readout_bias, "readout_bias")
+            w, b = real_array(self.readout_weight, "readout_weight"), real_array(self.readout_bias, "readout_bias")
             object.__setattr__(self, "readout_weight", w)  # arrays from here on (lists are accepted)
             object.__setattr__(self, "readout_bias", b)
             if w.ndim != 2 or b.shape != (w.shape[0],):
@@ -151,14 +152,3 @@ def no_nudge(dtype):
     """The kernel argument for 'no teaching current', with the same Numba types as a real one."""
     z2 = np.zeros((0, 0), dtype)
     return K.Nudge(K.NO_NUDGE, 0, 0, np.zeros(1, dtype), z2, z2, np.zeros(0, dtype), np.zeros(1, dtype))
-
-
-def _real_array(v, name):
-    """``v`` as a float array; a SubstrateValueError naming ``name`` for anything else (strings,
-    objects, complex values whose imaginary part a conversion would drop)."""
-    try:
-        if np.iscomplexobj(v):
-            raise TypeError
-        return np.asarray(v, dtype=float)
-    except (TypeError, ValueError):
-        raise SubstrateValueError(f"{name} must be a real array, got {type(v).__name__}") from None
