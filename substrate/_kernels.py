@@ -146,18 +146,133 @@ def _exp_f32(x):
     return p * _bits_f32(np.int32((_f32_bits(t) - _SHIFT32_BITS + 127) << 23)) + _ZERO32 * x
 
 
+# tanh by Cody & Waite's rational form (Cephes tanh): |x| + |x| s P(s)/Q(s), s = x^2, for |x| < 0.625,
+# where 1 - 2/(e^{2|x|} + 1) would cancel; that form beyond. Both are computed and one is selected, so
+# the loops stay branch-free and vectorise. |x| is clamped at 20 (10 in float32), where tanh rounds
+# to 1, so that +-inf give +-1 and not the exp's NaN.
+_TANH_P64 = (-9.64399179425052238628e-1, -9.92877231001918586564e1, -1.61468768441708447952e3)
+_TANH_Q64 = (1.12811678491632931402e2, 2.23548839060100448583e3, 4.84406305325125486048e3)
+_TANH_P32 = tuple(np.float32(c) for c in (
+    -5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1, -3.33332819422e-1))
+_SMALL_TANH32, _BIG_TANH32 = np.float32(0.625), np.float32(10.0)
+_ONE32, _TWO32 = np.float32(1.0), np.float32(2.0)
+
+
+@njit(fastmath={"contract"})
+def _tanh_f64(x):
+    """Within 3 ulp of libm's tanh over the whole line (tests/test_activations_fast.py); NaN gives NaN."""
+    p0, p1, p2 = _TANH_P64
+    q0, q1, q2 = _TANH_Q64
+    a = abs(x)
+    a = 20.0 if a > 20.0 else a
+    s = a * a
+    small = a + a * s * ((p0 * s + p1) * s + p2) / (((s + q0) * s + q1) * s + q2)
+    large = 1.0 - 2.0 / (_exp_f64(a + a) + 1.0)
+    return math.copysign(small if a < 0.625 else large, x)  # copysign: tanh(-0) = -0
+
+
+@njit(fastmath={"contract"})
+def _tanh_f32(x):
+    """The float32 version (Cephes tanhf's odd polynomial near 0)."""
+    p0, p1, p2, p3, p4 = _TANH_P32
+    a = abs(x)
+    a = _BIG_TANH32 if a > _BIG_TANH32 else a
+    s = a * a
+    small = a + a * s * ((((p0 * s + p1) * s + p2) * s + p3) * s + p4)
+    large = _ONE32 - _TWO32 / (_exp_f32(a + a) + _ONE32)
+    return math.copysign(small if a < _SMALL_TANH32 else large, x)
+
+
+# sin and cos for the complex exp: k = round(y 2/pi) by the shifter as in exp, r = y - k pi/2 with
+# pi/2 in three parts of 33 bits (fdlibm's pio2_1..3: k pio2_1 and k pio2_2 are exact for |k| < 2^20),
+# |r| <= pi/4, and fdlibm's minimax polynomials of sin and cos on it; the quadrant k mod 4 swaps and
+# negates them by selects.
+_2_PI = 0.63661977236758134308
+_PIO2 = (1.57079632673412561417e+00, 6.07710050630396597660e-11, 2.02226624871116645580e-21)
+_SIN = (-1.66666666666666324348e-01, 8.33333333332248946124e-03, -1.98412698298579493134e-04,
+        2.75573137070700676789e-06, -2.50507602534068634195e-08, 1.58969099521155010221e-10)
+_COS = (4.16666666666666019037e-02, -1.38888888888741095749e-03, 2.48015872894767294178e-05,
+        -2.75573143513906633035e-07, 2.08757232129817482790e-09, -1.13596475577881948265e-11)
+
+
+@njit(inline="always")  # Numba-level inlining: LLVM leaves a body this size a call, which stops vectorising
+def _cexp(z):
+    """e^z = e^x (cos y + i sin y) for z = x + iy, branch-free: within 3 ulp of |e^z| of np.exp for
+    x in [-708, 709] and |y| <= 1e6 (tests/test_activations_fast.py); beyond 2^20 pi/2 the reduction's
+    error grows like |y| 1e-16. A NaN or infinite part gives NaN parts."""
+    x, y = z.real, z.imag
+    p1, p2, p3 = _PIO2
+    s1, s2, s3, s4, s5, s6 = _SIN
+    c1, c2, c3, c4, c5, c6 = _COS
+    t = y * _2_PI + _SHIFT64
+    k = t - _SHIFT64
+    r = ((y - k * p1) - k * p2) - k * p3
+    q = _f64_bits(t) - _SHIFT64_BITS
+    w = r * r
+    sin_r = r + r * w * (s1 + w * (s2 + w * (s3 + w * (s4 + w * (s5 + w * s6)))))
+    cos_r = 1.0 - 0.5 * w + w * w * (c1 + w * (c2 + w * (c3 + w * (c4 + w * (c5 + w * c6)))))
+    # quadrant by exact arithmetic (products with 0 and +-1, sums with 0), not by selects, whose
+    # phi nodes Numba's inliner mishandles (NumbaIRAssumptionWarning)
+    odd = np.float64(q & 1)
+    sin_y = np.float64(1 - (q & 2)) * ((1.0 - odd) * sin_r + odd * cos_r)
+    cos_y = np.float64(1 - ((q + 1) & 2)) * ((1.0 - odd) * cos_r + odd * sin_r)
+    m = _exp_f64(x)
+    return complex(m * cos_y, m * sin_y)
+
+
 def fast_exp(x):
-    """exp in the state's own precision: the polynomials above for real x, np.exp for complex x."""
+    """exp in the state's own precision: the vectorisable forms above (real polynomials, ``_cexp``)."""
     return np.exp(x)
 
 
 @overload(fast_exp, jit_options={"error_model": "numpy"})
 def _fast_exp(x):
     if isinstance(x, types.Complex):
-        return lambda x: np.exp(x)
+        return lambda x: _cexp(x)
     if x == types.float32:
         return lambda x: _exp_f32(x)
     return lambda x: _exp_f64(np.float64(x))
+
+
+@njit(inline="always")
+def _cdiv(a, b):
+    """a / b for complex a and b with |b| neither huge nor tiny (the callers' |b| <= 2), without the
+    branches of Smith's division, so that the loop vectorises; b = 0 gives inf/NaN."""
+    d = b.real * b.real + b.imag * b.imag
+    return complex((a.real * b.real + a.imag * b.imag) / d, (a.imag * b.real - a.real * b.imag) / d)
+
+
+@njit(inline="always")
+def _clogistic(z):
+    """1/(1 + e^-z) from e = e^{-|x| - i sgn(x) y}, |e| <= 1: 1/(1 + e) for x >= 0, e/(1 + e) for
+    x < 0 (the same value), so that neither the exp nor the division overflows."""
+    sign = math.copysign(1.0, z.real)
+    e = _cexp(-sign * z)
+    pos = 0.5 + 0.5 * sign  # 1 or 0: the numerator 1 or e, selected by exact arithmetic as in _cexp
+    return _cdiv(pos + (1.0 - pos) * e, 1.0 + e)
+
+
+@njit(inline="always")
+def _ctanh(z):
+    """tanh z = (1 - e)/(1 + e), e = e^{-2z}, taken on the half-plane x >= 0 (|e| <= 1, by tanh's
+    oddness): absolute error of a few ulp; near 0 the relative error grows like 1e-16/|z|."""
+    sign = math.copysign(1.0, z.real)
+    e = _cexp(-2.0 * sign * z)
+    return sign * _cdiv(1.0 - e, 1.0 + e)
+
+
+def fast_tanh(x):
+    """tanh in the state's own precision by the vectorisable forms above."""
+    return np.tanh(x)
+
+
+@overload(fast_tanh, jit_options={"error_model": "numpy"}, inline="always")
+def _fast_tanh(x):
+    if isinstance(x, types.Complex):
+        return lambda x: _ctanh(x)
+    if x == types.float32:
+        return lambda x: _tanh_f32(x)
+    return lambda x: _tanh_f64(np.float64(x))
 
 
 def lit(array, value):
@@ -176,9 +291,15 @@ def _lit(array, value):
 # Activations. Each has a scalar form (real or complex); the row functions branch on the activation
 # code once per row and run one tight loop per activation, so that every loop vectorises.
 # --------------------------------------------------------------------------------------------
-@njit
 def _logistic(x, one):
-    return one / (one + fast_exp(-x))
+    return one / (one + np.exp(-x))
+
+
+@overload(_logistic, jit_options={"error_model": "numpy"}, inline="always")
+def _logistic_overload(x, one):
+    if isinstance(x, types.Complex):
+        return lambda x, one: _clogistic(x)
+    return lambda x, one: one / (one + fast_exp(-x))
 
 
 @njit
@@ -192,12 +313,12 @@ def _hard_sigmoid_prime(z):
     return 1.0 + 0.0 * z if z.real > 0.0 and z.real < 1.0 else 0.0 * z
 
 
-@njit
+@njit(inline="always")  # as a call (LLVM does not inline two exps) its loop would not vectorise
 def _dsilu(z, half, one, two):
     return half * z * _logistic(z, one) + (one - half * z) * _logistic(z - two, one)
 
 
-@njit
+@njit(inline="always")
 def _dsilu_prime(z, half, one, two):
     s0 = _logistic(z, one)
     s2 = _logistic(z - two, one)
@@ -217,7 +338,7 @@ def rho_row(code, y, r):
             r[b] = _hard_sigmoid(y[b])
     elif code == TANH:
         for b in range(m):
-            r[b] = np.tanh(y[b])
+            r[b] = fast_tanh(y[b])
     elif code == DSILU:
         for b in range(m):
             r[b] = _dsilu(y[b], half, one, two)
@@ -240,7 +361,7 @@ def rho_prime_row(code, y, d):
             d[b] = _hard_sigmoid_prime(y[b])
     elif code == TANH:
         for b in range(m):
-            t = np.tanh(y[b])
+            t = fast_tanh(y[b])
             d[b] = one - t * t
     elif code == DSILU:
         for b in range(m):
