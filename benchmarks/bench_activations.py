@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from functools import partial
 
 import numpy as np
 
@@ -54,13 +55,13 @@ def main():
             u = u + 0.3j * rng.normal(size=u.shape)
         out, tmp = np.empty_like(u), np.empty_like(u)
         off = np.array([0, args.rows])
-        cases = {"np.exp": lambda: np.exp(u, out=out), "np.tanh": lambda: np.tanh(u, out=out)}
+        cases = {"np.exp": partial(np.exp, u, out=out), "np.tanh": partial(np.tanh, u, out=out)}
         names = [n for n in NAMES if dtype != np.complex128 or n in activations.HOLOMORPHIC]
         for name in names:
             code = np.array([activations.CODES[name]])
-            cases[f"{name} rho"] = lambda code=code: K.activate(u, off, code, out)
-            cases[f"{name} rho'"] = lambda code=code: K.activate_prime(u, off, code, out)
-            cases[f"{name} numpy"] = lambda name=name: numpy_rho(name, u, out, tmp)
+            cases[f"{name} rho"] = partial(K.activate, u, off, code, out)
+            cases[f"{name} rho'"] = partial(K.activate_prime, u, off, code, out)
+            cases[f"{name} numpy"] = partial(numpy_rho, name, u, out, tmp)
         best = dict.fromkeys(cases, np.inf)
         for f in cases.values():  # compile or load from the cache before timing
             f()

@@ -164,7 +164,7 @@ def _tanh_f64(x):
     p0, p1, p2 = _TANH_P64
     q0, q1, q2 = _TANH_Q64
     a = abs(x)
-    a = 20.0 if a > 20.0 else a
+    a = 20.0 if a > 20.0 else a  # not min(): a NaN stays NaN
     s = a * a
     small = a + a * s * ((p0 * s + p1) * s + p2) / (((s + q0) * s + q1) * s + q2)
     large = 1.0 - 2.0 / (_exp_f64(a + a) + 1.0)
