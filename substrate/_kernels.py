@@ -197,9 +197,9 @@ _COS = (4.16666666666666019037e-02, -1.38888888888741095749e-03, 2.4801587289476
 
 @njit(inline="always")  # Numba-level inlining: LLVM leaves a body this size a call, which stops vectorising
 def _cexp(z):
-    """e^z = e^x (cos y + i sin y) for z = x + iy, branch-free: within 3 ulp of |e^z| of np.exp for
-    x in [-708, 709] and |y| <= 1e6 (tests/test_activations_fast.py); beyond 2^20 pi/2 the reduction's
-    error grows like |y| 1e-16. A NaN or infinite part gives NaN parts."""
+    """e^z = e^x (cos y + i sin y) for z = x + iy, branch-free: within 3 eps |e^z| (eps = 2^-52) of
+    np.exp for x in [-708, 709] and |y| <= 1e6 (tests/test_activations_fast.py); beyond 2^20 pi/2 the
+    reduction's error grows like |y| 1e-16. A NaN or infinite part gives NaN parts."""
     x, y = z.real, z.imag
     p1, p2, p3 = _PIO2
     s1, s2, s3, s4, s5, s6 = _SIN
