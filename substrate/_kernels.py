@@ -186,7 +186,7 @@ def _tanh_f32(x):
 # sin and cos for the complex exp: k = round(y 2/pi) by the shifter as in exp, r = y - k pi/2 with
 # pi/2 in three parts of 33 bits (fdlibm's pio2_1..3: k pio2_1 and k pio2_2 are exact for |k| < 2^20),
 # |r| <= pi/4, and fdlibm's minimax polynomials of sin and cos on it; the quadrant k mod 4 swaps and
-# negates them by selects.
+# negates them.
 _2_PI = 0.63661977236758134308
 _PIO2 = (1.57079632673412561417e+00, 6.07710050630396597660e-11, 2.02226624871116645580e-21)
 _SIN = (-1.66666666666666324348e-01, 8.33333333332248946124e-03, -1.98412698298579493134e-04,
@@ -195,7 +195,7 @@ _COS = (4.16666666666666019037e-02, -1.38888888888741095749e-03, 2.4801587289476
         -2.75573143513906633035e-07, 2.08757232129817482790e-09, -1.13596475577881948265e-11)
 
 
-@njit(inline="always")  # Numba-level inlining: LLVM leaves a body this size a call, which stops vectorising
+@njit(inline="always")  # inlined by Numba: LLVM leaves a body this size a call, a scalar loop
 def _cexp(z):
     """e^z = e^x (cos y + i sin y) for z = x + iy, branch-free: within 3 eps |e^z| (eps = 2^-52) of
     np.exp for x in [-708, 709] and |y| <= 1e6 (tests/test_activations_fast.py); beyond 2^20 pi/2 the
