@@ -967,21 +967,60 @@ def _axpy_rows(c, x, out):
 
 
 @njit
-def _tau_from_coefficients(q, dalpha, dcoef, u, stages, cot, p):
-    """sum_b cot[p, b] (dalpha[q, p] u[p, b] + sum_{j<q} dcoef[q, j, p] S_j[p, b]): the tau
-    derivative of a point alpha[q] u + sum_j coef[q, j] S_j, paired with its cotangent."""
+def _tau_from_coefficients(q, first, dalpha, dcoef, u, stages, cot, p):
+    """sum_b cot[p, b] (dalpha[q, p] u[p, b] + sum_{first<=j<q} dcoef[q, j, p] S_j[p, b]): the tau
+    derivative of a point alpha[q] u + sum_j coef[q, j] S_j, paired with its cotangent (``first`` 1:
+    the slope S_0 was not replayed, its term is added by ``_add_weight_gradient``)."""
     acc = 0.0 * cot[p, 0]
     for b in range(u.shape[1]):
         v = dalpha[q, p] * u[p, b]
-        for j in range(q):
+        for j in range(first, q):
             v += dcoef[q, j, p] * stages[j, p, b]
         acc += cot[p, b] * v
     return acc
 
 
+@njit(inline="always")  # a call per row costs more than the row's work
+def rho_prime_from_activity(code, y, r, d):
+    """d = rho'(y) for one row, from its activity r = rho(y) where the activation allows it (logistic
+    4 r (1 - r), tanh 1 - r^2: the bits of ``rho_prime_row`` without its transcendental pass);
+    hard sigmoid and identity are cheap from y, dsilu is not a function of r."""
+    m = y.shape[0]
+    one, four = lit(y, 1.0), lit(y, 4.0)
+    if code == LOGISTIC:
+        for b in range(m):
+            d[b] = four * r[b] * (one - r[b])
+    elif code == TANH:
+        for b in range(m):
+            d[b] = one - r[b] * r[b]
+    else:
+        rho_prime_row(code, y, d)
+
+
 @njit
-def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys, rs, ss, wbuf, conn,
-                 layer_off, layer_act, sbar, w, ybar, drow, tmp, gflat, gscratch, gdrive, gtau,
+def _add_weight_gradient(gscratch, wbuf, conn, kappa, pair, gflat, gtau):
+    """gflat += gscratch (a step's w r^T, per connection); with ``pair``, also
+    gtau[p] += kappa[p] sum_b w[p, b] (W r)[p, b] = kappa[p] sum_q W[p, q] G[p, q] summed over the
+    connections into p: the weight product of the first stage, paired with its cotangent, from the
+    weight gradient already at hand instead of a replayed product (O(weights), not O(weights x batch))."""
+    if not pair:
+        for k in range(gflat.shape[0]):
+            gflat[k] += gscratch[k]
+        return
+    for c in range(conn.shape[0]):
+        wo, pn, qa, qn = conn[c, 0], conn[c, 2], conn[c, 3], conn[c, 4]
+        for i in range(qn):
+            acc = 0.0 * gscratch[0]
+            for j in range(wo + i * pn, wo + (i + 1) * pn):
+                g = gscratch[j]
+                gflat[j] += g
+                acc += wbuf[j] * g
+            gtau[qa + i] += kappa[qa + i] * acc
+
+
+@njit
+def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys, rs, ss, slope0, drive, wbuf,
+                 conn, layer_off, layer_act, sbar, w, ybar, drow, tmp, gflat, gscratch, gdrive, gtau, kappa,
                  lam_out):
     """Backpropagate one step u -> u_next = alpha[s] u + sum_j coef[s, j] S_j (see ``coefficients``):
     given lam = dL/du_next, write dL/du into lam_out and add the step's contributions to the
@@ -991,10 +1030,17 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys, rs, ss,
     Reverse over the stages: the cotangent of S_j collects coef[s, j] lam and coef[i, j] Ybar_i
     (i > j); the cotangent of N at stage i is w = Sbar_i / tau (explicit RK, S = (N - Y)/tau) or
     w = Sbar_i (exponential, S = N); then Ybar_i = rho'(Y_i) (W^T w) (- w for explicit RK), which
-    reaches u through alpha[i]. Elementwise work is fused row by row."""
+    reaches u through alpha[i]. rho' comes from the stage activities rs. Elementwise work is fused
+    row by row.
+
+    Stage points ys[i] for i > 0 (Y_0 is u), activities rs[i] = rho(Y_i), slopes ss[i]. ``slope0``
+    False (one-stage methods only, whose stage point is the stored state: nothing was replayed): S_0,
+    which enters only d/dtau, is not read; its pairing sum_b w (N - u)/tau (explicit) or
+    sum_b lam dcoef N (exponential, w = coef lam) is taken as kappa[p] sum_b w (N(u) - u or N(u)) with
+    the product W r from the weight gradient (``_add_weight_gradient``), never recomputed."""
     n, nb = lam.shape
     exp_family = family == EXPONENTIAL
-    u = ys[0]
+    first = 0 if slope0 else 1  # the first stage whose slope ss holds
     for p in range(n):
         for j in range(s):
             c = coef[s, j, p]
@@ -1004,8 +1050,10 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys, rs, ss,
         for b in range(nb):
             lam_out[p, b] = e * lam[p, b]
         if exp_family:
-            gtau[p] += _tau_from_coefficients(s, dalpha, dcoef, u, ss, lam, p)
+            gtau[p] += _tau_from_coefficients(s, first, dalpha, dcoef, u, ss, lam, p)
     for i in range(s - 1, -1, -1):
+        known = i >= first
+        y = ys[i] if i > 0 else u
         for p in range(n):
             ti = 1.0 if exp_family else tauinv[p]
             acc = 0.0 * sbar[i, p, 0]  # zero of the state's type (w is written below)
@@ -1013,16 +1061,23 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys, rs, ss,
                 v = sbar[i, p, b] * ti
                 w[p, b] = v
                 gdrive[p, b] += v
-                acc -= v * ss[i, p, b]
-            if not exp_family:  # S = F/tau: dS/dtau = -S/tau
+                if known:
+                    acc -= v * ss[i, p, b]
+                elif exp_family:
+                    acc += v * drive[p, b]
+                else:
+                    acc += v * (drive[p, b] - y[p, b])
+            if not known:  # the rest of the pairing, kappa sum_b w W r, after the weight gradient
+                kappa[p] = dcoef[1, 0, p] / coef[1, 0, p] if exp_family else -ti
+                gtau[p] += kappa[p] * acc
+            elif not exp_family:  # S = F/tau: dS/dtau = -S/tau
                 gtau[p] += acc
         weight_vjp(w, rs[i], conn, gscratch)
-        for k in range(gflat.shape[0]):
-            gflat[k] += gscratch[k]
+        _add_weight_gradient(gscratch, wbuf, conn, kappa, not known, gflat, gtau)
         weights_transpose_times(w, wbuf, conn, layer_off, tmp, ybar)
         for l in range(layer_act.shape[0]):
             for p in range(layer_off[l], layer_off[l + 1]):
-                rho_prime_row(layer_act[l], ys[i, p], drow)
+                rho_prime_from_activity(layer_act[l], y[p], rs[i, p], drow)
                 for b in range(nb):
                     v = ybar[p, b] * drow[b]
                     ybar[p, b] = v if exp_family else v - w[p, b]
@@ -1035,7 +1090,7 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys, rs, ss,
                         for b in range(nb):
                             sbar[j, p, b] += c * ybar[p, b]
                 if exp_family and i > 0:
-                    gtau[p] += _tau_from_coefficients(i, dalpha, dcoef, u, ss, ybar, p)
+                    gtau[p] += _tau_from_coefficients(i, first, dalpha, dcoef, u, ss, ybar, p)
 
 
 @njit
@@ -1081,13 +1136,15 @@ def _slot_count(every):
 
 @njit
 def adjoint_run(stepper, tape, circuit, tauinv_step, grads):
-    """The discrete adjoint of ``run``, step by step in reverse: bring the state before step m back
-    (from the checkpoints of ``tape``, a :data:`Tape`, by ``_state_at``), replay that one step
-    keeping its stages, and backpropagate through it with ``adjoint_step``. dL/du of the saved states,
-    ``dl_du[k]``, enters after the step that produced state save_step[k]. Replays reproduce the
-    forward bit for bit, so the gradient is bit-identical for every number of checkpoints. Memory:
-    the checkpoints plus O(log ckpt_every) states. Results into ``grads`` (a :data:`Grads`): gflat
-    (packed weights), gdrive (n, batch), gtau (n,), lam0 = dL/du0. ``tauinv_step`` is
+    """The discrete adjoint of ``run``, step by step in reverse: take the state before step m (stored
+    in the checkpoints of ``tape``, a :data:`Tape`, or brought back from the one below it by
+    ``_state_at``), replay that one step keeping its stages (one-stage methods, euler and exp_euler,
+    replay nothing: their stage point is the state, their activity one pass) and backpropagate
+    through it with ``adjoint_step``. dL/du of the saved states, ``dl_du[k]``, enters after the step
+    that produced state save_step[k]. Replays reproduce the forward bit for bit and the backward of a
+    step reads only its state, so the gradient is bit-identical for every number of checkpoints.
+    Memory: the checkpoints plus O(log ckpt_every) states. Results into ``grads`` (a :data:`Grads`):
+    gflat (packed weights), gdrive (n, batch), gtau (n,), lam0 = dL/du0. ``tauinv_step`` is
     1/(tau + i eps), the complex step that gives d/dtau of the exponential coefficients."""
     family, method, a, bw = stepper.family, stepper.method, stepper.a, stepper.bw
     hs, nsteps, ckpt, ckpt_every, save_step, dl_du = tape
@@ -1095,13 +1152,14 @@ def adjoint_run(stepper, tape, circuit, tauinv_step, grads):
     gflat, gdrive, gtau, lam0 = grads
     n, nb = drive.shape
     s = bw.shape[0]
+    one_stage = s == 1
     dtype = drive.dtype
     seg = max(1, ckpt_every)
     ys = np.empty((1, s, n, nb), dtype)
     rs = np.empty((1, s, n, nb), dtype)
     ss = np.empty((1, s, n, nb), dtype)
     u_end = np.empty((n, nb), dtype)
-    slots = np.empty((_slot_count(seg), n, nb), dtype)
+    slots = np.empty((_slot_count(seg) if seg > 1 else 0, n, nb), dtype)
     slot_step = np.zeros(slots.shape[0], np.int64)
     alpha = np.zeros((s + 1, n), tauinv.dtype)
     coef = np.zeros((s + 1, s, n), tauinv.dtype)
@@ -1116,18 +1174,26 @@ def adjoint_run(stepper, tape, circuit, tauinv_step, grads):
     drow = np.empty(nb, dtype)
     tmp = np.empty((max(1, n), nb), dtype)
     gscratch = np.empty_like(gflat)
+    kappa = np.empty(n)
     lam = np.zeros((n, nb), dtype)
     lam_prev = np.empty((n, nb), dtype)
     _inject_loss(lam, dl_du, save_step, nsteps)
     h_coef = -1.0
+    top = 0
     nseg = (nsteps + seg - 1) // seg
     for c in range(nseg - 1, -1, -1):
-        slots[0] = ckpt[c]
-        slot_step[0] = c * seg
-        top = 0
+        if seg > 1:
+            slots[0] = ckpt[c]
+            slot_step[0] = c * seg
+            top = 0
         for m in range(min(c * seg + seg, nsteps) - 1, c * seg - 1, -1):
-            top = _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys, rs, ss)
-            replay(stepper, circuit, slots[top], 1, hs[m:m + 1], ys, rs, ss, u_end)
+            if seg > 1:
+                top = _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys, rs, ss)
+            u = slots[top] if seg > 1 else ckpt[c]  # every state stored: read in place
+            if one_stage:
+                activate(u, layer_off, layer_act, rs[0, 0])
+            else:
+                replay(stepper, circuit, u, 1, hs[m:m + 1], ys, rs, ss, u_end)
             h = hs[m]
             if h != h_coef:
                 coefficients(family, method, h, a, bw, tauinv, alpha, coef)
@@ -1140,9 +1206,9 @@ def adjoint_run(stepper, tape, circuit, tauinv_step, grads):
                             for j in range(s):
                                 dcoef[q, j, p] = ccoef[q, j, p].imag / eps
                 h_coef = h
-            adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys[0], rs[0], ss[0],
-                         wbuf, conn, layer_off, layer_act, sbar, w, ybar, drow, tmp, gflat,
-                         gscratch, gdrive, gtau, lam_prev)
+            adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys[0], rs[0], ss[0],
+                         not one_stage, drive, wbuf, conn, layer_off, layer_act, sbar, w, ybar, drow, tmp,
+                         gflat, gscratch, gdrive, gtau, kappa, lam_prev)
             lam, lam_prev = lam_prev, lam
             _inject_loss(lam, dl_du, save_step, m)
     lam0[:, :] = lam
