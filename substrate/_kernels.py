@@ -71,9 +71,9 @@ Span = namedtuple("Span", "t0 t_end dt rtol atol h_min max_steps blowup")
 # ``residual`` (B,) receives the last residuals, res_trace/t_trace the largest one per step and its time.
 Relaxation = namedtuple("Relaxation", "on rtol atol residual res_trace t_trace")
 # What is kept: states at the save times t_save (into saved), the final state (u_out), and for gradients
-# the step sizes (h_record), the step count at each save (save_step) and the states every ckpt_every
-# steps (ckpt; ckpt_every 0: none).
-Record = namedtuple("Record", "t_save saved u_out h_record save_step ckpt_every ckpt")
+# the step sizes (h_record), the step count at each save (save_step), the states every ckpt_every
+# steps (ckpt; ckpt_every 0: none) and, if ckpt_r is not empty, their activities rho (ckpt_r).
+Record = namedtuple("Record", "t_save saved u_out h_record save_step ckpt_every ckpt ckpt_r")
 # A teaching current (see ``teach``): cost code, the nudged rows lo:hi, beta (1,), target (m, B),
 # readout W_o (C, m) and b_o (C,), scratch (C,); all arrays in the state's dtype.
 Nudge = namedtuple("Nudge", "code lo hi beta target wo bo scratch")
@@ -740,7 +740,8 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects):
 
     For gradients (``adjoint``): ``record.h_record[step]`` receives each accepted step size,
     ``save_step[k]`` the number of steps taken when t_save[k] was saved, and with ``ckpt_every`` > 0
-    the state after every ckpt_every-th step is stored in ``ckpt`` (ckpt[0] = the initial state).
+    the state after every ckpt_every-th step is stored in ``ckpt`` (ckpt[0] = the initial state), and
+    its activity in ``ckpt_r`` unless that is empty.
 
     ``nudge``: a teaching current added to N (a :data:`Nudge`; code NO_NUDGE for none), injected into
     the neurons after the crossbar. ``effects``: a device's effect states, whose hooks (see
@@ -754,7 +755,7 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects):
     drive, wbuf, conn, layer_off, layer_act, tauinv, tau = circuit
     t0, t_end, dt, rtol, atol, h_min, max_steps, blowup = span
     relax, res_rtol, res_atol, residual, res_trace, t_trace = relaxation
-    t_save, saved, u_out, h_record, save_step, ckpt_every, ckpt = record
+    t_save, saved, u_out, h_record, save_step, ckpt_every, ckpt, ckpt_r = record
     n, nb = u.shape
     s = bw.shape[0]
     ns = t_save.shape[0]
@@ -788,6 +789,8 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects):
     if ckpt_every > 0:
         ckpt[0] = u
     activate_effects(effects, u, circuit, r)
+    if ckpt_r.shape[0] > 0:
+        ckpt_r[0] = r
     first_ready = False  # is S_0 (the slope at u) known?
     facold = ERR_FLOOR
     h = dt
@@ -892,6 +895,8 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects):
         step += 1
         if ckpt_every > 0 and step % ckpt_every == 0 and step // ckpt_every < ckpt.shape[0]:
             ckpt[step // ckpt_every] = u
+            if ckpt_r.shape[0] > 0:
+                ckpt_r[step // ckpt_every] = r
         if fsal and not noisy:  # noise moved the state off the last stage
             stages[0, :, :] = stages[s - 1]
         else:
@@ -1153,11 +1158,12 @@ def _slot_count(every):
 
 
 @njit
-def adjoint_run(stepper, tape, circuit, tauinv_step, grads):
+def adjoint_run(stepper, tape, activities, circuit, tauinv_step, grads):
     """The discrete adjoint of ``run``, step by step in reverse: take the state before step m (stored
     in the checkpoints of ``tape``, a :data:`Tape`, or brought back from the one below it by
     ``_state_at``), replay that one step keeping its stages (one-stage methods, euler and exp_euler,
-    replay nothing: their stage point is the state, their activity one pass) and backpropagate
+    replay nothing: their stage point is the state, their activity is ``activities[m]`` when the
+    forward pass stored it (every state stored; else empty) or one pass) and backpropagate
     through it with ``adjoint_step``. dL/du of the saved states, ``dl_du[k]``, enters after the step
     that produced state save_step[k]. Replays reproduce the forward bit for bit and the backward of a
     step reads only its state, so the gradient is bit-identical for every number of checkpoints.
@@ -1212,7 +1218,9 @@ def adjoint_run(stepper, tape, circuit, tauinv_step, grads):
             if seg > 1:
                 top = _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys, rs, ss)
             u = slots[top] if seg > 1 else ckpt[c]  # every state stored: read in place
-            if one_stage:
+            if one_stage and activities.shape[0] > 0:
+                rs[0, 0] = activities[m]
+            elif one_stage:
                 activate(u, layer_off, layer_act, rs[0, 0])
             else:
                 replay(stepper, circuit, u, 1, hs[m:m + 1], ys, rs, ss, u_end)

@@ -513,10 +513,11 @@ CHECKPOINTS = (1, 2, 3, 7, None)
 @pytest.mark.parametrize("trajectory", [False, True], ids=["final", "trajectory"])
 @pytest.mark.parametrize("name,t_end,dt", [
     ("rk4", 3.7, 0.1),  # 37 steps
+    ("euler", 3.7, 0.1),  # one-stage: no replay where the state is stored, activities stored with it
     ("exp_euler", 3.7, 0.1),
     ("dopri5", 3.7, None),  # adaptive
     ("rk4", 0.7, 0.1),  # 7 steps, the last one 2 ulp shorter than dt (0.7 - 0.6000000000000001)
-], ids=["rk4", "exp_euler", "dopri5", "rk4-rounded-last-step"])
+], ids=["rk4", "euler", "exp_euler", "dopri5", "rk4-rounded-last-step"])
 def test_checkpointing_is_bit_identical(name, t_end, dt, trajectory):
     case = make_case(50)
     t_eval = [0.0, 0.35 * t_end, 0.5 * t_end, t_end] if trajectory else None
