@@ -568,6 +568,33 @@ def test_replay_reproduces_forward_bits_for_any_segment_start():
         f"replaying the last step alone differs from the forward pass by {diff:.3e}"
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.complex128])
+def test_rho_prime_from_the_activity_has_the_bits_of_rho_prime(dtype):
+    """The backward pass takes rho' from the stored activities r = rho(y) (logistic 4 r (1 - r), tanh
+    1 - r^2, the others from y): the same bits as ``activate_prime``, which the gradient's agreement
+    across checkpoint counts (stored activities or recomputed ones) relies on; over the range and at
+    the extremes (saturation, 0, +-inf)."""
+    from substrate.activations import CODES
+    y = np.concatenate([np.linspace(-30, 30, 1201), [0.0, -0.0, 1e-300, 709.0, -745.0, np.inf, -np.inf]])
+    if dtype == np.complex128:  # holomorphic ones only; |Im| < pi/4 keeps tanh away from its poles
+        y = y[np.isfinite(y)][:, None] + 1j * np.linspace(-0.7, 0.7, 5)[None, :]
+        codes = [CODES[a] for a in ("logistic", "tanh", "identity")]
+    else:
+        codes = list(CODES.values())
+    y = np.ascontiguousarray(y.ravel().astype(dtype))[None, :]
+    off = np.array([0, 1], np.int64)
+    checked = 0
+    for code in codes:
+        act = np.array([code], np.int64)
+        r, want, got = np.empty_like(y), np.empty_like(y), np.empty_like(y)
+        K.activate(y, off, act, r)
+        K.activate_prime(y, off, act, want)
+        K.rho_prime_from_activity(code, y[0], r[0], got[0])
+        assert np.array_equal(got, want, equal_nan=True), f"activation code {code}, {dtype.__name__}"
+        checked += np.count_nonzero(np.isfinite(want))
+    assert checked > 0.9 * y.size * len(codes)
+
+
 # ================================================================================================
 # 5. Implicit differentiation at the equilibrium
 # ================================================================================================
