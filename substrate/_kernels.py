@@ -1003,19 +1003,13 @@ def rho_prime_from_activity(code, y, r, d):
 
 
 @njit
-def _flush_weight_gradient(wc, rc, used, conn, wbuf, kappa, pair, gscratch, gflat, gtau):
-    """gflat += wc rc^T over the first ``used`` columns of the buffers (n, columns): the weight
-    gradient sum of w r^T of many stages, one product per connection with a long inner dimension
-    instead of one per stage (the unused columns are zeroed: they may hold anything). With ``pair``, also gtau[p] += kappa[p]
-    sum_q W[p, q] G[p, q] over the connections into p, i.e. kappa[p] sum_b w[p, b] (W r)[p, b] of the
-    buffered stages (kappa the same for all of them): the first stage's weight product paired with
-    its cotangent, from the weight gradient at hand instead of a replayed product (O(weights), not
-    O(weights x batch))."""
-    if used == 0:
-        return
-    wc[:, used:] = 0.0
-    rc[:, used:] = 0.0
-    weight_vjp(wc, rc, conn, gscratch)
+def _add_weight_gradient(gscratch, wbuf, conn, kappa, pair, gflat, gtau):
+    """gflat += gscratch (a stage's w r^T, per connection); with ``pair``, also gtau[p] += kappa[p]
+    sum_q W[p, q] G[p, q] over the connections into p, i.e. kappa[p] sum_b w[p, b] (W r)[p, b]: the
+    stage's weight product paired with its cotangent, from the weight gradient at hand instead of a
+    replayed product (O(weights), not O(weights x batch)). The weight gradient is formed stage by
+    stage: buffering many stages for one product with a long inner dimension was measured slower
+    (784-500-10, batch 64: 6x per stage with 16 stages, the buffers out of cache)."""
     if not pair:
         for k in range(gflat.shape[0]):
             gflat[k] += gscratch[k]
@@ -1031,14 +1025,9 @@ def _flush_weight_gradient(wc, rc, used, conn, wbuf, kappa, pair, gscratch, gfla
             gtau[qa + i] += kappa[qa + i] * acc
 
 
-# Stages whose weight gradient is buffered before one product (per connection) forms it: the
-# products' inner dimension grows from the batch to ~WG_CHUNK x batch, where BLAS runs near its peak
-WG_CHUNK = 16
-
-
 @njit
 def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys, rs, ss, slope0, drive, wbuf,
-                 conn, layer_off, layer_act, sbar, w, ybar, drow, tmp, wc, rc, entry, gdrive, gtau, kappa,
+                 conn, layer_off, layer_act, sbar, w, ybar, drow, tmp, gflat, gscratch, gdrive, gtau, kappa,
                  lam_out):
     """Backpropagate one step u -> u_next = alpha[s] u + sum_j coef[s, j] S_j (see ``coefficients``):
     given lam = dL/du_next, write dL/du into lam_out and add the step's contributions to the
@@ -1049,15 +1038,13 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys, rs, 
     (i > j); the cotangent of N at stage i is w = Sbar_i / tau (explicit RK, S = (N - Y)/tau) or
     w = Sbar_i (exponential, S = N); then Ybar_i = rho'(Y_i) (W^T w) (- w for explicit RK), which
     reaches u through alpha[i]. rho' comes from the stage activities rs. Elementwise work is fused
-    row by row. The weight gradient w r^T of stage i is not formed here: w and r go to columns
-    (entry + i) * batch of the buffers wc, rc, multiplied out for many stages at once by
-    ``_flush_weight_gradient``.
+    row by row.
 
     Stage points ys[i] for i > 0 (Y_0 is u), activities rs[i] = rho(Y_i), slopes ss[i]. ``slope0``
     False (one-stage methods only, whose stage point is the stored state: nothing was replayed): S_0,
     which enters only d/dtau, is not read; its pairing sum_b w (N - u)/tau (explicit) or
     sum_b lam dcoef N (exponential, w = coef lam) is taken as kappa[p] sum_b w (N(u) - u or N(u)) with
-    the product W r from the weight gradient (``_flush_weight_gradient``), never recomputed."""
+    the product W r from the weight gradient (``_add_weight_gradient``), never recomputed."""
     n, nb = lam.shape
     exp_family = family == EXPONENTIAL
     first = 0 if slope0 else 1  # the first stage whose slope ss holds
@@ -1087,16 +1074,13 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys, rs, 
                     acc += v * drive[p, b]
                 else:
                     acc += v * (drive[p, b] - y[p, b])
-            if not known:  # the rest of the pairing, kappa sum_b w W r, with the weight gradient
+            if not known:  # the rest of the pairing, kappa sum_b w W r, after the weight gradient
                 kappa[p] = dcoef[1, 0, p] / coef[1, 0, p] if exp_family else -ti
                 gtau[p] += kappa[p] * acc
             elif not exp_family:  # S = F/tau: dS/dtau = -S/tau
                 gtau[p] += acc
-        col = (entry + i) * nb  # the stage's columns in the buffers of the weight gradient
-        for p in range(n):
-            for b in range(nb):
-                wc[p, col + b] = w[p, b]
-                rc[p, col + b] = rs[i, p, b]
+        weight_vjp(w, rs[i], conn, gscratch)
+        _add_weight_gradient(gscratch, wbuf, conn, kappa, not known, gflat, gtau)
         weights_transpose_times(w, wbuf, conn, layer_off, tmp, ybar)
         for l in range(layer_act.shape[0]):
             for p in range(layer_off[l], layer_off[l + 1]):
@@ -1199,10 +1183,6 @@ def adjoint_run(stepper, tape, activities, circuit, tauinv_step, grads):
     tmp = np.empty((max(1, n), nb), dtype)
     gscratch = np.empty_like(gflat)
     kappa = np.empty(n)
-    chunk = s * max(1, WG_CHUNK // s)  # whole steps
-    wc = np.empty((n, chunk * nb), dtype)
-    rc = np.empty((n, chunk * nb), dtype)
-    used = 0  # stages buffered in wc, rc
     lam = np.zeros((n, nb), dtype)
     lam_prev = np.empty((n, nb), dtype)
     _inject_loss(lam, dl_du, save_step, nsteps)
@@ -1218,17 +1198,14 @@ def adjoint_run(stepper, tape, activities, circuit, tauinv_step, grads):
             if seg > 1:
                 top = _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys, rs, ss)
             u = slots[top] if seg > 1 else ckpt[c]  # every state stored: read in place
-            if one_stage and activities.shape[0] > 0:
-                rs[0, 0] = activities[m]
-            elif one_stage:
+            stored = one_stage and activities.shape[0] > 0
+            act = activities[m:m + 1] if stored else rs[0]  # the stages' activities, (s, n, nb)
+            if one_stage and not stored:
                 activate(u, layer_off, layer_act, rs[0, 0])
-            else:
+            elif not one_stage:
                 replay(stepper, circuit, u, 1, hs[m:m + 1], ys, rs, ss, u_end)
             h = hs[m]
             if h != h_coef:
-                if one_stage and family == EXPONENTIAL:  # kappa changes with the coefficients
-                    _flush_weight_gradient(wc, rc, used * nb, conn, wbuf, kappa, True, gscratch, gflat, gtau)
-                    used = 0
                 coefficients(family, method, h, a, bw, tauinv, alpha, coef)
                 if family == EXPONENTIAL:
                     coefficients(family, method, h, a, bw, tauinv_step, calpha, ccoef)
@@ -1239,16 +1216,11 @@ def adjoint_run(stepper, tape, activities, circuit, tauinv_step, grads):
                             for j in range(s):
                                 dcoef[q, j, p] = ccoef[q, j, p].imag / eps
                 h_coef = h
-            adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys[0], rs[0], ss[0],
+            adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys[0], act, ss[0],
                          not one_stage, drive, wbuf, conn, layer_off, layer_act, sbar, w, ybar, drow, tmp,
-                         wc, rc, used, gdrive, gtau, kappa, lam_prev)
-            used += s
-            if used == chunk:
-                _flush_weight_gradient(wc, rc, used * nb, conn, wbuf, kappa, one_stage, gscratch, gflat, gtau)
-                used = 0
+                         gflat, gscratch, gdrive, gtau, kappa, lam_prev)
             lam, lam_prev = lam_prev, lam
             _inject_loss(lam, dl_du, save_step, m)
-    _flush_weight_gradient(wc, rc, used * nb, conn, wbuf, kappa, one_stage, gscratch, gflat, gtau)
     lam0[:, :] = lam
 
 
