@@ -31,9 +31,9 @@ What is measured, in one run, with BLAS and torch pinned to ``--threads`` thread
   own torch mirror (``TorchDiffEq``, which recomputes V x at every evaluation), and substrate's discrete
   RK4. torchdiffeq's ``rk4`` is the 3/8 rule, substrate's (and ``TorchDiffEq``'s) the classical one:
   both take 4 evaluations per step. The gradients are checked against each other.
-* Peak memory, each variant in its own subprocess, for T = 100, 1000, 10000 steps of dt = 0.1: the
-  process's peak RSS and the measured call's own peak (above the memory in use after imports and a
-  10-step warm-up), each with its ratio to the variant's T = 100 value. The peak is VmHWM of
+* Peak memory, each variant in its own subprocess, for T = 100, 1000, 10000 steps of dt = 0.1
+  (``--memory-steps``): the process's peak RSS and the measured call's own peak (above the memory in
+  use after imports and a 10-step warm-up), each with its ratio to the variant's value at the smallest T. The peak is VmHWM of
   /proc/self/status: ``ru_maxrss`` of a process started by ``subprocess`` (vfork + exec) starts at the
   parent's peak. substrate's workers never import torch.
 * The implicit gradient at the equilibrium (``method="implicit"``, Krylov and, when affordable, direct)
@@ -626,6 +626,7 @@ def available_memory():
 
 
 def memory_section(args):
+    steps = sorted(int(t) for t in args.memory_steps.split(","))
     variants = [("substrate_cp10", "substrate discrete euler, checkpoints=10"),
                 ("substrate_cpNone", "substrate discrete euler, checkpoints=None"),
                 ("torch_backprop", "torch autograd backprop, Euler loop")]
@@ -638,18 +639,18 @@ def memory_section(args):
           f"{SIZES[1] + SIZES[2]} x {nb} float64 = {(SIZES[1] + SIZES[2]) * nb * 8 / 1e3:.0f} kB).\n"
           "peak: the process's peak RSS (VmHWM: imports, warm-up and the call; ru_maxrss of a subprocess\n"
           "would start at the parent's peak); call: the call's own peak above the memory in use before it.\n"
-          f"A variant is not run at T = {MEMORY_STEPS[-1]} if its estimated peak (call memory linear in T) "
+          f"A variant is not run at T = {steps[-1]} if its estimated peak (call memory linear in T) "
           f"exceeds {limit / 1e9:.1f} GB.")
-    head = (f"{'variant':<44} {'T':>6} {'peak MB':>9} {'/ T=100':>8} {'call MB':>9} {'/ T=100':>8} "
+    head = (f"{'variant':<44} {'T':>6} {'peak MB':>9} {'/ T0':>8} {'call MB':>9} {'/ T0':>8} "
             f"{'kB/step':>8} {'s':>6}  note")
     print(head)
     print("-" * len(head))
     summary = {}
     for key, label in variants:
         done = {}
-        for T in MEMORY_STEPS:
+        for T in steps:
             note = ""
-            if T == MEMORY_STEPS[-1] and done:
+            if T == steps[-1] and done:
                 t2 = max(done)
                 r2 = done[t2]
                 est = (r2["before_kb"] + max(r2["call_kb"], 0) * T / t2) * 1024
@@ -665,7 +666,7 @@ def memory_section(args):
                 print(f"{label:<44} {T:>6} {'-':>9}  {why}")
                 continue
             done[T] = r
-            r0 = done.get(MEMORY_STEPS[0])
+            r0 = done.get(steps[0])
             ratio = r["peak_kb"] / r0["peak_kb"] if r0 else float("nan")
             ratio_call = r["call_kb"] / r0["call_kb"] if r0 and r0["call_kb"] > 0 else float("nan")
             notes = ["torch loaded" if r["torch_loaded"] else "no torch"]
@@ -762,6 +763,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7, help="timings per measurement (default 7)")
     ap.add_argument("--no-timing", dest="timing", action="store_false", help="skip the timing table")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
+    ap.add_argument("--memory-steps", default=",".join(map(str, MEMORY_STEPS)),
+                    help=f"the horizons T of the peak-memory runs (default {','.join(map(str, MEMORY_STEPS))})")
     ap.add_argument("--no-implicit", dest="implicit", action="store_false", help="skip the implicit part")
     ap.add_argument("--max-load", type=float, default=0.8, help="wait for a load average below this (0.8)")
     ap.add_argument("--max-wait", type=float, default=600, help="wait at most this many seconds (600)")
