@@ -10,12 +10,18 @@ its row says otherwise.
 
 What is measured, in one run, with BLAS and torch pinned to ``--threads`` threads (default 1):
 
-* ``GEMM bound``: the six matrix products of one step of forward plus gradient, numpy ``np.dot`` with
-  preallocated ``out=`` arrays: the forward's W1 r_h and B r_y, the backward's W1^T w_y and B^T w_h and
-  the weight-gradient outer products w_y r_h^T and w_h r_y^T. ``ratio`` is a row's time per call over
-  100 x this bound (min/min, median/median). The input products, V x (forward) and dL/dV, dL/dx
-  (backward), are done once per call, not per step; they are timed too and ``+in`` is the ratio to
-  100 x bound + these.
+* ``bound``: the least work of one Euler step of forward plus gradient: the six matrix products, numpy
+  ``np.dot`` with preallocated ``out=`` arrays (the forward's W1 r_h and B r_y, the backward's W1^T w_y
+  and B^T w_h and the weight-gradient outer products w_y r_h^T and w_h r_y^T), plus one activation pass
+  over the state (the engine's ``_kernels.activate``: the forward's; the backward can take rho' from
+  the stored activities). ``ratio`` is a row's time per call over 100 x this bound (min/min,
+  median/median). The input products, V x (forward) and dL/dV, dL/dx (backward), are done once per
+  call, not per step; they are timed too and ``+in`` is the ratio to 100 x bound + these.
+* The tanh problem: 784 dynamic tanh units (driven by the image through a fixed identity input
+  weight), 500 and 10 tanh units: connections 784->500, 500->10 and the feedback 10->500 (asymmetry
+  90 degrees), the same Euler steps and loss; its bound is the 9 products of its three connections plus
+  one activation pass; substrate's discrete adjoint against torch autograd through the same loop, and
+  the share of tanh (one activation pass per step, scalar libm in the kernels) in substrate's time.
 * Rows, time per call of forward + gradient of 100 steps: substrate's discrete adjoint (Euler, every
   state stored and 10 checkpoints), its continuous adjoint (exp_euler forward; exp_euler and etd2rk
   backward: the first-order backward is ~5e-2 off the discrete gradient at dt = 0.1), substrate's
@@ -25,9 +31,9 @@ What is measured, in one run, with BLAS and torch pinned to ``--threads`` thread
   own torch mirror (``TorchDiffEq``, which recomputes V x at every evaluation), and substrate's discrete
   RK4. torchdiffeq's ``rk4`` is the 3/8 rule, substrate's (and ``TorchDiffEq``'s) the classical one:
   both take 4 evaluations per step. The gradients are checked against each other.
-* Peak memory, each variant in its own subprocess, for T = 100, 1000, 10000 steps of dt = 0.1: the
-  process's peak RSS and the measured call's own peak (above the memory in use after imports and a
-  10-step warm-up), each with its ratio to the variant's T = 100 value. The peak is VmHWM of
+* Peak memory, each variant in its own subprocess, for T = 100, 1000, 10000 steps of dt = 0.1
+  (``--memory-steps``): the process's peak RSS and the measured call's own peak (above the memory in
+  use after imports and a 10-step warm-up), each with its ratio to the variant's value at the smallest T. The peak is VmHWM of
   /proc/self/status: ``ru_maxrss`` of a process started by ``subprocess`` (vfork + exec) starts at the
   parent's peak. substrate's workers never import torch.
 * The implicit gradient at the equilibrium (``method="implicit"``, Krylov and, when affordable, direct)
@@ -93,6 +99,40 @@ def make_problem(batch):
     return p
 
 
+def make_tanh_problem(batch):
+    """The tanh problem: layers v (784, the image's dynamic copy), h1 (500), y (10), all tanh, tau 1."""
+    rng = np.random.default_rng(0)
+    n_in, n_h, n_y = SIZES
+
+    def uniform(post, pre):
+        return rng.uniform(-1, 1, (post, pre)) / np.sqrt(pre)
+    a = np.deg2rad(90.0)
+    w1 = uniform(n_y, n_h)
+    layers = [substrate.Layer("v", n_in, activation="tanh", bias=np.zeros(n_in)),
+              substrate.Layer("h1", n_h, activation="tanh", bias=uniform(n_h, 1)[:, 0]),
+              substrate.Layer("y", n_y, activation="tanh", bias=uniform(n_y, 1)[:, 0])]
+    conns = [substrate.Connection("x", "v", np.eye(n_in)), substrate.Connection("v", "h1", uniform(n_h, n_in)),
+             substrate.Connection("h1", "y", w1),
+             substrate.Connection("y", "h1", np.sin(a) * uniform(n_h, n_y) + np.cos(a) * w1.T)]
+    p = argparse.Namespace()
+    p.net = net = substrate.Network(layers, conns, inputs=[substrate.Input("x", n_in)])
+    p.x = np.random.default_rng(1).random((batch, n_in))
+    p.out = net.slices["y"]
+    p.mats = {k: np.ascontiguousarray(net.effective_weight(net.connection(k)))
+              for k in ("x->v", "v->h1", "h1->y", "y->h1")}
+    p.biases = {x.name: np.asarray(x.bias, float) for x in net.layers}
+    labels = np.random.default_rng(2).integers(0, n_y, batch)
+    p.target = np.eye(n_y)[labels]
+
+    def loss(u):
+        d = u[:, p.out] - p.target
+        g = np.zeros_like(u)
+        g[:, p.out] = d
+        return 0.5 * float(np.sum(d * d)), g
+    p.loss = loss
+    return p
+
+
 def substrate_gradient(p, method, steps=STEPS, integrator="euler"):
     return substrate.gradient(p.net, p.x, p.loss, method=method, t_span=(0.0, steps * DT),
                               integrator=integrator, dt=DT)
@@ -108,6 +148,42 @@ def rel_diff(a, b):
 
 
 # ============================================================================================ GEMM bound
+def state_products(net, batch):
+    """The 3 products per connection between state layers of one step of forward + gradient (W r_pre,
+    W^T w_post, w_post r_pre^T), numpy with preallocated outputs."""
+    rng = np.random.default_rng(3)
+    r = rng.random((net.n, batch))
+    w = rng.standard_normal(r.shape)
+    f, v = np.empty_like(r), np.empty_like(r)
+    calls = []
+    for c in net.connections:
+        if c.pre not in net.slices:  # an input: its products are once per call
+            continue
+        W = np.ascontiguousarray(net.effective_weight(c))
+        pre, post = net.slices[c.pre], net.slices[c.post]
+        calls.append((W, r[pre], f[post]))
+        calls.append((W.T, w[post], v[pre]))
+        calls.append((w[post], r[pre].T, np.empty_like(W)))
+
+    def step():
+        for a, b, out in calls:
+            np.dot(a, b, out=out)
+    return step, len(calls)
+
+
+def activation_pass(net, batch):
+    """One activation pass over the state, as the engine's kernels compute it."""
+    from substrate import _kernels as K
+    packed = substrate.VectorField(net, np.zeros((batch, net.inputs[0].size))).packed
+    u = np.random.default_rng(4).standard_normal((net.n, batch))
+    r = np.empty_like(u)
+
+    def call():
+        K.activate(u, packed.layer_off, packed.layer_act, r)
+    call()
+    return call
+
+
 def gemm_bound_step(p):
     """The six products of one step of forward + gradient, nothing else."""
     rng = np.random.default_rng(3)
@@ -189,6 +265,36 @@ def torch_backprop(p, L, steps=STEPS):
     loss = 0.5 * ((u_y - target) ** 2).sum()
     grads = torch.autograd.grad(loss, list(L.values()))
     return float(loss.detach()), leaf_gradients(L, grads)
+
+
+def torch_tanh_leaves(p):
+    def leaf(a):
+        return torch.tensor(np.asarray(a, dtype=np.float64)).requires_grad_()
+    L = {k: leaf(m) for k, m in p.mats.items()}
+    L.update({f"b_{k}": leaf(b) for k, b in p.biases.items()})
+    L.update({f"tau_{k}": leaf(1.0) for k in p.biases})
+    L["x"] = leaf(p.x)
+    L["u0"] = leaf(np.zeros((p.x.shape[0], p.net.n)))
+    return L
+
+
+def torch_tanh_backprop(p, L, steps=STEPS):
+    """The tanh problem's forward + backprop through the same Euler loop; dL/dW of the four weights."""
+    target = torch.from_numpy(p.target)
+    sl = p.net.slices
+    u_v, u_h, u_y = (L["u0"][:, sl[k]] for k in ("v", "h1", "y"))
+    drive_v = torch.addmm(L["b_v"], L["x"], L["x->v"].T)
+    for _ in range(steps):
+        r_v, r_h, r_y = torch.tanh(u_v), torch.tanh(u_h), torch.tanh(u_y)
+        n_h = torch.addmm(L["b_h1"], r_v, L["v->h1"].T) + r_y @ L["y->h1"].T
+        n_y = torch.addmm(L["b_y"], r_h, L["h1->y"].T)
+        u_v = u_v + DT * (drive_v - u_v) / L["tau_v"]
+        u_h = u_h + DT * (n_h - u_h) / L["tau_h1"]
+        u_y = u_y + DT * (n_y - u_y) / L["tau_y"]
+    loss = 0.5 * ((u_y - target) ** 2).sum()
+    grads = torch.autograd.grad(loss, list(L.values()))
+    g = dict(zip(L, grads))
+    return float(loss.detach()), {k: g[k].numpy() for k in p.mats}
 
 
 def torch_backprop_lean(p, L, steps=STEPS):
@@ -279,11 +385,14 @@ def timing_section(args):
     p = make_problem(args.batch)
     reps = args.repeats
     s = STEPS
-    bound = timeit(gemm_bound_step(p), reps, number=1000)
+    products = timeit(gemm_bound_step(p), reps, number=1000)
+    act = timeit(activation_pass(p.net, args.batch), reps, number=1000)
+    bound = (products[0] + act[0], products[1] + act[1])
     fwd_bound = timeit(gemm_forward_step(p), reps, number=1000)
     inputs = timeit(gemm_inputs(p), reps, number=50)
-    print(f"\nGEMM bound of one step of forward + gradient (6 products): {bound[0] * 1e6:.1f} us "
-          f"(median {bound[1] * 1e6:.1f}); x {s} steps = {s * bound[0] * 1e3:.2f} ms")
+    print(f"\nBound of one step of forward + gradient (6 products + 1 activation pass): {bound[0] * 1e6:.1f} us "
+          f"(median {bound[1] * 1e6:.1f}; the products {products[0] * 1e6:.1f}, the activation "
+          f"{act[0] * 1e6:.1f}); x {s} steps = {s * bound[0] * 1e3:.2f} ms")
     print(f"  forward only (2 products): {fwd_bound[0] * 1e6:.1f} us; "
           f"input products once per call (V x, dL/dV, dL/dx): {inputs[0] * 1e3:.2f} ms "
           f"(median {inputs[1] * 1e3:.2f})")
@@ -390,12 +499,12 @@ def timing_section(args):
     # the targets
     b100 = s * bound[0]
     print("\nTargets (minimum times):")
-    print(f"  substrate discrete euler / ({s} x GEMM bound)  = {t_ref[0] / b100:5.2f}   (target <= 1.5)")
-    print(f"  substrate discrete euler / ({s} x GEMM bound + input products) = "
+    print(f"  substrate discrete euler / ({s} x bound)  = {t_ref[0] / b100:5.2f}   (target <= 1.3)")
+    print(f"  substrate discrete euler / ({s} x bound + input products) = "
           f"{t_ref[0] / (b100 + inputs[0]):5.2f}")
     if "backprop" in torch_times:
         print(f"  torch backprop / substrate discrete euler     = {torch_times['backprop'][0] / t_ref[0]:5.2f}   "
-              f"(target >= 1.5; lean torch backprop: {torch_times['lean'][0] / t_ref[0]:.2f})")
+              f"(target >= 2.5; lean torch backprop: {torch_times['lean'][0] / t_ref[0]:.2f})")
     for label in ("torchdiffeq odeint_adjoint euler", "torchdiffeq odeint_adjoint rk4 (3/8 rule)"):
         if label in torch_times:
             print(f"  {label[12:]} / substrate discrete euler = "
@@ -404,6 +513,40 @@ def timing_section(args):
         print(f"  odeint_adjoint rk4 / substrate discrete rk4  = "
               f"{torch_times['torchdiffeq odeint_adjoint rk4 (3/8 rule)'][0] / t4[0]:5.2f}   (same order)")
     return results
+
+
+def tanh_section(args):
+    """The tanh problem: substrate's discrete adjoint (Euler, every state stored) against its bound
+    and torch autograd, and the share of tanh in it."""
+    p = make_tanh_problem(args.batch)
+    reps, s = args.repeats, STEPS
+    step, nprod = state_products(p.net, args.batch)
+    products = timeit(step, reps, number=20)
+    act = timeit(activation_pass(p.net, args.batch), reps, number=50)
+    bound = products[0] + act[0]
+    print(f"\nThe tanh problem (n = {p.net.n}: 784 + 500 + 10 tanh units, batch {args.batch}, {s} Euler steps): "
+          f"bound of a step {bound * 1e6:.0f} us = {nprod} products {products[0] * 1e6:.0f} us + one "
+          f"activation pass {act[0] * 1e6:.0f} us")
+    ref = substrate_gradient(p, substrate.DiscreteAdjoint())
+    t_sub = timeit(lambda: substrate_gradient(p, substrate.DiscreteAdjoint()), reps)
+    g10 = substrate_gradient(p, substrate.DiscreteAdjoint(checkpoints=10))
+    same = all(np.array_equal(a, b) for a, b in zip(ref.flat(), g10.flat()))
+    print(f"  {'substrate discrete adjoint euler, checkpoints=None':<52} {t_sub[0] * 1e3:9.1f} ms  "
+          f"{t_sub[0] / (s * bound):5.2f} x bound; checkpoints=10 bit-identical: {same}")
+    print(f"  tanh's share: {s} activation passes (the forward's; the backward takes rho' = 1 - r^2 from the "
+          f"stored activities) ~ {s * act[0] * 1e3:.0f} ms = {s * act[0] / t_sub[0]:.0%} of substrate's time")
+    out = {"bound": bound, "substrate": t_sub[0]}
+    if torch is not None:
+        L = torch_tanh_leaves(p)
+        loss_t, g_t = torch_tanh_backprop(p, L)
+        t_t = timeit(lambda: torch_tanh_backprop(p, L), reps)
+        d = rel_diff({k: np.asarray(ref.weights[k]) for k in g_t if k in ref.weights}, g_t)
+        print(f"  {'torch autograd backprop, Euler loop':<52} {t_t[0] * 1e3:9.1f} ms  "
+              f"{t_t[0] / (s * bound):5.2f} x bound; dL/dW rel. diff vs substrate {d:.1e}, "
+              f"loss {abs(loss_t - ref.loss) / ref.loss:.1e}")
+        print(f"  torch backprop / substrate discrete euler = {t_t[0] / t_sub[0]:.2f}   (target >= 2.5)")
+        out["torch"] = t_t[0]
+    return out
 
 
 # ============================================================================================ memory
@@ -483,6 +626,7 @@ def available_memory():
 
 
 def memory_section(args):
+    steps = sorted(int(t) for t in args.memory_steps.split(","))
     variants = [("substrate_cp10", "substrate discrete euler, checkpoints=10"),
                 ("substrate_cpNone", "substrate discrete euler, checkpoints=None"),
                 ("torch_backprop", "torch autograd backprop, Euler loop")]
@@ -495,18 +639,18 @@ def memory_section(args):
           f"{SIZES[1] + SIZES[2]} x {nb} float64 = {(SIZES[1] + SIZES[2]) * nb * 8 / 1e3:.0f} kB).\n"
           "peak: the process's peak RSS (VmHWM: imports, warm-up and the call; ru_maxrss of a subprocess\n"
           "would start at the parent's peak); call: the call's own peak above the memory in use before it.\n"
-          f"A variant is not run at T = {MEMORY_STEPS[-1]} if its estimated peak (call memory linear in T) "
+          f"A variant is not run at T = {steps[-1]} if its estimated peak (call memory linear in T) "
           f"exceeds {limit / 1e9:.1f} GB.")
-    head = (f"{'variant':<44} {'T':>6} {'peak MB':>9} {'/ T=100':>8} {'call MB':>9} {'/ T=100':>8} "
+    head = (f"{'variant':<44} {'T':>6} {'peak MB':>9} {'/ T0':>8} {'call MB':>9} {'/ T0':>8} "
             f"{'kB/step':>8} {'s':>6}  note")
     print(head)
     print("-" * len(head))
     summary = {}
     for key, label in variants:
         done = {}
-        for T in MEMORY_STEPS:
+        for T in steps:
             note = ""
-            if T == MEMORY_STEPS[-1] and done:
+            if T == steps[-1] and done:
                 t2 = max(done)
                 r2 = done[t2]
                 est = (r2["before_kb"] + max(r2["call_kb"], 0) * T / t2) * 1024
@@ -522,7 +666,7 @@ def memory_section(args):
                 print(f"{label:<44} {T:>6} {'-':>9}  {why}")
                 continue
             done[T] = r
-            r0 = done.get(MEMORY_STEPS[0])
+            r0 = done.get(steps[0])
             ratio = r["peak_kb"] / r0["peak_kb"] if r0 else float("nan")
             ratio_call = r["call_kb"] / r0["call_kb"] if r0 and r0["call_kb"] > 0 else float("nan")
             notes = ["torch loaded" if r["torch_loaded"] else "no torch"]
@@ -619,6 +763,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7, help="timings per measurement (default 7)")
     ap.add_argument("--no-timing", dest="timing", action="store_false", help="skip the timing table")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
+    ap.add_argument("--memory-steps", default=",".join(map(str, MEMORY_STEPS)),
+                    help=f"the horizons T of the peak-memory runs (default {','.join(map(str, MEMORY_STEPS))})")
     ap.add_argument("--no-implicit", dest="implicit", action="store_false", help="skip the implicit part")
     ap.add_argument("--max-load", type=float, default=0.8, help="wait for a load average below this (0.8)")
     ap.add_argument("--max-wait", type=float, default=600, help="wait at most this many seconds (600)")
@@ -641,6 +787,7 @@ def main(argv=None):
         describe_threads()
         if args.timing:
             timing_section(args)
+            tanh_section(args)
         if args.implicit:
             implicit_section(args)
     finally:

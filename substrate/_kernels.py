@@ -71,9 +71,9 @@ Span = namedtuple("Span", "t0 t_end dt rtol atol h_min max_steps blowup")
 # ``residual`` (B,) receives the last residuals, res_trace/t_trace the largest one per step and its time.
 Relaxation = namedtuple("Relaxation", "on rtol atol residual res_trace t_trace")
 # What is kept: states at the save times t_save (into saved), the final state (u_out), and for gradients
-# the step sizes (h_record), the step count at each save (save_step) and the states every ckpt_every
-# steps (ckpt; ckpt_every 0: none).
-Record = namedtuple("Record", "t_save saved u_out h_record save_step ckpt_every ckpt")
+# the step sizes (h_record), the step count at each save (save_step), the states every ckpt_every
+# steps (ckpt; ckpt_every 0: none) and, if ckpt_r is not empty, their activities rho (ckpt_r).
+Record = namedtuple("Record", "t_save saved u_out h_record save_step ckpt_every ckpt ckpt_r")
 # A teaching current (see ``teach``): cost code, the nudged rows lo:hi, beta (1,), target (m, B),
 # readout W_o (C, m) and b_o (C,), scratch (C,); all arrays in the state's dtype.
 Nudge = namedtuple("Nudge", "code lo hi beta target wo bo scratch")
@@ -861,7 +861,8 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects):
 
     For gradients (``adjoint``): ``record.h_record[step]`` receives each accepted step size,
     ``save_step[k]`` the number of steps taken when t_save[k] was saved, and with ``ckpt_every`` > 0
-    the state after every ckpt_every-th step is stored in ``ckpt`` (ckpt[0] = the initial state).
+    the state after every ckpt_every-th step is stored in ``ckpt`` (ckpt[0] = the initial state), and
+    its activity in ``ckpt_r`` unless that is empty.
 
     ``nudge``: a teaching current added to N (a :data:`Nudge`; code NO_NUDGE for none), injected into
     the neurons after the crossbar. ``effects``: a device's effect states, whose hooks (see
@@ -875,7 +876,7 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects):
     drive, wbuf, conn, layer_off, layer_act, tauinv, tau = circuit
     t0, t_end, dt, rtol, atol, h_min, max_steps, blowup = span
     relax, res_rtol, res_atol, residual, res_trace, t_trace = relaxation
-    t_save, saved, u_out, h_record, save_step, ckpt_every, ckpt = record
+    t_save, saved, u_out, h_record, save_step, ckpt_every, ckpt, ckpt_r = record
     n, nb = u.shape
     s = bw.shape[0]
     ns = t_save.shape[0]
@@ -909,6 +910,8 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects):
     if ckpt_every > 0:
         ckpt[0] = u
     activate_effects(effects, u, circuit, r)
+    if ckpt_r.shape[0] > 0:
+        ckpt_r[0] = r
     first_ready = False  # is S_0 (the slope at u) known?
     facold = ERR_FLOOR
     h = dt
@@ -1013,6 +1016,8 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects):
         step += 1
         if ckpt_every > 0 and step % ckpt_every == 0 and step // ckpt_every < ckpt.shape[0]:
             ckpt[step // ckpt_every] = u
+            if ckpt_r.shape[0] > 0:
+                ckpt_r[step // ckpt_every] = r
         if fsal and not noisy:  # noise moved the state off the last stage
             stages[0, :, :] = stages[s - 1]
         else:
@@ -1088,21 +1093,62 @@ def _axpy_rows(c, x, out):
 
 
 @njit
-def _tau_from_coefficients(q, dalpha, dcoef, u, stages, cot, p):
-    """sum_b cot[p, b] (dalpha[q, p] u[p, b] + sum_{j<q} dcoef[q, j, p] S_j[p, b]): the tau
-    derivative of a point alpha[q] u + sum_j coef[q, j] S_j, paired with its cotangent."""
+def _tau_from_coefficients(q, first, dalpha, dcoef, u, stages, cot, p):
+    """sum_b cot[p, b] (dalpha[q, p] u[p, b] + sum_{first<=j<q} dcoef[q, j, p] S_j[p, b]): the tau
+    derivative of a point alpha[q] u + sum_j coef[q, j] S_j, paired with its cotangent (``first`` 1:
+    the slope S_0 was not replayed, its term is added by ``_add_weight_gradient``)."""
     acc = 0.0 * cot[p, 0]
     for b in range(u.shape[1]):
         v = dalpha[q, p] * u[p, b]
-        for j in range(q):
+        for j in range(first, q):
             v += dcoef[q, j, p] * stages[j, p, b]
         acc += cot[p, b] * v
     return acc
 
 
+@njit(inline="always")  # a call per row costs more than the row's work
+def rho_prime_from_activity(code, y, r, d):
+    """d = rho'(y) for one row, from its activity r = rho(y) where the activation allows it (logistic
+    4 r (1 - r), tanh 1 - r^2: the bits of ``rho_prime_row`` without its transcendental pass);
+    hard sigmoid and identity are cheap from y, dsilu is not a function of r."""
+    m = y.shape[0]
+    one, four = lit(y, 1.0), lit(y, 4.0)
+    if code == LOGISTIC:
+        for b in range(m):
+            d[b] = four * r[b] * (one - r[b])
+    elif code == TANH:
+        for b in range(m):
+            d[b] = one - r[b] * r[b]
+    else:
+        rho_prime_row(code, y, d)
+
+
 @njit
-def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys, rs, ss, wbuf, conn,
-                 layer_off, layer_act, sbar, w, ybar, drow, tmp, gflat, gscratch, gdrive, gtau,
+def _add_weight_gradient(gscratch, wbuf, conn, kappa, pair, gflat, gtau):
+    """gflat += gscratch (a stage's w r^T, per connection); with ``pair``, also gtau[p] += kappa[p]
+    sum_q W[p, q] G[p, q] over the connections into p, i.e. kappa[p] sum_b w[p, b] (W r)[p, b]: the
+    stage's weight product paired with its cotangent, from the weight gradient at hand instead of a
+    replayed product (O(weights), not O(weights x batch)). The weight gradient is formed stage by
+    stage: buffering many stages for one product with a long inner dimension was measured slower
+    (784-500-10, batch 64: 6x per stage with 16 stages, the buffers out of cache)."""
+    if not pair:
+        for k in range(gflat.shape[0]):
+            gflat[k] += gscratch[k]
+        return
+    for c in range(conn.shape[0]):
+        wo, pn, qa, qn = conn[c, 0], conn[c, 2], conn[c, 3], conn[c, 4]
+        for i in range(qn):
+            acc = 0.0 * gscratch[0]
+            for j in range(wo + i * pn, wo + (i + 1) * pn):
+                g = gscratch[j]
+                gflat[j] += g
+                acc += wbuf[j] * g
+            gtau[qa + i] += kappa[qa + i] * acc
+
+
+@njit
+def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys, rs, ss, slope0, drive, wbuf,
+                 conn, layer_off, layer_act, sbar, w, ybar, drow, tmp, gflat, gscratch, gdrive, gtau, kappa,
                  lam_out):
     """Backpropagate one step u -> u_next = alpha[s] u + sum_j coef[s, j] S_j (see ``coefficients``):
     given lam = dL/du_next, write dL/du into lam_out and add the step's contributions to the
@@ -1112,10 +1158,17 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys, rs, ss,
     Reverse over the stages: the cotangent of S_j collects coef[s, j] lam and coef[i, j] Ybar_i
     (i > j); the cotangent of N at stage i is w = Sbar_i / tau (explicit RK, S = (N - Y)/tau) or
     w = Sbar_i (exponential, S = N); then Ybar_i = rho'(Y_i) (W^T w) (- w for explicit RK), which
-    reaches u through alpha[i]. Elementwise work is fused row by row."""
+    reaches u through alpha[i]. rho' comes from the stage activities rs. Elementwise work is fused
+    row by row.
+
+    Stage points ys[i] for i > 0 (Y_0 is u), activities rs[i] = rho(Y_i), slopes ss[i]. ``slope0``
+    False (one-stage methods only, whose stage point is the stored state: nothing was replayed): S_0,
+    which enters only d/dtau, is not read; its pairing sum_b w (N - u)/tau (explicit) or
+    sum_b lam dcoef N (exponential, w = coef lam) is taken as kappa[p] sum_b w (N(u) - u or N(u)) with
+    the product W r from the weight gradient (``_add_weight_gradient``), never recomputed."""
     n, nb = lam.shape
     exp_family = family == EXPONENTIAL
-    u = ys[0]
+    first = 0 if slope0 else 1  # the first stage whose slope ss holds
     for p in range(n):
         for j in range(s):
             c = coef[s, j, p]
@@ -1125,8 +1178,10 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys, rs, ss,
         for b in range(nb):
             lam_out[p, b] = e * lam[p, b]
         if exp_family:
-            gtau[p] += _tau_from_coefficients(s, dalpha, dcoef, u, ss, lam, p)
+            gtau[p] += _tau_from_coefficients(s, first, dalpha, dcoef, u, ss, lam, p)
     for i in range(s - 1, -1, -1):
+        known = i >= first
+        y = ys[i] if i > 0 else u
         for p in range(n):
             ti = 1.0 if exp_family else tauinv[p]
             acc = 0.0 * sbar[i, p, 0]  # zero of the state's type (w is written below)
@@ -1134,16 +1189,23 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys, rs, ss,
                 v = sbar[i, p, b] * ti
                 w[p, b] = v
                 gdrive[p, b] += v
-                acc -= v * ss[i, p, b]
-            if not exp_family:  # S = F/tau: dS/dtau = -S/tau
+                if known:
+                    acc -= v * ss[i, p, b]
+                elif exp_family:
+                    acc += v * drive[p, b]
+                else:
+                    acc += v * (drive[p, b] - y[p, b])
+            if not known:  # the rest of the pairing, kappa sum_b w W r, after the weight gradient
+                kappa[p] = dcoef[1, 0, p] / coef[1, 0, p] if exp_family else -ti
+                gtau[p] += kappa[p] * acc
+            elif not exp_family:  # S = F/tau: dS/dtau = -S/tau
                 gtau[p] += acc
         weight_vjp(w, rs[i], conn, gscratch)
-        for k in range(gflat.shape[0]):
-            gflat[k] += gscratch[k]
+        _add_weight_gradient(gscratch, wbuf, conn, kappa, not known, gflat, gtau)
         weights_transpose_times(w, wbuf, conn, layer_off, tmp, ybar)
         for l in range(layer_act.shape[0]):
             for p in range(layer_off[l], layer_off[l + 1]):
-                rho_prime_row(layer_act[l], ys[i, p], drow)
+                rho_prime_from_activity(layer_act[l], y[p], rs[i, p], drow)
                 for b in range(nb):
                     v = ybar[p, b] * drow[b]
                     ybar[p, b] = v if exp_family else v - w[p, b]
@@ -1156,7 +1218,7 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys, rs, ss,
                         for b in range(nb):
                             sbar[j, p, b] += c * ybar[p, b]
                 if exp_family and i > 0:
-                    gtau[p] += _tau_from_coefficients(i, dalpha, dcoef, u, ss, ybar, p)
+                    gtau[p] += _tau_from_coefficients(i, first, dalpha, dcoef, u, ss, ybar, p)
 
 
 @njit
@@ -1201,14 +1263,17 @@ def _slot_count(every):
 
 
 @njit
-def adjoint_run(stepper, tape, circuit, tauinv_step, grads):
-    """The discrete adjoint of ``run``, step by step in reverse: bring the state before step m back
-    (from the checkpoints of ``tape``, a :data:`Tape`, by ``_state_at``), replay that one step
-    keeping its stages, and backpropagate through it with ``adjoint_step``. dL/du of the saved states,
-    ``dl_du[k]``, enters after the step that produced state save_step[k]. Replays reproduce the
-    forward bit for bit, so the gradient is bit-identical for every number of checkpoints. Memory:
-    the checkpoints plus O(log ckpt_every) states. Results into ``grads`` (a :data:`Grads`): gflat
-    (packed weights), gdrive (n, batch), gtau (n,), lam0 = dL/du0. ``tauinv_step`` is
+def adjoint_run(stepper, tape, activities, circuit, tauinv_step, grads):
+    """The discrete adjoint of ``run``, step by step in reverse: take the state before step m (stored
+    in the checkpoints of ``tape``, a :data:`Tape`, or brought back from the one below it by
+    ``_state_at``), replay that one step keeping its stages (one-stage methods, euler and exp_euler,
+    replay nothing: their stage point is the state, their activity is ``activities[m]`` when the
+    forward pass stored it (every state stored; else empty) or one pass) and backpropagate
+    through it with ``adjoint_step``. dL/du of the saved states, ``dl_du[k]``, enters after the step
+    that produced state save_step[k]. Replays reproduce the forward bit for bit and the backward of a
+    step reads only its state, so the gradient is bit-identical for every number of checkpoints.
+    Memory: the checkpoints plus O(log ckpt_every) states. Results into ``grads`` (a :data:`Grads`):
+    gflat (packed weights), gdrive (n, batch), gtau (n,), lam0 = dL/du0. ``tauinv_step`` is
     1/(tau + i eps), the complex step that gives d/dtau of the exponential coefficients."""
     family, method, a, bw = stepper.family, stepper.method, stepper.a, stepper.bw
     hs, nsteps, ckpt, ckpt_every, save_step, dl_du = tape
@@ -1216,13 +1281,14 @@ def adjoint_run(stepper, tape, circuit, tauinv_step, grads):
     gflat, gdrive, gtau, lam0 = grads
     n, nb = drive.shape
     s = bw.shape[0]
+    one_stage = s == 1
     dtype = drive.dtype
     seg = max(1, ckpt_every)
     ys = np.empty((1, s, n, nb), dtype)
     rs = np.empty((1, s, n, nb), dtype)
     ss = np.empty((1, s, n, nb), dtype)
     u_end = np.empty((n, nb), dtype)
-    slots = np.empty((_slot_count(seg), n, nb), dtype)
+    slots = np.empty((_slot_count(seg) if seg > 1 else 0, n, nb), dtype)
     slot_step = np.zeros(slots.shape[0], np.int64)
     alpha = np.zeros((s + 1, n), tauinv.dtype)
     coef = np.zeros((s + 1, s, n), tauinv.dtype)
@@ -1237,18 +1303,28 @@ def adjoint_run(stepper, tape, circuit, tauinv_step, grads):
     drow = np.empty(nb, dtype)
     tmp = np.empty((max(1, n), nb), dtype)
     gscratch = np.empty_like(gflat)
+    kappa = np.empty(n)
     lam = np.zeros((n, nb), dtype)
     lam_prev = np.empty((n, nb), dtype)
     _inject_loss(lam, dl_du, save_step, nsteps)
     h_coef = -1.0
+    top = 0
     nseg = (nsteps + seg - 1) // seg
     for c in range(nseg - 1, -1, -1):
-        slots[0] = ckpt[c]
-        slot_step[0] = c * seg
-        top = 0
+        if seg > 1:
+            slots[0] = ckpt[c]
+            slot_step[0] = c * seg
+            top = 0
         for m in range(min(c * seg + seg, nsteps) - 1, c * seg - 1, -1):
-            top = _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys, rs, ss)
-            replay(stepper, circuit, slots[top], 1, hs[m:m + 1], ys, rs, ss, u_end)
+            if seg > 1:
+                top = _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys, rs, ss)
+            u = slots[top] if seg > 1 else ckpt[c]  # every state stored: read in place
+            stored = one_stage and activities.shape[0] > 0
+            act = activities[m:m + 1] if stored else rs[0]  # the stages' activities, (s, n, nb)
+            if one_stage and not stored:
+                activate(u, layer_off, layer_act, rs[0, 0])
+            elif not one_stage:
+                replay(stepper, circuit, u, 1, hs[m:m + 1], ys, rs, ss, u_end)
             h = hs[m]
             if h != h_coef:
                 coefficients(family, method, h, a, bw, tauinv, alpha, coef)
@@ -1261,9 +1337,9 @@ def adjoint_run(stepper, tape, circuit, tauinv_step, grads):
                             for j in range(s):
                                 dcoef[q, j, p] = ccoef[q, j, p].imag / eps
                 h_coef = h
-            adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, ys[0], rs[0], ss[0],
-                         wbuf, conn, layer_off, layer_act, sbar, w, ybar, drow, tmp, gflat,
-                         gscratch, gdrive, gtau, lam_prev)
+            adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys[0], act, ss[0],
+                         not one_stage, drive, wbuf, conn, layer_off, layer_act, sbar, w, ybar, drow, tmp,
+                         gflat, gscratch, gdrive, gtau, kappa, lam_prev)
             lam, lam_prev = lam_prev, lam
             _inject_loss(lam, dl_du, save_step, m)
     lam0[:, :] = lam

@@ -12,7 +12,8 @@ with the method chosen by name or strategy object.
   integrator of ``integrators.METHODS``; for ``dopri5`` the accepted steps, their sizes held fixed),
   backpropagated by hand with the engine's kernels; memory bounded by checkpointing: the state is
   stored every k steps and states in between are replayed (bisection), bit for bit, so the result
-  is identical for every number of checkpoints.
+  is identical for every number of checkpoints. The one-stage methods (euler, exp_euler) replay
+  nothing where the state is stored; the others replay each step once for its stages.
 
 The loss is a callable ``loss(u) -> (value, dL/du)``: u is the final state (batch, n), or with
 ``trajectory=True`` the states at all ``t_eval`` points (len(t_eval), batch, n), or the equilibrium
@@ -73,9 +74,10 @@ def check_solver(solver, what):
 @dataclass(frozen=True)
 class DiscreteAdjoint(AbstractAdjoint):
     """Backpropagation through the integrator's steps. checkpoints: how many states the forward
-    pass stores (None: every step's, the fastest; k: every ceil(steps/k)-th step's). Between two
-    checkpoints, states are brought back by bisection: memory k + O(log(steps/k)) states whatever the
-    horizon, at the cost of O(log(steps/k)) replays per step."""
+    pass stores (None: every step's, the fastest, with euler and exp_euler their activities too, so
+    that the backward pass neither replays a step nor evaluates an activation; k: every
+    ceil(steps/k)-th step's). Between two checkpoints, states are brought back by bisection: memory
+    k + O(log(steps/k)) states whatever the horizon, at the cost of O(log(steps/k)) replays per step."""
 
     checkpoints: int | None = None
     name = "discrete"
@@ -356,7 +358,7 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
                 "outside the allowed range (0, 1]; use an exponential integrator (exp_euler, etd2rk, "
                 "etdrk4: any dt/tau_min), a smaller dt, or method='discrete'")
 
-    def forward(n_steps, ckpt_every, n_ckpt):
+    def forward(n_steps, ckpt_every, n_ckpt, n_act):
         # sized by the steps that will be taken; only those are written and read (no zeroing)
         hs = allocate((n_steps,), float, f"the sizes of {n_steps} steps",
                       "lower max_steps" if adaptive or dt is None else "raise dt or shorten t_span")
@@ -364,19 +366,27 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
         ckpt = allocate((n_ckpt, n, nb), vf.dtype, f"{n_ckpt} stored states (checkpoints)",
                         "raise dt or shorten t_span" if twin else
                         "store fewer: checkpoints=k in DiscreteAdjoint or ContinuousAdjoint")
+        acts = allocate((n_act, n, nb), vf.dtype, f"the activities of {n_act} stored states",
+                        "store fewer: checkpoints=k in DiscreteAdjoint")
         out = _solve(vf, u, stepper, t0=t0, t_end=t1, dt=dt, rtol=rtol, atol=atol, max_steps=max_steps,
                      blowup=blowup, t_save=t_eval, relax=False, res_rtol=0.0, res_atol=0.0,
-                     record=(hs, save_step, ckpt_every, ckpt))
-        return out, hs, save_step, ckpt
+                     record=(hs, save_step, ckpt_every, ckpt, acts))
+        return out, hs, save_step, ckpt, acts
 
     if adaptive or dt is None:
         # the number of steps is known only after a first pass, which also fixes the step sizes
-        out, hs, save_step, _ = forward(max_steps, 0, 0)
+        out, hs, save_step, _, _ = forward(max_steps, 0, 0, 0)
         steps = out[2]
     else:  # an upper bound (steps land on the t_eval points), within max_steps by check_step_count
         steps = min(max_steps, int(math.ceil((t1 - t0) / dt * (1 + 1e-12))) + len(t_eval) + 1)
     every = 1 if strategy.checkpoints is None or twin else max(1, -(-steps // strategy.checkpoints))
-    out, hs, save_step, ckpt = forward(steps, every, steps // every + 1)
+    # With every state stored, a one-stage method's backward needs no replay, and with the activities
+    # stored (the forward pass computes them anyway) no activation pass either. Not for a twin: its
+    # backward takes the nominal activities, the device's may differ.
+    keep_acts = (every == 1 and not twin and len(kstepper.bw) == 1
+                 and not isinstance(strategy, ContinuousAdjoint))
+    out, hs, save_step, ckpt, acts = forward(steps, every, steps // every + 1,
+                                             steps // every + 1 if keep_acts else 0)
     status, t, steps, nfev, rej, saved, _, _, u_out = out
     sol = Solution(t=t_eval, u=saved.transpose(0, 2, 1), status=_STATUS[status], method=stepper.name,
                    steps=steps, nfev=nfev, rejected=rej,
@@ -400,7 +410,7 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
         K.continuous_adjoint_run(kstepper, tape, backward, strategy.substeps, vf.circuit, grads)
     else:
         tauinv_step = 1.0 / (p.tau.astype(float) + 1e-30j)
-        K.adjoint_run(kstepper, tape, vf.circuit, tauinv_step, grads)
+        K.adjoint_run(kstepper, tape, acts, vf.circuit, tauinv_step, grads)
     grads = vf.parameter_gradients(gflat, gdrive)
     return Gradients(value, grads["weights"], grads["biases"],
                      _tau_gradients(network.nominal if twin else network, gtau),

@@ -513,10 +513,11 @@ CHECKPOINTS = (1, 2, 3, 7, None)
 @pytest.mark.parametrize("trajectory", [False, True], ids=["final", "trajectory"])
 @pytest.mark.parametrize("name,t_end,dt", [
     ("rk4", 3.7, 0.1),  # 37 steps
+    ("euler", 3.7, 0.1),  # one-stage: no replay where the state is stored, activities stored with it
     ("exp_euler", 3.7, 0.1),
     ("dopri5", 3.7, None),  # adaptive
     ("rk4", 0.7, 0.1),  # 7 steps, the last one 2 ulp shorter than dt (0.7 - 0.6000000000000001)
-], ids=["rk4", "exp_euler", "dopri5", "rk4-rounded-last-step"])
+], ids=["rk4", "euler", "exp_euler", "dopri5", "rk4-rounded-last-step"])
 def test_checkpointing_is_bit_identical(name, t_end, dt, trajectory):
     case = make_case(50)
     t_eval = [0.0, 0.35 * t_end, 0.5 * t_end, t_end] if trajectory else None
@@ -565,6 +566,33 @@ def test_replay_reproduces_forward_bits_for_any_segment_start():
     diff = np.max(np.abs(u_last - g.solution.u[-1]))
     assert np.array_equal(u_last, g.solution.u[-1]), \
         f"replaying the last step alone differs from the forward pass by {diff:.3e}"
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.complex128])
+def test_rho_prime_from_the_activity_has_the_bits_of_rho_prime(dtype):
+    """The backward pass takes rho' from the stored activities r = rho(y) (logistic 4 r (1 - r), tanh
+    1 - r^2, the others from y): the same bits as ``activate_prime``, which the gradient's agreement
+    across checkpoint counts (stored activities or recomputed ones) relies on; over the range and at
+    the extremes (saturation, 0, +-inf)."""
+    from substrate.activations import CODES
+    y = np.concatenate([np.linspace(-30, 30, 1201), [0.0, -0.0, 1e-300, 709.0, -745.0, np.inf, -np.inf]])
+    if dtype == np.complex128:  # holomorphic ones only; |Im| < pi/4 keeps tanh away from its poles
+        y = y[np.isfinite(y)][:, None] + 1j * np.linspace(-0.7, 0.7, 5)[None, :]
+        codes = [CODES[a] for a in ("logistic", "tanh", "identity")]
+    else:
+        codes = list(CODES.values())
+    y = np.ascontiguousarray(y.ravel().astype(dtype))[None, :]
+    off = np.array([0, 1], np.int64)
+    checked = 0
+    for code in codes:
+        act = np.array([code], np.int64)
+        r, want, got = np.empty_like(y), np.empty_like(y), np.empty_like(y)
+        K.activate(y, off, act, r)
+        K.activate_prime(y, off, act, want)
+        K.rho_prime_from_activity(code, y[0], r[0], got[0])
+        assert np.array_equal(got, want, equal_nan=True), f"activation code {code}, {dtype.__name__}"
+        checked += np.count_nonzero(np.isfinite(want))
+    assert checked > 0.9 * y.size * len(codes)
 
 
 # ================================================================================================
