@@ -45,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import substrate  # noqa: E402
+import substrate  # noqa: E402  (the repository first on sys.path)
 
 try:
     from threadpoolctl import threadpool_limits
@@ -77,16 +77,20 @@ def make_problem(sizes, batch):
             sol = substrate.relax(net, x, method="exp_euler", tol=TOL)
         except substrate.ConvergenceError:
             continue
-        out = net.slices["y"]
-        target = np.eye(sizes[-1])[np.random.default_rng(2).integers(0, sizes[-1], batch)]
-
-        def loss(u):
-            d = u[:, out] - target
-            g = np.zeros_like(u)
-            g[:, out] = d
-            return 0.5 * float(np.sum(d * d)), g
-        return net, x, loss, angle, sol
+        return net, x, output_loss(net.slices["y"], sizes[-1], batch), angle, sol
     raise SystemExit(f"{sizes}: the relaxation does not converge at 90 or 45 degrees")
+
+
+def output_loss(out, classes, batch):
+    """L = 0.5 sum((u_y - onehot)^2) on the output layer's columns ``out``."""
+    target = np.eye(classes)[np.random.default_rng(2).integers(0, classes, batch)]
+
+    def loss(u):
+        d = u[:, out] - target
+        g = np.zeros_like(u)
+        g[:, out] = d
+        return 0.5 * float(np.sum(d * d)), g
+    return loss
 
 
 def weights(g):
@@ -122,7 +126,7 @@ def run_problem(sizes, batch, repeats):
         print(f"  direct: skipped (estimated {estimate:.0f} s > {DIRECT_LIMIT:g} s)")
     reference = weights(results.get("direct", results["krylov"]))
     for solver in ("krylov", "almeida_pineda"):
-        rows.append((f"gradient, {solver}", timeit(lambda: grad(solver), repeats), results[solver],
+        rows.append((f"gradient, {solver}", timeit(lambda s=solver: grad(s), repeats), results[solver],
                      rel(weights(results[solver]), reference)))
     # a solve to 1e-9, below the error the 1e-8 equilibrium leaves (column "vs exact")
     loose = grad("almeida_pineda", krylov_tol=1e-9)
@@ -139,7 +143,7 @@ def run_problem(sizes, batch, repeats):
     for solver in ("krylov", "almeida_pineda"):
         cold, warm = grad(solver, None, moved), grad(solver, lam, moved)
         rows.append((f"gradient, {solver} warm (0.1% step; cold {cold.adjoint.products})",
-                     timeit(lambda: grad(solver, lam, moved), repeats), warm, rel(weights(warm), weights(cold))))
+                     timeit(lambda s=solver: grad(s, lam, moved), repeats), warm, rel(weights(warm), weights(cold))))
     if "direct" in results:
         rows.append(("gradient, direct (1 run)", (t_direct, t_direct), results["direct"], 0.0))
     print(f"  {'':<46} {'min ms':>9} {'median':>9} {'/ relax':>8} {'products':>9} {'residual':>9} "
