@@ -66,10 +66,14 @@ class Implicit(AbstractAdjoint):
 
     The iterative solvers start from ``adjoint0`` when :func:`gradient` is given one (e.g. the
     previous call's ``Gradients.adjoint.lam``), else from lambda = dL/du (exact for W = 0), and stop
-    after ``max_iter`` J^T products. In float32 the tolerance is at least 100 eps."""
+    after ``max_iter`` J^T products. ``krylov_tol=None`` (the default) is, in :func:`gradient`,
+    max(1e-12, tol / 10) with ``tol`` the relaxation's residual: the equilibrium is only that
+    accurate, so a finer solve does not change the gradient's error (measured in
+    benchmarks/bench_implicit.py: 3e-9 to 2e-8 against the exact gradient at tol 1e-8, whether the
+    solve stops at 1e-9 or 1e-12); elsewhere 1e-12. In float32 the tolerance is at least 100 eps."""
 
     solver: str = "direct"
-    krylov_tol: float = 1e-12
+    krylov_tol: float | None = None
     cond_max: float = 1e12
     ap_step: float = 1.0
     max_iter: int = 10_000
@@ -77,7 +81,7 @@ class Implicit(AbstractAdjoint):
 
     def __post_init__(self):
         check_solver(self.solver, "Implicit")
-        positive(self.krylov_tol, "Implicit(krylov_tol)")
+        positive(self.krylov_tol, "Implicit(krylov_tol)", allow_none=True)
         positive(self.cond_max, "Implicit(cond_max)")
         v = as_real(self.ap_step)
         if v is None or not 0 < v <= 1:
@@ -311,7 +315,7 @@ def _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol,
     # or on the nominal twin)
     vf = _backward_field(network, x, sol.u.shape[0], sol.u.dtype, twin) if twin else sol.field
     value, g = _evaluate_loss(loss, sol.u, "equilibrium")
-    adj = adjoint_solve(vf, sol.u, -g, strategy, adjoint0, on_failure)
+    adj = adjoint_solve(vf, sol.u, -g, strategy, adjoint0, on_failure, relax_tol=tol)
     grads = vf.param_vjp(sol.u, adj.lam)
     zeros_tau = _tau_gradients(network.nominal if twin else network, np.zeros(network.n, sol.u.dtype))
     return Gradients(value, grads["weights"], grads["biases"], zeros_tau, grads["inputs"],
@@ -337,11 +341,12 @@ def solve_adjoint(vf: VectorField, u, rhs, strategy: Implicit = Implicit(), lam0
 
 
 def adjoint_solve(vf: VectorField, u, rhs, strategy: Implicit = Implicit(), lam0=None,
-                  on_failure="raise") -> AdjointSolve:
+                  on_failure="raise", relax_tol=None) -> AdjointSolve:
     """J(u)^T lambda = rhs for every sample by ``strategy.solver`` (:class:`Implicit`), as an
     :class:`AdjointSolve`. ``lam0`` (batch, n): the iterative solvers' first guess (default -rhs,
-    exact for W = 0). An Almeida-Pineda iteration that does not converge raises ConvergenceError, or
-    with ``on_failure="return"`` warns and solves by Krylov instead."""
+    exact for W = 0). ``relax_tol``: the residual u was relaxed to, which sets the default
+    tolerance (see :class:`Implicit`). An Almeida-Pineda iteration that does not converge raises
+    ConvergenceError, or with ``on_failure="return"`` warns and solves by Krylov instead."""
     _check_on_failure(on_failure)
     vf._nominal_neurons("the implicit gradient")
     ut = vf.state(u)
@@ -357,7 +362,10 @@ def adjoint_solve(vf: VectorField, u, rhs, strategy: Implicit = Implicit(), lam0
     start = -rhs_t if lam0 is None else vf.state(lam0, "adjoint0")
     start[:, scale == 0] = 0  # rhs = 0: lambda = 0 exactly (J is regular at a stable equilibrium)
     # a tolerance the dtype can reach: the products' rounding is ~n eps relative
-    rtol = max(strategy.krylov_tol, 100 * float(np.finfo(ut.dtype).eps))
+    rtol = strategy.krylov_tol
+    if rtol is None:
+        rtol = 1e-12 if relax_tol is None else max(1e-12, 0.1 * relax_tol)
+    rtol = max(rtol, 100 * float(np.finfo(ut.dtype).eps))
     if strategy.solver == "almeida_pineda":
         adj, message = _almeida_pineda(vf, d, rhs_t, start, scale, rtol, strategy)
         if message is None:

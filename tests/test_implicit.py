@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from test_adjoint import (BATCH, H_IMPLICIT, IMPLICIT_ENTRIES, REL_FD, RELAX_TOL, check, check_against_fd,
-                          contracting_case, make_case, show)
+                          contracting_case, make_case, rel_error, show)
 from test_derivatives import cast_network
 from test_ep import TIGHT as EP_TIGHT
 from test_ep import problem as ep_problem
@@ -87,6 +87,25 @@ def test_float32_almeida_pineda_matches_float64():
     g32 = gradient(net32, x32, lambda u: (loss(u)[0], loss(u)[1].astype(np.float32)), method=m)
     assert g32.adjoint.lam.dtype == np.float32
     show("float32 almeida_pineda vs float64", check(g32.flat(), g64.flat(), 1e-4, "float32 AP"))
+
+
+def test_default_tolerance_follows_the_relaxation():
+    """krylov_tol=None stops the solve at max(1e-12, tol / 10) for a relaxation to tol: fewer steps
+    than at 1e-12, and no larger error against the exact gradient (equilibrium to 1e-13, LU), which
+    the equilibrium's own error of ~tol dominates."""
+    case = contracting_case(61)
+    loss = case.loss()
+    exact = implicit(case, loss, "direct").flat()
+    kw = dict(tol=1e-8)
+    default = gradient(case.net, case.x, loss, method=Implicit(solver="almeida_pineda"), **kw)
+    fine = gradient(case.net, case.x, loss, method=Implicit(solver="almeida_pineda", krylov_tol=1e-12), **kw)
+    assert 1e-12 < np.max(default.adjoint.residual) <= 1e-9 and np.max(fine.adjoint.residual) <= 1e-12
+    assert default.adjoint.products < fine.adjoint.products
+    err_default, err_fine = rel_error(default.flat(), exact), rel_error(fine.flat(), exact)
+    print(f"  error against the exact gradient: {err_default:.2e} at the default tolerance "
+          f"({default.adjoint.products} steps), {err_fine:.2e} at 1e-12 ({fine.adjoint.products} steps)")
+    assert err_fine > 1e-10  # the relaxation's error, which a finer solve does not remove
+    assert err_default <= 2 * err_fine
 
 
 # ------------------------------------------------------------------------------------------------ rate
