@@ -25,7 +25,8 @@ Problems: layered networks (``Network.layered``, logistic, independent feedback 
 float64, inputs uniform in [0, 1), the loss 0.5 sum((u_y - onehot)^2) on the output layer): 20-50-10
 batch 16, the engine benchmark's 784-500-10 batch 64, and 784-500-500-10 batch 64. A network whose
 relaxation does not converge at 90 degrees is rebuilt at 45 (printed). BLAS is pinned to ``--threads``
-threads (default 1). Every time is the minimum (and median) of ``--repeats`` timings after a warm-up.
+threads (default 1). Every time is the minimum (and median) of at least ``--repeats`` timings (more, up
+to 300, within 0.5 s) after a warm-up.
 
 Run:  .venv/bin/python benchmarks/bench_implicit.py          (about a minute on 2 cores)
       .venv/bin/python benchmarks/bench_implicit.py --json results.json   (also writes the numbers)
@@ -57,11 +58,13 @@ TOL = 1e-8          # the relaxation's residual, for the baseline and every grad
 DIRECT_LIMIT = 60.0  # seconds: direct is skipped above this estimate
 
 
-def timeit(fn, repeats):
-    """(min, median) seconds of fn() over ``repeats`` calls after one untimed warm-up call."""
+def timeit(fn, repeats, budget=0.5, most=300):
+    """(min, median) seconds of fn() over at least ``repeats`` calls, and more (up to ``most``) until
+    ``budget`` seconds are spent: a millisecond call needs many tries for a clean minimum on a shared
+    machine. One untimed warm-up call first."""
     fn()
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or (sum(times) < budget and len(times) < most):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)

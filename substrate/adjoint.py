@@ -404,8 +404,8 @@ def _almeida_pineda(vf, d, rhs_t, start, scale, rtol, strategy):
     # the residual's shrink factor per step over the last (up to 20) steps: a power iteration's
     # estimate of the spectral radius of the iteration matrix I + ap_step J^T
     m = min(k, 20)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rate = float((trace[k] / trace[k - m]) ** (1 / m)) if m and trace[k - m] > 0 else None
+    first, last = float(trace[k - m]), float(trace[k])  # Python floats: inf / inf is NaN, no warning
+    rate = (last / first) ** (1 / m) if m and first > 0 else None
     if status == K.SUCCESS:
         residual = np.divide(res, scale, out=np.zeros_like(res), where=scale > 0)
         return AdjointSolve(lam.T.copy(), "almeida_pineda", k + 1, residual, rate), None
