@@ -25,8 +25,9 @@ Problems: layered networks (``Network.layered``, logistic, independent feedback 
 float64, inputs uniform in [0, 1), the loss 0.5 sum((u_y - onehot)^2) on the output layer): 20-50-10
 batch 16, the engine benchmark's 784-500-10 batch 64, and 784-500-500-10 batch 64. A network whose
 relaxation does not converge at 90 degrees is rebuilt at 45 (printed). BLAS is pinned to ``--threads``
-threads (default 1). Every time is the minimum (and median) of at least ``--repeats`` timings (more, up
-to 300, within 0.5 s) after a warm-up.
+threads (default 1). The variants of a problem are timed round robin (one call of each per round, so
+that all see the same load); every time is the minimum (and median) of at least ``--repeats`` rounds
+(more, up to 300, within 4 s) after a warm-up.
 
 Run:  .venv/bin/python benchmarks/bench_implicit.py          (about a minute on 2 cores)
       .venv/bin/python benchmarks/bench_implicit.py --json results.json   (also writes the numbers)
@@ -58,17 +59,23 @@ TOL = 1e-8          # the relaxation's residual, for the baseline and every grad
 DIRECT_LIMIT = 60.0  # seconds: direct is skipped above this estimate
 
 
-def timeit(fn, repeats, budget=0.5, most=300):
-    """(min, median) seconds of fn() over at least ``repeats`` calls, and more (up to ``most``) until
-    ``budget`` seconds are spent: a millisecond call needs many tries for a clean minimum on a shared
-    machine. One untimed warm-up call first."""
-    fn()
-    times = []
-    while len(times) < repeats or (sum(times) < budget and len(times) < most):
-        t0 = time.perf_counter()
+def race(fns, repeats, budget=4.0, most=300):
+    """{name: (min, median) seconds} of every fn() in ``fns``, timed round robin (one call of each per
+    round, so that all see the same load on a shared machine) for at least ``repeats`` rounds, and
+    more (up to ``most``) until ``budget`` seconds are spent: a millisecond call needs many tries for
+    a clean minimum. One untimed warm-up call of each first."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), float(np.median(times))
+    times = {k: [] for k in fns}
+    spent, rounds = 0.0, 0
+    while rounds < repeats or (spent < budget and rounds < most):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+            spent += times[k][-1]
+        rounds += 1
+    return {k: (min(v), float(np.median(v))) for k, v in times.items()}
 
 
 def make_problem(sizes, batch):
@@ -114,8 +121,6 @@ def run_problem(sizes, batch, repeats):
     exact = weights(substrate.gradient(net, x, loss, method=substrate.Implicit("krylov"),
                                        integrator="exp_euler", tol=1e-12))
 
-    t_relax = timeit(lambda: substrate.relax(net, x, method="exp_euler", tol=TOL), repeats)
-    rows = [("relax (exp_euler, tol 1e-8)", t_relax, None, None)]
     results = {s: grad(s) for s in ("krylov", "almeida_pineda")}
     vf = substrate.VectorField(net, x)
     t0 = time.perf_counter()
@@ -128,14 +133,8 @@ def run_problem(sizes, batch, repeats):
     else:
         print(f"  direct: skipped (estimated {estimate:.0f} s > {DIRECT_LIMIT:g} s)")
     reference = weights(results.get("direct", results["krylov"]))
-    for solver in ("krylov", "almeida_pineda"):
-        rows.append((f"gradient, {solver}", timeit(lambda s=solver: grad(s), repeats), results[solver],
-                     rel(weights(results[solver]), reference)))
     # a solve to 1e-12, finer than the error the 1e-8 equilibrium leaves (column "vs exact")
-    fine = grad("almeida_pineda", krylov_tol=1e-12)
-    rows.append(("gradient, almeida_pineda, krylov_tol 1e-12",
-                 timeit(lambda: grad("almeida_pineda", krylov_tol=1e-12), repeats), fine,
-                 rel(weights(fine), reference)))
+    results["fine"] = grad("almeida_pineda", krylov_tol=1e-12)
     # a training step later: every state-to-state weight 0.1% larger (a deep copy), started from the
     # previous lambda; its rel diff is against the cold start on the changed network
     moved = copy.deepcopy(net)
@@ -143,10 +142,26 @@ def run_problem(sizes, batch, repeats):
         if c.pre in moved.slices and not c.tied:
             c.weight = c.weight * 1.001
     lam = results["almeida_pineda"].adjoint.lam
-    for solver in ("krylov", "almeida_pineda"):
-        cold, warm = grad(solver, None, moved), grad(solver, lam, moved)
-        rows.append((f"gradient, {solver} warm (0.1% step; cold {cold.adjoint.products})",
-                     timeit(lambda s=solver: grad(s, lam, moved), repeats), warm, rel(weights(warm), weights(cold))))
+    cold = {s: grad(s, None, moved) for s in ("krylov", "almeida_pineda")}
+    for s in ("krylov", "almeida_pineda"):
+        results[f"{s} warm"] = grad(s, lam, moved)
+    times = race({
+        "relax": lambda: substrate.relax(net, x, method="exp_euler", tol=TOL),
+        "krylov": lambda: grad("krylov"),
+        "almeida_pineda": lambda: grad("almeida_pineda"),
+        "fine": lambda: grad("almeida_pineda", krylov_tol=1e-12),
+        "krylov warm": lambda: grad("krylov", lam, moved),
+        "almeida_pineda warm": lambda: grad("almeida_pineda", lam, moved)}, repeats)
+    t_relax = times["relax"]
+    rows = [("relax (exp_euler, tol 1e-8)", t_relax, None, None)]
+    for s in ("krylov", "almeida_pineda"):
+        rows.append((f"gradient, {s}", times[s], results[s], rel(weights(results[s]), reference)))
+    rows.append(("gradient, almeida_pineda, krylov_tol 1e-12", times["fine"], results["fine"],
+                 rel(weights(results["fine"]), reference)))
+    for s in ("krylov", "almeida_pineda"):
+        warm = results[f"{s} warm"]
+        rows.append((f"gradient, {s} warm (0.1% step; cold {cold[s].adjoint.products})", times[f"{s} warm"],
+                     warm, rel(weights(warm), weights(cold[s]))))
     if "direct" in results:
         rows.append(("gradient, direct (1 run)", (t_direct, t_direct), results["direct"], 0.0))
     print(f"  {'':<46} {'min ms':>9} {'median':>9} {'/ relax':>8} {'products':>9} {'residual':>9} "
