@@ -479,6 +479,45 @@ def weight_vjp(w, r, conn, out):
         np.dot(w[qa:qa + qn], r[pa:pa + pn].T, out[wo:wo + qn * pn].reshape((qn, pn)))
 
 
+AP_DIVERGED = 1e10  # an Almeida-Pineda residual grown this much past its start is taken as diverging
+
+
+@njit
+def almeida_pineda(d, rhs, wbuf, conn, layer_off, tmp, step, tol, max_iter, lam, r, res, trace):
+    """Relax the adjoint dynamics dlam/ds = J^T lam - rhs by its Euler steps lam += step r, where
+    r = J^T lam - rhs = -lam + d * (W^T lam) - rhs and d = rho'(u*) is fixed: one W^T product a step
+    and no activation. Starts from the given ``lam``; stops when every sample's max_i |r| <= tol[b],
+    diverges (the worst res/tol not finite or AP_DIVERGED times its start) or after ``max_iter``
+    steps. ``r`` receives the last residual, ``res`` its per-sample maximum, ``trace[k]`` the worst
+    res[b] / tol[b] before step k. Returns (status, steps taken)."""
+    n, nb = lam.shape
+    for k in range(max_iter + 1):
+        weights_transpose_times(lam, wbuf, conn, layer_off, tmp, r)
+        res[:] = 0.0
+        for i in range(n):
+            for b in range(nb):
+                v = d[i, b] * r[i, b] - lam[i, b] - rhs[i, b]
+                r[i, b] = v
+                a = abs(v)
+                if not a <= res[b]:  # a NaN is kept
+                    res[b] = a
+        worst = 0.0
+        for b in range(nb):
+            q = res[b] / tol[b]
+            if not q <= worst:
+                worst = q
+        trace[k] = worst
+        if worst <= 1.0:
+            return SUCCESS, k
+        if not worst <= AP_DIVERGED * trace[0]:
+            return DIVERGED, k
+        if k < max_iter:
+            for i in range(n):
+                for b in range(nb):
+                    lam[i, b] += step * r[i, b]
+    return NOT_CONVERGED, max_iter
+
+
 @njit
 def teach(nudge, r, out):
     """out[lo:hi] += beta dl/dr, the teaching current into the nudged layer (rows lo:hi) for the
