@@ -301,7 +301,9 @@ def devices(name):
 @main.command()
 @click.argument("paths", nargs=-1)
 @click.option("--list", "list_paths", is_flag=True, help="List the paths and what each compiles, then exit.")
-def warmup(paths, list_paths):
+@click.option("--jobs", default=min(2, os.cpu_count() or 1), show_default=True, type=click.IntRange(min=1),
+              help="Paths compiled at once, each in its own process.")
+def warmup(paths, list_paths, jobs):
     """Compile the kernels of the common paths ahead (PATHS: names from --list; default: all), so that
     the first run loads them from Numba's cache instead of compiling them. Paths share kernels; the
     seconds of each are those left after the paths before it."""
@@ -319,9 +321,8 @@ def warmup(paths, list_paths):
     live = live_progress()
     start = time.perf_counter()
     with tqdm(total=len(names), desc="warmup", unit="path", disable=not live, dynamic_ncols=True) as bar:
-        for name in names:
+        for name, seconds in wu.run_all(names, jobs):
             bar.set_postfix_str(name)
-            seconds = wu.run(name)
             bar.update()
             if not live:
                 click.echo(f"{name:<18} {seconds:7.1f} s", err=True)

@@ -9,8 +9,12 @@ cache instead of compiling it. Paths share kernels: warming one makes the next c
 
 from __future__ import annotations
 
+import fcntl
+import multiprocessing
+import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 
@@ -64,7 +68,7 @@ def _ep():
     net, x = _network("dsilu"), _inputs(4)
     y = np.eye(_SIZES[-1])[[0, 1, 2, 0]]
     for cost in (S.Cost("y"), S.Cost("y", "cross_entropy", np.eye(_SIZES[-1]), np.zeros(_SIZES[-1]))):
-        for estimator in (ep.Centred(), ep.Holomorphic(points=2)):
+        for estimator in (ep.Centred(), ep.Holomorphic(points=4)):
             ep.estimate(net, x, y, cost, estimator, ep.Relaxation(tol=1e-4))
 
 
@@ -84,17 +88,18 @@ def _pvrnn():
     error_regression(net, x, ErrorRegression(window=3, iterations=2, lr=0.1, sample=False, draws=1), rng)
 
 
-# name -> (what it covers, function); the order is that of `substrate warmup`.
+# name -> (what it covers, function). The order spreads kernels over the workers of a parallel warm-up
+# (float64 and complex128 first, each with its own kernels; the paths that reuse them last).
 PATHS = {
-    "quickstart": ("substrate quickstart: float64 and complex128 relaxations, implicit gradient", _quickstart),
     "float64": ("integrate and relax, float64", lambda: _dynamics("float64")),
-    "float32": ("integrate and relax, float32", lambda: _dynamics("float32")),
     "complex128": ("integrate and relax, complex128 (holomorphic activations)", lambda: _dynamics("complex128", "dsilu")),
+    "float32": ("integrate and relax, float32", lambda: _dynamics("float32")),
     "gradient": ("discrete, continuous and implicit gradients, float64", lambda: _gradients("float64")),
-    "gradient-float32": ("discrete and implicit gradients, float32", lambda: _gradients("float32")),
-    "ep": ("EP estimators, both costs, real and complex", _ep),
-    "devices": ("a device with per-step read noise and state noise", _devices),
     "pvrnn": ("PV-RNN error regression", _pvrnn),
+    "gradient-float32": ("discrete and implicit gradients, float32", lambda: _gradients("float32")),
+    "devices": ("a device with per-step read noise and state noise", _devices),
+    "quickstart": ("substrate quickstart: float64 and complex128 relaxations, implicit gradient", _quickstart),
+    "ep": ("EP estimators, both costs, real and complex", _ep),
 }
 
 
@@ -103,3 +108,36 @@ def run(name: str) -> float:
     start = time.perf_counter()
     PATHS[name][1]()
     return time.perf_counter() - start
+
+
+def run_all(names, jobs: int = 1):
+    """Run the paths ``names``, in ``jobs`` processes at once; yields (name, seconds) as each ends."""
+    if jobs <= 1 or len(names) <= 1:
+        for name in names:
+            yield name, run(name)
+        return
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing compiled or imported twice
+    with ProcessPoolExecutor(min(jobs, len(names)), mp_context=ctx, initializer=locked_cache_writes) as pool:
+        futures = {pool.submit(run, name): name for name in names}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+
+def locked_cache_writes():
+    """Serialise Numba's cache writes between processes. Numba keeps one index per function (read it,
+    add the new signature's data file, write it back) with no lock: two processes saving different
+    signatures of one kernel at the same moment can lose an entry, or leave it naming the other's data
+    file. Each worker of a parallel warm-up takes an exclusive file lock around a save."""
+    from numba.core import caching
+
+    save = caching.IndexDataCacheFile.save
+    if getattr(save, "locked", False):
+        return
+
+    def locked(self, key, data):
+        with open(os.path.join(self._cache_path, ".substrate-cache.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            save(self, key, data)
+
+    locked.locked = True
+    caching.IndexDataCacheFile.save = locked

@@ -299,16 +299,22 @@ print(hits, misses)
 """
 
 
-def test_after_warmup_a_run_compiles_nothing(tmp_path):
-    """`substrate warmup PATH` on an empty cache; then, in a fresh process, that path's run finds every
-    kernel it calls in the cache (Numba counts a miss for each one it has to compile)."""
+@pytest.mark.parametrize("jobs, paths", [(1, ["pvrnn"]),
+                                         pytest.param(2, ["pvrnn", "float32"], marks=pytest.mark.slow)],
+                         ids=["serial", "two_processes"])
+def test_after_warmup_a_run_compiles_nothing(tmp_path, jobs, paths):
+    """`substrate warmup PATH...` on an empty cache; then, in a fresh process, each path's run finds
+    every kernel it calls in the cache (Numba counts a miss for each one it has to compile). With two
+    processes compiling at once, the cache's index writes are locked (studies.warmup.locked_cache_writes).
+    The serial case compiles ~6 s; the parallel one adds the float32 dynamics (~8 s, make test-all)."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
-    warm = subprocess.run([sys.executable, "-m", "studies.cli", "warmup", "pvrnn"], env=env, capture_output=True,
-                          text=True, timeout=600)
+    warm = subprocess.run([sys.executable, "-m", "studies.cli", "warmup", "--jobs", str(jobs), *paths], env=env,
+                          capture_output=True, text=True, timeout=1200)
     assert warm.returncode == 0, warm.stderr
-    assert "compiled 1 paths" in warm.stdout and str(tmp_path / "numba") in warm.stdout
-    after = subprocess.run([sys.executable, "-c", _CACHE_MISSES, "pvrnn"], env=env, capture_output=True, text=True,
-                           timeout=600)
-    assert after.returncode == 0, after.stderr
-    hits, misses = map(int, after.stdout.split())
-    assert hits > 0 and misses == 0  # hits > 0: the kernels were found and their lookups counted
+    assert f"compiled {len(paths)} paths" in warm.stdout and str(tmp_path / "numba") in warm.stdout
+    for path in paths:
+        after = subprocess.run([sys.executable, "-c", _CACHE_MISSES, path], env=env, capture_output=True,
+                               text=True, timeout=600)
+        assert after.returncode == 0, after.stderr
+        hits, misses = map(int, after.stdout.split())
+        assert hits > 0 and misses == 0, path  # hits > 0: the kernels were found and their lookups counted
