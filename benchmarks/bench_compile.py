@@ -124,14 +124,16 @@ def markdown(results: dict) -> str:
     """The README's cold/warm table, from a results file of this benchmark."""
     base = any("baseline_cold" in row for row in results["rows"])
     lines = ["| path | cold: CPU s (wall s) | kernels compiled | warm: CPU s (wall s) |"
-             + (" cold CPU / baseline |" if base else ""),
-             "|---|---|---|---|" + ("---|" if base else "")]
+             + (" baseline cold: CPU s (compiled) | cold CPU / baseline |" if base else ""),
+             "|---|---|---|---|" + ("---|---|" if base else "")]
     for row in results["rows"]:
         cold, warm = row["this_cold"], row["this_warm"]
         line = (f"| `{row['path']}` | {cold['cpu']:.1f} ({cold['wall']:.1f}) | {cold['specialisations']} | "
                 f"{warm['cpu']:.2f} ({warm['wall']:.2f}) |")
         if base:
-            line += f" {row['cpu_ratio_to_baseline']:.2f} |" if "baseline_cold" in row else " |"
+            old = row.get("baseline_cold")
+            line += (f" {old['cpu']:.1f} ({old['specialisations']}) | {row['cpu_ratio_to_baseline']:.2f} |" if old
+                     else " | |")
         lines.append(line)
     load = results["machine"]["load_before"][0], results["machine"]["load_after"][0]
     lines.append(f"\n(load average {load[0]:.1f} before, {load[1]:.1f} after, on {results['machine']['cpus']} cores)")
