@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: quickstart test test-all bench docs
+.PHONY: quickstart test test-all bench docs warmup
 quickstart: $(VENV)/.installed
 	$(VENV)/bin/substrate quickstart
 
@@ -11,6 +11,10 @@ test: $(VENV)/.installed
 
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -m ""
+
+# compiles the kernels of the common paths into Numba's cache (the set-up below runs it once)
+warmup: $(VENV)/.installed
+	$(VENV)/bin/substrate warmup
 
 docs: $(VENV)/.installed
 	$(PY) docs/build_api.py docs/api
@@ -22,10 +26,12 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_devices.py
 	$(PY) benchmarks/bench_er.py
 	$(PY) benchmarks/bench_dpm_memory.py
+	$(PY) benchmarks/bench_compile.py
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	# torch first and pinned, so that nothing pulls a CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/substrate warmup
 	touch $@

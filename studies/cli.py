@@ -9,6 +9,7 @@ import tempfile
 import time
 
 import click
+from tqdm import tqdm
 
 from studies import archives, figures
 from studies import quickstart as qs
@@ -295,6 +296,44 @@ def devices(name):
             head, _, rest = dev.describe(width).partition("\n")
             alias = alias_of(key)
             click.echo(head + (f"  (alias of {alias}: the same device)" if alias else "") + "\n" + rest + "\n")
+
+
+@main.command()
+@click.argument("paths", nargs=-1)
+@click.option("--list", "list_paths", is_flag=True, help="List the paths and what each compiles, then exit.")
+@click.option("--jobs", default=min(2, os.cpu_count() or 1), show_default=True, type=click.IntRange(min=1),
+              help="Paths compiled at once, each in its own process.")
+def warmup(paths, list_paths, jobs):
+    """Compile the kernels of the common paths ahead (PATHS: names from --list; default: all), so that
+    the first run loads them from Numba's cache instead of compiling them. Paths share kernels; the
+    seconds of each are those left after the paths before it."""
+    from models.train import live_progress
+    from studies import warmup as wu
+
+    if list_paths:
+        for name, (what, _) in wu.PATHS.items():
+            click.echo(f"{name:<18} {what}")
+        return
+    unknown = [p for p in paths if p not in wu.PATHS]
+    if unknown:
+        raise CLIError(f"no warm-up path {', '.join(map(repr, unknown))}; paths: {', '.join(wu.PATHS)}")
+    names = list(dict.fromkeys(paths)) or list(wu.PATHS)
+    live = live_progress()
+    start = time.perf_counter()
+    with tqdm(total=len(names), desc="warmup", unit="path", disable=not live, dynamic_ncols=True) as bar:
+        for name, seconds in wu.run_all(names, jobs):
+            bar.set_postfix_str(name)
+            bar.update()
+            if not live:
+                click.echo(f"{name:<18} {seconds:7.1f} s", err=True)
+    click.echo(f"compiled {len(names)} paths in {time.perf_counter() - start:.1f} s; cache: {_numba_cache()}")
+
+
+def _numba_cache() -> str:
+    """Where Numba keeps the compiled kernels."""
+    from numba.core.config import CACHE_DIR
+
+    return CACHE_DIR or "next to the sources (__pycache__)"
 
 
 if __name__ == "__main__":

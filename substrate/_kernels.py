@@ -391,6 +391,15 @@ def activate_prime(u, layer_off, layer_act, out):
 # Weight products: the only O(n^2) work of a step
 # --------------------------------------------------------------------------------------------
 @njit
+def copy_rows(src, dst):
+    """dst = src for 2-D arrays of one shape, as plain loops: numba's array-to-slice assignment also
+    compiles its shape-mismatch message (string formatting, 2-3 s of a cold start)."""
+    for i in range(src.shape[0]):
+        for b in range(src.shape[1]):
+            dst[i, b] = src[i, b]
+
+
+@njit
 def _add_rows(t, out, start):
     """out[start:start + len(t)] += t, as plain loops (numba's slice += is slower here)."""
     for i in range(t.shape[0]):
@@ -943,14 +952,14 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects):
     rejected = 0
     k = 0
     while k < ns and t_save[k] <= t0:
-        saved[k] = u
+        copy_rows(u, saved[k])
         save_step[k] = 0
         k += 1
     if ckpt_every > 0:
-        ckpt[0] = u
+        copy_rows(u, ckpt[0])
     activate_effects(effects, u, circuit, r)
     if ckpt_r.shape[0] > 0:
-        ckpt_r[0] = r
+        copy_rows(r, ckpt_r[0])
     first_ready = False  # is S_0 (the slope at u) known?
     facold = ERR_FLOOR
     h = dt
@@ -1054,21 +1063,21 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects):
             h_record[step] = hh
         step += 1
         if ckpt_every > 0 and step % ckpt_every == 0 and step // ckpt_every < ckpt.shape[0]:
-            ckpt[step // ckpt_every] = u
+            copy_rows(u, ckpt[step // ckpt_every])
             if ckpt_r.shape[0] > 0:
-                ckpt_r[step // ckpt_every] = r
+                copy_rows(r, ckpt_r[step // ckpt_every])
         if fsal and not noisy:  # noise moved the state off the last stage
-            stages[0, :, :] = stages[s - 1]
+            copy_rows(stages[s - 1], stages[0])
         else:
             first_ready = False
         if adaptive:
             # a step shortened to hit a save time does not shrink the controller's proposal
             h = max(h, h_next) if clipped else h_next
         if k < ns and t >= t_save[k]:
-            saved[k] = u
+            copy_rows(u, saved[k])
             save_step[k] = step
             k += 1
-    u_out[:, :] = u
+    copy_rows(u, u_out)
     return status, t, step, nfev, rejected
 
 
@@ -1092,7 +1101,7 @@ def replay(stepper, circuit, u0, nsteps, hs, ys, rs, ss, u_end):
     rnew = np.empty_like(u0)
     dummy = np.zeros(nb)
     ew = np.zeros(0)
-    ys[0, 0] = u0
+    copy_rows(u0, ys[0, 0])
     activate(u0, layer_off, layer_act, rs[0, 0])
     for m in range(nsteps):
         h = hs[m]
@@ -1273,7 +1282,7 @@ def _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys1, rs1, ss1):
     while slot_step[top] < m:
         start = slot_step[top]
         target = m if m - start <= 1 else start + (m - start + 1) // 2
-        slots[top + 1] = slots[top]
+        copy_rows(slots[top], slots[top + 1])
         for j in range(start, target):
             replay(stepper, circuit, slots[top + 1], 1, hs[j:j + 1], ys1, rs1, ss1, slots[top + 1])
         top += 1
@@ -1351,7 +1360,7 @@ def adjoint_run(stepper, tape, activities, circuit, tauinv_step, grads):
     nseg = (nsteps + seg - 1) // seg
     for c in range(nseg - 1, -1, -1):
         if seg > 1:
-            slots[0] = ckpt[c]
+            copy_rows(ckpt[c], slots[0])
             slot_step[0] = c * seg
             top = 0
         for m in range(min(c * seg + seg, nsteps) - 1, c * seg - 1, -1):
@@ -1381,7 +1390,7 @@ def adjoint_run(stepper, tape, activities, circuit, tauinv_step, grads):
                          gflat, gscratch, gdrive, gtau, kappa, lam_prev)
             lam, lam_prev = lam_prev, lam
             _inject_loss(lam, dl_du, save_step, m)
-    lam0[:, :] = lam
+    copy_rows(lam, lam0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1580,13 +1589,13 @@ def continuous_adjoint_run(stepper, tape, back_method, substeps, circuit, grads)
     h_coef = -1.0
     nseg = (nsteps + seg - 1) // seg
     for c in range(nseg - 1, -1, -1):
-        slots[0] = ckpt[c]
+        copy_rows(ckpt[c], slots[0])
         slot_step[0] = c * seg
         top = 0
         for m in range(min(c * seg + seg, nsteps) - 1, c * seg - 1, -1):
             top = _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys1, rs1, ss1)
             count = _substep_sizes(hs[m], substeps, finest, m == 0, _injected(save_step, m + 1), sub_h)
-            path[0] = slots[top]
+            copy_rows(slots[top], path[0])
             for q in range(count):
                 replay(stepper, circuit, path[q], 1, sub_h[q:q + 1], ys1, rs1, ss1, path[q + 1])
             for q in range(count - 1, -1, -1):
@@ -1608,7 +1617,7 @@ def continuous_adjoint_run(stepper, tape, back_method, substeps, circuit, grads)
                     _adjoint_drive(mid, u_left, tauinv, tau, wbuf, conn, layer_off, layer_act, tmp,
                                    w, dprime, m1)
                 else:
-                    m1[:, :] = m0
+                    copy_rows(m0, m1)
                 _cell_weights(lam, m0, m1, g, q1, q2, w_right, w_left)
                 _quadrature(w_right, u_right, layer_off, layer_act, conn, r, gscratch, gflat, gdrive)
                 _quadrature(w_left, u_left, layer_off, layer_act, conn, r, gscratch, gflat, gdrive)
@@ -1619,6 +1628,6 @@ def continuous_adjoint_run(stepper, tape, back_method, substeps, circuit, grads)
                         for b in range(nb):
                             lam[p, b] = e2 * lam[p, b] + c0 * m0[p, b] + c1 * m1[p, b]
                 else:
-                    lam[:, :] = mid
+                    copy_rows(mid, lam)
             _inject_loss(lam, dl_du, save_step, m)
-    lam0[:, :] = lam
+    copy_rows(lam, lam0)

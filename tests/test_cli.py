@@ -275,3 +275,46 @@ def test_devices_lists_rounded_numbers_units_aliases_and_whole_citations():
         assert "reram_sb (alias" not in flat and flat.count("(alias of") == 1
     assert alias_of("rram") == "reram_sb" and alias_of("reram_sb") is None and alias_of("ideal") is None
     assert rounded(0.3 / 0.75) == "0.4" and rounded((1, 2.0000000001)) == "(1, 2.0)" and rounded(None) == "None"
+
+
+def test_warmup_lists_its_paths_and_refuses_an_unknown_one():
+    from studies.warmup import PATHS
+
+    listed = invoke("warmup", "--list")
+    assert listed.exit_code == 0 and [line.split()[0] for line in listed.output.splitlines()] == list(PATHS)
+    bad = invoke("warmup", "float64", "no-such-path")
+    assert bad.exit_code == 1 and "'no-such-path'" in bad.output and "float64" in bad.output
+
+
+_CACHE_MISSES = """
+import sys
+from numba.core.registry import CPUDispatcher
+from studies import warmup
+warmup.run(sys.argv[1])
+kernels = [d for name, m in list(sys.modules.items()) if name.startswith(("substrate", "models"))
+           for d in vars(m).values() if isinstance(d, CPUDispatcher)]
+hits = sum(sum(d.stats.cache_hits.values()) for d in kernels)
+misses = sum(sum(d.stats.cache_misses.values()) for d in kernels)
+print(hits, misses)
+"""
+
+
+@pytest.mark.parametrize("jobs, paths", [(1, ["pvrnn"]),
+                                         pytest.param(2, ["pvrnn", "float32"], marks=pytest.mark.slow)],
+                         ids=["serial", "two_processes"])
+def test_after_warmup_a_run_compiles_nothing(tmp_path, jobs, paths):
+    """`substrate warmup PATH...` on an empty cache; then, in a fresh process, each path's run finds
+    every kernel it calls in the cache (Numba counts a miss for each one it has to compile). With two
+    processes compiling at once, the cache's index writes are locked (studies.warmup.locked_cache_writes).
+    The serial case compiles ~6 s; the parallel one adds the float32 dynamics (~8 s, make test-all)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    warm = subprocess.run([sys.executable, "-m", "studies.cli", "warmup", "--jobs", str(jobs), *paths], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert warm.returncode == 0, warm.stderr
+    assert f"compiled {len(paths)} paths" in warm.stdout and str(tmp_path / "numba") in warm.stdout
+    for path in paths:
+        after = subprocess.run([sys.executable, "-c", _CACHE_MISSES, path], env=env, capture_output=True,
+                               text=True, timeout=600)
+        assert after.returncode == 0, after.stderr
+        hits, misses = map(int, after.stdout.split())
+        assert hits > 0 and misses == 0, path  # hits > 0: the kernels were found and their lookups counted

@@ -61,7 +61,7 @@ class InputDAC(KernelState, namedtuple("InputDAC", "bits bound buf")):
 
 @K.njit
 def _dac_before(e, src):
-    e.buf[:, :] = src
+    K.copy_rows(src, e.buf)
     K.quantise(e.buf, e.bits, e.bound)
     return e.buf
 
