@@ -5,7 +5,9 @@ adds before or after every weight product, to the activities, or after every acc
 A :class:`~substrate.devices.device.DeviceNetwork` builds the states of its device in the fixed order
 of the weight product, DAC -> W r -> read noise -> output noise -> ADC, then the neurons' activation
 mismatch and state noise; a :class:`StepEffect` of the device adds its own after them. Every
-generator is the effect's own stream, so that one effect never shifts another's draws.
+generator is the effect's own stream, so that one effect never shifts another's draws; the built-in
+effects draw their normals a block at a time (:mod:`substrate.devices.normals`, ``stream`` and the
+float64 scratch ``xi`` of their states).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .. import _kernels as K
+from . import normals
 from .base import Effect
 
 
@@ -70,7 +73,7 @@ register(InputDAC, before=_dac_before)
 
 
 # ------------------------------------------------------------------------------------ read noise
-class ReadNoiseStep(KernelState, namedtuple("ReadNoiseStep", "wvar rng correlation_time sq var xi")):
+class ReadNoiseStep(KernelState, namedtuple("ReadNoiseStep", "wvar stream correlation_time sq var xi")):
     """Read noise redrawn at every step, per sample, in its output form: sum_j dW_ij r_j with
     independent dW_ij ~ N(0, wvar_ij) is N(0, sum_j wvar_ij r_j^2), one extra product of the
     variances (wvar, flat weight layout) with r^2 instead of n_w draws (aihwkit's weight noise is
@@ -90,9 +93,7 @@ def _read_step_after(e, src, circuit, tmp, out, fresh, h):
             sq[i, b] = src[i, b] * src[i, b]
     K.weights_times(sq, e.wvar, circuit.conn, circuit.layer_off, tmp, var)
     if fresh:
-        for i in range(out.shape[0]):
-            for b in range(out.shape[1]):
-                xi[i, b] = e.rng.standard_normal()
+        normals.fill(e.stream, xi.reshape(xi.size))
     scale = e.correlation_time / h if e.correlation_time > 0.0 else 1.0
     for i in range(out.shape[0]):
         for b in range(out.shape[1]):
@@ -124,8 +125,9 @@ register(ReadNoiseSample, after=_read_sample_after)
 
 
 # ------------------------------------------------------------------------------------ output
-class OutputNoise(KernelState, namedtuple("OutputNoise", "sd rng")):
-    """Gaussian noise on every product's output, sd (n,) per row (0: a row no crossbar feeds)."""
+class OutputNoise(KernelState, namedtuple("OutputNoise", "sd stream xi")):
+    """Gaussian noise on every product's output, sd (n,) per row (0: a row no crossbar feeds); xi
+    (n, B) float64 scratch."""
 
     __slots__ = ()
     draws_per_step = True
@@ -133,11 +135,13 @@ class OutputNoise(KernelState, namedtuple("OutputNoise", "sd rng")):
 
 @K.njit
 def _output_noise_after(e, src, circuit, tmp, out, fresh, h):
+    xi = e.xi
+    normals.fill(e.stream, xi.reshape(xi.size))  # a block for all rows: cheaper than skipping sd = 0
     for i in range(out.shape[0]):
         sd = e.sd[i]
         if sd > 0.0:
             for b in range(out.shape[1]):
-                out[i, b] += sd * e.rng.standard_normal()
+                out[i, b] += sd * xi[i, b]
 
 
 register(OutputNoise, after=_output_noise_after)
@@ -174,8 +178,9 @@ def _mismatch_activate(e, y, circuit, r):
 register(ActivationGain, activate=_mismatch_activate)
 
 
-class StateNoiseStep(KernelState, namedtuple("StateNoiseStep", "sigma rng")):
-    """Additive state noise after every accepted step: u += sigma sqrt(h) xi."""
+class StateNoiseStep(KernelState, namedtuple("StateNoiseStep", "sigma stream xi")):
+    """Additive state noise after every accepted step: u += sigma sqrt(h) xi; xi (n, B) float64
+    scratch."""
 
     __slots__ = ()
     draws_per_step = True
@@ -184,9 +189,11 @@ class StateNoiseStep(KernelState, namedtuple("StateNoiseStep", "sigma rng")):
 @K.njit
 def _state_noise_step(e, u, h):
     amp = e.sigma * math.sqrt(h)
+    xi = e.xi
+    normals.fill(e.stream, xi.reshape(xi.size))
     for p in range(u.shape[0]):
         for b in range(u.shape[1]):
-            u[p, b] += amp * e.rng.standard_normal()
+            u[p, b] += amp * xi[p, b]
     return True
 
 
