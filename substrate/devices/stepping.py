@@ -41,7 +41,9 @@ class StepEffect(Effect):
     a namedtuple class registered with ``register(cls, before=..., after=..., activate=..., step=...)``),
     or None to add nothing. ``network`` is the :class:`~substrate.devices.device.DeviceNetwork`
     (``network.seed``, ``network.n``, ``network.rng(self)``: the effect's own generator, kept across
-    phases)."""
+    phases). An effect that draws normals at every step can draw them a block at a time as the built-in
+    ones do: ``normals.new_stream(network.rng(self))`` in its state, ``normals.fill(stream, buf)`` in
+    its hook."""
 
     hook: ClassVar[str] = "step"
 
