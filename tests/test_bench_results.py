@@ -82,3 +82,23 @@ def test_the_readme_block_exists():
     """README.md carries the markers the generator fills."""
     text = (ROOT / "README.md").read_text()
     assert text.count("<!-- bench:begin -->") == 1 and text.count("<!-- bench:end -->") == 1
+
+
+def test_bench_step_records_the_tables_it_prints(bench, capsys):
+    """bench_step.py's Table.print also records its rows (times in us, ratios to the GEMM bound of its row;
+    a skipped row as None) under the key of its title."""
+    results, _, tmp = bench
+    bench_step = importlib.import_module("bench_step")
+    assert bench_step.results is results  # the module the fixture pointed at tmp_path
+    table = bench_step.Table()
+    table.add("GEMM bound", "float64", 1, 30e-6, 32e-6, (30e-6, 32e-6))
+    table.add("substrate euler, marginal step", "float64", 1, 81e-6, 90e-6, (30e-6, 32e-6), "note")
+    table.skip("activation: engine", "float64", 1, "TypeError")
+    table.print("Per step: batch 64")
+    assert "substrate euler, marginal step" in capsys.readouterr().out
+    t = json.loads((tmp / "results" / "bench_devices.json").read_text())["tables"][-1]
+    assert t["key"] == "per step" and t["title"] == "Per step: batch 64"
+    rows = {r[0]: r for r in t["rows"]}
+    assert rows["substrate euler, marginal step"][3:7] == pytest.approx([81.0, 90.0, 2.7, 90 / 32])
+    assert rows["activation: engine"][3:7] == [None, None, None, None]
+    assert rows["activation: engine"][7] == "skipped: TypeError"
