@@ -143,3 +143,19 @@ def test_draws_are_uncorrelated():
     for a, b in pairs:
         a, b = a.ravel(), b.ravel()
         assert abs(np.corrcoef(a, b)[0, 1]) < 4 / math.sqrt(a.size)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_add_is_fill_a_chunk_at_a_time(dtype):
+    """add(stream, scale, chunk, out) adds scale times the draws fill gives for out's length cut into
+    chunks (the last one shorter), in out's dtype, and leaves the stream where those fills would."""
+    out = np.linspace(-1, 1, 5000).astype(dtype)
+    stream, reference = np.array([99, 3], dtype=np.uint64), np.array([99, 3], dtype=np.uint64)
+    want = out.astype(np.float64).copy()
+    for a in range(0, out.size, 2048):
+        xi = np.empty(min(2048, out.size - a))
+        N.fill(reference, xi)
+        want[a:a + xi.size] += 0.25 * xi
+    N.add(stream, 0.25, N.new_chunk(), out)
+    assert np.array_equal(stream, reference)
+    np.testing.assert_allclose(out, want.astype(dtype), rtol=0, atol=0 if dtype == np.float64 else 1e-6)

@@ -474,7 +474,7 @@ class DeviceNetwork(Network):
             # rows that no state crossbar feeds keep 0: no output noise, no ADC (the kernel skips them)
             if io.out_noise > 0:
                 fx.append(stepping.OutputNoise((io.out_noise * wmax).astype(rdt), self._kernel_stream("IOChain"),
-                                               np.empty((n, batch))))
+                                               normals.new_chunk()))
             if io.out_bits > 0:
                 fx.append(stepping.OutputADC(io.out_bits, (io.out_bound * wmax).astype(rdt)))
         if self._mismatch:
@@ -482,7 +482,7 @@ class DeviceNetwork(Network):
                                               np.empty(batch, dtype)))
         if self.neurons.state_noise > 0:
             fx.append(stepping.StateNoiseStep(float(self.neurons.state_noise), self._kernel_stream("StateNoise"),
-                                              np.empty((n, batch))))
+                                              normals.new_chunk()))
         for e in self.device.of(stepping.StepEffect):
             s = e.state(self, batch, dtype)
             if s is not None and not K.is_registered(s):

@@ -16,7 +16,7 @@ Here a block is filled in one loop that LLVM vectorises:
 
 A stream is a uint64 array ``[key, next block]`` (:func:`new_stream`, the key drawn from the
 effect's numpy Generator once per phase, so that the Generator is the persisted state and the same
-seed gives the same bits); :func:`fill` advances the block counter.
+seed gives the same bits); :func:`fill` advances the block counter, :func:`add` adds scaled draws.
 """
 
 from __future__ import annotations
@@ -119,6 +119,24 @@ def fill(stream, out):
         out[2 * m] = pair(key, first + np.uint64(m))[0]
         blocks += 1
     stream[1] = first + np.uint64(blocks)
+
+
+@K.njit
+def add(stream, scale, chunk, out):
+    """out += scale * xi for the 1-D ``out`` (any real dtype), xi drawn by :func:`fill` into ``chunk``
+    (float64, 1-D) a chunk at a time: the draws are consumed while in L1 instead of passing through a
+    buffer as large as ``out`` (measured: ~30% of the draws' cost inside the stepping kernel)."""
+    n = chunk.shape[0]
+    for a in range(0, out.shape[0], n):
+        c = chunk[:min(n, out.shape[0] - a)]
+        fill(stream, c)
+        for k in range(c.shape[0]):
+            out[a + k] += scale * c[k]
+
+
+def new_chunk() -> np.ndarray:
+    """A scratch chunk for :func:`add`: 2048 values, 16 kB (an L1 cache holds it and what it adds to)."""
+    return np.empty(2048)
 
 
 def new_stream(rng: np.random.Generator) -> np.ndarray:

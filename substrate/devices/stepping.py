@@ -6,8 +6,8 @@ A :class:`~substrate.devices.device.DeviceNetwork` builds the states of its devi
 of the weight product, DAC -> W r -> read noise -> output noise -> ADC, then the neurons' activation
 mismatch and state noise; a :class:`StepEffect` of the device adds its own after them. Every
 generator is the effect's own stream, so that one effect never shifts another's draws; the built-in
-effects draw their normals a block at a time (:mod:`substrate.devices.normals`, ``stream`` and the
-float64 scratch ``xi`` of their states).
+effects draw their normals a block at a time (:mod:`substrate.devices.normals`: the ``stream`` of
+their states).
 """
 
 from __future__ import annotations
@@ -127,9 +127,9 @@ register(ReadNoiseSample, after=_read_sample_after)
 
 
 # ------------------------------------------------------------------------------------ output
-class OutputNoise(KernelState, namedtuple("OutputNoise", "sd stream xi")):
-    """Gaussian noise on every product's output, sd (n,) per row (0: a row no crossbar feeds); xi
-    (n, B) float64 scratch."""
+class OutputNoise(KernelState, namedtuple("OutputNoise", "sd stream chunk")):
+    """Gaussian noise on every product's output, sd (n,) per row (0: a row no crossbar feeds); chunk:
+    ``normals.new_chunk()`` scratch."""
 
     __slots__ = ()
     draws_per_step = True
@@ -137,13 +137,9 @@ class OutputNoise(KernelState, namedtuple("OutputNoise", "sd stream xi")):
 
 @K.njit
 def _output_noise_after(e, src, circuit, tmp, out, fresh, h):
-    xi = e.xi
-    normals.fill(e.stream, xi.reshape(xi.size))  # a block for all rows: cheaper than skipping sd = 0
     for i in range(out.shape[0]):
-        sd = e.sd[i]
-        if sd > 0.0:
-            for b in range(out.shape[1]):
-                out[i, b] += sd * xi[i, b]
+        if e.sd[i] > 0.0:
+            normals.add(e.stream, e.sd[i], e.chunk, out[i])
 
 
 register(OutputNoise, after=_output_noise_after)
@@ -180,9 +176,9 @@ def _mismatch_activate(e, y, circuit, r):
 register(ActivationGain, activate=_mismatch_activate)
 
 
-class StateNoiseStep(KernelState, namedtuple("StateNoiseStep", "sigma stream xi")):
-    """Additive state noise after every accepted step: u += sigma sqrt(h) xi; xi (n, B) float64
-    scratch."""
+class StateNoiseStep(KernelState, namedtuple("StateNoiseStep", "sigma stream chunk")):
+    """Additive state noise after every accepted step: u += sigma sqrt(h) xi; chunk:
+    ``normals.new_chunk()`` scratch."""
 
     __slots__ = ()
     draws_per_step = True
@@ -190,12 +186,7 @@ class StateNoiseStep(KernelState, namedtuple("StateNoiseStep", "sigma stream xi"
 
 @K.njit
 def _state_noise_step(e, u, h):
-    amp = e.sigma * math.sqrt(h)
-    xi = e.xi
-    normals.fill(e.stream, xi.reshape(xi.size))
-    for p in range(u.shape[0]):
-        for b in range(u.shape[1]):
-            u[p, b] += amp * xi[p, b]
+    normals.add(e.stream, e.sigma * math.sqrt(h), e.chunk, u.reshape(u.size))
     return True
 
 
