@@ -19,14 +19,14 @@ warmup: $(VENV)/.installed
 docs: $(VENV)/.installed
 	$(PY) docs/build_api.py docs/api
 
+# every bench through benchmarks/results.py: benchmarks/results/<bench>.json beside its printed table,
+# then the README's performance block regenerated from those files
+BENCHES := bench_step bench_activations bench_gradient bench_implicit bench_ep_epoch bench_devices bench_er \
+	bench_dpm_memory
 bench: $(VENV)/.installed
-	$(PY) benchmarks/bench_step.py
-	$(PY) benchmarks/bench_gradient.py
-	$(PY) benchmarks/bench_ep_epoch.py
-	$(PY) benchmarks/bench_devices.py
-	$(PY) benchmarks/bench_er.py
-	$(PY) benchmarks/bench_dpm_memory.py
-	$(PY) benchmarks/bench_compile.py
+	for b in $(BENCHES); do $(PY) benchmarks/results.py benchmarks/$$b.py || exit 1; done
+	$(PY) benchmarks/bench_compile.py  # writes its own benchmarks/results/bench_compile.json
+	$(PY) benchmarks/readme_table.py
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

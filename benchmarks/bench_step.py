@@ -61,6 +61,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import results  # noqa: E402
 import substrate  # noqa: E402
 from substrate import _kernels as K  # noqa: E402
 
@@ -223,6 +224,10 @@ class Table:
                 continue
             ratio = f"{tmin / bound[0]:6.2f} {tmed / bound[1]:6.2f}" if bound else f"{'':6} {'':6}"
             print(f"{method:<46} {dtype:<8} {threads:>3} {tmin * 1e6:12.1f} {tmed * 1e6:9.1f} {ratio}  {note}")
+        results.record(title, ["method", "dtype", "threads", "min us", "median us", "ratio", "ratio (median)", "note"],
+                       [(m, d, n, *(None if t is None else 1e6 * t for t in (tmin, tmed)),
+                         *((tmin / b[0], tmed / b[1]) if b and tmin is not None else (None, None)), note)
+                        for m, d, n, tmin, tmed, b, note in self.rows], key=title.split(":")[0].lower())
         self.rows = []
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from .. import _kernels as K
 from ..errors import SubstrateValueError
 from ..network import Layer, Network
-from . import stepping
+from . import normals, stepping
 from .base import Effect, HOOKS, nonnegative, positive, stream
 from .effects import (ConductanceMapping, DriftEffect, DynamicsEffect, IndependentFeedback, IOChain,
                       ProgramEffect, ReadEffect)
@@ -458,7 +458,7 @@ class DeviceNetwork(Network):
             wvar = (np.concatenate([self._packed_variance(c).ravel() for c in state]).astype(dtype)
                     if state else np.zeros(0, dtype))
             t_c = float(max([e.correlation_time or 0.0 for e in self.device.of(ReadEffect)], default=0.0))
-            fx.append(stepping.ReadNoiseStep(wvar, self._kernel_rng("ReadNoise.step"), t_c, np.empty((n, batch), dtype),
+            fx.append(stepping.ReadNoiseStep(wvar, self._kernel_stream("ReadNoise.step"), t_c, np.empty((n, batch), dtype),
                                              np.empty((n, batch), dtype), np.empty((n, batch))))
         elif policy == "sample":
             blocks = [self._read_weight(c, batch=batch)[1] for c in state]
@@ -473,14 +473,16 @@ class DeviceNetwork(Network):
                 wmax[sl] = np.maximum(wmax[sl], self._crossbar_wmax(c))
             # rows that no state crossbar feeds keep 0: no output noise, no ADC (the kernel skips them)
             if io.out_noise > 0:
-                fx.append(stepping.OutputNoise((io.out_noise * wmax).astype(rdt), self._kernel_rng("IOChain")))
+                fx.append(stepping.OutputNoise((io.out_noise * wmax).astype(rdt), self._kernel_stream("IOChain"),
+                                               normals.new_chunk()))
             if io.out_bits > 0:
                 fx.append(stepping.OutputADC(io.out_bits, (io.out_bound * wmax).astype(rdt)))
         if self._mismatch:
             fx.append(stepping.ActivationGain(self.neurons.gain.astype(rdt), self.neurons.offset.astype(rdt),
                                               np.empty(batch, dtype)))
         if self.neurons.state_noise > 0:
-            fx.append(stepping.StateNoiseStep(float(self.neurons.state_noise), self._kernel_rng("StateNoise")))
+            fx.append(stepping.StateNoiseStep(float(self.neurons.state_noise), self._kernel_stream("StateNoise"),
+                                              normals.new_chunk()))
         for e in self.device.of(stepping.StepEffect):
             s = e.state(self, batch, dtype)
             if s is not None and not K.is_registered(s):
@@ -511,6 +513,11 @@ class DeviceNetwork(Network):
         if name not in self._held_rngs:
             self._held_rngs[name] = stream(self.seed, name)
         return self._held_rngs[name]
+
+    def _kernel_stream(self, name):
+        """A phase's block stream (``normals``) of the stream ``name``: keyed by one draw of its
+        generator, which alone carries the state from phase to phase (and through a save)."""
+        return normals.new_stream(self._kernel_rng(name))
 
     def __repr__(self):
         return f"DeviceNetwork({self.device.name}, clock {self.clock:g} s; {super().__repr__()})"

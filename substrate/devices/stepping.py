@@ -5,7 +5,9 @@ adds before or after every weight product, to the activities, or after every acc
 A :class:`~substrate.devices.device.DeviceNetwork` builds the states of its device in the fixed order
 of the weight product, DAC -> W r -> read noise -> output noise -> ADC, then the neurons' activation
 mismatch and state noise; a :class:`StepEffect` of the device adds its own after them. Every
-generator is the effect's own stream, so that one effect never shifts another's draws.
+generator is the effect's own stream, so that one effect never shifts another's draws; the built-in
+effects draw their normals a block at a time (:mod:`substrate.devices.normals`: the ``stream`` of
+their states).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .. import _kernels as K
+from . import normals
 from .base import Effect
 
 
@@ -38,7 +41,9 @@ class StepEffect(Effect):
     a namedtuple class registered with ``register(cls, before=..., after=..., activate=..., step=...)``),
     or None to add nothing. ``network`` is the :class:`~substrate.devices.device.DeviceNetwork`
     (``network.seed``, ``network.n``, ``network.rng(self)``: the effect's own generator, kept across
-    phases)."""
+    phases). An effect that draws normals at every step can draw them a block at a time as the built-in
+    ones do: ``normals.new_stream(network.rng(self))`` in its state, ``normals.fill(stream, buf)`` in
+    its hook."""
 
     hook: ClassVar[str] = "step"
 
@@ -70,7 +75,7 @@ register(InputDAC, before=_dac_before)
 
 
 # ------------------------------------------------------------------------------------ read noise
-class ReadNoiseStep(KernelState, namedtuple("ReadNoiseStep", "wvar rng correlation_time sq var xi")):
+class ReadNoiseStep(KernelState, namedtuple("ReadNoiseStep", "wvar stream correlation_time sq var xi")):
     """Read noise redrawn at every step, per sample, in its output form: sum_j dW_ij r_j with
     independent dW_ij ~ N(0, wvar_ij) is N(0, sum_j wvar_ij r_j^2), one extra product of the
     variances (wvar, flat weight layout) with r^2 instead of n_w draws (aihwkit's weight noise is
@@ -90,9 +95,7 @@ def _read_step_after(e, src, circuit, tmp, out, fresh, h):
             sq[i, b] = src[i, b] * src[i, b]
     K.weights_times(sq, e.wvar, circuit.conn, circuit.layer_off, tmp, var)
     if fresh:
-        for i in range(out.shape[0]):
-            for b in range(out.shape[1]):
-                xi[i, b] = e.rng.standard_normal()
+        normals.fill(e.stream, xi.reshape(xi.size))
     scale = e.correlation_time / h if e.correlation_time > 0.0 else 1.0
     for i in range(out.shape[0]):
         for b in range(out.shape[1]):
@@ -124,8 +127,9 @@ register(ReadNoiseSample, after=_read_sample_after)
 
 
 # ------------------------------------------------------------------------------------ output
-class OutputNoise(KernelState, namedtuple("OutputNoise", "sd rng")):
-    """Gaussian noise on every product's output, sd (n,) per row (0: a row no crossbar feeds)."""
+class OutputNoise(KernelState, namedtuple("OutputNoise", "sd stream chunk")):
+    """Gaussian noise on every product's output, sd (n,) per row (0: a row no crossbar feeds); chunk:
+    ``normals.new_chunk()`` scratch."""
 
     __slots__ = ()
     draws_per_step = True
@@ -134,10 +138,8 @@ class OutputNoise(KernelState, namedtuple("OutputNoise", "sd rng")):
 @K.njit
 def _output_noise_after(e, src, circuit, tmp, out, fresh, h):
     for i in range(out.shape[0]):
-        sd = e.sd[i]
-        if sd > 0.0:
-            for b in range(out.shape[1]):
-                out[i, b] += sd * e.rng.standard_normal()
+        if e.sd[i] > 0.0:
+            normals.add(e.stream, e.sd[i], e.chunk, out[i])
 
 
 register(OutputNoise, after=_output_noise_after)
@@ -174,8 +176,9 @@ def _mismatch_activate(e, y, circuit, r):
 register(ActivationGain, activate=_mismatch_activate)
 
 
-class StateNoiseStep(KernelState, namedtuple("StateNoiseStep", "sigma rng")):
-    """Additive state noise after every accepted step: u += sigma sqrt(h) xi."""
+class StateNoiseStep(KernelState, namedtuple("StateNoiseStep", "sigma stream chunk")):
+    """Additive state noise after every accepted step: u += sigma sqrt(h) xi; chunk:
+    ``normals.new_chunk()`` scratch."""
 
     __slots__ = ()
     draws_per_step = True
@@ -183,10 +186,7 @@ class StateNoiseStep(KernelState, namedtuple("StateNoiseStep", "sigma rng")):
 
 @K.njit
 def _state_noise_step(e, u, h):
-    amp = e.sigma * math.sqrt(h)
-    for p in range(u.shape[0]):
-        for b in range(u.shape[1]):
-            u[p, b] += amp * e.rng.standard_normal()
+    normals.add(e.stream, e.sigma * math.sqrt(h), e.chunk, u.reshape(u.size))
     return True
 
 
