@@ -332,13 +332,14 @@ class Network:
         return np.concatenate([np.broadcast_to(x.tau, (x.size,)) for x in self.layers]).astype(float)
 
     def pack(self, dtype) -> Packed:
-        """Copy the parameters into the engine's flat form in ``dtype`` (complex128 states of a real
-        network see real weights promoted)."""
+        """Copy the parameters into the engine's flat form for states of ``dtype``. The weights keep
+        the network's own dtype: complex128 states of a real network meet real weights (the kernels
+        multiply the states' real views, ``_kernels.as_real``), never a complex copy of them."""
         dtype = np.dtype(dtype)
         rdt = np.float32 if dtype == np.float32 else np.float64
         state = [c for c in self.connections if c.pre in self._layer]
         sizes = [self.layer(c.post).size * self.layer(c.pre).size for c in state]
-        wbuf = np.empty(int(sum(sizes)), dtype)
+        wbuf = np.empty(int(sum(sizes)), dtype if self.dtype.kind == "c" else rdt)
         conn = np.zeros((len(state), 5), np.int64)
         off = 0
         for i, c in enumerate(state):
