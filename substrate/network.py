@@ -379,9 +379,12 @@ class Network:
             raise SubstrateValueError(f"x is complex but the states are {drive.dtype}; pass dtype='complex128'")
         for c in self.connections:
             if c.pre in self._input:
-                # in the state's precision: a float32 network projects float32 inputs (half the cost)
-                x = xs[c.pre].astype(dtype, copy=False)
-                drive[self.slices[c.post]] += weights[c.name].astype(dtype, copy=False) @ x.T
+                # in the state's precision: a float32 network projects float32 inputs (half the cost);
+                # real inputs of complex states through real weights by a real product, not a zgemm
+                x, w = xs[c.pre], weights[c.name]
+                pdt = np.float32 if drive.dtype == np.float32 else (
+                    drive.dtype if np.iscomplexobj(x) or np.iscomplexobj(w) else np.float64)
+                drive[self.slices[c.post]] += w.astype(pdt, copy=False) @ x.astype(pdt, copy=False).T
         return drive
 
     def check_inputs(self, x) -> dict:
