@@ -111,3 +111,30 @@ def test_complex_nudged_phase_equals_promoted_weights():
                         dtype="complex128").u[-1] for m in (net, promoted)]
     assert np.max(np.abs(ends[0].imag)) > 1e-3  # the imaginary nudge moved the state off the real axis
     assert relative_error(*ends) <= RTOL
+
+
+@pytest.mark.parametrize("modulus, diverged", [(0.85, False), (1.06, True)])
+def test_complex_blowup_bound_is_on_the_modulus(modulus, diverged):
+    """The blow-up check of a complex state compares |z| itself with ``blowup``: z = m e^{i pi/4} has
+    |Re z| + |Im z| = 1.41 m > 1 in both cases (the cheap bound cannot decide) and |Re z|, |Im z| < 1,
+    so only the exact modulus tells 0.85 (kept) from 1.06 (diverged)."""
+    net = S.Network([S.Layer("a", 2, activation="identity")], [S.Connection("a", "a", np.zeros((2, 2)))])
+    u0 = np.full((1, 2), modulus * np.exp(0.25j * np.pi))
+    sol = S.integrate(net, u0=u0, t_span=(0.0, 1e-9), method="euler", dt=1e-9, blowup=1.0,
+                      dtype="complex128", on_failure="return")
+    assert sol.status == ("diverged" if diverged else "success")
+
+
+def test_complex_relaxation_residual_is_the_exact_modulus():
+    """The residual ``relax`` reports for complex states is max_i |F_i| with the exact modulus (the
+    kernel skips the modulus only where |Re| + |Im| already bounds it by the running max), equal to
+    numpy's |F| at the final state."""
+    net = network()
+    x = np.random.default_rng(4).random((BATCH, 6))
+    nudge = S.Nudge(S.Cost("y"), 0.2 + 0.3j, np.eye(4)[np.arange(BATCH) % 4])
+    sol = S.relax(net, x, method="exp_euler", tol=1e-9, nudge=nudge, dtype="complex128")
+    f = sol.field(sol.u) + nudge.current(net, sol.u)
+    assert np.max(np.abs(sol.u.imag)) > 1e-3 and np.all(sol.residual <= 1e-9)
+    # rtol: F is O(1) terms cancelling to 1e-9, so numpy's rounding differs by ~1e-16/1e-9 relative; a
+    # modulus taken as |Re| + |Im| would be off by up to 41%
+    np.testing.assert_allclose(sol.residual, np.max(np.abs(f), axis=1), rtol=1e-4, atol=0)
