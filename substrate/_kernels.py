@@ -279,7 +279,8 @@ def _add_rows(t, out, start):
 
 
 def as_real(x, wbuf):
-    """A complex x (rows, B) seen as a real (rows, 2 B) array when the weights are real, else x."""
+    """A complex x (rows, B) seen as a real (rows, 2 B) array when the weights are real, else x; x in
+    the engine's layout (C order: numba refuses the view of a non-contiguous row)."""
     return x
 
 
@@ -385,8 +386,9 @@ def teach(nudge, r, out):
       dl/dr = W_o^T (softmax(z) - y).
 
     ``nudge``: a :data:`Nudge`; every operation is holomorphic, so complex beta works unchanged.
-    The readout's sums run over the batch in the innermost loop (contiguous, vectorised), each sum
-    still accumulated in the order of the readout's index."""
+    The readout's sums run over the batch in the innermost loop (contiguous, vectorised; complex
+    states on their real views, ``as_real``, as the readout is real), each sum still accumulated in
+    the order of the readout's index."""
     code, lo, hi, y, wo, bo, z = nudge.code, nudge.lo, nudge.hi, nudge.target, nudge.wo, nudge.bo, nudge.scratch
     beta = nudge.beta[0]
     nb = r.shape[1]
@@ -396,14 +398,15 @@ def teach(nudge, r, out):
                 out[lo + i, b] += beta * (r[lo + i, b] - y[i, b])
     elif code == CROSS_ENTROPY:
         nc = wo.shape[0]
-        acc = z[nc]
+        rv, zv, ov = as_real(r, wo), as_real(z, wo), as_real(out, wo)
+        acc = zv[nc]
         for c in range(nc):  # z = W_o r + b_o
             for b in range(nb):
                 z[c, b] = bo[c]
             for i in range(hi - lo):
                 w = wo[c, i]
-                for b in range(nb):
-                    z[c, b] += w * r[lo + i, b]
+                for b in range(zv.shape[1]):
+                    zv[c, b] += w * rv[lo + i, b]
         for b in range(nb):
             shift = -np.inf
             for c in range(nc):
@@ -415,14 +418,14 @@ def teach(nudge, r, out):
             for c in range(nc):
                 z[c, b] = beta * (z[c, b] / total - y[c, b])
         for i in range(hi - lo):  # out += W_o^T z
-            for b in range(nb):
-                acc[b] = 0.0 * z[0, b]
+            for b in range(zv.shape[1]):
+                acc[b] = 0.0 * zv[0, b]
             for c in range(nc):
                 w = wo[c, i]
-                for b in range(nb):
-                    acc[b] += w * z[c, b]
-            for b in range(nb):
-                out[lo + i, b] += acc[b]
+                for b in range(zv.shape[1]):
+                    acc[b] += w * zv[c, b]
+            for b in range(zv.shape[1]):
+                ov[lo + i, b] += acc[b]
 
 
 # --------------------------------------------------------------------------------------------
