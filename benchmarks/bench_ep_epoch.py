@@ -12,7 +12,9 @@ training step is ``models.train.gradient_step(model, x, y_onehot, rule, relaxati
 Rows (rule, dtype, policy): ``ep.Centred(0.2)`` in float32 and float64 (two real nudged phases,
 beta = +-0.2) and ``ep.Holomorphic(4, 0.2)`` in float64 (three nudged phases: beta = 0.2 and -0.2 in
 float64, beta = 0.2i in complex128; no float32 row, its complex phase needs complex128 states), each
-under two step policies:
+under two step policies, and ``hol-promoted``: the holomorphic row with the weights promoted to complex128
+for its complex phase (``PromotedWeights``), how the engine ran it before it kept the weights real, under
+the fixed policy only:
 
 * ``fixed``: the published schedule, every phase runs its full step count (T1 = 150, T2 = 20). This is
   done with tol = 1e-30, so that the convergence test max|F| <= tol never stops a phase early; the
@@ -33,7 +35,8 @@ random data of the same shape are used and the output says so.
 dtype and threads, measured in this run. Per step, W21 (256x256) @ r1 (256x50) and W21^T @ r2 (two
 256x256x50 GEMMs); a nudged step adds the readout's teaching current, W_o (10x256) @ r2 and
 W_o^T @ (softmax - y) (tiny); a step of a complex nudged phase (holomorphic, beta = 0.2i) does these
-products as complex128 GEMMs. Per batch, once: the input drive V (256x784) @ x (784x50). The bound of a
+products with the real weights on the complex states' real views, (rows, 2 x batch): real GEMMs twice as
+wide. Per batch, once: the input drive V (256x784) @ x (784x50). The bound of a
 batch is the sum over its phases of (steps taken) x (product time per step, real or complex), plus the
 drive; ``ratio`` = measured time per batch / bound. Not in the bound (printed below the table for
 reference): the weight-gradient outer products of the update (dV = v1 x^T, dW21 = v2 r1^T, readout),
@@ -54,6 +57,7 @@ Options: ``--batches`` (30), ``--repeat`` (1), ``--only`` (comma-separated subst
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -68,6 +72,7 @@ sys.path.insert(0, str(ROOT))
 from models import ep  # noqa: E402
 from models.data import Dataset, fashion_mnist, minibatches, one_hot  # noqa: E402
 from models.train import SGD, Classifier, gradient_step  # noqa: E402
+from substrate import Network  # noqa: E402
 
 try:
     from threadpoolctl import threadpool_info, threadpool_limits
@@ -81,10 +86,11 @@ EPOCH_BATCHES = 60_000 // BATCH      # 1200
 N_TEST, TEST_CHUNK = 10_000, 1000
 WARMUP = 3
 POLICIES = {"fixed": 1e-30, "early": 1e-4}
-RULES = {"centred": lambda: ep.Centred(0.2), "holomorphic": lambda: ep.Holomorphic(4, 0.2)}
+RULES = {"centred": lambda: ep.Centred(0.2), "holomorphic": lambda: ep.Holomorphic(4, 0.2),
+         "hol-promoted": lambda: ep.Holomorphic(4, 0.2)}  # with PromotedWeights: the old complex path
 ROWS = [(rule, dtype, policy)
         for rule, dtype in (("centred", "float32"), ("centred", "float64"), ("holomorphic", "float64"))
-        for policy in POLICIES]
+        for policy in POLICIES] + [("hol-promoted", "float64", "fixed")]
 
 
 def relaxation(policy):
@@ -131,9 +137,10 @@ def gemm_times(dtype, repeats):
         return np.ascontiguousarray(a, dtype=dt)
 
     def step_products(dt):
-        W, Wo = arr(n_y, n_h, dt=dt), arr(n_c, n_y, dt=dt)
-        r1, r2, f1, f2 = arr(n_h, BATCH, dt=dt), arr(n_y, BATCH, dt=dt), arr(n_h, BATCH, dt=dt), arr(n_y, BATCH, dt=dt)
-        z, t = arr(n_c, BATCH, dt=dt), arr(n_y, BATCH, dt=dt)
+        # complex states meet the real weights as real (rows, 2 batch) views: real GEMMs, twice as wide
+        W, Wo = arr(n_y, n_h), arr(n_c, n_y)
+        r1, r2, f1, f2 = (arr(n, BATCH, dt=dt).view(dtype) for n in (n_h, n_y, n_h, n_y))
+        z, t = arr(n_c, BATCH, dt=dt).view(dtype), arr(n_y, BATCH, dt=dt).view(dtype)
 
         def free():
             np.dot(W, r1, out=f2)          # W21 r1 into layer y
@@ -146,7 +153,6 @@ def gemm_times(dtype, repeats):
         return free, nudged
 
     free, nudged = step_products(dtype)
-    _, nudged_c = step_products(np.complex128)
     V, x, d = arr(n_h, n_in), arr(n_in, BATCH), arr(n_h, BATCH)
     v1, v2, r1, r2 = arr(n_h, BATCH), arr(n_y, BATCH), arr(n_h, BATCH), arr(n_y, BATCH)
     e, gV, gW, gO = arr(n_c, BATCH), arr(n_h, n_in), arr(n_y, n_h), arr(n_c, n_y)
@@ -155,8 +161,10 @@ def gemm_times(dtype, repeats):
         np.dot(v1, x.T, out=gV)
         np.dot(v2, r1.T, out=gW)
         np.dot(e, r2.T, out=gO)
-    return {"free": timeit(free, repeats, 10), "nudged": timeit(nudged, repeats, 10),
-            "nudged_complex": timeit(nudged_c, repeats, 3),
+    complex_step = {}
+    if dtype == "float64":  # only float64 networks run complex128 phases
+        complex_step["nudged_complex"] = timeit(step_products(np.complex128)[1], repeats, 5)
+    return {"free": timeit(free, repeats, 10), "nudged": timeit(nudged, repeats, 10), **complex_step,
             "drive": timeit(lambda: np.dot(V, x, out=d), repeats, 5), "grads": timeit(grads, repeats, 3)}
 
 
@@ -167,6 +175,9 @@ def measure(row, data, args):
     rule_name, dtype, policy = row
     model = Classifier.layered(SIZES, np.random.default_rng(0), cost="cross_entropy", activation="logistic",
                                feedback="tied", dtype=dtype)
+    if rule_name == "hol-promoted":
+        net = model.network
+        model = Classifier(PromotedWeights(net.layers, net.connections, net.inputs), model.cost)
     rule, rel = RULES[rule_name](), relaxation(policy)
     opt, params = SGD(0.01, 0.9), model.parameters()
     order = minibatches(len(data.x_train), BATCH, np.random.default_rng(1))[:WARMUP + args.batches]
@@ -204,6 +215,81 @@ def bound_per_batch(phases, g):
         total += g["drive"] + free_steps * g["free"]
         total += sum(s * (g["nudged_complex"] if cplx else g["nudged"]) for s, cplx in nudged)
     return total / len(phases)
+
+
+# ============================================================================================ the complex step
+class PromotedWeights(Network):
+    """The same circuit with its weights promoted to the states' dtype when packed: how complex phases
+    ran before the engine kept the weights real (a zgemm per product), for comparison."""
+
+    def pack(self, dtype):
+        p = super().pack(dtype)
+        return dataclasses.replace(p, wbuf=p.wbuf.astype(dtype))
+
+
+def step_costs(data, args):
+    """Seconds per step of one nudged phase of the float64 model after its free phase (T1 steps) on
+    the first training batch: real (beta = 0.2), complex (beta = 0.2i, real weights) and complex with
+    the weights promoted. A step is the slope between phases of T2 and 11 T2 steps (tol = 1e-30, the
+    same path as the ``fixed`` rows: ``relax`` with a teaching current), which removes the per-call
+    cost; the minimum over ``--step-repeats``. The parts of a step are the engine's kernels timed
+    alone on the phase's own arrays: the weight products (``weights_times``), the activation
+    (``activate``, inside the fused stage pass of a step) and the teaching current (``teach``)."""
+    from substrate import Nudge, VectorField
+    from substrate import _kernels as K
+
+    model = Classifier.layered(SIZES, np.random.default_rng(0), cost="cross_entropy", activation="logistic",
+                               feedback="tied", dtype="float64")
+    net = model.network
+    promoted = PromotedWeights(net.layers, net.connections, net.inputs)
+    x, y = data.x_train[:BATCH], one_hot(data.y_train[:BATCH], model.classes)
+    free = ep.free_phase(net, x, relaxation("fixed"))
+
+    def phase(network, beta, steps):
+        rel = dataclasses.replace(relaxation("fixed"), nudged_max_steps=steps)
+        dtype = np.complex128 if isinstance(beta, complex) else None
+        return rel.run(network, x, u0=free.u, nudge=Nudge(model.cost, beta, y), dtype=dtype, nudged=True)
+
+    def per_step(network, beta):
+        assert phase(network, beta, T2).steps == T2
+        short = timeit(lambda: phase(network, beta, T2), args.step_repeats, 1)
+        long = timeit(lambda: phase(network, beta, 11 * T2), args.step_repeats, 1)
+        return (long - short) / (10 * T2)
+
+    steps = {"real": per_step(net, 0.2), "complex": per_step(net, 0.2j), "promoted": per_step(promoted, 0.2j)}
+    parts = {}
+    for kind, network, beta in (("real", net, 0.2), ("complex", net, 0.2j), ("promoted", promoted, 0.2j)):
+        dtype = np.complex128 if isinstance(beta, complex) else np.float64
+        p = VectorField(network, x, dtype=dtype).packed
+        u = phase(network, beta, T2).u.T.copy()
+        r, out = np.empty_like(u), np.empty_like(u)
+        tmp = np.empty((max(int(v) for v in p.conn[:, [2, 4]].ravel()), BATCH), dtype)
+        nudge = Nudge(model.cost, beta, y).kernel_args(network, np.dtype(dtype), BATCH)
+        K.activate(u, p.layer_off, p.layer_act, r)
+        parts[kind] = {
+            "products": timeit(lambda: K.weights_times(r, p.wbuf, p.conn, p.layer_off, tmp, out), args.step_repeats, 20),
+            "activation": timeit(lambda: K.activate(u, p.layer_off, p.layer_act, r), args.step_repeats, 20),
+            "teaching current": timeit(lambda: K.teach(nudge, r, out), args.step_repeats, 20)}
+    return steps, parts
+
+
+def print_step_costs(steps, parts):
+    real = steps["real"]
+    print(f"\nOne nudged step of the float64 model, batch {BATCH} (slope between {T2} and {11 * T2} steps; min of "
+          "the repeats), and its parts timed alone; ratio = time / the real nudged step (or the same part of it)")
+    head = f"{'step / part':<36} {'real us':>9} {'complex us':>11} {'ratio':>6} {'promoted us':>12} {'ratio':>6}  share of complex"
+    print(head)
+    print("-" * len(head))
+    c = steps["complex"]
+    print(f"{'nudged step (marginal)':<36} {real * 1e6:9.1f} {c * 1e6:11.1f} {c / real:6.2f} "
+          f"{steps['promoted'] * 1e6:12.1f} {steps['promoted'] / real:6.2f}")
+    rest = {k: steps[k] - sum(parts[k].values()) for k in steps}
+    for name in list(parts["real"]) + ["rest (update, residual, loop)"]:
+        r, cp, pp = ((parts[k].get(name, rest[k])) for k in ("real", "complex", "promoted"))
+        print(f"{'  ' + name:<36} {r * 1e6:9.1f} {cp * 1e6:11.1f} {cp / r:6.2f} {pp * 1e6:12.1f} {pp / r:6.2f}  "
+              f"{cp / c:6.1%}")
+    print("complex: real weights, the complex state's real view (the engine); promoted: the weights copied to "
+          "complex128 (zgemm), as before")
 
 
 # ============================================================================================ output
@@ -257,6 +343,12 @@ def print_table(rows, results, bounds):
                 notes.append(f"{'/'.join(row)}: {short} phases stopped before their full step count")
     for note in notes:
         print("WARNING " + note)
+    for rule in ("holomorphic", "hol-promoted"):
+        for policy in POLICIES:
+            pair = [(rule, "float64", policy), ("centred", "float64", policy)]
+            if all(r in results for r in pair):
+                print(f"{rule} / centred, float64, {policy}: {results[pair[0]][0] / results[pair[1]][0]:.2f} "
+                      "(time per training batch, same run)")
 
 
 def main(argv=None):
@@ -272,9 +364,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
     ap.add_argument("--gemm-repeats", type=int, default=200,
                     help="timings (blocks of a few ms) of each GEMM-bound product; the minimum is used (default 200)")
+    ap.add_argument("--step-repeats", type=int, default=7,
+                    help="timings of each nudged-step measurement (real/complex step table); 0 skips it (default 7)")
     args = ap.parse_args(argv)
-    if args.batches < 1 or args.repeat < 1 or not 1 <= args.test_chunks <= N_TEST // TEST_CHUNK:
-        ap.error("--batches and --repeat must be >= 1, --test-chunks in 1..10")
+    if args.batches < 1 or args.repeat < 1 or args.step_repeats < 0 or not 1 <= args.test_chunks <= N_TEST // TEST_CHUNK:
+        ap.error("--batches and --repeat must be >= 1, --step-repeats >= 0, --test-chunks in 1..10")
     wanted = [s for s in args.only.split(",") if s]
     rows = [r for r in ROWS if not wanted or any(w in "/".join(r) for w in wanted)]
     if not rows:
@@ -300,6 +394,7 @@ def main(argv=None):
                     res = (min(best[0], res[0]), min(best[1], res[1]), res[2], res[3])
                 results[row] = res
                 print(f"  [{rep + 1}/{args.repeat}] {'/'.join(row)}: {res[0] * 1e3:.1f} ms/batch", flush=True)
+        steps = step_costs(data, args) if args.step_repeats > 0 else None
     finally:
         if limits is not None:
             limits.restore_original_limits()
@@ -322,6 +417,8 @@ ratio: ms/batch / GEMM bound; early-stop step counts are those of training batch
               + (f"complex128 nudged step {g['nudged_complex'] * 1e6:.1f}, " if cplx else "")
               + f"drive V x {g['drive'] * 1e6:.1f}; not in the bound: weight-gradient products "
               f"(dV, dW21, readout) {g['grads'] * 1e6:.1f} per batch")
+    if steps is not None:
+        print_step_costs(*steps)
     print(f"\nload average at end {' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
           f"benchmark took {time.perf_counter() - t_start:.0f} s")
 

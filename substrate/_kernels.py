@@ -75,7 +75,8 @@ Relaxation = namedtuple("Relaxation", "on rtol atol residual res_trace t_trace")
 # steps (ckpt; ckpt_every 0: none) and, if ckpt_r is not empty, their activities rho (ckpt_r).
 Record = namedtuple("Record", "t_save saved u_out h_record save_step ckpt_every ckpt ckpt_r")
 # A teaching current (see ``teach``): cost code, the nudged rows lo:hi, beta (1,), target (m, B),
-# readout W_o (C, m) and b_o (C,), scratch (C,); all arrays in the state's dtype.
+# readout W_o (C, m) and b_o (C,) in the real dtype of the state's (real times complex: half the work),
+# scratch (C + 1, B); the other arrays in the state's dtype.
 Nudge = namedtuple("Nudge", "code lo hi beta target wo bo scratch")
 # A recorded forward pass for the adjoints: its step sizes hs, number of steps, checkpoints every
 # ckpt_every steps, and dL/du of the saved states (dl_du[k] after save_step[k] steps).
@@ -407,6 +408,22 @@ def _add_rows(t, out, start):
             out[start + i, b] += t[i, b]
 
 
+def as_real(x, wbuf):
+    """A complex x (rows, B) seen as a real (rows, 2 B) array when the weights are real, else x; x in
+    the engine's layout (C order: numba refuses the view of a non-contiguous row)."""
+    return x
+
+
+@overload(as_real, jit_options={"error_model": "numpy"})
+def _as_real(x, wbuf):
+    if isinstance(x.dtype, types.Complex) and not isinstance(wbuf.dtype, types.Complex):
+        # row i of x is (re, im, re, im, ...) in memory: a real W times those rows is W Re x and
+        # W Im x interleaved, i.e. W x, by one real GEMM (2 real products' work, no copy); promoting
+        # W to complex instead costs a zgemm, 4 real products' work and a complex copy of W
+        return lambda x, wbuf: x.view(wbuf.dtype)
+    return lambda x, wbuf: x
+
+
 @njit
 def _products(r, wbuf, conn, layer_off, tmp, out, transpose):
     """out = W r, or W^T r with ``transpose``. The first connection into a layer (into its pre layer
@@ -443,14 +460,15 @@ def _products(r, wbuf, conn, layer_off, tmp, out, transpose):
 
 @njit
 def weights_times(r, wbuf, conn, layer_off, tmp, out):
-    """out = W r (all connections between state layers)."""
-    _products(r, wbuf, conn, layer_off, tmp, out, False)
+    """out = W r (all connections between state layers); complex states with real weights are
+    multiplied on their real views (``as_real``)."""
+    _products(as_real(r, wbuf), wbuf, conn, layer_off, as_real(tmp, wbuf), as_real(out, wbuf), False)
 
 
 @njit
 def weights_transpose_times(w, wbuf, conn, layer_off, tmp, out):
-    """out = W^T w."""
-    _products(w, wbuf, conn, layer_off, tmp, out, True)
+    """out = W^T w (complex w with real weights as in ``weights_times``)."""
+    _products(as_real(w, wbuf), wbuf, conn, layer_off, as_real(tmp, wbuf), as_real(out, wbuf), True)
 
 
 @njit
@@ -536,7 +554,10 @@ def teach(nudge, r, out):
     * CROSS_ENTROPY through a linear readout z = W_o r + b_o: l = -sum_c y_c log softmax(z)_c,
       dl/dr = W_o^T (softmax(z) - y).
 
-    ``nudge``: a :data:`Nudge`; every operation is holomorphic, so complex beta works unchanged."""
+    ``nudge``: a :data:`Nudge`; every operation is holomorphic, so complex beta works unchanged.
+    The readout's sums run over the batch in the innermost loop (contiguous, vectorised; complex
+    states on their real views, ``as_real``, as the readout is real), each sum still accumulated in
+    the order of the readout's index."""
     code, lo, hi, y, wo, bo, z = nudge.code, nudge.lo, nudge.hi, nudge.target, nudge.wo, nudge.bo, nudge.scratch
     beta = nudge.beta[0]
     nb = r.shape[1]
@@ -546,25 +567,34 @@ def teach(nudge, r, out):
                 out[lo + i, b] += beta * (r[lo + i, b] - y[i, b])
     elif code == CROSS_ENTROPY:
         nc = wo.shape[0]
+        rv, zv, ov = as_real(r, wo), as_real(z, wo), as_real(out, wo)
+        acc = zv[nc]
+        for c in range(nc):  # z = W_o r + b_o
+            for b in range(nb):
+                z[c, b] = bo[c]
+            for i in range(hi - lo):
+                w = wo[c, i]
+                for b in range(zv.shape[1]):
+                    zv[c, b] += w * rv[lo + i, b]
         for b in range(nb):
             shift = -np.inf
             for c in range(nc):
-                acc = bo[c]
-                for i in range(hi - lo):
-                    acc += wo[c, i] * r[lo + i, b]
-                z[c] = acc
-                shift = max(shift, acc.real)  # any shift cancels in softmax; the real part keeps exp finite
-            total = 0.0 * z[0]
+                shift = max(shift, z[c, b].real)  # any shift cancels in softmax; the real part keeps exp finite
+            total = 0.0 * z[0, b]
             for c in range(nc):
-                z[c] = np.exp(z[c] - shift)
-                total += z[c]
+                z[c, b] = np.exp(z[c, b] - shift)
+                total += z[c, b]
             for c in range(nc):
-                z[c] = beta * (z[c] / total - y[c, b])
-            for i in range(hi - lo):
-                acc = 0.0 * z[0]
-                for c in range(nc):
-                    acc += wo[c, i] * z[c]
-                out[lo + i, b] += acc
+                z[c, b] = beta * (z[c, b] / total - y[c, b])
+        for i in range(hi - lo):  # out += W_o^T z
+            for b in range(zv.shape[1]):
+                acc[b] = 0.0 * zv[0, b]
+            for c in range(nc):
+                w = wo[c, i]
+                for b in range(zv.shape[1]):
+                    acc[b] += w * zv[c, b]
+            for b in range(zv.shape[1]):
+                ov[lo + i, b] += acc[b]
 
 
 # --------------------------------------------------------------------------------------------
@@ -824,6 +854,30 @@ def coefficients(family, method, h, a, bw, tauinv, alpha, coef):
             coef[4, 3, i] = g * (4.0 * p3 - p2)
 
 
+def modulus_at_most(z, bound):
+    """abs(z) <= bound (False for NaN)."""
+    return abs(z) <= bound
+
+
+@overload(modulus_at_most, jit_options={"error_model": "numpy"})
+def _modulus_at_most(z, bound):
+    if isinstance(z, types.Complex):
+        # abs of a complex number is a scalar hypot call (~50 ns; the loops around it cannot
+        # vectorise); |z| <= |Re z| + |Im z| settles almost every case without it, exactly (a NaN
+        # part makes the sum NaN and takes the exact test)
+        return lambda z, bound: abs(z.real) + abs(z.imag) <= bound or abs(z) <= bound
+    return lambda z, bound: abs(z) <= bound
+
+
+@njit(inline="always")
+def raise_max(m, z):
+    """The running max m of |z| with z included; a NaN |z| makes it NaN (and keeps it)."""
+    if modulus_at_most(z, m):  # also False when m is NaN: then m stays NaN below
+        return m
+    f = abs(z)
+    return f if f > m or f != f else m
+
+
 @njit
 def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, stages,
                layer_off, layer_act, relax, res, umax, ew, h, rtol, atol, blowup, ynext, rnext):
@@ -859,12 +913,11 @@ def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, st
             if relax and i == 0:
                 for b in range(nb):
                     if family == EXPLICIT_RK:
-                        f = abs(stages[0, p, b] * tau[p])
+                        res[b] = raise_max(res[b], stages[0, p, b] * tau[p])  # a NaN stays
                     else:
-                        f = abs(stages[0, p, b] - u[p, b])
-                    if f > res[b] or f != f:  # a NaN stays
-                        res[b] = f
-                    umax[b] = max(umax[b], abs(u[p, b]))
+                        res[b] = raise_max(res[b], stages[0, p, b] - u[p, b])
+                    if not modulus_at_most(u[p, b], umax[b]):
+                        umax[b] = max(umax[b], abs(u[p, b]))
             e, c = alpha[q, p], coef[q, 0, p]
             for b in range(nb):
                 ynext[p, b] = e * u[p, b] + c * stages[0, p, b]
@@ -875,7 +928,7 @@ def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, st
                         ynext[p, b] += c * stages[j, p, b]
             if last:
                 for b in range(nb):
-                    bad += 0 if abs(ynext[p, b]) <= blowup else 1
+                    bad += 0 if modulus_at_most(ynext[p, b], blowup) else 1
                 if with_err:
                     for b in range(nb):
                         d = 0.0 * ynext[p, b]

@@ -547,7 +547,7 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
     if twin:  # replays of single steps from the device's stored states, on the nominal circuit
         vf = _backward_field(network, x, nb, vf.dtype, twin)
     p = vf.packed
-    gflat = np.zeros_like(p.wbuf)
+    gflat = np.zeros(p.wbuf.shape, vf.dtype)  # complex states: complex gradients of real weights
     gdrive = np.zeros((n, nb), vf.dtype)
     gtau = np.zeros(n, vf.dtype)
     lam0 = np.empty((n, nb), vf.dtype)

@@ -141,7 +141,7 @@ class VectorField:
         ut, wt = self.state(u), self.state(w, "w")
         r = np.empty_like(ut)
         K.activate_effects(self.effects, ut, self.circuit, r)  # with a device's activation mismatch, if any
-        flat = np.empty_like(p.wbuf)
+        flat = np.empty(p.wbuf.shape, self.dtype)  # complex states: complex gradients of real weights
         K.weight_vjp(wt, r, p.conn, flat)
         return self.parameter_gradients(flat, wt)
 

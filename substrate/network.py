@@ -332,13 +332,14 @@ class Network:
         return np.concatenate([np.broadcast_to(x.tau, (x.size,)) for x in self.layers]).astype(float)
 
     def pack(self, dtype) -> Packed:
-        """Copy the parameters into the engine's flat form in ``dtype`` (complex128 states of a real
-        network see real weights promoted)."""
+        """Copy the parameters into the engine's flat form for states of ``dtype``. The weights keep
+        the network's own dtype: complex128 states of a real network meet real weights (the kernels
+        multiply the states' real views, ``_kernels.as_real``), never a complex copy of them."""
         dtype = np.dtype(dtype)
         rdt = np.float32 if dtype == np.float32 else np.float64
         state = [c for c in self.connections if c.pre in self._layer]
         sizes = [self.layer(c.post).size * self.layer(c.pre).size for c in state]
-        wbuf = np.empty(int(sum(sizes)), dtype)
+        wbuf = np.empty(int(sum(sizes)), dtype if self.dtype.kind == "c" else rdt)
         conn = np.zeros((len(state), 5), np.int64)
         off = 0
         for i, c in enumerate(state):
@@ -378,9 +379,12 @@ class Network:
             raise SubstrateValueError(f"x is complex but the states are {drive.dtype}; pass dtype='complex128'")
         for c in self.connections:
             if c.pre in self._input:
-                # in the state's precision: a float32 network projects float32 inputs (half the cost)
-                x = xs[c.pre].astype(dtype, copy=False)
-                drive[self.slices[c.post]] += weights[c.name].astype(dtype, copy=False) @ x.T
+                # in the state's precision: a float32 network projects float32 inputs (half the cost);
+                # real inputs of complex states through real weights by a real product, not a zgemm
+                x, w = xs[c.pre], weights[c.name]
+                pdt = np.float32 if drive.dtype == np.float32 else (
+                    drive.dtype if np.iscomplexobj(x) or np.iscomplexobj(w) else np.float64)
+                drive[self.slices[c.post]] += w.astype(pdt, copy=False) @ x.astype(pdt, copy=False).T
         return drive
 
     def check_inputs(self, x) -> dict:

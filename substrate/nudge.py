@@ -130,14 +130,14 @@ class Nudge:
         if not np.all(np.isfinite(y)):
             raise SubstrateValueError("nudge target contains NaN or Inf")
         sl = network.slices[c.layer]
-        cast = lambda a: np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
+        cast = lambda a, dt=dtype: np.ascontiguousarray(a, dtype=dt)  # noqa: E731
         beta_arr = np.array([beta if np.dtype(dtype).kind == "c" else beta.real], dtype)
-        if c.kind == "cross_entropy":
-            wo, bo = cast(c.readout_weight), cast(c.readout_bias)
+        if c.kind == "cross_entropy":  # the readout stays real for complex states
+            wo, bo = cast(c.readout_weight, _real(dtype)), cast(c.readout_bias, _real(dtype))
         else:
-            wo, bo = np.zeros((0, 0), dtype), np.zeros(0, dtype)
+            wo, bo = np.zeros((0, 0), _real(dtype)), np.zeros(0, _real(dtype))
         return K.Nudge(COSTS[c.kind], sl.start, sl.stop, beta_arr, cast(y.T), wo, bo,
-                       np.empty(max(1, wo.shape[0]), dtype))
+                       np.empty((wo.shape[0] + 1, batch), dtype))
 
     def current(self, network, u):
         """beta dl/dr_L at states u (batch, n), as a (batch, n) array (zero outside the layer)."""
@@ -148,7 +148,13 @@ class Nudge:
         return out
 
 
+def _real(dtype):
+    """The real dtype of a state dtype (float32 stays float32)."""
+    return np.float32 if np.dtype(dtype) == np.float32 else np.float64
+
+
 def no_nudge(dtype):
     """The kernel argument for 'no teaching current', with the same Numba types as a real one."""
     z2 = np.zeros((0, 0), dtype)
-    return K.Nudge(K.NO_NUDGE, 0, 0, np.zeros(1, dtype), z2, z2, np.zeros(0, dtype), np.zeros(1, dtype))
+    return K.Nudge(K.NO_NUDGE, 0, 0, np.zeros(1, dtype), z2, np.zeros((0, 0), _real(dtype)),
+                   np.zeros(0, _real(dtype)), np.zeros((1, 1), dtype))

@@ -144,7 +144,7 @@ def test_teach_kernel_matches_reference(case, kind, layer):
     u = rng.normal(scale=1.5, size=(BATCH, net.n)).astype(dtype)
     if dtype == np.complex128:
         u = u + 0.3j * rng.normal(size=u.shape)
-    rt = np.empty_like(u.T)
+    rt = np.empty((net.n, BATCH), dtype)  # the engine's layout, C order (complex rows are viewed as real)
     K.activate(np.ascontiguousarray(u.T), net.pack(dtype).layer_off, net.pack(dtype).layer_act, rt)
     out = np.zeros_like(rt)
     K.teach(nudge.kernel_args(net, dtype, BATCH), rt, out)

@@ -447,7 +447,7 @@ class DeviceNetwork(Network):
         fixed order: DAC -> W r -> read noise -> output noise -> ADC, activation mismatch, state noise,
         then the device's own ``StepEffect``s in the order given; ``()`` when there are none, so that
         the ideal kernel runs."""
-        dtype = packed.wbuf.dtype
+        dtype = packed.bias.dtype  # the states' (real weights serve complex states too)
         rdt = np.float32 if dtype == np.float32 else np.float64
         n, policy, io = self.n, self.device.read_policy, self.device.io
         state = [self.connection(name) for name in packed.conn_names]
