@@ -6,6 +6,7 @@
     name = "relaxation"                 # names the archive: <out>/<name>.h5
     task = "relaxation"                 # a key of the task registry (studies.catalogue.TASKS)
     description = "..."                 # optional
+    save_weights = true                 # optional (default true): runs keep what they trained
 
     [base]                              # the task's config, validated against the task's schema;
     method = "exp_euler"                # keys left out take the schema's defaults
@@ -278,6 +279,7 @@ class Run:
     seed: int
     coords: dict
     index: tuple = ()
+    save_weights: bool = True  # keep the trained objects the task returns (not part of the run's identity)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -318,6 +320,7 @@ class Study:
     text: str = ""
     description: str = ""
     overrides: tuple = ()  # the TOML assignments applied to the file (``--set``), as given
+    save_weights: bool = True  # study.save_weights: runs keep their trained objects
 
     @property
     def axes(self) -> dict:
@@ -358,7 +361,7 @@ class Study:
                 coords[a.name] = a.values[i]
             seed = self.seeds[index[-1]]
             coords["seed"] = seed
-            yield Run(run_id(self.task, config, seed), config, seed, coords, tuple(index))
+            yield Run(run_id(self.task, config, seed), config, seed, coords, tuple(index), self.save_weights)
 
     def runs(self) -> list:
         """Every run of the grid as a list (see :meth:`iter_runs`)."""
@@ -388,7 +391,9 @@ def valid_name(name) -> bool:
 
 STUDY_KEYS = {"name": Field(str, Check(valid_name, "letters, digits, and _ . + - (a file name)")),
               "task": Field(str),
-              "description": Field(str, None, "")}
+              "description": Field(str, None, ""),
+              "save_weights": Field(bool, None, True, "keep what each run trained (its network, with "
+                                    "substrate.save) in its run file, under weights/")}
 TOP_KEYS = ("study", "base", "sweep", "profiles")
 SWEEP_KEYS = ("seeds", "product", "zip")
 SEED_FIELD = Field(int, Range(0, 2 ** 63 - 1), 0)
@@ -556,7 +561,7 @@ def _build(doc, text, path, profile, tasks, assignments=(), changed=frozenset())
         raise StudyConfigError(f"{e} (with profile {profile!r} applied)") from None
     return Study(name=meta["name"], task=meta["task"], base=base, axis_list=axes, seeds=seeds,
                  profile=profile, path=os.path.abspath(path) if path else None, text=text,
-                 description=meta["description"], overrides=tuple(assignments))
+                 description=meta["description"], overrides=tuple(assignments), save_weights=meta["save_weights"])
 
 
 def _axes(sweep: Mapping, leaves: Mapping):

@@ -166,15 +166,18 @@ _UMASK = _read_umask()
 
 
 def write_run(path: str, data: Mapping, attrs: Mapping, what: str = "the file",
-              hint: str = "free some space and try again") -> str:
+              hint: str = "free some space and try again", more=None) -> str:
     """Write nested ``data`` (dicts become groups, arrays datasets, strings attributes) and root
     ``attrs`` to ``path`` atomically through :func:`create_h5` (a full disk is a :class:`WriteError`
-    naming ``what`` and ``hint``). Returns the path."""
+    naming ``what`` and ``hint``); ``more(file)``, if given, writes the rest (saved objects) before the
+    file is sealed. Returns the path."""
     path = os.path.abspath(path)
     with create_h5(path, what, hint) as (f, _):
         for k, v in attrs.items():
             f.attrs[k] = v
         _write_group(f, data)
+        if more is not None:
+            more(f)
         seal(f)
     return path
 

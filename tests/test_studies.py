@@ -27,8 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _needs_data(path):
     """Study configs on Fashion-MNIST need its IDX files (Debian package dataset-fashion-mnist)."""
-    if "fashion_mnist" not in os.path.basename(path):
-        return path
+    with open(path) as fh:
+        if 'data = "fashion_mnist"' not in fh.read():
+            return path
     return pytest.param(path, marks=[pytest.mark.fashion_mnist, pytest.mark.skipif(
         not os.path.isdir(FASHION_MNIST_DIR), reason=f"no Fashion-MNIST in {FASHION_MNIST_DIR}")])
 
@@ -511,3 +512,68 @@ def test_single_thread_limits_every_blas():
     with sw.single_thread():
         info = threadpool_info()
         assert info and all(i["num_threads"] == 1 for i in info if i["user_api"] == "blas")
+
+
+# ------------------------------------------------------------------------------------ saved weights
+TRAIN = """
+[study]
+name = "t"
+task = "ep_train"
+{save}
+[base]
+data = "digits"
+n_train = 60
+n_test = 40
+epochs = 1
+batch_size = 20
+probe = 0
+[base.network]
+sizes = [64, 8, 8, 10]
+[sweep]
+seeds = [0, 1]
+"""
+
+
+def test_training_runs_keep_their_trained_network(tmp_path):
+    """save_weights (on by default): each run file holds the trained classifier (substrate.save's layout, under
+    weights/model), the archive a copy; substrate.load reads either back, bit for bit the network the same
+    training makes in this process, and it scores the run's final test accuracy. The digests of the gate leave the
+    weights out (archive_digest reads only arrays, scalars and the run's attributes), so a study that starts to
+    save them keeps its reference."""
+    from studies.catalogue import ep as E
+
+    s = study(TRAIN.format(save=""))
+    assert s.save_weights and all(r.save_weights for r in s.runs())
+    path = sw.run_sweep(s, str(tmp_path / "on"), executor=sw.SerialExecutor(), progress=False)
+    saved = archives.saved_objects(path)
+    assert [(x["run_id"], x["group"]) for x in saved] == sorted(
+        (r.run_id, f"runs/{r.run_id}/weights/model") for r in s.runs())
+    for r in s.runs():
+        run_path = os.path.join(sw.runs_folder(str(tmp_path / "on")), f"{r.run_id}.h5")
+        from_run = S.load(run_path, group="weights/model")
+        from_archive = S.load(path, group=f"runs/{r.run_id}/weights/model")
+        fresh, data, _ = E.train_classifier(r.config, r.seed)
+        for model in (from_run, from_archive):
+            got, want = model.parameters(), fresh.parameters()
+            assert list(got) == list(want)
+            assert all(got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes() for k in want)
+        accuracy = from_archive.evaluate(data.x_test, data.y_test, E.task_relaxation(r.config))[1]
+        assert accuracy == archives.load_run(path, r.run_id)["scalars"]["final_test_accuracy"]
+        assert [x["group"] for x in archives.saved_objects(run_path)] == ["weights/model"]
+    assert not [k for k in archive_digest.digest(path) if "weights" in k]
+    with pytest.raises(S.ArchiveError, match="has no group 'runs/nope'"):
+        S.load(path, group="runs/nope")
+    with pytest.raises(S.ArchiveError, match="is not a saved substrate object"):
+        S.load(path, group="runs")
+
+    off = study(TRAIN.format(save="save_weights = false"))
+    assert [r.run_id for r in off.runs()] == [r.run_id for r in s.runs()]  # not part of a run's identity
+    path = sw.run_sweep(off, str(tmp_path / "off"), executor=sw.SerialExecutor(), progress=False)
+    assert archives.saved_objects(path) == []
+    with h5py.File(path, "r") as f:
+        assert all("weights" not in g for g in f["runs"].values())
+
+
+def test_save_weights_is_checked_like_every_key():
+    with pytest.raises(StudyConfigError, match=r"study.save_weights = 'yes' \(str\): wrong type; allowed: a boolean"):
+        study(TRAIN.format(save='save_weights = "yes"'))
