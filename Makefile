@@ -12,8 +12,10 @@ test: $(VENV)/.installed
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -m ""
 
+# where `make docs` writes the API reference (CI: a temporary folder)
+API ?= docs/api
 docs: $(VENV)/.installed
-	$(PY) docs/build_api.py docs/api
+	$(PY) docs/build_api.py $(API)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_step.py

@@ -31,6 +31,7 @@ class CLIError(click.ClickException):
     (exit code 1), never a traceback."""
 
     def show(self, file=None):
+        """Print the error as one line on stderr."""
         click.echo(f"substrate: error: {' '.join(self.format_message().split())}", err=True)
 
 

@@ -39,7 +39,6 @@ config and the seed: the same run has the same id in every study file that conta
 runs are found again whatever the axes' order.
 """
 
-from __future__ import annotations
 
 import copy
 import hashlib
@@ -260,6 +259,7 @@ def _flatten(table: Mapping, prefix: str = "") -> dict:
 
 # ------------------------------------------------------------------------------------ runs
 def canonical_json(obj) -> str:
+    """The JSON of ``obj`` with sorted keys and no spaces (NaN refused): what run ids hash."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
@@ -282,10 +282,12 @@ class Run:
     save_weights: bool = True  # keep the trained objects the task returns (not part of the run's identity)
 
     def to_dict(self) -> dict:
+        """The run as a plain dict (what a worker is sent)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Run":
+        """The run of :meth:`to_dict`'s dict."""
         d = dict(d)
         d["index"] = tuple(d.get("index", ()))
         return cls(**d)
@@ -324,12 +326,14 @@ class Study:
 
     @property
     def axes(self) -> dict:
+        """{axis name: coordinate values}, the seed last."""
         out = {a.name: list(a.values) for a in self.axis_list}
         out["seed"] = list(self.seeds)
         return out
 
     @property
     def shape(self) -> tuple:
+        """The number of points along each axis, the seed last."""
         return tuple(len(a) for a in self.axis_list) + (len(self.seeds),)
 
     def axis_coords(self) -> dict:
@@ -368,6 +372,7 @@ class Study:
         return list(self.iter_runs())
 
     def summary(self) -> str:
+        """One line: the study's name, task, profile, overrides, run count and axes."""
         axes = ", ".join(f"{k} ({len(v)})" for k, v in self.axes.items())
         profile = f", profile {self.profile}" if self.profile else ""
         changed = f"; set {', '.join(self.overrides)}" if self.overrides else ""

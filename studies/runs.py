@@ -96,14 +96,17 @@ discard = _Discard()
 
 # ------------------------------------------------------------------------------------ paths
 def run_file(runs_dir: str, rid: str) -> str:
+    """The path of the run file of run ``rid``."""
     return os.path.join(runs_dir, f"{rid}.h5")
 
 
 def partial_file(runs_dir: str, rid: str) -> str:
+    """The path of the partial results of run ``rid``."""
     return os.path.join(runs_dir, f"{rid}.partial.h5")
 
 
 def progress_file(runs_dir: str, rid: str) -> str:
+    """The path of the progress report of run ``rid``."""
     return os.path.join(runs_dir, f"{rid}.progress")
 
 
@@ -139,6 +142,8 @@ def list_run_files(runs_dir: str) -> list:
 
 # ------------------------------------------------------------------------------------ writing
 def check_result(result) -> Result:
+    """``result``, checked: a Result whose names and dims are allowed and whose values are numbers (TypeError,
+    ValueError)."""
     if not isinstance(result, Result):
         raise TypeError(f"the task returned {type(result).__name__}, expected studies.runs.Result")
     for name, value in result.arrays.items():

@@ -193,6 +193,7 @@ def write_config(group: h5py.Group, config: Mapping):
 
 
 def read_config(group: h5py.Group) -> dict:
+    """The settings :func:`write_config` stored on ``group``."""
     return json.loads(group.attrs["config"])
 
 
@@ -204,6 +205,7 @@ def write_arrays(group: h5py.Group, name: str, arrays: Mapping):
 
 
 def read_arrays(group: h5py.Group, name: str) -> dict:
+    """The arrays :func:`write_arrays` stored under ``name``, {key: array} in order."""
     g = group[name]
     return {key: read_array(g, key) for key in g}
 
