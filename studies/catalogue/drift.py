@@ -1,5 +1,5 @@
-"""The drift family: a trained network programmed onto a chip that drifts (docs/equations.md, section
-6, "Drift and global drift compensation").
+"""The drift family: a trained network programmed onto a chip that drifts (docs/equations.md,
+section 6.2).
 
 * ``drift``: an ``ep_train`` classifier trained with or without noise during training (the ``device``
   section: e.g. PCM programming noise redrawn at every write, hardware-aware training), then its
