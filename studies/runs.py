@@ -45,7 +45,8 @@ WEIGHTS = "weights"  # the run file's group of saved objects (Result.objects)
 class Result:
     """What a run returns. arrays: name -> (dims, array), one dim name per array axis; scalars: name ->
     float; coords: optional labels of the arrays' own dims (dim -> list of values); objects: name ->
-    what the run trained (anything ``substrate.save`` takes, e.g. the ``models.train.Classifier``),
+    what the run trained (anything ``substrate.save`` takes, e.g. the ``models.train.Classifier``), or
+    ``(object, extra)`` with values saved beside it (a PV-RNN's adaptive vectors: ``(model, {"A": A})``),
     kept in the run file under ``weights/<name>`` when the study's ``save_weights`` is on."""
 
     arrays: dict = field(default_factory=dict)
@@ -196,8 +197,9 @@ def write_run_file(run: Run, task_name: str, runs_dir: str, status: str, error: 
     objects = result.objects if result is not None and run.save_weights else {}
 
     def save_objects(f):
-        for name, obj in objects.items():
-            persist.save_into(f.require_group(WEIGHTS).create_group(name), obj)
+        for name, value in objects.items():
+            obj, extra = value if isinstance(value, tuple) else (value, None)
+            persist.save_into(f.require_group(WEIGHTS).create_group(name), obj, extra=extra)
 
     return archive.write_run(path, data, attrs, what="the run file",
                              hint="free some space and run the sweep again (the finished runs are kept)",

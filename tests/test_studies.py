@@ -577,3 +577,23 @@ def test_training_runs_keep_their_trained_network(tmp_path):
 def test_save_weights_is_checked_like_every_key():
     with pytest.raises(StudyConfigError, match=r"study.save_weights = 'yes' \(str\): wrong type; allowed: a boolean"):
         study(TRAIN.format(save='save_weights = "yes"'))
+
+
+TRAINING_TASKS = {"ep_train": (), "drift": (), "pvrnn_meta_prior": ("A",), "pvrnn_er": ("A",)}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_training_studies_keep_what_they_trained(config_archives, path):
+    """Every run of a training study (save_weights is on by default) keeps its trained model, which substrate.load
+    reads back from the archive, with the values saved beside it (a PV-RNN's adaptive vectors A); the other
+    studies keep nothing."""
+    s, archive, _ = config_archives[path]
+    saved = archives.saved_objects(archive)
+    if s.task not in TRAINING_TASKS:
+        assert saved == []
+        return
+    assert sorted(x["run_id"] for x in saved) == sorted(r.run_id for r in s.runs())
+    for item in saved:
+        model, extra = S.load(archive, group=item["group"], extra=True)
+        assert type(model).__name__ == ("PVRNN" if s.task.startswith("pvrnn") else "Classifier")
+        assert sorted(extra) == sorted(TRAINING_TASKS[s.task])
