@@ -329,13 +329,17 @@ def test_every_study_config_sweeps_at_debug_size(config_archives, path):
     results = [v for v in ds.data_vars if v not in ("status", "error", "run_id")]
     assert results and all(ds[v].dims[:len(s.axes)] == tuple(s.axes) for v in results)
     # metrics a config switches off are NaN by design: the homeostasis penalty without homeostasis,
-    # the angle between W and B^T without independent feedback (ep_train)
+    # the angle between W and B^T without independent feedback, the gradient alignment without a probe
+    # (ep_train, and drift, which trains as ep_train does)
     configs = [r.config for r in s.runs()]
     off = set()
-    if s.task == "ep_train" and not any(c["homeostasis"] > 0 for c in configs):
+    trains = s.task in ("ep_train", "drift")
+    if trains and not any(c["homeostasis"] > 0 for c in configs):
         off.add("asymmetry_penalty")
-    if s.task == "ep_train" and all(c["network"]["feedback"] == "tied" for c in configs):
+    if trains and all(c["network"]["feedback"] == "tied" for c in configs):
         off.add("weight_angle")
+    if trains and all(c["probe"] == 0 for c in configs):
+        off.add("grad_cosine")
     assert all(np.isfinite(ds[v]).any() for v in results if v not in off)
     assert all(not np.isfinite(ds[v]).any() for v in off)
 
