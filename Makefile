@@ -16,8 +16,10 @@ test-all: $(VENV)/.installed
 warmup: $(VENV)/.installed
 	$(VENV)/bin/substrate warmup
 
+# where `make docs` writes the API reference (CI: a temporary folder)
+API ?= docs/api
 docs: $(VENV)/.installed
-	$(PY) docs/build_api.py docs/api
+	$(PY) docs/build_api.py $(API)
 
 # every bench through benchmarks/results.py: benchmarks/results/<bench>.json beside its printed table,
 # then the README's performance block regenerated from those files

@@ -95,15 +95,19 @@ class VPSchedule:
             raise SubstrateValueError(f"VPSchedule.t_min={self.t_min!r} must be in (0, 1)")
 
     def beta(self, t):
+        """The noise rate beta(t) = beta_0 + t (beta_1 - beta_0)."""
         return self.beta_0 + t * (self.beta_1 - self.beta_0)
 
     def log_alpha(self, t):
+        """log alpha(t), the log of the signal's scale at time t."""
         return -0.25 * t * t * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
 
     def alpha(self, t):
+        """alpha(t), the signal's scale at time t."""
         return torch.exp(self.log_alpha(torch.as_tensor(t, dtype=torch.float64)))
 
     def sigma(self, t):
+        """sigma(t) = sqrt(1 - alpha(t)^2), the noise's scale at time t."""
         return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(torch.as_tensor(t, dtype=torch.float64))))
 
     def lam(self, t):
@@ -123,6 +127,7 @@ class VPSchedule:
         return torch.exp(-self.lam(t))
 
     def t_of_rho(self, rho):
+        """The time t at which rho = sigma / alpha equals ``rho``."""
         return self.t_of_lam(-torch.log(torch.as_tensor(rho, dtype=torch.float64)))
 
 
@@ -216,6 +221,7 @@ class NoisePredictor(nn.Module):
                 self.net[-1].bias.mul_(0.01)
 
     def embedding(self, labels) -> torch.Tensor:
+        """The learned embedding of each class label."""
         return self.table(torch.as_tensor(labels, dtype=torch.long))
 
     def forward(self, x, t, c):
@@ -319,21 +325,27 @@ class Frame:
         self.model, self.schedule = model, schedule
 
     def v_of_t(self, t):
+        """The independent variable v at time t."""
         raise NotImplementedError
 
     def v_of_lam(self, lam):
+        """The independent variable v at log-SNR lambda."""
         raise NotImplementedError
 
     def dv_dlam(self, lam):
+        """dv / dlambda at log-SNR lambda."""
         raise NotImplementedError
 
     def state(self, x, t):
+        """The state s of the data x at time t."""
         raise NotImplementedError
 
     def x(self, s, t):
+        """The data x of the state s at time t."""
         raise NotImplementedError
 
     def velocity(self, v, s, c):
+        """ds/dv at (v, s) with condition c: the flow in this form."""
         raise NotImplementedError
 
 

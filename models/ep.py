@@ -69,6 +69,8 @@ class Relaxation:
             count(self.nudged_max_steps, "Relaxation(nudged_max_steps)")
 
     def run(self, network, x, *, u0=None, nudge=None, dtype=None, nudged=False, tol=None) -> Solution:
+        """Relax ``network`` at inputs ``x`` (free, or with ``nudge``) with this schedule; a phase that misses its
+        tolerance raises or is returned, per ``on_failure``."""
         steps = self.nudged_max_steps if nudged and self.nudged_max_steps else self.max_steps
         tol = self.tol if tol is None else tol
         sol = relax(network, x, method=self.method, dt=self.step(network), tol=tol, u0=u0,
@@ -80,6 +82,7 @@ class Relaxation:
         return sol
 
     def step(self, network) -> float:
+        """The step: ``dt``, or the smallest time constant of ``network`` when ``dt`` is None."""
         return float(np.min(network.tau)) if self.dt is None else self.dt
 
     def nudged_tol(self, what, beta, network, cost, free, y) -> float:
@@ -140,6 +143,7 @@ class PointEstimator(Estimator):
     (its contribution is 2 Re(c_k r*(beta_k)))."""
 
     def nodes(self):
+        """(c_0, [(beta_k, c_k, pair), ...]): the weight of the free phase and each nudged phase (see the class)."""
         raise NotImplementedError
 
     def error_vector(self, network, x, y, cost, relaxation, free):
@@ -387,6 +391,7 @@ class Estimate:
 
     @property
     def loss(self) -> float:
+        """The cost at the free equilibrium (its real part)."""
         return float(np.real(self.gradients.loss))
 
 

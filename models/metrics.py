@@ -27,12 +27,15 @@ from .homeostasis import dense_weights
 
 
 def cosine(a, b) -> float:
+    """The cosine of the angle between ``a`` and ``b`` (flattened; real part of the inner product); NaN if either is
+    zero."""
     a, b = np.ravel(a), np.ravel(b)
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     return float(np.real(np.vdot(b, a)) / (na * nb)) if na > 0 and nb > 0 else float("nan")
 
 
 def relative_error(a, b) -> float:
+    """||a - b|| / ||b|| (flattened); NaN if b is zero."""
     nb = np.linalg.norm(np.ravel(b))
     return float(np.linalg.norm(np.ravel(a) - np.ravel(b)) / nb) if nb > 0 else float("nan")
 

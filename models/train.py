@@ -65,6 +65,7 @@ class Classifier:
 
     @property
     def classes(self) -> int:
+        """The number of classes (the width of the cost's output)."""
         return self.cost.width(self.network)
 
     def parameters(self) -> dict:
@@ -113,10 +114,12 @@ class Optimiser:
         self.state = {}
 
     def step(self, params: dict, grads: dict):
+        """Update every parameter of ``params`` in place with its gradient in ``grads``."""
         for name, g in grads.items():
             self.update(name, params[name], np.asarray(g, dtype=params[name].dtype))
 
     def update(self, name, p, g):
+        """Update the parameter ``name``, ``p``, in place with its gradient ``g``."""
         raise NotImplementedError
 
 
@@ -211,6 +214,7 @@ class History:
     seconds: list = field(default_factory=list)
 
     def arrays(self) -> dict:
+        """Every metric as a float array over the epochs (row 0: before training)."""
         return {k: np.asarray(v, dtype=float) for k, v in self.__dict__.items()}
 
 
@@ -229,6 +233,7 @@ class Checkpoint:
 
     @property
     def epoch(self) -> int:
+        """The last epoch the checkpoint holds."""
         return self.history.epoch[-1]
 
 

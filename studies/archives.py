@@ -6,7 +6,7 @@ a path outside the output folder or an allocation beyond what the archive holds.
 stacked results as an ``xarray.Dataset``; :func:`read_header`
 and :func:`read_layout` its checked attributes and layout; :func:`read_runs` and :func:`load_run` the
 copies of its runs; :func:`read_run` and :func:`run_status` a run file (see :mod:`studies.sweep` for
-the layout).
+the layout); :func:`saved_objects` what the runs of either kept of what they trained.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import xarray as xr
 
 from studies.config import valid_name
-from studies.runs import RESERVED
+from studies.runs import RESERVED, RUN_FORMAT, WEIGHTS
 from substrate import archive
 from substrate.errors import ArchiveError
 
@@ -291,6 +291,38 @@ def _run_contents(g: h5py.Group, path: str) -> dict:
     config = _json(path, f"{where} attribute 'config'", attrs.get("config"), dict)
     coords = _json(path, f"{where} attribute 'array_coords'", attrs.get("array_coords", "{}"), dict)
     return {"attrs": attrs, "config": config, "arrays": arrays, "scalars": scalars, "coords": coords}
+
+
+def saved_objects(path: str) -> list:
+    """What the runs of a run file or a sweep archive trained and kept (``save_weights``): one dict per
+    saved object, {run_id, task, name, group (its path in the file, for ``substrate.load(path, group=...)``),
+    config, seed, coords}, in the file's order of runs. Raises :class:`~substrate.errors.ArchiveError`
+    for a file that is neither."""
+    out = []
+    with archive.open_file(path) as f:
+        fmt = _attr(f.attrs.get("format"))
+        if fmt == FORMAT:
+            runs = [(f"runs/{rid}", g) for rid, g in _member(path, f, "runs", h5py.Group).items()]
+        elif fmt == RUN_FORMAT:
+            runs = [("", f)]
+        else:
+            raise ArchiveError(path, f"is neither a sweep archive nor a run file (format {fmt!r}; expected "
+                                     f"{FORMAT!r} or {RUN_FORMAT!r})")
+        for where, g in runs:
+            weights = g.get(WEIGHTS) if isinstance(g, h5py.Group) else None
+            if not isinstance(weights, h5py.Group):
+                continue
+            where = f"{where}/" if where else ""
+            config = _json(path, f"{g.name} attribute 'config'", _attr(g.attrs.get("config")), dict)
+            coords = _json(path, f"{g.name} attribute 'coords'", _attr(g.attrs.get("coords", "{}")), dict)
+            seed = _attr(g.attrs.get("seed"))
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise ArchiveError(path, f"{g.name} attribute 'seed' = {seed!r}; expected an integer")
+            for name in weights:
+                out.append({"run_id": str(_attr(g.attrs.get("run_id", ""))), "task": str(_attr(g.attrs.get("task"))),
+                            "name": name,
+                            "group": f"{where}{WEIGHTS}/{name}", "config": config, "seed": seed, "coords": coords})
+    return out
 
 
 def run_status(path: str) -> str | None:

@@ -9,16 +9,17 @@ import tempfile
 import time
 
 import click
+import numpy as np
 from tqdm import tqdm
 
 from studies import archives, figures
 from studies import quickstart as qs
 from studies import sweep as sw
-from studies.catalogue import TASKS
+from studies.catalogue import TASKS, drift
 from studies.config import StudyConfigError, load_study, package_folder, packaged_studies, study_path
 from studies.dask_executor import DaskSweepError, make_executor
 from studies.runs import RESERVED
-from substrate import SubstrateValueError
+from substrate import SubstrateValueError, load
 from substrate import archive as substrate_archive
 from substrate.archive import TEMP_PREFIX
 from substrate.devices import PRESETS
@@ -31,6 +32,7 @@ class CLIError(click.ClickException):
     (exit code 1), never a traceback."""
 
     def show(self, file=None):
+        """Print the error as one line on stderr."""
         click.echo(f"substrate: error: {' '.join(self.format_message().split())}", err=True)
 
 
@@ -281,6 +283,90 @@ def plot(archive, out):
         path = os.path.join(out, f"{name}.{ext}")  # name: checked by read_header, a plain file name
         fig.savefig(path, dpi=120)
         click.echo(f"figure: {os.path.abspath(path)}")
+
+
+EVALUATED = ("ep_train", "drift")  # the tasks whose saved model is a classifier of their config's data
+
+
+def _drift_times(text: str) -> list:
+    """The seconds of ``--times`` (comma-separated, ascending), or a :class:`CLIError` naming the bad one."""
+    try:
+        times = [drift.seconds(t) for t in text.split(",")]
+    except SubstrateValueError as e:
+        raise CLIError(f"--times {text}: {e}") from None
+    if any(b <= a for a, b in zip(times, times[1:])):
+        raise CLIError(f"--times {text}: the times must be ascending and different (one chip drifts on)")
+    return times
+
+
+@main.command()
+@click.argument("run_file", metavar="RUN.h5", type=click.Path(exists=True, dir_okay=False))
+@click.option("--device", default="pcm_inference", show_default=True,
+              help="Device preset to program the networks on (a preset with drift).")
+@click.option("--times", default="1s,1h,1d,1mo,1y", show_default=True,
+              help="Drift times after programming, ascending: a number and s, min, h, d, w, mo (30 d) or y (365 d).")
+@click.option("--compensation", type=click.Choice(["on", "off", "both"]), default="both", show_default=True,
+              help="Global drift compensation.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of the chip's draws (with each run's own seed; the drift study's runs used 0).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Also write the accuracies to this HDF5 file.")
+def evaluate(run_file, device, times, compensation, seed, out):
+    """Program the networks a run file or a sweep archive saved onto a device, let them drift, and print
+    the test accuracy (on each run's test set) after each time."""
+    if device not in drift.drift_presets():
+        raise CLIError(f"--device {device}: " + ("a preset without drift" if device in PRESETS else "unknown preset")
+                       + f"; allowed: {', '.join(drift.drift_presets())} (the presets with drift)")
+    seconds = _drift_times(times)
+    settings = drift.COMPENSATION if compensation == "both" else (compensation,)
+    try:
+        saved = archives.saved_objects(run_file)
+    except ArchiveError as e:
+        raise CLIError(str(e)) from None
+    if not saved:
+        raise CLIError(f"{run_file} holds no saved weights: sweep a training study with save_weights = true in "
+                       "its [study] table (the default), e.g. `substrate sweep drift --profile debug`")
+    unknown = sorted({s["task"] for s in saved} - set(EVALUATED))
+    if unknown:
+        raise CLIError(f"{run_file}: evaluate takes the networks of the tasks {', '.join(EVALUATED)}; its runs are "
+                       f"of {', '.join(unknown)}")
+    labels = [drift.time_label(t) for t in seconds]
+    width = max(10, *(len(x) + 2 for x in labels))
+    click.echo(f"test accuracy (%) on {device} after drift; {len(saved)} saved network(s) in {run_file}")
+    names = [f"{item['run_id']}/{item['name']}" for item in saved]
+    first = max(len(x) for x in names) + 2
+    click.echo(f"{'network':<{first}}{'compensation':<14}" + "".join(f"{x:>{width}}" for x in labels) + "  point")
+    table = []
+    for item, name in zip(saved, names):
+        try:
+            model = load(run_file, group=item["group"])
+        except ArchiveError as e:
+            raise CLIError(str(e)) from None
+        try:
+            acc = drift.evaluate_saved(model, item["config"], item["seed"], device, seconds, settings, seed)
+        except (SubstrateValueError, OSError) as e:  # e.g. the run's data set is not installed here
+            raise CLIError(f"{run_file}, run {item['run_id']}: {e}") from None
+        table.append(acc)
+        point = ", ".join(f"{k}={v}" for k, v in item["coords"].items())
+        for c, row in zip(settings, acc):
+            click.echo(f"{name:<{first}}{c:<14}"
+                       + "".join(f"{100 * a:>{width}.2f}" for a in row) + f"  {point}")
+    if out is not None:
+        path = os.path.abspath(out)
+        try:
+            with substrate_archive.create_h5(path, "the evaluation", "free some space and try again") as (f, _):
+                f.attrs.update({"format": "substrate-evaluation/1", "source": os.path.abspath(run_file),
+                                "device": device, "seed": seed, "dims": '["network", "compensation", "time"]'})
+                substrate_archive.create_dataset(f, "accuracy", np.asarray(table))
+                substrate_archive.create_dataset(f, "time_seconds", np.asarray(seconds))
+                substrate_archive.create_dataset(f, "time", np.asarray(labels, dtype="S"))
+                substrate_archive.create_dataset(f, "compensation", np.asarray(settings, dtype="S"))
+                substrate_archive.create_dataset(f, "run_id", np.asarray([s["run_id"] for s in saved], dtype="S"))
+                substrate_archive.create_dataset(f, "network", np.asarray([s["group"] for s in saved], dtype="S"))
+                substrate_archive.seal(f)
+        except OSError as e:
+            raise CLIError(f"--out {out}: cannot write it ({e})") from None
+        click.echo(f"accuracies: {path}")
 
 
 @main.command()

@@ -6,6 +6,7 @@
     name = "relaxation"                 # names the archive: <out>/<name>.h5
     task = "relaxation"                 # a key of the task registry (studies.catalogue.TASKS)
     description = "..."                 # optional
+    save_weights = true                 # optional (default true): runs keep what they trained
 
     [base]                              # the task's config, validated against the task's schema;
     method = "exp_euler"                # keys left out take the schema's defaults
@@ -38,7 +39,6 @@ config and the seed: the same run has the same id in every study file that conta
 runs are found again whatever the axes' order.
 """
 
-from __future__ import annotations
 
 import copy
 import hashlib
@@ -259,6 +259,7 @@ def _flatten(table: Mapping, prefix: str = "") -> dict:
 
 # ------------------------------------------------------------------------------------ runs
 def canonical_json(obj) -> str:
+    """The JSON of ``obj`` with sorted keys and no spaces (NaN refused): what run ids hash."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
@@ -278,12 +279,15 @@ class Run:
     seed: int
     coords: dict
     index: tuple = ()
+    save_weights: bool = True  # keep the trained objects the task returns (not part of the run's identity)
 
     def to_dict(self) -> dict:
+        """The run as a plain dict (what a worker is sent)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Run":
+        """The run of :meth:`to_dict`'s dict."""
         d = dict(d)
         d["index"] = tuple(d.get("index", ()))
         return cls(**d)
@@ -318,15 +322,18 @@ class Study:
     text: str = ""
     description: str = ""
     overrides: tuple = ()  # the TOML assignments applied to the file (``--set``), as given
+    save_weights: bool = True  # study.save_weights: runs keep their trained objects
 
     @property
     def axes(self) -> dict:
+        """{axis name: coordinate values}, the seed last."""
         out = {a.name: list(a.values) for a in self.axis_list}
         out["seed"] = list(self.seeds)
         return out
 
     @property
     def shape(self) -> tuple:
+        """The number of points along each axis, the seed last."""
         return tuple(len(a) for a in self.axis_list) + (len(self.seeds),)
 
     def axis_coords(self) -> dict:
@@ -358,13 +365,14 @@ class Study:
                 coords[a.name] = a.values[i]
             seed = self.seeds[index[-1]]
             coords["seed"] = seed
-            yield Run(run_id(self.task, config, seed), config, seed, coords, tuple(index))
+            yield Run(run_id(self.task, config, seed), config, seed, coords, tuple(index), self.save_weights)
 
     def runs(self) -> list:
         """Every run of the grid as a list (see :meth:`iter_runs`)."""
         return list(self.iter_runs())
 
     def summary(self) -> str:
+        """One line: the study's name, task, profile, overrides, run count and axes."""
         axes = ", ".join(f"{k} ({len(v)})" for k, v in self.axes.items())
         profile = f", profile {self.profile}" if self.profile else ""
         changed = f"; set {', '.join(self.overrides)}" if self.overrides else ""
@@ -388,7 +396,9 @@ def valid_name(name) -> bool:
 
 STUDY_KEYS = {"name": Field(str, Check(valid_name, "letters, digits, and _ . + - (a file name)")),
               "task": Field(str),
-              "description": Field(str, None, "")}
+              "description": Field(str, None, ""),
+              "save_weights": Field(bool, None, True, "keep what each run trained (its network, with "
+                                    "substrate.save) in its run file, under weights/")}
 TOP_KEYS = ("study", "base", "sweep", "profiles")
 SWEEP_KEYS = ("seeds", "product", "zip")
 SEED_FIELD = Field(int, Range(0, 2 ** 63 - 1), 0)
@@ -556,7 +566,7 @@ def _build(doc, text, path, profile, tasks, assignments=(), changed=frozenset())
         raise StudyConfigError(f"{e} (with profile {profile!r} applied)") from None
     return Study(name=meta["name"], task=meta["task"], base=base, axis_list=axes, seeds=seeds,
                  profile=profile, path=os.path.abspath(path) if path else None, text=text,
-                 description=meta["description"], overrides=tuple(assignments))
+                 description=meta["description"], overrides=tuple(assignments), save_weights=meta["save_weights"])
 
 
 def _axes(sweep: Mapping, leaves: Mapping):

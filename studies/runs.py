@@ -2,7 +2,10 @@
 a run returns (or :class:`RunFailed` carries), and the run file it is written to.
 
 A run file (``runs/<run_id>.h5``, format ``substrate-run/1``) holds the run's result (``arrays/``,
-``scalars/``) and attributes: the config (JSON), seed, status (``done``, ``failed`` or ``partial``),
+``scalars/``), what it trained when the study's ``save_weights`` is on (``weights/<name>``, each in
+``substrate.save``'s layout: ``substrate.load(path, group="weights/<name>")`` reads it, and
+``group="runs/<run_id>/weights/<name>"`` the archive's copy; :func:`studies.archives.saved_objects`
+lists them) and attributes: the config (JSON), seed, status (``done``, ``failed`` or ``partial``),
 error, traceback, timings, provenance, the run's coordinates on the sweep axes, and the dims and
 labels of its arrays. A long run may save what it has computed so far: it is given a ``save_partial``
 callable (:class:`PartialSave` in a sweep, :data:`discard` outside one), which writes
@@ -28,23 +31,28 @@ from typing import Callable, Mapping
 import numpy as np
 
 from studies.config import Run
-from substrate import archive
+from substrate import archive, persist
 
 RUN_FORMAT = "substrate-run/1"
 RUN_FILE = re.compile(r"^[0-9a-f]{16}\.h5$")
 PROGRESS_FILE = re.compile(r"^([0-9a-f]{16})\.progress$")
 PROGRESS_EVERY = 1.0  # seconds between two writes of a run's progress file (the first is written at once)
 RESERVED = ("run_id", "status", "error")  # names of the archive's own per-run datasets
+WEIGHTS = "weights"  # the run file's group of saved objects (Result.objects)
 
 
 @dataclass
 class Result:
     """What a run returns. arrays: name -> (dims, array), one dim name per array axis; scalars: name ->
-    float; coords: optional labels of the arrays' own dims (dim -> list of values)."""
+    float; coords: optional labels of the arrays' own dims (dim -> list of values); objects: name ->
+    what the run trained (anything ``substrate.save`` takes, e.g. the ``models.train.Classifier``), or
+    ``(object, extra)`` with values saved beside it (a PV-RNN's adaptive vectors: ``(model, {"A": A})``),
+    kept in the run file under ``weights/<name>`` when the study's ``save_weights`` is on."""
 
     arrays: dict = field(default_factory=dict)
     scalars: dict = field(default_factory=dict)
     coords: dict = field(default_factory=dict)
+    objects: dict = field(default_factory=dict)
 
 
 class RunFailed(RuntimeError):
@@ -89,14 +97,17 @@ discard = _Discard()
 
 # ------------------------------------------------------------------------------------ paths
 def run_file(runs_dir: str, rid: str) -> str:
+    """The path of the run file of run ``rid``."""
     return os.path.join(runs_dir, f"{rid}.h5")
 
 
 def partial_file(runs_dir: str, rid: str) -> str:
+    """The path of the partial results of run ``rid``."""
     return os.path.join(runs_dir, f"{rid}.partial.h5")
 
 
 def progress_file(runs_dir: str, rid: str) -> str:
+    """The path of the progress report of run ``rid``."""
     return os.path.join(runs_dir, f"{rid}.progress")
 
 
@@ -132,6 +143,8 @@ def list_run_files(runs_dir: str) -> list:
 
 # ------------------------------------------------------------------------------------ writing
 def check_result(result) -> Result:
+    """``result``, checked: a Result whose names and dims are allowed and whose values are numbers (TypeError,
+    ValueError)."""
     if not isinstance(result, Result):
         raise TypeError(f"the task returned {type(result).__name__}, expected studies.runs.Result")
     for name, value in result.arrays.items():
@@ -153,6 +166,9 @@ def check_result(result) -> Result:
         if name in result.arrays:
             raise ValueError(f"result name {name!r} is both an array and a scalar; the archive needs one each")
         float(value)
+    for name in result.objects:
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"result object name {name!r} is not allowed (a non-empty name without '/')")
     return result
 
 
@@ -178,8 +194,16 @@ def write_run_file(run: Run, task_name: str, runs_dir: str, status: str, error: 
         "execution": uuid.uuid4().hex, "pid": os.getpid(),
     })
     path = os.path.abspath(path or run_file(runs_dir, run.run_id))
+    objects = result.objects if result is not None and run.save_weights else {}
+
+    def save_objects(f):
+        for name, value in objects.items():
+            obj, extra = value if isinstance(value, tuple) else (value, None)
+            persist.save_into(f.require_group(WEIGHTS).create_group(name), obj, extra=extra)
+
     return archive.write_run(path, data, attrs, what="the run file",
-                             hint="free some space and run the sweep again (the finished runs are kept)")
+                             hint="free some space and run the sweep again (the finished runs are kept)",
+                             more=save_objects)
 
 
 class PartialSave:

@@ -82,10 +82,12 @@ MAX_RUNS = 100_000  # default cap of run_sweep's max_runs (substrate sweep --max
 
 # ------------------------------------------------------------------------------------ paths
 def runs_folder(out_dir: str) -> str:
+    """The folder of the run files of the output folder ``out_dir``."""
     return os.path.join(out_dir, "runs")
 
 
 def archive_file(study: Study, out_dir: str) -> str:
+    """The archive of ``study`` in ``out_dir``."""
     return os.path.join(out_dir, f"{study.name}.h5")
 
 
@@ -305,7 +307,8 @@ class Executor(Protocol):
     False): the driver loads the task's compiled kernels once before ``run``, for workers that share its
     Numba cache."""
 
-    def run(self, runs: list, task_name: str, runs_dir: str, progress: bool) -> Iterator[dict]: ...
+    def run(self, runs: list, task_name: str, runs_dir: str, progress: bool) -> Iterator[dict]:
+        """Execute ``runs`` (each with :func:`execute_run`), yielding each run's summary as it finishes."""
 
 
 class SerialExecutor:
@@ -315,6 +318,7 @@ class SerialExecutor:
     warm_driver_cache = False
 
     def run(self, runs: Iterable[Run], task_name: str, runs_dir: str, progress: bool = False) -> Iterator[dict]:
+        """Execute each run here, one after the other, yielding its summary."""
         for r in runs:
             yield execute_run(r, task_name, runs_dir)
 

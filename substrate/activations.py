@@ -29,6 +29,7 @@ NAMES = tuple(CODES)
 
 
 def check_name(name, argument: str = "activation") -> str:
+    """``name`` if it is a known activation, else a SubstrateValueError naming ``argument`` and the allowed names."""
     if not isinstance(name, str) or name not in CODES:
         raise SubstrateValueError(
             f"{argument}={name!r} is not a known activation; allowed: {', '.join(NAMES)}"

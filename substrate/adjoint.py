@@ -136,6 +136,8 @@ ADJOINTS = {"implicit": Implicit, "discrete": DiscreteAdjoint, "continuous": Con
 
 
 def get_adjoint(method) -> AbstractAdjoint:
+    """The adjoint method ``method`` names (a key of ``ADJOINTS``, or "torchdiffeq"), or ``method`` itself if it is
+    one."""
     if isinstance(method, AbstractAdjoint):
         return method
     if isinstance(method, str) and method in ADJOINTS:

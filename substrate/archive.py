@@ -56,6 +56,8 @@ def git_commit(path: str | None = None) -> str:
 
 
 def provenance(config: Mapping, seed: int | None, timings: Mapping[str, float] | None = None) -> dict:
+    """The attributes a result file carries: the config (JSON), the seed (-1 for none), package versions, git
+    commit, host, Python, the date and ``timings``."""
     versions = {}
     for p in PACKAGES:
         try:
@@ -166,15 +168,18 @@ _UMASK = _read_umask()
 
 
 def write_run(path: str, data: Mapping, attrs: Mapping, what: str = "the file",
-              hint: str = "free some space and try again") -> str:
+              hint: str = "free some space and try again", more=None) -> str:
     """Write nested ``data`` (dicts become groups, arrays datasets, strings attributes) and root
     ``attrs`` to ``path`` atomically through :func:`create_h5` (a full disk is a :class:`WriteError`
-    naming ``what`` and ``hint``). Returns the path."""
+    naming ``what`` and ``hint``); ``more(file)``, if given, writes the rest (saved objects) before the
+    file is sealed. Returns the path."""
     path = os.path.abspath(path)
     with create_h5(path, what, hint) as (f, _):
         for k, v in attrs.items():
             f.attrs[k] = v
         _write_group(f, data)
+        if more is not None:
+            more(f)
         seal(f)
     return path
 
@@ -352,6 +357,8 @@ class WriteSink:
         self.error = None
 
     def write(self, data) -> int:
+        """Write ``data`` whole; after a failed write, keep its error and drop this and every later write. Returns
+        the bytes taken."""
         view = memoryview(data).cast("B")
         if self.error is None:
             try:
@@ -365,6 +372,7 @@ class WriteSink:
         return len(data)
 
     def truncate(self, size=None):
+        """Truncate the file to ``size`` (a failure is kept in ``error``, as a write's)."""
         try:
             return self._f.truncate(size)
         except OSError as e:
@@ -372,19 +380,25 @@ class WriteSink:
             return size
 
     def read(self, size=-1):
+        """Read up to ``size`` bytes (all with -1)."""
         return self._f.read(size)
 
     def readinto(self, buffer):  # past what was written (dropped writes) reads short: h5py pads with zeros
+        """Read into ``buffer``; returns the bytes read."""
         return self._f.readinto(buffer)
 
     def seek(self, offset, whence=os.SEEK_SET):
+        """Move to ``offset`` from ``whence``; returns the new position."""
         return self._f.seek(offset, whence)
 
     def tell(self):
+        """The current position."""
         return self._f.tell()
 
     def flush(self):
+        """Nothing to do: the file is unbuffered."""
         pass  # unbuffered
 
     def close(self):
+        """Close the file."""
         self._f.close()

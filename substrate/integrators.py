@@ -34,6 +34,7 @@ from .nudge import Nudge, no_nudge
 # ------------------------------------------------------------------------------------ steppers
 @dataclass(frozen=True)
 class AbstractStepper:
+    """An integrator: its name, its order, whether it adapts its step, and the compiled stepper it hands the kernel."""
     name: str
     order: int
     adaptive = False
@@ -102,6 +103,7 @@ METHODS = {
 
 
 def get_method(method) -> AbstractStepper:
+    """The integrator ``method`` names (a key of ``METHODS``), or ``method`` itself if it is one."""
     if isinstance(method, AbstractStepper):
         return method
     if isinstance(method, str) and method in METHODS:
@@ -150,6 +152,7 @@ class Solution:
 
     @property
     def ok(self) -> bool:
+        """Whether the integration succeeded (``status == "success"``); ``converged`` is the same."""
         return self.status == "success"
 
     converged = ok
@@ -159,6 +162,7 @@ class Solution:
         return self.u[..., self.slices[layer]]
 
     def report(self) -> str:
+        """One line: the method, the status, the time reached, steps, field evaluations and the largest residual."""
         return (f"{self.method}: {self.status} at t={self.t_final:.6g} after {self.steps} steps, "
                 f"{self.nfev} field evaluations ({self.rejected} rejected), "
                 f"max residual {np.max(self.residual):.3e}" + (f"; {self.message}" if self.message else ""))

@@ -34,6 +34,8 @@ _DTYPE_NAMES = "float32, float64, complex128"
 
 
 def check_dtype(dtype, argument: str = "dtype") -> np.dtype:
+    """``dtype`` as a numpy dtype if it is float32, float64 or complex128 (holomorphic EP), else a
+    SubstrateValueError naming ``argument``."""
     try:
         with warnings.catch_warnings():  # numpy's deprecated aliases ('a') are refused below anyway
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -156,6 +158,7 @@ class Connection:
 
     @property
     def name(self) -> str:
+        """"pre->post"."""
         return f"{self.pre}->{self.post}"
 
 
@@ -273,14 +276,18 @@ class Network:
 
     # ---------------------------------------------------------------------------- access
     def size_of(self, name: str) -> int:
+        """The number of units of the layer or input ``name``."""
         return (self._layer.get(name) or self._input[name]).size
 
     def layer(self, name: str) -> Layer:
+        """The layer ``name`` (a SubstrateValueError lists the layers if there is none)."""
         if name not in self._layer:
             raise SubstrateValueError(f"no layer {name!r}; layers: {list(self._layer)}")
         return self._layer[name]
 
     def connection(self, name: str, missing_ok: bool = False) -> Connection | None:
+        """The connection ``name`` ("pre->post"); None if there is none and ``missing_ok``, else a
+        SubstrateValueError."""
         for c in self.connections:
             if c.name == name:
                 return c
@@ -324,6 +331,7 @@ class Network:
 
     @property
     def holomorphic(self) -> bool:
+        """Whether every layer's activation is holomorphic (complex nudges, holomorphic EP)."""
         return all(x.activation in activations.HOLOMORPHIC for x in self.layers)
 
     @property

@@ -95,39 +95,59 @@ def save(obj, path, *, extra: Mapping | None = None) -> str:
         raise SubstrateValueError(f"extra must be None or a dict of named values, got {type(extra).__name__}")
     path = os.path.abspath(os.fspath(path))
     with archive.create_h5(path, f"the {kind.cls.__name__}", "free some space and try again") as (f, _):
-        f.attrs["format"] = FORMAT
-        f.attrs["format_version"] = np.int64(FORMAT_VERSION)
-        f.attrs["substrate"] = _version()
-        write_object(f, obj)
-        if extra:
-            write_state(f, "extra", dict(extra))
+        save_into(f, obj, extra=extra)
         archive.seal(f)
     return path
 
 
-def load(path, *, extra: bool = False):
-    """The object saved in ``path`` by :func:`save`; with ``extra=True``, ``(object, extra values)``.
-    Every failure to read it (no such file, not a saved object, an unknown kind, a newer format
-    version, damaged or incomplete content) is an :class:`~substrate.errors.ArchiveError` naming the
-    file."""
+def save_into(group: h5py.Group, obj, *, extra: Mapping | None = None) -> h5py.Group:
+    """Write ``obj`` (and ``extra``, as :func:`save`) into ``group`` of an HDF5 file opened for writing,
+    in :func:`save`'s layout (the same attributes on the group as on a saved file's root), so that a
+    bigger file (a study's run file) can hold saved objects; ``load(path, group=...)`` reads them back.
+    The caller writes the file atomically and seals it (``archive.seal``)."""
+    _kind_of(obj)  # before anything is written
+    if extra is not None and not isinstance(extra, Mapping):
+        raise SubstrateValueError(f"extra must be None or a dict of named values, got {type(extra).__name__}")
+    group.attrs["format"] = FORMAT
+    group.attrs["format_version"] = np.int64(FORMAT_VERSION)
+    group.attrs["substrate"] = _version()
+    write_object(group, obj)
+    if extra:
+        write_state(group, "extra", dict(extra))
+    return group
+
+
+def load(path, *, extra: bool = False, group: str = "/"):
+    """The object saved in ``path`` by :func:`save` (or in its group ``group`` by :func:`save_into`,
+    e.g. ``"runs/<run_id>/weights/model"`` of a study archive); with ``extra=True``, ``(object, extra
+    values)``. Every failure to read it (no such file or group, not a saved object, an unknown kind, a
+    newer format version, damaged or incomplete content) is an :class:`~substrate.errors.ArchiveError`
+    naming the file."""
     path = os.fspath(path)
+    if not isinstance(group, str):
+        raise SubstrateValueError(f"group must be the path of a group in the file (a string), got "
+                                  f"{type(group).__name__}")
     with archive.open_file(path) as f:
-        _check_format(f, path)
+        g = f.get(group)
+        if not isinstance(g, h5py.Group):
+            raise ArchiveError(path, f"has no group {group!r}" + ("" if g is None else " (it is a dataset)"))
+        _check_format(g, path)
         try:
-            obj = read_object(f)
-            more = read_state(f["extra"]) if "extra" in f else {}
+            obj = read_object(g)
+            more = read_state(g["extra"]) if "extra" in g else {}
         except ArchiveError:
             raise
         except (KeyError, ValueError, TypeError, IndexError, OverflowError, AttributeError) as e:
-            raise ArchiveError(path, f"does not hold a valid {f.attrs.get('kind')!s} "
+            raise ArchiveError(path, f"does not hold a valid {g.attrs.get('kind')!s} "
                                      f"({type(e).__name__}: {e})") from None
     return (obj, more) if extra else obj
 
 
-def _check_format(f: h5py.File, path: str):
+def _check_format(f: h5py.Group, path: str):
     fmt = f.attrs.get("format")
     if not isinstance(fmt, str) or fmt != FORMAT:
-        raise ArchiveError(path, f"is not a saved substrate object (root attribute format={fmt!r}, expected "
+        where = "root" if f.name == "/" else f"{f.name}"
+        raise ArchiveError(path, f"is not a saved substrate object ({where} attribute format={fmt!r}, expected "
                                  f"{FORMAT!r}); substrate.load reads the files substrate.save writes")
     version = f.attrs.get("format_version")
     if not isinstance(version, (int, np.integer)) or version < 1:
@@ -173,6 +193,7 @@ def write_config(group: h5py.Group, config: Mapping):
 
 
 def read_config(group: h5py.Group) -> dict:
+    """The settings :func:`write_config` stored on ``group``."""
     return json.loads(group.attrs["config"])
 
 
@@ -184,6 +205,7 @@ def write_arrays(group: h5py.Group, name: str, arrays: Mapping):
 
 
 def read_arrays(group: h5py.Group, name: str) -> dict:
+    """The arrays :func:`write_arrays` stored under ``name``, {key: array} in order."""
     g = group[name]
     return {key: read_array(g, key) for key in g}
 

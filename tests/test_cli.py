@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import substrate as S
 from models import data as D
 from models.train import SGD, Classifier, live_progress, train
 from studies import archives
@@ -318,3 +319,59 @@ def test_after_warmup_a_run_compiles_nothing(tmp_path, jobs, paths):
         assert after.returncode == 0, after.stderr
         hits, misses = map(int, after.stdout.split())
         assert hits > 0 and misses == 0, path  # hits > 0: the kernels were found and their lookups counted
+
+
+# ------------------------------------------------------------------------------------ evaluate
+DRIFT = os.path.join(ROOT, "studies", "configs", "drift.toml")
+
+
+@pytest.mark.fashion_mnist
+@pytest.mark.skipif(not os.path.isdir(D.FASHION_MNIST_DIR), reason=f"no Fashion-MNIST in {D.FASHION_MNIST_DIR}")
+def test_evaluate_reproduces_the_drift_study_from_its_saved_networks(config_archives, tmp_path):
+    """`substrate evaluate` on the drift study's archive programs each saved network again and finds, bit for
+    bit, the accuracies the study computed with the network in memory; without compensation the chip loses
+    accuracy over a year that compensation keeps (a chip of the same draws)."""
+    import h5py
+
+    _, archive, _ = config_archives[DRIFT]
+    out = tmp_path / "eval.h5"
+    result = invoke("evaluate", archive, "--device", "pcm_inference", "--times", "1s,1h,1d,1mo,1y", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1].split()[:7] == ["network", "compensation", "1", "s", "1", "h", "1"]
+    assert len([x for x in lines if "/model" in x]) == 4  # two runs, compensation on and off
+    ds = archives.open_dataset(archive)
+    with h5py.File(out, "r") as f:
+        acc = f["accuracy"][()]
+        assert [x.decode() for x in f["time"][()]] == ["1 s", "1 h", "1 d", "1 mo", "1 y"]
+        assert f["time_seconds"][()].tolist() == ds["drift_time"].values.tolist()
+        for i, rid in enumerate(x.decode() for x in f["run_id"][()]):
+            one = ds["drift_accuracy"].where(ds["run_id"] == rid, drop=True).squeeze().values
+            assert acc[i].tobytes() == one.tobytes(), (acc[i], one)
+    assert np.any(acc[:, 0, -1] != acc[:, 1, -1])
+    assert np.all(acc[:, :, 0] > 0.15)  # trained: above chance (10 classes) right after programming
+
+
+def test_evaluate_says_what_is_wrong(tmp_path):
+    """No saved weights, an unknown device or one without drift, bad times, a file that is not a run: each a
+    one-line error naming what is allowed."""
+    runs = sw.runs_folder(str(tmp_path / "out"))
+    assert invoke("sweep", selftest_file(tmp_path), "--out", str(tmp_path / "out"), "--quiet").exit_code == 0
+    run_file = os.path.join(runs, sorted(os.listdir(runs))[0])
+    archive = str(tmp_path / "out" / "naps.h5")
+    saved = S.save(S.Network.layered([3, 2], np.random.default_rng(0)), tmp_path / "net.h5")
+    cases = [
+        ([archive], "holds no saved weights: sweep a training study with save_weights = true"),
+        ([run_file], "holds no saved weights"),
+        ([archive, "--device", "nope"], "--device nope: unknown preset; allowed: pcm_inference"),
+        ([archive, "--device", "ideal"], "--device ideal: a preset without drift; allowed: pcm_inference"),
+        ([archive, "--times", "1s,1fortnight"], "drift time '1fortnight': allowed: a number >= 0 and a unit, one of"),
+        ([archive, "--times", "-1s"], "drift time '-1s'"),
+        ([archive, "--times", "200y"], "at most 100 years"),
+        ([archive, "--times", "1y,1h"], "--times 1y,1h: the times must be ascending"),
+        ([saved], "is neither a sweep archive nor a run file (format 'substrate-object'"),
+    ]
+    for args, needle in cases:
+        result = invoke("evaluate", *args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert needle in " ".join(result.output.split()), (args, result.output)

@@ -11,6 +11,7 @@ package imports it.
 * :mod:`~studies.catalogue.pvrnn`: ``pvrnn_meta_prior``, ``pvrnn_er``
 * :mod:`~studies.catalogue.dpm_gradients`: ``dpm_gradients``
 * :mod:`~studies.catalogue.dpm_customise`: ``dpm_customise``
+* :mod:`~studies.catalogue.drift`: ``drift`` (an ``ep_train`` classifier programmed on a drifting device)
 * :mod:`~studies.catalogue.selftest`: ``selftest`` (exercises the sweep machinery in the tests)
 
 A new study is one module here and one line below (and its TOML file in ``studies/configs``).
@@ -18,7 +19,7 @@ A new study is one module here and one line below (and its TOML file in ``studie
 
 from __future__ import annotations
 
-from studies.catalogue import dpm_customise, dpm_gradients, ep, gradient_accuracy, pvrnn, relaxation, selftest
+from studies.catalogue import dpm_customise, dpm_gradients, drift, ep, gradient_accuracy, pvrnn, relaxation, selftest
 
 TASKS = {
     "relaxation": relaxation.TASK,
@@ -29,5 +30,6 @@ TASKS = {
     "pvrnn_er": pvrnn.ERROR_REGRESSION,
     "dpm_gradients": dpm_gradients.TASK,
     "dpm_customise": dpm_customise.TASK,
+    "drift": drift.TASK,
     "selftest": selftest.TASK,
 }

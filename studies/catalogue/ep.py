@@ -180,10 +180,38 @@ def _rule(config):
     return ep.make_estimator(r["name"], **{k: v for k, v in r.items() if k in fields})
 
 
-def run_ep_train(config: dict, seed: int, save_partial=discard) -> Result:
+def task_data(config: dict) -> D.Dataset:
+    """The data set of an ``ep_train`` config (``data``, cut to ``n_train`` and ``n_test``)."""
     data = D.load(config["data"])
     if config["n_train"] or config["n_test"]:
         data = data.subset(config["n_train"] or None, config["n_test"] or None)
+    return data
+
+
+def task_relaxation(config: dict) -> ep.Relaxation:
+    """The relaxation of every phase of an ``ep_train`` config (a phase that misses its tolerance is
+    recorded, not raised)."""
+    rel = config["relaxation"]
+    return ep.Relaxation(method=rel["method"], dt=rel["dt"], tol=rel["tol"], max_steps=rel["max_steps"],
+                         nudged_max_steps=rel["nudged_max_steps"], on_failure="record")
+
+
+def training_result(history) -> Result:
+    """An ``ep_train`` run's metrics per epoch (row 0: before training) and their summary."""
+    a = history.arrays()
+    return Result(arrays={k: (("epoch",), v) for k, v in a.items() if k != "epoch"},
+                  scalars={"final_test_accuracy": float(a["test_accuracy"][-1]),
+                           "best_test_accuracy": float(np.max(a["test_accuracy"])),
+                           "epochs_run": float(a["epoch"][-1]),
+                           "epoch_seconds": float(np.mean(a["seconds"][1:])) if len(a["seconds"]) > 1
+                           else float("nan")},
+                  coords={"epoch": [int(e) for e in a["epoch"]]})
+
+
+def train_classifier(config: dict, seed: int, save_partial=discard):
+    """The classifier an ``ep_train`` config trains, trained: ``(model, data, history)``; after every
+    epoch ``save_partial`` gets :func:`training_result` and the progress."""
+    data = task_data(config)
     net = dict(config["network"])
     sizes = net.pop("sizes")
     if sizes[0] != data.n_features or sizes[-1] != data.classes:
@@ -194,33 +222,29 @@ def run_ep_train(config: dict, seed: int, save_partial=discard) -> Result:
     device = make_device(config["device"])
     if device is not None:  # the devices draw from their own streams, apart from training's
         model = Classifier(attach(model.network, device, np.random.default_rng([seed, 6])), model.cost)
-    rel = config["relaxation"]
-    relaxation = ep.Relaxation(method=rel["method"], dt=rel["dt"], tol=rel["tol"], max_steps=rel["max_steps"],
-                               nudged_max_steps=rel["nudged_max_steps"], on_failure="record")
     opt = OPTIMISERS[config["optimiser"]]
     optimiser = opt(config["lr"], config["momentum"]) if config["optimiser"] == "sgd" else opt(config["lr"])
     homeo = None
     if config["homeostasis"] > 0:
         homeo = Homeostasis(config["homeostasis"], config["homeostasis_draws"] or None)
 
-    def result(history):
-        a = history.arrays()
-        return Result(arrays={k: (("epoch",), v) for k, v in a.items() if k != "epoch"},
-                      scalars={"final_test_accuracy": float(a["test_accuracy"][-1]),
-                               "best_test_accuracy": float(np.max(a["test_accuracy"])),
-                               "epochs_run": float(a["epoch"][-1]),
-                               "epoch_seconds": float(np.mean(a["seconds"][1:])) if len(a["seconds"]) > 1
-                               else float("nan")},
-                      coords={"epoch": [int(e) for e in a["epoch"]]})
-
     def on_epoch(history):
-        save_partial(result(history))
+        save_partial(training_result(history))
         save_partial.progress(history.epoch[-1], config["epochs"])
 
     history = train(model, data, rule=_rule(config), optimiser=optimiser, epochs=config["epochs"],
-                    batch_size=config["batch_size"], relaxation=relaxation, homeostasis=homeo, rng=rng,
-                    probe=config["probe"], progress=False, on_epoch=on_epoch)
-    return result(history)
+                    batch_size=config["batch_size"], relaxation=task_relaxation(config), homeostasis=homeo,
+                    rng=rng, probe=config["probe"], progress=False, on_epoch=on_epoch)
+    return model, data, history
+
+
+def run_ep_train(config: dict, seed: int, save_partial=discard) -> Result:
+    """Train the config's classifier: its metrics per epoch, and the trained model (``objects``, kept
+    in the run file when the study's ``save_weights`` is on)."""
+    model, _, history = train_classifier(config, seed, save_partial)
+    result = training_result(history)
+    result.objects["model"] = model
+    return result
 
 
 def warmup_ep_train():

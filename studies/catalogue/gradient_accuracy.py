@@ -52,6 +52,7 @@ def _output_loss(net, labels):
 
 
 def run_gradient_accuracy(config: dict, seed: int, save_partial=discard) -> Result:
+    """One run of the gradient_accuracy study (see the module docstring)."""
     net = S.Network.from_config(config["network"], seed)
     x, labels = digits(config["batch"], seed)
     loss = _output_loss(net, labels)
@@ -83,6 +84,7 @@ def run_gradient_accuracy(config: dict, seed: int, save_partial=discard) -> Resu
 
 
 def warmup_gradient_accuracy():
+    """Compile the kernels the study uses, on a tiny network."""
     rng = np.random.default_rng(0)
     net = S.Network.layered([3, 4, 2], rng)
     x = rng.uniform(size=(2, 3))

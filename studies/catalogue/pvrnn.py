@@ -157,7 +157,8 @@ def run_pvrnn_meta_prior(config: dict, seed: int, save_partial=discard) -> Resul
       the model generates, the randomness it learned whether or not its latents carry it.
 
     Arrays per epoch ("free_energy", "reconstruction", "kl" per layer) and per layer; the training
-    history is saved every ``PARTIAL_EPOCHS`` epochs (``save_partial``)."""
+    history is saved every ``PARTIAL_EPOCHS`` epochs (``save_partial``); the trained model and its
+    adaptive vectors A are kept (``objects``)."""
     net, w = config["network"], config["w"]
     _check_layers(net)
     d, e = config["data"], config["error_regression"]
@@ -207,7 +208,7 @@ def run_pvrnn_meta_prior(config: dict, seed: int, save_partial=discard) -> Resul
                            "generation_spread": spread,
                            "final_free_energy": float(hist["free_energy"][-1]),
                            "train_seconds": train_seconds, "er_seconds": er_seconds},
-                  coords=_history_coords(hist))
+                  coords=_history_coords(hist), objects={"model": (model, {"A": A})})
 
 
 def warmup_pvrnn():
@@ -289,7 +290,7 @@ def run_pvrnn_er(config: dict, seed: int, save_partial=discard) -> Result:
 
     Every variant runs the NumPy path (comparable seconds); the compiled exact step runs last, on the
     same noise draws (its error equals the NumPy exact one up to rounding). Also the open-loop error
-    (prior means, no inference)."""
+    (prior means, no inference). The trained model and its adaptive vectors A are kept (``objects``)."""
     net, d, e = config["network"], config["data"], config["error_regression"]
     _check_layers(net)
     if d["test_steps"] < e["window"] + 2:
@@ -341,7 +342,8 @@ def run_pvrnn_er(config: dict, seed: int, save_partial=discard) -> Result:
                            "open_loop_error": float(np.mean(np.sum((open_loop - test) ** 2, axis=-1))),
                            "final_free_energy": float(hist["free_energy"][-1])},
                   coords={**_history_coords(hist), "credit": list(config["credit"]),
-                          "read_noise": list(config["read_noise"]), "tau_mismatch": list(config["tau_mismatch"])})
+                          "read_noise": list(config["read_noise"]), "tau_mismatch": list(config["tau_mismatch"])},
+                  objects={"model": (model, {"A": A})})
 
 
 # ------------------------------------------------------------------------------------ figures

@@ -28,6 +28,7 @@ SCHEMA = {
 
 
 def run_relaxation(config: dict, seed: int, save_partial=discard) -> Result:
+    """One run of the relaxation study (see the module docstring)."""
     net = S.Network.from_config(config["network"], seed)
     x, _ = digits(config["batch"], seed)
     start = time.perf_counter()

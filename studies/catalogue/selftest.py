@@ -25,6 +25,8 @@ SLICES = 10  # a sleeping run reports its progress in this many steps
 
 
 def run_selftest(config: dict, seed: int, save_partial=discard) -> Result:
+    """One run of the selftest task: sleeps (reporting progress), then returns a noisy trace of ``value`` or fails
+    as ``fail`` says."""
     for step in range(1, SLICES + 1 if config["sleep"] else 0):
         time.sleep(config["sleep"] / SLICES)
         save_partial.progress(step, SLICES, "step")

@@ -59,6 +59,7 @@ class Effect:
         return dataclasses.replace(self, **{f: getattr(self, f) * factor for f in self.scalable})
 
     def parameters(self) -> dict:
+        """The effect's parameters, {field: value}."""
         return dataclasses.asdict(self)
 
     def describe(self, width: int = 100) -> str:

@@ -80,6 +80,7 @@ class Device:
                 "combined with conductance mapping, program, drift or conductance read effects")
 
     def of(self, kind) -> list:
+        """The device's effects that are instances of ``kind`` (a class or a tuple of classes), in order."""
         return [e for e in self.effects if isinstance(e, kind)]
 
     def _one(self, hook):
@@ -87,22 +88,28 @@ class Device:
 
     @property
     def mapping(self):
+        """The conductance mapping effect, or None."""
         return self._one("map")
 
     @property
     def update(self):
+        """The pulsed update model, or None."""
         return self._one("update")
 
     @property
     def io(self):
+        """The IO chain effect (DAC, ADC, output noise), or None."""
         return self._one("io")
 
     @property
     def read_policy(self) -> str | None:
+        """When the device's read noise is redrawn (the first read effect's policy), or None without one."""
         return next((e.policy for e in self.of(ReadEffect)), None)
 
     @property
     def conductance_path(self) -> bool:
+        """Whether weights go through conductances (a mapping, program or drift effects, or a read effect that needs
+        them)."""
         return bool(self.mapping or self.of(ProgramEffect) or self.of(DriftEffect)
                     or any(e.conductances for e in self.of(ReadEffect)))
 
@@ -118,6 +125,7 @@ class Device:
         return dataclasses.replace(self, effects=tuple(e for e in self.effects if type(e) not in kinds) + effects)
 
     def with_weight_scale(self, weight_scale: float) -> "Device":
+        """This device with another ``weight_scale`` (network weight per device unit)."""
         return dataclasses.replace(self, weight_scale=weight_scale)
 
     def without(self, *kinds) -> "Device":
@@ -148,6 +156,8 @@ class Crossbar:
         self._fixed, self._written, self._dirty, self._rngs = {}, {}, {}, {}
 
     def rng(self, effect, suffix="") -> np.random.Generator:
+        """The random stream of ``effect`` (and ``suffix``) on this crossbar, made on first use from the network's
+        seed."""
         key = f"{effect.stream}{suffix}/{self.name}"
         if key not in self._rngs:
             self._rngs[key] = stream(self.seed, key)

@@ -45,14 +45,18 @@ class ProgramEffect(Effect):
     order: ClassVar[int] = 50
 
     def program(self, g: np.ndarray, crossbar, rng: np.random.Generator) -> np.ndarray:
+        """The conductances (2, post, pre) programmed for the targets ``g`` (microsiemens) of ``crossbar``, drawing
+        from ``rng``."""
         raise NotImplementedError
 
 
 @dataclass(frozen=True)
 class DriftEffect(Effect):
+    """Acts when the devices are read: the conductances after ``age`` seconds since each device's write."""
     hook: ClassVar[str] = "drift"
 
     def drift(self, g: np.ndarray, age: np.ndarray, crossbar, rng: np.random.Generator) -> np.ndarray:
+        """The conductances ``g`` (2, post, pre) as read ``age`` seconds after each device's write."""
         raise NotImplementedError
 
 
@@ -72,14 +76,18 @@ class ReadEffect(Effect):
     correlation_time = None  # "step" policy: see ReadNoise.correlation_time
 
     def read_variance(self, g, w, age, crossbar) -> np.ndarray:
+        """The variance of each weight's read deviation (weight units squared), given the conductances ``g``, the
+        weights ``w`` and the ages."""
         raise NotImplementedError
 
 
 @dataclass(frozen=True)
 class DynamicsEffect(Effect):
+    """Acts once, at attach, on the neurons' parameters (time constants, gains, offsets, state noise, read time)."""
     hook: ClassVar[str] = "dynamics"
 
     def neurons(self, circuit, rng: np.random.Generator) -> None:
+        """Edit the neurons' parameters ``circuit`` (a ``Neurons``) in place, drawing from ``rng``."""
         raise NotImplementedError
 
 
@@ -109,6 +117,7 @@ class ConductanceMapping(Effect):
 
     @property
     def g_min(self) -> float:
+        """The lowest conductance, g_max / on_off (microsiemens)."""
         return self.g_max / self.on_off
 
 
@@ -148,6 +157,8 @@ class ProgrammingNoise(ProgramEffect):
             raise_range("ProgrammingNoise.coefficients", self.coefficients, "a polynomial's coefficients")
 
     def sigma(self, g, g_max):
+        """The standard deviation of the programmed conductance at target ``g`` (microsiemens), for a device of
+        ``g_max``."""
         gt = g / g_max
         return sum(c * gt ** k for k, c in enumerate(self.coefficients)) * (g_max / self.g_max_reference)
 
@@ -272,6 +283,8 @@ class PCMReadNoise(ReadEffect):
         _correlation_time(self)
 
     def sigma(self, g_prog, age, g_max):
+        """The relative standard deviation of the 1/f read noise of devices programmed at ``g_prog``, ``age``
+        seconds after their write."""
         qs = np.minimum(0.0088 / np.maximum(np.abs(g_prog) / g_max, 1e-3) ** 0.65, 0.2)
         t = age + self.t0
         return qs * np.sqrt(np.log((t + self.t_read) / (2 * self.t_read)))
@@ -405,4 +418,5 @@ def _correlation_time(effect):
 
 
 def raise_range(name, value, allowed):
+    """Raise a SubstrateValueError: ``name`` = ``value`` must be ``allowed``."""
     raise SubstrateValueError(f"{name}={value!r} must be {allowed}")

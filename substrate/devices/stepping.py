@@ -48,6 +48,7 @@ class StepEffect(Effect):
     hook: ClassVar[str] = "step"
 
     def state(self, network, batch: int, dtype):
+        """The effect's kernel state for a phase of ``batch`` samples with states of ``dtype``."""
         raise NotImplementedError
 
 

@@ -395,6 +395,7 @@ class NeuroSimNonlinear(UpdateModel):
     # -- the curve
     @property
     def g_min(self) -> float:
+        """The lowest conductance relative to the highest, 1 / on_off."""
         return 1.0 / self.on_off
 
     @property
