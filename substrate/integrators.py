@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 
 import numpy as np
 
@@ -101,6 +101,26 @@ METHODS = {
 }
 
 
+def _kernel_stepper(stepper: AbstractStepper) -> tuple:
+    """``stepper.kernel_args()`` as a plain tuple (a ``_kernels.Stepper``), built once per stepper when
+    it is hashable (the kernels only read it)."""
+    try:
+        return _kernel_stepper_of(stepper)
+    except TypeError:  # a user's stepper with unhashable fields
+        return tuple(stepper.kernel_args())
+
+
+@lru_cache(maxsize=64)
+def _kernel_stepper_of(stepper: AbstractStepper) -> tuple:
+    return tuple(stepper.kernel_args())
+
+
+@lru_cache(maxsize=None)
+def _no_nudge(dtype) -> tuple:
+    """``nudge.no_nudge(dtype)`` as a plain tuple, built once per dtype (not read with code NO_NUDGE)."""
+    return tuple(no_nudge(dtype))
+
+
 def get_method(method) -> AbstractStepper:
     if isinstance(method, AbstractStepper):
         return method
@@ -112,6 +132,32 @@ def get_method(method) -> AbstractStepper:
 # ------------------------------------------------------------------------------------ results
 _STATUS = {K.SUCCESS: "success", K.NOT_CONVERGED: "not_converged", K.DIVERGED: "diverged",
            K.STEP_TOO_SMALL: "step_too_small", K.MAX_STEPS: "max_steps"}
+
+
+class _Deferred:
+    """A field of a frozen dataclass whose value may be given as a ``_Later``: computed on first
+    access and kept (the final residual of ``integrate``: one more field evaluation, paid only if read)."""
+
+    def __set_name__(self, owner, name):
+        self.name = "_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            raise AttributeError(self.name)  # no default (dataclasses ask the class)
+        value = obj.__dict__[self.name]
+        if isinstance(value, _Later):
+            value = obj.__dict__[self.name] = value.compute()
+        return value
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.name] = value
+
+
+@dataclass(frozen=True)
+class _Later:
+    """A value computed when first read: ``compute()``."""
+
+    compute: object
 
 
 @dataclass(frozen=True)
@@ -137,7 +183,7 @@ class Solution:
     steps: int
     nfev: int
     rejected: int
-    residual: np.ndarray
+    residual: np.ndarray = _Deferred()
     t_final: float
     residual_trace: np.ndarray | None = None
     trace_t: np.ndarray | None = None
@@ -206,8 +252,10 @@ def _check_times(t_span, t_eval, default, end_at_t1=False):
         raise SubstrateValueError(f"t_span={t_span!r} must be a pair (t0, t1) of numbers") from None
     if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
         raise SubstrateValueError(f"t_span={t_span!r} must be finite with t1 > t0")
+    if t_eval is None:  # the defaults are valid by construction: not checked (this runs at every call)
+        return t0, t1, np.array(default(t0, t1), dtype=float)
     try:
-        t_eval = np.array(default(t0, t1) if t_eval is None else t_eval, dtype=float)
+        t_eval = np.array(t_eval, dtype=float)
     except (TypeError, ValueError):
         raise SubstrateValueError(f"t_eval={t_eval!r} must be a 1-D array of times") from None
     if (t_eval.ndim != 1 or t_eval.size == 0 or np.any(np.diff(t_eval) <= 0)
@@ -251,10 +299,35 @@ def _no_record(n, nb, dtype, n_save):
     return np.zeros(0), np.zeros(n_save, np.int64), 0, np.zeros((0, n, nb), dtype)
 
 
+# buffer sets kept per network, by (n, batch, dtype, stages, tmp rows): a few shapes at most in a run
+# (a training loop's batch and its last, smaller one; float64 and complex128 phases)
+_WORK_KEEP = 4
+
+
+def _take_work(network, n, nb, dtype, s, rows) -> tuple:
+    """The stepping kernel's buffers for this shape, reused from an earlier call on ``network`` or
+    allocated. Taken out of the network's store while in use (a concurrent call allocates its own)."""
+    key = (n, nb, dtype, s, rows)
+    work = network._work.pop(key, None)
+    if work is None:
+        real = np.float32 if dtype == np.float32 else np.float64
+        e = partial(np.empty, (n, nb), dtype)
+        work = (e(), e(), e(), e(), e(), e(), e(), e(), e(), np.empty((s, n, nb), dtype),  # a K.Work
+                np.empty((rows, nb), dtype), np.empty((s + 1, n), real), np.empty((s + 1, s, n), real),
+                np.empty(nb))
+    return key, work
+
+
+def _give_work(network, key, work):
+    network._work[key] = work
+    while len(network._work) > _WORK_KEEP:
+        network._work.pop(next(iter(network._work)))  # the oldest
+
+
 def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_save, relax,
            res_rtol, res_atol, record=None, nudge=None):
-    kstepper = stepper.kernel_args()
-    adaptive = kstepper.adaptive
+    kstepper = _kernel_stepper(stepper)
+    adaptive, stages = kstepper[6], kstepper[3].shape[0]  # K.Stepper's adaptive, len(bw)
     if nudge is not None and not isinstance(nudge, Nudge):
         raise SubstrateValueError(f"nudge must be a substrate.nudge.Nudge, got {type(nudge).__name__}")
     n, nb = u.shape
@@ -283,12 +356,17 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     if vf.dtype.kind == "c" and any(getattr(e, "real_only", False) for e in effects):
         raise SubstrateValueError("the device's DAC/ADC quantise real signals: complex states (holomorphic "
                                   "EP) cannot pass them; use IOChain(inp_bits=0, out_bits=0)")
+    key, work = _take_work(vf.network, n, nb, vf.dtype, stages, vf._tmp.shape[0])
+    # plain tuples of the kernel's namedtuples (K.Stepper, Circuit, Span, Relaxation, Record, Nudge,
+    # Work): Numba types them in C, a namedtuple costs ~2 us a call in its Python typeof
     status, t, steps, nfev, rejected = K.run(
-        kstepper, vf.circuit, u,
-        K.Span(float(t0), float(t_end), float(dt), float(rtol), float(atol), h_min, int(max_steps), float(blowup)),
-        K.Relaxation(relax, float(res_rtol), float(res_atol), residual, res_trace, t_trace),
-        K.Record(t_save, saved, u_out, *record),
-        no_nudge(vf.dtype) if nudge is None else nudge.kernel_args(vf.network, vf.dtype, vf.batch), effects)
+        kstepper, vf.circuit_fields, u,
+        (float(t0), float(t_end), float(dt), float(rtol), float(atol), h_min, int(max_steps), float(blowup)),
+        (relax, float(res_rtol), float(res_atol), residual, res_trace, t_trace),
+        (t_save, saved, u_out, *record),
+        _no_nudge(vf.dtype) if nudge is None else tuple(nudge.kernel_args(vf.network, vf.dtype, vf.batch)),
+        effects, work)
+    _give_work(vf.network, key, work)
     return status, t, steps, nfev, rejected, saved, residual, (t_trace, res_trace), u_out
 
 
@@ -372,8 +450,12 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
         vf, u, stepper, t0=t0, t_end=float(t_eval[-1]), dt=dt, rtol=rtol, atol=atol,
         max_steps=max_steps, blowup=blowup, t_save=t_eval, relax=False, res_rtol=0.0, res_atol=0.0,
         nudge=nudge)
-    f = vf(u_out.T) if status == K.DIVERGED or nudge is None else vf(u_out.T) + nudge.current(network, u_out.T)
-    residual = np.max(np.abs(f), axis=1) if status != K.DIVERGED else np.full(vf.batch, np.nan)
+    if status == K.DIVERGED:
+        residual = np.full(vf.batch, np.nan)
+    elif nudge is None:  # one more field evaluation: deferred until the residual is read
+        residual = _Later(partial(_final_residual, vf, u_out))
+    else:  # the nudge's arrays are the caller's: its current is taken now
+        residual = np.max(np.abs(vf(u_out.T) + nudge.current(network, u_out.T)), axis=1)
     n_ok = int(np.searchsorted(t_eval, t, side="right")) if status != K.SUCCESS else len(t_eval)
     message = "" if status == K.SUCCESS else (
         f"stopped at t={t:.6g} (step {steps}); states saved for the first {n_ok} of {len(t_eval)} "
@@ -383,6 +465,11 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
                    steps=steps, nfev=nfev, rejected=rej, residual=residual, t_final=t,
                    message=message, slices=network.slices, field=vf)
     return _finish(sol, on_failure, "integrate")
+
+
+def _final_residual(vf: VectorField, u_out) -> np.ndarray:
+    """max_i |F_i(u)| per sample at the final state (engine layout, private to the Solution)."""
+    return np.max(np.abs(vf(u_out.T)), axis=1)
 
 
 def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rtol=0.0, u0=None,
