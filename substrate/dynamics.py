@@ -61,9 +61,7 @@ class VectorField:
         self.effects = network.kernel_effects(self.packed, self.batch)
         # does an effect change rho (a device's activation mismatch)? The derivative kernels are nominal
         self.mismatch = any(getattr(e, "changes_activation", False) for e in self.effects)
-        p = self.packed
-        rows = max([1] + [int(v) for v in p.conn[:, [2, 4]].ravel()])
-        self._tmp = np.empty((rows, self.batch), self.dtype)
+        self._tmp = np.empty((self.packed.max_rows, self.batch), self.dtype)
 
     def state(self, u, argument: str = "u") -> np.ndarray:
         """Validate a (batch, n) state and return the engine's (n, batch) C-ordered copy."""

@@ -299,29 +299,31 @@ def _no_record(n, nb, dtype, n_save):
     return np.zeros(0), np.zeros(n_save, np.int64), 0, np.zeros((0, n, nb), dtype)
 
 
-# buffer sets kept per network, by (n, batch, dtype, stages, tmp rows): a few shapes at most in a run
-# (a training loop's batch and its last, smaller one; float64 and complex128 phases)
-_WORK_KEEP = 4
+# buffers kept per network by what they are for and their shape (the stepping kernel's by (n, batch,
+# dtype, stages, tmp rows), a relaxation's residual traces by length): a few at most in a run (a training
+# loop's batch and its last, smaller one; float64 and complex128 phases)
+_WORK_KEEP = 6
 
 
-def _take_work(network, n, nb, dtype, s, rows) -> tuple:
-    """The stepping kernel's buffers for this shape, reused from an earlier call on ``network`` or
-    allocated. Taken out of the network's store while in use (a concurrent call allocates its own)."""
-    key = (n, nb, dtype, s, rows)
-    work = network._work.pop(key, None)
-    if work is None:
-        real = np.float32 if dtype == np.float32 else np.float64
-        e = partial(np.empty, (n, nb), dtype)
-        work = (e(), e(), e(), e(), e(), e(), e(), e(), e(), np.empty((s, n, nb), dtype),  # a K.Work
-                np.empty((rows, nb), dtype), np.empty((s + 1, n), real), np.empty((s + 1, s, n), real),
-                np.empty(nb))
-    return key, work
+def _take(network, key, make):
+    """The buffers ``key`` from an earlier call on ``network``, or ``make()``. Taken out of the network's
+    store while in use (a concurrent call makes its own); :func:`_give` puts them back."""
+    buffers = network._work.pop(key, None)
+    return make() if buffers is None else buffers
 
 
-def _give_work(network, key, work):
-    network._work[key] = work
+def _give(network, key, buffers):
+    network._work[key] = buffers
     while len(network._work) > _WORK_KEEP:
         network._work.pop(next(iter(network._work)))  # the oldest
+
+
+def _new_work(n, nb, dtype, s, rows) -> tuple:
+    """The stepping kernel's buffers, a ``_kernels.Work`` as a plain tuple."""
+    real = np.float32 if dtype == np.float32 else np.float64
+    e = partial(np.empty, (n, nb), dtype)
+    return (e(), e(), e(), e(), e(), e(), e(), e(), e(), np.empty((s, n, nb), dtype), np.empty((rows, nb), dtype),
+            np.empty((s + 1, n), real), np.empty((s + 1, s, n), real), np.empty(nb))
 
 
 def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_save, relax,
@@ -335,16 +337,19 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     if dt is None:
         if not adaptive:
             raise SubstrateValueError(f"dt is required for the fixed-step method {stepper.name!r}")
-        dt = _initial_step(vf, u, float(p.tau.min()), stepper.order, rtol, atol)
-    h_min = 1e-12 * max(abs(t0), abs(t_end) if math.isfinite(t_end) else 0.0, float(p.tau.min()))
+        dt = _initial_step(vf, u, p.tau_min, stepper.order, rtol, atol)
+    h_min = 1e-12 * max(abs(t0), abs(t_end) if math.isfinite(t_end) else 0.0, p.tau_min)
     if adaptive and dt < h_min:
         raise SubstrateValueError(f"dt={dt:g}, the first step of {stepper.name!r}, is below its smallest "
                                   f"step {h_min:.3g} (1e-12 of the time scale)")
     saved = allocate((len(t_save), n, nb), vf.dtype, f"the states at {len(t_save)} t_eval points",
                      "pass fewer t_eval points")
     residual = np.zeros(nb)
-    res_trace = np.empty(min(max_steps, 1_000_000) + 1 if relax else 0)  # the first 1e6 steps, written as taken
-    t_trace = np.empty_like(res_trace)
+    # the largest residual and its time at each of the first 1e6 steps, written as taken (the caller
+    # copies what was written: the arrays are reused)
+    length = min(max_steps, 1_000_000) + 1 if relax else 0
+    trace_key = ("trace", length)
+    t_trace, res_trace = _take(vf.network, trace_key, lambda: (np.empty(length), np.empty(length)))
     u_out = np.empty_like(u)
     record = record or _no_record(n, nb, vf.dtype, len(t_save))
     effects = vf.effects
@@ -356,7 +361,8 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     if vf.dtype.kind == "c" and any(getattr(e, "real_only", False) for e in effects):
         raise SubstrateValueError("the device's DAC/ADC quantise real signals: complex states (holomorphic "
                                   "EP) cannot pass them; use IOChain(inp_bits=0, out_bits=0)")
-    key, work = _take_work(vf.network, n, nb, vf.dtype, stages, vf._tmp.shape[0])
+    key = (n, nb, vf.dtype, stages, vf._tmp.shape[0])
+    work = _take(vf.network, key, lambda: _new_work(*key))
     # plain tuples of the kernel's namedtuples (K.Stepper, Circuit, Span, Relaxation, Record, Nudge,
     # Work): Numba types them in C, a namedtuple costs ~2 us a call in its Python typeof
     status, t, steps, nfev, rejected = K.run(
@@ -366,8 +372,11 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
         (t_save, saved, u_out, *record),
         _no_nudge(vf.dtype) if nudge is None else tuple(nudge.kernel_args(vf.network, vf.dtype, vf.batch)),
         effects, work)
-    _give_work(vf.network, key, work)
-    return status, t, steps, nfev, rejected, saved, residual, (t_trace, res_trace), u_out
+    _give(vf.network, key, work)
+    kept = min(steps + 1, length)
+    trace = (t_trace[:kept].copy(), res_trace[:kept].copy())
+    _give(vf.network, trace_key, (t_trace, res_trace))
+    return status, t, steps, nfev, rejected, saved, residual, trace, u_out
 
 
 def stability(vf: VectorField, u, nudge=None):
@@ -460,7 +469,8 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
     message = "" if status == K.SUCCESS else (
         f"stopped at t={t:.6g} (step {steps}); states saved for the first {n_ok} of {len(t_eval)} "
         "t_eval points, the rest are NaN")
-    saved[n_ok:] = np.nan
+    if n_ok < len(t_eval):
+        saved[n_ok:] = np.nan
     sol = Solution(t=t_eval, u=saved.transpose(0, 2, 1), status=_STATUS[status], method=stepper.name,
                    steps=steps, nfev=nfev, rejected=rej, residual=residual, t_final=t,
                    message=message, slices=network.slices, field=vf)
@@ -503,7 +513,7 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
     blowup = _positive(blowup, "blowup")
     vf, u = _prepare(network, x, u0, dtype, batch)
     if dt is None and not stepper.adaptive:
-        tau_min = float(vf.packed.tau.min())
+        tau_min = vf.packed.tau_min
         dt = tau_min if isinstance(stepper, ExponentialRK) else 0.5 * tau_min
     read_time = network.read_time  # a device with a finite relaxation time is read at that time
     status, t, steps, nfev, rej, _, residual, trace, u_out = _solve(
@@ -527,6 +537,6 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
         message += f"; residual {residual.max():.3e} > tol {tol:g} + rtol {rtol:g} |u|"
     sol = Solution(t=np.array(t), u=u_out.T, status=name, method=stepper.name, steps=steps,
                    nfev=nfev, rejected=rej, residual=residual, t_final=t,
-                   residual_trace=trace[1][:steps + 1], trace_t=trace[0][:steps + 1], message=message,
+                   residual_trace=trace[1], trace_t=trace[0], message=message,
                    eigenvalue=eigenvalue, slices=network.slices, field=vf)
     return _finish(sol, on_failure, "relax")
