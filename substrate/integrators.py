@@ -300,9 +300,10 @@ def _no_record(n, nb, dtype, n_save):
 
 
 # buffers kept per network by what they are for and their shape (the stepping kernel's by (n, batch,
-# dtype, stages, tmp rows), a relaxation's residual traces by length): a few at most in a run (a training
-# loop's batch and its last, smaller one; float64 and complex128 phases)
-_WORK_KEEP = 6
+# dtype, stages, tmp rows), a relaxation's residual traces by length, the unread record of a call
+# without gradient): a few sets at most in a run (a training loop's batch and its last, smaller one;
+# float64 and complex128 phases)
+_WORK_KEEP = 8
 
 
 def _take(network, key, make):
@@ -351,7 +352,10 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     trace_key = ("trace", length)
     t_trace, res_trace = _take(vf.network, trace_key, lambda: (np.empty(length), np.empty(length)))
     u_out = np.empty_like(u)
-    record = record or _no_record(n, nb, vf.dtype, len(t_save))
+    record_key = None
+    if record is None:  # nothing is read from them: reused
+        record_key = ("record", n, nb, vf.dtype, len(t_save))
+        record = _take(vf.network, record_key, lambda: _no_record(n, nb, vf.dtype, len(t_save)))
     effects = vf.effects
     stochastic = any(getattr(e, "draws_per_step", False) for e in effects)
     if stochastic and (adaptive or vf.dtype.kind == "c"):
@@ -373,6 +377,8 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
         _no_nudge(vf.dtype) if nudge is None else tuple(nudge.kernel_args(vf.network, vf.dtype, vf.batch)),
         effects, work)
     _give(vf.network, key, work)
+    if record_key is not None:
+        _give(vf.network, record_key, record)
     kept = min(steps + 1, length)
     trace = (t_trace[:kept].copy(), res_trace[:kept].copy())
     _give(vf.network, trace_key, (t_trace, res_trace))
@@ -415,6 +421,21 @@ def stability(vf: VectorField, u, nudge=None):
     eigenvalue, residual = rightmost_eigenvalues(matvec, n, nb, vf.dtype)
     margin = math.sqrt(np.finfo(vf.dtype).eps) * np.maximum(np.abs(eigenvalue), float(tauinv.real.max()))
     return eigenvalue, eigenvalue.real - residual >= -margin
+
+
+def _checked_stability(vf: VectorField, u, nudge):
+    """:func:`stability` of states u (engine layout), remembered on the network for the last states
+    checked with its cached packed weights, no nudge and no device effects (what the check depends
+    on): relaxing again from a checked equilibrium, which takes no step, does not repeat the check
+    (on a small network it costs ~20 calls)."""
+    if nudge is not None or vf.effects:
+        return stability(vf, u, nudge)
+    key = (vf.packed, u.shape, u.tobytes())
+    memo = vf.network._stability
+    if memo is None or memo[0] is not key[0] or memo[1:3] != key[1:]:
+        memo = vf.network._stability = (*key, stability(vf, u))
+    eigenvalue, unstable = memo[3]
+    return eigenvalue.copy(), unstable.copy()
 
 
 def _finish(sol: Solution, on_failure: str, what: str):
@@ -523,7 +544,7 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
     message = "" if status == K.SUCCESS else f"stopped at t={t:.6g} (step {steps})"
     eigenvalue, name = None, _STATUS[status]
     if status == K.SUCCESS:  # the residual test passed: is the fixed point a stable one of the ODE?
-        eigenvalue, unstable = stability(vf, u_out, nudge)
+        eigenvalue, unstable = _checked_stability(vf, u_out, nudge)
         if unstable.any():
             b, name = int(np.flatnonzero(unstable)[0]), "unstable"
             message = (f"the fixed point of sample {b} ({int(unstable.sum())} of {vf.batch} samples) is not a "

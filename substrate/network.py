@@ -299,7 +299,8 @@ class Network:
             if c.mask is not None:
                 c.mask = c.mask.astype(real)  # so that masked gradients keep the network's dtype
         self._prepared = {}  # dtype -> _Prepared, see prepared()
-        self._work = {}  # the stepping kernel's buffers by shape (integrators._take_work)
+        self._work = {}  # buffers of the stepping kernel and of relax, by use and shape (integrators._take)
+        self._stability = None  # the last stability check of relax (integrators._checked_stability)
 
     # ---------------------------------------------------------------------------- validation
     def _check_connections(self):

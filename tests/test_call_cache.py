@@ -244,3 +244,22 @@ def test_final_residual_is_that_of_the_final_state():
     np.testing.assert_array_equal(sol.residual, expected)
     assert sol.residual is sol.residual  # computed once, then kept
     assert "max residual" in sol.report()
+
+
+# ------------------------------------------------------------------------------------ stability
+def test_stability_check_remembered_only_for_the_same_circuit_and_state():
+    """relax from an equilibrium it already checked reuses the check; changed weights or another state
+    are checked afresh (the eigenvalue compared with a fresh network's, bit for bit)."""
+    net = layered()
+    eq = relax(net, X, tol=1e-12)
+    again = relax(net, X, u0=eq.u, tol=1e-6)
+    assert again.steps == 0
+    np.testing.assert_array_equal(again.eigenvalue, eq.eigenvalue)
+    again.eigenvalue[:] = 0  # the caller's copy: the remembered one is untouched
+    np.testing.assert_array_equal(relax(net, X, u0=eq.u, tol=1e-6).eigenvalue, eq.eigenvalue)
+    net.connection("y->h1").weight[:] *= 3.0  # the same states, another Jacobian
+    got = relax(net, X, u0=eq.u, tol=10.0)  # a tolerance the old equilibrium passes: no step
+    ref = relax(fresh(net), X, u0=eq.u, tol=10.0)
+    assert got.steps == 0
+    np.testing.assert_array_equal(got.eigenvalue, ref.eigenvalue)
+    assert not np.array_equal(got.eigenvalue, eq.eigenvalue)
