@@ -302,6 +302,10 @@ class Network:
         self._work = {}  # buffers of the stepping kernel and of relax, by use and shape (integrators._take)
         self._stability = None  # the last stability check of relax (integrators._checked_stability)
 
+    def __getstate__(self):
+        """Copies and pickles leave the caches behind (rebuilt on first use; buffers can be large)."""
+        return {**self.__dict__, "_prepared": {}, "_work": {}, "_stability": None}
+
     # ---------------------------------------------------------------------------- validation
     def _check_connections(self):
         seen = set()

@@ -263,3 +263,13 @@ def test_stability_check_remembered_only_for_the_same_circuit_and_state():
     assert got.steps == 0
     np.testing.assert_array_equal(got.eigenvalue, ref.eigenvalue)
     assert not np.array_equal(got.eigenvalue, eq.eigenvalue)
+
+
+def test_copies_leave_the_caches_behind():
+    net = layered()
+    before = run(net, X)
+    twin = copy.deepcopy(net)
+    assert not twin._prepared and not twin._work
+    twin.connection("h1->y").weight[:] = 0.0
+    np.testing.assert_array_equal(run(net, X), before)
+    assert_current(twin, X, before)
