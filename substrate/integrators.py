@@ -299,11 +299,9 @@ def _no_record(n, nb, dtype, n_save):
     return np.zeros(0), np.zeros(n_save, np.int64), 0, np.zeros((0, n, nb), dtype)
 
 
-# buffers kept per network by what they are for and their shape (the stepping kernel's by (n, batch,
-# dtype, stages, tmp rows), a relaxation's residual traces by length, the unread record of a call
-# without gradient): a few sets at most in a run (a training loop's batch and its last, smaller one;
-# float64 and complex128 phases)
-_WORK_KEEP = 8
+# buffer sets kept per network, by the shapes of a call (see _solve): a few at most in a run (a
+# training loop's batch and its last, smaller one; float64 and complex128 phases; relax and integrate)
+_WORK_KEEP = 6
 
 
 def _take(network, key, make):
@@ -346,16 +344,18 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     saved = allocate((len(t_save), n, nb), vf.dtype, f"the states at {len(t_save)} t_eval points",
                      "pass fewer t_eval points")
     residual = np.zeros(nb)
-    # the largest residual and its time at each of the first 1e6 steps, written as taken (the caller
-    # copies what was written: the arrays are reused)
-    length = min(max_steps, 1_000_000) + 1 if relax else 0
-    trace_key = ("trace", length)
-    t_trace, res_trace = _take(vf.network, trace_key, lambda: (np.empty(length), np.empty(length)))
     u_out = np.empty_like(u)
-    record_key = None
-    if record is None:  # nothing is read from them: reused
-        record_key = ("record", n, nb, vf.dtype, len(t_save))
-        record = _take(vf.network, record_key, lambda: _no_record(n, nb, vf.dtype, len(t_save)))
+    # the kernel's buffers, relax's residual traces (the largest residual and its time at each of the
+    # first 1e6 steps, written as taken; copied out below) and the record of a call without gradient
+    # (written, never read): reused across calls of this shape
+    length = min(max_steps, 1_000_000) + 1 if relax else 0
+    rows = vf._tmp.shape[0]
+    key = (n, nb, vf.dtype, stages, rows, length, None if record else len(t_save))
+    buffers = _take(vf.network, key, lambda: (
+        _new_work(n, nb, vf.dtype, stages, rows), np.empty(length), np.empty(length),
+        None if record else _no_record(n, nb, vf.dtype, len(t_save))))
+    work, t_trace, res_trace, unread = buffers
+    record = record or unread
     effects = vf.effects
     stochastic = any(getattr(e, "draws_per_step", False) for e in effects)
     if stochastic and (adaptive or vf.dtype.kind == "c"):
@@ -365,8 +365,6 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     if vf.dtype.kind == "c" and any(getattr(e, "real_only", False) for e in effects):
         raise SubstrateValueError("the device's DAC/ADC quantise real signals: complex states (holomorphic "
                                   "EP) cannot pass them; use IOChain(inp_bits=0, out_bits=0)")
-    key = (n, nb, vf.dtype, stages, vf._tmp.shape[0])
-    work = _take(vf.network, key, lambda: _new_work(*key))
     # plain tuples of the kernel's namedtuples (K.Stepper, Circuit, Span, Relaxation, Record, Nudge,
     # Work): Numba types them in C, a namedtuple costs ~2 us a call in its Python typeof
     status, t, steps, nfev, rejected = K.run(
@@ -376,12 +374,9 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
         (t_save, saved, u_out, *record),
         _no_nudge(vf.dtype) if nudge is None else tuple(nudge.kernel_args(vf.network, vf.dtype, vf.batch)),
         effects, work)
-    _give(vf.network, key, work)
-    if record_key is not None:
-        _give(vf.network, record_key, record)
     kept = min(steps + 1, length)
     trace = (t_trace[:kept].copy(), res_trace[:kept].copy())
-    _give(vf.network, trace_key, (t_trace, res_trace))
+    _give(vf.network, key, buffers)
     return status, t, steps, nfev, rejected, saved, residual, trace, u_out
 
 
