@@ -74,7 +74,7 @@ Relaxation = namedtuple("Relaxation", "on rtol atol residual res_trace t_trace")
 # the step sizes (h_record), the step count at each save (save_step) and the states every ckpt_every
 # steps (ckpt; ckpt_every 0: none).
 Record = namedtuple("Record", "t_save saved u_out h_record save_step ckpt_every ckpt")
-# The stepping kernel's buffers, held by the caller across calls (see ``integrators.work_buffers``):
+# The stepping kernel's buffers, held by the caller across calls (``integrators._solve`` keeps them):
 # the state and activity with their next values, two stage points with activities, W rho(Y) (n, B) each,
 # the stage slopes (s, n, B), the product scratch tmp (largest layer, B), the step coefficients alpha
 # (s + 1, n) and coef (s + 1, s, n) in the real dtype, and umax (B,). Every one is written before read.
