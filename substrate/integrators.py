@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache, partial
+from functools import cache, lru_cache, partial
 
 import numpy as np
 
@@ -115,7 +115,7 @@ def _kernel_stepper_of(stepper: AbstractStepper) -> tuple:
     return tuple(stepper.kernel_args())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _no_nudge(dtype) -> tuple:
     """``nudge.no_nudge(dtype)`` as a plain tuple, built once per dtype (not read with code NO_NUDGE)."""
     return tuple(no_nudge(dtype))

@@ -26,7 +26,7 @@ import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cache, cached_property
 from typing import Sequence
 
 import numpy as np
@@ -106,7 +106,7 @@ def _unchanged(sources, snapshots) -> bool:
     return True
 
 
-@lru_cache(maxsize=None)
+@cache
 def _own_reading(cls) -> bool:
     """Does ``cls`` read its parameters as :class:`Network` does (so that their packed form can be cached)?"""
     return all(getattr(cls, m) is getattr(Network, m) for m in
