@@ -471,23 +471,25 @@ def call_table(args, table):
     def integrate(steps, network=net, xx=x):
         return substrate.integrate(network, xx, t_span=(0.0, steps * DT), t_eval=[steps * DT], dt=DT,
                                    method="euler")
-    one = timeit(lambda: integrate(1), reps, number=2000)
+    # many short windows: on a shared machine their minimum is the least disturbed
+    short = dict(repeats=40 * reps, number=50)
+    one = timeit(lambda: integrate(1), **short)
     many = timeit(lambda: integrate(1001), reps, number=20)
     step = tuple((m - o) / 1000 for o, m in zip(one, many))
     over = tuple(o - s for o, s in zip(one, step))
     torch_step = None
     if torch is not None:
-        torch_step = timeit(torch_step_of(net, x), reps, number=2000)
+        torch_step = timeit(torch_step_of(net, x), **short)
         table.add("torch loop step, 4-8-3, batch 1", "float64", 1, *torch_step, torch_step)
     table.add("substrate marginal Euler step, 4-8-3", "float64", 1, *step, torch_step)
     table.add("integrate 1 step: call minus a step", "float64", 1, *over, torch_step)
     eq = substrate.relax(net, x, tol=1e-12)
-    call = timeit(lambda: substrate.relax(net, x, u0=eq.u, tol=1e-6), reps, number=500)
+    call = timeit(lambda: substrate.relax(net, x, u0=eq.u, tol=1e-6), **short)
     sol = substrate.relax(net, x, u0=eq.u, tol=1e-6)
     assert sol.steps == 0, sol.steps
     from substrate.integrators import stability
     ut = np.ascontiguousarray(sol.u.T)
-    check = timeit(lambda: stability(sol.field, ut), reps, number=500)
+    check = timeit(lambda: stability(sol.field, ut), 4 * reps, number=20)
     table.add("relax at its equilibrium (0 steps), whole call", "float64", 1, *call, torch_step,
               "the stability check remembered")
     table.add("  the stability check (paid once an equilibrium)", "float64", 1, *check, torch_step)
