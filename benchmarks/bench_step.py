@@ -36,6 +36,16 @@ packed arrays of ``substrate.VectorField(net, x).packed``: the activation alone 
 step minus those two (the update and blow-up check of the fused ``stage_pass``, and the loop). A row
 whose private kernel no longer accepts these arguments is reported as skipped.
 
+The per-call overhead (skip it with ``--no-calls``): what a call costs beyond its steps, in float64,
+one thread. A tiny network (4-8-3, batch 1): ``integrate`` of one Euler step minus a marginal step
+(the slope between 1 and 1001 steps a call), and ``relax`` from an equilibrium it already holds
+(``u0`` converged: no step is taken; its stability check, remembered from the relaxation that found
+it, is timed alone), each against a torch loop step of the same network (measured here). A
+large one (784-1024-1024, n = 2048 state neurons, batch 256): a one-step call minus a marginal step
+(slope between 1 and 3 steps a call), as a fraction of a step, with unchanged weights (the cached
+packed weights and drive V x + b are checked, not recomputed) and after an in-place edit of one
+weight (recomputed).
+
 Also reported: the first-call cost of the compiled kernels, in a fresh subprocess with an empty
 ``NUMBA_CACHE_DIR`` (cold: Numba compiles) and again with the same directory (warm: Numba loads its
 cache); and with ``--quickstart`` the wall time of ``substrate quickstart``.
@@ -437,6 +447,78 @@ def quickstart_time():
     print(f"\nquickstart: `substrate quickstart --out DIR` took {wall:.1f} s wall (exit code {proc.returncode})")
 
 
+# ============================================================================================ per call
+def torch_step_of(net, x):
+    """One Euler step of ``net`` (layered, logistic) in torch, as the reference loops take it."""
+    ws = {c.name: torch.from_numpy(np.ascontiguousarray(net.effective_weight(c)))
+          for c in net.connections if c.pre != "x"}
+    sl = net.slices
+    drive = torch.from_numpy(net.drive(x, None, net.dtype))
+    u, r, f = torch.zeros_like(drive), torch.empty_like(drive), torch.empty_like(drive)
+    (h, hs), (y, ys) = sl.items()
+
+    def step():
+        with torch.no_grad():
+            torch.sigmoid(4 * u - 2, out=r)
+            torch.addmm(drive[hs], ws[f"{y}->{h}"], r[ys], out=f[hs])
+            torch.addmm(drive[ys], ws[f"{h}->{y}"], r[hs], out=f[ys])
+            f.sub_(u)
+            u.add_(f, alpha=DT / TAU)
+    return step
+
+
+def call_table(args, table):
+    """The per-call overhead rows (see the module docstring); float64, the current thread count."""
+    reps = args.repeats
+    net = substrate.Network.layered([4, 8, 3], np.random.default_rng(0), tau=TAU)
+    x = np.random.default_rng(1).random((1, 4))
+
+    def integrate(steps, network=net, xx=x):
+        return substrate.integrate(network, xx, t_span=(0.0, steps * DT), t_eval=[steps * DT], dt=DT,
+                                   method="euler")
+    # many short windows: on a shared machine their minimum is the least disturbed
+    short = dict(repeats=40 * reps, number=50)
+    one = timeit(lambda: integrate(1), **short)
+    many = timeit(lambda: integrate(1001), reps, number=20)
+    step = tuple((m - o) / 1000 for o, m in zip(one, many))
+    over = tuple(o - s for o, s in zip(one, step))
+    torch_step = None
+    if torch is not None:
+        torch_step = timeit(torch_step_of(net, x), **short)
+        table.add("torch loop step, 4-8-3, batch 1", "float64", 1, *torch_step, torch_step)
+    table.add("substrate marginal Euler step, 4-8-3", "float64", 1, *step, torch_step)
+    table.add("integrate 1 step: call minus a step", "float64", 1, *over, torch_step)
+    eq = substrate.relax(net, x, tol=1e-12)
+    call = timeit(lambda: substrate.relax(net, x, u0=eq.u, tol=1e-6), **short)
+    sol = substrate.relax(net, x, u0=eq.u, tol=1e-6)
+    assert sol.steps == 0, sol.steps
+    from substrate.integrators import stability
+    ut = np.ascontiguousarray(sol.u.T)
+    check = timeit(lambda: stability(sol.field, ut), 4 * reps, number=20)
+    table.add("relax at its equilibrium (0 steps), whole call", "float64", 1, *call, torch_step,
+              "the stability check remembered")
+    table.add("  the stability check (paid once an equilibrium)", "float64", 1, *check, torch_step)
+
+    big = substrate.Network.layered([784, 1024, 1024], np.random.default_rng(0), tau=TAU)
+    xb = np.random.default_rng(1).random((256, 784))
+    integrate(1, big, xb)
+    n_reps = max(3, reps // 2)
+    one = timeit(lambda: integrate(1, big, xb), n_reps)
+    three = timeit(lambda: integrate(3, big, xb), n_reps)
+    step = tuple((t - o) / 2 for o, t in zip(one, three))
+    w = big.connection("h1->y").weight
+
+    def edited():
+        w[0, 0] += 1e-3  # in place: the cache must notice and repack (and recompute the drive)
+        return integrate(1, big, xb)
+    miss = timeit(edited, n_reps)
+    table.add("n=2048 b=256: marginal Euler step", "float64", 1, *step, step)
+    table.add("n=2048 b=256: 1-step call minus a step", "float64", 1, *(o - s for o, s in zip(one, step)), step,
+              "ratio = fraction of a step")
+    table.add("  the same after an in-place weight edit", "float64", 1, *(m - s for m, s in zip(miss, step)), step,
+              "repacked: weights and V x + b")
+
+
 # ============================================================================================ main
 def describe_machine():
     import numba
@@ -475,6 +557,8 @@ def main(argv=None):
     ap.add_argument("--threads", default="1,2", help="comma-separated BLAS/torch thread counts (default 1,2)")
     ap.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the per-part timings")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compile-time runs")
+    ap.add_argument("--no-calls", dest="calls", action="store_false", help="skip the per-call overhead rows")
+    ap.add_argument("--only-calls", action="store_true", help="only the per-call overhead rows (one thread)")
     ap.add_argument("--compile-dtypes", default="float64,float32,complex128",
                     help="dtypes whose first call is timed (default float64,float32,complex128)")
     ap.add_argument("--quickstart", action="store_true", help="also time `substrate quickstart`")
@@ -487,6 +571,19 @@ def main(argv=None):
     Problem("float64", args.batch).substrate(args.steps)
     t_start = time.perf_counter()
     table = Table()
+    if args.calls:
+        limits = threadpool_limits(limits=1) if threadpool_limits else None
+        if torch is not None:
+            torch.set_num_threads(1)
+        try:
+            call_table(args, table)
+            table.print("Per call, 1 thread: time per call; ratio to the torch loop step (tiny network) or to a "
+                        "marginal step (n = 2048)")
+        finally:
+            if limits is not None:
+                limits.restore_original_limits()
+    if args.only_calls:
+        threads, args.compile = [], False
     for n in threads:
         limits = threadpool_limits(limits=n) if threadpool_limits else None
         if torch is not None:

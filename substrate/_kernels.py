@@ -74,6 +74,11 @@ Relaxation = namedtuple("Relaxation", "on rtol atol residual res_trace t_trace")
 # the step sizes (h_record), the step count at each save (save_step), the states every ckpt_every
 # steps (ckpt; ckpt_every 0: none) and, if ckpt_r is not empty, their activities rho (ckpt_r).
 Record = namedtuple("Record", "t_save saved u_out h_record save_step ckpt_every ckpt ckpt_r")
+# The stepping kernel's buffers, held by the caller across calls (``integrators._solve`` keeps them):
+# the state and activity with their next values, two stage points with activities, W rho(Y) (n, B) each,
+# the stage slopes (s, n, B), the product scratch tmp (largest layer, B), the step coefficients alpha
+# (s + 1, n) and coef (s + 1, s, n) in the real dtype, and umax (B,). Every one is written before read.
+Work = namedtuple("Work", "u r unew rnew ya ra yb rb wr stages tmp alpha coef umax")
 # A teaching current (see ``teach``): cost code, the nudged rows lo:hi, beta (1,), target (m, B),
 # readout W_o (C, m) and b_o (C,) in the real dtype of the state's (real times complex: half the work),
 # scratch (C + 1, B); the other arrays in the state's dtype.
@@ -944,7 +949,7 @@ def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, st
 # The one stepping kernel shared by every integrator
 # --------------------------------------------------------------------------------------------
 @njit
-def run(stepper, circuit, u, span, relaxation, record, nudge, effects):
+def run(stepper, circuit, u, span, relaxation, record, nudge, effects, work):
     """Integrate tau du/dt = -u + N(u) from (span.t0, u) on ``circuit`` (a :data:`Circuit`) with
     ``stepper`` (a :data:`Stepper`):
 
@@ -971,32 +976,32 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects):
     (e.g. state noise u += s sqrt(h) xi: Euler-Maruyama for ``euler``; for the other methods the same
     noise split off the deterministic step, strong order 1/2); ``()`` for an ideal circuit.
 
+    ``work``: the buffers (a :data:`Work` of this shape and dtype), reused across calls; ``u`` is copied
+    into ``work.u``, so the caller's array is never written.
+
+    Every structured argument but ``effects`` may be given as a plain tuple of the namedtuple's fields:
+    Numba's dispatcher types plain tuples of arrays in C but namedtuples in Python (measured: ~2 us a
+    namedtuple a call, most of a tiny network's step).
+
     Returns (status, t, steps, nfev, rejected); the final state is copied into ``record.u_out``.
     """
     family, method, a, bw, ew, fsal, adaptive = stepper
     drive, wbuf, conn, layer_off, layer_act, tauinv, tau = circuit
+    circuit = Circuit(drive, wbuf, conn, layer_off, layer_act, tauinv, tau)  # the hooks read it by name
+    nudge = Nudge(*nudge)
     t0, t_end, dt, rtol, atol, h_min, max_steps, blowup = span
     relax, res_rtol, res_atol, residual, res_trace, t_trace = relaxation
     t_save, saved, u_out, h_record, save_step, ckpt_every, ckpt, ckpt_r = record
     n, nb = u.shape
-    s = bw.shape[0]
     ns = t_save.shape[0]
-    dtype = u.dtype
-    u = u.copy()  # the buffers are swapped below: the caller's array must not become one of them
-    r = np.empty_like(u)  # rho(u)
-    unew, rnew = np.empty_like(u), np.empty_like(u)
-    ya, ra, yb, rb = np.empty_like(u), np.empty_like(u), np.empty_like(u), np.empty_like(u)
-    wr = np.empty_like(u)  # W rho(Y_i)
-    stages = np.empty((s, n, nb), dtype)
-    maxrows = 1
-    for c in range(conn.shape[0]):
-        maxrows = max(maxrows, conn[c, 2], conn[c, 4])
-    tmp = np.empty((maxrows, nb), dtype)
-    rdt = tauinv.dtype
-    alpha = np.zeros((s + 1, n), rdt)
-    coef = np.zeros((s + 1, s, n), rdt)
+    # the buffers are swapped below: the caller's array must not become one of them
+    u_in = u
+    u, r, unew, rnew, ya, ra, yb, rb, wr, stages, tmp, alpha, coef, umax = work
+    copy_rows(u_in, u)
+    s = bw.shape[0]
+    alpha[:] = 0.0  # coefficients() writes only the nonzero ones of a method
+    coef[:] = 0.0
     h_coef = -1.0
-    umax = np.zeros(nb)
     noisy = False
 
     t = t0

@@ -52,19 +52,16 @@ class VectorField:
     def __init__(self, network: Network, x=None, *, batch: int | None = None, dtype=None):
         self.network = network
         self.dtype = resolve_dtype(network, dtype)
-        self.packed = network.pack(self.dtype)
         self.inputs = network.check_inputs(x)
-        # the input projections as read now (on a device: with this read's noise), so that param_vjp
-        # agrees with F after in-place edits
-        self._input_weights = {k: w.copy() for k, w in network.input_weights().items()}
-        self.drive = network.drive(self.inputs, batch, self.dtype, weights=self._input_weights)
+        # the packed weights, the input projections as read now (on a device: with this read's noise;
+        # a copy, so that param_vjp agrees with F after in-place edits) and the drive V x + b: cached
+        # on the network while its parameters and these inputs are unchanged, shared, never written
+        self.packed, self._input_weights, self.drive = network.prepared(self.inputs, batch, self.dtype)
         self.batch = self.drive.shape[1]
         self.effects = network.kernel_effects(self.packed, self.batch)
         # does an effect change rho (a device's activation mismatch)? The derivative kernels are nominal
         self.mismatch = any(getattr(e, "changes_activation", False) for e in self.effects)
-        p = self.packed
-        rows = max([1] + [int(v) for v in p.conn[:, [2, 4]].ravel()])
-        self._tmp = np.empty((rows, self.batch), self.dtype)
+        self._tmp = np.empty((self.packed.max_rows, self.batch), self.dtype)
 
     def state(self, u, argument: str = "u") -> np.ndarray:
         """Validate a (batch, n) state and return the engine's (n, batch) C-ordered copy."""
@@ -92,6 +89,12 @@ class VectorField:
         """The circuit as the stepping and adjoint kernels take it (a ``_kernels.Circuit``)."""
         p = self.packed
         return K.Circuit(self.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, p.tauinv, p.tau)
+
+    @property
+    def circuit_fields(self) -> tuple:
+        """:attr:`circuit` as a plain tuple (``_kernels.run`` types it faster)."""
+        p = self.packed
+        return self.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, p.tauinv, p.tau
 
     def __call__(self, u) -> np.ndarray:
         """F(u) (on a device with activation mismatch, with its neurons' rho(g (u - o)))."""

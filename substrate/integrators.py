@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, lru_cache, partial
 
 import numpy as np
 
@@ -102,6 +102,26 @@ METHODS = {
 }
 
 
+def _kernel_stepper(stepper: AbstractStepper) -> tuple:
+    """``stepper.kernel_args()`` as a plain tuple (a ``_kernels.Stepper``), built once per stepper when
+    it is hashable (the kernels only read it)."""
+    try:
+        return _kernel_stepper_of(stepper)
+    except TypeError:  # a user's stepper with unhashable fields
+        return tuple(stepper.kernel_args())
+
+
+@lru_cache(maxsize=64)
+def _kernel_stepper_of(stepper: AbstractStepper) -> tuple:
+    return tuple(stepper.kernel_args())
+
+
+@cache
+def _no_nudge(dtype) -> tuple:
+    """``nudge.no_nudge(dtype)`` as a plain tuple, built once per dtype (not read with code NO_NUDGE)."""
+    return tuple(no_nudge(dtype))
+
+
 def get_method(method) -> AbstractStepper:
     """The integrator ``method`` names (a key of ``METHODS``), or ``method`` itself if it is one."""
     if isinstance(method, AbstractStepper):
@@ -114,6 +134,32 @@ def get_method(method) -> AbstractStepper:
 # ------------------------------------------------------------------------------------ results
 _STATUS = {K.SUCCESS: "success", K.NOT_CONVERGED: "not_converged", K.DIVERGED: "diverged",
            K.STEP_TOO_SMALL: "step_too_small", K.MAX_STEPS: "max_steps"}
+
+
+class _Deferred:
+    """A field of a frozen dataclass whose value may be given as a ``_Later``: computed on first
+    access and kept (the final residual of ``integrate``: one more field evaluation, paid only if read)."""
+
+    def __set_name__(self, owner, name):
+        self.name = "_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            raise AttributeError(self.name)  # no default (dataclasses ask the class)
+        value = obj.__dict__[self.name]
+        if isinstance(value, _Later):
+            value = obj.__dict__[self.name] = value.compute()
+        return value
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.name] = value
+
+
+@dataclass(frozen=True)
+class _Later:
+    """A value computed when first read: ``compute()``."""
+
+    compute: object
 
 
 @dataclass(frozen=True)
@@ -139,7 +185,7 @@ class Solution:
     steps: int
     nfev: int
     rejected: int
-    residual: np.ndarray
+    residual: np.ndarray = _Deferred()
     t_final: float
     residual_trace: np.ndarray | None = None
     trace_t: np.ndarray | None = None
@@ -210,8 +256,10 @@ def _check_times(t_span, t_eval, default, end_at_t1=False):
         raise SubstrateValueError(f"t_span={t_span!r} must be a pair (t0, t1) of numbers") from None
     if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
         raise SubstrateValueError(f"t_span={t_span!r} must be finite with t1 > t0")
+    if t_eval is None:  # the defaults are valid by construction: not checked (this runs at every call)
+        return t0, t1, np.array(default(t0, t1), dtype=float)
     try:
-        t_eval = np.array(default(t0, t1) if t_eval is None else t_eval, dtype=float)
+        t_eval = np.array(t_eval, dtype=float)
     except (TypeError, ValueError):
         raise SubstrateValueError(f"t_eval={t_eval!r} must be a 1-D array of times") from None
     if (t_eval.ndim != 1 or t_eval.size == 0 or np.any(np.diff(t_eval) <= 0)
@@ -255,10 +303,36 @@ def _no_record(n, nb, dtype, n_save):
     return np.zeros(0), np.zeros(n_save, np.int64), 0, np.zeros((0, n, nb), dtype), np.zeros((0, n, nb), dtype)
 
 
+# buffer sets kept per network, by the shapes of a call (see _solve): a few at most in a run (a
+# training loop's batch and its last, smaller one; float64 and complex128 phases; relax and integrate)
+_WORK_KEEP = 6
+
+
+def _take(network, key, make):
+    """The buffers ``key`` from an earlier call on ``network``, or ``make()``. Taken out of the network's
+    store while in use (a concurrent call makes its own); :func:`_give` puts them back."""
+    buffers = network._work.pop(key, None)
+    return make() if buffers is None else buffers
+
+
+def _give(network, key, buffers):
+    network._work[key] = buffers
+    while len(network._work) > _WORK_KEEP:
+        network._work.pop(next(iter(network._work)))  # the oldest
+
+
+def _new_work(n, nb, dtype, s, rows) -> tuple:
+    """The stepping kernel's buffers, a ``_kernels.Work`` as a plain tuple."""
+    real = np.float32 if dtype == np.float32 else np.float64
+    e = partial(np.empty, (n, nb), dtype)
+    return (e(), e(), e(), e(), e(), e(), e(), e(), e(), np.empty((s, n, nb), dtype), np.empty((rows, nb), dtype),
+            np.empty((s + 1, n), real), np.empty((s + 1, s, n), real), np.empty(nb))
+
+
 def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_save, relax,
            res_rtol, res_atol, record=None, nudge=None):
-    kstepper = stepper.kernel_args()
-    adaptive = kstepper.adaptive
+    kstepper = _kernel_stepper(stepper)
+    adaptive, stages = kstepper[6], kstepper[3].shape[0]  # K.Stepper's adaptive, len(bw)
     if nudge is not None and not isinstance(nudge, Nudge):
         raise SubstrateValueError(f"nudge must be a substrate.nudge.Nudge, got {type(nudge).__name__}")
     n, nb = u.shape
@@ -266,18 +340,26 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     if dt is None:
         if not adaptive:
             raise SubstrateValueError(f"dt is required for the fixed-step method {stepper.name!r}")
-        dt = _initial_step(vf, u, float(p.tau.min()), stepper.order, rtol, atol)
-    h_min = 1e-12 * max(abs(t0), abs(t_end) if math.isfinite(t_end) else 0.0, float(p.tau.min()))
+        dt = _initial_step(vf, u, p.tau_min, stepper.order, rtol, atol)
+    h_min = 1e-12 * max(abs(t0), abs(t_end) if math.isfinite(t_end) else 0.0, p.tau_min)
     if adaptive and dt < h_min:
         raise SubstrateValueError(f"dt={dt:g}, the first step of {stepper.name!r}, is below its smallest "
                                   f"step {h_min:.3g} (1e-12 of the time scale)")
     saved = allocate((len(t_save), n, nb), vf.dtype, f"the states at {len(t_save)} t_eval points",
                      "pass fewer t_eval points")
     residual = np.zeros(nb)
-    res_trace = np.empty(min(max_steps, 1_000_000) + 1 if relax else 0)  # the first 1e6 steps, written as taken
-    t_trace = np.empty_like(res_trace)
     u_out = np.empty_like(u)
-    record = record or _no_record(n, nb, vf.dtype, len(t_save))
+    # the kernel's buffers, relax's residual traces (the largest residual and its time at each of the
+    # first 1e6 steps, written as taken; copied out below) and the record of a call without gradient
+    # (written, never read): reused across calls of this shape
+    length = min(max_steps, 1_000_000) + 1 if relax else 0
+    rows = vf._tmp.shape[0]
+    key = (n, nb, vf.dtype, stages, rows, length, None if record else len(t_save))
+    buffers = _take(vf.network, key, lambda: (
+        _new_work(n, nb, vf.dtype, stages, rows), np.empty(length), np.empty(length),
+        None if record else _no_record(n, nb, vf.dtype, len(t_save))))
+    work, t_trace, res_trace, unread = buffers
+    record = record or unread
     effects = vf.effects
     stochastic = any(getattr(e, "draws_per_step", False) for e in effects)
     if stochastic and (adaptive or vf.dtype.kind == "c"):
@@ -287,13 +369,19 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     if vf.dtype.kind == "c" and any(getattr(e, "real_only", False) for e in effects):
         raise SubstrateValueError("the device's DAC/ADC quantise real signals: complex states (holomorphic "
                                   "EP) cannot pass them; use IOChain(inp_bits=0, out_bits=0)")
+    # plain tuples of the kernel's namedtuples (K.Stepper, Circuit, Span, Relaxation, Record, Nudge,
+    # Work): Numba types them in C, a namedtuple costs ~2 us a call in its Python typeof
     status, t, steps, nfev, rejected = K.run(
-        kstepper, vf.circuit, u,
-        K.Span(float(t0), float(t_end), float(dt), float(rtol), float(atol), h_min, int(max_steps), float(blowup)),
-        K.Relaxation(relax, float(res_rtol), float(res_atol), residual, res_trace, t_trace),
-        K.Record(t_save, saved, u_out, *record),
-        no_nudge(vf.dtype) if nudge is None else nudge.kernel_args(vf.network, vf.dtype, vf.batch), effects)
-    return status, t, steps, nfev, rejected, saved, residual, (t_trace, res_trace), u_out
+        kstepper, vf.circuit_fields, u,
+        (float(t0), float(t_end), float(dt), float(rtol), float(atol), h_min, int(max_steps), float(blowup)),
+        (relax, float(res_rtol), float(res_atol), residual, res_trace, t_trace),
+        (t_save, saved, u_out, *record),
+        _no_nudge(vf.dtype) if nudge is None else tuple(nudge.kernel_args(vf.network, vf.dtype, vf.batch)),
+        effects, work)
+    kept = min(steps + 1, length)
+    trace = (t_trace[:kept].copy(), res_trace[:kept].copy())
+    _give(vf.network, key, buffers)
+    return status, t, steps, nfev, rejected, saved, residual, trace, u_out
 
 
 def stability(vf: VectorField, u, nudge=None):
@@ -332,6 +420,21 @@ def stability(vf: VectorField, u, nudge=None):
     eigenvalue, residual = rightmost_eigenvalues(matvec, n, nb, vf.dtype)
     margin = math.sqrt(np.finfo(vf.dtype).eps) * np.maximum(np.abs(eigenvalue), float(tauinv.real.max()))
     return eigenvalue, eigenvalue.real - residual >= -margin
+
+
+def _checked_stability(vf: VectorField, u, nudge):
+    """:func:`stability` of states u (engine layout), remembered on the network for the last states
+    checked with its cached packed weights, no nudge and no device effects (what the check depends
+    on): relaxing again from a checked equilibrium, which takes no step, does not repeat the check
+    (on a small network it costs ~20 calls)."""
+    if nudge is not None or vf.effects:
+        return stability(vf, u, nudge)
+    key = (vf.packed, u.shape, u.tobytes())
+    memo = vf.network._stability
+    if memo is None or memo[0] is not key[0] or memo[1:3] != key[1:]:
+        memo = vf.network._stability = (*key, stability(vf, u))
+    eigenvalue, unstable = memo[3]
+    return eigenvalue.copy(), unstable.copy()
 
 
 def _finish(sol: Solution, on_failure: str, what: str):
@@ -376,17 +479,27 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
         vf, u, stepper, t0=t0, t_end=float(t_eval[-1]), dt=dt, rtol=rtol, atol=atol,
         max_steps=max_steps, blowup=blowup, t_save=t_eval, relax=False, res_rtol=0.0, res_atol=0.0,
         nudge=nudge)
-    f = vf(u_out.T) if status == K.DIVERGED or nudge is None else vf(u_out.T) + nudge.current(network, u_out.T)
-    residual = np.max(np.abs(f), axis=1) if status != K.DIVERGED else np.full(vf.batch, np.nan)
+    if status == K.DIVERGED:
+        residual = np.full(vf.batch, np.nan)
+    elif nudge is None:  # one more field evaluation: deferred until the residual is read
+        residual = _Later(partial(_final_residual, vf, u_out))
+    else:  # the nudge's arrays are the caller's: its current is taken now
+        residual = np.max(np.abs(vf(u_out.T) + nudge.current(network, u_out.T)), axis=1)
     n_ok = int(np.searchsorted(t_eval, t, side="right")) if status != K.SUCCESS else len(t_eval)
     message = "" if status == K.SUCCESS else (
         f"stopped at t={t:.6g} (step {steps}); states saved for the first {n_ok} of {len(t_eval)} "
         "t_eval points, the rest are NaN")
-    saved[n_ok:] = np.nan
+    if n_ok < len(t_eval):
+        saved[n_ok:] = np.nan
     sol = Solution(t=t_eval, u=saved.transpose(0, 2, 1), status=_STATUS[status], method=stepper.name,
                    steps=steps, nfev=nfev, rejected=rej, residual=residual, t_final=t,
                    message=message, slices=network.slices, field=vf)
     return _finish(sol, on_failure, "integrate")
+
+
+def _final_residual(vf: VectorField, u_out) -> np.ndarray:
+    """max_i |F_i(u)| per sample at the final state (engine layout, private to the Solution)."""
+    return np.max(np.abs(vf(u_out.T)), axis=1)
 
 
 def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rtol=0.0, u0=None,
@@ -420,7 +533,7 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
     blowup = _positive(blowup, "blowup")
     vf, u = _prepare(network, x, u0, dtype, batch)
     if dt is None and not stepper.adaptive:
-        tau_min = float(vf.packed.tau.min())
+        tau_min = vf.packed.tau_min
         dt = tau_min if isinstance(stepper, ExponentialRK) else 0.5 * tau_min
     read_time = network.read_time  # a device with a finite relaxation time is read at that time
     status, t, steps, nfev, rej, _, residual, trace, u_out = _solve(
@@ -430,7 +543,7 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
     message = "" if status == K.SUCCESS else f"stopped at t={t:.6g} (step {steps})"
     eigenvalue, name = None, _STATUS[status]
     if status == K.SUCCESS:  # the residual test passed: is the fixed point a stable one of the ODE?
-        eigenvalue, unstable = stability(vf, u_out, nudge)
+        eigenvalue, unstable = _checked_stability(vf, u_out, nudge)
         if unstable.any():
             b, name = int(np.flatnonzero(unstable)[0]), "unstable"
             message = (f"the fixed point of sample {b} ({int(unstable.sum())} of {vf.batch} samples) is not a "
@@ -444,6 +557,6 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
         message += f"; residual {residual.max():.3e} > tol {tol:g} + rtol {rtol:g} |u|"
     sol = Solution(t=np.array(t), u=u_out.T, status=name, method=stepper.name, steps=steps,
                    nfev=nfev, rejected=rej, residual=residual, t_final=t,
-                   residual_trace=trace[1][:steps + 1], trace_t=trace[0][:steps + 1], message=message,
+                   residual_trace=trace[1], trace_t=trace[0], message=message,
                    eigenvalue=eigenvalue, slices=network.slices, field=vf)
     return _finish(sol, on_failure, "relax")

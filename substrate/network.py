@@ -10,18 +10,24 @@ hidden layer. A feedback connection can be *tied* (its weight is always the tran
 one) or independent.
 
 Parameters are plain NumPy arrays owned by the network (float32, float64 or complex128, one dtype for
-the whole network). ``integrate`` and ``relax`` copy them into the engine's packed form at every call,
-so editing them in place between calls is safe; a ``VectorField`` keeps the copy made when it was
-constructed.
+the whole network). ``integrate`` and ``relax`` use the engine's packed copy of them and the drive
+V x + b cached on the network (:meth:`Network.prepared`), checked at every call against the parameters
+as they are now: a new array (assignment) or changed contents (an in-place edit by a user, an
+optimiser, a device write, a load) make a new copy, so editing them between calls is safe; a
+``VectorField`` keeps the copy it was constructed with.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
+import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from functools import cache, cached_property
+from typing import Sequence
 
 import numpy as np
 
@@ -30,6 +36,10 @@ from . import activations
 from .errors import SubstrateValueError
 
 DTYPES = (np.float32, np.float64, np.complex128)
+# A parameter array up to this many bytes is fingerprinted by its bytes (cheaper than numpy's per-call
+# overhead); a larger one by an exact copy, compared in one pass (a few ms at 2048 x 2048 f64, a
+# fraction of a step of that network).
+_BYTES_LIMIT = 16384
 _DTYPE_NAMES = "float32, float64, complex128"
 
 
@@ -45,6 +55,64 @@ def check_dtype(dtype, argument: str = "dtype") -> np.dtype:
     if d is None or d.type not in DTYPES:
         raise SubstrateValueError(f"{argument}={dtype!r} is not supported; allowed: {_DTYPE_NAMES}")
     return d
+
+
+def _snapshot(value):
+    """What :func:`_unchanged` compares ``value`` with later (None for what cannot change in place)."""
+    if not isinstance(value, np.ndarray):
+        return None  # immutable (a float tau, an activation name, None): its identity is enough
+    return value.shape, value.dtype, value.tobytes() if value.nbytes <= _BYTES_LIMIT else value.copy()
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """The bits of ``a`` as unsigned integers: exact comparison, NaN payloads and -0.0 included."""
+    a = np.ascontiguousarray(a).reshape(-1)
+    return a.view(np.uint64 if a.itemsize % 8 == 0 else np.uint32 if a.itemsize == 4 else np.uint8)
+
+
+def _libc_memcmp():
+    """C's memcmp (one pass over both arrays, no temporary: half np.array_equal's time), or None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or ("msvcrt" if sys.platform == "win32" else None))
+        f = libc.memcmp
+    except (OSError, AttributeError, TypeError):
+        return None
+    f.restype, f.argtypes = ctypes.c_int, (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+    return f
+
+
+_memcmp = _libc_memcmp()
+
+
+def _same(a: np.ndarray, snapshot) -> bool:
+    """Has array ``a`` the shape, dtype and bits of ``snapshot`` (from :func:`_snapshot`)?"""
+    shape, dtype, content = snapshot
+    if a.shape != shape or a.dtype != dtype:
+        return False
+    if isinstance(content, bytes):
+        return a.tobytes() == content
+    a = np.ascontiguousarray(a)  # content is C-contiguous, of the same shape and dtype: the same bytes
+    if _memcmp is not None:
+        return _memcmp(a.ctypes.data, content.ctypes.data, a.nbytes) == 0
+    return np.array_equal(_bits(a), _bits(content))
+
+
+def _unchanged(sources, snapshots) -> bool:
+    """Are ``sources`` the very objects of ``snapshots`` (pairs (object, snapshot)), arrays with
+    unchanged contents?"""
+    if len(sources) != len(snapshots):
+        return False
+    for now, (then, snap) in zip(sources, snapshots):
+        if now is not then or (snap is not None and not _same(now, snap)):
+            return False
+    return True
+
+
+@cache
+def _own_reading(cls) -> bool:
+    """Does ``cls`` read its parameters as :class:`Network` does (so that their packed form can be cached)?"""
+    return all(getattr(cls, m) is getattr(Network, m) for m in
+               ("pack", "circuit_weight", "effective_weight", "input_weights", "drive", "tau"))
 
 
 def _shown(value) -> str:
@@ -175,6 +243,11 @@ class Packed:
     conn: np.ndarray
     conn_names: tuple
     bias: np.ndarray
+    max_rows: int = 1  # the largest pre or post size of a connection: the rows of the products' scratch
+
+    @cached_property
+    def tau_min(self) -> float:
+        return float(self.tau.min())
 
     def dense(self) -> np.ndarray:
         """The n x n matrix W of all connections between state layers (effective weights)."""
@@ -182,6 +255,18 @@ class Packed:
         for wo, pa, pn, qa, qn in self.conn:
             W[qa:qa + qn, pa:pa + pn] += self.wbuf[wo:wo + qn * pn].reshape(qn, pn)
         return W
+
+
+@dataclass(eq=False)
+class _Prepared:
+    """A network's parameters in the engine's form for one dtype, with what they were computed from."""
+
+    sources: list  # [(object, snapshot)] of Network._sources()
+    packed: Packed
+    input_weights: dict
+    drive: np.ndarray | None = None
+    drive_key: tuple = ()
+    inputs: list = ()  # snapshots of the inputs the drive was computed from
 
 
 class Network:
@@ -216,6 +301,13 @@ class Network:
         for c in self.connections:
             if c.mask is not None:
                 c.mask = c.mask.astype(real)  # so that masked gradients keep the network's dtype
+        self._prepared = {}  # dtype -> _Prepared, see prepared()
+        self._work = {}  # buffers of the stepping kernel and of relax, by use and shape (integrators._take)
+        self._stability = None  # the last stability check of relax (integrators._checked_stability)
+
+    def __getstate__(self):
+        """Copies and pickles leave the caches behind (rebuilt on first use; buffers can be large)."""
+        return {**self.__dict__, "_prepared": {}, "_work": {}, "_stability": None}
 
     # ---------------------------------------------------------------------------- validation
     def _check_connections(self):
@@ -360,7 +452,43 @@ class Network:
         tau = self.tau
         return Packed(self.n, layer_off, layer_act, (1.0 / tau).astype(rdt), tau.astype(rdt),
                       wbuf, conn, tuple(c.name for c in state),
-                      np.concatenate([x.bias for x in self.layers]).astype(dtype))
+                      np.concatenate([x.bias for x in self.layers]).astype(dtype),
+                      int(conn[:, [2, 4]].max(initial=1)))
+
+    def _sources(self) -> list:
+        """Everything the packed form and the drive are computed from and a user may change."""
+        out = []
+        for x in self.layers:
+            out += (x.activation, x.tau, x.bias)
+        for c in self.connections:
+            out += (c.weight, c.mask, c.tied)
+        return out
+
+    def prepared(self, xs: dict, batch: int | None, dtype) -> tuple:
+        """(packed, input weights, drive) for checked inputs ``xs`` (:meth:`check_inputs`): the
+        engine's form of the parameters as they are now. Reused from the last call while every
+        parameter is the same object with the same bits and (for the drive) the inputs and batch have
+        the same bits; recomputed otherwise, into new arrays (a ``VectorField`` made earlier keeps
+        its own). The returned arrays are shared between calls: read them, never write them."""
+        dtype = np.dtype(dtype)
+        if not _own_reading(type(self)):
+            weights = {k: w.copy() for k, w in self.input_weights().items()}
+            return self.pack(dtype), weights, self.drive(xs, batch, dtype, weights=weights)
+        sources = self._sources()
+        entry = self._prepared.get(dtype)
+        if entry is None or not _unchanged(sources, entry.sources):
+            weights = {k: w.copy() for k, w in self.input_weights().items()}
+            entry = _Prepared([(v, _snapshot(v)) for v in sources], self.pack(dtype), weights)
+            self._prepared[dtype] = entry
+        if batch is not None and type(batch) is not int:  # checked by drive(), not a cache key
+            return entry.packed, entry.input_weights, self.drive(xs, batch, dtype, weights=entry.input_weights)
+        # inputs are compared by contents only: a minibatch is often a new view of the same data
+        key = (batch, tuple(xs))
+        if (entry.drive is None or key != entry.drive_key
+                or not all(_same(a, snap) for a, snap in zip(xs.values(), entry.inputs))):
+            entry.drive = self.drive(xs, batch, dtype, weights=entry.input_weights)
+            entry.drive_key, entry.inputs = key, [_snapshot(a) for a in xs.values()]
+        return entry.packed, entry.input_weights, entry.drive
 
     def input_weights(self) -> dict:
         """{connection name: V} of the input projections, as the circuit reads them now."""
@@ -423,7 +551,7 @@ class Network:
                                           "with batch >= 1")
             if a.dtype.kind not in "iufc":
                 raise SubstrateValueError(f"x[{name!r}] has dtype {a.dtype}; expected a numeric array")
-            if not np.all(np.isfinite(a)):
+            if not np.isfinite(a).all():
                 raise SubstrateValueError(f"x[{name!r}] contains NaN or Inf")
             if batch is not None and a.shape[0] != batch:
                 raise SubstrateValueError(f"x: inputs have different batch sizes ({batch} and {a.shape[0]})")
