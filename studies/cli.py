@@ -10,11 +10,15 @@ import time
 
 import click
 import numpy as np
+from numba.core import config as numba_config
 from tqdm import tqdm
+
+from models.train import live_progress
 
 from studies import archives, figures
 from studies import quickstart as qs
 from studies import sweep as sw
+from studies import warmup as wu
 from studies.catalogue import TASKS, drift
 from studies.config import StudyConfigError, load_study, package_folder, packaged_studies, study_path
 from studies.dask_executor import DaskSweepError, make_executor
@@ -393,9 +397,6 @@ def warmup(paths, list_paths, jobs):
     """Compile the kernels of the common paths ahead (PATHS: names from --list; default: all), so that
     the first run loads them from Numba's cache instead of compiling them. Paths share kernels; the
     seconds of each are those left after the paths before it."""
-    from models.train import live_progress
-    from studies import warmup as wu
-
     if list_paths:
         for name, (what, _) in wu.PATHS.items():
             click.echo(f"{name:<18} {what}")
@@ -417,9 +418,7 @@ def warmup(paths, list_paths, jobs):
 
 def _numba_cache() -> str:
     """Where Numba keeps the compiled kernels."""
-    from numba.core.config import CACHE_DIR
-
-    return CACHE_DIR or "next to the sources (__pycache__)"
+    return numba_config.CACHE_DIR or "next to the sources (__pycache__)"
 
 
 if __name__ == "__main__":

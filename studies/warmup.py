@@ -17,10 +17,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
+from numba.core import caching
 
 import substrate as S
 from models import ep
 from models.pvrnn import PVRNN, ErrorRegression, PVLayer, error_regression
+from studies import quickstart as qs
 from substrate import devices as D
 
 _SIZES = [4, 6, 3]
@@ -57,8 +59,6 @@ def _gradients(dtype):
 
 def _quickstart():
     """What ``substrate quickstart`` compiles: centred and holomorphic EP and the exact gradient."""
-    from studies import quickstart as qs
-
     with tempfile.TemporaryDirectory() as out:
         qs.run(out, config={"epochs": 1, "n_train": 16, "probe": 8}, progress=False)
 
@@ -128,8 +128,6 @@ def locked_cache_writes():
     add the new signature's data file, write it back) with no lock: two processes saving different
     signatures of one kernel at the same moment can lose an entry, or leave it naming the other's data
     file. Each worker of a parallel warm-up takes an exclusive file lock around a save."""
-    from numba.core import caching
-
     save = caching.IndexDataCacheFile.save
     if getattr(save, "locked", False):
         return
