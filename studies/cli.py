@@ -14,13 +14,18 @@ from numba.core import config as numba_config
 from tqdm import tqdm
 
 from models.train import live_progress
-
 from studies import archives, figures
 from studies import quickstart as qs
 from studies import sweep as sw
 from studies import warmup as wu
 from studies.catalogue import TASKS, drift
-from studies.config import StudyConfigError, load_study, package_folder, packaged_studies, study_path
+from studies.config import (
+    StudyConfigError,
+    load_study,
+    package_folder,
+    packaged_studies,
+    study_path,
+)
 from studies.dask_executor import DaskSweepError, make_executor
 from studies.runs import RESERVED
 from substrate import SubstrateValueError, load
