@@ -22,6 +22,7 @@ import io
 import json
 import os
 import platform
+from importlib import metadata
 import runpy
 import sys
 import time
@@ -68,9 +69,8 @@ def machine():
     import numba
     versions = {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__}
     try:
-        from importlib import metadata
         versions["substrate"] = metadata.version("substrate")
-    except Exception:  # an uninstalled checkout
+    except metadata.PackageNotFoundError:  # an uninstalled checkout
         versions["substrate"] = None
     return {"cpu": cpu_name(), "logical_cores": os.cpu_count(), "platform": platform.platform(),
             "load_average": load_average(), "threads": threads(), "versions": versions}
