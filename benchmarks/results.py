@@ -22,10 +22,10 @@ import io
 import json
 import os
 import platform
-from importlib import metadata
 import runpy
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
