@@ -27,8 +27,11 @@ def _numba_cache_dir():
 
 _numba_cache_dir()
 
+from . import cost  # noqa: E402
 from .activations import NAMES as ACTIVATIONS  # noqa: E402
 from .adjoint import ContinuousAdjoint, DiscreteAdjoint, Gradients, Implicit, gradient  # noqa: E402
+from .cost import Hardware, Report  # noqa: E402
+from .counts import Counts  # noqa: E402
 from .dynamics import VectorField  # noqa: E402
 from .errors import (ArchiveError, ConvergenceError, DivergenceError, IntegrationError, StepSizeError,  # noqa: E402
                      SubstrateValueError)
@@ -38,7 +41,7 @@ from .nudge import Cost, Nudge  # noqa: E402
 from .persist import load, save  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ACTIVATIONS", "ArchiveError", "Connection", "ContinuousAdjoint", "ConvergenceError", "Cost", "Nudge", "DiscreteAdjoint", "DivergenceError",
-           "Gradients", "Implicit", "Input", "gradient",
+__all__ = ["ACTIVATIONS", "ArchiveError", "Connection", "ContinuousAdjoint", "ConvergenceError", "Cost", "Counts", "Nudge", "DiscreteAdjoint", "DivergenceError",
+           "Gradients", "Hardware", "Implicit", "Input", "Report", "cost", "gradient",
            "IntegrationError", "Layer", "METHODS", "Network", "Solution", "StepSizeError",
            "SubstrateValueError", "VectorField", "integrate", "load", "relax", "save"]

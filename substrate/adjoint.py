@@ -538,7 +538,7 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
     status, t, steps, nfev, rej, saved, _, _, u_out = out
     sol = Solution(t=t_eval, u=saved.transpose(0, 2, 1), status=_STATUS[status], method=stepper.name,
                    steps=steps, nfev=nfev, rejected=rej,
-                   residual=np.full(nb, np.nan), t_final=t, slices=network.slices,
+                   residual=np.full(nb, np.nan), t_final=t, slices=network.slices, field=vf,
                    message="" if status == K.SUCCESS else f"stopped at t={t:.6g} (step {steps})")
     _finish(sol, on_failure if status == K.SUCCESS else "raise", "gradient: the forward integration")
     states = sol.u if trajectory else sol.u[-1]

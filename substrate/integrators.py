@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import cache, lru_cache, partial
+from functools import cache, cached_property, lru_cache, partial
 
 import numpy as np
 
 from . import _kernels as K
+from . import counts as _counts
 from . import validate
 from .dynamics import VectorField, rightmost_eigenvalues
 from .errors import ConvergenceError, DivergenceError, StepSizeError, SubstrateValueError
@@ -176,6 +177,9 @@ class Solution:
     time of that step.
     eigenvalue: relax only, when the residual test passed: per sample the rightmost eigenvalue of
     tau^-1 dF/du at the final state (beyond 12 neurons an estimate, see :func:`stability`).
+    counts: what the hardware did (:class:`~substrate.counts.Counts`, from the steps, field
+    evaluations and time the kernel returned; None without the vector field, as from torchdiffeq).
+    The stability check of :func:`relax` is the simulator's, not the hardware's: it is not counted.
     """
 
     t: np.ndarray
@@ -202,6 +206,16 @@ class Solution:
         return self.status == "success"
 
     converged = ok
+
+    @cached_property
+    def counts(self):
+        """The :class:`~substrate.counts.Counts` of this phase (computed when first read)."""
+        if self.field is None:
+            return None
+        t = np.asarray(self.t)
+        return _counts.phase(self.field.network, batch=self.field.batch, steps=self.steps, nfev=self.nfev,
+                             settle_time=self.t_final - (float(t[0]) if t.ndim else 0.0),
+                             reads=int(t.size), dtype=self.u.dtype)
 
     def state(self, layer: str) -> np.ndarray:
         """The states of one layer (last axis restricted to its neurons)."""

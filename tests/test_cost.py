@@ -1,0 +1,149 @@
+"""The counts the engine reports and the cost model that prices them (substrate.counts, substrate.cost;
+docs/equations.md, section 9). Counts are checked exactly against counts made by hand from the
+network's shapes and the steps the kernels report; energies against the preset's figures."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import substrate as s
+from substrate.cost import PRESETS, Hardware, estimate
+from substrate.counts import Counts, total
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """3 inputs -> 4 hidden -> 2 outputs with independent feedback: devices 12 (input), 8 + 8 (state)."""
+    return s.Network.layered([3, 4, 2], np.random.default_rng(0))
+
+
+# ------------------------------------------------------------------------------------ Counts
+def test_counts_add_sum_and_per_sample():
+    a = Counts(samples=2, phases=1, steps=10, nfev=11, settle_time=10.0, macs=100, dac=6, adc=4, memory=8, traffic=8)
+    b = Counts(samples=3, phases=2, steps=5, nfev=5, settle_time=2.5, macs=50, pulses=7, write_cycles=3,
+               flops=9, memory=20, traffic=4)
+    c = a + b
+    assert (c.samples, c.phases, c.steps, c.nfev, c.settle_time) == (5, 3, 15, 16, 12.5)
+    assert (c.macs, c.dac, c.adc, c.pulses, c.write_cycles, c.flops, c.traffic) == (150, 6, 4, 7, 3, 9, 12)
+    assert c.memory == 20  # a peak: the larger, not the sum
+    assert sum([a, b]) == c == total([a, b])
+    assert total([]) == Counts()
+    p = c.per_sample()
+    assert p.samples == 1 and p.macs == 30 and p.settle_time == 2.5 and p.memory == 20
+    assert a.replace(samples=7).samples == 7 and a.replace(samples=7).macs == 100
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"macs": -1}, "macs"), ({"steps": float("nan")}, "steps"), ({"adc": True}, "adc"), ({"dac": "3"}, "dac")])
+def test_counts_refuse_bad_values(bad, match):
+    with pytest.raises(s.SubstrateValueError, match=match):
+        Counts(**bad)
+
+
+def test_counts_bad_operations():
+    with pytest.raises(s.SubstrateValueError, match="samples is 0"):
+        Counts(macs=3).per_sample()
+    with pytest.raises(s.SubstrateValueError, match="unknown field"):
+        Counts().replace(joules=1)
+    with pytest.raises(TypeError):
+        Counts() + 1
+    with pytest.raises(s.SubstrateValueError, match="every part"):
+        total([Counts(), 3])
+
+
+# ------------------------------------------------------------------------------------ phases
+def test_relax_counts_by_hand(tiny):
+    batch = 5
+    sol = s.relax(tiny, np.ones((batch, 3)))
+    c = sol.counts
+    # per field evaluation every state device is read once per sample; the input crossbar once per phase
+    assert c.macs == (8 + 8) * sol.nfev * batch + 12 * batch
+    assert (c.samples, c.phases, c.steps, c.nfev, c.settle_time) == (batch, 1, sol.steps, sol.nfev, sol.t_final)
+    assert c.dac == 3 * batch  # the inputs, once
+    assert c.adc == 6 * batch  # every state read out at the end
+    assert c.memory == c.traffic == 6 * batch
+    assert c.pulses == c.write_cycles == c.flops == 0
+
+
+def test_integrate_counts_by_hand(tiny):
+    sol = s.integrate(tiny, np.ones((2, 3)), t_span=(1.0, 3.0), t_eval=[1.0, 2.0, 3.0], method="rk4", dt=0.5)
+    c = sol.counts
+    assert sol.steps == 4 and sol.nfev == 16  # rk4: 4 evaluations a step
+    assert c.macs == 16 * 16 * 2 + 12 * 2
+    assert c.settle_time == 2.0  # from t0 = 1
+    assert c.adc == 6 * 2 * 3 and c.memory == 6 * 2 * 3  # three saved times
+
+
+def test_complex_states_count_two_values(tiny):
+    sol = s.relax(tiny, np.ones((2, 3)), dtype=np.complex128)
+    assert sol.counts.memory == 2 * 6 * 2
+
+
+def test_masked_positions_are_no_devices():
+    layers = [s.Layer("h", 3), s.Layer("y", 2)]
+    mask = np.array([[1, 0, 1], [0, 0, 1]], float)
+    connections = [s.Connection("x", "h", np.ones((3, 2))), s.Connection("h", "y", np.ones((2, 3)), mask=mask)]
+    net = s.Network(layers, connections, [s.Input("x", 2)])
+    sol = s.relax(net, np.zeros((1, 2)))
+    assert sol.counts.macs == 3 * sol.nfev + 6
+
+
+# ------------------------------------------------------------------------------------ cost
+def test_energy_is_counts_times_the_figures():
+    hw = PRESETS["isaac_reram"]
+    c = Counts(samples=4, phases=2, steps=30, nfev=31, settle_time=30.0, macs=1000, dac=12, adc=24, pulses=50,
+               write_cycles=5, flops=200, memory=48, traffic=96)
+    r = estimate(c, hw)
+    # by hand, from ISAAC's figures: 1.83 fJ per cell and input bit x 8 bits, 8 one-bit DAC conversions of
+    # 0.39 pJ, 8 ADC conversions of 1.5625 pJ, 0.2 pJ a pulse, 2.3 pJ a FLOP, 1.25 pJ a byte of SRAM (2 B a value)
+    mac = 8 * 0.3e-3 * 100e-9 / 16384
+    expected = {"crossbar": 1000 * mac, "dac": 12 * 8 * 0.390625e-12, "adc": 24 * 8 * 1.5625e-12,
+                "writes": 50 * 0.2e-12, "digital": 200 * 2.3e-12, "memory": 96 * 2 * 1.25e-12}
+    assert r.breakdown == pytest.approx(expected, rel=1e-12)
+    assert r.energy == pytest.approx(sum(expected.values()), rel=1e-12)
+    latency = {"settling": 30 * 100e-9, "crossbar": 0.0, "adc": 24 * 8 / 1.28e9 / 96, "writes": 5 * 10e-9,
+               "digital": 200 / 128e9}
+    assert r.latency_breakdown == pytest.approx(latency, rel=1e-12)
+    assert r.latency == pytest.approx(sum(latency.values()), rel=1e-12)
+    assert r.memory_bytes == 96
+    per = estimate(c, hw, per_sample=True)
+    assert per.energy == pytest.approx(r.energy / 4, rel=1e-12)
+    assert per.memory_bytes == r.memory_bytes  # a peak is not divided
+
+
+def test_memory_beyond_the_sram_is_dram():
+    hw = dataclasses.replace(PRESETS["isaac_reram"], sram_bytes=100)
+    small, large = Counts(memory=50, traffic=10), Counts(memory=51, traffic=10)
+    assert estimate(small, hw).breakdown["memory"] == pytest.approx(20 * hw.sram)
+    assert estimate(large, hw).breakdown["memory"] == pytest.approx(20 * hw.dram)
+
+
+def test_a_user_preset_in_a_few_lines():
+    mine = dataclasses.replace(PRESETS["isaac_reram"], name="mine", pulse=1e-12)
+    c = Counts(pulses=10)
+    assert estimate(c, mine).energy == pytest.approx(1e-11)
+    assert estimate(c, mine).hardware == "mine"
+    scratch = Hardware(name="scratch", tau=1e-6, mac=1e-15, dac=0, adc=0, adc_time=0, adc_units=1, pulse=0,
+                       pulse_time=0, flop=0, flop_time=0, sram=0, dram=0, sram_bytes=0, bytes_per_value=1)
+    assert estimate(Counts(settle_time=3.0, macs=7), scratch).latency == pytest.approx(3e-6)
+
+
+def test_digital_baseline_pays_its_macs_in_time():
+    hw = PRESETS["digital_45nm"]
+    r = estimate(Counts(settle_time=10.0, macs=100), hw)
+    assert r.latency_breakdown["settling"] == 0 and r.latency == pytest.approx(100 * hw.mac_time)
+    assert r.energy == pytest.approx(100 * 4.6e-12)
+
+
+def test_cost_bad_input():
+    with pytest.raises(s.SubstrateValueError, match="hardware"):
+        estimate(Counts(), "tpu")
+    with pytest.raises(s.SubstrateValueError, match="counts must be"):
+        estimate({"macs": 1})
+    with pytest.raises(s.SubstrateValueError, match="per_sample"):
+        estimate(Counts(samples=1), per_sample=1)
+    with pytest.raises(s.SubstrateValueError, match="tau"):
+        dataclasses.replace(PRESETS["isaac_reram"], tau=-1.0)
+    with pytest.raises(s.SubstrateValueError, match="adc_units"):
+        dataclasses.replace(PRESETS["isaac_reram"], adc_units=0)
