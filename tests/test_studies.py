@@ -333,7 +333,7 @@ def test_every_study_config_sweeps_at_debug_size(config_archives, path):
     # (ep_train, and drift, which trains as ep_train does)
     configs = [r.config for r in s.runs()]
     off = set()
-    trains = s.task in ("ep_train", "drift")
+    trains = s.task in ("ep_train", "drift", "compare")
     if trains and not any(c["homeostasis"] > 0 for c in configs):
         off.add("asymmetry_penalty")
     if trains and all(c["network"]["feedback"] == "tied" for c in configs):

@@ -208,9 +208,10 @@ def training_result(history) -> Result:
                   coords={"epoch": [int(e) for e in a["epoch"]]})
 
 
-def train_classifier(config: dict, seed: int, save_partial=discard):
+def train_classifier(config: dict, seed: int, save_partial=discard, rule=None):
     """The classifier an ``ep_train`` config trains, trained: ``(model, data, history)``; after every
-    epoch ``save_partial`` gets :func:`training_result` and the progress."""
+    epoch ``save_partial`` gets :func:`training_result` and the progress. ``rule``: a ``models.train`` rule
+    to train with instead of the config's estimator (a study with rules of its own)."""
     data = task_data(config)
     net = dict(config["network"])
     sizes = net.pop("sizes")
@@ -232,7 +233,7 @@ def train_classifier(config: dict, seed: int, save_partial=discard):
         save_partial(training_result(history))
         save_partial.progress(history.epoch[-1], config["epochs"])
 
-    history = train(model, data, rule=_rule(config), optimiser=optimiser, epochs=config["epochs"],
+    history = train(model, data, rule=_rule(config) if rule is None else rule, optimiser=optimiser, epochs=config["epochs"],
                     batch_size=config["batch_size"], relaxation=task_relaxation(config), homeostasis=homeo,
                     rng=rng, probe=config["probe"], progress=False, on_epoch=on_epoch)
     return model, data, history

@@ -1,0 +1,163 @@
+"""The comparison: every learning rule that trains a ``models.train.Classifier`` on the same circuit,
+from the same initial weights, under the same device imperfections, and what each costs on the
+hardware (``substrate.cost``).
+
+* ``compare``: an ``ep_train`` classifier (the schema of :mod:`studies.catalogue.ep`) trained with one
+  rule of :data:`RULES` (EP in its forms, or an exact-gradient method of ``models.adjoint_rules``) on
+  one device setting; per epoch the test accuracy and the cosine of the rule's gradient with the
+  exact one (``test_accuracy``, ``grad_cosine``), and from the counts of the whole training priced by
+  the ``hardware`` preset: ``energy_per_sample`` (J) and ``latency_per_sample`` (s) per training
+  sample, ``memory_bytes`` (the peak of digital memory).
+
+The initial weights depend on the seed only (``train_classifier`` draws them first), and no rule
+draws from the training generator, so the runs of a seed see the same weights and minibatches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from models import adjoint_rules, ep
+from models.train import RULES as ALL_RULES
+from models.train import Classifier, make_rule
+from studies import figures as F
+from studies.catalogue.ep import EP_RULE, EP_TRAIN_SCHEMA, train_classifier, training_result, warmup_ep_train
+from studies.config import Field, Range
+from studies.runs import Result, Task, discard
+from substrate import cost
+
+# the rules compared: EP's estimators that train (not the exact one, which ``implicit`` is, nor the
+# negative-sided one, one-sided EP mirrored) and the exact-gradient methods
+RULES = ("one_sided", "centred", "holomorphic", "rotating_holomorphic") + tuple(adjoint_rules.ADJOINT_RULES)
+OPTIONS = dict({k: v for k, v in EP_RULE.items() if k != "name"},
+               window=Field(int, Range(1, 1_000_000), 10, "steps backpropagated (truncated_adjoint)"),
+               solver=Field(str, ("almeida_pineda", "krylov", "direct"), "almeida_pineda",
+                            "the adjoint solve of implicit (almeida_pineda: the adjoint circuit relaxed)"))
+SCHEMA = dict({k: v for k, v in EP_TRAIN_SCHEMA.items() if k != "rule"},
+              rule=Field(str, RULES, "centred", "the learning rule (models.train.RULES)"),
+              options=OPTIONS,
+              setting=Field(str, None, "ideal", "the device setting's name (the figures' panels)"),
+              hardware=Field(str, tuple(cost.PRESETS), "isaac_reram",
+                             "the hardware the counts are priced on (substrate.cost.PRESETS)"))
+COSTS = ("energy_per_sample", "latency_per_sample", "memory_bytes")
+
+
+def rule_of(config):
+    """The config's ``rule``, given the values of ``options`` its class (``models.train.RULES``) takes."""
+    name = config["rule"]
+    fields = {f.name for f in dataclasses.fields(ALL_RULES[name])}
+    return make_rule(name, **{k: v for k, v in config["options"].items() if k in fields})
+
+
+def training_costs(counts, hardware) -> dict:
+    """``energy_per_sample`` (J) and ``latency_per_sample`` (s) per training sample, and ``memory_bytes``,
+    of the counts of a training on ``hardware``."""
+    report = cost.estimate(counts, hardware, per_sample=True)
+    return {"energy_per_sample": report.energy, "latency_per_sample": report.latency,
+            "memory_bytes": report.memory_bytes}
+
+
+def run_compare(config: dict, seed: int, save_partial=discard) -> Result:
+    """Train the config's classifier with its rule: the metrics per epoch and what the training cost."""
+    _, _, history = train_classifier(config, seed, save_partial, rule=rule_of(config))
+    result = training_result(history)
+    counts = getattr(history, "counts", None)
+    result.scalars.update(training_costs(counts, config["hardware"]) if counts else dict.fromkeys(COSTS, float("nan")))
+    return result
+
+
+def warmup_compare():
+    """EP's phases, and a step of each exact-gradient rule, on a tiny network."""
+    warmup_ep_train()
+    rng = np.random.default_rng(0)
+    model = Classifier.layered([3, 4, 3, 2], rng)
+    x, y = rng.uniform(size=(2, 3)), np.eye(2)
+    rel = ep.Relaxation(max_steps=3, on_failure="record")
+    for name in adjoint_rules.ADJOINT_RULES:
+        make_rule(name, **({"window": 1} if name == "truncated_adjoint" else {})).step(model, x, y, rel)
+
+
+def _front(energy, accuracy):
+    """Indices of the Pareto front (no other point is cheaper and at least as accurate), by energy."""
+    order = np.lexsort((-np.asarray(accuracy), energy))  # by energy, the more accurate first at equal energy
+    front, best = [], -np.inf
+    for i in order:
+        if np.isfinite(energy[i]) and accuracy[i] > best:
+            front.append(i)
+            best = accuracy[i]
+    return front
+
+
+MARKERS = "osD^v<>Ph*X"
+COST_LABELS = {"energy_per_sample": "energy per training sample (J)",
+               "latency_per_sample": "latency per training sample (s)",
+               "memory_bytes": "digital memory (bytes, peak)"}
+
+
+def _grid(ds, axes, variables, title):
+    """Final test accuracy against each cost of ``variables`` (rows, log x), one panel per device
+    setting (columns), one marker per rule (median over seeds), the Pareto front of each panel."""
+    rule_dim, dev_dim = "rule", F.other_axis(ds, axes, ("rule",))
+    devices = list(ds[dev_dim].values) if dev_dim else [None]
+    rules = [str(r) for r in ds[rule_dim].values]
+    fig, grid = plt.subplots(len(variables), len(devices), figsize=(3.6 * len(devices) + 1, 3.4 * len(variables) + 1),
+                             squeeze=False, layout="constrained")
+    acc = F.median(100 * ds["test_accuracy"].isel(epoch=-1), [rule_dim] + ([dev_dim] if dev_dim else []))
+    for row, var in enumerate(variables):
+        cost_med = F.median(ds[var], [rule_dim] + ([dev_dim] if dev_dim else []))
+        for c, dev in enumerate(devices):
+            ax = grid[row][c]
+            sel = {dev_dim: dev} if dev_dim else {}
+            a = np.atleast_1d(acc.sel(sel).values).astype(float)
+            e = np.atleast_1d(cost_med.sel(sel).values).astype(float)
+            for i, rule in enumerate(rules):
+                ax.plot(e[i], a[i], MARKERS[i % len(MARKERS)], color=f"C{i % 10}", ms=7, label=rule)
+            front = _front(e, a)
+            if front:
+                ax.plot(e[front], a[front], "k--", lw=1, label="Pareto front", zorder=0)
+            ax.set_xscale("log")
+            ax.set_xlabel(COST_LABELS[var])
+            ax.set_ylabel("final test accuracy (%)")
+            ax.set_title(f"device: {dev}" if dev is not None else "")
+            ax.grid(True, which="both", alpha=0.3)
+    F.figure_legend(fig, columns=5)
+    fig.suptitle(textwrap.fill(f"{ds.attrs['study_name']}: {title} (median over seeds)", 120), fontsize=10)
+    return F.readable_ticks(fig)
+
+
+def plot_compare(archive_path: str):
+    """Comparison study: final test accuracy against the energy per training sample (log), one panel
+    per device setting, one marker per rule (median over seeds), the Pareto front dashed."""
+    ds, axes = F.open_sweep(archive_path)
+    return _grid(ds, axes, ["energy_per_sample"], "accuracy against energy per training sample")
+
+
+def plot_compare_costs(archive_path: str):
+    """Comparison study: final test accuracy against the latency per training sample (top row) and
+    against the digital memory a rule holds (bottom row), as :func:`plot_compare`."""
+    ds, axes = F.open_sweep(archive_path)
+    return _grid(ds, axes, ["latency_per_sample", "memory_bytes"], "accuracy against latency and memory")
+
+
+def table(archive_path: str) -> list:
+    """Rows {device, rule, accuracy (%), energy, latency, memory, cosine} (medians over seeds), for the
+    README's table."""
+    ds, axes = F.open_sweep(archive_path)
+    dev_dim = F.other_axis(ds, axes, ("rule",))
+    rows = []
+    for dev in (ds[dev_dim].values if dev_dim else [None]):
+        for rule in ds["rule"].values:
+            one = ds.sel({"rule": rule, **({dev_dim: dev} if dev_dim else {})})
+            med = {k: float(np.nanmedian(one[k].values)) for k in COSTS}
+            rows.append({"device": str(dev), "rule": str(rule),
+                         "accuracy": float(np.nanmedian(100 * one["test_accuracy"].isel(epoch=-1).values)),
+                         "cosine": float(np.nanmedian(one["grad_cosine"].isel(epoch=-1).values)), **med})
+    return rows
+
+
+TASK = Task(SCHEMA, run_compare, warmup_compare, plot_compare,
+            "every learning rule on the same circuit and devices: accuracy, energy, latency, memory")
