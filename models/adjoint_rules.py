@@ -2,7 +2,7 @@
 so that :func:`models.train.train` runs them beside EP on the same circuit (docs/equations.md, section 3):
 
 * ``implicit`` (:class:`ImplicitRule`): recurrent backprop at the free state, J^T lambda = -dL/du
-  (``substrate.Implicit``'s solvers; by default the adjoint circuit relaxed, Almeida-Pineda);
+  (``substrate.Implicit``'s solvers);
 * ``discrete_adjoint`` (:class:`DiscreteAdjointRule`): the exact gradient of the settling itself, the
   relaxation's own steps from u0 = 0 to the free state backpropagated (``substrate.DiscreteAdjoint``),
   the loss on the final state;
@@ -88,12 +88,14 @@ class AdjointRule(Rule):
 @dataclass(frozen=True)
 class ImplicitRule(AdjointRule):
     """Recurrent backprop (Almeida 1987, Pineda 1987): at the free state u*, J^T lambda = -dL/du by
-    ``solver`` (``substrate.Implicit``: ``almeida_pineda`` relaxes the adjoint circuit, what the hardware
-    would run; ``krylov``, ``direct``), dL/dtheta = (dF/dtheta)^T lambda. On an ideal circuit it is
+    ``solver`` (``substrate.Implicit``: ``krylov``, GMRES in digital; ``direct``; ``almeida_pineda``, the
+    adjoint circuit relaxed, which diverges where the spectral radius of rho'(u*) W^T exceeds 1, as it
+    does on pcm_inference's free states in the compare study, and then falls back to Krylov with a
+    warning), dL/dtheta = (dF/dtheta)^T lambda. On an ideal circuit it is
     the ``exact`` estimator of :mod:`models.ep`; on a device read after a finite time the free state
     need not be an equilibrium, and the gradient is then the implicit one at the state reached."""
 
-    solver: str = "almeida_pineda"
+    solver: str = "krylov"
     name = "implicit"
 
     def __post_init__(self):

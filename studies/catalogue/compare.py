@@ -35,7 +35,7 @@ from substrate import cost
 RULES = ("one_sided", "centred", "holomorphic", "rotating_holomorphic") + tuple(adjoint_rules.ADJOINT_RULES)
 OPTIONS = dict({k: v for k, v in EP_RULE.items() if k != "name"},
                window=Field(int, Range(1, 1_000_000), 10, "steps backpropagated (truncated_adjoint)"),
-               solver=Field(str, ("almeida_pineda", "krylov", "direct"), "almeida_pineda",
+               solver=Field(str, ("krylov", "direct", "almeida_pineda"), "krylov",
                             "the adjoint solve of implicit (almeida_pineda: the adjoint circuit relaxed)"))
 SCHEMA = dict({k: v for k, v in EP_TRAIN_SCHEMA.items() if k != "rule"},
               rule=Field(str, RULES, "centred", "the learning rule (models.train.RULES)"),
