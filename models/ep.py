@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from substrate import Cost, Gradients, Implicit, Network, Nudge, Solution, VectorField, integrate, relax
+from substrate import counts as _counts
 from substrate.activations import rho, rho_prime
 from substrate.adjoint import check_equilibrium, check_solver, jacobian, solve_adjoint
 from substrate.errors import ConvergenceError, SubstrateValueError
@@ -379,7 +381,7 @@ class Estimate:
     after it (first, for an estimator that subtracts r*(0) and a nudge that needs it, the free phase
     re-relaxed to the nudged tolerance; see :class:`Relaxation`); converged: every relaxation reached
     its tolerance; logits: the cost layer's output at the free equilibrium (readout logits, or the
-    layer's activities)."""
+    layer's activities); counts: what the hardware did (:attr:`counts`)."""
 
     gradients: Gradients
     readout: dict
@@ -393,6 +395,32 @@ class Estimate:
     def loss(self) -> float:
         """The cost at the free equilibrium (its real part)."""
         return float(np.real(self.gradients.loss))
+
+    @cached_property
+    def counts(self):
+        """What the hardware did for this estimate (a :class:`substrate.Counts`, docs/equations.md,
+        section 9): every phase (free, nudged, re-relaxed), the targets converted once (held by the
+        nudge for all phases), and in digital: the error vector (a multiply-add per neuron, sample
+        and phase), the parameter gradient v_post r_pre, the readout (logits, softmax error and its
+        gradient) and, for the exact and limit estimators, the dense solve. Memory: the equilibria
+        the estimate holds (free and nudged states) and v. None if the free phase has no circuit."""
+        free = self.free
+        if free.counts is None:
+            return None
+        network, (batch, n) = free.field.network, free.u.shape
+        phases = [free] + list(self.nudged)
+        run = _counts.total(p.counts for p in phases)
+        flops = sum(2 * n * batch * _counts.values(p.u.dtype) for p in phases)
+        flops += _counts.parameter_flops(network, batch)
+        classes = self.logits.shape[1]
+        if self.readout:
+            width = self.readout["weight"].shape[1]
+            flops += (4 * classes * width + 5 * classes) * batch  # logits, softmax error, weight and bias gradients
+        if self.gradients.method in ("ep:exact", "ep:limit"):
+            flops += _counts.direct_solve_flops(n, batch)
+        held = sum(n * batch * _counts.values(p.u.dtype) for p in phases) + n * batch + classes * batch
+        return run.replace(samples=batch, dac=run.dac + classes * batch, flops=run.flops + flops,
+                           memory=held, traffic=run.traffic + 2 * n * batch)
 
 
 def check_target(network, cost, y, batch) -> np.ndarray:

@@ -29,10 +29,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
 from . import _kernels as K
+from . import counts as _counts
 from .dynamics import VectorField, resolve_dtype
 from .errors import ConvergenceError, SubstrateValueError
 from .integrators import (Solution, _STATUS, _check_on_failure, _check_times, _count, _finish,
@@ -182,7 +184,10 @@ class Gradients:
     {layer: array or scalar, as the layer's tau}; inputs: {input: (batch, size)}; u0: (batch, n)
     (zeros for ``implicit``: the equilibrium does not depend on it). step_sizes: for the discrete
     adjoint, the sizes of the steps that were differentiated (dopri5: the accepted ones). adjoint:
-    for ``implicit``, lambda and how it was solved (:class:`AdjointSolve`)."""
+    for ``implicit``, lambda and how it was solved (:class:`AdjointSolve`). counts: what the
+    hardware did (a :class:`substrate.Counts`, docs/equations.md, section 9): the forward phase on
+    the circuit, every state stored for the backward pass read out (ADC), the backward pass, its
+    replays and the parameter gradient in digital, the memory it allocated (None from torchdiffeq)."""
 
     loss: complex | float
     weights: dict
@@ -194,6 +199,7 @@ class Gradients:
     solution: Solution = field(repr=False, default=None)
     step_sizes: np.ndarray | None = field(repr=False, default=None)  # the steps differentiated
     adjoint: AdjointSolve | None = field(repr=False, default=None)  # implicit: lambda and its solve
+    counts: _counts.Counts | None = field(repr=False, default=None, compare=False)  # what the hardware did
 
     def flat(self) -> np.ndarray:
         """Every gradient in one vector (sorted by name), for comparisons between methods."""
@@ -323,7 +329,25 @@ def _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol,
     grads = vf.param_vjp(sol.u, adj.lam)
     zeros_tau = _tau_gradients(network.nominal if twin else network, np.zeros(network.n, sol.u.dtype))
     return Gradients(value, grads["weights"], grads["biases"], zeros_tau, grads["inputs"],
-                     np.zeros_like(sol.u), "implicit", sol, adjoint=adj)
+                     np.zeros_like(sol.u), "implicit", sol, adjoint=adj, counts=_implicit_counts(sol, adj))
+
+
+def _implicit_counts(sol, adj):
+    """The relaxation, then in digital the solve of J^T lambda = rhs (dense LU; or per J^T product a
+    W^T product and ~4 operations per neuron, GMRES's orthogonalisation left out) and the parameter
+    gradient; memory: u*, lambda, rhs and the solver's own (J, or the GMRES basis)."""
+    network, (nb, n) = sol.field.network, sol.u.shape
+    dtype, state = sol.u.dtype, _counts.crossbar_devices(network)[0]
+    v = _counts.values(dtype)
+    if adj.solver == "direct":
+        flops, work = _counts.direct_solve_flops(n, nb, dtype), n * n * nb
+    else:
+        flops = adj.products * (2 * state + 4 * n) * nb * _counts.values(dtype) ** 2
+        work = (min(adj.products, max(1, min(n * nb, 200))) + 1) * n * nb if adj.solver == "krylov" else 0
+    flops += _counts.parameter_flops(network, nb, dtype)
+    held = (3 * n * nb + work) * v
+    fwd = sol.counts
+    return fwd.replace(flops=fwd.flops + flops, memory=max(fwd.memory, held), traffic=fwd.traffic + held)
 
 
 def jacobian(vf: VectorField, u) -> np.ndarray:
@@ -538,7 +562,7 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
     status, t, steps, nfev, rej, saved, _, _, u_out = out
     sol = Solution(t=t_eval, u=saved.transpose(0, 2, 1), status=_STATUS[status], method=stepper.name,
                    steps=steps, nfev=nfev, rejected=rej,
-                   residual=np.full(nb, np.nan), t_final=t, slices=network.slices, field=vf,
+                   residual=np.full(nb, np.nan), t_final=t, slices=network.slices, field=vf, t_start=t0,
                    message="" if status == K.SUCCESS else f"stopped at t={t:.6g} (step {steps})")
     _finish(sol, on_failure if status == K.SUCCESS else "raise", "gradient: the forward integration")
     states = sol.u if trajectory else sol.u[-1]
@@ -560,6 +584,56 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
         tauinv_step = 1.0 / (p.tau.astype(float) + 1e-30j)
         K.adjoint_run(kstepper, tape, acts, vf.circuit, tauinv_step, grads)
     grads = vf.parameter_gradients(gflat, gdrive)
+    counts = _through_time_counts(strategy, sol, kstepper, steps, every, ckpt.shape[0], acts.shape[0])
     return Gradients(value, grads["weights"], grads["biases"],
                      _tau_gradients(network.nominal if twin else network, gtau),
-                     grads["inputs"], lam0.T.copy(), strategy.name, sol, hs[:steps].copy())
+                     grads["inputs"], lam0.T.copy(), strategy.name, sol, hs[:steps].copy(), counts=counts)
+
+
+@lru_cache(maxsize=256)
+def replayed_steps(segment: int) -> int:
+    """Steps replayed by the bisection of ``_kernels._state_at`` to bring back, in reverse order, the
+    states of a segment of ``segment`` steps from its checkpoint (the kernel's schedule, followed step
+    for step)."""
+    stack, total = [0], 0
+    for m in range(segment - 1, -1, -1):
+        while stack[-1] > m:
+            stack.pop()
+        while stack[-1] < m:
+            start = stack[-1]
+            target = m if m - start <= 1 else start + (m - start + 1) // 2
+            total += target - start
+            stack.append(target)
+    return total
+
+
+def _through_time_counts(strategy, sol, kstepper, steps, every, n_ckpt, n_acts):
+    """The recorded forward phase (the states it stores read out), then in digital: the
+    backward steps (per stage a W^T product, the weight gradient's outer product and ~6 operations per
+    neuron), the forward steps replayed (bisection between checkpoints; the multi-stage methods'
+    stages once more per step) and the input weights' gradient. The continuous adjoint counts its
+    backward grid as the forward steps times ``substeps`` (its grading near transients adds cells
+    that are not counted). Memory: checkpoints, stored activities, the bisection's slots, step sizes
+    and the stages' work arrays."""
+    network, (nb, n) = sol.field.network, sol.u.shape[1:]
+    dtype = sol.u.dtype
+    state, inputs = _counts.crossbar_devices(network)
+    v, c = _counts.values(dtype), _counts.values(dtype) ** 2
+    stages = kstepper.bw.shape[0]
+    if isinstance(strategy, ContinuousAdjoint):
+        back = steps * strategy.substeps * (2 if strategy.backward == "etd2rk" else 1)
+        replays = steps * strategy.substeps * stages  # the forward re-anchored on each cell
+    else:
+        back = steps * stages
+        replays = 0 if stages == 1 else steps * stages
+    if every > 1:
+        full, last = divmod(steps, every)
+        replays += (full * replayed_steps(every) + replayed_steps(last)) * stages
+    flops = (back * (4 * state + 6 * n) + replays * (2 * state + 4 * n)) * nb * c + 2 * inputs * nb * c
+    slots = 0 if every == 1 else int(K._slot_count(every))
+    held = (n_ckpt + n_acts + slots + 3 * stages + 4) * n * nb * v + steps
+    fwd = sol.counts
+    read = max(0, -(-steps // every) - 1)  # the stored states but the initial one, given
+    return fwd.replace(adc=fwd.adc + read * n * nb, flops=fwd.flops + flops + min(n_acts, steps + 1) * n * nb * c,
+                       memory=max(fwd.memory, held), traffic=fwd.traffic + 2 * n_ckpt * n * nb * v + held)
+

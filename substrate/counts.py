@@ -171,3 +171,21 @@ def phase(network, *, batch: int, steps: int, nfev: int, settle_time: float, rea
     return Counts(samples=batch, phases=1, steps=steps, nfev=nfev, settle_time=float(settle_time),
                   macs=(state * nfev + inputs) * batch, dac=(width + io_dac * nfev) * batch,
                   adc=(network.n * reads + io_adc * nfev + io_once) * batch, memory=held, traffic=held)
+
+
+def parameter_flops(network, batch: int, dtype=np.float64) -> int:
+    """Digital FLOPs of a parameter gradient (dF/dtheta)^T v over ``batch`` samples: a multiply and an
+    add per device and sample (v_post r_pre), one add per neuron and sample (the biases); complex
+    states cost four times as many real operations."""
+    state, inputs = crossbar_devices(network)
+    return (2 * (state + inputs) + network.n) * batch * _complexity(dtype)
+
+
+def direct_solve_flops(n: int, batch: int, dtype=np.float64) -> int:
+    """Digital FLOPs of J^T lambda = rhs by dense LU for ``batch`` samples of ``n`` neurons: 2n^3/3
+    for the factorisation, 2n^2 for the solves, n^2 to form J and n^2 for the condition estimate."""
+    return int((2 * n ** 3 // 3 + 4 * n * n) * batch * _complexity(dtype))
+
+
+def _complexity(dtype) -> int:
+    return 4 if np.dtype(dtype).kind == "c" else 1

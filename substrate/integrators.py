@@ -199,6 +199,7 @@ class Solution:
     # the vector field the states were computed with (on a device: that phase's read weights), so that
     # derivatives at them use the same circuit
     field: object = field(default=None, repr=False, compare=False)
+    t_start: float = 0.0  # where the integration started (t_span[0]; relax: 0)
 
     @property
     def ok(self) -> bool:
@@ -212,10 +213,10 @@ class Solution:
         """The :class:`~substrate.counts.Counts` of this phase (computed when first read)."""
         if self.field is None:
             return None
-        t = np.asarray(self.t)
+        # the state at t_start is the initial one, given, not read from the circuit
+        reads = int(np.count_nonzero(np.atleast_1d(self.t) > self.t_start))
         return _counts.phase(self.field.network, batch=self.field.batch, steps=self.steps, nfev=self.nfev,
-                             settle_time=self.t_final - (float(t[0]) if t.ndim else 0.0),
-                             reads=int(t.size), dtype=self.u.dtype)
+                             settle_time=self.t_final - self.t_start, reads=reads, dtype=self.u.dtype)
 
     def state(self, layer: str) -> np.ndarray:
         """The states of one layer (last axis restricted to its neurons)."""
@@ -507,7 +508,7 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
         saved[n_ok:] = np.nan
     sol = Solution(t=t_eval, u=saved.transpose(0, 2, 1), status=_STATUS[status], method=stepper.name,
                    steps=steps, nfev=nfev, rejected=rej, residual=residual, t_final=t,
-                   message=message, slices=network.slices, field=vf)
+                   message=message, slices=network.slices, field=vf, t_start=t0)
     return _finish(sol, on_failure, "integrate")
 
 

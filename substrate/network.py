@@ -33,6 +33,7 @@ import numpy as np
 
 from . import _kernels as K
 from . import activations
+from .counts import Counts, crossbar_devices
 from .errors import SubstrateValueError
 
 DTYPES = (np.float32, np.float64, np.complex128)
@@ -411,7 +412,11 @@ class Network:
         """Called at the start of every free phase (a device redraws read noise held per equilibrium)."""
 
     def write(self):
-        """Commit the parameters after a learning step (a device programs or pulses its devices)."""
+        """Commit the parameters after a learning step (a device programs or pulses its devices).
+        Returns its :class:`substrate.Counts`: without a device, every weight present is written once,
+        in one cycle (an ideal circuit does not know which changed)."""
+        state, inputs = crossbar_devices(self)
+        return Counts(pulses=state + inputs, write_cycles=1)
 
     def activities(self, u) -> np.ndarray:
         """r = rho(u) for states u (batch, n), layer by layer, real or complex."""

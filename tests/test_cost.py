@@ -72,7 +72,8 @@ def test_integrate_counts_by_hand(tiny):
     assert sol.steps == 4 and sol.nfev == 16  # rk4: 4 evaluations a step
     assert c.macs == 16 * 16 * 2 + 12 * 2
     assert c.settle_time == 2.0  # from t0 = 1
-    assert c.adc == 6 * 2 * 3 and c.memory == 6 * 2 * 3  # three saved times
+    # the states at 2 and 3 read out; the one at t0 = 1 is the initial state, given
+    assert c.adc == 6 * 2 * 2 and c.memory == 6 * 2 * 2
 
 
 def test_complex_states_count_two_values(tiny):
@@ -147,3 +148,98 @@ def test_cost_bad_input():
         dataclasses.replace(PRESETS["isaac_reram"], tau=-1.0)
     with pytest.raises(s.SubstrateValueError, match="adc_units"):
         dataclasses.replace(PRESETS["isaac_reram"], adc_units=0)
+
+
+# ------------------------------------------------------------------------------------ EP and gradients
+def _ep_problem(tiny):
+    x = np.linspace(-1, 1, 15).reshape(5, 3)
+    y = np.eye(2)[[0, 1, 0, 1, 0]] * 0.5
+    return x, y
+
+
+@pytest.mark.parametrize("name, phases", [("one_sided", 2), ("centred", 3), ("holomorphic", 4)])
+def test_ep_counts_by_hand(tiny, name, phases):
+    from models import ep
+
+    x, y = _ep_problem(tiny)
+    estimator = {"one_sided": ep.OneSided(0.1), "centred": ep.Centred(0.1), "holomorphic": ep.Holomorphic(4, 0.1)}[name]
+    est = ep.estimate(tiny, x, y, s.Cost("y"), estimator)
+    sols = [est.free] + est.nudged
+    # one-sided: free, +beta (its nudged tolerance is tol itself here: no re-relaxation of the free
+    # phase); centred: free, +beta, -beta; holomorphic N = 4: free, +beta, i beta (its conjugate folded in), -beta
+    assert len(sols) == phases
+    c, batch, n = est.counts, 5, 6
+    assert c.samples == batch and c.phases == phases
+    assert c.steps == sum(p.steps for p in sols) and c.nfev == sum(p.nfev for p in sols)
+    assert c.settle_time == sum(p.t_final for p in sols)
+    assert c.macs == sum((8 + 8) * p.nfev * batch + 12 * batch for p in sols)
+    assert c.dac == 3 * batch * phases + 2 * batch  # the inputs per phase, the targets once
+    assert c.adc == n * batch * phases
+    values = [2 if p.u.dtype.kind == "c" else 1 for p in sols]
+    # the error vector (2 per neuron, sample and phase; complex 2 values), the gradient 2 per device and sample + biases
+    assert c.flops == sum(2 * n * batch * v for v in values) + (2 * 28 + n) * batch
+    assert c.memory == sum(n * batch * v for v in values) + n * batch + 2 * batch
+
+
+def test_implicit_gradient_counts_by_hand(tiny):
+    x, _ = _ep_problem(tiny)
+
+    def loss(u):
+        g = np.zeros_like(u)
+        g[:, -2:] = u[:, -2:]
+        return 0.5 * np.sum(u[:, -2:] ** 2), g
+
+    g = s.gradient(tiny, x, loss, method=s.Implicit("direct"))
+    c, n, batch = g.counts, 6, 5
+    fwd = g.solution.counts
+    assert (c.phases, c.steps, c.macs, c.adc) == (1, fwd.steps, fwd.macs, n * batch)
+    assert c.flops == (2 * n ** 3 // 3 + 4 * n * n) * batch + (2 * 28 + n) * batch
+    assert c.memory == (3 * n * batch + n * n * batch)
+
+
+def test_discrete_adjoint_counts_by_hand(tiny):
+    x, _ = _ep_problem(tiny)
+
+    def loss(u):
+        return 0.5 * np.sum(u ** 2), u.copy()
+
+    n, batch, steps = 6, 5, 8
+    full = s.gradient(tiny, x, loss, method=s.DiscreteAdjoint(), t_span=(0, 4.0), dt=0.5, integrator="exp_euler")
+    kept = s.gradient(tiny, x, loss, method=s.DiscreteAdjoint(checkpoints=2), t_span=(0, 4.0), dt=0.5,
+                      integrator="exp_euler")
+    assert full.solution.steps == steps
+    a, b = full.counts, kept.counts
+    # every state stored: the 7 before steps 2..8 read out, and the final state (the result)
+    assert a.adc == n * batch * steps and a.macs == (16 * full.solution.nfev + 12) * batch
+    # backward: per step a W^T product and the weight gradient (4 per device and sample) and 6 per neuron;
+    # the input weights' gradient; the activities of the 9 stored states
+    assert a.flops == steps * (4 * 16 + 6 * n) * batch + 2 * 12 * batch + 9 * n * batch
+    # checkpoints=2 of the forward's step bound, 11: a checkpoint every 6 steps, the states at 0 and 6
+    # stored (one read, and the result); bisection replays 7 steps in the segment of 6, 1 in that of 2
+    assert b.adc == n * batch * (1 + 1)
+    assert b.flops == steps * (4 * 16 + 6 * n) * batch + (7 + 1) * (2 * 16 + 4 * n) * batch + 2 * 12 * batch
+    assert b.memory < a.memory
+
+
+def test_replayed_steps_follow_the_bisection():
+    from substrate.adjoint import replayed_steps
+
+    # a segment of 4: m=3 from 0 (0->2, 2->3: 3 steps), m=2 found, m=1 (0->1: 1 step), m=0 found
+    assert [replayed_steps(k) for k in (0, 1, 2, 4, 6)] == [0, 0, 1, 4, 7]
+
+
+def test_pulsed_writes_count_the_pulses_applied():
+    from substrate import devices as D
+
+    dn = D.attach(s.Network.layered([3, 4, 2], np.random.default_rng(0)), D.preset("reram_sb"),
+                  np.random.default_rng(1))
+    c = dn.connection("x->h1")
+    up = dn.device.update
+    step = up.dw_step * dn.device.weight_scale
+    before = c.weight.copy()
+    change = np.zeros_like(before)
+    change[0, 0], change[1, 2], change[3, 1] = 2 * step, -5 * step, 100 * step  # the last capped
+    c.weight[...] = before + change
+    counts = dn.write()
+    assert counts.pulses == 2 + 5 + up.max_pulses and counts.write_cycles == up.max_pulses
+    assert s.Network.layered([3, 4, 2], np.random.default_rng(0)).write() == Counts(pulses=28, write_cycles=1)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import _kernels as K
+from ..counts import Counts
 from ..errors import SubstrateValueError
 from ..network import Layer, Network
 from . import normals, stepping
@@ -196,6 +197,10 @@ class Crossbar:
         self.w_max = w_max
         for key in self._written:
             self._dirty[key] |= self.changed
+        # what this write costs (substrate.counts): pulses, and the longest pulse train (the devices
+        # of a crossbar are pulsed in parallel); a programmed (not pulsed) device counts as one pulse
+        changed = int(np.count_nonzero(self.changed))
+        self.pulses, self.write_cycles = changed, int(changed > 0)
         if dev.update is not None:
             self._write_pulsed(target, first)
         elif dev.conductance_path:
@@ -225,7 +230,10 @@ class Crossbar:
             self.devices = up.devices(target.shape, self.rng(up, ".dtod"))
             self.w_dev = up.initial(target / ws, self.devices)
         else:
-            up.apply(self.w_dev, (target - self.w_prog) / ws, self.devices, self.rng(up))
+            delta = (target - self.w_prog) / ws
+            n = up.pulses(delta)
+            self.pulses, self.write_cycles = int(n.sum()), int(n.max(initial=0))
+            up.apply(self.w_dev, delta, self.devices, self.rng(up))
         self.w_prog = self.w_dev * ws
 
     # -------------------------------------------------------------------- read
@@ -317,16 +325,21 @@ class DeviceNetwork(Network):
         return c.weight
 
     def write(self):
-        """Write the nominal weights that changed since the last write (all of them the first time)."""
+        """Write the nominal weights that changed since the last write (all of them the first time).
+        Returns its :class:`substrate.Counts`: the pulses applied (a programmed device counts as one)
+        and the write cycles (the longest pulse train; the crossbars are written in parallel)."""
+        pulses = cycles = 0
         for c in self.connections:
             xb = self.crossbars.get(c.name)
             if xb is None:
                 continue
             w = xb.write(self._target(c), self.clock)
+            pulses, cycles = pulses + xb.pulses, max(cycles, xb.write_cycles)
             if self.device.update is not None and not c.tied:
                 c.weight[...] = w  # the devices are the weights: the learning rule continues from them
         self._reading = None
         self.new_equilibrium()
+        return Counts(pulses=pulses, write_cycles=cycles)
 
     def advance(self, seconds: float):
         """Move the simulated clock by ``seconds`` (drift, and the age of the 1/f read noise)."""

@@ -89,6 +89,12 @@ class UpdateModel(Effect):
         par[K.DW_MIN], par[K.MAX_PULSES] = self.dw_step, self.max_pulses
         return par
 
+    def pulses(self, delta) -> np.ndarray:
+        """The pulses ``apply`` gives each device for the requested change ``delta``: min(round(|delta| /
+        dw_min), max_pulses), round half up (the kernel's count, in the same floating-point operations)."""
+        return np.minimum(np.floor(np.abs(np.asarray(delta, dtype=np.float64)) / self.dw_step + 0.5),
+                          self.max_pulses)
+
     def initial(self, w, devices) -> np.ndarray:
         """Weights as first written (set directly, as aihwkit's set_weights): clipped into each
         device's [w_min, w_max]. Returns a new float64 array."""
