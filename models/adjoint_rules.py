@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from substrate import ContinuousAdjoint, DiscreteAdjoint, Gradients, Implicit, VectorField, gradient, integrate
-from substrate.adjoint import adjoint_solve, check_solver
+from substrate import counts as C
+from substrate.adjoint import _implicit_counts, adjoint_solve, check_solver
 from substrate.validate import choice, count
 
 from . import ep
@@ -58,6 +59,19 @@ def named(g: Gradients, readout: dict) -> dict:
     return out
 
 
+def step_counts(parts, model, batch):
+    """What the hardware did for one step (``substrate.Counts``, docs/equations.md, section 9): the phases
+    and digital work of ``parts`` (the method's own counts, each with its settling), the targets
+    converted once, and the readout in digital (logits, softmax error, its gradients), as an EP
+    estimate counts them."""
+    run = C.total(parts)
+    classes, flops = model.classes, 0
+    if model.cost.kind == "cross_entropy":
+        width = model.cost.readout_weight.shape[1]
+        flops = (4 * classes * width + 5 * classes) * batch
+    return run.replace(samples=batch, dac=run.dac + classes * batch, flops=run.flops + flops)
+
+
 def twin(network) -> bool:
     """Whether the backward pass must run on the nominal network: the circuit as read is not smooth."""
     return not getattr(network, "differentiable", True)
@@ -68,20 +82,22 @@ class AdjointRule(Rule):
     (:meth:`gradients`: ``(substrate.Gradients, the states the loss is on)``)."""
 
     def gradients(self, model, x, y, relaxation, free):
+        """(``substrate.Gradients`` with its counts, the states the loss is on, the counts of any
+        other phase the method ran)."""
         raise NotImplementedError
 
     def step(self, model, x, y, relaxation, rng=None) -> Step:
         y = ep.check_target(model.network, model.cost, y, len(x))
         free = ep.free_phase(model.network, x, relaxation)
-        g, u = self.gradients(model, x, y, relaxation, free)
+        g, u, extra = self.gradients(model, x, y, relaxation, free)
         losses = ep.cost_gradient_u(model.network, model.cost, free.u, y)[0]
         converged = free.ok and (g.solution is None or g.solution.ok)
         return Step(named(g, readout_gradients(model.network, model.cost, u, y)), float(np.mean(losses)),
-                    model.output(free.u), converged)
+                    model.output(free.u), converged, step_counts(extra + [g.counts], model, len(x)))
 
     def probe(self, model, x, y, relaxation) -> float:
         free = ep.free_phase(model.network, x, relaxation)
-        g, _ = self.gradients(model, x, ep.check_target(model.network, model.cost, y, len(x)), relaxation, free)
+        g = self.gradients(model, x, ep.check_target(model.network, model.cost, y, len(x)), relaxation, free)[0]
         return exact_cosine(model, g, x, y, relaxation, free=free)
 
 
@@ -116,7 +132,7 @@ class ImplicitRule(AdjointRule):
         g = vf.param_vjp(free.u, adj.lam)
         tau = {layer.name: np.zeros_like(layer.tau) if np.ndim(layer.tau) else 0.0 for layer in net.layers}
         return Gradients(value, g["weights"], g["biases"], tau, g["inputs"], np.zeros_like(free.u), "implicit",
-                         None, adjoint=adj), free.u
+                         None, adjoint=adj, counts=_implicit_counts(free, adj)), free.u, []
 
 
 class ThroughTime(AdjointRule):
@@ -127,16 +143,18 @@ class ThroughTime(AdjointRule):
         raise NotImplementedError
 
     def span(self, net, x, relaxation, free):
-        """(u0, steps): where the differentiated steps start (None: zero) and how many there are."""
-        return None, max(free.steps, 1)
+        """(u0, steps, the phase that reached u0 or None): where the differentiated steps start (None:
+        zero) and how many there are. The free phase found the settling's length; on the hardware the
+        differentiated forward pass is that settling, so only it is counted."""
+        return None, max(free.steps, 1), None
 
     def gradients(self, model, x, y, relaxation, free):
         net, dt = model.network, relaxation.step(model.network)
-        u0, steps = self.span(net, x, relaxation, free)
+        u0, steps, head = self.span(net, x, relaxation, free)
         g = gradient(net, x, batch_loss(net, model.cost, y), method=self.strategy(), t_span=(0.0, steps * dt),
                      integrator=relaxation.method, dt=dt, u0=u0, twin=twin(net),
                      max_steps=steps + 1)
-        return g, g.solution.u[-1]
+        return g, g.solution.u[-1], [] if head is None else [head.counts]
 
 
 @dataclass(frozen=True)
@@ -173,11 +191,11 @@ class TruncatedAdjointRule(ThroughTime):
     def span(self, net, x, relaxation, free):
         steps = max(free.steps, 1)
         if steps <= self.window:
-            return None, steps
+            return None, steps, None
         dt = relaxation.step(net)
         head = steps - self.window
-        u0 = integrate(net, x, t_span=(0.0, head * dt), method=relaxation.method, dt=dt, max_steps=head + 1).u[-1]
-        return u0, self.window
+        sol = integrate(net, x, t_span=(0.0, head * dt), method=relaxation.method, dt=dt, max_steps=head + 1)
+        return sol.u[-1], self.window, sol
 
 
 @dataclass(frozen=True)

@@ -130,3 +130,26 @@ def test_train_one_epoch(name):
     assert h.test_loss[1] < h.test_loss[0] and h.nonconverged[1] == 0
     lo, hi = COSINE[name]
     assert lo < h.grad_cosine[1] < hi
+
+
+@pytest.mark.parametrize("name, phases, residual", [("implicit", 1, 1), ("discrete_adjoint", 1, 0),
+                                                    ("truncated_adjoint", 2, 0), ("continuous_adjoint", 1, 0)])
+def test_a_step_counts_one_settling(case, name, phases, residual):
+    """What a step counts, by hand: one settling of as many exp-Euler steps as the free phase took (one
+    field evaluation each, and a relaxation one more for its residual: the truncated rule in two phases,
+    the head and the window), every crossbar
+    device read per evaluation and the input crossbar once, the inputs and the targets converted once,
+    the samples of the batch; the readout's digital work on top of the method's own."""
+    m, x, y, _ = case
+    rule = make_rule(name, **({"window": WINDOW} if name == "truncated_adjoint" else {}))
+    c = rule.step(m, x, y, REL).counts
+    B, n_steps = len(x), ep.free_phase(m.network, x, REL).steps
+    state, inputs = (sum(c_.weight.size for c_ in m.network.connections if (c_.pre in m.network.inputs_by_name) == k)
+                     for k in (False, True))
+    assert (c.samples, c.phases, c.steps, c.nfev) == (B, phases, n_steps, n_steps + residual)
+    assert c.macs == (state * (n_steps + residual) + inputs * phases) * B
+    assert c.dac == (3 * phases + 3) * B  # 3 inputs per phase, 3 classes' targets
+    assert c.settle_time == pytest.approx(n_steps * DT)
+    g_flops = rule.gradients(m, x, y, REL, ep.free_phase(m.network, x, REL))
+    own = sum(p.flops for p in g_flops[2]) + g_flops[0].counts.flops
+    assert c.flops == own + (4 * 3 * 4 + 5 * 3) * B  # readout: 3 classes from 4 units
