@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from substrate import Cost, Network, persist
+from substrate import Cost, Counts, Network, persist
 from substrate.devices import DeviceNetwork
 from substrate.errors import SubstrateValueError
 from substrate.validate import choice, count, fraction, positive
@@ -123,6 +123,18 @@ class Optimiser:
         """Update the parameter ``name``, ``p``, in place with its gradient ``g``."""
         raise NotImplementedError
 
+    def per_entry(self) -> tuple:
+        """(digital operations, values of state held) per parameter entry and update."""
+        raise NotImplementedError
+
+    def counts(self, grads: dict) -> Counts:
+        """What one :meth:`step` on ``grads`` does in digital (a :class:`substrate.Counts`): its
+        operations, its state held, and the traffic of reading the gradient and the state and writing
+        the parameter and the state."""
+        size = sum(int(np.size(g)) for g in grads.values())
+        flops, state = self.per_entry()
+        return Counts(flops=flops * size, memory=state * size, traffic=(2 + 2 * state) * size)
+
 
 class SGD(Optimiser):
     """p <- p - lr m, m <- momentum m + g (PyTorch's SGD with momentum, dampening 0)."""
@@ -130,6 +142,10 @@ class SGD(Optimiser):
     def __init__(self, lr: float = 0.01, momentum: float = 0.0):
         super().__init__()
         self.lr, self.momentum = positive(lr, "lr"), fraction(momentum, "momentum", upper_open=True)
+
+    def per_entry(self) -> tuple:
+        # lr g and p - lr g; with momentum also momentum m and + g, m held
+        return (4, 1) if self.momentum else (2, 0)
 
     def update(self, name, p, g):
         if self.momentum:
@@ -155,6 +171,10 @@ class Adam(Optimiser):
         v = self.beta2 * v + (1 - self.beta2) * g * g
         self.state[name] = (m, v, t)
         p -= self.lr * (m / (1 - self.beta1 ** t)) / (np.sqrt(v / (1 - self.beta2 ** t)) + self.eps)
+
+    def per_entry(self) -> tuple:
+        # m: 3, v: 4, the two corrections: 2, sqrt, + eps, the division, lr and the subtraction: 5; m, v held
+        return 14, 2
 
 
 OPTIMISERS = {"sgd": SGD, "adam": Adam}
@@ -191,6 +211,8 @@ persist.register(Adam, _write_optimiser, _read_optimiser)
 
 
 # ------------------------------------------------------------------------------------ training
+# the fields of History.counts's rows
+COUNT_FIELDS = tuple(f.name for f in dataclasses.fields(Counts))
 # what train() needs of a model (a Classifier, or the model of a rule that trains something else)
 MODEL_MEMBERS = ("parameters", "evaluate", "classes", "network")
 # every epoch relaxes each training and test sample at least once: EP runs take tens to hundreds of
@@ -215,10 +237,20 @@ class History:
     asymmetry_penalty: list = field(default_factory=list)
     nonconverged: list = field(default_factory=list)
     seconds: list = field(default_factory=list)
+    counts: list = field(default_factory=list)  # per epoch, the values of a Counts (COUNT_FIELDS)
 
     def arrays(self) -> dict:
-        """Every metric as a float array over the epochs (row 0: before training)."""
-        return {k: np.asarray(v, dtype=float) for k, v in self.__dict__.items()}
+        """Every metric as a float array over the epochs (row 0: before training); the counts are in
+        :meth:`epoch_counts`."""
+        return {k: np.asarray(v, dtype=float) for k, v in self.__dict__.items() if k != "counts"}
+
+    def epoch_counts(self) -> list:
+        """What the hardware did in each epoch (a :class:`substrate.Counts`; row 0, before training,
+        nothing): every training step's rule, optimiser and writes, for the epoch's training samples
+        (evaluation and the gradient probe are not training and are not counted). None for an epoch
+        in which the rule did not count (its ``Step.counts`` is None)."""
+        return [None if any(math.isnan(v) for v in row) else Counts(**dict(zip(COUNT_FIELDS, row)))
+                for row in self.counts]
 
 
 @dataclass(eq=False)
@@ -339,7 +371,7 @@ class EPRule(Rule):
 
     def step(self, model, x, y, relaxation, rng=None) -> Step:
         est = self.estimate(model, x, y, relaxation)
-        return Step(named_gradients(est), est.loss, est.logits, est.converged)
+        return Step(named_gradients(est), est.loss, est.logits, est.converged, est.counts)
 
     def probe(self, model, x, y, relaxation) -> float:
         free = ep.free_phase(model.network, x, relaxation)
@@ -444,7 +476,7 @@ def train(model: Classifier, data: Dataset, *, rule: Rule | ep.Estimator = ep.Ce
     resume = checkpoint is not None and os.path.exists(checkpoint)
     hist = _resume(checkpoint, call, model, optimiser, rng, epochs) if resume else History()
 
-    def record(epoch, train_loss, train_acc, penalty, failed, seconds):
+    def record(epoch, train_loss, train_acc, penalty, failed, seconds, counts):
         test_loss, test_acc, _ = model.evaluate(data.x_test, data.y_test, relaxation)
         cos = learner.probe(model, xp, yp, relaxation) if probe else float("nan")
         angles = weight_angles(model.network)
@@ -453,15 +485,18 @@ def train(model: Classifier, data: Dataset, *, rule: Rule | ep.Estimator = ep.Ce
                            ("weight_angle", angles.get("all", float("nan"))), ("asymmetry_penalty", penalty),
                            ("nonconverged", failed), ("seconds", seconds)):
             getattr(hist, key).append(value)
+        hist.counts.append([math.nan] * len(COUNT_FIELDS) if counts is None else
+                           [float(getattr(counts, k)) for k in COUNT_FIELDS])
 
     live = live_progress()  # off a terminal: the line per epoch below, no bar per batch
     if not resume:
         tr_loss, tr_acc, _ = model.evaluate(data.x_train, data.y_train, relaxation)
-        record(0, tr_loss, tr_acc, float("nan"), 0.0, 0.0)
+        record(0, tr_loss, tr_acc, float("nan"), 0.0, 0.0, Counts())
     for epoch in range(hist.epoch[-1] + 1, epochs + 1):
         t0 = time.perf_counter()
         batches = minibatches(len(data.x_train), batch_size, rng)
         loss_sum = correct = failed = 0
+        counted = Counts()  # None once a step is not counted
         penalty = float("nan")
         bar = tqdm(batches, desc=f"epoch {epoch}/{epochs} {learner.name}", disable=not (progress and live), leave=False)
         for idx in bar:
@@ -469,13 +504,17 @@ def train(model: Classifier, data: Dataset, *, rule: Rule | ep.Estimator = ep.Ce
             step, grads, penalty = gradient_step(model, x, one_hot(labels, model.classes), learner, relaxation,
                                                  homeostasis, rng)
             optimiser.step(params, grads)
-            model.network.write()  # through the device's programming or update model, if any
+            written = model.network.write()  # through the device's programming or update model, if any
+            if counted is not None and step.counts is not None:
+                counted = counted + step.counts + optimiser.counts(grads) + (written or Counts())
+            else:
+                counted = None
             loss_sum += step.loss * len(idx)
             correct += int(np.sum(np.argmax(step.logits, axis=1) == labels))
             failed += 0 if step.converged else 1
             bar.set_postfix(loss=f"{step.loss:.3f}")
         n = len(data.x_train)
-        record(epoch, loss_sum / n, correct / n, penalty, failed / len(batches), time.perf_counter() - t0)
+        record(epoch, loss_sum / n, correct / n, penalty, failed / len(batches), time.perf_counter() - t0, counted)
         if progress:
             tqdm.write(f"epoch {epoch}: train {hist.train_accuracy[-1]:.3f}, test {hist.test_accuracy[-1]:.3f}, "
                        f"grad cosine {hist.grad_cosine[-1]:.4f}, {hist.seconds[-1]:.1f} s")

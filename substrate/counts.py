@@ -8,7 +8,9 @@ bytes for a hardware preset; the engine never imports it.
 
 What one relaxation or integration of a batch of B samples counts (:func:`phase`):
 
-* ``settle_time``: the simulated time it ran (in the network's time unit: tau = 1 makes it tau);
+* ``settle_time``: the simulated time it ran (in the network's time unit: tau = 1 makes it tau) times
+  B: a circuit settles one sample after another; the batch ran until its slowest sample had settled,
+  and every sample is counted at that time;
 * ``macs``: analog multiply-accumulates, (devices of the state-to-state crossbars) x B per field
   evaluation, plus (devices of the input crossbars) x B once (a constant input is a constant drive);
   a device is a weight present in the circuit (its mask, if any, is 1), read whatever its value;
@@ -41,7 +43,8 @@ class Counts:
 
     samples: the samples the work served; phases: relaxations or integrations run; steps: integrator
     steps; nfev: vector-field evaluations (each an analog read of every crossbar); settle_time: the
-    simulated time of all phases, one after the other (network time units, tau for tau = 1); macs:
+    circuit time of all phases of all samples, one after the other (network time units, tau for tau
+    = 1; per sample, the time a sample's phases take); macs:
     analog multiply-accumulates in the crossbars; dac, adc: conversions; pulses: programming pulses
     applied to devices (a direct, non-pulsed write of a device counts as one); write_cycles: the
     sequential pulse slots of the writes (the devices of a crossbar are pulsed in parallel, so a
@@ -168,7 +171,7 @@ def phase(network, *, batch: int, steps: int, nfev: int, settle_time: float, rea
     width = sum(x.size for x in network.inputs)
     io_dac, io_adc, io_once = io_conversions(network)
     held = network.n * batch * reads * values(dtype)
-    return Counts(samples=batch, phases=1, steps=steps, nfev=nfev, settle_time=float(settle_time),
+    return Counts(samples=batch, phases=1, steps=steps, nfev=nfev, settle_time=float(settle_time) * batch,
                   macs=(state * nfev + inputs) * batch, dac=(width + io_dac * nfev) * batch,
                   adc=(network.n * reads + io_adc * nfev + io_once) * batch, memory=held, traffic=held)
 

@@ -59,7 +59,8 @@ def test_relax_counts_by_hand(tiny):
     c = sol.counts
     # per field evaluation every state device is read once per sample; the input crossbar once per phase
     assert c.macs == (8 + 8) * sol.nfev * batch + 12 * batch
-    assert (c.samples, c.phases, c.steps, c.nfev, c.settle_time) == (batch, 1, sol.steps, sol.nfev, sol.t_final)
+    # the circuit settles one sample after another, each counted at the batch's time
+    assert (c.samples, c.phases, c.steps, c.nfev, c.settle_time) == (batch, 1, sol.steps, sol.nfev, batch * sol.t_final)
     assert c.dac == 3 * batch  # the inputs, once
     assert c.adc == 6 * batch  # every state read out at the end
     assert c.memory == c.traffic == 6 * batch
@@ -71,7 +72,7 @@ def test_integrate_counts_by_hand(tiny):
     c = sol.counts
     assert sol.steps == 4 and sol.nfev == 16  # rk4: 4 evaluations a step
     assert c.macs == 16 * 16 * 2 + 12 * 2
-    assert c.settle_time == 2.0  # from t0 = 1
+    assert c.settle_time == 2 * 2.0  # from t0 = 1, for 2 samples
     # the states at 2 and 3 read out; the one at t0 = 1 is the initial state, given
     assert c.adc == 6 * 2 * 2 and c.memory == 6 * 2 * 2
 
@@ -171,7 +172,7 @@ def test_ep_counts_by_hand(tiny, name, phases):
     c, batch, n = est.counts, 5, 6
     assert c.samples == batch and c.phases == phases
     assert c.steps == sum(p.steps for p in sols) and c.nfev == sum(p.nfev for p in sols)
-    assert c.settle_time == sum(p.t_final for p in sols)
+    assert c.settle_time == sum(p.t_final for p in sols) * batch
     assert c.macs == sum((8 + 8) * p.nfev * batch + 12 * batch for p in sols)
     assert c.dac == 3 * batch * phases + 2 * batch  # the inputs per phase, the targets once
     assert c.adc == n * batch * phases
@@ -243,3 +244,73 @@ def test_pulsed_writes_count_the_pulses_applied():
     counts = dn.write()
     assert counts.pulses == 2 + 5 + up.max_pulses and counts.write_cycles == up.max_pulses
     assert s.Network.layered([3, 4, 2], np.random.default_rng(0)).write() == Counts(pulses=28, write_cycles=1)
+
+
+# ------------------------------------------------------------------------------------ training
+class _Counted:
+    """Centred EP whose steps report made-up counts (one MAC per sample), or none."""
+
+    def __init__(self, counted):
+        from models.train import Rule
+
+        class Rule_(Rule):
+            name = "counted"
+
+            def step(self, model, x, y, relaxation, rng):
+                from models import ep
+                from models.train import Step, named_gradients
+
+                est = ep.estimate(model.network, x, y, model.cost, ep.Centred(0.2), relaxation)
+                return Step(named_gradients(est), est.loss, est.logits, est.converged,
+                            Counts(samples=len(x), macs=len(x), memory=1) if counted else None)
+
+        self.rule = Rule_()
+
+
+@pytest.fixture(scope="module")
+def digits_tiny():
+    from models.data import digits
+
+    return digits().subset(64, 20, np.random.default_rng(2))
+
+
+def _train_tiny(data, rule, optimiser):
+    from models.train import Classifier, train
+
+    rng = np.random.default_rng(0)
+    model = Classifier.layered([64, 8, 10], rng)
+    return model, train(model, data, rule=rule, optimiser=optimiser, epochs=1, batch_size=32, rng=rng,
+                        progress=False, probe=0)
+
+
+def test_training_counts_every_step_its_optimiser_and_writes(digits_tiny):
+    from models.train import SGD, Adam
+
+    model, hist = _train_tiny(digits_tiny, _Counted(True).rule, SGD(0.05, 0.9))
+    before, epoch = hist.epoch_counts()
+    assert before == Counts()
+    entries = sum(p.size for p in model.parameters().values())  # 64x8 + 8 + 10x8 + 10
+    devices = 64 * 8  # the network's one crossbar, inputs to the 8 neurons (the readout is digital)
+    batches = 2
+    assert (epoch.samples, epoch.macs) == (64, 64)
+    assert epoch.flops == batches * 4 * entries  # SGD with momentum: 4 operations an entry
+    assert epoch.memory == entries  # the momentum, the largest thing held
+    assert epoch.pulses == batches * devices and epoch.write_cycles == batches  # no device: every weight once
+    _, hist = _train_tiny(digits_tiny, _Counted(True).rule, Adam(1e-3))
+    assert hist.epoch_counts()[1].flops == batches * 14 * entries and hist.epoch_counts()[1].memory == 2 * entries
+    _, hist = _train_tiny(digits_tiny, _Counted(False).rule, SGD(0.05))
+    assert hist.epoch_counts()[1] is None
+    assert "counts" not in hist.arrays()  # archives take arrays(): no new variables unless a study asks
+
+
+def test_ep_training_counts_its_phases(digits_tiny):
+    from models import ep
+    from models.train import SGD
+
+    _, hist = _train_tiny(digits_tiny, ep.Centred(0.2), SGD(0.05))
+    c = hist.epoch_counts()[1]
+    assert c.samples == 64 and c.phases == 2 * 3  # two batches of free, +beta, -beta
+    # no state crossbar (one layer of 8 driven by the inputs): the input crossbar read once a phase
+    assert c.macs == 6 * 64 * 8 * 32
+    assert c.adc == 6 * 8 * 32 and c.dac == 6 * 64 * 32 + 2 * 10 * 32  # the states; the inputs, the targets
+    assert c.pulses == 2 * 64 * 8
