@@ -149,7 +149,7 @@ def test_a_step_counts_one_settling(case, name, phases, residual):
     assert (c.samples, c.phases, c.steps, c.nfev) == (B, phases, n_steps, n_steps + residual)
     assert c.macs == (state * (n_steps + residual) + inputs * phases) * B
     assert c.dac == (3 * phases + 3) * B  # 3 inputs per phase, 3 classes' targets
-    assert c.settle_time == pytest.approx(n_steps * DT)
+    assert c.settle_time == pytest.approx(n_steps * DT * B)  # one circuit settles the samples one by one
     g_flops = rule.gradients(m, x, y, REL, ep.free_phase(m.network, x, REL))
     own = sum(p.flops for p in g_flops[2]) + g_flops[0].counts.flops
     assert c.flops == own + (4 * 3 * 4 + 5 * 3) * B  # readout: 3 classes from 4 units

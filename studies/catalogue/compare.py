@@ -29,6 +29,7 @@ from studies.catalogue.ep import EP_RULE, EP_TRAIN_SCHEMA, train_classifier, tra
 from studies.config import Field, Range
 from studies.runs import Result, Task, discard
 from substrate import cost
+from substrate.counts import total
 
 # the rules compared: EP's estimators that train (not the exact one, which ``implicit`` is, nor the
 # negative-sided one, one-sided EP mirrored) and the exact-gradient methods
@@ -53,10 +54,14 @@ def rule_of(config):
     return make_rule(name, **{k: v for k, v in config["options"].items() if k in fields})
 
 
-def training_costs(counts, hardware) -> dict:
-    """``energy_per_sample`` (J) and ``latency_per_sample`` (s) per training sample, and ``memory_bytes``,
-    of the counts of a training on ``hardware``."""
-    report = cost.estimate(counts, hardware, per_sample=True)
+def training_costs(history, hardware) -> dict:
+    """``energy_per_sample`` (J) and ``latency_per_sample`` (s) per training sample, and ``memory_bytes``
+    (the peak of digital memory), of every epoch's counts (``History.epoch_counts``: the rule's steps,
+    the optimiser, the writes) priced on ``hardware``; NaN where an epoch was not counted or none ran."""
+    epochs = history.epoch_counts()[1:]
+    if not epochs or any(c is None for c in epochs):
+        return dict.fromkeys(COSTS, float("nan"))
+    report = cost.estimate(total(epochs), hardware, per_sample=True)
     return {"energy_per_sample": report.energy, "latency_per_sample": report.latency,
             "memory_bytes": report.memory_bytes}
 
@@ -65,8 +70,7 @@ def run_compare(config: dict, seed: int, save_partial=discard) -> Result:
     """Train the config's classifier with its rule: the metrics per epoch and what the training cost."""
     _, _, history = train_classifier(config, seed, save_partial, rule=rule_of(config))
     result = training_result(history)
-    counts = getattr(history, "counts", None)
-    result.scalars.update(training_costs(counts, config["hardware"]) if counts else dict.fromkeys(COSTS, float("nan")))
+    result.scalars.update(training_costs(history, config["hardware"]))
     return result
 
 
