@@ -140,6 +140,7 @@ class ThroughTime(AdjointRule):
     from u0 = 0, for as many steps as the free phase took (:meth:`span`)."""
 
     def strategy(self):
+        """The ``substrate.adjoint`` method that differentiates the steps."""
         raise NotImplementedError
 
     def span(self, net, x, relaxation, free):
@@ -170,6 +171,7 @@ class DiscreteAdjointRule(ThroughTime):
             count(self.checkpoints, "DiscreteAdjointRule(checkpoints)")
 
     def strategy(self):
+        """``substrate.DiscreteAdjoint`` with this rule's checkpoints."""
         return DiscreteAdjoint(self.checkpoints)
 
 
@@ -186,6 +188,7 @@ class TruncatedAdjointRule(ThroughTime):
         count(self.window, "TruncatedAdjointRule(window)")
 
     def strategy(self):
+        """``substrate.DiscreteAdjoint``, every state of the window stored."""
         return DiscreteAdjoint()
 
     def span(self, net, x, relaxation, free):
@@ -212,6 +215,7 @@ class ContinuousAdjointRule(ThroughTime):
         choice(self.backward, "ContinuousAdjointRule(backward)", ("exp_euler", "etd2rk"))
 
     def strategy(self):
+        """``substrate.ContinuousAdjoint`` with this rule's backward integrator and substeps."""
         return ContinuousAdjoint(backward=self.backward, substeps=self.substeps)
 
 
