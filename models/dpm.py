@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from substrate import persist
+from substrate import Counts, persist
 from substrate.errors import DivergenceError, SubstrateValueError
 from substrate.validate import count, fraction, number, positive
 
@@ -622,6 +622,44 @@ def adjoint(model, schedule: VPSchedule, x_T, c, times, loss_grad, solver: str =
     state = _integrate(frame, times.flip(0), augmented, state, solver)
     dx_T = _vjp(lambda x: frame.state(x, times[0]), x_T, state[1])
     return x_0, L, dx_T, state[2], dict(zip(names, state[3:]))
+
+
+# the stages of the augmented state a solver holds at once (rk4: the state and its four slopes)
+_STAGES_HELD = {"euler": 2, "midpoint": 3, "rk4": 5, "ms2": 3, "ms3": 4, "dpm1": 2, "dpm2": 3}
+
+
+def gradient_counts(model: NoisePredictor, batch: int, solver: str, steps: int) -> dict:
+    """What a gradient of a loss of ``batch`` samples through ``steps`` steps of ``solver`` costs (a
+    :class:`substrate.Counts` each, docs/equations.md, section 9), by :func:`adjoint` and by
+    backpropagation through the solver's steps, counted from the network's layers and the solver's
+    evaluations (:func:`evaluations`). Both run the forward sample (one network evaluation: a
+    multiply-add per weight of its linear layers and sample, in ``macs``; the Gaussian skip's two
+    dim x dim products). Backpropagation then takes one vector-Jacobian product per evaluation (two
+    multiply-adds per weight: the input's and the weights' cotangents, in ``flops``) and holds every
+    evaluation's activations (each linear layer's output before and after its SiLU) and every step's
+    state; the adjoint re-evaluates the network backwards (its ``macs`` twice) with a
+    vector-Jacobian product each, and holds the augmented state [s, a_s, a_c, a_theta] in the
+    solver's stages and one evaluation's activations, whatever the number of steps."""
+    if not isinstance(model, NoisePredictor):
+        raise SubstrateValueError(f"model must be a NoisePredictor, got {type(model).__name__}")
+    count(batch, "batch"), count(steps, "steps", maximum=_MAX_STEPS)
+    if not isinstance(solver, str) or solver not in _STAGES_HELD:
+        raise SubstrateValueError(f"solver={solver!r}; allowed: {', '.join(_STAGES_HELD)}")
+    linear = [m for m in model.net if isinstance(m, nn.Linear)]
+    weights = sum(m.weight.numel() for m in linear) + (2 * model.dim ** 2 if model.gaussian_skip else 0)
+    acts = sum(2 * m.out_features for m in linear[:-1]) + linear[-1].out_features + linear[0].in_features
+    params = sum(p.numel() for p in model.parameters())
+    evals = evaluations(solver, steps)
+    forward = Counts(samples=batch, phases=1, steps=steps, nfev=evals, macs=evals * weights * batch,
+                     memory=2 * model.dim * batch, traffic=2 * model.dim * batch)
+    held = evals * acts * batch + (steps + 1) * model.dim * batch + params
+    backprop = forward.replace(flops=evals * 4 * weights * batch, memory=held, traffic=forward.traffic + 2 * held)
+    augmented = 2 * model.dim * batch + model.table.embedding_dim * batch + params
+    held = _STAGES_HELD[solver] * augmented + acts * batch
+    adjoint_ = forward.replace(phases=2, nfev=2 * evals, macs=2 * evals * weights * batch,
+                               flops=evals * 4 * weights * batch, memory=held,
+                               traffic=forward.traffic + 2 * evals * held)
+    return {"adjoint": adjoint_, "backprop": backprop}
 
 
 def customise(model, schedule: VPSchedule, x_T, c, times, loss_grad, *, what: str, steps: int, lr: float = 0.05,

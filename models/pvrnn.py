@@ -43,7 +43,7 @@ from types import SimpleNamespace
 import numpy as np
 from tqdm.auto import tqdm
 
-from substrate import persist
+from substrate import Counts, persist
 from substrate.devices import Device, ReadNoise, TauMismatch, stream
 from substrate.errors import DivergenceError, SubstrateValueError
 from substrate.validate import as_real, choice, count, finite_array, flag, nonnegative, positive
@@ -757,6 +757,38 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
         if t + 1 < T:
             out["prediction_error"][t] = float(np.sum((pred[0] - x[t + 1]) ** 2))
     return out
+
+
+def window_counts(model: PVRNN, er: ErrorRegression, steps: int) -> Counts:
+    """What one step of error regression over a window of ``steps`` data steps does on the hardware (a
+    :class:`substrate.Counts`, docs/equations.md, section 9), counted from the model's shapes and
+    ``er``'s fixed schedule: ``er.iterations`` passes with their backward, 2 ``er.draws`` passes for
+    the free energy before and after, the posterior-mean pass and the ``er.horizon`` predicted steps.
+    A pass runs the weights on the circuit: per data step ``substeps`` x (W_dd, W_zd, W_td) and once
+    (W_mu, W_sig, the posterior's weights if any, the output), for one data step of circuit time; the
+    latents z go in through DACs, x_hat out through ADCs. The backward pass is digital: a multiply-add
+    per weight product (the gradient of A only, the weights frozen) and Adam on the window's A (14
+    FLOPs an entry, its two moments held). Memory, by ``er.credit``: the window's states after every
+    substep ("exact", "continuous"), or those of one chunk of ``truncation`` data steps
+    ("truncated"), plus A and Adam's moments."""
+    _count(steps, "steps", minimum=1)
+    if not isinstance(er, ErrorRegression):
+        raise SubstrateValueError(f"er must be an ErrorRegression, got {type(er).__name__}")
+    p, m, L = model.params, model.substeps, len(model.layers)
+    per_substep = sum(p[f"l{i}.{k}"].size for i in range(L) for k in ("W_dd", "W_zd", "W_td") if f"l{i}.{k}" in p)
+    per_step = p["out.W"].size + sum(p[f"l{i}.{k}"].size for i in range(L)
+                                     for k in ("W_mu", "W_sig", "Wq_mu", "Wq_sig") if f"l{i}.{k}" in p)
+    N, Z, D = (sum(x.units for x in model.layers), sum(x.latents for x in model.layers), model.outputs)
+    passes = er.iterations + 2 * er.draws + 1
+    data_steps = passes * steps + er.horizon
+    kept = steps if er.credit != "truncated" else min(er.truncation, steps)
+    a = 2 * steps * Z  # A: mu and sigma of every latent at every step of the window
+    held = kept * (m * N + 6 * Z + D) + 3 * a
+    return Counts(samples=1, phases=passes + 1, steps=data_steps * m, nfev=data_steps * m,
+                  settle_time=float(data_steps), macs=data_steps * (m * per_substep + per_step),
+                  dac=data_steps * Z, adc=data_steps * D,
+                  flops=er.iterations * (2 * steps * (m * per_substep + per_step) + 14 * a),
+                  memory=held, traffic=er.iterations * 2 * held)
 
 
 def _window_step(model, xw, A, eps, start, er, read):

@@ -314,3 +314,47 @@ def test_ep_training_counts_its_phases(digits_tiny):
     assert c.macs == 6 * 64 * 8 * 32
     assert c.adc == 6 * 8 * 32 and c.dac == 6 * 64 * 32 + 2 * 10 * 32  # the states; the inputs, the targets
     assert c.pulses == 2 * 64 * 8
+
+
+# ------------------------------------------------------------------------------------ error regression
+def test_error_regression_counts_by_hand():
+    from models import pvrnn
+
+    model = pvrnn.PVRNN([{"units": 6, "latents": 2, "tau": 2.0}, {"units": 4, "latents": 1, "tau": 4.0}], 3,
+                        np.random.default_rng(0), substeps=2)
+    er = pvrnn.ErrorRegression(window=5, iterations=10, draws=2, horizon=3)
+    c = pvrnn.window_counts(model, er, 5)
+    # per substep: W_dd 6x6 + 4x4, W_zd 6x2 + 4x1, W_td 6x4; per data step: W_mu, W_sig 2x6 + 1x4 each, out 3x6
+    substep, step = 36 + 16 + 12 + 4 + 24, 2 * (12 + 4) + 18
+    data_steps = (10 + 2 * 2 + 1) * 5 + 3  # 10 iterations, F before and after over 2 draws, the means, 3 predicted
+    assert c.macs == data_steps * (2 * substep + step) and c.settle_time == data_steps
+    assert c.dac == data_steps * 3 and c.adc == data_steps * 3  # 3 latents in, 3 outputs read
+    assert c.flops == 10 * (2 * 5 * (2 * substep + step) + 14 * 2 * 5 * 3)
+    exact = c.memory
+    truncated = pvrnn.window_counts(model, dataclasses.replace(er, credit="truncated", truncation=2), 5)
+    assert exact - truncated.memory == (5 - 2) * (2 * 10 + 6 * 3 + 3)  # fewer states held per chunk
+    assert truncated.macs == c.macs
+    with pytest.raises(s.SubstrateValueError, match="er must be"):
+        pvrnn.window_counts(model, "er", 5)
+
+
+# ------------------------------------------------------------------------------------ diffusion
+def test_dpm_adjoint_against_backprop_in_memory():
+    torch = pytest.importorskip("torch")
+    from models import dpm
+
+    model = dpm.NoisePredictor(3, classes=2, hidden=5, depth=2, embed=2, frequencies=1,
+                               generator=torch.Generator().manual_seed(0))
+    # linear layers 8->5, 5->5, 5->3 (inputs: x 3, time features 1 + 2, embedding 2) and the skip's two
+    # 3x3 products; activations: two hidden layers before and after SiLU, the output, the inputs
+    weights, acts = 40 + 25 + 15 + 18, 2 * 5 + 2 * 5 + 3 + 8
+    params = sum(p.numel() for p in model.parameters())
+    short, long = (dpm.gradient_counts(model, 4, "rk4", k) for k in (10, 20))
+    for c, evals in ((short, 40), (long, 80)):
+        assert c["backprop"].macs == evals * weights * 4 and c["adjoint"].macs == 2 * evals * weights * 4
+        assert c["backprop"].flops == c["adjoint"].flops == evals * 4 * weights * 4
+    # backprop holds every evaluation's activations and every step's state; the adjoint does not grow
+    assert long["backprop"].memory - short["backprop"].memory == 40 * acts * 4 + 10 * 3 * 4
+    assert long["adjoint"].memory == short["adjoint"].memory == 5 * (2 * 3 * 4 + 2 * 4 + params) + acts * 4
+    with pytest.raises(s.SubstrateValueError, match="solver"):
+        dpm.gradient_counts(model, 4, "heun", 10)
