@@ -33,10 +33,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import results  # noqa: E402
+import results
 
-from models.data import probabilistic_sequences  # noqa: E402
-from models.pvrnn import PVRNN, PVLayer, train  # noqa: E402
+from models.data import probabilistic_sequences
+from models.pvrnn import PVRNN, PVLayer, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,7 +91,7 @@ def compile_times():
         for label in ("cold", "warm"):
             t0 = time.perf_counter()
             proc = subprocess.run([sys.executable, "-c", _COMPILE_CHILD], env=env, cwd=work, capture_output=True,
-                                  text=True)
+                                  text=True, check=False)
             if proc.returncode != 0:
                 print(f"compile-time run ({label}) failed:\n{proc.stderr.strip()}")
                 return rows
