@@ -11,11 +11,13 @@ Layers l = 0 (bottom) .. L-1 (top); at every data step t = 0..T-1 the layers upd
 (the Euler step with dt = 1 of tau dh/dt = -h + ..., the published model; h_{-1} = 0, d_{-1} = 0; the
 top layer has no top-down term). The free energy of a sequence (the negative lower bound) is
 
-    F = sum_t 0.5 ||x_t - x_hat_t||^2 / D_x + sum_l sum_t w_l(t) KL^l_t / Z_l,
+    F = sum_t 0.5 ||x_t - x_hat_t||^2 / D_x + sum_l sum_t w_l(t) KL^l_t / Z_l,   (``normalisation="gaussian"``)
     KL = sum_j log(sigma^p_j/sigma^q_j) + ((mu^p_j - mu^q_j)^2 + (sigma^q_j)^2) / (2 (sigma^p_j)^2) - 1/2,
 
 with w_l(0) = ``w_first`` and w_l(t > 0) = ``w`` (the first-step weight applies to the first step
-only), summed over the sequences of a batch. Its gradient with respect to the weights and every
+only), summed over the sequences of a batch. ``normalisation`` (:data:`NORMALISATIONS`) sets the
+factor of the squared error and the divisions by D_x and Z_l: under Adam only the ratio of the two
+terms matters, so a factor 2 on the reconstruction acts as w / 2. Its gradient with respect to the weights and every
 sequence's A is the exact discrete adjoint of these steps (backpropagation through time written out
 in :meth:`PVRNN.free_energy`; the top-down gradient carries its 1/tau), checked against torch autograd
 in tests/test_pvrnn.py.
@@ -50,6 +52,16 @@ from substrate.validate import as_real, choice, count, finite_array, flag, nonne
 
 from . import _pvrnn_kernels as K
 from .train import Adam
+
+
+# How F weighs the reconstruction against the KL: name -> (factor c of the summed squared error,
+# divide it by D_x, divide each layer's KL by Z_l). Dividing both terms by the steps or sequences
+# would leave their ratio, hence Adam's path, unchanged (up to its epsilon), so no option does.
+NORMALISATIONS = {
+    "gaussian": (0.5, True, True),  # -log N(x; x_hat, I) per output and KL per latent (this model's default)
+    "squared": (1.0, True, True),  # squared error per output, KL per latent: the Tani lab's public PV-RNN code
+    "sum": (0.5, False, False),  # the plain negative ELBO of a unit-variance Gaussian: no divisions
+}
 
 
 @dataclass(frozen=True)
@@ -110,10 +122,11 @@ class PVRNN:
 
     ``posterior_weights``: the posterior adds W d_{t-1} inside, as some public codes do:
     mu^q = tanh(A^mu_t + W^q_mu d_{t-1}), log sigma^q = A^sig_t + W^q_sig d_{t-1} (weights
-    ``l{i}.Wq_mu``, ``l{i}.Wq_sig``, drawn after all the others; d_{-1} = 0 at a sequence's start)."""
+    ``l{i}.Wq_mu``, ``l{i}.Wq_sig``, drawn after all the others; d_{-1} = 0 at a sequence's start).
+    ``normalisation``: how F weighs the reconstruction against the KL (:data:`NORMALISATIONS`)."""
 
     def __init__(self, layers, outputs: int, rng: np.random.Generator, substeps: int = 1,
-                 method: str = "euler", posterior_weights: bool = False):
+                 method: str = "euler", posterior_weights: bool = False, normalisation: str = "gaussian"):
         try:
             self.layers = [PVLayer(**x) if isinstance(x, dict) else x for x in layers]
         except TypeError:  # not iterable, or a dict with other keys
@@ -126,6 +139,8 @@ class PVRNN:
         self.outputs = int(outputs)
         count(substeps, "substeps")
         choice(method, "method", ("euler", "exp_euler"))
+        choice(normalisation, "normalisation", tuple(NORMALISATIONS))
+        self.normalisation = normalisation
         flag(posterior_weights, "posterior_weights")
         N, Z = sum(x.units for x in self.layers), sum(x.latents for x in self.layers)
         _fits("the weights (of units, latents and outputs)", N * N + 4 * N * Z + outputs * N)
@@ -238,20 +253,26 @@ class PVRNN:
                 if ds is not None:
                     ds[i][:, t * n + k] = d[i]
 
+    def loss_scales(self):
+        """(c, divisor of the squared error, KL divisor per layer) of :data:`NORMALISATIONS`: the
+        reconstruction term is c sum ||x - x_hat||^2 / divisor and layer l's KL term w KL / divisor_l."""
+        c, per_output, per_latent = NORMALISATIONS[self.normalisation]
+        return c, (self.outputs if per_output else 1), [x.latents if per_latent else 1 for x in self.layers]
+
     def _weights(self, i, T, first, meta_prior=None):
-        """w_l(t) / Z_l over T steps: w_first at a sequence's first step only (``meta_prior``
-        overrides w, e.g. for error regression)."""
+        """w_l(t) / Z_l over T steps (the KL divisor of :meth:`loss_scales`): w_first at a sequence's
+        first step only (``meta_prior`` overrides w, e.g. for error regression)."""
         x = self.layers[i]
         w = np.full(T, x.w if meta_prior is None else meta_prior[i])
         if first:
             w[0] = x.w_first
-        return w / x.latents
+        return w / self.loss_scales()[2][i]
 
     def free_energy(self, x, A: dict, eps: list, gradient: bool = True, start: State | None = None,
                     meta_prior=None, weights: bool = True, credit: str = "exact", truncation: int | None = None,
                     read=None):
         """(F, parts, dF/dparams, dF/dA) for sequences x (B, T, D_x), adaptive vectors A and noise eps.
-        parts: {"reconstruction": sum_t Rec_t / D_x, "kl": [per layer sum_t w(t) KL_t / Z]} summed over
+        parts: {"reconstruction": c sum_t Rec_t / D_x, "kl": [per layer sum_t w(t) KL_t / Z]} summed over
         the batch; F = reconstruction + sum(kl). With ``gradient=False`` the two gradients are None.
         ``start``: the state the sequences continue from (a window of error regression; frozen);
         ``meta_prior``: w per layer instead of the layers' own; ``weights=False``: dF/dparams is None
@@ -279,7 +300,8 @@ class PVRNN:
         _check_credit(credit, truncation)
         run = self.run(A, eps, start, read)
         err = run.x_hat - x
-        rec = 0.5 * float(np.sum(err * err)) / D
+        c, divisor, _ = self.loss_scales()
+        rec = c * float(np.sum(err * err)) / divisor
         kls, terms = [], []
         for i in range(len(self.layers)):
             sp2 = np.exp(2 * run.logs_p[i])
@@ -293,7 +315,7 @@ class PVRNN:
         parts = {"reconstruction": rec, "kl": kls, "pass": run}
         if not gradient:
             return F, parts, None, None
-        gp, gA = self._backward(x, run, err / D, terms, weights, credit, truncation)
+        gp, gA = self._backward(x, run, (2 * c) * err / divisor, terms, weights, credit, truncation)
         return F, parts, gp, gA
 
     # ---------------------------------------------------------------- backward (BPTT)
@@ -468,8 +490,9 @@ class PVRNN:
                cat([p[f"l{i}.b_mu"] for i in range(L)]), cat([p[f"l{i}.b_sig"] for i in range(L)]),
                np.ascontiguousarray(p["out.W"]), p["out.b"].copy(), self.substeps, wq_mu, wq_sig)
         w = [x.w for x in self.layers] if meta_prior is None else meta_prior
-        weight = per([v / x.latents for v, x in zip(w, self.layers)], latents)
-        weight_first = per([x.w_first / x.latents for x in self.layers], latents)
+        kl_divisor = self.loss_scales()[2]
+        weight = per([v / z for v, z in zip(w, kl_divisor)], latents)
+        weight_first = per([x.w_first / z for x, z in zip(self.layers, kl_divisor)], latents)
         return net, weight, weight_first
 
     def prior_adaptive(self, state: State, read=None) -> dict:
@@ -525,7 +548,7 @@ def _leak(tau: float, step: float, method: str) -> tuple:
 def _write_pvrnn(group, model: PVRNN):
     persist.write_config(group, {"layers": [dataclasses.asdict(x) for x in model.layers], "outputs": model.outputs,
                                  "substeps": model.substeps, "method": model.method,
-                                 "posterior_weights": model.posterior_weights})
+                                 "posterior_weights": model.posterior_weights, "normalisation": model.normalisation})
     persist.write_arrays(group, "params", model.params)
 
 
@@ -707,7 +730,8 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
     of the final posterior-mean pass). ``circuit``: the network runs on a device (every pass,
     prediction included, reads it; the same reads before and after for the F traces). ``compiled``:
     the iterations run in ``models._pvrnn_kernels`` (same equations and noise draws as the NumPy
-    path, ``compiled=False``, which is the reference) when the credit is exact and there is no device."""
+    path, ``compiled=False``, which is the reference) when the credit is exact, there is no device and
+    the normalisation is "gaussian"."""
     x = finite_array(x, "x", 2)
     if x.shape[1] != model.outputs or not len(x):
         raise SubstrateValueError(f"x has shape {x.shape}; expected (steps, {model.outputs})")
@@ -725,7 +749,8 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
            "free_energy_before": np.empty(T), "free_energy_after": np.empty(T), "kl": np.empty((T, L)),
            "sigma_q": np.empty((T, L))}
     out.update({f"mu_q.l{i}": np.empty((T, x_.latents)) for i, x_ in enumerate(model.layers)})
-    if compiled and er.credit == "exact" and circuit is None:
+    # the kernels hold the default normalisation's reconstruction term
+    if compiled and er.credit == "exact" and circuit is None and model.normalisation == "gaussian":
         window_step, read = _CompiledWindow(model, er.meta_prior), model.nominal
     else:
         window_step, read = _window_step, (circuit.read if circuit is not None else model.nominal)
