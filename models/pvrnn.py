@@ -784,6 +784,21 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
     return out
 
 
+def horizon_errors(out: dict, x, start: int) -> np.ndarray:
+    """The prediction error of error regression k = 1..horizon steps ahead, (horizon,): from ``out`` of
+    :func:`error_regression` over x (T, D_x), the mean over the steps t >= ``start`` (e.g. the window
+    full) for which x_{t+k} exists of ||prediction made at t for x_{t+k} - x_{t+k}||^2 (NaN where no
+    step has it); k = 1 is the mean of ``out["prediction_error"][start:-1]``."""
+    pred = out["prediction"]
+    T, H, _ = pred.shape
+    x = finite_array(x, "x", 2, (T, pred.shape[2]))
+    _count(start, "start", minimum=0)
+    errors = np.full(H, np.nan)
+    for k in range(1, min(H, T - 1 - start) + 1):
+        errors[k - 1] = float(np.mean(np.sum((pred[start:T - k, k - 1] - x[start + k:]) ** 2, axis=-1)))
+    return errors
+
+
 def _window_step(model, xw, A, eps, start, er, read):
     """The iterations of one ER step on window xw (1, n, D) with the NumPy free energy: {"A" after
     them, "free_energy_before"/"_after", "kl" of the last iteration, "after_first" state of the last

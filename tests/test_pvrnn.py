@@ -137,6 +137,28 @@ def test_loss_normalisations_against_torch_autograd(normalisation):
     assert parts["kl"] == pytest.approx([r * k for r, k in zip(kl_ratio, base["kl"])], rel=1e-12)
 
 
+def test_a_normalisation_is_a_rescaled_meta_prior():
+    """Why the normalisation alone cannot make or unmake a U-shape over w: F under "squared" with
+    (w, w_first) is 2 F under "gaussian" with (w / 2, w_first / 2), and F under "sum" is D_x F under
+    "gaussian" with w_l Z_l / D_x per layer, gradients alike (rel 1e-12), and Adam ignores a constant
+    factor of the loss (up to its epsilon): each choice moves the curve along w, per layer."""
+    import dataclasses
+
+    def scaled(normalisation, factor):  # factor(layer) multiplies w and w_first
+        net, x, A, eps = model(6, normalisation=normalisation, outputs=3)
+        net.layers = [dataclasses.replace(lay, w=lay.w * factor(lay), w_first=lay.w_first * factor(lay))
+                      for lay in net.layers]
+        return net.free_energy(x, A, eps)
+
+    base = scaled("gaussian", lambda lay: 1.0)
+    for name, factor, ratio in (("squared", lambda lay: 2.0, 2.0), ("sum", lambda lay: 3.0 / lay.latents, 3.0)):
+        F, _, gp, gA = scaled(name, factor)
+        assert F == pytest.approx(ratio * base[0], rel=1e-12)
+        for got, want in ((gp, base[2]), (gA, base[3])):
+            for k in want:
+                assert rel(got[k], ratio * want[k]) <= 1e-12, (name, k)
+
+
 @pytest.mark.parametrize("posterior_weights", [False, True])
 def test_window_gradient_from_a_carried_state_against_torch(posterior_weights):
     """A window that continues a sequence (error regression): from a carried state, the prior at its
@@ -286,6 +308,27 @@ def test_error_regression_infers_and_predicts_held_out_sequences():
         ErrorRegression(newest="last")
     with pytest.raises(SubstrateValueError, match="draws"):
         ErrorRegression(iterations=4, draws=5)
+
+
+def test_horizon_errors_read_the_k_step_predictions():
+    """horizon_errors: k = 1 is the mean of the one-step error trace (an ER run, horizon 4, predictions
+    from the prior's means), every k the error of predictions written by hand at a known offset
+    (prediction for x_{t+k} = x_{t+k} + k: error D k^2), NaN beyond the data."""
+    from models.pvrnn import ErrorRegression, error_regression, horizon_errors
+
+    net, x, _, _ = model(5)
+    seq = x[0]
+    out = error_regression(net, seq, ErrorRegression(window=2, iterations=3, horizon=4, sample=False),
+                           np.random.default_rng(0))
+    errors = horizon_errors(out, seq, 2)
+    assert errors[0] == pytest.approx(np.mean(out["prediction_error"][2:-1]), rel=1e-14)
+    assert np.all(np.isfinite(errors[:3])) and np.isnan(errors[3])  # from t = 2 of 6 steps, 3 ahead at most
+    T, D = seq.shape
+    by_hand = np.full((T, 4, D), np.nan)
+    for t in range(T):
+        for k in range(1, min(4, T - 1 - t) + 1):
+            by_hand[t, k - 1] = seq[t + k] + k
+    np.testing.assert_allclose(horizon_errors({"prediction": by_hand}, seq, 1), [2.0, 8.0, 18.0, 32.0], rtol=1e-14)
 
 
 def test_substeps_converge_to_the_continuous_time_circuit():
