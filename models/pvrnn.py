@@ -31,7 +31,8 @@ adjoint of that circuit. Options: W d inside the posterior (``posterior_weights`
 device (:class:`DeviceCircuit`: time-constant mismatch, read noise).
 
 :func:`error_regression` infers the latents of a test sequence online (sliding window); its exact
-step runs compiled (``models/_pvrnn_kernels.py``, ~1 ms for the issue's benchmark problem).
+step runs compiled (``models/_pvrnn_kernels.py``, ~1 ms for the issue's benchmark problem), and so
+does :func:`train` with ``compiled=True`` (whole epochs of forward, exact adjoint and Adam per call).
 """
 
 from __future__ import annotations
@@ -459,41 +460,66 @@ class PVRNN:
             out[f"l{i}.sig"] = state.d[i] @ p[f"l{i}.W_sig"].T + p[f"l{i}.b_sig"]
         return out
 
-    def packed(self, meta_prior=None):
+    def packed(self, meta_prior=None, extra: int = 0):
         """The network in the layout of ``models._pvrnn_kernels`` (one vector of units and one of
-        latents, bottom layer first) and the KL weights per latent: (net, weight, weight_first)."""
-        p, L = self.params, len(self.layers)
+        latents, bottom layer first), the loss's scalars and the vector its trainable arrays are views
+        of: (net, loss, theta). ``theta`` has ``extra`` more numbers at its end (zeros; training keeps
+        A there, so that one Adam step covers all). ``loss`` = (rec_scale, weight, weight_first): 2 c / D_x
+        and the KL weights w_l / Z_l per latent (:meth:`loss_scales`; 1 / D_x and w_l / Z_l by default)."""
+        theta = np.zeros(self._trainable_size() + extra)
+        w_rec, w_zd, b, w_mu, w_sig, b_mu, b_sig, w_out, b_out, wq_mu, wq_sig = self.trainable_views(theta)
         uoff = np.cumsum([0] + [x.units for x in self.layers])
         zoff = np.cumsum([0] + [x.latents for x in self.layers])
-        N, Z = int(uoff[-1]), int(zoff[-1])
-        w_rec, w_zd = np.zeros((N, N)), np.zeros((N, Z))
-        w_mu, w_sig = np.zeros((Z, N)), np.zeros((Z, N))
-        q = Z if self.posterior_weights else 0
-        wq_mu, wq_sig = np.zeros((q, N)), np.zeros((q, N))
-        for i in range(L):
-            u, v = slice(uoff[i], uoff[i + 1]), slice(zoff[i], zoff[i + 1])
-            w_rec[u, u], w_zd[u, v] = p[f"l{i}.W_dd"], p[f"l{i}.W_zd"]
-            if i + 1 < L:
-                w_rec[u, uoff[i + 1]:uoff[i + 2]] = p[f"l{i}.W_td"]
-            w_mu[v, u], w_sig[v, u] = p[f"l{i}.W_mu"], p[f"l{i}.W_sig"]
-            if q:
-                wq_mu[v, u], wq_sig[v, u] = p[f"l{i}.Wq_mu"], p[f"l{i}.Wq_sig"]
+        units, latents = [x.units for x in self.layers], [x.latents for x in self.layers]
 
         def per(values, sizes):
             return np.concatenate([np.full(k, float(v)) for v, k in zip(values, sizes)])
 
-        units, latents = [x.units for x in self.layers], [x.latents for x in self.layers]
-        cat = np.concatenate
         # unsigned offsets: numba then knows an index is not negative and the loops vectorise (8x here)
-        net = (uoff.astype(np.uint64), zoff.astype(np.uint64), w_rec, w_zd, cat([p[f"l{i}.b"] for i in range(L)]),
-               per([a for a, _ in self._leak], units), per([b for _, b in self._leak], units), w_mu, w_sig,
-               cat([p[f"l{i}.b_mu"] for i in range(L)]), cat([p[f"l{i}.b_sig"] for i in range(L)]),
-               np.ascontiguousarray(p["out.W"]), p["out.b"].copy(), self.substeps, wq_mu, wq_sig)
+        net = (uoff.astype(np.uint64), zoff.astype(np.uint64), w_rec, w_zd, b, per([a for a, _ in self._leak], units),
+               per([beta for _, beta in self._leak], units), w_mu, w_sig, b_mu, b_sig, w_out, b_out, self.substeps, wq_mu,
+               wq_sig)
+        for name, array, index in self._blocks(net):
+            array[index] = self.params[name]
         w = [x.w for x in self.layers] if meta_prior is None else meta_prior
-        kl_divisor = self.loss_scales()[2]
+        c, divisor, kl_divisor = self.loss_scales()
         weight = per([v / z for v, z in zip(w, kl_divisor)], latents)
         weight_first = per([x.w_first / z for x, z in zip(self.layers, kl_divisor)], latents)
-        return net, weight, weight_first
+        return net, ((2 * c) / divisor, weight, weight_first), theta
+
+    def _trainable_shapes(self):
+        N, Z = sum(x.units for x in self.layers), sum(x.latents for x in self.layers)
+        q, D = (Z if self.posterior_weights else 0), self.outputs
+        return [(N, N), (N, Z), (N,), (Z, N), (Z, N), (Z,), (Z,), (D, self.layers[0].units), (D,), (q, N), (q, N)]
+
+    def _trainable_size(self):
+        return sum(math.prod(s) for s in self._trainable_shapes())
+
+    def trainable_views(self, vector):
+        """The packed trainable arrays (W_rec, W_zd, b, W_mu, W_sig, b_mu, b_sig, W_out, b_out, Wq_mu,
+        Wq_sig; ``models._pvrnn_kernels``) as views of the start of ``vector``."""
+        out, a = [], 0
+        for shape in self._trainable_shapes():
+            k = math.prod(shape)
+            out.append(vector[a:a + k].reshape(shape))
+            a += k
+        return out
+
+    def _blocks(self, net):
+        """(name, packed array, index) of every parameter inside the packed ``net``: W_rec holds
+        W_dd on its diagonal blocks and W_td beside them; W_zd, W_mu, W_sig (and W_q) are block diagonal."""
+        uoff, zoff, w_rec, w_zd, b, _, _, w_mu, w_sig, b_mu, b_sig, w_out, b_out, _, wq_mu, wq_sig = net
+        out = [("out.W", w_out, ...), ("out.b", b_out, ...)]
+        for i in range(len(self.layers)):
+            u, v = slice(uoff[i], uoff[i + 1]), slice(zoff[i], zoff[i + 1])
+            out += [(f"l{i}.W_dd", w_rec, (u, u)), (f"l{i}.W_zd", w_zd, (u, v)), (f"l{i}.b", b, u),
+                    (f"l{i}.W_mu", w_mu, (v, u)), (f"l{i}.W_sig", w_sig, (v, u)), (f"l{i}.b_mu", b_mu, v),
+                    (f"l{i}.b_sig", b_sig, v)]
+            if i + 1 < len(self.layers):
+                out.append((f"l{i}.W_td", w_rec, (u, slice(uoff[i + 1], uoff[i + 2]))))
+            if self.posterior_weights:
+                out += [(f"l{i}.Wq_mu", wq_mu, (v, u)), (f"l{i}.Wq_sig", wq_sig, (v, u))]
+        return out
 
     def prior_adaptive(self, state: State, read=None) -> dict:
         """The A of the step after ``state`` whose posterior is that step's prior: A^mu = arctanh(mu^p)
@@ -632,31 +658,102 @@ CREDIT = ("exact", "truncated", "continuous")
 
 
 def train(model: PVRNN, x, *, epochs: int, rng: np.random.Generator, lr: float = 1e-3, A: dict | None = None,
-          progress: bool = True, on_epoch=None):
+          progress: bool = True, on_epoch=None, compiled: bool = False):
     """Weights and every sequence's A by Adam on the free energy of sequences x (B, T, D_x), fresh
     noise each epoch (one pass of the whole set per epoch). Returns (A, history) with per-epoch
     arrays "free_energy", "reconstruction" and "kl" (epochs, layers); ``on_epoch(history so far)``
-    after every epoch (e.g. to save partial results)."""
+    after every epoch (e.g. to save partial results).
+
+    ``compiled``: the epochs run in ``models._pvrnn_kernels`` (forward, exact adjoint and Adam, a
+    chunk of epochs per call), every option of the model included (substeps, exp_euler,
+    posterior_weights, w_first); the same equations, Adam and noise draws (the same generator calls,
+    made ahead for each chunk) as the NumPy path (``compiled=False``, the reference), so the weights
+    agree to rounding. There ``on_epoch`` runs after each chunk, once for each of its epochs; and
+    after a divergence ``rng`` has drawn the rest of its chunk's noise."""
     x = finite_array(x, "x", 3)
     B, T, _ = x.shape
     _count(epochs, "epochs", minimum=0), _generator(rng)
+    flag(compiled, "compiled")
     A = model.adaptive_vectors(B, T) if A is None else model.check_adaptive(A, B, T)
     opt = Adam(lr)
     hist = {"free_energy": [], "reconstruction": [], "kl": []}
+    if compiled:
+        return _train_compiled(model, x, epochs, rng, opt, A, progress, on_epoch, hist)
     for epoch in tqdm(range(epochs), desc="PV-RNN", disable=not progress):
         with np.errstate(over="ignore", invalid="ignore"):  # a divergence is reported below, once
             F, parts, gp, gA = model.free_energy(x, A, model.noise(B, T, rng))
             opt.step(model.params, gp)
             opt.step(A, gA)
         if not (math.isfinite(F) and all(np.all(np.isfinite(v)) for d in (model.params, A) for v in d.values())):
-            raise DivergenceError(f"PV-RNN training diverged at epoch {epoch + 1} of {epochs} (free energy {F}, "
-                                  f"weights or A not finite): lower lr={lr!r}")
+            raise _diverged(epoch, epochs, F, opt.lr)
         hist["free_energy"].append(F)
         hist["reconstruction"].append(parts["reconstruction"])
         hist["kl"].append(parts["kl"])
         if on_epoch is not None:
             on_epoch({k: np.asarray(v) for k, v in hist.items()})
     return A, {k: np.asarray(v) for k, v in hist.items()}
+
+
+def _diverged(epoch, epochs, F, lr):
+    return DivergenceError(f"PV-RNN training diverged at epoch {epoch + 1} of {epochs} (free energy {F}, "
+                           f"weights or A not finite): lower lr={lr!r}")
+
+
+# the noise of the epochs of one kernel call: at most this many numbers (8 MB)
+_CHUNK_NUMBERS = 2 ** 20
+
+
+def _train_compiled(model, x, epochs, rng, opt, A, progress, on_epoch, hist):
+    """:func:`train`'s epochs by ``models._pvrnn_kernels.train``: the weights and A packed into one
+    vector (views for the kernels), Adam's moments beside it, unpacked into ``model.params`` and A at
+    the end (in place, as the NumPy path updates them)."""
+    B, T, D = x.shape
+    L, Z = len(model.layers), sum(lay.latents for lay in model.layers)
+    net, loss, theta = model.packed(extra=2 * B * T * Z)
+    P = theta.size - 2 * B * T * Z
+    a_mu, a_sig = theta[P:P + B * T * Z].reshape(B, T, Z), theta[P + B * T * Z:].reshape(B, T, Z)
+    zoff = np.cumsum([0] + [lay.latents for lay in model.layers])
+    for i in range(L):
+        a_mu[..., zoff[i]:zoff[i + 1]], a_sig[..., zoff[i]:zoff[i + 1]] = A[f"l{i}.mu"], A[f"l{i}.sig"]
+    grad, m, v = np.zeros_like(theta), np.zeros_like(theta), np.zeros_like(theta)
+    g_mu, g_sig = grad[P:P + B * T * Z].reshape(B, T, Z), grad[P + B * T * Z:].reshape(B, T, Z)
+    N, n = sum(lay.units for lay in model.layers), model.substeps
+    window = (np.empty((T * n + 1, N)), *(np.empty((T, Z)) for _ in range(5)), np.empty((T, D)), np.empty(N),
+              np.empty(N))
+    args = (opt.lr, opt.beta1, opt.beta2, opt.eps)
+    chunk = max(1, min(epochs, _CHUNK_NUMBERS // max(1, B * T * Z)))
+    done = 0
+    with tqdm(total=epochs, desc="PV-RNN", disable=not progress) as bar:
+        while done < epochs:
+            k = min(chunk, epochs - done)
+            eps = np.empty((k, B, T, Z))
+            for e in range(k):
+                for i, draw in enumerate(model.noise(B, T, rng)):
+                    eps[e, ..., zoff[i]:zoff[i + 1]] = draw
+            history = (np.empty(k), np.empty(k), np.empty((k, L)))
+            ok = K.train(x, theta, grad, m, v, done, *args, a_mu, a_sig, g_mu, g_sig, eps, loss, net,
+                         tuple(model.trainable_views(grad)), window, history)
+            for e in range(ok):
+                hist["free_energy"].append(float(history[0][e]))
+                hist["reconstruction"].append(float(history[1][e]))
+                hist["kl"].append([float(c) for c in history[2][e]])
+                if on_epoch is not None:
+                    on_epoch({key: np.asarray(val) for key, val in hist.items()})
+            bar.update(ok)
+            if ok < k:
+                _unpack(model, net, A, a_mu, a_sig, zoff)
+                raise _diverged(done + ok, epochs, float(history[0][ok]), opt.lr)
+            done += k
+    _unpack(model, net, A, a_mu, a_sig, zoff)
+    return A, {key: np.asarray(val) for key, val in hist.items()}
+
+
+def _unpack(model, net, A, a_mu, a_sig, zoff):
+    """The packed weights and A back into ``model.params`` and A, in place."""
+    for name, array, index in model._blocks(net):
+        model.params[name][...] = array[index]
+    for i in range(len(model.layers)):
+        A[f"l{i}.mu"][...], A[f"l{i}.sig"][...] = a_mu[..., zoff[i]:zoff[i + 1]], a_sig[..., zoff[i]:zoff[i + 1]]
 
 
 # ------------------------------------------------------------------------------------ error regression
@@ -730,8 +827,7 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
     of the final posterior-mean pass). ``circuit``: the network runs on a device (every pass,
     prediction included, reads it; the same reads before and after for the F traces). ``compiled``:
     the iterations run in ``models._pvrnn_kernels`` (same equations and noise draws as the NumPy
-    path, ``compiled=False``, which is the reference) when the credit is exact, there is no device and
-    the normalisation is "gaussian"."""
+    path, ``compiled=False``, which is the reference) when the credit is exact and there is no device."""
     x = finite_array(x, "x", 2)
     if x.shape[1] != model.outputs or not len(x):
         raise SubstrateValueError(f"x has shape {x.shape}; expected (steps, {model.outputs})")
@@ -749,8 +845,7 @@ def error_regression(model: PVRNN, x, er: ErrorRegression, rng: np.random.Genera
            "free_energy_before": np.empty(T), "free_energy_after": np.empty(T), "kl": np.empty((T, L)),
            "sigma_q": np.empty((T, L))}
     out.update({f"mu_q.l{i}": np.empty((T, x_.latents)) for i, x_ in enumerate(model.layers)})
-    # the kernels hold the default normalisation's reconstruction term
-    if compiled and er.credit == "exact" and circuit is None and model.normalisation == "gaussian":
+    if compiled and er.credit == "exact" and circuit is None:
         window_step, read = _CompiledWindow(model, er.meta_prior), model.nominal
     else:
         window_step, read = _window_step, (circuit.read if circuit is not None else model.nominal)
@@ -831,7 +926,7 @@ class _CompiledWindow:
     nominal circuit): A and the states in the kernels' layout (one vector of units, one of latents)."""
 
     def __init__(self, model, meta_prior):
-        self.net, self.weight, self.weight_first = model.packed(meta_prior)
+        self.net, self.loss, _ = model.packed(meta_prior)
         self.uoff, self.zoff = self.net[0], self.net[1]
 
     def split(self, v, off):
@@ -847,14 +942,13 @@ class _CompiledWindow:
         window = (np.empty((n * m + 1, N)), *(np.empty((n, Z)) for _ in range(5)), np.empty((n, model.outputs)),
                   np.empty(N), np.empty(N))
         kl = np.empty(L)
-        args = (h0, d0, start.first, self.weight, self.weight_first, self.net, window, kl)
+        args = (h0, d0, start.first, self.loss, self.net, window, kl)
 
         def window_F():
             return np.mean([K.forward(xw[0], a_mu, a_sig, e[k], *args) + kl.sum() for k in range(er.draws)])
 
         out = {"free_energy_before": window_F()}
-        K.regress(xw[0], a_mu, a_sig, e, h0, d0, start.first, self.weight, self.weight_first, self.net, window,
-                  er.lr, kl)
+        K.regress(xw[0], a_mu, a_sig, e, h0, d0, start.first, self.loss, self.net, window, er.lr, kl)
         out.update(kl=kl.copy(), after_first=State(self.split(window[7], self.uoff), self.split(window[0][m], self.uoff),
                                                    False))
         out["free_energy_after"] = window_F()
