@@ -69,7 +69,9 @@ PVRNN_META_PRIOR_SCHEMA = {
     "network": {**PV_NETWORK,
                 "normalisation": Field(str, tuple(NORMALISATIONS), "gaussian", "how the free energy weighs the "
                                        "reconstruction against the KL (models.pvrnn.NORMALISATIONS)")},
-    "training": PV_TRAINING,
+    "training": {**PV_TRAINING,
+                 "compiled": Field(bool, None, True, "epochs by the compiled kernels (models.pvrnn.train; the "
+                                                     "NumPy path, the reference, agrees to rounding)")},
     "error_regression": {**PV_ER,
                          "horizon": Field(int, Range(1, 1000), 20, "k: the prediction error is measured 1..k "
                                                                    "steps beyond the window's end")},
@@ -214,7 +216,7 @@ def run_pvrnn_meta_prior(config: dict, seed: int, save_partial=discard) -> Resul
     tr = config["training"]
     start = time.perf_counter()
     A, hist = train(model, x, epochs=tr["epochs"], rng=rng, lr=tr["lr"], progress=False,
-                    on_epoch=_history_saver(save_partial, tr["epochs"]))
+                    on_epoch=_history_saver(save_partial, tr["epochs"]), compiled=tr["compiled"])
     train_seconds = time.perf_counter() - start
 
     run = model.run(A, [np.zeros(x.shape[:2] + (lay.latents,)) for lay in model.layers])
