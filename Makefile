@@ -24,7 +24,7 @@ docs: $(VENV)/.installed
 # every bench through benchmarks/results.py: benchmarks/results/<bench>.json beside its printed table,
 # then the README's performance block regenerated from those files
 BENCHES := bench_step bench_activations bench_gradient bench_implicit bench_ep_epoch bench_devices bench_er \
-	bench_dpm_memory
+	bench_dpm_memory bench_pvrnn_train
 bench: $(VENV)/.installed
 	for b in $(BENCHES); do $(PY) benchmarks/results.py benchmarks/$$b.py || exit 1; done
 	$(PY) benchmarks/bench_compile.py  # writes its own benchmarks/results/bench_compile.json
