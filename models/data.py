@@ -223,36 +223,47 @@ def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.nd
 PRIMITIVES = {"circle": (1, 1, np.pi / 2), "figure_eight": (1, 2, 0.0), "lissajous_3_2": (3, 2, np.pi / 2)}
 
 
+def pfsm_transitions(k: int) -> np.ndarray:
+    """The default machine's (k, k) transition matrix among k primitives: never a repeat; 0.7 to the
+    next primitive in the list and 0.3 to the one after (k > 2), 1 to the other (k = 2), 1 to itself
+    (k = 1)."""
+    k = count(k, "k")
+    transitions = np.zeros((k, k))
+    for i in range(k):
+        transitions[i, (i + 1) % k] += 0.7 if k > 2 else 1.0
+        if k > 2:
+            transitions[i, (i + 2) % k] += 0.3
+    if k == 1:
+        transitions[:] = 1.0
+    return transitions
+
+
+def primitive_shapes(primitives=tuple(PRIMITIVES), period: int = 20, amplitude: float = 0.8) -> np.ndarray:
+    """One noiseless cycle of each primitive, (k, period, 2)."""
+    unknown = [p for p in primitives if p not in PRIMITIVES]
+    if unknown or not primitives:
+        raise SubstrateValueError(f"primitives={primitives!r}; known: {list(PRIMITIVES)}")
+    phi = 2 * np.pi * np.arange(count(period, "period")) / period
+    return np.stack([np.stack([np.sin(a * phi + d), np.sin(b * phi)], -1)
+                     for a, b, d in (PRIMITIVES[p] for p in primitives)]) * amplitude
+
+
 def probabilistic_sequences(sequences: int, steps: int, rng: np.random.Generator, *,
                             primitives=("circle", "figure_eight", "lissajous_3_2"), transitions=None,
                             period: int = 20, amplitude: float = 0.8, noise: float = 0.02):
     """Sequences of a probabilistic finite-state machine that switches among 2-D cyclic primitives
     (``PRIMITIVES``, Lissajous figures of ``period`` steps): after every completed cycle the next
-    primitive is drawn from the row of ``transitions`` (default: never repeat, 0.7 to the next one
-    in the list and 0.3 to the one after), the first uniformly; Gaussian observation noise ``noise``.
+    primitive is drawn from the row of ``transitions`` (default :func:`pfsm_transitions`), the first
+    uniformly; Gaussian observation noise ``noise``.
     Returns (x (sequences, steps, 2), primitive index per step (sequences, steps))."""
     if not isinstance(rng, np.random.Generator):
         raise SubstrateValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    unknown = [p for p in primitives if p not in PRIMITIVES]
-    if unknown or not primitives:
-        raise SubstrateValueError(f"primitives={primitives!r}; known: {list(PRIMITIVES)}")
+    shapes = primitive_shapes(primitives, period, amplitude)
     k = len(primitives)
-    if transitions is None:
-        transitions = np.zeros((k, k))
-        for i in range(k):
-            transitions[i, (i + 1) % k] += 0.7 if k > 2 else 1.0
-            if k > 2:
-                transitions[i, (i + 2) % k] += 0.3
-        if k == 1:
-            transitions[:] = 1.0
-    transitions = np.asarray(transitions, dtype=float)
+    transitions = pfsm_transitions(k) if transitions is None else np.asarray(transitions, dtype=float)
     if transitions.shape != (k, k) or np.any(transitions < 0) or not np.allclose(transitions.sum(axis=1), 1.0):
         raise SubstrateValueError(f"transitions must be a ({k}, {k}) matrix of probabilities whose rows sum to 1")
-    period, sequences, steps = (count(v, name) for v, name in
-                                ((period, "period"), (sequences, "sequences"), (steps, "steps")))
-    phi = 2 * np.pi * np.arange(period) / period
-    shapes = np.stack([np.stack([np.sin(a * phi + d), np.sin(b * phi)], -1)
-                       for a, b, d in (PRIMITIVES[p] for p in primitives)]) * amplitude
+    sequences, steps = count(sequences, "sequences"), count(steps, "steps")
     x = np.empty((sequences, steps, 2))
     labels = np.empty((sequences, steps), np.int64)
     for s in range(sequences):
@@ -263,6 +274,28 @@ def probabilistic_sequences(sequences: int, steps: int, rng: np.random.Generator
             labels[s, c:c + n] = state
             state = int(rng.choice(k, p=transitions[state]))
     return x + noise * rng.standard_normal(x.shape), labels
+
+
+def segment_primitives(x, *, primitives=("circle", "figure_eight", "lissajous_3_2"), period: int = 20,
+                       amplitude: float = 0.8, tolerance: float = 0.05):
+    """The primitive of every complete cycle of sequences x (B, T, 2): x cut into consecutive
+    ``period``-step cycles from its start (where the machine switches), each named by the nearest
+    primitive at its nearest phase (mean squared distance per step over every cyclic shift, so that a
+    generation that drifted in phase is still read), or -1 when even that one is farther than
+    ``tolerance`` (not a cycle of any primitive: a mixture, a drift, a blur).
+    Returns (labels (B, T // period) int64, distance (B, T // period))."""
+    x = real_array(x, "x", "a (sequences, steps, 2) array")
+    if x.ndim != 3 or x.shape[2] != 2:
+        raise SubstrateValueError(f"x must be (sequences, steps, 2), got shape {x.shape}")
+    shapes = primitive_shapes(primitives, period, amplitude)
+    if not 0 < tolerance < np.inf:
+        raise SubstrateValueError(f"tolerance={tolerance!r} must be a positive number")
+    B, T, _ = x.shape
+    cycles = x[:, :T // period * period].reshape(B, T // period, 1, 1, period, 2)
+    shifted = np.stack([np.roll(shapes, -r, axis=1) for r in range(period)], axis=1)  # (k, phase, period, 2)
+    dist = np.mean(np.sum((cycles - shifted) ** 2, axis=-1), axis=-1).min(axis=-1)  # (B, cycles, k)
+    labels, best = dist.argmin(axis=-1), dist.min(axis=-1)
+    return np.where(best <= tolerance, labels, -1), best
 
 
 def load_sequences(source, dataset: str = "sequences") -> np.ndarray:

@@ -10,7 +10,10 @@
   symmetric and antisymmetric parts; Frobenius norms; 1 = symmetric), averaged over the batch;
 * :func:`bias_decomposition`: an estimator's bias split into its finite-nudge part (estimate minus
   its exact beta -> 0 limit) and its asymmetry part (limit minus exact gradient), plus the same
-  estimate on the symmetrised network (feedback replaced by the forward weights' transposes).
+  estimate on the symmetrised network (feedback replaced by the forward weights' transposes);
+* :func:`transition_statistics`: how often each transition of a probabilistic finite-state machine
+  is reproduced by sequences of its states (e.g. the primitives of generated sequences, read by
+  ``models.data.segment_primitives``), and the distance of those frequencies from the machine's.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 
 from substrate import Gradients, Network
 from substrate.activations import rho_prime
+from substrate.errors import SubstrateValueError
 
 from . import ep
 from .homeostasis import dense_weights
@@ -134,3 +138,34 @@ def bias_decomposition(network: Network, x, y, cost, estimator: ep.Estimator,
     s_exact = ep.estimate(sym, x, y, cost, ep.Exact(), relaxation, free=sfree).gradients
     return {"total": compare(g["estimate"], g["exact"]), "finite_nudge": compare(g["estimate"], g["limit"]),
             "asymmetry": compare(g["limit"], g["exact"]), "symmetrised": compare(s_est, s_exact)}
+
+
+def transition_statistics(labels, transitions) -> dict:
+    """The transitions between consecutive states in ``labels`` (B, C) ints (-1: unrecognised) against
+    the machine's matrix ``transitions`` (k, k). Returns {"counts" (k, k): each transition seen,
+    "frequencies" (k, k): counts over their row's total (NaN for a state never left), "distance": the
+    total-variation distance 0.5 sum_j |f_ij - P_ij| of each row, averaged over rows weighted by how
+    often the state is left (0: the machine's statistics; 1: disjoint), "row_distance" (k,),
+    "forbidden": the fraction of transitions the machine never makes (P_ij = 0), "unrecognised": the
+    fraction of states that are -1, "transitions": how many pairs were counted}."""
+    P = np.asarray(transitions, dtype=float)
+    labels = np.asarray(labels)
+    if P.ndim != 2 or P.shape[0] != P.shape[1] or np.any(P < 0) or not np.allclose(P.sum(axis=1), 1.0):
+        raise SubstrateValueError(f"transitions must be a (k, k) matrix of probabilities whose rows sum to 1, got {P.shape}")
+    k = len(P)
+    if labels.ndim != 2 or labels.dtype.kind not in "iu" or labels.size and (labels.min() < -1 or labels.max() >= k):
+        raise SubstrateValueError(f"labels must be (sequences, cycles) integers in [-1, {k}), got {labels.dtype} {labels.shape}")
+    a, b = labels[:, :-1].ravel(), labels[:, 1:].ravel()
+    known = (a >= 0) & (b >= 0)
+    counts = np.zeros((k, k))
+    np.add.at(counts, (a[known], b[known]), 1.0)
+    left = counts.sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        freq = counts / left[:, None]
+    row = 0.5 * np.abs(freq - P).sum(axis=1)
+    total = left.sum()
+    return {"counts": counts, "frequencies": freq, "row_distance": row,
+            "distance": float(np.sum(np.nan_to_num(row) * left) / total) if total else float("nan"),
+            "forbidden": float(counts[P == 0].sum() / total) if total else float("nan"),
+            "unrecognised": float(np.mean(labels < 0)) if labels.size else float("nan"),
+            "transitions": int(total)}

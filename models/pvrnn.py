@@ -11,11 +11,13 @@ Layers l = 0 (bottom) .. L-1 (top); at every data step t = 0..T-1 the layers upd
 (the Euler step with dt = 1 of tau dh/dt = -h + ..., the published model; h_{-1} = 0, d_{-1} = 0; the
 top layer has no top-down term). The free energy of a sequence (the negative lower bound) is
 
-    F = sum_t 0.5 ||x_t - x_hat_t||^2 / D_x + sum_l sum_t w_l(t) KL^l_t / Z_l,
+    F = sum_t 0.5 ||x_t - x_hat_t||^2 / D_x + sum_l sum_t w_l(t) KL^l_t / Z_l,   (``normalisation="gaussian"``)
     KL = sum_j log(sigma^p_j/sigma^q_j) + ((mu^p_j - mu^q_j)^2 + (sigma^q_j)^2) / (2 (sigma^p_j)^2) - 1/2,
 
 with w_l(0) = ``w_first`` and w_l(t > 0) = ``w`` (the first-step weight applies to the first step
-only), summed over the sequences of a batch. Its gradient with respect to the weights and every
+only), summed over the sequences of a batch. ``normalisation`` (:data:`NORMALISATIONS`) sets the
+factor of the squared error and the divisions by D_x and Z_l: under Adam only the ratio of the two
+terms matters, so a factor 2 on the reconstruction acts as w / 2. Its gradient with respect to the weights and every
 sequence's A is the exact discrete adjoint of these steps (backpropagation through time written out
 in :meth:`PVRNN.free_energy`; the top-down gradient carries its 1/tau), checked against torch autograd
 in tests/test_pvrnn.py.
@@ -51,6 +53,16 @@ from substrate.validate import as_real, choice, count, finite_array, flag, nonne
 
 from . import _pvrnn_kernels as K
 from .train import Adam
+
+
+# How F weighs the reconstruction against the KL: name -> (factor c of the summed squared error,
+# divide it by D_x, divide each layer's KL by Z_l). Dividing both terms by the steps or sequences
+# would leave their ratio, hence Adam's path, unchanged (up to its epsilon), so no option does.
+NORMALISATIONS = {
+    "gaussian": (0.5, True, True),  # -log N(x; x_hat, I) per output and KL per latent (this model's default)
+    "squared": (1.0, True, True),  # squared error per output, KL per latent: the Tani lab's public PV-RNN code
+    "sum": (0.5, False, False),  # the plain negative ELBO of a unit-variance Gaussian: no divisions
+}
 
 
 @dataclass(frozen=True)
@@ -111,10 +123,11 @@ class PVRNN:
 
     ``posterior_weights``: the posterior adds W d_{t-1} inside, as some public codes do:
     mu^q = tanh(A^mu_t + W^q_mu d_{t-1}), log sigma^q = A^sig_t + W^q_sig d_{t-1} (weights
-    ``l{i}.Wq_mu``, ``l{i}.Wq_sig``, drawn after all the others; d_{-1} = 0 at a sequence's start)."""
+    ``l{i}.Wq_mu``, ``l{i}.Wq_sig``, drawn after all the others; d_{-1} = 0 at a sequence's start).
+    ``normalisation``: how F weighs the reconstruction against the KL (:data:`NORMALISATIONS`)."""
 
     def __init__(self, layers, outputs: int, rng: np.random.Generator, substeps: int = 1,
-                 method: str = "euler", posterior_weights: bool = False):
+                 method: str = "euler", posterior_weights: bool = False, normalisation: str = "gaussian"):
         try:
             self.layers = [PVLayer(**x) if isinstance(x, dict) else x for x in layers]
         except TypeError:  # not iterable, or a dict with other keys
@@ -127,6 +140,8 @@ class PVRNN:
         self.outputs = int(outputs)
         count(substeps, "substeps")
         choice(method, "method", ("euler", "exp_euler"))
+        choice(normalisation, "normalisation", tuple(NORMALISATIONS))
+        self.normalisation = normalisation
         flag(posterior_weights, "posterior_weights")
         N, Z = sum(x.units for x in self.layers), sum(x.latents for x in self.layers)
         _fits("the weights (of units, latents and outputs)", N * N + 4 * N * Z + outputs * N)
@@ -239,20 +254,26 @@ class PVRNN:
                 if ds is not None:
                     ds[i][:, t * n + k] = d[i]
 
+    def loss_scales(self):
+        """(c, divisor of the squared error, KL divisor per layer) of :data:`NORMALISATIONS`: the
+        reconstruction term is c sum ||x - x_hat||^2 / divisor and layer l's KL term w KL / divisor_l."""
+        c, per_output, per_latent = NORMALISATIONS[self.normalisation]
+        return c, (self.outputs if per_output else 1), [x.latents if per_latent else 1 for x in self.layers]
+
     def _weights(self, i, T, first, meta_prior=None):
-        """w_l(t) / Z_l over T steps: w_first at a sequence's first step only (``meta_prior``
-        overrides w, e.g. for error regression)."""
+        """w_l(t) / Z_l over T steps (the KL divisor of :meth:`loss_scales`): w_first at a sequence's
+        first step only (``meta_prior`` overrides w, e.g. for error regression)."""
         x = self.layers[i]
         w = np.full(T, x.w if meta_prior is None else meta_prior[i])
         if first:
             w[0] = x.w_first
-        return w / x.latents
+        return w / self.loss_scales()[2][i]
 
     def free_energy(self, x, A: dict, eps: list, gradient: bool = True, start: State | None = None,
                     meta_prior=None, weights: bool = True, credit: str = "exact", truncation: int | None = None,
                     read=None):
         """(F, parts, dF/dparams, dF/dA) for sequences x (B, T, D_x), adaptive vectors A and noise eps.
-        parts: {"reconstruction": sum_t Rec_t / D_x, "kl": [per layer sum_t w(t) KL_t / Z]} summed over
+        parts: {"reconstruction": c sum_t Rec_t / D_x, "kl": [per layer sum_t w(t) KL_t / Z]} summed over
         the batch; F = reconstruction + sum(kl). With ``gradient=False`` the two gradients are None.
         ``start``: the state the sequences continue from (a window of error regression; frozen);
         ``meta_prior``: w per layer instead of the layers' own; ``weights=False``: dF/dparams is None
@@ -280,7 +301,8 @@ class PVRNN:
         _check_credit(credit, truncation)
         run = self.run(A, eps, start, read)
         err = run.x_hat - x
-        rec = 0.5 * float(np.sum(err * err)) / D
+        c, divisor, _ = self.loss_scales()
+        rec = c * float(np.sum(err * err)) / divisor
         kls, terms = [], []
         for i in range(len(self.layers)):
             sp2 = np.exp(2 * run.logs_p[i])
@@ -294,7 +316,7 @@ class PVRNN:
         parts = {"reconstruction": rec, "kl": kls, "pass": run}
         if not gradient:
             return F, parts, None, None
-        gp, gA = self._backward(x, run, err / D, terms, weights, credit, truncation)
+        gp, gA = self._backward(x, run, (2 * c) * err / divisor, terms, weights, credit, truncation)
         return F, parts, gp, gA
 
     # ---------------------------------------------------------------- backward (BPTT)
@@ -442,8 +464,8 @@ class PVRNN:
         """The network in the layout of ``models._pvrnn_kernels`` (one vector of units and one of
         latents, bottom layer first), the loss's scalars and the vector its trainable arrays are views
         of: (net, loss, theta). ``theta`` has ``extra`` more numbers at its end (zeros; training keeps
-        A there, so that one Adam step covers all). ``loss`` = (rec_scale, weight, weight_first): 1 / D_x
-        and the KL weights w_l / Z_l per latent."""
+        A there, so that one Adam step covers all). ``loss`` = (rec_scale, weight, weight_first): 2 c / D_x
+        and the KL weights w_l / Z_l per latent (:meth:`loss_scales`; 1 / D_x and w_l / Z_l by default)."""
         theta = np.zeros(self._trainable_size() + extra)
         w_rec, w_zd, b, w_mu, w_sig, b_mu, b_sig, w_out, b_out, wq_mu, wq_sig = self.trainable_views(theta)
         uoff = np.cumsum([0] + [x.units for x in self.layers])
@@ -460,9 +482,10 @@ class PVRNN:
         for name, array, index in self._blocks(net):
             array[index] = self.params[name]
         w = [x.w for x in self.layers] if meta_prior is None else meta_prior
-        weight = per([v / x.latents for v, x in zip(w, self.layers)], latents)
-        weight_first = per([x.w_first / x.latents for x in self.layers], latents)
-        return net, (1.0 / self.outputs, weight, weight_first), theta
+        c, divisor, kl_divisor = self.loss_scales()
+        weight = per([v / z for v, z in zip(w, kl_divisor)], latents)
+        weight_first = per([x.w_first / z for x, z in zip(self.layers, kl_divisor)], latents)
+        return net, ((2 * c) / divisor, weight, weight_first), theta
 
     def _trainable_shapes(self):
         N, Z = sum(x.units for x in self.layers), sum(x.latents for x in self.layers)
@@ -551,7 +574,7 @@ def _leak(tau: float, step: float, method: str) -> tuple:
 def _write_pvrnn(group, model: PVRNN):
     persist.write_config(group, {"layers": [dataclasses.asdict(x) for x in model.layers], "outputs": model.outputs,
                                  "substeps": model.substeps, "method": model.method,
-                                 "posterior_weights": model.posterior_weights})
+                                 "posterior_weights": model.posterior_weights, "normalisation": model.normalisation})
     persist.write_arrays(group, "params", model.params)
 
 
@@ -886,6 +909,21 @@ def window_counts(model: PVRNN, er: ErrorRegression, steps: int) -> Counts:
                   dac=data_steps * Z, adc=data_steps * D,
                   flops=er.iterations * (2 * steps * (m * per_substep + per_step) + 14 * a),
                   memory=held, traffic=er.iterations * 2 * held)
+
+
+def horizon_errors(out: dict, x, start: int) -> np.ndarray:
+    """The prediction error of error regression k = 1..horizon steps ahead, (horizon,): from ``out`` of
+    :func:`error_regression` over x (T, D_x), the mean over the steps t >= ``start`` (e.g. the window
+    full) for which x_{t+k} exists of ||prediction made at t for x_{t+k} - x_{t+k}||^2 (NaN where no
+    step has it); k = 1 is the mean of ``out["prediction_error"][start:-1]``."""
+    pred = out["prediction"]
+    T, H, _ = pred.shape
+    x = finite_array(x, "x", 2, (T, pred.shape[2]))
+    _count(start, "start", minimum=0)
+    errors = np.full(H, np.nan)
+    for k in range(1, min(H, T - 1 - start) + 1):
+        errors[k - 1] = float(np.mean(np.sum((pred[start:T - k, k - 1] - x[start + k:]) ** 2, axis=-1)))
+    return errors
 
 
 def _window_step(model, xw, A, eps, start, er, read):

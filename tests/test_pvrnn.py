@@ -18,24 +18,32 @@ from models.pvrnn import PVLayer, PVRNN, State  # noqa: E402
 from substrate.errors import SubstrateValueError  # noqa: E402
 
 
-def model(seed=0, substeps=1, method="euler", posterior_weights=False):
+def model(seed=0, substeps=1, method="euler", posterior_weights=False, normalisation="gaussian", outputs=2):
     rng = np.random.default_rng(seed)
     net = PVRNN([PVLayer(7, 3, tau=2.0, w=0.01, w_first=0.5), PVLayer(5, 2, tau=4.0, w=0.05, w_first=2.0),
-                 PVLayer(4, 2, tau=8.0, w=0.1, w_first=1.0)], outputs=2, rng=rng, substeps=substeps, method=method,
-                posterior_weights=posterior_weights)
+                 PVLayer(4, 2, tau=8.0, w=0.1, w_first=1.0)], outputs=outputs, rng=rng, substeps=substeps,
+                method=method, posterior_weights=posterior_weights, normalisation=normalisation)
     for k in net.params:  # biases away from zero, so that their gradients are exercised
         net.params[k] = net.params[k] + 0.1 * rng.standard_normal(net.params[k].shape)
     B, T = 3, 6
     A = {k: 0.5 * rng.standard_normal(v.shape) for k, v in net.adaptive_vectors(B, T).items()}
     eps = net.noise(B, T, rng)
-    x = np.tanh(rng.standard_normal((B, T, 2)))
+    x = np.tanh(rng.standard_normal((B, T, outputs)))
     return net, x, A, eps
+
+
+# each normalisation written out apart from models.pvrnn.NORMALISATIONS: (the reconstruction term of
+# the summed squared error s of D outputs, the KL term of a layer's summed KL k with Z latents)
+LOSSES = {"gaussian": (lambda s, D: 0.5 * s / D, lambda k, Z: k / Z),
+          "squared": (lambda s, D: s / D, lambda k, Z: k / Z),
+          "sum": (lambda s, D: 0.5 * s, lambda k, Z: k)}
 
 
 def torch_free_energy(net, x, A, eps, start=None, meta_prior=None, detach_every=None):
     """The same model written plainly in torch (top-down updates, Euler dt = 1), for autograd; from
     ``start`` (h, d, first) when given; ``detach_every`` k: the state detached before every step t
-    with (T - t) % k == 0 (truncated BPTT, chunks counted from the end)."""
+    with (T - t) % k == 0 (truncated BPTT, chunks counted from the end); the loss of ``LOSSES``."""
+    rec_term, kl_term = LOSSES[net.normalisation]
     P = {k: torch.tensor(v, requires_grad=True) for k, v in net.params.items()}
     TA = {k: torch.tensor(v, requires_grad=True) for k, v in A.items()}
     B, T, D = x.shape
@@ -69,7 +77,7 @@ def torch_free_energy(net, x, A, eps, start=None, meta_prior=None, detach_every=
             zs[i] = mu_q + torch.exp(logs_q) * torch.tensor(eps[i][:, t])
             kl = (logs_p - logs_q + ((mu_p - mu_q) ** 2 + torch.exp(2 * logs_q)) / (2 * torch.exp(2 * logs_p)) - 0.5)
             w = lay.w_first if t == 0 and first else (lay.w if meta_prior is None else meta_prior[i])
-            F = F + w * kl.sum() / lay.latents
+            F = F + w * kl_term(kl.sum(), lay.latents)
         for _ in range(n):  # the units over the data step, z held, layers top-down
             for i in range(L - 1, -1, -1):
                 lay = net.layers[i]
@@ -81,7 +89,7 @@ def torch_free_energy(net, x, A, eps, start=None, meta_prior=None, detach_every=
                 new[i] = torch.tanh(h[i])
             d = list(new)
         y = torch.tanh(d[0] @ P["out.W"].T + P["out.b"])
-        F = F + 0.5 * ((xt[:, t] - y) ** 2).sum() / D
+        F = F + rec_term(((xt[:, t] - y) ** 2).sum(), D)
     F.backward()
     return float(F.detach()), {k: v.grad.numpy() for k, v in P.items()}, {k: v.grad.numpy() for k, v in TA.items()}
 
@@ -108,6 +116,47 @@ def test_free_energy_gradient_against_torch_autograd(substeps, method, posterior
         assert rel(gA[k], gAt[k]) <= 1e-8, k
     F2, _, none, gA2 = net.free_energy(x, A, eps, weights=False)  # A alone (error regression)
     assert none is None and F2 == F and all(np.array_equal(gA2[k], gA[k]) for k in gA)
+
+
+@pytest.mark.parametrize("normalisation", ["squared", "sum"])
+def test_loss_normalisations_against_torch_autograd(normalisation):
+    """The other weightings of reconstruction against KL (3 outputs, so that dividing by D_x is not a
+    power of two): F and both gradients against torch autograd of the loss written out apart (1e-8,
+    as above), and the parts in the ratio each one sets against the default's."""
+    net, x, A, eps = model(2, normalisation=normalisation, outputs=3)
+    F, parts, gp, gA = net.free_energy(x, A, eps)
+    Ft, gpt, gAt = torch_free_energy(net, x, A, eps)
+    assert abs(F - Ft) <= 1e-12 * abs(Ft)
+    for k in gpt:
+        assert rel(gp[k], gpt[k]) <= 1e-8, k
+    for k in gAt:
+        assert rel(gA[k], gAt[k]) <= 1e-8, k
+    _, base, _, _ = model(2, outputs=3)[0].free_energy(x, A, eps, gradient=False)
+    rec_ratio, kl_ratio = {"squared": (2.0, [1.0] * 3), "sum": (3.0, [3, 2, 2])}[normalisation]
+    assert parts["reconstruction"] == pytest.approx(rec_ratio * base["reconstruction"], rel=1e-12)
+    assert parts["kl"] == pytest.approx([r * k for r, k in zip(kl_ratio, base["kl"])], rel=1e-12)
+
+
+def test_a_normalisation_is_a_rescaled_meta_prior():
+    """Why the normalisation alone cannot make or unmake a U-shape over w: F under "squared" with
+    (w, w_first) is 2 F under "gaussian" with (w / 2, w_first / 2), and F under "sum" is D_x F under
+    "gaussian" with w_l Z_l / D_x per layer, gradients alike (rel 1e-12), and Adam ignores a constant
+    factor of the loss (up to its epsilon): each choice moves the curve along w, per layer."""
+    import dataclasses
+
+    def scaled(normalisation, factor):  # factor(layer) multiplies w and w_first
+        net, x, A, eps = model(6, normalisation=normalisation, outputs=3)
+        net.layers = [dataclasses.replace(lay, w=lay.w * factor(lay), w_first=lay.w_first * factor(lay))
+                      for lay in net.layers]
+        return net.free_energy(x, A, eps)
+
+    base = scaled("gaussian", lambda lay: 1.0)
+    for name, factor, ratio in (("squared", lambda lay: 2.0, 2.0), ("sum", lambda lay: 3.0 / lay.latents, 3.0)):
+        F, _, gp, gA = scaled(name, factor)
+        assert F == pytest.approx(ratio * base[0], rel=1e-12)
+        for got, want in ((gp, base[2]), (gA, base[3])):
+            for k in want:
+                assert rel(got[k], ratio * want[k]) <= 1e-12, (name, k)
 
 
 @pytest.mark.parametrize("posterior_weights", [False, True])
@@ -259,6 +308,27 @@ def test_error_regression_infers_and_predicts_held_out_sequences():
         ErrorRegression(newest="last")
     with pytest.raises(SubstrateValueError, match="draws"):
         ErrorRegression(iterations=4, draws=5)
+
+
+def test_horizon_errors_read_the_k_step_predictions():
+    """horizon_errors: k = 1 is the mean of the one-step error trace (an ER run, horizon 4, predictions
+    from the prior's means), every k the error of predictions written by hand at a known offset
+    (prediction for x_{t+k} = x_{t+k} + k: error D k^2), NaN beyond the data."""
+    from models.pvrnn import ErrorRegression, error_regression, horizon_errors
+
+    net, x, _, _ = model(5)
+    seq = x[0]
+    out = error_regression(net, seq, ErrorRegression(window=2, iterations=3, horizon=4, sample=False),
+                           np.random.default_rng(0))
+    errors = horizon_errors(out, seq, 2)
+    assert errors[0] == pytest.approx(np.mean(out["prediction_error"][2:-1]), rel=1e-14)
+    assert np.all(np.isfinite(errors[:3])) and np.isnan(errors[3])  # from t = 2 of 6 steps, 3 ahead at most
+    T, D = seq.shape
+    by_hand = np.full((T, 4, D), np.nan)
+    for t in range(T):
+        for k in range(1, min(4, T - 1 - t) + 1):
+            by_hand[t, k - 1] = seq[t + k] + k
+    np.testing.assert_allclose(horizon_errors({"prediction": by_hand}, seq, 1), [2.0, 8.0, 18.0, 32.0], rtol=1e-14)
 
 
 def test_substeps_converge_to_the_continuous_time_circuit():
@@ -622,15 +692,19 @@ def compiled_gradient(net, x, A, eps):
     return F, gp, gA
 
 
-@pytest.mark.parametrize("substeps,method,posterior_weights",
-                         [(1, "euler", False), (3, "euler", False), (2, "exp_euler", True)])
-def test_compiled_training_gradient_against_the_numpy_adjoint(substeps, method, posterior_weights):
+@pytest.mark.parametrize("substeps,method,posterior_weights,normalisation",
+                         [(1, "euler", False, "gaussian"), (3, "euler", False, "gaussian"),
+                          (2, "exp_euler", True, "gaussian"), (1, "euler", False, "squared"),
+                          (2, "exp_euler", True, "sum")])
+def test_compiled_training_gradient_against_the_numpy_adjoint(substeps, method, posterior_weights, normalisation):
     """The training kernels' gradient (every weight and every sequence's A, a batch of 3 sequences of
     three layers, w_first != w) against PVRNN.free_energy, the reference (itself checked against torch
     autograd above): each array within 1e-12 of its largest entry, F too (measured ~1e-15: the same
     sums in another order, and the kernels' tanh and exp within 3 ulp of libm; 1e-12 leaves room for
-    what T steps of BPTT accumulate, and would catch any missing term, whose size is the gradient's)."""
-    net, x, A, eps = model(12, substeps, method, posterior_weights)
+    what T steps of BPTT accumulate, and would catch any missing term, whose size is the gradient's);
+    under each loss normalisation (3 outputs there, so that 1 / D_x is not a power of two)."""
+    net, x, A, eps = model(12, substeps, method, posterior_weights, normalisation,
+                           outputs=2 if normalisation == "gaussian" else 3)
     F, _, gp, gA = net.free_energy(x, A, eps)
     F_k, gp_k, gA_k = compiled_gradient(net, x, A, eps)
     assert abs(F_k - F) <= 1e-12 * abs(F)

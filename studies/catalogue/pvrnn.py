@@ -2,7 +2,8 @@
 
 * ``pvrnn_meta_prior``: a PV-RNN trained on the probabilistic sequences of ``models.data`` with
   meta-prior w on every layer: the learned sigma (posterior and prior) per layer, the training
-  reconstruction, and generalisation, the one-step prediction error of error regression on held-out
+  reconstruction, and generalisation, the prediction error of error regression on held-out
+  sequences 1..k steps ahead and the transition statistics of the finite-state machine in generated
   sequences; history saved every ``PARTIAL_EPOCHS`` epochs.
 * ``pvrnn_er``: a continuous-time PV-RNN trained once, then error regression on held-out sequences
   with each credit assignment (exact, continuous adjoint, truncated BPTT) and on devices (read noise,
@@ -19,8 +20,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import substrate as S
-from models.data import PRIMITIVES, probabilistic_sequences
-from models.pvrnn import PVRNN, DeviceCircuit, ErrorRegression, PVLayer, State, error_regression, train
+from models.data import PRIMITIVES, pfsm_transitions, probabilistic_sequences, segment_primitives
+from models.metrics import transition_statistics
+from models.pvrnn import (NORMALISATIONS, PVRNN, DeviceCircuit, ErrorRegression, PVLayer, State, error_regression,
+                          horizon_errors, train)
 from studies import figures as F
 from studies.config import Check, Field, ListOf, Range
 from studies.runs import Result, Task, discard
@@ -63,9 +66,21 @@ PV_ER = {
 PVRNN_META_PRIOR_SCHEMA = {
     "w": Field(float, Range(0.0, 1e3), 1e-2, "the meta-prior w of every layer (steps t > 0)"),
     "data": PV_DATA,
-    "network": PV_NETWORK,
-    "training": PV_TRAINING,
-    "error_regression": PV_ER,
+    "network": {**PV_NETWORK,
+                "normalisation": Field(str, tuple(NORMALISATIONS), "gaussian", "how the free energy weighs the "
+                                       "reconstruction against the KL (models.pvrnn.NORMALISATIONS)")},
+    "training": {**PV_TRAINING,
+                 "compiled": Field(bool, None, True, "epochs by the compiled kernels (models.pvrnn.train; the "
+                                                     "NumPy path, the reference, agrees to rounding)")},
+    "error_regression": {**PV_ER,
+                         "horizon": Field(int, Range(1, 1000), 20, "k: the prediction error is measured 1..k "
+                                                                   "steps beyond the window's end")},
+    "generation": {
+        "sequences": Field(int, Range(1, 10_000), 16, "sequences generated from the prior (transition statistics)"),
+        "steps": Field(int, Range(2, 100_000), 200, "steps of a generated sequence"),
+        "tolerance": Field(float, Range(0.0, 10.0, lo_open=True), 0.05, "mean squared distance per step "
+                           "beyond which a generated cycle is no primitive (models.data.segment_primitives)"),
+    },
 }
 PARTIAL_EPOCHS = 100  # a long training saves its history (save_partial) every this many epochs
 
@@ -114,15 +129,26 @@ def pvrnn_data(config: dict, seed: int):
 
 
 def _prediction_error(model, sequences, er, rng):
-    """Per sequence: the mean one-step squared prediction error ||x_hat_{t+1} - x_{t+1}||^2 of error
-    regression once its window is full (t >= window); and the mean posterior sigma per layer at the
-    window's newest step, over the same steps."""
+    """Per sequence: the mean squared prediction error ||x_hat_{t+k} - x_{t+k}||^2 of error regression
+    once its window is full (t >= window), k = 1..horizon (``horizon_errors``), (sequences, horizon);
+    and the mean posterior sigma per layer at the window's newest step, over the steps of k = 1."""
     errors, sigmas = [], []
     for seq in sequences:
         out = error_regression(model, seq, er, rng)
-        errors.append(float(np.mean(out["prediction_error"][er.window:-1])))
+        errors.append(horizon_errors(out, seq, er.window))
         sigmas.append(out["sigma_q"][er.window:-1].mean(axis=0))
     return np.array(errors), np.array(sigmas)
+
+
+def _transitions(model, config, rng):
+    """The finite-state machine's statistics in sequences generated from the prior from a sequence's
+    beginning (``generation``): each cycle named by ``segment_primitives``, the transitions counted
+    against the machine's (``transition_statistics``)."""
+    d, g = config["data"], config["generation"]
+    x = model.generate(g["sequences"], g["steps"], rng)
+    labels, _ = segment_primitives(x, primitives=tuple(d["primitives"]), period=d["period"],
+                                   amplitude=d["amplitude"], tolerance=g["tolerance"])
+    return transition_statistics(labels, pfsm_transitions(len(d["primitives"])))
 
 
 def _generation_spread(model, A, x, rng, samples: int = 8, steps: int = 40):
@@ -149,8 +175,12 @@ def run_pvrnn_meta_prior(config: dict, seed: int, save_partial=discard) -> Resul
       sequences and their steps t > 0 (step 0 has the fixed prior N(0, I), weighted by w_first);
     * the training reconstruction error mean_{b,t} ||x_t - x_hat_t||^2 of that pass;
     * generalisation: error regression over each held-out sequence (and over the first
-      ``error_regression.train_sequences`` training sequences, for comparison), the mean one-step
-      prediction error ||x_hat_{t+1} - x_{t+1}||^2 once the window is full;
+      ``error_regression.train_sequences`` training sequences, for comparison), the mean prediction
+      error ||x_hat_{t+k} - x_{t+k}||^2 once the window is full, one step ahead and k = 1..horizon
+      steps ahead (``horizon_errors``, the prediction from the prior beyond the window);
+    * the finite-state machine in generated sequences (:func:`_transitions`): the frequency of each
+      transition between primitives, its total-variation distance from the machine's, the fractions
+      of forbidden transitions and of cycles that are no primitive;
     * the open-loop baseline: the same error of the prior-mean generation (no inference) on the
       held-out sequences, mean over every step;
     * the generation spread (:func:`_generation_spread`): how much sampling the prior changes what
@@ -169,15 +199,24 @@ def run_pvrnn_meta_prior(config: dict, seed: int, save_partial=discard) -> Resul
         raise S.SubstrateValueError(f"data.train_steps={d['train_steps']}, data.test_steps={d['test_steps']}: "
                                     f"at least error_regression.window + 2 = {e['window'] + 2} (one prediction "
                                     "after the window is full)")
+    if d["test_steps"] < e["window"] + e["horizon"] + 1:
+        raise S.SubstrateValueError(f"data.test_steps={d['test_steps']}: at least error_regression.window + "
+                                    f"error_regression.horizon + 1 = {e['window'] + e['horizon'] + 1} (a "
+                                    "prediction k steps ahead after the window is full)")
+    g = config["generation"]
+    if g["steps"] < 2 * d["period"]:
+        raise S.SubstrateValueError(f"generation.steps={g['steps']}: at least 2 * data.period = {2 * d['period']} "
+                                    "(one transition between two cycles)")
     x, test = pvrnn_data(config, seed)
     rng = np.random.default_rng(seed)
     model = PVRNN([PVLayer(u, z, tau, w, net["w_first"]) for u, z, tau in zip(net["units"], net["latents"],
-                                                                              net["tau"])], x.shape[2], rng)
+                                                                              net["tau"])], x.shape[2], rng,
+                  normalisation=net["normalisation"])
     layers = list(range(len(model.layers)))
     tr = config["training"]
     start = time.perf_counter()
     A, hist = train(model, x, epochs=tr["epochs"], rng=rng, lr=tr["lr"], progress=False,
-                    on_epoch=_history_saver(save_partial, tr["epochs"]))
+                    on_epoch=_history_saver(save_partial, tr["epochs"]), compiled=tr["compiled"])
     train_seconds = time.perf_counter() - start
 
     run = model.run(A, [np.zeros(x.shape[:2] + (lay.latents,)) for lay in model.layers])
@@ -187,7 +226,7 @@ def run_pvrnn_meta_prior(config: dict, seed: int, save_partial=discard) -> Resul
 
     er = ErrorRegression(window=e["window"], iterations=e["iterations"], lr=e["lr"], newest=e["newest"],
                          meta_prior=None if e["meta_prior"] == -1 else (e["meta_prior"],) * len(layers),
-                         sample=e["sample"])
+                         sample=e["sample"], horizon=e["horizon"])
     er_rng = np.random.default_rng([seed, 2])
     start = time.perf_counter()
     test_error, test_sigma = _prediction_error(model, test, er, er_rng)
@@ -196,19 +235,27 @@ def run_pvrnn_meta_prior(config: dict, seed: int, save_partial=discard) -> Resul
     open_loop = model.generate(len(test), test.shape[1], None)
     open_loop_error = float(np.mean(np.sum((open_loop - test) ** 2, axis=-1)))
     spread = _generation_spread(model, A, x, np.random.default_rng([seed, 4]))
+    stats = _transitions(model, config, np.random.default_rng([seed, 5]))
 
     arrays = _history_arrays(hist)
     arrays.update({"sigma_q": (("layer",), np.array(sigma_q)), "sigma_p": (("layer",), np.array(sigma_p)),
                    "test_sigma_q": (("layer",), test_sigma.mean(axis=0)),
-                   "test_sequence_error": (("test_sequence",), test_error)})
+                   "test_sequence_error": (("test_sequence",), test_error[:, 0]),
+                   "test_horizon_error": (("horizon",), test_error.mean(axis=0)),
+                   "transition_frequencies": (("from", "to"), stats["frequencies"])})
+    primitives = list(d["primitives"])
     return Result(arrays=arrays,
-                  scalars={"test_prediction_error": float(np.mean(test_error)),
-                           "train_prediction_error": float(np.mean(train_error)),
+                  scalars={"test_prediction_error": float(np.mean(test_error[:, 0])),
+                           "test_k_step_error": float(np.mean(test_error[:, -1])),
+                           "train_prediction_error": float(np.mean(train_error[:, 0])),
                            "train_reconstruction_error": reconstruction_error, "open_loop_error": open_loop_error,
-                           "generation_spread": spread,
+                           "generation_spread": spread, "transition_distance": stats["distance"],
+                           "forbidden_transitions": stats["forbidden"], "unrecognised_cycles": stats["unrecognised"],
                            "final_free_energy": float(hist["free_energy"][-1]),
                            "train_seconds": train_seconds, "er_seconds": er_seconds},
-                  coords=_history_coords(hist), objects={"model": (model, {"A": A})})
+                  coords={**_history_coords(hist), "horizon": list(range(1, e["horizon"] + 1)), "from": primitives,
+                          "to": primitives},
+                  objects={"model": (model, {"A": A})})
 
 
 def warmup_pvrnn():
@@ -358,22 +405,26 @@ def _vs_x(ax, da, x, color, label, marker="o", ls="-"):
 
 def plot_pvrnn_meta_prior(archive_path: str):
     """PV-RNN meta-prior study, against w (log axes; the median over seeds as lines, the seeds as
-    points): the one-step prediction error of error regression on the held-out sequences and on
-    training sequences, and the open-loop generation's error on the held-out ones; the learned sigma
-    per layer, posterior sigma^q = exp(A^sig) and prior sigma^p along the posterior-mean pass (training
-    sequences, t > 0), and the posterior sigma that error regression infers on the held-out sequences;
-    the training reconstruction error of the posterior means and the spread of prior-sampled
-    generations; and the reconstruction term of the free energy during training for every w (first
-    seed)."""
+    points): the prediction error of error regression on the held-out sequences one step and k steps
+    ahead, on training sequences, and of the open-loop generation; the learned sigma per layer,
+    posterior sigma^q = exp(A^sig) and prior sigma^p along the posterior-mean pass (training sequences,
+    t > 0), and the posterior sigma that error regression infers on the held-out sequences; the
+    finite-state machine in prior-sampled generations (total-variation distance of the transition
+    frequencies from the machine's, forbidden transitions, cycles that are no primitive); the error
+    against the steps ahead for every w; the training reconstruction error and the spread of
+    prior-sampled generations; and the reconstruction term of the free energy during training for
+    every w (first seed)."""
     ds, axes = F.open_sweep(archive_path)
     x = "w" if "w" in axes else F.other_axis(ds, axes, ())
     ds = ds.sel({x: ds[x].values[ds[x].values > 0]})  # a log axis
-    fig, grid = plt.subplots(1, 4, figsize=(20, 4.6), layout="constrained")
-    ax_er, ax_sigma, ax_rec, ax_curve = grid
-    _vs_x(ax_er, ds["test_prediction_error"], x, "C0", "error regression, held-out sequences")
-    _vs_x(ax_er, ds["train_prediction_error"], x, "C1", "error regression, training sequences", marker="s")
+    fig, grid = plt.subplots(2, 3, figsize=(18, 9.5), layout="constrained")
+    (ax_er, ax_sigma, ax_fsm), (ax_k, ax_rec, ax_curve) = grid
+    k = int(ds["horizon"].values[-1])
+    _vs_x(ax_er, ds["test_prediction_error"], x, "C0", "error regression, held-out, 1 step ahead")
+    _vs_x(ax_er, ds["test_k_step_error"], x, "C2", f"error regression, held-out, {k} steps ahead", marker="D")
+    _vs_x(ax_er, ds["train_prediction_error"], x, "C1", "error regression, training, 1 step ahead", marker="s")
     _vs_x(ax_er, ds["open_loop_error"], x, "0.5", "open loop (prior means, no inference)", marker="^", ls=":")
-    ax_er.set_ylabel(r"one-step prediction error $\|\hat x_{t+1} - x_{t+1}\|^2$")
+    ax_er.set_ylabel(r"prediction error $\|\hat x_{t+k} - x_{t+k}\|^2$")
     ax_er.set_title("generalisation (after the window is full)")
     for i, layer in enumerate(ds["layer"].values):
         one = ds.sel(layer=layer)
@@ -384,6 +435,23 @@ def plot_pvrnn_meta_prior(archive_path: str):
               marker="^", ls=":")
     ax_sigma.set_ylabel(r"mean $\sigma$ of the latents")
     ax_sigma.set_title("learned sigma")
+    _vs_x(ax_fsm, ds["transition_distance"], x, "C4", "TV distance of the transition frequencies from the machine's")
+    _vs_x(ax_fsm, ds["forbidden_transitions"], x, "C5", "fraction of transitions the machine never makes",
+          marker="s", ls="--")
+    _vs_x(ax_fsm, ds["unrecognised_cycles"], x, "C6", "fraction of cycles that are no primitive", marker="^",
+          ls=":")
+    ax_fsm.set_ylabel("fraction (0: the machine's statistics)")
+    ax_fsm.set_title("the finite-state machine in prior-sampled generations")
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(ds[x])))
+    for c, value in zip(colors, ds[x].values):
+        curve = F.median(ds["test_horizon_error"].sel({x: value}), ["horizon"])
+        ax_k.plot(ds["horizon"].values, curve.values, "o-", ms=3, color=c, label=f"{x} = {F.fmt(value.item())}")
+    ax_k.set_xlabel("steps ahead k of the window's end")
+    F.integer_ticks(ax_k.xaxis)
+    ax_k.set_yscale("log")
+    ax_k.set_ylabel("prediction error, held-out (median over seeds)")
+    ax_k.set_title("prediction horizon")
+    ax_k.legend(fontsize=7)
     _vs_x(ax_rec, ds["train_reconstruction_error"], x, "C0", r"reconstruction error $\|\hat x_t - x_t\|^2$ "
           "(posterior means)")
     _vs_x(ax_rec, ds["generation_spread"], x, "C3", r"variance of $\hat x$ across prior samples (40 steps)",
@@ -391,7 +459,6 @@ def plot_pvrnn_meta_prior(archive_path: str):
     ax_rec.set_ylabel("error on the training sequences")
     ax_rec.set_title("training fit, and the randomness the model generates")
     first = ds.isel(seed=0) if "seed" in ds.dims else ds
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(ds[x])))
     for c, value in zip(colors, ds[x].values):
         rec = F.median(first["reconstruction"].sel({x: value}), ["epoch"])
         ax_curve.semilogy(first["epoch"].values, rec.values, color=c, lw=1, label=f"{x} = {F.fmt(value.item())}")
@@ -400,13 +467,13 @@ def plot_pvrnn_meta_prior(archive_path: str):
     ax_curve.set_ylabel("reconstruction term of F (training set)")
     ax_curve.set_title("training (first seed)")
     ax_curve.legend(fontsize=7)
-    for ax in grid[:3]:
+    for ax in (ax_er, ax_sigma, ax_fsm, ax_rec):
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        ax.set_yscale("log" if ax is not ax_fsm else "linear")
         ax.set_xlabel(f"meta-prior {x}")
-    for ax in grid:
+    for ax in grid.ravel():
         ax.grid(True, which="both", alpha=0.3)
-    F.figure_legend(fig, grid[:3], columns=4)
+    F.figure_legend(fig, [ax_er, ax_sigma, ax_fsm, ax_rec], columns=4)
     fig.suptitle(textwrap.fill(f"{ds.attrs['study_name']}: {ds.attrs.get('description', '')} "
                                "(median over seeds, seeds as points)", 160), fontsize=10)
     return F.readable_ticks(fig)
