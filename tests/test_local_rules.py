@@ -246,3 +246,27 @@ def test_the_rules_train_with_every_device_effect(kind, device):
     assert len(moved) == len(start)  # every circuit was trained (the feedback network too)
     if kind == "counter_current":
         assert np.all(np.isfinite(hist["grad_cosine"]))
+
+
+# ------------------------------------------------------------------------------------ digits
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["counter_current", "forward_forward"])
+def test_on_the_digits_the_substrate_rule_is_within_a_point_of_its_torch_twin(kind):
+    """Same data, initial weights, hyper-parameters, minibatches and negatives; the circuit relaxes to
+    1e-6, the twin computes its passes exactly: the two trainings end within 1 point of test accuracy
+    (measured: identical, 0.891 and 0.733 after 3 and 2 epochs) and well above chance."""
+    digits = data.digits()
+    rng = np.random.default_rng(0)
+    if kind == "counter_current":
+        model = ccl.CounterCurrentModel.layered([64, 64, 64, 10], rng)
+        twin, epochs, lr = ref.counter_current_from(model), 3, 0.5
+        acc = ref.train_counter_current(twin, digits, epochs=epochs, batch_size=32, lr=lr, clip=1.0, seed=1)
+        rule, opt = ccl.CounterCurrent(), SGD(lr)
+    else:
+        model = ff.ForwardForwardModel.layered([64, 64, 64, 10], rng)
+        twin, epochs, lr = ref.forward_forward_from(model), 2, 0.01
+        acc = ref.train_forward_forward(twin, digits, epochs=epochs, batch_size=32, lr=lr, seed=1)
+        rule, opt = ff.ForwardForward(), Adam(lr)
+    hist = train(model, digits, rule=rule, optimiser=opt, epochs=epochs, batch_size=32, rng=np.random.default_rng(1),
+                 progress=False, probe=0)
+    assert abs(hist.test_accuracy[-1] - acc) <= 0.01 and acc > 0.6
