@@ -90,14 +90,17 @@ class CounterCurrentModel:
 
     @property
     def network(self) -> Network:
+        """The forward network (it takes the data)."""
         return self.forward.network
 
     @property
     def networks(self) -> tuple:
+        """Both circuits, forward and feedback."""
         return self.forward.network, self.feedback
 
     @property
     def classes(self) -> int:
+        """The number of classes (the readout's outputs)."""
         return self.forward.classes
 
     def parameters(self) -> dict:
@@ -128,6 +131,7 @@ class CounterCurrent(Rule):
         nonnegative(self.clip, "CounterCurrent(clip)")
 
     def step(self, model, x, y, relaxation, rng=None) -> Step:
+        """Both networks relaxed (the batch up, the K classes down) and every parameter's local gradient."""
         if not isinstance(model, CounterCurrentModel):
             raise SubstrateValueError(f"counter_current trains a models.local.ccl.CounterCurrentModel, got "
                                       f"{type(model).__name__}")
@@ -156,6 +160,7 @@ class CounterCurrent(Rule):
         return Step({**grads, **back}, loss, model.forward.cost.readout(top), free.ok and down.ok)
 
     def probe(self, model, x, y, relaxation) -> float:
+        """Cosine of the forward network's gradient with backprop's (the exact gradient of the CE)."""
         grads = self.step(model, x, y, relaxation).grads
         nominal = Classifier(getattr(model.network, "nominal", model.network), model.forward.cost)
         exact = EPRule(ep.Exact()).step(nominal, x, y, relaxation).grads

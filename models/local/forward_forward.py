@@ -106,13 +106,16 @@ class ForwardForwardModel:
 
     @property
     def network(self) -> Network:
+        """The first layer's circuit (it takes the data)."""
         return self.layers[0]
 
     @property
     def networks(self) -> tuple:
+        """Every layer's circuit."""
         return tuple(self.layers)
 
     def parameters(self) -> dict:
+        """{``L{i}.W:x->h``, ``L{i}.b:h`` (and ``L0.W:label->h``): array} of every layer, updated in place."""
         params = {}
         for i, net in enumerate(self.layers):
             params.update({f"{layer_prefix(i)}W:{c.name}": c.weight for c in net.connections})
@@ -184,10 +187,12 @@ def cross_entropy(scores, labels) -> np.ndarray:
 
 
 def softplus(z):
+    """log(1 + e^z), without overflow."""
     return np.logaddexp(0.0, z)
 
 
 def sigmoid(z):
+    """1 / (1 + e^-z), without overflow."""
     return 0.5 * (1.0 + np.tanh(0.5 * z))
 
 
@@ -211,6 +216,7 @@ class ForwardForward(Rule):
         count(self.negatives, "ForwardForward(negatives)")
 
     def step(self, model, x, y, relaxation, rng=None) -> Step:
+        """Every layer relaxed on the positive and negative data, and its local gradient."""
         if not isinstance(model, ForwardForwardModel):
             raise SubstrateValueError(f"forward_forward trains a models.local.forward_forward.ForwardForwardModel, "
                                       f"got {type(model).__name__}")
