@@ -9,13 +9,13 @@ every device effect; on the digits the substrate rule ends within 1 point of its
 import numpy as np
 import pytest
 import torch
+from reference import local_rules_torch as ref
 
 from models import data, ep
 from models.data import one_hot
 from models.local import ccl
 from models.local import forward_forward as ff
 from models.train import SGD, Adam, make_rule, train
-from reference import local_rules_torch as ref
 from substrate import devices
 from substrate.errors import SubstrateValueError
 
@@ -29,8 +29,8 @@ def _batch(rng, B, n, K):
 
 def _close(got: dict, want: dict):
     assert sorted(got) == sorted(want)
-    for k in want:
-        np.testing.assert_allclose(got[k], want[k], rtol=RTOL, atol=ATOL, err_msg=k)
+    for k, value in want.items():
+        np.testing.assert_allclose(got[k], value, rtol=RTOL, atol=ATOL, err_msg=k)
 
 
 # ------------------------------------------------------------------------------------ counter-current

@@ -62,7 +62,7 @@ class CounterCurrentModel:
 
     @classmethod
     def layered(cls, sizes, rng: np.random.Generator, *, activation: str = "tanh", tau: float = 1.0,
-                dtype="float64") -> "CounterCurrentModel":
+                dtype="float64") -> CounterCurrentModel:
         """``sizes`` = (inputs, hidden..., classes). Weights uniform +-1/sqrt(fan_in) (PyTorch's
         default, as in the paper's code), biases zero."""
         if len(sizes) < 3:
@@ -83,7 +83,7 @@ class CounterCurrentModel:
                  for p, nm, sz, fan in zip(pre, names, down[1:], down[:-1])]
         return cls(forward, Network(layers, conns, inputs=[Input("t", sizes[-1])]))
 
-    def on_device(self, device: devices.Device, rng: np.random.Generator) -> "CounterCurrentModel":
+    def on_device(self, device: devices.Device, rng: np.random.Generator) -> CounterCurrentModel:
         """Both networks on ``device``, each its own crossbars (and draws); the readout stays digital."""
         return CounterCurrentModel(Classifier(devices.attach(self.forward.network, device, rng), self.forward.cost),
                                    devices.attach(self.feedback, device, rng))

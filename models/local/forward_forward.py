@@ -33,6 +33,7 @@ uses ReLU; the circuit's nearest activation is ``hard_sigmoid``, clip(u, 0, 1), 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -80,7 +81,7 @@ class ForwardForwardModel:
 
     @classmethod
     def layered(cls, sizes, rng: np.random.Generator, *, activation: str = "hard_sigmoid", tau: float = 1.0,
-                label: str = "replace", normalise_input: bool = False, dtype="float64") -> "ForwardForwardModel":
+                label: str = "replace", normalise_input: bool = False, dtype="float64") -> ForwardForwardModel:
         """``sizes`` = (inputs, hidden..., classes): one circuit per hidden layer. Weights and biases
         uniform +-1/sqrt(fan_in) (PyTorch's nn.Linear default; fan_in counts the label lines)."""
         if len(sizes) < 3:
@@ -88,7 +89,7 @@ class ForwardForwardModel:
         choice(label, "label", LABELS)
         K, dt = sizes[-1], np.dtype(dtype)
         layers = []
-        for i, (d_in, d) in enumerate(zip(sizes[:-2], sizes[1:-1])):
+        for i, (d_in, d) in enumerate(itertools.pairwise(sizes[:-1])):
             extra = K if i == 0 and label == "append" else 0
             k = 1.0 / math.sqrt(d_in + extra)
             inputs, conns = [Input("x", d_in)], [Connection("x", "h", rng.uniform(-k, k, (d, d_in)).astype(dt))]
@@ -99,7 +100,7 @@ class ForwardForwardModel:
                                   conns, inputs=inputs))
         return cls(layers, K, label, normalise_input)
 
-    def on_device(self, device: devices.Device, rng: np.random.Generator) -> "ForwardForwardModel":
+    def on_device(self, device: devices.Device, rng: np.random.Generator) -> ForwardForwardModel:
         """Every layer's circuit on ``device`` (its own crossbars and draws)."""
         return ForwardForwardModel([devices.attach(n, device, rng) for n in self.layers], self.classes, self.label,
                                    self.normalise_input)

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-import local_rules_torch as ref  # noqa: E402
+import local_rules_torch as ref
 
-from models import data, ep  # noqa: E402
-from models.local.ccl import CounterCurrent, CounterCurrentModel  # noqa: E402
-from models.local.forward_forward import ForwardForward, ForwardForwardModel  # noqa: E402
-from models.train import SGD, Adam, train  # noqa: E402
-from substrate import devices  # noqa: E402
+from models import data, ep
+from models.local.ccl import CounterCurrent, CounterCurrentModel
+from models.local.forward_forward import ForwardForward, ForwardForwardModel
+from models.train import SGD, Adam, train
+from substrate import devices
 
 MISMATCH = (devices.TauMismatch(0.1), devices.ActivationMismatch())
 DEVICES = {"programmed": devices.Device((devices.ConductanceMapping(), devices.ProgrammingNoise(),
