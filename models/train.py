@@ -213,7 +213,8 @@ persist.register(Adam, _write_optimiser, _read_optimiser)
 # ------------------------------------------------------------------------------------ training
 # the fields of History.counts's rows
 COUNT_FIELDS = tuple(f.name for f in dataclasses.fields(Counts))
-# what train() needs of a model (a Classifier, or the model of a rule that trains something else)
+# what train() needs of a model (a Classifier, or the model of a rule that trains something else); a
+# model of several circuits also has ``networks``, all of them, each written after every update
 MODEL_MEMBERS = ("parameters", "evaluate", "classes", "network")
 # every epoch relaxes each training and test sample at least once: EP runs take tens to hundreds of
 # epochs, so a count beyond 10^5 is a typo (10**30 would loop for ever), refused before the first epoch
@@ -380,7 +381,7 @@ class EPRule(Rule):
 
 
 # rules by name for configs: every estimator of models.ep, and the rules other modules add (a module
-# defining a rule registers it here: RULES["name"] = cls)
+# defining a rule registers it here: RULES["name"] = cls; importing models.local registers its rules)
 RULES = dict(ep.ESTIMATORS)
 
 
@@ -504,9 +505,12 @@ def train(model: Classifier, data: Dataset, *, rule: Rule | ep.Estimator = ep.Ce
             step, grads, penalty = gradient_step(model, x, one_hot(labels, model.classes), learner, relaxation,
                                                  homeostasis, rng)
             optimiser.step(params, grads)
-            written = model.network.write()  # through the device's programming or update model, if any
+            written = Counts()
+            for net in getattr(model, "networks", (model.network,)):
+                # through the device's programming or update model, if any
+                written = written + (net.write() or Counts())
             if counted is not None and step.counts is not None:
-                counted = counted + step.counts + optimiser.counts(grads) + (written or Counts())
+                counted = counted + step.counts + optimiser.counts(grads) + written
             else:
                 counted = None
             loss_sum += step.loss * len(idx)
