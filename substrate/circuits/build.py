@@ -24,15 +24,20 @@ def random_circuit(rng: np.random.Generator, n: int = 12, inputs: int = 3, outpu
         pairs.append((int(a), int(b)))
     e = np.array(pairs)
 
-    def two(k):
-        return np.array([rng.choice(np.arange(-1, n), 2, replace=False) for _ in range(k)]).reshape(k, 2)
+    def pick(k, width):  # elements with at least one free end (between sources they change nothing)
+        out = []
+        while len(out) < k:
+            nodes = rng.choice(np.arange(-1, n), width, replace=False)
+            if np.any(nodes >= inputs):
+                out.append(nodes)
+        return np.array(out, dtype=np.int64).reshape(k, width)
 
     def spread_(v, k):
         return v * np.clip(1 + spread * rng.standard_normal(k), 0.2, None)
 
-    f = np.array([rng.choice(np.arange(-1, n), 3, replace=False) for _ in range(fets)]).reshape(fets, 3)
+    f = pick(fets, 3)
     return Circuit(n, e, rng.uniform(0.1, 1.0, len(e)), np.arange(inputs), np.arange(inputs, inputs + outputs),
-                   diodes=two(diodes), diode_is=spread_(1e-9, diodes), diode_n=spread_(1.0, diodes), fets=f,
+                   diodes=pick(diodes, 2), diode_is=spread_(1e-9, diodes), diode_n=spread_(1.0, diodes), fets=f,
                    fet_k=spread_(0.5, fets), fet_vth=0.3 + 0.1 * spread * rng.standard_normal(fets),
                    sources=rng.integers(inputs, n, sources), source_current=rng.uniform(-0.2, 0.2, sources))
 

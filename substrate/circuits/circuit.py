@@ -230,6 +230,14 @@ class CircuitField:
         """The number of free nodes (the state's width)."""
         return len(self.free)
 
+    def state(self, u) -> np.ndarray:
+        """u as a float (batch, free nodes) copy, checked."""
+        u = np.array(u, dtype=float)
+        if u.shape != (self.batch, self.size) or not np.all(np.isfinite(u)):
+            raise SubstrateValueError(f"u must be finite, shape (batch, free nodes) = ({self.batch}, {self.size}), "
+                                      f"got {u.shape}")
+        return u
+
     def full(self, u) -> np.ndarray:
         """Every node's voltage (batch, n + 1; the last column the ground) from the free ones."""
         u = np.asarray(u, float)

@@ -97,26 +97,30 @@ def newton_direction(f: CircuitField, u, F, linear="dense", cg_tol=1e-12, patter
     return d, its
 
 
-def dc(circuit: Circuit, x, *, u0=None, clamp: Clamp | None = None, teach: Teach | None = None, tol=1e-10,
-       max_iter=100, max_step=0.5, linear="dense", cg_tol=1e-12, on_failure="raise") -> DCSolution:
-    """The DC operating point F = 0 by damped Newton (see the module docstring), from ``u0`` (batch,
-    free nodes; default 0 V), to max |F| <= ``tol`` amperes at every sample."""
-    choice(linear, "dc(linear)", LINEAR)
-    choice(on_failure, "dc(on_failure)", ("raise", "return"))
-    positive(tol, "dc(tol)")
-    positive(max_step, "dc(max_step)")
-    count(max_iter, "dc(max_iter)")
-    f = CircuitField(circuit, x, clamp, teach)
-    u = np.zeros((f.batch, f.size)) if u0 is None else np.array(u0, float)
+# a Newton step below VTOL max(1 V, max|V|) is rounding: the iteration has converged
+VTOL = 1e-13
+# Newton iterations a stage of source stepping may take before its increment is halved
+STAGE_ITERATIONS = 20
+# the largest step of the voltage sources between two stages of source stepping (volts): a junction
+# overshoots by at most ~exp(RAMP / n V_T) (~50 at 0.1 V), which Newton removes in a few iterations
+RAMP = 0.1
+
+
+def _newton(f, u, tol, max_iter, max_step, linear, cg_tol, pattern):
+    """Damped Newton from u: (u, residual per sample, converged per sample, iterations, CG iterations). A
+    sample has converged at max|F| <= tol, or when its full Newton step is below ``VTOL`` relative
+    to its voltages (the residual's rounding floor grows with the currents that cancel at a node)."""
     F = f(u)
-    pattern = _Sparse(f) if linear != "dense" else None
     res, its, cg_its = np.max(np.abs(F), axis=1, initial=0.0), 0, 0
-    while its < max_iter and not np.all(res <= tol):
+    done = res <= tol
+    while its < max_iter and not np.all(done):
         its += 1
         d, k = newton_direction(f, u, F, linear, cg_tol, pattern)
         cg_its += k
         size = np.max(np.abs(d), axis=1, initial=0.0)
-        alpha = np.where(res <= tol, 0.0, np.minimum(1.0, max_step / np.maximum(size, 1e-300)))
+        # a full step this small is below the voltages' rounding: converged whatever the residual's floor
+        done |= size <= VTOL * np.maximum(1.0, np.max(np.abs(u), axis=1, initial=0.0))
+        alpha = np.where(done, 0.0, np.minimum(1.0, max_step / np.maximum(size, 1e-300)))
         phi0 = np.sum(F * F, axis=1)
         todo = alpha > 0
         for _ in range(60):
@@ -130,9 +134,56 @@ def dc(circuit: Circuit, x, *, u0=None, clamp: Clamp | None = None, teach: Teach
                 break
             alpha = alpha / 2
         res = np.max(np.abs(F), axis=1, initial=0.0)
+        done |= res <= tol
         if not np.all(np.isfinite(res)) or (todo.any() and np.all(alpha[todo] * size[todo] < 1e-15)):
-            break  # no decrease along a vanishing step: stalled at rounding, or diverged
-    ok = bool(np.all(res <= tol))
+            break  # no decrease along a vanishing step, or diverged
+    return u, res, done, its, cg_its
+
+
+def dc(circuit: Circuit, x, *, u0=None, clamp: Clamp | None = None, teach: Teach | None = None, tol=1e-10,
+       max_iter=1000, max_step=0.5, linear="dense", cg_tol=1e-12, on_failure="raise") -> DCSolution:
+    """The DC operating point F = 0 by damped Newton (see the module docstring) to max |F| <= ``tol``
+    amperes at every sample (or a Newton step below rounding, ``VTOL``), from ``u0`` (batch, free
+    nodes), or without one by source stepping: the voltage sources ramped from 0 to their values in
+    increments of at most ``RAMP`` volts, each stage solved from the last, an increment halved after
+    a stage that does not converge within ``STAGE_ITERATIONS``. (Newton started far up a diode's
+    exponential comes down only one n V_T per iteration: from 0 V, a diode from an input at 1.5 V
+    takes ~60 iterations; a ramp keeps every stage near its solution.) ``max_iter``: Newton
+    iterations in all."""
+    choice(linear, "dc(linear)", LINEAR)
+    choice(on_failure, "dc(on_failure)", ("raise", "return"))
+    positive(tol, "dc(tol)")
+    positive(max_step, "dc(max_step)")
+    count(max_iter, "dc(max_iter)")
+    f = CircuitField(circuit, x, clamp, teach)
+    pattern = _Sparse(f) if linear != "dense" else None
+    if u0 is not None:
+        u, res, done, its, cg_its = _newton(f, f.state(u0), tol, max_iter, max_step, linear, cg_tol, pattern)
+    else:  # source stepping, per sample
+        base, u, its, cg_its = f._base, np.zeros((f.batch, f.size)), 0, 0
+        first = np.minimum(1.0, RAMP / np.maximum(np.max(np.abs(base), axis=1, initial=0.0), 1e-300))
+        s, ds = np.zeros(f.batch), first.copy()
+        done = np.zeros(f.batch, bool)
+        try:
+            while its < max_iter and not np.all(done):
+                live = ~done
+                t = np.where(live, np.minimum(1.0, s + ds), 1.0)
+                f._base = t[:, None] * base
+                un, res, conv, k, c = _newton(f, u.copy(), tol, min(STAGE_ITERATIONS, max_iter - its), max_step,
+                                              linear, cg_tol, pattern)
+                its, cg_its = its + k, cg_its + c
+                step = live & conv
+                u[step], s[step] = un[step], t[step]
+                ds = np.where(step, np.minimum(2 * ds, first), np.where(live, ds / 2, ds))
+                done = s >= 1.0
+                if np.any(live & ~conv & (ds < 1e-6)):
+                    break
+        finally:
+            f._base = base
+        F = f(u)
+        res = np.max(np.abs(F), axis=1, initial=0.0)
+        done &= np.isfinite(res)
+    ok = bool(np.all(done))
     if not ok and on_failure == "raise":
         raise ConvergenceError(f"dc: Newton did not reach max|F| <= {tol:g} A after {its} iterations (worst "
                                f"{np.max(res):.3g} A); raise max_iter or loosen tol", None)
