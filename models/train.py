@@ -1,8 +1,9 @@
-"""Training a classifier on the substrate with EP (or the exact gradient) as the weight update.
+"""Training a classifier on the substrate with a learning rule: EP, the exact gradient, or any :class:`Rule`.
 
 The model is a :class:`Classifier`: a network, the cost on its last layer (squared error on the
-output units, or cross-entropy through a linear readout whose weights take their gradient directly)
-and the rule that estimates the gradient (an :mod:`models.ep` estimator). :func:`train` runs
+output units, or cross-entropy through a linear readout whose weights take their gradient directly).
+The rule computes each minibatch's update: an :mod:`models.ep` estimator (through :class:`EPRule`), or
+any :class:`Rule` (:data:`RULES` names them for configs; :func:`make_rule`). :func:`train` runs
 minibatch epochs with SGD (momentum) or Adam, optional Jacobian homeostasis, evaluation on the
 held-out set and a probe of the gradient's alignment with the exact one; it returns the metrics per
 epoch as arrays (row 0: before training). Its only file is an optional checkpoint (``checkpoint=PATH``:
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from substrate import Cost, Network, persist
 from substrate.devices import DeviceNetwork
 from substrate.errors import SubstrateValueError
-from substrate.validate import count, fraction, positive
+from substrate.validate import choice, count, fraction, positive
 
 from . import ep
 from .data import Dataset, minibatches, one_hot
@@ -190,6 +191,8 @@ persist.register(Adam, _write_optimiser, _read_optimiser)
 
 
 # ------------------------------------------------------------------------------------ training
+# what train() needs of a model (a Classifier, or the model of a rule that trains something else)
+MODEL_MEMBERS = ("parameters", "evaluate", "classes", "network")
 # every epoch relaxes each training and test sample at least once: EP runs take tens to hundreds of
 # epochs, so a count beyond 10^5 is a typo (10**30 would loop for ever), refused before the first epoch
 MAX_EPOCHS = 100_000
@@ -255,23 +258,135 @@ def _read_checkpoint(group) -> Checkpoint:
 persist.register(Checkpoint, _write_checkpoint, _read_checkpoint)
 
 
-def gradient_step(model: Classifier, x, y, rule: ep.Estimator, relaxation: ep.Relaxation,
-                  homeostasis: Homeostasis | None = None, rng=None):
-    """(the estimate, {parameter name: gradient}, homeostasis penalty or NaN) for one minibatch."""
-    est = ep.estimate(model.network, x, y, model.cost, rule, relaxation)
+# ------------------------------------------------------------------------------------ rules
+@dataclass(frozen=True)
+class Step:
+    """What a rule did on one minibatch. ``grads``: {parameter name: gradient of the batch-mean cost}, names
+    as the rule's ``parameters(model)``; ``loss``: the batch-mean cost at the prediction made before the
+    update; ``logits``: (batch, classes), the prediction is their argmax; ``converged``: every relaxation
+    of the step reached its tolerance; ``counts``: what the hardware did (the cost model's input), None
+    where the rule does not count."""
+
+    grads: dict
+    loss: float
+    logits: np.ndarray
+    converged: bool
+    counts: object = None
+
+
+class Rule:
+    """A learning rule that :func:`train` accepts.
+
+    ``step(model, x, y, relaxation, rng) -> Step`` computes one minibatch's gradients (y one-hot,
+    (batch, classes)); ``probe(model, x, y, relaxation)`` the cosine of the rule's gradient with the
+    exact one on a fixed batch (NaN where the rule has none to compare); ``parameters(model)`` what the
+    rule trains, updated in place by the optimiser (the model's parameters; a rule that trains more,
+    e.g. a feedback network of its own, returns those too). The model needs ``parameters()``,
+    ``evaluate(x, labels, relaxation)``, ``classes`` and ``network`` (written through its device after
+    every update): a :class:`Classifier` has them. An ``ep.Estimator`` is a rule through :class:`EPRule`;
+    a new rule is a subclass in its own module, named in :data:`RULES`."""
+
+    name = "rule"
+
+    def step(self, model, x, y, relaxation, rng) -> Step:
+        """One minibatch: the gradients, and what the model predicted before the update."""
+        raise NotImplementedError
+
+    def probe(self, model, x, y, relaxation) -> float:
+        """Cosine of this rule's gradient with the exact gradient on (x, y); NaN: nothing to compare."""
+        return float("nan")
+
+    def parameters(self, model) -> dict:
+        """{name: array} of everything the rule trains, updated in place."""
+        return model.parameters()
+
+
+def named_gradients(est: ep.Estimate) -> dict:
+    """An estimate's gradients by parameter name (``Classifier.parameters``'s names)."""
     g = est.gradients
     grads = {f"W:{k}": w for k, w in g.weights.items()}
     grads.update({f"b:{k}": b for k, b in g.biases.items()})
     grads.update({f"readout.{k}": v for k, v in est.readout.items()})
+    return grads
+
+
+def exact_cosine(model: Classifier, estimate, x, y, relaxation: ep.Relaxation, free=None) -> float:
+    """Cosine over the network's weights and biases of ``estimate`` (a ``substrate.Gradients``) with the
+    exact gradient at the free equilibrium of the nominal circuit (for a network on a device: what ideal
+    hardware with the same weights would compute). ``free``: the free phase of ``model.network`` on x,
+    reused when the network is its own nominal circuit."""
+    nominal = getattr(model.network, "nominal", model.network)
+    if free is None or nominal is not model.network:
+        free = ep.free_phase(nominal, x, relaxation)
+    exact = ep.estimate(nominal, x, y, model.cost, ep.Exact(), relaxation, free=free).gradients
+    return compare(estimate, exact)["cosine"]["all"]
+
+
+@dataclass(frozen=True)
+class EPRule(Rule):
+    """An estimator of :mod:`models.ep` (EP in any of its forms, or the exact gradient) as a training
+    rule on a :class:`Classifier`: the gradient of the batch-mean cost from the estimator's phases."""
+
+    estimator: ep.Estimator
+
+    @property
+    def name(self) -> str:
+        return self.estimator.name
+
+    def estimate(self, model: Classifier, x, y, relaxation, free=None) -> ep.Estimate:
+        """The estimator's :class:`models.ep.Estimate` on one batch."""
+        return ep.estimate(model.network, x, y, model.cost, self.estimator, relaxation, free=free)
+
+    def step(self, model, x, y, relaxation, rng=None) -> Step:
+        est = self.estimate(model, x, y, relaxation)
+        return Step(named_gradients(est), est.loss, est.logits, est.converged)
+
+    def probe(self, model, x, y, relaxation) -> float:
+        free = ep.free_phase(model.network, x, relaxation)
+        return exact_cosine(model, self.estimate(model, x, y, relaxation, free=free).gradients, x, y, relaxation,
+                            free=free)
+
+
+# rules by name for configs: every estimator of models.ep, and the rules other modules add (a module
+# defining a rule registers it here: RULES["name"] = cls)
+RULES = dict(ep.ESTIMATORS)
+
+
+def make_rule(name: str, **params) -> Rule:
+    """A training rule by name (:data:`RULES`) with its parameters: an estimator of ``models.ep``
+    becomes an :class:`EPRule`."""
+    choice(name, "make_rule(name)", tuple(RULES))
+    try:
+        rule = RULES[name](**params)
+    except TypeError as e:
+        raise SubstrateValueError(f"rule {name!r}: {e}") from None
+    return as_rule(rule)
+
+
+def as_rule(rule) -> Rule:
+    """``rule`` as a :class:`Rule` (an ``ep.Estimator`` is wrapped in :class:`EPRule`)."""
+    if isinstance(rule, ep.Estimator):
+        return EPRule(rule)
+    if isinstance(rule, Rule):
+        return rule
+    raise SubstrateValueError(f"rule must be a models.train.Rule or an ep.Estimator, got {type(rule).__name__}")
+
+
+def gradient_step(model: Classifier, x, y, rule, relaxation: ep.Relaxation,
+                  homeostasis: Homeostasis | None = None, rng=None):
+    """(the rule's :class:`Step`, {parameter name: gradient}, homeostasis penalty or NaN) for one
+    minibatch; ``rule`` a :class:`Rule` or an ``ep.Estimator``."""
+    step = as_rule(rule).step(model, x, y, relaxation, rng)
+    grads = dict(step.grads)
     penalty = float("nan")
     if homeostasis is not None and homeostasis.strength > 0:
         penalty, hg = homeostasis.penalty(model.network, rng)
         for k, w in hg.items():
             grads[f"W:{k}"] = grads[f"W:{k}"] + homeostasis.strength * w
-    return est, grads, penalty
+    return step, grads, penalty
 
 
-def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0.1),
+def train(model: Classifier, data: Dataset, *, rule: Rule | ep.Estimator = ep.Centred(0.1),
           optimiser: Optimiser | None = None, epochs: int = 10, batch_size: int = 32,
           relaxation: ep.Relaxation = ep.Relaxation(on_failure="record"),
           homeostasis: Homeostasis | None = None, rng: np.random.Generator | None = None,
@@ -289,8 +404,9 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
     an uninterrupted one (apart from the wall-clock ``seconds``); a larger ``epochs`` continues a
     finished run. A checkpoint of another training (other arguments, data, or starting model) is
     refused."""
-    if not isinstance(model, Classifier):
-        raise SubstrateValueError(f"model must be a Classifier, got {type(model).__name__}")
+    if not isinstance(model, Classifier) and not all(hasattr(model, a) for a in MODEL_MEMBERS):
+        raise SubstrateValueError(f"model must be a Classifier (or have {', '.join(MODEL_MEMBERS)}), "
+                                  f"got {type(model).__name__}")
     if not isinstance(data, Dataset):
         raise SubstrateValueError(f"data must be a models.data.Dataset, got {type(data).__name__}")
     if not isinstance(rng, np.random.Generator):
@@ -298,7 +414,7 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
     count(epochs, "epochs", minimum=0, maximum=MAX_EPOCHS, why=_EPOCHS_WHY)
     count(batch_size, "batch_size")  # larger than the training set: one batch of all of it
     count(probe, "probe", minimum=0)  # larger than the training set: all of it
-    for name, v, kind, what in (("rule", rule, ep.Estimator, "an ep.Estimator"),
+    for name, v, kind, what in (("rule", rule, (Rule, ep.Estimator), "a models.train.Rule or an ep.Estimator"),
                                 ("relaxation", relaxation, ep.Relaxation, "an ep.Relaxation"),
                                 ("optimiser", optimiser, (Optimiser, type(None)), "None or an Optimiser (SGD, Adam)"),
                                 ("homeostasis", homeostasis, (Homeostasis, type(None)), "None or a Homeostasis")):
@@ -320,7 +436,8 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
         raise SubstrateValueError(f"the data's labels span {labels.min()}..{labels.max()} but the model has "
                                   f"{model.classes} classes (0..{model.classes - 1})")
     optimiser = optimiser or SGD(0.01, 0.9)
-    params = model.parameters()
+    learner = as_rule(rule)
+    params = learner.parameters(model)
     xp, yp = data.x_train[:probe], one_hot(data.y_train[:probe], model.classes)
     call = None if checkpoint is None else _call(model, data, rule, optimiser, batch_size, relaxation, homeostasis,
                                                  rng, probe)
@@ -329,16 +446,7 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
 
     def record(epoch, train_loss, train_acc, penalty, failed, seconds):
         test_loss, test_acc, _ = model.evaluate(data.x_test, data.y_test, relaxation)
-        cos = float("nan")
-        if probe:
-            # the reference is the exact gradient of the nominal circuit (for a network on a device:
-            # what ideal hardware with the same weights would compute)
-            nominal = getattr(model.network, "nominal", model.network)
-            free = ep.free_phase(model.network, xp, relaxation)
-            est = ep.estimate(model.network, xp, yp, model.cost, rule, relaxation, free=free).gradients
-            ref_free = free if nominal is model.network else ep.free_phase(nominal, xp, relaxation)
-            exact = ep.estimate(nominal, xp, yp, model.cost, ep.Exact(), relaxation, free=ref_free).gradients
-            cos = compare(est, exact)["cosine"]["all"]
+        cos = learner.probe(model, xp, yp, relaxation) if probe else float("nan")
         angles = weight_angles(model.network)
         for key, value in (("epoch", epoch), ("train_loss", train_loss), ("train_accuracy", train_acc),
                            ("test_loss", test_loss), ("test_accuracy", test_acc), ("grad_cosine", cos),
@@ -355,17 +463,17 @@ def train(model: Classifier, data: Dataset, *, rule: ep.Estimator = ep.Centred(0
         batches = minibatches(len(data.x_train), batch_size, rng)
         loss_sum = correct = failed = 0
         penalty = float("nan")
-        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs} {rule.name}", disable=not (progress and live), leave=False)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs} {learner.name}", disable=not (progress and live), leave=False)
         for idx in bar:
             x, labels = data.x_train[idx], data.y_train[idx]
-            est, grads, penalty = gradient_step(model, x, one_hot(labels, model.classes), rule, relaxation,
-                                                homeostasis, rng)
+            step, grads, penalty = gradient_step(model, x, one_hot(labels, model.classes), learner, relaxation,
+                                                 homeostasis, rng)
             optimiser.step(params, grads)
             model.network.write()  # through the device's programming or update model, if any
-            loss_sum += est.loss * len(idx)
-            correct += int(np.sum(np.argmax(est.logits, axis=1) == labels))
-            failed += 0 if est.converged else 1
-            bar.set_postfix(loss=f"{est.loss:.3f}")
+            loss_sum += step.loss * len(idx)
+            correct += int(np.sum(np.argmax(step.logits, axis=1) == labels))
+            failed += 0 if step.converged else 1
+            bar.set_postfix(loss=f"{step.loss:.3f}")
         n = len(data.x_train)
         record(epoch, loss_sum / n, correct / n, penalty, failed / len(batches), time.perf_counter() - t0)
         if progress:
@@ -390,7 +498,8 @@ def live_progress(stream=None) -> bool:
 
 def _call(model, data, rule, optimiser, batch_size, relaxation, homeostasis, rng, probe) -> dict:
     """What a resumed training must share with the one that wrote the checkpoint (JSON)."""
-    return {"model": _digest([repr(model.network), model.cost.layer, model.cost.kind,
+    cost = getattr(model, "cost", None)  # a rule's own model may have none
+    return {"model": _digest([repr(model.network), getattr(cost, "layer", None), getattr(cost, "kind", None),
                               repr(getattr(model.network, "device", None)), getattr(model.network, "seed", None)]
                              + [x.tau for x in model.network.layers]
                              + [c.mask for c in model.network.connections if c.mask is not None]),

@@ -10,7 +10,8 @@ import substrate as S
 from models import ep
 from models.data import Dataset, digits, one_hot
 from models.homeostasis import Homeostasis
-from models.train import SGD, Adam, Classifier, History, gradient_step, train
+from models.train import (RULES, SGD, Adam, Classifier, EPRule, History, Rule, Step, gradient_step, make_rule,
+                          named_gradients, train)
 from substrate import SubstrateValueError as Bad
 
 
@@ -169,15 +170,16 @@ def test_readout_gradient_matches_torch():
     model = Classifier.layered([6, 5, 4, 3], rng, cost="cross_entropy", feedback="independent",
                                asymmetry_angle=45.0)
     x, labels, y = _batch(rng, model, batch=7)
-    est, grads, _ = gradient_step(model, x, y, ep.Exact(), TIGHT)
-    r = torch.tensor(ep.activity(model.network, est.free.u)[:, model.network.slices["y"]])
+    step, grads, _ = gradient_step(model, x, y, ep.Exact(), TIGHT)
+    free = ep.free_phase(model.network, x, TIGHT)  # the same relaxation, the same equilibrium
+    r = torch.tensor(ep.activity(model.network, free.u)[:, model.network.slices["y"]])
     w = torch.tensor(model.cost.readout_weight, requires_grad=True)
     b = torch.tensor(model.cost.readout_bias, requires_grad=True)
     loss = torch.nn.functional.cross_entropy(r @ w.T + b, torch.tensor(labels))
     gw, gb = torch.autograd.grad(loss, (w, b))
     np.testing.assert_allclose(grads["readout.weight"], gw.numpy(), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(grads["readout.bias"], gb.numpy(), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(est.loss, loss.item(), rtol=1e-12)
+    np.testing.assert_allclose(step.loss, loss.item(), rtol=1e-12)
     assert np.max(np.abs(gw.numpy())) > 1e-3
 
 
@@ -281,6 +283,71 @@ def test_zero_epochs_and_homeostasis(digits_small):
     assert np.isnan(a["grad_cosine"]).all()  # probe=0: no comparison
 
 
+# ------------------------------------------------------------------------------------ rule protocol
+class _Shadowed(Rule):
+    """Centred EP written as a Rule of its own, training one extra array besides the model's: its
+    gradient is the array itself (so SGD at lr shrinks it by (1 - lr) per batch)."""
+
+    name = "shadowed"
+
+    def __init__(self):
+        self.extra = np.ones(3)
+
+    def parameters(self, model):
+        return model.parameters() | {"extra": self.extra}
+
+    def step(self, model, x, y, relaxation, rng):
+        est = ep.estimate(model.network, x, y, model.cost, ep.Centred(0.2), relaxation)
+        return Step(named_gradients(est) | {"extra": self.extra.copy()}, est.loss, est.logits, est.converged)
+
+
+def test_a_rule_of_its_own_trains_as_the_estimator_does(digits_small):
+    """train() runs any Rule: a hand-written centred EP gives the estimator's training bit for bit (its
+    probe is NaN: it compares with nothing), and the extra array it declares is updated by the optimiser:
+    10 batches (300 samples, batch 32) x 2 epochs of SGD(0.05), no momentum -> 0.95^20."""
+    rule = _Shadowed()
+    kwargs = dict(optimiser=SGD(0.05), epochs=2)
+    m1, h1 = _train(digits_small, rule=rule, **kwargs)
+    m2, h2 = _train(digits_small, rule=ep.Centred(0.2), **kwargs)
+    a1, a2 = h1.arrays(), h2.arrays()
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        assert np.array_equal(a1[key], a2[key]), key
+    assert np.isnan(a1["grad_cosine"]).all() and np.all(a2["grad_cosine"] > 0.9)
+    for k, p in m1.parameters().items():
+        assert np.array_equal(p, m2.parameters()[k]), k
+    np.testing.assert_allclose(rule.extra, 0.95 ** 20, rtol=1e-12)
+
+
+def test_rules_by_name():
+    """Every estimator of models.ep is a rule by name, wrapped in EPRule with the estimator's name."""
+    assert set(ep.ESTIMATORS) <= set(RULES)
+    r = make_rule("centred", beta=0.3)
+    assert isinstance(r, EPRule) and r.estimator == ep.Centred(0.3) and r.name == "centred"
+    with pytest.raises(Bad, match=r"make_rule\(name\)="):
+        make_rule("backprop_through_time")
+    with pytest.raises(Bad, match="rule 'centred': "):
+        make_rule("centred", gamma=1.0)
+
+
+def test_step_of_an_estimator_is_its_estimate():
+    rng = np.random.default_rng(5)
+    model = Classifier.layered([6, 5, 3], rng)
+    x, y = rng.uniform(size=(4, 6)), one_hot(rng.integers(0, 3, 4), 3)
+    rel = ep.Relaxation(tol=1e-10)
+    step = EPRule(ep.Exact()).step(model, x, y, rel)
+    est = ep.estimate(model.network, x, y, model.cost, ep.Exact(), rel)
+    assert step.loss == est.loss and step.converged and np.array_equal(step.logits, est.logits)
+    assert set(step.grads) == set(model.parameters())
+    for k, g in named_gradients(est).items():
+        assert np.array_equal(step.grads[k], g), k
+
+
+def test_bad_rule(tiny):
+    model = Classifier.layered([6, 5, 4, 3], np.random.default_rng(11))
+    with pytest.raises(Bad, match="rule must be a models.train.Rule or an ep.Estimator, got str"):
+        train(model, tiny, rule="centred", epochs=1, rng=np.random.default_rng(12), progress=False)
+
+
 # ------------------------------------------------------------------------------------ bad input
 @pytest.fixture(scope="module")
 def tiny():
@@ -310,7 +377,8 @@ def test_bad_train_data_and_model(tiny):
     model = Classifier.layered([7, 5, 4, 3], np.random.default_rng(13))
     with pytest.raises(Bad, match="the data have 6 features but the network's input 'x' has 7"):
         train(model, tiny, epochs=1, rng=np.random.default_rng(14), progress=False)
-    with pytest.raises(Bad, match="model must be a Classifier, got Network"):
+    with pytest.raises(Bad, match=r"model must be a Classifier \(or have parameters, evaluate, classes, network\), "
+                                  "got Network"):
         train(model.network, tiny, epochs=1, rng=np.random.default_rng(14), progress=False)
 
 
