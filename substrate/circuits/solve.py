@@ -144,12 +144,12 @@ def dc(circuit: Circuit, x, *, u0=None, clamp: Clamp | None = None, teach: Teach
        max_iter=1000, max_step=0.5, linear="dense", cg_tol=1e-12, on_failure="raise") -> DCSolution:
     """The DC operating point F = 0 by damped Newton (see the module docstring) to max |F| <= ``tol``
     amperes at every sample (or a Newton step below rounding, ``VTOL``), from ``u0`` (batch, free
-    nodes), or without one by source stepping: the voltage sources ramped from 0 to their values in
+    nodes), or else from 0 V, falling back, for a sample whose Newton solve does not converge within
+    ``STAGE_ITERATIONS``, to source stepping: its voltage sources ramped from 0 to their values in
     increments of at most ``RAMP`` volts, each stage solved from the last, an increment halved after
-    a stage that does not converge within ``STAGE_ITERATIONS``. (Newton started far up a diode's
-    exponential comes down only one n V_T per iteration: from 0 V, a diode from an input at 1.5 V
-    takes ~60 iterations; a ramp keeps every stage near its solution.) ``max_iter``: Newton
-    iterations in all."""
+    a stage that does not converge. (Newton started far up a diode's exponential comes down only one
+    n V_T per iteration: from 0 V, a diode from an input at 1.5 V takes ~60 iterations; a ramp keeps
+    every stage near its solution.) ``max_iter``: Newton iterations in all."""
     choice(linear, "dc(linear)", LINEAR)
     choice(on_failure, "dc(on_failure)", ("raise", "return"))
     positive(tol, "dc(tol)")
@@ -162,7 +162,7 @@ def dc(circuit: Circuit, x, *, u0=None, clamp: Clamp | None = None, teach: Teach
     else:  # source stepping, per sample
         base, u, its, cg_its = f._base, np.zeros((f.batch, f.size)), 0, 0
         first = np.minimum(1.0, RAMP / np.maximum(np.max(np.abs(base), axis=1, initial=0.0), 1e-300))
-        s, ds = np.zeros(f.batch), first.copy()
+        s, ds = np.zeros(f.batch), np.ones(f.batch)  # the whole ramp first: most circuits need no more
         done = np.zeros(f.batch, bool)
         try:
             while its < max_iter and not np.all(done):
@@ -174,7 +174,9 @@ def dc(circuit: Circuit, x, *, u0=None, clamp: Clamp | None = None, teach: Teach
                 its, cg_its = its + k, cg_its + c
                 step = live & conv
                 u[step], s[step] = un[step], t[step]
-                ds = np.where(step, np.minimum(2 * ds, first), np.where(live, ds / 2, ds))
+                failed = live & ~conv
+                ds = np.where(step, np.minimum(2 * ds, first), ds)
+                ds[failed] = np.where((ds[failed] >= 1) & (first[failed] < 1), first[failed], ds[failed] / 2)
                 done = s >= 1.0
                 if np.any(live & ~conv & (ds < 1e-6)):
                     break
