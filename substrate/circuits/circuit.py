@@ -87,6 +87,8 @@ class Circuit:
     capacitance: np.ndarray | float = 1.0
     v_t: float = V_T
     _free: np.ndarray = field(init=False, repr=False)
+    # structures that depend on the topology only (fixed once built): the stamp pattern, sparse patterns
+    _cache: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self):
         n = self.n = count(self.n, "Circuit(n)")
@@ -146,7 +148,12 @@ class Circuit:
                 2.0 * self.fet_n * self.v_t)
 
     def stamp_pattern(self) -> tuple:
-        """(rows, cols) of the kernels' stamps (see ``_kernels.stamps``), ground as node n."""
+        """(rows, cols) of the kernels' stamps (see ``_kernels.stamps``), ground as node n (computed once)."""
+        if "stamps" not in self._cache:
+            self._cache["stamps"] = self._stamp_pattern()
+        return self._cache["stamps"]
+
+    def _stamp_pattern(self) -> tuple:
         e, d, f = self.internal(self.edges), self.internal(self.diodes), self.internal(self.fets)
         two = np.concatenate([e, d])
         rows = [np.stack([two[:, 0], two[:, 0], two[:, 1], two[:, 1]], 1).ravel(),

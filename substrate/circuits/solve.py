@@ -47,7 +47,8 @@ class DCSolution:
 
 
 class _Sparse:
-    """The free-free Jacobian's CSR pattern and each stamp's slot in it (built once per field)."""
+    """The free-free Jacobian's CSR pattern and each stamp's slot in it; built once per circuit and
+    set of free nodes (:func:`sparse_pattern`)."""
 
     def __init__(self, f: CircuitField):
         index = np.full(f.circuit.n + 1, -1)
@@ -63,12 +64,12 @@ class _Sparse:
         self.indices = (uniq % f.size).astype(np.int64)
         self.indptr = np.searchsorted(uniq // f.size, np.arange(f.size + 1)).astype(np.int64)
         self.nnz = len(uniq)
-        self.outputs = self.diag[f._out] if f.teach is not None else None
 
-    def data(self, vals_b, beta) -> np.ndarray:
+    def data(self, f: CircuitField, vals_b) -> np.ndarray:
+        """The CSR values of one sample's J (with the nudge's beta on the outputs' diagonal)."""
         d = np.bincount(self.slot, weights=vals_b[self.keep], minlength=self.nnz)
-        if self.outputs is not None:
-            d[self.outputs] += beta
+        if f.teach is not None:
+            d[self.diag[f._out]] += f.teach.beta
         return d
 
     def matrix(self, data, n):
@@ -76,15 +77,24 @@ class _Sparse:
         return csr_matrix((data, self.indices, self.indptr), shape=(n, n))
 
 
+def sparse_pattern(f: CircuitField) -> _Sparse:
+    """The :class:`_Sparse` of ``f``'s circuit and free nodes, cached on the circuit (sorting the
+    stamps is most of a large circuit's set-up)."""
+    key = ("sparse", f.free.tobytes())
+    cache = f.circuit._cache
+    if key not in cache:
+        cache[key] = _Sparse(f)
+    return cache[key]
+
+
 def newton_direction(f: CircuitField, u, F, linear="dense", cg_tol=1e-12, pattern=None):
     """(d with J d = -F per sample, CG iterations). ``pattern``: a reusable :class:`_Sparse`."""
     if linear == "dense":
         return np.linalg.solve(f.jacobian(u), -F[..., None])[..., 0], 0
     vals = f.stamp_values(u)
-    beta = f.teach.beta if f.teach is not None else 0.0
     d, its = np.zeros_like(F), 0
     for b in range(f.batch):
-        data = pattern.data(vals[b], beta)
+        data = pattern.data(f, vals[b])
         if linear == "cg":  # -J d = F, -J symmetric positive definite
             k = K.cg(pattern.indptr, pattern.indices, -data, np.ascontiguousarray(F[b]), d[b], cg_tol, 10 * f.size)
             if k > 10 * f.size:
@@ -156,7 +166,7 @@ def dc(circuit: Circuit, x, *, u0=None, clamp: Clamp | None = None, teach: Teach
     positive(max_step, "dc(max_step)")
     count(max_iter, "dc(max_iter)")
     f = CircuitField(circuit, x, clamp, teach)
-    pattern = _Sparse(f) if linear != "dense" else None
+    pattern = sparse_pattern(f) if linear != "dense" else None
     if u0 is not None:
         u, res, done, its, cg_its = _newton(f, f.state(u0), tol, max_iter, max_step, linear, cg_tol, pattern)
     else:  # source stepping, per sample
@@ -232,11 +242,10 @@ def adjoint(f: CircuitField, u, rhs, linear="dense") -> np.ndarray:
     if linear == "dense":
         return np.linalg.solve(np.swapaxes(f.jacobian(u), 1, 2), rhs[..., None])[..., 0]
     if f.circuit.reciprocal:  # J^T = J
-        return -newton_direction(f, u, -rhs, linear, 1e-13, _Sparse(f))[0]
+        return -newton_direction(f, u, -rhs, linear, 1e-13, sparse_pattern(f))[0]
     from scipy.sparse.linalg import spsolve
-    p, vals = _Sparse(f), f.stamp_values(u)
-    beta = f.teach.beta if f.teach is not None else 0.0
-    return np.stack([spsolve(p.matrix(p.data(vals[b], beta), f.size).T.tocsc(), rhs[b]) for b in range(f.batch)])
+    p, vals = sparse_pattern(f), f.stamp_values(u)
+    return np.stack([spsolve(p.matrix(p.data(f, vals[b]), f.size).T.tocsc(), rhs[b]) for b in range(f.batch)])
 
 
 def gradient(circuit: Circuit, x, loss, *, linear="dense", tol=1e-12, **dc_options) -> Gradients:
