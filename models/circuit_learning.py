@@ -207,6 +207,13 @@ def _as_gradients(g) -> Gradients:
 
 
 class _CircuitRule(Rule):
+    """A rule on a :class:`CircuitClassifier`: its ``gradient`` is the step's and the probe's."""
+
+    def gradient(self, model, x, y, free=None):
+        """(dL/dg estimate of the batch-mean cost (E,), the free solution, every solve converged), from
+        the free operating point ``free`` when given."""
+        raise NotImplementedError
+
     def step(self, model, x, y, relaxation=None, rng=None) -> Step:
         g, free, ok = self.gradient(model, x, y)
         return Step({"conductance": g}, float(np.mean(model.cost(free, y)[0])), model.outputs(free), bool(ok))
