@@ -36,10 +36,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import results  # noqa: E402
-from substrate import circuits  # noqa: E402
-from substrate.circuits import _kernels as K  # noqa: E402
-from substrate.circuits import solve as S  # noqa: E402
+import results
+
+from substrate import circuits
+from substrate.circuits import _kernels as K
+from substrate.circuits import solve as S
 
 TOL = 1e-10
 BATCH = 2
@@ -136,7 +137,7 @@ def main(argv=None):
             for k, (h, nodes, edges, t) in enumerate(sizes)]
     cols = ["hidden", "nodes", "conductances", "ms", "ratio to hidden=256", "p in nodes", "p in conductances"]
     print(f"\ngrowth: {' | '.join(cols)}")
-    show = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+    show = lambda v: "" if v is None else f"{v:.2f}"
     for r in rows:
         print(f"  {r[0]:6d} {r[1]:6d} {r[2]:9d} {r[3]:10.1f} {r[4]:8.2f} {show(r[5]):>6s} {show(r[6]):>6s}")
     results.record("DC solve (linear=cg) against the hidden layer's size", cols, rows, key="circuit_growth",

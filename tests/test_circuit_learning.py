@@ -51,7 +51,7 @@ def test_coupled_learning_clamps_the_outputs_and_follows_the_gradient(batch):
     assert np.max(np.abs(sol.field(sol.u))) <= 1e-12  # KCL at every other node
     g = rule.gradient(model, x, y, free)[0]
     e = model.circuit.edges
-    full = lambda v: np.concatenate([v, np.zeros((len(v), 1))], 1)  # noqa: E731
+    full = lambda v: np.concatenate([v, np.zeros((len(v), 1))], 1)
     dF = full(free.v)[:, e[:, 0]] - full(free.v)[:, e[:, 1]]
     dC = full(sol.v)[:, e[:, 0]] - full(sol.v)[:, e[:, 1]]
     np.testing.assert_allclose(g, (dC ** 2 - dF ** 2).sum(0) / (2 * 0.05 * len(x)), rtol=1e-6, atol=1e-12)

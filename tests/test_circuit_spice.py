@@ -14,7 +14,7 @@ def test_netlist_has_every_element_once():
     c.conductance[0] = 0.0  # an open edge is no element
     text = spice.netlist(c, [0.3, -0.2])
     lines = text.splitlines()
-    count = lambda p: sum(line.startswith(p) for line in lines)  # noqa: E731
+    count = lambda p: sum(line.startswith(p) for line in lines)
     assert (count("VIN"), count("ISRC"), count("R"), count("D"), count("BFET")) == (2, 2, len(c.edges) - 1, 3, 2)
     assert count(".model") == 3 and ".op" in lines
     # resistances round-trip the conductances exactly

@@ -32,7 +32,7 @@ def torch_currents(c, V):
     import torch
 
     n = c.n
-    idx = lambda a: torch.as_tensor(np.where(a < 0, n, a))  # noqa: E731
+    idx = lambda a: torch.as_tensor(np.where(a < 0, n, a))
     out = torch.zeros_like(V)
     a, b = idx(c.edges[:, 0]), idx(c.edges[:, 1])
     i = torch.as_tensor(c.conductance) * (V[:, a] - V[:, b])
@@ -44,7 +44,7 @@ def torch_currents(c, V):
     d, g, s = (idx(c.fets[:, k]) for k in range(3))
     phi = torch.as_tensor(2 * c.fet_n * c.v_t)
     vth = torch.as_tensor(c.fet_vth)
-    sp = lambda v: phi * torch.nn.functional.softplus(v / phi)  # noqa: E731
+    sp = lambda v: phi * torch.nn.functional.softplus(v / phi)
     i = torch.as_tensor(c.fet_k) * (sp(V[:, g] - V[:, s] - vth) ** 2 - sp(V[:, g] - V[:, d] - vth) ** 2)
     out = out.index_add(1, d, -i).index_add(1, s, i)
     out = out.index_add(1, idx(c.sources), torch.as_tensor(c.source_current).expand(len(V), -1))
@@ -133,7 +133,7 @@ def test_implicit_gradient_matches_finite_differences(which, request):
     c, x, _ = request.getfixturevalue(which)
     loss = _loss(c)
     grads = C.gradient(c, x, loss, tol=1e-14)
-    value = lambda: loss(C.dc(c, x, tol=1e-14).v)[0]  # noqa: E731
+    value = lambda: loss(C.dc(c, x, tol=1e-14).v)[0]
     # central differences, h = 1e-6 S: truncation O(h^2) and rounding ~1e-16 |L| / h: ~1e-10 relative
     h, fd = 1e-6, np.empty(len(c.conductance))
     g0 = c.conductance.copy()

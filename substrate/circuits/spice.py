@@ -28,6 +28,11 @@ def _node(i) -> str:
     return "0" if i < 0 else f"n{i}"
 
 
+def _softplus(a, b, vth, phi) -> str:
+    """phi ln(1 + exp((V_a - V_b - V_th)/phi)) as a B-source expression."""
+    return f"({phi}*ln(1+exp((v({_node(a)})-v({_node(b)})-({vth}))/{phi})))"
+
+
 def netlist(circuit: Circuit, x, title: str = "substrate circuit", gmin: float = 1e-20) -> str:
     """The netlist (ngspice dialect) of ``circuit`` with its input nodes held at ``x`` (one sample,
     len(inputs) volts), with an ``.op`` analysis."""
@@ -35,7 +40,7 @@ def netlist(circuit: Circuit, x, title: str = "substrate circuit", gmin: float =
     x = c.check_inputs(np.atleast_2d(x))
     if len(x) != 1:
         raise SubstrateValueError(f"netlist takes one sample's inputs, got {len(x)}")
-    fmt = lambda v: f"{float(v):.17g}"  # noqa: E731  (round-trips a float64 exactly)
+    fmt = lambda v: f"{float(v):.17g}"
     out = [f"* {title}", f".options gmin={fmt(gmin)} reltol=1e-12 abstol=1e-18 vntol=1e-14 itl1=1000"]
     for k, (node, v) in enumerate(zip(c.inputs, x[0])):
         out.append(f"VIN{k} {_node(node)} 0 DC {fmt(v)}")
@@ -49,10 +54,9 @@ def netlist(circuit: Circuit, x, title: str = "substrate circuit", gmin: float =
         out.append(f"D{k} {_node(a)} {_node(b)} DMOD{k}")
         out.append(f".model DMOD{k} D(IS={fmt(c.diode_is[k])} N={fmt(n_spice)} RS=0)")
     for k, (d, g, s) in enumerate(c.fets):
-        phi = 2 * c.fet_n[k] * c.v_t
-        sp = lambda a, b: (f"({fmt(phi)}*ln(1+exp((v({_node(a)})-v({_node(b)})-({fmt(c.fet_vth[k])}))"  # noqa: E731
-                           f"/{fmt(phi)})))")
-        out.append(f"BFET{k} {_node(d)} {_node(s)} I={fmt(c.fet_k[k])}*({sp(g, s)}**2-{sp(g, d)}**2)")
+        phi, vth = fmt(2 * c.fet_n[k] * c.v_t), fmt(c.fet_vth[k])
+        out.append(f"BFET{k} {_node(d)} {_node(s)} I={fmt(c.fet_k[k])}*({_softplus(g, s, vth, phi)}**2"
+                   f"-{_softplus(g, d, vth, phi)}**2)")
     out += [".op", ".end", ""]
     return "\n".join(out)
 
@@ -77,7 +81,7 @@ def operating_point(circuit: Circuit, x, executable: str = "ngspice", timeout: f
                                                                ".endc\n.end\n")
             with open(cir, "w") as fh:
                 fh.write(text)
-            run = subprocess.run([path, "-b", cir], capture_output=True, text=True, timeout=timeout)
+            run = subprocess.run([path, "-b", cir], capture_output=True, text=True, timeout=timeout, check=False)
             if run.returncode != 0 or not os.path.exists(raw):
                 raise SubstrateValueError(f"ngspice failed on sample {b}: {run.stderr.strip()[-500:]}")
             for name, value in _read_raw(raw).items():
