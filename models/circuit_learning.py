@@ -141,9 +141,10 @@ class CircuitClassifier:
         d = self.outputs(sol) - self.targets(y)
         return 0.5 * np.sum(d * d, axis=1), d
 
-    def evaluate(self, x, labels, relaxation=None, batch: int = 1000) -> tuple:
+    def evaluate(self, x, labels, relaxation=None, batch: int = 100) -> tuple:
         """(mean cost, accuracy, fraction of batches whose operating point missed its tolerance).
-        ``relaxation`` is accepted for train()'s protocol; the circuit is solved by Newton."""
+        ``relaxation`` is accepted for train()'s protocol; the circuit is solved by Newton. ``batch``:
+        samples solved at once (the stamps take batch x 4 x conductances floats)."""
         losses, correct, failed = 0.0, 0, 0
         for i in range(0, len(x), batch):
             sol = self.free(x[i:i + batch])

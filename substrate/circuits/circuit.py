@@ -294,11 +294,17 @@ class CircuitField:
         return out
 
     def jacobian(self, u) -> np.ndarray:
-        """J per sample, (batch, free, free), dense."""
-        n1 = self.circuit.n + 1
-        J = np.empty((self.batch, n1, n1))
-        K.dense_stamps(self.stamp_values(u), self.rows, self.cols, J)
-        J = J[:, self.free][:, :, self.free]
+        """J per sample, (batch, free, free), dense (only the stamps between free nodes are summed: a
+        network with many input nodes would not fit as a dense matrix over every node)."""
+        if not hasattr(self, "_free_stamps"):
+            index = np.full(self.circuit.n + 1, -1)
+            index[self.free] = np.arange(self.size)
+            r, c = index[self.rows], index[self.cols]
+            keep = np.flatnonzero((r >= 0) & (c >= 0))
+            self._free_stamps = keep, r[keep], c[keep]
+        keep, r, c = self._free_stamps
+        J = np.empty((self.batch, self.size, self.size))
+        K.dense_stamps(np.ascontiguousarray(self.stamp_values(u)[:, keep]), r, c, J)
         if self.teach is not None:
             J[:, self._out, self._out] += self.teach.beta
         return J
