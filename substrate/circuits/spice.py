@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import SubstrateValueError
 from .circuit import Circuit
 
-# ngspice's kT/q at its nominal temperature, 27 C (src/include/ngspice/const.h: CONSTboltz, CHARGE, REFTEMP)
+# ngspice's kT/q at its nominal temperature, 27 C (its constants CONSTboltz, CHARGE and REFTEMP)
 SPICE_V_T = 1.38064852e-23 * 300.15 / 1.6021766208e-19
 
 
