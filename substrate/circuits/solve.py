@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.linalg import spsolve
 
 from ..adjoint import Gradients
 from ..errors import ConvergenceError, SubstrateValueError
@@ -73,7 +75,6 @@ class _Sparse:
         return d
 
     def matrix(self, data, n):
-        from scipy.sparse import csr_matrix
         return csr_matrix((data, self.indices, self.indptr), shape=(n, n))
 
 
@@ -102,7 +103,6 @@ def newton_direction(f: CircuitField, u, F, linear="dense", cg_tol=1e-12, patter
                                           "not symmetric definite (a FET?): use linear='splu'")
             its += k
         else:
-            from scipy.sparse.linalg import spsolve
             d[b] = spsolve(pattern.matrix(data, f.size).tocsc(), -F[b])
     return d, its
 
@@ -243,7 +243,6 @@ def adjoint(f: CircuitField, u, rhs, linear="dense") -> np.ndarray:
         return np.linalg.solve(np.swapaxes(f.jacobian(u), 1, 2), rhs[..., None])[..., 0]
     if f.circuit.reciprocal:  # J^T = J
         return -newton_direction(f, u, -rhs, linear, 1e-13, sparse_pattern(f))[0]
-    from scipy.sparse.linalg import spsolve
     p, vals = sparse_pattern(f), f.stamp_values(u)
     return np.stack([spsolve(p.matrix(p.data(f, vals[b]), f.size).T.tocsc(), rhs[b]) for b in range(f.batch)])
 
