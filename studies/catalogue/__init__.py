@@ -12,6 +12,8 @@ package imports it.
 * :mod:`~studies.catalogue.dpm_gradients`: ``dpm_gradients``
 * :mod:`~studies.catalogue.dpm_customise`: ``dpm_customise``
 * :mod:`~studies.catalogue.drift`: ``drift`` (an ``ep_train`` classifier programmed on a drifting device)
+* :mod:`~studies.catalogue.circuits`: ``circuit_train`` (a resistive network, EP or coupled learning,
+  device variability)
 * :mod:`~studies.catalogue.compare`: ``compare`` (every learning rule on the same circuit and devices,
   with what it costs on the hardware)
 * :mod:`~studies.catalogue.selftest`: ``selftest`` (exercises the sweep machinery in the tests)
@@ -21,7 +23,8 @@ A new study is one module here and one line below (and its TOML file in ``studie
 
 from __future__ import annotations
 
-from studies.catalogue import compare, dpm_customise, dpm_gradients, drift, ep, gradient_accuracy, pvrnn, relaxation, selftest
+from studies.catalogue import (circuits, compare, dpm_customise, dpm_gradients, drift, ep, gradient_accuracy, pvrnn,
+                               relaxation, selftest)
 
 TASKS = {
     "relaxation": relaxation.TASK,
@@ -34,5 +37,6 @@ TASKS = {
     "dpm_customise": dpm_customise.TASK,
     "drift": drift.TASK,
     "compare": compare.TASK,
+    "circuit_train": circuits.TASK,
     "selftest": selftest.TASK,
 }
