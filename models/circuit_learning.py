@@ -1,4 +1,4 @@
-"""Learning in resistive circuits (``substrate.circuits``; docs/equations.md, section 9): EP and coupled
+"""Learning in resistive circuits (``substrate.circuits``; docs/equations.md, section 10): EP and coupled
 learning as rules that :func:`models.train.train` accepts, and the circuit's classifier.
 
 * EP (:class:`CircuitEP`): an estimator of :mod:`models.ep` (unchanged) gives its recipe

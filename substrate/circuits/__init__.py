@@ -1,5 +1,5 @@
 """Nonlinear resistive circuits, the second physical substrate beside the neuron engine
-(docs/equations.md, section 9): :class:`Circuit` (conductances, diodes, FETs, sources),
+(docs/equations.md, section 10): :class:`Circuit` (conductances, diodes, FETs, sources),
 :class:`CircuitField` (F, J v, J^T v, the parameter VJP, the co-content), the DC operating point by
 damped Newton (:func:`dc`) or relaxation in time (:func:`relax`), the implicit :func:`gradient`,
 and SPICE netlists (:mod:`substrate.circuits.spice`)."""

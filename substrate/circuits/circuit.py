@@ -1,4 +1,4 @@
-"""Nonlinear resistive circuits: Kirchhoff's current law as the dynamics (docs/equations.md, section 9).
+"""Nonlinear resistive circuits: Kirchhoff's current law as the dynamics (docs/equations.md, section 10).
 
 Node voltages V (volts; ground 0). At every node i not held by a voltage source
 

@@ -1,6 +1,6 @@
 """SPICE netlists of a circuit with its inputs, and ngspice's DC operating point of them.
 
-Elements map one to one (docs/equations.md, section 9): a conductance g is a resistor 1/g (g = 0: no
+Elements map one to one (docs/equations.md, section 10): a conductance g is a resistor 1/g (g = 0: no
 element), a diode a ``D`` element with IS, N and no series resistance, a FET a behavioural current
 source ``B`` from drain to source with the EKV-style formula, a voltage source per input node, a
 current source per current source. ngspice computes a diode's thermal voltage kT/q at its nominal
