@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import math
 import os
 import sys
@@ -381,13 +382,17 @@ class EPRule(Rule):
 
 
 # rules by name for configs: every estimator of models.ep, and the rules other modules add (a module
-# defining a rule registers it here: RULES["name"] = cls; importing models.local registers its rules)
+# defining a rule registers it here: RULES["name"] = cls). Those modules import this one, so they are
+# imported when a rule is first looked up by name (make_rule), not here.
+RULE_MODULES = ("models.adjoint_rules", "models.local", "models.circuit_learning")
 RULES = dict(ep.ESTIMATORS)
 
 
 def make_rule(name: str, **params) -> Rule:
     """A training rule by name (:data:`RULES`) with its parameters: an estimator of ``models.ep``
     becomes an :class:`EPRule`."""
+    for module in RULE_MODULES:
+        importlib.import_module(module)
     choice(name, "make_rule(name)", tuple(RULES))
     try:
         rule = RULES[name](**params)

@@ -2,6 +2,9 @@
 parameters, one gradient step against the implicit gradient and torch autograd (and with Jacobian
 homeostasis), a short training run on the digits, and bad input."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -327,6 +330,16 @@ def test_rules_by_name():
         make_rule("backprop_through_time")
     with pytest.raises(Bad, match="rule 'centred': "):
         make_rule("centred", gamma=1.0)
+
+
+def test_every_rule_by_name_in_a_fresh_process():
+    """make_rule finds the rules of the modules that register them (adjoint rules, local rules, circuit
+    rules) without the caller importing those modules first."""
+    code = ("from models.train import make_rule; "
+            "print(*(type(make_rule(n)).__name__ for n in ('implicit', 'counter_current', 'coupled_learning')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ImplicitRule", "CounterCurrent", "CoupledLearning"]
 
 
 def test_step_of_an_estimator_is_its_estimate():
