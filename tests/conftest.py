@@ -1,5 +1,6 @@
 """Test-session settings shared by every test file."""
 
+import contextlib
 import os
 import sys
 
@@ -35,9 +36,26 @@ def one_torch_thread(request):
     torch.set_num_threads(old)
 
 
+@contextlib.contextmanager
+def _one_torch_thread():
+    """torch's intra-op threads at 1, as in a sweep's worker processes (their environment sets one
+    thread), for the runs of the diffusion studies made in this process."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 class _Archives(dict):
     """Study config path -> (the study at its debug profile, its sweep archive's path, the sweep's
-    counts), swept on first use."""
+    counts), swept on first use, in this process (SerialExecutor: the same execute_run as a pool
+    worker, without starting two worker processes per study, each paying the imports and the loading
+    of its kernels: ~6x the CPU time of the runs). test_dask.py sweeps every config again on worker
+    processes and compares them bit for bit with these."""
 
     def __init__(self, folders):
         super().__init__()
@@ -50,14 +68,16 @@ class _Archives(dict):
 
         s = load_study(path, "debug", tasks=TASKS)
         stats = {}
-        archive = sweep.run_sweep(s, str(self.folders.mktemp(s.name)), workers=2, progress=False, stats=stats)
+        with _one_torch_thread():
+            archive = sweep.run_sweep(s, str(self.folders.mktemp(s.name)), executor=sweep.SerialExecutor(),
+                                      progress=False, stats=stats)
         self[path] = (s, archive, stats)
         return self[path]
 
 
 @pytest.fixture(scope="session")
 def config_archives(tmp_path_factory):
-    """Every study config of studies/configs swept at debug size on the local process pool, once per
+    """Every study config of studies/configs swept at debug size, once per
     session (test_studies.py checks the archives, test_figures.py draws them): a dict from the config's
     path, each swept when a test first asks for it (a config whose test is skipped is never swept)."""
     return _Archives(tmp_path_factory)

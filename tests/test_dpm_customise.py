@@ -12,7 +12,7 @@ from studies import archives
 from studies import sweep as sw
 from studies.catalogue import TASKS
 from studies.catalogue import dpm_customise as dc
-from studies.config import StudyConfigError, load_study, resolve
+from studies.config import StudyConfigError, resolve
 from substrate.errors import SubstrateValueError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,11 +23,11 @@ def config(**sections):
     return resolve(TASKS["dpm_customise"].schema, sections, "base")
 
 
-def test_debug_sweep_and_its_figure(tmp_path):
+def test_debug_sweep_and_its_figure(config_archives, tmp_path):
     """The debug profile sweeps every customisation into one archive (each run's own arrays, NaN for
-    the others'), a run repeated gives the same bits, and the figure draws a row for each."""
-    study = load_study(CONFIG, "debug", tasks=TASKS)
-    path = sw.run_sweep(study, str(tmp_path), executor=sw.SerialExecutor(), progress=False)
+    the others'), a run repeated gives the same bits, and the figure draws a row for each. The sweep is
+    conftest.py's ``config_archives`` (test_studies.py checks its digests)."""
+    study, path, _ = config_archives[CONFIG]
     ds = archives.open_dataset(path)
     assert list(ds["what"].values) == ["noise", "conditioning", "weights"] and (ds["status"] == "done").all()
     noise = ds.sel(what="noise")

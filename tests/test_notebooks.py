@@ -13,7 +13,6 @@ import ipykernel  # noqa: F401,E402  (test dependencies)
 import nbclient  # noqa: E402
 import nbformat  # noqa: E402
 
-from studies import sweep as sw  # noqa: E402
 from studies.catalogue import TASKS  # noqa: E402
 from studies.config import load_study  # noqa: E402
 
@@ -51,19 +50,10 @@ def parameter_cell(nb, path):
 
 
 @pytest.fixture(scope="module")
-def archives(tmp_path_factory):
-    """{config path: archive}: a debug sweep of each study that a notebook draws, made once."""
-    made = {}
-    root = tmp_path_factory.mktemp("archives")
-
-    def get(config):
-        if config not in made:
-            study = load_study(config, "debug", tasks=TASKS)
-            made[config] = sw.run_sweep(study, str(root / study.name), executor=sw.SerialExecutor(),
-                                        progress=False)
-        return made[config]
-
-    return get
+def archives(config_archives):
+    """{config path: archive}: the debug sweep of each study that a notebook draws, shared with
+    test_studies.py and test_figures.py (conftest.py's ``config_archives``): a notebook only reads it."""
+    return lambda config: config_archives[config][1]
 
 
 @pytest.fixture(scope="module")
