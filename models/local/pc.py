@@ -8,15 +8,17 @@ whose free equilibrium is the prediction u_l = mu_l = W_l a_{l-1} + b_l, a_{l-1}
 itself for l = 1). Predictive coding adds, beside every value neuron x_l, a prediction-error neuron
 eps_l = x_l - mu_l(x_{l-1}), and relaxes the values on the energy
 
-    F(x) = 1/2 sum_l ||eps_l||^2,    tau dx_l/dt = -dF/dx_l = -eps_l + rho'(x_l) * (W_{l+1}^T eps_{l+1})
+    F(x) = 1/2 sum_{l<L} ||eps_l||^2 + gamma/2 ||eps_L||^2,
+    tau dx_l/dt = -dF/dx_l = -eps_l + rho'(x_l) * (W_{l+1}^T gamma_{l+1} eps_{l+1})   (gamma_l = 1 below L)
 
 with the input clamped and the output x_L clamped to the target y, starting from the feed-forward pass
-(where every hidden eps_l is 0). At the relaxed state the update is local to each crossbar, the error
+(where every hidden eps_l is 0); gamma, the output's precision (Whittington & Bogacz's inverse variance
+Sigma_L^{-1}), is 1 in their rule. At the relaxed state the update is local to each crossbar, the error
 of its post-synaptic neurons times the activity of its pre-synaptic ones:
 
-    dF/dW_l = -eps_l a_{l-1}^T,    dF/db_l = -eps_l      (batch means)
+    dF/dW_l = -gamma_l eps_l a_{l-1}^T,    dF/db_l = -gamma_l eps_l      (batch means)
 
-which descends F, the "gradient" this rule reports. The relaxation is integrated with the engine's
+and the rule reports dF/dtheta / gamma, a step on the scale of the loss's gradient. The relaxation is integrated with the engine's
 fixed-step explicit tableaux (``models.local._ode``): the rho'-gated feedback is a product of two
 neurons' signals, outside the circuit's tau du/dt = -u + W rho(u) + V x + b. The weights are read
 through the device (``circuit_weight``: programming and read noise; the error neurons read each crossbar
@@ -26,10 +28,13 @@ Relation to EP. F is an energy whose minimum with the output free is the feed-fo
 Clamping the output to y is the limit beta -> infinity of the nudged energy F + beta l(x_L), l =
 1/2 ||x_L - y||^2; EP's one-sided estimate on the same energy, (1/beta)(dF/dtheta(x*_beta) -
 dF/dtheta(x*_0)) with dF/dtheta(x*_0) = 0, tends to dl/dtheta as beta -> 0 (Scellier & Bengio 2017).
-Replacing the hard clamp by a small output error does the same: with y = mu_L + s d, the relaxed
-errors are eps_l = s delta_l + O(s^2), delta_l backprop's errors (Whittington & Bogacz, Section 2.4), so
-PC's update differs from the exact gradient of l by O(s) relative: the small-error limit
-(tests/test_local_pc_noprop.py measures the rate).
+PC's gamma plays beta's part: the output error reaches the hidden neurons as gamma eps_L, the values move
+by O(gamma), eps_L -> y - mu_L and gamma_l eps_l / gamma -> backprop's errors delta_l, so dF/dtheta / gamma
+differs from the exact gradient of l by O(gamma) relative: the small-error limit of Whittington & Bogacz
+(their Section 2.4, the output variance large against the hidden ones) and Millidge et al.'s
+infinitesimal-inference limit (tests/test_local_pc_noprop.py measures the rate). A target close to the
+prediction alone is not that limit: at gamma = 1 the output error is shared between the layers in a fixed
+proportion however small it is (measured there: a relative error that stays at ~16% as y -> mu_L).
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ def _chain(network) -> list:
 
 @dataclass(frozen=True)
 class Relaxed:
-    """A predictive-coding relaxation: values x (batch, n), errors eps (batch, n), the activities feeding
+    """A predictive-coding relaxation: values x (batch, n), weighted errors gamma_l eps_l (batch, n), the activities feeding
     each layer {layer: (batch, pre size)}, whether max|dx/dt| reached ``tol``, and the steps taken."""
 
     x: np.ndarray
@@ -88,12 +93,14 @@ class Relaxed:
 class PredictiveCoding(Rule):
     """Predictive coding (module docstring): values relaxed with the output clamped to the target by
     ``method`` (an engine tableau: euler or rk4) at step ``dt`` (units of tau) until max|dx/dt| <= ``tol``
-    or ``max_steps``; then dF/dW_l = -eps_l a_{l-1}^T and dF/db_l = -eps_l (batch means)."""
+    or ``max_steps``; then dF/dW_l / gamma and dF/db_l / gamma (batch means), gamma = ``precision``, the
+    output error's weight in F."""
 
     method: str = "euler"
     dt: float = 0.2
     tol: float = 1e-5
     max_steps: int = 2000
+    precision: float = 1.0
     name = "predictive_coding"
 
     def __post_init__(self):
@@ -101,6 +108,7 @@ class PredictiveCoding(Rule):
         positive(self.dt, "PredictiveCoding(dt)")
         positive(self.tol, "PredictiveCoding(tol)")
         count(self.max_steps, "PredictiveCoding(max_steps)")
+        positive(self.precision, "PredictiveCoding(precision)")
 
     model = staticmethod(pc_classifier)
 
@@ -119,6 +127,7 @@ class PredictiveCoding(Rule):
                 sl = network.slices[layer.name]
                 eps[:, sl] = u[:, sl] - (a @ weights[c.name].T + layer.bias)
                 pre[layer.name] = a
+            eps[:, out] *= self.precision  # gamma_l eps_l: what the error neurons send
             return eps, pre
 
         def field(t, u):
@@ -144,12 +153,13 @@ class PredictiveCoding(Rule):
         return Relaxed(u, eps, pre, converged, steps)
 
     def gradients(self, network, relaxed: Relaxed) -> dict:
-        """dF/dtheta at the relaxed state: -eps_l a_{l-1}^T / B and -mean eps_l, by parameter name."""
+        """dF/dtheta / gamma at the relaxed state: -gamma_l eps_l a_{l-1}^T / (gamma B) and -mean gamma_l
+        eps_l / gamma, by parameter name (``relaxed.eps`` holds gamma_l eps_l)."""
         grads, nb = {}, relaxed.x.shape[0]
         for layer, c in _chain(network):
             e = relaxed.eps[:, network.slices[layer.name]]
-            grads[f"W:{c.name}"] = -(e.T @ relaxed.pre[layer.name]) / nb
-            grads[f"b:{layer.name}"] = -e.mean(axis=0)
+            grads[f"W:{c.name}"] = -(e.T @ relaxed.pre[layer.name]) / (nb * self.precision)
+            grads[f"b:{layer.name}"] = -e.mean(axis=0) / self.precision
         return grads
 
     def _run(self, model, x, y, relaxation):
