@@ -12,6 +12,8 @@ package imports it.
 * :mod:`~studies.catalogue.dpm_gradients`: ``dpm_gradients``
 * :mod:`~studies.catalogue.dpm_customise`: ``dpm_customise``
 * :mod:`~studies.catalogue.drift`: ``drift`` (an ``ep_train`` classifier programmed on a drifting device)
+* :mod:`~studies.catalogue.local_rules`: ``local_rules`` (the rules of ``models.local`` beside EP under device
+  effects)
 * :mod:`~studies.catalogue.selftest`: ``selftest`` (exercises the sweep machinery in the tests)
 
 A new study is one module here and one line below (and its TOML file in ``studies/configs``).
@@ -19,7 +21,8 @@ A new study is one module here and one line below (and its TOML file in ``studie
 
 from __future__ import annotations
 
-from studies.catalogue import dpm_customise, dpm_gradients, drift, ep, gradient_accuracy, pvrnn, relaxation, selftest
+from studies.catalogue import (dpm_customise, dpm_gradients, drift, ep, gradient_accuracy, local_rules, pvrnn, relaxation,
+                               selftest)
 
 TASKS = {
     "relaxation": relaxation.TASK,
@@ -31,5 +34,6 @@ TASKS = {
     "dpm_gradients": dpm_gradients.TASK,
     "dpm_customise": dpm_customise.TASK,
     "drift": drift.TASK,
+    "local_rules": local_rules.TASK,
     "selftest": selftest.TASK,
 }
