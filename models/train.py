@@ -191,7 +191,8 @@ persist.register(Adam, _write_optimiser, _read_optimiser)
 
 
 # ------------------------------------------------------------------------------------ training
-# what train() needs of a model (a Classifier, or the model of a rule that trains something else)
+# what train() needs of a model (a Classifier, or the model of a rule that trains something else); a
+# model of several circuits also has ``networks``, all of them, each written after every update
 MODEL_MEMBERS = ("parameters", "evaluate", "classes", "network")
 # every epoch relaxes each training and test sample at least once: EP runs take tens to hundreds of
 # epochs, so a count beyond 10^5 is a typo (10**30 would loop for ever), refused before the first epoch
@@ -348,7 +349,7 @@ class EPRule(Rule):
 
 
 # rules by name for configs: every estimator of models.ep, and the rules other modules add (a module
-# defining a rule registers it here: RULES["name"] = cls)
+# defining a rule registers it here: RULES["name"] = cls; importing models.local registers its rules)
 RULES = dict(ep.ESTIMATORS)
 
 
@@ -469,7 +470,8 @@ def train(model: Classifier, data: Dataset, *, rule: Rule | ep.Estimator = ep.Ce
             step, grads, penalty = gradient_step(model, x, one_hot(labels, model.classes), learner, relaxation,
                                                  homeostasis, rng)
             optimiser.step(params, grads)
-            model.network.write()  # through the device's programming or update model, if any
+            for net in getattr(model, "networks", (model.network,)):
+                net.write()  # through the device's programming or update model, if any
             loss_sum += step.loss * len(idx)
             correct += int(np.sum(np.argmax(step.logits, axis=1) == labels))
             failed += 0 if step.converged else 1

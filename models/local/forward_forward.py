@@ -1,0 +1,212 @@
+"""Forward-only training: Hinton's Forward-Forward algorithm ("The Forward-Forward algorithm: some
+preliminary investigations", 2022) on the substrate.
+
+Each layer is a circuit of its own (one crossbar, relaxed by the engine), and between layers the
+activity vector is normalised to unit length (a peripheral circuit), so that a layer sees only the
+direction of the one below, not its goodness:
+
+    h_1 = rho(W_1 x~ + b_1),   h_l = rho(W_l h^_{l-1} + b_l),   h^ = h / (||h|| + 1e-4)
+    G_l = (1/d_l) sum_j h_l[j]^2                                (goodness: mean of squares)
+
+x~ is the input carrying a label: positive data the true label, negative data a wrong one (drawn
+uniformly among the K-1 others from the training generator). With ``label="replace"`` (Hinton's
+MNIST setting) the one-hot label overwrites the first K inputs; with ``"append"`` it enters the first
+layer through input lines of its own (W_1 x + U y: the label appended to the features, as ForwardGNN
+(Park et al., ICLR 2024) appends it to node features). Every layer minimises its own loss, its input
+held fixed (no gradient between layers, no backward pass):
+
+    L_l = (1/B) sum_b [ softplus(theta - G_l(x+_b)) + softplus(G_l(x-_b) - theta) ]
+    dL_l/du_l = dL_l/dG_l (2/d_l) h_l * rho'(u_l),   dL_l/dG(x+) = -sigmoid(theta - G)/B,
+                                                    dL_l/dG(x-) = sigmoid(G - theta)/B
+    dL_l/dW_l = sum_b dL_l/du_l[b] h^_{l-1}[b]^T,    dL_l/db_l = sum_b dL_l/du_l[b]
+
+(theta = ``threshold``). Inference is by goodness (Hinton's): the input is run with each of the K
+labels, and the prediction is the label of largest goodness summed over the layers; the model's
+logits are these K summed goodnesses, and its cost the cross-entropy of their softmax. Hinton uses
+ReLU; the circuit's nearest activation is ``hard_sigmoid``, clip(u, 0, 1), the default here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from substrate import Connection, Input, Layer, Network, devices
+from substrate.activations import rho_prime
+from substrate.errors import SubstrateValueError
+from substrate.validate import choice, count, positive
+
+from .. import ep
+from ..data import one_hot
+from ..train import RULES, Rule, Step
+from ._layers import local_gradients
+
+NORM_EPS = 1e-4  # added to ||h|| before normalising, so that a silent layer passes zeros on
+LABELS = ("replace", "append")
+
+
+def layer_prefix(i: int) -> str:
+    """The prefix of layer i's parameter names (``L0.W:x->h``, ``L0.b:h``, ``L0.W:label->h``)."""
+    return f"L{i}."
+
+
+@dataclass(eq=False)
+class ForwardForwardModel:
+    """A stack of one-layer circuits ``layers`` (input ``x``, layer ``h``; the first also ``label`` with
+    ``label="append"``) for ``classes`` classes. ``network`` is the first (it takes the data);
+    ``networks`` all of them (each written through its device after an update)."""
+
+    layers: list
+    classes: int
+    label: str = "replace"
+
+    def __post_init__(self):
+        choice(self.label, "ForwardForwardModel(label)", LABELS)
+        count(self.classes, "ForwardForwardModel(classes)", minimum=2)
+        if self.label == "replace" and self.layers[0].inputs_by_name["x"].size < self.classes:
+            raise SubstrateValueError(f"label='replace' overwrites the first {self.classes} inputs, but there are "
+                                      f"{self.layers[0].inputs_by_name['x'].size}; use label='append'")
+
+    @classmethod
+    def layered(cls, sizes, rng: np.random.Generator, *, activation: str = "hard_sigmoid", tau: float = 1.0,
+                label: str = "replace", dtype="float64") -> "ForwardForwardModel":
+        """``sizes`` = (inputs, hidden..., classes): one circuit per hidden layer. Weights and biases
+        uniform +-1/sqrt(fan_in) (PyTorch's nn.Linear default; fan_in counts the label lines)."""
+        if len(sizes) < 3:
+            raise SubstrateValueError(f"sizes={sizes!r}: forward-forward needs inputs, >= 1 hidden layer, classes")
+        choice(label, "label", LABELS)
+        K, dt = sizes[-1], np.dtype(dtype)
+        layers = []
+        for i, (d_in, d) in enumerate(zip(sizes[:-2], sizes[1:-1])):
+            extra = K if i == 0 and label == "append" else 0
+            k = 1.0 / math.sqrt(d_in + extra)
+            inputs, conns = [Input("x", d_in)], [Connection("x", "h", rng.uniform(-k, k, (d, d_in)).astype(dt))]
+            if extra:
+                inputs.append(Input("label", K))
+                conns.append(Connection("label", "h", rng.uniform(-k, k, (d, K)).astype(dt)))
+            layers.append(Network([Layer("h", d, tau=tau, activation=activation, bias=rng.uniform(-k, k, d).astype(dt))],
+                                  conns, inputs=inputs))
+        return cls(layers, K, label)
+
+    def on_device(self, device: devices.Device, rng: np.random.Generator) -> "ForwardForwardModel":
+        """Every layer's circuit on ``device`` (its own crossbars and draws)."""
+        return ForwardForwardModel([devices.attach(n, device, rng) for n in self.layers], self.classes, self.label)
+
+    @property
+    def network(self) -> Network:
+        return self.layers[0]
+
+    @property
+    def networks(self) -> tuple:
+        return tuple(self.layers)
+
+    def parameters(self) -> dict:
+        params = {}
+        for i, net in enumerate(self.layers):
+            params.update({f"{layer_prefix(i)}W:{c.name}": c.weight for c in net.connections})
+            params[f"{layer_prefix(i)}b:h"] = net.layer("h").bias
+        return params
+
+    def embed(self, x, y) -> dict:
+        """The first circuit's inputs for data x (batch, features) carrying one-hot labels y."""
+        x = np.asarray(x, dtype=float)
+        if self.label == "append":
+            return {"x": x, "label": y}
+        x = x.copy()
+        x[:, :self.classes] = y
+        return {"x": x}
+
+    def run(self, x, y, relaxation: ep.Relaxation) -> list:
+        """[(inputs, relaxed solution, activities h)] of every layer for x carrying labels y."""
+        out, inputs = [], self.embed(x, y)
+        for net in self.layers:
+            sol = ep.free_phase(net, inputs, relaxation)
+            h = net.activities(sol.u)
+            out.append((inputs, sol, h))
+            inputs = {"x": h / (np.linalg.norm(h, axis=1, keepdims=True) + NORM_EPS)}
+        return out
+
+    def scores(self, x, relaxation: ep.Relaxation) -> tuple:
+        """(goodness summed over the layers for each label (batch, K), every relaxation converged)."""
+        x = np.asarray(x, dtype=float)
+        B, K = len(x), self.classes
+        labels = np.repeat(np.eye(K), B, axis=0)  # all samples with label 0, then label 1, ...
+        passes = self.run(np.tile(x, (K, 1)), labels, relaxation)
+        g = sum(goodness(h) for _, _, h in passes)
+        return g.reshape(K, B).T, all(sol.ok for _, sol, _ in passes)
+
+    def evaluate(self, x, labels, relaxation: ep.Relaxation, batch: int = 1000) -> tuple:
+        """(mean cross-entropy of softmax(scores), accuracy, fraction of batches with a relaxation that
+        missed its tolerance) on a data set."""
+        count(batch, "batch", relation=True)
+        if len(x) == 0 or len(x) != len(labels):
+            raise SubstrateValueError(f"x has {len(x)} samples and labels {len(labels)}: they must match and be >= 1")
+        loss, correct, failed = 0.0, 0, 0
+        for i in range(0, len(x), batch):
+            s, ok = self.scores(x[i:i + batch], relaxation)
+            yb = np.asarray(labels[i:i + batch])
+            loss += float(np.sum(cross_entropy(s, yb)))
+            correct += int(np.sum(np.argmax(s, axis=1) == yb))
+            failed += 0 if ok else 1
+        return loss / len(x), correct / len(x), failed / math.ceil(len(x) / batch)
+
+
+def goodness(h) -> np.ndarray:
+    """G = mean_j h_j^2 per sample."""
+    return np.mean(h * h, axis=1)
+
+
+def cross_entropy(scores, labels) -> np.ndarray:
+    """-log softmax(scores)[label] per sample."""
+    z = scores - scores.max(axis=1, keepdims=True)
+    return np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(z)), labels]
+
+
+def softplus(z):
+    return np.logaddexp(0.0, z)
+
+
+def sigmoid(z):
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+@dataclass(frozen=True)
+class ForwardForward(Rule):
+    """Hinton's Forward-Forward (see the module docstring for the equations); ``threshold`` theta of
+    the goodness (a mean of squares: Hinton's sum-of-squares threshold divided by the layer's width).
+    Each step relaxes every layer on the positive and the negative batch (2B samples), and the K
+    labelled copies of the batch for the prediction it reports. ``probe``: NaN (the rule descends no
+    global cost whose exact gradient it could be compared with)."""
+
+    threshold: float = 0.5
+    name = "forward_forward"
+
+    def __post_init__(self):
+        positive(self.threshold, "ForwardForward(threshold)")
+
+    def step(self, model, x, y, relaxation, rng=None) -> Step:
+        if not isinstance(model, ForwardForwardModel):
+            raise SubstrateValueError(f"forward_forward trains a models.local.forward_forward.ForwardForwardModel, "
+                                      f"got {type(model).__name__}")
+        if not isinstance(rng, np.random.Generator):
+            raise SubstrateValueError("forward_forward draws its negative labels from rng, a numpy.random.Generator")
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        B, K = len(x), model.classes
+        labels = np.argmax(y, axis=1)
+        scores, ok = model.scores(x, relaxation)  # the prediction before the update
+        wrong = (labels + rng.integers(1, K, B)) % K
+        passes = model.run(np.concatenate([x, x]), np.concatenate([y, one_hot(wrong, K)]), relaxation)
+        grads = {}
+        for i, (net, (inputs, sol, h)) in enumerate(zip(model.layers, passes)):
+            g = goodness(h)
+            dg = np.concatenate([-sigmoid(self.threshold - g[:B]), sigmoid(g[B:] - self.threshold)]) / B
+            layer = net.layer("h")
+            e = dg[:, None] * (2.0 / layer.size) * h * rho_prime(layer.activation, sol.u)
+            grads.update(local_gradients(net, inputs, sol, {"h": e}, prefix=layer_prefix(i)))
+            ok = ok and sol.ok
+        return Step(grads, float(np.mean(cross_entropy(scores, labels))), scores, ok)
+
+
+RULES[ForwardForward.name] = ForwardForward
