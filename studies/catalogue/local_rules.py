@@ -1,13 +1,13 @@
 """The local-rules family (issue 20, ``models.local``): a classifier trained on the substrate by any rule of
-``models.train.RULES`` (centred EP, the exact gradient, and the local rules: NoProp-DT and -CT,
-predictive coding, and whichever others ``models.local`` registers), on a device with one effect at a
+``models.train.RULES`` (centred EP, the exact gradient, and the local rules: counter-current learning,
+Forward-Forward, NoProp-DT and -CT, predictive coding), on a device with one effect at a
 level: programming noise, read noise, pulsed updates, time-constant mismatch (``device`` section).
 
 * ``local_rules``: metrics per epoch (``ep_train``'s), saved after every epoch; its figure is the device
   study's, accuracy and gradient cosine against the level, one column per effect, one colour per rule.
 
-Each rule trains the model it defines (``rule.model(sizes, rng, ...)``: NoProp's blocks, predictive
-coding's feed-forward circuit); EP and the exact gradient train ``ep_train``'s classifier (cross-entropy
+Each rule trains the model it defines (NoProp's blocks, predictive coding's feed-forward circuit,
+counter-current's two anti-parallel circuits, Forward-Forward's one circuit per layer); EP and the exact gradient train ``ep_train``'s classifier (cross-entropy
 readout, tied feedback). ``network.sizes`` is one block's (inputs, hidden..., classes) for every rule.
 """
 
@@ -18,7 +18,7 @@ import dataclasses
 import numpy as np
 
 from models import ep
-from models import local  # noqa: F401  (registers the local rules in models.train.RULES)
+from models.local import ccl, forward_forward  # importing models.local registers its rules in RULES
 from models.train import OPTIMISERS, RULES, Classifier, make_rule, train
 from studies.catalogue.devices import plot_devices, swept_effects
 from studies.catalogue.ep import EP_NETWORK, EP_RELAXATION, task_data, task_relaxation, training_result, warmup_ep_train
@@ -27,6 +27,10 @@ from studies.runs import Result, Task, discard
 from substrate import devices as D
 from substrate.errors import SubstrateValueError
 
+# the models of the rules of models.local that build theirs with a class of their module (NoProp and
+# predictive coding: rule.model); their defaults are their papers' (activation, biases)
+MODELS = {ccl.CounterCurrent.name: ccl.CounterCurrentModel.layered,
+          forward_forward.ForwardForward.name: forward_forward.ForwardForwardModel.layered}
 # limit: ep_bias's diagnostic of the finite-nudge bias, not a learning rule
 LOCAL_RULE_NAMES = tuple(name for name in RULES if name != "limit")
 EFFECTS = ("none", "programming_noise", "read_noise", "pulsed", "tau_mismatch")
@@ -75,12 +79,15 @@ def local_device(config):
 
 def build(config: dict, rng: np.random.Generator):
     """(rule, model) of a config: the rule by name with the section's values of its fields, and the model
-    it trains (``rule.model`` for a rule that defines one, else ``ep_train``'s classifier)."""
+    it trains (``rule.model`` for a rule that defines one, :data:`MODELS` for the others of models.local,
+    else ``ep_train``'s classifier)."""
     r, net = config["rule"], dict(config["network"])
     cls = RULES[r["name"]]
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     rule = make_rule(r["name"], **{k: v for k, v in r.items() if k in fields})
     sizes, cost = net.pop("sizes"), net.pop("cost")
+    if r["name"] in MODELS:
+        return rule, MODELS[r["name"]](sizes, rng)
     if not hasattr(rule, "model"):
         return rule, Classifier.layered(sizes, rng, cost=cost, **net)
     options = {"activation": net["activation"], "init_scale": net["init_scale"]}
@@ -102,7 +109,11 @@ def run_local_rules(config: dict, seed: int, save_partial=discard) -> Result:
     rule, model = build(config, rng)
     device = local_device(config["device"])
     if device is not None:  # the devices draw from their own streams, apart from training's
-        model.network = D.attach(model.network, device, np.random.default_rng([seed, 6]))
+        chip = np.random.default_rng([seed, 6])
+        if hasattr(model, "on_device"):  # a model of several circuits puts each on the device
+            model = model.on_device(device, chip)
+        else:
+            model.network = D.attach(model.network, device, chip)
     opt = OPTIMISERS[config["optimiser"]]
     optimiser = opt(config["lr"], config["momentum"]) if config["optimiser"] == "sgd" else opt(config["lr"])
 
