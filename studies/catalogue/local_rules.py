@@ -118,13 +118,25 @@ def run_local_rules(config: dict, seed: int, save_partial=discard) -> Result:
     optimiser = opt(config["lr"], config["momentum"]) if config["optimiser"] == "sgd" else opt(config["lr"])
 
     def on_epoch(history):
-        save_partial(training_result(history))
+        save_partial(result_of(history))
         save_partial.progress(history.epoch[-1], config["epochs"])
 
     history = train(model, data, rule=rule, optimiser=optimiser, epochs=config["epochs"],
                     batch_size=config["batch_size"], relaxation=task_relaxation(config), rng=rng,
                     probe=config["probe"], progress=False, on_epoch=on_epoch)
-    return training_result(history)
+    return result_of(history)
+
+
+def result_of(history) -> Result:
+    """``ep_train``'s metrics per epoch, without the two this study never has: the homeostasis penalty
+    (no homeostasis) and the angle between W and B^T (no independent feedback)."""
+    result = training_result(history)
+    for name in NOT_MEASURED:
+        del result.arrays[name]
+    return result
+
+
+NOT_MEASURED = ("asymmetry_penalty", "weight_angle")
 
 
 TASK = Task(LOCAL_RULES_SCHEMA, run_local_rules, warmup_ep_train, plot_devices,
