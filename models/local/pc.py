@@ -119,12 +119,17 @@ class PredictiveCoding(Rule):
         weights = {c.name: network.circuit_weight(c) for _, c in chain}  # read once: the relaxation's crossbars
         tau = network.tau
 
+        first = x @ weights[chain[0][1].name].T + chain[0][0].bias  # the clamped input's prediction, once
+
         def errors(u):
             r = network.activities(u)
-            eps, pre = np.empty_like(u), {}
+            eps, pre = np.empty_like(u), {chain[0][0].name: x}
             for i, (layer, c) in enumerate(chain):
-                a = x if i == 0 else r[:, network.slices[chain[i - 1][0].name]]
                 sl = network.slices[layer.name]
+                if i == 0:
+                    eps[:, sl] = u[:, sl] - first
+                    continue
+                a = r[:, network.slices[chain[i - 1][0].name]]
                 eps[:, sl] = u[:, sl] - (a @ weights[c.name].T + layer.bias)
                 pre[layer.name] = a
             eps[:, out] *= self.precision  # gamma_l eps_l: what the error neurons send
