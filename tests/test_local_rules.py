@@ -9,13 +9,13 @@ every device effect; on the digits the substrate rule ends within 1 point of its
 import numpy as np
 import pytest
 import torch
+from reference import local_rules_torch as ref
 
 from models import data, ep
 from models.data import one_hot
 from models.local import ccl
 from models.local import forward_forward as ff
 from models.train import SGD, Adam, make_rule, train
-from reference import local_rules_torch as ref
 from substrate import devices
 from substrate.errors import SubstrateValueError
 
@@ -29,8 +29,8 @@ def _batch(rng, B, n, K):
 
 def _close(got: dict, want: dict):
     assert sorted(got) == sorted(want)
-    for k in want:
-        np.testing.assert_allclose(got[k], want[k], rtol=RTOL, atol=ATOL, err_msg=k)
+    for k, value in want.items():
+        np.testing.assert_allclose(got[k], value, rtol=RTOL, atol=ATOL, err_msg=k)
 
 
 # ------------------------------------------------------------------------------------ counter-current
@@ -120,58 +120,72 @@ def test_counter_current_probe_is_the_cosine_with_backprop(tiny_ccl):
 
 
 # ------------------------------------------------------------------------------------ forward-forward
-def ff_numpy(model, x, y, wrong, theta):
+def ff_numpy(model, x, y, wrong, theta, kind):
     """The module docstring's equations, hand-written: (gradients, goodness scores per label)."""
-    K, B = model.classes, len(x)
+    K, B, N = model.classes, len(x), wrong.shape[1]
     p = model.parameters()
 
     def passes(x, lab):
-        h, out = x.copy(), []
+        h, lab, out = x.copy(), lab.copy(), []
         if model.label == "replace":
             h[:, :K] = lab
+        if model.normalise_input:
+            norm = np.sqrt(np.sum(h ** 2, 1) + (np.sum(lab ** 2, 1) if model.label == "append" else 0)) + 1e-4
+            h, lab = h / norm[:, None], (lab / norm[:, None] if model.label == "append" else lab)
         for i in range(len(model.layers)):
-            u = h @ p[f"L{i}.W:x->h"].T + p[f"L{i}.b:h"] + (lab @ p["L0.W:label->h"].T if i == 0 and model.label == "append"
-                                                            else 0)
+            u = h @ p[f"L{i}.W:x->h"].T + p[f"L{i}.b:h"]
+            if i == 0 and model.label == "append":
+                u = u + lab @ p["L0.W:label->h"].T
             a = np.clip(u, 0, 1)
-            out.append((h, u, a))
+            out.append((h, lab, u, a))
             h = a / (np.linalg.norm(a, axis=1, keepdims=True) + 1e-4)
         return out
 
     grads = {}
-    for sign, lab in ((-1, y), (1, one_hot(wrong, K))):
-        for i, (h, u, a) in enumerate(passes(x, lab)):
-            G = np.mean(a ** 2, axis=1)
-            dG = sign / (1 + np.exp(-sign * (G - theta))) / B  # -s(theta - G) or s(G - theta)
-            e = dG[:, None] * 2 / a.shape[1] * a * ((u > 0) & (u < 1))
+    for sign, lab, weight in [(-1, y, 1 / B)] + [(1, one_hot(wrong[:, n], K), 1 / (B * N)) for n in range(N)]:
+        for i, (h, lab_in, u, a) in enumerate(passes(x, lab)):
+            G = np.mean(a ** 2, axis=1) if kind == "mean" else np.sum(a ** 2, axis=1)
+            dG = sign / (1 + np.exp(-sign * (G - theta))) * weight  # -s(theta - G)/B or s(G - theta)/(B N)
+            e = dG[:, None] * (2 / a.shape[1] if kind == "mean" else 2) * a * ((u > 0) & (u < 1))
             for k, v in ((f"L{i}.W:x->h", e.T @ h), (f"L{i}.b:h", e.sum(0))):
                 grads[k] = grads.get(k, 0) + v
             if i == 0 and model.label == "append":
-                grads["L0.W:label->h"] = grads.get("L0.W:label->h", 0) + e.T @ lab
-    scores = np.stack([sum(np.mean(a ** 2, axis=1) for _, _, a in passes(x, one_hot(np.full(B, k), K)))
+                grads["L0.W:label->h"] = grads.get("L0.W:label->h", 0) + e.T @ lab_in
+    scores = np.stack([sum(np.mean(a ** 2, axis=1) for *_, a in passes(x, one_hot(np.full(B, k), K)))
                        for k in range(K)], axis=1)
     return grads, scores
 
 
-@pytest.mark.parametrize("label", ["replace", "append"])
-def test_forward_forward_update_matches_its_equations_and_autograd(label):
+# Hinton's setting, and ForwardGNN's (label appended, input normalised, sum of squares, several negatives)
+FF_CASES = {"hinton": ({"label": "replace"}, {"threshold": 0.3}),
+            "forwardgnn": ({"label": "append", "normalise_input": True},
+                           {"threshold": 1.0, "goodness": "sum", "negatives": 3})}
+
+
+@pytest.mark.parametrize("case", FF_CASES)
+def test_forward_forward_update_matches_its_equations_and_autograd(case):
+    options, params = FF_CASES[case]
     rng = np.random.default_rng(5)
-    model = ff.ForwardForwardModel.layered([6, 5, 4, 3], rng, label=label, activation="hard_sigmoid")
+    model = ff.ForwardForwardModel.layered([6, 5, 4, 4], rng, activation="hard_sigmoid", **options)
     for p in model.parameters().values():  # larger weights: units in all three pieces of clip(u, 0, 1)
         p *= 4
-    x, y = _batch(rng, 8, 6, 3)
-    step = ff.ForwardForward(threshold=0.3).step(model, x, y, TIGHT, np.random.default_rng(9))
-    wrong = (np.argmax(y, 1) + np.random.default_rng(9).integers(1, 3, 8)) % 3  # the rule's draw
-    grads, scores = ff_numpy(model, x, y, wrong, 0.3)
+    x, y = _batch(rng, 8, 6, 4)
+    rule = ff.ForwardForward(**params)
+    step = rule.step(model, x, y, TIGHT, np.random.default_rng(9))
+    wrong = ref.draw_wrong(np.argmax(y, 1), 4, rule.negatives, np.random.default_rng(9))  # the rule's draw
+    assert np.all(wrong != np.argmax(y, 1)[:, None])
+    assert all(len(set(row)) == rule.negatives for row in wrong)
+    grads, scores = ff_numpy(model, x, y, wrong, rule.threshold, rule.goodness)
     _close(step.grads, grads)
     np.testing.assert_allclose(step.logits, scores, rtol=RTOL)
-    twin = ref.forward_forward_from(model, threshold=0.3)
+    u = np.concatenate([sol.u.ravel() for _, sol, _ in model.run(x, y, TIGHT)])
+    assert np.any(u < 0) and np.any(u > 1) and np.any((u > 0) & (u < 1))  # every piece of the activation is hit
+    twin = ref.forward_forward_from(model, threshold=rule.threshold, goodness=rule.goodness)
     twin.loss(torch.tensor(x), torch.tensor(y), torch.tensor(wrong)).backward()
     names = [k for i in range(2) for k in (f"L{i}.W:x->h", f"L{i}.b:h") + (("L0.W:label->h",) if i == 0 and
-                                                                              label == "append" else ())]
+                                                                              model.label == "append" else ())]
     _close(step.grads, {k: t.grad.numpy() for k, t in zip(names, twin.parameters())})
-    assert np.isnan(ff.ForwardForward().probe(model, x, y, TIGHT))
-    acts = [np.clip(u, 0, 1) for u in [x @ model.parameters()["L0.W:x->h"].T]]  # some units in each piece
-    assert step.converged and len(acts) == 1
+    assert step.converged and np.isnan(rule.probe(model, x, y, TIGHT))
 
 
 # ------------------------------------------------------------------------------------ configs, errors
@@ -182,6 +196,12 @@ def test_rules_by_name_and_their_checks():
         ccl.CounterCurrent(scale=-1.0)
     with pytest.raises(SubstrateValueError, match="threshold"):
         ff.ForwardForward(threshold=0.0)
+    with pytest.raises(SubstrateValueError, match="goodness"):
+        ff.ForwardForward(goodness="max")
+    with pytest.raises(SubstrateValueError, match="classes - 1"):
+        ff.ForwardForward(negatives=3).step(ff.ForwardForwardModel.layered([6, 5, 3], np.random.default_rng(0),
+                                                                           label="append"),
+                                            *_batch(np.random.default_rng(0), 2, 6, 3), TIGHT, np.random.default_rng(0))
     with pytest.raises(SubstrateValueError, match="label"):
         ff.ForwardForwardModel.layered([6, 5, 3], np.random.default_rng(0), label="prepend")
     with pytest.raises(SubstrateValueError, match="first 10 inputs"):
@@ -246,3 +266,27 @@ def test_the_rules_train_with_every_device_effect(kind, device):
     assert len(moved) == len(start)  # every circuit was trained (the feedback network too)
     if kind == "counter_current":
         assert np.all(np.isfinite(hist["grad_cosine"]))
+
+
+# ------------------------------------------------------------------------------------ digits
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["counter_current", "forward_forward"])
+def test_on_the_digits_the_substrate_rule_is_within_a_point_of_its_torch_twin(kind):
+    """Same data, initial weights, hyper-parameters, minibatches and negatives; the circuit relaxes to
+    1e-6, the twin computes its passes exactly: the two trainings end within 1 point of test accuracy
+    (measured: identical, 0.891 and 0.696 after 3 and 2 epochs) and well above chance."""
+    digits = data.digits()
+    rng = np.random.default_rng(0)
+    if kind == "counter_current":
+        model = ccl.CounterCurrentModel.layered([64, 64, 64, 10], rng)
+        twin, epochs, lr = ref.counter_current_from(model), 3, 0.5
+        acc = ref.train_counter_current(twin, digits, epochs=epochs, batch_size=32, lr=lr, clip=1.0, seed=1)
+        rule, opt = ccl.CounterCurrent(), SGD(lr)
+    else:
+        model = ff.ForwardForwardModel.layered([64, 64, 64, 10], rng)
+        twin, epochs, lr = ref.forward_forward_from(model), 2, 0.01
+        acc = ref.train_forward_forward(twin, digits, epochs=epochs, batch_size=32, lr=lr, seed=1)
+        rule, opt = ff.ForwardForward(), Adam(lr)
+    hist = train(model, digits, rule=rule, optimiser=opt, epochs=epochs, batch_size=32, rng=np.random.default_rng(1),
+                 progress=False, probe=0)
+    assert abs(hist.test_accuracy[-1] - acc) <= 0.01 and acc > 0.6

@@ -62,7 +62,7 @@ class CounterCurrentModel:
 
     @classmethod
     def layered(cls, sizes, rng: np.random.Generator, *, activation: str = "tanh", tau: float = 1.0,
-                dtype="float64") -> "CounterCurrentModel":
+                dtype="float64") -> CounterCurrentModel:
         """``sizes`` = (inputs, hidden..., classes). Weights uniform +-1/sqrt(fan_in) (PyTorch's
         default, as in the paper's code), biases zero."""
         if len(sizes) < 3:
@@ -83,21 +83,24 @@ class CounterCurrentModel:
                  for p, nm, sz, fan in zip(pre, names, down[1:], down[:-1])]
         return cls(forward, Network(layers, conns, inputs=[Input("t", sizes[-1])]))
 
-    def on_device(self, device: devices.Device, rng: np.random.Generator) -> "CounterCurrentModel":
+    def on_device(self, device: devices.Device, rng: np.random.Generator) -> CounterCurrentModel:
         """Both networks on ``device``, each its own crossbars (and draws); the readout stays digital."""
         return CounterCurrentModel(Classifier(devices.attach(self.forward.network, device, rng), self.forward.cost),
                                    devices.attach(self.feedback, device, rng))
 
     @property
     def network(self) -> Network:
+        """The forward network (it takes the data)."""
         return self.forward.network
 
     @property
     def networks(self) -> tuple:
+        """Both circuits, forward and feedback."""
         return self.forward.network, self.feedback
 
     @property
     def classes(self) -> int:
+        """The number of classes (the readout's outputs)."""
         return self.forward.classes
 
     def parameters(self) -> dict:
@@ -128,6 +131,7 @@ class CounterCurrent(Rule):
         nonnegative(self.clip, "CounterCurrent(clip)")
 
     def step(self, model, x, y, relaxation, rng=None) -> Step:
+        """Both networks relaxed (the batch up, the K classes down) and every parameter's local gradient."""
         if not isinstance(model, CounterCurrentModel):
             raise SubstrateValueError(f"counter_current trains a models.local.ccl.CounterCurrentModel, got "
                                       f"{type(model).__name__}")
@@ -156,6 +160,7 @@ class CounterCurrent(Rule):
         return Step({**grads, **back}, loss, model.forward.cost.readout(top), free.ok and down.ok)
 
     def probe(self, model, x, y, relaxation) -> float:
+        """Cosine of the forward network's gradient with backprop's (the exact gradient of the CE)."""
         grads = self.step(model, x, y, relaxation).grads
         nominal = Classifier(getattr(model.network, "nominal", model.network), model.forward.cost)
         exact = EPRule(ep.Exact()).step(nominal, x, y, relaxation).grads

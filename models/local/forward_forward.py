@@ -6,28 +6,34 @@ activity vector is normalised to unit length (a peripheral circuit), so that a l
 direction of the one below, not its goodness:
 
     h_1 = rho(W_1 x~ + b_1),   h_l = rho(W_l h^_{l-1} + b_l),   h^ = h / (||h|| + 1e-4)
-    G_l = (1/d_l) sum_j h_l[j]^2                                (goodness: mean of squares)
+    G_l = (1/d_l) sum_j h_l[j]^2  (``goodness="mean"``)  or  sum_j h_l[j]^2  (``"sum"``)
 
-x~ is the input carrying a label: positive data the true label, negative data a wrong one (drawn
-uniformly among the K-1 others from the training generator). With ``label="replace"`` (Hinton's
-MNIST setting) the one-hot label overwrites the first K inputs; with ``"append"`` it enters the first
-layer through input lines of its own (W_1 x + U y: the label appended to the features, as ForwardGNN
-(Park et al., ICLR 2024) appends it to node features). Every layer minimises its own loss, its input
-held fixed (no gradient between layers, no backward pass):
+x~ is the input carrying a label: positive data the true label, negative data a wrong one (each
+sample's ``negatives`` N wrong labels distinct, drawn uniformly among the K-1 others from the
+training generator). With ``label="replace"`` (Hinton's MNIST setting) the one-hot label overwrites
+the first K inputs; with ``"append"`` it enters the first layer through input lines of its own
+(W_1 x + U y). Every layer minimises its own loss, its input held fixed (no gradient between layers,
+no backward pass):
 
-    L_l = (1/B) sum_b [ softplus(theta - G_l(x+_b)) + softplus(G_l(x-_b) - theta) ]
-    dL_l/du_l = dL_l/dG_l (2/d_l) h_l * rho'(u_l),   dL_l/dG(x+) = -sigmoid(theta - G)/B,
-                                                    dL_l/dG(x-) = sigmoid(G - theta)/B
-    dL_l/dW_l = sum_b dL_l/du_l[b] h^_{l-1}[b]^T,    dL_l/db_l = sum_b dL_l/du_l[b]
+    L_l = (1/B) sum_b [ softplus(theta - G_l(x+_b)) + (1/N) sum_n softplus(G_l(x-_bn) - theta) ]
+    dL_l/du_l = dL_l/dG_l (2/d_l or 2) h_l * rho'(u_l),   dL_l/dG(x+) = -sigmoid(theta - G)/B,
+                                                         dL_l/dG(x-) = sigmoid(G - theta)/(B N)
+    dL_l/dW_l = sum_b dL_l/du_l[b] h^_{l-1}[b]^T,         dL_l/db_l = sum_b dL_l/du_l[b]
 
-(theta = ``threshold``). Inference is by goodness (Hinton's): the input is run with each of the K
-labels, and the prediction is the label of largest goodness summed over the layers; the model's
-logits are these K summed goodnesses, and its cost the cross-entropy of their softmax. Hinton uses
-ReLU; the circuit's nearest activation is ``hard_sigmoid``, clip(u, 0, 1), the default here.
+(theta = ``threshold``). ForwardGNN's layer-local forward-forward (Park et al., "Forward learning of
+graph neural networks", ICLR 2024; its node-classification variant with label appending) on an MLP
+is this rule with ``label="append"``, ``normalise_input=True`` (the first layer's input, features and
+label together, also scaled to unit length), ``goodness="sum"`` and N >= 1 negatives; it trains the
+layers one after another (greedily), a schedule that :func:`models.train.train` does not run (it
+trains them together, as Hinton does). Inference is by goodness (Hinton's): the input is run with each
+of the K labels, and the prediction is the label of largest goodness summed over the layers; the
+model's logits are these K summed goodnesses, and its cost the cross-entropy of their softmax. Hinton
+uses ReLU; the circuit's nearest activation is ``hard_sigmoid``, clip(u, 0, 1), the default here.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -36,7 +42,7 @@ import numpy as np
 from substrate import Connection, Input, Layer, Network, devices
 from substrate.activations import rho_prime
 from substrate.errors import SubstrateValueError
-from substrate.validate import choice, count, positive
+from substrate.validate import choice, count, flag, positive
 
 from .. import ep
 from ..data import one_hot
@@ -45,6 +51,7 @@ from ._layers import local_gradients
 
 NORM_EPS = 1e-4  # added to ||h|| before normalising, so that a silent layer passes zeros on
 LABELS = ("replace", "append")
+GOODNESS = ("mean", "sum")
 
 
 def layer_prefix(i: int) -> str:
@@ -55,15 +62,18 @@ def layer_prefix(i: int) -> str:
 @dataclass(eq=False)
 class ForwardForwardModel:
     """A stack of one-layer circuits ``layers`` (input ``x``, layer ``h``; the first also ``label`` with
-    ``label="append"``) for ``classes`` classes. ``network`` is the first (it takes the data);
-    ``networks`` all of them (each written through its device after an update)."""
+    ``label="append"``) for ``classes`` classes; ``normalise_input``: the first layer's input (with its
+    label) scaled to unit length too. ``network`` is the first (it takes the data); ``networks`` all
+    of them (each written through its device after an update)."""
 
     layers: list
     classes: int
     label: str = "replace"
+    normalise_input: bool = False
 
     def __post_init__(self):
         choice(self.label, "ForwardForwardModel(label)", LABELS)
+        flag(self.normalise_input, "ForwardForwardModel(normalise_input)")
         count(self.classes, "ForwardForwardModel(classes)", minimum=2)
         if self.label == "replace" and self.layers[0].inputs_by_name["x"].size < self.classes:
             raise SubstrateValueError(f"label='replace' overwrites the first {self.classes} inputs, but there are "
@@ -71,7 +81,7 @@ class ForwardForwardModel:
 
     @classmethod
     def layered(cls, sizes, rng: np.random.Generator, *, activation: str = "hard_sigmoid", tau: float = 1.0,
-                label: str = "replace", dtype="float64") -> "ForwardForwardModel":
+                label: str = "replace", normalise_input: bool = False, dtype="float64") -> ForwardForwardModel:
         """``sizes`` = (inputs, hidden..., classes): one circuit per hidden layer. Weights and biases
         uniform +-1/sqrt(fan_in) (PyTorch's nn.Linear default; fan_in counts the label lines)."""
         if len(sizes) < 3:
@@ -79,7 +89,7 @@ class ForwardForwardModel:
         choice(label, "label", LABELS)
         K, dt = sizes[-1], np.dtype(dtype)
         layers = []
-        for i, (d_in, d) in enumerate(zip(sizes[:-2], sizes[1:-1])):
+        for i, (d_in, d) in enumerate(itertools.pairwise(sizes[:-1])):
             extra = K if i == 0 and label == "append" else 0
             k = 1.0 / math.sqrt(d_in + extra)
             inputs, conns = [Input("x", d_in)], [Connection("x", "h", rng.uniform(-k, k, (d, d_in)).astype(dt))]
@@ -88,21 +98,25 @@ class ForwardForwardModel:
                 conns.append(Connection("label", "h", rng.uniform(-k, k, (d, K)).astype(dt)))
             layers.append(Network([Layer("h", d, tau=tau, activation=activation, bias=rng.uniform(-k, k, d).astype(dt))],
                                   conns, inputs=inputs))
-        return cls(layers, K, label)
+        return cls(layers, K, label, normalise_input)
 
-    def on_device(self, device: devices.Device, rng: np.random.Generator) -> "ForwardForwardModel":
+    def on_device(self, device: devices.Device, rng: np.random.Generator) -> ForwardForwardModel:
         """Every layer's circuit on ``device`` (its own crossbars and draws)."""
-        return ForwardForwardModel([devices.attach(n, device, rng) for n in self.layers], self.classes, self.label)
+        return ForwardForwardModel([devices.attach(n, device, rng) for n in self.layers], self.classes, self.label,
+                                   self.normalise_input)
 
     @property
     def network(self) -> Network:
+        """The first layer's circuit (it takes the data)."""
         return self.layers[0]
 
     @property
     def networks(self) -> tuple:
+        """Every layer's circuit."""
         return tuple(self.layers)
 
     def parameters(self) -> dict:
+        """{``L{i}.W:x->h``, ``L{i}.b:h`` (and ``L0.W:label->h``): array} of every layer, updated in place."""
         params = {}
         for i, net in enumerate(self.layers):
             params.update({f"{layer_prefix(i)}W:{c.name}": c.weight for c in net.connections})
@@ -111,12 +125,14 @@ class ForwardForwardModel:
 
     def embed(self, x, y) -> dict:
         """The first circuit's inputs for data x (batch, features) carrying one-hot labels y."""
-        x = np.asarray(x, dtype=float)
-        if self.label == "append":
-            return {"x": x, "label": y}
-        x = x.copy()
-        x[:, :self.classes] = y
-        return {"x": x}
+        x = np.array(x, dtype=float)
+        if self.label == "replace":
+            x[:, :self.classes] = y
+        inputs = {"x": x, "label": np.asarray(y, dtype=float)} if self.label == "append" else {"x": x}
+        if self.normalise_input:  # the features and the label scaled together
+            norm = np.sqrt(sum(np.sum(a * a, axis=1, keepdims=True) for a in inputs.values())) + NORM_EPS
+            inputs = {k: a / norm for k, a in inputs.items()}
+        return inputs
 
     def run(self, x, y, relaxation: ep.Relaxation) -> list:
         """[(inputs, relaxed solution, activities h)] of every layer for x carrying labels y."""
@@ -153,9 +169,16 @@ class ForwardForwardModel:
         return loss / len(x), correct / len(x), failed / math.ceil(len(x) / batch)
 
 
-def goodness(h) -> np.ndarray:
-    """G = mean_j h_j^2 per sample."""
-    return np.mean(h * h, axis=1)
+def goodness(h, kind: str = "mean") -> np.ndarray:
+    """G = mean_j h_j^2 (or sum_j h_j^2) per sample."""
+    return np.mean(h * h, axis=1) if kind == "mean" else np.sum(h * h, axis=1)
+
+
+def wrong_labels(labels, classes: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(batch, n) distinct labels other than each sample's, uniformly (a random order of the K-1 others)."""
+    r = rng.random((len(labels), classes))
+    r[np.arange(len(labels)), labels] = np.inf
+    return np.argsort(r, axis=1)[:, :n]
 
 
 def cross_entropy(scores, labels) -> np.ndarray:
@@ -165,45 +188,56 @@ def cross_entropy(scores, labels) -> np.ndarray:
 
 
 def softplus(z):
+    """log(1 + e^z), without overflow."""
     return np.logaddexp(0.0, z)
 
 
 def sigmoid(z):
+    """1 / (1 + e^-z), without overflow."""
     return 0.5 * (1.0 + np.tanh(0.5 * z))
 
 
 @dataclass(frozen=True)
 class ForwardForward(Rule):
-    """Hinton's Forward-Forward (see the module docstring for the equations); ``threshold`` theta of
-    the goodness (a mean of squares: Hinton's sum-of-squares threshold divided by the layer's width).
-    Each step relaxes every layer on the positive and the negative batch (2B samples), and the K
-    labelled copies of the batch for the prediction it reports. ``probe``: NaN (the rule descends no
-    global cost whose exact gradient it could be compared with)."""
+    """Hinton's Forward-Forward (see the module docstring for the equations): ``threshold`` theta of
+    the goodness, ``goodness`` "mean" or "sum" of squares, ``negatives`` N wrong labels per sample
+    (at most K-1). Each step relaxes every layer on the positive and the negative batches ((1 + N) B
+    samples), and on the K labelled copies of the batch for the prediction it reports (inference
+    sums the layers' mean-of-squares goodness, whichever trained them). ``probe``: NaN (the rule
+    descends no global cost whose exact gradient it could be compared with)."""
 
     threshold: float = 0.5
+    goodness: str = "mean"
+    negatives: int = 1
     name = "forward_forward"
 
     def __post_init__(self):
         positive(self.threshold, "ForwardForward(threshold)")
+        choice(self.goodness, "ForwardForward(goodness)", GOODNESS)
+        count(self.negatives, "ForwardForward(negatives)")
 
     def step(self, model, x, y, relaxation, rng=None) -> Step:
+        """Every layer relaxed on the positive and negative data, and its local gradient."""
         if not isinstance(model, ForwardForwardModel):
             raise SubstrateValueError(f"forward_forward trains a models.local.forward_forward.ForwardForwardModel, "
                                       f"got {type(model).__name__}")
         if not isinstance(rng, np.random.Generator):
             raise SubstrateValueError("forward_forward draws its negative labels from rng, a numpy.random.Generator")
         x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-        B, K = len(x), model.classes
+        B, K, N = len(x), model.classes, self.negatives
+        if N >= K:
+            raise SubstrateValueError(f"ForwardForward(negatives={N}): at most classes - 1 = {K - 1} wrong labels")
         labels = np.argmax(y, axis=1)
         scores, ok = model.scores(x, relaxation)  # the prediction before the update
-        wrong = (labels + rng.integers(1, K, B)) % K
-        passes = model.run(np.concatenate([x, x]), np.concatenate([y, one_hot(wrong, K)]), relaxation)
+        wrong = wrong_labels(labels, K, N, rng).T.ravel()  # negative set n is samples n B .. (n + 1) B - 1
+        passes = model.run(np.tile(x, (1 + N, 1)), np.concatenate([y, one_hot(wrong, K)]), relaxation)
         grads = {}
         for i, (net, (inputs, sol, h)) in enumerate(zip(model.layers, passes)):
-            g = goodness(h)
-            dg = np.concatenate([-sigmoid(self.threshold - g[:B]), sigmoid(g[B:] - self.threshold)]) / B
+            g = goodness(h, self.goodness)
+            dg = np.concatenate([-sigmoid(self.threshold - g[:B]) / B, sigmoid(g[B:] - self.threshold) / (B * N)])
             layer = net.layer("h")
-            e = dg[:, None] * (2.0 / layer.size) * h * rho_prime(layer.activation, sol.u)
+            dgdu = 2.0 / layer.size if self.goodness == "mean" else 2.0
+            e = dg[:, None] * dgdu * h * rho_prime(layer.activation, sol.u)
             grads.update(local_gradients(net, inputs, sol, {"h": e}, prefix=layer_prefix(i)))
             ok = ok and sol.ok
         return Step(grads, float(np.mean(cross_entropy(scores, labels))), scores, ok)

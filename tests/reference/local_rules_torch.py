@@ -81,34 +81,44 @@ def train_counter_current(model: CounterCurrentMLP, data, *, epochs, batch_size,
 
 class ForwardForwardMLP:
     """Layers [(W, b)] (the first (W, b, U) with the label appended through U); ``label`` "replace"
-    (the first K inputs) or "append"."""
+    (the first K inputs) or "append"; ``normalise_input``: the first layer's input (with the label)
+    scaled to unit length; ``goodness`` "mean" or "sum" of squares in the training loss."""
 
-    def __init__(self, layers, classes, activation="hard_sigmoid", threshold=0.5, label="replace"):
+    def __init__(self, layers, classes, activation="hard_sigmoid", threshold=0.5, label="replace",
+                 normalise_input=False, goodness="mean"):
         self.layers = [_tensors(p) for p in layers]
         self.K, self.act, self.threshold, self.label = classes, ACTIVATIONS[activation], threshold, label
+        self.normalise_input, self.kind = normalise_input, goodness
 
     def parameters(self):
         return [t for p in self.layers for t in p]
 
-    def goodness(self, x, y):
+    def goodness(self, x, y, kind="mean"):
         """[G_l (batch,)] per layer for x carrying one-hot labels y."""
         if self.label == "replace":
             x = torch.cat([y, x[:, self.K:]], dim=1)
+        if self.normalise_input:
+            norm = torch.sqrt((x * x).sum(1, keepdim=True) + ((y * y).sum(1, keepdim=True) if self.label == "append"
+                                                              else 0)) + 1e-4
+            x, y = x / norm, (y / norm if self.label == "append" else y)
         out, h = [], x
         for i, p in enumerate(self.layers):
             u = F.linear(h.detach(), p[0], p[1])
             if len(p) == 3:
                 u = u + F.linear(y, p[2])
             a = self.act(u)
-            out.append((a * a).mean(1))
+            out.append((a * a).mean(1) if kind == "mean" else (a * a).sum(1))
             h = a / (a.norm(dim=1, keepdim=True) + 1e-4)
         return out
 
     def loss(self, x, y, wrong):
-        """sum_l mean softplus(theta - G_l(x+)) + mean softplus(G_l(x-) - theta)."""
-        pos, neg = self.goodness(x, y), self.goodness(x, F.one_hot(wrong, self.K).double())
-        return sum(F.softplus(self.threshold - p).mean() + F.softplus(n - self.threshold).mean()
-                   for p, n in zip(pos, neg))
+        """sum_l mean_b softplus(theta - G_l(x+)) + mean_{b,n} softplus(G_l(x-_n) - theta); ``wrong``
+        (batch, N) wrong labels."""
+        pos = self.goodness(x, y, self.kind)
+        negs = [self.goodness(x, F.one_hot(wrong[:, n], self.K).double(), self.kind) for n in range(wrong.shape[1])]
+        return sum(F.softplus(self.threshold - p).mean()
+                   + sum(F.softplus(neg[l] - self.threshold).mean() for neg in negs) / len(negs)
+                   for l, p in enumerate(pos))
 
     def predict(self, x):
         with torch.no_grad():
@@ -117,15 +127,22 @@ class ForwardForwardMLP:
         return s.argmax(1).numpy()
 
 
-def train_forward_forward(model: ForwardForwardMLP, data, *, epochs, batch_size, lr, seed):
-    """Adam on every layer's local loss, negatives a uniformly drawn wrong label; the test accuracy."""
+def draw_wrong(labels, classes, n, rng):
+    """n distinct wrong labels per sample, uniformly: the first n of a random order of the others."""
+    r = rng.random((len(labels), classes))
+    r[np.arange(len(labels)), labels] = np.inf
+    return np.argsort(r, axis=1)[:, :n]
+
+
+def train_forward_forward(model: ForwardForwardMLP, data, *, epochs, batch_size, lr, seed, negatives=1):
+    """Adam on every layer's local loss, ``negatives`` wrong labels per sample; the test accuracy."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
     x, y = torch.tensor(data.x_train, dtype=torch.float64), torch.tensor(data.y_train)
     for _ in range(epochs):
         for idx in minibatches(len(x), batch_size, rng):
             labels = y[idx]
-            wrong = torch.tensor((labels.numpy() + rng.integers(1, model.K, len(idx))) % model.K)
+            wrong = torch.tensor(draw_wrong(labels.numpy(), model.K, negatives, rng))
             opt.zero_grad()
             model.loss(x[idx], F.one_hot(labels, model.K).double(), wrong).backward()
             opt.step()
@@ -140,9 +157,9 @@ def counter_current_from(model, activation="tanh", scale=128.0) -> CounterCurren
     return CounterCurrentMLP(fw, (p["readout.weight"], p["readout.bias"]), back, activation, scale)
 
 
-def forward_forward_from(model, activation="hard_sigmoid", threshold=0.5) -> ForwardForwardMLP:
+def forward_forward_from(model, activation="hard_sigmoid", threshold=0.5, goodness="mean") -> ForwardForwardMLP:
     """The torch twin of a models.local.forward_forward.ForwardForwardModel, from its parameters."""
     p = model.parameters()
     layers = [(p[f"L{i}.W:x->h"], p[f"L{i}.b:h"]) + ((p["L0.W:label->h"],) if f"L{i}.W:label->h" in p else ())
               for i in range(len(model.layers))]
-    return ForwardForwardMLP(layers, model.classes, activation, threshold, model.label)
+    return ForwardForwardMLP(layers, model.classes, activation, threshold, model.label, model.normalise_input, goodness)
