@@ -9,19 +9,18 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from scipy.optimize import minimize
 
 sys.path.insert(0, os.path.dirname(__file__))
-from reference.local_rules import _tensor, noprop_from, pc_from, train_reference  # noqa: E402
+from reference.local_rules import _tensor, noprop_from, pc_from, train_reference
 
-from models import data as D  # noqa: E402
-from models import ep  # noqa: E402
-from models.local import noprop as NP  # noqa: E402
-from models.local.pc import PredictiveCoding, pc_classifier  # noqa: E402
-from models.train import RULES, EPRule, Adam, make_rule, train  # noqa: E402
-from substrate import SubstrateValueError, devices  # noqa: E402
-from substrate.activations import rho  # noqa: E402
+from models import data as D
+from models import ep
+from models.local import noprop as NP
+from models.local.pc import PredictiveCoding, pc_classifier
+from models.train import RULES, Adam, EPRule, make_rule, train
+from substrate import SubstrateValueError, devices
+from substrate.activations import rho
 
 TIGHT = ep.Relaxation(tol=1e-12, max_steps=20_000)
 

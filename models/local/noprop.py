@@ -142,7 +142,7 @@ class NoPropModel:
     @classmethod
     def build(cls, sizes, rng: np.random.Generator, *, continuous: bool = False, blocks: int = 10, s: float = 0.01,
               steps: int = 20, method: str = "rk4", time_features: int = 8, activation: str = "logistic",
-              init_scale: float = 1.0) -> "NoPropModel":
+              init_scale: float = 1.0) -> NoPropModel:
         """``sizes`` = (inputs, hidden..., classes) of one block; NoProp-DT with ``blocks`` blocks, or
         NoProp-CT (``continuous``) with one. The readout starts at zero."""
         if len(sizes) < 3:
@@ -173,6 +173,7 @@ class NoPropModel:
         return params
 
     def logits(self, z):
+        """The readout's logits W_o z + b_o for latents z (batch, classes)."""
         return z @ self.readout_weight.T + self.readout_bias
 
     def inputs(self, x, z, t=None) -> dict:

@@ -39,6 +39,7 @@ proportion however small it is (measured there: a relative error that stays at ~
 
 from __future__ import annotations
 
+import itertools
 import types
 from dataclasses import dataclass
 
@@ -138,7 +139,7 @@ class PredictiveCoding(Rule):
         def field(t, u):
             eps = errors(u)[0]
             d = -eps
-            for (layer, _), (nxt, c) in zip(chain, chain[1:]):
+            for (layer, _), (nxt, c) in itertools.pairwise(chain):
                 sl = network.slices[layer.name]
                 d[:, sl] += rho_prime(layer.activation, u[:, sl]) * (eps[:, network.slices[nxt.name]] @ weights[c.name])
             d[:, out] = 0.0

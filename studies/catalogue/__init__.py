@@ -21,8 +21,17 @@ A new study is one module here and one line below (and its TOML file in ``studie
 
 from __future__ import annotations
 
-from studies.catalogue import (dpm_customise, dpm_gradients, drift, ep, gradient_accuracy, local_rules, pvrnn, relaxation,
-                               selftest)
+from studies.catalogue import (
+    dpm_customise,
+    dpm_gradients,
+    drift,
+    ep,
+    gradient_accuracy,
+    local_rules,
+    pvrnn,
+    relaxation,
+    selftest,
+)
 
 TASKS = {
     "relaxation": relaxation.TASK,

@@ -17,11 +17,20 @@ import dataclasses
 
 import numpy as np
 
-from models import ep
-from models.local import ccl, forward_forward  # importing models.local registers its rules in RULES
+from models.local import (  # importing models.local registers its rules in RULES
+    ccl,
+    forward_forward,
+)
 from models.train import OPTIMISERS, RULES, Classifier, make_rule, train
 from studies.catalogue.devices import plot_devices, swept_effects
-from studies.catalogue.ep import EP_NETWORK, EP_RELAXATION, task_data, task_relaxation, training_result, warmup_ep_train
+from studies.catalogue.ep import (
+    EP_NETWORK,
+    EP_RELAXATION,
+    task_data,
+    task_relaxation,
+    training_result,
+    warmup_ep_train,
+)
 from studies.config import Field, Range
 from studies.runs import Result, Task, discard
 from substrate import devices as D

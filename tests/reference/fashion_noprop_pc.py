@@ -20,11 +20,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import data as D  # noqa: E402
-from models import ep  # noqa: E402
-from models.local import noprop, pc  # noqa: E402,F401  (registers the rules)
-from models.train import Adam, make_rule, train  # noqa: E402
-from reference.local_rules import noprop_from, pc_from, train_reference  # noqa: E402
+from models import data as D
+from models import ep
+from models.local import noprop, pc  # noqa: F401  (registers the rules)
+from models.train import Adam, make_rule, train
+from reference.local_rules import noprop_from, pc_from, train_reference
 
 
 def main():
