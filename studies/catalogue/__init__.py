@@ -16,6 +16,8 @@ package imports it.
   device variability)
 * :mod:`~studies.catalogue.compare`: ``compare`` (every learning rule on the same circuit and devices,
   with what it costs on the hardware)
+* :mod:`~studies.catalogue.local_rules`: ``local_rules`` (the rules of ``models.local`` beside EP under device
+  effects)
 * :mod:`~studies.catalogue.selftest`: ``selftest`` (exercises the sweep machinery in the tests)
 
 A new study is one module here and one line below (and its TOML file in ``studies/configs``).
@@ -23,8 +25,8 @@ A new study is one module here and one line below (and its TOML file in ``studie
 
 from __future__ import annotations
 
-from studies.catalogue import (circuits, compare, dpm_customise, dpm_gradients, drift, ep, gradient_accuracy, pvrnn,
-                               relaxation, selftest)
+from studies.catalogue import (circuits, compare, dpm_customise, dpm_gradients, drift, ep, gradient_accuracy, local_rules,
+                               pvrnn, relaxation, selftest)
 
 TASKS = {
     "relaxation": relaxation.TASK,
@@ -38,5 +40,6 @@ TASKS = {
     "drift": drift.TASK,
     "compare": compare.TASK,
     "circuit_train": circuits.TASK,
+    "local_rules": local_rules.TASK,
     "selftest": selftest.TASK,
 }

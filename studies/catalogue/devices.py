@@ -80,6 +80,7 @@ LEVEL_LABELS = {
     "quantisation": "conductance levels (count)",
     "feedback_copy": r"feedback copy's programming-noise scale ($\times$ PCM $\sigma$)",
     "tau_mismatch": r"relative s.d. of $\tau$ (relaxation time 8 $\tau$)",
+    "pulsed": r"pulse step $\Delta w_{min}$ (constant-step device, device units)",
 }
 
 

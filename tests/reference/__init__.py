@@ -1,0 +1,1 @@
+"""Plain digital reference implementations the tests compare substrate's rules with."""
