@@ -718,8 +718,10 @@ def _train_compiled(model, x, epochs, rng, opt, A, progress, on_epoch, hist):
     grad, m, v = np.zeros_like(theta), np.zeros_like(theta), np.zeros_like(theta)
     g_mu, g_sig = grad[P:P + B * T * Z].reshape(B, T, Z), grad[P + B * T * Z:].reshape(B, T, Z)
     N, n = sum(lay.units for lay in model.layers), model.substeps
-    window = (np.empty((T * n + 1, N)), *(np.empty((T, Z)) for _ in range(5)), np.empty((T, D)), np.empty(N),
-              np.empty(N))
+    # zeroed, not np.empty: with leftover memory in these buffers the results differed by ulps between a
+    # sweep worker and the driver process (measured); some entry is read before it is written
+    window = (np.zeros((T * n + 1, N)), *(np.zeros((T, Z)) for _ in range(5)), np.zeros((T, D)), np.zeros(N),
+              np.zeros(N))
     args = (opt.lr, opt.beta1, opt.beta2, opt.eps)
     chunk = max(1, min(epochs, _CHUNK_NUMBERS // max(1, B * T * Z)))
     done = 0

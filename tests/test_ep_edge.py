@@ -181,7 +181,7 @@ def small():
     (dict(probe=1.5), "probe=1.5 must be a non-negative integer"),
     (dict(probe=True), "probe=True must be a non-negative integer"),
     (dict(epochs=-1), "epochs=-1 must be a non-negative integer"),
-    (dict(rule="centred"), "rule must be an ep.Estimator, got str"),
+    (dict(rule="centred"), "rule must be a models.train.Rule or an ep.Estimator, got str"),
     (dict(relaxation=1e-6), "relaxation must be an ep.Relaxation, got float"),
     (dict(optimiser="sgd"), r"optimiser must be None or an Optimiser \(SGD, Adam\), got str"),
     (dict(homeostasis=1.0), "homeostasis must be None or a Homeostasis, got float"),

@@ -236,7 +236,7 @@ def test_an_ideal_device_is_bit_identical_and_every_circuit_is_written(kind, mon
     hw = hw.on_device(devices.preset("ideal"), np.random.default_rng(4))
     writes = []
     for net in hw.networks:
-        monkeypatch.setattr(net, "write", lambda net=net, write=net.write: (writes.append(net), write()))
+        monkeypatch.setattr(net, "write", lambda net=net, write=net.write: (writes.append(net), write())[1])
     got, want = _train(hw, rule, opt2), _train(model, rule, opt)
     for k in want:
         if k != "seconds":
