@@ -973,9 +973,10 @@ class _CompiledWindow:
         a_sig = np.concatenate([A[f"l{i}.sig"][0] for i in range(L)], axis=1)
         e = np.concatenate(eps, axis=2)
         h0, d0 = np.concatenate([a[0] for a in start.h]), np.concatenate([a[0] for a in start.d])
-        window = (np.empty((n * m + 1, N)), *(np.empty((n, Z)) for _ in range(5)), np.empty((n, model.outputs)),
-                  np.empty(N), np.empty(N))
-        kl = np.empty(L)
+        # zeroed, as in _train_compiled: the same kernels read some entry before writing it
+        window = (np.zeros((n * m + 1, N)), *(np.zeros((n, Z)) for _ in range(5)), np.zeros((n, model.outputs)),
+                  np.zeros(N), np.zeros(N))
+        kl = np.zeros(L)
         args = (h0, d0, start.first, self.loss, self.net, window, kl)
 
         def window_F():
