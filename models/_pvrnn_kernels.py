@@ -40,7 +40,12 @@ from substrate._kernels import _exp_f64
 TRAINABLE = (2, 3, 4, 7, 8, 9, 10, 11, 12, 14, 15)
 _U1, _U2, _U3, _U4 = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4)  # unsigned index arithmetic
 
-njit = partial(_njit, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+# reassoc: sums vectorise. Not "contract": Numba links a copy of every kernel a kernel calls into the
+# caller's machine code, and a process runs whichever copy it loaded first (regress's own copy of
+# forward when regress comes first from the cache); contraction into fused multiply-adds differs between
+# such copies, so results were 1 ulp apart by the order a process loaded the kernels in
+# (tests/test_pvrnn.py::test_compiled_kernels_give_the_same_bits_whatever_was_loaded_first).
+njit = partial(_njit, cache=True, error_model="numpy", fastmath={"reassoc"})
 
 
 @njit(inline="always")

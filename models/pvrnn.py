@@ -718,10 +718,9 @@ def _train_compiled(model, x, epochs, rng, opt, A, progress, on_epoch, hist):
     grad, m, v = np.zeros_like(theta), np.zeros_like(theta), np.zeros_like(theta)
     g_mu, g_sig = grad[P:P + B * T * Z].reshape(B, T, Z), grad[P + B * T * Z:].reshape(B, T, Z)
     N, n = sum(lay.units for lay in model.layers), model.substeps
-    # zeroed, not np.empty: with leftover memory in these buffers the results differed by ulps between a
-    # sweep worker and the driver process (measured); some entry is read before it is written
-    window = (np.zeros((T * n + 1, N)), *(np.zeros((T, Z)) for _ in range(5)), np.zeros((T, D)), np.zeros(N),
-              np.zeros(N))
+    # the kernels write every entry before reading it (tests/test_pvrnn.py fills them with NaN)
+    window = (np.empty((T * n + 1, N)), *(np.empty((T, Z)) for _ in range(5)), np.empty((T, D)), np.empty(N),
+              np.empty(N))
     args = (opt.lr, opt.beta1, opt.beta2, opt.eps)
     chunk = max(1, min(epochs, _CHUNK_NUMBERS // max(1, B * T * Z)))
     done = 0
@@ -973,10 +972,10 @@ class _CompiledWindow:
         a_sig = np.concatenate([A[f"l{i}.sig"][0] for i in range(L)], axis=1)
         e = np.concatenate(eps, axis=2)
         h0, d0 = np.concatenate([a[0] for a in start.h]), np.concatenate([a[0] for a in start.d])
-        # zeroed, as in _train_compiled: the same kernels read some entry before writing it
-        window = (np.zeros((n * m + 1, N)), *(np.zeros((n, Z)) for _ in range(5)), np.zeros((n, model.outputs)),
-                  np.zeros(N), np.zeros(N))
-        kl = np.zeros(L)
+        # written by the kernels before read, as in _train_compiled
+        window = (np.empty((n * m + 1, N)), *(np.empty((n, Z)) for _ in range(5)), np.empty((n, model.outputs)),
+                  np.empty(N), np.empty(N))
+        kl = np.empty(L)
         args = (h0, d0, start.first, self.loss, self.net, window, kl)
 
         def window_F():

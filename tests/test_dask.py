@@ -133,17 +133,7 @@ def _assert_same_bits(a: np.ndarray, b: np.ndarray, what: str):
         assert np.array_equal(a, b), what
 
 
-# A known bug, not a tolerance: in the full suite a dask worker that has run the other studies first gives
-# meta_prior's compiled PV-RNN results 1 ulp away from the driver's (same seed); alone the case passes.
-# Zeroing the kernels' scratch buffers made the process pool and the driver agree; the read of leftover
-# memory that remains is not found yet. Not strict: whether it shows depends on what the worker ran before.
-_ULP_ON_DASK = pytest.mark.xfail(strict=False, reason="known bug: compiled PV-RNN 1 ulp apart on a dask worker "
-                                 "that ran other studies first")
-DASK_CONFIGS = [pytest.param(p, marks=_ULP_ON_DASK) if isinstance(p, str) and os.path.basename(p) == "meta_prior.toml"
-                else p for p in CONFIGS]
-
-
-@pytest.mark.parametrize("path", DASK_CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_debug_sweep_on_dask_matches_a_local_sweep_bit_for_bit(cluster, config_archives, tmp_path, path):
     """The local sweep is conftest.py's ``config_archives`` (on the local process pool), shared with
     test_studies.py, which checks its digests."""

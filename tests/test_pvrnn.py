@@ -760,3 +760,130 @@ def test_compiled_training_that_diverges_names_the_epoch():
     net, x, _, _ = model()
     _, hist = pvrnn.train(net, x, epochs=3, rng=np.random.default_rng(0), lr=1e-2, progress=False, compiled=True)
     assert np.all(np.isfinite(hist["free_energy"]))
+
+
+# Run in a fresh interpreter: the kernels' machine code a process runs depends on what it loaded first
+# (Numba links a copy of every kernel a kernel calls into the caller, and calls resolve to the copy loaded
+# first), so the order is set here, not by the tests that ran before.
+_LOAD_ORDER_SCRIPT = r"""
+import json, sys
+import numpy as np
+from models import _pvrnn_kernels as K
+from models.pvrnn import PVLayer, PVRNN
+
+rng = np.random.default_rng(0)
+net = PVRNN([PVLayer(8, 2, 2.0, 1e-3, 1.0), PVLayer(4, 1, 8.0, 1e-3, 1.0)], 2, rng, substeps=2)
+B, T, D, L = 2, 7, 2, 2
+N, Z, n = 12, 3, 2
+x = np.tanh(rng.standard_normal((B, T, D)))
+draws = rng.standard_normal((3, B, T, Z))
+
+
+def window(value=0.0):  # value: NaN poisons what the kernels write into
+    return tuple(np.full(s, value) for s in [(T * n + 1, N)] + [(T, Z)] * 5 + [(T, D), (N,), (N,)])
+
+
+def regress_args(value=0.0):
+    packed, loss, _ = net.packed()
+    a_mu, a_sig = 0.3 * draws[0, 0], 0.3 * draws[1, 0] - 1.0
+    return x[0], a_mu.copy(), a_sig.copy(), draws[:, 1].copy(), np.zeros(N), np.zeros(N), True, loss, packed, window(value)
+
+
+def regress(value=0.0):
+    args = regress_args(value)
+    kl = np.full(L, value)
+    K.regress(*args, 0.1, kl)
+    return [args[1], args[2], kl, *args[-1]]
+
+
+def regress_by_parts():
+    x0, a_mu, a_sig, eps, h0, d0, first, loss, packed, w = regress_args()
+    kl = np.zeros(L)
+    g_mu, g_sig = np.zeros_like(a_mu), np.zeros_like(a_sig)
+    m = [np.zeros_like(a_mu) for _ in range(4)]
+    none = (np.empty((0, 0)), np.empty((0, 0)), np.empty(0), np.empty((0, 0)), np.empty((0, 0)), np.empty(0),
+            np.empty(0), np.empty((0, 0)), np.empty(0), np.empty((0, 0)), np.empty((0, 0)))
+    for k in range(len(eps)):
+        K.forward(x0, a_mu, a_sig, eps[k], h0, d0, first, loss, packed, w, kl)
+        K.backward(x0, eps[k], first, loss, packed, w, g_mu, g_sig, np.zeros(N), np.zeros(N), np.zeros(N),
+                   np.zeros(Z), none)
+        K.adam(a_mu, g_mu, m[0], m[1], k + 1, 0.1, 0.9, 0.999, 1e-8)
+        K.adam(a_sig, g_sig, m[2], m[3], k + 1, 0.1, 0.9, 0.999, 1e-8)
+    return [a_mu, a_sig, kl, *w]
+
+
+def train_args(value=0.0):
+    packed, loss, theta = net.packed(extra=2 * B * T * Z)
+    P = theta.size - 2 * B * T * Z
+    theta[P:] = 0.3 * draws[2].ravel().repeat(2)[:2 * B * T * Z]
+    grad, m, v = np.zeros_like(theta), np.zeros_like(theta), np.zeros_like(theta)
+    a_mu, a_sig = theta[P:P + B * T * Z].reshape(B, T, Z), theta[P + B * T * Z:].reshape(B, T, Z)
+    g_mu, g_sig = grad[P:P + B * T * Z].reshape(B, T, Z), grad[P + B * T * Z:].reshape(B, T, Z)
+    return theta, grad, m, v, a_mu, a_sig, g_mu, g_sig, loss, packed, tuple(net.trainable_views(grad)), window(value)
+
+
+def train(value=0.0):
+    theta, grad, m, v, a_mu, a_sig, g_mu, g_sig, loss, packed, grads, w = train_args(value)
+    history = (np.full(3, value), np.full(3, value), np.full((3, L), value))
+    assert K.train(x, theta, grad, m, v, 0, 0.01, 0.9, 0.999, 1e-8, a_mu, a_sig, g_mu, g_sig, draws, loss, packed,
+                   grads, w, history) == 3
+    return [theta, *history, *w]
+
+
+def train_by_parts():
+    theta, grad, m, v, a_mu, a_sig, g_mu, g_sig, loss, packed, grads, w = train_args()
+    h0 = np.zeros(N)
+    F, kls = np.zeros(3), np.zeros((3, L))
+    rec = np.zeros(3)
+    kl = np.zeros(L)
+    for e in range(3):
+        grad[:] = 0.0
+        for b in range(B):
+            rec[e] += K.forward(x[b], a_mu[b], a_sig[b], draws[e, b], h0, h0, True, loss, packed, w, kl)
+            kls[e] += kl
+            K.backward(x[b], draws[e, b], True, loss, packed, w, g_mu[b], g_sig[b], np.zeros(N), np.zeros(N),
+                       np.zeros(N), np.zeros(Z), grads)
+        F[e] = rec[e] + kls[e].sum()
+        K.adam(theta, grad, m, v, e + 1, 0.01, 0.9, 0.999, 1e-8)
+    return [theta, F, rec, kls, *w]
+
+
+def same(a, b):
+    return all(u.shape == v.shape and u.tobytes() == v.tobytes() for u, v in zip(a, b))
+
+
+first = {"regress": regress(), "train": train()}  # the composite kernels before their parts
+loaded = all(f.stats.cache_hits and not f.stats.cache_misses for f in (K.regress, K.train))
+print(json.dumps({
+    "loaded_from_cache": bool(loaded),
+    "regress": same(first["regress"], regress_by_parts()),
+    "train": same(first["train"], train_by_parts()),
+    "regress_poisoned": same(first["regress"], regress(np.nan)),
+    "train_poisoned": same(first["train"], train(np.nan)),
+}))
+"""
+
+
+def test_compiled_kernels_give_the_same_bits_whatever_was_loaded_first():
+    """models._pvrnn_kernels.regress and .train, loaded from Numba's cache before the kernels they call,
+    against those kernels called one by one (forward, backward, adam) in the same process: the same
+    bits (a dask worker gave results 1 ulp from the driver's when fused multiply-adds were allowed, the
+    copies differing in them); and the same bits again with every array they write pre-filled with NaN
+    (no entry is read before it is written). The first run may compile the kernels into the cache; the
+    check needs them loaded from it, so it runs again then."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", _LOAD_ORDER_SCRIPT], cwd=root, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        if result["loaded_from_cache"]:
+            break
+    assert result == {"loaded_from_cache": True, "regress": True, "train": True, "regress_poisoned": True,
+                      "train_poisoned": True}
