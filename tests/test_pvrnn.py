@@ -766,7 +766,7 @@ def test_compiled_training_that_diverges_names_the_epoch():
 # (Numba links a copy of every kernel a kernel calls into the caller, and calls resolve to the copy loaded
 # first), so the order is set here, not by the tests that ran before.
 _LOAD_ORDER_SCRIPT = r"""
-import json, sys
+import json
 import numpy as np
 from models import _pvrnn_kernels as K
 from models.pvrnn import PVLayer, PVRNN
