@@ -27,6 +27,11 @@ the substrate each update is an outer product of a layer's local error and its o
 the relaxed states (``VectorField.param_vjp``). The paper trains MLPs without biases (ELU; SGD, lr 1,
 batch 256); substrate's layers carry biases, here zero at the start and trained, and the activation
 is one the circuit has (tanh by default).
+
+The step's counts (``Step.counts``, docs/equations.md section 9): the two relaxations (the batch up,
+the K classes down), and in digital the class scores and errors of every pair, the outer products of
+both networks, the readout and the clipping; :func:`models.train.train` adds the optimiser and the
+writes of both circuits.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from substrate import Connection, Input, Layer, Network, devices
+from substrate import counts as C
 from substrate.activations import rho_prime
 from substrate.errors import SubstrateValueError
 from substrate.validate import nonnegative, positive
@@ -44,7 +50,7 @@ from substrate.validate import nonnegative, positive
 from .. import ep
 from ..metrics import cosine
 from ..train import RULES, Classifier, EPRule, Rule, Step
-from ._layers import clip_norm, local_gradients
+from ._layers import clip_norm, local_gradients, step_counts
 
 FEEDBACK = "feedback."  # the prefix of the feedback network's parameter names
 
@@ -141,23 +147,29 @@ class CounterCurrent(Rule):
         free = ep.free_phase(fwd, x, relaxation)
         down = ep.free_phase(fb, t, relaxation)
         a, c = fwd.activities(free.u), fb.activities(down.u)
-        forward_errors, feedback_errors = {}, {}
+        forward_errors, feedback_errors, flops = {}, {}, 0
         pairs = [(np.asarray(x, dtype=float), None)] + [(a[:, fwd.slices[layer.name]], layer) for layer in fwd.layers]
         for i, (ai, layer) in enumerate(pairs):
             cl, ci = fb.layer(f"c{i}"), c[:, fb.slices[f"c{i}"]]
             r = (2 * self.scale / (ai.shape[1] * K * B)) * (ai @ ci.T - y)
+            d = ai.shape[1]
+            flops += 2 * d * K * B + 2 * K * B + 2 * d * K * B + 2 * d * K  # S_l, R_l, (R_l^T a_l) * rho'
             if layer is not None:
                 forward_errors[layer.name] = (r @ ci) * rho_prime(layer.activation, free.u[:, fwd.slices[layer.name]])
+                flops += 2 * d * K * B + 2 * d * B  # (R_l c_l) * rho'
             feedback_errors[cl.name] = (r.T @ ai) * rho_prime(cl.activation, down.u[:, fb.slices[cl.name]])
         grads = local_gradients(fwd, x, free, forward_errors)
         top = a[:, fwd.slices[model.forward.cost.layer]]
         e = model.forward.cost.readout_error(top, y)
         grads.update({"readout.weight": e.T @ top / B, "readout.bias": e.mean(axis=0)})
         back = local_gradients(fb, t, down, feedback_errors, prefix=FEEDBACK)
-        clip_norm(grads, list(grads), self.clip)
-        clip_norm(back, list(back), self.clip)
+        flops += clip_norm(grads, list(grads), self.clip) + clip_norm(back, list(back), self.clip)
         loss = float(np.mean(model.forward.cost.value_and_grad(top, y)[0]))
-        return Step({**grads, **back}, loss, model.forward.cost.readout(top), free.ok and down.ok)
+        # the outer products of both networks, and the readout (logits, softmax error, its gradients)
+        flops += C.parameter_flops(fwd, B) + C.parameter_flops(fb, K) + (4 * K * top.shape[1] + 5 * K) * B
+        held = 2 * (fwd.n * B + fb.n * K) + K * B  # both networks' states and errors, and S_l
+        return Step({**grads, **back}, loss, model.forward.cost.readout(top), free.ok and down.ok,
+                    step_counts([free.counts, down.counts], B, flops, held))
 
     def probe(self, model, x, y, relaxation) -> float:
         """Cosine of the forward network's gradient with backprop's (the exact gradient of the CE)."""
