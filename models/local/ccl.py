@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from substrate import Connection, Input, Layer, Network, devices
+from substrate import Connection, Input, Layer, Network, devices, persist
 from substrate import counts as C
 from substrate.activations import rho_prime
 from substrate.errors import SubstrateValueError
@@ -181,4 +181,14 @@ class CounterCurrent(Rule):
                       np.concatenate([exact[k].ravel() for k in names]))
 
 
+def _write_model(group, model: CounterCurrentModel):
+    persist.write_object(group.create_group("forward"), model.forward)
+    persist.write_object(group.create_group("feedback"), model.feedback)
+
+
+def _read_model(group) -> CounterCurrentModel:
+    return CounterCurrentModel(persist.read_object(group["forward"]), persist.read_object(group["feedback"]))
+
+
 RULES[CounterCurrent.name] = CounterCurrent
+persist.register(CounterCurrentModel, _write_model, _read_model)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from substrate import Connection, Input, Layer, Network, devices
+from substrate import Connection, Input, Layer, Network, devices, persist
 from substrate import counts as C
 from substrate.activations import rho_prime
 from substrate.errors import SubstrateValueError
@@ -267,4 +267,18 @@ class ForwardForward(Rule):
                     step_counts([sol.counts for sol in scoring] + [sol.counts for _, sol, _ in passes], B, flops, held))
 
 
+def _write_model(group, model: ForwardForwardModel):
+    persist.write_config(group, {"classes": model.classes, "label": model.label,
+                                 "normalise_input": model.normalise_input, "layers": len(model.layers)})
+    for i, net in enumerate(model.layers):
+        persist.write_object(group.create_group(f"layer{i}"), net)
+
+
+def _read_model(group) -> ForwardForwardModel:
+    config = persist.read_config(group)
+    layers = [persist.read_object(group[f"layer{i}"]) for i in range(config.pop("layers"))]
+    return ForwardForwardModel(layers, **config)
+
+
 RULES[ForwardForward.name] = ForwardForward
+persist.register(ForwardForwardModel, _write_model, _read_model)

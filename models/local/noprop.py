@@ -41,11 +41,11 @@ circuit on its device); abar'/sqrt(abar) = sqrt(1 - s) pi cos(pi t / 2) keeps th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
-from substrate import Connection, Implicit, Input, Layer, Network
+from substrate import Connection, Implicit, Input, Layer, Network, persist
 from substrate.adjoint import _implicit_counts, adjoint_solve
 from substrate.errors import SubstrateValueError
 from substrate.validate import count, fraction, positive
@@ -353,5 +353,21 @@ class NoPropCT(_NoProp):
         return z, t, np.broadcast_to(w[:, None], z.shape)
 
 
+_ARRAYS = ("network", "readout_weight", "readout_bias")
+
+
+def _write_model(group, model: NoPropModel):
+    persist.write_object(group.create_group("network"), model.network)
+    persist.write_arrays(group, "readout", {"weight": model.readout_weight, "bias": model.readout_bias})
+    persist.write_config(group, {f.name: getattr(model, f.name) for f in fields(model) if f.name not in _ARRAYS})
+
+
+def _read_model(group) -> NoPropModel:
+    readout = persist.read_arrays(group, "readout")
+    return NoPropModel(persist.read_object(group["network"]), readout["weight"], readout["bias"],
+                       **persist.read_config(group))
+
+
+persist.register(NoPropModel, _write_model, _read_model)
 RULES[NoPropDT.name] = NoPropDT
 RULES[NoPropCT.name] = NoPropCT
