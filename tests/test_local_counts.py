@@ -12,7 +12,7 @@ from models.data import one_hot
 from models.local import ccl, noprop, pc
 from models.local import forward_forward as ff
 from models.train import SGD, train
-from substrate import Counts, cost
+from substrate import Counts, cost, devices
 from substrate.adjoint import _implicit_counts
 
 REL = ep.Relaxation(tol=1e-10)
@@ -101,6 +101,22 @@ def test_predictive_coding_counts(phases, method, stages):
                   "macs": (2 * 8 * relaxed.nfev + 12) * 5, "dac": (3 + 2) * 5, "adc": 2 * 6 * 5}
     run = {k: free[k] + v for k, v in relaxation.items()}
     _check(step.counts, 5, run, 46 * 5 + 26, 2 * 6 * 5)
+
+
+def test_predictive_coding_counts_the_io_chain_of_both_reads():
+    """With converters around every analog product (IOChain; ideal ones, so that the phases settle): per
+    field evaluation the forward read of h -> y converts its 4 inputs and 2 outputs, the transposed read
+    its 2 inputs and 4 outputs; the input crossbar's 4 outputs once; plus the input (3) and the target
+    (2) converted and the values and errors (6 + 6) read out."""
+    model = pc.pc_classifier([3, 4, 2], np.random.default_rng(0))
+    chip = devices.Device((devices.IOChain(inp_bits=0, out_noise=0.0, out_bits=0),))
+    model.network = devices.attach(model.network, chip, np.random.default_rng(1))
+    x, y = _batch(4, 5, 3, 2)
+    rule = pc.PredictiveCoding(dt=0.3, tol=1e-8)
+    relaxed = rule.relax(model.network, x, y, rule._run(model, x, y, REL)[0].u)
+    counts = rule.relax_counts(model.network, relaxed)
+    assert counts.dac == (3 + 2 + (4 + 2) * relaxed.nfev) * 5
+    assert counts.adc == (12 + 4 + (2 + 4) * relaxed.nfev) * 5
 
 
 @pytest.mark.parametrize("continuous", [False, True])

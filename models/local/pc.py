@@ -167,13 +167,17 @@ class PredictiveCoding(Rule):
         """What the relaxation did (a :class:`substrate.Counts`): its steps, field evaluations and time
         (``steps`` x dt tau), every evaluation reading each state crossbar forward (the predictions)
         and transposed (the errors sent down), the input's crossbar once; the input and the target
-        converted, the values and the errors read out."""
+        converted, the values and the errors read out (and, with a device's IO chain, the conversions
+        of both reads at every evaluation)."""
         batch = relaxed.x.shape[0]
         run = C.phase(network, batch=batch, steps=relaxed.steps, nfev=relaxed.nfev,
                       settle_time=relaxed.steps * self.dt * float(np.min(network.tau)), reads=2)
         state, inputs = C.crossbar_devices(network)
         out = network.size_of(_chain(network)[-1][0].name)
-        return run.replace(macs=(2 * state * relaxed.nfev + inputs) * batch, dac=run.dac + out * batch)
+        # with an IO chain, a transposed read converts the post-synaptic side in and the pre-synaptic out
+        io_dac, io_adc, _ = C.io_conversions(network)
+        return run.replace(macs=(2 * state * relaxed.nfev + inputs) * batch,
+                           dac=run.dac + (out + io_adc * relaxed.nfev) * batch, adc=run.adc + io_dac * relaxed.nfev * batch)
 
     def gradients(self, network, relaxed: Relaxed) -> dict:
         """dF/dtheta / gamma at the relaxed state: -gamma_l eps_l a_{l-1}^T / (gamma B) and -mean gamma_l
