@@ -28,7 +28,7 @@ the relaxed states (``VectorField.param_vjp``). The paper trains MLPs without bi
 batch 256); substrate's layers carry biases, here zero at the start and trained, and the activation
 is one the circuit has (tanh by default).
 
-The paper's nearest setting: the authors' code (GitHub IandRover/CCL-NeurIPS24, ``yaml/mlp/fmnist_ccl.yaml``)
+The paper's nearest setting: the authors' code (GitHub IandRover/CCL-NeurIPS24, its Fashion-MNIST MLP config)
 trains Fashion-MNIST on 784-256x5-10 (ELU, no biases) by SGD at lr 1, batch 256, both networks clipped
 to norm 1, 100 epochs; its README reports no accuracy, and the paper's table could not be reached from
 here, so no paper number is quoted. With tanh and biases (784-256-256-10), lr 1 is chaotic: the clip
