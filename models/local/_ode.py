@@ -26,11 +26,12 @@ def tableau(method: str, what: str) -> tuple:
     return a, np.array(m.b, float), a.sum(axis=1)
 
 
-def rk_step(field, t: float, z: np.ndarray, h: float, tab: tuple) -> np.ndarray:
-    """One step of size h of dz/dt = field(t, z) with the tableau ``tab`` = (a, b, c)."""
+def rk_step(field, t: float, z: np.ndarray, h: float, tab: tuple, k0=None) -> np.ndarray:
+    """One step of size h of dz/dt = field(t, z) with the tableau ``tab`` = (a, b, c); ``k0``: field(t,
+    z) if already evaluated (its first stage; an explicit method evaluates len(b) - 1 more)."""
     a, b, c = tab
-    k = []
-    for i in range(len(b)):
+    k = [] if k0 is None else [k0]
+    for i in range(len(k), len(b)):
         zi = z + h * sum(a[i, j] * k[j] for j in range(i) if a[i, j] != 0) if i else z
         k.append(field(t + c[i] * h, zi))
     return z + h * sum(bi * ki for bi, ki in zip(b, k) if bi != 0)

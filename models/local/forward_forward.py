@@ -39,7 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from substrate import Connection, Input, Layer, Network, devices
+from substrate import Connection, Input, Layer, Network, devices, persist
+from substrate import counts as C
 from substrate.activations import rho_prime
 from substrate.errors import SubstrateValueError
 from substrate.validate import choice, count, flag, positive
@@ -47,7 +48,7 @@ from substrate.validate import choice, count, flag, positive
 from .. import ep
 from ..data import one_hot
 from ..train import RULES, Rule, Step
-from ._layers import local_gradients
+from ._layers import local_gradients, step_counts
 
 NORM_EPS = 1e-4  # added to ||h|| before normalising, so that a silent layer passes zeros on
 LABELS = ("replace", "append")
@@ -144,14 +145,28 @@ class ForwardForwardModel:
             inputs = {"x": h / (np.linalg.norm(h, axis=1, keepdims=True) + NORM_EPS)}
         return out
 
-    def scores(self, x, relaxation: ep.Relaxation) -> tuple:
-        """(goodness summed over the layers for each label (batch, K), every relaxation converged)."""
+    def run_flops(self, samples: int) -> int:
+        """The digital operations of :meth:`run` on ``samples`` samples: the normalisations (a
+        multiply-add and a division per value: of the input with ``normalise_input``, of every layer's
+        activities) and each layer's mean-of-squares goodness (a multiply-add per value)."""
+        widths = [net.layer("h").size for net in self.layers]
+        first = sum(x.size for x in self.layers[0].inputs) if self.normalise_input else 0
+        return (3 * first + 5 * sum(widths)) * samples
+
+    def scored(self, x, relaxation: ep.Relaxation) -> tuple:
+        """(goodness summed over the layers for each label (batch, K), every layer's relaxation on the
+        K labelled copies of x)."""
         x = np.asarray(x, dtype=float)
         B, K = len(x), self.classes
         labels = np.repeat(np.eye(K), B, axis=0)  # all samples with label 0, then label 1, ...
         passes = self.run(np.tile(x, (K, 1)), labels, relaxation)
         g = sum(goodness(h) for _, _, h in passes)
-        return g.reshape(K, B).T, all(sol.ok for _, sol, _ in passes)
+        return g.reshape(K, B).T, [sol for _, sol, _ in passes]
+
+    def scores(self, x, relaxation: ep.Relaxation) -> tuple:
+        """(goodness summed over the layers for each label (batch, K), every relaxation converged)."""
+        s, sols = self.scored(x, relaxation)
+        return s, all(sol.ok for sol in sols)
 
     def evaluate(self, x, labels, relaxation: ep.Relaxation, batch: int = 1000) -> tuple:
         """(mean cross-entropy of softmax(scores), accuracy, fraction of batches with a relaxation that
@@ -204,7 +219,9 @@ class ForwardForward(Rule):
     (at most K-1). Each step relaxes every layer on the positive and the negative batches ((1 + N) B
     samples), and on the K labelled copies of the batch for the prediction it reports (inference
     sums the layers' mean-of-squares goodness, whichever trained them). ``probe``: NaN (the rule
-    descends no global cost whose exact gradient it could be compared with)."""
+    descends no global cost whose exact gradient it could be compared with). ``Step.counts``: every
+    layer's relaxations, the K-label scoring pass (the step's prediction) included, and in digital the
+    normalisations, goodnesses, errors and outer products."""
 
     threshold: float = 0.5
     goodness: str = "mean"
@@ -228,10 +245,13 @@ class ForwardForward(Rule):
         if N >= K:
             raise SubstrateValueError(f"ForwardForward(negatives={N}): at most classes - 1 = {K - 1} wrong labels")
         labels = np.argmax(y, axis=1)
-        scores, ok = model.scores(x, relaxation)  # the prediction before the update
+        scores, scoring = model.scored(x, relaxation)  # the prediction before the update
         wrong = wrong_labels(labels, K, N, rng).T.ravel()  # negative set n is samples n B .. (n + 1) B - 1
+        M = (1 + N) * B
         passes = model.run(np.tile(x, (1 + N, 1)), np.concatenate([y, one_hot(wrong, K)]), relaxation)
-        grads = {}
+        grads, ok = {}, all(sol.ok for sol in scoring)
+        # the layers' passes, the scores' sums over layers and their cross-entropy
+        flops, held = model.run_flops(K * B + M) + (len(passes) + 5) * K * B, K * B
         for i, (net, (inputs, sol, h)) in enumerate(zip(model.layers, passes)):
             g = goodness(h, self.goodness)
             dg = np.concatenate([-sigmoid(self.threshold - g[:B]) / B, sigmoid(g[B:] - self.threshold) / (B * N)])
@@ -240,7 +260,25 @@ class ForwardForward(Rule):
             e = dg[:, None] * dgdu * h * rho_prime(layer.activation, sol.u)
             grads.update(local_gradients(net, inputs, sol, {"h": e}, prefix=layer_prefix(i)))
             ok = ok and sol.ok
-        return Step(grads, float(np.mean(cross_entropy(scores, labels))), scores, ok)
+            # dL/dG (a sigmoid: 4 per sample), the error (4 per value) and the outer products
+            flops += 4 * M + 4 * layer.size * M + C.parameter_flops(net, M)
+            held += 3 * layer.size * M  # u, h and the error of the positive and negative passes
+        return Step(grads, float(np.mean(cross_entropy(scores, labels))), scores, ok,
+                    step_counts([sol.counts for sol in scoring] + [sol.counts for _, sol, _ in passes], B, flops, held))
+
+
+def _write_model(group, model: ForwardForwardModel):
+    persist.write_config(group, {"classes": model.classes, "label": model.label,
+                                 "normalise_input": model.normalise_input, "layers": len(model.layers)})
+    for i, net in enumerate(model.layers):
+        persist.write_object(group.create_group(f"layer{i}"), net)
+
+
+def _read_model(group) -> ForwardForwardModel:
+    config = persist.read_config(group)
+    layers = [persist.read_object(group[f"layer{i}"]) for i in range(config.pop("layers"))]
+    return ForwardForwardModel(layers, **config)
 
 
 RULES[ForwardForward.name] = ForwardForward
+persist.register(ForwardForwardModel, _write_model, _read_model)

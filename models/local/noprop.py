@@ -41,18 +41,19 @@ circuit on its device); abar'/sqrt(abar) = sqrt(1 - s) pi cos(pi t / 2) keeps th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
-from substrate import Connection, Implicit, Input, Layer, Network
-from substrate.adjoint import solve_adjoint
+from substrate import Connection, Implicit, Input, Layer, Network, persist
+from substrate.adjoint import _implicit_counts, adjoint_solve
 from substrate.errors import SubstrateValueError
 from substrate.validate import count, fraction, positive
 
 from .. import ep
 from ..data import one_hot
 from ..train import RULES, Rule, Step
+from ._layers import step_counts
 from ._ode import rk_step, tableau
 
 OUT = "u"  # the blocks' output layer
@@ -183,29 +184,35 @@ class NoPropModel:
             xs["t"] = time_features(np.broadcast_to(t, (len(x),)), self.time_features)
         return xs
 
-    def predict(self, x, z, relaxation, t=None) -> tuple:
-        """(the blocks' outputs (batch, blocks, classes), converged): one relaxation of the circuit."""
+    def relaxed(self, x, z, relaxation, t=None) -> tuple:
+        """(the blocks' outputs (batch, blocks, classes), the relaxation of the circuit)."""
         sol = ep.free_phase(self.network, self.inputs(x, z, t), relaxation)
         u = sol.u[:, self.network.slices[OUT]]
-        return u.reshape(len(x), self.blocks, self.classes), sol.ok
+        return u.reshape(len(x), self.blocks, self.classes), sol
 
-    def infer(self, x, relaxation, rng: np.random.Generator) -> tuple:
-        """(z at the end of inference (batch, classes), every relaxation converged)."""
+    def predict(self, x, z, relaxation, t=None) -> tuple:
+        """(the blocks' outputs (batch, blocks, classes), converged): one relaxation of the circuit."""
+        u, sol = self.relaxed(x, z, relaxation, t)
+        return u, sol.ok
+
+    def inference(self, x, relaxation, rng: np.random.Generator) -> tuple:
+        """(z at the end of inference (batch, classes), every relaxation of the circuit it ran, its
+        digital operations: DT's update a_k u + b_k z + sqrt(c_k) eps, 5 per value and step; CT's
+        field, 3 per value and stage, and the stages' combination, 2 per value and stage)."""
         z = rng.standard_normal((len(x), self.classes))
-        ok = True
+        phases = []
         if not self.continuous:
             a, b, c, _ = dt_coefficients(self.blocks, self.s)
             for k in range(self.blocks):
-                u, conv = self.predict(x, z, relaxation)
-                ok &= conv
+                u, sol = self.relaxed(x, z, relaxation)
+                phases.append(sol)
                 z = a[k] * u[:, k] + b[k] * z + math.sqrt(c[k]) * rng.standard_normal(z.shape)
-            return z, ok
+            return z, phases, 5 * z.size * self.blocks
 
         def field(t, z):
-            nonlocal ok
             abar, _, _ = schedule(t, self.s)
-            u, conv = self.predict(x, z, relaxation, t)
-            ok &= conv
+            u, sol = self.relaxed(x, z, relaxation, t)
+            phases.append(sol)
             g = 0.5 * (1 - self.s) * np.pi * math.sin(0.5 * np.pi * t) * math.cos(0.5 * np.pi * t) / (1 - abar)
             lift = 0.5 * math.sqrt(1 - self.s) * np.pi * math.cos(0.5 * np.pi * t) / (1 - abar)
             return lift * u[:, 0] - g * z  # abar'/(2(1 - abar)) (u/sqrt(abar) - z), finite at t = 0
@@ -213,7 +220,12 @@ class NoPropModel:
         tab, h = tableau(self.method, "NoPropModel"), 1.0 / self.steps
         for i in range(self.steps):
             z = rk_step(field, i * h, z, h, tab)
-        return z, ok
+        return z, phases, 5 * z.size * len(phases)
+
+    def infer(self, x, relaxation, rng: np.random.Generator) -> tuple:
+        """(z at the end of inference (batch, classes), every relaxation converged)."""
+        z, phases, _ = self.inference(x, relaxation, rng)
+        return z, all(sol.ok for sol in phases)
 
     def evaluate(self, x, labels, relaxation, batch: int = 1000) -> tuple:
         """(mean cross-entropy of the readout at the inferred z, accuracy, fraction of batches with a
@@ -243,22 +255,27 @@ def _cross_entropy(logits, y):
 def weighted_squared_error_gradient(network, xs, target, weights, relaxation) -> tuple:
     """The exact gradient of (1/B) sum_b 1/2 sum_j w_bj (u_bj - target_bj)^2 of the linear output layer
     ``u`` at the circuit's equilibrium (implicit differentiation: backprop through the feed-forward
-    block): ({parameter name: gradient}, free phase)."""
+    block): ({parameter name: gradient}, free phase, counts: the relaxation, the error (3 operations
+    per output) and the implicit gradient's digital work, as ``substrate.adjoint`` counts it)."""
     free = ep.free_phase(network, xs, relaxation)
     vf = ep._field_of(network, xs, free, "NoProp", relaxation.tol)
     sl = network.slices[OUT]
     dl = np.zeros_like(free.u)
     dl[:, sl] = weights * (free.u[:, sl] - target)  # the outputs are linear: dl/du = dl/dr
-    g = vf.param_vjp(free.u, solve_adjoint(vf, free.u, -dl, Implicit()))
+    adj = adjoint_solve(vf, free.u, -dl, Implicit())
+    g = vf.param_vjp(free.u, adj.lam)
     nb = free.u.shape[0]
     grads = {f"W:{k}": w / nb for k, w in g["weights"].items()}
     grads.update({f"b:{k}": b / nb for k, b in g["biases"].items()})
-    return grads, free
+    counts = _implicit_counts(free, adj)
+    return grads, free, counts.replace(flops=counts.flops + 3 * np.size(target))
 
 
 class _NoProp(Rule):
     """What both NoProp rules share: the readout's cross-entropy on z_1 ~ q(z_1 | y), the blocks' weighted
-    denoising loss, and the prediction before the update by inference."""
+    denoising loss, and the prediction before the update by inference. ``Step.counts``: the
+    inference's relaxations (DT: T, CT: steps x stages) and its digital updates, the training
+    relaxation with its implicit gradient, and the readout."""
 
     continuous = False
 
@@ -276,20 +293,25 @@ class _NoProp(Rule):
                                       f"{type(model).__name__}")
         if not isinstance(rng, np.random.Generator):
             raise SubstrateValueError(f"{self.name} draws its latents from rng, a numpy.random.Generator")
-        z_pred, ok = model.infer(x, relaxation, rng)  # the prediction before the update
+        z_pred, inferred, flops = model.inference(x, relaxation, rng)  # the prediction before the update
         logits = model.logits(z_pred)
         loss = float(np.mean(_cross_entropy(logits, y)[0]))
         z, t, w = self.training_latents(model, y, rng)
         xs = {"x": x, "z": z}
         if model.continuous:
             xs["t"] = time_features(t, model.time_features)
-        grads, free = weighted_squared_error_gradient(model.network, xs, np.tile(y, (1, model.blocks)), w,
-                                                      relaxation)
+        grads, free, trained = weighted_squared_error_gradient(model.network, xs, np.tile(y, (1, model.blocks)), w,
+                                                               relaxation)
         abar, sq, _ = schedule(1.0, model.s)
         z1 = sq * y + math.sqrt(1 - abar) * rng.standard_normal(y.shape)  # q(z_1 | y): the readout's input
         e = _cross_entropy(model.logits(z1), y)[1]
         grads.update({"readout.weight": e.T @ z1 / len(y), "readout.bias": e.mean(axis=0)})
-        return Step(grads, loss, logits, ok and free.ok)
+        # the readout twice (logits of the prediction; logits, softmax error and gradients on z_1)
+        K, B = model.classes, len(y)
+        flops += (2 * K * K + 4 * K * K + 5 * K) * B
+        counts = step_counts([sol.counts for sol in inferred] + [trained], B, flops,
+                             model.network.n * B + 2 * K * B)
+        return Step(grads, loss, logits, all(sol.ok for sol in inferred) and free.ok, counts)
 
 
 @dataclass(frozen=True)
@@ -331,5 +353,21 @@ class NoPropCT(_NoProp):
         return z, t, np.broadcast_to(w[:, None], z.shape)
 
 
+_ARRAYS = ("network", "readout_weight", "readout_bias")
+
+
+def _write_model(group, model: NoPropModel):
+    persist.write_object(group.create_group("network"), model.network)
+    persist.write_arrays(group, "readout", {"weight": model.readout_weight, "bias": model.readout_bias})
+    persist.write_config(group, {f.name: getattr(model, f.name) for f in fields(model) if f.name not in _ARRAYS})
+
+
+def _read_model(group) -> NoPropModel:
+    readout = persist.read_arrays(group, "readout")
+    return NoPropModel(persist.read_object(group["network"]), readout["weight"], readout["bias"],
+                       **persist.read_config(group))
+
+
+persist.register(NoPropModel, _write_model, _read_model)
 RULES[NoPropDT.name] = NoPropDT
 RULES[NoPropCT.name] = NoPropCT

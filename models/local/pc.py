@@ -45,13 +45,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from substrate import Cost, Network
+from substrate import Cost, Counts, Network
+from substrate import counts as C
 from substrate.activations import rho_prime
 from substrate.errors import SubstrateValueError
 from substrate.validate import count, positive
 
 from .. import ep
 from ..train import RULES, Classifier, Rule, Step, exact_cosine
+from ._layers import step_counts
 from ._ode import rk_step, tableau
 
 
@@ -81,13 +83,15 @@ def _chain(network) -> list:
 @dataclass(frozen=True)
 class Relaxed:
     """A predictive-coding relaxation: values x (batch, n), weighted errors gamma_l eps_l (batch, n), the activities feeding
-    each layer {layer: (batch, pre size)}, whether max|dx/dt| reached ``tol``, and the steps taken."""
+    each layer {layer: (batch, pre size)}, whether max|dx/dt| reached ``tol``, the steps taken and the
+    evaluations of the field (each reads every crossbar forward and transposed)."""
 
     x: np.ndarray
     eps: np.ndarray
     pre: dict
     converged: bool
     steps: int
+    nfev: int
 
 
 @dataclass(frozen=True)
@@ -148,15 +152,32 @@ class PredictiveCoding(Rule):
         u = np.array(u0, dtype=float)
         u[:, out] = y
         tab, h = tableau(self.method, "PredictiveCoding"), self.dt * float(np.min(tau))
-        steps, converged = 0, False
+        steps, d, nfev = 0, field(0.0, u), 1
         while True:
-            converged = float(np.max(np.abs(field(0.0, u)))) <= self.tol
+            converged = float(np.max(np.abs(d))) <= self.tol
             if converged or steps == self.max_steps:
                 break
-            u = rk_step(field, 0.0, u, h, tab)
-            steps += 1
+            u = rk_step(field, 0.0, u, h, tab, d)  # the check's evaluation is the step's first stage
+            d = field(0.0, u)
+            steps, nfev = steps + 1, nfev + len(tab[1])
         eps, pre = errors(u)
-        return Relaxed(u, eps, pre, converged, steps)
+        return Relaxed(u, eps, pre, converged, steps, nfev)
+
+    def relax_counts(self, network, relaxed: Relaxed) -> Counts:
+        """What the relaxation did (a :class:`substrate.Counts`): its steps, field evaluations and time
+        (``steps`` x dt tau), every evaluation reading each state crossbar forward (the predictions)
+        and transposed (the errors sent down), the input's crossbar once; the input and the target
+        converted, the values and the errors read out (and, with a device's IO chain, the conversions
+        of both reads at every evaluation)."""
+        batch = relaxed.x.shape[0]
+        run = C.phase(network, batch=batch, steps=relaxed.steps, nfev=relaxed.nfev,
+                      settle_time=relaxed.steps * self.dt * float(np.min(network.tau)), reads=2)
+        state, inputs = C.crossbar_devices(network)
+        out = network.size_of(_chain(network)[-1][0].name)
+        # with an IO chain, a transposed read converts the post-synaptic side in and the pre-synaptic out
+        io_dac, io_adc, _ = C.io_conversions(network)
+        return run.replace(macs=(2 * state * relaxed.nfev + inputs) * batch,
+                           dac=run.dac + (out + io_adc * relaxed.nfev) * batch, adc=run.adc + io_dac * relaxed.nfev * batch)
 
     def gradients(self, network, relaxed: Relaxed) -> dict:
         """dF/dtheta / gamma at the relaxed state: -gamma_l eps_l a_{l-1}^T / (gamma B) and -mean gamma_l
@@ -177,7 +198,13 @@ class PredictiveCoding(Rule):
         free, relaxed, grads = self._run(model, x, y, relaxation)
         r = model._layer(free.u)
         loss = float(np.mean(model.cost.value_and_grad(r, y)[0]))
-        return Step(grads, loss, model._logits(r), free.ok and relaxed.converged)
+        net, batch = model.network, len(relaxed.x)
+        # the feed-forward pass and the relaxation; in digital the outer products gamma_l eps_l a_{l-1}^T
+        # (the precision's division: a multiply per parameter); held: the values and errors
+        counts = step_counts([free.counts, self.relax_counts(net, relaxed)], batch,
+                             C.parameter_flops(net, batch) + sum(np.size(g) for g in grads.values()),
+                             2 * net.n * batch)
+        return Step(grads, loss, model._logits(r), free.ok and relaxed.converged, counts)
 
     def probe(self, model, x, y, relaxation) -> float:
         free, _, grads = self._run(model, x, y, relaxation)

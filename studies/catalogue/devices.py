@@ -79,9 +79,22 @@ LEVEL_LABELS = {
     "programming_noise": r"programming-noise scale ($\times$ aihwkit PCM $\sigma(g)$, $\mu$S)",
     "quantisation": "conductance levels (count)",
     "feedback_copy": r"feedback copy's programming-noise scale ($\times$ PCM $\sigma$)",
-    "tau_mismatch": r"relative s.d. of $\tau$ (relaxation time 8 $\tau$)",
+    "tau_mismatch": r"relative s.d. of $\tau$",
     "pulsed": r"pulse step $\Delta w_{min}$ (constant-step device, device units)",
 }
+
+
+def level_label(ds, effect: str, runs) -> str:
+    """The x label of ``effect`` (:data:`LEVEL_LABELS`); for time-constant mismatch, with the phases'
+    relaxation time when the sweep sets it (``device.relaxation_time`` of the ``runs`` of that effect; 0:
+    relaxed to tolerance, where tau cannot move an equilibrium)."""
+    label = LEVEL_LABELS.get(effect, "level")
+    if effect != "tau_mismatch" or "relaxation_time" not in ds:
+        return label
+    times = sorted({float(ds["relaxation_time"].values[i]) for i in runs})
+    if times == [0.0]:
+        return label + " (phases relaxed to tolerance)"
+    return label + " (relaxation time " + ", ".join(f"{t:g}" for t in times) + r" $\tau$)"
 
 
 def plot_devices(archive_path: str):
@@ -124,7 +137,7 @@ def plot_devices(archive_path: str):
             if effect == "quantisation":
                 ax.set_xscale("log", base=2)
                 ax.invert_xaxis()
-            ax.set_xlabel(LEVEL_LABELS.get(effect, "level"))
+            ax.set_xlabel(level_label(ds, effect, [i for i, k in enumerate(kinds) if k == effect]))
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
         grid[0][c].set_title(effect.replace("_", " "))

@@ -24,8 +24,8 @@ from models.local import (  # importing models.local registers its rules in RULE
 from models.train import OPTIMISERS, RULES, Classifier, make_rule, train
 from studies.catalogue.devices import plot_devices, swept_effects
 from studies.catalogue.ep import (
-    EP_NETWORK,
-    EP_RELAXATION,
+    EP_RULE,
+    EP_TRAIN_SCHEMA,
     task_data,
     task_relaxation,
     training_result,
@@ -53,25 +53,19 @@ LOCAL_DEVICE = {
 }
 LOCAL_RULE = {
     "name": Field(str, LOCAL_RULE_NAMES, "centred", "the learning rule (models.train.RULES)"),
-    "beta": Field(float, Range(0.0, 10.0, lo_open=True), 0.2, "|beta| (EP rules)"),
-    "points": Field(int, Range(1, 64), 4, "N, points on the circle (holomorphic EP)"),
+    "beta": EP_RULE["beta"],
+    "points": EP_RULE["points"],
     "eta": Field(float, Range(0.0, 1e3, lo_open=True), 0.1, "weight of the denoising loss (NoProp)"),
     "blocks": Field(int, Range(1, 100), 10, "T, blocks of the discrete schedule (noprop_dt)"),
     "steps": Field(int, Range(1, 1000), 20, "steps of the inference ODE (noprop_ct)"),
 }
+# ep_train's fields (same order), without homeostasis (the local rules have none), with this study's rule,
+# device and optimiser defaults
 LOCAL_RULES_SCHEMA = {
-    "data": Field(str, ("digits", "fashion_mnist"), "digits", "data set (models.data)"),
-    "n_train": Field(int, Range(0, 60_000), 0, "training samples used (0: all)"),
-    "n_test": Field(int, Range(0, 10_000), 0, "test samples used (0: all)"),
-    "network": EP_NETWORK,
+    **{k: v for k, v in EP_TRAIN_SCHEMA.items() if not k.startswith("homeostasis")},
     "rule": LOCAL_RULE,
-    "relaxation": EP_RELAXATION,
-    "optimiser": Field(str, ("sgd", "adam"), "adam", "optimiser"),
-    "lr": Field(float, Range(0.0, 10.0, lo_open=True), 0.003, "learning rate"),
-    "momentum": Field(float, Range(0.0, 1.0, hi_open=True), 0.9, "SGD momentum"),
-    "epochs": Field(int, Range(0, 1000), 10, "epochs"),
-    "batch_size": Field(int, Range(1, 10_000), 32, "minibatch size"),
-    "probe": Field(int, Range(0, 10_000), 64, "training samples of the per-epoch gradient-alignment probe"),
+    "optimiser": EP_TRAIN_SCHEMA["optimiser"]._replace(default="adam"),
+    "lr": EP_TRAIN_SCHEMA["lr"]._replace(default=0.003),
     "device": LOCAL_DEVICE,
 }
 
