@@ -32,6 +32,7 @@ outputs with voltage sources (``clamp``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -87,6 +88,9 @@ class Circuit:
     capacitance: np.ndarray | float = 1.0
     v_t: float = V_T
     _free: np.ndarray = field(init=False, repr=False)
+    # the engine's entry points on a circuit (substrate.circuits.engine; ``substrate.relax``, ``integrate``
+    # and ``gradient`` dispatch to them): set by the package, as engine imports this module
+    engine: ClassVar = None
     # structures that depend on the topology only (fixed once built): the stamp pattern, sparse patterns
     _cache: dict = field(init=False, repr=False, default_factory=dict)
 

@@ -8,10 +8,10 @@ Newton direction always descends |F|^2), per sample. The linear systems are solv
 gradients on the sparse -J, symmetric positive definite for a reciprocal circuit: a Numba kernel)
 or by ``splu`` (scipy's sparse LU, any circuit).
 
-The engine's ``relax``/``gradient`` take a layered ``Network`` (their kernels step rho(u) through
-packed weight blocks), so the circuit has its own relaxation here: explicit Euler of C dV/dt = F
-(what the hardware does, stable while dt g/C < 2) or linearly implicit Euler (C/dt - J) dV = F dt
-(stable for any dt; Newton is its dt -> infinity limit).
+``substrate.relax`` runs the engine's methods on a circuit (``circuits.engine``); :func:`relax` here
+adds what stiff circuits need and those explicit tableaux lack: linearly implicit Euler
+(C/dt - J) dV = F dt (stable for any dt; Newton is its dt -> infinity limit), beside explicit Euler
+of C dV/dt = F (what the hardware does, stable while dt g/C < 2).
 """
 
 from __future__ import annotations
