@@ -235,6 +235,7 @@ class CircuitField:
             base[:, nodes] = values
         self._base = base
         self._src = (circuit.internal(circuit.sources), circuit.source_current)
+        self.evaluations = 0  # of F, by the solvers using this field (their counts' nfev)
 
     @property
     def size(self) -> int:
@@ -259,7 +260,8 @@ class CircuitField:
         return V
 
     def __call__(self, u) -> np.ndarray:
-        """F(u) (with the nudge's current, if any) at the free nodes."""
+        """F(u) (with the nudge's current, if any) at the free nodes; counted in ``evaluations``."""
+        self.evaluations += 1
         V = self.full(u)
         out = np.empty_like(V)
         K.currents(V, *self.args[:7], *self.args[7:], *self._src, out)
