@@ -129,7 +129,8 @@ class _Stepper:
         ubar = alpha[self.s] * ybar_next
         for i in range(self.s - 1, -1, -1):
             sbar = sum(coef[k, i] * ybar[k] for k in range(i + 1, self.s + 1) if np.any(coef[k, i]))
-            if np.isscalar(sbar):  # the stage feeds nothing (a zero column)
+            if np.isscalar(sbar):  # the stage feeds nothing (dopri5's last, FSAL stage): no adjoint
+                ybar[i] = np.zeros_like(ybar_next)
                 continue
             ws = self.w * sbar
             yb = self.sigma * sbar + self.f.vjp(ys[i], ws)
