@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from substrate import circuits
+from substrate import Counts, circuits
 from substrate.adjoint import Gradients
 from substrate.devices import Device
 from substrate.devices.device import Crossbar
@@ -57,15 +57,23 @@ class CircuitHardware:
         self.connections = ()  # no forward/feedback weight pairs (models.metrics.weight_angles)
         self.write()
 
-    def write(self):
-        """Write the nominal conductances (all of them the first time) and read the device back."""
+    def write(self) -> Counts:
+        """Write the nominal conductances (all of them the first time) and read the device back.
+        Returns its :class:`substrate.Counts`: the pulses (a programmed conductance counts as one; on
+        ideal conductances, one per conductance that changed) and the write cycles (1: the
+        conductances are written in parallel)."""
         g = self.nominal.conductance
         np.maximum(g, self.g_floor, out=g)
         if self.crossbar is not None:
             w = self.crossbar.write(g.copy(), self.clock)
             if self.device.update is not None:
                 g[...] = np.maximum(w, self.g_floor)  # the devices are the weights: training continues from them
+            pulses, cycles = self.crossbar.pulses, self.crossbar.write_cycles
+        else:
+            pulses = int(np.count_nonzero(g != self.physical.conductance))
+            cycles = int(pulses > 0)
         self.read()
+        return Counts(pulses=pulses, write_cycles=cycles)
 
     def read(self):
         """The physical circuit's conductances as the devices hold them at ``clock``."""
@@ -82,8 +90,9 @@ class CircuitHardware:
 @dataclass(eq=False)
 class CircuitClassifier:
     """A layered resistive network (``circuits.layered``) as a classifier: features x in [0, 1] drive
-    the input nodes (with ``mirror``, also -x on a second set, so that positive conductances can
-    subtract); one output node per class."""
+    the input nodes at ``input_scale`` x volts (with ``mirror``, also -x on a second set, so that
+    positive conductances can subtract); one output node per class, with target voltages
+    ``target_low``/``target_high`` (volts: within the range the diodes let the hidden nodes reach)."""
 
     network: CircuitHardware
     classes: int
@@ -94,16 +103,19 @@ class CircuitClassifier:
     target_high: float = 0.1
     tol: float = 1e-10
     linear: str = "dense"
+    input_scale: float = 1.0
 
     @classmethod
     def layered(cls, features: int, hidden, classes: int, rng: np.random.Generator, *, device: Device | None = None,
                 seed: int = 0, mirror: bool = True, bias: float = 0.4, g_range=(1e-3, 2e-2), spread: float = 0.0,
-                **options):
-        """(features, hidden..., classes); conductances uniform in ``g_range``, diode mismatch ``spread``."""
+                diodes: bool = True, diode_is: float = 1e-12, **options):
+        """(features, hidden..., classes); conductances uniform in ``g_range``, diodes of saturation
+        current ``diode_is`` (A) with mismatch ``spread``, or none (``diodes=False``: a linear network)."""
         features, classes = count(features, "features"), count(classes, "classes")
         hidden = [count(h, "hidden") for h in np.atleast_1d(hidden)]
+        positive(options.get("input_scale", 1.0), "input_scale")
         c = circuits.layered([features * (2 if mirror else 1), *hidden, classes], rng, g_range=g_range, bias=bias,
-                             spread=spread)
+                             spread=spread, diodes=diodes, diode_is=diode_is)
         model = cls(CircuitHardware(c, device, seed), classes, features, mirror, bias, **options)
         model.network.inputs[0].size = features
         return model
@@ -119,7 +131,7 @@ class CircuitClassifier:
 
     def drive(self, x) -> np.ndarray:
         """The input nodes' voltages for features x (batch, features)."""
-        x = np.asarray(x, float)
+        x = self.input_scale * np.asarray(x, float)
         parts = [x, -x] if self.mirror else [x]
         return circuits.bias_inputs(np.concatenate(parts, axis=1), self.bias)
 
@@ -135,6 +147,22 @@ class CircuitClassifier:
     def outputs(self, sol) -> np.ndarray:
         """The output voltages of a solution (batch, classes)."""
         return sol.v[:, self.circuit.outputs]
+
+    def conducting(self, sol, share: float = 0.1) -> float:
+        """The fraction of (sample, diode) pairs at which the diode bends its node's response: its
+        differential conductance at least ``share`` of the linear conductances at its hidden node (the
+        hidden node's voltage then moves measurably less than a linear network's). 0 without diodes."""
+        c = self.circuit
+        if not len(c.diodes):
+            return 0.0
+        full = np.concatenate([sol.v, np.zeros((len(sol.v), 1))], axis=1)
+        d = c.internal(c.diodes)
+        nvt = c.diode_n * c.v_t
+        gd = c.diode_is / nvt * np.exp((full[:, d[:, 0]] - full[:, d[:, 1]]) / nvt)
+        e = c.internal(c.edges)
+        g_node = np.bincount(e.ravel(), np.repeat(c.conductance, 2), minlength=c.n + 1)
+        node = np.where(np.isin(d[:, 0], c.inputs), d[:, 1], d[:, 0])  # the diode's hidden end
+        return float(np.mean(gd >= share * g_node[node]))
 
     def cost(self, sol, y) -> tuple:
         """(per-sample cost |V_out - T|^2 / 2, dl/dV_out) at a solution, y one-hot."""
@@ -173,26 +201,39 @@ def exact_gradient(model: CircuitClassifier, x, y, free=None) -> np.ndarray:
     return f.param_vjp(free.u, lam)["conductance"] / len(x)
 
 
+def _local_flops(circuit, batch: int, phases: int) -> int:
+    """Digital FLOPs of an update from the voltage drops of ``phases`` operating points: per edge,
+    sample and phase a drop (a subtraction) and a product or square with its accumulation (2)."""
+    return 3 * len(circuit.edges) * batch * phases
+
+
 def ep_gradient(model: CircuitClassifier, x, y, estimator: ep.Estimator, free=None):
-    """(dL/dg of the batch-mean cost by ``estimator``'s recipe, the free solution, converged)."""
+    """(dL/dg of the batch-mean cost by ``estimator``'s recipe, the free solution, converged, the
+    :class:`substrate.Counts` of its phases and arithmetic)."""
     free = model.free(x) if free is None else free
-    if isinstance(estimator, ep.Exact):
-        return exact_gradient(model, x, y, free), free, free.ok
+    b, c = len(x), model.circuit
+    if isinstance(estimator, ep.Exact):  # in digital: J's LU per sample and the parameter VJP
+        n = free.field.size
+        flops = (2 * n ** 3 // 3 + 4 * n * n) * b + _local_flops(c, b, 1)
+        counts = free.counts.replace(flops=flops, memory=free.counts.memory + n * n * b)
+        return exact_gradient(model, x, y, free), free, free.ok, counts
     if not isinstance(estimator, ep.PointEstimator):
         raise SubstrateValueError(f"EP on a circuit takes a point estimator (one_sided, negative, centred) or "
                                   f"exact; got {estimator.name!r}")
     c0, points = estimator.nodes()
     target = model.targets(y)
-    v, ok = c0 * free.u, free.ok
-    for beta, c, pair in points:
+    v, ok, parts = c0 * free.u, free.ok, [free.counts]
+    for beta, coef, pair in points:
         if complex(beta).imag != 0 or pair:
             raise SubstrateValueError(f"{estimator!r}: the circuit solver is real; complex nudges (holomorphic EP "
                                       "with more than 2 points) are not supported")
         sol = circuits.dc(model.circuit, model.drive(x), u0=free.u, teach=circuits.Teach(float(np.real(beta)), target),
                           tol=model.tol, linear=model.linear, on_failure="return")
-        v = v + np.real(c) * sol.u
+        v = v + np.real(coef) * sol.u
         ok = ok and sol.ok
-    return free.field.param_vjp(free.u, v)["conductance"] / len(x), free, ok
+        parts.append(sol.counts)
+    counts = sum(parts).replace(samples=b, flops=_local_flops(c, b, len(parts)))
+    return free.field.param_vjp(free.u, v)["conductance"] / len(x), free, ok, counts
 
 
 # ------------------------------------------------------------------------------------ rules
@@ -211,13 +252,15 @@ class _CircuitRule(Rule):
     """A rule on a :class:`CircuitClassifier`: its ``gradient`` is the step's and the probe's."""
 
     def gradient(self, model, x, y, free=None):
-        """(dL/dg estimate of the batch-mean cost (E,), the free solution, every solve converged), from
-        the free operating point ``free`` when given."""
+        """(dL/dg estimate of the batch-mean cost (E,), the free solution, every solve converged, the
+        :class:`substrate.Counts` of its phases and arithmetic), from the free operating point
+        ``free`` when given."""
         raise NotImplementedError
 
     def step(self, model, x, y, relaxation=None, rng=None) -> Step:
-        g, free, ok = self.gradient(model, x, y)
-        return Step({"conductance": g}, float(np.mean(model.cost(free, y)[0])), model.outputs(free), bool(ok))
+        g, free, ok, counts = self.gradient(model, x, y)
+        return Step({"conductance": g}, float(np.mean(model.cost(free, y)[0])), model.outputs(free), bool(ok),
+                    counts)
 
     def probe(self, model, x, y, relaxation=None) -> float:
         return _probe(self, model, x, y)
@@ -273,7 +316,9 @@ class CoupledLearning(_CircuitRule):
                           linear=model.linear, on_failure="return")
         df, dc_ = _edge_drops(model.circuit, free.v), _edge_drops(model.circuit, sol.v)
         g = np.sum(dc_ * dc_ - df * df, axis=0) / (2 * self.eta * len(x))
-        return g, free, free.ok and sol.ok
+        b = len(x)
+        counts = (free.counts + sol.counts).replace(samples=b, flops=_local_flops(model.circuit, b, 2))
+        return g, free, free.ok and sol.ok, counts
 
 
 RULES["circuit_ep"] = CircuitEP

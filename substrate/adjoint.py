@@ -39,7 +39,7 @@ from .dynamics import VectorField, resolve_dtype
 from .errors import ConvergenceError, SubstrateValueError
 from .integrators import (Solution, _STATUS, _check_on_failure, _check_times, _count, _finish,
                           _nonnegative, _positive, _prepare, _solve, allocate, check_step_count,
-                          get_method, relax)
+                          get_method, other_substrate, relax)
 from .network import Network
 from .validate import as_real, count, positive
 
@@ -260,7 +260,15 @@ def gradient(network: Network, x=None, loss=None, *, method="discrete", t_span=N
     circuit without per-step noise, activation mismatch and converters; ``twin=True`` runs it on the
     nominal network instead (a digital twin): its Jacobians at the device's states (every state
     stored: no checkpointing), the gradient that hardware-in-the-loop training can compute.
+
+    A resistive circuit (``substrate.circuits.Circuit``) is differentiated by ``circuits.engine.gradient``
+    (``implicit`` and ``discrete``).
     """
+    if (other := other_substrate(network)) is not None:
+        return other.gradient(network, x, loss, method=method, t_span=t_span, t_eval=t_eval, trajectory=trajectory,
+                              integrator=integrator, dt=dt, u0=u0, dtype=dtype, batch=batch, rtol=rtol, atol=atol,
+                              tol=tol, max_steps=max_steps, blowup=blowup, on_failure=on_failure, twin=twin,
+                              adjoint0=adjoint0)
     strategy = get_adjoint(method)
     _check_on_failure(on_failure)
     _check_twin(network, twin)

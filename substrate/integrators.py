@@ -465,6 +465,13 @@ def _check_on_failure(on_failure):
 
 
 # ------------------------------------------------------------------------------------ entry points
+def other_substrate(network):
+    """The entry points of another substrate that brings its own (a resistive circuit's ``engine``,
+    :mod:`substrate.circuits.engine`), or None for a neuron :class:`Network`: the one dispatch point
+    of :func:`integrate`, :func:`relax` and ``substrate.gradient``."""
+    return None if isinstance(network, Network) else getattr(network, "engine", None)
+
+
 def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt=None, u0=None,
               dtype=None, batch=None, rtol=1e-6, atol=1e-9, max_steps=10_000_000, blowup=1e10,
               nudge=None, on_failure="raise") -> Solution:
@@ -478,7 +485,12 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
     points. ``nudge``: a :class:`~substrate.nudge.Nudge` teaching current added to F (its residual
     included). A state that turns NaN/Inf or exceeds ``blowup`` in magnitude stops the integration with
     status ``diverged``: raised as DivergenceError, or returned when ``on_failure="return"``.
+    A resistive circuit (``substrate.circuits.Circuit``) is integrated by ``circuits.engine.integrate``.
     """
+    if (other := other_substrate(network)) is not None:
+        return other.integrate(network, x, t_span=t_span, t_eval=t_eval, method=method, dt=dt, u0=u0, dtype=dtype,
+                               batch=batch, rtol=rtol, atol=atol, max_steps=max_steps, blowup=blowup, nudge=nudge,
+                               on_failure=on_failure)
     stepper = get_method(method)
     _check_on_failure(on_failure)
     t0, t1, t_eval = _check_times(t_span, t_eval, default=(lambda t0, t1: [t0, t1]))
@@ -533,8 +545,12 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
     :class:`~substrate.nudge.Nudge` teaching current added to F (the equilibrium is then that of F +
     beta dl/dr, its stability that of their sum). A device network with a finite relaxation
     time (``substrate.devices.RelaxationTime``) is read at that time: reaching it is a success.
-    Other arguments as in :func:`integrate`.
+    Other arguments as in :func:`integrate`. A resistive circuit is relaxed by ``circuits.engine.relax``.
     """
+    if (other := other_substrate(network)) is not None:
+        return other.relax(network, x, method=method, dt=dt, tol=tol, rtol=rtol, u0=u0, dtype=dtype, batch=batch,
+                           max_time=max_time, max_steps=max_steps, step_rtol=step_rtol, step_atol=step_atol,
+                           blowup=blowup, nudge=nudge, on_failure=on_failure)
     stepper = get_method(method)
     _check_on_failure(on_failure)
     tol, rtol = _nonnegative(tol, "tol"), _nonnegative(rtol, "rtol")

@@ -6,8 +6,8 @@ import pytest
 
 from models import circuit_learning as CL
 from models import data, train
+from substrate import Counts, devices
 from substrate import circuits as C
-from substrate import devices
 from substrate.errors import SubstrateValueError
 
 
@@ -25,7 +25,7 @@ def test_ep_matches_the_implicit_gradient(batch, estimator, beta):
     >= 0.9999 (measured 1 - 1e-11 centred, 1 - 1e-7 one-sided at these beta)."""
     model, x, y = batch
     rule = CL.CircuitEP(estimator, beta)
-    g, free, ok = rule.gradient(model, x, y)
+    g, free, ok, _ = rule.gradient(model, x, y)
     assert ok
     exact = CL.exact_gradient(model, x, y, free)
     cos = g @ exact / np.linalg.norm(g) / np.linalg.norm(exact)
@@ -123,3 +123,39 @@ def test_conductances_on_a_device():
     assert not np.array_equal(g, target)  # pulses, with their spread and noise, not the exact value
     np.testing.assert_array_equal(g, pulsed.circuit.conductance)
     assert np.mean(np.abs(g - target)) < 0.6e-3  # most of the way (measured 0.39 mS left of 1 mS)
+
+
+@pytest.mark.parametrize("rule", [CL.CircuitEP("centred", 0.01), CL.CoupledLearning(0.1)])
+def test_steps_count_what_the_circuit_did(rule):
+    """A tiny circuit (2 inputs and their mirrors + 2 bias sources, 3 hidden, 2 outputs: 18 edges),
+    counted by hand from the solves the step ran: the free phase and the nudged (EP centred: +-beta)
+    or clamped phase, their Newton iterations and evaluations of F, every conductance read at each
+    evaluation, the sources set, the free nodes read out; then the conductances written."""
+    rng = np.random.default_rng(5)
+    model = CL.CircuitClassifier.layered(2, 3, 2, rng)
+    x, y = rng.uniform(0, 1, (4, 2)), np.eye(2)[[0, 1, 1, 0]]
+    solves = []
+    dc = C.dc
+
+    def spy(*args, **kwargs):  # the solves the rule runs, to count by hand
+        solves.append(dc(*args, **kwargs))
+        return solves[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C, "dc", spy)
+        step = rule.step(model, x, y)
+    c = step.counts
+    phases = 3 if isinstance(rule, CL.CircuitEP) else 2
+    assert len(solves) == phases and c.phases == phases and c.samples == 4
+    edges = len(model.circuit.edges)
+    assert edges == 18
+    assert c.steps == sum(s.iterations for s in solves) > 0
+    assert c.nfev == sum(s.nfev for s in solves) >= c.steps
+    assert c.macs == edges * c.nfev * 4
+    sources = 6 * 4 * phases + (2 * 4 if phases == 2 else 0)  # inputs every phase, the clamp's 2 outputs once
+    assert c.dac == sources
+    free_nodes = (5 * phases - (2 if phases == 2 else 0)) * 4  # the clamp holds the 2 outputs
+    assert c.adc == free_nodes
+    assert c.flops == 3 * edges * 4 * phases and c.settle_time == 0
+    model.parameters()["conductance"][:5] += 1e-4
+    assert model.network.write() == Counts(pulses=5, write_cycles=1)

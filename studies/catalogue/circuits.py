@@ -32,6 +32,13 @@ SCHEMA = {
     "batch_size": Field(int, Range(1, 60_000), 32, "minibatch size"),
     "lr": Field(float, Range(0.0, 1.0, lo_open=True), 0.004, "Adam's learning rate (siemens)"),
     "probe": Field(int, Range(0, 10_000), 32, "training samples on which the rule is compared with the exact gradient"),
+    "circuit": {
+        "input_scale": Field(float, Range(0.0, 100.0, lo_open=True), 1.0, "volts per unit of a feature (inputs "
+                             "drive at input_scale x and -input_scale x)"),
+        "bias": Field(float, Range(0.0, 10.0), 0.4, "the hidden diodes' bias sources +-bias (volts)"),
+        "diode_is": Field(float, Range(1e-18, 1.0), 1e-12, "the diodes' saturation current (amperes)"),
+        "diodes": Field(bool, None, True, "hidden diodes (false: the same network, linear)"),
+    },
     "rule": {
         "name": Field(str, ("circuit_ep", "coupled_learning"), "circuit_ep", "learning rule"),
         "beta": Field(float, Range(0.0, 1.0, lo_open=True), 0.01, "EP's nudge (centred)"),
@@ -76,15 +83,17 @@ def run_circuit_train(config: dict, seed: int, save_partial=discard) -> Result:
         data = data.subset(config["n_train"] or None, config["n_test"] or None)
     v = config["variability"]
     rng = np.random.default_rng(seed)
+    k = config["circuit"]
     model = CircuitClassifier.layered(data.n_features, config["hidden"], data.classes, rng, device=make_device(v),
-                                      seed=seed, spread=v["mismatch"])
+                                      seed=seed, spread=v["mismatch"], input_scale=k["input_scale"], bias=k["bias"],
+                                      diode_is=k["diode_is"], diodes=k["diodes"])
 
-    def result(history, drifted=float("nan")):
+    def result(history, drifted=float("nan"), conducting=float("nan")):
         a = history.arrays()
         return Result(arrays={k: (("epoch",), a[k]) for k in ("train_loss", "train_accuracy", "test_loss",
                                                               "test_accuracy", "grad_cosine", "nonconverged")},
                       scalars={"final_test_accuracy": float(a["test_accuracy"][-1]),
-                               "drift_test_accuracy": drifted},
+                               "drift_test_accuracy": drifted, "diodes_conducting": conducting},
                       coords={"epoch": [int(e) for e in a["epoch"]]})
 
     def on_epoch(history):
@@ -94,11 +103,13 @@ def run_circuit_train(config: dict, seed: int, save_partial=discard) -> Result:
     history = train(model, data, rule=_rule(config), optimiser=Adam(config["lr"]), epochs=config["epochs"],
                     batch_size=config["batch_size"], rng=rng, probe=config["probe"], progress=False,
                     on_epoch=on_epoch)
+    # the trained network's nonlinearity: the share of (test sample, diode) pairs where a diode conducts
+    conducting = model.conducting(model.free(data.x_test[:200]))
     drifted = float("nan")
     if v["drift"]:
         model.network.advance(v["drift"])
         drifted = model.evaluate(data.x_test, data.y_test)[1]
-    return result(history, drifted)
+    return result(history, drifted, conducting)
 
 
 def warmup_circuit_train():

@@ -43,14 +43,15 @@ def random_circuit(rng: np.random.Generator, n: int = 12, inputs: int = 3, outpu
 
 
 def layered(sizes, rng: np.random.Generator, *, g_range=(1e-3, 2e-2), diode_is=1e-12, diode_n=1.0,
-            bias: float = 0.4, spread: float = 0.0) -> Circuit:
+            bias: float = 0.4, spread: float = 0.0, diodes: bool = True) -> Circuit:
     """A deep resistive network: ``sizes`` = (inputs, hidden..., outputs). Nodes layer after layer, then
     two bias nodes (fixed at +-``bias`` V, the last two inputs: x has sizes[0] + 2 columns, see
     :func:`bias_inputs`); every node of a layer joined to every node of the previous one by a
     conductance drawn uniformly from ``g_range`` (S); every hidden node has a diode to the +bias node
     (conducting when the node is above +bias) and one from the -bias node (below -bias), so that
     hidden voltages saturate softly near +-bias: the nonlinearity. ``spread``: diode mismatch as in
-    :func:`random_circuit`."""
+    :func:`random_circuit`. ``diodes=False``: the same network without diodes (linear; the same
+    conductances are drawn), the baseline the diodes' nonlinearity is measured against."""
     sizes = [count(s, "sizes") for s in sizes]
     start = np.cumsum([0] + sizes)
     n = int(start[-1]) + 2
@@ -61,13 +62,16 @@ def layered(sizes, rng: np.random.Generator, *, g_range=(1e-3, 2e-2), diode_is=1
         edges.append(np.stack(np.meshgrid(post, pre, indexing="ij"), -1).reshape(-1, 2))
     edges = np.concatenate(edges)
     hidden = np.arange(start[1], start[-2])
-    diodes = np.concatenate([np.stack([hidden, np.full_like(hidden, hi)], 1),
-                             np.stack([np.full_like(hidden, lo), hidden], 1)])
-    k = len(diodes)
+    pairs = np.concatenate([np.stack([hidden, np.full_like(hidden, hi)], 1),
+                            np.stack([np.full_like(hidden, lo), hidden], 1)])
+    k = len(pairs)
+    g = rng.uniform(*g_range, len(edges))
+    i_s = diode_is * np.clip(1 + spread * rng.standard_normal(k), 0.2, None)
+    n_d = diode_n * np.clip(1 + spread * rng.standard_normal(k), 0.2, None)
+    keep = slice(None) if diodes else slice(0)  # drawn either way: both networks see the same random stream
     inputs = np.concatenate([np.arange(sizes[0]), [hi, lo]])
-    return Circuit(n, edges, rng.uniform(*g_range, len(edges)), inputs, np.arange(start[-2], start[-1]),
-                   diodes=diodes, diode_is=diode_is * np.clip(1 + spread * rng.standard_normal(k), 0.2, None),
-                   diode_n=diode_n * np.clip(1 + spread * rng.standard_normal(k), 0.2, None),
+    return Circuit(n, edges, g, inputs, np.arange(start[-2], start[-1]),
+                   diodes=pairs[keep], diode_is=i_s[keep], diode_n=n_d[keep],
                    capacitance=1e-12)
 
 

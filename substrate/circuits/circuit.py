@@ -32,6 +32,7 @@ outputs with voltage sources (``clamp``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -87,6 +88,9 @@ class Circuit:
     capacitance: np.ndarray | float = 1.0
     v_t: float = V_T
     _free: np.ndarray = field(init=False, repr=False)
+    # the engine's entry points on a circuit (substrate.circuits.engine; ``substrate.relax``, ``integrate``
+    # and ``gradient`` dispatch to them): set by the package, as engine imports this module
+    engine: ClassVar = None
     # structures that depend on the topology only (fixed once built): the stamp pattern, sparse patterns
     _cache: dict = field(init=False, repr=False, default_factory=dict)
 
@@ -231,6 +235,7 @@ class CircuitField:
             base[:, nodes] = values
         self._base = base
         self._src = (circuit.internal(circuit.sources), circuit.source_current)
+        self.evaluations = 0  # of F, by the solvers using this field (their counts' nfev)
 
     @property
     def size(self) -> int:
@@ -255,7 +260,8 @@ class CircuitField:
         return V
 
     def __call__(self, u) -> np.ndarray:
-        """F(u) (with the nudge's current, if any) at the free nodes."""
+        """F(u) (with the nudge's current, if any) at the free nodes; counted in ``evaluations``."""
+        self.evaluations += 1
         V = self.full(u)
         out = np.empty_like(V)
         K.currents(V, *self.args[:7], *self.args[7:], *self._src, out)

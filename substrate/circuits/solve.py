@@ -8,10 +8,10 @@ Newton direction always descends |F|^2), per sample. The linear systems are solv
 gradients on the sparse -J, symmetric positive definite for a reciprocal circuit: a Numba kernel)
 or by ``splu`` (scipy's sparse LU, any circuit).
 
-The engine's ``relax``/``gradient`` take a layered ``Network`` (their kernels step rho(u) through
-packed weight blocks), so the circuit has its own relaxation here: explicit Euler of C dV/dt = F
-(what the hardware does, stable while dt g/C < 2) or linearly implicit Euler (C/dt - J) dV = F dt
-(stable for any dt; Newton is its dt -> infinity limit).
+``substrate.relax`` runs the engine's methods on a circuit (``circuits.engine``); :func:`relax` here
+adds what stiff circuits need and those explicit tableaux lack: linearly implicit Euler
+(C/dt - J) dV = F dt (stable for any dt; Newton is its dt -> infinity limit), beside explicit Euler
+of C dV/dt = F (what the hardware does, stable while dt g/C < 2).
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.linalg import spsolve
 
 from ..adjoint import Gradients
+from ..counts import Counts
 from ..errors import ConvergenceError, SubstrateValueError
 from ..validate import choice, count, positive
 from . import _kernels as K
 from .circuit import Circuit, CircuitField, Clamp, Teach
+from .engine import phase_counts
 
 LINEAR = ("dense", "cg", "splu")
 
@@ -36,7 +38,8 @@ class DCSolution:
     """An operating point. v: every node's voltage (batch, n); u: the free nodes' (batch, free);
     residual: max |F| per sample (amperes); iterations: Newton iterations or time steps; ok: every
     sample reached ``tol``; linear_iterations: CG iterations in all (``cg`` only); field: the
-    :class:`CircuitField` it solved."""
+    :class:`CircuitField` it solved; nfev: evaluations of F; settle_time: the simulated seconds
+    (:func:`relax`; 0 for Newton, which simulates no time)."""
 
     v: np.ndarray
     u: np.ndarray
@@ -46,6 +49,14 @@ class DCSolution:
     method: str
     field: CircuitField
     linear_iterations: int = 0
+    nfev: int = 0
+    settle_time: float = 0.0
+
+    @property
+    def counts(self) -> Counts:
+        """What this solve did (:func:`substrate.circuits.engine.phase_counts`): its iterations as
+        steps, its evaluations of F, every conductance read at each, the free nodes read out once."""
+        return phase_counts(self.field, steps=self.iterations, nfev=self.nfev, settle_time=self.settle_time)
 
 
 class _Sparse:
@@ -199,7 +210,7 @@ def dc(circuit: Circuit, x, *, u0=None, clamp: Clamp | None = None, teach: Teach
     if not ok and on_failure == "raise":
         raise ConvergenceError(f"dc: Newton did not reach max|F| <= {tol:g} A after {its} iterations (worst "
                                f"{np.max(res):.3g} A); raise max_iter or loosen tol", None)
-    return DCSolution(f.full(u)[:, :-1], u, res, its, ok, f"newton/{linear}", f, cg_its)
+    return DCSolution(f.full(u)[:, :-1], u, res, its, ok, f"newton/{linear}", f, cg_its, f.evaluations)
 
 
 def relax(circuit: Circuit, x, *, method="implicit_euler", dt=None, u0=None, clamp=None, teach=None,
@@ -234,7 +245,7 @@ def relax(circuit: Circuit, x, *, method="implicit_euler", dt=None, u0=None, cla
         why = "diverged (raise C or lower dt)" if not np.all(np.isfinite(res)) else f"stopped after {steps} steps"
         raise ConvergenceError(f"relax({method}, dt={dt:.3g}): {why}, worst max|F| {np.max(res):.3g} A > tol {tol:g}",
                                None)
-    return DCSolution(f.full(u)[:, :-1], u, res, steps, ok, method, f)
+    return DCSolution(f.full(u)[:, :-1], u, res, steps, ok, method, f, 0, f.evaluations, steps * dt)
 
 
 def adjoint(f: CircuitField, u, rhs, linear="dense") -> np.ndarray:
