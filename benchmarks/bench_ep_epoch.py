@@ -6,8 +6,9 @@ activations, tied (symmetric) feedback, a cross-entropy readout 256 -> 10
 feedback="tied", dtype=...)``), batch 50, SGD(0.01, momentum 0.9), phases integrated by explicit Euler
 at dt = tau = 1: ``ep.Relaxation(method="euler", dt=1.0, tol=TOL, max_steps=150, nudged_max_steps=20,
 on_failure="record")``, i.e. at most T1 = 150 free steps and T2 = 20 steps per nudged phase. One
-training step is ``models.train.gradient_step(model, x, y_onehot, rule, relaxation)`` followed by
-``optimiser.step(model.parameters(), grads)``, exactly as ``models.train.train`` does it.
+training step is ``models.train.EPRule(estimator).estimate(model, x, y_onehot, relaxation)`` followed by
+``optimiser.step(model.parameters(), named_gradients(estimate))``: what ``models.train.train`` does with an
+EP rule, keeping the estimate for its phases' step counts.
 
 Rows (rule, dtype, policy): ``ep.Centred(0.2)`` in float32 and float64 (two real nudged phases,
 beta = +-0.2) and ``ep.Holomorphic(4, 0.2)`` in float64 (three nudged phases: beta = 0.2 and -0.2 in
@@ -71,7 +72,7 @@ sys.path.insert(0, str(ROOT))
 
 from models import ep  # noqa: E402
 from models.data import Dataset, fashion_mnist, minibatches, one_hot  # noqa: E402
-from models.train import SGD, Classifier, gradient_step  # noqa: E402
+from models.train import SGD, Classifier, EPRule, named_gradients  # noqa: E402
 from substrate import Network  # noqa: E402
 
 try:
@@ -178,14 +179,14 @@ def measure(row, data, args):
     if rule_name == "hol-promoted":
         net = model.network
         model = Classifier(PromotedWeights(net.layers, net.connections, net.inputs), model.cost)
-    rule, rel = RULES[rule_name](), relaxation(policy)
+    rule, rel = EPRule(RULES[rule_name]()), relaxation(policy)
     opt, params = SGD(0.01, 0.9), model.parameters()
     order = minibatches(len(data.x_train), BATCH, np.random.default_rng(1))[:WARMUP + args.batches]
 
     def train_step(idx):
-        est, grads, _ = gradient_step(model, data.x_train[idx], one_hot(data.y_train[idx], model.classes),
-                                      rule, rel)
-        opt.step(params, grads)
+        # the estimate itself (a rule's Step keeps only its gradients): the phases' steps are timed below
+        est = rule.estimate(model, data.x_train[idx], one_hot(data.y_train[idx], model.classes), rel)
+        opt.step(params, named_gradients(est))
         return est
 
     for idx in order[:WARMUP]:
