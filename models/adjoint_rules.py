@@ -27,7 +27,7 @@ import numpy as np
 
 from substrate import ContinuousAdjoint, DiscreteAdjoint, Gradients, Implicit, VectorField, gradient, integrate
 from substrate import counts as C
-from substrate.adjoint import _implicit_counts, adjoint_solve, check_solver
+from substrate.adjoint import adjoint_solve, check_solver, implicit_counts
 from substrate.validate import choice, count
 
 from . import ep
@@ -132,7 +132,7 @@ class ImplicitRule(AdjointRule):
         g = vf.param_vjp(free.u, adj.lam)
         tau = {layer.name: np.zeros_like(layer.tau) if np.ndim(layer.tau) else 0.0 for layer in net.layers}
         return Gradients(value, g["weights"], g["biases"], tau, g["inputs"], np.zeros_like(free.u), "implicit",
-                         None, adjoint=adj, counts=_implicit_counts(free, adj)), free.u, []
+                         None, adjoint=adj, counts=implicit_counts(free, adj)), free.u, []
 
 
 class ThroughTime(AdjointRule):

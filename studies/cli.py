@@ -294,6 +294,26 @@ def plot(archive, out):
         click.echo(f"figure: {os.path.abspath(path)}")
 
 
+@main.command()
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False))
+def table(archive):
+    """Print a sweep archive's tables as markdown, chosen by its task (compare: the winners per device,
+    then every rule and device)."""
+    tables = {name: t.table for name, t in TASKS.items() if t.table is not None}
+    try:
+        with substrate_archive.open_file(archive) as f:
+            head = archives.read_header(f, archive)
+        if head["task"] not in tables:
+            raise ArchiveError(archive, f"has no table for task {head['task']!r}; tables exist for "
+                                        f"{', '.join(tables)}")
+        if not head["n_done"]:
+            raise ArchiveError(archive, "has no finished run to tabulate")
+        text = tables[head["task"]](archive)
+    except ArchiveError as e:
+        raise CLIError(str(e)) from None
+    click.echo(text)
+
+
 EVALUATED = ("ep_train", "drift")  # the tasks whose saved model is a classifier of their config's data
 
 

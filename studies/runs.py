@@ -73,13 +73,15 @@ class Task:
     long run has computed so far and ``save_partial.progress(done, total, unit="epoch")`` reports how
     far it is; warmup(): loads (or compiles) the compiled kernels the task uses, on
     a tiny problem, so that workers find the Numba cache warm; plot(archive path) -> a matplotlib
-    Figure of the study's archive; description: one line."""
+    Figure of the study's archive; description: one line; table(archive path) -> the study's
+    tables as markdown text (``substrate table``), for the studies that have them."""
 
     schema: dict
     run: Callable
     warmup: Callable | None = None
     plot: Callable | None = None
     description: str = ""
+    table: Callable | None = None
 
 
 class _Discard:

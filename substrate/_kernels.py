@@ -429,6 +429,20 @@ def _as_real(x, wbuf):
     return lambda x, wbuf: x
 
 
+def quadratures(x):
+    """A complex x (rows, B) seen as the real (rows, 2 B) array of its quadratures, row i being
+    (Re x[i, 0], Im x[i, 0], Re x[i, 1], ...); a real x as it is. Through it a device's read chain
+    (converters, output noise) takes a complex state's I and Q as two real signals; C order."""
+    return x
+
+
+@overload(quadratures, jit_options={"error_model": "numpy"})
+def _quadratures(x):
+    if isinstance(x.dtype, types.Complex):
+        return lambda x: x.view(np.float64)  # complex128 (the engine's only complex dtype)
+    return lambda x: x
+
+
 @njit
 def _products(r, wbuf, conn, layer_off, tmp, out, transpose):
     """out = W r, or W^T r with ``transpose``. The first connection into a layer (into its pre layer
@@ -740,7 +754,7 @@ def activate_effects(effects, u, circuit, r):
 
 @njit
 def quantise(x, bits, bound):
-    """Row i of x clipped to [-bound[i], bound[i]] and rounded to the nearest multiple of
+    """Row i of the real x clipped to [-bound[i], bound[i]] and rounded to the nearest multiple of
     step = 2 bound / (2^bits - 2), in place: a mid-tread converter of 2^bits - 1 levels, 0 among them
     (aihwkit's resolution 1/(2^bits - 2) of the range); ties round to even. ``bound`` of length 1:
     one bound for every row; a row with bound 0 is left alone (no converter on it)."""
@@ -750,7 +764,7 @@ def quantise(x, bits, bound):
             continue
         step = 2.0 * bd / (2.0 ** bits - 2.0)
         for b in range(x.shape[1]):
-            v = min(max(x[i, b].real, -bd), bd)  # .real: types for complex states (never quantised)
+            v = min(max(x[i, b], -bd), bd)
             x[i, b] = np.round(v / step) * step
 
 

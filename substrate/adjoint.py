@@ -337,13 +337,16 @@ def _implicit(strategy, network, x, loss, integrator, dt, u0, dtype, batch, tol,
     grads = vf.param_vjp(sol.u, adj.lam)
     zeros_tau = _tau_gradients(network.nominal if twin else network, np.zeros(network.n, sol.u.dtype))
     return Gradients(value, grads["weights"], grads["biases"], zeros_tau, grads["inputs"],
-                     np.zeros_like(sol.u), "implicit", sol, adjoint=adj, counts=_implicit_counts(sol, adj))
+                     np.zeros_like(sol.u), "implicit", sol, adjoint=adj, counts=implicit_counts(sol, adj))
 
 
-def _implicit_counts(sol, adj):
-    """The relaxation, then in digital the solve of J^T lambda = rhs (dense LU; or per J^T product a
-    W^T product and ~4 operations per neuron, GMRES's orthogonalisation left out) and the parameter
-    gradient; memory: u*, lambda, rhs and the solver's own (J, or the GMRES basis)."""
+def implicit_counts(sol: Solution, adj) -> _counts.Counts:
+    """The :class:`~substrate.counts.Counts` of an implicit gradient (docs/equations.md, section 9): the
+    relaxation ``sol`` (its own counts), then in digital the solve of J^T lambda = rhs that ``adj`` (an
+    :func:`adjoint_solve` result) made (dense LU; or per J^T product a W^T product and ~4 operations
+    per neuron, GMRES's orthogonalisation left out) and the parameter gradient; memory: u*, lambda, rhs
+    and the solver's own (J, or the GMRES basis). For callers that solve the adjoint themselves (a
+    training rule at the free phase's equilibrium), as :func:`gradient` does with ``Implicit``."""
     network, (nb, n) = sol.field.network, sol.u.shape
     dtype, state = sol.u.dtype, _counts.crossbar_devices(network)[0]
     v = _counts.values(dtype)

@@ -15,7 +15,9 @@ What one relaxation or integration of a batch of B samples counts (:func:`phase`
   evaluation, plus (devices of the input crossbars) x B once (a constant input is a constant drive);
   a device is a weight present in the circuit (its mask, if any, is 1), read whatever its value;
 * ``dac``: the inputs converted once per phase (input width x B); with a device's IO chain (DAC and
-  ADC around every analog product), every crossbar's inputs and outputs once per field evaluation;
+  ADC around every analog product), every crossbar's inputs and outputs once per field evaluation,
+  twice for complex states (holomorphic EP: a complex value is read as its two quadratures, I and Q,
+  each through its own converter; the crossbar itself carries the oscillation, one MAC per device);
 * ``adc``: the states read out at the end (n x B per saved time);
 * ``memory``/``traffic``: the read-out states held in digital memory (values; written once).
 
@@ -145,10 +147,11 @@ def crossbar_devices(network) -> tuple[int, int]:
     return state, inputs
 
 
-def io_conversions(network) -> tuple[int, int, int]:
+def io_conversions(network, dtype=np.float64) -> tuple[int, int, int]:
     """Per sample, on a device with an IO chain (converters around every analog product), else 0:
     (DAC, ADC) of one field evaluation (each state crossbar's inputs and outputs) and the ADC of the
-    input crossbars' outputs, converted once per phase (their input is constant)."""
+    input crossbars' outputs, converted once per phase (their input is constant); with complex states
+    of ``dtype`` each a conversion per quadrature, twice as many."""
     device = getattr(network, "device", None)
     if device is None or getattr(device, "io", None) is None:
         return 0, 0, 0
@@ -159,7 +162,8 @@ def io_conversions(network) -> tuple[int, int, int]:
         else:
             dac += network.size_of(c.pre)
             adc += network.size_of(c.post)
-    return dac, adc, once
+    k = values(dtype)
+    return k * dac, k * adc, k * once
 
 
 def phase(network, *, batch: int, steps: int, nfev: int, settle_time: float, reads: int = 1,
@@ -169,7 +173,7 @@ def phase(network, *, batch: int, steps: int, nfev: int, settle_time: float, rea
     ``reads`` times (see the module docstring)."""
     state, inputs = crossbar_devices(network)
     width = sum(x.size for x in network.inputs)
-    io_dac, io_adc, io_once = io_conversions(network)
+    io_dac, io_adc, io_once = io_conversions(network, dtype)
     held = network.n * batch * reads * values(dtype)
     return Counts(samples=batch, phases=1, steps=steps, nfev=nfev, settle_time=float(settle_time) * batch,
                   macs=(state * nfev + inputs) * batch, dac=(width + io_dac * nfev) * batch,

@@ -376,14 +376,17 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     work, t_trace, res_trace, unread = buffers
     record = record or unread
     effects = vf.effects
-    stochastic = any(getattr(e, "draws_per_step", False) for e in effects)
-    if stochastic and (adaptive or vf.dtype.kind == "c"):
+    if adaptive and any(getattr(e, "draws_per_step", False) for e in effects):
         raise SubstrateValueError(
             f"the device draws noise at every step (per-step read noise, output noise or state noise): "
-            f"it needs a fixed-step method with real states, not {stepper.name!r} with {vf.dtype} states")
-    if vf.dtype.kind == "c" and any(getattr(e, "real_only", False) for e in effects):
-        raise SubstrateValueError("the device's DAC/ADC quantise real signals: complex states (holomorphic "
-                                  "EP) cannot pass them; use IOChain(inp_bits=0, out_bits=0)")
+            f"it needs a fixed-step method, not {stepper.name!r}")
+    # the read chain takes complex states as their two quadratures; other per-step draws are real only
+    real_only = [type(e).__name__ for e in effects
+                 if getattr(e, "draws_per_step", False) and not getattr(e, "quadratures", False)]
+    if vf.dtype.kind == "c" and real_only:
+        raise SubstrateValueError(
+            f"the device's per-step noise ({', '.join(real_only)}) is drawn for real states only: complex "
+            f"states (holomorphic EP) cannot take it; use a read policy other than 'step' and no state noise")
     # plain tuples of the kernel's namedtuples (K.Stepper, Circuit, Span, Relaxation, Record, Nudge,
     # Work): Numba types them in C, a namedtuple costs ~2 us a call in its Python typeof
     status, t, steps, nfev, rejected = K.run(

@@ -198,6 +198,28 @@ def test_implicit_gradient_counts_by_hand(tiny):
     assert c.memory == (3 * n * batch + n * n * batch)
 
 
+def test_implicit_counts_of_a_solve_made_apart(tiny):
+    """substrate.adjoint.implicit_counts on a relaxation and an adjoint solve made by the caller (as the
+    implicit training rule does), by hand: the relaxation's counts, then the solve (dense LU, or GMRES's
+    measured J^T products at 2 per state device and 4 per neuron, its basis held) and the parameter
+    gradient in digital."""
+    from substrate.adjoint import adjoint_solve, implicit_counts
+
+    x, _ = _ep_problem(tiny)
+    sol = s.relax(tiny, x, tol=1e-10)
+    rhs = np.zeros_like(sol.u)
+    rhs[:, -2:] = 1.0
+    n, batch, fwd, grad = 6, 5, sol.counts, (2 * 28 + 6) * 5
+    direct = implicit_counts(sol, adjoint_solve(sol.field, sol.u, rhs, s.Implicit("direct")))
+    assert (direct.steps, direct.macs, direct.adc) == (fwd.steps, fwd.macs, fwd.adc)
+    assert direct.flops == fwd.flops + (2 * n ** 3 // 3 + 4 * n * n) * batch + grad
+    assert direct.memory == 3 * n * batch + n * n * batch
+    adj = adjoint_solve(sol.field, sol.u, rhs, s.Implicit("krylov"))
+    krylov = implicit_counts(sol, adj)
+    assert adj.products > 0 and krylov.flops == fwd.flops + adj.products * (2 * 16 + 4 * n) * batch + grad
+    assert krylov.memory == 3 * n * batch + (min(adj.products, n * batch) + 1) * n * batch
+
+
 def test_discrete_adjoint_counts_by_hand(tiny):
     x, _ = _ep_problem(tiny)
 

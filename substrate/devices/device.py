@@ -428,7 +428,8 @@ class DeviceNetwork(Network):
         """V x + b through the input crossbars as read now: inputs through the DAC, read noise (per
         phase for the ``step`` policy: the input is constant over a phase), output noise once per
         phase; the ADC of the input crossbars is not modelled (their output joins the recurrent
-        one's before the kernel's ADC)."""
+        one's before the kernel's ADC). Complex states (holomorphic EP) get the noise on both
+        quadratures."""
         xs = self.check_inputs(x)
         io = self.device.io
         if io is not None and io.inp_bits > 0:
@@ -444,7 +445,11 @@ class DeviceNetwork(Network):
                 drive[sl] += np.einsum("ijb,bj->ib", d, xs[c.pre]).astype(dtype, copy=False)
             if io is not None and io.out_noise > 0:
                 rng = self._kernel_rng("IOChain.input")
-                drive[sl] += io.out_noise * self._crossbar_wmax(c) * rng.standard_normal(drive[sl].shape)
+                rows, nb = drive[sl].shape
+                # complex states: a draw on each quadrature, Re and Im of a sample side by side
+                parts = 2 if drive.dtype.kind == "c" else 1
+                xi = rng.standard_normal((rows, parts * nb))
+                drive[sl] += io.out_noise * self._crossbar_wmax(c) * (xi.view(drive.dtype) if parts == 2 else xi)
         return drive
 
     def _crossbar_wmax(self, c):

@@ -4,7 +4,10 @@ adds before or after every weight product, to the activities, or after every acc
 
 A :class:`~substrate.devices.device.DeviceNetwork` builds the states of its device in the fixed order
 of the weight product, DAC -> W r -> read noise -> output noise -> ADC, then the neurons' activation
-mismatch and state noise; a :class:`StepEffect` of the device adds its own after them. Every
+mismatch and state noise; a :class:`StepEffect` of the device adds its own after them. Complex
+states (holomorphic EP) pass the read chain as their two real quadratures (``_kernels.quadratures``:
+I and Q, each value's real and imaginary parts side by side), as a lock-in reads an oscillator's
+complex amplitude: each quadrature through its own converter and with its own noise draw. Every
 generator is the effect's own stream, so that one effect never shifts another's draws; the built-in
 effects draw their normals a block at a time (:mod:`substrate.devices.normals`: the ``stream`` of
 their states).
@@ -24,13 +27,14 @@ from .base import Effect
 
 class KernelState:
     """What the Python layer asks of an effect state (a plain namedtuple answers False to all):
-    ``draws_per_step``, does it draw at every step (then the device needs a fixed-step method with real
-    states); ``real_only``, does it need real signals (converters: complex states cannot pass them);
-    ``changes_activation``, does it change rho (the engine's derivative kernels are nominal)."""
+    ``draws_per_step``, does it draw at every step (then the device needs a fixed-step method);
+    ``quadratures``, does it take complex states, as their real quadratures (an effect that draws at
+    every step and does not is refused complex states); ``changes_activation``, does it change rho
+    (the engine's derivative kernels are nominal)."""
 
     __slots__ = ()
     draws_per_step = False
-    real_only = False
+    quadratures = False
     changes_activation = False
 
 
@@ -59,16 +63,17 @@ def register(state_class, **hooks):
 
 # ------------------------------------------------------------------------------------ DAC
 class InputDAC(KernelState, namedtuple("InputDAC", "bits bound buf")):
-    """The DAC of the activities entering a product: ``bits`` on +-bound (1,); buf (n, B) scratch."""
+    """The DAC of the activities entering a product: ``bits`` on +-bound (1,); buf (n, B) scratch. A
+    complex activity is converted as its two quadratures."""
 
     __slots__ = ()
-    real_only = True
+    quadratures = True
 
 
 @K.njit
 def _dac_before(e, src):
     K.copy_rows(src, e.buf)
-    K.quantise(e.buf, e.bits, e.bound)
+    K.quantise(K.quadratures(e.buf), e.bits, e.bound)
     return e.buf
 
 
@@ -130,32 +135,37 @@ register(ReadNoiseSample, after=_read_sample_after)
 # ------------------------------------------------------------------------------------ output
 class OutputNoise(KernelState, namedtuple("OutputNoise", "sd stream chunk")):
     """Gaussian noise on every product's output, sd (n,) per row (0: a row no crossbar feeds); chunk:
-    ``normals.new_chunk()`` scratch."""
+    ``normals.new_chunk()`` scratch. A complex output gets a draw on each quadrature: row i's 2 B
+    draws in the order of ``_kernels.quadratures`` (Re and Im of sample 0, then sample 1...), the
+    draws the real (n, 2 B) array of the quadratures would get."""
 
     __slots__ = ()
     draws_per_step = True
+    quadratures = True
 
 
 @K.njit
 def _output_noise_after(e, src, circuit, tmp, out, fresh, h):
-    for i in range(out.shape[0]):
+    q = K.quadratures(out)
+    for i in range(q.shape[0]):
         if e.sd[i] > 0.0:
-            normals.add(e.stream, e.sd[i], e.chunk, out[i])
+            normals.add(e.stream, e.sd[i], e.chunk, q[i])
 
 
 register(OutputNoise, after=_output_noise_after)
 
 
 class OutputADC(KernelState, namedtuple("OutputADC", "bits bound")):
-    """The ADC of every product's output: ``bits`` on +-bound (n,) per row (0: no converter)."""
+    """The ADC of every product's output: ``bits`` on +-bound (n,) per row (0: no converter). A complex
+    output is converted as its two quadratures."""
 
     __slots__ = ()
-    real_only = True
+    quadratures = True
 
 
 @K.njit
 def _adc_after(e, src, circuit, tmp, out, fresh, h):
-    K.quantise(out, e.bits, e.bound)
+    K.quantise(K.quadratures(out), e.bits, e.bound)
 
 
 register(OutputADC, after=_adc_after)
