@@ -13,7 +13,7 @@ from models.local import ccl, noprop, pc
 from models.local import forward_forward as ff
 from models.train import SGD, train
 from substrate import Counts, cost, devices
-from substrate.adjoint import _implicit_counts
+from substrate.adjoint import implicit_counts
 
 REL = ep.Relaxation(tol=1e-10)
 
@@ -139,7 +139,7 @@ def test_noprop_counts(phases, monkeypatch, continuous):
     state, inputs, width, n, outputs = (8, 52, 3 + 2 + 8, 6, 2) if continuous else (16, 40, 3 + 4, 12, 4)
     run = _run(inferred, [5] * len(inferred), [state] * len(inferred), [inputs] * len(inferred),
                [width] * len(inferred), [n] * len(inferred))
-    trained = _implicit_counts(free, solves[0])
+    trained = implicit_counts(free, solves[0])
     assert trained.macs == (state * free.nfev + inputs) * 5  # the training relaxation, by hand too
     run = {k: run[k] + getattr(trained, k) for k in run}
     flops = 5 * 2 * 5 * len(inferred) + trained.flops + 3 * outputs * 5 + (6 * 4 + 10) * 5

@@ -46,7 +46,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from substrate import Connection, Implicit, Input, Layer, Network, persist
-from substrate.adjoint import _implicit_counts, adjoint_solve
+from substrate.adjoint import implicit_counts, adjoint_solve
 from substrate.errors import SubstrateValueError
 from substrate.validate import count, fraction, positive
 
@@ -267,7 +267,7 @@ def weighted_squared_error_gradient(network, xs, target, weights, relaxation) ->
     nb = free.u.shape[0]
     grads = {f"W:{k}": w / nb for k, w in g["weights"].items()}
     grads.update({f"b:{k}": b / nb for k, b in g["biases"].items()})
-    counts = _implicit_counts(free, adj)
+    counts = implicit_counts(free, adj)
     return grads, free, counts.replace(flops=counts.flops + 3 * np.size(target))
 
 
