@@ -27,7 +27,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from substrate import ContinuousAdjoint, DiscreteAdjoint, Gradients, Implicit, VectorField, gradient, integrate
+from substrate import (
+    ContinuousAdjoint,
+    DiscreteAdjoint,
+    Gradients,
+    Implicit,
+    VectorField,
+    gradient,
+    integrate,
+)
 from substrate import counts as C
 from substrate.adjoint import adjoint_solve, check_solver, implicit_counts
 from substrate.validate import choice, count
@@ -136,7 +144,6 @@ class ImplicitRule(AdjointRule):
         tau = {layer.name: np.zeros_like(layer.tau) if np.ndim(layer.tau) else 0.0 for layer in net.layers}
         return Gradients(value, g["weights"], g["biases"], tau, g["inputs"], np.zeros_like(free.u), "implicit",
                          None, adjoint=adj, counts=implicit_counts(free, adj)), free.u, []
-
 
     @staticmethod
     def _equilibrium_samples_only(net, free, relaxation, dl):
