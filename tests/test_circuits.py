@@ -135,23 +135,21 @@ def test_implicit_gradient_matches_finite_differences(which, request):
     grads = C.gradient(c, x, loss, tol=1e-14)
     value = lambda: loss(C.dc(c, x, tol=1e-14).v)[0]
     # central differences, h = 1e-6 S: truncation O(h^2) and rounding ~1e-16 |L| / h: ~1e-10 relative
-    h, fd = 1e-6, np.empty(len(c.conductance))
-    g0 = c.conductance.copy()
-    for e in range(len(g0)):
-        c.conductance[e] = g0[e] + h
-        up = value()
-        c.conductance[e] = g0[e] - h
-        fd[e] = (up - value()) / (2 * h)
-        c.conductance[e] = g0[e]
-    np.testing.assert_allclose(grads.weights["conductance"], fd, rtol=1e-5, atol=1e-8)
-    s0, fs = c.source_current.copy(), np.empty(len(c.sources))
-    for k in range(len(s0)):
-        c.source_current[k] = s0[k] + h
-        up = value()
-        c.source_current[k] = s0[k] - h
-        fs[k] = (up - value()) / (2 * h)
-        c.source_current[k] = s0[k]
-    np.testing.assert_allclose(grads.biases["source_current"], fs, rtol=1e-5, atol=1e-8)
+    h = 1e-6
+
+    def central(array):  # d value / d array[e], each entry moved by +-h in place and restored
+        out = np.empty(len(array))
+        for e in range(len(array)):
+            a0 = array[e]
+            array[e] = a0 + h
+            up = value()
+            array[e] = a0 - h
+            out[e] = (up - value()) / (2 * h)
+            array[e] = a0
+        return out
+
+    np.testing.assert_allclose(grads.weights["conductance"], central(c.conductance), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(grads.biases["source_current"], central(c.source_current), rtol=1e-5, atol=1e-8)
     fx = np.empty_like(x)
     for b in range(len(x)):
         for i in range(x.shape[1]):
