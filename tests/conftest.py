@@ -7,6 +7,16 @@ import sys
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    """Groups for pytest-xdist's `--dist loadgroup` (the test command runs on two worker processes): a test
+    file's tests stay on one worker, so that its module-scoped fixtures are built once, and every test that
+    reads the session's study archives (`config_archives`) joins one group, so that each config is swept
+    once. Without xdist the marks are inert."""
+    for item in items:
+        group = "config_archives" if "config_archives" in item.fixturenames else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
     """Models the studies train (studies.catalogue.dpm_gradients.trained_model) are cached in a directory of the
