@@ -38,7 +38,9 @@ def check_name(name, argument: str = "activation") -> str:
 
 
 def _s(x):
-    return 1.0 / (1.0 + np.exp(-x))
+    # exp(-x) overflows to inf for x < -709 (f64) and 1/(1+inf) = 0 is the right limit: no warning for it
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-x))
 
 
 def rho(name: str, z):

@@ -138,3 +138,17 @@ def test_activation_loops_vectorise(dtype):
     calls = re.findall(r"call [^\n]*@((?:llvm\.)?(?:tanh|exp|sin|cos|sinh|cosh)(?:f|\.f32|\.f64)?)\(", ir)
     calls += re.findall(r"call [^\n]*@\"?(_ZN9substrate\w*)", ir)
     assert calls == []
+
+
+@pytest.mark.parametrize("name", ["logistic", "dsilu"])
+def test_reference_saturates_without_an_overflow_warning(name):
+    """exp(-x) overflows to inf far below zero and 1/(1+inf) = 0 is the exact limit: the NumPy reference
+    gives 0 (and 1 far above) without the "overflow encountered in exp" warning that flooded long runs."""
+    import warnings
+
+    z = np.array([-1e4, -200.0, 200.0, 1e4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = activations.rho(name, z)
+    assert r[0] == 0.0 and r[-1] == 1.0
+    assert np.all(np.isfinite(r))
