@@ -683,7 +683,8 @@ def train(model: PVRNN, x, *, epochs: int, rng: np.random.Generator, lr: float =
     last epoch. If it exists when training starts, training resumes from it (the model's weights, A
     and ``rng`` are replaced by the saved ones) and ends bit-identical to a run that was never
     stopped; a larger ``epochs`` continues a finished one. A checkpoint of another training (path,
-    lr, data or sizes) is refused. The caller removes the file when done with it."""
+    lr, data, sizes, or starting weights, A and generator) is refused. The caller removes the file
+    when done with it."""
     x = finite_array(x, "x", 3)
     B, T, _ = x.shape
     _count(epochs, "epochs", minimum=0), _generator(rng)
@@ -695,7 +696,7 @@ def train(model: PVRNN, x, *, epochs: int, rng: np.random.Generator, lr: float =
     opt = Adam(lr)
     L = len(model.layers)
     hist = {"free_energy": np.empty(epochs), "reconstruction": np.empty(epochs), "kl": np.empty((epochs, L))}
-    saver = _Checkpointer(checkpoint, checkpoint_every, checkpoint_seconds, model, x, lr, compiled, rng, hist)
+    saver = _Checkpointer(checkpoint, checkpoint_every, checkpoint_seconds, model, A, x, lr, compiled, rng, hist)
     if compiled:
         return _train_compiled(model, x, epochs, rng, opt, A, progress, on_epoch, hist, saver)
     state = {**{f"p:{k}": v for k, v in model.params.items()}, **{f"A:{k}": v for k, v in A.items()}}
@@ -720,13 +721,20 @@ class _Checkpointer:
     path: the arrays of ``state`` (weights "p:<name>", A "A:<name>") and Adam's (m, v, t) per name;
     of the compiled path: its packed vectors theta, m, v (Adam's step is the epoch)."""
 
-    def __init__(self, path, every, seconds, model, x, lr, compiled, rng, hist):
+    def __init__(self, path, every, seconds, model, A, x, lr, compiled, rng, hist):
         self.path, self.every, self.seconds, self.rng, self.hist = path, every, seconds, rng, hist
-        # what a checkpoint must have been made by: the same path, lr, data and shapes
-        self.key = json.dumps({"compiled": compiled, "lr": float(lr), "x": hashlib.sha256(x.tobytes()).hexdigest(),
-                               "x_shape": list(x.shape), "params": {k: list(v.shape) for k, v in model.params.items()}},
-                              sort_keys=True)
         self.saved_at, self.clock = 0, time.monotonic()
+        if path is None:
+            return
+        # what a checkpoint must have been made by: the same path, lr, data, shapes and start (weights, A,
+        # generator)
+        start = hashlib.sha256(json.dumps(rng.bit_generator.state, sort_keys=True).encode())
+        for d in (model.params, A):
+            for k in sorted(d):
+                start.update(k.encode() + np.ascontiguousarray(d[k]).tobytes())
+        self.key = json.dumps({"compiled": compiled, "lr": float(lr), "x": hashlib.sha256(x.tobytes()).hexdigest(),
+                               "x_shape": list(x.shape), "params": {k: list(v.shape) for k, v in model.params.items()},
+                               "start": start.hexdigest()}, sort_keys=True)
 
     def resume(self, state: dict, opt=None) -> int:
         """The epochs done by the checkpoint's training (0 without one); its arrays into ``state``
@@ -737,8 +745,8 @@ class _Checkpointer:
             ck = persist.read_state(f["checkpoint"])
         where = f"checkpoint={os.fspath(self.path)!r}"
         if ck["key"] != self.key:
-            raise SubstrateValueError(f"{where} was written by another training (path, lr, data or sizes differ): "
-                                      "delete it to start afresh, or pass another checkpoint path")
+            raise SubstrateValueError(f"{where} was written by another training (path, lr, data, sizes or start "
+                                      "differ): delete it to start afresh, or pass another checkpoint path")
         done = ck["epoch"]
         if done > len(self.hist["free_energy"]):
             raise SubstrateValueError(f"{where} holds {done} epochs, more than epochs={len(self.hist['free_energy'])}")

@@ -772,7 +772,7 @@ def test_a_killed_training_resumes_from_its_checkpoint_bit_identical(compiled, t
     checkpoint written at 4, checkpoint_every=4) and run again from a fresh model and generator: the
     weights, A, the history and the generator's next draw are equal to the bit, and the second
     training ran epochs 5..8 only; the compiled path with chunks of 3 epochs, cut to end at the
-    checkpoint. A checkpoint of another lr is refused."""
+    checkpoint. A checkpoint of another lr or starting model is refused."""
     from models import pvrnn
     from substrate import archive, persist
 
@@ -803,10 +803,11 @@ def test_a_killed_training_resumes_from_its_checkpoint_bit_identical(compiled, t
     for a, b in zip(resumed, ref):
         for k in (a if isinstance(a, dict) else {"": a}):
             assert np.array_equal(a[k] if k else a, b[k] if k else b), k
-    net, x, A, _ = model(13)
-    with pytest.raises(SubstrateValueError, match=r"checkpoint=.* was written by another training .* delete it"):
-        pvrnn.train(net, x, epochs=8, rng=np.random.default_rng(3), lr=0.01, A=A, progress=False, compiled=compiled,
-                    checkpoint=path)
+    for seed, lr in ((13, 0.01), (14, 0.02)):  # another lr, another starting model
+        net, x, A, _ = model(seed)
+        with pytest.raises(SubstrateValueError, match=r"checkpoint=.* was written by another training .* delete it"):
+            pvrnn.train(net, x, epochs=8, rng=np.random.default_rng(3), lr=lr, A=A, progress=False, compiled=compiled,
+                        checkpoint=path)
 
 
 # Run in a fresh interpreter: the kernels' machine code a process runs depends on what it loaded first
