@@ -224,6 +224,14 @@ class PartialSave:
     ``runs/<run_id>.partial.h5`` (atomically), so that a run killed midway loses only the work since
     its last call; the sweep removes the file when the run ends."""
 
+    def __init__(self, run: Run, task_name: str, runs_dir: str):
+        self.run, self.task_name, self.runs_dir = run, task_name, runs_dir
+        self._reported = None  # time.monotonic() of the last progress file written
+
+    def __call__(self, result: Result) -> None:
+        write_run_file(self.run, self.task_name, self.runs_dir, "partial", "", "", check_result(result), {},
+                       path=partial_file(self.runs_dir, self.run.run_id))
+
     def scratch(self) -> str:
         """The run's scratch folder, created if need be (the files a killed writer left there removed:
         one worker at a time runs a run): what the run keeps there is found by the next execution of
@@ -232,14 +240,6 @@ class PartialSave:
         os.makedirs(folder, exist_ok=True)
         archive.remove_temporary(folder)
         return folder
-
-    def __init__(self, run: Run, task_name: str, runs_dir: str):
-        self.run, self.task_name, self.runs_dir = run, task_name, runs_dir
-        self._reported = None  # time.monotonic() of the last progress file written
-
-    def __call__(self, result: Result) -> None:
-        write_run_file(self.run, self.task_name, self.runs_dir, "partial", "", "", check_result(result), {},
-                       path=partial_file(self.runs_dir, self.run.run_id))
 
     def progress(self, done: int, total: int, unit: str = "epoch") -> None:
         """Report ``done`` of ``total`` units (epochs, methods, ...) of the run's work: written to
