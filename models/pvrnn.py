@@ -38,7 +38,11 @@ does :func:`train` with ``compiled=True`` (whole epochs of forward, exact adjoin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import os
+import time
 from dataclasses import dataclass
 from functools import partial
 from types import SimpleNamespace
@@ -46,7 +50,7 @@ from types import SimpleNamespace
 import numpy as np
 from tqdm.auto import tqdm
 
-from substrate import Counts, persist
+from substrate import Counts, archive, persist
 from substrate.devices import Device, ReadNoise, TauMismatch, stream
 from substrate.errors import DivergenceError, SubstrateValueError
 from substrate.validate import as_real, choice, count, finite_array, flag, nonnegative, positive
@@ -658,40 +662,120 @@ CREDIT = ("exact", "truncated", "continuous")
 
 
 def train(model: PVRNN, x, *, epochs: int, rng: np.random.Generator, lr: float = 1e-3, A: dict | None = None,
-          progress: bool = True, on_epoch=None, compiled: bool = False):
+          progress: bool = True, on_epoch=None, compiled: bool = False, checkpoint: str | os.PathLike | None = None,
+          checkpoint_every: int = 1000, checkpoint_seconds: float = 300.0):
     """Weights and every sequence's A by Adam on the free energy of sequences x (B, T, D_x), fresh
     noise each epoch (one pass of the whole set per epoch). Returns (A, history) with per-epoch
     arrays "free_energy", "reconstruction" and "kl" (epochs, layers); ``on_epoch(history so far)``
-    after every epoch (e.g. to save partial results).
+    after every epoch (e.g. to save partial results; views of the history, valid until train returns).
 
     ``compiled``: the epochs run in ``models._pvrnn_kernels`` (forward, exact adjoint and Adam, a
     chunk of epochs per call), every option of the model included (substeps, exp_euler,
     posterior_weights, w_first); the same equations, Adam and noise draws (the same generator calls,
     made ahead for each chunk) as the NumPy path (``compiled=False``, the reference), so the weights
     agree to rounding. There ``on_epoch`` runs after each chunk, once for each of its epochs; and
-    after a divergence ``rng`` has drawn the rest of its chunk's noise."""
+    after a divergence ``rng`` has drawn the rest of its chunk's noise.
+
+    ``checkpoint``: a file (HDF5, ``substrate.persist``'s state tree) that the weights, A, Adam's
+    moments and step, the epoch, the state of ``rng`` and the history so far are written to
+    atomically every ``checkpoint_every`` epochs or after ``checkpoint_seconds`` seconds, whichever
+    comes first (the compiled path looks at the clock between its chunks of epochs), and after the
+    last epoch. If it exists when training starts, training resumes from it (the model's weights, A
+    and ``rng`` are replaced by the saved ones) and ends bit-identical to a run that was never
+    stopped; a larger ``epochs`` continues a finished one. A checkpoint of another training (path,
+    lr, data, sizes, or starting weights, A and generator) is refused. The caller removes the file
+    when done with it."""
     x = finite_array(x, "x", 3)
     B, T, _ = x.shape
     _count(epochs, "epochs", minimum=0), _generator(rng)
     flag(compiled, "compiled")
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise SubstrateValueError(f"checkpoint must be None or a file path, got {type(checkpoint).__name__}")
+    _count(checkpoint_every, "checkpoint_every", minimum=1), positive(checkpoint_seconds, "checkpoint_seconds")
     A = model.adaptive_vectors(B, T) if A is None else model.check_adaptive(A, B, T)
     opt = Adam(lr)
-    hist = {"free_energy": [], "reconstruction": [], "kl": []}
+    L = len(model.layers)
+    hist = {"free_energy": np.empty(epochs), "reconstruction": np.empty(epochs), "kl": np.empty((epochs, L))}
+    saver = _Checkpointer(checkpoint, checkpoint_every, checkpoint_seconds, model, A, x, lr, compiled, rng, hist)
     if compiled:
-        return _train_compiled(model, x, epochs, rng, opt, A, progress, on_epoch, hist)
-    for epoch in tqdm(range(epochs), desc="PV-RNN", disable=not progress):
+        return _train_compiled(model, x, epochs, rng, opt, A, progress, on_epoch, hist, saver)
+    state = {**{f"p:{k}": v for k, v in model.params.items()}, **{f"A:{k}": v for k, v in A.items()}}
+    done = saver.resume(state, opt)
+    for epoch in tqdm(range(done, epochs), initial=done, total=epochs, desc="PV-RNN", disable=not progress):
         with np.errstate(over="ignore", invalid="ignore"):  # a divergence is reported below, once
             F, parts, gp, gA = model.free_energy(x, A, model.noise(B, T, rng))
             opt.step(model.params, gp)
             opt.step(A, gA)
         if not (math.isfinite(F) and all(np.all(np.isfinite(v)) for d in (model.params, A) for v in d.values())):
             raise _diverged(epoch, epochs, F, opt.lr)
-        hist["free_energy"].append(F)
-        hist["reconstruction"].append(parts["reconstruction"])
-        hist["kl"].append(parts["kl"])
+        hist["free_energy"][epoch], hist["reconstruction"][epoch], hist["kl"][epoch] = F, parts["reconstruction"], \
+            parts["kl"]
+        saver.maybe_save(epoch + 1, epochs, state, opt)
         if on_epoch is not None:
-            on_epoch({k: np.asarray(v) for k, v in hist.items()})
-    return A, {k: np.asarray(v) for k, v in hist.items()}
+            on_epoch({k: v[:epoch + 1] for k, v in hist.items()})
+    return A, hist
+
+
+class _Checkpointer:
+    """:func:`train`'s side of its checkpoint file (nothing without one). The state of the NumPy
+    path: the arrays of ``state`` (weights "p:<name>", A "A:<name>") and Adam's (m, v, t) per name;
+    of the compiled path: its packed vectors theta, m, v (Adam's step is the epoch)."""
+
+    def __init__(self, path, every, seconds, model, A, x, lr, compiled, rng, hist):
+        self.path, self.every, self.seconds, self.rng, self.hist = path, every, seconds, rng, hist
+        self.saved_at, self.clock = 0, time.monotonic()
+        if path is None:
+            return
+        # what a checkpoint must have been made by: the same path, lr, data, shapes and start (weights, A,
+        # generator)
+        start = hashlib.sha256(json.dumps(rng.bit_generator.state, sort_keys=True).encode())
+        for d in (model.params, A):
+            for k in sorted(d):
+                start.update(k.encode() + np.ascontiguousarray(d[k]).tobytes())
+        self.key = json.dumps({"compiled": compiled, "lr": float(lr), "x": hashlib.sha256(x.tobytes()).hexdigest(),
+                               "x_shape": list(x.shape), "params": {k: list(v.shape) for k, v in model.params.items()},
+                               "start": start.hexdigest()}, sort_keys=True)
+
+    def resume(self, state: dict, opt=None) -> int:
+        """The epochs done by the checkpoint's training (0 without one); its arrays into ``state``
+        (and Adam's moments into ``opt``), its history into ``hist``, its generator state into rng."""
+        if self.path is None or not os.path.exists(self.path):
+            return 0
+        with archive.open_file(os.fspath(self.path)) as f:
+            ck = persist.read_state(f["checkpoint"])
+        where = f"checkpoint={os.fspath(self.path)!r}"
+        if ck["key"] != self.key:
+            raise SubstrateValueError(f"{where} was written by another training (path, lr, data, sizes or start "
+                                      "differ): delete it to start afresh, or pass another checkpoint path")
+        done = ck["epoch"]
+        if done > len(self.hist["free_energy"]):
+            raise SubstrateValueError(f"{where} holds {done} epochs, more than epochs={len(self.hist['free_energy'])}")
+        for k, v in state.items():
+            v[...] = ck["state"][k]
+        if opt is not None:
+            opt.state = ck["adam"]
+        for k, v in self.hist.items():
+            v[:done] = ck["history"][k]
+        self.rng.bit_generator.state = ck["rng"].bit_generator.state
+        self.saved_at = done
+        return done
+
+    def due(self, done: int) -> int:
+        """The epochs the next chunk may run so that it ends where a checkpoint falls due."""
+        return self.every - (done - self.saved_at) if self.path is not None else 2 ** 62
+
+    def maybe_save(self, done: int, epochs: int, state: dict, opt=None):
+        """Save at ``done`` epochs if ``every`` epochs or ``seconds`` have passed, or at the last."""
+        if self.path is None or (done < epochs and done - self.saved_at < self.every
+                                 and time.monotonic() - self.clock < self.seconds):
+            return
+        tree = {"key": self.key, "epoch": done, "rng": self.rng, "state": dict(state),
+                "adam": {} if opt is None else dict(opt.state), "history": {k: v[:done] for k, v in self.hist.items()}}
+        with archive.create_h5(os.fspath(self.path), "the PV-RNN training checkpoint",
+                               "free some space and run again (training resumes from the last checkpoint)") as (f, _):
+            persist.write_state(f, "checkpoint", tree)
+            archive.seal(f)
+        self.saved_at, self.clock = done, time.monotonic()
 
 
 def _diverged(epoch, epochs, F, lr):
@@ -703,7 +787,7 @@ def _diverged(epoch, epochs, F, lr):
 _CHUNK_NUMBERS = 2 ** 20
 
 
-def _train_compiled(model, x, epochs, rng, opt, A, progress, on_epoch, hist):
+def _train_compiled(model, x, epochs, rng, opt, A, progress, on_epoch, hist, saver):
     """:func:`train`'s epochs by ``models._pvrnn_kernels.train``: the weights and A packed into one
     vector (views for the kernels), Adam's moments beside it, unpacked into ``model.params`` and A at
     the end (in place, as the NumPy path updates them)."""
@@ -723,30 +807,31 @@ def _train_compiled(model, x, epochs, rng, opt, A, progress, on_epoch, hist):
               np.empty(N))
     args = (opt.lr, opt.beta1, opt.beta2, opt.eps)
     chunk = max(1, min(epochs, _CHUNK_NUMBERS // max(1, B * T * Z)))
-    done = 0
-    with tqdm(total=epochs, desc="PV-RNN", disable=not progress) as bar:
+    state = {"theta": theta, "m": m, "v": v}
+    done = saver.resume(state)
+    F, R, KL = hist["free_energy"], hist["reconstruction"], hist["kl"]
+    with tqdm(initial=done, total=epochs, desc="PV-RNN", disable=not progress) as bar:
         while done < epochs:
-            k = min(chunk, epochs - done)
+            k = min(chunk, epochs - done, saver.due(done))
             eps = np.empty((k, B, T, Z))
             for e in range(k):
                 for i, draw in enumerate(model.noise(B, T, rng)):
                     eps[e, ..., zoff[i]:zoff[i + 1]] = draw
-            history = (np.empty(k), np.empty(k), np.empty((k, L)))
             ok = K.train(x, theta, grad, m, v, done, *args, a_mu, a_sig, g_mu, g_sig, eps, loss, net,
-                         tuple(model.trainable_views(grad)), window, history)
-            for e in range(ok):
-                hist["free_energy"].append(float(history[0][e]))
-                hist["reconstruction"].append(float(history[1][e]))
-                hist["kl"].append([float(c) for c in history[2][e]])
+                         tuple(model.trainable_views(grad)), window, (F[done:done + k], R[done:done + k],
+                                                                      KL[done:done + k]))
+            if ok == k:  # a diverged chunk is not saved: it raises below
+                saver.maybe_save(done + k, epochs, state)
+            for e in range(done, done + ok):
                 if on_epoch is not None:
-                    on_epoch({key: np.asarray(val) for key, val in hist.items()})
+                    on_epoch({key: val[:e + 1] for key, val in hist.items()})
             bar.update(ok)
             if ok < k:
                 _unpack(model, net, A, a_mu, a_sig, zoff)
-                raise _diverged(done + ok, epochs, float(history[0][ok]), opt.lr)
+                raise _diverged(done + ok, epochs, float(F[done + ok]), opt.lr)
             done += k
     _unpack(model, net, A, a_mu, a_sig, zoff)
-    return A, {key: np.asarray(val) for key, val in hist.items()}
+    return A, hist
 
 
 def _unpack(model, net, A, a_mu, a_sig, zoff):

@@ -12,7 +12,10 @@ callable (:class:`PartialSave` in a sweep, :data:`discard` outside one), which w
 ``runs/<run_id>.partial.h5``; the sweep keeps it if the run's process dies (see
 :func:`studies.sweep.record_failure`). Its ``progress(done, total, unit)`` tells the sweep's driver how
 far the run is (``runs/<run_id>.progress``, a line of JSON), from which the driver shows the running runs'
-epochs and estimates the time left.
+epochs and estimates the time left. Its ``scratch()`` gives the run a folder of its own that outlives the
+run's process (``runs/<run_id>.scratch/``, None outside a sweep): a long run keeps a checkpoint there,
+resumes from it when the sweep is run again, and the sweep removes the folder once the run's file
+is written by the run itself (a run whose process died keeps it, for ``--retry-failed``).
 """
 
 from __future__ import annotations
@@ -93,6 +96,9 @@ class _Discard:
     def progress(self, done: int, total: int, unit: str = "epoch") -> None:
         pass
 
+    def scratch(self) -> None:
+        return None
+
 
 discard = _Discard()
 
@@ -106,6 +112,11 @@ def run_file(runs_dir: str, rid: str) -> str:
 def partial_file(runs_dir: str, rid: str) -> str:
     """The path of the partial results of run ``rid``."""
     return os.path.join(runs_dir, f"{rid}.partial.h5")
+
+
+def scratch_folder(runs_dir: str, rid: str) -> str:
+    """The path of run ``rid``'s scratch folder (``PartialSave.scratch``)."""
+    return os.path.join(runs_dir, f"{rid}.scratch")
 
 
 def progress_file(runs_dir: str, rid: str) -> str:
@@ -220,6 +231,15 @@ class PartialSave:
     def __call__(self, result: Result) -> None:
         write_run_file(self.run, self.task_name, self.runs_dir, "partial", "", "", check_result(result), {},
                        path=partial_file(self.runs_dir, self.run.run_id))
+
+    def scratch(self) -> str:
+        """The run's scratch folder, created if need be (the files a killed writer left there removed:
+        one worker at a time runs a run): what the run keeps there is found by the next execution of
+        the same run (same task, config and seed) if this one dies, and removed once it ends."""
+        folder = scratch_folder(self.runs_dir, self.run.run_id)
+        os.makedirs(folder, exist_ok=True)
+        archive.remove_temporary(folder)
+        return folder
 
     def progress(self, done: int, total: int, unit: str = "epoch") -> None:
         """Report ``done`` of ``total`` units (epochs, methods, ...) of the run's work: written to

@@ -4,6 +4,8 @@ Layout of an output folder::
 
     <out>/runs/<run_id>.h5     one file per run, written atomically by the worker that ran it
     <out>/runs/<run_id>.progress   while a run that reports progress executes: how far it is (JSON)
+    <out>/runs/<run_id>.scratch/   a run's own folder (``save_partial.scratch()``), e.g. a checkpoint
+                                   from which the next sweep resumes a killed run; removed when it ends
     <out>/<study name>.h5      the archive: every run, and the results stacked over the sweep axes
     <out>/.sweep.lock          held (flock) by the driver while it runs
 
@@ -41,6 +43,7 @@ import ctypes
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -63,7 +66,7 @@ from studies.archives import FORMAT, read_run, run_status
 from studies.catalogue import TASKS
 from studies.config import Run, Study, run_id as compute_run_id
 from studies.runs import (RESERVED, PartialSave, Result, RunFailed, check_result, list_run_files, partial_file,
-                          progress_file, read_progress, run_file, write_run_file)
+                          progress_file, read_progress, run_file, scratch_folder, write_run_file)
 from substrate import SubstrateValueError, archive
 
 try:
@@ -137,7 +140,7 @@ def execute_run(run: Run | Mapping, task_name: str, runs_dir: str) -> dict:
     seconds = time.perf_counter() - t0
     write_run_file(run, task_name, runs_dir, status, error, tb, result,
                    {"run_seconds": seconds, "started": started})
-    _remove_run_leftovers(runs_dir, run.run_id)
+    _remove_run_leftovers(runs_dir, run.run_id, scratch=True)
     return {"run_id": run.run_id, "status": status, "error": error, "seconds": seconds}
 
 
@@ -156,11 +159,14 @@ def record_failure(run: Run | Mapping, task_name: str, runs_dir: str, message: s
     return {"run_id": run.run_id, "status": "failed", "error": message, "seconds": float("nan")}
 
 
-def _remove_run_leftovers(runs_dir: str, rid: str):
-    """A finished run's partial results and progress report, now in its run file or obsolete."""
+def _remove_run_leftovers(runs_dir: str, rid: str, scratch: bool = False):
+    """A finished run's partial results and progress report, now in its run file or obsolete, and
+    with ``scratch`` its scratch folder (kept for a run whose process died: a retry resumes from it)."""
     for path in (partial_file(runs_dir, rid), progress_file(runs_dir, rid)):
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
+    if scratch:
+        shutil.rmtree(scratch_folder(runs_dir, rid), ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------ local executor

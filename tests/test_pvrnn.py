@@ -762,6 +762,54 @@ def test_compiled_training_that_diverges_names_the_epoch():
     assert np.all(np.isfinite(hist["free_energy"]))
 
 
+class _Killed(Exception):
+    """What stops a training in the tests below, as a kill would."""
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_killed_training_resumes_from_its_checkpoint_bit_identical(compiled, tmp_path, monkeypatch):
+    """train(checkpoint=...): 8 epochs uninterrupted against a training stopped at epoch 5 (its
+    checkpoint written at 4, checkpoint_every=4) and run again from a fresh model and generator: the
+    weights, A, the history and the generator's next draw are equal to the bit, and the second
+    training ran epochs 5..8 only; the compiled path with chunks of 3 epochs, cut to end at the
+    checkpoint. A checkpoint of another lr or starting model is refused."""
+    from models import pvrnn
+    from substrate import archive, persist
+
+    B, T, Z = 3, 6, 7
+    monkeypatch.setattr(pvrnn, "_CHUNK_NUMBERS", 3 * B * T * Z)
+
+    def run(path=None, stop=None):
+        net, x, A, _ = model(13)
+        rng, seen = np.random.default_rng(3), []
+
+        def on_epoch(h):
+            seen.append(len(h["free_energy"]))
+            if seen[-1] == stop:
+                raise _Killed
+
+        A, hist = pvrnn.train(net, x, epochs=8, rng=rng, lr=0.02, A=A, progress=False, compiled=compiled,
+                              on_epoch=on_epoch, checkpoint=path, checkpoint_every=4, checkpoint_seconds=1e9)
+        return (net.params, A, hist, rng.standard_normal(4)), seen
+
+    path = tmp_path / "training.h5"
+    with pytest.raises(_Killed):
+        run(path, stop=5)
+    with archive.open_file(str(path)) as f:
+        saved = persist.read_state(f["checkpoint"])
+    assert saved["epoch"] == 4 and saved["history"]["free_energy"].shape == (4,)
+    (resumed, seen), (ref, _) = run(path), run()
+    assert seen == [5, 6, 7, 8]
+    for a, b in zip(resumed, ref):
+        for k in (a if isinstance(a, dict) else {"": a}):
+            assert np.array_equal(a[k] if k else a, b[k] if k else b), k
+    for seed, lr in ((13, 0.01), (14, 0.02)):  # another lr, another starting model
+        net, x, A, _ = model(seed)
+        with pytest.raises(SubstrateValueError, match=r"checkpoint=.* was written by another training .* delete it"):
+            pvrnn.train(net, x, epochs=8, rng=np.random.default_rng(3), lr=lr, A=A, progress=False, compiled=compiled,
+                        checkpoint=path)
+
+
 # Run in a fresh interpreter: the kernels' machine code a process runs depends on what it loaded first
 # (Numba links a copy of every kernel a kernel calls into the caller, and calls resolve to the copy loaded
 # first), so the order is set here, not by the tests that ran before.

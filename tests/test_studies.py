@@ -249,6 +249,55 @@ def test_meta_prior_runs_share_their_data_and_check_the_layers():
         config(error_regression={"meta_prior": -0.5})
 
 
+class _Killed(BaseException):
+    """A run's process killed: no exception handler of the sweep sees it (it is no Exception)."""
+
+
+def test_a_killed_meta_prior_run_resumes_from_its_scratch_checkpoint(tmp_path, monkeypatch):
+    """pvrnn_meta_prior's debug run (20 epochs) with a checkpoint every 8 epochs in its scratch folder:
+    killed at epoch 10 (its progress report raises after a checkpoint), then executed again in
+    the same runs folder: training goes on from the checkpoint's epoch, and every array and scalar of its run file
+    but the timings equals an uninterrupted run's to the bit; the scratch folder is gone once the
+    run file is written."""
+    from studies.catalogue import pvrnn as cat
+    from studies.runs import PartialSave, scratch_folder
+    from substrate import persist
+
+    monkeypatch.setattr(cat, "CHECKPOINT_EPOCHS", 8)
+    run = load_study(os.path.join(ROOT, "studies", "configs", "meta_prior.toml"), "debug", tasks=TASKS).runs()[0]
+    seen = []
+
+    class Watched(PartialSave):
+        def progress(self, done, total, unit="epoch"):
+            seen.append(done)
+            if done == kill_at:
+                raise _Killed
+
+    monkeypatch.setattr(sw, "PartialSave", Watched)
+    rdir, ref_dir = tmp_path / "runs", tmp_path / "ref"
+    kill_at = 10
+    with pytest.raises(_Killed):
+        sw.execute_run(run, "pvrnn_meta_prior", str(rdir))
+    assert os.listdir(scratch_folder(str(rdir), run.run_id)) == ["training.h5"]
+    assert not os.path.exists(rdir / f"{run.run_id}.h5")
+    with h5py.File(os.path.join(scratch_folder(str(rdir), run.run_id), "training.h5"), "r") as f:
+        saved = persist.read_state(f["checkpoint"])["epoch"]  # 16: the compiled path checkpoints a chunk (9..16)
+        # before it reports the chunk's epochs
+    seen.clear()
+    kill_at = None
+    assert sw.execute_run(run, "pvrnn_meta_prior", str(rdir))["status"] == "done"
+    assert saved in (8, 16) and seen[0] == saved + 1 and seen[-1] == 20
+    assert not os.path.exists(scratch_folder(str(rdir), run.run_id))
+    sw.execute_run(run, "pvrnn_meta_prior", str(ref_dir))
+    got, ref = (sw.read_run(str(d / f"{run.run_id}.h5")) for d in (rdir, ref_dir))
+    assert got["arrays"].keys() == ref["arrays"].keys() and len(got["arrays"]["free_energy"][1]) == 20
+    for k, (dims, a) in ref["arrays"].items():
+        assert got["arrays"][k][0] == dims and np.asarray(got["arrays"][k][1]).tobytes() == np.asarray(a).tobytes(), k
+    timings = ("train_seconds", "er_seconds")
+    assert {k: v for k, v in got["scalars"].items() if k not in timings} == \
+        {k: v for k, v in ref["scalars"].items() if k not in timings}
+
+
 def test_pvrnn_er_config_names_its_credits():
     """pvrnn_er: a credit is 'exact', 'continuous' or 'truncated:K' with K >= 1; anything else is
     rejected by the config loader with the allowed forms."""

@@ -4,7 +4,7 @@
   meta-prior w on every layer: the learned sigma (posterior and prior) per layer, the training
   reconstruction, and generalisation, the prediction error of error regression on held-out
   sequences 1..k steps ahead and the transition statistics of the finite-state machine in generated
-  sequences; history saved every ``PARTIAL_EPOCHS`` epochs.
+  sequences; history saved every ``PARTIAL_EPOCHS`` epochs, the training resumable (``CHECKPOINT_EPOCHS``).
 * ``pvrnn_er``: a continuous-time PV-RNN trained once, then error regression on held-out sequences
   with each credit assignment (exact, continuous adjoint, truncated BPTT) and on devices (read noise,
   time-constant mismatch): prediction error, seconds per step, gradient cosines with the exact one.
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import os
 import textwrap
 import time
 
@@ -82,7 +83,11 @@ PVRNN_META_PRIOR_SCHEMA = {
                            "beyond which a generated cycle is no primitive (models.data.segment_primitives)"),
     },
 }
-PARTIAL_EPOCHS = 100  # a long training saves its history (save_partial) every this many epochs
+PARTIAL_EPOCHS = 1000  # a long training saves its history (save_partial) every this many epochs
+# a training checkpoint in the run's scratch folder (models.pvrnn.train's checkpoint) every this many epochs or
+# seconds, whichever first: a sweep run again resumes a killed run from it. Constants, not config fields:
+# a field would change every run's id (and the digests), and the numbers do not change the results.
+CHECKPOINT_EPOCHS, CHECKPOINT_SECONDS = 2000, 300.0
 
 
 def _check_layers(net):
@@ -187,8 +192,10 @@ def run_pvrnn_meta_prior(config: dict, seed: int, save_partial=discard) -> Resul
       the model generates, the randomness it learned whether or not its latents carry it.
 
     Arrays per epoch ("free_energy", "reconstruction", "kl" per layer) and per layer; the training
-    history is saved every ``PARTIAL_EPOCHS`` epochs (``save_partial``); the trained model and its
-    adaptive vectors A are kept (``objects``)."""
+    history is saved every ``PARTIAL_EPOCHS`` epochs (``save_partial``), and in a sweep the training's
+    checkpoint (``CHECKPOINT_EPOCHS``, ``CHECKPOINT_SECONDS``) in the run's scratch folder, from which
+    the run resumes if it was killed (bit-identical results); the trained model and its adaptive
+    vectors A are kept (``objects``)."""
     net, w = config["network"], config["w"]
     _check_layers(net)
     d, e = config["data"], config["error_regression"]
@@ -214,9 +221,12 @@ def run_pvrnn_meta_prior(config: dict, seed: int, save_partial=discard) -> Resul
                   normalisation=net["normalisation"])
     layers = list(range(len(model.layers)))
     tr = config["training"]
+    scratch = save_partial.scratch()
     start = time.perf_counter()
     A, hist = train(model, x, epochs=tr["epochs"], rng=rng, lr=tr["lr"], progress=False,
-                    on_epoch=_history_saver(save_partial, tr["epochs"]), compiled=tr["compiled"])
+                    on_epoch=_history_saver(save_partial, tr["epochs"]), compiled=tr["compiled"],
+                    checkpoint=None if scratch is None else os.path.join(scratch, "training.h5"),
+                    checkpoint_every=CHECKPOINT_EPOCHS, checkpoint_seconds=CHECKPOINT_SECONDS)
     train_seconds = time.perf_counter() - start
 
     run = model.run(A, [np.zeros(x.shape[:2] + (lay.latents,)) for lay in model.layers])
