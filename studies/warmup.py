@@ -44,17 +44,23 @@ def _dynamics(dtype, activation="logistic"):
 
 
 def _quadratic_loss(u):
-    return 0.5 * float(np.sum(u * u)), u
+    """0.5 sum(u^2) and its gradient u (holomorphic: complex states give a complex value)."""
+    value = 0.5 * np.sum(u * u)
+    return complex(value) if np.iscomplexobj(u) else float(value), u
 
 
 def _gradients(dtype):
-    """The discrete and continuous adjoints and the implicit gradient."""
-    net, x = _network(dtype=dtype), _inputs()
+    """The discrete and continuous adjoints and the implicit gradient (complex128: of a float64
+    network with holomorphic activations, from a complex state, as holomorphic EP's phases run)."""
+    complex_ = dtype == "complex128"
+    net, x = _network("dsilu" if complex_ else "logistic", "float64" if complex_ else dtype), _inputs()
+    u0 = np.full((2, net.n), 0.1 + 0.1j) if complex_ else None
     for method in ("discrete", "continuous"):
         if dtype == "float32" and method == "continuous":
             continue
-        S.gradient(net, x, _quadratic_loss, method=method, t_span=(0.0, 1.0), integrator="exp_euler", dt=0.25)
-    S.gradient(net, x, _quadratic_loss, method="implicit", integrator="exp_euler")
+        S.gradient(net, x, _quadratic_loss, method=method, t_span=(0.0, 1.0), integrator="exp_euler", dt=0.25,
+                   dtype=dtype, u0=u0)
+    S.gradient(net, x, _quadratic_loss, method="implicit", integrator="exp_euler", dtype=dtype, u0=u0)
 
 
 def _quickstart():
@@ -73,11 +79,15 @@ def _ep():
 
 
 def _devices():
-    """The stepping kernel on a device with per-step read noise and state noise (the noisy rows of
-    benchmarks/bench_devices.py); each other combination of effects compiles its own kernel."""
+    """The stepping kernel on devices (each combination of kernel effects compiles its own): per-step
+    read noise with state noise, per-step and per-sample read noise alone (the noisy rows of
+    benchmarks/bench_devices.py), and the pcm_inference preset (IO chain, read noise per equilibrium)."""
     net, x = _network(), _inputs()
-    hw = D.attach(net, D.Device((D.ReadNoise(0.05, policy="step"), D.StateNoise(0.01))), np.random.default_rng(2))
-    S.integrate(hw, x, t_span=(0.0, 1.0), method="euler", dt=0.25)
+    for effects in ((D.ReadNoise(0.05, policy="step"), D.StateNoise(0.01)), (D.ReadNoise(0.05, policy="step"),),
+                    (D.ReadNoise(0.05, policy="sample"),)):
+        hw = D.attach(net, D.Device(effects), np.random.default_rng(2))
+        S.integrate(hw, x, t_span=(0.0, 1.0), method="euler", dt=0.25)
+    S.relax(D.attach(net, D.preset("pcm_inference"), np.random.default_rng(2)), x, tol=1e-3)
 
 
 def _pvrnn():
@@ -97,7 +107,9 @@ PATHS = {
     "gradient": ("discrete, continuous and implicit gradients, float64", lambda: _gradients("float64")),
     "pvrnn": ("PV-RNN error regression", _pvrnn),
     "gradient-float32": ("discrete and implicit gradients, float32", lambda: _gradients("float32")),
-    "devices": ("a device with per-step read noise and state noise", _devices),
+    "gradient-complex128": ("discrete, continuous and implicit gradients, complex128 states",
+                            lambda: _gradients("complex128")),
+    "devices": ("devices: per-step and per-sample read noise, state noise, pcm_inference", _devices),
     "quickstart": ("substrate quickstart: float64 and complex128 relaxations, implicit gradient", _quickstart),
     "ep": ("EP estimators, both costs, real and complex", _ep),
 }

@@ -52,7 +52,7 @@ class VectorField:
     def __init__(self, network: Network, x=None, *, batch: int | None = None, dtype=None):
         self.network = network
         self.dtype = resolve_dtype(network, dtype)
-        self.inputs = network.check_inputs(x)
+        self.inputs = network.check_inputs(x, finite=False)  # prepared() checks what it has not seen
         # the packed weights, the input projections as read now (on a device: with this read's noise;
         # a copy, so that param_vjp agrees with F after in-place edits) and the drive V x + b: cached
         # on the network while its parameters and these inputs are unchanged, shared, never written
@@ -76,7 +76,7 @@ class VectorField:
                 raise SubstrateValueError(
                     f"mismatched dtypes: {argument} is {u.dtype} but the states are {self.dtype}; "
                     f"pass dtype={u.dtype.name!r} or convert {argument}")
-        if not np.all(np.isfinite(u)):
+        if not np.isfinite(u).all():
             raise SubstrateValueError(f"{argument} contains NaN or Inf")
         return np.ascontiguousarray(u.T)
 

@@ -18,7 +18,7 @@ fixed point of F exactly fixed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from functools import cache, cached_property, lru_cache, partial
 
 import numpy as np
@@ -105,11 +105,22 @@ METHODS = {
 
 def _kernel_stepper(stepper: AbstractStepper) -> tuple:
     """``stepper.kernel_args()`` as a plain tuple (a ``_kernels.Stepper``), built once per stepper when
-    it is hashable (the kernels only read it)."""
+    it is hashable (the kernels only read it). Looked up by identity first: hashing a frozen
+    dataclass hashes its tableau at every call (~1 us)."""
+    known = _BY_ID.get(id(stepper))
+    if known is not None and known[0] is stepper:
+        return known[1]
     try:
-        return _kernel_stepper_of(stepper)
+        args = _kernel_stepper_of(stepper)
     except TypeError:  # a user's stepper with unhashable fields
         return tuple(stepper.kernel_args())
+    if len(_BY_ID) >= 64:
+        _BY_ID.clear()
+    _BY_ID[id(stepper)] = (stepper, args)  # the stepper kept alive: its id is not reused meanwhile
+    return args
+
+
+_BY_ID = {}
 
 
 @lru_cache(maxsize=64)
@@ -156,11 +167,13 @@ class _Deferred:
         obj.__dict__[self.name] = value
 
 
-@dataclass(frozen=True)
 class _Later:
     """A value computed when first read: ``compute()``."""
 
-    compute: object
+    __slots__ = ("compute",)
+
+    def __init__(self, compute):
+        self.compute = compute
 
 
 @dataclass(frozen=True)
@@ -229,12 +242,42 @@ class Solution:
                 f"max residual {np.max(self.residual):.3e}" + (f"; {self.message}" if self.message else ""))
 
 
+def _solution(**given) -> Solution:
+    """``Solution(**fields)`` for the engine's own calls: its attributes written at once (the frozen
+    dataclass's __init__ sets its 17 fields one by one through object.__setattr__: ~2 us, a tenth of
+    a small network's call). Fields left out take their defaults."""
+    sol = object.__new__(Solution)
+    values = sol.__dict__
+    values.update(_SOLUTION_DEFAULTS)
+    values["slices"] = {}
+    values.update(given)
+    values["_residual"] = values.pop("residual")  # where _Deferred keeps it
+    return sol
+
+
+_SOLUTION_DEFAULTS = {f.name: f.default for f in fields(Solution) if f.default is not MISSING}
+
+
 # ------------------------------------------------------------------------------------ checks
 # the engine's wording: what is no number is refused first ("dt='big' must be a positive number")
-_positive = partial(validate.positive, staged=True)
-_nonnegative = partial(validate.nonnegative, staged=True)
-# the compiled kernels count steps in int64
-_count = partial(validate.count, maximum=2 ** 63 - 1, allowed="a positive integer <= 2**63 - 1")
+# A finite float in range is passed at once: a call checks up to eight numbers, ~0.3 us each through
+# validate's general path
+def _positive(value, name, *, allow_none=False, allow_inf=False):
+    if type(value) is float and 0.0 < value < math.inf:
+        return value
+    return validate.positive(value, name, allow_none=allow_none, allow_inf=allow_inf, staged=True)
+
+
+def _nonnegative(value, name):
+    if type(value) is float and 0.0 <= value < math.inf:
+        return value
+    return validate.nonnegative(value, name, staged=True)
+
+
+def _count(value, name):  # the compiled kernels count steps in int64
+    if type(value) is int and 1 <= value < 2 ** 63:
+        return value
+    return validate.count(value, name, maximum=2 ** 63 - 1, allowed="a positive integer <= 2**63 - 1")
 
 
 # The largest single array (saved states, step sizes, checkpoints) a call may allocate: a typo in dt,
@@ -263,10 +306,13 @@ def check_step_count(stepper, t0, t1, dt, max_steps, what="t_span"):
             f"max_steps={max_steps}; raise dt or max_steps, or shorten {what}")
 
 
+_FEW_TIMES = 16  # t_eval up to this length is checked as Python floats (see _check_times)
+
+
 def _check_times(t_span, t_eval, default, end_at_t1=False):
     """(t0, t1, t_eval as an array), validated; ``default(t0, t1)`` gives t_eval when it is None."""
     try:
-        t0, t1 = (float(v) for v in t_span)
+        t0, t1 = map(float, t_span)
     except (TypeError, ValueError):
         raise SubstrateValueError(f"t_span={t_span!r} must be a pair (t0, t1) of numbers") from None
     if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
@@ -277,8 +323,15 @@ def _check_times(t_span, t_eval, default, end_at_t1=False):
         t_eval = np.array(t_eval, dtype=float)
     except (TypeError, ValueError):
         raise SubstrateValueError(f"t_eval={t_eval!r} must be a 1-D array of times") from None
-    if (t_eval.ndim != 1 or t_eval.size == 0 or np.any(np.diff(t_eval) <= 0)
-            or t_eval[0] < t0 or t_eval[-1] > t1 or not np.all(np.isfinite(t_eval))):
+    if t_eval.ndim != 1 or t_eval.size == 0:
+        ok = False
+    elif t_eval.size <= _FEW_TIMES:  # a few Python floats: ~1 us where numpy's diff, any and all take ~6
+        ts = t_eval.tolist()
+        ok = t0 <= ts[0] and ts[-1] <= t1 and all(a < b for a, b in zip(ts, ts[1:]))  # NaN fails a comparison
+    else:
+        ok = not (np.any(np.diff(t_eval) <= 0) or t_eval[0] < t0 or t_eval[-1] > t1
+                  or not np.all(np.isfinite(t_eval)))
+    if not ok:
         raise SubstrateValueError("t_eval must be a non-empty, strictly increasing 1-D array within t_span")
     if end_at_t1 and t_eval[-1] != t1:
         raise SubstrateValueError(f"t_eval must end at t_span[1] = {t1:g}, the state the gradient starts from")
@@ -344,6 +397,22 @@ def _new_work(n, nb, dtype, s, rows) -> tuple:
             np.empty((s + 1, n), real), np.empty((s + 1, s, n), real), np.empty(nb))
 
 
+def _check_effects(effects, stepper, adaptive, dtype):
+    """Refuse a device's per-step draws with an adaptive method, and with complex states where the
+    effect takes real states only."""
+    if adaptive and any(getattr(e, "draws_per_step", False) for e in effects):
+        raise SubstrateValueError(
+            f"the device draws noise at every step (per-step read noise, output noise or state noise): "
+            f"it needs a fixed-step method, not {stepper.name!r}")
+    # the read chain takes complex states as their two quadratures; other per-step draws are real only
+    real_only = [type(e).__name__ for e in effects
+                 if getattr(e, "draws_per_step", False) and not getattr(e, "quadratures", False)]
+    if dtype.kind == "c" and real_only:
+        raise SubstrateValueError(
+            f"the device's per-step noise ({', '.join(real_only)}) is drawn for real states only: complex "
+            f"states (holomorphic EP) cannot take it; use a read policy other than 'step' and no state noise")
+
+
 def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_save, relax,
            res_rtol, res_atol, record=None, nudge=None):
     kstepper = _kernel_stepper(stepper)
@@ -376,17 +445,8 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     work, t_trace, res_trace, unread = buffers
     record = record or unread
     effects = vf.effects
-    if adaptive and any(getattr(e, "draws_per_step", False) for e in effects):
-        raise SubstrateValueError(
-            f"the device draws noise at every step (per-step read noise, output noise or state noise): "
-            f"it needs a fixed-step method, not {stepper.name!r}")
-    # the read chain takes complex states as their two quadratures; other per-step draws are real only
-    real_only = [type(e).__name__ for e in effects
-                 if getattr(e, "draws_per_step", False) and not getattr(e, "quadratures", False)]
-    if vf.dtype.kind == "c" and real_only:
-        raise SubstrateValueError(
-            f"the device's per-step noise ({', '.join(real_only)}) is drawn for real states only: complex "
-            f"states (holomorphic EP) cannot take it; use a read policy other than 'step' and no state noise")
+    if effects:
+        _check_effects(effects, stepper, adaptive, vf.dtype)
     # plain tuples of the kernel's namedtuples (K.Stepper, Circuit, Span, Relaxation, Record, Nudge,
     # Work): Numba types them in C, a namedtuple costs ~2 us a call in its Python typeof
     status, t, steps, nfev, rejected = K.run(
@@ -397,7 +457,7 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
         _no_nudge(vf.dtype) if nudge is None else tuple(nudge.kernel_args(vf.network, vf.dtype, vf.batch)),
         effects, work)
     kept = min(steps + 1, length)
-    trace = (t_trace[:kept].copy(), res_trace[:kept].copy())
+    trace = (t_trace[:kept].copy(), res_trace[:kept].copy()) if relax else None
     _give(vf.network, key, buffers)
     return status, t, steps, nfev, rejected, saved, residual, trace, u_out
 
@@ -521,7 +581,7 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
         "t_eval points, the rest are NaN")
     if n_ok < len(t_eval):
         saved[n_ok:] = np.nan
-    sol = Solution(t=t_eval, u=saved.transpose(0, 2, 1), status=_STATUS[status], method=stepper.name,
+    sol = _solution(t=t_eval, u=saved.transpose(0, 2, 1), status=_STATUS[status], method=stepper.name,
                    steps=steps, nfev=nfev, rejected=rej, residual=residual, t_final=t,
                    message=message, slices=network.slices, field=vf, t_start=t0)
     return _finish(sol, on_failure, "integrate")
@@ -589,7 +649,7 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
         message = f"read at the device's relaxation time t={t:.6g}, residual {residual.max():.3e}"
     elif status == K.NOT_CONVERGED:
         message += f"; residual {residual.max():.3e} > tol {tol:g} + rtol {rtol:g} |u|"
-    sol = Solution(t=np.array(t), u=u_out.T, status=name, method=stepper.name, steps=steps,
+    sol = _solution(t=np.array(t), u=u_out.T, status=name, method=stepper.name, steps=steps,
                    nfev=nfev, rejected=rej, residual=residual, t_final=t,
                    residual_trace=trace[1], trace_t=trace[0], message=message,
                    eigenvalue=eigenvalue, slices=network.slices, field=vf)

@@ -1,0 +1,136 @@
+"""The per-call fast paths of integrate and relax (issue 17) refuse and accept exactly what the general
+paths do, and the stepping kernel's state noise takes the activity of the moved state.
+
+Fast paths checked against the general ones: t_eval as Python floats (up to 16 times) against numpy's
+checks (longer arrays), the engine's number checks against ``substrate.validate``, the Solution filled
+at once against the dataclass's own __init__, the inputs' finiteness (checked only when the cached drive
+is recomputed) after an in-place edit to NaN."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+import substrate as S
+from substrate import devices as D
+from substrate import integrators as I
+from substrate import validate
+from substrate.errors import SubstrateValueError as Bad
+
+
+@pytest.fixture(scope="module")
+def net():
+    return S.Network.layered([4, 8, 3], np.random.default_rng(0))
+
+
+X = np.random.default_rng(1).random((2, 4))
+
+
+# ------------------------------------------------------------------------------------ t_eval
+def _times_bad_or_ok(t_eval):
+    try:
+        return tuple(I._check_times((0.0, 1.0), t_eval, None)[2])
+    except Bad as e:
+        return str(e)
+
+
+@pytest.mark.parametrize("case", [
+    [0.5], [0.0, 1.0], [0.2, 0.2], [0.3, 0.2], [-0.1], [1.5], [math.nan], [0.5, math.nan], [math.inf],
+    [-math.inf, 0.5], [0.1, 0.5, 0.4], [0.1, math.nan, 0.4], [], [[0.5]], list(np.linspace(0, 1, 16))])
+def test_short_t_eval_checked_as_numpy_would(case, monkeypatch):
+    """A short t_eval (checked as Python floats) is refused or returned as numpy's checks of longer
+    arrays would (the same case with the fast path turned off)."""
+    fast = _times_bad_or_ok(case)
+    monkeypatch.setattr(I, "_FEW_TIMES", 0)
+    general = _times_bad_or_ok(case)
+    assert fast == general
+    valid = case and np.ndim(case) == 1 and all(np.diff(case) > 0) and 0 <= min(case) and max(case) <= 1
+    assert isinstance(fast, tuple) == bool(valid), fast
+
+
+# ------------------------------------------------------------------------------------ numbers
+@pytest.mark.parametrize("value", [0.1, 1, np.float64(0.1), np.float32(0.5), 0.0, -1.0, math.nan, math.inf,
+                                   True, "0.1", None, 2 ** 63, 10 ** 400, 1e308])
+def test_number_checks_as_validate(value):
+    """The engine's checks (a float in range passes at once) return or refuse what validate does."""
+    pairs = [(lambda v: I._positive(v, "dt", allow_none=True),
+              lambda v: validate.positive(v, "dt", allow_none=True, staged=True)),
+             (lambda v: I._positive(v, "max_time", allow_inf=True),
+              lambda v: validate.positive(v, "max_time", allow_inf=True, staged=True)),
+             (lambda v: I._nonnegative(v, "tol"), lambda v: validate.nonnegative(v, "tol", staged=True)),
+             (lambda v: I._count(v, "max_steps"),
+              lambda v: validate.count(v, "max_steps", maximum=2 ** 63 - 1,
+                                       allowed="a positive integer <= 2**63 - 1"))]
+    for fast, general in pairs:
+        outcomes = []
+        for check in (fast, general):
+            try:
+                got = check(value)
+                outcomes.append((type(got), got))
+            except Bad as e:
+                outcomes.append(str(e))
+        assert outcomes[0] == outcomes[1], (value, outcomes)
+
+
+# ------------------------------------------------------------------------------------ Solution
+def test_solution_filled_at_once_is_the_dataclass(net):
+    """_solution(...) equals Solution(...) field by field (defaults included) and reads alike."""
+    sol = S.integrate(net, X, t_span=(0.0, 1.0), dt=0.1, method="euler")
+    given = {f.name: getattr(sol, f.name) for f in dataclasses.fields(I.Solution)
+             if f.name not in ("residual_trace", "trace_t", "eigenvalue", "message")}
+    a, b = I._solution(**given), I.Solution(**given)
+    assert a.__dict__.keys() == b.__dict__.keys()
+    for f in dataclasses.fields(I.Solution):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        assert type(x) is type(y) and (x is y or np.array_equal(x, y)), f.name
+    assert a.report() == b.report() and a.counts == b.counts
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.status = "diverged"
+    late = I._solution(t=sol.t, u=sol.u, status="success", method="euler", steps=1, nfev=1, rejected=0,
+                       residual=I._Later(lambda: np.array([7.0])), t_final=1.0)
+    assert late.slices == {} and late.field is None and late.t_start == 0.0 and late.residual[0] == 7.0
+
+
+# ------------------------------------------------------------------------------------ inputs
+def test_inputs_turned_nan_in_place_are_refused(net):
+    """The inputs' NaN check is made when the drive is recomputed: x edited in place to NaN after a
+    call (the cached drive is of the finite x) is refused, by integrate and relax alike."""
+    x = X.copy()
+    S.integrate(net, x, t_span=(0.0, 0.1), dt=0.1, method="euler")
+    x[1, 2] = math.nan
+    with pytest.raises(Bad, match=r"x\['x'\] contains NaN or Inf"):
+        S.integrate(net, x, t_span=(0.0, 0.1), dt=0.1, method="euler")
+    with pytest.raises(Bad, match="contains NaN or Inf"):
+        S.relax(net, x)
+    with pytest.raises(Bad, match="contains NaN or Inf"):
+        S.relax(net, np.full((2, 4), math.inf))
+
+
+def test_inputs_dict_with_wrong_names_refused(net):
+    with pytest.raises(Bad, match=r"inputs missing \['x'\], unknown \['z'\]"):
+        S.relax(net, {"z": X})
+
+
+# ------------------------------------------------------------------------------------ state noise
+def test_state_noise_moves_the_state_before_its_activity():
+    """Euler with state noise on a nonlinear network, u+ = u + h (-u + W rho(u) + b) + s sqrt(h) xi,
+    against numpy with the same draws: xi recovered from a linear network with the same device seed
+    and shape (identity, no weight: u+ = (1 - h) u + s sqrt(h) xi). The next step's products must take
+    rho of the moved state. Tolerance 1e-12: rounding of a few operations per step over 8 steps."""
+    m, batch, h, steps, s = 6, 3, 0.1, 8, 0.2
+    rng = np.random.default_rng(3)
+    W, b = rng.normal(size=(m, m)), rng.normal(size=m)
+    times = h * np.arange(steps + 1)
+    kw = dict(batch=batch, t_span=(0.0, times[-1]), t_eval=times, method="euler", dt=h)
+    free = S.Network([S.Layer("h", m, activation="identity")])
+    u_lin = S.integrate(D.attach(free, D.Device((D.StateNoise(s),)), np.random.default_rng(9)), **kw).u
+    kicks = u_lin[1:] - (1 - h) * u_lin[:-1]
+    assert np.abs(kicks).max() > 0.05
+    net = S.Network([S.Layer("h", m, activation="logistic", bias=b)], [S.Connection("h", "h", W)])
+    got = S.integrate(D.attach(net, D.Device((D.StateNoise(s),)), np.random.default_rng(9)), **kw).u
+    u = np.zeros((batch, m))
+    for k in range(steps):
+        r = 1 / (1 + np.exp(2 - 4 * u))
+        u = u + h * (-u + r @ W.T + b) + kicks[k]
+        np.testing.assert_allclose(got[k + 1], u, rtol=0, atol=1e-12)
