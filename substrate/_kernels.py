@@ -1413,12 +1413,11 @@ def _slot_count(every):
 
 
 @njit
-def adjoint_run(stepper, tape, activities, circuit, tauinv_step, grads):
+def adjoint_run(stepper, tape, circuit, tauinv_step, grads):
     """The discrete adjoint of ``run``, step by step in reverse: take the state before step m (stored
     in the checkpoints of ``tape``, a :data:`Tape`, or brought back from the one below it by
     ``_state_at``), replay that one step keeping its stages (one-stage methods, euler and exp_euler,
-    replay nothing: their stage point is the state, their activity is ``activities[m]`` when the
-    forward pass stored it (every state stored; else empty) or one pass) and backpropagate
+    replay nothing: their stage point is the state, their activity one pass) and backpropagate
     through it with ``adjoint_step``. dL/du of the saved states, ``dl_du[k]``, enters after the step
     that produced state save_step[k]. Replays reproduce the forward bit for bit and the backward of a
     step reads only its state, so the gradient is bit-identical for every number of checkpoints.
@@ -1469,11 +1468,9 @@ def adjoint_run(stepper, tape, activities, circuit, tauinv_step, grads):
             if seg > 1:
                 top = _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys, rs, ss)
             u = slots[top] if seg > 1 else ckpt[c]  # every state stored: read in place
-            stored = one_stage and activities.shape[0] > 0
-            act = activities[m:m + 1] if stored else rs[0]  # the stages' activities, (s, n, nb)
-            if one_stage and not stored:
+            if one_stage:
                 activate(u, layer_off, layer_act, rs[0, 0])
-            elif not one_stage:
+            else:
                 replay(stepper, circuit, u, 1, hs[m:m + 1], ys, rs, ss, u_end)
             h = hs[m]
             if h != h_coef:
@@ -1487,7 +1484,7 @@ def adjoint_run(stepper, tape, activities, circuit, tauinv_step, grads):
                             for j in range(s):
                                 dcoef[q, j, p] = ccoef[q, j, p].imag / eps
                 h_coef = h
-            adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys[0], act, ss[0],
+            adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys[0], rs[0], ss[0],
                          not one_stage, drive, wbuf, conn, layer_off, layer_act, sbar, w, ybar, rows, tmp,
                          gflat, gscratch, gdrive, gtau, kappa, lam_prev)
             lam, lam_prev = lam_prev, lam
