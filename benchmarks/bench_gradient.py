@@ -14,14 +14,14 @@ What is measured, in one run, with BLAS and torch pinned to ``--threads`` thread
   ``np.dot`` with preallocated ``out=`` arrays (the forward's W1 r_h and B r_y, the backward's W1^T w_y
   and B^T w_h and the weight-gradient outer products w_y r_h^T and w_h r_y^T), plus one activation pass
   over the state (the engine's ``_kernels.activate``: the forward's; the backward can take rho' from
-  the stored activities). ``ratio`` is a row's time per call over 100 x this bound (min/min,
+  those activities). ``ratio`` is a row's time per call over 100 x this bound (min/min,
   median/median). The input products, V x (forward) and dL/dV, dL/dx (backward), are done once per
   call, not per step; they are timed too and ``+in`` is the ratio to 100 x bound + these.
 * The tanh problem: 784 dynamic tanh units (driven by the image through a fixed identity input
   weight), 500 and 10 tanh units: connections 784->500, 500->10 and the feedback 10->500 (asymmetry
   90 degrees), the same Euler steps and loss; its bound is the 9 products of its three connections plus
   one activation pass; substrate's discrete adjoint against torch autograd through the same loop, and
-  the share of tanh (one activation pass per step, scalar libm in the kernels) in substrate's time.
+  the share of tanh (one activation pass per step) in substrate's time.
 * Rows, time per call of forward + gradient of 100 steps: substrate's discrete adjoint (Euler, every
   state stored and 10 checkpoints), its continuous adjoint (exp_euler forward; exp_euler and etd2rk
   backward: the first-order backward is ~5e-2 off the discrete gradient at dt = 0.1), substrate's
@@ -532,8 +532,9 @@ def tanh_section(args):
     same = all(np.array_equal(a, b) for a, b in zip(ref.flat(), g10.flat()))
     print(f"  {'substrate discrete adjoint euler, checkpoints=None':<52} {t_sub[0] * 1e3:9.1f} ms  "
           f"{t_sub[0] / (s * bound):5.2f} x bound; checkpoints=10 bit-identical: {same}")
-    print(f"  tanh's share: {s} activation passes (the forward's; the backward takes rho' = 1 - r^2 from the "
-          f"stored activities) ~ {s * act[0] * 1e3:.0f} ms = {s * act[0] / t_sub[0]:.0%} of substrate's time")
+    print(f"  tanh's share: {2 * s} activation passes (the forward's, and the backward's, which takes "
+          f"rho' = 1 - r^2 from them) ~ {2 * s * act[0] * 1e3:.0f} ms = {2 * s * act[0] / t_sub[0]:.0%} of "
+          "substrate's time")
     out = {"bound": bound, "substrate": t_sub[0]}
     if torch is not None:
         L = torch_tanh_leaves(p)

@@ -1264,32 +1264,52 @@ def rho_prime_from_activity(code, y, r, d):
         rho_prime_row(code, y, d)
 
 
+@njit(inline="always")  # a call per row costs more than the row's work
+def _sum_lanes(x):
+    """sum_b x[b] as eight interleaved partial sums, added pairwise at the end: eight independent
+    chains of adds, which LLVM vectorises; a left-to-right sum (without fastmath LLVM keeps its order)
+    is one chain at the adder's latency, ~4 cycles an element. x has at least one element."""
+    m = x.shape[0]
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0 * x[0]
+    m8 = m - m % 8
+    for b in range(0, m8, 8):
+        a0 += x[b]
+        a1 += x[b + 1]
+        a2 += x[b + 2]
+        a3 += x[b + 3]
+        a4 += x[b + 4]
+        a5 += x[b + 5]
+        a6 += x[b + 6]
+        a7 += x[b + 7]
+    for b in range(m8, m):
+        a0 += x[b]
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
 @njit
 def _add_weight_gradient(gscratch, wbuf, conn, kappa, pair, gflat, gtau):
     """gflat += gscratch (a stage's w r^T, per connection); with ``pair``, also gtau[p] += kappa[p]
     sum_q W[p, q] G[p, q] over the connections into p, i.e. kappa[p] sum_b w[p, b] (W r)[p, b]: the
     stage's weight product paired with its cotangent, from the weight gradient at hand instead of a
-    replayed product (O(weights), not O(weights x batch)). The weight gradient is formed stage by
-    stage: buffering many stages for one product with a long inner dimension was measured slower
-    (784-500-10, batch 64: 6x per stage with 16 stages, the buffers out of cache)."""
+    replayed product (O(weights), not O(weights x batch)); gscratch is overwritten by W * G for that
+    sum. The weight gradient is formed stage by stage: buffering many stages for one product with a
+    long inner dimension was measured slower (784-500-10, batch 64: 6x per stage with 16 stages, the
+    buffers out of cache)."""
+    for k in range(gflat.shape[0]):
+        gflat[k] += gscratch[k]
     if not pair:
-        for k in range(gflat.shape[0]):
-            gflat[k] += gscratch[k]
         return
     for c in range(conn.shape[0]):
         wo, pn, qa, qn = conn[c, 0], conn[c, 2], conn[c, 3], conn[c, 4]
+        for j in range(wo, wo + qn * pn):
+            gscratch[j] *= wbuf[j]
         for i in range(qn):
-            acc = 0.0 * gscratch[0]
-            for j in range(wo + i * pn, wo + (i + 1) * pn):
-                g = gscratch[j]
-                gflat[j] += g
-                acc += wbuf[j] * g
-            gtau[qa + i] += kappa[qa + i] * acc
+            gtau[qa + i] += kappa[qa + i] * _sum_lanes(gscratch[wo + i * pn:wo + (i + 1) * pn])
 
 
 @njit
 def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys, rs, ss, slope0, drive, wbuf,
-                 conn, layer_off, layer_act, sbar, w, ybar, drow, tmp, gflat, gscratch, gdrive, gtau, kappa,
+                 conn, layer_off, layer_act, sbar, w, ybar, rows, tmp, gflat, gscratch, gdrive, gtau, kappa,
                  lam_out):
     """Backpropagate one step u -> u_next = alpha[s] u + sum_j coef[s, j] S_j (see ``coefficients``):
     given lam = dL/du_next, write dL/du into lam_out and add the step's contributions to the
@@ -1300,7 +1320,9 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys, rs, 
     (i > j); the cotangent of N at stage i is w = Sbar_i / tau (explicit RK, S = (N - Y)/tau) or
     w = Sbar_i (exponential, S = N); then Ybar_i = rho'(Y_i) (W^T w) (- w for explicit RK), which
     reaches u through alpha[i]. rho' comes from the stage activities rs. Elementwise work is fused
-    row by row.
+    row by row: two passes over the state a stage, one before its products (w, lam's own terms at
+    the last stage, the drive and tau gradients) and one after (Ybar and what it feeds); the sums over
+    the batch for tau are taken in eight lanes (``_sum_lanes``). ``rows`` (2, batch) is scratch.
 
     Stage points ys[i] for i > 0 (Y_0 is u), activities rs[i] = rho(Y_i), slopes ss[i]. ``slope0``
     False (one-stage methods only, whose stage point is the stored state: nothing was replayed): S_0,
@@ -1310,49 +1332,57 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys, rs, 
     n, nb = lam.shape
     exp_family = family == EXPONENTIAL
     first = 0 if slope0 else 1  # the first stage whose slope ss holds
-    for p in range(n):
-        for j in range(s):
-            c = coef[s, j, p]
-            for b in range(nb):
-                sbar[j, p, b] = c * lam[p, b]
-        e = alpha[s, p]
-        for b in range(nb):
-            lam_out[p, b] = e * lam[p, b]
-        if exp_family:
-            gtau[p] += _tau_from_coefficients(s, first, dalpha, dcoef, u, ss, lam, p)
+    cot, prod = rows[0], rows[1]
     for i in range(s - 1, -1, -1):
         known = i >= first
         y = ys[i] if i > 0 else u
         for p in range(n):
+            if i == s - 1:  # lam's own terms, in this pass: the last stage's cotangent is coef lam alone
+                for j in range(s - 1):
+                    c = coef[s, j, p]
+                    for b in range(nb):
+                        sbar[j, p, b] = c * lam[p, b]
+                c, e = coef[s, i, p], alpha[s, p]
+                for b in range(nb):
+                    cot[b] = c * lam[p, b]
+                    lam_out[p, b] = e * lam[p, b]
+                if exp_family:
+                    gtau[p] += _tau_from_coefficients(s, first, dalpha, dcoef, u, ss, lam, p)
+                src = cot
+            else:
+                src = sbar[i, p]
             ti = 1.0 if exp_family else tauinv[p]
-            acc = 0.0 * sbar[i, p, 0]  # zero of the state's type (w is written below)
             for b in range(nb):
-                v = sbar[i, p, b] * ti
+                v = src[b] * ti
                 w[p, b] = v
                 gdrive[p, b] += v
                 if known:
-                    acc -= v * ss[i, p, b]
+                    prod[b] = v * ss[i, p, b]
                 elif exp_family:
-                    acc += v * drive[p, b]
+                    prod[b] = v * drive[p, b]
                 else:
-                    acc += v * (drive[p, b] - y[p, b])
-            if not known:  # the rest of the pairing, kappa sum_b w W r, after the weight gradient
+                    prod[b] = v * (drive[p, b] - y[p, b])
+            acc = _sum_lanes(prod)
+            if known:
+                acc = -acc
+            else:  # the rest of the pairing, kappa sum_b w W r, after the weight gradient
                 kappa[p] = dcoef[1, 0, p] / coef[1, 0, p] if exp_family else -ti
-                gtau[p] += kappa[p] * acc
-            elif not exp_family:  # S = F/tau: dS/dtau = -S/tau
+                acc *= kappa[p]
+            if not (known and exp_family):  # S = F/tau: dS/dtau = -S/tau
                 gtau[p] += acc
         weight_vjp(w, rs[i], conn, gscratch)
         _add_weight_gradient(gscratch, wbuf, conn, kappa, not known, gflat, gtau)
         weights_transpose_times(w, wbuf, conn, layer_off, tmp, ybar)
         for l in range(layer_act.shape[0]):
             for p in range(layer_off[l], layer_off[l + 1]):
-                rho_prime_from_activity(layer_act[l], y[p], rs[i, p], drow)
-                for b in range(nb):
-                    v = ybar[p, b] * drow[b]
-                    ybar[p, b] = v if exp_family else v - w[p, b]
+                rho_prime_from_activity(layer_act[l], y[p], rs[i, p], cot)
                 e = alpha[i, p]
                 for b in range(nb):
-                    lam_out[p, b] += e * ybar[p, b]
+                    v = ybar[p, b] * cot[b]
+                    if not exp_family:
+                        v -= w[p, b]
+                    ybar[p, b] = v
+                    lam_out[p, b] += e * v
                 for j in range(i):
                     c = coef[i, j, p]
                     if c != 0.0:
@@ -1404,12 +1434,11 @@ def _slot_count(every):
 
 
 @njit
-def adjoint_run(stepper, tape, activities, circuit, tauinv_step, grads):
+def adjoint_run(stepper, tape, circuit, tauinv_step, grads):
     """The discrete adjoint of ``run``, step by step in reverse: take the state before step m (stored
     in the checkpoints of ``tape``, a :data:`Tape`, or brought back from the one below it by
     ``_state_at``), replay that one step keeping its stages (one-stage methods, euler and exp_euler,
-    replay nothing: their stage point is the state, their activity is ``activities[m]`` when the
-    forward pass stored it (every state stored; else empty) or one pass) and backpropagate
+    replay nothing: their stage point is the state, their activity one pass) and backpropagate
     through it with ``adjoint_step``. dL/du of the saved states, ``dl_du[k]``, enters after the step
     that produced state save_step[k]. Replays reproduce the forward bit for bit and the backward of a
     step reads only its state, so the gradient is bit-identical for every number of checkpoints.
@@ -1441,7 +1470,7 @@ def adjoint_run(stepper, tape, activities, circuit, tauinv_step, grads):
     sbar = np.empty((s, n, nb), dtype)
     w = np.empty((n, nb), dtype)
     ybar = np.empty((n, nb), dtype)
-    drow = np.empty(nb, dtype)
+    rows = np.empty((2, nb), dtype)
     tmp = np.empty((max(1, n), nb), dtype)
     gscratch = np.empty_like(gflat)
     kappa = np.empty(n)
@@ -1460,11 +1489,9 @@ def adjoint_run(stepper, tape, activities, circuit, tauinv_step, grads):
             if seg > 1:
                 top = _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys, rs, ss)
             u = slots[top] if seg > 1 else ckpt[c]  # every state stored: read in place
-            stored = one_stage and activities.shape[0] > 0
-            act = activities[m:m + 1] if stored else rs[0]  # the stages' activities, (s, n, nb)
-            if one_stage and not stored:
+            if one_stage:
                 activate(u, layer_off, layer_act, rs[0, 0])
-            elif not one_stage:
+            else:
                 replay(stepper, circuit, u, 1, hs[m:m + 1], ys, rs, ss, u_end)
             h = hs[m]
             if h != h_coef:
@@ -1478,8 +1505,8 @@ def adjoint_run(stepper, tape, activities, circuit, tauinv_step, grads):
                             for j in range(s):
                                 dcoef[q, j, p] = ccoef[q, j, p].imag / eps
                 h_coef = h
-            adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys[0], act, ss[0],
-                         not one_stage, drive, wbuf, conn, layer_off, layer_act, sbar, w, ybar, drow, tmp,
+            adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys[0], rs[0], ss[0],
+                         not one_stage, drive, wbuf, conn, layer_off, layer_act, sbar, w, ybar, rows, tmp,
                          gflat, gscratch, gdrive, gtau, kappa, lam_prev)
             lam, lam_prev = lam_prev, lam
             _inject_loss(lam, dl_du, save_step, m)

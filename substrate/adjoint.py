@@ -105,8 +105,8 @@ def check_solver(solver, what):
 @dataclass(frozen=True)
 class DiscreteAdjoint(AbstractAdjoint):
     """Backpropagation through the integrator's steps. checkpoints: how many states the forward
-    pass stores (None: every step's, the fastest, with euler and exp_euler their activities too, so
-    that the backward pass neither replays a step nor evaluates an activation; k: every
+    pass stores (None: every step's, the fastest: euler and exp_euler then replay no step, their
+    backward takes one activation pass a step, which costs less than storing the activities; k: every
     ceil(steps/k)-th step's). Between two checkpoints, states are brought back by bisection: memory
     k + O(log(steps/k)) states whatever the horizon, at the cost of O(log(steps/k)) replays per step."""
 
@@ -541,7 +541,7 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
                 "outside the allowed range (0, 1]; use an exponential integrator (exp_euler, etd2rk, "
                 "etdrk4: any dt/tau_min), a smaller dt, or method='discrete'")
 
-    def forward(n_steps, ckpt_every, n_ckpt, n_act):
+    def forward(n_steps, ckpt_every, n_ckpt):
         # sized by the steps that will be taken; only those are written and read (no zeroing)
         hs = allocate((n_steps,), float, f"the sizes of {n_steps} steps",
                       "lower max_steps" if adaptive or dt is None else "raise dt or shorten t_span")
@@ -549,27 +549,23 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
         ckpt = allocate((n_ckpt, n, nb), vf.dtype, f"{n_ckpt} stored states (checkpoints)",
                         "raise dt or shorten t_span" if twin else
                         "store fewer: checkpoints=k in DiscreteAdjoint or ContinuousAdjoint")
-        acts = allocate((n_act, n, nb), vf.dtype, f"the activities of {n_act} stored states",
-                        "store fewer: checkpoints=k in DiscreteAdjoint")
+        # no activities stored: the backward's one activation pass a step costs less than writing,
+        # zeroing (fresh pages) and reading them back (784-500-10, batch 64, 100 Euler steps: 2.13
+        # against 2.40 x the bound; the tanh problem 1.23 against 1.39; benchmarks/bench_gradient.py)
+        acts = np.empty((0, n, nb), vf.dtype)
         out = _solve(vf, u, stepper, t0=t0, t_end=t1, dt=dt, rtol=rtol, atol=atol, max_steps=max_steps,
                      blowup=blowup, t_save=t_eval, relax=False, res_rtol=0.0, res_atol=0.0,
                      record=(hs, save_step, ckpt_every, ckpt, acts))
-        return out, hs, save_step, ckpt, acts
+        return out, hs, save_step, ckpt
 
     if adaptive or dt is None:
         # the number of steps is known only after a first pass, which also fixes the step sizes
-        out, hs, save_step, _, _ = forward(max_steps, 0, 0, 0)
+        out, hs, save_step, _ = forward(max_steps, 0, 0)
         steps = out[2]
     else:  # an upper bound (steps land on the t_eval points), within max_steps by check_step_count
         steps = min(max_steps, int(math.ceil((t1 - t0) / dt * (1 + 1e-12))) + len(t_eval) + 1)
     every = 1 if strategy.checkpoints is None or twin else max(1, -(-steps // strategy.checkpoints))
-    # With every state stored, a one-stage method's backward needs no replay, and with the activities
-    # stored (the forward pass computes them anyway) no activation pass either. Not for a twin: its
-    # backward takes the nominal activities, the device's may differ.
-    keep_acts = (every == 1 and not twin and len(kstepper.bw) == 1
-                 and not isinstance(strategy, ContinuousAdjoint))
-    out, hs, save_step, ckpt, acts = forward(steps, every, steps // every + 1,
-                                             steps // every + 1 if keep_acts else 0)
+    out, hs, save_step, ckpt = forward(steps, every, steps // every + 1)
     status, t, steps, nfev, rej, saved, _, _, u_out = out
     sol = Solution(t=t_eval, u=saved.transpose(0, 2, 1), status=_STATUS[status], method=stepper.name,
                    steps=steps, nfev=nfev, rejected=rej,
@@ -593,9 +589,9 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
         K.continuous_adjoint_run(kstepper, tape, backward, strategy.substeps, vf.circuit, grads)
     else:
         tauinv_step = 1.0 / (p.tau.astype(float) + 1e-30j)
-        K.adjoint_run(kstepper, tape, acts, vf.circuit, tauinv_step, grads)
+        K.adjoint_run(kstepper, tape, vf.circuit, tauinv_step, grads)
     grads = vf.parameter_gradients(gflat, gdrive)
-    counts = _through_time_counts(strategy, sol, kstepper, steps, every, ckpt.shape[0], acts.shape[0])
+    counts = _through_time_counts(strategy, sol, kstepper, steps, every, ckpt.shape[0])
     return Gradients(value, grads["weights"], grads["biases"],
                      _tau_gradients(network.nominal if twin else network, gtau),
                      grads["inputs"], lam0.T.copy(), strategy.name, sol, hs[:steps].copy(), counts=counts)
@@ -618,13 +614,13 @@ def replayed_steps(segment: int) -> int:
     return total
 
 
-def _through_time_counts(strategy, sol, kstepper, steps, every, n_ckpt, n_acts):
+def _through_time_counts(strategy, sol, kstepper, steps, every, n_ckpt):
     """The recorded forward phase (the states it stores read out), then in digital: the
     backward steps (per stage a W^T product, the weight gradient's outer product and ~6 operations per
     neuron), the forward steps replayed (bisection between checkpoints; the multi-stage methods'
     stages once more per step) and the input weights' gradient. The continuous adjoint counts its
     backward grid as the forward steps times ``substeps`` (its grading near transients adds cells
-    that are not counted). Memory: checkpoints, stored activities, the bisection's slots, step sizes
+    that are not counted). Memory: checkpoints, the bisection's slots, step sizes
     and the stages' work arrays."""
     network, (nb, n) = sol.field.network, sol.u.shape[1:]
     dtype = sol.u.dtype
@@ -642,9 +638,9 @@ def _through_time_counts(strategy, sol, kstepper, steps, every, n_ckpt, n_acts):
         replays += (full * replayed_steps(every) + replayed_steps(last)) * stages
     flops = (back * (4 * state + 6 * n) + replays * (2 * state + 4 * n)) * nb * c + 2 * inputs * nb * c
     slots = 0 if every == 1 else int(K._slot_count(every))
-    held = (n_ckpt + n_acts + slots + 3 * stages + 4) * n * nb * v + steps
+    held = (n_ckpt + slots + 3 * stages + 4) * n * nb * v + steps
     fwd = sol.counts
     read = max(0, -(-steps // every) - 1)  # the stored states but the initial one, given
-    return fwd.replace(adc=fwd.adc + read * n * nb, flops=fwd.flops + flops + min(n_acts, steps + 1) * n * nb * c,
+    return fwd.replace(adc=fwd.adc + read * n * nb, flops=fwd.flops + flops,
                        memory=max(fwd.memory, held), traffic=fwd.traffic + 2 * n_ckpt * n * nb * v + held)
 

@@ -513,7 +513,7 @@ CHECKPOINTS = (1, 2, 3, 7, None)
 @pytest.mark.parametrize("trajectory", [False, True], ids=["final", "trajectory"])
 @pytest.mark.parametrize("name,t_end,dt", [
     ("rk4", 3.7, 0.1),  # 37 steps
-    ("euler", 3.7, 0.1),  # one-stage: no replay where the state is stored, activities stored with it
+    ("euler", 3.7, 0.1),  # one-stage: no replay where the state is stored
     ("exp_euler", 3.7, 0.1),
     ("dopri5", 3.7, None),  # adaptive
     ("rk4", 0.7, 0.1),  # 7 steps, the last one 2 ulp shorter than dt (0.7 - 0.6000000000000001)
@@ -570,9 +570,9 @@ def test_replay_reproduces_forward_bits_for_any_segment_start():
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.complex128])
 def test_rho_prime_from_the_activity_has_the_bits_of_rho_prime(dtype):
-    """The backward pass takes rho' from the stored activities r = rho(y) (logistic 4 r (1 - r), tanh
+    """The backward pass takes rho' from the activities r = rho(y) (logistic 4 r (1 - r), tanh
     1 - r^2, the others from y): the same bits as ``activate_prime``, which the gradient's agreement
-    across checkpoint counts (stored activities or recomputed ones) relies on; over the range and at
+    with the other gradient methods relies on; over the range and at
     the extremes (saturation, 0, +-inf)."""
     from substrate.activations import CODES
     y = np.concatenate([np.linspace(-30, 30, 1201), [0.0, -0.0, 1e-300, 709.0, -745.0, np.inf, -np.inf]])

@@ -235,8 +235,8 @@ def test_discrete_adjoint_counts_by_hand(tiny):
     # every state stored: the 7 before steps 2..8 read out, and the final state (the result)
     assert a.adc == n * batch * steps and a.macs == (16 * full.solution.nfev + 12) * batch
     # backward: per step a W^T product and the weight gradient (4 per device and sample) and 6 per neuron;
-    # the input weights' gradient; the activities of the 9 stored states
-    assert a.flops == steps * (4 * 16 + 6 * n) * batch + 2 * 12 * batch + 9 * n * batch
+    # the input weights' gradient
+    assert a.flops == steps * (4 * 16 + 6 * n) * batch + 2 * 12 * batch
     # checkpoints=2 of the forward's step bound, 11: a checkpoint every 6 steps, the states at 0 and 6
     # stored (one read, and the result); bisection replays 7 steps in the segment of 6, 1 in that of 2
     assert b.adc == n * batch * (1 + 1)
