@@ -72,8 +72,8 @@ Span = namedtuple("Span", "t0 t_end dt rtol atol h_min max_steps blowup")
 Relaxation = namedtuple("Relaxation", "on rtol atol residual res_trace t_trace")
 # What is kept: states at the save times t_save (into saved), the final state (u_out), and for gradients
 # the step sizes (h_record), the step count at each save (save_step), the states every ckpt_every
-# steps (ckpt; ckpt_every 0: none) and, if ckpt_r is not empty, their activities rho (ckpt_r).
-Record = namedtuple("Record", "t_save saved u_out h_record save_step ckpt_every ckpt ckpt_r")
+# steps (ckpt; ckpt_every 0: none).
+Record = namedtuple("Record", "t_save saved u_out h_record save_step ckpt_every ckpt")
 # The stepping kernel's buffers, held by the caller across calls (``integrators._solve`` keeps them):
 # the state and activity with their next values, two stage points with activities, W rho(Y) (n, B) each,
 # the stage slopes (s, n, B), the product scratch tmp (largest layer, B), the step coefficients alpha
@@ -997,8 +997,7 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects, work):
 
     For gradients (``adjoint``): ``record.h_record[step]`` receives each accepted step size,
     ``save_step[k]`` the number of steps taken when t_save[k] was saved, and with ``ckpt_every`` > 0
-    the state after every ckpt_every-th step is stored in ``ckpt`` (ckpt[0] = the initial state), and
-    its activity in ``ckpt_r`` unless that is empty.
+    the state after every ckpt_every-th step is stored in ``ckpt`` (ckpt[0] = the initial state).
 
     ``nudge``: a teaching current added to N (a :data:`Nudge`; code NO_NUDGE for none), injected into
     the neurons after the crossbar. ``effects``: a device's effect states, whose hooks (see
@@ -1021,7 +1020,7 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects, work):
     nudge = Nudge(*nudge)
     t0, t_end, dt, rtol, atol, h_min, max_steps, blowup = span
     relax, res_rtol, res_atol, residual, res_trace, t_trace = relaxation
-    t_save, saved, u_out, h_record, save_step, ckpt_every, ckpt, ckpt_r = record
+    t_save, saved, u_out, h_record, save_step, ckpt_every, ckpt = record
     n, nb = u.shape
     ns = t_save.shape[0]
     # the buffers are swapped below: the caller's array must not become one of them
@@ -1049,8 +1048,6 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects, work):
     if ckpt_every > 0:
         copy_rows(u, ckpt[0])
     activate_effects(effects, u, circuit, r)
-    if ckpt_r.shape[0] > 0:
-        copy_rows(r, ckpt_r[0])
     first_ready = False  # is S_0 (the slope at u) known?
     facold = ERR_FLOOR
     h = dt
@@ -1157,8 +1154,6 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects, work):
         step += 1
         if ckpt_every > 0 and step % ckpt_every == 0 and step // ckpt_every < ckpt.shape[0]:
             copy_rows(u, ckpt[step // ckpt_every])
-            if ckpt_r.shape[0] > 0:
-                copy_rows(r, ckpt_r[step // ckpt_every])
         if fsal and not noisy:  # noise moved the state off the last stage
             copy_rows(stages[s - 1], stages[0])
         else:

@@ -549,13 +549,12 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
         ckpt = allocate((n_ckpt, n, nb), vf.dtype, f"{n_ckpt} stored states (checkpoints)",
                         "raise dt or shorten t_span" if twin else
                         "store fewer: checkpoints=k in DiscreteAdjoint or ContinuousAdjoint")
-        # no activities stored: the backward's one activation pass a step costs less than writing,
-        # zeroing (fresh pages) and reading them back (784-500-10, batch 64, 100 Euler steps: 2.13
-        # against 2.40 x the bound; the tanh problem 1.23 against 1.39; benchmarks/bench_gradient.py)
-        acts = np.empty((0, n, nb), vf.dtype)
+        # states only, not their activities: the backward's one activation pass a step costs less than
+        # writing, zeroing (fresh pages) and reading them back (784-500-10, batch 64, 100 Euler steps:
+        # 2.13 against 2.40 x the bound; the tanh problem 1.23 against 1.39; benchmarks/bench_gradient.py)
         out = _solve(vf, u, stepper, t0=t0, t_end=t1, dt=dt, rtol=rtol, atol=atol, max_steps=max_steps,
                      blowup=blowup, t_save=t_eval, relax=False, res_rtol=0.0, res_atol=0.0,
-                     record=(hs, save_step, ckpt_every, ckpt, acts))
+                     record=(hs, save_step, ckpt_every, ckpt))
         return out, hs, save_step, ckpt
 
     if adaptive or dt is None:

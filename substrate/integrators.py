@@ -366,9 +366,9 @@ def _initial_step(vf: VectorField, u, tau_min, order, rtol, atol):
 
 
 def _no_record(n, nb, dtype, n_save):
-    """(h_record, save_step, ckpt_every, ckpt, ckpt_r) of ``_kernels.Record`` when nothing is recorded
-    for a gradient."""
-    return np.zeros(0), np.zeros(n_save, np.int64), 0, np.zeros((0, n, nb), dtype), np.zeros((0, n, nb), dtype)
+    """(h_record, save_step, ckpt_every, ckpt) of ``_kernels.Record`` when nothing is recorded for a
+    gradient."""
+    return np.zeros(0), np.zeros(n_save, np.int64), 0, np.zeros((0, n, nb), dtype)
 
 
 # buffer sets kept per network, by the shapes of a call (see _solve): a few at most in a run (a
