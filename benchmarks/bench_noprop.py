@@ -27,11 +27,14 @@ import torch
 import models
 
 sys.path.insert(0, str(Path(models.__file__).resolve().parent.parent / "tests"))
-from reference.local_rules import _tensor, noprop_from  # noqa: E402  (the twin of the checkout measured)
+from reference.local_rules import (  # the twin of the checkout measured
+    _tensor,
+    noprop_from,
+)
 
-from models import data as D  # noqa: E402
-from models import ep  # noqa: E402
-from models.train import make_rule  # noqa: E402
+from models import data as D
+from models import ep
+from models.train import make_rule
 
 
 def timed(f):
@@ -63,10 +66,10 @@ def main():
         twin = noprop_from(model, rule)
         xt, yt = _tensor(x), _tensor(y)
 
-        def substrate():
+        def substrate(rule=rule, model=model):
             rule.step(model, x, y, rel, np.random.default_rng(1))
 
-        def torch_twin():
+        def torch_twin(twin=twin, xt=xt, yt=yt):
             rng = np.random.default_rng(1)
             twin.infer(xt, rng)
             twin.loss(xt, yt, rng).backward()

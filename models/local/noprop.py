@@ -43,11 +43,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from itertools import pairwise
 
 import numpy as np
 
 from substrate import Connection, Implicit, Input, Layer, Network, devices, persist
-from substrate.adjoint import implicit_counts, adjoint_solve
+from substrate.adjoint import adjoint_solve, implicit_counts
 from substrate.errors import SubstrateValueError
 from substrate.validate import count, fraction, positive
 
@@ -105,19 +106,20 @@ def block_networks(features: int, classes: int, hidden, blocks: int, time_featur
     lines = [("x", features, False), ("z", classes, True)] + ([("t", time_features, False)] if time_features else [])
     drawn = [(name, uniform((blocks * hidden[0], blocks * size if per_block else size), fan_in[0]), size, per_block)
              for name, size, per_block in lines]
-    inner = [uniform((blocks * w_post, blocks * w_pre), w_pre) for w_pre, w_post in zip(widths, widths[1:])]
+    inner = [uniform((blocks * w_post, blocks * w_pre), w_pre) for w_pre, w_post in pairwise(widths)]
+
+    def cut(a, k, rows, cols=None):
+        a = a[k * rows:(k + 1) * rows]
+        return (a if cols is None else a[:, k * cols:(k + 1) * cols]).copy()
+
     nets = []
     for k in range(blocks):
-        def cut(a, rows, cols=None):
-            a = a[k * rows:(k + 1) * rows]
-            return (a if cols is None else a[:, k * cols:(k + 1) * cols]).copy()
-
-        layers = [Layer(nm, w, activation=activation if nm != OUT else "identity", bias=cut(b, w))
+        layers = [Layer(nm, w, activation=activation if nm != OUT else "identity", bias=cut(b, k, w))
                   for nm, w, b in zip(names, widths, biases)]
-        conns = [Connection(name, names[0], cut(w, hidden[0], size if per_block else None))
+        conns = [Connection(name, names[0], cut(w, k, hidden[0], size if per_block else None))
                  for name, w, size, per_block in drawn]
-        conns += [Connection(pre, post, cut(w, w_post, w_pre))
-                  for pre, post, w, w_pre, w_post in zip(names, names[1:], inner, widths, widths[1:])]
+        conns += [Connection(pre, post, cut(w, k, w_post, w_pre))
+                  for (pre, post), w, (w_pre, w_post) in zip(pairwise(names), inner, pairwise(widths))]
         nets.append(Network(layers, conns, [Input(name, size) for name, size, _ in lines]))
     return nets
 

@@ -14,6 +14,7 @@ relaxation tolerance).
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -217,7 +218,7 @@ def noprop_from(model, rule):
         names = [x.name for x in net.layers]
         first = [net.connection(f"{line}->{names[0]}").weight for line in ("x", "z", "t")[:2 + model.continuous]]
         weights = [np.concatenate(first, axis=1)] + [net.connection(f"{pre}->{post}").weight
-                                                     for pre, post in zip(names, names[1:])]
+                                                     for pre, post in pairwise(names)]
         blocks.append([(w, net.layer(name).bias) for w, name in zip(weights, names)])
     return TorchNoProp(blocks, (model.readout_weight, model.readout_bias), continuous=model.continuous, s=model.s,
                        eta=rule.eta, steps=model.steps, time_features=model.time_features, seed=model.seed)
