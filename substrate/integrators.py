@@ -476,10 +476,13 @@ def stability(vf: VectorField, u, nudge=None):
     with a nudge): exact up to rounding for n <= 12,
     beyond a Ritz estimate (a few per cent on the bulk of the spectrum), counted as unstable only if
     its Ritz residual leaves no doubt, so that a stable network is never refused; an outlying
-    unstable eigenvalue, the way -I + W diag(rho') loses stability, is resolved first.
+    unstable eigenvalue, the way -I + W diag(rho') loses stability, is resolved first. Without a
+    nudge, a feed-forward circuit (:func:`_feedforward`) gets its exact -1/max(tau), without Arnoldi.
     """
     n, nb = u.shape
     tauinv = vf.packed.tauinv.astype(vf.dtype)[:, None]
+    if nudge is None and _feedforward(vf.packed.conn):  # exact, and no Arnoldi (most of a small relaxation's time)
+        return np.full(nb, -float(tauinv.real.min()), vf.dtype), np.zeros(nb, bool)
     ut = u.T
     # a finite difference where no exact product exists (a device's activation mismatch, the nudge)
     h = np.finfo(vf.dtype).eps ** (1 / 3) * (1 + float(np.max(np.abs(u))))
@@ -498,6 +501,20 @@ def stability(vf: VectorField, u, nudge=None):
     eigenvalue, residual = rightmost_eigenvalues(matvec, n, nb, vf.dtype)
     margin = math.sqrt(np.finfo(vf.dtype).eps) * np.maximum(np.abs(eigenvalue), float(tauinv.real.max()))
     return eigenvalue, eigenvalue.real - residual >= -margin
+
+
+def _feedforward(conn) -> bool:
+    """Do the state-to-state connections ``conn`` (``Packed.conn`` rows: offset, pre start, pre size,
+    post start, post size) form no cycle (no lateral, no feedback)? Then J = -I + W diag(rho') is block
+    triangular in a topological order of the layers, and the eigenvalues of tau^-1 J are -1/tau_i:
+    every fixed point is stable, the rightmost eigenvalue -1/max(tau)."""
+    edges = {(int(pre), int(post)) for _, pre, _, post, _ in conn}
+    while edges:
+        sources = {pre for pre, _ in edges} - {post for _, post in edges}
+        if not sources:
+            return False
+        edges = {e for e in edges if e[0] not in sources}
+    return True
 
 
 def _checked_stability(vf: VectorField, u, nudge):

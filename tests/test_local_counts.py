@@ -121,12 +121,12 @@ def test_predictive_coding_counts_the_io_chain_of_both_reads():
 
 @pytest.mark.parametrize("continuous", [False, True])
 def test_noprop_counts(phases, monkeypatch, continuous):
-    """Sizes (3, 4, 2), B = 5. DT with 2 blocks: 24 x-line and 16 z-line input devices (block-diagonal),
-    16 state devices (h1 -> u), 12 neurons; inference 2 relaxations, 5 operations per value of z and
-    step. CT (one block, 8 time features, 2 RK4 steps: 8 relaxations): 12 + 8 + 32 input devices, 8
-    state, 6 neurons, 5 per value and stage. Then the training relaxation with its implicit gradient
-    (substrate.adjoint's counts of the solve the step ran, recorded by a spy), the weighted error (3
-    per output), and the readout's 6K^2 + 5K per sample."""
+    """Sizes (3, 4, 2), B = 5. DT with 2 blocks, each its own circuit: 12 x-line and 8 z-line input
+    devices, 8 state devices (h1 -> u), 6 neurons; inference 2 relaxations (block 1, then block 2), 5
+    operations per value of z and step. CT (one block, 8 time features, 2 RK4 steps: 8 relaxations): 12 +
+    8 + 32 input devices, 8 state, 6 neurons, 5 per value and stage. Then each block's training
+    relaxation with its implicit gradient (substrate.adjoint's counts of the solves the step ran,
+    recorded by a spy), the weighted error (3 per output), and the readout's 6K^2 + 5K per sample."""
     solves, solve = [], noprop.adjoint_solve
     monkeypatch.setattr(noprop, "adjoint_solve", lambda *a, **k: solves.append(solve(*a, **k)) or solves[-1])
     rule = noprop.NoPropCT() if continuous else noprop.NoPropDT()
@@ -134,16 +134,18 @@ def test_noprop_counts(phases, monkeypatch, continuous):
     model = rule.model([3, 4, 2], np.random.default_rng(0), **options)
     x, y = _batch(5, 5, 3, 2)
     step = rule.step(model, x, y, REL, np.random.default_rng(6))
-    inferred, free = phases[:-1], phases[-1]
-    assert len(inferred) == (8 if continuous else 2) and len(solves) == 1
-    state, inputs, width, n, outputs = (8, 52, 3 + 2 + 8, 6, 2) if continuous else (16, 40, 3 + 4, 12, 4)
-    run = _run(inferred, [5] * len(inferred), [state] * len(inferred), [inputs] * len(inferred),
-               [width] * len(inferred), [n] * len(inferred))
-    trained = implicit_counts(free, solves[0])
-    assert trained.macs == (state * free.nfev + inputs) * 5  # the training relaxation, by hand too
-    run = {k: run[k] + getattr(trained, k) for k in run}
-    flops = 5 * 2 * 5 * len(inferred) + trained.flops + 3 * outputs * 5 + (6 * 4 + 10) * 5
-    held = max(trained.memory, n * 5 + 2 * 2 * 5)
+    blocks = 1 if continuous else 2
+    inferred, frees = phases[:-blocks], phases[-blocks:]
+    assert len(inferred) == (8 if continuous else 2) and len(solves) == blocks
+    inputs, width = (52, 3 + 2 + 8) if continuous else (20, 3 + 2)
+    run = _run(inferred, [5] * len(inferred), [8] * len(inferred), [inputs] * len(inferred),
+               [width] * len(inferred), [6] * len(inferred))
+    trained = [implicit_counts(free, adj) for free, adj in zip(frees, solves)]
+    for free, t in zip(frees, trained):
+        assert t.macs == (8 * free.nfev + inputs) * 5  # the training relaxation, by hand too
+        run = {k: run[k] + getattr(t, k) for k in run}
+    flops = 5 * 2 * 5 * len(inferred) + sum(t.flops for t in trained) + 3 * 2 * 5 * blocks + (6 * 4 + 10) * 5
+    held = max(max(t.memory for t in trained), 6 * blocks * 5 + 2 * 2 * 5)
     assert step.counts.replace(traffic=0) == Counts(samples=5, flops=flops, memory=held, **run)
     assert cost.estimate(step.counts).energy > 0
 

@@ -152,8 +152,7 @@ def digits():
 def _perfect(model, labels):
     """The model's blocks replaced by a perfect denoiser, u(z, x[, t]) = u_y."""
     u = np.eye(model.classes)[labels]
-    model.relaxed = lambda x, z, relaxation, t=None: (np.repeat(u[:, None], model.blocks, axis=1),
-                                                      types.SimpleNamespace(ok=True))
+    model.relaxed = lambda k, x, z, relaxation, t=None: (u, types.SimpleNamespace(ok=True))
     return u
 
 
@@ -184,42 +183,46 @@ def test_noprop_inference_with_a_perfect_denoiser_follows_the_noising_process():
     assert 1.7 < errors["euler", 20] / errors["euler", 40] < 2.3
 
 
-def _block_backprop(model, k, xs, target, weights):
-    """Block k's gradient of (1/B) sum 1/2 w ||u_k - target||^2 by hand: a one-hidden-layer MLP."""
-    net, C, nb = model.network, model.classes, model.blocks
-    H = net.layer("h1").size // nb
-    rows, cols = slice(k * H, (k + 1) * H), slice(k * C, (k + 1) * C)
-    W1, Wz = net.connection("x->h1").weight[rows], net.connection("z->h1").weight[rows, cols]
-    W2, b1, b2 = net.connection("h1->u").weight[cols, rows], net.layer("h1").bias[rows], net.layer("u").bias[cols]
-    pre = xs["x"] @ W1.T + xs["z"][:, cols] @ Wz.T + b1
+def _block_backprop(net, xs, target, weights):
+    """A block's gradient of (1/B) sum 1/2 w ||u - target||^2 by hand: a one-hidden-layer MLP."""
+    W1, Wz, W2 = (net.connection(name).weight for name in ("x->h1", "z->h1", "h1->u"))
+    b1, b2 = net.layer("h1").bias, net.layer("u").bias
+    pre = xs["x"] @ W1.T + xs["z"] @ Wz.T + b1
     h = rho("logistic", pre)
-    e = weights[:, cols] * (h @ W2.T + b2 - target[:, cols]) / len(pre)
+    e = weights * (h @ W2.T + b2 - target) / len(pre)
     dpre = (e @ W2) * 4 * h * (1 - h)  # d s(4v - 2)/dv = 4 s (1 - s)
-    return {"W:h1->u": e.T @ h, "b:u": e.sum(0), "W:x->h1": dpre.T @ xs["x"], "W:z->h1": dpre.T @ xs["z"][:, cols],
-            "b:h1": dpre.sum(0)}, (rows, cols)
+    return {"W:h1->u": e.T @ h, "b:u": e.sum(0), "W:x->h1": dpre.T @ xs["x"], "W:z->h1": dpre.T @ xs["z"],
+            "b:h1": dpre.sum(0)}
 
 
 def test_noprop_block_gradients_are_each_blocks_own_backprop():
-    """The blocks' weighted denoising gradient (implicit differentiation of the block-diagonal circuit)
-    equals each block's hand-written backprop, and nothing crosses between blocks."""
+    """A block's weighted denoising gradient (implicit differentiation of its circuit) equals its
+    hand-written backprop; a step trains every block on its own latent only (block k's gradient is its
+    backprop at z_{k-1}; a zero weight, no gradient)."""
     rng = np.random.default_rng(4)
     model = NP.NoPropModel.build([3, 4, 2], rng, blocks=3)
-    xs = {"x": rng.uniform(size=(5, 3)), "z": rng.standard_normal((5, 6))}
-    target, w = rng.uniform(size=(5, 6)), np.repeat([0.5, 2.0, 0.0], 2)[None].repeat(5, 0)
-    grads, free, _ = NP.weighted_squared_error_gradient(model.network, xs, target, w, TIGHT)
-    assert free.ok
-    for k in range(3):
-        ref, (rows, cols) = _block_backprop(model, k, xs, target, w)
-        got = {"W:h1->u": grads["W:h1->u"][cols, rows], "b:u": grads["b:u"][cols], "W:x->h1": grads["W:x->h1"][rows],
-               "W:z->h1": grads["W:z->h1"][rows, cols], "b:h1": grads["b:h1"][rows]}
+    assert [net.n for net in model.networks] == [6, 6, 6]  # three circuits of h1 (4) and u (2)
+    x, target = rng.uniform(size=(5, 3)), rng.uniform(size=(5, 2))
+    for k, weight in enumerate([0.5, 2.0, 0.0]):
+        xs, w = {"x": x, "z": rng.standard_normal((5, 2))}, np.full((5, 2), weight)
+        grads, free, _ = NP.weighted_squared_error_gradient(model.networks[k], xs, target, w, TIGHT)
+        assert free.ok
+        ref = _block_backprop(model.networks[k], xs, target, w)
         for name in ref:
-            np.testing.assert_allclose(got[name], ref[name], atol=1e-10, err_msg=f"block {k} {name}")
-        if k == 2:  # a block with weight 0 learns nothing
-            assert all(np.max(np.abs(g)) < 1e-14 for g in got.values())
-    off = np.ones_like(grads["W:z->h1"], bool)
-    for k in range(3):
-        off[k * 4:(k + 1) * 4, k * 2:(k + 1) * 2] = False
-    assert np.all(grads["W:z->h1"][off] == 0)
+            np.testing.assert_allclose(grads[name], ref[name], atol=1e-10, err_msg=f"block {k} {name}")
+        if weight == 0:  # a block with weight 0 learns nothing
+            assert all(np.max(np.abs(g)) < 1e-14 for g in grads.values())
+    y = np.eye(2)[[0, 1, 1, 0, 1]]
+    step_rng = np.random.default_rng(7)
+    step = NP.NoPropDT(eta=0.3).step(model, x, y, TIGHT, step_rng)
+    draws = np.random.default_rng(7)
+    for _ in range(4):  # the inference's draws: z_0 and the noise of its three steps
+        draws.standard_normal((5, 2))
+    latents = NP.NoPropDT(eta=0.3).training_latents(model, y, draws)[1]
+    for k, (z, w) in enumerate(latents):
+        ref = _block_backprop(model.networks[k], {"x": x, "z": z}, y, w)
+        for name in ref:
+            np.testing.assert_allclose(step.grads[f"block{k}.{name}"], ref[name], atol=1e-10, err_msg=f"{k} {name}")
 
 
 @pytest.mark.parametrize("name", ["noprop_dt", "noprop_ct"])

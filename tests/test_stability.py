@@ -181,3 +181,24 @@ def test_device_with_activation_mismatch():
     J = np.stack([(sol.field(u + h * e) - sol.field(u - h * e)) / (2 * h) for e in np.eye(12)], axis=2)
     ev = np.linalg.eigvals(J / hw.tau[None, :, None])
     np.testing.assert_allclose(sol.eigenvalue, ev[np.arange(3), np.argmax(ev.real, axis=1)], atol=1e-6)
+
+
+def test_a_feed_forward_circuit_has_its_exact_spectrum_without_arnoldi(monkeypatch):
+    """No cycle of connections (feedback "none"): tau^-1 J is block triangular, its rightmost eigenvalue
+    -1/max(tau) exactly (the dense spectrum's, to rounding, on 30 neurons with a tau per neuron), and the
+    Arnoldi check is not run; a lateral connection (a cycle) is checked by Arnoldi again."""
+    from substrate import integrators
+
+    calls = []
+    monkeypatch.setattr(integrators, "rightmost_eigenvalues", lambda *a, **k: calls.append(1) or
+                        rightmost_eigenvalues(*a, **k))
+    rng = np.random.default_rng(5)
+    net = S.Network.layered([12, 16, 10, 4], rng, feedback="none")
+    net.layers[1].tau = rng.uniform(0.5, 3.0, 10)
+    sol = S.relax(net, rng.normal(size=(4, 12)), tol=1e-8)
+    assert sol.ok and not calls
+    np.testing.assert_allclose(sol.eigenvalue, dense_rightmost(sol).real, atol=1e-12)
+    assert sol.eigenvalue[0] == -1 / net.layers[1].tau.max()
+    net.connections.append(S.Connection("h2", "h2", 0.1 * rng.normal(size=(10, 10)), mask=1 - np.eye(10)))
+    lateral = S.Network(net.layers, net.connections, net.inputs)
+    assert S.relax(lateral, rng.normal(size=(4, 12)), tol=1e-8).ok and calls

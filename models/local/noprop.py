@@ -21,8 +21,9 @@ z_{k-1} ~ q(z_{k-1} | y), independently of every other block, on
 Inference from z_0 ~ N(0, I): z_k = a_k u_k(z_{k-1}, x) + b_k z_{k-1} + sqrt(c_k) eps_k, the posterior
 q(z_k | z_{k-1}, u_y) with u_y replaced by the block's prediction: with alpha = abar_{k-1} / abar_k,
 c_k = 1 / (1/(1 - abar_k) + alpha/(1 - alpha)), a_k = c_k sqrt(abar_k)/(1 - abar_k), b_k = c_k sqrt(alpha)/(1 - alpha).
-The T blocks are disjoint sub-circuits of one chip (one network, block-diagonal masks); block k reads z
-on its own input lines, so one relaxation trains them all.
+Each block is a circuit of its own (its own crossbars, ``NoPropModel.networks``): inference step k
+relaxes block k alone, and a training step relaxes each block once on its own latent (independent
+circuits: on hardware they settle side by side).
 
 Continuous time (NoProp-CT, ``noprop_ct``), one block u(z, x, t) with t fed as Fourier features
 cos(pi j t), j = 1..F, trained at t ~ U(0, 1), z_t ~ q(z_t | y) on
@@ -41,12 +42,13 @@ circuit on its device); abar'/sqrt(abar) = sqrt(1 - s) pi cos(pi t / 2) keeps th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from itertools import pairwise
 
 import numpy as np
 
-from substrate import Connection, Implicit, Input, Layer, Network, persist
-from substrate.adjoint import implicit_counts, adjoint_solve
+from substrate import Connection, Implicit, Input, Layer, Network, devices, persist
+from substrate.adjoint import adjoint_solve, implicit_counts
 from substrate.errors import SubstrateValueError
 from substrate.validate import count, fraction, positive
 
@@ -82,12 +84,13 @@ def dt_coefficients(blocks: int, s: float) -> tuple:
     return a, b, c, snr(abar[1:]) - snr(abar[:-1])
 
 
-def block_network(features: int, classes: int, hidden, blocks: int, time_features: int, rng: np.random.Generator,
-                  activation: str = "logistic", init_scale: float = 1.0) -> Network:
-    """``blocks`` disjoint feed-forward circuits (x, z[, t]) -> hidden layers -> ``classes`` linear outputs
-    in one network: layers h1..hK of blocks x width and ``u`` of blocks x classes, block-diagonal masks
-    between them and on the z lines (block k reads z[k classes:(k+1) classes]). Weights uniform in
-    +-init_scale/sqrt(fan_in) of one block."""
+def block_networks(features: int, classes: int, hidden, blocks: int, time_features: int, rng: np.random.Generator,
+                   activation: str = "logistic", init_scale: float = 1.0) -> list:
+    """``blocks`` feed-forward circuits (x, z[, t]) -> hidden layers h1..hK -> ``classes`` linear outputs
+    ``u``, each a network of its own. Weights uniform in +-init_scale/sqrt(fan_in) of one block, drawn
+    for all blocks at once in block-stacked arrays (block k: rows k, and for z and the hidden layers
+    columns k), so that a seed gives the weights it gave when the blocks shared one block-diagonal
+    circuit."""
     hidden = [int(h) for h in hidden]
     if not hidden:
         raise SubstrateValueError("hidden: a NoProp block needs at least one hidden layer")
@@ -96,25 +99,29 @@ def block_network(features: int, classes: int, hidden, blocks: int, time_feature
         bound = init_scale / math.sqrt(fan_in)
         return rng.uniform(-bound, bound, shape)
 
-    def diagonal(post, pre):
-        return np.kron(np.eye(blocks), np.ones((post, pre)))
-
     names = [f"h{i + 1}" for i in range(len(hidden))] + [OUT]
     widths = hidden + [classes]
     fan_in = [features + classes + time_features] + hidden
-    layers = [Layer(nm, blocks * w, activation=activation if nm != OUT else "identity",
-                    bias=uniform(blocks * w, f)) for nm, w, f in zip(names, widths, fan_in)]
-    inputs = [Input("x", features), Input("z", blocks * classes)]
-    conns = [Connection("x", "h1", uniform((blocks * hidden[0], features), fan_in[0])),
-             Connection("z", "h1", uniform((blocks * hidden[0], blocks * classes), fan_in[0]),
-                        mask=diagonal(hidden[0], classes))]
-    if time_features:
-        inputs.append(Input("t", time_features))
-        conns.append(Connection("t", "h1", uniform((blocks * hidden[0], time_features), fan_in[0])))
-    for pre, post, w_pre, w_post in zip(names, names[1:], widths, widths[1:]):
-        conns.append(Connection(pre, post, uniform((blocks * w_post, blocks * w_pre), w_pre),
-                                mask=diagonal(w_post, w_pre)))
-    return Network(layers, conns, inputs)
+    biases = [uniform(blocks * w, f) for w, f in zip(widths, fan_in)]
+    lines = [("x", features, False), ("z", classes, True)] + ([("t", time_features, False)] if time_features else [])
+    drawn = [(name, uniform((blocks * hidden[0], blocks * size if per_block else size), fan_in[0]), size, per_block)
+             for name, size, per_block in lines]
+    inner = [uniform((blocks * w_post, blocks * w_pre), w_pre) for w_pre, w_post in pairwise(widths)]
+
+    def cut(a, k, rows, cols=None):
+        a = a[k * rows:(k + 1) * rows]
+        return (a if cols is None else a[:, k * cols:(k + 1) * cols]).copy()
+
+    nets = []
+    for k in range(blocks):
+        layers = [Layer(nm, w, activation=activation if nm != OUT else "identity", bias=cut(b, k, w))
+                  for nm, w, b in zip(names, widths, biases)]
+        conns = [Connection(name, names[0], cut(w, k, hidden[0], size if per_block else None))
+                 for name, w, size, per_block in drawn]
+        conns += [Connection(pre, post, cut(w, k, w_post, w_pre))
+                  for (pre, post), w, (w_pre, w_post) in zip(pairwise(names), inner, pairwise(widths))]
+        nets.append(Network(layers, conns, [Input(name, size) for name, size, _ in lines]))
+    return nets
 
 
 def time_features(t, count_: int) -> np.ndarray:
@@ -124,15 +131,14 @@ def time_features(t, count_: int) -> np.ndarray:
 
 @dataclass(eq=False)
 class NoPropModel:
-    """The blocks (one substrate network, ``block_network``), the readout p(y | z) = softmax(W_o z + b_o)
-    and the schedule; ``continuous``: NoProp-CT (one block, time input, ``steps`` of ``method`` at
-    inference), else NoProp-DT (``blocks`` blocks). Inference draws z_0 (and DT's noise) from a generator
-    seeded by ``seed`` at every call, so evaluations are repeatable."""
+    """The blocks (one substrate network each, ``block_networks``), the readout p(y | z) = softmax(W_o z +
+    b_o) and the schedule; ``continuous``: NoProp-CT (one block, time input, ``steps`` of ``method`` at
+    inference), else NoProp-DT (one block per step). Inference draws z_0 (and DT's noise) from a
+    generator seeded by ``seed`` at every call, so evaluations are repeatable."""
 
-    network: Network
+    networks: list
     readout_weight: np.ndarray
     readout_bias: np.ndarray
-    blocks: int
     continuous: bool = False
     s: float = 0.01
     steps: int = 20
@@ -155,21 +161,38 @@ class NoPropModel:
         tableau(method, "NoPropModel")
         count(time_features, "time_features", maximum=64, why="Fourier features of t")
         features, classes = sizes[0], sizes[-1]
-        nb = 1 if continuous else blocks
-        net = block_network(features, classes, sizes[1:-1], nb, time_features if continuous else 0, rng,
-                            activation, init_scale)
-        return cls(net, np.zeros((classes, classes)), np.zeros(classes), nb, bool(continuous), float(s), int(steps),
+        nets = block_networks(features, classes, sizes[1:-1], 1 if continuous else blocks,
+                              time_features if continuous else 0, rng, activation, init_scale)
+        return cls(nets, np.zeros((classes, classes)), np.zeros(classes), bool(continuous), float(s), int(steps),
                    method, int(time_features), int(rng.integers(2 ** 31)))
+
+    @property
+    def blocks(self) -> int:
+        """The number of blocks (T for NoProp-DT, 1 for NoProp-CT)."""
+        return len(self.networks)
+
+    @property
+    def network(self) -> Network:
+        """Block 0's circuit (its input ``x`` is every block's); every block's: ``networks``."""
+        return self.networks[0]
 
     @property
     def classes(self) -> int:
         """The number of classes (the width of the label embedding)."""
         return self.readout_bias.shape[0]
 
+    def on_device(self, device, rng: np.random.Generator) -> NoPropModel:
+        """Every block on ``device``, each its own crossbars (drawn from ``rng`` in block order); the
+        readout stays digital (shared with this model)."""
+        return replace(self, networks=[devices.attach(net, device, rng) for net in self.networks])
+
     def parameters(self) -> dict:
-        """{name: array} of the blocks' weights and biases and the readout, updated in place."""
-        params = {f"W:{c.name}": c.weight for c in self.network.connections}
-        params.update({f"b:{x.name}": x.bias for x in self.network.layers})
+        """{name: array} of the blocks' weights and biases (``block{k}.W:...``, ``block{k}.b:...``) and
+        the readout, updated in place."""
+        params = {}
+        for k, net in enumerate(self.networks):
+            params.update({f"block{k}.W:{c.name}": c.weight for c in net.connections})
+            params.update({f"block{k}.b:{x.name}": x.bias for x in net.layers})
         params.update({"readout.weight": self.readout_weight, "readout.bias": self.readout_bias})
         return params
 
@@ -178,25 +201,20 @@ class NoPropModel:
         return z @ self.readout_weight.T + self.readout_bias
 
     def inputs(self, x, z, t=None) -> dict:
-        """The network's inputs: z (batch, classes) on every block's lines (DT) or with the time features (CT)."""
-        xs = {"x": x, "z": np.tile(z, (1, self.blocks))}
+        """A block's inputs: x and z (batch, classes), and for CT the time features of t."""
+        xs = {"x": x, "z": z}
         if self.continuous:
             xs["t"] = time_features(np.broadcast_to(t, (len(x),)), self.time_features)
         return xs
 
-    def relaxed(self, x, z, relaxation, t=None) -> tuple:
-        """(the blocks' outputs (batch, blocks, classes), the relaxation of the circuit)."""
-        sol = ep.free_phase(self.network, self.inputs(x, z, t), relaxation)
-        u = sol.u[:, self.network.slices[OUT]]
-        return u.reshape(len(x), self.blocks, self.classes), sol
-
-    def predict(self, x, z, relaxation, t=None) -> tuple:
-        """(the blocks' outputs (batch, blocks, classes), converged): one relaxation of the circuit."""
-        u, sol = self.relaxed(x, z, relaxation, t)
-        return u, sol.ok
+    def relaxed(self, k, x, z, relaxation, t=None) -> tuple:
+        """(block k's output (batch, classes), its relaxation): block k alone relaxed on its inputs."""
+        net = self.networks[k]
+        sol = ep.free_phase(net, self.inputs(x, z, t), relaxation)
+        return sol.u[:, net.slices[OUT]], sol
 
     def inference(self, x, relaxation, rng: np.random.Generator) -> tuple:
-        """(z at the end of inference (batch, classes), every relaxation of the circuit it ran, its
+        """(z at the end of inference (batch, classes), every relaxation of a block it ran, its
         digital operations: DT's update a_k u + b_k z + sqrt(c_k) eps, 5 per value and step; CT's
         field, 3 per value and stage, and the stages' combination, 2 per value and stage)."""
         z = rng.standard_normal((len(x), self.classes))
@@ -204,18 +222,18 @@ class NoPropModel:
         if not self.continuous:
             a, b, c, _ = dt_coefficients(self.blocks, self.s)
             for k in range(self.blocks):
-                u, sol = self.relaxed(x, z, relaxation)
+                u, sol = self.relaxed(k, x, z, relaxation)
                 phases.append(sol)
-                z = a[k] * u[:, k] + b[k] * z + math.sqrt(c[k]) * rng.standard_normal(z.shape)
+                z = a[k] * u + b[k] * z + math.sqrt(c[k]) * rng.standard_normal(z.shape)
             return z, phases, 5 * z.size * self.blocks
 
         def field(t, z):
             abar, _, _ = schedule(t, self.s)
-            u, sol = self.relaxed(x, z, relaxation, t)
+            u, sol = self.relaxed(0, x, z, relaxation, t)
             phases.append(sol)
             g = 0.5 * (1 - self.s) * np.pi * math.sin(0.5 * np.pi * t) * math.cos(0.5 * np.pi * t) / (1 - abar)
             lift = 0.5 * math.sqrt(1 - self.s) * np.pi * math.cos(0.5 * np.pi * t) / (1 - abar)
-            return lift * u[:, 0] - g * z  # abar'/(2(1 - abar)) (u/sqrt(abar) - z), finite at t = 0
+            return lift * u - g * z  # abar'/(2(1 - abar)) (u/sqrt(abar) - z), finite at t = 0
 
         tab, h = tableau(self.method, "NoPropModel"), 1.0 / self.steps
         for i in range(self.steps):
@@ -262,7 +280,10 @@ def weighted_squared_error_gradient(network, xs, target, weights, relaxation) ->
     sl = network.slices[OUT]
     dl = np.zeros_like(free.u)
     dl[:, sl] = weights * (free.u[:, sl] - target)  # the outputs are linear: dl/du = dl/dr
-    adj = adjoint_solve(vf, free.u, -dl, Implicit())
+    # GMRES: J = -I + W diag(rho') of a feed-forward block is -I plus a nilpotent part, so the Krylov space
+    # closes after (layers + 1) products and the solve is exact to rounding; the dense LU per sample
+    # ("direct") costs O(n^3) per sample
+    adj = adjoint_solve(vf, free.u, -dl, Implicit(solver="krylov"))
     g = vf.param_vjp(free.u, adj.lam)
     nb = free.u.shape[0]
     grads = {f"W:{k}": w / nb for k, w in g["weights"].items()}
@@ -274,7 +295,7 @@ def weighted_squared_error_gradient(network, xs, target, weights, relaxation) ->
 class _NoProp(Rule):
     """What both NoProp rules share: the readout's cross-entropy on z_1 ~ q(z_1 | y), the blocks' weighted
     denoising loss, and the prediction before the update by inference. ``Step.counts``: the
-    inference's relaxations (DT: T, CT: steps x stages) and its digital updates, the training
+    inference's relaxations (DT: T, CT: steps x stages) and its digital updates, each block's training
     relaxation with its implicit gradient, and the readout."""
 
     continuous = False
@@ -284,7 +305,7 @@ class _NoProp(Rule):
         return NoPropModel.build(sizes, rng, continuous=self.continuous, **options)
 
     def training_latents(self, model, y, rng) -> tuple:
-        """(z fed to the blocks (batch, blocks x classes), times or None, loss weights (batch, blocks x classes))."""
+        """(times or None, [(z fed to block k (batch, classes), its loss weights (batch, classes))])."""
         raise NotImplementedError
 
     def step(self, model, x, y, relaxation, rng) -> Step:
@@ -296,12 +317,14 @@ class _NoProp(Rule):
         z_pred, inferred, flops = model.inference(x, relaxation, rng)  # the prediction before the update
         logits = model.logits(z_pred)
         loss = float(np.mean(_cross_entropy(logits, y)[0]))
-        z, t, w = self.training_latents(model, y, rng)
-        xs = {"x": x, "z": z}
-        if model.continuous:
-            xs["t"] = time_features(t, model.time_features)
-        grads, free, trained = weighted_squared_error_gradient(model.network, xs, np.tile(y, (1, model.blocks)), w,
-                                                               relaxation)
+        t, latents = self.training_latents(model, y, rng)
+        grads, trained, converged = {}, [], all(sol.ok for sol in inferred)
+        for k, (z, w) in enumerate(latents):
+            g, free, counts = weighted_squared_error_gradient(model.networks[k], model.inputs(x, z, t), y, w,
+                                                              relaxation)
+            grads.update({f"block{k}.{name}": v for name, v in g.items()})
+            trained.append(counts)
+            converged = converged and free.ok
         abar, sq, _ = schedule(1.0, model.s)
         z1 = sq * y + math.sqrt(1 - abar) * rng.standard_normal(y.shape)  # q(z_1 | y): the readout's input
         e = _cross_entropy(model.logits(z1), y)[1]
@@ -309,9 +332,9 @@ class _NoProp(Rule):
         # the readout twice (logits of the prediction; logits, softmax error and gradients on z_1)
         K, B = model.classes, len(y)
         flops += (2 * K * K + 4 * K * K + 5 * K) * B
-        counts = step_counts([sol.counts for sol in inferred] + [trained], B, flops,
-                             model.network.n * B + 2 * K * B)
-        return Step(grads, loss, logits, all(sol.ok for sol in inferred) and free.ok, counts)
+        counts = step_counts([sol.counts for sol in inferred] + trained, B, flops,
+                             sum(net.n for net in model.networks) * B + 2 * K * B)
+        return Step(grads, loss, logits, converged, counts)
 
 
 @dataclass(frozen=True)
@@ -331,7 +354,7 @@ class NoPropDT(_NoProp):
         noise = rng.standard_normal((len(y), model.blocks, model.classes))
         z = np.sqrt(abar)[None, :, None] * y[:, None, :] + np.sqrt(1 - abar)[None, :, None] * noise
         w = self.eta * dt_coefficients(model.blocks, model.s)[3]
-        return z.reshape(len(y), -1), None, np.broadcast_to(np.repeat(w, model.classes), z.reshape(len(y), -1).shape)
+        return None, [(z[:, k], np.broadcast_to(w[k], y.shape)) for k in range(model.blocks)]
 
 
 @dataclass(frozen=True)
@@ -350,22 +373,25 @@ class NoPropCT(_NoProp):
         abar, sq, dabar = schedule(t, model.s)
         z = sq[:, None] * y + np.sqrt(1 - abar)[:, None] * rng.standard_normal(y.shape)
         w = self.eta * dabar / (1 - abar) ** 2  # SNR'(t)
-        return z, t, np.broadcast_to(w[:, None], z.shape)
+        return t, [(z, np.broadcast_to(w[:, None], z.shape))]
 
 
-_ARRAYS = ("network", "readout_weight", "readout_bias")
+_ARRAYS = ("networks", "readout_weight", "readout_bias")
 
 
 def _write_model(group, model: NoPropModel):
-    persist.write_object(group.create_group("network"), model.network)
+    nets = group.create_group("networks")
+    for k, net in enumerate(model.networks):
+        persist.write_object(nets.create_group(str(k)), net)
     persist.write_arrays(group, "readout", {"weight": model.readout_weight, "bias": model.readout_bias})
     persist.write_config(group, {f.name: getattr(model, f.name) for f in fields(model) if f.name not in _ARRAYS})
 
 
 def _read_model(group) -> NoPropModel:
     readout = persist.read_arrays(group, "readout")
-    return NoPropModel(persist.read_object(group["network"]), readout["weight"], readout["bias"],
-                       **persist.read_config(group))
+    nets = group["networks"]
+    return NoPropModel([persist.read_object(nets[str(k)]) for k in range(len(nets))], readout["weight"],
+                       readout["bias"], **persist.read_config(group))
 
 
 persist.register(NoPropModel, _write_model, _read_model)

@@ -14,6 +14,7 @@ relaxation tolerance).
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -211,26 +212,13 @@ def pc_from(model):
 
 
 def noprop_from(model, rule):
-    """A TorchNoProp with the weights of a substrate NoPropModel, its blocks cut out of the
-    block-diagonal circuit."""
-    net, C, nb = model.network, model.classes, model.blocks
-    names = [x.name for x in net.layers]
+    """A TorchNoProp with the weights of a substrate NoPropModel (one circuit per block)."""
     blocks = []
-    for k in range(nb):
-        blk = []
-        for i, name in enumerate(names):
-            layer = net.layer(name)
-            w_out = layer.size // nb
-            rows = slice(k * w_out, (k + 1) * w_out)
-            if i == 0:
-                w = [net.connection("x->h1").weight[rows], net.connection("z->h1").weight[rows, k * C:(k + 1) * C]]
-                if model.continuous:
-                    w.append(net.connection("t->h1").weight[rows])
-                w = np.concatenate(w, axis=1)
-            else:
-                prev = net.layer(names[i - 1]).size // nb
-                w = net.connection(f"{names[i - 1]}->{name}").weight[rows, k * prev:(k + 1) * prev]
-            blk.append((w, layer.bias[rows]))
-        blocks.append(blk)
+    for net in model.networks:
+        names = [x.name for x in net.layers]
+        first = [net.connection(f"{line}->{names[0]}").weight for line in ("x", "z", "t")[:2 + model.continuous]]
+        weights = [np.concatenate(first, axis=1)] + [net.connection(f"{pre}->{post}").weight
+                                                     for pre, post in pairwise(names)]
+        blocks.append([(w, net.layer(name).bias) for w, name in zip(weights, names)])
     return TorchNoProp(blocks, (model.readout_weight, model.readout_bias), continuous=model.continuous, s=model.s,
                        eta=rule.eta, steps=model.steps, time_features=model.time_features, seed=model.seed)
