@@ -171,6 +171,15 @@ def _generation_spread(model, A, x, rng, samples: int = 8, steps: int = 40):
     return float(out.var(axis=1).mean())
 
 
+def _latent_drive(model, run):
+    """Per layer, the standard deviation that sampling the prior adds to a unit's drive W_zd z,
+    sqrt(mean_{b, t > 0, u} sum_j (W_zd[u, j] sigma^p_j(b, t))^2) along ``run``'s pass. sigma alone does
+    not say how random the model is: a latent whose W_zd column is ~0 (unused) keeps any sigma at no
+    cost; the drive's noise is what the units receive."""
+    return [float(np.sqrt(np.mean(np.exp(2.0 * logs[:, 1:]) @ (model.params[f"l{i}.W_zd"] ** 2).T)))
+            for i, logs in enumerate(run.logs_p)]
+
+
 def run_pvrnn_meta_prior(config: dict, seed: int, save_partial=discard) -> Result:
     """A PV-RNN (``models.pvrnn``) with meta-prior ``w`` on every layer, trained on probabilistic
     sequences, then:
@@ -178,6 +187,9 @@ def run_pvrnn_meta_prior(config: dict, seed: int, save_partial=discard) -> Resul
     * the learned sigma per layer: the posterior's sigma^q = exp(A^sig) and the prior's sigma^p =
       exp(W_sig d_{t-1} + b_sig) along the posterior-mean pass (eps = 0), means over the training
       sequences and their steps t > 0 (step 0 has the fixed prior N(0, I), weighted by w_first);
+    * the latents' drive per layer, sqrt(mean_{b,t,u} sum_j (W_zd[u, j] sigma^p_j)^2): the standard
+      deviation that sampling the prior adds to a unit's input (a sigma read through the weights that
+      carry it: an unused latent keeps any sigma at no cost);
     * the training reconstruction error mean_{b,t} ||x_t - x_hat_t||^2 of that pass;
     * generalisation: error regression over each held-out sequence (and over the first
       ``error_regression.train_sequences`` training sequences, for comparison), the mean prediction
@@ -232,6 +244,7 @@ def run_pvrnn_meta_prior(config: dict, seed: int, save_partial=discard) -> Resul
     run = model.run(A, [np.zeros(x.shape[:2] + (lay.latents,)) for lay in model.layers])
     sigma_q = [float(np.exp(A[f"l{i}.sig"][:, 1:]).mean()) for i in layers]
     sigma_p = [float(np.exp(run.logs_p[i][:, 1:]).mean()) for i in layers]
+    latent_drive = _latent_drive(model, run)
     reconstruction_error = float(np.mean(np.sum((run.x_hat - x) ** 2, axis=-1)))
 
     er = ErrorRegression(window=e["window"], iterations=e["iterations"], lr=e["lr"], newest=e["newest"],
@@ -249,6 +262,7 @@ def run_pvrnn_meta_prior(config: dict, seed: int, save_partial=discard) -> Resul
 
     arrays = _history_arrays(hist)
     arrays.update({"sigma_q": (("layer",), np.array(sigma_q)), "sigma_p": (("layer",), np.array(sigma_p)),
+                   "latent_drive": (("layer",), np.array(latent_drive)),
                    "test_sigma_q": (("layer",), test_sigma.mean(axis=0)),
                    "test_sequence_error": (("test_sequence",), test_error[:, 0]),
                    "test_horizon_error": (("horizon",), test_error.mean(axis=0)),
@@ -421,8 +435,8 @@ def plot_pvrnn_meta_prior(archive_path: str):
     t > 0), and the posterior sigma that error regression infers on the held-out sequences; the
     finite-state machine in prior-sampled generations (total-variation distance of the transition
     frequencies from the machine's, forbidden transitions, cycles that are no primitive); the error
-    against the steps ahead for every w; the training reconstruction error and the spread of
-    prior-sampled generations; and the reconstruction term of the free energy during training for
+    against the steps ahead for every w; the training reconstruction error, the spread of
+    prior-sampled generations and the latents' drive per layer; and the reconstruction term of the free energy during training for
     every w (first seed)."""
     ds, axes = F.open_sweep(archive_path)
     x = "w" if "w" in axes else F.other_axis(ds, axes, ())
@@ -466,7 +480,11 @@ def plot_pvrnn_meta_prior(archive_path: str):
           "(posterior means)")
     _vs_x(ax_rec, ds["generation_spread"], x, "C3", r"variance of $\hat x$ across prior samples (40 steps)",
           marker="^", ls=":")
-    ax_rec.set_ylabel("error on the training sequences")
+    if "latent_drive" in ds:  # archives from before the measure lack it
+        for i, layer in enumerate(ds["layer"].values):
+            _vs_x(ax_rec, ds["latent_drive"].sel(layer=layer), x, f"C{i + 7}",
+                  rf"layer {layer}: sd of the drive $W_{{zd}} z$ under the prior", marker="s", ls="--")
+    ax_rec.set_ylabel(r"$\|\hat x_t - x_t\|^2$, variance of $\hat x$, sd of the drive")
     ax_rec.set_title("training fit, and the randomness the model generates")
     first = ds.isel(seed=0) if "seed" in ds.dims else ds
     for c, value in zip(colors, ds[x].values):
