@@ -4,10 +4,13 @@
   meta-prior w on every layer: the learned sigma (posterior and prior) per layer, the training
   reconstruction, and generalisation, the prediction error of error regression on held-out
   sequences 1..k steps ahead and the transition statistics of the finite-state machine in generated
-  sequences; history saved every ``PARTIAL_EPOCHS`` epochs, the training resumable (``CHECKPOINT_EPOCHS``).
+  sequences.
 * ``pvrnn_er``: a continuous-time PV-RNN trained once, then error regression on held-out sequences
   with each credit assignment (exact, continuous adjoint, truncated BPTT) and on devices (read noise,
   time-constant mismatch): prediction error, seconds per step, gradient cosines with the exact one.
+
+Both save their training history every ``PARTIAL_EPOCHS`` epochs, and in a sweep a killed run resumes
+its training from the checkpoint in its scratch folder (``CHECKPOINT_EPOCHS``).
 """
 
 from __future__ import annotations
@@ -171,6 +174,17 @@ def _generation_spread(model, A, x, rng, samples: int = 8, steps: int = 40):
     return float(out.var(axis=1).mean())
 
 
+def _train(model, x, training, rng, save_partial, compiled=False):
+    """``models.pvrnn.train`` for a task: the history saved every ``PARTIAL_EPOCHS`` epochs, and in a
+    sweep a checkpoint (``CHECKPOINT_EPOCHS``, ``CHECKPOINT_SECONDS``) in the run's scratch folder,
+    from which a killed run resumes (bit-identical results)."""
+    scratch = save_partial.scratch()
+    return train(model, x, epochs=training["epochs"], rng=rng, lr=training["lr"], progress=False,
+                 on_epoch=_history_saver(save_partial, training["epochs"]), compiled=compiled,
+                 checkpoint=None if scratch is None else os.path.join(scratch, "training.h5"),
+                 checkpoint_every=CHECKPOINT_EPOCHS, checkpoint_seconds=CHECKPOINT_SECONDS)
+
+
 def _latent_drive(model, run):
     """Per layer, the standard deviation that sampling the prior adds to a unit's drive W_zd z,
     sqrt(mean_{b, t > 0, u} sum_j (W_zd[u, j] sigma^p_j(b, t))^2) along ``run``'s pass. sigma alone does
@@ -233,12 +247,8 @@ def run_pvrnn_meta_prior(config: dict, seed: int, save_partial=discard) -> Resul
                   normalisation=net["normalisation"])
     layers = list(range(len(model.layers)))
     tr = config["training"]
-    scratch = save_partial.scratch()
     start = time.perf_counter()
-    A, hist = train(model, x, epochs=tr["epochs"], rng=rng, lr=tr["lr"], progress=False,
-                    on_epoch=_history_saver(save_partial, tr["epochs"]), compiled=tr["compiled"],
-                    checkpoint=None if scratch is None else os.path.join(scratch, "training.h5"),
-                    checkpoint_every=CHECKPOINT_EPOCHS, checkpoint_seconds=CHECKPOINT_SECONDS)
+    A, hist = _train(model, x, tr, rng, save_partial, compiled=tr["compiled"])
     train_seconds = time.perf_counter() - start
 
     run = model.run(A, [np.zeros(x.shape[:2] + (lay.latents,)) for lay in model.layers])
@@ -376,8 +386,7 @@ def run_pvrnn_er(config: dict, seed: int, save_partial=discard) -> Result:
                    zip(net["units"], net["latents"], net["tau"])], x.shape[2], rng, substeps=net["substeps"],
                   method=net["method"])
     tr = config["training"]
-    A, hist = train(model, x, epochs=tr["epochs"], rng=rng, lr=tr["lr"], progress=False,
-                    on_epoch=_history_saver(save_partial, tr["epochs"]))
+    A, hist = _train(model, x, tr, rng, save_partial)
     L = len(model.layers)
     base = dict(window=e["window"], iterations=e["iterations"], lr=e["lr"], newest=e["newest"],
                 meta_prior=None if e["meta_prior"] == -1 else (e["meta_prior"],) * L, sample=e["sample"])
