@@ -277,16 +277,19 @@ def info(archive, errors):
 
 
 @main.command()
-@click.argument("archive", type=click.Path(exists=True, dir_okay=False))
+@click.argument("archives", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Folder for the figures [default: the archive's folder].")
-def plot(archive, out):
-    """Draw a sweep archive's figures (PNG and PDF), chosen by its task."""
+              help="Folder for the figures [default: the (first) archive's folder].")
+def plot(archives, out):
+    """Draw a sweep archive's figures (PNG and PDF), chosen by its task; given several archives of one
+    study (made under different profiles or --set overrides), the figure that overlays them
+    (<study>-overlay.png), for the studies that have one."""
     try:
-        fig, name = figures.draw(archive, TASKS)
+        fig, name = figures.draw(archives[0], TASKS) if len(archives) == 1 else \
+            figures.draw_overlay(list(archives), TASKS)
     except ArchiveError as e:
         raise CLIError(str(e)) from None
-    out = out or os.path.dirname(os.path.abspath(archive))
+    out = out or os.path.dirname(os.path.abspath(archives[0]))
     os.makedirs(out, exist_ok=True)
     for ext in ("png", "pdf"):
         path = os.path.join(out, f"{name}.{ext}")  # name: checked by read_header, a plain file name

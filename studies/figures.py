@@ -57,6 +57,15 @@ def panel_title(dim, value) -> str:
     return f"{dim.replace('_', ' ')} = {text}" + ("°" if dim.endswith("angle") else "")
 
 
+def setting(ds) -> str:
+    """What a sweep archive was made under, as a legend label: its profile and the ``--set`` overrides
+    of the study's settings (not those of the sweep's grid or seeds), or "as in the study file"."""
+    overrides = [o for o in json.loads(ds.attrs.get("overrides", "[]")) if not o.startswith("sweep.")]
+    said = ([f"profile {ds.attrs['profile']}"] if ds.attrs.get("profile") else []) + \
+        [o.removeprefix("base.") for o in overrides]
+    return ", ".join(said) or "as in the study file"
+
+
 def median(da, keep):
     """Median over every dimension but ``keep``, ignoring NaN (failed and missing runs)."""
     drop = [d for d in da.dims if d not in keep]
@@ -133,6 +142,33 @@ def figure_legend(fig, axes=None, columns=4):
     if handles:
         fig.legend(list(handles.values()), list(handles), fontsize=8, loc="outside lower center",
                    ncols=min(columns, len(handles)))
+
+
+def draw_overlay(paths: list[str], tasks: dict):
+    """The figure comparing sweep archives of one study made under different settings (profiles,
+    ``--set`` overrides), drawn by the task's ``overlay``, and the name to save it under
+    (``<study_name>-overlay``). Raises :class:`~substrate.errors.ArchiveError` naming the file that
+    cannot be read, has no finished run, or belongs to another study than the first."""
+    heads = []
+    for path in paths:
+        with archive.open_file(path) as f:
+            heads.append(read_header(f, path))
+        if not heads[-1]["n_done"]:
+            raise ArchiveError(path, "has no finished run to draw")
+        if heads[-1]["study_name"] != heads[0]["study_name"]:
+            raise ArchiveError(path, f"is a sweep of study {heads[-1]['study_name']!r}, the first archive one of "
+                                     f"{heads[0]['study_name']!r}: an overlay compares sweeps of one study")
+    task = heads[0]["task"]
+    overlays = {name: t.overlay for name, t in tasks.items() if t.overlay is not None}
+    if task not in overlays:
+        raise ArchiveError(paths[0], f"has no overlay figure for task {task!r} (one archive at a time: "
+                                     f"`substrate plot ARCHIVE`); overlays exist for {', '.join(overlays)}")
+    try:
+        return readable_ticks(overlays[task](list(paths))), f"{heads[0]['study_name']}-overlay"
+    except (KeyError, IndexError, ValueError, TypeError) as e:
+        plt.close("all")
+        raise ArchiveError(paths[0], f"and the others lack what the overlay for task {task!r} needs "
+                                     f"({type(e).__name__}: {e})") from None
 
 
 def draw(path: str, tasks: dict):

@@ -77,7 +77,9 @@ class Task:
     far it is; warmup(): loads (or compiles) the compiled kernels the task uses, on
     a tiny problem, so that workers find the Numba cache warm; plot(archive path) -> a matplotlib
     Figure of the study's archive; description: one line; table(archive path) -> the study's
-    tables as markdown text (``substrate table``), for the studies that have them."""
+    tables as markdown text (``substrate table``), for the studies that have them; overlay(archive
+    paths) -> a Figure comparing sweeps of the study made under different settings (profiles,
+    ``--set`` overrides: :func:`studies.figures.setting`), for the studies that have one."""
 
     schema: dict
     run: Callable
@@ -85,6 +87,7 @@ class Task:
     plot: Callable | None = None
     description: str = ""
     table: Callable | None = None
+    overlay: Callable | None = None
 
 
 class _Discard:

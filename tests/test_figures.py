@@ -83,6 +83,35 @@ def test_every_study_figure_is_readable(config_archives, path):
         plt.close(fig)
 
 
+def test_the_overlay_of_sweeps_under_other_settings_is_readable_and_names_each_setting(config_archives, tmp_path):
+    """`substrate plot A.h5 B.h5` of two meta_prior sweeps, the second with an override: one colour per
+    archive, labelled by what it was made under; archives of another study, or of a study without an
+    overlay, are refused with a message."""
+    from click.testing import CliRunner
+
+    from studies.cli import main
+
+    meta = next(p for p in CONFIGS if os.path.basename(str(p)).startswith("meta_prior"))
+    first = config_archives[meta][1]
+    result = CliRunner().invoke(main, ["sweep", str(meta), "--profile", "debug", "--set", "base.training.epochs=3",
+                                       "--workers", "1", "--out", str(tmp_path / "short")])
+    assert result.exit_code == 0, result.output
+    second = str(tmp_path / "short" / "meta_prior.h5")
+    fig, name = F.draw_overlay([first, second], TASKS)
+    try:
+        assert name == "meta_prior-overlay" and problems(fig) == []
+        labels = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert labels == ["meta_prior: profile debug", "meta_prior: profile debug, training.epochs=3"]
+    finally:
+        plt.close(fig)
+    result = CliRunner().invoke(main, ["plot", first, second, "--out", str(tmp_path)])
+    assert result.exit_code == 0 and (tmp_path / "meta_prior-overlay.png").stat().st_size > 20_000, result.output
+    relax = next(p for p in CONFIGS if os.path.basename(str(p)).startswith("relaxation"))
+    result = CliRunner().invoke(main, ["plot", first, config_archives[relax][1]])
+    assert result.exit_code != 0 and "an overlay compares sweeps of one study" in result.output
+    result = CliRunner().invoke(main, ["plot", config_archives[relax][1], config_archives[relax][1]])
+    assert result.exit_code != 0 and "has no overlay figure for task 'relaxation'" in result.output
+
 def test_the_quickstart_figure_is_readable(tmp_path):
     paths = quickstart.run(str(tmp_path), config={"epochs": 1, "n_train": 100}, progress=False)
     fig = quickstart.ep_training(paths["archive"])

@@ -516,6 +516,56 @@ def plot_pvrnn_meta_prior(archive_path: str):
     return F.readable_ticks(fig)
 
 
+def overlay_pvrnn_meta_prior(archive_paths: list[str]):
+    """Meta-prior sweeps made under different settings (training length, learning rate, latents, ...:
+    profiles and ``--set`` overrides, one colour each, :func:`studies.figures.setting`), against w
+    (median over seeds as lines, the seeds as points): error regression's prediction error on the
+    held-out sequences one and k steps ahead, the training reconstruction error, the spread of
+    prior-sampled generations, the learned posterior sigma per layer, and the finite-state machine in
+    the generations (total-variation distance, cycles that are no primitive)."""
+    sweeps = []
+    for path in archive_paths:
+        ds, axes = F.open_sweep(path)
+        x = "w" if "w" in axes else F.other_axis(ds, axes, ())
+        sweeps.append((ds.sel({x: ds[x].values[ds[x].values > 0]}), x))  # a log axis
+    layers = max(sweeps, key=lambda s: s[0].sizes["layer"])[0]["layer"].values
+    fig, grid = plt.subplots(2, 3 + (len(layers) + 1) // 2, figsize=(5 * (3 + (len(layers) + 1) // 2), 9),
+                             layout="constrained")
+    panels = [("test_prediction_error", None, r"prediction error $\|\hat x_{t+1} - x_{t+1}\|^2$",
+               "error regression, held-out, 1 step ahead"),
+              ("test_k_step_error", None, r"prediction error $\|\hat x_{t+k} - x_{t+k}\|^2$",
+               "error regression, held-out, k steps ahead"),
+              ("train_reconstruction_error", None, r"$\|\hat x_t - x_t\|^2$ (posterior means)",
+               "training fit"),
+              ("generation_spread", None, r"variance of $\hat x$ across prior samples",
+               "randomness of prior-sampled generations")]
+    panels += [("sigma_q", layer, r"mean posterior $\sigma^q$ (training)", f"learned sigma, layer {layer}")
+               for layer in layers]
+    panels += [("transition_distance", None, "total-variation distance (0: the machine's)",
+                "transitions in generations"),
+               ("unrecognised_cycles", None, "fraction of cycles that are no primitive",
+                "cycles in generations")]
+    axes_ = grid.ravel()
+    for ax, (name, layer, ylabel, title) in zip(axes_, panels):
+        for i, (ds, x) in enumerate(sweeps):
+            if layer is not None and layer not in ds["layer"].values:
+                continue
+            da = ds[name] if layer is None else ds[name].sel(layer=layer)
+            _vs_x(ax, da, x, f"C{i}", f"{ds.attrs['study_name']}: {F.setting(ds)}")
+        ax.set_xscale("log")
+        ax.set_yscale("linear" if name in ("transition_distance", "unrecognised_cycles") else "log")
+        ax.set_xlabel(f"meta-prior {sweeps[0][1]}")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes_[len(panels):]:
+        ax.remove()
+    F.figure_legend(fig, columns=3)
+    fig.suptitle(f"{sweeps[0][0].attrs['study_name']}: sweeps under {len(sweeps)} settings "
+                 "(median over seeds, seeds as points)", fontsize=10)
+    return F.readable_ticks(fig)
+
+
 def plot_pvrnn_er(archive_path: str):
     """PV-RNN error regression under variants (median over seeds as lines or bars, seeds as points;
     one colour per value of the other sweep axis, e.g. substeps): the one-step prediction error of
@@ -577,6 +627,7 @@ def plot_pvrnn_er(archive_path: str):
 
 
 META_PRIOR = Task(PVRNN_META_PRIOR_SCHEMA, run_pvrnn_meta_prior, warmup_pvrnn, plot_pvrnn_meta_prior,
-                  "a PV-RNN trained on probabilistic sequences at meta-prior w: sigma, generalisation")
+                  "a PV-RNN trained on probabilistic sequences at meta-prior w: sigma, generalisation",
+                  overlay=overlay_pvrnn_meta_prior)
 ERROR_REGRESSION = Task(PVRNN_ER_SCHEMA, run_pvrnn_er, warmup_pvrnn, plot_pvrnn_er,
                         "PV-RNN error regression: credit assignments compared, and on a noisy device")
