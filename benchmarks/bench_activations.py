@@ -20,6 +20,7 @@ from functools import partial
 
 import numpy as np
 
+import results
 from substrate import _kernels as K
 from substrate import activations
 
@@ -49,6 +50,7 @@ def main():
     rng = np.random.default_rng(0)
     print(f"{args.rows} x {args.batch} values, minimum of {args.repeats} round-robin repeats; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    rows = []
     for dtype in (np.float64, np.float32, np.complex128):
         u = rng.normal(scale=2.0, size=(args.rows, args.batch)).astype(dtype)
         if dtype == np.complex128:
@@ -74,8 +76,14 @@ def main():
         print(f"\n{np.dtype(dtype).name:<22}{'ns/value':>9}{'/ np.exp':>10}{'/ np.tanh':>11}{'/ numpy':>10}")
         for key, v in ns.items():
             name = key.split()[0]
-            vs_numpy = f"{v / ns[name + ' numpy']:10.2f}" if name in names and "numpy" not in key else ""
-            print(f"{key:<22}{v:9.2f}{v / ns['np.exp']:10.2f}{v / ns['np.tanh']:11.2f}{vs_numpy}")
+            vs_numpy = v / ns[name + ' numpy'] if name in names and "numpy" not in key else None
+            print(f"{key:<22}{v:9.2f}{v / ns['np.exp']:10.2f}{v / ns['np.tanh']:11.2f}"
+                  + ("" if vs_numpy is None else f"{vs_numpy:10.2f}"))
+            rows.append((np.dtype(dtype).name, key, v, v / ns["np.exp"], v / ns["np.tanh"], vs_numpy))
+        results.record(f"Activations: {args.rows} x {args.batch} values, minimum of {args.repeats} round-robin "
+                       "repeats; ratios to np.exp, np.tanh and NumPy's loop of the same formula, same dtype",
+                       ["dtype", "case", "ns per value", "ratio to np.exp", "ratio to np.tanh", "ratio to numpy"],
+                       rows, key="activations", baseline="np.exp, np.tanh, numpy of the same dtype")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import json
 import subprocess
 import sys
 
+import results
+
 
 def measure(method: str, steps: int, batch: int, ode: str) -> dict:
     import resource
@@ -67,14 +69,20 @@ def main():
     print(f"peak-RSS growth during one gradient (MB) and seconds; {args.ode} form, batch {args.batch}, RK4, "
           "log-SNR grid, 1 thread")
     print(f"{'steps':>6} {'backprop MB':>12} {'adjoint MB':>11} {'backprop s':>11} {'adjoint s':>10}")
+    rows = []
     for steps in map(int, args.steps.split(",")):
         row = {}
         for method in ("backprop", "adjoint"):
             out = subprocess.run([sys.executable, __file__, "--child", method, str(steps), str(args.batch), args.ode],
                                  capture_output=True, text=True, check=True)
             row[method] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{steps:>6} {row['backprop']['MB']:>12.1f} {row['adjoint']['MB']:>11.1f} "
-              f"{row['backprop']['seconds']:>11.2f} {row['adjoint']['seconds']:>10.2f}")
+        b, a = row["backprop"], row["adjoint"]
+        print(f"{steps:>6} {b['MB']:>12.1f} {a['MB']:>11.1f} {b['seconds']:>11.2f} {a['seconds']:>10.2f}")
+        rows.append((steps, b["MB"], a["MB"], b["seconds"], a["seconds"], a["seconds"] / b["seconds"]))
+    results.record(f"DPM sample gradient: peak-RSS growth (MB) and seconds, {args.ode} form, batch {args.batch}, "
+                   "RK4, 1 thread; ratio of the adjoint's seconds to backprop's",
+                   ["steps", "backprop MB", "adjoint MB", "backprop s", "adjoint s", "adjoint s / backprop s"],
+                   rows, key="dpm_memory", baseline="backprop through the solver")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import results  # noqa: E402  (benchmarks/results.py, beside this script)
 from models import ep  # noqa: E402
 from models.data import Dataset, fashion_mnist, minibatches, one_hot  # noqa: E402
 from models.train import SGD, Classifier, EPRule, named_gradients  # noqa: E402
@@ -285,10 +286,17 @@ def print_step_costs(steps, parts):
     print(f"{'nudged step (marginal)':<36} {real * 1e6:9.1f} {c * 1e6:11.1f} {c / real:6.2f} "
           f"{steps['promoted'] * 1e6:12.1f} {steps['promoted'] / real:6.2f}")
     rest = {k: steps[k] - sum(parts[k].values()) for k in steps}
+    table = [("nudged step (marginal)", real * 1e6, c * 1e6, c / real, steps["promoted"] * 1e6,
+              steps["promoted"] / real, None)]
     for name in list(parts["real"]) + ["rest (update, residual, loop)"]:
         r, cp, pp = ((parts[k].get(name, rest[k])) for k in ("real", "complex", "promoted"))
         print(f"{'  ' + name:<36} {r * 1e6:9.1f} {cp * 1e6:11.1f} {cp / r:6.2f} {pp * 1e6:12.1f} {pp / r:6.2f}  "
               f"{cp / c:6.1%}")
+        table.append((name, r * 1e6, cp * 1e6, cp / r, pp * 1e6, pp / r, cp / c))
+    results.record(f"One nudged step of the float64 EP model, batch {BATCH}, real (beta 0.2), complex (beta 0.2i, "
+                   "real weights) and with the weights promoted to complex128; ratio to the real step (or its part)",
+                   ["step / part", "real us", "complex us", "complex ratio", "promoted us", "promoted ratio",
+                    "share of complex"], table, key="ep_step", baseline="the real nudged step, same part")
     print("complex: real weights, the complex state's real view (the engine); promoted: the weights copied to "
           "complex128 (zgemm), as before")
 
@@ -318,14 +326,14 @@ def describe_threads():
               f"threads={lib['num_threads']}  {Path(path).name}  {owner}")
 
 
-def print_table(rows, results, bounds):
+def print_table(rows, measured, bounds):
     head = (f"{'rule':<12} {'dtype':<8} {'policy':<6} {'ms/batch':>9} {'steps free / nudged':>25} "
             f"{'s/epoch':>8} {'s test':>7} {'test free steps':>15} {'GEMM ms/batch':>13} {'ratio':>6}")
     print(head)
     print("-" * len(head))
-    notes = []
+    notes, table = [], []
     for row in rows:
-        per_batch, test, phases, test_steps = results[row]
+        per_batch, test, phases, test_steps = measured[row]
         rule, dtype, policy = row
         free = np.mean([p[0] for p in phases])
         nudged = [s for p in phases for s in p[1]]
@@ -337,6 +345,10 @@ def print_table(rows, results, bounds):
         print(f"{rule:<12} {dtype:<8} {policy:<6} {per_batch * 1e3:9.1f} {steps:>25} "
               f"{per_batch * EPOCH_BATCHES:8.1f} {test:7.1f} {np.mean(test_steps):15.1f} "
               f"{bound * 1e3:13.2f} {per_batch / bound:6.1f}")
+        centred = measured.get(("centred", "float64", policy))
+        table.append((rule, dtype, policy, per_batch * 1e3, free, n_phases, np.mean([s for s, _ in nudged]), n_complex,
+                      per_batch * EPOCH_BATCHES, test, np.mean(test_steps), bound * 1e3, per_batch / bound,
+                      per_batch / centred[0] if centred and dtype == "float64" else None))
         if policy == "fixed":
             short = sum(p[0] != T1 for p in phases) + sum(s != T2 for p in phases for s, _ in p[1]) \
                 + sum(s != T1 for s in test_steps)
@@ -347,9 +359,15 @@ def print_table(rows, results, bounds):
     for rule in ("holomorphic", "hol-promoted"):
         for policy in POLICIES:
             pair = [(rule, "float64", policy), ("centred", "float64", policy)]
-            if all(r in results for r in pair):
-                print(f"{rule} / centred, float64, {policy}: {results[pair[0]][0] / results[pair[1]][0]:.2f} "
+            if all(r in measured for r in pair):
+                print(f"{rule} / centred, float64, {policy}: {measured[pair[0]][0] / measured[pair[1]][0]:.2f} "
                       "(time per training batch, same run)")
+    results.record(f"EP training on Fashion-MNIST, 784-256-256-10, batch {BATCH}, T1 = {T1}, T2 = {T2}: per training "
+                   "batch; ratio to the GEMM bound of the batch's phases and to centred float64 under the same policy",
+                   ["rule", "dtype", "policy", "ms per batch", "free steps", "nudged phases", "nudged steps",
+                    "complex phases", "s per epoch", "s test", "test free steps", "GEMM ms per batch",
+                    "ratio to GEMM bound", "ratio to centred float64"], table, key="ep_epoch",
+                   baseline="GEMM bound of the same phases; centred float64, same policy")
 
 
 def main(argv=None):
@@ -386,14 +404,14 @@ def main(argv=None):
         print(f"BLAS pinned to {args.threads} thread(s):")
         describe_threads()
         bounds = {dt: gemm_times(dt, args.gemm_repeats) for dt in sorted({r[1] for r in rows})}
-        results = {}
+        measured = {}
         for rep in range(args.repeat):
             for row in rows:
                 res = measure(row, data, args)
-                if row in results:
-                    best = results[row]
+                if row in measured:
+                    best = measured[row]
                     res = (min(best[0], res[0]), min(best[1], res[1]), res[2], res[3])
-                results[row] = res
+                measured[row] = res
                 print(f"  [{rep + 1}/{args.repeat}] {'/'.join(row)}: {res[0] * 1e3:.1f} ms/batch", flush=True)
         steps = step_costs(data, args) if args.step_repeats > 0 else None
     finally:
@@ -403,7 +421,7 @@ def main(argv=None):
     print(f"\nPer training batch of {BATCH} (min of {args.repeat} measurement(s) of {args.batches} consecutive "
           f"batches after {WARMUP} warm-up ones), T1 = {T1}, T2 = {T2}, Euler dt = tau = 1; "
           f"fixed: tol = 1e-30 (every phase runs its full count), early: tol = 1e-4")
-    print_table(rows, results, bounds)
+    print_table(rows, measured, bounds)
     print(f"""
 steps: mean per batch, free phase / (nudged phases) x (mean steps per nudged phase); cplx = complex128 phases
 s/epoch: ms/batch x {EPOCH_BATCHES} batches (60,000 images), training only; s test: free phase on

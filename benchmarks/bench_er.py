@@ -21,6 +21,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+import results
 from models import pvrnn
 
 
@@ -117,8 +118,13 @@ def main():
         fill = min(t for n, t in ts if n == args.window)
         full = min(t for n, t in ts if n > args.window)
         per_step[name] = (full - fill) / args.steps
-    for name, t in per_step.items():
-        print(f"{name:<10} {1e3 * t:8.2f} ms   x{t / per_step['substrate']:.2f}")
+    rows = [(name, 1e3 * t, t / per_step["substrate"]) for name, t in per_step.items()]
+    for name, ms, ratio in rows:
+        print(f"{name:<10} {ms:8.2f} ms   x{ratio:.2f}")
+    results.record(f"PV-RNN error regression, ms per ER step (window {args.window}, {args.iterations} iterations, "
+                   f"{args.steps} steps, min of {args.repeats}); ratio to substrate",
+                   ["implementation", "ms per ER step", "ratio to substrate"], rows, key="er",
+                   baseline="substrate", first_call_s=first_call)
 
 
 if __name__ == "__main__":

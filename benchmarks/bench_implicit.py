@@ -47,6 +47,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import results  # noqa: E402  (benchmarks/results.py, beside this script)
 import substrate  # noqa: E402  (the repository first on sys.path)
 
 try:
@@ -204,13 +205,21 @@ def main(argv=None):
     substrate.relax(*make_problem((4, 8, 3), 2)[:2], method="exp_euler", tol=TOL)  # loads the BLAS
     limits = threadpool_limits(limits=args.threads) if threadpool_limits else None
     try:
-        results = [run_problem(sizes, batch, args.repeats) for sizes, batch in PROBLEMS]
+        problems = [run_problem(sizes, batch, args.repeats) for sizes, batch in PROBLEMS]
     finally:
         if limits is not None:
             limits.restore_original_limits()
+    columns = ["problem", "case", "min ms", "median ms", "ratio to relax", "products", "residual", "rate",
+               "rel diff", "vs exact"]
+    results.record(f"Implicit gradient at the equilibrium against one relaxation (exp_euler, tol {TOL:g}) of the "
+                   f"same problem, {args.threads} BLAS thread(s), min of at least {args.repeats} round-robin rounds",
+                   columns, [(f"{p['problem']} batch {p['batch']}", r["label"], 1e3 * r["min_s"], 1e3 * r["median_s"],
+                              r["ratio_to_relax"], r.get("products"), r.get("residual"), r.get("rate"),
+                              r.get("rel_diff"), r.get("error_vs_exact")) for p in problems for r in p["rows"]],
+                   key="implicit", baseline="relax (exp_euler, tol 1e-8) of the same problem")
     if args.json:
         args.json.write_text(json.dumps({"benchmark": "implicit", "threads": args.threads,
-                                         "load_average": list(os.getloadavg()), "problems": results}, indent=1))
+                                         "load_average": list(os.getloadavg()), "problems": problems}, indent=1))
         print(f"\nwrote {args.json}")
 
 
