@@ -71,6 +71,8 @@ if "--memory-worker" in sys.argv and not any(a.startswith("torch") for a in sys.
 from bench_step import (DT, SIZES, Problem, describe_machine, describe_threads,  # noqa: E402
                         threadpool_limits, timeit, torch, torchdiffeq)
 
+import results  # noqa: E402  (benchmarks/results.py, beside this script)
+
 import substrate  # noqa: E402  (bench_step put the repository first on sys.path)
 
 STEPS = 100                     # 100 Euler steps of dt = 0.1: t in [0, 10]
@@ -363,8 +365,11 @@ class Rows:
     def add(self, name, t, note=""):
         self.rows.append((name, t, note))
 
-    def print(self):
+    def print(self, title, reference):
+        """Print the rows and record them, with each row's ratio to the row named ``reference``."""
         s, b, i = self.steps, self.bound, self.inputs
+        ref = next(t for name, t, _ in self.rows if name == reference)
+        table = []
         head = (f"{'method (forward + gradient, ' + str(s) + ' steps)':<52} {'min ms':>8} {'median':>8} "
                 f"{'ratio':>6} {'(med)':>6} {'+in':>5}  note")
         print(head)
@@ -372,12 +377,18 @@ class Rows:
         for name, t, note in self.rows:
             if t is None:
                 print(f"{name:<52} {'-':>8} {'-':>8} {'':>6} {'':>6} {'':>5}  {note}")
+                table.append((name.strip(), None, None, None, None, None, None, note))
                 continue
             ratio = t[0] / (s * b[0])
             ratio_med = t[1] / (s * b[1])
             ratio_in = t[0] / (s * b[0] + i[0])
             print(f"{name:<52} {t[0] * 1e3:8.2f} {t[1] * 1e3:8.2f} {ratio:6.2f} {ratio_med:6.2f} "
                   f"{ratio_in:5.2f}  {note}")
+            table.append((name.strip(), t[0] * 1e3, t[1] * 1e3, ratio, ratio_med, ratio_in, t[0] / ref[0], note))
+        results.record(title, ["method", "min ms", "median ms", "ratio to bound", "ratio to bound (median)",
+                               "ratio to bound + inputs", f"ratio to {reference}", "note"], table, key="gradient",
+                       baseline=f"{s} x the bound of a forward + gradient step (6 products + 1 activation pass)",
+                       bound_step_us=b[0] * 1e6, input_products_ms=i[0] * 1e3)
 
 
 def timing_section(args):
@@ -396,13 +407,13 @@ def timing_section(args):
           f"input products once per call (V x, dL/dV, dL/dx): {inputs[0] * 1e3:.2f} ms "
           f"(median {inputs[1] * 1e3:.2f})")
     rows = Rows(bound, inputs, s)
-    results = {}
+    grads = {}
 
     def sub_row(name, method, integrator="euler", key=None, note=""):
         g = substrate_gradient(p, method, integrator=integrator)
         t = timeit(lambda: substrate_gradient(p, method, integrator=integrator), reps)
         if key:
-            results[key] = g
+            grads[key] = g
         rows.add(name, t, note)
         return g, t
 
@@ -448,7 +459,7 @@ def timing_section(args):
                        rel_diff({"u0": ref.u0}, {"u0": g_t["u0"]}),
                        rel_diff({k: np.atleast_1d(v) for k, v in ref.tau.items()},
                                 {k: np.atleast_1d(v) for k, v in g_t["tau"].items()}))
-        results["dW_torch"] = w_diff
+        grads["dW_torch"] = w_diff
         rows.add("torch autograd backprop, Euler loop", t,
                  f"vs substrate: dL/dW rel. diff {w_diff:.1e}, b/tau/x/u0 {all_diff:.1e}, "
                  f"loss {abs(loss_t - ref.loss) / ref.loss:.1e}")
@@ -493,7 +504,10 @@ def timing_section(args):
 
     print(f"\nTime per call (forward + gradient of L, {s} steps, batch {args.batch}); ratio = time / "
           f"({s} x GEMM bound), min/min and median/median; +in = min / ({s} x bound + input products)")
-    rows.print()
+    rows.print(f"Gradient through the dynamics, time per call (forward + gradient of L, {s} Euler steps, batch "
+               f"{args.batch}, 784-500-10); ratios to {s} x the bound of a step (6 products + 1 activation pass), "
+               "to that plus the input products, and to substrate's discrete adjoint",
+               "substrate discrete adjoint euler, checkpoints=None")
 
     # the targets
     b100 = s * bound[0]
@@ -511,7 +525,7 @@ def timing_section(args):
     if "torchdiffeq odeint_adjoint rk4 (3/8 rule)" in torch_times:
         print(f"  odeint_adjoint rk4 / substrate discrete rk4  = "
               f"{torch_times['torchdiffeq odeint_adjoint rk4 (3/8 rule)'][0] / t4[0]:5.2f}   (same order)")
-    return results
+    return grads
 
 
 def tanh_section(args):
@@ -546,6 +560,16 @@ def tanh_section(args):
               f"loss {abs(loss_t - ref.loss) / ref.loss:.1e}")
         print(f"  torch backprop / substrate discrete euler = {t_t[0] / t_sub[0]:.2f}   (target >= 2.5)")
         out["torch"] = t_t[0]
+    rows = [("substrate discrete adjoint euler, checkpoints=None", t_sub[0] * 1e3, t_sub[0] / (s * bound), 1.0,
+             2 * s * act[0] / t_sub[0])]
+    if "torch" in out:
+        rows.append(("torch autograd backprop, Euler loop", out["torch"] * 1e3, out["torch"] / (s * bound),
+                     out["torch"] / t_sub[0], None))
+    results.record(f"The tanh problem (784 + 500 + 10 tanh units, batch {args.batch}, {s} Euler steps): forward + "
+                   f"gradient per call; ratios to {s} x the bound of a step ({nprod} products + 1 activation pass) "
+                   "and to substrate", ["method", "min ms", "ratio to bound", "ratio to substrate", "tanh share"],
+                   rows, key="gradient_tanh", baseline=f"{s} x the bound of a step; substrate's discrete adjoint",
+                   bound_step_us=bound * 1e6)
     return out
 
 
@@ -645,7 +669,7 @@ def memory_section(args):
             f"{'kB/step':>8} {'s':>6}  note")
     print(head)
     print("-" * len(head))
-    summary = {}
+    summary, table = {}, []
     for key, label in variants:
         done = {}
         for T in steps:
@@ -659,11 +683,14 @@ def memory_section(args):
                           f"estimated peak {est / 1e9:.1f} GB (call memory at T={t2} x {T // t2}) "
                           f"> {limit / 1e9:.1f} GB")
                     summary[(key, T)] = ("skipped", est)
+                    why = f"skipped: estimated peak {est / 1e9:.1f} GB > {limit / 1e9:.1f} GB"
+                    table.append((label, T, None, None, None, None, None, None, why))
                     continue
                 note = f"estimated {est / 1e6:.0f} MB"
             r, why = run_worker(key, T, args.threads, args.batch)
             if r is None:
                 print(f"{label:<44} {T:>6} {'-':>9}  {why}")
+                table.append((label, T, None, None, None, None, None, None, why))
                 continue
             done[T] = r
             r0 = done.get(steps[0])
@@ -677,6 +704,12 @@ def memory_section(args):
             print(f"{label:<44} {T:>6} {r['peak_kb'] / 1024:9.1f} {ratio:8.2f} {r['call_kb'] / 1024:9.1f} "
                   f"{ratio_call:8.2f} {r['call_kb'] / T:8.1f} {r['seconds']:6.1f}  {'; '.join(notes)}")
             summary[(key, T)] = ("ok", ratio, ratio_call)
+            table.append((label, T, r["peak_kb"] / 1024, ratio, r["call_kb"] / 1024, ratio_call, r["call_kb"] / T,
+                          r["seconds"], "; ".join(notes)))
+    results.record(f"Peak memory of a gradient, each run in its own process (batch {nb}, T steps of dt = {DT}); "
+                   f"ratios to the same variant at T = {steps[0]}",
+                   ["variant", "T", "peak MB", "peak / T0", "call MB", "call / T0", "kB per step", "s", "note"],
+                   table, key="gradient_memory", baseline=f"the same variant at T = {steps[0]}")
     return summary
 
 
@@ -729,6 +762,14 @@ def implicit_section(args):
               f"dL/dW rel. diff vs krylov {d:.1e}")
     else:
         print(f"  gradient implicit direct: skipped, estimated {est:.0f} s > 60 s")
+    rows = [("relax (exp_euler, tol 1e-8)", t_relax[0] * 1e3, t_relax[1] * 1e3, 1.0),
+            ("gradient implicit krylov (relax included)", t_k[0] * 1e3, t_k[1] * 1e3, t_k[0] / t_relax[0])]
+    if est < 60:
+        rows.append(("gradient implicit direct (1 run)", t_d * 1e3, None, t_d / t_relax[0]))
+    results.record(f"Implicit gradient at the equilibrium (784-500-10, batch {args.batch}, asymmetry {angle:g} "
+                   "degrees) against one relaxation of the same problem",
+                   ["case", "min ms", "median ms", "ratio to relax"], rows, key="gradient_implicit",
+                   baseline="relax (exp_euler, tol 1e-8)")
     # the same gradient as the limit of the discrete adjoint through the relaxation (ETD1 steps keep
     # the equilibrium, so the gradient through many of them converges to the implicit one)
     gl = substrate.gradient(net, x, p.loss, method=substrate.DiscreteAdjoint(), t_span=(0.0, 100.0),
