@@ -223,7 +223,8 @@ class Table:
         """A row that could not be measured, printed with the reason instead of times."""
         self.rows.append((method, dtype, threads, None, None, None, f"skipped: {why}"))
 
-    def print(self, title):
+    def print(self, title, key=None):
+        """Print the rows and record them under ``key`` (default: the title up to its colon, lower case)."""
         print(f"\n{title}")
         head = f"{'method':<46} {'dtype':<8} {'thr':>3} {'min us/step':>12} {'median':>9} {'ratio':>6} {'(med)':>6}  note"
         print(head)
@@ -237,7 +238,7 @@ class Table:
         results.record(title, ["method", "dtype", "threads", "min us", "median us", "ratio", "ratio (median)", "note"],
                        [(m, d, n, *(None if t is None else 1e6 * t for t in (tmin, tmed)),
                          *((tmin / b[0], tmed / b[1]) if b and tmin is not None else (None, None)), note)
-                        for m, d, n, tmin, tmed, b, note in self.rows], key=title.split(":")[0].lower())
+                        for m, d, n, tmin, tmed, b, note in self.rows], key=key or title.split(":")[0].lower())
         self.rows = []
 
 
@@ -404,7 +405,7 @@ def compile_times(dtypes):
     work = Path(tempfile.mkdtemp(prefix="substrate-compile-"))
     shutil.copytree(ROOT / "substrate", work / "substrate", ignore=shutil.ignore_patterns("__pycache__"))
     env = dict(os.environ, NUMBA_CACHE_DIR=str(work / "numba-cache"))
-    results = []
+    runs = []
     try:
         for label in ("cold", "warm"):
             t0 = time.perf_counter()
@@ -414,7 +415,7 @@ def compile_times(dtypes):
             if proc.returncode != 0:
                 print(f"\ncompile-time run ({label}) failed:\n{proc.stderr.strip()}")
                 return
-            results.append((label, wall, json.loads(proc.stdout.strip().splitlines()[-1])))
+            runs.append((label, wall, json.loads(proc.stdout.strip().splitlines()[-1])))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\nFirst call: import substrate, then the first integrate (euler, tiny network) per dtype, in a fresh"
@@ -423,10 +424,17 @@ def compile_times(dtypes):
         + "  run(): cache hits/misses"
     print(head)
     print("-" * len(head))
-    for label, wall, r in results:
+    for label, wall, r in runs:
         print(f"{label:<6} {wall:14.2f} {r['import']:9.2f} " + " ".join(f"{r[d]:12.2f}" for d in dtypes)
               + f"  {r['cache_hits']}/{r['cache_misses']}")
     print("(each dtype after the first compiles one more specialisation of the kernels)")
+    warm = runs[-1][1]
+    results.record("First call: import substrate, then the first integrate (euler, tiny network) per dtype, in a "
+                   "fresh subprocess; cold = empty NUMBA_CACHE_DIR, warm = the same directory again",
+                   ["cache", "process wall s", "import s", *(f"{d} s" for d in dtypes), "cache hits", "cache misses",
+                    "wall ratio to warm"],
+                   [(label, wall, r["import"], *(r[d] for d in dtypes), r["cache_hits"], r["cache_misses"], wall / warm)
+                    for label, wall, r in runs], key="first call", baseline="the warm process")
 
 
 def quickstart_time():
@@ -593,7 +601,7 @@ def main(argv=None):
             describe_threads()
             bounds, marginals = step_table(args, n, table)
             table.print(f"Per step: batch {args.batch}, sizes {SIZES}, dt {DT}; ratio = time / GEMM bound "
-                        "(min/min, median/median)")
+                        "(min/min, median/median)", key=f"per step, {n} thread{'s' if n > 1 else ''}")
             if args.breakdown:
                 try:
                     breakdown_table(args, n, bounds, marginals, table)
@@ -601,7 +609,8 @@ def main(argv=None):
                     table.rows = []
                     print(f"\nbreakdown skipped: {type(exc).__name__}: {exc}")
                 else:
-                    table.print("Breakdown: parts of one step (time per call = per step); ratio to the GEMM bound")
+                    table.print("Breakdown: parts of one step (time per call = per step); ratio to the GEMM bound",
+                                key=f"breakdown, {n} thread{'s' if n > 1 else ''}")
         finally:
             if limits is not None:
                 limits.restore_original_limits()
