@@ -23,11 +23,11 @@ docs: $(VENV)/.installed
 
 # every bench through benchmarks/results.py: benchmarks/results/<bench>.json beside its printed table,
 # then the README's performance block regenerated from those files
+# bench_compile last: it is the longest (every path of `substrate warmup` compiled from an empty cache)
 BENCHES := bench_step bench_activations bench_gradient bench_implicit bench_ep_epoch bench_devices bench_er \
-	bench_dpm_memory bench_pvrnn_train
+	bench_dpm_memory bench_pvrnn_train bench_circuit_dc bench_compile
 bench: $(VENV)/.installed
 	for b in $(BENCHES); do $(PY) benchmarks/results.py benchmarks/$$b.py || exit 1; done
-	$(PY) benchmarks/bench_compile.py  # writes its own benchmarks/results/bench_compile.json
 	$(PY) benchmarks/readme_table.py
 
 $(VENV)/.installed: pyproject.toml

@@ -12,10 +12,11 @@ compiled, and the Numba dispatchers with the most (``--detail``). The machine's 
 before and after. ``--baseline DIR`` also runs every cold measurement on another checkout (DIR on
 PYTHONPATH), alternating with this one, and reports this tree's cold time as a ratio to it.
 
-Results: the printed table, a JSON file (``--json``, default benchmarks/results/bench_compile.json) and
-the README's table made from it (``--markdown FILE`` prints it again from a results file).
+Results: the printed lines and the table recorded by ``benchmarks/results.py`` in
+``benchmarks/results/bench_compile.json`` (key ``cold_start``), from which ``benchmarks/readme_table.py``
+makes the README's table.
 
-Run:  .venv/bin/python benchmarks/bench_compile.py [--paths quickstart float64] [--repeats 2]
+Run:  .venv/bin/python benchmarks/results.py benchmarks/bench_compile.py [--paths quickstart float64] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+import results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,12 +73,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=1, help="cold/warm pairs per path (the minimum is reported)")
     ap.add_argument("--baseline", help="another checkout: its cold time per path, alternated with this tree's")
     ap.add_argument("--detail", action="store_true", help="print the dispatchers compiled by each path")
-    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "bench_compile.json"))
-    ap.add_argument("--markdown", metavar="FILE", help="only print the README's table of a results file")
     args = ap.parse_args(argv)
-    if args.markdown:
-        print(markdown(json.loads(Path(args.markdown).read_text())))
-        return
 
     trees = {"this": str(ROOT)}
     if args.baseline:
@@ -94,11 +90,11 @@ def main(argv=None):
                         runs[tree]["warm"].append(measure(path, cache, where))
         row = {"path": path, "what": PATHS[path][0]}
         for tree, got in runs.items():
-            for label, results in got.items():
-                if results:
-                    best = min(results, key=lambda r: r["cpu"])
-                    row[f"{tree}_{label}"] = {"wall": min(r["wall"] for r in results),
-                                              "cpu": best["cpu"], "imports": min(r["imports"] for r in results),
+            for label, measured in got.items():
+                if measured:
+                    best = min(measured, key=lambda r: r["cpu"])
+                    row[f"{tree}_{label}"] = {"wall": min(r["wall"] for r in measured),
+                                              "cpu": best["cpu"], "imports": min(r["imports"] for r in measured),
                                               "specialisations": sum(best["compiled"].values()),
                                               "compiled": best["compiled"]}
         if "baseline_cold" in row:
@@ -110,34 +106,20 @@ def main(argv=None):
                 print(f"      {count:3d}  {name}")
     load_after = os.getloadavg()
     print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}; {os.cpu_count()} cores")
-    out = {"benchmark": "bench_compile", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                       "load_before": load_before, "load_after": load_after},
-           "repeats": args.repeats, "baseline": args.baseline, "rows": rows}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"results: {args.json}\n\nthe README's table:\n")
-    print(markdown(out))
-
-
-def markdown(results: dict) -> str:
-    """The README's cold/warm table, from a results file of this benchmark."""
-    base = any("baseline_cold" in row for row in results["rows"])
-    lines = ["| path | cold: CPU s (wall s) | kernels compiled | warm: CPU s (wall s) |"
-             + (" baseline cold: CPU s (compiled) | cold CPU / baseline |" if base else ""),
-             "|---|---|---|---|" + ("---|---|" if base else "")]
-    for row in results["rows"]:
-        cold, warm = row["this_cold"], row["this_warm"]
-        line = (f"| `{row['path']}` | {cold['cpu']:.1f} ({cold['wall']:.1f}) | {cold['specialisations']} | "
-                f"{warm['cpu']:.2f} ({warm['wall']:.2f}) |")
-        if base:
-            old = row.get("baseline_cold")
-            line += (f" {old['cpu']:.1f} ({old['specialisations']}) | {row['cpu_ratio_to_baseline']:.2f} |" if old
-                     else " | |")
-        lines.append(line)
-    load = results["machine"]["load_before"][0], results["machine"]["load_after"][0]
-    lines.append(f"\n(load average {load[0]:.1f} before, {load[1]:.1f} after, on {results['machine']['cpus']} cores)")
-    return "\n".join(lines)
+    table = []
+    for row in rows:
+        cold, warm, old = row["this_cold"], row["this_warm"], row.get("baseline_cold")
+        table.append((row["path"], cold["cpu"], cold["wall"], cold["specialisations"], warm["cpu"], warm["wall"],
+                      warm["cpu"] / cold["cpu"], old and old["cpu"], old and old["specialisations"],
+                      row.get("cpu_ratio_to_baseline")))
+    results.record("Cold start: each path of `substrate warmup` in a fresh process, cold (empty Numba cache) then "
+                   f"warm (the same cache); minimum CPU of {args.repeats} pair(s); imports excluded",
+                   ["path", "cold CPU s", "cold wall s", "kernels compiled", "warm CPU s", "warm wall s",
+                    "warm CPU / cold CPU", "baseline cold CPU s", "baseline kernels compiled",
+                    "cold CPU / baseline"], table, key="cold_start",
+                   baseline="the same path's cold run; --baseline: the other checkout's cold run",
+                   baseline_tree=args.baseline, load_before=list(load_before),
+                   compiled={row["path"]: row["this_cold"]["compiled"] for row in rows})
 
 
 def _print_row(row):
