@@ -102,3 +102,75 @@ def test_bench_step_records_the_tables_it_prints(bench, capsys):
     assert rows["substrate euler, marginal step"][3:7] == pytest.approx([81.0, 90.0, 2.7, 90 / 32])
     assert rows["activation: engine"][3:7] == [None, None, None, None]
     assert rows["activation: engine"][7] == "skipped: TypeError"
+
+
+# ------------------------------------------------------------------------------------------------ the real tables
+def _tables():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module("readme_table").TABLES
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+TABLES = _tables()
+COMMITTED = ROOT / "benchmarks" / "results"
+
+
+def _recorded(data, key):
+    found = [t for t in data["tables"] if t.get("key") == key]
+    assert found, f"{data['bench']} records no table {key!r}"
+    return found[-1]
+
+
+@pytest.mark.parametrize("bench_name,key,columns", [(b, k, [c for c, _, _ in cols]) for b, k, _, cols in TABLES],
+                         ids=[f"{b}:{k}" for b, k, _, _ in TABLES])
+def test_every_readme_table_names_columns_its_bench_recorded(bench_name, key, columns):
+    """The committed results file of each bench (written by running it through results.py) holds the
+    table under the key readme_table asks for, with every column it renders, and the bench's source
+    records tables."""
+    assert "results.record(" in (ROOT / "benchmarks" / f"{bench_name}.py").read_text()
+    data = json.loads((COMMITTED / f"{bench_name}.json").read_text())
+    assert data["schema"] == 1 and data["bench"] == bench_name and data["gemm_bound_s"]["float64"] > 0
+    table = _recorded(data, key)
+    assert set(columns) <= set(table["columns"]), set(columns) - set(table["columns"])
+    assert table["rows"] and all(len(r) == len(table["columns"]) for r in table["rows"])
+
+
+# tiny runs of the cheap benches, through results.run as `make bench` does (no timing asserted)
+TINY = {"bench_activations": ["--rows", "4", "--batch", "8", "--repeats", "1"],
+        "bench_er": ["--steps", "1", "--iterations", "2", "--window", "2", "--repeats", "1"],
+        "bench_dpm_memory": ["--steps", "2", "--batch", "4"]}
+
+
+@pytest.mark.parametrize("bench_name", [pytest.param(b, marks=pytest.mark.slow) if b == "bench_dpm_memory" else b
+                                        for b in sorted(TINY)])  # dpm: four processes importing torch, ~8 s
+def test_a_tiny_run_records_the_readme_columns(bench, bench_name, capsys):
+    if bench_name == "bench_dpm_memory":
+        pytest.importorskip("torch")  # the bench compares against torch autograd
+    results, readme_table, tmp = bench
+    results.run(ROOT / "benchmarks" / f"{bench_name}.py", TINY[bench_name])
+    data = json.loads((tmp / "results" / f"{bench_name}.json").read_text())
+    assert data["output"] == capsys.readouterr().out.rsplit("results: ", 1)[0]
+    for b, key, _, columns in readme_table.TABLES:
+        if b == bench_name:
+            table = _recorded(data, key)
+            assert {c for c, _, _ in columns} <= set(table["columns"])
+            for row in table["rows"]:  # every rendered cell formats
+                for c, _, fmt in columns:
+                    readme_table._cell(row[table["columns"].index(c)], fmt)
+
+
+def test_the_readme_block_renders_from_the_committed_results():
+    """Every table of TABLES is in the committed results, and README.md's block is what they render
+    (`readme_table.py --check`): after a bench is run again, `benchmarks/readme_table.py` must be too."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        readme_table = importlib.import_module("readme_table")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    block = readme_table.block(readme_table.load(COMMITTED))
+    assert "not measured yet" not in block
+    for _, _, caption, columns in TABLES:
+        assert caption in block and "| " + " | ".join(h for _, h, _ in columns) + " |" in block
+    readme_table.main(["--check"])
