@@ -127,7 +127,7 @@ TABLES = [
       "the warm CPU time to the cold, same run"),
      [("path", "path", "`{}`"), ("cold CPU s", "cold CPU s", F1), ("cold wall s", "cold wall s", F1),
       ("kernels compiled", "kernels compiled", S), ("warm CPU s", "warm CPU s", F2),
-      ("warm wall s", "warm wall s", F2), ("warm CPU / cold CPU", "warm / cold CPU", F2)]),
+      ("warm wall s", "warm wall s", F2), ("warm CPU / cold CPU", "warm / cold CPU", "{:.3f}")]),
     ("bench_circuit_dc", "circuit_linear",
      ("Resistive circuits (`benchmarks/bench_circuit_dc.py`): the linear solves of a DC operating point; ratio "
       "to SciPy's `spsolve`, same run"),
