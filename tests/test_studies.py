@@ -418,13 +418,40 @@ def test_every_study_config_sweeps_at_debug_size(config_archives, path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_archives_match_the_reference(config_archives, path):
-    """Every deterministic result of every study at debug size, bit for bit, as made by the commit the reference
-    digests were made on (tests/archive_digest.py says what is compared and how to refresh them): a refactor
-    of the studies, the kernels or the devices must not change one bit of a result, nor a run id."""
+    """Every deterministic result of every study at debug size as made by the commit the reference digests were
+    made on: ids, configs, integers and strings bit for bit, floating-point results within archive_digest.RTOL
+    (a millionth; what another CPU's or BLAS kernel's rounding makes of them is ~1e-8 at most): a refactor of the
+    studies, the kernels or the devices must not change a result, nor a run id. tests/archive_digest.py says what
+    is compared and how to refresh the reference."""
     reference = json.load(open(archive_digest.REFERENCE))[os.path.basename(path)]
     now = archive_digest.digest(config_archives[path][1])
     assert sorted(now) == sorted(reference)
-    assert [k for k in reference if now[k] != reference[k]] == []
+    assert archive_digest.differences(now, reference) == {}
+
+
+def test_archive_digest_tells_rounding_from_a_changed_result():
+    """The gate's comparison: the rounding of another machine passes, a change of one value by a hundred-thousandth
+    of its array's size, a NaN where a number was, a changed shape or dtype, an integer off by one do not; a run's
+    result that is rounding noise itself is judged at its study's scale."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 40))
+    ref = archive_digest._digest(x)
+    assert archive_digest.deviation(archive_digest._digest(x * (1 + 1e-12)), ref) < archive_digest.RTOL
+    changed = x.copy()
+    changed[1, 7] += 1e-5 * np.abs(x).sum()
+    assert archive_digest.deviation(archive_digest._digest(changed), ref) > archive_digest.RTOL
+    nan = x.copy()
+    nan[0, 0] = np.nan
+    for other in (nan, x.astype(np.float32), x.reshape(40, 3), x.astype(complex)):
+        assert archive_digest.deviation(archive_digest._digest(other), ref) == np.inf
+    assert archive_digest.deviation(archive_digest._digest(np.arange(5)), archive_digest._digest(np.arange(5) + 1)) \
+        == np.inf
+    tiny, study = archive_digest._digest(np.array(1.6e-16)), archive_digest._digest(np.array([1.6e-16, 0.7]))
+    assert archive_digest.deviation(archive_digest._digest(np.array(1.7e-16)), tiny) > 1e-2
+    reference = {"data/limit_error": study, "runs/a/scalars/limit_error": tiny}
+    now = {"data/limit_error": study, "runs/a/scalars/limit_error": archive_digest._digest(np.array(1.7e-16))}
+    assert archive_digest.differences(now, reference) == {}
+    assert archive_digest.differences({}, reference) == {k: np.inf for k in reference}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
