@@ -31,6 +31,8 @@ def resolve_dtype(network: Network, dtype=None) -> np.dtype:
     """The state dtype: the network's by default; complex128 is allowed for a float64 network whose
     activations are all holomorphic (holomorphic EP nudges a real circuit with complex beta)."""
     net = network.dtype
+    if dtype is None and net.kind != "c":  # the network's own real dtype (every call's default)
+        return net
     dtype = net if dtype is None else check_dtype(dtype)
     if dtype == np.complex128:
         bad = [x.name for x in network.layers if x.activation not in HOLOMORPHIC]
@@ -60,7 +62,7 @@ class VectorField:
         self.batch = self.drive.shape[1]
         self.effects = network.kernel_effects(self.packed, self.batch)
         # does an effect change rho (a device's activation mismatch)? The derivative kernels are nominal
-        self.mismatch = any(getattr(e, "changes_activation", False) for e in self.effects)
+        self.mismatch = bool(self.effects) and any(getattr(e, "changes_activation", False) for e in self.effects)
         self._tmp = np.empty((self.packed.max_rows, self.batch), self.dtype)
 
     def state(self, u, argument: str = "u") -> np.ndarray:

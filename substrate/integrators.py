@@ -287,7 +287,7 @@ MAX_ALLOCATION_GIB = 4.0
 
 def allocate(shape, dtype, what: str, remedy: str) -> np.ndarray:
     """An uninitialised array, refused (with its size) beyond ``MAX_ALLOCATION_GIB``."""
-    gib = math.prod(int(s) for s in shape) * np.dtype(dtype).itemsize / 2 ** 30
+    gib = math.prod(map(int, shape)) * np.dtype(dtype).itemsize / 2 ** 30
     if gib > MAX_ALLOCATION_GIB:
         raise SubstrateValueError(f"{what} would take {gib:.3g} GiB, more than the cap of "
                                   f"{MAX_ALLOCATION_GIB:g} GiB (integrators.MAX_ALLOCATION_GIB); {remedy}")
@@ -376,11 +376,10 @@ def _no_record(n, nb, dtype, n_save):
 _WORK_KEEP = 6
 
 
-def _take(network, key, make):
-    """The buffers ``key`` from an earlier call on ``network``, or ``make()``. Taken out of the network's
+def _take(network, key):
+    """The buffers ``key`` from an earlier call on ``network``, or None. Taken out of the network's
     store while in use (a concurrent call makes its own); :func:`_give` puts them back."""
-    buffers = network._work.pop(key, None)
-    return make() if buffers is None else buffers
+    return network._work.pop(key, None)
 
 
 def _give(network, key, buffers):
@@ -433,16 +432,18 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
                      "pass fewer t_eval points")
     residual = np.zeros(nb)
     u_out = np.empty_like(u)
-    # the kernel's buffers, relax's residual traces (the largest residual and its time at each of the
+    # the kernel's buffers, relax's traces (rows: the time and the largest residual at each of the
     # first 1e6 steps, written as taken; copied out below) and the record of a call without gradient
     # (written, never read): reused across calls of this shape
     length = min(max_steps, 1_000_000) + 1 if relax else 0
     rows = vf._tmp.shape[0]
     key = (n, nb, vf.dtype, stages, rows, length, None if record else len(t_save))
-    buffers = _take(vf.network, key, lambda: (
-        _new_work(n, nb, vf.dtype, stages, rows), np.empty(length), np.empty(length),
-        None if record else _no_record(n, nb, vf.dtype, len(t_save))))
-    work, t_trace, res_trace, unread = buffers
+    buffers = _take(vf.network, key)
+    if buffers is None:
+        traces = np.empty((2, length))
+        buffers = (_new_work(n, nb, vf.dtype, stages, rows), traces, traces[0], traces[1],
+                   None if record else _no_record(n, nb, vf.dtype, len(t_save)))
+    work, traces, t_trace, res_trace, unread = buffers
     record = record or unread
     effects = vf.effects
     if effects:
@@ -456,8 +457,7 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
         (t_save, saved, u_out, *record),
         _no_nudge(vf.dtype) if nudge is None else tuple(nudge.kernel_args(vf.network, vf.dtype, vf.batch)),
         effects, work)
-    kept = min(steps + 1, length)
-    trace = (t_trace[:kept].copy(), res_trace[:kept].copy()) if relax else None
+    trace = traces[:, :min(steps + 1, length)].copy() if relax else None  # (times, residuals)
     _give(vf.network, key, buffers)
     return status, t, steps, nfev, rejected, saved, residual, trace, u_out
 
@@ -521,15 +521,17 @@ def _checked_stability(vf: VectorField, u, nudge):
     """:func:`stability` of states u (engine layout), remembered on the network for the last states
     checked with its cached packed weights, no nudge and no device effects (what the check depends
     on): relaxing again from a checked equilibrium, which takes no step, does not repeat the check
-    (on a small network it costs ~20 calls)."""
+    (on a small network it costs ~20 calls). Returns (eigenvalue, unstable, whether any sample is
+    unstable); the caller reads ``unstable``, never writes it."""
     if nudge is not None or vf.effects:
-        return stability(vf, u, nudge)
-    key = (vf.packed, u.shape, u.tobytes())
+        eigenvalue, unstable = stability(vf, u, nudge)
+        return eigenvalue, unstable, bool(unstable.any())
+    p, shape, data = vf.packed, u.shape, u.tobytes()
     memo = vf.network._stability
-    if memo is None or memo[0] is not key[0] or memo[1:3] != key[1:]:
-        memo = vf.network._stability = (*key, stability(vf, u))
-    eigenvalue, unstable = memo[3]
-    return eigenvalue.copy(), unstable.copy()
+    if memo is None or memo[0] is not p or memo[1] != shape or memo[2] != data:
+        eigenvalue, unstable = stability(vf, u)
+        memo = vf.network._stability = (p, shape, data, eigenvalue, unstable, bool(unstable.any()))
+    return memo[3].copy(), memo[4], memo[5]  # the eigenvalues go to the caller's Solution
 
 
 def _finish(sol: Solution, on_failure: str, what: str):
@@ -573,7 +575,7 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
                                on_failure=on_failure)
     stepper = get_method(method)
     _check_on_failure(on_failure)
-    t0, t1, t_eval = _check_times(t_span, t_eval, default=(lambda t0, t1: [t0, t1]))
+    t0, t1, t_eval = _check_times(t_span, t_eval, default=_ends)
     dt = _positive(dt, "dt", allow_none=True)
     rtol, atol = _nonnegative(rtol, "rtol"), _nonnegative(atol, "atol")
     if stepper.adaptive and rtol == 0 and atol == 0:
@@ -602,6 +604,11 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
                    steps=steps, nfev=nfev, rejected=rej, residual=residual, t_final=t,
                    message=message, slices=network.slices, field=vf, t_start=t0)
     return _finish(sol, on_failure, "integrate")
+
+
+def _ends(t0, t1):
+    """integrate's default t_eval: the two ends of t_span."""
+    return [t0, t1]
 
 
 def _final_residual(vf: VectorField, u_out) -> np.ndarray:
@@ -654,8 +661,8 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
     message = "" if status == K.SUCCESS else f"stopped at t={t:.6g} (step {steps})"
     eigenvalue, name = None, _STATUS[status]
     if status == K.SUCCESS:  # the residual test passed: is the fixed point a stable one of the ODE?
-        eigenvalue, unstable = _checked_stability(vf, u_out, nudge)
-        if unstable.any():
+        eigenvalue, unstable, any_unstable = _checked_stability(vf, u_out, nudge)
+        if any_unstable:
             b, name = int(np.flatnonzero(unstable)[0]), "unstable"
             message = (f"the fixed point of sample {b} ({int(unstable.sum())} of {vf.batch} samples) is not a "
                        f"stable equilibrium of the ODE: tau^-1 dF/du has the eigenvalue {eigenvalue[b]:.6g} "
