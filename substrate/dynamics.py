@@ -19,6 +19,8 @@ For complex states every product is the plain (holomorphic) transpose, never the
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 
 from . import _kernels as K
@@ -63,7 +65,12 @@ class VectorField:
         self.effects = network.kernel_effects(self.packed, self.batch)
         # does an effect change rho (a device's activation mismatch)? The derivative kernels are nominal
         self.mismatch = bool(self.effects) and any(getattr(e, "changes_activation", False) for e in self.effects)
-        self._tmp = np.empty((self.packed.max_rows, self.batch), self.dtype)
+
+    @cached_property
+    def _tmp(self) -> np.ndarray:
+        """The products' scratch (largest layer, batch), made when first used (integrate and relax
+        bring their own)."""
+        return np.empty((self.packed.max_rows, self.batch), self.dtype)
 
     def state(self, u, argument: str = "u") -> np.ndarray:
         """Validate a (batch, n) state and return the engine's (n, batch) C-ordered copy."""
@@ -78,9 +85,9 @@ class VectorField:
                 raise SubstrateValueError(
                     f"mismatched dtypes: {argument} is {u.dtype} but the states are {self.dtype}; "
                     f"pass dtype={u.dtype.name!r} or convert {argument}")
-        if not np.isfinite(u).all():
+        if not np.logical_and.reduce(np.isfinite(u), axis=None):  # ndarray.all's Python wrapper costs as much
             raise SubstrateValueError(f"{argument} contains NaN or Inf")
-        return np.ascontiguousarray(u.T)
+        return np.array(u.T, order="C")  # a copy also of a batch of one, whose u.T is C-ordered already
 
     def _args(self):
         p = self.packed

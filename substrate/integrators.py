@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, dataclass, field, fields
-from functools import cache, cached_property, lru_cache, partial
+from functools import cache, cached_property, partial
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from . import counts as _counts
 from . import validate
 from .dynamics import VectorField, rightmost_eigenvalues
 from .errors import ConvergenceError, DivergenceError, StepSizeError, SubstrateValueError
-from .network import Network, _shown
+from .network import Network, _own_reading, _shown
 from .nudge import Nudge, no_nudge
 
 
@@ -43,6 +43,12 @@ class AbstractStepper:
     def kernel_args(self):
         """The method as ``_kernels.run`` takes it: a ``_kernels.Stepper``."""
         raise NotImplementedError
+
+    @cached_property
+    def _kernel(self) -> tuple:
+        """:meth:`kernel_args` as a plain tuple, built once per stepper (its fields are frozen; the
+        kernels only read it): an attribute read a call, no hashing of the tableau."""
+        return tuple(self.kernel_args())
 
 
 @dataclass(frozen=True)
@@ -101,31 +107,6 @@ METHODS = {
         ExponentialRK("etdrk4", 4, method=K.ETDRK4, stages=4),
     )
 }
-
-
-def _kernel_stepper(stepper: AbstractStepper) -> tuple:
-    """``stepper.kernel_args()`` as a plain tuple (a ``_kernels.Stepper``), built once per stepper when
-    it is hashable (the kernels only read it). Looked up by identity first: hashing a frozen
-    dataclass hashes its tableau at every call (~1 us)."""
-    known = _BY_ID.get(id(stepper))
-    if known is not None and known[0] is stepper:
-        return known[1]
-    try:
-        args = _kernel_stepper_of(stepper)
-    except TypeError:  # a user's stepper with unhashable fields
-        return tuple(stepper.kernel_args())
-    if len(_BY_ID) >= 64:
-        _BY_ID.clear()
-    _BY_ID[id(stepper)] = (stepper, args)  # the stepper kept alive: its id is not reused meanwhile
-    return args
-
-
-_BY_ID = {}
-
-
-@lru_cache(maxsize=64)
-def _kernel_stepper_of(stepper: AbstractStepper) -> tuple:
-    return tuple(stepper.kernel_args())
 
 
 @cache
@@ -260,11 +241,13 @@ _SOLUTION_DEFAULTS = {f.name: f.default for f in fields(Solution) if f.default i
 
 # ------------------------------------------------------------------------------------ checks
 # the engine's wording: what is no number is refused first ("dt='big' must be a positive number")
-# A finite float in range is passed at once: a call checks up to eight numbers, ~0.3 us each through
+# A float in range (and an allowed None) is passed at once: a call checks up to eight numbers, ~0.3 us each through
 # validate's general path
 def _positive(value, name, *, allow_none=False, allow_inf=False):
-    if type(value) is float and 0.0 < value < math.inf:
+    if type(value) is float and 0.0 < value and (value < math.inf or allow_inf):
         return value
+    if value is None and allow_none:
+        return None
     return validate.positive(value, name, allow_none=allow_none, allow_inf=allow_inf, staged=True)
 
 
@@ -343,7 +326,8 @@ def _prepare(network, x, u0, dtype, batch):
         raise SubstrateValueError(f"network must be a substrate Network, got {type(network).__name__}")
     if u0 is not None and batch is None and not network.inputs:
         batch = np.shape(u0)[0] if np.ndim(u0) == 2 else None
-    if u0 is not None and dtype is None and np.iscomplexobj(u0):
+    if u0 is not None and dtype is None and (u0.dtype.kind == "c" if type(u0) is np.ndarray
+                                             else np.iscomplexobj(u0)):
         dtype = np.complex128
     vf = VectorField(network, x, batch=batch, dtype=dtype)
     u = np.zeros((network.n, vf.batch), vf.dtype) if u0 is None else vf.state(u0, "u0")
@@ -388,12 +372,10 @@ def _give(network, key, buffers):
         network._work.pop(next(iter(network._work)))  # the oldest
 
 
-def _new_work(n, nb, dtype, s, rows) -> tuple:
+def _new_work(n, nb, dtype, s) -> tuple:
     """The stepping kernel's buffers, a ``_kernels.Work`` as a plain tuple."""
     real = np.float32 if dtype == np.float32 else np.float64
-    e = partial(np.empty, (n, nb), dtype)
-    return (e(), e(), e(), e(), e(), e(), e(), e(), e(), np.empty((s, n, nb), dtype), np.empty((rows, nb), dtype),
-            np.empty((s + 1, n), real), np.empty((s + 1, s, n), real), np.empty(nb))
+    return np.empty((10 + s, n, nb), dtype), np.empty((s + 1, n), real), np.empty((s + 1, s, n), real), np.empty(nb)
 
 
 def _check_effects(effects, stepper, adaptive, dtype):
@@ -414,7 +396,7 @@ def _check_effects(effects, stepper, adaptive, dtype):
 
 def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_save, relax,
            res_rtol, res_atol, record=None, nudge=None):
-    kstepper = _kernel_stepper(stepper)
+    kstepper = stepper._kernel
     adaptive, stages = kstepper[6], kstepper[3].shape[0]  # K.Stepper's adaptive, len(bw)
     if nudge is not None and not isinstance(nudge, Nudge):
         raise SubstrateValueError(f"nudge must be a substrate.nudge.Nudge, got {type(nudge).__name__}")
@@ -431,35 +413,58 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     saved = allocate((len(t_save), n, nb), vf.dtype, f"the states at {len(t_save)} t_eval points",
                      "pass fewer t_eval points")
     residual = np.zeros(nb)
-    u_out = np.empty_like(u)
+    u_out = np.empty((n, nb), u.dtype)
     # the kernel's buffers, relax's traces (rows: the time and the largest residual at each of the
     # first 1e6 steps, written as taken; copied out below) and the record of a call without gradient
     # (written, never read): reused across calls of this shape
     length = min(max_steps, 1_000_000) + 1 if relax else 0
-    rows = vf._tmp.shape[0]
-    key = (n, nb, vf.dtype, stages, rows, length, None if record else len(t_save))
+    key = (n, nb, vf.dtype, stages, length, None if record else len(t_save))
     buffers = _take(vf.network, key)
     if buffers is None:
         traces = np.empty((2, length))
-        buffers = (_new_work(n, nb, vf.dtype, stages, rows), traces, traces[0], traces[1],
+        buffers = (_new_work(n, nb, vf.dtype, stages), traces, traces[0], traces[1],
                    None if record else _no_record(n, nb, vf.dtype, len(t_save)))
     work, traces, t_trace, res_trace, unread = buffers
-    record = record or unread
     effects = vf.effects
     if effects:
         _check_effects(effects, stepper, adaptive, vf.dtype)
+    # the configurations whose argument types are fixed by construction (see _run)
+    typed = (None if effects or nudge is not None or record is not None or METHODS.get(stepper.name) is not stepper
+             or not _own_reading(type(vf.network)) else (stepper.name, vf.dtype, p.wbuf.dtype))
     # plain tuples of the kernel's namedtuples (K.Stepper, Circuit, Span, Relaxation, Record, Nudge,
     # Work): Numba types them in C, a namedtuple costs ~2 us a call in its Python typeof
-    status, t, steps, nfev, rejected = K.run(
+    status, t, steps, nfev, rejected = _run(typed, (
         kstepper, vf.circuit_fields, u,
         (float(t0), float(t_end), float(dt), float(rtol), float(atol), h_min, int(max_steps), float(blowup)),
         (relax, float(res_rtol), float(res_atol), residual, res_trace, t_trace),
-        (t_save, saved, u_out, *record),
+        (t_save, saved, u_out, *(record or unread)),
         _no_nudge(vf.dtype) if nudge is None else tuple(nudge.kernel_args(vf.network, vf.dtype, vf.batch)),
-        effects, work)
+        effects, work))
     trace = traces[:, :min(steps + 1, length)].copy() if relax else None  # (times, residuals)
     _give(vf.network, key, buffers)
     return status, t, steps, nfev, rejected, saved, residual, trace, u_out
+
+
+def _run(typed, args):
+    """``_kernels.run(*args)``. ``typed``: None, or a key that fixes the Numba types of ``args``: a
+    built-in method (its tableau's types), the state dtype and the weights' dtype, on a circuit that
+    reads its parameters as :class:`Network` does, with no device effects, nudge or recording. Every
+    array then is the engine's own (C order, writable, aligned: the packed weights, the drive, the
+    buffers, a fresh copy of the initial state, ``_no_nudge``) and the kernel compiled for the first
+    such call is called directly after it, without the dispatcher typing ~30 arrays (~3 us a call,
+    a sixth of a small network's)."""
+    compiled = _COMPILED_RUN.get(typed) if typed is not None else None
+    if compiled is not None:
+        return compiled(*args)
+    out = K.run(*args)
+    if typed is not None:
+        found = K.run.overloads.get(tuple(map(K.run.typeof_pyval, args)))
+        if found is not None:
+            _COMPILED_RUN[typed] = found.entry_point
+    return out
+
+
+_COMPILED_RUN = {}
 
 
 def stability(vf: VectorField, u, nudge=None):

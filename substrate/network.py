@@ -26,6 +26,7 @@ import operator
 import sys
 import warnings
 from collections.abc import Iterable, Mapping
+from itertools import chain
 from dataclasses import dataclass
 from functools import cache, cached_property
 from typing import Sequence
@@ -113,6 +114,8 @@ def _fingerprint(sources: list) -> tuple:
 # through map, in C: a list comprehension's frame costs more than these small arrays' reads
 _LAYOUT = operator.attrgetter("shape", "dtype")
 _BYTES = np.ndarray.tobytes
+_LAYER_SOURCES = operator.attrgetter("activation", "tau", "bias")
+_CONNECTION_SOURCES = operator.attrgetter("weight", "mask", "tied")
 
 
 def _unchanged(sources, fingerprint) -> bool:
@@ -123,11 +126,6 @@ def _unchanged(sources, fingerprint) -> bool:
         return False
     return (list(map(_LAYOUT, small)) == layout and b"".join(map(_BYTES, small)) == joined
             and (not large or all(map(_same, *zip(*large)))))
-
-
-def _same_inputs(xs: dict, snapshots: list) -> bool:
-    """Have the inputs ``xs`` (in order) the shapes, dtypes and bits of ``snapshots``?"""
-    return all(map(_same, xs.values(), snapshots))
 
 
 @cache
@@ -483,12 +481,8 @@ class Network:
 
     def _sources(self) -> list:
         """Everything the packed form and the drive are computed from and a user may change."""
-        out = []
-        for x in self.layers:
-            out += (x.activation, x.tau, x.bias)
-        for c in self.connections:
-            out += (c.weight, c.mask, c.tied)
-        return out
+        return [*chain.from_iterable(map(_LAYER_SOURCES, self.layers)),
+                *chain.from_iterable(map(_CONNECTION_SOURCES, self.connections))]
 
     def prepared(self, xs: dict, batch: int | None, dtype) -> tuple:
         """(packed, input weights, drive) for checked inputs ``xs`` (:meth:`check_inputs`, with or
@@ -497,7 +491,7 @@ class Network:
         parameter is the same object with the same bits and (for the drive) the inputs and batch have
         the same bits; recomputed otherwise, into new arrays (a ``VectorField`` made earlier keeps
         its own). The returned arrays are shared between calls: read them, never write them."""
-        dtype = np.dtype(dtype)
+        dtype = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)
         if not _own_reading(type(self)):
             weights = {k: w.copy() for k, w in self.input_weights().items()}
             return self.pack(dtype), weights, self.drive(xs, batch, dtype, weights=weights)
@@ -511,7 +505,7 @@ class Network:
             return entry.packed, entry.input_weights, self.drive(xs, batch, dtype, weights=entry.input_weights)
         # inputs are compared by contents only: a minibatch is often a new view of the same data
         key = (batch, tuple(xs))
-        if entry.drive is None or key != entry.drive_key or not _same_inputs(xs, entry.inputs):
+        if entry.drive is None or key != entry.drive_key or not all(map(_same, xs.values(), entry.inputs)):
             entry.drive = self.drive(xs, batch, dtype, weights=entry.input_weights)
             entry.drive_key, entry.inputs = key, [_snapshot(a) for a in xs.values()]
         return entry.packed, entry.input_weights, entry.drive
