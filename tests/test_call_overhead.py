@@ -134,3 +134,50 @@ def test_state_noise_moves_the_state_before_its_activity():
         r = 1 / (1 + np.exp(2 - 4 * u))
         u = u + h * (-u + r @ W.T + b) + kicks[k]
         np.testing.assert_allclose(got[k + 1], u, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ compiled run
+def test_run_called_directly_gives_the_dispatchers_bits(monkeypatch):
+    """The compiled stepping kernel called without the dispatcher (``integrators._run``, kept for the
+    configurations whose argument types are fixed) returns what the dispatcher's call returned, bit
+    for bit, for each built-in method and dtype; a nudge, a device effect or a network reading its
+    own parameters never takes that path."""
+    monkeypatch.setattr(I, "_COMPILED_RUN", {})
+    net = S.Network.layered([4, 8, 3], np.random.default_rng(0), activation="tanh")
+    for dtype in ("float64", "complex128"):
+        for method in ("euler", "dopri5", "etd2rk"):
+            def phase():
+                sol = S.integrate(net, X, t_span=(0.0, 0.6), t_eval=[0.2, 0.6], dt=0.1, method=method,
+                                  dtype=dtype)
+                return sol.u, sol.steps, S.relax(net, X, method=method, dtype=dtype, tol=1e-7).u
+            first = phase()  # by the dispatcher, which leaves its compiled kernel in _COMPILED_RUN
+            assert (method, np.dtype(dtype), np.dtype("float64")) in I._COMPILED_RUN
+            again = phase()
+            for a, b in zip(first, again):
+                assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    known = dict(I._COMPILED_RUN)
+    y = np.eye(3)[[0, 1]]
+    S.relax(net, X, method="rk4", nudge=S.Nudge(S.Cost("y"), 0.5, y))
+    S.integrate(D.attach(net, D.Device((D.StateNoise(0.1),)), np.random.default_rng(1)), X,
+                t_span=(0.0, 0.2), dt=0.1, method="rk4")
+
+    class OwnWeights(S.Network):  # reads its weights its own way: its arrays are not the engine's
+        def circuit_weight(self, c):
+            return super().circuit_weight(c)
+    S.integrate(OwnWeights(net.layers, net.connections, net.inputs), X, t_span=(0.0, 0.2), dt=0.1, method="rk4")
+    assert I._COMPILED_RUN == known
+
+
+def test_a_read_only_initial_state_of_one_sample():
+    """A batch of one's u0 transposed is already C-ordered: the engine's state is still a copy (its
+    own array, writable, as the direct kernel call needs), and a read-only u0 relaxes as a writable
+    one does."""
+    x = X[:1]
+    net = S.Network.layered([4, 8, 3], np.random.default_rng(0))
+    u0 = S.integrate(net, x, t_span=(0.0, 0.5), dt=0.1, method="euler").u[-1]
+    frozen = u0.copy()
+    frozen.flags.writeable = False
+    state = S.VectorField(net, x).state(frozen)
+    assert not np.shares_memory(state, frozen) and state.flags.writeable and state.flags.c_contiguous
+    a, b = S.relax(net, x, u0=u0, tol=1e-9), S.relax(net, x, u0=frozen, tol=1e-9)
+    assert a.steps > 0 and a.u.tobytes() == b.u.tobytes()
