@@ -18,6 +18,7 @@ fixed point of F exactly fixed.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import MISSING, dataclass, field, fields
 from functools import cache, cached_property, partial
 
@@ -310,7 +311,7 @@ def _check_times(t_span, t_eval, default, end_at_t1=False):
         ok = False
     elif t_eval.size <= _FEW_TIMES:  # a few Python floats: ~1 us where numpy's diff, any and all take ~6
         ts = t_eval.tolist()
-        ok = t0 <= ts[0] and ts[-1] <= t1 and all(a < b for a, b in zip(ts, ts[1:]))  # NaN fails a comparison
+        ok = t0 <= ts[0] and ts[-1] <= t1 and all(map(operator.lt, ts, ts[1:]))  # NaN fails a comparison
     else:
         ok = not (np.any(np.diff(t_eval) <= 0) or t_eval[0] < t0 or t_eval[-1] > t1
                   or not np.all(np.isfinite(t_eval)))
@@ -586,11 +587,12 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
     if stepper.adaptive and rtol == 0 and atol == 0:
         raise SubstrateValueError("rtol and atol cannot both be 0 for an adaptive method")
     max_steps = _count(max_steps, "max_steps")
-    check_step_count(stepper, t0, float(t_eval[-1]), dt, max_steps)
+    t_end = float(t_eval[-1])
+    check_step_count(stepper, t0, t_end, dt, max_steps)
     blowup = _positive(blowup, "blowup")
     vf, u = _prepare(network, x, u0, dtype, batch)
     status, t, steps, nfev, rej, saved, _, _, u_out = _solve(
-        vf, u, stepper, t0=t0, t_end=float(t_eval[-1]), dt=dt, rtol=rtol, atol=atol,
+        vf, u, stepper, t0=t0, t_end=t_end, dt=dt, rtol=rtol, atol=atol,
         max_steps=max_steps, blowup=blowup, t_save=t_eval, relax=False, res_rtol=0.0, res_atol=0.0,
         nudge=nudge)
     if status == K.DIVERGED:
