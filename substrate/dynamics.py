@@ -78,7 +78,7 @@ class VectorField:
         if u.shape != (self.batch, self.network.n):
             raise SubstrateValueError(
                 f"{argument} has shape {u.shape}, expected (batch, n) = ({self.batch}, {self.network.n})")
-        if u.dtype != self.dtype:
+        if u.dtype is not self.dtype and u.dtype != self.dtype:  # the same (canonical) dtype object, mostly
             if u.dtype.kind in "iu" or (u.dtype.kind == "f" and self.dtype.kind == "c"):
                 u = u.astype(self.dtype)
             else:
