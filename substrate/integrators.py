@@ -110,6 +110,11 @@ METHODS = {
 }
 
 
+# the steppers of METHODS as the module made them (kept alive by it: their ids are never reused); a
+# stepper put into METHODS later is not among them
+_BUILT_IN = frozenset(map(id, METHODS.values()))
+
+
 @cache
 def _no_nudge(dtype) -> tuple:
     """``nudge.no_nudge(dtype)`` as a plain tuple, built once per dtype (not read with code NO_NUDGE)."""
@@ -430,7 +435,7 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     if effects:
         _check_effects(effects, stepper, adaptive, vf.dtype)
     # the configurations whose argument types are fixed by construction (see _run)
-    typed = (None if effects or nudge is not None or record is not None or METHODS.get(stepper.name) is not stepper
+    typed = (None if effects or nudge is not None or record is not None or id(stepper) not in _BUILT_IN
              or not _own_reading(type(vf.network)) else (stepper.name, vf.dtype, p.wbuf.dtype))
     # plain tuples of the kernel's namedtuples (K.Stepper, Circuit, Span, Relaxation, Record, Nudge,
     # Work): Numba types them in C, a namedtuple costs ~2 us a call in its Python typeof
@@ -453,7 +458,7 @@ def _run(typed, args):
     array then is the engine's own (C order, writable, aligned: the packed weights, the drive, the
     buffers, a fresh copy of the initial state, ``_no_nudge``) and the kernel compiled for the first
     such call is called directly after it, without the dispatcher typing ~30 arrays (~3 us a call,
-    a sixth of a small network's)."""
+    a tenth of a small network's)."""
     compiled = _COMPILED_RUN.get(typed) if typed is not None else None
     if compiled is not None:
         return compiled(*args)

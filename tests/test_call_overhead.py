@@ -141,11 +141,11 @@ def test_run_called_directly_gives_the_dispatchers_bits(monkeypatch):
     """The compiled stepping kernel called without the dispatcher (``integrators._run``, kept for the
     configurations whose argument types are fixed) returns what the dispatcher's call returned, bit
     for bit, for each built-in method and dtype; a nudge, a device effect or a network reading its
-    own parameters never takes that path."""
+    own parameters or a stepper of the user's never takes that path."""
     monkeypatch.setattr(I, "_COMPILED_RUN", {})
     net = S.Network.layered([4, 8, 3], np.random.default_rng(0), activation="tanh")
     for dtype in ("float64", "complex128"):
-        for method in ("euler", "dopri5", "etd2rk"):
+        for method in ("euler", "dopri5", "etd2rk"):  # the families: fixed step, adaptive, exponential
             def phase():
                 sol = S.integrate(net, X, t_span=(0.0, 0.6), t_eval=[0.2, 0.6], dt=0.1, method=method,
                                   dtype=dtype)
@@ -165,6 +165,11 @@ def test_run_called_directly_gives_the_dispatchers_bits(monkeypatch):
         def circuit_weight(self, c):
             return super().circuit_weight(c)
     S.integrate(OwnWeights(net.layers, net.connections, net.inputs), X, t_span=(0.0, 0.2), dt=0.1, method="rk4")
+    # a user's stepper, even put into METHODS, has types of its own (fsal=0 is an integer)
+    mine = I.ExplicitRK("mine", 1, a=((0,),), b=(1,), fsal=0)
+    monkeypatch.setitem(I.METHODS, "mine", mine)
+    np.testing.assert_array_equal(S.integrate(net, X, t_span=(0.0, 0.2), dt=0.1, method="mine").u,
+                                  S.integrate(net, X, t_span=(0.0, 0.2), dt=0.1, method="euler").u)
     assert I._COMPILED_RUN == known
 
 
