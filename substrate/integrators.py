@@ -235,8 +235,7 @@ def _solution(**given) -> Solution:
     a small network's call). Fields left out take their defaults."""
     sol = object.__new__(Solution)
     values = sol.__dict__
-    values.update(_SOLUTION_DEFAULTS)
-    values["slices"] = {}
+    values.update(_SOLUTION_DEFAULTS, slices={})
     values.update(given)
     values["_residual"] = values.pop("residual")  # where _Deferred keeps it
     return sol
