@@ -72,8 +72,9 @@ class VectorField:
         bring their own)."""
         return np.empty((self.packed.max_rows, self.batch), self.dtype)
 
-    def state(self, u, argument: str = "u") -> np.ndarray:
-        """Validate a (batch, n) state and return the engine's (n, batch) C-ordered copy."""
+    def state(self, u, argument: str = "u", finite: bool = True) -> np.ndarray:
+        """Validate a (batch, n) state and return the engine's (n, batch) C-ordered copy.
+        ``finite=False`` leaves out the NaN/Inf check, for a caller that makes it later (relax)."""
         u = np.asarray(u)
         if u.shape != (self.batch, self.network.n):
             raise SubstrateValueError(
@@ -85,7 +86,7 @@ class VectorField:
                 raise SubstrateValueError(
                     f"mismatched dtypes: {argument} is {u.dtype} but the states are {self.dtype}; "
                     f"pass dtype={u.dtype.name!r} or convert {argument}")
-        if not np.logical_and.reduce(np.isfinite(u), axis=None):  # ndarray.all's Python wrapper costs as much
+        if finite and not np.logical_and.reduce(np.isfinite(u), axis=None):  # not ndarray.all: its Python wrapper
             raise SubstrateValueError(f"{argument} contains NaN or Inf")
         return np.array(u.T, order="C")  # a copy also of a batch of one, whose u.T is C-ordered already
 

@@ -326,7 +326,7 @@ def _check_times(t_span, t_eval, default, end_at_t1=False):
     return t0, t1, t_eval
 
 
-def _prepare(network, x, u0, dtype, batch):
+def _prepare(network, x, u0, dtype, batch, finite=True):
     if not isinstance(network, Network):
         raise SubstrateValueError(f"network must be a substrate Network, got {type(network).__name__}")
     if u0 is not None and batch is None and not network.inputs:
@@ -335,7 +335,7 @@ def _prepare(network, x, u0, dtype, batch):
                                              else np.iscomplexobj(u0)):
         dtype = np.complex128
     vf = VectorField(network, x, batch=batch, dtype=dtype)
-    u = np.zeros((network.n, vf.batch), vf.dtype) if u0 is None else vf.state(u0, "u0")
+    u = np.zeros((network.n, vf.batch), vf.dtype) if u0 is None else vf.state(u0, "u0", finite)
     return vf, u
 
 
@@ -660,7 +660,10 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
     step_rtol = 0.1 * rtol if step_rtol is None else _nonnegative(step_rtol, "step_rtol")
     step_atol = 0.1 * tol if step_atol is None else _nonnegative(step_atol, "step_atol")
     blowup = _positive(blowup, "blowup")
-    vf, u = _prepare(network, x, u0, dtype, batch)
+    # u0's NaN/Inf check after the kernel, and only when it diverged: the residual at u0, taken before
+    # any step, is NaN or Inf if u0 is (u enters it as itself), so the kernel returns at once (that
+    # check is a tenth of a small network's call). An adaptive first step is chosen from u0 before.
+    vf, u = _prepare(network, x, u0, dtype, batch, finite=stepper.adaptive and dt is None)
     if dt is None and not stepper.adaptive:
         tau_min = vf.packed.tau_min
         dt = tau_min if isinstance(stepper, ExponentialRK) else 0.5 * tau_min
@@ -669,6 +672,8 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
         vf, u, stepper, t0=0.0, t_end=min(max_time, read_time), dt=dt, rtol=step_rtol, atol=step_atol,
         max_steps=max_steps, blowup=blowup, t_save=np.zeros(0), relax=True, res_rtol=rtol,
         res_atol=tol, nudge=nudge)
+    if status == K.DIVERGED and steps == 0 and u0 is not None:
+        vf.state(u0, "u0")  # refuses a u0 with NaN or Inf
     message = "" if status == K.SUCCESS else f"stopped at t={t:.6g} (step {steps})"
     eigenvalue, name = None, _STATUS[status]
     if status == K.SUCCESS:  # the residual test passed: is the fixed point a stable one of the ODE?

@@ -187,3 +187,20 @@ def test_a_read_only_initial_state_of_one_sample():
     assert not np.shares_memory(state, frozen) and state.flags.writeable and state.flags.c_contiguous
     a, b = S.relax(net, x, u0=u0, tol=1e-9), S.relax(net, x, u0=frozen, tol=1e-9)
     assert a.steps > 0 and a.u.tobytes() == b.u.tobytes()
+
+
+@pytest.mark.parametrize("method", ["exp_euler", "euler", "rk4", "dopri5"])
+def test_relax_refuses_a_non_finite_u0(net, method):
+    """relax checks u0's finiteness after the kernel (which diverges at once on it): the same refusal
+    as before the kernel, whatever the method, nudge, dtype or on_failure; a finite u0 whose
+    relaxation diverges is a DivergenceError, not a refusal."""
+    y = np.eye(3)[[0, 1]]
+    for bad in (math.nan, math.inf, -math.inf):
+        for dtype in ("float64", "complex128"):
+            u0 = np.zeros((2, net.n), dtype)
+            u0[1, 3] = bad
+            for nudge in (None, S.Nudge(S.Cost("y"), 0.5, y)):
+                with pytest.raises(Bad, match="u0 contains NaN or Inf"):
+                    S.relax(net, X, u0=u0, method=method, nudge=nudge, on_failure="return")
+    with pytest.raises(S.DivergenceError):
+        S.relax(net, X, u0=np.full((2, net.n), 1e11), method=method, blowup=1e10)
