@@ -75,10 +75,11 @@ Relaxation = namedtuple("Relaxation", "on rtol atol residual res_trace t_trace")
 # steps (ckpt; ckpt_every 0: none).
 Record = namedtuple("Record", "t_save saved u_out h_record save_step ckpt_every ckpt")
 # The stepping kernel's buffers, held by the caller across calls (``integrators._solve`` keeps them):
-# the state and activity with their next values, two stage points with activities, W rho(Y) (n, B) each,
-# the stage slopes (s, n, B), the product scratch tmp (largest layer, B), the step coefficients alpha
+# states (10 + s, n, B): the state and activity with their next values, two stage points with
+# activities, W rho(Y), the product scratch tmp, then the s stage slopes (one array: each array
+# argument costs the dispatcher and Numba's unboxing ~0.1 us a call); the step coefficients alpha
 # (s + 1, n) and coef (s + 1, s, n) in the real dtype, and umax (B,). Every one is written before read.
-Work = namedtuple("Work", "u r unew rnew ya ra yb rb wr stages tmp alpha coef umax")
+Work = namedtuple("Work", "states alpha coef umax")
 # A teaching current (see ``teach``): cost code, the nudged rows lo:hi, beta (1,), target (m, B),
 # readout W_o (C, m) and b_o (C,) in the real dtype of the state's (real times complex: half the work),
 # scratch (C + 1, B); the other arrays in the state's dtype.
@@ -1006,7 +1007,7 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects, work):
     noise split off the deterministic step, strong order 1/2); ``()`` for an ideal circuit.
 
     ``work``: the buffers (a :data:`Work` of this shape and dtype), reused across calls; ``u`` is copied
-    into ``work.u``, so the caller's array is never written.
+    into ``work.states[0]``, so the caller's array is never written.
 
     Every structured argument but ``effects`` may be given as a plain tuple of the namedtuple's fields:
     Numba's dispatcher types plain tuples of arrays in C but namedtuples in Python (measured: ~2 us a
@@ -1025,7 +1026,10 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects, work):
     ns = t_save.shape[0]
     # the buffers are swapped below: the caller's array must not become one of them
     u_in = u
-    u, r, unew, rnew, ya, ra, yb, rb, wr, stages, tmp, alpha, coef, umax = work
+    states, alpha, coef, umax = work
+    u, r, unew, rnew, ya, ra, yb, rb, wr, tmp = (states[0], states[1], states[2], states[3], states[4],
+                                                 states[5], states[6], states[7], states[8], states[9])
+    stages = states[10:]
     copy_rows(u_in, u)
     s = bw.shape[0]
     alpha[:] = 0.0  # coefficients() writes only the nonzero ones of a method

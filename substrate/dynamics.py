@@ -19,6 +19,8 @@ For complex states every product is the plain (holomorphic) transpose, never the
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 
 from . import _kernels as K
@@ -31,6 +33,8 @@ def resolve_dtype(network: Network, dtype=None) -> np.dtype:
     """The state dtype: the network's by default; complex128 is allowed for a float64 network whose
     activations are all holomorphic (holomorphic EP nudges a real circuit with complex beta)."""
     net = network.dtype
+    if dtype is None and net.kind != "c":  # the network's own real dtype (every call's default)
+        return net
     dtype = net if dtype is None else check_dtype(dtype)
     if dtype == np.complex128:
         bad = [x.name for x in network.layers if x.activation not in HOLOMORPHIC]
@@ -60,25 +64,31 @@ class VectorField:
         self.batch = self.drive.shape[1]
         self.effects = network.kernel_effects(self.packed, self.batch)
         # does an effect change rho (a device's activation mismatch)? The derivative kernels are nominal
-        self.mismatch = any(getattr(e, "changes_activation", False) for e in self.effects)
-        self._tmp = np.empty((self.packed.max_rows, self.batch), self.dtype)
+        self.mismatch = bool(self.effects) and any(getattr(e, "changes_activation", False) for e in self.effects)
 
-    def state(self, u, argument: str = "u") -> np.ndarray:
-        """Validate a (batch, n) state and return the engine's (n, batch) C-ordered copy."""
+    @cached_property
+    def _tmp(self) -> np.ndarray:
+        """The products' scratch (largest layer, batch), made when first used (integrate and relax
+        bring their own)."""
+        return np.empty((self.packed.max_rows, self.batch), self.dtype)
+
+    def state(self, u, argument: str = "u", finite: bool = True) -> np.ndarray:
+        """Validate a (batch, n) state and return the engine's (n, batch) C-ordered copy.
+        ``finite=False`` leaves out the NaN/Inf check, for a caller that makes it later (relax)."""
         u = np.asarray(u)
         if u.shape != (self.batch, self.network.n):
             raise SubstrateValueError(
                 f"{argument} has shape {u.shape}, expected (batch, n) = ({self.batch}, {self.network.n})")
-        if u.dtype != self.dtype:
+        if u.dtype is not self.dtype and u.dtype != self.dtype:  # the same (canonical) dtype object, mostly
             if u.dtype.kind in "iu" or (u.dtype.kind == "f" and self.dtype.kind == "c"):
                 u = u.astype(self.dtype)
             else:
                 raise SubstrateValueError(
                     f"mismatched dtypes: {argument} is {u.dtype} but the states are {self.dtype}; "
                     f"pass dtype={u.dtype.name!r} or convert {argument}")
-        if not np.isfinite(u).all():
+        if finite and not np.logical_and.reduce(np.isfinite(u), axis=None):  # not ndarray.all: its Python wrapper
             raise SubstrateValueError(f"{argument} contains NaN or Inf")
-        return np.ascontiguousarray(u.T)
+        return np.array(u.T, order="C")  # a copy also of a batch of one, whose u.T is C-ordered already
 
     def _args(self):
         p = self.packed

@@ -18,8 +18,9 @@ fixed point of F exactly fixed.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import MISSING, dataclass, field, fields
-from functools import cache, cached_property, lru_cache, partial
+from functools import cache, cached_property, partial
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from . import counts as _counts
 from . import validate
 from .dynamics import VectorField, rightmost_eigenvalues
 from .errors import ConvergenceError, DivergenceError, StepSizeError, SubstrateValueError
-from .network import Network, _shown
+from .network import Network, _own_reading, _shown
 from .nudge import Nudge, no_nudge
 
 
@@ -43,6 +44,12 @@ class AbstractStepper:
     def kernel_args(self):
         """The method as ``_kernels.run`` takes it: a ``_kernels.Stepper``."""
         raise NotImplementedError
+
+    @cached_property
+    def _kernel(self) -> tuple:
+        """:meth:`kernel_args` as a plain tuple, built once per stepper (its fields are frozen; the
+        kernels only read it): an attribute read a call, no hashing of the tableau."""
+        return tuple(self.kernel_args())
 
 
 @dataclass(frozen=True)
@@ -103,29 +110,9 @@ METHODS = {
 }
 
 
-def _kernel_stepper(stepper: AbstractStepper) -> tuple:
-    """``stepper.kernel_args()`` as a plain tuple (a ``_kernels.Stepper``), built once per stepper when
-    it is hashable (the kernels only read it). Looked up by identity first: hashing a frozen
-    dataclass hashes its tableau at every call (~1 us)."""
-    known = _BY_ID.get(id(stepper))
-    if known is not None and known[0] is stepper:
-        return known[1]
-    try:
-        args = _kernel_stepper_of(stepper)
-    except TypeError:  # a user's stepper with unhashable fields
-        return tuple(stepper.kernel_args())
-    if len(_BY_ID) >= 64:
-        _BY_ID.clear()
-    _BY_ID[id(stepper)] = (stepper, args)  # the stepper kept alive: its id is not reused meanwhile
-    return args
-
-
-_BY_ID = {}
-
-
-@lru_cache(maxsize=64)
-def _kernel_stepper_of(stepper: AbstractStepper) -> tuple:
-    return tuple(stepper.kernel_args())
+# the steppers of METHODS as the module made them (kept alive by it: their ids are never reused); a
+# stepper put into METHODS later is not among them
+_BUILT_IN = frozenset(map(id, METHODS.values()))
 
 
 @cache
@@ -248,8 +235,7 @@ def _solution(**given) -> Solution:
     a small network's call). Fields left out take their defaults."""
     sol = object.__new__(Solution)
     values = sol.__dict__
-    values.update(_SOLUTION_DEFAULTS)
-    values["slices"] = {}
+    values.update(_SOLUTION_DEFAULTS, slices={})
     values.update(given)
     values["_residual"] = values.pop("residual")  # where _Deferred keeps it
     return sol
@@ -260,11 +246,13 @@ _SOLUTION_DEFAULTS = {f.name: f.default for f in fields(Solution) if f.default i
 
 # ------------------------------------------------------------------------------------ checks
 # the engine's wording: what is no number is refused first ("dt='big' must be a positive number")
-# A finite float in range is passed at once: a call checks up to eight numbers, ~0.3 us each through
+# A float in range (and an allowed None) is passed at once: a call checks up to eight numbers, ~0.3 us each through
 # validate's general path
 def _positive(value, name, *, allow_none=False, allow_inf=False):
-    if type(value) is float and 0.0 < value < math.inf:
+    if type(value) is float and 0.0 < value and (value < math.inf or allow_inf):
         return value
+    if value is None and allow_none:
+        return None
     return validate.positive(value, name, allow_none=allow_none, allow_inf=allow_inf, staged=True)
 
 
@@ -287,7 +275,7 @@ MAX_ALLOCATION_GIB = 4.0
 
 def allocate(shape, dtype, what: str, remedy: str) -> np.ndarray:
     """An uninitialised array, refused (with its size) beyond ``MAX_ALLOCATION_GIB``."""
-    gib = math.prod(int(s) for s in shape) * np.dtype(dtype).itemsize / 2 ** 30
+    gib = math.prod(map(int, shape)) * np.dtype(dtype).itemsize / 2 ** 30
     if gib > MAX_ALLOCATION_GIB:
         raise SubstrateValueError(f"{what} would take {gib:.3g} GiB, more than the cap of "
                                   f"{MAX_ALLOCATION_GIB:g} GiB (integrators.MAX_ALLOCATION_GIB); {remedy}")
@@ -327,7 +315,7 @@ def _check_times(t_span, t_eval, default, end_at_t1=False):
         ok = False
     elif t_eval.size <= _FEW_TIMES:  # a few Python floats: ~1 us where numpy's diff, any and all take ~6
         ts = t_eval.tolist()
-        ok = t0 <= ts[0] and ts[-1] <= t1 and all(a < b for a, b in zip(ts, ts[1:]))  # NaN fails a comparison
+        ok = t0 <= ts[0] and ts[-1] <= t1 and all(map(operator.lt, ts, ts[1:]))  # NaN fails a comparison
     else:
         ok = not (np.any(np.diff(t_eval) <= 0) or t_eval[0] < t0 or t_eval[-1] > t1
                   or not np.all(np.isfinite(t_eval)))
@@ -338,15 +326,16 @@ def _check_times(t_span, t_eval, default, end_at_t1=False):
     return t0, t1, t_eval
 
 
-def _prepare(network, x, u0, dtype, batch):
+def _prepare(network, x, u0, dtype, batch, finite=True):
     if not isinstance(network, Network):
         raise SubstrateValueError(f"network must be a substrate Network, got {type(network).__name__}")
     if u0 is not None and batch is None and not network.inputs:
         batch = np.shape(u0)[0] if np.ndim(u0) == 2 else None
-    if u0 is not None and dtype is None and np.iscomplexobj(u0):
+    if u0 is not None and dtype is None and (u0.dtype.kind == "c" if type(u0) is np.ndarray
+                                             else np.iscomplexobj(u0)):
         dtype = np.complex128
     vf = VectorField(network, x, batch=batch, dtype=dtype)
-    u = np.zeros((network.n, vf.batch), vf.dtype) if u0 is None else vf.state(u0, "u0")
+    u = np.zeros((network.n, vf.batch), vf.dtype) if u0 is None else vf.state(u0, "u0", finite)
     return vf, u
 
 
@@ -376,11 +365,10 @@ def _no_record(n, nb, dtype, n_save):
 _WORK_KEEP = 6
 
 
-def _take(network, key, make):
-    """The buffers ``key`` from an earlier call on ``network``, or ``make()``. Taken out of the network's
+def _take(network, key):
+    """The buffers ``key`` from an earlier call on ``network``, or None. Taken out of the network's
     store while in use (a concurrent call makes its own); :func:`_give` puts them back."""
-    buffers = network._work.pop(key, None)
-    return make() if buffers is None else buffers
+    return network._work.pop(key, None)
 
 
 def _give(network, key, buffers):
@@ -389,12 +377,10 @@ def _give(network, key, buffers):
         network._work.pop(next(iter(network._work)))  # the oldest
 
 
-def _new_work(n, nb, dtype, s, rows) -> tuple:
+def _new_work(n, nb, dtype, s) -> tuple:
     """The stepping kernel's buffers, a ``_kernels.Work`` as a plain tuple."""
     real = np.float32 if dtype == np.float32 else np.float64
-    e = partial(np.empty, (n, nb), dtype)
-    return (e(), e(), e(), e(), e(), e(), e(), e(), e(), np.empty((s, n, nb), dtype), np.empty((rows, nb), dtype),
-            np.empty((s + 1, n), real), np.empty((s + 1, s, n), real), np.empty(nb))
+    return np.empty((10 + s, n, nb), dtype), np.empty((s + 1, n), real), np.empty((s + 1, s, n), real), np.empty(nb)
 
 
 def _check_effects(effects, stepper, adaptive, dtype):
@@ -415,7 +401,7 @@ def _check_effects(effects, stepper, adaptive, dtype):
 
 def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_save, relax,
            res_rtol, res_atol, record=None, nudge=None):
-    kstepper = _kernel_stepper(stepper)
+    kstepper = stepper._kernel
     adaptive, stages = kstepper[6], kstepper[3].shape[0]  # K.Stepper's adaptive, len(bw)
     if nudge is not None and not isinstance(nudge, Nudge):
         raise SubstrateValueError(f"nudge must be a substrate.nudge.Nudge, got {type(nudge).__name__}")
@@ -432,34 +418,58 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     saved = allocate((len(t_save), n, nb), vf.dtype, f"the states at {len(t_save)} t_eval points",
                      "pass fewer t_eval points")
     residual = np.zeros(nb)
-    u_out = np.empty_like(u)
-    # the kernel's buffers, relax's residual traces (the largest residual and its time at each of the
+    u_out = np.empty((n, nb), u.dtype)
+    # the kernel's buffers, relax's traces (rows: the time and the largest residual at each of the
     # first 1e6 steps, written as taken; copied out below) and the record of a call without gradient
     # (written, never read): reused across calls of this shape
     length = min(max_steps, 1_000_000) + 1 if relax else 0
-    rows = vf._tmp.shape[0]
-    key = (n, nb, vf.dtype, stages, rows, length, None if record else len(t_save))
-    buffers = _take(vf.network, key, lambda: (
-        _new_work(n, nb, vf.dtype, stages, rows), np.empty(length), np.empty(length),
-        None if record else _no_record(n, nb, vf.dtype, len(t_save))))
-    work, t_trace, res_trace, unread = buffers
-    record = record or unread
+    key = (n, nb, vf.dtype, stages, length, None if record else len(t_save))
+    buffers = _take(vf.network, key)
+    if buffers is None:
+        traces = np.empty((2, length))
+        buffers = (_new_work(n, nb, vf.dtype, stages), traces, traces[0], traces[1],
+                   None if record else _no_record(n, nb, vf.dtype, len(t_save)))
+    work, traces, t_trace, res_trace, unread = buffers
     effects = vf.effects
     if effects:
         _check_effects(effects, stepper, adaptive, vf.dtype)
+    # the configurations whose argument types are fixed by construction (see _run)
+    typed = (None if effects or nudge is not None or record is not None or id(stepper) not in _BUILT_IN
+             or not _own_reading(type(vf.network)) else (stepper.name, vf.dtype, p.wbuf.dtype))
     # plain tuples of the kernel's namedtuples (K.Stepper, Circuit, Span, Relaxation, Record, Nudge,
     # Work): Numba types them in C, a namedtuple costs ~2 us a call in its Python typeof
-    status, t, steps, nfev, rejected = K.run(
+    status, t, steps, nfev, rejected = _run(typed, (
         kstepper, vf.circuit_fields, u,
         (float(t0), float(t_end), float(dt), float(rtol), float(atol), h_min, int(max_steps), float(blowup)),
         (relax, float(res_rtol), float(res_atol), residual, res_trace, t_trace),
-        (t_save, saved, u_out, *record),
+        (t_save, saved, u_out, *(record or unread)),
         _no_nudge(vf.dtype) if nudge is None else tuple(nudge.kernel_args(vf.network, vf.dtype, vf.batch)),
-        effects, work)
-    kept = min(steps + 1, length)
-    trace = (t_trace[:kept].copy(), res_trace[:kept].copy()) if relax else None
+        effects, work))
+    trace = traces[:, :min(steps + 1, length)].copy() if relax else None  # (times, residuals)
     _give(vf.network, key, buffers)
     return status, t, steps, nfev, rejected, saved, residual, trace, u_out
+
+
+def _run(typed, args):
+    """``_kernels.run(*args)``. ``typed``: None, or a key that fixes the Numba types of ``args``: a
+    built-in method (its tableau's types), the state dtype and the weights' dtype, on a circuit that
+    reads its parameters as :class:`Network` does, with no device effects, nudge or recording. Every
+    array then is the engine's own (C order, writable, aligned: the packed weights, the drive, the
+    buffers, a fresh copy of the initial state, ``_no_nudge``) and the kernel compiled for the first
+    such call is called directly after it, without the dispatcher typing ~30 arrays (~3 us a call,
+    a tenth of a small network's)."""
+    compiled = _COMPILED_RUN.get(typed) if typed is not None else None
+    if compiled is not None:
+        return compiled(*args)
+    out = K.run(*args)
+    if typed is not None:
+        found = K.run.overloads.get(tuple(map(K.run.typeof_pyval, args)))
+        if found is not None:
+            _COMPILED_RUN[typed] = found.entry_point
+    return out
+
+
+_COMPILED_RUN = {}
 
 
 def stability(vf: VectorField, u, nudge=None):
@@ -521,15 +531,17 @@ def _checked_stability(vf: VectorField, u, nudge):
     """:func:`stability` of states u (engine layout), remembered on the network for the last states
     checked with its cached packed weights, no nudge and no device effects (what the check depends
     on): relaxing again from a checked equilibrium, which takes no step, does not repeat the check
-    (on a small network it costs ~20 calls)."""
+    (on a small network it costs ~20 calls). Returns (eigenvalue, unstable, whether any sample is
+    unstable); the caller reads ``unstable``, never writes it."""
     if nudge is not None or vf.effects:
-        return stability(vf, u, nudge)
-    key = (vf.packed, u.shape, u.tobytes())
+        eigenvalue, unstable = stability(vf, u, nudge)
+        return eigenvalue, unstable, bool(unstable.any())
+    p, shape, data = vf.packed, u.shape, u.tobytes()
     memo = vf.network._stability
-    if memo is None or memo[0] is not key[0] or memo[1:3] != key[1:]:
-        memo = vf.network._stability = (*key, stability(vf, u))
-    eigenvalue, unstable = memo[3]
-    return eigenvalue.copy(), unstable.copy()
+    if memo is None or memo[0] is not p or memo[1] != shape or memo[2] != data:
+        eigenvalue, unstable = stability(vf, u)
+        memo = vf.network._stability = (p, shape, data, eigenvalue, unstable, bool(unstable.any()))
+    return memo[3].copy(), memo[4], memo[5]  # the eigenvalues go to the caller's Solution
 
 
 def _finish(sol: Solution, on_failure: str, what: str):
@@ -573,17 +585,18 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
                                on_failure=on_failure)
     stepper = get_method(method)
     _check_on_failure(on_failure)
-    t0, t1, t_eval = _check_times(t_span, t_eval, default=(lambda t0, t1: [t0, t1]))
+    t0, t1, t_eval = _check_times(t_span, t_eval, default=_ends)
     dt = _positive(dt, "dt", allow_none=True)
     rtol, atol = _nonnegative(rtol, "rtol"), _nonnegative(atol, "atol")
     if stepper.adaptive and rtol == 0 and atol == 0:
         raise SubstrateValueError("rtol and atol cannot both be 0 for an adaptive method")
     max_steps = _count(max_steps, "max_steps")
-    check_step_count(stepper, t0, float(t_eval[-1]), dt, max_steps)
+    t_end = float(t_eval[-1])
+    check_step_count(stepper, t0, t_end, dt, max_steps)
     blowup = _positive(blowup, "blowup")
     vf, u = _prepare(network, x, u0, dtype, batch)
     status, t, steps, nfev, rej, saved, _, _, u_out = _solve(
-        vf, u, stepper, t0=t0, t_end=float(t_eval[-1]), dt=dt, rtol=rtol, atol=atol,
+        vf, u, stepper, t0=t0, t_end=t_end, dt=dt, rtol=rtol, atol=atol,
         max_steps=max_steps, blowup=blowup, t_save=t_eval, relax=False, res_rtol=0.0, res_atol=0.0,
         nudge=nudge)
     if status == K.DIVERGED:
@@ -602,6 +615,11 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
                    steps=steps, nfev=nfev, rejected=rej, residual=residual, t_final=t,
                    message=message, slices=network.slices, field=vf, t_start=t0)
     return _finish(sol, on_failure, "integrate")
+
+
+def _ends(t0, t1):
+    """integrate's default t_eval: the two ends of t_span."""
+    return [t0, t1]
 
 
 def _final_residual(vf: VectorField, u_out) -> np.ndarray:
@@ -642,7 +660,10 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
     step_rtol = 0.1 * rtol if step_rtol is None else _nonnegative(step_rtol, "step_rtol")
     step_atol = 0.1 * tol if step_atol is None else _nonnegative(step_atol, "step_atol")
     blowup = _positive(blowup, "blowup")
-    vf, u = _prepare(network, x, u0, dtype, batch)
+    # u0's NaN/Inf check after the kernel, and only when it diverged: the residual at u0, taken before
+    # any step, is NaN or Inf if u0 is (u enters it as itself), so the kernel returns at once (that
+    # check is a tenth of a small network's call). An adaptive first step is chosen from u0 before.
+    vf, u = _prepare(network, x, u0, dtype, batch, finite=stepper.adaptive and dt is None)
     if dt is None and not stepper.adaptive:
         tau_min = vf.packed.tau_min
         dt = tau_min if isinstance(stepper, ExponentialRK) else 0.5 * tau_min
@@ -651,11 +672,13 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
         vf, u, stepper, t0=0.0, t_end=min(max_time, read_time), dt=dt, rtol=step_rtol, atol=step_atol,
         max_steps=max_steps, blowup=blowup, t_save=np.zeros(0), relax=True, res_rtol=rtol,
         res_atol=tol, nudge=nudge)
+    if status == K.DIVERGED and steps == 0 and u0 is not None:
+        vf.state(u0, "u0")  # refuses a u0 with NaN or Inf
     message = "" if status == K.SUCCESS else f"stopped at t={t:.6g} (step {steps})"
     eigenvalue, name = None, _STATUS[status]
     if status == K.SUCCESS:  # the residual test passed: is the fixed point a stable one of the ODE?
-        eigenvalue, unstable = _checked_stability(vf, u_out, nudge)
-        if unstable.any():
+        eigenvalue, unstable, any_unstable = _checked_stability(vf, u_out, nudge)
+        if any_unstable:
             b, name = int(np.flatnonzero(unstable)[0]), "unstable"
             message = (f"the fixed point of sample {b} ({int(unstable.sum())} of {vf.batch} samples) is not a "
                        f"stable equilibrium of the ODE: tau^-1 dF/du has the eigenvalue {eigenvalue[b]:.6g} "

@@ -134,3 +134,73 @@ def test_state_noise_moves_the_state_before_its_activity():
         r = 1 / (1 + np.exp(2 - 4 * u))
         u = u + h * (-u + r @ W.T + b) + kicks[k]
         np.testing.assert_allclose(got[k + 1], u, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ compiled run
+def test_run_called_directly_gives_the_dispatchers_bits(monkeypatch):
+    """The compiled stepping kernel called without the dispatcher (``integrators._run``, kept for the
+    configurations whose argument types are fixed) returns what the dispatcher's call returned, bit
+    for bit, for each built-in method and dtype; a nudge, a device effect or a network reading its
+    own parameters or a stepper of the user's never takes that path."""
+    monkeypatch.setattr(I, "_COMPILED_RUN", {})
+    net = S.Network.layered([4, 8, 3], np.random.default_rng(0), activation="tanh")
+    for dtype in ("float64", "complex128"):
+        for method in ("euler", "dopri5", "etd2rk"):  # the families: fixed step, adaptive, exponential
+            def phase():
+                sol = S.integrate(net, X, t_span=(0.0, 0.6), t_eval=[0.2, 0.6], dt=0.1, method=method,
+                                  dtype=dtype)
+                return sol.u, sol.steps, S.relax(net, X, method=method, dtype=dtype, tol=1e-7).u
+            first = phase()  # by the dispatcher, which leaves its compiled kernel in _COMPILED_RUN
+            assert (method, np.dtype(dtype), np.dtype("float64")) in I._COMPILED_RUN
+            again = phase()
+            for a, b in zip(first, again):
+                assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    known = dict(I._COMPILED_RUN)
+    y = np.eye(3)[[0, 1]]
+    S.relax(net, X, method="rk4", nudge=S.Nudge(S.Cost("y"), 0.5, y))
+    S.integrate(D.attach(net, D.Device((D.StateNoise(0.1),)), np.random.default_rng(1)), X,
+                t_span=(0.0, 0.2), dt=0.1, method="rk4")
+
+    class OwnWeights(S.Network):  # reads its weights its own way: its arrays are not the engine's
+        def circuit_weight(self, c):
+            return super().circuit_weight(c)
+    S.integrate(OwnWeights(net.layers, net.connections, net.inputs), X, t_span=(0.0, 0.2), dt=0.1, method="rk4")
+    # a user's stepper, even put into METHODS, may have types of its own (an integer fsal, say): not
+    # one of METHODS' own (a copy of Euler here, which compiles nothing new)
+    mine = I.ExplicitRK("mine", 1, a=((0,),), b=(1,))
+    monkeypatch.setitem(I.METHODS, "mine", mine)
+    np.testing.assert_array_equal(S.integrate(net, X, t_span=(0.0, 0.2), dt=0.1, method="mine").u,
+                                  S.integrate(net, X, t_span=(0.0, 0.2), dt=0.1, method="euler").u)
+    assert I._COMPILED_RUN == known
+
+
+def test_a_read_only_initial_state_of_one_sample():
+    """A batch of one's u0 transposed is already C-ordered: the engine's state is still a copy (its
+    own array, writable, as the direct kernel call needs), and a read-only u0 relaxes as a writable
+    one does."""
+    x = X[:1]
+    net = S.Network.layered([4, 8, 3], np.random.default_rng(0))
+    u0 = S.integrate(net, x, t_span=(0.0, 0.5), dt=0.1, method="euler").u[-1]
+    frozen = u0.copy()
+    frozen.flags.writeable = False
+    state = S.VectorField(net, x).state(frozen)
+    assert not np.shares_memory(state, frozen) and state.flags.writeable and state.flags.c_contiguous
+    a, b = S.relax(net, x, u0=u0, tol=1e-9), S.relax(net, x, u0=frozen, tol=1e-9)
+    assert a.steps > 0 and a.u.tobytes() == b.u.tobytes()
+
+
+@pytest.mark.parametrize("method", ["exp_euler", "euler", "rk4", "dopri5"])
+def test_relax_refuses_a_non_finite_u0(net, method):
+    """relax checks u0's finiteness after the kernel (which diverges at once on it): the same refusal
+    as before the kernel, whatever the method, nudge, dtype or on_failure; a finite u0 whose
+    relaxation diverges is a DivergenceError, not a refusal."""
+    y = np.eye(3)[[0, 1]]
+    for bad in (math.nan, math.inf, -math.inf):
+        for dtype in ("float64", "complex128"):
+            u0 = np.zeros((2, net.n), dtype)
+            u0[1, 3] = bad
+            for nudge in (None, S.Nudge(S.Cost("y"), 0.5, y)):
+                with pytest.raises(Bad, match="u0 contains NaN or Inf"):
+                    S.relax(net, X, u0=u0, method=method, nudge=nudge, on_failure="return")
+    with pytest.raises(S.DivergenceError):
+        S.relax(net, X, u0=np.full((2, net.n), 1e11), method=method, blowup=1e10)
