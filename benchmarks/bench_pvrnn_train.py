@@ -118,6 +118,7 @@ def main():
           f"min over {args.repeats} repeats of {args.epochs} (compiled) and {args.numpy_epochs} (NumPy) epochs")
     print(f"load average at start: {results.load_average()}")
     rows = []
+    import scipy.linalg  # noqa: F401  loads scipy's BLAS (Numba's np.dot calls it) so that threadpoolctl pins it
     with threadpool_limits(1):
         for name, kw in cases:
             x, model = problem(**kw)

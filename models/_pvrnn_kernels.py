@@ -2,9 +2,11 @@
 training (epochs of Adam on the weights and every sequence's A).
 
 The same equations as :meth:`models.pvrnn.PVRNN.run` and ``_backward`` (docstring of
-``models/pvrnn.py``), written as scalar loops over one sequence so that an ER step (window ~10, ~50
-iterations of forward, backward and Adam) costs microseconds instead of NumPy's per-call overhead,
-and an epoch of training runs without Python per step; checked against the NumPy path in
+``models/pvrnn.py``): for error regression (:func:`forward`, :func:`backward`, :func:`regress`) scalar
+loops over one sequence, so that an ER step (window ~10, ~50 iterations of forward, backward and
+Adam) costs microseconds instead of NumPy's per-call overhead; for training (:func:`gradient`,
+:func:`train`) every sequence of the batch at once, products over the sequences (section "training: a
+batch" below), an epoch without Python per step. Checked against the NumPy path in
 tests/test_pvrnn.py. tanh and exp are the engine's polynomial forms (no scalar libm call).
 
 Layout: the layers' units are one vector of N (layer i is ``uoff[i]:uoff[i+1]``, bottom first) and
@@ -23,12 +25,12 @@ layer's block (W_q too). ``alpha``/``beta`` are the leak per unit (h <- alpha h 
 sum_t sum_j c_j(t) KL_{t,j}, c_j = ``weight_first[j]`` at a sequence's first step, else ``weight[j]``
 (w_l / Z_l per latent): every normalisation is in these numbers, computed in Python.
 
-``grads``: the gradients of the trainable arrays of ``net``, in the order of :data:`TRAINABLE`
-(empty arrays: no weight gradient, as in error regression).
+``grads``: the gradients of the trainable arrays of ``net``, in the order of :data:`TRAINABLE`.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import numpy as np
@@ -191,37 +193,30 @@ def forward(x, a_mu, a_sig, eps, h0, d0, first, loss, net, window, kl):
 
 
 @njit
-def backward(x, eps, first, loss, net, window, g_mu, g_sig, gd, gh, gd_before, gz, grads):
-    """dF/dA^mu and dF/dA^sig of the last ``forward`` (its ``window``), the exact discrete adjoint,
-    and (non-empty ``grads``) dF/dweights added into ``grads``; gd, gh, gd_before (N,), gz (Z,) are
-    work arrays. No gradient flows into the start state (frozen, or a sequence's zeros)."""
+def backward(x, eps, first, loss, net, window, g_mu, g_sig, gd, gh, gd_before, gz):
+    """dF/dA^mu and dF/dA^sig of the last ``forward`` (its ``window``), the exact discrete adjoint;
+    gd, gh, gd_before (N,), gz (Z,) are work arrays. No gradient flows into the start state (frozen, or
+    a sequence's zeros)."""
     rec_scale, weight, weight_first = loss
     uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n, wq_mu, wq_sig = net
-    gw_rec, gw_zd, gb, gw_mu, gw_sig, gb_mu, gb_sig, gw_out, gb_out, gwq_mu, gwq_sig = grads
-    weights = gw_rec.shape[0] > 0
     posterior_weights = wq_mu.shape[0] > 0
     ds, z, mu_q, s_q, mu_p, logs_p, x_hat, h_first, h_end = window
     T, D = x.shape
     L = len(uoff) - 1
     w_rec_t, w_zd_t = np.ascontiguousarray(w_rec.T), np.ascontiguousarray(w_zd.T)
-    g_pres = np.empty((T * n, len(b)))  # dF/dpre of every substep, for the weight gradients
     sp2s = _sigma2(logs_p)
     gd[:] = 0.0
     gh[:] = 0.0
+    g_pre = np.empty(len(b))
     for t in range(T - 1, -1, -1):
-        d_out = ds[(t + 1) * n]
         for o in range(D):
             y = x_hat[t, o]
             g_out = (y - x[t, o]) * rec_scale * (1.0 - y * y)
             for c in range(w_out.shape[1]):
                 gd[c] += g_out * w_out[o, c]
-            if weights:
-                gb_out[o] += g_out
-                for c in range(w_out.shape[1]):
-                    gw_out[o, c] += g_out * d_out[c]
         gz[:] = 0.0
         for k in range(n - 1, -1, -1):
-            new, g_pre = ds[t * n + k + 1], g_pres[t * n + k]
+            new = ds[t * n + k + 1]
             for i in range(L):  # bottom first: layer i-1's pre fed on layer i's new d
                 lo, mid = uoff[i], uoff[i + 1]
                 if i > 0:
@@ -235,7 +230,6 @@ def backward(x, eps, first, loss, net, window, g_mu, g_sig, gd, gh, gd_before, g
                 _matvec(w_zd_t, g_pre, zoff[i], zoff[i + 1], lo, mid, gz)
             gd[:] = gd_before
         # gd is dF/dd at the end of step t-1, where step t's prior and posterior read it
-        prev = ds[t * n]
         prior = not (t == 0 and first)  # else N(0, I), no weights
         for i in range(L):
             for j in range(zoff[i], zoff[i + 1]):
@@ -246,56 +240,12 @@ def backward(x, eps, first, loss, net, window, g_mu, g_sig, gd, gh, gd_before, g
                 g_sig[t, j] = gz[j] * sq * eps[t, j] + c_t * (sq * sq / sp2 - 1.0)
                 g_pre_mu = c_t * diff / sp2 * (1.0 - m * m)
                 g_logs_p = c_t * (1.0 - (diff * diff + sq * sq) / sp2)
-                if weights and prior:
-                    gb_mu[j] += g_pre_mu
-                    gb_sig[j] += g_logs_p
-                    for c in range(uoff[i], uoff[i + 1]):
-                        gw_mu[j, c] += g_pre_mu * prev[c]
-                        gw_sig[j, c] += g_logs_p * prev[c]
-                if weights and posterior_weights:
-                    for c in range(uoff[i], uoff[i + 1]):
-                        gwq_mu[j, c] += g_mu[t, j] * prev[c]
-                        gwq_sig[j, c] += g_sig[t, j] * prev[c]
                 if t > 0:  # the start state is frozen: no gradient beyond it is needed
                     for c in range(uoff[i], uoff[i + 1]):
                         gd[c] += g_pre_mu * w_mu[j, c] + g_logs_p * w_sig[j, c]
                     if posterior_weights:
                         for c in range(uoff[i], uoff[i + 1]):
                             gd[c] += g_mu[t, j] * wq_mu[j, c] + g_sig[t, j] * wq_sig[j, c]
-    if weights:
-        _recurrent_gradients(uoff, zoff, n, ds, z, g_pres, gw_rec, gw_zd, gb)
-
-
-@njit
-def _recurrent_gradients(uoff, zoff, n, ds, z, g_pres, gw_rec, gw_zd, gb):
-    """dF/dW_rec, dF/dW_zd and dF/db added in from dF/dpre of every substep ``g_pres``: sums over the
-    substeps of products with the inputs of the pre-activations (layer i's own d before the substep,
-    layer i+1's after it, z held over the data step), as dot products of contiguous rows."""
-    S, L = g_pres.shape[0], len(uoff) - 1
-    g_t, d_t = np.ascontiguousarray(g_pres.T), np.ascontiguousarray(ds.T)
-    z_t = np.empty((z.shape[1], S))
-    for s in range(S):
-        z_t[:, s] = z[s // n]
-    for i in range(L):
-        lo, mid = uoff[i], uoff[i + 1]
-        top = uoff[min(i + 2, L)]
-        for r in range(lo, mid):
-            g = g_t[r]
-            gb[r] += g.sum()
-            for c in range(lo, mid):
-                gw_rec[r, c] += _dot(g, d_t[c, :S])
-            for c in range(mid, top):
-                gw_rec[r, c] += _dot(g, d_t[c, 1:])
-            for j in range(zoff[i], zoff[i + 1]):
-                gw_zd[r, j] += _dot(g, z_t[j])
-
-
-@njit(inline="always")
-def _dot(a, b):
-    acc = 0.0
-    for k in range(len(a)):
-        acc += a[k] * b[k]
-    return acc
 
 
 @njit
@@ -320,41 +270,390 @@ def regress(x, a_mu, a_sig, eps, h0, d0, first, loss, net, window, lr, kl):
     g_mu, g_sig = np.empty_like(a_mu), np.empty_like(a_sig)
     m_mu, v_mu, m_sig, v_sig = np.zeros_like(a_mu), np.zeros_like(a_mu), np.zeros_like(a_mu), np.zeros_like(a_mu)
     gd, gh, gd_before, gz = np.empty(N), np.empty(N), np.empty(N), np.empty(Z)
-    e2, e1 = np.empty((0, 0)), np.empty(0)
-    none = (e2, e2, e1, e2, e2, e1, e1, e2, e1, e2, e2)  # no weight gradient
     for k in range(eps.shape[0]):
         forward(x, a_mu, a_sig, eps[k], h0, d0, first, loss, net, window, kl)
-        backward(x, eps[k], first, loss, net, window, g_mu, g_sig, gd, gh, gd_before, gz, none)
+        backward(x, eps[k], first, loss, net, window, g_mu, g_sig, gd, gh, gd_before, gz)
         adam(a_mu, g_mu, m_mu, v_mu, k + 1, lr, 0.9, 0.999, 1e-8)
         adam(a_sig, g_sig, m_sig, v_sig, k + 1, lr, 0.9, 0.999, 1e-8)
 
 
+# ------------------------------------------------------------------------------------ training: a batch
+# Training runs every sequence of the batch at once, the sequences on the LAST axis of every array: a
+# layer's recurrent product per substep is then one small matrix product (BLAS) over all sequences, and
+# whatever does not feed the units (the prior and the output after the forward loop, their adjoints
+# before the backward loop, the posterior ahead without posterior weights, the weight gradients after)
+# is one product over all (step, sequence) columns. Arrays of per-step values are (rows, (T + 1) B):
+# column block t (columns t B .. t B + B) is data step t, aligned with ``de``'s block t, the units at
+# the end of step t - 1 (the input of step t's prior and posterior; block 0: the start, zeros); the
+# output of step t is in block t + 1 (it reads the end of step t). Training starts every sequence at
+# h = d = 0 with the first-step prior N(0, I).
+
+
+def batch_work(B, T, D, net):
+    """The work arrays of :func:`gradient` for B sequences of T steps and D outputs (C = (T + 1) B
+    columns; every entry read is written first), in this order: x (D, C); A^mu (then the posterior's
+    pre-activation), log sigma^q, eps, mu^q, sigma^q, z (Z, C); the units' input v = (d, z, 1) of a
+    step (N + Z + 1, B); the units at the data steps' ends (N, C; with one substep those of ``ds``, (0,
+    0)); the units after every substep, (N, (T n + 1) B) and again a contiguous (N, B) block each
+    (T n + 1, N, B) for the backward's loop; h and the pre-activations (N, B); the prior's and output's
+    pre-activations (2 Z + D, C); the recurrent blocks (:func:`_blocks`); [W_mu; W_sig; W_out]
+    (2 Z + D, N); (Z, B) x 2 (with posterior weights, else (0, 0)); the adjoint's: dF/d(prior, output,
+    posterior pre-activations) (4 Z + D, C); the jumps of dF/dd (C, N); dF/dpre of every substep (one
+    vector, :func:`_backward_batch`); its sums over the data steps (N, C; with one substep the vector's,
+    (0, 0)); dF/dz (Z, C); dF/dd, dF/dh, dF/dd before a substep, dF/dpre, a data step's sum of it (N, B;
+    (0, 0) with one substep and no posterior weights)."""
+    uoff, zoff, n = net[0], net[1], net[13]
+    N, Z, L = int(uoff[-1]), int(zoff[-1]), len(uoff) - 1
+    C, SC = (T + 1) * B, (T * n + 1) * B
+    blocks = sum(int(uoff[i + 1] - uoff[i]) * (N + Z + 1 - int(uoff[i])) for i in range(L))
+    blocks_t = sum(int(uoff[i + 1] - uoff[i]) * int(uoff[min(i + 2, L)] - uoff[i]) for i in range(L))
+    ends = (N, C) if n > 1 else (0, 0)
+    posterior = (Z, B) if net[14].shape[0] else (0, 0)  # with posterior weights only
+    step_sum = (N, B) if n > 1 or net[14].shape[0] else (0, 0)
+    shapes = [(D, C), *[(Z, C)] * 6, (N + Z + 1, B), ends, (N, SC), (T * n + 1, N, B), (N, B), (N, B),
+              (2 * Z + D, C), (blocks,), (blocks_t,), (2 * Z + D, N), posterior, posterior,
+              (4 * Z + D, C), (C, N), (N * SC + B,), ends, (Z, C), *[(N, B)] * 4, step_sum]
+    # one allocation, each array on cache lines of its own
+    sizes = [-(-math.prod(sh) // 8) * 8 for sh in shapes]
+    buf = np.empty(sum(sizes) + 8)
+    start = (-buf.ctypes.data // 8) % 8  # 64-byte alignment
+    out = []
+    for sh, k in zip(shapes, sizes):
+        out.append(buf[start:start + math.prod(sh)].reshape(sh))
+        start += k
+    return tuple(out)
+
+
+@njit
+def _to_columns(a, out, shift):
+    """out[k, (t + shift) B + b] = a[b, t, k]: (B, T, K) into the column layout (the other block zero)."""
+    B, T, K = a.shape
+    out[:, (T if shift == 0 else 0) * B:(T + 1 if shift == 0 else 1) * B] = 0.0
+    for k in range(K):
+        for t in range(T):
+            c = (t + shift) * B
+            for b in range(B):
+                out[k, c + b] = a[b, t, k]
+
+
+@njit
+def _from_columns(a, out):
+    """out[b, t, k] = a[k, t B + b]: the inverse of :func:`_to_columns` (shift 0)."""
+    B, T, K = out.shape
+    for b in range(B):
+        for t in range(T):
+            for k in range(K):
+                out[b, t, k] = a[k, t * B + b]
+
+
+@njit
+def _blocks(net, blk, blk_t, w_stack):
+    """What the loops' products read, contiguous: per layer i (rows uoff[i]:uoff[i+1]) [W_rec | W_zd | b]
+    on the columns uoff[i]:N of the units (its own and those above; only the next layer's are non-zero)
+    and the latents and 1 after them (the units' input ``v`` of :func:`_forward_batch`), one after the
+    other in ``blk``; the transposes of W_rec[uoff[i]:uoff[i+1], uoff[i]:uoff[i+2]] in ``blk_t``; and
+    [W_mu; W_sig; W_out (zero beyond the bottom layer's units)] in ``w_stack``."""
+    uoff, w_rec, w_zd, b, w_mu, w_sig, w_out = net[0], net[2], net[3], net[4], net[7], net[8], net[11]
+    N, Z, L = len(b), w_zd.shape[1], len(uoff) - 1
+    a = a_t = 0
+    for i in range(L):
+        lo, mid, top = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)])
+        k, k_t = (mid - lo) * (N + Z + 1 - lo), (mid - lo) * (top - lo)
+        w = blk[a:a + k].reshape(mid - lo, N + Z + 1 - lo)
+        w[:] = 0.0
+        w[:, :top - lo] = w_rec[lo:mid, lo:top]
+        w[:, N - lo:N + Z - lo] = w_zd[lo:mid]
+        w[:, N + Z - lo] = b[lo:mid]
+        blk_t[a_t:a_t + k_t].reshape(top - lo, mid - lo)[:] = w_rec[lo:mid, lo:top].T
+        a, a_t = a + k, a_t + k_t
+    w_stack[:] = 0.0
+    w_stack[:Z] = w_mu
+    w_stack[Z:2 * Z] = w_sig
+    w_stack[2 * Z:, :w_out.shape[1]] = w_out
+
+
+@njit
+def _posterior_columns(am, lq, e, mq, sq, z, c0, c1):
+    """(mu^q, sigma^q, z) of the columns c0..c1 from the pre-activations and the noise."""
+    for j in range(am.shape[0]):
+        for c in range(c0, c1):
+            mq[j, c], sq[j, c], z[j, c] = _posterior(am[j, c], lq[j, c], e[j, c])
+
+
+@njit
+def _posterior_gradients(gz, mq, sq, e, mp, lp, weight, weight_first, g_mu, g_sig, B, c0, c1):
+    """dF/dA^mu and dF/dA^sig (the posterior's pre-activations) of the columns c0..c1 < T B from dF/dz
+    and the KL (weight ``weight_first`` in block 0, the first step)."""
+    for j in range(gz.shape[0]):
+        for c in range(c0, c1):
+            c_t = weight_first[j] if c < B else weight[j]
+            m, s = mq[j, c], sq[j, c]
+            sp2 = _exp_f64(2.0 * lp[j, c])
+            g_mu[j, c] = (gz[j, c] - c_t * (mp[j, c] - m) / sp2) * (1.0 - m * m)
+            g_sig[j, c] = gz[j, c] * s * e[j, c] + c_t * (s * s / sp2 - 1.0)
+
+
+@njit(inline="always")
+def _add_rows(a, b):
+    """a += b for arrays of the same shape."""
+    for r in range(a.shape[0]):
+        for c in range(a.shape[1]):
+            a[r, c] += b[r, c]
+
+
+@njit(inline="always")
+def _add_blocks(g, p, rows, cols):
+    """g += p on the diagonal blocks (rows[i]:rows[i+1], cols[i]:cols[i+1]) only: the packed block-diagonal
+    arrays' other entries are not weights (they stay zero)."""
+    for i in range(len(rows) - 1):
+        for r in range(int(rows[i]), int(rows[i + 1])):
+            for c in range(int(cols[i]), int(cols[i + 1])):
+                g[r, c] += p[r, c]
+
+
+@njit(inline="always")
+def _get(a, c0, out):
+    """out = a[:, c0:c0 + B] (B: out's columns), in loops (numba's slice assignment is generic and slow)."""
+    for r in range(out.shape[0]):
+        for q in range(out.shape[1]):
+            out[r, q] = a[r, c0 + q]
+
+
+@njit(inline="always")
+def _put(v, a, c0):
+    """a[:, c0:c0 + B] = v (B: v's columns), in loops."""
+    for r in range(v.shape[0]):
+        for q in range(v.shape[1]):
+            a[r, c0 + q] = v[r, q]
+
+
+@njit
+def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
+    """The posterior pass of B sequences from their start (``work``'s arrays, :func:`batch_work`);
+    returns the reconstruction term and writes the KL terms per layer into ``kl``, as :func:`forward`.
+    Only the units' update is a loop over the steps: per substep and layer (top-down) one product of
+    [W_rec | W_zd | b] with the units' input v = (d, z, 1)."""
+    rec_scale, weight, weight_first = loss
+    uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n, wq_mu, wq_sig = net
+    xt, am, lq, et, mq, sq, z, v, de, ds, steps, h, pre, pz, blk, blk_t, w_stack, zb, zb2 = work[:19]
+    de = ds if n == 1 else de
+    posterior_weights = wq_mu.shape[0] > 0
+    B, T, D = x.shape
+    L, N, Z, C = len(uoff) - 1, len(b), a_mu.shape[2], (T + 1) * B
+    _to_columns(x, xt, 1)
+    _to_columns(a_mu, am, 0)
+    _to_columns(a_sig, lq, 0)
+    _to_columns(eps, et, 0)
+    _blocks(net, blk, blk_t, w_stack)
+    hf, vf = _flat(h), _flat(v)
+    # z ahead for every step without posterior weights; block T is no step (A, eps 0 there: z = 0, which the
+    # weight gradients' products read)
+    _posterior_columns(am, lq, et, mq, sq, z, T * B if posterior_weights else 0, C)
+    h[:] = 0.0
+    vf[:] = 0.0
+    vf[(N + Z) * B:] = 1.0
+    de[:, :B] = 0.0
+    ds[:, :B] = 0.0
+    steps[0] = 0.0
+    for t in range(T):
+        c0, c1 = t * B, t * B + B
+        if posterior_weights:  # the posterior reads the units: its step here, small products
+            np.dot(wq_mu, v[:N], zb)
+            np.dot(wq_sig, v[:N], zb2)
+            for j in range(Z):
+                for k in range(B):
+                    am[j, c0 + k] += zb[j, k]
+                    lq[j, c0 + k] += zb2[j, k]
+            _posterior_columns(am, lq, et, mq, sq, z, c0, c1)
+        _get(z, c0, v[N:N + Z])
+        for k in range(n):
+            a = blk.size
+            for i in range(L - 1, -1, -1):  # top-down: layer i reads its own old d and layer i+1's new d
+                lo, mid = int(uoff[i]), int(uoff[i + 1])
+                a -= (mid - lo) * (N + Z + 1 - lo)
+                np.dot(blk[a:a + (mid - lo) * (N + Z + 1 - lo)].reshape(mid - lo, N + Z + 1 - lo), v[lo:],
+                       pre[lo:mid])
+                for r in range(lo, mid):  # loops of their own, so that they vectorise
+                    a_r, b_r = alpha[r], beta[r]
+                    for q in range(B):
+                        h[r, q] = a_r * h[r, q] + b_r * pre[r, q]
+                for q in range(lo * B, mid * B):
+                    vf[q] = _tanh(hf[q])
+            _put(v[:N], ds, (t * n + k + 1) * B)
+            _flat(steps[t * n + k + 1])[:] = vf[:N * B]
+        if n > 1:
+            _put(v[:N], de, c1)
+    # the prior (block 0: N(0, I), pre-activations 0) and the output (block t + 1 of step t): one product
+    np.dot(w_stack, de, pz)
+    mp, lp, y = pz[:Z], pz[Z:2 * Z], pz[2 * Z:]
+    for j in range(Z):
+        for c in range(C):
+            if c < B:
+                mp[j, c], lp[j, c] = 0.0, 0.0
+            else:
+                mp[j, c], lp[j, c] = _tanh(mp[j, c] + b_mu[j]), lp[j, c] + b_sig[j]
+    rec = 0.0
+    for o in range(D):
+        for c in range(B, C):
+            y[o, c] = _tanh(y[o, c] + b_out[o])
+            rec += 0.5 * (y[o, c] - xt[o, c]) ** 2
+    kl[:] = 0.0
+    for i in range(L):
+        for j in range(int(zoff[i]), int(zoff[i + 1])):
+            for c in range(T * B):
+                c_t = weight_first[j] if c < B else weight[j]
+                diff, s = mp[j, c] - mq[j, c], sq[j, c]
+                kl[i] += c_t * (lp[j, c] - lq[j, c] + (diff * diff + s * s) / (2.0 * _exp_f64(2.0 * lp[j, c])) - 0.5)
+    return rec * rec_scale
+
+
+@njit
+def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
+    """The exact adjoint of the last :func:`_forward_batch`: dF/dA^mu, dF/dA^sig (B, T, Z) and dF/dweights
+    added into ``grads``. The losses' jumps of dF/dd (the output and the prior; they do not depend on the
+    adjoint) are one product before the loop over the steps, the weight gradients one product each
+    after it. dF/dpre of substep s is in column block s + 1 of ``ga`` (block 0 zero) and block s of ``gb``,
+    two views of one vector: ``gb`` pairs it with the units before the substep, ``ga`` with those after
+    (the layer above's), both in the layout of ``ds``, so that every product's operands are contiguous."""
+    rec_scale, weight, weight_first = loss
+    uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n, wq_mu, wq_sig = net
+    gw_rec, gw_zd, gb, gw_mu, gw_sig, gb_mu, gb_sig, gw_out, gb_out, gwq_mu, gwq_sig = grads
+    (xt, _, _, et, mq, sq, z, _, de, ds, steps, _, _, pz, _, blk_t, w_stack, zb, zb2, gs, jump, gvec, gsum, gz, gd,
+     gh, gd_before, g_pre, tmp) = work
+    de = ds if n == 1 else de
+    posterior_weights = wq_mu.shape[0] > 0
+    B, T, D = x.shape
+    L, N, Z, C, S = len(uoff) - 1, len(b), gz.shape[0], (T + 1) * B, T * n
+    SC, R = (S + 1) * B, 2 * Z + D
+    mp, lp, y = pz[:Z], pz[Z:2 * Z], pz[2 * Z:]
+    gpm, gls, g_out, gmu, gsig = gs[:Z], gs[Z:2 * Z], gs[2 * Z:R], gs[R:R + Z], gs[R + Z:]
+    # dF/d(output pre-activation) (block t + 1) and dF/d(prior pre-activations) (block t > 0)
+    g_out[:, :B] = 0.0
+    for o in range(D):
+        for c in range(B, C):
+            u = y[o, c]
+            g_out[o, c] = (u - xt[o, c]) * rec_scale * (1.0 - u * u)
+    for j in range(Z):
+        for c in range(C):
+            if c < B or c >= T * B:  # the first step's prior has no weights; block T is no step
+                gpm[j, c], gls[j, c] = 0.0, 0.0
+            else:
+                m, s = mp[j, c], sq[j, c]
+                diff, sp2 = m - mq[j, c], _exp_f64(2.0 * lp[j, c])
+                gpm[j, c] = weight[j] * diff / sp2 * (1.0 - m * m)
+                gls[j, c] = weight[j] * (1.0 - (diff * diff + s * s) / sp2)
+    np.dot(gs[:R].T, w_stack, jump)  # (C, N): a step's jumps are one contiguous block
+    ga = gvec[:N * SC].reshape(N, SC)
+    gb_ = gvec[B:B + N * SC].reshape(N, SC)
+    gsum = gb_ if n == 1 else gsum  # with one substep, the sums over the data steps are gb_ itself
+    gstep = g_pre if n == 1 else tmp
+    gdf = _flat(gd)
+    gvec[N * SC:] = 0.0
+    gd[:] = 0.0
+    gh[:] = 0.0
+    if n > 1:
+        gsum[:, T * B:] = 0.0
+    for t in range(T - 1, -1, -1):
+        c0, c1 = t * B, t * B + B
+        for r in range(N):
+            for q in range(B):
+                gd[r, q] += jump[c1 + q, r]
+        if n > 1:
+            _flat(tmp)[:] = 0.0
+        for k in range(n - 1, -1, -1):
+            s = (t * n + k + 1) * B  # the units after substep t n + k
+            d = steps[t * n + k + 1]
+            a = 0
+            for i in range(L):  # bottom first: layer i-1's pre fed on layer i's new d
+                lo, mid, top = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)])
+                for r in range(lo, mid):  # few arrays per loop: it vectorises (without alias checks beyond LLVM's)
+                    a_r, b_r = alpha[r], beta[r]
+                    for q in range(B):
+                        g_h = gh[r, q] + gd[r, q] * (1.0 - d[r, q] * d[r, q])
+                        g_pre[r, q] = b_r * g_h
+                        gh[r, q] = a_r * g_h
+                np.dot(blk_t[a:a + (mid - lo) * (top - lo)].reshape(top - lo, mid - lo), g_pre[lo:mid],
+                       gd_before[lo:top])
+                a += (mid - lo) * (top - lo)
+                for r in range(mid, top):
+                    for q in range(B):
+                        gd[r, q] += gd_before[r, q]
+            gdf[:] = _flat(gd_before)
+            _put(g_pre, ga, s)
+            if n > 1:
+                _add_rows(tmp, g_pre)
+        if n > 1:
+            _put(tmp, gsum, c0)
+        if posterior_weights:  # the posterior's adjoint feeds dF/dd: its step here
+            np.dot(w_zd.T, gstep, zb)
+            _put(zb, gz, c0)
+            _posterior_gradients(gz, mq, sq, et, mp, lp, weight, weight_first, gmu, gsig, B, c0, c1)
+            if t > 0:  # the start is frozen
+                _get(gmu, c0, zb)
+                _get(gsig, c0, zb2)
+                np.dot(wq_mu.T, zb, tmp)
+                _add_rows(gd, tmp)
+                np.dot(wq_sig.T, zb2, tmp)
+                _add_rows(gd, tmp)
+    ga[:, :B] = 0.0
+    if not posterior_weights:
+        np.dot(w_zd.T, gsum, gz)
+        _posterior_gradients(gz, mq, sq, et, mp, lp, weight, weight_first, gmu, gsig, B, 0, T * B)
+    gmu[:, T * B:] = 0.0
+    gsig[:, T * B:] = 0.0
+    _from_columns(gmu, g_mu)
+    _from_columns(gsig, g_sig)
+    # the weight gradients: sums over all (step, sequence) columns, a product each
+    for i in range(L):
+        lo, mid, top = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)])
+        gw_rec[lo:mid, lo:mid] += np.dot(gb_[lo:mid], ds[lo:mid].T)
+        if top > mid:
+            gw_rec[lo:mid, mid:top] += np.dot(ga[lo:mid], ds[mid:top].T)
+    for r in range(N):
+        gb[r] += gsum[r].sum()
+    _add_blocks(gw_zd, np.dot(gsum, z.T), uoff, zoff)
+    p = np.dot(gs if posterior_weights else gs[:R], de.T)  # [prior; output; posterior] x the units
+    _add_blocks(gw_mu, p[:Z], zoff, uoff)
+    _add_blocks(gw_sig, p[Z:2 * Z], zoff, uoff)
+    gw_out += p[2 * Z:R, :w_out.shape[1]]
+    if posterior_weights:
+        _add_blocks(gwq_mu, p[R:R + Z], zoff, uoff)
+        _add_blocks(gwq_sig, p[R + Z:], zoff, uoff)
+    for j in range(Z):
+        gb_mu[j] += gpm[j].sum()
+        gb_sig[j] += gls[j].sum()
+    for o in range(D):
+        gb_out[o] += g_out[o].sum()
+
+
+@njit
+def gradient(x, a_mu, a_sig, eps, loss, net, work, g_mu, g_sig, grads, kl):
+    """For B sequences x (B, T, D) from their start, A (a_mu, a_sig) and noise eps (B, T, Z): the
+    reconstruction term of F (returned), its KL terms per layer (into ``kl``), dF/dA (into g_mu, g_sig)
+    and dF/dweights (added into ``grads``, in the order of :data:`TRAINABLE`); ``work``:
+    :func:`batch_work`."""
+    rec = _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl)
+    _backward_batch(x, loss, net, work, g_mu, g_sig, grads)
+    return rec
+
+
 @njit
 def train(x, theta, grad, m, v, step, lr, beta1, beta2, adam_eps, a_mu, a_sig, g_mu, g_sig, eps, loss, net, grads,
-          window, history):
-    """``eps.shape[0]`` epochs of training on sequences x (B, T, D), each: for every sequence the
-    posterior pass from a sequence's start with its noise eps[e, b] (T, Z), the adjoint, then one Adam
-    step (number ``step`` + e + 1) on ``theta``, the vector every trainable array of ``net`` and A
+          work, history):
+    """``eps.shape[0]`` epochs of training on sequences x (B, T, D), each: the posterior pass of every
+    sequence from its start with the noise eps[e] (B, T, Z), the adjoint (:func:`gradient`), then one
+    Adam step (number ``step`` + e + 1) on ``theta``, the vector every trainable array of ``net`` and A
     (a_mu, a_sig (B, T, Z)) are views of (``grad``: the same for ``grads``, g_mu, g_sig; m, v: Adam's
     moments). ``history`` = (F (K,), reconstruction (K,), kl (K, L)) per epoch. Returns the number
     of epochs after which F, the weights and A were all finite (K unless training diverged; it
     stops at the first that is not)."""
-    B = x.shape[0]
-    N, Z, L = len(net[4]), a_mu.shape[2], len(net[0]) - 1
-    h0, d0 = np.zeros(N), np.zeros(N)
-    gd, gh, gd_before, gz = np.empty(N), np.empty(N), np.empty(N), np.empty(Z)
-    kl = np.empty(L)
     free_energy, reconstruction, kls = history
+    kl = np.empty(kls.shape[1])
     for e in range(eps.shape[0]):
         grad[:] = 0.0
-        rec = 0.0
-        kls[e] = 0.0
-        for b in range(B):
-            rec += forward(x[b], a_mu[b], a_sig[b], eps[e, b], h0, d0, True, loss, net, window, kl)
-            kls[e] += kl
-            backward(x[b], eps[e, b], True, loss, net, window, g_mu[b], g_sig[b], gd, gh, gd_before, gz, grads)
-        reconstruction[e] = rec
-        free_energy[e] = rec + kls[e].sum()
+        reconstruction[e] = gradient(x, a_mu, a_sig, eps[e], loss, net, work, g_mu, g_sig, grads, kl)
+        kls[e] = kl
+        free_energy[e] = reconstruction[e] + kl.sum()
         adam(theta, grad, m, v, step + e + 1, lr, beta1, beta2, adam_eps)
         nan = free_energy[e] * 0.0  # NaN if anything is not finite (0 * inf is NaN)
         for k in range(theta.size):

@@ -801,10 +801,7 @@ def _train_compiled(model, x, epochs, rng, opt, A, progress, on_epoch, hist, sav
         a_mu[..., zoff[i]:zoff[i + 1]], a_sig[..., zoff[i]:zoff[i + 1]] = A[f"l{i}.mu"], A[f"l{i}.sig"]
     grad, m, v = np.zeros_like(theta), np.zeros_like(theta), np.zeros_like(theta)
     g_mu, g_sig = grad[P:P + B * T * Z].reshape(B, T, Z), grad[P + B * T * Z:].reshape(B, T, Z)
-    N, n = sum(lay.units for lay in model.layers), model.substeps
-    # the kernels write every entry before reading it (tests/test_pvrnn.py fills them with NaN)
-    window = (np.empty((T * n + 1, N)), *(np.empty((T, Z)) for _ in range(5)), np.empty((T, D)), np.empty(N),
-              np.empty(N))
+    work = K.batch_work(B, T, D, net)  # written before read (tests/test_pvrnn.py fills them with NaN)
     args = (opt.lr, opt.beta1, opt.beta2, opt.eps)
     chunk = max(1, min(epochs, _CHUNK_NUMBERS // max(1, B * T * Z)))
     state = {"theta": theta, "m": m, "v": v}
@@ -818,8 +815,8 @@ def _train_compiled(model, x, epochs, rng, opt, A, progress, on_epoch, hist, sav
                 for i, draw in enumerate(model.noise(B, T, rng)):
                     eps[e, ..., zoff[i]:zoff[i + 1]] = draw
             ok = K.train(x, theta, grad, m, v, done, *args, a_mu, a_sig, g_mu, g_sig, eps, loss, net,
-                         tuple(model.trainable_views(grad)), window, (F[done:done + k], R[done:done + k],
-                                                                      KL[done:done + k]))
+                         tuple(model.trainable_views(grad)), work, (F[done:done + k], R[done:done + k],
+                                                                    KL[done:done + k]))
             if ok == k:  # a diverged chunk is not saved: it raises below
                 saver.maybe_save(done + k, epochs, state)
             for e in range(done, done + ok):

@@ -538,9 +538,8 @@ def test_compiled_window_gradient_against_the_numpy_adjoint(substeps, method, po
                     loss, packed, window, kl)
     assert abs(rec - parts["reconstruction"]) <= 1e-12 * abs(rec) and rel(kl, np.array(parts["kl"])) <= 1e-12
     g_mu, g_sig = np.empty_like(a_mu), np.empty_like(a_sig)
-    none = tuple(np.empty((0,) * a.ndim) for a in net.trainable_views(np.zeros(net._trainable_size())))
     K.backward(x[0], e, start.first, loss, packed, window, g_mu, g_sig, np.empty(N), np.empty(N), np.empty(N),
-               np.empty(Z), none)
+               np.empty(Z))
     assert rel(g_mu, cat([gA[f"l{i}.mu"][0] for i in range(L)], axis=1)) <= 1e-12
     assert rel(g_sig, cat([gA[f"l{i}.sig"][0] for i in range(L)], axis=1)) <= 1e-12
 
@@ -663,12 +662,13 @@ def test_compiled_error_regression_that_diverges_names_the_step():
 
 
 def compiled_gradient(net, x, A, eps):
-    """F, dF/dparams and dF/dA by the training kernels (``K.forward`` and ``K.backward`` with weight
-    gradients, sequence by sequence from a sequence's start), unpacked into the model's names."""
+    """F, dF/dparams and dF/dA by the training kernel (``K.gradient``: every sequence of the batch at
+    once from its start; its work arrays filled with NaN, so that an entry read before it is written
+    shows), unpacked into the model's names."""
     from models import _pvrnn_kernels as K
 
     B, T, D = x.shape
-    L, N, Z = len(net.layers), sum(l.units for l in net.layers), sum(l.latents for l in net.layers)
+    L = len(net.layers)
     zoff = np.cumsum([0] + [l.latents for l in net.layers])
     packed, loss, _ = net.packed()
     gvec = np.zeros(net._trainable_size())
@@ -676,14 +676,11 @@ def compiled_gradient(net, x, A, eps):
     a_mu, a_sig = (np.concatenate([A[f"l{i}.{k}"] for i in range(L)], axis=2) for k in ("mu", "sig"))
     e = np.concatenate(eps, axis=2)
     g_mu, g_sig = np.empty_like(a_mu), np.empty_like(a_sig)
-    window = (np.empty((T * net.substeps + 1, N)), *(np.empty((T, Z)) for _ in range(5)), np.empty((T, D)),
-              np.empty(N), np.empty(N))
-    F, kl = 0.0, np.empty(L)
-    for b in range(B):
-        F += K.forward(x[b], a_mu[b], a_sig[b], e[b], np.zeros(N), np.zeros(N), True, loss, packed, window, kl)
-        F += kl.sum()
-        K.backward(x[b], e[b], True, loss, packed, window, g_mu[b], g_sig[b], np.empty(N), np.empty(N), np.empty(N),
-                   np.empty(Z), grads)
+    work = K.batch_work(B, T, D, packed)
+    for w in work:
+        w[...] = np.nan
+    kl = np.empty(L)
+    F = K.gradient(x, a_mu, a_sig, e, loss, packed, work, g_mu, g_sig, grads, kl) + kl.sum()
     gnet = list(packed)
     for index, g in zip(K.TRAINABLE, grads):
         gnet[index] = g
@@ -831,6 +828,13 @@ def window(value=0.0):  # value: NaN poisons what the kernels write into
     return tuple(np.full(s, value) for s in [(T * n + 1, N)] + [(T, Z)] * 5 + [(T, D), (N,), (N,)])
 
 
+def work(value=0.0):
+    out = K.batch_work(B, T, D, net.packed()[0])
+    for w in out:
+        w[...] = value
+    return out
+
+
 def regress_args(value=0.0):
     packed, loss, _ = net.packed()
     a_mu, a_sig = 0.3 * draws[0, 0], 0.3 * draws[1, 0] - 1.0
@@ -849,12 +853,10 @@ def regress_by_parts():
     kl = np.zeros(L)
     g_mu, g_sig = np.zeros_like(a_mu), np.zeros_like(a_sig)
     m = [np.zeros_like(a_mu) for _ in range(4)]
-    none = (np.empty((0, 0)), np.empty((0, 0)), np.empty(0), np.empty((0, 0)), np.empty((0, 0)), np.empty(0),
-            np.empty(0), np.empty((0, 0)), np.empty(0), np.empty((0, 0)), np.empty((0, 0)))
     for k in range(len(eps)):
         K.forward(x0, a_mu, a_sig, eps[k], h0, d0, first, loss, packed, w, kl)
         K.backward(x0, eps[k], first, loss, packed, w, g_mu, g_sig, np.zeros(N), np.zeros(N), np.zeros(N),
-                   np.zeros(Z), none)
+                   np.zeros(Z))
         K.adam(a_mu, g_mu, m[0], m[1], k + 1, 0.1, 0.9, 0.999, 1e-8)
         K.adam(a_sig, g_sig, m[2], m[3], k + 1, 0.1, 0.9, 0.999, 1e-8)
     return [a_mu, a_sig, kl, *w]
@@ -867,7 +869,7 @@ def train_args(value=0.0):
     grad, m, v = np.zeros_like(theta), np.zeros_like(theta), np.zeros_like(theta)
     a_mu, a_sig = theta[P:P + B * T * Z].reshape(B, T, Z), theta[P + B * T * Z:].reshape(B, T, Z)
     g_mu, g_sig = grad[P:P + B * T * Z].reshape(B, T, Z), grad[P + B * T * Z:].reshape(B, T, Z)
-    return theta, grad, m, v, a_mu, a_sig, g_mu, g_sig, loss, packed, tuple(net.trainable_views(grad)), window(value)
+    return theta, grad, m, v, a_mu, a_sig, g_mu, g_sig, loss, packed, tuple(net.trainable_views(grad)), work(value)
 
 
 def train(value=0.0):
@@ -880,17 +882,11 @@ def train(value=0.0):
 
 def train_by_parts():
     theta, grad, m, v, a_mu, a_sig, g_mu, g_sig, loss, packed, grads, w = train_args()
-    h0 = np.zeros(N)
     F, kls = np.zeros(3), np.zeros((3, L))
     rec = np.zeros(3)
-    kl = np.zeros(L)
     for e in range(3):
         grad[:] = 0.0
-        for b in range(B):
-            rec[e] += K.forward(x[b], a_mu[b], a_sig[b], draws[e, b], h0, h0, True, loss, packed, w, kl)
-            kls[e] += kl
-            K.backward(x[b], draws[e, b], True, loss, packed, w, g_mu[b], g_sig[b], np.zeros(N), np.zeros(N),
-                       np.zeros(N), np.zeros(Z), grads)
+        rec[e] = K.gradient(x, a_mu, a_sig, draws[e], loss, packed, w, g_mu, g_sig, grads, kls[e])
         F[e] = rec[e] + kls[e].sum()
         K.adam(theta, grad, m, v, e + 1, 0.01, 0.9, 0.999, 1e-8)
     return [theta, F, rec, kls, *w]
@@ -914,8 +910,8 @@ print(json.dumps({
 
 def test_compiled_kernels_give_the_same_bits_whatever_was_loaded_first():
     """models._pvrnn_kernels.regress and .train, loaded from Numba's cache before the kernels they call,
-    against those kernels called one by one (forward, backward, adam) in the same process: the same
-    bits (a dask worker gave results 1 ulp from the driver's when fused multiply-adds were allowed, the
+    against those kernels called one by one (forward, backward, adam; gradient, adam) in the same process:
+    the same bits (a dask worker gave results 1 ulp from the driver's when fused multiply-adds were allowed, the
     copies differing in them); and the same bits again with every array they write pre-filled with NaN
     (no entry is read before it is written). The first run may compile the kernels into the cache; the
     check needs them loaded from it, so it runs again then."""
