@@ -298,7 +298,7 @@ def batch_work(B, T, D, net):
     (T n + 1, N, B) for the backward's loop; h and the pre-activations (N, B); the prior's and output's
     pre-activations (2 Z + D, C); the recurrent blocks (:func:`_blocks`); [W_mu; W_sig; W_out]
     (2 Z + D, N); (Z, B) x 2 (with posterior weights, else (0, 0)); the adjoint's: dF/d(prior, output,
-    posterior pre-activations) (4 Z + D, C); the jumps of dF/dd (C, N); dF/dpre of every substep (one
+    posterior pre-activations) (4 Z + D, C); the jumps of dF/dd (N, C); dF/dpre of every substep (one
     vector, :func:`_backward_batch`); its sums over the data steps (N, C; with one substep the vector's,
     (0, 0)); dF/dz (Z, C); dF/dd, dF/dh, dF/dd before a substep, dF/dpre, a data step's sum of it (N, B;
     (0, 0) with one substep and no posterior weights)."""
@@ -312,7 +312,7 @@ def batch_work(B, T, D, net):
     step_sum = (N, B) if n > 1 or net[14].shape[0] else (0, 0)
     shapes = [(D, C), *[(Z, C)] * 6, (N + Z + 1, B), ends, (N, SC), (T * n + 1, N, B), (N, B), (N, B),
               (2 * Z + D, C), (blocks,), (blocks_t,), (2 * Z + D, N), posterior, posterior,
-              (4 * Z + D, C), (C, N), (N * SC + B,), ends, (Z, C), *[(N, B)] * 4, step_sum]
+              (4 * Z + D, C), (N, C), (N * SC + B,), ends, (Z, C), *[(N, B)] * 4, step_sum]
     # one allocation, each array on cache lines of its own
     sizes = [-(-math.prod(sh) // 8) * 8 for sh in shapes]
     buf = np.empty(sum(sizes) + 8)
@@ -374,10 +374,33 @@ def _blocks(net, blk, blk_t, w_stack):
 
 @njit
 def _posterior_columns(am, lq, e, mq, sq, z, c0, c1):
-    """(mu^q, sigma^q, z) of the columns c0..c1 from the pre-activations and the noise."""
+    """(mu^q, sigma^q, z) of the columns c0..c1 from the pre-activations and the noise: per row a loop
+    per output on views from column c0 (few arrays and indices from 0 per loop, so that each
+    vectorises)."""
     for j in range(am.shape[0]):
-        for c in range(c0, c1):
-            mq[j, c], sq[j, c], z[j, c] = _posterior(am[j, c], lq[j, c], e[j, c])
+        am_, lq_, e_, mq_, sq_, z_ = am[j, c0:c1], lq[j, c0:c1], e[j, c0:c1], mq[j, c0:c1], sq[j, c0:c1], z[j, c0:c1]
+        for c in range(am_.size):
+            mq_[c] = _tanh(am_[c])
+        for c in range(am_.size):
+            sq_[c] = _exp_f64(lq_[c])
+        for c in range(am_.size):
+            z_[c] = mq_[c] + sq_[c] * e_[c]
+
+
+@njit(inline="always")
+def _posterior_gradient_row(c_t, gz, mq, sq, e, mp, lp, g_mu, g_sig, j, c0, c1):
+    """dF/dA^mu, dF/dA^sig of latent j's columns c0..c1, of KL weight c_t: on views from column c0,
+    sigma^p^2 first into g_sig, then a loop per output (few arrays per loop: each vectorises)."""
+    gz_, mq_, sq_, e_, mp_, lp_ = gz[j, c0:c1], mq[j, c0:c1], sq[j, c0:c1], e[j, c0:c1], mp[j, c0:c1], lp[j, c0:c1]
+    gm_, gs_ = g_mu[j, c0:c1], g_sig[j, c0:c1]
+    for c in range(gz_.size):
+        gs_[c] = _exp_f64(2.0 * lp_[c])
+    for c in range(gz_.size):
+        m = mq_[c]
+        gm_[c] = (gz_[c] - c_t * (mp_[c] - m) / gs_[c]) * (1.0 - m * m)
+    for c in range(gz_.size):
+        s = sq_[c]
+        gs_[c] = gz_[c] * s * e_[c] + c_t * (s * s / gs_[c] - 1.0)
 
 
 @njit
@@ -385,12 +408,21 @@ def _posterior_gradients(gz, mq, sq, e, mp, lp, weight, weight_first, g_mu, g_si
     """dF/dA^mu and dF/dA^sig (the posterior's pre-activations) of the columns c0..c1 < T B from dF/dz
     and the KL (weight ``weight_first`` in block 0, the first step)."""
     for j in range(gz.shape[0]):
-        for c in range(c0, c1):
-            c_t = weight_first[j] if c < B else weight[j]
-            m, s = mq[j, c], sq[j, c]
-            sp2 = _exp_f64(2.0 * lp[j, c])
-            g_mu[j, c] = (gz[j, c] - c_t * (mp[j, c] - m) / sp2) * (1.0 - m * m)
-            g_sig[j, c] = gz[j, c] * s * e[j, c] + c_t * (s * s / sp2 - 1.0)
+        if c0 < B:
+            _posterior_gradient_row(weight_first[j], gz, mq, sq, e, mp, lp, g_mu, g_sig, j, c0, min(c1, B))
+        if c1 > B:
+            _posterior_gradient_row(weight[j], gz, mq, sq, e, mp, lp, g_mu, g_sig, j, max(c0, B), c1)
+
+
+@njit(inline="always")
+def _kl(c_t, mp, lp, mq, sq, lq):
+    """c_t sum_c (log sigma^p - log sigma^q + ((mu^p - mu^q)^2 + (sigma^q)^2) / (2 (sigma^p)^2) - 1/2)
+    over the columns of one latent's views (mu^p, log sigma^p, mu^q, sigma^q, log sigma^q)."""
+    acc = 0.0
+    for c in range(mp.size):
+        diff, s = mp[c] - mq[c], sq[c]
+        acc += lp[c] - lq[c] + (diff * diff + s * s) / (2.0 * _exp_f64(2.0 * lp[c])) - 0.5
+    return c_t * acc
 
 
 @njit(inline="always")
@@ -417,6 +449,13 @@ def _get(a, c0, out):
     for r in range(out.shape[0]):
         for q in range(out.shape[1]):
             out[r, q] = a[r, c0 + q]
+
+
+@njit(inline="always")
+def _copy(a, out):
+    """out[:] = a for vectors, in a loop (numba's slice assignment is generic and slow)."""
+    for k in range(a.size):
+        out[k] = a[k]
 
 
 @njit(inline="always")
@@ -480,30 +519,33 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
                 for q in range(lo * B, mid * B):
                     vf[q] = _tanh(hf[q])
             _put(v[:N], ds, (t * n + k + 1) * B)
-            _flat(steps[t * n + k + 1])[:] = vf[:N * B]
+            _copy(vf[:N * B], _flat(steps[t * n + k + 1]))
         if n > 1:
             _put(v[:N], de, c1)
     # the prior (block 0: N(0, I), pre-activations 0) and the output (block t + 1 of step t): one product
     np.dot(w_stack, de, pz)
     mp, lp, y = pz[:Z], pz[Z:2 * Z], pz[2 * Z:]
+    # row views from column B (loops without branches, indices from 0: they vectorise)
     for j in range(Z):
-        for c in range(C):
-            if c < B:
-                mp[j, c], lp[j, c] = 0.0, 0.0
-            else:
-                mp[j, c], lp[j, c] = _tanh(mp[j, c] + b_mu[j]), lp[j, c] + b_sig[j]
+        mp[j, :B] = 0.0
+        lp[j, :B] = 0.0
+        m_, l_, bm, bs = mp[j, B:], lp[j, B:], b_mu[j], b_sig[j]
+        for c in range(m_.size):
+            m_[c] = _tanh(m_[c] + bm)
+        for c in range(l_.size):
+            l_[c] += bs
     rec = 0.0
     for o in range(D):
-        for c in range(B, C):
-            y[o, c] = _tanh(y[o, c] + b_out[o])
-            rec += 0.5 * (y[o, c] - xt[o, c]) ** 2
+        y_, x_, bo = y[o, B:], xt[o, B:], b_out[o]
+        for c in range(y_.size):
+            y_[c] = _tanh(y_[c] + bo)
+        for c in range(y_.size):
+            rec += 0.5 * (y_[c] - x_[c]) ** 2
     kl[:] = 0.0
     for i in range(L):
         for j in range(int(zoff[i]), int(zoff[i + 1])):
-            for c in range(T * B):
-                c_t = weight_first[j] if c < B else weight[j]
-                diff, s = mp[j, c] - mq[j, c], sq[j, c]
-                kl[i] += c_t * (lp[j, c] - lq[j, c] + (diff * diff + s * s) / (2.0 * _exp_f64(2.0 * lp[j, c])) - 0.5)
+            kl[i] += _kl(weight_first[j], mp[j, :B], lp[j, :B], mq[j, :B], sq[j, :B], lq[j, :B])
+            kl[i] += _kl(weight[j], mp[j, B:T * B], lp[j, B:T * B], mq[j, B:T * B], sq[j, B:T * B], lq[j, B:T * B])
     return rec * rec_scale
 
 
@@ -534,15 +576,22 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
             u = y[o, c]
             g_out[o, c] = (u - xt[o, c]) * rec_scale * (1.0 - u * u)
     for j in range(Z):
-        for c in range(C):
-            if c < B or c >= T * B:  # the first step's prior has no weights; block T is no step
-                gpm[j, c], gls[j, c] = 0.0, 0.0
-            else:
-                m, s = mp[j, c], sq[j, c]
-                diff, sp2 = m - mq[j, c], _exp_f64(2.0 * lp[j, c])
-                gpm[j, c] = weight[j] * diff / sp2 * (1.0 - m * m)
-                gls[j, c] = weight[j] * (1.0 - (diff * diff + s * s) / sp2)
-    np.dot(gs[:R].T, w_stack, jump)  # (C, N): a step's jumps are one contiguous block
+        gpm[j, :B] = 0.0  # the first step's prior has no weights
+        gls[j, :B] = 0.0
+        gpm[j, T * B:] = 0.0  # block T is no step
+        gls[j, T * B:] = 0.0
+        # views of the columns B..T B, sigma^p^2 first into gls, then a loop per output (they vectorise)
+        m_, q_, s_, l_ = mp[j, B:T * B], mq[j, B:T * B], sq[j, B:T * B], lp[j, B:T * B]
+        gp_, gl_, w_j = gpm[j, B:T * B], gls[j, B:T * B], weight[j]
+        for c in range(gl_.size):
+            gl_[c] = _exp_f64(2.0 * l_[c])
+        for c in range(gl_.size):
+            m = m_[c]
+            gp_[c] = w_j * (m - q_[c]) / gl_[c] * (1.0 - m * m)
+        for c in range(gl_.size):
+            diff, s = m_[c] - q_[c], s_[c]
+            gl_[c] = w_j * (1.0 - (diff * diff + s * s) / gl_[c])
+    np.dot(w_stack.T, gs[:R], jump)  # (N, C), in the layout of ``ds``
     ga = gvec[:N * SC].reshape(N, SC)
     gb_ = gvec[B:B + N * SC].reshape(N, SC)
     gsum = gb_ if n == 1 else gsum  # with one substep, the sums over the data steps are gb_ itself
@@ -557,7 +606,7 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
         c0, c1 = t * B, t * B + B
         for r in range(N):
             for q in range(B):
-                gd[r, q] += jump[c1 + q, r]
+                gd[r, q] += jump[r, c1 + q]
         if n > 1:
             _flat(tmp)[:] = 0.0
         for k in range(n - 1, -1, -1):
@@ -578,7 +627,7 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
                 for r in range(mid, top):
                     for q in range(B):
                         gd[r, q] += gd_before[r, q]
-            gdf[:] = _flat(gd_before)
+            _copy(_flat(gd_before), gdf)
             _put(g_pre, ga, s)
             if n > 1:
                 _add_rows(tmp, g_pre)
