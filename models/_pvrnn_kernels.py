@@ -104,6 +104,14 @@ def _sigma2(logs):
 
 
 @njit(inline="always")
+def _kl_term(mp, mq, sq, lp, lq, sp2):
+    """One step's and latent's KL[q || p] = log sigma^p - log sigma^q + ((mu^p - mu^q)^2 + (sigma^q)^2)
+    / (2 (sigma^p)^2) - 1/2 (sp2 = (sigma^p)^2, lp and lq the log sigmas)."""
+    diff = mp - mq
+    return lp - lq + (diff * diff + sq * sq) / (2.0 * sp2) - 0.5
+
+
+@njit(inline="always")
 def _posterior(am, lq, e):
     """(mu^q, sigma^q, z) from the posterior's pre-activations and the noise."""
     mq, sq = _tanh(am), _exp_f64(lq)
@@ -187,8 +195,7 @@ def forward(x, a_mu, a_sig, eps, h0, d0, first, loss, net, window, kl):
         for i in range(L):
             for j in range(zoff[i], zoff[i + 1]):
                 c_t = weight_first[j] if t == 0 and first else weight[j]
-                diff, sq = mu_p[t, j] - mu_q[t, j], s_q[t, j]
-                kl[i] += c_t * (logs_p[t, j] - lq[t, j] + (diff * diff + sq * sq) / (2.0 * sp2[t, j]) - 0.5)
+                kl[i] += c_t * _kl_term(mu_p[t, j], mu_q[t, j], s_q[t, j], logs_p[t, j], lq[t, j], sp2[t, j])
     return rec * rec_scale
 
 
@@ -416,12 +423,11 @@ def _posterior_gradients(gz, mq, sq, e, mp, lp, weight, weight_first, g_mu, g_si
 
 @njit(inline="always")
 def _kl(c_t, mp, lp, mq, sq, lq):
-    """c_t sum_c (log sigma^p - log sigma^q + ((mu^p - mu^q)^2 + (sigma^q)^2) / (2 (sigma^p)^2) - 1/2)
-    over the columns of one latent's views (mu^p, log sigma^p, mu^q, sigma^q, log sigma^q)."""
+    """c_t sum_c KL_c (:func:`_kl_term`) over the columns of one latent's views (mu^p, log sigma^p, mu^q,
+    sigma^q, log sigma^q)."""
     acc = 0.0
     for c in range(mp.size):
-        diff, s = mp[c] - mq[c], sq[c]
-        acc += lp[c] - lq[c] + (diff * diff + s * s) / (2.0 * _exp_f64(2.0 * lp[c])) - 0.5
+        acc += _kl_term(mp[c], mq[c], sq[c], lp[c], lq[c], _exp_f64(2.0 * lp[c]))
     return c_t * acc
 
 
