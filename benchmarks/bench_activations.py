@@ -19,6 +19,7 @@ import time
 from functools import partial
 
 import numpy as np
+from numpy._core._multiarray_umath import __cpu_features__
 
 import results
 from substrate import _kernels as K
@@ -48,8 +49,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
+    # NumPy's float64 exp and tanh have SIMD loops (Intel's SVML) for AVX-512 hosts only: the ratios to them
+    # depend on the host
+    avx512 = "yes" if __cpu_features__.get("AVX512F") else "no"
     print(f"{args.rows} x {args.batch} values, minimum of {args.repeats} round-robin repeats; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; AVX-512: {avx512}")
     rows = []
     for dtype in (np.float64, np.float32, np.complex128):
         u = rng.normal(scale=2.0, size=(args.rows, args.batch)).astype(dtype)
@@ -81,7 +85,8 @@ def main():
                   + ("" if vs_numpy is None else f"{vs_numpy:10.2f}"))
             rows.append((np.dtype(dtype).name, key, v, v / ns["np.exp"], v / ns["np.tanh"], vs_numpy))
         results.record(f"Activations: {args.rows} x {args.batch} values, minimum of {args.repeats} round-robin "
-                       "repeats; ratios to np.exp, np.tanh and NumPy's loop of the same formula, same dtype",
+                       f"repeats, AVX-512: {avx512}; ratios to np.exp, np.tanh and NumPy's loop of the same formula, "
+                       "same dtype",
                        ["dtype", "case", "ns per value", "ratio to np.exp", "ratio to np.tanh", "ratio to numpy"],
                        rows, key="activations", baseline="np.exp, np.tanh, numpy of the same dtype")
 

@@ -142,26 +142,39 @@ def _exp_f64(x):
 
 
 @njit(fastmath={"contract"})
-def _exp_f32(x):
-    """The float32 version: 2 ulp of float32, as numpy's and torch's float32 exp."""
-    c0, c1, c2, c3, c4, c5, c6, c7 = _C32
-    y = _HI32 if x > _HI32 else (_LO32 if x < _LO32 else x)
+def _reduce_f32(y):
+    """(r, 2^k) with y = k ln2 + r, |r| <= ln2/2, for float32 y in [-87, 88] (2^k stays normal)."""
     t = y * _LOG2E32 + _SHIFT32
     k = t - _SHIFT32
     r = (y - k * _LN2_HI32) - k * _LN2_LO32
+    return r, _bits_f32(np.int32((_f32_bits(t) - _SHIFT32_BITS + 127) << 23))
+
+
+@njit(fastmath={"contract"})
+def _exp_f32(x):
+    """The float32 version: 2 ulp of float32, as numpy's and torch's float32 exp."""
+    c0, c1, c2, c3, c4, c5, c6, c7 = _C32
+    r, scale = _reduce_f32(_HI32 if x > _HI32 else (_LO32 if x < _LO32 else x))
     p = c0 + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7))))))
-    return p * _bits_f32(np.int32((_f32_bits(t) - _SHIFT32_BITS + 127) << 23)) + _ZERO32 * x
+    return p * scale + _ZERO32 * x
 
 
 # tanh by Cody & Waite's rational form (Cephes tanh): |x| + |x| s P(s)/Q(s), s = x^2, for |x| < 0.625,
 # where 1 - 2/(e^{2|x|} + 1) would cancel; that form beyond. Both are computed and one is selected, so
-# the loops stay branch-free and vectorise. |x| is clamped at 20 (10 in float32), where tanh rounds
-# to 1, so that +-inf give +-1 and not the exp's NaN.
+# the loops stay branch-free and vectorise. |x| is clamped at 20, where tanh rounds to 1, so that
+# +-inf give +-1 and not the exp's NaN.
 _TANH_P64 = (-9.64399179425052238628e-1, -9.92877231001918586564e1, -1.61468768441708447952e3)
 _TANH_Q64 = (1.12811678491632931402e2, 2.23548839060100448583e3, 4.84406305325125486048e3)
-_TANH_P32 = tuple(np.float32(c) for c in (
-    -5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1, -3.33332819422e-1))
-_SMALL_TANH32, _BIG_TANH32 = np.float32(0.625), np.float32(10.0)
+# float32: one form over the whole line, tanh a = E/(E + 2) with E = e^{2a} - 1, a = |x|: no cancellation
+# anywhere (E ~ 2a near 0), one division, and E's relative error is damped by 2/(E + 2) <= 1.
+# E = 2^k (e^r - 1) + (2^k - 1) after the reduction of 2a (2^k - 1 is exact for k <= 24, beyond the
+# result rounds to 1 anyway); e^r - 1 = r + r^2 q(r), q of degree 5 fitted to minimax relative error
+# on |r| <= ln2/2 (max 2.3e-9 with these float32 coefficients). a is clamped at 9.1, where E > 2^26 so
+# that E + 2 rounds to E and the result is exactly 1: +-inf give +-1.
+_EXPM1_Q32 = tuple(np.float32(c) for c in (
+    0.5000000044269208, 0.1666666636978234, 0.04166636042496641, 0.0083333894476149,
+    0.0013940668721251527, 0.00019845889101079866))
+_BIG_TANH32 = np.float32(9.1)
 _ONE32, _TWO32 = np.float32(1.0), np.float32(2.0)
 
 
@@ -180,14 +193,14 @@ def _tanh_f64(x):
 
 @njit(fastmath={"contract"})
 def _tanh_f32(x):
-    """The float32 version (Cephes tanhf's odd polynomial near 0)."""
-    p0, p1, p2, p3, p4 = _TANH_P32
+    """The float32 version in float32 arithmetic: within 2 float32 ulp of libm's tanh rounded to
+    float32 over every float32 (tests/test_activations_fast.py); tanh(-0) = -0, NaN gives NaN."""
+    q0, q1, q2, q3, q4, q5 = _EXPM1_Q32
     a = abs(x)
-    a = _BIG_TANH32 if a > _BIG_TANH32 else a
-    s = a * a
-    small = a + a * s * ((((p0 * s + p1) * s + p2) * s + p3) * s + p4)
-    large = _ONE32 - _TWO32 / (_exp_f32(a + a) + _ONE32)
-    return math.copysign(small if a < _SMALL_TANH32 else large, x)
+    a = _BIG_TANH32 if a > _BIG_TANH32 else a  # not min(): a NaN stays NaN
+    r, scale = _reduce_f32(a + a)
+    e = scale * (r + r * r * (q0 + r * (q1 + r * (q2 + r * (q3 + r * (q4 + r * q5)))))) + (scale - _ONE32)
+    return math.copysign(e / (e + _TWO32), x)
 
 
 # sin and cos for the complex exp: k = round(y 2/pi) by the shifter as in exp, r = y - k pi/2 with
