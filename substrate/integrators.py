@@ -334,9 +334,37 @@ def _prepare(network, x, u0, dtype, batch, finite=True):
     if u0 is not None and dtype is None and (u0.dtype.kind == "c" if type(u0) is np.ndarray
                                              else np.iscomplexobj(u0)):
         dtype = np.complex128
-    vf = VectorField(network, x, batch=batch, dtype=dtype)
+    vf = _field(network, x, batch, dtype)
     u = np.zeros((network.n, vf.batch), vf.dtype) if u0 is None else vf.state(u0, "u0", finite)
     return vf, u
+
+
+def _field(network, x, batch, dtype) -> VectorField:
+    """``VectorField(network, x, batch=batch, dtype=dtype)``, or the one the last call on ``network``
+    made if it would be the same: the very input array x with its shape and dtype, the same batch and
+    dtype arguments, and the network's cached packed weights and drive V x + b still those of that
+    field (:meth:`Network.prepared` checks the parameters' and the inputs' bits). The inputs' checks
+    and the field's construction are skipped (a tenth of a small network's call); a field is shared
+    by the Solutions of such calls, which only read it."""
+    memo = network._field
+    if memo is not None and memo[0] is x and memo[1] is batch and memo[2] is dtype and x.shape == memo[3] \
+            and x.dtype is memo[4]:
+        vf = memo[5]
+        packed, _, drive = network.prepared(vf.inputs, batch, vf.dtype)
+        if packed is vf.packed and drive is vf.drive:
+            return vf
+    vf = VectorField(network, x, batch=batch, dtype=dtype)
+    # only where the field is a function of the parameters and inputs alone: no device effects
+    if type(x) is np.ndarray and not vf.effects and _plain(type(network)):
+        network._field = (x, batch, dtype, x.shape, x.dtype, vf)
+    return vf
+
+
+@cache
+def _plain(cls) -> bool:
+    """Does ``cls`` read its parameters as :class:`Network` does and add no device effect in the
+    stepping kernel (so that a field made for the same parameters and inputs is the same)?"""
+    return _own_reading(cls) and cls.kernel_effects is Network.kernel_effects
 
 
 def _initial_step(vf: VectorField, u, tau_min, order, rtol, atol):
