@@ -100,9 +100,10 @@ class VectorField:
         p = self.packed
         return K.Circuit(self.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, p.tauinv, p.tau)
 
-    @property
+    @cached_property
     def circuit_fields(self) -> tuple:
-        """:attr:`circuit` as a plain tuple (``_kernels.run`` types it faster)."""
+        """:attr:`circuit` as a plain tuple (``_kernels.run`` types it faster), made once: a field is
+        reused by the calls on the same parameters and inputs (``integrators._field``)."""
         p = self.packed
         return self.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, p.tauinv, p.tau
 

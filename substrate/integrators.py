@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import MISSING, dataclass, field, fields
-from functools import cache, cached_property, partial
+from functools import cache, cached_property
 
 import numpy as np
 
@@ -147,7 +147,7 @@ class _Deferred:
             raise AttributeError(self.name)  # no default (dataclasses ask the class)
         value = obj.__dict__[self.name]
         if isinstance(value, _Later):
-            value = obj.__dict__[self.name] = value.compute()
+            value = obj.__dict__[self.name] = value.compute(*value.args)
         return value
 
     def __set__(self, obj, value):
@@ -155,12 +155,12 @@ class _Deferred:
 
 
 class _Later:
-    """A value computed when first read: ``compute()``."""
+    """A value computed when first read: ``compute(*args)``."""
 
-    __slots__ = ("compute",)
+    __slots__ = ("compute", "args")
 
-    def __init__(self, compute):
-        self.compute = compute
+    def __init__(self, compute, *args):
+        self.compute, self.args = compute, args
 
 
 @dataclass(frozen=True)
@@ -229,19 +229,21 @@ class Solution:
                 f"max residual {np.max(self.residual):.3e}" + (f"; {self.message}" if self.message else ""))
 
 
-def _solution(**given) -> Solution:
+def _solution(residual, slices=None, **given) -> Solution:
     """``Solution(**fields)`` for the engine's own calls: its attributes written at once (the frozen
     dataclass's __init__ sets its 17 fields one by one through object.__setattr__: ~2 us, a tenth of
-    a small network's call). Fields left out take their defaults."""
+    a small network's call), into a copy of a dictionary of all of them. Fields left out take their
+    defaults."""
     sol = object.__new__(Solution)
-    values = sol.__dict__
-    values.update(_SOLUTION_DEFAULTS, slices={})
-    values.update(given)
-    values["_residual"] = values.pop("residual")  # where _Deferred keeps it
+    values = _SOLUTION_TEMPLATE.copy()
+    values.update(given, slices={} if slices is None else slices, _residual=residual)  # _Deferred's place
+    object.__setattr__(sol, "__dict__", values)
     return sol
 
 
-_SOLUTION_DEFAULTS = {f.name: f.default for f in fields(Solution) if f.default is not MISSING}
+# every attribute of a Solution (_residual: where _Deferred keeps the residual), with the defaults
+_SOLUTION_TEMPLATE = {**{f.name: f.default for f in fields(Solution) if f.default is not MISSING},
+                      "slices": None, "_residual": None}
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -274,9 +276,11 @@ MAX_ALLOCATION_GIB = 4.0
 
 
 def allocate(shape, dtype, what: str, remedy: str) -> np.ndarray:
-    """An uninitialised array, refused (with its size) beyond ``MAX_ALLOCATION_GIB``."""
+    """An uninitialised array, refused (with its size) beyond ``MAX_ALLOCATION_GIB``. ``what`` names it,
+    formatted with the shape's sizes when refused: "the states at {0} t_eval points" (not at every call)."""
     gib = math.prod(map(int, shape)) * np.dtype(dtype).itemsize / 2 ** 30
     if gib > MAX_ALLOCATION_GIB:
+        what = what.format(*shape)
         raise SubstrateValueError(f"{what} would take {gib:.3g} GiB, more than the cap of "
                                   f"{MAX_ALLOCATION_GIB:g} GiB (integrators.MAX_ALLOCATION_GIB); {remedy}")
     return np.empty(shape, dtype)
@@ -295,6 +299,8 @@ def check_step_count(stepper, t0, t1, dt, max_steps, what="t_span"):
 
 
 _FEW_TIMES = 16  # t_eval up to this length is checked as Python floats (see _check_times)
+_SEQUENCES = (list, tuple)
+_FLOAT = frozenset((float,))  # the element types of a t_eval compared as given (no int: numpy rounds beyond 2**53)
 
 
 def _check_times(t_span, t_eval, default, end_at_t1=False):
@@ -303,22 +309,25 @@ def _check_times(t_span, t_eval, default, end_at_t1=False):
         t0, t1 = map(float, t_span)
     except (TypeError, ValueError):
         raise SubstrateValueError(f"t_span={t_span!r} must be a pair (t0, t1) of numbers") from None
-    if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
+    if not -math.inf < t0 < t1 < math.inf:  # NaN fails a comparison
         raise SubstrateValueError(f"t_span={t_span!r} must be finite with t1 > t0")
     if t_eval is None:  # the defaults are valid by construction: not checked (this runs at every call)
         return t0, t1, np.array(default(t0, t1), dtype=float)
-    try:
-        t_eval = np.array(t_eval, dtype=float)
-    except (TypeError, ValueError):
-        raise SubstrateValueError(f"t_eval={t_eval!r} must be a 1-D array of times") from None
-    if t_eval.ndim != 1 or t_eval.size == 0:
-        ok = False
-    elif t_eval.size <= _FEW_TIMES:  # a few Python floats: ~1 us where numpy's diff, any and all take ~6
-        ts = t_eval.tolist()
+    ts = None  # a few Python floats: compared as such, ~1 us where numpy's diff, any and all take ~6
+    if type(t_eval) in _SEQUENCES and 0 < len(t_eval) <= _FEW_TIMES and _FLOAT.issuperset(map(type, t_eval)):
+        ts, t_eval = t_eval, np.array(t_eval, dtype=float)  # the usual list of times, read once
+    else:
+        try:
+            t_eval = np.array(t_eval, dtype=float)
+        except (TypeError, ValueError):
+            raise SubstrateValueError(f"t_eval={t_eval!r} must be a 1-D array of times") from None
+        if t_eval.ndim == 1 and 0 < t_eval.size <= _FEW_TIMES:
+            ts = t_eval.tolist()
+    if ts is not None:
         ok = t0 <= ts[0] and ts[-1] <= t1 and all(map(operator.lt, ts, ts[1:]))  # NaN fails a comparison
     else:
-        ok = not (np.any(np.diff(t_eval) <= 0) or t_eval[0] < t0 or t_eval[-1] > t1
-                  or not np.all(np.isfinite(t_eval)))
+        ok = t_eval.ndim == 1 and t_eval.size > 0 and not (
+            np.any(np.diff(t_eval) <= 0) or t_eval[0] < t0 or t_eval[-1] > t1 or not np.all(np.isfinite(t_eval)))
     if not ok:
         raise SubstrateValueError("t_eval must be a non-empty, strictly increasing 1-D array within t_span")
     if end_at_t1 and t_eval[-1] != t1:
@@ -343,16 +352,13 @@ def _field(network, x, batch, dtype) -> VectorField:
     """``VectorField(network, x, batch=batch, dtype=dtype)``, or the one the last call on ``network``
     made if it would be the same: the very input array x with its shape and dtype, the same batch and
     dtype arguments, and the network's cached packed weights and drive V x + b still those of that
-    field (:meth:`Network.prepared` checks the parameters' and the inputs' bits). The inputs' checks
-    and the field's construction are skipped (a tenth of a small network's call); a field is shared
-    by the Solutions of such calls, which only read it."""
+    field (``Network._current`` checks the parameters' and the inputs' bits). The inputs' checks and
+    the field's construction are skipped (a tenth of a small network's call); a field is shared by
+    the Solutions of such calls, which only read it."""
     memo = network._field
     if memo is not None and memo[0] is x and memo[1] is batch and memo[2] is dtype and x.shape == memo[3] \
-            and x.dtype is memo[4]:
-        vf = memo[5]
-        packed, _, drive = network.prepared(vf.inputs, batch, vf.dtype)
-        if packed is vf.packed and drive is vf.drive:
-            return vf
+            and x.dtype is memo[4] and network._current(memo[5].dtype, memo[5].drive, memo[5].inputs):
+        return memo[5]
     vf = VectorField(network, x, batch=batch, dtype=dtype)
     # only where the field is a function of the parameters and inputs alone: no device effects
     if type(x) is np.ndarray and not vf.effects and _plain(type(network)):
@@ -443,7 +449,7 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     if adaptive and dt < h_min:
         raise SubstrateValueError(f"dt={dt:g}, the first step of {stepper.name!r}, is below its smallest "
                                   f"step {h_min:.3g} (1e-12 of the time scale)")
-    saved = allocate((len(t_save), n, nb), vf.dtype, f"the states at {len(t_save)} t_eval points",
+    saved = allocate((len(t_save), n, nb), vf.dtype, "the states at {0} t_eval points",
                      "pass fewer t_eval points")
     residual = np.zeros(nb)
     u_out = np.empty((n, nb), u.dtype)
@@ -573,7 +579,7 @@ def _checked_stability(vf: VectorField, u, nudge):
 
 
 def _finish(sol: Solution, on_failure: str, what: str):
-    if sol.ok or on_failure == "return":
+    if sol.status == "success" or on_failure == "return":
         return sol
     err = {"diverged": DivergenceError, "step_too_small": StepSizeError}.get(sol.status, ConvergenceError)
     raise err(f"{what} failed: {sol.report()}", sol)
@@ -630,14 +636,14 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
     if status == K.DIVERGED:
         residual = np.full(vf.batch, np.nan)
     elif nudge is None:  # one more field evaluation: deferred until the residual is read
-        residual = _Later(partial(_final_residual, vf, u_out))
+        residual = _Later(_final_residual, vf, u_out)
     else:  # the nudge's arrays are the caller's: its current is taken now
         residual = np.max(np.abs(vf(u_out.T) + nudge.current(network, u_out.T)), axis=1)
-    n_ok = int(np.searchsorted(t_eval, t, side="right")) if status != K.SUCCESS else len(t_eval)
-    message = "" if status == K.SUCCESS else (
-        f"stopped at t={t:.6g} (step {steps}); states saved for the first {n_ok} of {len(t_eval)} "
-        "t_eval points, the rest are NaN")
-    if n_ok < len(t_eval):
+    message = ""
+    if status != K.SUCCESS:
+        n_ok = int(np.searchsorted(t_eval, t, side="right"))
+        message = (f"stopped at t={t:.6g} (step {steps}); states saved for the first {n_ok} of {len(t_eval)} "
+                   "t_eval points, the rest are NaN")
         saved[n_ok:] = np.nan
     sol = _solution(t=t_eval, u=saved.transpose(0, 2, 1), status=_STATUS[status], method=stepper.name,
                    steps=steps, nfev=nfev, rejected=rej, residual=residual, t_final=t,

@@ -538,6 +538,14 @@ class Network:
             entry.drive_key, entry.inputs = key, [_snapshot(a) for a in xs.values()]
         return entry.packed, entry.input_weights, entry.drive
 
+    def _current(self, dtype, drive, xs: dict) -> bool:
+        """Would :meth:`prepared` return ``drive`` (which it returned for checked inputs ``xs`` in
+        ``dtype``) again for ``xs``: the parameters unchanged and the inputs with the bits it was
+        computed from (their shapes and the batch as then, which the caller knows)?"""
+        entry = self._prepared.get(dtype)
+        return (entry is not None and entry.drive is drive and _unchanged(self, entry.sources)
+                and all(map(_same, xs.values(), entry.inputs)))
+
     def input_weights(self) -> dict:
         """{connection name: V} of the input projections, as the circuit reads them now."""
         return {c.name: self.circuit_weight(c) for c in self.connections if c.pre in self._input}
