@@ -88,7 +88,7 @@ class VectorField:
                     f"pass dtype={u.dtype.name!r} or convert {argument}")
         if finite and not np.logical_and.reduce(np.isfinite(u), axis=None):  # not ndarray.all: its Python wrapper
             raise SubstrateValueError(f"{argument} contains NaN or Inf")
-        return np.array(u.T, order="C")  # a copy also of a batch of one, whose u.T is C-ordered already
+        return u.T.copy()  # C-ordered, a copy also of a batch of one (whose u.T is C-ordered already)
 
     def _args(self):
         p = self.packed

@@ -37,15 +37,21 @@ def _times_bad_or_ok(t_eval):
 
 @pytest.mark.parametrize("case", [
     [0.5], [0.0, 1.0], [0.2, 0.2], [0.3, 0.2], [-0.1], [1.5], [math.nan], [0.5, math.nan], [math.inf],
-    [-math.inf, 0.5], [0.1, 0.5, 0.4], [0.1, math.nan, 0.4], [], [[0.5]], list(np.linspace(0, 1, 16))])
+    [-math.inf, 0.5], [0.1, 0.5, 0.4], [0.1, math.nan, 0.4], [], [[0.5]], list(np.linspace(0, 1, 16)),
+    (0.25, 0.75), (0.75, 0.25), [0, 1], [True], [0.5, "0.75"], ["x"], [0.5, None], [complex(0.5)]])
 def test_short_t_eval_checked_as_numpy_would(case, monkeypatch):
-    """A short t_eval (checked as Python floats) is refused or returned as numpy's checks of longer
-    arrays would (the same case with the fast path turned off)."""
+    """A short t_eval (checked as Python floats: a list or tuple of floats as given, others after
+    numpy's conversion) is refused or returned as numpy's checks of longer arrays would (the same case
+    with the fast paths turned off)."""
     fast = _times_bad_or_ok(case)
     monkeypatch.setattr(I, "_FEW_TIMES", 0)
     general = _times_bad_or_ok(case)
     assert fast == general
-    valid = case and np.ndim(case) == 1 and all(np.diff(case) > 0) and 0 <= min(case) and max(case) <= 1
+    try:
+        times = np.array(case, dtype=float)
+    except (TypeError, ValueError):
+        times = np.zeros((1, 1))  # not times at all: refused
+    valid = times.ndim == 1 and times.size > 0 and all(np.diff(times) > 0) and 0 <= times[0] and times[-1] <= 1
     assert isinstance(fast, tuple) == bool(valid), fast
 
 
@@ -204,3 +210,12 @@ def test_relax_refuses_a_non_finite_u0(net, method):
                     S.relax(net, X, u0=u0, method=method, nudge=nudge, on_failure="return")
     with pytest.raises(S.DivergenceError):
         S.relax(net, X, u0=np.full((2, net.n), 1e11), method=method, blowup=1e10)
+
+
+def test_states_refused_beyond_the_allocation_cap():
+    """The saved states' size is checked before they are allocated; the message names the t_eval
+    points (formatted only when refused)."""
+    net = S.Network.layered([4, 8, 3], np.random.default_rng(0))
+    x = np.zeros((100_000, 4))  # 500 points x 11 neurons x 1e5 samples x 8 bytes = 4.1 GiB
+    with pytest.raises(Bad, match=r"the states at 500 t_eval points would take 4\.1 GiB, more than the cap"):
+        S.integrate(net, x, t_span=(0.0, 1.0), t_eval=np.linspace(0.01, 1.0, 500), dt=0.1, method="euler")
