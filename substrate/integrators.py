@@ -449,21 +449,25 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     if adaptive and dt < h_min:
         raise SubstrateValueError(f"dt={dt:g}, the first step of {stepper.name!r}, is below its smallest "
                                   f"step {h_min:.3g} (1e-12 of the time scale)")
-    saved = allocate((len(t_save), n, nb), vf.dtype, "the states at {0} t_eval points",
-                     "pass fewer t_eval points")
-    residual = np.zeros(nb)
     u_out = np.empty((n, nb), u.dtype)
     # the kernel's buffers, relax's traces (rows: the time and the largest residual at each of the
-    # first 1e6 steps, written as taken; copied out below) and the record of a call without gradient
-    # (written, never read): reused across calls of this shape
+    # first 1e6 steps, written as taken; copied out below), the record of a call without gradient
+    # (written, never read), and what a call does not return: no saved states (relax: its residuals
+    # are returned) or the residuals (integrate: its own are computed later): reused across calls of
+    # this shape
     length = min(max_steps, 1_000_000) + 1 if relax else 0
     key = (n, nb, vf.dtype, stages, length, None if record else len(t_save))
     buffers = _take(vf.network, key)
     if buffers is None:
         traces = np.empty((2, length))
         buffers = (_new_work(n, nb, vf.dtype, stages), traces, traces[0], traces[1],
-                   None if record else _no_record(n, nb, vf.dtype, len(t_save)))
-    work, traces, t_trace, res_trace, unread = buffers
+                   None if record else _no_record(n, nb, vf.dtype, len(t_save)),
+                   np.empty((0, n, nb), vf.dtype), np.zeros(nb))
+    work, traces, t_trace, res_trace, unread, no_states, residual = buffers
+    saved = no_states if len(t_save) == 0 else allocate(
+        (len(t_save), n, nb), vf.dtype, "the states at {0} t_eval points", "pass fewer t_eval points")
+    if relax:
+        residual = np.zeros(nb)
     effects = vf.effects
     if effects:
         _check_effects(effects, stepper, adaptive, vf.dtype)
@@ -651,6 +655,9 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
     return _finish(sol, on_failure, "integrate")
 
 
+_NO_TIMES = np.zeros(0)  # relax saves no state (an empty array, never written)
+
+
 def _ends(t0, t1):
     """integrate's default t_eval: the two ends of t_span."""
     return [t0, t1]
@@ -704,7 +711,7 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
     read_time = network.read_time  # a device with a finite relaxation time is read at that time
     status, t, steps, nfev, rej, _, residual, trace, u_out = _solve(
         vf, u, stepper, t0=0.0, t_end=min(max_time, read_time), dt=dt, rtol=step_rtol, atol=step_atol,
-        max_steps=max_steps, blowup=blowup, t_save=np.zeros(0), relax=True, res_rtol=rtol,
+        max_steps=max_steps, blowup=blowup, t_save=_NO_TIMES, relax=True, res_rtol=rtol,
         res_atol=tol, nudge=nudge)
     if status == K.DIVERGED and steps == 0 and u0 is not None:
         vf.state(u0, "u0")  # refuses a u0 with NaN or Inf
