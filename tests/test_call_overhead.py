@@ -55,6 +55,30 @@ def test_short_t_eval_checked_as_numpy_would(case, monkeypatch):
     assert isinstance(fast, tuple) == bool(valid), fast
 
 
+def _span_reference(t_span):
+    """t_span's check as written before (map(float, ...), math.isfinite): the message or (t0, t1)."""
+    try:
+        t0, t1 = map(float, t_span)
+    except (TypeError, ValueError):
+        return f"t_span={t_span!r} must be a pair (t0, t1) of numbers"
+    if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
+        return f"t_span={t_span!r} must be finite with t1 > t0"
+    return t0, t1
+
+
+@pytest.mark.parametrize("t_span", [(0.0, 1.0), (0, 1), [0.5, 2], "12", (1.0,), (1, 2, 3), 5.0, None, ("a", 1),
+                                    (math.nan, 1.0), (0.0, math.inf), (-math.inf, 0.0), (1.0, 0.0), (1.0, 1.0),
+                                    np.array([0.0, 1.0]), (np.float32(0.5), True), (1j, 2.0)])
+def test_t_span_checked_as_before(t_span):
+    """t_span unpacked and converted in two steps refuses and returns what map(float, t_span) with
+    math.isfinite did."""
+    try:
+        got = I._check_times(t_span, None, I._ends)[:2]
+    except Bad as e:
+        got = str(e)
+    assert got == _span_reference(t_span)
+
+
 # ------------------------------------------------------------------------------------ numbers
 @pytest.mark.parametrize("value", [0.1, 1, np.float64(0.1), np.float32(0.5), 0.0, -1.0, math.nan, math.inf,
                                    True, "0.1", None, 2 ** 63, 10 ** 400, 1e308])
