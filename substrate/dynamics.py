@@ -72,6 +72,13 @@ class VectorField:
         bring their own)."""
         return np.empty((self.packed.max_rows, self.batch), self.dtype)
 
+    @cached_property
+    def zero_state(self) -> np.ndarray:
+        """Zeros (n, batch) in the engine's layout: the default initial state of integrate and relax,
+        made once per field (a field is reused by calls on the same parameters and inputs) and never
+        written (the stepping kernel copies its initial state)."""
+        return np.zeros((self.network.n, self.batch), self.dtype)
+
     def state(self, u, argument: str = "u", finite: bool = True) -> np.ndarray:
         """Validate a (batch, n) state and return the engine's (n, batch) C-ordered copy.
         ``finite=False`` leaves out the NaN/Inf check, for a caller that makes it later (relax)."""

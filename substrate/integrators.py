@@ -275,6 +275,9 @@ def _count(value, name):  # the compiled kernels count steps in int64
 MAX_ALLOCATION_GIB = 4.0
 
 
+_FEW_STATES = 2 ** 20  # saved states up to this many numbers (16 MiB at most) are far below the cap: not checked
+
+
 def allocate(shape, dtype, what: str, remedy: str) -> np.ndarray:
     """An uninitialised array, refused (with its size) beyond ``MAX_ALLOCATION_GIB``. ``what`` names it,
     formatted with the shape's sizes when refused: "the states at {0} t_eval points" (not at every call)."""
@@ -341,7 +344,7 @@ def _prepare(network, x, u0, dtype, batch, finite=True):
                                              else np.iscomplexobj(u0)):
         dtype = np.complex128
     vf = _field(network, x, batch, dtype)
-    u = np.zeros((network.n, vf.batch), vf.dtype) if u0 is None else vf.state(u0, "u0", finite)
+    u = vf.zero_state if u0 is None else vf.state(u0, "u0", finite)
     return vf, u
 
 
@@ -461,8 +464,9 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
                    None if record else _no_record(n, nb, vf.dtype, len(t_save)),
                    np.empty((0, n, nb), vf.dtype), np.zeros(nb))
     work, traces, t_trace, res_trace, unread, no_states, residual = buffers
-    saved = no_states if len(t_save) == 0 else allocate(
-        (len(t_save), n, nb), vf.dtype, "the states at {0} t_eval points", "pass fewer t_eval points")
+    ns = len(t_save)
+    saved = (no_states if ns == 0 else np.empty((ns, n, nb), vf.dtype) if ns * n * nb <= _FEW_STATES else
+             allocate((ns, n, nb), vf.dtype, "the states at {0} t_eval points", "pass fewer t_eval points"))
     if relax:
         residual = np.zeros(nb)
     effects = vf.effects

@@ -40,9 +40,8 @@ def _times_bad_or_ok(t_eval):
     [-math.inf, 0.5], [0.1, 0.5, 0.4], [0.1, math.nan, 0.4], [], [[0.5]], list(np.linspace(0, 1, 16)),
     (0.25, 0.75), (0.75, 0.25), [0, 1], [True], [0.5, "0.75"], ["x"], [0.5, None], [complex(0.5)]])
 def test_short_t_eval_checked_as_numpy_would(case, monkeypatch):
-    """A short t_eval (checked as Python floats: a list or tuple of floats as given, others after
-    numpy's conversion) is refused or returned as numpy's checks of longer arrays would (the same case
-    with the fast paths turned off)."""
+    """A short t_eval (checked as Python floats) is refused or returned as numpy's checks of longer
+    arrays would (the same case with the fast path turned off)."""
     fast = _times_bad_or_ok(case)
     monkeypatch.setattr(I, "_FEW_TIMES", 0)
     general = _times_bad_or_ok(case)
