@@ -452,9 +452,9 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     u_out = np.empty((n, nb), u.dtype)
     # the kernel's buffers, relax's traces (rows: the time and the largest residual at each of the
     # first 1e6 steps, written as taken; copied out below), the record of a call without gradient
-    # (written, never read), and what a call does not return: no saved states (relax: its residuals
-    # are returned) or the residuals (integrate: its own are computed later): reused across calls of
-    # this shape
+    # (written, never read), and what the caller does not keep: the (empty) saved states of relax and
+    # the kernel's residuals of integrate (which takes its own at the final state): reused across
+    # calls of this shape
     length = min(max_steps, 1_000_000) + 1 if relax else 0
     key = (n, nb, vf.dtype, stages, length, None if record else len(t_save))
     buffers = _take(vf.network, key)

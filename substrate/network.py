@@ -100,13 +100,13 @@ def _same(a: np.ndarray, snapshot) -> bool:
     return np.array_equal(_bits(a), _bits(content))
 
 
-def _fingerprint(network, sources: list) -> tuple:
+def _fingerprint(network, sources: list) -> list:
     """What :func:`_unchanged` compares ``sources`` (``network._sources()``) with later: the objects
     themselves (an assignment makes a new one) and, for the arrays among them, shapes, dtypes and bits
     (an in-place edit): the small arrays' bytes joined into one string (one comparison for all: a
     network's biases and small weights cost ~0.3 us each through :func:`_same`), the large ones as
-    :func:`_snapshot` s. Then the assignment count before ``sources`` were read and the network's
-    layers and connections (:func:`_assigned_since`)."""
+    :func:`_snapshot` s. Then the assignment count (``_ASSIGNMENTS``) before ``sources`` were read
+    and the network's layers and connections, which let :func:`_unchanged` skip reading the sources."""
     count = _ASSIGNMENTS[0]
     arrays = [v for v in sources if isinstance(v, np.ndarray)]
     small = [a for a in arrays if a.nbytes <= _BYTES_LIMIT]
