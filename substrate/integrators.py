@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import cache, cached_property
 
 import numpy as np
@@ -229,21 +229,18 @@ class Solution:
                 f"max residual {np.max(self.residual):.3e}" + (f"; {self.message}" if self.message else ""))
 
 
-def _solution(residual, slices=None, **given) -> Solution:
-    """``Solution(**fields)`` for the engine's own calls: its attributes written at once (the frozen
-    dataclass's __init__ sets its 17 fields one by one through object.__setattr__: ~2 us, a tenth of
-    a small network's call), into a copy of a dictionary of all of them. Fields left out take their
-    defaults."""
+def _solution(t, u, status, method, steps, nfev, rejected, residual, t_final, residual_trace=None, trace_t=None,
+              message="", eigenvalue=None, slices=None, field=None, t_start=0.0) -> Solution:
+    """``Solution(...)`` for the engine's own calls (the same fields and defaults): its attributes
+    written at once as one dictionary (the frozen dataclass's __init__ sets its 17 fields one by one
+    through object.__setattr__: ~2 us, a tenth of a small network's call)."""
     sol = object.__new__(Solution)
-    values = _SOLUTION_TEMPLATE.copy()
-    values.update(given, slices={} if slices is None else slices, _residual=residual)  # _Deferred's place
-    object.__setattr__(sol, "__dict__", values)
+    object.__setattr__(sol, "__dict__", {
+        "t": t, "u": u, "status": status, "method": method, "steps": steps, "nfev": nfev, "rejected": rejected,
+        "_residual": residual, "t_final": t_final, "residual_trace": residual_trace, "trace_t": trace_t,
+        "message": message, "eigenvalue": eigenvalue, "slices": {} if slices is None else slices, "field": field,
+        "t_start": t_start})  # _residual: where _Deferred keeps it
     return sol
-
-
-# every attribute of a Solution (_residual: where _Deferred keeps the residual), with the defaults
-_SOLUTION_TEMPLATE = {**{f.name: f.default for f in fields(Solution) if f.default is not MISSING},
-                      "slices": None, "_residual": None}
 
 
 # ------------------------------------------------------------------------------------ checks
