@@ -491,9 +491,9 @@ def _run(typed, args):
     built-in method (its tableau's types), the state dtype and the weights' dtype, on a circuit that
     reads its parameters as :class:`Network` does, with no device effects, nudge or recording. Every
     array then is the engine's own (C order, writable, aligned: the packed weights, the drive, the
-    buffers, a fresh copy of the initial state, ``_no_nudge``) and the kernel compiled for the first
-    such call is called directly after it, without the dispatcher typing ~30 arrays (~3 us a call,
-    a tenth of a small network's)."""
+    buffers, the initial state (a fresh copy of u0, or the field's ``zero_state``), ``_no_nudge``)
+    and the kernel compiled for the first such call is called directly after it, without the
+    dispatcher typing ~30 arrays (~3 us a call, a tenth of a small network's)."""
     compiled = _COMPILED_RUN.get(typed) if typed is not None else None
     if compiled is not None:
         return compiled(*args)
