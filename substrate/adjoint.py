@@ -543,10 +543,10 @@ def _through_time(strategy, network, x, loss, t_span, t_eval, trajectory, integr
 
     def forward(n_steps, ckpt_every, n_ckpt):
         # sized by the steps that will be taken; only those are written and read (no zeroing)
-        hs = allocate((n_steps,), float, f"the sizes of {n_steps} steps",
+        hs = allocate((n_steps,), float, "the sizes of {0} steps",
                       "lower max_steps" if adaptive or dt is None else "raise dt or shorten t_span")
         save_step = np.zeros(len(t_eval), np.int64)
-        ckpt = allocate((n_ckpt, n, nb), vf.dtype, f"{n_ckpt} stored states (checkpoints)",
+        ckpt = allocate((n_ckpt, n, nb), vf.dtype, "{0} stored states (checkpoints)",
                         "raise dt or shorten t_span" if twin else
                         "store fewer: checkpoints=k in DiscreteAdjoint or ContinuousAdjoint")
         # states only, not their activities: the backward's one activation pass a step costs less than

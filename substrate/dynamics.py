@@ -72,6 +72,13 @@ class VectorField:
         bring their own)."""
         return np.empty((self.packed.max_rows, self.batch), self.dtype)
 
+    @cached_property
+    def zero_state(self) -> np.ndarray:
+        """Zeros (n, batch) in the engine's layout: the default initial state of integrate and relax,
+        made once per field (a field is reused by calls on the same parameters and inputs) and never
+        written (the stepping kernel copies its initial state)."""
+        return np.zeros((self.network.n, self.batch), self.dtype)
+
     def state(self, u, argument: str = "u", finite: bool = True) -> np.ndarray:
         """Validate a (batch, n) state and return the engine's (n, batch) C-ordered copy.
         ``finite=False`` leaves out the NaN/Inf check, for a caller that makes it later (relax)."""
@@ -88,7 +95,7 @@ class VectorField:
                     f"pass dtype={u.dtype.name!r} or convert {argument}")
         if finite and not np.logical_and.reduce(np.isfinite(u), axis=None):  # not ndarray.all: its Python wrapper
             raise SubstrateValueError(f"{argument} contains NaN or Inf")
-        return np.array(u.T, order="C")  # a copy also of a batch of one, whose u.T is C-ordered already
+        return u.T.copy()  # C-ordered, a copy also of a batch of one (whose u.T is C-ordered already)
 
     def _args(self):
         p = self.packed
@@ -100,9 +107,10 @@ class VectorField:
         p = self.packed
         return K.Circuit(self.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, p.tauinv, p.tau)
 
-    @property
+    @cached_property
     def circuit_fields(self) -> tuple:
-        """:attr:`circuit` as a plain tuple (``_kernels.run`` types it faster)."""
+        """:attr:`circuit` as a plain tuple (``_kernels.run`` types it faster), made once: a field is
+        reused by the calls on the same parameters and inputs (``integrators._field``)."""
         p = self.packed
         return self.drive, p.wbuf, p.conn, p.layer_off, p.layer_act, p.tauinv, p.tau
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import MISSING, dataclass, field, fields
-from functools import cache, cached_property, partial
+from dataclasses import dataclass, field
+from functools import cache, cached_property
 
 import numpy as np
 
@@ -147,7 +147,7 @@ class _Deferred:
             raise AttributeError(self.name)  # no default (dataclasses ask the class)
         value = obj.__dict__[self.name]
         if isinstance(value, _Later):
-            value = obj.__dict__[self.name] = value.compute()
+            value = obj.__dict__[self.name] = value.compute(*value.args)
         return value
 
     def __set__(self, obj, value):
@@ -155,12 +155,12 @@ class _Deferred:
 
 
 class _Later:
-    """A value computed when first read: ``compute()``."""
+    """A value computed when first read: ``compute(*args)``."""
 
-    __slots__ = ("compute",)
+    __slots__ = ("compute", "args")
 
-    def __init__(self, compute):
-        self.compute = compute
+    def __init__(self, compute, *args):
+        self.compute, self.args = compute, args
 
 
 @dataclass(frozen=True)
@@ -229,19 +229,18 @@ class Solution:
                 f"max residual {np.max(self.residual):.3e}" + (f"; {self.message}" if self.message else ""))
 
 
-def _solution(**given) -> Solution:
-    """``Solution(**fields)`` for the engine's own calls: its attributes written at once (the frozen
-    dataclass's __init__ sets its 17 fields one by one through object.__setattr__: ~2 us, a tenth of
-    a small network's call). Fields left out take their defaults."""
+def _solution(t, u, status, method, steps, nfev, rejected, residual, t_final, residual_trace=None, trace_t=None,
+              message="", eigenvalue=None, slices=None, field=None, t_start=0.0) -> Solution:
+    """``Solution(...)`` for the engine's own calls (the same fields and defaults): its attributes
+    written at once as one dictionary (the frozen dataclass's __init__ sets its 17 fields one by one
+    through object.__setattr__: ~2 us, a tenth of a small network's call)."""
     sol = object.__new__(Solution)
-    values = sol.__dict__
-    values.update(_SOLUTION_DEFAULTS, slices={})
-    values.update(given)
-    values["_residual"] = values.pop("residual")  # where _Deferred keeps it
+    object.__setattr__(sol, "__dict__", {
+        "t": t, "u": u, "status": status, "method": method, "steps": steps, "nfev": nfev, "rejected": rejected,
+        "_residual": residual, "t_final": t_final, "residual_trace": residual_trace, "trace_t": trace_t,
+        "message": message, "eigenvalue": eigenvalue, "slices": {} if slices is None else slices, "field": field,
+        "t_start": t_start})  # _residual: where _Deferred keeps it
     return sol
-
-
-_SOLUTION_DEFAULTS = {f.name: f.default for f in fields(Solution) if f.default is not MISSING}
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -273,10 +272,15 @@ def _count(value, name):  # the compiled kernels count steps in int64
 MAX_ALLOCATION_GIB = 4.0
 
 
+_FEW_STATES = 2 ** 20  # saved states up to this many numbers (16 MiB at most) are far below the cap: not checked
+
+
 def allocate(shape, dtype, what: str, remedy: str) -> np.ndarray:
-    """An uninitialised array, refused (with its size) beyond ``MAX_ALLOCATION_GIB``."""
+    """An uninitialised array, refused (with its size) beyond ``MAX_ALLOCATION_GIB``. ``what`` names it,
+    formatted with the shape's sizes when refused: "the states at {0} t_eval points" (not at every call)."""
     gib = math.prod(map(int, shape)) * np.dtype(dtype).itemsize / 2 ** 30
     if gib > MAX_ALLOCATION_GIB:
+        what = what.format(*shape)
         raise SubstrateValueError(f"{what} would take {gib:.3g} GiB, more than the cap of "
                                   f"{MAX_ALLOCATION_GIB:g} GiB (integrators.MAX_ALLOCATION_GIB); {remedy}")
     return np.empty(shape, dtype)
@@ -300,10 +304,11 @@ _FEW_TIMES = 16  # t_eval up to this length is checked as Python floats (see _ch
 def _check_times(t_span, t_eval, default, end_at_t1=False):
     """(t0, t1, t_eval as an array), validated; ``default(t0, t1)`` gives t_eval when it is None."""
     try:
-        t0, t1 = map(float, t_span)
+        t0, t1 = t_span
+        t0, t1 = float(t0), float(t1)  # two calls: ~0.2 us less than map(float, t_span), the same errors
     except (TypeError, ValueError):
         raise SubstrateValueError(f"t_span={t_span!r} must be a pair (t0, t1) of numbers") from None
-    if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
+    if not -math.inf < t0 < t1 < math.inf:  # NaN fails a comparison
         raise SubstrateValueError(f"t_span={t_span!r} must be finite with t1 > t0")
     if t_eval is None:  # the defaults are valid by construction: not checked (this runs at every call)
         return t0, t1, np.array(default(t0, t1), dtype=float)
@@ -315,7 +320,8 @@ def _check_times(t_span, t_eval, default, end_at_t1=False):
         ok = False
     elif t_eval.size <= _FEW_TIMES:  # a few Python floats: ~1 us where numpy's diff, any and all take ~6
         ts = t_eval.tolist()
-        ok = t0 <= ts[0] and ts[-1] <= t1 and all(map(operator.lt, ts, ts[1:]))  # NaN fails a comparison
+        # NaN fails a comparison; one time has nothing to be ordered with (all(map(...)) costs ~0.4 us)
+        ok = t0 <= ts[0] and ts[-1] <= t1 and (len(ts) == 1 or all(map(operator.lt, ts, ts[1:])))
     else:
         ok = not (np.any(np.diff(t_eval) <= 0) or t_eval[0] < t0 or t_eval[-1] > t1
                   or not np.all(np.isfinite(t_eval)))
@@ -334,9 +340,34 @@ def _prepare(network, x, u0, dtype, batch, finite=True):
     if u0 is not None and dtype is None and (u0.dtype.kind == "c" if type(u0) is np.ndarray
                                              else np.iscomplexobj(u0)):
         dtype = np.complex128
-    vf = VectorField(network, x, batch=batch, dtype=dtype)
-    u = np.zeros((network.n, vf.batch), vf.dtype) if u0 is None else vf.state(u0, "u0", finite)
+    vf = _field(network, x, batch, dtype)
+    u = vf.zero_state if u0 is None else vf.state(u0, "u0", finite)
     return vf, u
+
+
+def _field(network, x, batch, dtype) -> VectorField:
+    """``VectorField(network, x, batch=batch, dtype=dtype)``, or the one the last call on ``network``
+    made if it would be the same: the very input array x with its shape and dtype, the same batch and
+    dtype arguments, and the network's cached packed weights and drive V x + b still those of that
+    field (``Network._current`` checks the parameters' and the inputs' bits). The inputs' checks and
+    the field's construction are skipped (a tenth of a small network's call); a field is shared by
+    the Solutions of such calls, which only read it."""
+    memo = network._field
+    if memo is not None and memo[0] is x and memo[1] is batch and memo[2] is dtype and x.shape == memo[3] \
+            and x.dtype is memo[4] and network._current(memo[5].dtype, memo[5].drive, memo[5].inputs):
+        return memo[5]
+    vf = VectorField(network, x, batch=batch, dtype=dtype)
+    # only where the field is a function of the parameters and inputs alone: no device effects
+    if type(x) is np.ndarray and not vf.effects and _plain(type(network)):
+        network._field = (x, batch, dtype, x.shape, x.dtype, vf)
+    return vf
+
+
+@cache
+def _plain(cls) -> bool:
+    """Does ``cls`` read its parameters as :class:`Network` does and add no device effect in the
+    stepping kernel (so that a field made for the same parameters and inputs is the same)?"""
+    return _own_reading(cls) and cls.kernel_effects is Network.kernel_effects
 
 
 def _initial_step(vf: VectorField, u, tau_min, order, rtol, atol):
@@ -415,21 +446,26 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
     if adaptive and dt < h_min:
         raise SubstrateValueError(f"dt={dt:g}, the first step of {stepper.name!r}, is below its smallest "
                                   f"step {h_min:.3g} (1e-12 of the time scale)")
-    saved = allocate((len(t_save), n, nb), vf.dtype, f"the states at {len(t_save)} t_eval points",
-                     "pass fewer t_eval points")
-    residual = np.zeros(nb)
     u_out = np.empty((n, nb), u.dtype)
     # the kernel's buffers, relax's traces (rows: the time and the largest residual at each of the
-    # first 1e6 steps, written as taken; copied out below) and the record of a call without gradient
-    # (written, never read): reused across calls of this shape
+    # first 1e6 steps, written as taken; copied out below), the record of a call without gradient
+    # (written, never read), and what the caller does not keep: the (empty) saved states of relax and
+    # the kernel's residuals of integrate (which takes its own at the final state): reused across
+    # calls of this shape
     length = min(max_steps, 1_000_000) + 1 if relax else 0
     key = (n, nb, vf.dtype, stages, length, None if record else len(t_save))
     buffers = _take(vf.network, key)
     if buffers is None:
         traces = np.empty((2, length))
         buffers = (_new_work(n, nb, vf.dtype, stages), traces, traces[0], traces[1],
-                   None if record else _no_record(n, nb, vf.dtype, len(t_save)))
-    work, traces, t_trace, res_trace, unread = buffers
+                   None if record else _no_record(n, nb, vf.dtype, len(t_save)),
+                   np.empty((0, n, nb), vf.dtype), np.zeros(nb))
+    work, traces, t_trace, res_trace, unread, no_states, residual = buffers
+    ns = len(t_save)
+    saved = (no_states if ns == 0 else np.empty((ns, n, nb), vf.dtype) if ns * n * nb <= _FEW_STATES else
+             allocate((ns, n, nb), vf.dtype, "the states at {0} t_eval points", "pass fewer t_eval points"))
+    if relax:
+        residual = np.zeros(nb)
     effects = vf.effects
     if effects:
         _check_effects(effects, stepper, adaptive, vf.dtype)
@@ -455,9 +491,9 @@ def _run(typed, args):
     built-in method (its tableau's types), the state dtype and the weights' dtype, on a circuit that
     reads its parameters as :class:`Network` does, with no device effects, nudge or recording. Every
     array then is the engine's own (C order, writable, aligned: the packed weights, the drive, the
-    buffers, a fresh copy of the initial state, ``_no_nudge``) and the kernel compiled for the first
-    such call is called directly after it, without the dispatcher typing ~30 arrays (~3 us a call,
-    a tenth of a small network's)."""
+    buffers, the initial state (a fresh copy of u0, or the field's ``zero_state``), ``_no_nudge``)
+    and the kernel compiled for the first such call is called directly after it, without the
+    dispatcher typing ~30 arrays (~3 us a call, a tenth of a small network's)."""
     compiled = _COMPILED_RUN.get(typed) if typed is not None else None
     if compiled is not None:
         return compiled(*args)
@@ -545,7 +581,7 @@ def _checked_stability(vf: VectorField, u, nudge):
 
 
 def _finish(sol: Solution, on_failure: str, what: str):
-    if sol.ok or on_failure == "return":
+    if sol.status == "success" or on_failure == "return":
         return sol
     err = {"diverged": DivergenceError, "step_too_small": StepSizeError}.get(sol.status, ConvergenceError)
     raise err(f"{what} failed: {sol.report()}", sol)
@@ -602,19 +638,22 @@ def integrate(network: Network, x=None, *, t_span, t_eval=None, method="rk4", dt
     if status == K.DIVERGED:
         residual = np.full(vf.batch, np.nan)
     elif nudge is None:  # one more field evaluation: deferred until the residual is read
-        residual = _Later(partial(_final_residual, vf, u_out))
+        residual = _Later(_final_residual, vf, u_out)
     else:  # the nudge's arrays are the caller's: its current is taken now
         residual = np.max(np.abs(vf(u_out.T) + nudge.current(network, u_out.T)), axis=1)
-    n_ok = int(np.searchsorted(t_eval, t, side="right")) if status != K.SUCCESS else len(t_eval)
-    message = "" if status == K.SUCCESS else (
-        f"stopped at t={t:.6g} (step {steps}); states saved for the first {n_ok} of {len(t_eval)} "
-        "t_eval points, the rest are NaN")
-    if n_ok < len(t_eval):
+    message = ""
+    if status != K.SUCCESS:
+        n_ok = int(np.searchsorted(t_eval, t, side="right"))
+        message = (f"stopped at t={t:.6g} (step {steps}); states saved for the first {n_ok} of {len(t_eval)} "
+                   "t_eval points, the rest are NaN")
         saved[n_ok:] = np.nan
     sol = _solution(t=t_eval, u=saved.transpose(0, 2, 1), status=_STATUS[status], method=stepper.name,
                    steps=steps, nfev=nfev, rejected=rej, residual=residual, t_final=t,
                    message=message, slices=network.slices, field=vf, t_start=t0)
     return _finish(sol, on_failure, "integrate")
+
+
+_NO_TIMES = np.zeros(0)  # relax saves no state (an empty array, never written)
 
 
 def _ends(t0, t1):
@@ -670,7 +709,7 @@ def relax(network: Network, x=None, *, method="exp_euler", dt=None, tol=1e-6, rt
     read_time = network.read_time  # a device with a finite relaxation time is read at that time
     status, t, steps, nfev, rej, _, residual, trace, u_out = _solve(
         vf, u, stepper, t0=0.0, t_end=min(max_time, read_time), dt=dt, rtol=step_rtol, atol=step_atol,
-        max_steps=max_steps, blowup=blowup, t_save=np.zeros(0), relax=True, res_rtol=rtol,
+        max_steps=max_steps, blowup=blowup, t_save=_NO_TIMES, relax=True, res_rtol=rtol,
         res_atol=tol, nudge=nudge)
     if status == K.DIVERGED and steps == 0 and u0 is not None:
         vf.state(u0, "u0")  # refuses a u0 with NaN or Inf

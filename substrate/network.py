@@ -100,15 +100,19 @@ def _same(a: np.ndarray, snapshot) -> bool:
     return np.array_equal(_bits(a), _bits(content))
 
 
-def _fingerprint(sources: list) -> tuple:
-    """What :func:`_unchanged` compares ``sources`` with later: the objects themselves (an assignment
-    makes a new one) and, for the arrays among them, shapes, dtypes and bits (an in-place edit): the
-    small arrays' bytes joined into one string (one comparison for all: a network's biases and small
-    weights cost ~0.3 us each through :func:`_same`), the large ones as :func:`_snapshot` s."""
+def _fingerprint(network, sources: list) -> list:
+    """What :func:`_unchanged` compares ``sources`` (``network._sources()``) with later: the objects
+    themselves (an assignment makes a new one) and, for the arrays among them, shapes, dtypes and bits
+    (an in-place edit): the small arrays' bytes joined into one string (one comparison for all: a
+    network's biases and small weights cost ~0.3 us each through :func:`_same`), the large ones as
+    :func:`_snapshot` s. Then the assignment count (``_ASSIGNMENTS``) before ``sources`` were read
+    and the network's layers and connections, which let :func:`_unchanged` skip reading the sources."""
+    count = _ASSIGNMENTS[0]
     arrays = [v for v in sources if isinstance(v, np.ndarray)]
     small = [a for a in arrays if a.nbytes <= _BYTES_LIMIT]
     large = [(a, _snapshot(a)) for a in arrays if a.nbytes > _BYTES_LIMIT]
-    return sources, small, list(map(_LAYOUT, small)), b"".join(map(_BYTES, small)), large
+    return [sources, small, list(map(_LAYOUT, small)), b"".join(map(_BYTES, small)), large,
+            count, list(network.layers), list(network.connections)]
 
 
 # through map, in C: a list comprehension's frame costs more than these small arrays' reads
@@ -118,14 +122,38 @@ _LAYER_SOURCES = operator.attrgetter("activation", "tau", "bias")
 _CONNECTION_SOURCES = operator.attrgetter("weight", "mask", "tied")
 
 
-def _unchanged(sources, fingerprint) -> bool:
-    """Are ``sources`` the very objects of ``fingerprint`` (:func:`_fingerprint`), arrays with
-    unchanged shapes, dtypes and contents?"""
-    objects, small, layout, joined, large = fingerprint
-    if len(sources) != len(objects) or not all(map(operator.is_, sources, objects)):
-        return False
+def _unchanged(network, fingerprint) -> bool:
+    """Are ``network``'s sources (:meth:`Network._sources`) the very objects of ``fingerprint``
+    (:func:`_fingerprint`), arrays with unchanged shapes, dtypes and contents? Without an assignment to
+    any layer or connection since, and with the same layers and connections in the network, they are
+    the same objects: only the arrays are compared (reading and comparing the ~15 sources of a small
+    network is a tenth of its call)."""
+    objects, small, layout, joined, large, count, layers, connections = fingerprint
+    if count != _ASSIGNMENTS[0] or layers != network.layers or connections != network.connections:
+        count = _ASSIGNMENTS[0]
+        sources = network._sources()
+        if len(sources) != len(objects) or not all(map(operator.is_, sources, objects)):
+            return False
+        fingerprint[5:] = count, list(network.layers), list(network.connections)  # the same objects still
     return (list(map(_LAYOUT, small)) == layout and b"".join(map(_BYTES, small)) == joined
             and (not large or all(map(_same, *zip(*large)))))
+
+
+# Assignments to an attribute of any Layer or Connection, counted by _Counted: while the count is a
+# fingerprint's, no source of a network with the same layers and connections is a new object.
+# (Increments under the GIL; a lost one between two threads still leaves the count changed.)
+_ASSIGNMENTS = [0]
+
+
+class _Counted:
+    """Base of :class:`Layer` and :class:`Connection`: counts every assignment to their attributes in
+    ``_ASSIGNMENTS`` (:func:`_unchanged`)."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        _ASSIGNMENTS[0] += 1
 
 
 @cache
@@ -184,7 +212,7 @@ class Input:
 
 
 @dataclass(eq=False)
-class Layer:
+class Layer(_Counted):
     """A layer of ``size`` leaky neurons.
 
     tau: time constant, a positive scalar or one per neuron. activation: one of
@@ -226,7 +254,7 @@ class Layer:
 
 
 @dataclass(eq=False)
-class Connection:
+class Connection(_Counted):
     """Synapses from ``pre`` (a layer or an input) to ``post`` (a layer).
 
     weight: array (post size, pre size); None with ``tied=True``, where the weight is the transpose
@@ -281,7 +309,7 @@ class Packed:
 class _Prepared:
     """A network's parameters in the engine's form for one dtype, with what they were computed from."""
 
-    sources: tuple  # the _fingerprint of Network._sources()
+    sources: list  # the _fingerprint of Network._sources()
     packed: Packed
     input_weights: dict
     drive: np.ndarray | None = None
@@ -324,10 +352,11 @@ class Network:
         self._prepared = {}  # dtype -> _Prepared, see prepared()
         self._work = {}  # buffers of the stepping kernel and of relax, by use and shape (integrators._take)
         self._stability = None  # the last stability check of relax (integrators._checked_stability)
+        self._field = None  # the last call's VectorField, with what it was made from (integrators._field)
 
     def __getstate__(self):
         """Copies and pickles leave the caches behind (rebuilt on first use; buffers can be large)."""
-        return {**self.__dict__, "_prepared": {}, "_work": {}, "_stability": None}
+        return {**self.__dict__, "_prepared": {}, "_work": {}, "_stability": None, "_field": None}
 
     # ---------------------------------------------------------------------------- validation
     def _check_connections(self):
@@ -495,11 +524,10 @@ class Network:
         if not _own_reading(type(self)):
             weights = {k: w.copy() for k, w in self.input_weights().items()}
             return self.pack(dtype), weights, self.drive(xs, batch, dtype, weights=weights)
-        sources = self._sources()
         entry = self._prepared.get(dtype)
-        if entry is None or not _unchanged(sources, entry.sources):
+        if entry is None or not _unchanged(self, entry.sources):
             weights = {k: w.copy() for k, w in self.input_weights().items()}
-            entry = _Prepared(_fingerprint(sources), self.pack(dtype), weights)
+            entry = _Prepared(_fingerprint(self, self._sources()), self.pack(dtype), weights)
             self._prepared[dtype] = entry
         if batch is not None and type(batch) is not int:  # checked by drive(), not a cache key
             return entry.packed, entry.input_weights, self.drive(xs, batch, dtype, weights=entry.input_weights)
@@ -509,6 +537,14 @@ class Network:
             entry.drive = self.drive(xs, batch, dtype, weights=entry.input_weights)
             entry.drive_key, entry.inputs = key, [_snapshot(a) for a in xs.values()]
         return entry.packed, entry.input_weights, entry.drive
+
+    def _current(self, dtype, drive, xs: dict) -> bool:
+        """Would :meth:`prepared` return ``drive`` (which it returned for checked inputs ``xs`` in
+        ``dtype``) again for ``xs``: the parameters unchanged and the inputs with the bits it was
+        computed from (their shapes and the batch as then, which the caller knows)?"""
+        entry = self._prepared.get(dtype)
+        return (entry is not None and entry.drive is drive and _unchanged(self, entry.sources)
+                and all(map(_same, xs.values(), entry.inputs)))
 
     def input_weights(self) -> dict:
         """{connection name: V} of the input projections, as the circuit reads them now."""

@@ -37,7 +37,8 @@ def _times_bad_or_ok(t_eval):
 
 @pytest.mark.parametrize("case", [
     [0.5], [0.0, 1.0], [0.2, 0.2], [0.3, 0.2], [-0.1], [1.5], [math.nan], [0.5, math.nan], [math.inf],
-    [-math.inf, 0.5], [0.1, 0.5, 0.4], [0.1, math.nan, 0.4], [], [[0.5]], list(np.linspace(0, 1, 16))])
+    [-math.inf, 0.5], [0.1, 0.5, 0.4], [0.1, math.nan, 0.4], [], [[0.5]], list(np.linspace(0, 1, 16)),
+    (0.25, 0.75), (0.75, 0.25), [0, 1], [True], [0.5, "0.75"], ["x"], [0.5, None], [complex(0.5)]])
 def test_short_t_eval_checked_as_numpy_would(case, monkeypatch):
     """A short t_eval (checked as Python floats) is refused or returned as numpy's checks of longer
     arrays would (the same case with the fast path turned off)."""
@@ -45,8 +46,36 @@ def test_short_t_eval_checked_as_numpy_would(case, monkeypatch):
     monkeypatch.setattr(I, "_FEW_TIMES", 0)
     general = _times_bad_or_ok(case)
     assert fast == general
-    valid = case and np.ndim(case) == 1 and all(np.diff(case) > 0) and 0 <= min(case) and max(case) <= 1
+    try:
+        times = np.array(case, dtype=float)
+    except (TypeError, ValueError):
+        times = np.zeros((1, 1))  # not times at all: refused
+    valid = times.ndim == 1 and times.size > 0 and all(np.diff(times) > 0) and 0 <= times[0] and times[-1] <= 1
     assert isinstance(fast, tuple) == bool(valid), fast
+
+
+def _span_reference(t_span):
+    """t_span's check as written before (map(float, ...), math.isfinite): the message or (t0, t1)."""
+    try:
+        t0, t1 = map(float, t_span)
+    except (TypeError, ValueError):
+        return f"t_span={t_span!r} must be a pair (t0, t1) of numbers"
+    if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
+        return f"t_span={t_span!r} must be finite with t1 > t0"
+    return t0, t1
+
+
+@pytest.mark.parametrize("t_span", [(0.0, 1.0), (0, 1), [0.5, 2], "12", (1.0,), (1, 2, 3), 5.0, None, ("a", 1),
+                                    (math.nan, 1.0), (0.0, math.inf), (-math.inf, 0.0), (1.0, 0.0), (1.0, 1.0),
+                                    np.array([0.0, 1.0]), (np.float32(0.5), True), (1j, 2.0)])
+def test_t_span_checked_as_before(t_span):
+    """t_span unpacked and converted in two steps refuses and returns what map(float, t_span) with
+    math.isfinite did."""
+    try:
+        got = I._check_times(t_span, None, I._ends)[:2]
+    except Bad as e:
+        got = str(e)
+    assert got == _span_reference(t_span)
 
 
 # ------------------------------------------------------------------------------------ numbers
@@ -204,3 +233,12 @@ def test_relax_refuses_a_non_finite_u0(net, method):
                     S.relax(net, X, u0=u0, method=method, nudge=nudge, on_failure="return")
     with pytest.raises(S.DivergenceError):
         S.relax(net, X, u0=np.full((2, net.n), 1e11), method=method, blowup=1e10)
+
+
+def test_states_refused_beyond_the_allocation_cap():
+    """The saved states' size is checked before they are allocated; the message names the t_eval
+    points (formatted only when refused)."""
+    net = S.Network.layered([4, 8, 3], np.random.default_rng(0))
+    x = np.zeros((100_000, 4))  # 500 points x 11 neurons x 1e5 samples x 8 bytes = 4.1 GiB
+    with pytest.raises(Bad, match=r"the states at 500 t_eval points would take 4\.1 GiB, more than the cap"):
+        S.integrate(net, x, t_span=(0.0, 1.0), t_eval=np.linspace(0.01, 1.0, 500), dt=0.1, method="euler")
