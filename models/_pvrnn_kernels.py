@@ -459,6 +459,7 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
                 _copy_block(z, t * B, zx, (t * n + k) * B, B)
     ds[:B] = 0.0
     de[:B] = 0.0
+    drive[:B] = 0.0  # no substep 0: never read, but every entry of the work arrays is written
     a = 0
     for i in range(L):  # W_ii and W_ii^T, contiguous
         lo, mid = int(uoff[i]), int(uoff[i + 1])
@@ -575,6 +576,10 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
         for c in range(gl_.size):
             diff, s = m_[c] - q_[c], s_[c]
             gl_[c] = w_j * (1.0 - (diff * diff + s * s) / v_[c])
+    gmu[:, TB:] = 0.0  # block T is no step (the posterior weights' gradients read it)
+    gsig[:, TB:] = 0.0
+    gz[:, TB:] = 0.0
+    ga[:B] = 0.0  # no substep 0
     # the losses' jumps of dF/dd, in the layout of ``de``
     gemm(gs[:R].T, w_stack, jump, 0, SCALARS)
     if n > 1:  # the end of data step t is substep (t + 1) n
@@ -631,9 +636,6 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
             gemm(ga[B:, lo:mid].T, ds[B:, mid:top], gw_rec[lo:mid, mid:top], 1, SCALARS)  # the new ones above
         gemm(gsum[:, lo:mid].T, z[z0:z1, :TB].T, gw_zd[lo:mid, z0:z1], 1, SCALARS)
     # [prior; output; posterior] x the units, one product (the units read once), then its blocks
-    if posterior_weights:
-        gmu[:, TB:] = 0.0  # block T is no step
-        gsig[:, TB:] = 0.0
     gemm(gs[:p.shape[0]], de, p, 0, SCALARS)
     for i in range(L):
         lo, mid, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(zoff[i]), int(zoff[i + 1])
