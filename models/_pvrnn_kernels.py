@@ -36,6 +36,7 @@ from functools import partial
 import numpy as np
 from numba import njit as _njit
 
+from substrate._blas import SCALARS, gemm
 from substrate._kernels import _exp_f64
 
 # the arrays of ``net`` that training changes, by their index in ``net``
@@ -285,41 +286,52 @@ def regress(x, a_mu, a_sig, eps, h0, d0, first, loss, net, window, lr, kl):
 
 
 # ------------------------------------------------------------------------------------ training: a batch
-# Training runs every sequence of the batch at once, the sequences on the LAST axis of every array: a
-# layer's recurrent product per substep is then one small matrix product (BLAS) over all sequences, and
-# whatever does not feed the units (the prior and the output after the forward loop, their adjoints
-# before the backward loop, the posterior ahead without posterior weights, the weight gradients after)
-# is one product over all (step, sequence) columns. Arrays of per-step values are (rows, (T + 1) B):
-# column block t (columns t B .. t B + B) is data step t, aligned with ``de``'s block t, the units at
-# the end of step t - 1 (the input of step t's prior and posterior; block 0: the start, zeros); the
-# output of step t is in block t + 1 (it reads the end of step t). Training starts every sequence at
-# h = d = 0 with the first-step prior N(0, I).
+# Training runs every sequence of the batch at once, and one layer at a time: a layer's units read their own previous state and the layer above's new one
+# (top-down), never a lower layer's, so the forward runs the top layer's whole trajectory first, then the
+# next below, and the adjoint the bottom layer's first. A layer's step is then one small product
+# W_ii d (BLAS, :func:`substrate._blas.gemm` on views, no copies) over all sequences; its drive from the
+# layer above and from its latents is one product over all (substep, sequence) columns before its loop,
+# and so is, after its adjoint's loop, what it sends the layer above. Whatever does not feed the units
+# (the prior and the output after the forward, their adjoints before the backward, the posterior ahead
+# without posterior weights, the weight gradients after) is also one product over all columns. The
+# latents', prior's and output's arrays are (rows, (T + 1) B), the sequences on the last axis: column
+# block t (columns t B .. t B + B) is data step t, aligned with ``de``'s block t, the units at the end of
+# step t - 1 (the input of step t's prior and posterior; block 0: the start, zeros); the output of step t
+# is in block t + 1 (it reads the end of step t). The units' arrays are the transpose, ((T + 1) B, N) per
+# data step and ((T n + 1) B, N) per substep (block s: substep s; block 0: the start), so that a
+# substep's values of every unit and sequence are one contiguous block (the step loops walk them in
+# order; rows of (N, columns) were ~1.5x slower, a cache line per unit and step) and a layer's are
+# a view with a unit stride. Training starts every sequence at h = d = 0 with the first-step prior N(0, I).
 
 
 def batch_work(B, T, D, net):
     """The work arrays of :func:`gradient` for B sequences of T steps and D outputs (C = (T + 1) B
-    columns; every entry read is written first), in this order: x (D, C); A^mu (then the posterior's
-    pre-activation), log sigma^q, eps, mu^q, sigma^q, z (Z, C); the units' input v = (d, z, 1) of a
-    step (N + Z + 1, B); the units at the data steps' ends (N, C; with one substep those of ``ds``, (0,
-    0)); the units after every substep, (N, (T n + 1) B) and again a contiguous (N, B) block each
-    (T n + 1, N, B) for the backward's loop; h and the pre-activations (N, B); the prior's and output's
-    pre-activations (2 Z + D, C); the recurrent blocks (:func:`_blocks`); [W_mu; W_sig; W_out]
-    (2 Z + D, N); (Z, B) x 2 (with posterior weights, else (0, 0)); the adjoint's: dF/d(prior, output,
-    posterior pre-activations) (4 Z + D, C); the jumps of dF/dd (N, C); dF/dpre of every substep (one
-    vector, :func:`_backward_batch`); its sums over the data steps (N, C; with one substep the vector's,
-    (0, 0)); dF/dz (Z, C); dF/dd, dF/dh, dF/dd before a substep, dF/dpre, a data step's sum of it (N, B;
-    (0, 0) with one substep and no posterior weights)."""
+    columns per data step, SC = (T n + 1) B per substep; every entry read is written first), in this
+    order: x (D, C); A^mu (then the posterior's pre-activation), log sigma^q, eps, mu^q, sigma^q, z (Z, C);
+    z repeated for every substep (Z, T n B; with one substep (0, 0): z itself); the units after every
+    substep (SC, N); the units at the data steps' ends (C, N; with one substep those of ``ds``, (0, 0));
+    the units' drive W_td d_above + W_zd z per substep (SC, N); h and the products W_ii d, then the new
+    units, of a substep (B N: layer i's (B, N_i) from B uoff[i], contiguous, so that tanh is one loop); the
+    prior's and output's pre-activations (2 Z + D, C); the prior's variance (sigma^p)^2 (Z, C);
+    [W_mu; W_sig; W_out] (2 Z + D, N; W_out zero beyond the bottom layer's units); every layer's W_ii and
+    its transpose, contiguous, one after the other (sum_i N_i^2 each: BLAS packs a transposed view more
+    slowly, ~20% on the step's product); their gradients, and
+    with posterior weights W_q's, before their blocks are taken (2 Z + D (+ 2 Z), N); the adjoint's:
+    dF/d(prior, output, posterior pre-activations) (4 Z + D, C); the jumps of dF/dd from the
+    losses (C, N) and, with several substeps, every jump of dF/dd per substep (SC, N; else (0, 0): the
+    first); dF/dpre of every substep (SC, N); its sums over the data steps (T B, N; with one substep
+    (0, 0): a view of the former); dF/dz (Z, C); dF/dd, dF/dh and a data step's sum of dF/dpre (B, N;
+    the last (0, 0) with one substep)."""
     uoff, zoff, n = net[0], net[1], net[13]
-    N, Z, L = int(uoff[-1]), int(zoff[-1]), len(uoff) - 1
+    N, Z = int(uoff[-1]), int(zoff[-1])
     C, SC = (T + 1) * B, (T * n + 1) * B
-    blocks = sum(int(uoff[i + 1] - uoff[i]) * (N + Z + 1 - int(uoff[i])) for i in range(L))
-    blocks_t = sum(int(uoff[i + 1] - uoff[i]) * int(uoff[min(i + 2, L)] - uoff[i]) for i in range(L))
-    ends = (N, C) if n > 1 else (0, 0)
-    posterior = (Z, B) if net[14].shape[0] else (0, 0)  # with posterior weights only
-    step_sum = (N, B) if n > 1 or net[14].shape[0] else (0, 0)
-    shapes = [(D, C), *[(Z, C)] * 6, (N + Z + 1, B), ends, (N, SC), (T * n + 1, N, B), (N, B), (N, B),
-              (2 * Z + D, C), (blocks,), (blocks_t,), (2 * Z + D, N), posterior, posterior,
-              (4 * Z + D, C), (N, C), (N * SC + B,), ends, (Z, C), *[(N, B)] * 4, step_sum]
+    several = n > 1
+    squares = sum(int(uoff[i + 1] - uoff[i]) ** 2 for i in range(len(uoff) - 1))
+    shapes = [(D, C), *[(Z, C)] * 6, (Z, T * n * B) if several else (0, 0), (SC, N), (C, N) if several else (0, 0),
+              (SC, N), (B * N,), (B * N,), (2 * Z + D, C), (Z, C), (2 * Z + D, N), (squares,), (squares,),
+              (4 * Z + D if net[14].shape[0] else 2 * Z + D, N), (4 * Z + D, C), (C, N),
+              (SC, N) if several else (0, 0), (SC, N), (T * B, N) if several else (0, 0), (Z, C), (B, N), (B, N),
+              (B, N) if several else (0, 0)]
     # one allocation, each array on cache lines of its own
     sizes = [-(-math.prod(sh) // 8) * 8 for sh in shapes]
     buf = np.empty(sum(sizes) + 8)
@@ -354,32 +366,6 @@ def _from_columns(a, out):
 
 
 @njit
-def _blocks(net, blk, blk_t, w_stack):
-    """What the loops' products read, contiguous: per layer i (rows uoff[i]:uoff[i+1]) [W_rec | W_zd | b]
-    on the columns uoff[i]:N of the units (its own and those above; only the next layer's are non-zero)
-    and the latents and 1 after them (the units' input ``v`` of :func:`_forward_batch`), one after the
-    other in ``blk``; the transposes of W_rec[uoff[i]:uoff[i+1], uoff[i]:uoff[i+2]] in ``blk_t``; and
-    [W_mu; W_sig; W_out (zero beyond the bottom layer's units)] in ``w_stack``."""
-    uoff, w_rec, w_zd, b, w_mu, w_sig, w_out = net[0], net[2], net[3], net[4], net[7], net[8], net[11]
-    N, Z, L = len(b), w_zd.shape[1], len(uoff) - 1
-    a = a_t = 0
-    for i in range(L):
-        lo, mid, top = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)])
-        k, k_t = (mid - lo) * (N + Z + 1 - lo), (mid - lo) * (top - lo)
-        w = blk[a:a + k].reshape(mid - lo, N + Z + 1 - lo)
-        w[:] = 0.0
-        w[:, :top - lo] = w_rec[lo:mid, lo:top]
-        w[:, N - lo:N + Z - lo] = w_zd[lo:mid]
-        w[:, N + Z - lo] = b[lo:mid]
-        blk_t[a_t:a_t + k_t].reshape(top - lo, mid - lo)[:] = w_rec[lo:mid, lo:top].T
-        a, a_t = a + k, a_t + k_t
-    w_stack[:] = 0.0
-    w_stack[:Z] = w_mu
-    w_stack[Z:2 * Z] = w_sig
-    w_stack[2 * Z:, :w_out.shape[1]] = w_out
-
-
-@njit
 def _posterior_columns(am, lq, e, mq, sq, z, c0, c1):
     """(mu^q, sigma^q, z) of the columns c0..c1 from the pre-activations and the noise: per row a loop
     per output on views from column c0 (few arrays and indices from 0 per loop, so that each
@@ -395,151 +381,144 @@ def _posterior_columns(am, lq, e, mq, sq, z, c0, c1):
 
 
 @njit(inline="always")
-def _posterior_gradient_row(c_t, gz, mq, sq, e, mp, lp, g_mu, g_sig, j, c0, c1):
-    """dF/dA^mu, dF/dA^sig of latent j's columns c0..c1, of KL weight c_t: on views from column c0,
-    sigma^p^2 first into g_sig, then a loop per output (few arrays per loop: each vectorises)."""
-    gz_, mq_, sq_, e_, mp_, lp_ = gz[j, c0:c1], mq[j, c0:c1], sq[j, c0:c1], e[j, c0:c1], mp[j, c0:c1], lp[j, c0:c1]
+def _posterior_gradient_row(c_t, gz, mq, sq, e, mp, sp2, g_mu, g_sig, j, c0, c1):
+    """dF/dA^mu, dF/dA^sig of latent j's columns c0..c1, of KL weight c_t: on views from column c0, a
+    loop per output (few arrays per loop: each vectorises)."""
+    gz_, mq_, sq_, e_, mp_, v_ = gz[j, c0:c1], mq[j, c0:c1], sq[j, c0:c1], e[j, c0:c1], mp[j, c0:c1], sp2[j, c0:c1]
     gm_, gs_ = g_mu[j, c0:c1], g_sig[j, c0:c1]
     for c in range(gz_.size):
-        gs_[c] = _exp_f64(2.0 * lp_[c])
-    for c in range(gz_.size):
         m = mq_[c]
-        gm_[c] = (gz_[c] - c_t * (mp_[c] - m) / gs_[c]) * (1.0 - m * m)
+        gm_[c] = (gz_[c] - c_t * (mp_[c] - m) / v_[c]) * (1.0 - m * m)
     for c in range(gz_.size):
         s = sq_[c]
-        gs_[c] = gz_[c] * s * e_[c] + c_t * (s * s / gs_[c] - 1.0)
+        gs_[c] = gz_[c] * s * e_[c] + c_t * (s * s / v_[c] - 1.0)
 
 
 @njit
-def _posterior_gradients(gz, mq, sq, e, mp, lp, weight, weight_first, g_mu, g_sig, B, c0, c1):
+def _posterior_gradients(gz, mq, sq, e, mp, sp2, weight, weight_first, g_mu, g_sig, B, c0, c1):
     """dF/dA^mu and dF/dA^sig (the posterior's pre-activations) of the columns c0..c1 < T B from dF/dz
-    and the KL (weight ``weight_first`` in block 0, the first step)."""
+    and the KL (weight ``weight_first`` in block 0, the first step), for the latents of the given rows."""
     for j in range(gz.shape[0]):
         if c0 < B:
-            _posterior_gradient_row(weight_first[j], gz, mq, sq, e, mp, lp, g_mu, g_sig, j, c0, min(c1, B))
+            _posterior_gradient_row(weight_first[j], gz, mq, sq, e, mp, sp2, g_mu, g_sig, j, c0, min(c1, B))
         if c1 > B:
-            _posterior_gradient_row(weight[j], gz, mq, sq, e, mp, lp, g_mu, g_sig, j, max(c0, B), c1)
+            _posterior_gradient_row(weight[j], gz, mq, sq, e, mp, sp2, g_mu, g_sig, j, max(c0, B), c1)
 
 
 @njit(inline="always")
-def _kl(c_t, mp, lp, mq, sq, lq):
+def _kl(c_t, mp, lp, mq, sq, lq, sp2):
     """c_t sum_c KL_c (:func:`_kl_term`) over the columns of one latent's views (mu^p, log sigma^p, mu^q,
-    sigma^q, log sigma^q)."""
+    sigma^q, log sigma^q, (sigma^p)^2)."""
     acc = 0.0
     for c in range(mp.size):
-        acc += _kl_term(mp[c], mq[c], sq[c], lp[c], lq[c], _exp_f64(2.0 * lp[c]))
+        acc += _kl_term(mp[c], mq[c], sq[c], lp[c], lq[c], sp2[c])
     return c_t * acc
 
 
 @njit(inline="always")
-def _add_rows(a, b):
-    """a += b for arrays of the same shape."""
-    for r in range(a.shape[0]):
-        for c in range(a.shape[1]):
-            a[r, c] += b[r, c]
-
-
-@njit(inline="always")
-def _add_blocks(g, p, rows, cols):
-    """g += p on the diagonal blocks (rows[i]:rows[i+1], cols[i]:cols[i+1]) only: the packed block-diagonal
-    arrays' other entries are not weights (they stay zero)."""
-    for i in range(len(rows) - 1):
-        for r in range(int(rows[i]), int(rows[i + 1])):
-            for c in range(int(cols[i]), int(cols[i + 1])):
-                g[r, c] += p[r, c]
-
-
-@njit(inline="always")
-def _get(a, c0, out):
-    """out = a[:, c0:c0 + B] (B: out's columns), in loops (numba's slice assignment is generic and slow)."""
+def _copy_block(a, c0, out, o0, B):
+    """out[:, o0:o0 + B] = a[:, c0:c0 + B], in loops (numba's slice assignment is generic and slow)."""
     for r in range(out.shape[0]):
-        for q in range(out.shape[1]):
-            out[r, q] = a[r, c0 + q]
+        for q in range(B):
+            out[r, o0 + q] = a[r, c0 + q]
 
 
 @njit(inline="always")
-def _copy(a, out):
-    """out[:] = a for vectors, in a loop (numba's slice assignment is generic and slow)."""
-    for k in range(a.size):
-        out[k] = a[k]
-
-
-@njit(inline="always")
-def _put(v, a, c0):
-    """a[:, c0:c0 + B] = v (B: v's columns), in loops."""
-    for r in range(v.shape[0]):
-        for q in range(v.shape[1]):
-            a[r, c0 + q] = v[r, q]
+def _copy_rows(a, out):
+    """out[:] = a for 2-D views of one shape, in loops."""
+    for r in range(out.shape[0]):
+        for c in range(out.shape[1]):
+            out[r, c] = a[r, c]
 
 
 @njit
 def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
     """The posterior pass of B sequences from their start (``work``'s arrays, :func:`batch_work`);
     returns the reconstruction term and writes the KL terms per layer into ``kl``, as :func:`forward`.
-    Only the units' update is a loop over the steps: per substep and layer (top-down) one product of
-    [W_rec | W_zd | b] with the units' input v = (d, z, 1)."""
+    The layers top-down, each over all steps: its drive from the layer above and its latents first (one
+    product each over all substeps; with posterior weights the latents' per step), then per substep one
+    product W_ii d and h <- alpha h + beta (W_ii d + drive + b), d = tanh(h)."""
     rec_scale, weight, weight_first = loss
     uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n, wq_mu, wq_sig = net
-    xt, am, lq, et, mq, sq, z, v, de, ds, steps, h, pre, pz, blk, blk_t, w_stack, zb, zb2 = work[:19]
-    de = ds if n == 1 else de
-    posterior_weights = wq_mu.shape[0] > 0
+    xt, am, lq, et, mq, sq, z, zx, ds, de, drive, h, pre, pz, sp2, w_stack, w_ii, w_ii_t = work[:18]
     B, T, D = x.shape
-    L, N, Z, C = len(uoff) - 1, len(b), a_mu.shape[2], (T + 1) * B
+    L, Z, C = len(uoff) - 1, a_mu.shape[2], (T + 1) * B
+    de = ds if n == 1 else de
+    zx = z[:, :T * B] if n == 1 else zx
+    posterior_weights = wq_mu.shape[0] > 0
     _to_columns(x, xt, 1)
     _to_columns(a_mu, am, 0)
     _to_columns(a_sig, lq, 0)
     _to_columns(eps, et, 0)
-    _blocks(net, blk, blk_t, w_stack)
-    hf, vf = _flat(h), _flat(v)
     # z ahead for every step without posterior weights; block T is no step (A, eps 0 there: z = 0, which the
     # weight gradients' products read)
     _posterior_columns(am, lq, et, mq, sq, z, T * B if posterior_weights else 0, C)
-    h[:] = 0.0
-    vf[:] = 0.0
-    vf[(N + Z) * B:] = 1.0
-    de[:, :B] = 0.0
-    ds[:, :B] = 0.0
-    steps[0] = 0.0
-    for t in range(T):
-        c0, c1 = t * B, t * B + B
-        if posterior_weights:  # the posterior reads the units: its step here, small products
-            np.dot(wq_mu, v[:N], zb)
-            np.dot(wq_sig, v[:N], zb2)
-            for j in range(Z):
-                for k in range(B):
-                    am[j, c0 + k] += zb[j, k]
-                    lq[j, c0 + k] += zb2[j, k]
-            _posterior_columns(am, lq, et, mq, sq, z, c0, c1)
-        _get(z, c0, v[N:N + Z])
-        for k in range(n):
-            a = blk.size
-            for i in range(L - 1, -1, -1):  # top-down: layer i reads its own old d and layer i+1's new d
-                lo, mid = int(uoff[i]), int(uoff[i + 1])
-                a -= (mid - lo) * (N + Z + 1 - lo)
-                np.dot(blk[a:a + (mid - lo) * (N + Z + 1 - lo)].reshape(mid - lo, N + Z + 1 - lo), v[lo:],
-                       pre[lo:mid])
-                for r in range(lo, mid):  # loops of their own, so that they vectorise
-                    a_r, b_r = alpha[r], beta[r]
-                    for q in range(B):
-                        h[r, q] = a_r * h[r, q] + b_r * pre[r, q]
-                for q in range(lo * B, mid * B):
-                    vf[q] = _tanh(hf[q])
-            _put(v[:N], ds, (t * n + k + 1) * B)
-            _copy(vf[:N * B], _flat(steps[t * n + k + 1]))
-        if n > 1:
-            _put(v[:N], de, c1)
+    if n > 1 and not posterior_weights:  # z of data step t for each of its substeps
+        for t in range(T):
+            for k in range(n):
+                _copy_block(z, t * B, zx, (t * n + k) * B, B)
+    ds[:B] = 0.0
+    de[:B] = 0.0
+    drive[:B] = 0.0  # no substep 0: never read, but every entry of the work arrays is written
+    a = 0
+    for i in range(L):  # W_ii and W_ii^T, contiguous
+        lo, mid = int(uoff[i]), int(uoff[i + 1])
+        w, w_t = w_ii[a:a + (mid - lo) ** 2].reshape(mid - lo, mid - lo), w_ii_t[a:a + (mid - lo) ** 2].reshape(mid - lo, mid - lo)
+        for r in range(mid - lo):
+            for c in range(mid - lo):
+                w[r, c] = w_t[c, r] = w_rec[lo + r, lo + c]
+        a += (mid - lo) ** 2
+    for i in range(L - 1, -1, -1):  # top-down: a layer reads its own old d and the layer above's new d
+        lo, mid, top, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)]), int(zoff[i]), int(zoff[i + 1])
+        a -= (mid - lo) ** 2
+        w_t, dr = w_ii_t[a:a + (mid - lo) ** 2].reshape(mid - lo, mid - lo), drive[B:, lo:mid]
+        if top > mid:
+            gemm(ds[B:, mid:top], w_rec[lo:mid, mid:top].T, dr, 0, SCALARS)
+        if not posterior_weights:
+            gemm(zx[z0:z1].T, w_zd[lo:mid, z0:z1].T, dr, top > mid, SCALARS)
+        h_, pre_ = h[B * lo:B * mid], pre[B * lo:B * mid]
+        h_i, pre_i = h_.reshape(B, mid - lo), pre_.reshape(B, mid - lo)
+        h_[:] = 0.0
+        for t in range(T):
+            c0, c1 = t * B, t * B + B
+            if posterior_weights:  # the posterior reads the layer's units at the end of step t - 1
+                gemm(wq_mu[z0:z1, lo:mid], de[c0:c1, lo:mid].T, am[z0:z1, c0:c1], 1, SCALARS)
+                gemm(wq_sig[z0:z1, lo:mid], de[c0:c1, lo:mid].T, lq[z0:z1, c0:c1], 1, SCALARS)
+                _posterior_columns(am[z0:z1], lq[z0:z1], et[z0:z1], mq[z0:z1], sq[z0:z1], z[z0:z1], c0, c1)
+                for k in range(n):
+                    s = (t * n + k + 1) * B
+                    gemm(z[z0:z1, c0:c1].T, w_zd[lo:mid, z0:z1].T, drive[s:s + B, lo:mid], top > mid, SCALARS)
+            for k in range(n):
+                s = (t * n + k + 1) * B  # substep t n + k + 1's rows
+                gemm(ds[s - B:s, lo:mid], w_t, pre_i, 0, SCALARS)  # (W_ii d)^T = d^T W_ii^T
+                for q in range(B):  # loops of their own, so that they vectorise
+                    for r in range(mid - lo):
+                        h_i[q, r] = alpha[lo + r] * h_i[q, r] + beta[lo + r] * (pre_i[q, r] + drive[s + q, lo + r] + b[lo + r])
+                for c in range(h_.size):  # one loop over the layer's values: no remainder a row
+                    pre_[c] = _tanh(h_[c])
+                _copy_rows(pre_i, ds[s:s + B, lo:mid])
+            if n > 1:
+                _copy_rows(ds[(t * n + n) * B:(t * n + n + 1) * B, lo:mid], de[c1:c1 + B, lo:mid])
     # the prior (block 0: N(0, I), pre-activations 0) and the output (block t + 1 of step t): one product
-    np.dot(w_stack, de, pz)
+    # (one product reads the units once; per layer's block, each block's would read them again)
+    w_stack[:] = 0.0
+    w_stack[:Z] = w_mu
+    w_stack[Z:2 * Z] = w_sig
+    w_stack[2 * Z:, :w_out.shape[1]] = w_out
+    gemm(w_stack, de.T, pz, 0, SCALARS)
     mp, lp, y = pz[:Z], pz[Z:2 * Z], pz[2 * Z:]
     # row views from column B (loops without branches, indices from 0: they vectorise)
     for j in range(Z):
         mp[j, :B] = 0.0
         lp[j, :B] = 0.0
-        m_, l_, bm, bs = mp[j, B:], lp[j, B:], b_mu[j], b_sig[j]
+        m_, l_, s_, bm, bs = mp[j, B:], lp[j, B:], sp2[j, B:], b_mu[j], b_sig[j]
         for c in range(m_.size):
             m_[c] = _tanh(m_[c] + bm)
         for c in range(l_.size):
             l_[c] += bs
+        for c in range(l_.size):  # (sigma^p)^2 once: the KL and its gradients read it
+            s_[c] = _exp_f64(2.0 * l_[c])
+        sp2[j, :B] = 1.0
     rec = 0.0
     for o in range(D):
         y_, x_, bo = y[o, B:], xt[o, B:], b_out[o]
@@ -550,8 +529,9 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
     kl[:] = 0.0
     for i in range(L):
         for j in range(int(zoff[i]), int(zoff[i + 1])):
-            kl[i] += _kl(weight_first[j], mp[j, :B], lp[j, :B], mq[j, :B], sq[j, :B], lq[j, :B])
-            kl[i] += _kl(weight[j], mp[j, B:T * B], lp[j, B:T * B], mq[j, B:T * B], sq[j, B:T * B], lq[j, B:T * B])
+            kl[i] += _kl(weight_first[j], mp[j, :B], lp[j, :B], mq[j, :B], sq[j, :B], lq[j, :B], sp2[j, :B])
+            kl[i] += _kl(weight[j], mp[j, B:T * B], lp[j, B:T * B], mq[j, B:T * B], sq[j, B:T * B], lq[j, B:T * B],
+                         sp2[j, B:T * B])
     return rec * rec_scale
 
 
@@ -559,21 +539,22 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
 def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
     """The exact adjoint of the last :func:`_forward_batch`: dF/dA^mu, dF/dA^sig (B, T, Z) and dF/dweights
     added into ``grads``. The losses' jumps of dF/dd (the output and the prior; they do not depend on the
-    adjoint) are one product before the loop over the steps, the weight gradients one product each
-    after it. dF/dpre of substep s is in column block s + 1 of ``ga`` (block 0 zero) and block s of ``gb``,
-    two views of one vector: ``gb`` pairs it with the units before the substep, ``ga`` with those after
-    (the layer above's), both in the layout of ``ds``, so that every product's operands are contiguous."""
+    adjoint) are products before the loops; then the layers bottom-up, each over all steps backwards (per
+    substep one product W_ii^T dF/dpre), followed by the product that sends its dF/dpre to the layer above
+    (whose units it read); the weight gradients are one product each after the loops. dF/dpre of substep
+    s is in column block s of ``ga`` (block 0 unused), the layout of ``ds``."""
     rec_scale, weight, weight_first = loss
     uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n, wq_mu, wq_sig = net
     gw_rec, gw_zd, gb, gw_mu, gw_sig, gb_mu, gb_sig, gw_out, gb_out, gwq_mu, gwq_sig = grads
-    (xt, _, _, et, mq, sq, z, _, de, ds, steps, _, _, pz, _, blk_t, w_stack, zb, zb2, gs, jump, gvec, gsum, gz, gd,
-     gh, gd_before, g_pre, tmp) = work
+    (xt, _, _, et, mq, sq, z, _, ds, de, _, _, _, pz, sp2, w_stack, w_ii, _, p, gs, jump, td, ga, gsum, gz, gd, gh, tmp) = work
     de = ds if n == 1 else de
+    td = jump if n == 1 else td
     posterior_weights = wq_mu.shape[0] > 0
     B, T, D = x.shape
-    L, N, Z, C, S = len(uoff) - 1, len(b), gz.shape[0], (T + 1) * B, T * n
-    SC, R = (S + 1) * B, 2 * Z + D
-    mp, lp, y = pz[:Z], pz[Z:2 * Z], pz[2 * Z:]
+    L, Z, C, S = len(uoff) - 1, gz.shape[0], (T + 1) * B, T * n
+    TB, R = T * B, 2 * Z + D
+    gsum = ga[B:] if n == 1 else gsum  # with one substep, data step t's dF/dpre is substep t + 1's
+    mp, y = pz[:Z], pz[2 * Z:]
     gpm, gls, g_out, gmu, gsig = gs[:Z], gs[Z:2 * Z], gs[2 * Z:R], gs[R:R + Z], gs[R + Z:]
     # dF/d(output pre-activation) (block t + 1) and dF/d(prior pre-activations) (block t > 0)
     g_out[:, :B] = 0.0
@@ -584,96 +565,93 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
     for j in range(Z):
         gpm[j, :B] = 0.0  # the first step's prior has no weights
         gls[j, :B] = 0.0
-        gpm[j, T * B:] = 0.0  # block T is no step
-        gls[j, T * B:] = 0.0
-        # views of the columns B..T B, sigma^p^2 first into gls, then a loop per output (they vectorise)
-        m_, q_, s_, l_ = mp[j, B:T * B], mq[j, B:T * B], sq[j, B:T * B], lp[j, B:T * B]
-        gp_, gl_, w_j = gpm[j, B:T * B], gls[j, B:T * B], weight[j]
-        for c in range(gl_.size):
-            gl_[c] = _exp_f64(2.0 * l_[c])
+        gpm[j, TB:] = 0.0  # block T is no step
+        gls[j, TB:] = 0.0
+        # views of the columns B..T B, a loop per output (they vectorise)
+        m_, q_, s_, v_ = mp[j, B:TB], mq[j, B:TB], sq[j, B:TB], sp2[j, B:TB]
+        gp_, gl_, w_j = gpm[j, B:TB], gls[j, B:TB], weight[j]
         for c in range(gl_.size):
             m = m_[c]
-            gp_[c] = w_j * (m - q_[c]) / gl_[c] * (1.0 - m * m)
+            gp_[c] = w_j * (m - q_[c]) / v_[c] * (1.0 - m * m)
         for c in range(gl_.size):
             diff, s = m_[c] - q_[c], s_[c]
-            gl_[c] = w_j * (1.0 - (diff * diff + s * s) / gl_[c])
-    np.dot(w_stack.T, gs[:R], jump)  # (N, C), in the layout of ``ds``
-    ga = gvec[:N * SC].reshape(N, SC)
-    gb_ = gvec[B:B + N * SC].reshape(N, SC)
-    gsum = gb_ if n == 1 else gsum  # with one substep, the sums over the data steps are gb_ itself
-    gstep = g_pre if n == 1 else tmp
-    gdf = _flat(gd)
-    gvec[N * SC:] = 0.0
-    gd[:] = 0.0
-    gh[:] = 0.0
-    if n > 1:
-        gsum[:, T * B:] = 0.0
-    for t in range(T - 1, -1, -1):
-        c0, c1 = t * B, t * B + B
-        for r in range(N):
-            for q in range(B):
-                gd[r, q] += jump[r, c1 + q]
-        if n > 1:
-            _flat(tmp)[:] = 0.0
-        for k in range(n - 1, -1, -1):
-            s = (t * n + k + 1) * B  # the units after substep t n + k
-            d = steps[t * n + k + 1]
-            a = 0
-            for i in range(L):  # bottom first: layer i-1's pre fed on layer i's new d
-                lo, mid, top = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)])
-                for r in range(lo, mid):  # few arrays per loop: it vectorises (without alias checks beyond LLVM's)
-                    a_r, b_r = alpha[r], beta[r]
-                    for q in range(B):
-                        g_h = gh[r, q] + gd[r, q] * (1.0 - d[r, q] * d[r, q])
-                        g_pre[r, q] = b_r * g_h
-                        gh[r, q] = a_r * g_h
-                np.dot(blk_t[a:a + (mid - lo) * (top - lo)].reshape(top - lo, mid - lo), g_pre[lo:mid],
-                       gd_before[lo:top])
-                a += (mid - lo) * (top - lo)
-                for r in range(mid, top):
-                    for q in range(B):
-                        gd[r, q] += gd_before[r, q]
-            _copy(_flat(gd_before), gdf)
-            _put(g_pre, ga, s)
+            gl_[c] = w_j * (1.0 - (diff * diff + s * s) / v_[c])
+    gmu[:, TB:] = 0.0  # block T is no step (the posterior weights' gradients read it)
+    gsig[:, TB:] = 0.0
+    gz[:, TB:] = 0.0
+    ga[:B] = 0.0  # no substep 0
+    # the losses' jumps of dF/dd, in the layout of ``de``
+    gemm(gs[:R].T, w_stack, jump, 0, SCALARS)
+    if n > 1:  # the end of data step t is substep (t + 1) n
+        td[:] = 0.0
+        for t in range(1, T + 1):
+            _copy_rows(jump[t * B:t * B + B], td[t * n * B:t * n * B + B])
+    a = 0
+    for i in range(L):  # bottom-up: layer i's dF/dpre feeds dF/dd of layer i + 1
+        lo, mid, top, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)]), int(zoff[i]), int(zoff[i + 1])
+        w = w_ii[a:a + (mid - lo) ** 2].reshape(mid - lo, mid - lo)
+        a += (mid - lo) ** 2
+        gd[:, lo:mid] = 0.0
+        gh[:, lo:mid] = 0.0
+        for t in range(T - 1, -1, -1):
+            c0, c1 = t * B, t * B + B
             if n > 1:
-                _add_rows(tmp, g_pre)
-        if n > 1:
-            _put(tmp, gsum, c0)
-        if posterior_weights:  # the posterior's adjoint feeds dF/dd: its step here
-            np.dot(w_zd.T, gstep, zb)
-            _put(zb, gz, c0)
-            _posterior_gradients(gz, mq, sq, et, mp, lp, weight, weight_first, gmu, gsig, B, c0, c1)
-            if t > 0:  # the start is frozen
-                _get(gmu, c0, zb)
-                _get(gsig, c0, zb2)
-                np.dot(wq_mu.T, zb, tmp)
-                _add_rows(gd, tmp)
-                np.dot(wq_sig.T, zb2, tmp)
-                _add_rows(gd, tmp)
-    ga[:, :B] = 0.0
+                tmp[:, lo:mid] = 0.0
+            for k in range(n - 1, -1, -1):
+                s = (t * n + k + 1) * B  # substep t n + k + 1's rows
+                for q in range(B):  # few arrays per loop: it vectorises
+                    for r in range(lo, mid):
+                        d = ds[s + q, r]
+                        g_h = gh[q, r] + (gd[q, r] + td[s + q, r]) * (1.0 - d * d)
+                        ga[s + q, r] = beta[r] * g_h
+                        gh[q, r] = alpha[r] * g_h
+                gemm(ga[s:s + B, lo:mid], w, gd[:, lo:mid], 0, SCALARS)  # dF/dd before the substep: g^T W_ii
+                if n > 1:
+                    for q in range(B):
+                        for r in range(lo, mid):
+                            tmp[q, r] += ga[s + q, r]
+            if n > 1:
+                _copy_rows(tmp[:, lo:mid], gsum[c0:c1, lo:mid])
+            if posterior_weights:  # the posterior's adjoint feeds dF/dd: its step here
+                gemm(w_zd[lo:mid, z0:z1].T, gsum[c0:c1, lo:mid].T, gz[z0:z1, c0:c1], 0, SCALARS)
+                _posterior_gradients(gz[z0:z1], mq[z0:z1], sq[z0:z1], et[z0:z1], mp[z0:z1], sp2[z0:z1], weight[z0:z1],
+                                     weight_first[z0:z1], gmu[z0:z1], gsig[z0:z1], B, c0, c1)
+                if t > 0:  # the start is frozen
+                    gemm(gmu[z0:z1, c0:c1].T, wq_mu[z0:z1, lo:mid], gd[:, lo:mid], 1, SCALARS)
+                    gemm(gsig[z0:z1, c0:c1].T, wq_sig[z0:z1, lo:mid], gd[:, lo:mid], 1, SCALARS)
+        if top > mid:  # the layer above's units fed this layer's pre at the same substep
+            gemm(ga[B:, lo:mid], w_rec[lo:mid, mid:top], td[B:, mid:top], 1, SCALARS)
     if not posterior_weights:
-        np.dot(w_zd.T, gsum, gz)
-        _posterior_gradients(gz, mq, sq, et, mp, lp, weight, weight_first, gmu, gsig, B, 0, T * B)
-    gmu[:, T * B:] = 0.0
-    gsig[:, T * B:] = 0.0
+        for i in range(L):
+            lo, mid, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(zoff[i]), int(zoff[i + 1])
+            gemm(w_zd[lo:mid, z0:z1].T, gsum[:, lo:mid].T, gz[z0:z1, :TB], 0, SCALARS)
+        _posterior_gradients(gz, mq, sq, et, mp, sp2, weight, weight_first, gmu, gsig, B, 0, TB)
     _from_columns(gmu, g_mu)
     _from_columns(gsig, g_sig)
     # the weight gradients: sums over all (step, sequence) columns, a product each
     for i in range(L):
-        lo, mid, top = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)])
-        gw_rec[lo:mid, lo:mid] += np.dot(gb_[lo:mid], ds[lo:mid].T)
+        lo, mid, top, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)]), int(zoff[i]), int(zoff[i + 1])
+        gemm(ga[B:, lo:mid].T, ds[:S * B, lo:mid], gw_rec[lo:mid, lo:mid], 1, SCALARS)  # the units before
         if top > mid:
-            gw_rec[lo:mid, mid:top] += np.dot(ga[lo:mid], ds[mid:top].T)
-    for r in range(N):
-        gb[r] += gsum[r].sum()
-    _add_blocks(gw_zd, np.dot(gsum, z.T), uoff, zoff)
-    p = np.dot(gs if posterior_weights else gs[:R], de.T)  # [prior; output; posterior] x the units
-    _add_blocks(gw_mu, p[:Z], zoff, uoff)
-    _add_blocks(gw_sig, p[Z:2 * Z], zoff, uoff)
-    gw_out += p[2 * Z:R, :w_out.shape[1]]
-    if posterior_weights:
-        _add_blocks(gwq_mu, p[R:R + Z], zoff, uoff)
-        _add_blocks(gwq_sig, p[R + Z:], zoff, uoff)
+            gemm(ga[B:, lo:mid].T, ds[B:, mid:top], gw_rec[lo:mid, mid:top], 1, SCALARS)  # the new ones above
+        gemm(gsum[:, lo:mid].T, z[z0:z1, :TB].T, gw_zd[lo:mid, z0:z1], 1, SCALARS)
+    # [prior; output; posterior] x the units, one product (the units read once), then its blocks
+    gemm(gs[:p.shape[0]], de, p, 0, SCALARS)
+    for i in range(L):
+        lo, mid, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(zoff[i]), int(zoff[i + 1])
+        for r in range(z0, z1):
+            for c in range(lo, mid):
+                gw_mu[r, c] += p[r, c]
+                gw_sig[r, c] += p[Z + r, c]
+                if posterior_weights:
+                    gwq_mu[r, c] += p[R + r, c]
+                    gwq_sig[r, c] += p[R + Z + r, c]
+    for o in range(D):
+        for c in range(w_out.shape[1]):
+            gw_out[o, c] += p[2 * Z + o, c]
+    for c in range(gsum.shape[0]):
+        for r in range(len(b)):
+            gb[r] += gsum[c, r]
     for j in range(Z):
         gb_mu[j] += gpm[j].sum()
         gb_sig[j] += gls[j].sum()

@@ -671,8 +671,8 @@ def train(model: PVRNN, x, *, epochs: int, rng: np.random.Generator, lr: float =
 
     ``compiled``: the epochs run in ``models._pvrnn_kernels`` (forward, exact adjoint and Adam, a
     chunk of epochs per call), every option of the model included (substeps, exp_euler,
-    posterior_weights, w_first); the same equations, Adam and noise draws (the same generator calls,
-    made ahead for each chunk) as the NumPy path (``compiled=False``, the reference), so the weights
+    posterior_weights, w_first); the same equations, Adam and noise draws (the same normals from the
+    generator, drawn ahead for each chunk in one call) as the NumPy path (``compiled=False``, the reference), so the weights
     agree to rounding. There ``on_epoch`` runs after each chunk, once for each of its epochs; and
     after a divergence ``rng`` has drawn the rest of its chunk's noise.
 
@@ -810,10 +810,13 @@ def _train_compiled(model, x, epochs, rng, opt, A, progress, on_epoch, hist, sav
     with tqdm(initial=done, total=epochs, desc="PV-RNN", disable=not progress) as bar:
         while done < epochs:
             k = min(chunk, epochs - done, saver.due(done))
+            # the k epochs' model.noise draws in one call: the generator's stream is the same whether its
+            # normals are drawn in one call or in several (epoch by epoch, layer by layer, C order)
+            flat = rng.standard_normal((k, B * T * Z))
             eps = np.empty((k, B, T, Z))
-            for e in range(k):
-                for i, draw in enumerate(model.noise(B, T, rng)):
-                    eps[e, ..., zoff[i]:zoff[i + 1]] = draw
+            for i in range(L):
+                eps[..., zoff[i]:zoff[i + 1]] = flat[:, B * T * zoff[i]:B * T * zoff[i + 1]].reshape(
+                    k, B, T, zoff[i + 1] - zoff[i])
             ok = K.train(x, theta, grad, m, v, done, *args, a_mu, a_sig, g_mu, g_sig, eps, loss, net,
                          tuple(model.trainable_views(grad)), work, (F[done:done + k], R[done:done + k],
                                                                     KL[done:done + k]))
