@@ -45,12 +45,13 @@ def _operand(x):
     raise ValueError("gemm: an operand without a unit stride")
 
 
-@njit(inline="always")
+@njit(cache=True)
 def gemm(a, b, c, beta, scalars):
     """c = a b + beta c for float64 views a (m, k), b (k, n), c (m, n); beta 0 or 1; c row-major
     (unit stride along axis 1), a and b row-major or transposes of row-major arrays (``w.T``); any row
     stride. ``scalars``: :data:`SCALARS`. Row-major c = a b is column-major c^T = b^T a^T: BLAS's A is
-    b's storage, its B a's."""
+    b's storage, its B a's. Not inlined: PV-RNN training calls it at ~25 places, and inlined there its
+    first call (benchmarks/bench_pvrnn_train.py's cold child) compiled in 82 CPU s against 51."""
     m, k = a.shape
     n = c.shape[1]
     if b.shape[0] != k or b.shape[1] != n or c.shape[0] != m:
