@@ -416,16 +416,8 @@ def _kl(c_t, mp, lp, mq, sq, lq, sp2):
 
 
 @njit(inline="always")
-def _copy_block(a, c0, out, o0, B):
-    """out[:, o0:o0 + B] = a[:, c0:c0 + B], in loops (numba's slice assignment is generic and slow)."""
-    for r in range(out.shape[0]):
-        for q in range(B):
-            out[r, o0 + q] = a[r, c0 + q]
-
-
-@njit(inline="always")
 def _copy_rows(a, out):
-    """out[:] = a for 2-D views of one shape, in loops."""
+    """out[:] = a for 2-D views of one shape, in loops (numba's slice assignment is generic and slow)."""
     for r in range(out.shape[0]):
         for c in range(out.shape[1]):
             out[r, c] = a[r, c]
@@ -456,7 +448,7 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
     if n > 1 and not posterior_weights:  # z of data step t for each of its substeps
         for t in range(T):
             for k in range(n):
-                _copy_block(z, t * B, zx, (t * n + k) * B, B)
+                _copy_rows(z[:, t * B:t * B + B], zx[:, (t * n + k) * B:(t * n + k + 1) * B])
     ds[:B] = 0.0
     de[:B] = 0.0
     drive[:B] = 0.0  # no substep 0: never read, but every entry of the work arrays is written
