@@ -242,11 +242,9 @@ class LocalExecutor:
                 suspects, pending = yield from self._batch(pending, task_name, runs_dir, self.workers)
                 # a run whose file was written before the pool broke is finished: only its summary was lost
                 written = set()
-                for run in suspects + pending:
-                    status = run_status(run_file(runs_dir, run["run_id"]))
-                    if status is not None:
-                        written.add(run["run_id"])
-                        yield {"run_id": run["run_id"], "status": status, "error": "", "seconds": float("nan")}
+                for summary in _written_before_the_break(suspects + pending, runs_dir):
+                    written.add(summary["run_id"])
+                    yield summary
                 suspects = [r for r in suspects if r["run_id"] not in written]
                 pending = [r for r in pending if r["run_id"] not in written]
                 for run in suspects:  # alone, in a fresh process
@@ -291,6 +289,16 @@ class LocalExecutor:
         events.close()
         left = [r for r in runs if r["run_id"] not in finished]
         return ([r for r in left if r["run_id"] in started], [r for r in left if r["run_id"] not in started])
+
+
+def _written_before_the_break(runs: list, runs_dir: str) -> Iterator[dict]:
+    """The summaries of ``runs`` whose run file exists. A broken pool terminates every worker, so a run
+    may have been stopped between writing its file and removing its partial file: remove it here."""
+    for run in runs:
+        status = run_status(run_file(runs_dir, run["run_id"]))
+        if status is not None:
+            _remove_run_leftovers(runs_dir, run["run_id"], scratch=True)
+            yield {"run_id": run["run_id"], "status": status, "error": "", "seconds": float("nan")}
 
 
 def _terminate(pool: ProcessPoolExecutor):

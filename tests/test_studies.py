@@ -514,6 +514,22 @@ def test_a_run_that_kills_its_worker_is_recorded_as_failed(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "runs") if f.endswith(".partial.h5")]  # none left behind
 
 
+def test_a_run_stopped_after_writing_its_file_leaves_no_partial_file(tmp_path):
+    """A broken pool terminates every worker: one may stop between writing its run file and removing its
+    partial file (CI once found ``<run_id>.partial.h5`` left by the test above). The driver's check of
+    which runs finished before the break removes the leftovers of those that did, and only theirs."""
+    runs_dir = tmp_path / "runs"
+    finished, unstarted = selftest(values=(1.0, 2.0)).runs()
+    list(sw.SerialExecutor().run([finished], "selftest", str(runs_dir)))
+    leftovers = [sw.partial_file(str(runs_dir), rid) for rid in (finished.run_id, unstarted.run_id)]
+    for path in leftovers:
+        with open(path, "wb") as f:
+            f.write(b"partial")
+    summaries = list(sw._written_before_the_break([finished.to_dict(), unstarted.to_dict()], str(runs_dir)))
+    assert [(x["run_id"], x["status"]) for x in summaries] == [(finished.run_id, "done")]
+    assert [os.path.exists(p) for p in leftovers] == [False, True]
+
+
 def test_rerun_skips_finished_runs_and_retry_failed_reruns_failed_ones(tmp_path):
     s = selftest(values=(1.0, 2.0, 3.0), fail={2.0: "diverge"}, seeds=(0, 1))
     out = str(tmp_path)
