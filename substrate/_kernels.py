@@ -41,6 +41,12 @@ SUCCESS, NOT_CONVERGED, DIVERGED, STEP_TOO_SMALL, MAX_STEPS = 0, 1, 2, 3, 4
 # Stepper families and exponential methods.
 EXPLICIT_RK, EXPONENTIAL = 0, 1
 ETD1, ETD2RK, ETDRK4 = 1, 2, 3
+# NOT_LITERAL: constant arguments of kernel calls, typed int64 and bool. A Python int or bool written
+# in a call (f(1), f(True)) or a variable starting as one (top = 0) is typed Literal[int](1) or
+# Literal[bool](True), and Numba compiles the callee again for it, beside the specialisation for the
+# same argument computed at run time: a whole stage_pass, coefficients, _state_at more per dtype.
+ZERO, ONE, TWO, THREE = np.int64(0), np.int64(1), np.int64(2), np.int64(3)
+YES, NO = np.bool_(True), np.bool_(False)
 
 # Hairer's PI step-size controller (DOPRI5's constants): h_new = h / fac with
 # fac = err^PI_EXPONENT / err_old^PI_BETA / PI_SAFETY, kept in [1/MAX_GROWTH, MAX_SHRINK]; a
@@ -459,7 +465,8 @@ def _quadratures(x):
 
 @njit
 def _products(r, wbuf, conn, layer_off, tmp, out, transpose):
-    """out = W r, or W^T r with ``transpose``. The first connection into a layer (into its pre layer
+    """out = W r, or W^T r with ``transpose`` (YES or NO, not a literal: one compiled function
+    serves both directions, see NOT_LITERAL). The first connection into a layer (into its pre layer
     for W^T) writes its product straight into ``out``; later ones go through ``tmp``; layers that
     nothing projects to get 0."""
     dst = 1 if transpose else 3  # the column of conn holding the start of the output block
@@ -495,13 +502,13 @@ def _products(r, wbuf, conn, layer_off, tmp, out, transpose):
 def weights_times(r, wbuf, conn, layer_off, tmp, out):
     """out = W r (all connections between state layers); complex states with real weights are
     multiplied on their real views (``as_real``)."""
-    _products(as_real(r, wbuf), wbuf, conn, layer_off, as_real(tmp, wbuf), as_real(out, wbuf), False)
+    _products(as_real(r, wbuf), wbuf, conn, layer_off, as_real(tmp, wbuf), as_real(out, wbuf), NO)
 
 
 @njit
 def weights_transpose_times(w, wbuf, conn, layer_off, tmp, out):
     """out = W^T w (complex w with real weights as in ``weights_times``)."""
-    _products(as_real(w, wbuf), wbuf, conn, layer_off, as_real(tmp, wbuf), as_real(out, wbuf), True)
+    _products(as_real(w, wbuf), wbuf, conn, layer_off, as_real(tmp, wbuf), as_real(out, wbuf), YES)
 
 
 @njit
@@ -870,23 +877,23 @@ def coefficients(family, method, h, a, bw, tauinv, alpha, coef):
             continue
         g = h * tauinv[i]
         z = -g
-        p1 = phi(1, z)
+        p1 = phi(ONE, z)
         alpha[0, i] = 1.0
         if method == ETD1:
             alpha[1, i] = np.exp(z)
             coef[1, 0, i] = g * p1
         elif method == ETD2RK:
-            p2 = phi(2, z)
+            p2 = phi(TWO, z)
             alpha[1, i] = np.exp(z)
             alpha[2, i] = alpha[1, i]
             coef[1, 0, i] = g * p1
             coef[2, 0, i] = g * (p1 - p2)
             coef[2, 1, i] = g * p2
         else:
-            p2 = phi(2, z)
-            p3 = phi(3, z)
+            p2 = phi(TWO, z)
+            p3 = phi(THREE, z)
             eh = np.exp(0.5 * z)
-            q = 0.5 * g * phi(1, 0.5 * z)  # (h/2)/tau * phi_1(z/2)
+            q = 0.5 * g * phi(ONE, 0.5 * z)  # (h/2)/tau * phi_1(z/2)
             alpha[1, i] = eh
             alpha[2, i] = eh
             alpha[3, i] = np.exp(z)
@@ -1221,9 +1228,9 @@ def replay(stepper, circuit, u0, nsteps, hs, ys, rs, ss, u_end):
                 yout, rout = ys[m + 1, 0], rs[m + 1, 0]
             else:
                 yout, rout = u_end, rnew
-            stage_pass(i, True, family, wr, drive, ys[m, i], tauinv, tau, alpha, coef, ys[m, 0],
-                       ss[m], layer_off, layer_act, False, dummy, dummy, ew, h, 0.0, 1.0, np.inf,
-                       yout, rout)
+            stage_pass(i, YES, family, wr, drive, ys[m, i], tauinv, tau, alpha, coef, ys[m, 0],
+                       ss[m], layer_off, layer_act, NO, dummy, dummy, ew, h, 0.0, 1.0, np.inf,
+                       yout, rout, YES)  # run's argument types: its compiled stage_pass (NOT_LITERAL)
 
 
 @njit
@@ -1490,13 +1497,13 @@ def adjoint_run(stepper, tape, circuit, tauinv_step, grads):
     lam_prev = np.empty((n, nb), dtype)
     _inject_loss(lam, dl_du, save_step, nsteps)
     h_coef = -1.0
-    top = 0
+    top = ZERO  # NOT_LITERAL
     nseg = (nsteps + seg - 1) // seg
     for c in range(nseg - 1, -1, -1):
         if seg > 1:
             copy_rows(ckpt[c], slots[0])
             slot_step[0] = c * seg
-            top = 0
+            top = ZERO  # NOT_LITERAL
         for m in range(min(c * seg + seg, nsteps) - 1, c * seg - 1, -1):
             if seg > 1:
                 top = _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys, rs, ss)
@@ -1570,8 +1577,8 @@ def _exp_weights(h, tauinv, g, q1, q2):
     """Per neuron g = h/tau, q1 = g phi_1(-g) = 1 - e^-g and q2 = g phi_2(-g)."""
     for p in range(tauinv.shape[0]):
         g[p] = h * tauinv[p]
-        q1[p] = g[p] * phi(1, -g[p])
-        q2[p] = g[p] * phi(2, -g[p])
+        q1[p] = g[p] * phi(ONE, -g[p])
+        q2[p] = g[p] * phi(TWO, -g[p])
 
 
 @njit
@@ -1638,12 +1645,12 @@ def _substep_sizes(h, substeps, finest, left, right, out):
         pieces = 2  # one piece for each transient
     hp = h / pieces
     stiff = hp * GRADE_CELL > finest
-    k = 0
+    k = ZERO  # NOT_LITERAL
     for i in range(pieces):
         if stiff and left and i == 0:
-            k = _graded_cells(hp, finest, True, out, k)
+            k = _graded_cells(hp, finest, YES, out, k)
         elif stiff and right and i == pieces - 1:
-            k = _graded_cells(hp, finest, False, out, k)
+            k = _graded_cells(hp, finest, NO, out, k)
         else:
             out[k] = hp
             k += 1
@@ -1723,7 +1730,7 @@ def continuous_adjoint_run(stepper, tape, back_method, substeps, circuit, grads)
     for c in range(nseg - 1, -1, -1):
         copy_rows(ckpt[c], slots[0])
         slot_step[0] = c * seg
-        top = 0
+        top = ZERO  # NOT_LITERAL
         for m in range(min(c * seg + seg, nsteps) - 1, c * seg - 1, -1):
             top = _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys1, rs1, ss1)
             count = _substep_sizes(hs[m], substeps, finest, m == 0, _injected(save_step, m + 1), sub_h)
@@ -1733,7 +1740,7 @@ def continuous_adjoint_run(stepper, tape, back_method, substeps, circuit, grads)
             for q in range(count - 1, -1, -1):
                 hsub = sub_h[q]
                 if hsub != h_coef:
-                    coefficients(EXPONENTIAL, back_method, hsub, a, bw, tauinv, alpha, coef)
+                    coefficients(np.int64(EXPONENTIAL), back_method, hsub, a, bw, tauinv, alpha, coef)  # NOT_LITERAL
                     _exp_weights(hsub, tauinv, g, q1, q2)
                     h_coef = hsub
                 u_right = path[q + 1]
