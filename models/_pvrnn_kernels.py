@@ -37,7 +37,7 @@ import numpy as np
 from numba import njit as _njit
 
 from substrate._blas import SCALARS, gemm
-from substrate._kernels import _exp_f64
+from substrate._kernels import ONE, ZERO, _exp_f64
 
 # the arrays of ``net`` that training changes, by their index in ``net``
 TRAINABLE = (2, 3, 4, 7, 8, 9, 10, 11, 12, 14, 15)
@@ -438,10 +438,10 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
     de = ds if n == 1 else de
     zx = z[:, :T * B] if n == 1 else zx
     posterior_weights = wq_mu.shape[0] > 0
-    _to_columns(x, xt, 1)
-    _to_columns(a_mu, am, 0)
-    _to_columns(a_sig, lq, 0)
-    _to_columns(eps, et, 0)
+    _to_columns(x, xt, ONE)  # int64, not literals: one compiled _to_columns (substrate._kernels.NOT_LITERAL)
+    _to_columns(a_mu, am, ZERO)
+    _to_columns(a_sig, lq, ZERO)
+    _to_columns(eps, et, ZERO)
     # z ahead for every step without posterior weights; block T is no step (A, eps 0 there: z = 0, which the
     # weight gradients' products read)
     _posterior_columns(am, lq, et, mq, sq, z, T * B if posterior_weights else 0, C)
@@ -617,7 +617,7 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
         for i in range(L):
             lo, mid, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(zoff[i]), int(zoff[i + 1])
             gemm(w_zd[lo:mid, z0:z1].T, gsum[:, lo:mid].T, gz[z0:z1, :TB], 0, SCALARS)
-        _posterior_gradients(gz, mq, sq, et, mp, sp2, weight, weight_first, gmu, gsig, B, 0, TB)
+        _posterior_gradients(gz, mq, sq, et, mp, sp2, weight, weight_first, gmu, gsig, B, ZERO, TB)
     _from_columns(gmu, g_mu)
     _from_columns(gsig, g_sig)
     # the weight gradients: sums over all (step, sequence) columns, a product each

@@ -1426,7 +1426,7 @@ def _state_at(m, top, slot_step, slots, stepper, circuit, hs, ys1, rs1, ss1):
         target = m if m - start <= 1 else start + (m - start + 1) // 2
         copy_rows(slots[top], slots[top + 1])
         for j in range(start, target):
-            replay(stepper, circuit, slots[top + 1], 1, hs[j:j + 1], ys1, rs1, ss1, slots[top + 1])
+            replay(stepper, circuit, slots[top + 1], ONE, hs[j:j + 1], ys1, rs1, ss1, slots[top + 1])
         top += 1
         slot_step[top] = target
     return top
@@ -1511,7 +1511,7 @@ def adjoint_run(stepper, tape, circuit, tauinv_step, grads):
             if one_stage:
                 activate(u, layer_off, layer_act, rs[0, 0])
             else:
-                replay(stepper, circuit, u, 1, hs[m:m + 1], ys, rs, ss, u_end)
+                replay(stepper, circuit, u, ONE, hs[m:m + 1], ys, rs, ss, u_end)
             h = hs[m]
             if h != h_coef:
                 coefficients(family, method, h, a, bw, tauinv, alpha, coef)
@@ -1736,7 +1736,7 @@ def continuous_adjoint_run(stepper, tape, back_method, substeps, circuit, grads)
             count = _substep_sizes(hs[m], substeps, finest, m == 0, _injected(save_step, m + 1), sub_h)
             copy_rows(slots[top], path[0])
             for q in range(count):
-                replay(stepper, circuit, path[q], 1, sub_h[q:q + 1], ys1, rs1, ss1, path[q + 1])
+                replay(stepper, circuit, path[q], ONE, sub_h[q:q + 1], ys1, rs1, ss1, path[q + 1])
             for q in range(count - 1, -1, -1):
                 hsub = sub_h[q]
                 if hsub != h_coef:

@@ -1,5 +1,8 @@
 """The compiled activations against NumPy's reference, including the polynomial exp."""
 
+import ast
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -49,3 +52,60 @@ def test_activations_match_reference(name, dtype):
     rtol = 1e-6 if dtype == np.float32 else 1e-14
     np.testing.assert_allclose(r, activations.rho(name, u), rtol=rtol, atol=rtol)
     np.testing.assert_allclose(d, activations.rho_prime(name, u), rtol=rtol, atol=rtol)
+
+
+# ------------------------------------------------------------------------------- literal arguments
+KERNEL_MODULES = ["substrate/_kernels.py", "substrate/_blas.py", "substrate/circuits/_kernels.py",
+                  "substrate/devices/_update_kernels.py", "substrate/devices/normals.py", "models/_pvrnn_kernels.py"]
+
+
+def _literal_arguments(source):
+    """(caller, callee, argument) of every call from a kernel to a kernel of the same module with an int or bool
+    literal argument, written (f(1), f(True)) or a module constant (f(EXPONENTIAL)): Numba types it
+    Literal[int](1) and compiles the callee again for it (substrate._kernels.NOT_LITERAL)."""
+    tree = ast.parse(source)
+
+    def is_kernel(node):
+        return isinstance(node, ast.FunctionDef) and any(
+            isinstance(d.func if isinstance(d, ast.Call) else d, ast.Name)
+            and (d.func if isinstance(d, ast.Call) else d).id == "njit" for d in node.decorator_list)
+
+    kernels = {f.name: f for f in tree.body if is_kernel(f)}
+    constants = set()
+    for st in tree.body:
+        if isinstance(st, ast.Assign) and len(st.targets) == 1:
+            names = st.targets[0].elts if isinstance(st.targets[0], ast.Tuple) else [st.targets[0]]
+            values = st.value.elts if isinstance(st.value, ast.Tuple) else [st.value]
+            constants |= {n.id for n, v in zip(names, values) if isinstance(n, ast.Name)
+                          and isinstance(v, ast.Constant) and isinstance(v.value, (bool, int))}
+    found = []
+    for name, f in kernels.items():
+        for call in (n for n in ast.walk(f) if isinstance(n, ast.Call)):
+            if isinstance(call.func, ast.Name) and call.func.id in kernels:
+                for a in [*call.args, *(k.value for k in call.keywords)]:
+                    if (isinstance(a, ast.Constant) and isinstance(a.value, (bool, int))) or (
+                            isinstance(a, ast.Name) and a.id in constants):
+                        found.append((name, call.func.id, ast.unparse(a)))
+    return found
+
+
+def test_the_checker_finds_literal_arguments():
+    source = """
+K = 1
+@njit
+def callee(a, b):
+    return a
+@njit(inline="always")
+def caller(x):
+    return callee(x, 1) + callee(True, x) + callee(K, x) + callee(x, 0.5) + callee(ONE, x) + other(x, 1)
+"""
+    assert sorted(_literal_arguments(source)) == [("caller", "callee", "1"), ("caller", "callee", "K"),
+                                                  ("caller", "callee", "True")]
+
+
+@pytest.mark.parametrize("module", KERNEL_MODULES)
+def test_kernels_pass_no_literal_arguments_to_kernels(module):
+    """A second compilation of a callee for a literal costs cold-start time for nothing (measured: the gradient
+    warm-up path compiled 52 kernels, 11 of them such duplicates); pass ZERO..THREE, YES, NO instead."""
+    source = (pathlib.Path(__file__).resolve().parents[1] / module).read_text()
+    assert _literal_arguments(source) == []
