@@ -478,14 +478,14 @@ def _products(r, wbuf, conn, layer_off, tmp, out, transpose):
                 _add_rows(tmp[:on], out, oa)
 
 
-@njit
+@njit(inline="always")  # a wrapper: compiled apart, every caller would optimise _products' code once more
 def weights_times(r, wbuf, conn, layer_off, tmp, out):
     """out = W r (all connections between state layers); complex states with real weights are
     multiplied on their real views (``as_real``)."""
     _products(as_real(r, wbuf), wbuf, conn, layer_off, as_real(tmp, wbuf), as_real(out, wbuf), False)
 
 
-@njit
+@njit(inline="always")
 def weights_transpose_times(w, wbuf, conn, layer_off, tmp, out):
     """out = W^T w (complex w with real weights as in ``weights_times``)."""
     _products(as_real(w, wbuf), wbuf, conn, layer_off, as_real(tmp, wbuf), as_real(out, wbuf), True)
@@ -751,7 +751,7 @@ def _effects_move(effects):
     return lambda effects: True
 
 
-@njit
+@njit(inline="always")  # wrappers (see weights_times)
 def products(effects, r, circuit, tmp, out, fresh, h):
     """out = W r as the circuit computes it: through the effects' ``before`` and ``after`` hooks (an
     ideal circuit: W r alone)."""
@@ -760,7 +760,7 @@ def products(effects, r, circuit, tmp, out, fresh, h):
     effects_after(effects, src, circuit, tmp, out, fresh, h)
 
 
-@njit
+@njit(inline="always")
 def activate_effects(effects, u, circuit, r):
     """r = rho(u) as the circuit's neurons compute it (through the effects' ``activate`` hooks)."""
     activate(u, circuit.layer_off, circuit.layer_act, r)
@@ -812,7 +812,7 @@ def _expm1_overload(z):
     return lambda z: math.expm1(z)
 
 
-@njit
+@njit(inline="always")  # its callers pass constant k: as a call, one specialisation per literal k
 def phi(k, z):
     """phi_k(z) = sum_m z^m/(m+k)!  (phi_0 = e^z); Taylor series for |z| < 1, else the recurrence
     phi_{k+1} = (phi_k - 1/k!)/z started from phi_1 = expm1(z)/z, which has no cancellation there.
@@ -914,7 +914,7 @@ def raise_max(m, z):
 
 @njit
 def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, stages,
-               layer_off, layer_act, relax, res, umax, ew, h, rtol, atol, blowup, ynext, rnext, activity=True):
+               layer_off, layer_act, relax, res, umax, ew, h, rtol, atol, blowup, ynext, rnext, activity):
     """Everything between two weight products, fused row by row while the row is in cache:
 
     1. (if ``compute``) the slope of stage i from its weight product wr = W rho(Y_i):
@@ -1193,6 +1193,9 @@ def replay(stepper, circuit, u0, nsteps, hs, ys, rs, ss, u_end):
     rnew = np.empty_like(u0)
     dummy = np.zeros(nb)
     ew = np.zeros(0)
+    # stage_pass's flags as computed values: constants would be typed as literals and compile a
+    # specialisation of it apart from run's
+    compute, relax = nsteps >= 0, nsteps < 0
     copy_rows(u0, ys[0, 0])
     activate(u0, layer_off, layer_act, rs[0, 0])
     for m in range(nsteps):
@@ -1208,9 +1211,9 @@ def replay(stepper, circuit, u0, nsteps, hs, ys, rs, ss, u_end):
                 yout, rout = ys[m + 1, 0], rs[m + 1, 0]
             else:
                 yout, rout = u_end, rnew
-            stage_pass(i, True, family, wr, drive, ys[m, i], tauinv, tau, alpha, coef, ys[m, 0],
-                       ss[m], layer_off, layer_act, False, dummy, dummy, ew, h, 0.0, 1.0, np.inf,
-                       yout, rout)
+            stage_pass(i, compute, family, wr, drive, ys[m, i], tauinv, tau, alpha, coef, ys[m, 0],
+                       ss[m], layer_off, layer_act, relax, dummy, dummy, ew, h, 0.0, 1.0, np.inf,
+                       yout, rout, compute)
 
 
 @njit
