@@ -64,7 +64,7 @@ def main():
         cases = {"np.exp": partial(np.exp, u, out=out), "np.tanh": partial(np.tanh, u, out=out)}
         names = [n for n in NAMES if dtype != np.complex128 or n in activations.HOLOMORPHIC]
         for name in names:
-            code = np.array([activations.CODES[name]])
+            code = K.layer_activations([activations.CODES[name]], dtype)
             cases[f"{name} rho"] = partial(K.activate, u, off, code, out)
             cases[f"{name} rho'"] = partial(K.activate_prime, u, off, code, out)
             cases[f"{name} numpy"] = partial(numpy_rho, name, u, out, tmp)

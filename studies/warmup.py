@@ -4,7 +4,10 @@ Numba compiles a kernel the first time it meets a combination of argument types 
 tuple, ...) and caches the machine code on disk (next to the sources, or under ``NUMBA_CACHE_DIR``).
 Each path below runs a tiny workload that meets the same types as the real run does (a specialisation
 depends on the types only, never on the sizes), so that the run afterwards loads every kernel from the
-cache instead of compiling it. Paths share kernels: warming one makes the next cheaper.
+cache instead of compiling it. Paths share kernels: warming one makes the next cheaper. A complex
+kernel has two specialisations, with and without the complex tanh and dsilu rows
+(``_kernels.layer_activations``): the dsilu paths (``complex128``, ``gradient-complex128``, ``ep``) warm
+the first, ``quickstart`` (logistic layers) the second.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ a layer is a contiguous block of rows: ``u[a:a+m]``. Connections between state l
 flat weight buffer ``wbuf``; row ``c`` of the int64 table ``conn`` is
 ``(offset in wbuf, pre start, pre size, post start, post size)`` and the block is the C-ordered
 (post size, pre size) matrix ``wbuf[offset : offset + post*pre]``. Layers are row ranges
-``layer_off[l] : layer_off[l+1]`` with activation code ``layer_act[l]``.
+``layer_off[l] : layer_off[l+1]``; ``layer_act`` is the pair (codes, costly) of ``layer_activations``:
+the activation code ``codes[l]`` of each layer, and whether the kernels compile the complex tanh and dsilu.
 
 The circuit (docs/equations.md, section 1) is ``tau du/dt = F(u) = -u + N(u)`` with the non-leak part
 ``N(u) = W rho(u) + drive``; ``drive = V x + b`` is computed once per sample by the caller, never per
@@ -31,6 +32,24 @@ njit = partial(_njit, cache=True, error_model="numpy")
 
 # Activation codes, kept in step with activations.CODES.
 LOGISTIC, HARD_SIGMOID, TANH, DSILU, IDENTITY = 0, 1, 2, 3, 4
+
+
+def layer_activations(codes, dtype):
+    """``layer_act`` as the kernels take it for states of ``dtype``: (codes, costly), ``codes`` the int64
+    activation code of each layer, ``costly`` None when the states are complex and no layer is tanh or
+    dsilu, else True.
+
+    The complex tanh and dsilu rows (inlined complex exps, two an element for dsilu, in every kernel
+    that takes rho or rho') are most of a complex kernel's compile time. ``costly`` is an argument of
+    each kernel with such rows (``rho_row``): when it is None, Numba prunes their branch before typing,
+    so a complex network of logistic or identity layers never compiles them. Two specialisations at
+    most per complex dtype, never one per set of activations (each would compile its own ``run``);
+    real states always True (their rows compile fast: one specialisation per real dtype serves every
+    network). A plain tuple: the dispatcher types it in C."""
+    codes = np.array(codes, np.int64)
+    cheap = np.dtype(dtype).kind == "c" and not np.isin(codes, (TANH, DSILU)).any()
+    return codes, None if cheap else True
+
 
 # Teaching-current (nudge) codes, kept in step with nudge.COSTS.
 NO_NUDGE, SQUARED_ERROR, CROSS_ENTROPY = 0, 1, 2
@@ -352,32 +371,29 @@ def _dsilu_prime(z, half, one, two):
 
 
 @njit(inline="always")  # a call per row costs more than the row's work
-def rho_row(code, y, r):
-    """r = rho(y) for one row of neurons sharing an activation."""
+def rho_row(code, y, r, costly):
+    """r = rho(y) for one row of neurons sharing an activation. ``costly`` (``layer_activations``): an
+    argument of the compiled caller; None prunes the tanh and dsilu branch before typing."""
     m = y.shape[0]
-    half, one, two, four = lit(y, 0.5), lit(y, 1.0), lit(y, 2.0), lit(y, 4.0)
+    one, two, four = lit(y, 1.0), lit(y, 2.0), lit(y, 4.0)
     if code == LOGISTIC:
         for b in range(m):
             r[b] = _logistic(four * y[b] - two, one)
     elif code == HARD_SIGMOID:
         for b in range(m):
             r[b] = _hard_sigmoid(y[b])
-    elif code == TANH:
-        for b in range(m):
-            r[b] = fast_tanh(y[b])
-    elif code == DSILU:
-        for b in range(m):
-            r[b] = _dsilu(y[b], half, one, two)
-    else:
+    elif code == IDENTITY:
         for b in range(m):
             r[b] = y[b]
+    elif costly is not None:
+        _tanh_dsilu_row(code, y, r)
 
 
 @njit(inline="always")  # a call per row costs more than the row's work
-def rho_prime_row(code, y, d):
-    """d = rho'(y) for one row of neurons sharing an activation."""
+def rho_prime_row(code, y, d, costly):
+    """d = rho'(y) for one row of neurons sharing an activation (``costly`` as in ``rho_row``)."""
     m = y.shape[0]
-    half, one, two, four = lit(y, 0.5), lit(y, 1.0), lit(y, 2.0), lit(y, 4.0)
+    one, two, four = lit(y, 1.0), lit(y, 2.0), lit(y, 4.0)
     if code == LOGISTIC:
         for b in range(m):
             s = _logistic(four * y[b] - two, one)
@@ -385,32 +401,66 @@ def rho_prime_row(code, y, d):
     elif code == HARD_SIGMOID:
         for b in range(m):
             d[b] = _hard_sigmoid_prime(y[b])
-    elif code == TANH:
+    elif code == IDENTITY:
+        for b in range(m):
+            d[b] = one + 0.0 * y[b]
+    elif costly is not None:
+        _tanh_dsilu_prime_row(code, y, d)
+
+
+@njit(inline="always")
+def _tanh_dsilu_row(code, y, r):
+    """r = rho(y) for one tanh or dsilu row."""
+    m = y.shape[0]
+    half, one, two = lit(y, 0.5), lit(y, 1.0), lit(y, 2.0)
+    if code == TANH:
+        for b in range(m):
+            r[b] = fast_tanh(y[b])
+    else:
+        for b in range(m):
+            r[b] = _dsilu(y[b], half, one, two)
+
+
+@njit(inline="always")
+def _tanh_dsilu_prime_row(code, y, d):
+    """d = rho'(y) for one tanh or dsilu row."""
+    m = y.shape[0]
+    half, one, two = lit(y, 0.5), lit(y, 1.0), lit(y, 2.0)
+    if code == TANH:
         for b in range(m):
             t = fast_tanh(y[b])
             d[b] = one - t * t
-    elif code == DSILU:
-        for b in range(m):
-            d[b] = _dsilu_prime(y[b], half, one, two)
     else:
         for b in range(m):
-            d[b] = one + 0.0 * y[b]
+            d[b] = _dsilu_prime(y[b], half, one, two)
 
 
 @njit
+def _activate(u, layer_off, codes, costly, out):
+    for l in range(codes.shape[0]):
+        for i in range(layer_off[l], layer_off[l + 1]):
+            rho_row(codes[l], u[i], out[i], costly)
+
+
+@njit
+def _activate_prime(u, layer_off, codes, costly, out):
+    for l in range(codes.shape[0]):
+        for i in range(layer_off[l], layer_off[l + 1]):
+            rho_prime_row(codes[l], u[i], out[i], costly)
+
+
+@njit(inline="always")  # costly must be an argument of the kernel with the rows (see rho_row)
 def activate(u, layer_off, layer_act, out):
     """out = rho(u), layer by layer."""
-    for l in range(layer_act.shape[0]):
-        for i in range(layer_off[l], layer_off[l + 1]):
-            rho_row(layer_act[l], u[i], out[i])
+    codes, costly = layer_act
+    _activate(u, layer_off, codes, costly, out)
 
 
-@njit
+@njit(inline="always")
 def activate_prime(u, layer_off, layer_act, out):
     """out = rho'(u), layer by layer."""
-    for l in range(layer_act.shape[0]):
-        for i in range(layer_off[l], layer_off[l + 1]):
-            rho_prime_row(layer_act[l], u[i], out[i])
+    codes, costly = layer_act
+    _activate_prime(u, layer_off, codes, costly, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,14 +548,14 @@ def _products(r, wbuf, conn, layer_off, tmp, out, transpose):
                 _add_rows(tmp[:on], out, oa)
 
 
-@njit
+@njit(inline="always")  # a wrapper: compiled apart, every caller would optimise _products' code once more
 def weights_times(r, wbuf, conn, layer_off, tmp, out):
     """out = W r (all connections between state layers); complex states with real weights are
     multiplied on their real views (``as_real``)."""
     _products(as_real(r, wbuf), wbuf, conn, layer_off, as_real(tmp, wbuf), as_real(out, wbuf), NO)
 
 
-@njit
+@njit(inline="always")
 def weights_transpose_times(w, wbuf, conn, layer_off, tmp, out):
     """out = W^T w (complex w with real weights as in ``weights_times``)."""
     _products(as_real(w, wbuf), wbuf, conn, layer_off, as_real(tmp, wbuf), as_real(out, wbuf), YES)
@@ -771,7 +821,7 @@ def _effects_move(effects):
     return lambda effects: True
 
 
-@njit
+@njit(inline="always")  # wrappers (see weights_times)
 def products(effects, r, circuit, tmp, out, fresh, h):
     """out = W r as the circuit computes it: through the effects' ``before`` and ``after`` hooks (an
     ideal circuit: W r alone)."""
@@ -780,7 +830,7 @@ def products(effects, r, circuit, tmp, out, fresh, h):
     effects_after(effects, src, circuit, tmp, out, fresh, h)
 
 
-@njit
+@njit(inline="always")
 def activate_effects(effects, u, circuit, r):
     """r = rho(u) as the circuit's neurons compute it (through the effects' ``activate`` hooks)."""
     activate(u, circuit.layer_off, circuit.layer_act, r)
@@ -804,18 +854,19 @@ def quantise(x, bits, bound):
 
 
 @njit
-def activate_device(u, layer_off, layer_act, gain, offset, row, out):
+def activate_device(u, layer_off, codes, costly, gain, offset, row, out):
     """out = rho(u), or rho(g_i (u_i - o_i)) per neuron when ``gain`` is not empty (activation
-    mismatch); ``row`` is a scratch row of the batch's length."""
+    mismatch); ``row`` is a scratch row of the batch's length; ``codes`` and ``costly`` as in
+    ``layer_activations``."""
     if gain.shape[0] == 0:
-        activate(u, layer_off, layer_act, out)
+        _activate(u, layer_off, codes, costly, out)
         return
-    for l in range(layer_act.shape[0]):
+    for l in range(codes.shape[0]):
         for i in range(layer_off[l], layer_off[l + 1]):
             g, o = gain[i], offset[i]
             for b in range(u.shape[1]):
                 row[b] = g * (u[i, b] - o)
-            rho_row(layer_act[l], row, out[i])
+            rho_row(codes[l], row, out[i], costly)
 
 
 # --------------------------------------------------------------------------------------------
@@ -832,7 +883,7 @@ def _expm1_overload(z):
     return lambda z: math.expm1(z)
 
 
-@njit
+@njit(inline="always")  # its callers pass constant k: as a call, one specialisation per literal k
 def phi(k, z):
     """phi_k(z) = sum_m z^m/(m+k)!  (phi_0 = e^z); Taylor series for |z| < 1, else the recurrence
     phi_{k+1} = (phi_k - 1/k!)/z started from phi_1 = expm1(z)/z, which has no cancellation there.
@@ -934,7 +985,7 @@ def raise_max(m, z):
 
 @njit
 def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, stages,
-               layer_off, layer_act, relax, res, umax, ew, h, rtol, atol, blowup, ynext, rnext, activity=True):
+               layer_off, codes, costly, relax, res, umax, ew, h, rtol, atol, blowup, ynext, rnext, activity):
     """Everything between two weight products, fused row by row while the row is in cache:
 
     1. (if ``compute``) the slope of stage i from its weight product wr = W rho(Y_i):
@@ -943,6 +994,8 @@ def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, st
     3. the next stage point Y_{i+1} and its activity, or, after the last stage, the new state with
        its activity, its blow-up check and (embedded pairs) the error estimate. ``activity`` False:
        no activity (rnext is left alone; the caller takes it after moving the point).
+
+    ``codes`` and ``costly``: the layers' activations (``layer_activations``).
 
     Returns (number of entries that are NaN/Inf or beyond ``blowup``, sum of squared scaled errors)."""
     s = coef.shape[1]
@@ -955,7 +1008,7 @@ def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, st
         umax[:] = 0.0
     q = i + 1  # the row of coefficients that forms the next point
     nb = u.shape[1]
-    for l in range(layer_act.shape[0]):
+    for l in range(codes.shape[0]):
         for p in range(layer_off[l], layer_off[l + 1]):
             if compute:
                 if family == EXPLICIT_RK:
@@ -992,7 +1045,7 @@ def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, st
                         sc = abs(h * d) / (atol + rtol * max(abs(u[p, b]), abs(ynext[p, b])))
                         err2 += sc * sc
             if activity:
-                rho_row(layer_act[l], ynext[p], rnext[p])
+                rho_row(codes[l], ynext[p], rnext[p], costly)
     return bad, err2
 
 
@@ -1038,6 +1091,7 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects, work):
     family, method, a, bw, ew, fsal, adaptive = stepper
     drive, wbuf, conn, layer_off, layer_act, tauinv, tau = circuit
     circuit = Circuit(drive, wbuf, conn, layer_off, layer_act, tauinv, tau)  # the hooks read it by name
+    codes, costly = layer_act
     nudge = Nudge(*nudge)
     t0, t_end, dt, rtol, atol, h_min, max_steps, blowup = span
     relax, res_rtol, res_atol, residual, res_trace, t_trace = relaxation
@@ -1117,7 +1171,7 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects, work):
                 yout, rout = yb, rb
             activity = not (last and moves)
             bad, err2 = stage_pass(i, compute, family, wr, drive, ycur, tauinv, tau, alpha, coef, u,
-                                   stages, layer_off, layer_act, relax, residual, umax, ew, hh,
+                                   stages, layer_off, codes, costly, relax, residual, umax, ew, hh,
                                    rtol, atol, blowup, yout, rout, activity)
             if activity:
                 effects_activate(effects, yout, circuit, rout)
@@ -1203,6 +1257,7 @@ def replay(stepper, circuit, u0, nsteps, hs, ys, rs, ss, u_end):
     ss[m, i] = S_i. The state after the last step goes to ``u_end``."""
     family, method, a, bw = stepper.family, stepper.method, stepper.a, stepper.bw
     drive, wbuf, conn, layer_off, layer_act, tauinv, tau = circuit
+    codes, costly = layer_act
     n, nb = u0.shape
     s = bw.shape[0]
     alpha = np.zeros((s + 1, n), tauinv.dtype)
@@ -1229,7 +1284,7 @@ def replay(stepper, circuit, u0, nsteps, hs, ys, rs, ss, u_end):
             else:
                 yout, rout = u_end, rnew
             stage_pass(i, YES, family, wr, drive, ys[m, i], tauinv, tau, alpha, coef, ys[m, 0],
-                       ss[m], layer_off, layer_act, NO, dummy, dummy, ew, h, 0.0, 1.0, np.inf,
+                       ss[m], layer_off, codes, costly, NO, dummy, dummy, ew, h, 0.0, 1.0, np.inf,
                        yout, rout, YES)  # run's argument types: its compiled stage_pass (NOT_LITERAL)
 
 
@@ -1267,10 +1322,10 @@ def _tau_from_coefficients(q, first, dalpha, dcoef, u, stages, cot, p):
 
 
 @njit(inline="always")  # a call per row costs more than the row's work
-def rho_prime_from_activity(code, y, r, d):
+def rho_prime_from_activity(code, y, r, d, costly):
     """d = rho'(y) for one row, from its activity r = rho(y) where the activation allows it (logistic
     4 r (1 - r), tanh 1 - r^2: the bits of ``rho_prime_row`` without its transcendental pass);
-    hard sigmoid and identity are cheap from y, dsilu is not a function of r."""
+    hard sigmoid and identity are cheap from y, dsilu is not a function of r (``costly`` as in ``rho_row``)."""
     m = y.shape[0]
     one, four = lit(y, 1.0), lit(y, 4.0)
     if code == LOGISTIC:
@@ -1280,7 +1335,7 @@ def rho_prime_from_activity(code, y, r, d):
         for b in range(m):
             d[b] = one - r[b] * r[b]
     else:
-        rho_prime_row(code, y, d)
+        rho_prime_row(code, y, d, costly)
 
 
 @njit(inline="always")  # a call per row costs more than the row's work
@@ -1328,8 +1383,8 @@ def _add_weight_gradient(gscratch, wbuf, conn, kappa, pair, gflat, gtau):
 
 @njit
 def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys, rs, ss, slope0, drive, wbuf,
-                 conn, layer_off, layer_act, sbar, w, ybar, rows, tmp, gflat, gscratch, gdrive, gtau, kappa,
-                 lam_out):
+                 conn, layer_off, codes, costly, sbar, w, ybar, rows, tmp, gflat, gscratch, gdrive, gtau,
+                 kappa, lam_out):
     """Backpropagate one step u -> u_next = alpha[s] u + sum_j coef[s, j] S_j (see ``coefficients``):
     given lam = dL/du_next, write dL/du into lam_out and add the step's contributions to the
     gradients of the packed weights (gflat), of the drive V x + b (gdrive, per sample) and of tau
@@ -1347,7 +1402,8 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys, rs, 
     False (one-stage methods only, whose stage point is the stored state: nothing was replayed): S_0,
     which enters only d/dtau, is not read; its pairing sum_b w (N - u)/tau (explicit) or
     sum_b lam dcoef N (exponential, w = coef lam) is taken as kappa[p] sum_b w (N(u) - u or N(u)) with
-    the product W r from the weight gradient (``_add_weight_gradient``), never recomputed."""
+    the product W r from the weight gradient (``_add_weight_gradient``), never recomputed. ``codes`` and
+    ``costly``: the layers' activations (``layer_activations``)."""
     n, nb = lam.shape
     exp_family = family == EXPONENTIAL
     first = 0 if slope0 else 1  # the first stage whose slope ss holds
@@ -1392,9 +1448,9 @@ def adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys, rs, 
         weight_vjp(w, rs[i], conn, gscratch)
         _add_weight_gradient(gscratch, wbuf, conn, kappa, not known, gflat, gtau)
         weights_transpose_times(w, wbuf, conn, layer_off, tmp, ybar)
-        for l in range(layer_act.shape[0]):
+        for l in range(codes.shape[0]):
             for p in range(layer_off[l], layer_off[l + 1]):
-                rho_prime_from_activity(layer_act[l], y[p], rs[i, p], cot)
+                rho_prime_from_activity(codes[l], y[p], rs[i, p], cot, costly)
                 e = alpha[i, p]
                 for b in range(nb):
                     v = ybar[p, b] * cot[b]
@@ -1525,7 +1581,7 @@ def adjoint_run(stepper, tape, circuit, tauinv_step, grads):
                                 dcoef[q, j, p] = ccoef[q, j, p].imag / eps
                 h_coef = h
             adjoint_step(family, s, alpha, coef, dalpha, dcoef, tauinv, lam, u, ys[0], rs[0], ss[0],
-                         not one_stage, drive, wbuf, conn, layer_off, layer_act, sbar, w, ybar, rows, tmp,
+                         not one_stage, drive, wbuf, conn, layer_off, *layer_act, sbar, w, ybar, rows, tmp,
                          gflat, gscratch, gdrive, gtau, kappa, lam_prev)
             lam, lam_prev = lam_prev, lam
             _inject_loss(lam, dl_du, save_step, m)

@@ -471,7 +471,7 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
         _check_effects(effects, stepper, adaptive, vf.dtype)
     # the configurations whose argument types are fixed by construction (see _run)
     typed = (None if effects or nudge is not None or record is not None or id(stepper) not in _BUILT_IN
-             or not _own_reading(type(vf.network)) else (stepper.name, vf.dtype, p.wbuf.dtype))
+             or not _own_reading(type(vf.network)) else (stepper.name, vf.dtype, p.wbuf.dtype, p.layer_act[1]))
     # plain tuples of the kernel's namedtuples (K.Stepper, Circuit, Span, Relaxation, Record, Nudge,
     # Work): Numba types them in C, a namedtuple costs ~2 us a call in its Python typeof
     status, t, steps, nfev, rejected = _run(typed, (
@@ -488,8 +488,9 @@ def _solve(vf, u, stepper, *, t0, t_end, dt, rtol, atol, max_steps, blowup, t_sa
 
 def _run(typed, args):
     """``_kernels.run(*args)``. ``typed``: None, or a key that fixes the Numba types of ``args``: a
-    built-in method (its tableau's types), the state dtype and the weights' dtype, on a circuit that
-    reads its parameters as :class:`Network` does, with no device effects, nudge or recording. Every
+    built-in method (its tableau's types), the state dtype, the weights' dtype and whether the kernels
+    compile the complex tanh and dsilu (``_kernels.layer_activations``), on a circuit that reads its
+    parameters as :class:`Network` does, with no device effects, nudge or recording. Every
     array then is the engine's own (C order, writable, aligned: the packed weights, the drive, the
     buffers, the initial state (a fresh copy of u0, or the field's ``zero_state``), ``_no_nudge``)
     and the kernel compiled for the first such call is called directly after it, without the

@@ -284,7 +284,7 @@ class Packed:
 
     n: int
     layer_off: np.ndarray
-    layer_act: np.ndarray
+    layer_act: tuple  # (codes, costly): _kernels.layer_activations
     tauinv: np.ndarray
     tau: np.ndarray
     wbuf: np.ndarray
@@ -501,7 +501,7 @@ class Network:
             conn[i] = (off, pre.start, pre.stop - pre.start, post.start, post.stop - post.start)
             off += sizes[i]
         layer_off = np.array([0] + [self.slices[x.name].stop for x in self.layers], np.int64)
-        layer_act = np.array([activations.CODES[x.activation] for x in self.layers], np.int64)
+        layer_act = K.layer_activations([activations.CODES[x.activation] for x in self.layers], dtype)
         tau = self.tau
         return Packed(self.n, layer_off, layer_act, (1.0 / tau).astype(rdt), tau.astype(rdt),
                       wbuf, conn, tuple(c.name for c in state),

@@ -20,8 +20,8 @@ def _rows(x, code, dtype):
     """rho and rho' of the values x through the compiled (vectorised) row loops."""
     u = np.asarray(x, dtype=dtype)[None, :]
     r, d = np.empty_like(u), np.empty_like(u)
-    K.activate(u, ONE_ROW, np.array([code]), r)
-    K.activate_prime(u, ONE_ROW, np.array([code]), d)
+    K.activate(u, ONE_ROW, K.layer_activations([code], dtype), r)
+    K.activate_prime(u, ONE_ROW, K.layer_activations([code], dtype), d)
     return r[0], d[0]
 
 
@@ -147,8 +147,8 @@ def test_activation_loops_vectorise(dtype):
 
     @njit(error_model="numpy")
     def probe(code, y, r, d):  # a fresh, uncached function: Numba shows the LLVM IR of those only
-        K.rho_row(code, y, r)
-        K.rho_prime_row(code, y, d)
+        K.rho_row(code, y, r, True)  # True: every activation's rows (layer_activations)
+        K.rho_prime_row(code, y, d, True)
 
     y = np.ones(64, dtype=dtype)
     probe(K.TANH, y, np.empty_like(y), np.empty_like(y))

@@ -585,11 +585,11 @@ def test_rho_prime_from_the_activity_has_the_bits_of_rho_prime(dtype):
     off = np.array([0, 1], np.int64)
     checked = 0
     for code in codes:
-        act = np.array([code], np.int64)
+        act = K.layer_activations([code], dtype)
         r, want, got = np.empty_like(y), np.empty_like(y), np.empty_like(y)
         K.activate(y, off, act, r)
         K.activate_prime(y, off, act, want)
-        K.rho_prime_from_activity(code, y[0], r[0], got[0])
+        K.rho_prime_from_activity(code, y[0], r[0], got[0], act[1])
         assert np.array_equal(got, want, equal_nan=True), f"activation code {code}, {dtype.__name__}"
         checked += np.count_nonzero(np.isfinite(want))
     assert checked > 0.9 * y.size * len(codes)

@@ -180,12 +180,21 @@ def test_run_called_directly_gives_the_dispatchers_bits(monkeypatch):
                                   dtype=dtype)
                 return sol.u, sol.steps, S.relax(net, X, method=method, dtype=dtype, tol=1e-7).u
             first = phase()  # by the dispatcher, which leaves its compiled kernel in _COMPILED_RUN
-            assert (method, np.dtype(dtype), np.dtype("float64")) in I._COMPILED_RUN
+            assert (method, np.dtype(dtype), np.dtype("float64"), True) in I._COMPILED_RUN  # tanh: costly
             again = phase()
             for a, b in zip(first, again):
                 assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
-    known = dict(I._COMPILED_RUN)
+    # complex states of logistic layers: the kernel without the tanh and dsilu rows
+    # (_kernels.layer_activations), its own key, and the dispatcher's bits (through a nudge of beta 0,
+    # which adds exact zeros and is never called directly)
     y = np.eye(3)[[0, 1]]
+    logistic = S.Network.layered([4, 8, 3], np.random.default_rng(0))
+    for _ in range(2):  # the dispatcher's call, then the direct one
+        direct = S.integrate(logistic, X, t_span=(0.0, 0.6), dt=0.1, method="euler", dtype="complex128").u
+        np.testing.assert_array_equal(direct, S.integrate(logistic, X, t_span=(0.0, 0.6), dt=0.1, method="euler",
+                                                          dtype="complex128", nudge=S.Nudge(S.Cost("y"), 0.0, y)).u)
+    assert ("euler", np.dtype("complex128"), np.dtype("float64"), None) in I._COMPILED_RUN
+    known = dict(I._COMPILED_RUN)
     S.relax(net, X, method="rk4", nudge=S.Nudge(S.Cost("y"), 0.5, y))
     S.integrate(D.attach(net, D.Device((D.StateNoise(0.1),)), np.random.default_rng(1)), X,
                 t_span=(0.0, 0.2), dt=0.1, method="rk4")

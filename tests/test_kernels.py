@@ -20,7 +20,7 @@ def test_fast_exp_within_three_ulp_of_libm():
     np.testing.assert_array_max_ulp(got, np.exp(x[:3000]), maxulp=3)
     z = x[None, :] / 4.0 + 0.5
     out = np.empty_like(z)
-    K.activate(z, np.array([0, 1]), np.array([K.LOGISTIC]), out)
+    K.activate(z, np.array([0, 1]), K.layer_activations([K.LOGISTIC], z.dtype), out)
     np.testing.assert_array_max_ulp(out, 1.0 / (1.0 + np.exp(2.0 - 4.0 * z)), maxulp=4)
     for bad in (np.nan, np.inf, -np.inf):
         assert np.isnan(K._exp_f64(bad)) and np.isnan(K._exp_f32(np.float32(bad)))
@@ -46,7 +46,7 @@ def test_activations_match_reference(name, dtype):
     if dtype == np.complex128:
         u = u + 0.3j * rng.normal(size=u.shape)
     r, d = np.empty_like(u), np.empty_like(u)
-    off, code = np.array([0, 3]), np.array([activations.CODES[name]])
+    off, code = np.array([0, 3]), K.layer_activations([activations.CODES[name]], dtype)
     K.activate(u, off, code, r)
     K.activate_prime(u, off, code, d)
     rtol = 1e-6 if dtype == np.float32 else 1e-14

@@ -181,7 +181,7 @@ class ActivationGain(KernelState, namedtuple("ActivationGain", "gain offset row"
 
 @K.njit
 def _mismatch_activate(e, y, circuit, r):
-    K.activate_device(y, circuit.layer_off, circuit.layer_act, e.gain, e.offset, e.row, r)
+    K.activate_device(y, circuit.layer_off, *circuit.layer_act, e.gain, e.offset, e.row, r)
 
 
 register(ActivationGain, activate=_mismatch_activate)
