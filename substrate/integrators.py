@@ -353,7 +353,10 @@ def _field(network, x, batch, dtype) -> VectorField:
     the field's construction are skipped (a tenth of a small network's call); a field is shared by
     the Solutions of such calls, which only read it. One such field is kept per ``dtype`` argument,
     so that phases that alternate dtypes (holomorphic EP's real and complex nudges) each find theirs."""
-    memo = network._field.get(dtype)
+    try:
+        memo = network._field.get(dtype)
+    except TypeError:  # an unhashable dtype argument, which VectorField refuses below
+        memo = None
     if memo is not None and memo[0] is x and memo[1] is batch and memo[2] is dtype and x.shape == memo[3] \
             and x.dtype is memo[4] and network._current(memo[5].dtype, memo[5].drive, memo[5].inputs):
         return memo[5]
