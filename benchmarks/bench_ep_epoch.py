@@ -41,8 +41,9 @@ wide. Per batch, once: the input drive V (256x784) @ x (784x50). The bound of a
 batch is the sum over its phases of (steps taken) x (product time per step, real or complex), plus the
 drive; ``ratio`` = measured time per batch / bound. Not in the bound (printed below the table for
 reference): the weight-gradient outer products of the update (dV = v1 x^T, dW21 = v2 r1^T, readout),
-the activations, the SGD update; and the engine computes the drive V x + b once per phase (and once
-more for the gradient) where the bound counts it once per batch.
+the activations, the SGD update. The engine computes the drive V x + b once per batch, as the bound
+counts it (kept on the network while its parameters and the inputs are unchanged; the complex phase
+takes the real phases' drive and packed weights).
 
 The machine may be shared: the load average is printed at the start and at the end; ``--repeat``
 repeats the whole measurement (fresh model, same seeds, so the same steps) and reports each row's

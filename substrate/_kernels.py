@@ -974,6 +974,43 @@ def _modulus_at_most(z, bound):
     return lambda z, bound: abs(z) <= bound
 
 
+def surely_at_most(z, bound):
+    """A sufficient test of abs(z) <= bound without abs of a complex number: |Re z| + |Im z| <= bound
+    (False for NaN); for real z, abs(z) <= bound itself. Branch-free, so a row of them vectorises."""
+    return abs(z) <= bound
+
+
+@overload(surely_at_most, jit_options={"error_model": "numpy"})
+def _surely_at_most(z, bound):
+    if isinstance(z, types.Complex):
+        return lambda z, bound: abs(z.real) + abs(z.imag) <= bound
+    return lambda z, bound: abs(z) <= bound
+
+
+@njit(inline="always")
+def row_within(z, m):
+    """Is every |z[b]| surely <= m[b] (``surely_at_most``)? One vectorised pass over a row; the rows
+    for which it is not are the few that raise a running maximum (or hold a NaN)."""
+    out = 0
+    for b in range(z.shape[0]):
+        out += 0 if surely_at_most(z[b], m[b]) else 1
+    return out == 0
+
+
+@njit(inline="always")
+def count_beyond(z, bound):
+    """The number of entries of the row z with abs(z) > bound or NaN (``modulus_at_most`` each),
+    counted exactly only for a row not surely within (``surely_at_most``, one vectorised pass)."""
+    out = 0
+    for b in range(z.shape[0]):
+        out += 0 if surely_at_most(z[b], bound) else 1
+    if out > 0:
+        out = 0
+        for b in range(z.shape[0]):
+            out += 0 if modulus_at_most(z[b], bound) else 1
+    return out
+
+
 @njit(inline="always")
 def raise_max(m, z):
     """The running max m of |z| with z included; a NaN |z| makes it NaN (and keeps it)."""
@@ -1019,13 +1056,22 @@ def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, st
                     for b in range(nb):
                         stages[i, p, b] = wr[p, b] + drive[p, b]
             if relax and i == 0:
-                for b in range(nb):
-                    if family == EXPLICIT_RK:
-                        res[b] = raise_max(res[b], stages[0, p, b] * tau[p])  # a NaN stays
-                    else:
-                        res[b] = raise_max(res[b], stages[0, p, b] - u[p, b])
-                    if not modulus_at_most(u[p, b], umax[b]):
-                        umax[b] = max(umax[b], abs(u[p, b]))
+                # the residual row F_p, in ynext[p] until the next point overwrites it below; the
+                # maxima are raised entry by entry only in a row not surely within them (``row_within``:
+                # after the first rows, most rows are, and a complex row is then spared its abs calls)
+                if family == EXPLICIT_RK:
+                    for b in range(nb):
+                        ynext[p, b] = stages[0, p, b] * tau[p]
+                else:
+                    for b in range(nb):
+                        ynext[p, b] = stages[0, p, b] - u[p, b]
+                if not row_within(ynext[p], res):
+                    for b in range(nb):
+                        res[b] = raise_max(res[b], ynext[p, b])  # a NaN stays
+                if not row_within(u[p], umax):
+                    for b in range(nb):
+                        if not modulus_at_most(u[p, b], umax[b]):
+                            umax[b] = max(umax[b], abs(u[p, b]))
             e, c = alpha[q, p], coef[q, 0, p]
             for b in range(nb):
                 ynext[p, b] = e * u[p, b] + c * stages[0, p, b]
@@ -1035,8 +1081,7 @@ def stage_pass(i, compute, family, wr, drive, y, tauinv, tau, alpha, coef, u, st
                     for b in range(nb):
                         ynext[p, b] += c * stages[j, p, b]
             if last:
-                for b in range(nb):
-                    bad += 0 if modulus_at_most(ynext[p, b], blowup) else 1
+                bad += count_beyond(ynext[p], blowup)
                 if with_err:
                     for b in range(nb):
                         d = 0.0 * ynext[p, b]
@@ -1169,7 +1214,9 @@ def run(stepper, circuit, u, span, relaxation, record, nudge, effects, work):
                 yout, rout = ya, ra
             else:
                 yout, rout = yb, rb
-            activity = not (last and moves)
+            # a relaxation stops at this step's first stage whatever its residual once it has taken
+            # max_steps or reached t_end: the next point's activity would never be used
+            activity = not (last and moves) and not (relax and i == 0 and (step >= max_steps or t >= t_end))
             bad, err2 = stage_pass(i, compute, family, wr, drive, ycur, tauinv, tau, alpha, coef, u,
                                    stages, layer_off, codes, costly, relax, residual, umax, ew, hh,
                                    rtol, atol, blowup, yout, rout, activity)

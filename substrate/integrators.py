@@ -351,15 +351,19 @@ def _field(network, x, batch, dtype) -> VectorField:
     dtype arguments, and the network's cached packed weights and drive V x + b still those of that
     field (``Network._current`` checks the parameters' and the inputs' bits). The inputs' checks and
     the field's construction are skipped (a tenth of a small network's call); a field is shared by
-    the Solutions of such calls, which only read it."""
-    memo = network._field
+    the Solutions of such calls, which only read it. One such field is kept per ``dtype`` argument,
+    so that phases that alternate dtypes (holomorphic EP's real and complex nudges) each find theirs."""
+    try:
+        memo = network._field.get(dtype)
+    except TypeError:  # an unhashable dtype argument, which VectorField refuses below
+        memo = None
     if memo is not None and memo[0] is x and memo[1] is batch and memo[2] is dtype and x.shape == memo[3] \
             and x.dtype is memo[4] and network._current(memo[5].dtype, memo[5].drive, memo[5].inputs):
         return memo[5]
     vf = VectorField(network, x, batch=batch, dtype=dtype)
     # only where the field is a function of the parameters and inputs alone: no device effects
     if type(x) is np.ndarray and not vf.effects and _plain(type(network)):
-        network._field = (x, batch, dtype, x.shape, x.dtype, vf)
+        network._field[dtype] = (x, batch, dtype, x.shape, x.dtype, vf)
     return vf
 
 

@@ -27,7 +27,7 @@ import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from itertools import chain
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache, cached_property
 from typing import Sequence
 
@@ -39,6 +39,7 @@ from .counts import Counts, crossbar_devices
 from .errors import SubstrateValueError
 
 DTYPES = (np.float32, np.float64, np.complex128)
+_FLOAT64 = np.dtype(np.float64)
 # A parameter array up to this many bytes is fingerprinted by its bytes (cheaper than numpy's per-call
 # overhead); a larger one by an exact copy, compared in one pass (a few ms at 2048 x 2048 f64, a
 # fraction of a step of that network).
@@ -315,6 +316,7 @@ class _Prepared:
     drive: np.ndarray | None = None
     drive_key: tuple = ()
     inputs: list = ()  # snapshots of the inputs the drive was computed from
+    of: tuple = ()  # a complex entry of a real network: the float64 (packed, drive) it was made from
 
 
 class Network:
@@ -352,11 +354,11 @@ class Network:
         self._prepared = {}  # dtype -> _Prepared, see prepared()
         self._work = {}  # buffers of the stepping kernel and of relax, by use and shape (integrators._take)
         self._stability = None  # the last stability check of relax (integrators._checked_stability)
-        self._field = None  # the last call's VectorField, with what it was made from (integrators._field)
+        self._field = {}  # dtype argument -> the last VectorField made for it (integrators._field)
 
     def __getstate__(self):
         """Copies and pickles leave the caches behind (rebuilt on first use; buffers can be large)."""
-        return {**self.__dict__, "_prepared": {}, "_work": {}, "_stability": None, "_field": None}
+        return {**self.__dict__, "_prepared": {}, "_work": {}, "_stability": None, "_field": {}}
 
     # ---------------------------------------------------------------------------- validation
     def _check_connections(self):
@@ -524,6 +526,8 @@ class Network:
         if not _own_reading(type(self)):
             weights = {k: w.copy() for k, w in self.input_weights().items()}
             return self.pack(dtype), weights, self.drive(xs, batch, dtype, weights=weights)
+        if dtype.kind == "c" and self.dtype.kind != "c" and not any(map(np.iscomplexobj, xs.values())):
+            return self._complex_of_real(xs, batch, dtype)
         entry = self._prepared.get(dtype)
         if entry is None or not _unchanged(self, entry.sources):
             weights = {k: w.copy() for k, w in self.input_weights().items()}
@@ -536,6 +540,22 @@ class Network:
         if entry.drive is None or key != entry.drive_key or not all(map(_same, xs.values(), entry.inputs)):
             entry.drive = self.drive(xs, batch, dtype, weights=entry.input_weights)
             entry.drive_key, entry.inputs = key, [_snapshot(a) for a in xs.values()]
+        return entry.packed, entry.input_weights, entry.drive
+
+    def _complex_of_real(self, xs: dict, batch, dtype) -> tuple:
+        """:meth:`prepared` for complex states of a real network with real inputs: the float64 entry's
+        form, bit for bit what ``pack`` and ``drive`` would compute for ``dtype`` (the weights stay
+        real, V x + b is the same real product with a zero imaginary part), so that a complex phase
+        after a real one costs no second V x, weight copy or fingerprint; made once per float64 form."""
+        packed, weights, drive = self.prepared(xs, batch, _FLOAT64)
+        real = self._prepared[_FLOAT64]
+        if real.drive is not drive:  # a drive for a batch that is not a plain int: not cached
+            return replace(packed, bias=packed.bias.astype(dtype)), weights, drive.astype(dtype)
+        entry = self._prepared.get(dtype)
+        if entry is None or entry.of[0] is not packed or entry.of[1] is not drive:
+            entry = _Prepared(real.sources, replace(packed, bias=packed.bias.astype(dtype)), weights,
+                              drive.astype(dtype), real.drive_key, real.inputs, (packed, drive))
+            self._prepared[dtype] = entry
         return entry.packed, entry.input_weights, entry.drive
 
     def _current(self, dtype, drive, xs: dict) -> bool:

@@ -333,3 +333,30 @@ def test_unrelated_assignments_keep_the_cache():
     other.layer("y").bias = other.layer("y").bias + 1.0
     run(net, X)
     assert net._prepared[net.dtype].packed is packed
+
+
+def test_complex_states_take_the_real_form():
+    """Complex states of a real network with real inputs take the float64 entry's packed weights and
+    drive: bit for bit what ``pack`` and ``drive`` compute for complex128, after every kind of edit
+    (an input weight, the inputs in place, a bias); phases alternating real and complex states on
+    unchanged parameters each reuse their own field (holomorphic EP's nudged phases)."""
+    net = layered(activation="tanh")
+    x = X.copy()
+    edits = [lambda: None, lambda: net.connection("x->h1").weight.__setitem__((0, 0), 0.25),
+             lambda: x.__setitem__((1, 2), 2.0), lambda: net.layer("y").bias.__setitem__(0, 0.5)]
+    drives = []
+    for edit in edits:
+        edit()
+        substrate.VectorField(net, x)  # the float64 form, as a free phase leaves it
+        vf = substrate.VectorField(net, x, dtype="complex128")
+        packed = net.pack(np.complex128)
+        assert vf.drive.dtype == vf.packed.bias.dtype == np.complex128
+        np.testing.assert_array_equal(vf.drive, net.drive(net.check_inputs(x), None, np.complex128))
+        np.testing.assert_array_equal(vf.packed.wbuf, packed.wbuf)
+        np.testing.assert_array_equal(vf.packed.bias, packed.bias)
+        assert not any(np.array_equal(vf.drive, d) for d in drives), "an edit did not change the drive"
+        drives.append(vf.drive)
+    real, cplx = relax(net, x, tol=1e-9), relax(net, x, tol=1e-9, dtype=np.complex128)
+    assert relax(net, x, tol=1e-9).field is real.field
+    assert relax(net, x, tol=1e-9, dtype=np.complex128).field is cplx.field
+    np.testing.assert_array_equal(cplx.u, relax(fresh(net), x, tol=1e-9, dtype=np.complex128).u)
