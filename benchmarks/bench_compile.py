@@ -106,6 +106,9 @@ def main(argv=None):
                 print(f"      {count:3d}  {name}")
     load_after = os.getloadavg()
     print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}; {os.cpu_count()} cores")
+    # the results file is committed: it names the baseline by its commit, never by a path of this machine
+    baseline = args.baseline and _commit_of(args.baseline)
+    sys.argv = [baseline if a == args.baseline else a for a in sys.argv]
     table = []
     for row in rows:
         cold, warm, old = row["this_cold"], row["this_warm"], row.get("baseline_cold")
@@ -118,8 +121,14 @@ def main(argv=None):
                     "warm CPU / cold CPU", "baseline cold CPU s", "baseline kernels compiled",
                     "cold CPU / baseline"], table, key="cold_start",
                    baseline="the same path's cold run; --baseline: the other checkout's cold run",
-                   baseline_tree=args.baseline, load_before=list(load_before),
+                   baseline_tree=baseline, load_before=list(load_before),
                    compiled={row["path"]: row["this_cold"]["compiled"] for row in rows})
+
+
+def _commit_of(tree):
+    """``commit <hash>`` of the checkout ``tree`` (``checkout <name>`` if it is not a git checkout)."""
+    out = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return f"commit {out.stdout.strip()}" if out.returncode == 0 else f"checkout {Path(tree).name}"
 
 
 def _print_row(row):

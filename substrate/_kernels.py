@@ -883,7 +883,7 @@ def _expm1_overload(z):
     return lambda z: math.expm1(z)
 
 
-@njit(inline="always")  # its callers pass constant k: as a call, one specialisation per literal k
+@njit(inline="always")  # a few calls, each with a constant k (ONE, TWO, THREE) that the inlined body folds
 def phi(k, z):
     """phi_k(z) = sum_m z^m/(m+k)!  (phi_0 = e^z); Taylor series for |z| < 1, else the recurrence
     phi_{k+1} = (phi_k - 1/k!)/z started from phi_1 = expm1(z)/z, which has no cancellation there.

@@ -319,6 +319,13 @@ class _Prepared:
     of: tuple = ()  # a complex entry of a real network: the float64 (packed, drive) it was made from
 
 
+def _complex_packed(packed: Packed, dtype) -> Packed:
+    """The float64 ``packed`` as ``pack(dtype)`` makes it for complex states: the weights the same real
+    arrays, the bias complex, the activation flag of complex states (``_kernels.layer_activations``: a
+    network without tanh or dsilu layers then runs the complex kernels compiled without their rows)."""
+    return replace(packed, bias=packed.bias.astype(dtype), layer_act=K.layer_activations(packed.layer_act[0], dtype))
+
+
 class Network:
     """A circuit of layers, inputs and connections; see the module docstring."""
 
@@ -550,10 +557,10 @@ class Network:
         packed, weights, drive = self.prepared(xs, batch, _FLOAT64)
         real = self._prepared[_FLOAT64]
         if real.drive is not drive:  # a drive for a batch that is not a plain int: not cached
-            return replace(packed, bias=packed.bias.astype(dtype)), weights, drive.astype(dtype)
+            return _complex_packed(packed, dtype), weights, drive.astype(dtype)
         entry = self._prepared.get(dtype)
         if entry is None or entry.of[0] is not packed or entry.of[1] is not drive:
-            entry = _Prepared(real.sources, replace(packed, bias=packed.bias.astype(dtype)), weights,
+            entry = _Prepared(real.sources, _complex_packed(packed, dtype), weights,
                               drive.astype(dtype), real.drive_key, real.inputs, (packed, drive))
             self._prepared[dtype] = entry
         return entry.packed, entry.input_weights, entry.drive
