@@ -638,6 +638,28 @@ def test_implicit_krylov_matches_direct():
     show("implicit krylov vs direct", check(krylov.flat(), direct.flat(), 1e-8, "krylov vs direct"))
 
 
+@pytest.mark.parametrize("method", ["implicit", "discrete"])
+def test_the_input_gradient_is_computed_when_read_from_its_own_call(method):
+    """dL/dx is computed when first read (substrate.dynamics.InputGradients: a training step never reads
+    it, and its product costs as much as the input weights' gradient). Read after the input weights
+    were changed in place and a gradient taken on the new ones, it is still its own call's, bit for bit."""
+    case = contracting_case(61)
+    loss = case.loss()
+    kw = {"tol": RELAX_TOL} if method == "implicit" else {"t_span": (0.0, 5.0), "dt": 0.1, "integrator": "euler"}
+    eager = gradient(case.net, case.x, loss, method=method, **kw)
+    expected = {k: eager.inputs[k].copy() for k in eager.inputs}
+    lazy = gradient(case.net, case.x, loss, method=method, **kw)
+    assert lazy.inputs._dx is None  # not computed by the call
+    for c in case.net.connections:
+        if c.pre in expected:
+            c.weight += 0.1
+    moved = gradient(case.net, case.x, loss, method=method, **kw).inputs
+    assert sorted(lazy.inputs) == sorted(expected) == ["a", "b"] and len(lazy.inputs) == 2
+    for k in expected:
+        assert np.array_equal(lazy.inputs[k], expected[k]) and not np.array_equal(moved[k], expected[k])
+    assert lazy.inputs._projections is None  # the operands released once computed
+
+
 def test_discrete_adjoint_converges_to_implicit_as_horizon_grows():
     case = contracting_case(62)
     loss = case.loss()
