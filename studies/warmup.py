@@ -24,7 +24,7 @@ from numba.core import caching
 
 import substrate as S
 from models import ep
-from models.pvrnn import PVRNN, ErrorRegression, PVLayer, error_regression
+from models.pvrnn import PVRNN, ErrorRegression, PVLayer, error_regression, train
 from studies import quickstart as qs
 from substrate import devices as D
 
@@ -101,11 +101,21 @@ def _pvrnn():
     error_regression(net, x, ErrorRegression(window=3, iterations=2, lr=0.1, sample=False, draws=1), rng)
 
 
+def _pvrnn_train():
+    """PV-RNN's compiled training (``train(..., compiled=True)``: forward, exact adjoint and Adam over
+    whole epochs): one kernel for every option of the model, so one small model covers the studies'."""
+    rng = np.random.default_rng(0)
+    net = PVRNN([PVLayer(6, 2, tau=2.0, w=1e-3), PVLayer(4, 1, tau=4.0, w=1e-3)], outputs=2, rng=rng)
+    train(net, np.zeros((2, 5, 2)), epochs=1, rng=rng, progress=False, compiled=True)
+
+
 # name -> (what it covers, function). The order spreads kernels over the workers of a parallel warm-up
-# (float64 and complex128 first, each with its own kernels; the paths that reuse them last).
+# (float64 and complex128 first, each with its own kernels, then PV-RNN training, the longest alone (~60 s)
+# and sharing none; the paths that reuse them last).
 PATHS = {
     "float64": ("integrate and relax, float64", lambda: _dynamics("float64")),
     "complex128": ("integrate and relax, complex128 (holomorphic activations)", lambda: _dynamics("complex128", "dsilu")),
+    "pvrnn-train": ("PV-RNN compiled training", _pvrnn_train),
     "float32": ("integrate and relax, float32", lambda: _dynamics("float32")),
     "gradient": ("discrete, continuous and implicit gradients, float64", lambda: _gradients("float64")),
     "pvrnn": ("PV-RNN error regression", _pvrnn),

@@ -301,13 +301,14 @@ print(hits, misses)
 
 
 @pytest.mark.parametrize("jobs, paths", [(1, ["pvrnn"]),
-                                         pytest.param(2, ["pvrnn", "float32"], marks=pytest.mark.slow)],
+                                         pytest.param(2, ["pvrnn", "float32", "pvrnn-train"], marks=pytest.mark.slow)],
                          ids=["serial", "two_processes"])
 def test_after_warmup_a_run_compiles_nothing(tmp_path, jobs, paths):
     """`substrate warmup PATH...` on an empty cache; then, in a fresh process, each path's run finds
     every kernel it calls in the cache (Numba counts a miss for each one it has to compile). With two
     processes compiling at once, the cache's index writes are locked (studies.warmup.locked_cache_writes).
-    The serial case compiles ~6 s; the parallel one adds the float32 dynamics (~8 s, make test-all)."""
+    The serial case compiles ~20 s; the parallel one adds the float32 dynamics and PV-RNN training (~60 s, make
+    test-all)."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
     warm = subprocess.run([sys.executable, "-m", "studies.cli", "warmup", "--jobs", str(jobs), *paths], env=env,
                           capture_output=True, text=True, timeout=1200)
