@@ -157,6 +157,33 @@ def test_teach_kernel_matches_reference(case, kind, layer):
     assert np.all(np.abs(ref[:, net.slices[layer]]) > 1e-4)  # the current is really there
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.complex128])
+@pytest.mark.parametrize("kind", ["squared_error", "cross_entropy"])
+def test_linearised_current_matches_differences(kind, dtype):
+    """``Nudge.linearised`` (dC/du v, exact, for the stability check) against central differences of
+    ``Nudge.current`` along v (complex states: a complex direction, the derivative holomorphic):
+    h = 1e-5 leaves a truncation O(h^2) ~ 1e-10 and rounding ~ 1e-16/h ~ 1e-11 on O(1) values, so
+    1e-8 relative to the largest; the current outside the nudged layer does not move."""
+    rng = np.random.default_rng(4)
+    net = network(rng, "dsilu" if dtype == np.complex128 else "logistic")
+    cost, y = cost_and_target(kind, rng)
+    nudge = Nudge(cost, 0.7 * np.exp(1j * np.pi / 3) if dtype == np.complex128 else 0.7, y)
+    u = rng.normal(scale=1.5, size=(BATCH, net.n)).astype(dtype)
+    v = rng.normal(size=u.shape).astype(dtype)
+    if dtype == np.complex128:
+        u, v = u + 0.3j * rng.normal(size=u.shape), v + 1j * rng.normal(size=u.shape)
+    h = 1e-5
+    ref = (nudge.current(net, u + h * v) - nudge.current(net, u - h * v)) / (2 * h)
+    sl = net.slices["y"]
+    got = nudge.linearised(net, np.ascontiguousarray(u.T))(np.ascontiguousarray(v.T[sl]))
+    scale = np.max(np.abs(ref))
+    assert scale > 1e-2 and got.shape == (3, BATCH)  # (layer size, batch)
+    np.testing.assert_allclose(got.T, ref[:, sl], rtol=0, atol=1e-8 * scale)
+    outside = np.ones(net.n, bool)
+    outside[sl] = False
+    assert np.all(ref[:, outside] == 0)
+
+
 def extreme_logits(dtype):
     """(10 classes, 60 samples) of logits spanning what the softmax's exp meets: O(1), spreads of
     1e2..1e3 (so that z - max z goes far below -708, where libm's exp underflows to 0 and the engine's
