@@ -574,8 +574,17 @@ def field(u, drive, wbuf, conn, layer_off, layer_act, tmp, r, out):
 def jvp(u, v, wbuf, conn, layer_off, layer_act, tmp, d, out):
     """out = J v = -v + W (rho'(u) * v),  J = dF/du (without the 1/tau of the ODE)."""
     activate_prime(u, layer_off, layer_act, d)
-    d *= v
-    weights_times(d, wbuf, conn, layer_off, tmp, out)
+    jvp_given(d, v, wbuf, conn, layer_off, tmp, d, out)
+
+
+@njit
+def jvp_given(d, v, wbuf, conn, layer_off, tmp, dv, out):
+    """out = -v + W (d * v) for d = rho'(u) given: :func:`jvp` without the derivative, for many
+    products at one state. dv: scratch for d * v (may be d itself)."""
+    for i in range(v.shape[0]):
+        for b in range(v.shape[1]):
+            dv[i, b] = d[i, b] * v[i, b]
+    weights_times(dv, wbuf, conn, layer_off, tmp, out)
     out -= v
 
 

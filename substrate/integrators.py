@@ -537,14 +537,14 @@ def stability(vf: VectorField, u, nudge=None):
     ut = u.T
     # a finite difference where no exact product exists (a device's activation mismatch)
     h = np.finfo(vf.dtype).eps ** (1 / 3) * (1 + float(np.max(np.abs(u))))
-    exact = not vf.mismatch
+    jvp = None if vf.mismatch else vf.jvp_at(u)
     # the nudge's dC/du exactly (its rho' and softmax made once), on its layer's rows
     rows, nudged = (None, None) if nudge is None else (vf.network.slices[nudge.cost.layer],
                                                          nudge.linearised(vf.network, u))
 
     def matvec(v):
         v = np.ascontiguousarray(v)
-        out = vf.jvp_engine(u, v) if exact else (vf(ut + h * v.T) - vf(ut - h * v.T)).T / (2 * h)
+        out = jvp(v) if jvp is not None else (vf(ut + h * v.T) - vf(ut - h * v.T)).T / (2 * h)
         if nudge is not None:
             out[rows] += nudged(v[rows])
         return out * tauinv
