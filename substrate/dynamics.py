@@ -234,10 +234,11 @@ def rightmost_eigenvalues(matvec, n: int, batch: int, dtype, max_dim: int = 12):
 
     def orthogonalise(basis, w):
         # classical Gram-Schmidt twice (orthogonal to working precision), batched as matrix
-        # products; returns the coefficients
-        h, dual = 0, basis.conj() if basis.dtype.kind == "c" else basis
+        # products; returns the coefficients. Complex: basis^H w as conj(basis conj(w)), the same
+        # bits (each product's parts negated exactly) without a conjugated copy of the basis
+        h, cplx = 0, basis.dtype.kind == "c"
         for _ in range(2):
-            c = (dual @ w[:, :, None])[..., 0]
+            c = (basis @ w.conj()[:, :, None])[..., 0].conj() if cplx else (basis @ w[:, :, None])[..., 0]
             w -= (c[:, None, :] @ basis)[:, 0]
             h = h + c
         return h
