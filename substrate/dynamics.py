@@ -246,7 +246,7 @@ def rightmost_eigenvalues(matvec, n: int, batch: int, dtype, max_dim: int = 12):
     v = rng.standard_normal((batch, n)).astype(work)
     V[:, 0] = v / np.linalg.norm(v, axis=1)[:, None]
     for j in range(m):
-        w = np.array(matvec(V[:, j].T.astype(dtype)).T, work)
+        w = np.array(matvec(np.ascontiguousarray(V[:, j].T, dtype)).T, work)  # C order: the engine's layout
         scale = np.linalg.norm(w, axis=1)
         H[:, :j + 1, j] = orthogonalise(V[:, :j + 1], w)
         if j + 1 == n:  # the Krylov space is the whole space
