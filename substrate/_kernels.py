@@ -574,8 +574,17 @@ def field(u, drive, wbuf, conn, layer_off, layer_act, tmp, r, out):
 def jvp(u, v, wbuf, conn, layer_off, layer_act, tmp, d, out):
     """out = J v = -v + W (rho'(u) * v),  J = dF/du (without the 1/tau of the ODE)."""
     activate_prime(u, layer_off, layer_act, d)
-    d *= v
-    weights_times(d, wbuf, conn, layer_off, tmp, out)
+    jvp_given(d, v, wbuf, conn, layer_off, tmp, d, out)
+
+
+@njit
+def jvp_given(d, v, wbuf, conn, layer_off, tmp, dv, out):
+    """out = -v + W (d * v) for d = rho'(u) given: :func:`jvp` without the derivative, for many
+    products at one state. dv: scratch for d * v (may be d itself)."""
+    for i in range(v.shape[0]):
+        for b in range(v.shape[1]):
+            dv[i, b] = d[i, b] * v[i, b]
+    weights_times(dv, wbuf, conn, layer_off, tmp, out)
     out -= v
 
 
@@ -666,16 +675,25 @@ def teach(nudge, r, out):
                 w = wo[c, i]
                 for b in range(zv.shape[1]):
                     zv[c, b] += w * rv[lo + i, b]
+        # softmax over the classes, each loop over the batch innermost (vectorised, the engine's exp):
+        # row nc holds the shift max_c Re z_c (any shift cancels; the real part keeps exp finite), then
+        # the sum of the exponentials, accumulated in the order of the class index
         for b in range(nb):
-            shift = -np.inf
-            for c in range(nc):
-                shift = max(shift, z[c, b].real)  # any shift cancels in softmax; the real part keeps exp finite
-            total = 0.0 * z[0, b]
-            for c in range(nc):
-                z[c, b] = np.exp(z[c, b] - shift)
-                total += z[c, b]
-            for c in range(nc):
-                z[c, b] = beta * (z[c, b] / total - y[c, b])
+            z[nc, b] = z[0, b].real
+        for c in range(1, nc):
+            for b in range(nb):
+                z[nc, b] = max(z[nc, b].real, z[c, b].real)
+        for c in range(nc):  # the difference in float64 (exact for float32 states, as is the shift)
+            for b in range(nb):
+                z[c, b] = fast_exp(z[c, b] - np.float64(z[nc, b].real))
+        for b in range(nb):
+            z[nc, b] = z[0, b]
+        for c in range(1, nc):
+            for b in range(nb):
+                z[nc, b] += z[c, b]
+        for c in range(nc):
+            for b in range(nb):
+                z[c, b] = beta * (z[c, b] / z[nc, b] - y[c, b])
         for i in range(hi - lo):  # out += W_o^T z
             for b in range(zv.shape[1]):
                 acc[b] = 0.0 * zv[0, b]

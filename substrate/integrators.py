@@ -535,18 +535,18 @@ def stability(vf: VectorField, u, nudge=None):
     if nudge is None and _feedforward(vf.packed.conn):  # exact, and no Arnoldi (most of a small relaxation's time)
         return np.full(nb, -float(tauinv.real.min()), vf.dtype), np.zeros(nb, bool)
     ut = u.T
-    # a finite difference where no exact product exists (a device's activation mismatch, the nudge)
+    # a finite difference where no exact product exists (a device's activation mismatch)
     h = np.finfo(vf.dtype).eps ** (1 / 3) * (1 + float(np.max(np.abs(u))))
-
-    def central(f, v):
-        return (f(ut + h * v.T) - f(ut - h * v.T)).T / (2 * h)
-
-    exact = not vf.mismatch
+    jvp = None if vf.mismatch else vf.jvp_at(u)
+    # the nudge's dC/du exactly (its rho' and softmax made once), on its layer's rows
+    rows, nudged = (None, None) if nudge is None else (vf.network.slices[nudge.cost.layer],
+                                                         nudge.linearised(vf.network, u))
 
     def matvec(v):
-        out = vf.jvp_engine(u, np.ascontiguousarray(v)) if exact else central(vf, v)
+        v = np.ascontiguousarray(v)
+        out = jvp(v) if jvp is not None else (vf(ut + h * v.T) - vf(ut - h * v.T)).T / (2 * h)
         if nudge is not None:
-            out = out + central(lambda w: nudge.current(vf.network, w), v)
+            out[rows] += nudged(v[rows])
         return out * tauinv
 
     eigenvalue, residual = rightmost_eigenvalues(matvec, n, nb, vf.dtype)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _kernels as K
-from .activations import rho
+from .activations import rho, rho_prime
 from .errors import SubstrateValueError
 from .validate import real_array
 
@@ -138,6 +138,28 @@ class Nudge:
             wo, bo = np.zeros((0, 0), _real(dtype)), np.zeros(0, _real(dtype))
         return K.Nudge(COSTS[c.kind], sl.start, sl.stop, beta_arr, cast(y.T), wo, bo,
                        np.empty((wo.shape[0] + 1, batch), dtype))
+
+    def linearised(self, network, u):
+        """The derivative of :meth:`current` at states u, (n, batch) in the engine's layout, as a
+        function of v_L (the nudged layer's rows of a direction v, (size, batch)) giving dC/du v on
+        those rows (zero elsewhere): beta H (rho'(u_L) * v_L), H the Hessian of l in r_L: I for
+        squared error, W_o^T (diag(s) - s s^T) W_o with s = softmax(z) for cross-entropy. Exact and
+        holomorphic (plain transposes); rho', s made once here, so that a product costs two readout
+        products (the stability check's, :func:`~substrate.integrators.stability`)."""
+        c = self.cost
+        activation = network.layer(c.layer).activation
+        ul = u[network.slices[c.layer]]
+        d = self.beta * rho_prime(activation, ul)
+        if c.kind == "squared_error":
+            return lambda v: d * v
+        wo = c.readout_weight
+        s = c.readout_error(rho(activation, ul.T), 0.0).T  # softmax(z), (C, batch)
+
+        def product(v):
+            g = s * (wo @ (d * v))
+            return wo.T @ (g - s * g.sum(axis=0))
+
+        return product
 
     def current(self, network, u):
         """beta dl/dr_L at states u (batch, n), as a (batch, n) array (zero outside the layer)."""

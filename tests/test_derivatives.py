@@ -325,6 +325,18 @@ def test_jvp_matches_central_differences(real_case):
         assert_close(vf.jvp(u, v), fd, REL_FD, "J v vs central difference")
 
 
+@pytest.mark.parametrize("which", ["real", "complex"])
+def test_jvp_at_one_state_is_jvp_bit_for_bit(which, real_case, complex_case):
+    """``VectorField.jvp_at(u)`` (rho'(u) made once, for the stability check's Arnoldi products) gives
+    jvp_engine's bits for every direction."""
+    net, x, vf, u, rng = real_case if which == "real" else complex_case
+    ut = np.ascontiguousarray(u.T)
+    product = vf.jvp_at(ut)
+    for _ in range(3):
+        vt = np.ascontiguousarray(random_like(u, rng).T)
+        np.testing.assert_array_equal(product(vt), vf.jvp_engine(ut, vt))
+
+
 def test_jvp_matches_torch(real_case):
     net, x, vf, u, rng = real_case
     v = random_like(u, rng)

@@ -157,6 +157,78 @@ def test_teach_kernel_matches_reference(case, kind, layer):
     assert np.all(np.abs(ref[:, net.slices[layer]]) > 1e-4)  # the current is really there
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.complex128])
+@pytest.mark.parametrize("kind", ["squared_error", "cross_entropy"])
+def test_linearised_current_matches_differences(kind, dtype):
+    """``Nudge.linearised`` (dC/du v, exact, for the stability check) against central differences of
+    ``Nudge.current`` along v (complex states: a complex direction, the derivative holomorphic):
+    h = 1e-5 leaves a truncation O(h^2) ~ 1e-10 and rounding ~ 1e-16/h ~ 1e-11 on O(1) values, so
+    1e-8 relative to the largest; the current outside the nudged layer does not move."""
+    rng = np.random.default_rng(4)
+    net = network(rng, "dsilu" if dtype == np.complex128 else "logistic")
+    cost, y = cost_and_target(kind, rng)
+    nudge = Nudge(cost, 0.7 * np.exp(1j * np.pi / 3) if dtype == np.complex128 else 0.7, y)
+    u = rng.normal(scale=1.5, size=(BATCH, net.n)).astype(dtype)
+    v = rng.normal(size=u.shape).astype(dtype)
+    if dtype == np.complex128:
+        u, v = u + 0.3j * rng.normal(size=u.shape), v + 1j * rng.normal(size=u.shape)
+    h = 1e-5
+    ref = (nudge.current(net, u + h * v) - nudge.current(net, u - h * v)) / (2 * h)
+    sl = net.slices["y"]
+    got = nudge.linearised(net, np.ascontiguousarray(u.T))(np.ascontiguousarray(v.T[sl]))
+    scale = np.max(np.abs(ref))
+    assert scale > 1e-2 and got.shape == (3, BATCH)  # (layer size, batch)
+    np.testing.assert_allclose(got.T, ref[:, sl], rtol=0, atol=1e-8 * scale)
+    outside = np.ones(net.n, bool)
+    outside[sl] = False
+    assert np.all(ref[:, outside] == 0)
+
+
+def extreme_logits(dtype):
+    """(10 classes, 60 samples) of logits spanning what the softmax's exp meets: O(1), spreads of
+    1e2..1e3 (so that z - max z goes far below -708, where libm's exp underflows to 0 and the engine's
+    clamps at e^-708 ~ 3e-308), all equal, and (complex) imaginary parts up to 1e5."""
+    rng = np.random.default_rng(7)
+    scale = np.repeat([1.0, 30.0, 100.0, 400.0, 1000.0, 0.0], 10)
+    z = rng.normal(size=(10, 60)) * scale + rng.normal(size=60) * 50.0
+    if np.dtype(dtype).kind == "c":
+        z = z + 1j * rng.normal(size=(10, 60)) * np.repeat([0.3, 3.0, 30.0, 1e3, 1e4, 1e5], 10)[::-1]
+    return z.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.complex128, np.float32])
+def test_teach_softmax_exp_against_libm(dtype):
+    """The cross-entropy current's softmax (``_kernels.teach``: the engine's exp, ``fast_exp``, not
+    libm's) against NumPy's exp at the extremes: W_o = I, b_o = 0 and y = 0 make the current
+    beta softmax(z) with the logits z given as the activities. Tolerance per sample, from the exp's
+    bounds (3 ulp for float64, 3 eps |e^z| for complex, tests/test_kernels.py and
+    tests/test_activations_fast.py) and NumPy's own (1 ulp): an error d e_c <= 4 eps |e_c| moves
+    p_c = e_c / S by <= eps K (4 + (4 + 10) |p_c|), K = sum |e_c| / |S| (1 for real logits; for complex
+    ones the sum may cancel), so 20 eps K max(1, K). float32 states take the exp in float64 and round
+    it: 16 float32 eps."""
+    z = extreme_logits(dtype)
+    nc, nb = z.shape
+    beta = 0.7 * np.exp(0.4j) if np.dtype(dtype).kind == "c" else 0.7
+    rdt = np.float32 if dtype == np.float32 else np.float64
+    nudge = K.Nudge(K.CROSS_ENTROPY, 0, nc, np.array([beta], dtype), np.zeros((nc, nb), dtype),
+                    np.eye(nc, dtype=rdt), np.zeros(nc, rdt), np.empty((nc + 1, nb), dtype))
+    out = np.zeros_like(z)
+    K.teach(nudge, z, out)
+    zw = z.astype(np.complex128 if np.dtype(dtype).kind == "c" else np.float64)
+    e = np.exp(zw - zw.real.max(axis=0))
+    ref = beta * e / e.sum(axis=0)
+    k = np.abs(e).sum(axis=0) / np.abs(e.sum(axis=0))
+    if dtype == np.float32:
+        tol = np.full(nb, 16 * np.finfo(np.float32).eps * abs(beta))
+    else:
+        tol = 20 * np.finfo(np.float64).eps * k * np.maximum(1.0, k) * abs(beta)
+    assert np.all(np.abs(out - ref) <= tol), np.max(np.abs(out - ref) / tol)
+    assert np.all(np.isfinite(out)) and np.min(np.abs(ref).max(axis=0)) >= 0.069  # the largest class: >= |beta| / 10
+    assert np.any(np.abs(ref) == 0) or dtype == np.complex128  # libm underflowed somewhere (real cases)
+    if np.dtype(dtype).kind == "c":
+        assert k.max() > 1.5  # some sums do cancel: the per-sample bound is exercised
+
+
 @pytest.mark.parametrize("method", list(S.METHODS))
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("kind", ["squared_error", "cross_entropy"])

@@ -202,3 +202,20 @@ def test_a_feed_forward_circuit_has_its_exact_spectrum_without_arnoldi(monkeypat
     net.connections.append(S.Connection("h2", "h2", 0.1 * rng.normal(size=(10, 10)), mask=1 - np.eye(10)))
     lateral = S.Network(net.layers, net.connections, net.inputs)
     assert S.relax(lateral, rng.normal(size=(4, 12)), tol=1e-8).ok and calls
+
+
+def test_an_unstable_nudged_equilibrium_is_detected():
+    """The nudge's part of the check (``Nudge.linearised``, exact) can make it fail: the spiral
+    W - I = [[-0.095, 2], [-2, -0.095]] is stable alone, and a squared-error nudge with beta = 0.1 on its
+    layer adds 0.1 I to the Jacobian (identity activation), so that the nudged fixed point has the
+    eigenvalues 0.005 +- 2i, an unstable spiral. rk4 at dt = 0.5 converges to it numerically and the
+    check reports it, with the eigenvalue (n = 2: exact up to rounding, 1e-12)."""
+    from substrate.nudge import Cost, Nudge
+
+    net, _, _, u0 = spiral(-0.095)
+    alone = S.relax(net, u0=u0, method="rk4", dt=0.5, max_steps=20_000, on_failure="return")
+    assert alone.ok and np.all(alone.eigenvalue.real < 0)
+    nudge = Nudge(Cost("h"), 0.1, np.array([[0.2, -0.1]]))
+    sol = S.relax(net, u0=u0, method="rk4", dt=0.5, max_steps=20_000, nudge=nudge, on_failure="return")
+    assert sol.status == "unstable" and "eigenvalue" in sol.message
+    assert abs(sol.eigenvalue[0].real - 0.005) < 1e-12 and abs(abs(sol.eigenvalue[0].imag) - 2) < 1e-12
