@@ -327,9 +327,9 @@ def batch_work(B, T, D, net):
     C, SC = (T + 1) * B, (T * n + 1) * B
     several = n > 1
     squares = sum(int(uoff[i + 1] - uoff[i]) ** 2 for i in range(len(uoff) - 1))
-    shapes = [(D, C), *[(Z, C)] * 6, (Z, T * n * B) if several else (0, 0), (SC, N), (C, N) if several else (0, 0),
+    shapes = [(D, C), *[(Z, C)] * 5, (Z + 1, C), (Z, T * n * B) if several else (0, 0), (SC, N), (C, N) if several else (0, 0),
               (SC, N), (B * N,), (B * N,), (2 * Z + D, C), (Z, C), (2 * Z + D, N), (squares,), (squares,),
-              (4 * Z + D if net[14].shape[0] else 2 * Z + D, N), (4 * Z + D, C), (C, N),
+              ((4 * Z + D if net[14].shape[0] else 2 * Z + D) + Z + 1, N), (4 * Z + D, C), (C, N),
               (SC, N) if several else (0, 0), (SC, N), (T * B, N) if several else (0, 0), (Z, C), (B, N), (B, N),
               (B, N) if several else (0, 0)]
     # one allocation, each array on cache lines of its own
@@ -432,9 +432,11 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
     product W_ii d and h <- alpha h + beta (W_ii d + drive + b), d = tanh(h)."""
     rec_scale, weight, weight_first = loss
     uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n, wq_mu, wq_sig = net
-    xt, am, lq, et, mq, sq, z, zx, ds, de, drive, h, pre, pz, sp2, w_stack, w_ii, w_ii_t = work[:18]
+    xt, am, lq, et, mq, sq, zo, zx, ds, de, drive, h, pre, pz, sp2, w_stack, w_ii, w_ii_t = work[:18]
     B, T, D = x.shape
     L, Z, C = len(uoff) - 1, a_mu.shape[2], (T + 1) * B
+    z = zo[:Z]
+    zo[Z] = 1.0  # the bias's "latent" in the weight gradients' product
     de = ds if n == 1 else de
     zx = z[:, :T * B] if n == 1 else zx
     posterior_weights = wq_mu.shape[0] > 0
@@ -464,10 +466,14 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
         lo, mid, top, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)]), int(zoff[i]), int(zoff[i + 1])
         a -= (mid - lo) ** 2
         w_t, dr = w_ii_t[a:a + (mid - lo) ** 2].reshape(mid - lo, mid - lo), drive[B:, lo:mid]
+        for r in range(dr.shape[0]):  # b, then the products added (BLAS's beta = 0 would zero it first)
+            dr_, b_ = dr[r], b[lo:mid]
+            for c in range(mid - lo):
+                dr_[c] = b_[c]
         if top > mid:
-            gemm(ds[B:, mid:top], w_rec[lo:mid, mid:top].T, dr, 0, SCALARS)
+            gemm(ds[B:, mid:top], w_rec[lo:mid, mid:top].T, dr, 1, SCALARS)
         if not posterior_weights:
-            gemm(zx[z0:z1].T, w_zd[lo:mid, z0:z1].T, dr, top > mid, SCALARS)
+            gemm(zx[z0:z1].T, w_zd[lo:mid, z0:z1].T, dr, 1, SCALARS)
         h_, pre_ = h[B * lo:B * mid], pre[B * lo:B * mid]
         h_i, pre_i = h_.reshape(B, mid - lo), pre_.reshape(B, mid - lo)
         h_[:] = 0.0
@@ -479,13 +485,13 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
                 _posterior_columns(am[z0:z1], lq[z0:z1], et[z0:z1], mq[z0:z1], sq[z0:z1], z[z0:z1], c0, c1)
                 for k in range(n):
                     s = (t * n + k + 1) * B
-                    gemm(z[z0:z1, c0:c1].T, w_zd[lo:mid, z0:z1].T, drive[s:s + B, lo:mid], top > mid, SCALARS)
+                    gemm(z[z0:z1, c0:c1].T, w_zd[lo:mid, z0:z1].T, drive[s:s + B, lo:mid], 1, SCALARS)
             for k in range(n):
                 s = (t * n + k + 1) * B  # substep t n + k + 1's rows
                 gemm(ds[s - B:s, lo:mid], w_t, pre_i, 0, SCALARS)  # (W_ii d)^T = d^T W_ii^T
                 for q in range(B):  # loops of their own, so that they vectorise
                     for r in range(mid - lo):
-                        h_i[q, r] = alpha[lo + r] * h_i[q, r] + beta[lo + r] * (pre_i[q, r] + drive[s + q, lo + r] + b[lo + r])
+                        h_i[q, r] = alpha[lo + r] * h_i[q, r] + beta[lo + r] * (pre_i[q, r] + drive[s + q, lo + r])
                 for c in range(h_.size):  # one loop over the layer's values: no remainder a row
                     pre_[c] = _tanh(h_[c])
                 _copy_rows(pre_i, ds[s:s + B, lo:mid])
@@ -497,25 +503,28 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
     w_stack[:Z] = w_mu
     w_stack[Z:2 * Z] = w_sig
     w_stack[2 * Z:, :w_out.shape[1]] = w_out
-    gemm(w_stack, de.T, pz, 0, SCALARS)
     mp, lp, y = pz[:Z], pz[Z:2 * Z], pz[2 * Z:]
+    for j in range(Z):  # the biases, then the product added (BLAS's beta = 0 would zero pz first)
+        mp[j] = b_mu[j]
+        lp[j] = b_sig[j]
+    for o in range(D):
+        y[o] = b_out[o]
+    gemm(w_stack, de.T, pz, 1, SCALARS)
     # row views from column B (loops without branches, indices from 0: they vectorise)
     for j in range(Z):
         mp[j, :B] = 0.0
         lp[j, :B] = 0.0
-        m_, l_, s_, bm, bs = mp[j, B:], lp[j, B:], sp2[j, B:], b_mu[j], b_sig[j]
+        m_, l_, s_ = mp[j, B:], lp[j, B:], sp2[j, B:]
         for c in range(m_.size):
-            m_[c] = _tanh(m_[c] + bm)
-        for c in range(l_.size):
-            l_[c] += bs
+            m_[c] = _tanh(m_[c])
         for c in range(l_.size):  # (sigma^p)^2 once: the KL and its gradients read it
             s_[c] = _exp_f64(2.0 * l_[c])
         sp2[j, :B] = 1.0
     rec = 0.0
     for o in range(D):
-        y_, x_, bo = y[o, B:], xt[o, B:], b_out[o]
+        y_, x_ = y[o, B:], xt[o, B:]
         for c in range(y_.size):
-            y_[c] = _tanh(y_[c] + bo)
+            y_[c] = _tanh(y_[c])
         for c in range(y_.size):
             rec += 0.5 * (y_[c] - x_[c]) ** 2
     kl[:] = 0.0
@@ -538,13 +547,14 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
     rec_scale, weight, weight_first = loss
     uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n, wq_mu, wq_sig = net
     gw_rec, gw_zd, gb, gw_mu, gw_sig, gb_mu, gb_sig, gw_out, gb_out, gwq_mu, gwq_sig = grads
-    (xt, _, _, et, mq, sq, z, _, ds, de, _, _, _, pz, sp2, w_stack, w_ii, _, p, gs, jump, td, ga, gsum, gz, gd, gh, tmp) = work
+    (xt, _, _, et, mq, sq, zo, _, ds, de, _, _, _, pz, sp2, w_stack, w_ii, _, p, gs, jump, td, ga, gsum, gz, gd, gh, tmp) = work
     de = ds if n == 1 else de
     td = jump if n == 1 else td
     posterior_weights = wq_mu.shape[0] > 0
     B, T, D = x.shape
     L, Z, C, S = len(uoff) - 1, gz.shape[0], (T + 1) * B, T * n
-    TB, R = T * B, 2 * Z + D
+    TB, R, P = T * B, 2 * Z + D, p.shape[0] - Z - 1
+    z = zo[:Z]
     gsum = ga[B:] if n == 1 else gsum  # with one substep, data step t's dF/dpre is substep t + 1's
     mp, y = pz[:Z], pz[2 * Z:]
     gpm, gls, g_out, gmu, gsig = gs[:Z], gs[Z:2 * Z], gs[2 * Z:R], gs[R:R + Z], gs[R + Z:]
@@ -622,13 +632,14 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
     _from_columns(gsig, g_sig)
     # the weight gradients: sums over all (step, sequence) columns, a product each
     for i in range(L):
-        lo, mid, top, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)]), int(zoff[i]), int(zoff[i + 1])
+        lo, mid, top = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)])
         gemm(ga[B:, lo:mid].T, ds[:S * B, lo:mid], gw_rec[lo:mid, lo:mid], 1, SCALARS)  # the units before
         if top > mid:
             gemm(ga[B:, lo:mid].T, ds[B:, mid:top], gw_rec[lo:mid, mid:top], 1, SCALARS)  # the new ones above
-        gemm(gsum[:, lo:mid].T, z[z0:z1, :TB].T, gw_zd[lo:mid, z0:z1], 1, SCALARS)
-    # [prior; output; posterior] x the units, one product (the units read once), then its blocks
-    gemm(gs[:p.shape[0]], de, p, 0, SCALARS)
+    # [prior; output; posterior] x the units, one product (the units read once), and [z; 1] x dF/dpre summed
+    # over the substeps (W_zd's and b's gradients, one product), then their blocks
+    gemm(gs[:P], de, p[:P], 0, SCALARS)
+    gemm(zo[:, :TB], gsum, p[P:], 0, SCALARS)
     for i in range(L):
         lo, mid, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(zoff[i]), int(zoff[i + 1])
         for r in range(z0, z1):
@@ -638,12 +649,12 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
                 if posterior_weights:
                     gwq_mu[r, c] += p[R + r, c]
                     gwq_sig[r, c] += p[R + Z + r, c]
+                gw_zd[c, r] += p[P + r, c]
     for o in range(D):
         for c in range(w_out.shape[1]):
             gw_out[o, c] += p[2 * Z + o, c]
-    for c in range(gsum.shape[0]):
-        for r in range(len(b)):
-            gb[r] += gsum[c, r]
+    for r in range(len(b)):
+        gb[r] += p[P + Z, r]
     for j in range(Z):
         gb_mu[j] += gpm[j].sum()
         gb_sig[j] += gls[j].sum()
