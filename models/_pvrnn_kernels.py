@@ -307,7 +307,8 @@ def regress(x, a_mu, a_sig, eps, h0, d0, first, loss, net, window, lr, kl):
 def batch_work(B, T, D, net):
     """The work arrays of :func:`gradient` for B sequences of T steps and D outputs (C = (T + 1) B
     columns per data step, SC = (T n + 1) B per substep; every entry read is written first), in this
-    order: x (D, C); A^mu (then the posterior's pre-activation), log sigma^q, eps, mu^q, sigma^q, z (Z, C);
+    order: x (D, C); A^mu (then the posterior's pre-activation), log sigma^q, eps, mu^q, sigma^q (Z, C); z and a
+    row of ones (Z + 1, C);
     z repeated for every substep (Z, T n B; with one substep (0, 0): z itself); the units after every
     substep (SC, N); the units at the data steps' ends (C, N; with one substep those of ``ds``, (0, 0));
     the units' drive W_td d_above + W_zd z per substep (SC, N); h and the products W_ii d, then the new
@@ -316,7 +317,8 @@ def batch_work(B, T, D, net):
     [W_mu; W_sig; W_out] (2 Z + D, N; W_out zero beyond the bottom layer's units); every layer's W_ii and
     its transpose, contiguous, one after the other (sum_i N_i^2 each: BLAS packs a transposed view more
     slowly, ~20% on the step's product); their gradients, and
-    with posterior weights W_q's, before their blocks are taken (2 Z + D (+ 2 Z), N); the adjoint's:
+    with posterior weights W_q's, before their blocks are taken (2 Z + D (+ 2 Z), N), then W_zd's and b's
+    ((Z + 1), N, transposed); the adjoint's:
     dF/d(prior, output, posterior pre-activations) (4 Z + D, C); the jumps of dF/dd from the
     losses (C, N) and, with several substeps, every jump of dF/dd per substep (SC, N; else (0, 0): the
     first); dF/dpre of every substep (SC, N); its sums over the data steps (T B, N; with one substep
@@ -416,6 +418,15 @@ def _kl(c_t, mp, lp, mq, sq, lq, sp2):
 
 
 @njit(inline="always")
+def _stack_rows(i, z0, z1, Z, R):
+    """The rows r0..r1 of [W_mu; W_sig; W_out] (R = 2 Z + D rows) that read layer i's units: from its
+    first latent's row of W_mu to its last's of W_sig, and W_out's with the bottom layer (the rows between
+    are zeros in the layer's columns). A layer's products over these rows only: one product over all rows
+    multiplied ~40% zeros in the benchmark's."""
+    return z0, (R if i == 0 else Z + z1)
+
+
+@njit(inline="always")
 def _copy_rows(a, out):
     """out[:] = a for 2-D views of one shape, in loops (numba's slice assignment is generic and slow)."""
     for r in range(out.shape[0]):
@@ -497,8 +508,8 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
                 _copy_rows(pre_i, ds[s:s + B, lo:mid])
             if n > 1:
                 _copy_rows(ds[(t * n + n) * B:(t * n + n + 1) * B, lo:mid], de[c1:c1 + B, lo:mid])
-    # the prior (block 0: N(0, I), pre-activations 0) and the output (block t + 1 of step t): one product
-    # (one product reads the units once; per layer's block, each block's would read them again)
+    # the prior (block 0: N(0, I), pre-activations 0) and the output (block t + 1 of step t): a product per
+    # layer, over the rows of the stack that read its units
     w_stack[:] = 0.0
     w_stack[:Z] = w_mu
     w_stack[Z:2 * Z] = w_sig
@@ -509,7 +520,10 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
         lp[j] = b_sig[j]
     for o in range(D):
         y[o] = b_out[o]
-    gemm(w_stack, de.T, pz, 1, SCALARS)
+    for i in range(L):
+        lo, mid = int(uoff[i]), int(uoff[i + 1])
+        r0, r1 = _stack_rows(i, int(zoff[i]), int(zoff[i + 1]), Z, 2 * Z + D)
+        gemm(w_stack[r0:r1, lo:mid], de[:, lo:mid].T, pz[r0:r1], 1, SCALARS)
     # row views from column B (loops without branches, indices from 0: they vectorise)
     for j in range(Z):
         mp[j, :B] = 0.0
@@ -539,8 +553,8 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
 @njit
 def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
     """The exact adjoint of the last :func:`_forward_batch`: dF/dA^mu, dF/dA^sig (B, T, Z) and dF/dweights
-    added into ``grads``. The losses' jumps of dF/dd (the output and the prior; they do not depend on the
-    adjoint) are products before the loops; then the layers bottom-up, each over all steps backwards (per
+    added into ``grads``. The layers bottom-up, each: the losses' jumps of dF/dd of its units (the output
+    and the prior; they do not depend on the adjoint), one product, then all steps backwards (per
     substep one product W_ii^T dF/dpre), followed by the product that sends its dF/dpre to the layer above
     (whose units it read); the weight gradients are one product each after the loops. dF/dpre of substep
     s is in column block s of ``ga`` (block 0 unused), the layout of ``ds``."""
@@ -582,15 +596,20 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
     gsig[:, TB:] = 0.0
     gz[:, TB:] = 0.0
     ga[:B] = 0.0  # no substep 0
-    # the losses' jumps of dF/dd, in the layout of ``de``
-    gemm(gs[:R].T, w_stack, jump, 0, SCALARS)
-    if n > 1:  # the end of data step t is substep (t + 1) n
+    if n > 1:
         td[:] = 0.0
-        for t in range(1, T + 1):
-            _copy_rows(jump[t * B:t * B + B], td[t * n * B:t * n * B + B])
     a = 0
     for i in range(L):  # bottom-up: layer i's dF/dpre feeds dF/dd of layer i + 1
         lo, mid, top, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)]), int(zoff[i]), int(zoff[i + 1])
+        # the losses' jumps of dF/dd of the layer's units, in the layout of ``de`` (block 0 is no step's end),
+        # added to what the layer below sent (with one substep into ``td`` itself)
+        r0, r1 = _stack_rows(i, z0, z1, Z, R)
+        gemm(gs[r0:r1, B:].T, w_stack[r0:r1, lo:mid], jump[B:, lo:mid], 1 if n == 1 and i > 0 else 0, SCALARS)
+        if n > 1:  # the end of data step t is substep (t + 1) n
+            for t in range(1, T + 1):
+                for q in range(B):
+                    for r in range(lo, mid):
+                        td[t * n * B + q, r] += jump[t * B + q, r]
         w = w_ii[a:a + (mid - lo) ** 2].reshape(mid - lo, mid - lo)
         a += (mid - lo) ** 2
         gd[:, lo:mid] = 0.0
@@ -622,7 +641,7 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
                     gemm(gmu[z0:z1, c0:c1].T, wq_mu[z0:z1, lo:mid], gd[:, lo:mid], 1, SCALARS)
                     gemm(gsig[z0:z1, c0:c1].T, wq_sig[z0:z1, lo:mid], gd[:, lo:mid], 1, SCALARS)
         if top > mid:  # the layer above's units fed this layer's pre at the same substep
-            gemm(ga[B:, lo:mid], w_rec[lo:mid, mid:top], td[B:, mid:top], 1, SCALARS)
+            gemm(ga[B:, lo:mid], w_rec[lo:mid, mid:top], td[B:, mid:top], 1 if n > 1 else 0, SCALARS)
     if not posterior_weights:
         for i in range(L):
             lo, mid, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(zoff[i]), int(zoff[i + 1])
@@ -636,12 +655,14 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
         gemm(ga[B:, lo:mid].T, ds[:S * B, lo:mid], gw_rec[lo:mid, lo:mid], 1, SCALARS)  # the units before
         if top > mid:
             gemm(ga[B:, lo:mid].T, ds[B:, mid:top], gw_rec[lo:mid, mid:top], 1, SCALARS)  # the new ones above
-    # [prior; output; posterior] x the units, one product (the units read once), and [z; 1] x dF/dpre summed
-    # over the substeps (W_zd's and b's gradients, one product), then their blocks
-    gemm(gs[:P], de, p[:P], 0, SCALARS)
+    # [z; 1] x dF/dpre summed over the substeps (W_zd's and b's gradients, one product), and per layer
+    # [prior; output; posterior] x its units, then their blocks
     gemm(zo[:, :TB], gsum, p[P:], 0, SCALARS)
     for i in range(L):
         lo, mid, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(zoff[i]), int(zoff[i + 1])
+        r0, r1 = _stack_rows(i, z0, z1, Z, R)
+        r1 = R + Z + z1 if posterior_weights else r1  # and the rows of W_q^mu, W_q^sig
+        gemm(gs[r0:r1], de[:, lo:mid], p[r0:r1, lo:mid], 0, SCALARS)
         for r in range(z0, z1):
             for c in range(lo, mid):
                 gw_mu[r, c] += p[r, c]
