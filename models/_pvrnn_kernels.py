@@ -311,8 +311,9 @@ def batch_work(B, T, D, net):
     row of ones (Z + 1, C);
     z repeated for every substep (Z, T n B; with one substep (0, 0): z itself); the units after every
     substep (SC, N); the units at the data steps' ends (C, N; with one substep those of ``ds``, (0, 0));
-    the units' drive W_td d_above + W_zd z per substep (SC, N); h and the products W_ii d, then the new
-    units, of a substep (B N: layer i's (B, N_i) from B uoff[i], contiguous, so that tanh is one loop); the
+    the units' drive b + W_td d_above + W_zd z per substep (SC N: layer i's (SC, N_i) from SC uoff[i]); h and
+    the products W_ii d, then the new units, of a substep (B N: layer i's (B, N_i) from B uoff[i], contiguous,
+    so that the update and tanh are one loop each), and alpha, then beta, in h's layout (2 B N); the
     prior's and output's pre-activations (2 Z + D, C); the prior's variance (sigma^p)^2 (Z, C);
     [W_mu; W_sig; W_out] (2 Z + D, N; W_out zero beyond the bottom layer's units); every layer's W_ii and
     its transpose, contiguous, one after the other (sum_i N_i^2 each: BLAS packs a transposed view more
@@ -330,7 +331,7 @@ def batch_work(B, T, D, net):
     several = n > 1
     squares = sum(int(uoff[i + 1] - uoff[i]) ** 2 for i in range(len(uoff) - 1))
     shapes = [(D, C), *[(Z, C)] * 5, (Z + 1, C), (Z, T * n * B) if several else (0, 0), (SC, N), (C, N) if several else (0, 0),
-              (SC, N), (B * N,), (B * N,), (2 * Z + D, C), (Z, C), (2 * Z + D, N), (squares,), (squares,),
+              (SC, N), (B * N,), (B * N,), (2 * B * N,), (2 * Z + D, C), (Z, C), (2 * Z + D, N), (squares,), (squares,),
               ((4 * Z + D if net[14].shape[0] else 2 * Z + D) + Z + 1, N), (4 * Z + D, C), (C, N),
               (SC, N) if several else (0, 0), (SC, N), (T * B, N) if several else (0, 0), (Z, C), (B, N), (B, N),
               (B, N) if several else (0, 0)]
@@ -443,9 +444,9 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
     product W_ii d and h <- alpha h + beta (W_ii d + drive + b), d = tanh(h)."""
     rec_scale, weight, weight_first = loss
     uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n, wq_mu, wq_sig = net
-    xt, am, lq, et, mq, sq, zo, zx, ds, de, drive, h, pre, pz, sp2, w_stack, w_ii, w_ii_t = work[:18]
+    xt, am, lq, et, mq, sq, zo, zx, ds, de, drive, h, pre, ab, pz, sp2, w_stack, w_ii, w_ii_t = work[:19]
     B, T, D = x.shape
-    L, Z, C = len(uoff) - 1, a_mu.shape[2], (T + 1) * B
+    L, Z, C, N, SC = len(uoff) - 1, a_mu.shape[2], (T + 1) * B, len(b), (T * n + 1) * B
     z = zo[:Z]
     zo[Z] = 1.0  # the bias's "latent" in the weight gradients' product
     de = ds if n == 1 else de
@@ -464,7 +465,6 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
                 _copy_rows(z[:, t * B:t * B + B], zx[:, (t * n + k) * B:(t * n + k + 1) * B])
     ds[:B] = 0.0
     de[:B] = 0.0
-    drive[:B] = 0.0  # no substep 0: never read, but every entry of the work arrays is written
     a = 0
     for i in range(L):  # W_ii and W_ii^T, contiguous
         lo, mid = int(uoff[i]), int(uoff[i + 1])
@@ -476,7 +476,10 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
     for i in range(L - 1, -1, -1):  # top-down: a layer reads its own old d and the layer above's new d
         lo, mid, top, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)]), int(zoff[i]), int(zoff[i + 1])
         a -= (mid - lo) ** 2
-        w_t, dr = w_ii_t[a:a + (mid - lo) ** 2].reshape(mid - lo, mid - lo), drive[B:, lo:mid]
+        w_t = w_ii_t[a:a + (mid - lo) ** 2].reshape(mid - lo, mid - lo)
+        drv = _flat(drive)[SC * lo:SC * mid]  # the layer's drive, its own (SC, N_i) block: a substep's is contiguous
+        drv[:B * (mid - lo)] = 0.0  # no substep 0: never read, but every entry of the work arrays is written
+        dr = drv.reshape(SC, mid - lo)[B:]
         for r in range(dr.shape[0]):  # b, then the products added (BLAS's beta = 0 would zero it first)
             dr_, b_ = dr[r], b[lo:mid]
             for c in range(mid - lo):
@@ -485,9 +488,12 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
             gemm(ds[B:, mid:top], w_rec[lo:mid, mid:top].T, dr, 1, SCALARS)
         if not posterior_weights:
             gemm(zx[z0:z1].T, w_zd[lo:mid, z0:z1].T, dr, 1, SCALARS)
-        h_, pre_ = h[B * lo:B * mid], pre[B * lo:B * mid]
-        h_i, pre_i = h_.reshape(B, mid - lo), pre_.reshape(B, mid - lo)
+        h_, pre_, al_, be_ = h[B * lo:B * mid], pre[B * lo:B * mid], ab[B * lo:B * mid], ab[B * (N + lo):B * (N + mid)]
+        pre_i = pre_.reshape(B, mid - lo)
         h_[:] = 0.0
+        for q in range(B):  # alpha and beta per sequence, in the layout of h
+            for r in range(mid - lo):
+                al_[q * (mid - lo) + r], be_[q * (mid - lo) + r] = alpha[lo + r], beta[lo + r]
         for t in range(T):
             c0, c1 = t * B, t * B + B
             if posterior_weights:  # the posterior reads the layer's units at the end of step t - 1
@@ -496,14 +502,14 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
                 _posterior_columns(am[z0:z1], lq[z0:z1], et[z0:z1], mq[z0:z1], sq[z0:z1], z[z0:z1], c0, c1)
                 for k in range(n):
                     s = (t * n + k + 1) * B
-                    gemm(z[z0:z1, c0:c1].T, w_zd[lo:mid, z0:z1].T, drive[s:s + B, lo:mid], 1, SCALARS)
+                    gemm(z[z0:z1, c0:c1].T, w_zd[lo:mid, z0:z1].T, dr[s - B:s], 1, SCALARS)
             for k in range(n):
                 s = (t * n + k + 1) * B  # substep t n + k + 1's rows
                 gemm(ds[s - B:s, lo:mid], w_t, pre_i, 0, SCALARS)  # (W_ii d)^T = d^T W_ii^T
-                for q in range(B):  # loops of their own, so that they vectorise
-                    for r in range(mid - lo):
-                        h_i[q, r] = alpha[lo + r] * h_i[q, r] + beta[lo + r] * (pre_i[q, r] + drive[s + q, lo + r])
-                for c in range(h_.size):  # one loop over the layer's values: no remainder a row
+                dv = drv[s * (mid - lo):(s + B) * (mid - lo)]
+                for c in range(h_.size):  # loops of their own over the layer's values: they vectorise, no
+                    h_[c] = al_[c] * h_[c] + be_[c] * (pre_[c] + dv[c])  # remainder a row
+                for c in range(h_.size):
                     pre_[c] = _tanh(h_[c])
                 _copy_rows(pre_i, ds[s:s + B, lo:mid])
             if n > 1:
@@ -561,7 +567,7 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
     rec_scale, weight, weight_first = loss
     uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n, wq_mu, wq_sig = net
     gw_rec, gw_zd, gb, gw_mu, gw_sig, gb_mu, gb_sig, gw_out, gb_out, gwq_mu, gwq_sig = grads
-    (xt, _, _, et, mq, sq, zo, _, ds, de, _, _, _, pz, sp2, w_stack, w_ii, _, p, gs, jump, td, ga, gsum, gz, gd, gh, tmp) = work
+    (xt, _, _, et, mq, sq, zo, _, ds, de, _, _, _, _, pz, sp2, w_stack, w_ii, _, p, gs, jump, td, ga, gsum, gz, gd, gh, tmp) = work
     de = ds if n == 1 else de
     td = jump if n == 1 else td
     posterior_weights = wq_mu.shape[0] > 0
