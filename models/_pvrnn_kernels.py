@@ -621,6 +621,7 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
         gd_, gh_, tmp_ = _flat(gd)[B * lo:B * mid], _flat(gh)[B * lo:B * mid], _flat(tmp)[B * lo:B * mid]
         al_, be_ = ab[B * lo:B * mid], ab[B * (N + lo):B * (N + mid)]  # alpha, beta in the layout of a substep's
         r0, r1 = _stack_rows(i, z0, z1, Z, R)
+        jump_i[:B] = 0.0  # never read, but every entry of the work arrays is written
         gemm(gs[r0:r1, B:].T, w_stack[r0:r1, lo:mid], jump_i[B:], 1 if n == 1 and i > 0 else 0, SCALARS)
         if n > 1:  # the end of data step t is substep (t + 1) n
             for t in range(1, T + 1):
@@ -677,6 +678,7 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
             gemm(ga_i[B:].T, _block(ds, mid, top)[B:], gw_rec[lo:mid, mid:top], 1, SCALARS)  # the new ones above
     # per layer: [z; 1] x dF/dpre summed over the substeps (W_zd's and b's gradients) and [prior; output;
     # posterior] x its units, then their blocks
+    p[:P] = 0.0  # the blocks no layer's product writes: never read, but every entry of the work arrays is written
     for i in range(L):
         lo, mid, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(zoff[i]), int(zoff[i + 1])
         gsum_i = _block(ga, lo, mid)[B:] if n == 1 else _block(gsum, lo, mid)
