@@ -583,7 +583,6 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
     B, T, D = x.shape
     L, Z, C, S = len(uoff) - 1, gz.shape[0], (T + 1) * B, T * n
     TB, R, P, N = T * B, 2 * Z + D, p.shape[0] - Z - 1, len(b)
-    z = zo[:Z]
     mp, y = pz[:Z], pz[2 * Z:]
     gpm, gls, g_out, gmu, gsig = gs[:Z], gs[Z:2 * Z], gs[2 * Z:R], gs[R:R + Z], gs[R + Z:]
     # dF/d(output pre-activation) (block t + 1) and dF/d(prior pre-activations) (block t > 0)
