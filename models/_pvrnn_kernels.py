@@ -298,38 +298,43 @@ def regress(x, a_mu, a_sig, eps, h0, d0, first, loss, net, window, lr, kl):
 # block t (columns t B .. t B + B) is data step t, aligned with ``de``'s block t, the units at the end of
 # step t - 1 (the input of step t's prior and posterior; block 0: the start, zeros); the output of step t
 # is in block t + 1 (it reads the end of step t). The units' arrays are the transpose, ((T + 1) B, N) per
-# data step and ((T n + 1) B, N) per substep (block s: substep s; block 0: the start), so that a
-# substep's values of every unit and sequence are one contiguous block (the step loops walk them in
-# order; rows of (N, columns) were ~1.5x slower, a cache line per unit and step) and a layer's are
-# a view with a unit stride. Training starts every sequence at h = d = 0 with the first-step prior N(0, I).
+# data step and ((T n + 1) B, N) per substep (block s: substep s; block 0: the start), laid out by layer:
+# layer i's (rows, N_i) block is contiguous, after layer i - 1's (:func:`_block`), so that a substep's
+# values of a layer's units for every sequence are one contiguous run (the step loops walk them in order,
+# flat loops without a remainder a row; rows of (N, columns) were ~1.5x slower, a cache line per unit and
+# step; one (rows, N) block ~5% slower than the layer's own) and every product reads a layer's block.
+# Training starts every sequence at h = d = 0 with the first-step prior N(0, I).
 
 
 def batch_work(B, T, D, net):
     """The work arrays of :func:`gradient` for B sequences of T steps and D outputs (C = (T + 1) B
     columns per data step, SC = (T n + 1) B per substep; every entry read is written first), in this
-    order: x (D, C); A^mu (then the posterior's pre-activation), log sigma^q, eps, mu^q, sigma^q, z (Z, C);
+    order: x (D, C); A^mu (then the posterior's pre-activation), log sigma^q, eps, mu^q, sigma^q (Z, C); z and a
+    row of ones (Z + 1, C);
     z repeated for every substep (Z, T n B; with one substep (0, 0): z itself); the units after every
     substep (SC, N); the units at the data steps' ends (C, N; with one substep those of ``ds``, (0, 0));
-    the units' drive W_td d_above + W_zd z per substep (SC, N); h and the products W_ii d, then the new
-    units, of a substep (B N: layer i's (B, N_i) from B uoff[i], contiguous, so that tanh is one loop); the
+    the units' drive b + W_td d_above + W_zd z per substep (SC N: layer i's (SC, N_i) from SC uoff[i]); h and
+    the products W_ii d, then the new units, of a substep (B N: layer i's (B, N_i) from B uoff[i], contiguous,
+    so that the update and tanh are one loop each), and alpha, then beta, in h's layout (2 B N); the
     prior's and output's pre-activations (2 Z + D, C); the prior's variance (sigma^p)^2 (Z, C);
     [W_mu; W_sig; W_out] (2 Z + D, N; W_out zero beyond the bottom layer's units); every layer's W_ii and
     its transpose, contiguous, one after the other (sum_i N_i^2 each: BLAS packs a transposed view more
     slowly, ~20% on the step's product); their gradients, and
-    with posterior weights W_q's, before their blocks are taken (2 Z + D (+ 2 Z), N); the adjoint's:
+    with posterior weights W_q's, before their blocks are taken (2 Z + D (+ 2 Z), N), then W_zd's and b's
+    ((Z + 1), N, transposed); the adjoint's:
     dF/d(prior, output, posterior pre-activations) (4 Z + D, C); the jumps of dF/dd from the
     losses (C, N) and, with several substeps, every jump of dF/dd per substep (SC, N; else (0, 0): the
     first); dF/dpre of every substep (SC, N); its sums over the data steps (T B, N; with one substep
     (0, 0): a view of the former); dF/dz (Z, C); dF/dd, dF/dh and a data step's sum of dF/dpre (B, N;
-    the last (0, 0) with one substep)."""
+    the last (0, 0) with one substep). The units' arrays, (rows, N), are laid out by layer (:func:`_block`)."""
     uoff, zoff, n = net[0], net[1], net[13]
     N, Z = int(uoff[-1]), int(zoff[-1])
     C, SC = (T + 1) * B, (T * n + 1) * B
     several = n > 1
     squares = sum(int(uoff[i + 1] - uoff[i]) ** 2 for i in range(len(uoff) - 1))
-    shapes = [(D, C), *[(Z, C)] * 6, (Z, T * n * B) if several else (0, 0), (SC, N), (C, N) if several else (0, 0),
-              (SC, N), (B * N,), (B * N,), (2 * Z + D, C), (Z, C), (2 * Z + D, N), (squares,), (squares,),
-              (4 * Z + D if net[14].shape[0] else 2 * Z + D, N), (4 * Z + D, C), (C, N),
+    shapes = [(D, C), *[(Z, C)] * 5, (Z + 1, C), (Z, T * n * B) if several else (0, 0), (SC, N), (C, N) if several else (0, 0),
+              (SC, N), (B * N,), (B * N,), (2 * B * N,), (2 * Z + D, C), (Z, C), (2 * Z + D, N), (squares,), (squares,),
+              ((4 * Z + D if net[14].shape[0] else 2 * Z + D) + Z + 1, N), (4 * Z + D, C), (C, N),
               (SC, N) if several else (0, 0), (SC, N), (T * B, N) if several else (0, 0), (Z, C), (B, N), (B, N),
               (B, N) if several else (0, 0)]
     # one allocation, each array on cache lines of its own
@@ -416,6 +421,23 @@ def _kl(c_t, mp, lp, mq, sq, lq, sp2):
 
 
 @njit(inline="always")
+def _block(a, lo, hi):
+    """Layer lo..hi's units of a units array (rows, N) laid out by layer (every layer's (rows, N_i) block
+    contiguous, one after the other: a substep's values of a layer are one contiguous run), as a
+    (rows, hi - lo) view."""
+    return _flat(a)[a.shape[0] * lo:a.shape[0] * hi].reshape(a.shape[0], hi - lo)
+
+
+@njit(inline="always")
+def _stack_rows(i, z0, z1, Z, R):
+    """The rows r0..r1 of [W_mu; W_sig; W_out] (R = 2 Z + D rows) that read layer i's units: from its
+    first latent's row of W_mu to its last's of W_sig, and W_out's with the bottom layer (the rows between
+    are zeros in the layer's columns). A layer's products over these rows only: one product over all rows
+    multiplied ~40% zeros in the benchmark's."""
+    return z0, (R if i == 0 else Z + z1)
+
+
+@njit(inline="always")
 def _copy_rows(a, out):
     """out[:] = a for 2-D views of one shape, in loops (numba's slice assignment is generic and slow)."""
     for r in range(out.shape[0]):
@@ -432,9 +454,11 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
     product W_ii d and h <- alpha h + beta (W_ii d + drive + b), d = tanh(h)."""
     rec_scale, weight, weight_first = loss
     uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n, wq_mu, wq_sig = net
-    xt, am, lq, et, mq, sq, z, zx, ds, de, drive, h, pre, pz, sp2, w_stack, w_ii, w_ii_t = work[:18]
+    xt, am, lq, et, mq, sq, zo, zx, ds, de, drive, h, pre, ab, pz, sp2, w_stack, w_ii, w_ii_t = work[:19]
     B, T, D = x.shape
-    L, Z, C = len(uoff) - 1, a_mu.shape[2], (T + 1) * B
+    L, Z, C, N, SC = len(uoff) - 1, a_mu.shape[2], (T + 1) * B, len(b), (T * n + 1) * B
+    z = zo[:Z]
+    zo[Z] = 1.0  # the bias's "latent" in the weight gradients' product
     de = ds if n == 1 else de
     zx = z[:, :T * B] if n == 1 else zx
     posterior_weights = wq_mu.shape[0] > 0
@@ -449,9 +473,6 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
         for t in range(T):
             for k in range(n):
                 _copy_rows(z[:, t * B:t * B + B], zx[:, (t * n + k) * B:(t * n + k + 1) * B])
-    ds[:B] = 0.0
-    de[:B] = 0.0
-    drive[:B] = 0.0  # no substep 0: never read, but every entry of the work arrays is written
     a = 0
     for i in range(L):  # W_ii and W_ii^T, contiguous
         lo, mid = int(uoff[i]), int(uoff[i + 1])
@@ -463,59 +484,76 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
     for i in range(L - 1, -1, -1):  # top-down: a layer reads its own old d and the layer above's new d
         lo, mid, top, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)]), int(zoff[i]), int(zoff[i + 1])
         a -= (mid - lo) ** 2
-        w_t, dr = w_ii_t[a:a + (mid - lo) ** 2].reshape(mid - lo, mid - lo), drive[B:, lo:mid]
+        w_t = w_ii_t[a:a + (mid - lo) ** 2].reshape(mid - lo, mid - lo)
+        ds_i, de_i, drv = _block(ds, lo, mid), _block(de, lo, mid), _flat(drive)[SC * lo:SC * mid]
+        ds_i[:B] = 0.0
+        de_i[:B] = 0.0
+        drv[:B * (mid - lo)] = 0.0  # no substep 0: never read, but every entry of the work arrays is written
+        dr = drv.reshape(SC, mid - lo)[B:]
+        for r in range(dr.shape[0]):  # b, then the products added (BLAS's beta = 0 would zero it first)
+            dr_, b_ = dr[r], b[lo:mid]
+            for c in range(mid - lo):
+                dr_[c] = b_[c]
         if top > mid:
-            gemm(ds[B:, mid:top], w_rec[lo:mid, mid:top].T, dr, 0, SCALARS)
+            gemm(_block(ds, mid, top)[B:], w_rec[lo:mid, mid:top].T, dr, 1, SCALARS)
         if not posterior_weights:
-            gemm(zx[z0:z1].T, w_zd[lo:mid, z0:z1].T, dr, top > mid, SCALARS)
-        h_, pre_ = h[B * lo:B * mid], pre[B * lo:B * mid]
-        h_i, pre_i = h_.reshape(B, mid - lo), pre_.reshape(B, mid - lo)
+            gemm(zx[z0:z1].T, w_zd[lo:mid, z0:z1].T, dr, 1, SCALARS)
+        h_, pre_, al_, be_ = h[B * lo:B * mid], pre[B * lo:B * mid], ab[B * lo:B * mid], ab[B * (N + lo):B * (N + mid)]
+        pre_i = pre_.reshape(B, mid - lo)
         h_[:] = 0.0
+        for q in range(B):  # alpha and beta per sequence, in the layout of h
+            for r in range(mid - lo):
+                al_[q * (mid - lo) + r], be_[q * (mid - lo) + r] = alpha[lo + r], beta[lo + r]
         for t in range(T):
             c0, c1 = t * B, t * B + B
             if posterior_weights:  # the posterior reads the layer's units at the end of step t - 1
-                gemm(wq_mu[z0:z1, lo:mid], de[c0:c1, lo:mid].T, am[z0:z1, c0:c1], 1, SCALARS)
-                gemm(wq_sig[z0:z1, lo:mid], de[c0:c1, lo:mid].T, lq[z0:z1, c0:c1], 1, SCALARS)
+                gemm(wq_mu[z0:z1, lo:mid], de_i[c0:c1].T, am[z0:z1, c0:c1], 1, SCALARS)
+                gemm(wq_sig[z0:z1, lo:mid], de_i[c0:c1].T, lq[z0:z1, c0:c1], 1, SCALARS)
                 _posterior_columns(am[z0:z1], lq[z0:z1], et[z0:z1], mq[z0:z1], sq[z0:z1], z[z0:z1], c0, c1)
                 for k in range(n):
                     s = (t * n + k + 1) * B
-                    gemm(z[z0:z1, c0:c1].T, w_zd[lo:mid, z0:z1].T, drive[s:s + B, lo:mid], top > mid, SCALARS)
+                    gemm(z[z0:z1, c0:c1].T, w_zd[lo:mid, z0:z1].T, dr[s - B:s], 1, SCALARS)
             for k in range(n):
                 s = (t * n + k + 1) * B  # substep t n + k + 1's rows
-                gemm(ds[s - B:s, lo:mid], w_t, pre_i, 0, SCALARS)  # (W_ii d)^T = d^T W_ii^T
-                for q in range(B):  # loops of their own, so that they vectorise
-                    for r in range(mid - lo):
-                        h_i[q, r] = alpha[lo + r] * h_i[q, r] + beta[lo + r] * (pre_i[q, r] + drive[s + q, lo + r] + b[lo + r])
-                for c in range(h_.size):  # one loop over the layer's values: no remainder a row
-                    pre_[c] = _tanh(h_[c])
-                _copy_rows(pre_i, ds[s:s + B, lo:mid])
+                gemm(ds_i[s - B:s], w_t, pre_i, 0, SCALARS)  # (W_ii d)^T = d^T W_ii^T
+                dv, new = drv[s * (mid - lo):(s + B) * (mid - lo)], _flat(ds_i)[s * (mid - lo):(s + B) * (mid - lo)]
+                for c in range(h_.size):  # loops of their own over the layer's values: they vectorise, no
+                    h_[c] = al_[c] * h_[c] + be_[c] * (pre_[c] + dv[c])  # remainder a row
+                for c in range(h_.size):
+                    new[c] = _tanh(h_[c])
             if n > 1:
-                _copy_rows(ds[(t * n + n) * B:(t * n + n + 1) * B, lo:mid], de[c1:c1 + B, lo:mid])
-    # the prior (block 0: N(0, I), pre-activations 0) and the output (block t + 1 of step t): one product
-    # (one product reads the units once; per layer's block, each block's would read them again)
+                _copy_rows(ds_i[(t * n + n) * B:(t * n + n + 1) * B], de_i[c1:c1 + B])
+    # the prior (block 0: N(0, I), pre-activations 0) and the output (block t + 1 of step t): a product per
+    # layer, over the rows of the stack that read its units
     w_stack[:] = 0.0
     w_stack[:Z] = w_mu
     w_stack[Z:2 * Z] = w_sig
     w_stack[2 * Z:, :w_out.shape[1]] = w_out
-    gemm(w_stack, de.T, pz, 0, SCALARS)
     mp, lp, y = pz[:Z], pz[Z:2 * Z], pz[2 * Z:]
+    for j in range(Z):  # the biases, then the product added (BLAS's beta = 0 would zero pz first)
+        mp[j] = b_mu[j]
+        lp[j] = b_sig[j]
+    for o in range(D):
+        y[o] = b_out[o]
+    for i in range(L):
+        lo, mid = int(uoff[i]), int(uoff[i + 1])
+        r0, r1 = _stack_rows(i, int(zoff[i]), int(zoff[i + 1]), Z, 2 * Z + D)
+        gemm(w_stack[r0:r1, lo:mid], _block(de, lo, mid).T, pz[r0:r1], 1, SCALARS)
     # row views from column B (loops without branches, indices from 0: they vectorise)
     for j in range(Z):
         mp[j, :B] = 0.0
         lp[j, :B] = 0.0
-        m_, l_, s_, bm, bs = mp[j, B:], lp[j, B:], sp2[j, B:], b_mu[j], b_sig[j]
+        m_, l_, s_ = mp[j, B:], lp[j, B:], sp2[j, B:]
         for c in range(m_.size):
-            m_[c] = _tanh(m_[c] + bm)
-        for c in range(l_.size):
-            l_[c] += bs
+            m_[c] = _tanh(m_[c])
         for c in range(l_.size):  # (sigma^p)^2 once: the KL and its gradients read it
             s_[c] = _exp_f64(2.0 * l_[c])
         sp2[j, :B] = 1.0
     rec = 0.0
     for o in range(D):
-        y_, x_, bo = y[o, B:], xt[o, B:], b_out[o]
+        y_, x_ = y[o, B:], xt[o, B:]
         for c in range(y_.size):
-            y_[c] = _tanh(y_[c] + bo)
+            y_[c] = _tanh(y_[c])
         for c in range(y_.size):
             rec += 0.5 * (y_[c] - x_[c]) ** 2
     kl[:] = 0.0
@@ -530,22 +568,21 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
 @njit
 def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
     """The exact adjoint of the last :func:`_forward_batch`: dF/dA^mu, dF/dA^sig (B, T, Z) and dF/dweights
-    added into ``grads``. The losses' jumps of dF/dd (the output and the prior; they do not depend on the
-    adjoint) are products before the loops; then the layers bottom-up, each over all steps backwards (per
+    added into ``grads``. The layers bottom-up, each: the losses' jumps of dF/dd of its units (the output
+    and the prior; they do not depend on the adjoint), one product, then all steps backwards (per
     substep one product W_ii^T dF/dpre), followed by the product that sends its dF/dpre to the layer above
     (whose units it read); the weight gradients are one product each after the loops. dF/dpre of substep
     s is in column block s of ``ga`` (block 0 unused), the layout of ``ds``."""
     rec_scale, weight, weight_first = loss
     uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n, wq_mu, wq_sig = net
     gw_rec, gw_zd, gb, gw_mu, gw_sig, gb_mu, gb_sig, gw_out, gb_out, gwq_mu, gwq_sig = grads
-    (xt, _, _, et, mq, sq, z, _, ds, de, _, _, _, pz, sp2, w_stack, w_ii, _, p, gs, jump, td, ga, gsum, gz, gd, gh, tmp) = work
+    (xt, _, _, et, mq, sq, zo, _, ds, de, _, _, _, ab, pz, sp2, w_stack, w_ii, _, p, gs, jump, td, ga, gsum, gz, gd, gh, tmp) = work
     de = ds if n == 1 else de
     td = jump if n == 1 else td
     posterior_weights = wq_mu.shape[0] > 0
     B, T, D = x.shape
     L, Z, C, S = len(uoff) - 1, gz.shape[0], (T + 1) * B, T * n
-    TB, R = T * B, 2 * Z + D
-    gsum = ga[B:] if n == 1 else gsum  # with one substep, data step t's dF/dpre is substep t + 1's
+    TB, R, P, N = T * B, 2 * Z + D, p.shape[0] - Z - 1, len(b)
     mp, y = pz[:Z], pz[2 * Z:]
     gpm, gls, g_out, gmu, gsig = gs[:Z], gs[Z:2 * Z], gs[2 * Z:R], gs[R:R + Z], gs[R + Z:]
     # dF/d(output pre-activation) (block t + 1) and dF/d(prior pre-activations) (block t > 0)
@@ -571,66 +608,83 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
     gmu[:, TB:] = 0.0  # block T is no step (the posterior weights' gradients read it)
     gsig[:, TB:] = 0.0
     gz[:, TB:] = 0.0
-    ga[:B] = 0.0  # no substep 0
-    # the losses' jumps of dF/dd, in the layout of ``de``
-    gemm(gs[:R].T, w_stack, jump, 0, SCALARS)
-    if n > 1:  # the end of data step t is substep (t + 1) n
+    if n > 1:
         td[:] = 0.0
-        for t in range(1, T + 1):
-            _copy_rows(jump[t * B:t * B + B], td[t * n * B:t * n * B + B])
     a = 0
     for i in range(L):  # bottom-up: layer i's dF/dpre feeds dF/dd of layer i + 1
         lo, mid, top, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)]), int(zoff[i]), int(zoff[i + 1])
-        w = w_ii[a:a + (mid - lo) ** 2].reshape(mid - lo, mid - lo)
-        a += (mid - lo) ** 2
-        gd[:, lo:mid] = 0.0
-        gh[:, lo:mid] = 0.0
+        # the losses' jumps of dF/dd of the layer's units, in the layout of ``de`` (block 0 is no step's end),
+        # added to what the layer below sent (with one substep into ``td`` itself)
+        Ni, ds_i, ga_i, td_i, jump_i = mid - lo, _block(ds, lo, mid), _block(ga, lo, mid), _block(td, lo, mid), _block(jump, lo, mid)
+        gsum_i = ga_i[B:] if n == 1 else _block(gsum, lo, mid)  # with one substep, data step t's dF/dpre is substep t + 1's
+        gd_, gh_, tmp_ = _flat(gd)[B * lo:B * mid], _flat(gh)[B * lo:B * mid], _flat(tmp)[B * lo:B * mid]
+        al_, be_ = ab[B * lo:B * mid], ab[B * (N + lo):B * (N + mid)]  # alpha, beta in the layout of a substep's
+        r0, r1 = _stack_rows(i, z0, z1, Z, R)
+        jump_i[:B] = 0.0  # never read, but every entry of the work arrays is written
+        gemm(gs[r0:r1, B:].T, w_stack[r0:r1, lo:mid], jump_i[B:], 1 if n == 1 and i > 0 else 0, SCALARS)
+        if n > 1:  # the end of data step t is substep (t + 1) n
+            for t in range(1, T + 1):
+                td_t, jump_t = _flat(td_i)[t * n * B * Ni:(t * n + 1) * B * Ni], _flat(jump_i)[t * B * Ni:(t + 1) * B * Ni]
+                for c in range(B * Ni):
+                    td_t[c] += jump_t[c]
+        w = w_ii[a:a + Ni ** 2].reshape(Ni, Ni)
+        a += Ni ** 2
+        ga_i[:B] = 0.0  # no substep 0
+        gd_[:] = 0.0
+        gh_[:] = 0.0
         for t in range(T - 1, -1, -1):
             c0, c1 = t * B, t * B + B
             if n > 1:
-                tmp[:, lo:mid] = 0.0
+                tmp_[:] = 0.0
             for k in range(n - 1, -1, -1):
                 s = (t * n + k + 1) * B  # substep t n + k + 1's rows
-                for q in range(B):  # few arrays per loop: it vectorises
-                    for r in range(lo, mid):
-                        d = ds[s + q, r]
-                        g_h = gh[q, r] + (gd[q, r] + td[s + q, r]) * (1.0 - d * d)
-                        ga[s + q, r] = beta[r] * g_h
-                        gh[q, r] = alpha[r] * g_h
-                gemm(ga[s:s + B, lo:mid], w, gd[:, lo:mid], 0, SCALARS)  # dF/dd before the substep: g^T W_ii
+                # a substep's values of the layer, contiguous: flat loops, no remainder a row
+                d_, td_, ga_ = _flat(ds_i)[s * Ni:(s + B) * Ni], _flat(td_i)[s * Ni:(s + B) * Ni], _flat(ga_i)[s * Ni:(s + B) * Ni]
+                for c in range(B * Ni):
+                    d = d_[c]
+                    g_h = gh_[c] + (gd_[c] + td_[c]) * (1.0 - d * d)
+                    ga_[c] = be_[c] * g_h
+                    gh_[c] = al_[c] * g_h
+                gemm(ga_i[s:s + B], w, gd_.reshape(B, Ni), 0, SCALARS)  # dF/dd before the substep: g^T W_ii
                 if n > 1:
-                    for q in range(B):
-                        for r in range(lo, mid):
-                            tmp[q, r] += ga[s + q, r]
+                    for c in range(B * Ni):
+                        tmp_[c] += ga_[c]
             if n > 1:
-                _copy_rows(tmp[:, lo:mid], gsum[c0:c1, lo:mid])
+                _copy_rows(tmp_.reshape(B, Ni), gsum_i[c0:c1])
             if posterior_weights:  # the posterior's adjoint feeds dF/dd: its step here
-                gemm(w_zd[lo:mid, z0:z1].T, gsum[c0:c1, lo:mid].T, gz[z0:z1, c0:c1], 0, SCALARS)
+                gemm(w_zd[lo:mid, z0:z1].T, gsum_i[c0:c1].T, gz[z0:z1, c0:c1], 0, SCALARS)
                 _posterior_gradients(gz[z0:z1], mq[z0:z1], sq[z0:z1], et[z0:z1], mp[z0:z1], sp2[z0:z1], weight[z0:z1],
                                      weight_first[z0:z1], gmu[z0:z1], gsig[z0:z1], B, c0, c1)
                 if t > 0:  # the start is frozen
-                    gemm(gmu[z0:z1, c0:c1].T, wq_mu[z0:z1, lo:mid], gd[:, lo:mid], 1, SCALARS)
-                    gemm(gsig[z0:z1, c0:c1].T, wq_sig[z0:z1, lo:mid], gd[:, lo:mid], 1, SCALARS)
+                    gemm(gmu[z0:z1, c0:c1].T, wq_mu[z0:z1, lo:mid], gd_.reshape(B, Ni), 1, SCALARS)
+                    gemm(gsig[z0:z1, c0:c1].T, wq_sig[z0:z1, lo:mid], gd_.reshape(B, Ni), 1, SCALARS)
         if top > mid:  # the layer above's units fed this layer's pre at the same substep
-            gemm(ga[B:, lo:mid], w_rec[lo:mid, mid:top], td[B:, mid:top], 1, SCALARS)
+            gemm(ga_i[B:], w_rec[lo:mid, mid:top], _block(td, mid, top)[B:], 1 if n > 1 else 0, SCALARS)
     if not posterior_weights:
         for i in range(L):
             lo, mid, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(zoff[i]), int(zoff[i + 1])
-            gemm(w_zd[lo:mid, z0:z1].T, gsum[:, lo:mid].T, gz[z0:z1, :TB], 0, SCALARS)
+            gsum_i = _block(ga, lo, mid)[B:] if n == 1 else _block(gsum, lo, mid)
+            gemm(w_zd[lo:mid, z0:z1].T, gsum_i.T, gz[z0:z1, :TB], 0, SCALARS)
         _posterior_gradients(gz, mq, sq, et, mp, sp2, weight, weight_first, gmu, gsig, B, ZERO, TB)
     _from_columns(gmu, g_mu)
     _from_columns(gsig, g_sig)
     # the weight gradients: sums over all (step, sequence) columns, a product each
     for i in range(L):
-        lo, mid, top, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)]), int(zoff[i]), int(zoff[i + 1])
-        gemm(ga[B:, lo:mid].T, ds[:S * B, lo:mid], gw_rec[lo:mid, lo:mid], 1, SCALARS)  # the units before
+        lo, mid, top = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)])
+        ga_i = _block(ga, lo, mid)
+        gemm(ga_i[B:].T, _block(ds, lo, mid)[:S * B], gw_rec[lo:mid, lo:mid], 1, SCALARS)  # the units before
         if top > mid:
-            gemm(ga[B:, lo:mid].T, ds[B:, mid:top], gw_rec[lo:mid, mid:top], 1, SCALARS)  # the new ones above
-        gemm(gsum[:, lo:mid].T, z[z0:z1, :TB].T, gw_zd[lo:mid, z0:z1], 1, SCALARS)
-    # [prior; output; posterior] x the units, one product (the units read once), then its blocks
-    gemm(gs[:p.shape[0]], de, p, 0, SCALARS)
+            gemm(ga_i[B:].T, _block(ds, mid, top)[B:], gw_rec[lo:mid, mid:top], 1, SCALARS)  # the new ones above
+    # per layer: [z; 1] x dF/dpre summed over the substeps (W_zd's and b's gradients) and [prior; output;
+    # posterior] x its units, then their blocks
+    p[:P] = 0.0  # the blocks no layer's product writes: never read, but every entry of the work arrays is written
     for i in range(L):
         lo, mid, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(zoff[i]), int(zoff[i + 1])
+        gsum_i = _block(ga, lo, mid)[B:] if n == 1 else _block(gsum, lo, mid)
+        gemm(zo[:, :TB], gsum_i, p[P:, lo:mid], 0, SCALARS)
+        r0, r1 = _stack_rows(i, z0, z1, Z, R)
+        r1 = R + Z + z1 if posterior_weights else r1  # and the rows of W_q^mu, W_q^sig
+        gemm(gs[r0:r1], _block(de, lo, mid), p[r0:r1, lo:mid], 0, SCALARS)
         for r in range(z0, z1):
             for c in range(lo, mid):
                 gw_mu[r, c] += p[r, c]
@@ -638,12 +692,12 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
                 if posterior_weights:
                     gwq_mu[r, c] += p[R + r, c]
                     gwq_sig[r, c] += p[R + Z + r, c]
+                gw_zd[c, r] += p[P + r, c]
     for o in range(D):
         for c in range(w_out.shape[1]):
             gw_out[o, c] += p[2 * Z + o, c]
-    for c in range(gsum.shape[0]):
-        for r in range(len(b)):
-            gb[r] += gsum[c, r]
+    for r in range(len(b)):
+        gb[r] += p[P + Z, r]
     for j in range(Z):
         gb_mu[j] += gpm[j].sum()
         gb_sig[j] += gls[j].sum()
