@@ -313,9 +313,9 @@ def batch_work(B, T, D, net):
     row of ones (Z + 1, C);
     z repeated for every substep (Z, T n B; with one substep (0, 0): z itself); the units after every
     substep (SC, N); the units at the data steps' ends (C, N; with one substep those of ``ds``, (0, 0));
-    the units' drive b + W_td d_above + W_zd z per substep (SC N: layer i's (SC, N_i) from SC uoff[i]); h and
-    the products W_ii d, then the new units, of a substep (B N: layer i's (B, N_i) from B uoff[i], contiguous,
-    so that the update and tanh are one loop each), and alpha, then beta, in h's layout (2 B N); the
+    the units' drive b + W_td d_above + W_zd z per substep, to which the step adds W_ii d (the pre-activation)
+    (SC N: layer i's (SC, N_i) from SC uoff[i]); h of a substep (B N: layer i's (B, N_i) from B uoff[i],
+    contiguous, so that the update and tanh are one loop each), and alpha, then beta, in h's layout (2 B N); the
     prior's and output's pre-activations (2 Z + D, C); the prior's variance (sigma^p)^2 (Z, C);
     [W_mu; W_sig; W_out] (2 Z + D, N; W_out zero beyond the bottom layer's units); every layer's W_ii and
     its transpose, contiguous, one after the other (sum_i N_i^2 each: BLAS packs a transposed view more
@@ -324,18 +324,18 @@ def batch_work(B, T, D, net):
     ((Z + 1), N, transposed); the adjoint's:
     dF/d(prior, output, posterior pre-activations) (4 Z + D, C); the jumps of dF/dd from the
     losses (C, N) and, with several substeps, every jump of dF/dd per substep (SC, N; else (0, 0): the
-    first); dF/dpre of every substep (SC, N); its sums over the data steps (T B, N; with one substep
-    (0, 0): a view of the former); dF/dz (Z, C); dF/dd, dF/dh and a data step's sum of dF/dpre (B, N;
-    the last (0, 0) with one substep). The units' arrays, (rows, N), are laid out by layer (:func:`_block`)."""
+    first), to which the adjoint adds the other paths into the units (then dF/dd); dF/dpre of every substep
+    (SC, N); its sums over the data steps (T B, N; with one substep (0, 0): a view of the former); dF/dz
+    (Z, C); dF/dh and a data step's sum of dF/dpre (B, N; the last (0, 0) with one substep). The units' arrays, (rows, N), are laid out by layer (:func:`_block`)."""
     uoff, zoff, n = net[0], net[1], net[13]
     N, Z = int(uoff[-1]), int(zoff[-1])
     C, SC = (T + 1) * B, (T * n + 1) * B
     several = n > 1
     squares = sum(int(uoff[i + 1] - uoff[i]) ** 2 for i in range(len(uoff) - 1))
     shapes = [(D, C), *[(Z, C)] * 5, (Z + 1, C), (Z, T * n * B) if several else (0, 0), (SC, N), (C, N) if several else (0, 0),
-              (SC, N), (B * N,), (B * N,), (2 * B * N,), (2 * Z + D, C), (Z, C), (2 * Z + D, N), (squares,), (squares,),
+              (SC, N), (B * N,), (2 * B * N,), (2 * Z + D, C), (Z, C), (2 * Z + D, N), (squares,), (squares,),
               ((4 * Z + D if net[14].shape[0] else 2 * Z + D) + Z + 1, N), (4 * Z + D, C), (C, N),
-              (SC, N) if several else (0, 0), (SC, N), (T * B, N) if several else (0, 0), (Z, C), (B, N), (B, N),
+              (SC, N) if several else (0, 0), (SC, N), (T * B, N) if several else (0, 0), (Z, C), (B, N),
               (B, N) if several else (0, 0)]
     # one allocation, each array on cache lines of its own
     sizes = [-(-math.prod(sh) // 8) * 8 for sh in shapes]
@@ -358,6 +358,16 @@ def _to_columns(a, out, shift):
             c = (t + shift) * B
             for b in range(B):
                 out[k, c + b] = a[b, t, k]
+
+
+@njit
+def _noise_to_columns(eps, zoff, B, T, out):
+    """The noise of every layer, as :meth:`models.pvrnn.PVRNN.noise` draws it (one vector: layer i's (B, T, Z_i)
+    in C order from B T zoff[i]), into the column layout of :func:`_to_columns` (shift 0): the generator's
+    numbers are read where they were drawn, with no reordering copy."""
+    for i in range(len(zoff) - 1):
+        z0, z1 = int(zoff[i]), int(zoff[i + 1])
+        _to_columns(eps[B * T * z0:B * T * z1].reshape(B, T, z1 - z0), out[z0:z1], ZERO)
 
 
 @njit
@@ -454,7 +464,7 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
     product W_ii d and h <- alpha h + beta (W_ii d + drive + b), d = tanh(h)."""
     rec_scale, weight, weight_first = loss
     uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n, wq_mu, wq_sig = net
-    xt, am, lq, et, mq, sq, zo, zx, ds, de, drive, h, pre, ab, pz, sp2, w_stack, w_ii, w_ii_t = work[:19]
+    xt, am, lq, et, mq, sq, zo, zx, ds, de, drive, h, ab, pz, sp2, w_stack, w_ii, w_ii_t = work[:18]
     B, T, D = x.shape
     L, Z, C, N, SC = len(uoff) - 1, a_mu.shape[2], (T + 1) * B, len(b), (T * n + 1) * B
     z = zo[:Z]
@@ -465,7 +475,7 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
     _to_columns(x, xt, ONE)  # int64, not literals: one compiled _to_columns (substrate._kernels.NOT_LITERAL)
     _to_columns(a_mu, am, ZERO)
     _to_columns(a_sig, lq, ZERO)
-    _to_columns(eps, et, ZERO)
+    _noise_to_columns(eps, zoff, B, T, et)
     # z ahead for every step without posterior weights; block T is no step (A, eps 0 there: z = 0, which the
     # weight gradients' products read)
     _posterior_columns(am, lq, et, mq, sq, z, T * B if posterior_weights else 0, C)
@@ -498,8 +508,7 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
             gemm(_block(ds, mid, top)[B:], w_rec[lo:mid, mid:top].T, dr, 1, SCALARS)
         if not posterior_weights:
             gemm(zx[z0:z1].T, w_zd[lo:mid, z0:z1].T, dr, 1, SCALARS)
-        h_, pre_, al_, be_ = h[B * lo:B * mid], pre[B * lo:B * mid], ab[B * lo:B * mid], ab[B * (N + lo):B * (N + mid)]
-        pre_i = pre_.reshape(B, mid - lo)
+        h_, al_, be_ = h[B * lo:B * mid], ab[B * lo:B * mid], ab[B * (N + lo):B * (N + mid)]
         h_[:] = 0.0
         for q in range(B):  # alpha and beta per sequence, in the layout of h
             for r in range(mid - lo):
@@ -515,10 +524,12 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
                     gemm(z[z0:z1, c0:c1].T, w_zd[lo:mid, z0:z1].T, dr[s - B:s], 1, SCALARS)
             for k in range(n):
                 s = (t * n + k + 1) * B  # substep t n + k + 1's rows
-                gemm(ds_i[s - B:s], w_t, pre_i, 0, SCALARS)  # (W_ii d)^T = d^T W_ii^T
-                dv, new = drv[s * (mid - lo):(s + B) * (mid - lo)], _flat(ds_i)[s * (mid - lo):(s + B) * (mid - lo)]
+                # the drive's rows become the pre-activation, (W_ii d)^T = d^T W_ii^T added in place (BLAS's
+                # beta = 1: no zeroing pass, no separate sum)
+                gemm(ds_i[s - B:s], w_t, dr[s - B:s], 1, SCALARS)
+                pre, new = drv[s * (mid - lo):(s + B) * (mid - lo)], _flat(ds_i)[s * (mid - lo):(s + B) * (mid - lo)]
                 for c in range(h_.size):  # loops of their own over the layer's values: they vectorise, no
-                    h_[c] = al_[c] * h_[c] + be_[c] * (pre_[c] + dv[c])  # remainder a row
+                    h_[c] = al_[c] * h_[c] + be_[c] * pre[c]  # remainder a row
                 for c in range(h_.size):
                     new[c] = _tanh(h_[c])
             if n > 1:
@@ -576,7 +587,7 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
     rec_scale, weight, weight_first = loss
     uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n, wq_mu, wq_sig = net
     gw_rec, gw_zd, gb, gw_mu, gw_sig, gb_mu, gb_sig, gw_out, gb_out, gwq_mu, gwq_sig = grads
-    (xt, _, _, et, mq, sq, zo, _, ds, de, _, _, _, ab, pz, sp2, w_stack, w_ii, _, p, gs, jump, td, ga, gsum, gz, gd, gh, tmp) = work
+    (xt, _, _, et, mq, sq, zo, _, ds, de, _, _, ab, pz, sp2, w_stack, w_ii, _, p, gs, jump, td, ga, gsum, gz, gh, tmp) = work
     de = ds if n == 1 else de
     td = jump if n == 1 else td
     posterior_weights = wq_mu.shape[0] > 0
@@ -617,10 +628,10 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
         # added to what the layer below sent (with one substep into ``td`` itself)
         Ni, ds_i, ga_i, td_i, jump_i = mid - lo, _block(ds, lo, mid), _block(ga, lo, mid), _block(td, lo, mid), _block(jump, lo, mid)
         gsum_i = ga_i[B:] if n == 1 else _block(gsum, lo, mid)  # with one substep, data step t's dF/dpre is substep t + 1's
-        gd_, gh_, tmp_ = _flat(gd)[B * lo:B * mid], _flat(gh)[B * lo:B * mid], _flat(tmp)[B * lo:B * mid]
+        gh_, tmp_ = _flat(gh)[B * lo:B * mid], _flat(tmp)[B * lo:B * mid]
         al_, be_ = ab[B * lo:B * mid], ab[B * (N + lo):B * (N + mid)]  # alpha, beta in the layout of a substep's
         r0, r1 = _stack_rows(i, z0, z1, Z, R)
-        jump_i[:B] = 0.0  # never read, but every entry of the work arrays is written
+        jump_i[:B] = 0.0  # no step's end (with one substep the adjoint's last product adds into it, never read)
         gemm(gs[r0:r1, B:].T, w_stack[r0:r1, lo:mid], jump_i[B:], 1 if n == 1 and i > 0 else 0, SCALARS)
         if n > 1:  # the end of data step t is substep (t + 1) n
             for t in range(1, T + 1):
@@ -630,7 +641,6 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
         w = w_ii[a:a + Ni ** 2].reshape(Ni, Ni)
         a += Ni ** 2
         ga_i[:B] = 0.0  # no substep 0
-        gd_[:] = 0.0
         gh_[:] = 0.0
         for t in range(T - 1, -1, -1):
             c0, c1 = t * B, t * B + B
@@ -640,12 +650,13 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
                 s = (t * n + k + 1) * B  # substep t n + k + 1's rows
                 # a substep's values of the layer, contiguous: flat loops, no remainder a row
                 d_, td_, ga_ = _flat(ds_i)[s * Ni:(s + B) * Ni], _flat(td_i)[s * Ni:(s + B) * Ni], _flat(ga_i)[s * Ni:(s + B) * Ni]
-                for c in range(B * Ni):
+                for c in range(B * Ni):  # td_: dF/dd of the substep's units, every path into them summed
                     d = d_[c]
-                    g_h = gh_[c] + (gd_[c] + td_[c]) * (1.0 - d * d)
+                    g_h = gh_[c] + td_[c] * (1.0 - d * d)
                     ga_[c] = be_[c] * g_h
                     gh_[c] = al_[c] * g_h
-                gemm(ga_i[s:s + B], w, gd_.reshape(B, Ni), 0, SCALARS)  # dF/dd before the substep: g^T W_ii
+                # dF/dd of the units before the substep, g^T W_ii, added in place into their jumps (beta = 1)
+                gemm(ga_i[s:s + B], w, td_i[s - B:s], 1, SCALARS)
                 if n > 1:
                     for c in range(B * Ni):
                         tmp_[c] += ga_[c]
@@ -655,9 +666,9 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
                 gemm(w_zd[lo:mid, z0:z1].T, gsum_i[c0:c1].T, gz[z0:z1, c0:c1], 0, SCALARS)
                 _posterior_gradients(gz[z0:z1], mq[z0:z1], sq[z0:z1], et[z0:z1], mp[z0:z1], sp2[z0:z1], weight[z0:z1],
                                      weight_first[z0:z1], gmu[z0:z1], gsig[z0:z1], B, c0, c1)
-                if t > 0:  # the start is frozen
-                    gemm(gmu[z0:z1, c0:c1].T, wq_mu[z0:z1, lo:mid], gd_.reshape(B, Ni), 1, SCALARS)
-                    gemm(gsig[z0:z1, c0:c1].T, wq_sig[z0:z1, lo:mid], gd_.reshape(B, Ni), 1, SCALARS)
+                if t > 0:  # the start is frozen; the posterior of step t read the units at substep t n
+                    gemm(gmu[z0:z1, c0:c1].T, wq_mu[z0:z1, lo:mid], td_i[t * n * B:(t * n + 1) * B], 1, SCALARS)
+                    gemm(gsig[z0:z1, c0:c1].T, wq_sig[z0:z1, lo:mid], td_i[t * n * B:(t * n + 1) * B], 1, SCALARS)
         if top > mid:  # the layer above's units fed this layer's pre at the same substep
             gemm(ga_i[B:], w_rec[lo:mid, mid:top], _block(td, mid, top)[B:], 1 if n > 1 else 0, SCALARS)
     if not posterior_weights:
@@ -681,7 +692,8 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
     for i in range(L):
         lo, mid, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(zoff[i]), int(zoff[i + 1])
         gsum_i = _block(ga, lo, mid)[B:] if n == 1 else _block(gsum, lo, mid)
-        gemm(zo[:, :TB], gsum_i, p[P:, lo:mid], 0, SCALARS)
+        p[P:P + z0, lo:mid] = 0.0  # the rows of the latents below: never read, but every entry is written
+        gemm(zo[z0:, :TB], gsum_i, p[P + z0:, lo:mid], 0, SCALARS)  # its latents' rows, those above and the ones
         r0, r1 = _stack_rows(i, z0, z1, Z, R)
         r1 = R + Z + z1 if posterior_weights else r1  # and the rows of W_q^mu, W_q^sig
         gemm(gs[r0:r1], _block(de, lo, mid), p[r0:r1, lo:mid], 0, SCALARS)
@@ -707,7 +719,8 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
 
 @njit
 def gradient(x, a_mu, a_sig, eps, loss, net, work, g_mu, g_sig, grads, kl):
-    """For B sequences x (B, T, D) from their start, A (a_mu, a_sig) and noise eps (B, T, Z): the
+    """For B sequences x (B, T, D) from their start, A (a_mu, a_sig) and noise eps (B T Z,: every layer's
+    (B, T, Z_i) in turn, :func:`_noise_to_columns`): the
     reconstruction term of F (returned), its KL terms per layer (into ``kl``), dF/dA (into g_mu, g_sig)
     and dF/dweights (added into ``grads``, in the order of :data:`TRAINABLE`); ``work``:
     :func:`batch_work`."""
@@ -720,7 +733,7 @@ def gradient(x, a_mu, a_sig, eps, loss, net, work, g_mu, g_sig, grads, kl):
 def train(x, theta, grad, m, v, step, lr, beta1, beta2, adam_eps, a_mu, a_sig, g_mu, g_sig, eps, loss, net, grads,
           work, history):
     """``eps.shape[0]`` epochs of training on sequences x (B, T, D), each: the posterior pass of every
-    sequence from its start with the noise eps[e] (B, T, Z), the adjoint (:func:`gradient`), then one
+    sequence from its start with the noise eps[e] (B T Z,: :func:`gradient`), the adjoint (:func:`gradient`), then one
     Adam step (number ``step`` + e + 1) on ``theta``, the vector every trainable array of ``net`` and A
     (a_mu, a_sig (B, T, Z)) are views of (``grad``: the same for ``grads``, g_mu, g_sig; m, v: Adam's
     moments). ``history`` = (F (K,), reconstruction (K,), kl (K, L)) per epoch. Returns the number
