@@ -36,7 +36,7 @@ from functools import partial
 import numpy as np
 from numba import njit as _njit
 
-from substrate._blas import SCALARS, gemm
+from substrate._blas import SCALARS, gemm, gemm_small
 from substrate._kernels import ONE, ZERO, _exp_f64
 
 # the arrays of ``net`` that training changes, by their index in ``net``
@@ -289,7 +289,7 @@ def regress(x, a_mu, a_sig, eps, h0, d0, first, loss, net, window, lr, kl):
 # Training runs every sequence of the batch at once, and one layer at a time: a layer's units read their own previous state and the layer above's new one
 # (top-down), never a lower layer's, so the forward runs the top layer's whole trajectory first, then the
 # next below, and the adjoint the bottom layer's first. A layer's step is then one small product
-# W_ii d (BLAS, :func:`substrate._blas.gemm` on views, no copies) over all sequences; its drive from the
+# W_ii d (:func:`substrate._blas.gemm_small`, by hand, on views, no copies) over all sequences; its drive from the
 # layer above and from its latents is one product over all (substep, sequence) columns before its loop,
 # and so is, after its adjoint's loop, what it sends the layer above. Whatever does not feed the units
 # (the prior and the output after the forward, their adjoints before the backward, the posterior ahead
@@ -318,8 +318,8 @@ def batch_work(B, T, D, net):
     contiguous, so that the update and tanh are one loop each), and alpha, then beta, in h's layout (2 B N); the
     prior's and output's pre-activations (2 Z + D, C); the prior's variance (sigma^p)^2 (Z, C);
     [W_mu; W_sig; W_out] (2 Z + D, N; W_out zero beyond the bottom layer's units); every layer's W_ii and
-    its transpose, contiguous, one after the other (sum_i N_i^2 each: BLAS packs a transposed view more
-    slowly, ~20% on the step's product); their gradients, and
+    its transpose, contiguous, one after the other (sum_i N_i^2 each: the step's product reads rows of
+    its right operand); their gradients, and
     with posterior weights W_q's, before their blocks are taken (2 Z + D (+ 2 Z), N), then W_zd's and b's
     ((Z + 1), N, transposed); the adjoint's:
     dF/d(prior, output, posterior pre-activations) (4 Z + D, C); the jumps of dF/dd from the
@@ -524,9 +524,9 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
                     gemm(z[z0:z1, c0:c1].T, w_zd[lo:mid, z0:z1].T, dr[s - B:s], 1, SCALARS)
             for k in range(n):
                 s = (t * n + k + 1) * B  # substep t n + k + 1's rows
-                # the drive's rows become the pre-activation, (W_ii d)^T = d^T W_ii^T added in place (BLAS's
-                # beta = 1: no zeroing pass, no separate sum)
-                gemm(ds_i[s - B:s], w_t, dr[s - B:s], 1, SCALARS)
+                # the drive's rows become the pre-activation: (W_ii d)^T = d^T W_ii^T added in place (by hand:
+                # a product this small costs dgemm as much in packing as in arithmetic)
+                gemm_small(ds_i[s - B:s], w_t, dr[s - B:s])
                 pre, new = drv[s * (mid - lo):(s + B) * (mid - lo)], _flat(ds_i)[s * (mid - lo):(s + B) * (mid - lo)]
                 for c in range(h_.size):  # loops of their own over the layer's values: they vectorise, no
                     h_[c] = al_[c] * h_[c] + be_[c] * pre[c]  # remainder a row
@@ -655,8 +655,8 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
                     g_h = gh_[c] + td_[c] * (1.0 - d * d)
                     ga_[c] = be_[c] * g_h
                     gh_[c] = al_[c] * g_h
-                # dF/dd of the units before the substep, g^T W_ii, added in place into their jumps (beta = 1)
-                gemm(ga_i[s:s + B], w, td_i[s - B:s], 1, SCALARS)
+                # dF/dd of the units before the substep, g^T W_ii, added in place into their jumps
+                gemm_small(ga_i[s:s + B], w, td_i[s - B:s])
                 if n > 1:
                     for c in range(B * Ni):
                         tmp_[c] += ga_[c]
