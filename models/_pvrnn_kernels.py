@@ -621,18 +621,22 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
     gz[:, TB:] = 0.0
     if n > 1:
         td[:] = 0.0
+    for i in range(L):  # the losses' jumps of dF/dd of every layer's units, in the layout of ``de`` (block 0 is
+        # no step's end; with one substep the adjoint's last product adds into it, never read)
+        lo, mid = int(uoff[i]), int(uoff[i + 1])
+        r0, r1 = _stack_rows(i, int(zoff[i]), int(zoff[i + 1]), Z, R)
+        jump_i = _block(jump, lo, mid)
+        jump_i[:B] = 0.0
+        gemm(gs[r0:r1, B:].T, w_stack[r0:r1, lo:mid], jump_i[B:], 0, SCALARS)
     a = 0
     for i in range(L):  # bottom-up: layer i's dF/dpre feeds dF/dd of layer i + 1
         lo, mid, top, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)]), int(zoff[i]), int(zoff[i + 1])
-        # the losses' jumps of dF/dd of the layer's units, in the layout of ``de`` (block 0 is no step's end),
-        # added to what the layer below sent (with one substep into ``td`` itself)
+        # dF/dd of the layer's units (``td``): what the layer below sent, the losses' jumps (with one substep
+        # ``td`` is ``jump`` itself), and, in the step loop, the path through the layer's own next substep
         Ni, ds_i, ga_i, td_i, jump_i = mid - lo, _block(ds, lo, mid), _block(ga, lo, mid), _block(td, lo, mid), _block(jump, lo, mid)
         gsum_i = ga_i[B:] if n == 1 else _block(gsum, lo, mid)  # with one substep, data step t's dF/dpre is substep t + 1's
         gh_, tmp_ = _flat(gh)[B * lo:B * mid], _flat(tmp)[B * lo:B * mid]
         al_, be_ = ab[B * lo:B * mid], ab[B * (N + lo):B * (N + mid)]  # alpha, beta in the layout of a substep's
-        r0, r1 = _stack_rows(i, z0, z1, Z, R)
-        jump_i[:B] = 0.0  # no step's end (with one substep the adjoint's last product adds into it, never read)
-        gemm(gs[r0:r1, B:].T, w_stack[r0:r1, lo:mid], jump_i[B:], 1 if n == 1 and i > 0 else 0, SCALARS)
         if n > 1:  # the end of data step t is substep (t + 1) n
             for t in range(1, T + 1):
                 td_t, jump_t = _flat(td_i)[t * n * B * Ni:(t * n + 1) * B * Ni], _flat(jump_i)[t * B * Ni:(t + 1) * B * Ni]
@@ -670,7 +674,7 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
                     gemm(gmu[z0:z1, c0:c1].T, wq_mu[z0:z1, lo:mid], td_i[t * n * B:(t * n + 1) * B], 1, SCALARS)
                     gemm(gsig[z0:z1, c0:c1].T, wq_sig[z0:z1, lo:mid], td_i[t * n * B:(t * n + 1) * B], 1, SCALARS)
         if top > mid:  # the layer above's units fed this layer's pre at the same substep
-            gemm(ga_i[B:], w_rec[lo:mid, mid:top], _block(td, mid, top)[B:], 1 if n > 1 else 0, SCALARS)
+            gemm_small(ga_i[B:], w_rec[lo:mid, mid:top], _block(td, mid, top)[B:])
     if not posterior_weights:
         for i in range(L):
             lo, mid, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(zoff[i]), int(zoff[i + 1])
@@ -685,18 +689,17 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
         ga_i = _block(ga, lo, mid)
         gemm(ga_i[B:].T, _block(ds, lo, mid)[:S * B], gw_rec[lo:mid, lo:mid], 1, SCALARS)  # the units before
         if top > mid:
-            gemm(ga_i[B:].T, _block(ds, mid, top)[B:], gw_rec[lo:mid, mid:top], 1, SCALARS)  # the new ones above
+            gemm_small(ga_i[B:].T, _block(ds, mid, top)[B:], gw_rec[lo:mid, mid:top])  # the new ones above
     # per layer: [z; 1] x dF/dpre summed over the substeps (W_zd's and b's gradients) and [prior; output;
     # posterior] x its units, then their blocks
-    p[:P] = 0.0  # the blocks no layer's product writes: never read, but every entry of the work arrays is written
+    p[:] = 0.0  # the products add into it (the blocks none writes: never read)
     for i in range(L):
         lo, mid, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(zoff[i]), int(zoff[i + 1])
         gsum_i = _block(ga, lo, mid)[B:] if n == 1 else _block(gsum, lo, mid)
-        p[P:P + z0, lo:mid] = 0.0  # the rows of the latents below: never read, but every entry is written
-        gemm(zo[z0:, :TB], gsum_i, p[P + z0:, lo:mid], 0, SCALARS)  # its latents' rows, those above and the ones
+        gemm_small(zo[z0:, :TB], gsum_i, p[P + z0:, lo:mid])  # its latents' rows, those above and the ones
         r0, r1 = _stack_rows(i, z0, z1, Z, R)
         r1 = R + Z + z1 if posterior_weights else r1  # and the rows of W_q^mu, W_q^sig
-        gemm(gs[r0:r1], _block(de, lo, mid), p[r0:r1, lo:mid], 0, SCALARS)
+        gemm_small(gs[r0:r1], _block(de, lo, mid), p[r0:r1, lo:mid])
         for r in range(z0, z1):
             for c in range(lo, mid):
                 gw_mu[r, c] += p[r, c]
