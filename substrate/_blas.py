@@ -81,7 +81,7 @@ def gemm(a, b, c, beta, scalars):
 
 # ------------------------------------------------------------------------------------ c += a b by hand
 _F64, _I64, _I32 = ir.DoubleType(), ir.IntType(64), ir.IntType(32)
-_V4, _I64x4, _MASK = ir.VectorType(ir.DoubleType(), 4), ir.VectorType(ir.IntType(64), 4), ir.VectorType(ir.IntType(1), 4)
+_V4, _I64x4, _MASK = ir.VectorType(_F64, 4), ir.VectorType(_I64, 4), ir.VectorType(ir.IntType(1), 4)
 
 
 def _tile_intrinsic(rows, masked):
@@ -93,6 +93,9 @@ def _tile_intrinsic(rows, masked):
 
     @intrinsic
     def tile(typingctx, a, b, c, i0, j0, width):
+        if not all(isinstance(x, types.Array) and x.dtype == types.float64 and x.ndim == 2 for x in (a, b, c)):
+            return None  # a typing error: the code below reads and writes float64 matrices only
+
         def codegen(context, builder, signature, args):
             arrays = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:3], args[:3])]
             (pa, pb, pc), (i0_, j0_, width_) = arrays, args[3:]
@@ -105,16 +108,19 @@ def _tile_intrinsic(rows, masked):
 
             def splat(x, vty):
                 v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(_I32, 0))
-                return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(_I32, 4), [0] * 4))
+                zeros = ir.Constant(ir.VectorType(_I32, 4), [0] * 4)
+                return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), zeros)
 
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V4, [_V4] * 3), "llvm.fma.v4f64")
             if masked:
-                load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V4, [_V4.as_pointer(), _I32, _MASK, _V4]),
+                ptr = _V4.as_pointer()
+                load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V4, [ptr, _I32, _MASK, _V4]),
                                                       "llvm.masked.load.v4f64.p0")
-                store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [_V4, _V4.as_pointer(), _I32, _MASK]),
-                                                       "llvm.masked.store.v4f64.p0")
+                store = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(ir.VoidType(), [_V4, ptr, _I32, _MASK]), "llvm.masked.store.v4f64.p0")
                 lanes = splat(width_, _I64x4)
-                masks = [builder.icmp_signed("<", ir.Constant(_I64x4, [4 * h + q for q in range(4)]), lanes) for h in range(2)]
+                masks = [builder.icmp_signed("<", ir.Constant(_I64x4, [4 * h + q for q in range(4)]), lanes)
+                         for h in range(2)]
 
             def vload(p, h):
                 p = builder.bitcast(p, _V4.as_pointer())
@@ -170,7 +176,9 @@ _TILE4, _TILE1, _TILE4_MASKED, _TILE1_MASKED = (_tile_intrinsic(r, m) for m in (
 @njit(cache=True)
 def gemm_small(a, b, c):
     """c += a b for float64 a (m, k), b (k, n), c (m, n); b and c with a unit stride along axis 1 (rows
-    of a larger array will do), a any strides. By hand, for small products (module docstring)."""
+    of a larger array will do), a any strides. By hand, for small products (module docstring): every
+    4 rows of c a register tile per 8 columns, the last columns (n mod 8) by a masked one, the last rows
+    (m mod 4) one at a time."""
     m, k = a.shape
     n = c.shape[1]
     if b.shape[0] != k or b.shape[1] != n or c.shape[0] != m:

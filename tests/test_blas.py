@@ -8,6 +8,7 @@ rounding ~1e-15)."""
 import numpy as np
 import pytest
 from numba import njit
+from numba.core.errors import TypingError
 
 from substrate._blas import SCALARS, gemm, gemm_small
 
@@ -76,3 +77,5 @@ def test_gemm_small_refuses_mismatched_shapes_and_operands_without_unit_stride()
         _call_small(a, b, np.zeros((5, 3)).T)
     with pytest.raises(ValueError, match="unit stride"):
         _call_small(a, np.ones((5, 4)).T, np.zeros((3, 5)))
+    with pytest.raises(TypingError):  # the tiles read and write float64 only
+        _call_small(a.astype(np.float32), b.astype(np.float32), np.zeros((3, 5), np.float32))
