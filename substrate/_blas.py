@@ -18,7 +18,8 @@ as much as the arithmetic. The hand kernel reads them in place, in tiles of 4 ro
 in eight 4-wide registers, summed over a's columns by explicit fused multiply-adds (LLVM's ``llvm.fma``,
 written as IR: Numba's loops do not vectorise into register tiles, and contraction by fastmath flags may
 differ between the compiled copies of a kernel, explicit FMAs cannot), the last columns by masked loads
-and stores. Measured 1.9x dgemm's speed on (12 x 30)(30 x 30), 1.7x on (12 x 15)(15 x 15).
+and stores. benchmarks/bench_pvrnn_train.py times both: over three runs 1.5-2.1x dgemm's speed on
+(12 x 30)(30 x 30), 1.7-1.9x on (12 x 15)(15 x 15).
 """
 
 from __future__ import annotations
