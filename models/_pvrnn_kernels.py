@@ -326,7 +326,8 @@ def batch_work(B, T, D, net):
     losses (C, N) and, with several substeps, every jump of dF/dd per substep (SC, N; else (0, 0): the
     first), to which the adjoint adds the other paths into the units (then dF/dd); dF/dpre of every substep
     (SC, N); its sums over the data steps (T B, N; with one substep (0, 0): a view of the former); dF/dz
-    (Z, C); dF/dh and a data step's sum of dF/dpre (B, N; the last (0, 0) with one substep). The units' arrays, (rows, N), are laid out by layer (:func:`_block`)."""
+    (Z, C); dF/dh and a data step's sum of dF/dpre (B, N; the last (0, 0) with one substep). The units'
+    arrays, (rows, N), are laid out by layer (:func:`_block`)."""
     uoff, zoff, n = net[0], net[1], net[13]
     N, Z = int(uoff[-1]), int(zoff[-1])
     C, SC = (T + 1) * B, (T * n + 1) * B
@@ -736,8 +737,8 @@ def gradient(x, a_mu, a_sig, eps, loss, net, work, g_mu, g_sig, grads, kl):
 def train(x, theta, grad, m, v, step, lr, beta1, beta2, adam_eps, a_mu, a_sig, g_mu, g_sig, eps, loss, net, grads,
           work, history):
     """``eps.shape[0]`` epochs of training on sequences x (B, T, D), each: the posterior pass of every
-    sequence from its start with the noise eps[e] (B T Z,: :func:`gradient`), the adjoint (:func:`gradient`), then one
-    Adam step (number ``step`` + e + 1) on ``theta``, the vector every trainable array of ``net`` and A
+    sequence from its start with the noise eps[e] (in :func:`gradient`'s layout), the adjoint (:func:`gradient`),
+    then one Adam step (number ``step`` + e + 1) on ``theta``, the vector every trainable array of ``net`` and A
     (a_mu, a_sig (B, T, Z)) are views of (``grad``: the same for ``grads``, g_mu, g_sig; m, v: Adam's
     moments). ``history`` = (F (K,), reconstruction (K,), kl (K, L)) per epoch. Returns the number
     of epochs after which F, the weights and A were all finite (K unless training diverged; it
