@@ -12,7 +12,9 @@ time (which an oversubscribed machine inflates less). Both paths start from the 
 draw the same noise; the largest relative difference of their weights after the NumPy run's epochs
 is printed (rounding). Also with substeps 4 (exp_euler) and with posterior weights, and the first
 call of the compiled path in a fresh subprocess with an empty ``NUMBA_CACHE_DIR`` (cold: Numba
-compiles) and again with that directory (warm: Numba loads its cache).
+compiles) and again with that directory (warm: Numba loads its cache). And the per-step product of
+the two layers alone, (12 x 30)(30 x 30) and (12 x 15)(15 x 15), by BLAS's dgemm (``substrate._blas.gemm``)
+against the hand kernel the training uses (``gemm_small``), microseconds a call in a compiled loop.
 
 Run:  .venv/bin/python benchmarks/results.py benchmarks/bench_pvrnn_train.py   # or make bench
 """
@@ -35,8 +37,11 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results
 
+from numba import njit
+
 from models.data import probabilistic_sequences
 from models.pvrnn import PVRNN, PVLayer, train
+from substrate._blas import SCALARS, gemm, gemm_small
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,6 +75,7 @@ import json, time
 t0 = time.perf_counter()
 import numpy as np
 from models.pvrnn import PVRNN, PVLayer, train
+from substrate._blas import SCALARS, gemm, gemm_small
 out = {"import": time.perf_counter() - t0}
 t0 = time.perf_counter()
 net = PVRNN([PVLayer(3, 1, 2.0), PVLayer(2, 1, 4.0)], 2, np.random.default_rng(0))
@@ -102,6 +108,38 @@ def compile_times():
     return rows
 
 
+@njit(cache=False)
+def _dgemm_calls(a, b, c, calls, scalars):
+    for _ in range(calls):
+        gemm(a, b, c, 1, scalars)
+
+
+@njit(cache=False)
+def _small_calls(a, b, c, calls):
+    for _ in range(calls):
+        gemm_small(a, b, c)
+
+
+def step_products(repeats, calls=2000):
+    """(shape, dgemm us, gemm_small us, ratio) per call of c += a b for the per-step shapes, the
+    minimum over ``repeats`` runs of ``calls`` calls."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for units in (30, 15):
+        a, b, c = rng.standard_normal((12, units)), rng.standard_normal((units, units)), np.zeros((12, units))
+        times = []
+        for run in (lambda k: _dgemm_calls(a, b, c, k, SCALARS), lambda k: _small_calls(a, b, c, k)):
+            run(1)
+            best = np.inf
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                run(calls)
+                best = min(best, (time.perf_counter() - t0) / calls)
+            times.append(1e6 * best)
+        rows.append([f"(12 x {units})({units} x {units})", times[0], times[1], times[0] / times[1]])
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=50, help="epochs per timed compiled run")
@@ -131,6 +169,7 @@ def main():
             diff = max(np.max(np.abs(net.params[k] - v)) / np.max(np.abs(v)) for k, v in p_ref.items())
             rows.append([name, 1e3 * ref, 1e3 * fast, ref / fast, 1e3 * ref_cpu, 1e3 * fast_cpu, ref_cpu / fast_cpu,
                          diff])
+        steps = step_products(args.repeats)
     head = (f"{'case':<36} {'numpy ms':>9} {'compiled ms':>12} {'ratio':>6} {'CPU: numpy':>11} {'compiled':>9} "
             f"{'ratio':>6}  {'weights rel diff':>16}")
     print(head)
@@ -142,6 +181,12 @@ def main():
                    ["case", "numpy ms per epoch (min)", "compiled ms per epoch (min)", "ratio",
                     "numpy CPU ms per epoch (min)", "compiled CPU ms per epoch (min)", "CPU ratio", "weights rel diff"],
                    rows, key="pvrnn_train", baseline="models.pvrnn.train(compiled=False), same run")
+    print(f"\nPer-step product c += a b, us a call: {'shape':<22} {'dgemm':>7} {'gemm_small':>10} {'ratio':>6}")
+    for shape, t_blas, t_small, ratio in steps:
+        print(f"{'':<43}{shape:<22} {t_blas:7.3f} {t_small:10.3f} {ratio:6.2f}")
+    results.record("PV-RNN per-step product: BLAS dgemm against the hand kernel",
+                   ["shape", "dgemm us per call (min)", "gemm_small us per call (min)", "ratio"], steps,
+                   key="pvrnn_step_product", baseline="substrate._blas.gemm (dgemm), same run")
     if args.compile:
         crows = compile_times()
         if crows:

@@ -109,6 +109,11 @@ TABLES = [
      [("case", "case", S), ("numpy ms per epoch (min)", "numpy ms", F1),
       ("compiled ms per epoch (min)", "compiled ms", F1), ("ratio", "ratio", F1), ("CPU ratio", "CPU ratio", F1),
       ("weights rel diff", "weights rel diff", G)]),
+    ("bench_pvrnn_train", "pvrnn_step_product",
+     ("PV-RNN training's per-step product c += a b (`benchmarks/bench_pvrnn_train.py`): microseconds a call, "
+      "BLAS's dgemm against `substrate/_blas.py`'s hand kernel `gemm_small`; ratio = dgemm / gemm_small, same run"),
+     [("shape", "shape", S), ("dgemm us per call (min)", "dgemm us", F2),
+      ("gemm_small us per call (min)", "gemm_small us", F2), ("ratio", "ratio", F2)]),
     ("bench_pvrnn_train", "pvrnn_train_compile",
      ("PV-RNN training's first call (`benchmarks/bench_pvrnn_train.py`), a fresh process with an empty (cold) and "
       "then the same (warm) Numba cache"),

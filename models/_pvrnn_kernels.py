@@ -36,7 +36,7 @@ from functools import partial
 import numpy as np
 from numba import njit as _njit
 
-from substrate._blas import SCALARS, gemm
+from substrate._blas import SCALARS, gemm, gemm_small
 from substrate._kernels import ONE, ZERO, _exp_f64
 
 # the arrays of ``net`` that training changes, by their index in ``net``
@@ -289,7 +289,7 @@ def regress(x, a_mu, a_sig, eps, h0, d0, first, loss, net, window, lr, kl):
 # Training runs every sequence of the batch at once, and one layer at a time: a layer's units read their own previous state and the layer above's new one
 # (top-down), never a lower layer's, so the forward runs the top layer's whole trajectory first, then the
 # next below, and the adjoint the bottom layer's first. A layer's step is then one small product
-# W_ii d (BLAS, :func:`substrate._blas.gemm` on views, no copies) over all sequences; its drive from the
+# W_ii d (:func:`substrate._blas.gemm_small`, by hand, on views, no copies) over all sequences; its drive from the
 # layer above and from its latents is one product over all (substep, sequence) columns before its loop,
 # and so is, after its adjoint's loop, what it sends the layer above. Whatever does not feed the units
 # (the prior and the output after the forward, their adjoints before the backward, the posterior ahead
@@ -313,29 +313,30 @@ def batch_work(B, T, D, net):
     row of ones (Z + 1, C);
     z repeated for every substep (Z, T n B; with one substep (0, 0): z itself); the units after every
     substep (SC, N); the units at the data steps' ends (C, N; with one substep those of ``ds``, (0, 0));
-    the units' drive b + W_td d_above + W_zd z per substep (SC N: layer i's (SC, N_i) from SC uoff[i]); h and
-    the products W_ii d, then the new units, of a substep (B N: layer i's (B, N_i) from B uoff[i], contiguous,
-    so that the update and tanh are one loop each), and alpha, then beta, in h's layout (2 B N); the
+    the units' drive b + W_td d_above + W_zd z per substep, to which the step adds W_ii d (the pre-activation)
+    (SC N: layer i's (SC, N_i) from SC uoff[i]); h of a substep (B N: layer i's (B, N_i) from B uoff[i],
+    contiguous, so that the update and tanh are one loop each), and alpha, then beta, in h's layout (2 B N); the
     prior's and output's pre-activations (2 Z + D, C); the prior's variance (sigma^p)^2 (Z, C);
     [W_mu; W_sig; W_out] (2 Z + D, N; W_out zero beyond the bottom layer's units); every layer's W_ii and
-    its transpose, contiguous, one after the other (sum_i N_i^2 each: BLAS packs a transposed view more
-    slowly, ~20% on the step's product); their gradients, and
+    its transpose, contiguous, one after the other (sum_i N_i^2 each: the step's product reads rows of
+    its right operand); their gradients, and
     with posterior weights W_q's, before their blocks are taken (2 Z + D (+ 2 Z), N), then W_zd's and b's
     ((Z + 1), N, transposed); the adjoint's:
     dF/d(prior, output, posterior pre-activations) (4 Z + D, C); the jumps of dF/dd from the
     losses (C, N) and, with several substeps, every jump of dF/dd per substep (SC, N; else (0, 0): the
-    first); dF/dpre of every substep (SC, N); its sums over the data steps (T B, N; with one substep
-    (0, 0): a view of the former); dF/dz (Z, C); dF/dd, dF/dh and a data step's sum of dF/dpre (B, N;
-    the last (0, 0) with one substep). The units' arrays, (rows, N), are laid out by layer (:func:`_block`)."""
+    first), to which the adjoint adds the other paths into the units (then dF/dd); dF/dpre of every substep
+    (SC, N); its sums over the data steps (T B, N; with one substep (0, 0): a view of the former); dF/dz
+    (Z, C); dF/dh and a data step's sum of dF/dpre (B, N; the last (0, 0) with one substep). The units'
+    arrays, (rows, N), are laid out by layer (:func:`_block`)."""
     uoff, zoff, n = net[0], net[1], net[13]
     N, Z = int(uoff[-1]), int(zoff[-1])
     C, SC = (T + 1) * B, (T * n + 1) * B
     several = n > 1
     squares = sum(int(uoff[i + 1] - uoff[i]) ** 2 for i in range(len(uoff) - 1))
     shapes = [(D, C), *[(Z, C)] * 5, (Z + 1, C), (Z, T * n * B) if several else (0, 0), (SC, N), (C, N) if several else (0, 0),
-              (SC, N), (B * N,), (B * N,), (2 * B * N,), (2 * Z + D, C), (Z, C), (2 * Z + D, N), (squares,), (squares,),
+              (SC, N), (B * N,), (2 * B * N,), (2 * Z + D, C), (Z, C), (2 * Z + D, N), (squares,), (squares,),
               ((4 * Z + D if net[14].shape[0] else 2 * Z + D) + Z + 1, N), (4 * Z + D, C), (C, N),
-              (SC, N) if several else (0, 0), (SC, N), (T * B, N) if several else (0, 0), (Z, C), (B, N), (B, N),
+              (SC, N) if several else (0, 0), (SC, N), (T * B, N) if several else (0, 0), (Z, C), (B, N),
               (B, N) if several else (0, 0)]
     # one allocation, each array on cache lines of its own
     sizes = [-(-math.prod(sh) // 8) * 8 for sh in shapes]
@@ -358,6 +359,16 @@ def _to_columns(a, out, shift):
             c = (t + shift) * B
             for b in range(B):
                 out[k, c + b] = a[b, t, k]
+
+
+@njit
+def _noise_to_columns(eps, zoff, B, T, out):
+    """The noise of every layer, as :meth:`models.pvrnn.PVRNN.noise` draws it (one vector: layer i's (B, T, Z_i)
+    in C order from B T zoff[i]), into the column layout of :func:`_to_columns` (shift 0): the generator's
+    numbers are read where they were drawn, with no reordering copy."""
+    for i in range(len(zoff) - 1):
+        z0, z1 = int(zoff[i]), int(zoff[i + 1])
+        _to_columns(eps[B * T * z0:B * T * z1].reshape(B, T, z1 - z0), out[z0:z1], ZERO)
 
 
 @njit
@@ -454,7 +465,7 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
     product W_ii d and h <- alpha h + beta (W_ii d + drive + b), d = tanh(h)."""
     rec_scale, weight, weight_first = loss
     uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n, wq_mu, wq_sig = net
-    xt, am, lq, et, mq, sq, zo, zx, ds, de, drive, h, pre, ab, pz, sp2, w_stack, w_ii, w_ii_t = work[:19]
+    xt, am, lq, et, mq, sq, zo, zx, ds, de, drive, h, ab, pz, sp2, w_stack, w_ii, w_ii_t = work[:18]
     B, T, D = x.shape
     L, Z, C, N, SC = len(uoff) - 1, a_mu.shape[2], (T + 1) * B, len(b), (T * n + 1) * B
     z = zo[:Z]
@@ -465,7 +476,7 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
     _to_columns(x, xt, ONE)  # int64, not literals: one compiled _to_columns (substrate._kernels.NOT_LITERAL)
     _to_columns(a_mu, am, ZERO)
     _to_columns(a_sig, lq, ZERO)
-    _to_columns(eps, et, ZERO)
+    _noise_to_columns(eps, zoff, B, T, et)
     # z ahead for every step without posterior weights; block T is no step (A, eps 0 there: z = 0, which the
     # weight gradients' products read)
     _posterior_columns(am, lq, et, mq, sq, z, T * B if posterior_weights else 0, C)
@@ -498,8 +509,7 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
             gemm(_block(ds, mid, top)[B:], w_rec[lo:mid, mid:top].T, dr, 1, SCALARS)
         if not posterior_weights:
             gemm(zx[z0:z1].T, w_zd[lo:mid, z0:z1].T, dr, 1, SCALARS)
-        h_, pre_, al_, be_ = h[B * lo:B * mid], pre[B * lo:B * mid], ab[B * lo:B * mid], ab[B * (N + lo):B * (N + mid)]
-        pre_i = pre_.reshape(B, mid - lo)
+        h_, al_, be_ = h[B * lo:B * mid], ab[B * lo:B * mid], ab[B * (N + lo):B * (N + mid)]
         h_[:] = 0.0
         for q in range(B):  # alpha and beta per sequence, in the layout of h
             for r in range(mid - lo):
@@ -515,10 +525,12 @@ def _forward_batch(x, a_mu, a_sig, eps, loss, net, work, kl):
                     gemm(z[z0:z1, c0:c1].T, w_zd[lo:mid, z0:z1].T, dr[s - B:s], 1, SCALARS)
             for k in range(n):
                 s = (t * n + k + 1) * B  # substep t n + k + 1's rows
-                gemm(ds_i[s - B:s], w_t, pre_i, 0, SCALARS)  # (W_ii d)^T = d^T W_ii^T
-                dv, new = drv[s * (mid - lo):(s + B) * (mid - lo)], _flat(ds_i)[s * (mid - lo):(s + B) * (mid - lo)]
+                # the drive's rows become the pre-activation: (W_ii d)^T = d^T W_ii^T added in place (by hand:
+                # a product this small costs dgemm as much in packing as in arithmetic)
+                gemm_small(ds_i[s - B:s], w_t, dr[s - B:s])
+                pre, new = drv[s * (mid - lo):(s + B) * (mid - lo)], _flat(ds_i)[s * (mid - lo):(s + B) * (mid - lo)]
                 for c in range(h_.size):  # loops of their own over the layer's values: they vectorise, no
-                    h_[c] = al_[c] * h_[c] + be_[c] * (pre_[c] + dv[c])  # remainder a row
+                    h_[c] = al_[c] * h_[c] + be_[c] * pre[c]  # remainder a row
                 for c in range(h_.size):
                     new[c] = _tanh(h_[c])
             if n > 1:
@@ -576,7 +588,7 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
     rec_scale, weight, weight_first = loss
     uoff, zoff, w_rec, w_zd, b, alpha, beta, w_mu, w_sig, b_mu, b_sig, w_out, b_out, n, wq_mu, wq_sig = net
     gw_rec, gw_zd, gb, gw_mu, gw_sig, gb_mu, gb_sig, gw_out, gb_out, gwq_mu, gwq_sig = grads
-    (xt, _, _, et, mq, sq, zo, _, ds, de, _, _, _, ab, pz, sp2, w_stack, w_ii, _, p, gs, jump, td, ga, gsum, gz, gd, gh, tmp) = work
+    (xt, _, _, et, mq, sq, zo, _, ds, de, _, _, ab, pz, sp2, w_stack, w_ii, _, p, gs, jump, td, ga, gsum, gz, gh, tmp) = work
     de = ds if n == 1 else de
     td = jump if n == 1 else td
     posterior_weights = wq_mu.shape[0] > 0
@@ -610,18 +622,22 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
     gz[:, TB:] = 0.0
     if n > 1:
         td[:] = 0.0
+    for i in range(L):  # the losses' jumps of dF/dd of every layer's units, in the layout of ``de`` (block 0 is
+        # no step's end; with one substep the adjoint's last product adds into it, never read)
+        lo, mid = int(uoff[i]), int(uoff[i + 1])
+        r0, r1 = _stack_rows(i, int(zoff[i]), int(zoff[i + 1]), Z, R)
+        jump_i = _block(jump, lo, mid)
+        jump_i[:B] = 0.0
+        gemm(gs[r0:r1, B:].T, w_stack[r0:r1, lo:mid], jump_i[B:], 0, SCALARS)
     a = 0
     for i in range(L):  # bottom-up: layer i's dF/dpre feeds dF/dd of layer i + 1
         lo, mid, top, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(uoff[min(i + 2, L)]), int(zoff[i]), int(zoff[i + 1])
-        # the losses' jumps of dF/dd of the layer's units, in the layout of ``de`` (block 0 is no step's end),
-        # added to what the layer below sent (with one substep into ``td`` itself)
+        # dF/dd of the layer's units (``td``): what the layer below sent, the losses' jumps (with one substep
+        # ``td`` is ``jump`` itself), and, in the step loop, the path through the layer's own next substep
         Ni, ds_i, ga_i, td_i, jump_i = mid - lo, _block(ds, lo, mid), _block(ga, lo, mid), _block(td, lo, mid), _block(jump, lo, mid)
         gsum_i = ga_i[B:] if n == 1 else _block(gsum, lo, mid)  # with one substep, data step t's dF/dpre is substep t + 1's
-        gd_, gh_, tmp_ = _flat(gd)[B * lo:B * mid], _flat(gh)[B * lo:B * mid], _flat(tmp)[B * lo:B * mid]
+        gh_, tmp_ = _flat(gh)[B * lo:B * mid], _flat(tmp)[B * lo:B * mid]
         al_, be_ = ab[B * lo:B * mid], ab[B * (N + lo):B * (N + mid)]  # alpha, beta in the layout of a substep's
-        r0, r1 = _stack_rows(i, z0, z1, Z, R)
-        jump_i[:B] = 0.0  # never read, but every entry of the work arrays is written
-        gemm(gs[r0:r1, B:].T, w_stack[r0:r1, lo:mid], jump_i[B:], 1 if n == 1 and i > 0 else 0, SCALARS)
         if n > 1:  # the end of data step t is substep (t + 1) n
             for t in range(1, T + 1):
                 td_t, jump_t = _flat(td_i)[t * n * B * Ni:(t * n + 1) * B * Ni], _flat(jump_i)[t * B * Ni:(t + 1) * B * Ni]
@@ -630,7 +646,6 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
         w = w_ii[a:a + Ni ** 2].reshape(Ni, Ni)
         a += Ni ** 2
         ga_i[:B] = 0.0  # no substep 0
-        gd_[:] = 0.0
         gh_[:] = 0.0
         for t in range(T - 1, -1, -1):
             c0, c1 = t * B, t * B + B
@@ -640,12 +655,13 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
                 s = (t * n + k + 1) * B  # substep t n + k + 1's rows
                 # a substep's values of the layer, contiguous: flat loops, no remainder a row
                 d_, td_, ga_ = _flat(ds_i)[s * Ni:(s + B) * Ni], _flat(td_i)[s * Ni:(s + B) * Ni], _flat(ga_i)[s * Ni:(s + B) * Ni]
-                for c in range(B * Ni):
+                for c in range(B * Ni):  # td_: dF/dd of the substep's units, every path into them summed
                     d = d_[c]
-                    g_h = gh_[c] + (gd_[c] + td_[c]) * (1.0 - d * d)
+                    g_h = gh_[c] + td_[c] * (1.0 - d * d)
                     ga_[c] = be_[c] * g_h
                     gh_[c] = al_[c] * g_h
-                gemm(ga_i[s:s + B], w, gd_.reshape(B, Ni), 0, SCALARS)  # dF/dd before the substep: g^T W_ii
+                # dF/dd of the units before the substep, g^T W_ii, added in place into their jumps
+                gemm_small(ga_i[s:s + B], w, td_i[s - B:s])
                 if n > 1:
                     for c in range(B * Ni):
                         tmp_[c] += ga_[c]
@@ -655,11 +671,11 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
                 gemm(w_zd[lo:mid, z0:z1].T, gsum_i[c0:c1].T, gz[z0:z1, c0:c1], 0, SCALARS)
                 _posterior_gradients(gz[z0:z1], mq[z0:z1], sq[z0:z1], et[z0:z1], mp[z0:z1], sp2[z0:z1], weight[z0:z1],
                                      weight_first[z0:z1], gmu[z0:z1], gsig[z0:z1], B, c0, c1)
-                if t > 0:  # the start is frozen
-                    gemm(gmu[z0:z1, c0:c1].T, wq_mu[z0:z1, lo:mid], gd_.reshape(B, Ni), 1, SCALARS)
-                    gemm(gsig[z0:z1, c0:c1].T, wq_sig[z0:z1, lo:mid], gd_.reshape(B, Ni), 1, SCALARS)
+                if t > 0:  # the start is frozen; the posterior of step t read the units at substep t n
+                    gemm(gmu[z0:z1, c0:c1].T, wq_mu[z0:z1, lo:mid], td_i[t * n * B:(t * n + 1) * B], 1, SCALARS)
+                    gemm(gsig[z0:z1, c0:c1].T, wq_sig[z0:z1, lo:mid], td_i[t * n * B:(t * n + 1) * B], 1, SCALARS)
         if top > mid:  # the layer above's units fed this layer's pre at the same substep
-            gemm(ga_i[B:], w_rec[lo:mid, mid:top], _block(td, mid, top)[B:], 1 if n > 1 else 0, SCALARS)
+            gemm_small(ga_i[B:], w_rec[lo:mid, mid:top], _block(td, mid, top)[B:])
     if not posterior_weights:
         for i in range(L):
             lo, mid, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(zoff[i]), int(zoff[i + 1])
@@ -674,17 +690,17 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
         ga_i = _block(ga, lo, mid)
         gemm(ga_i[B:].T, _block(ds, lo, mid)[:S * B], gw_rec[lo:mid, lo:mid], 1, SCALARS)  # the units before
         if top > mid:
-            gemm(ga_i[B:].T, _block(ds, mid, top)[B:], gw_rec[lo:mid, mid:top], 1, SCALARS)  # the new ones above
+            gemm_small(ga_i[B:].T, _block(ds, mid, top)[B:], gw_rec[lo:mid, mid:top])  # the new ones above
     # per layer: [z; 1] x dF/dpre summed over the substeps (W_zd's and b's gradients) and [prior; output;
     # posterior] x its units, then their blocks
-    p[:P] = 0.0  # the blocks no layer's product writes: never read, but every entry of the work arrays is written
+    p[:] = 0.0  # the products add into it (the blocks none writes: never read)
     for i in range(L):
         lo, mid, z0, z1 = int(uoff[i]), int(uoff[i + 1]), int(zoff[i]), int(zoff[i + 1])
         gsum_i = _block(ga, lo, mid)[B:] if n == 1 else _block(gsum, lo, mid)
-        gemm(zo[:, :TB], gsum_i, p[P:, lo:mid], 0, SCALARS)
+        gemm_small(zo[z0:, :TB], gsum_i, p[P + z0:, lo:mid])  # its latents' rows, those above and the ones
         r0, r1 = _stack_rows(i, z0, z1, Z, R)
         r1 = R + Z + z1 if posterior_weights else r1  # and the rows of W_q^mu, W_q^sig
-        gemm(gs[r0:r1], _block(de, lo, mid), p[r0:r1, lo:mid], 0, SCALARS)
+        gemm_small(gs[r0:r1], _block(de, lo, mid), p[r0:r1, lo:mid])
         for r in range(z0, z1):
             for c in range(lo, mid):
                 gw_mu[r, c] += p[r, c]
@@ -707,7 +723,8 @@ def _backward_batch(x, loss, net, work, g_mu, g_sig, grads):
 
 @njit
 def gradient(x, a_mu, a_sig, eps, loss, net, work, g_mu, g_sig, grads, kl):
-    """For B sequences x (B, T, D) from their start, A (a_mu, a_sig) and noise eps (B, T, Z): the
+    """For B sequences x (B, T, D) from their start, A (a_mu, a_sig) and noise eps (B T Z,: every layer's
+    (B, T, Z_i) in turn, :func:`_noise_to_columns`): the
     reconstruction term of F (returned), its KL terms per layer (into ``kl``), dF/dA (into g_mu, g_sig)
     and dF/dweights (added into ``grads``, in the order of :data:`TRAINABLE`); ``work``:
     :func:`batch_work`."""
@@ -720,8 +737,8 @@ def gradient(x, a_mu, a_sig, eps, loss, net, work, g_mu, g_sig, grads, kl):
 def train(x, theta, grad, m, v, step, lr, beta1, beta2, adam_eps, a_mu, a_sig, g_mu, g_sig, eps, loss, net, grads,
           work, history):
     """``eps.shape[0]`` epochs of training on sequences x (B, T, D), each: the posterior pass of every
-    sequence from its start with the noise eps[e] (B, T, Z), the adjoint (:func:`gradient`), then one
-    Adam step (number ``step`` + e + 1) on ``theta``, the vector every trainable array of ``net`` and A
+    sequence from its start with the noise eps[e] (in :func:`gradient`'s layout), the adjoint (:func:`gradient`),
+    then one Adam step (number ``step`` + e + 1) on ``theta``, the vector every trainable array of ``net`` and A
     (a_mu, a_sig (B, T, Z)) are views of (``grad``: the same for ``grads``, g_mu, g_sig; m, v: Adam's
     moments). ``history`` = (F (K,), reconstruction (K,), kl (K, L)) per epoch. Returns the number
     of epochs after which F, the weights and A were all finite (K unless training diverged; it

@@ -783,8 +783,9 @@ def _diverged(epoch, epochs, F, lr):
                            f"weights or A not finite): lower lr={lr!r}")
 
 
-# the noise of the epochs of one kernel call: at most this many numbers (8 MB)
-_CHUNK_NUMBERS = 2 ** 20
+# the noise of the epochs of one kernel call: at most this many numbers (1 MB), drawn into one buffer that
+# every call reuses (a fresh 8 MB array a call cost its page faults)
+_CHUNK_NUMBERS = 2 ** 17
 
 
 def _train_compiled(model, x, epochs, rng, opt, A, progress, on_epoch, hist, saver):
@@ -804,19 +805,16 @@ def _train_compiled(model, x, epochs, rng, opt, A, progress, on_epoch, hist, sav
     work = K.batch_work(B, T, D, net)  # written before read (tests/test_pvrnn.py fills them with NaN)
     args = (opt.lr, opt.beta1, opt.beta2, opt.eps)
     chunk = max(1, min(epochs, _CHUNK_NUMBERS // max(1, B * T * Z)))
+    noise = np.empty((chunk, B * T * Z))
     state = {"theta": theta, "m": m, "v": v}
     done = saver.resume(state)
     F, R, KL = hist["free_energy"], hist["reconstruction"], hist["kl"]
     with tqdm(initial=done, total=epochs, desc="PV-RNN", disable=not progress) as bar:
         while done < epochs:
             k = min(chunk, epochs - done, saver.due(done))
-            # the k epochs' model.noise draws in one call: the generator's stream is the same whether its
-            # normals are drawn in one call or in several (epoch by epoch, layer by layer, C order)
-            flat = rng.standard_normal((k, B * T * Z))
-            eps = np.empty((k, B, T, Z))
-            for i in range(L):
-                eps[..., zoff[i]:zoff[i + 1]] = flat[:, B * T * zoff[i]:B * T * zoff[i + 1]].reshape(
-                    k, B, T, zoff[i + 1] - zoff[i])
+            # the k epochs' model.noise draws in one call, in its order (epoch by epoch, layer by layer, C
+            # order; the kernels read them so): the generator's stream is the same in one call or in several
+            eps = rng.standard_normal(out=noise[:k])
             ok = K.train(x, theta, grad, m, v, done, *args, a_mu, a_sig, g_mu, g_sig, eps, loss, net,
                          tuple(model.trainable_views(grad)), work, (F[done:done + k], R[done:done + k],
                                                                     KL[done:done + k]))

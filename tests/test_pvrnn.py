@@ -674,7 +674,7 @@ def compiled_gradient(net, x, A, eps):
     gvec = np.zeros(net._trainable_size())
     grads = tuple(net.trainable_views(gvec))
     a_mu, a_sig = (np.concatenate([A[f"l{i}.{k}"] for i in range(L)], axis=2) for k in ("mu", "sig"))
-    e = np.concatenate(eps, axis=2)
+    e = np.concatenate([layer.ravel() for layer in eps])  # the kernels' layout: as PVRNN.noise draws them
     g_mu, g_sig = np.empty_like(a_mu), np.empty_like(a_sig)
     work = K.batch_work(B, T, D, packed)
     for w in work:
@@ -822,6 +822,7 @@ B, T, D, L = 2, 7, 2, 2
 N, Z, n = 12, 3, 2
 x = np.tanh(rng.standard_normal((B, T, D)))
 draws = rng.standard_normal((3, B, T, Z))
+noise = draws.reshape(3, B * T * Z)  # training's noise: one vector an epoch (its numbers in any order will do)
 
 
 def window(value=0.0):  # value: NaN poisons what the kernels write into
@@ -875,7 +876,7 @@ def train_args(value=0.0):
 def train(value=0.0):
     theta, grad, m, v, a_mu, a_sig, g_mu, g_sig, loss, packed, grads, w = train_args(value)
     history = (np.full(3, value), np.full(3, value), np.full((3, L), value))
-    assert K.train(x, theta, grad, m, v, 0, 0.01, 0.9, 0.999, 1e-8, a_mu, a_sig, g_mu, g_sig, draws, loss, packed,
+    assert K.train(x, theta, grad, m, v, 0, 0.01, 0.9, 0.999, 1e-8, a_mu, a_sig, g_mu, g_sig, noise, loss, packed,
                    grads, w, history) == 3
     return [theta, *history, *w]
 
@@ -886,7 +887,7 @@ def train_by_parts():
     rec = np.zeros(3)
     for e in range(3):
         grad[:] = 0.0
-        rec[e] = K.gradient(x, a_mu, a_sig, draws[e], loss, packed, w, g_mu, g_sig, grads, kls[e])
+        rec[e] = K.gradient(x, a_mu, a_sig, noise[e], loss, packed, w, g_mu, g_sig, grads, kls[e])
         F[e] = rec[e] + kls[e].sum()
         K.adam(theta, grad, m, v, e + 1, 0.01, 0.9, 0.999, 1e-8)
     return [theta, F, rec, kls, *w]
