@@ -75,7 +75,6 @@ import json, time
 t0 = time.perf_counter()
 import numpy as np
 from models.pvrnn import PVRNN, PVLayer, train
-from substrate._blas import SCALARS, gemm, gemm_small
 out = {"import": time.perf_counter() - t0}
 t0 = time.perf_counter()
 net = PVRNN([PVLayer(3, 1, 2.0), PVLayer(2, 1, 4.0)], 2, np.random.default_rng(0))
